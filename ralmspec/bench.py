@@ -1,0 +1,120 @@
+"""Naive vs speculative on the same questions in one process: latency, speed-up, limit, identity.
+
+Used by ``ralmspec bench`` and by the studies in ``experiments/``. Requests run one at a time,
+naive and speculative alternating per question, after one warm-up question that is not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Sequence
+
+from ralmspec.config import GenerationConfig, SpeculationConfig
+from ralmspec.engine.core import RalmEngine
+from ralmspec.engine.result import GenerationResult
+
+# The paper's ablation ladder (Table 2): speculation with fixed stride 3 and no prefetch, then
+# one technique at a time, then all of them.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "none": dict(prefetch=1, os3=False, fixed_stride=3, async_verify=False),
+    "+prefetch": dict(prefetch=20, os3=False, fixed_stride=3, async_verify=False),
+    "+os3": dict(prefetch=1, os3=True, async_verify=False),
+    "+async": dict(prefetch=1, os3=False, fixed_stride=3, async_verify=True),
+    "all": dict(prefetch=20, os3=True, async_verify=True),
+}
+
+
+@dataclass
+class BenchSummary:
+    n: int
+    retriever: str
+    variant: str
+    identical_fraction: float
+    naive_latency_s: float
+    speculative_latency_s: float
+    speedup: float
+    limit: float
+    acceptance_rate: float | None
+    rollbacks: float
+    naive_retrieval_share: float
+    mean_stride: float | None
+    generation: dict[str, Any]
+    speculation: dict[str, Any]
+    mismatched_questions: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResult], retriever: str, variant: str,
+              gen: GenerationConfig, spec: SpeculationConfig) -> BenchSummary:
+    same = [a.token_ids == b.token_ids for a, b in zip(naive, specs)]
+    t_naive = sum(r.latency_s for r in naive)
+    t_ret = sum(r.stats["retrieval_s"] for r in naive)
+    t_spec = sum(r.latency_s for r in specs)
+    speculated = sum(r.stats["speculated"] for r in specs)
+    accepted = sum(r.stats["accepted"] for r in specs)
+    strides = [s for r in specs for s in r.stats["strides"]]
+    return BenchSummary(
+        n=len(naive), retriever=retriever, variant=variant,
+        identical_fraction=sum(same) / max(1, len(same)),
+        naive_latency_s=t_naive / max(1, len(naive)),
+        speculative_latency_s=t_spec / max(1, len(specs)),
+        speedup=t_naive / t_spec if t_spec > 0 else float("nan"),
+        limit=t_naive / max(1e-12, t_naive - t_ret),
+        acceptance_rate=accepted / speculated if speculated else None,
+        rollbacks=statistics.fmean(r.stats["rollbacks"] for r in specs) if specs else 0.0,
+        naive_retrieval_share=t_ret / t_naive if t_naive else 0.0,
+        mean_stride=statistics.fmean(strides) if strides else None,
+        generation=asdict(gen), speculation=asdict(spec),
+        mismatched_questions=[i for i, ok in enumerate(same) if not ok],
+    )
+
+
+def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfig,
+              variants: dict[str, SpeculationConfig], retriever: str,
+              progress: Callable[[str], None] | None = None, warmup: bool = True
+              ) -> tuple[list[BenchSummary], dict[str, list[GenerationResult]]]:
+    """Run naive once per question and every speculative variant, interleaved per question."""
+    async def go():
+        if warmup and questions:
+            await engine.generate(questions[0], gen=gen, speculate=False)
+            for spec in variants.values():
+                await engine.generate(questions[0], gen=gen, spec=spec, speculate=True)
+        runs: dict[str, list[GenerationResult]] = {"naive": [], **{v: [] for v in variants}}
+        t0 = time.perf_counter()
+        for i, q in enumerate(questions):
+            runs["naive"].append(await engine.generate(q, gen=gen, speculate=False))
+            for name, spec in variants.items():
+                runs[name].append(await engine.generate(q, gen=gen, spec=spec, speculate=True))
+            if progress:
+                same = all(runs[v][-1].token_ids == runs["naive"][-1].token_ids for v in variants)
+                progress(f"[{i + 1}/{len(questions)}] {time.perf_counter() - t0:6.1f}s "
+                         f"naive {runs['naive'][-1].latency_s:.2f}s "
+                         + " ".join(f"{v} {runs[v][-1].latency_s:.2f}s" for v in variants)
+                         + ("" if same else "  TOKENS DIFFER"))
+        return runs
+
+    runs = asyncio.run(go())
+    summaries = [summarize(runs["naive"], runs[v], retriever, v, gen, spec) for v, spec in variants.items()]
+    return summaries, runs
+
+
+def ablation_variants(base: SpeculationConfig) -> dict[str, SpeculationConfig]:
+    return {name: replace(base, enabled=True, **kw) for name, kw in ABLATIONS.items()}
+
+
+def format_table(summaries: Sequence[BenchSummary]) -> str:
+    head = ("| retriever | variant | n | identical | naive s | spec s | speed-up | limit | accept | rollbacks "
+            "| mean stride |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for s in summaries:
+        acc = "-" if s.acceptance_rate is None else f"{s.acceptance_rate:.2f}"
+        stride = "-" if s.mean_stride is None else f"{s.mean_stride:.2f}"
+        rows.append(f"| {s.retriever} | {s.variant} | {s.n} | {100 * s.identical_fraction:.0f}% | "
+                    f"{s.naive_latency_s:.3f} | {s.speculative_latency_s:.3f} | {s.speedup:.2f}x | "
+                    f"{s.limit:.2f}x | {acc} | {s.rollbacks:.2f} | {stride} |")
+    return "\n".join([head, *rows])

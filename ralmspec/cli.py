@@ -1,0 +1,204 @@
+"""`ralmspec` command line: generate, index build, bench, serve, knnlm.
+
+Every failure the user can cause ends with one line `error: ...` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+from ralmspec.config import (
+    RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
+)
+from ralmspec.errors import RalmSpecError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by generate / bench / serve: model, knowledge base, generation, speculation."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="default",
+                   help="built-in 'default' (GPT-2-small shape), 'medium', 'tiny', or a local HF causal-LM folder")
+    g.add_argument("--lm-backend", default="hf", choices=("hf", "vllm"))
+    g.add_argument("--lm-device", default="cpu", help="cpu or cuda")
+    k = p.add_argument_group("knowledge base")
+    k.add_argument("--retriever", default="exact", help=f"one of {', '.join(RETRIEVER_KINDS)}")
+    k.add_argument("--index", default=None, help="index folder made by `ralmspec index build`")
+    k.add_argument("--corpus", default=None, help="your own passages (.jsonl/.jsonl.gz/.tsv); indexed on first use")
+    k.add_argument("--retriever-device", default="cpu", help="cpu or cuda (faiss-gpu)")
+    k.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch")
+    k.add_argument("--nprobe", type=int, default=8, help="IVF nprobe")
+    r = p.add_argument_group("generation (the reference semantics)")
+    r.add_argument("--stride", type=int, default=4, help="tokens generated per retrieval")
+    r.add_argument("--query-len", type=int, default=32, help="tokens of context used as the query")
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    s = p.add_argument_group("speculation")
+    s.add_argument("--speculate", dest="speculate", action="store_true", default=True)
+    s.add_argument("--no-speculate", dest="speculate", action="store_false")
+    s.add_argument("--prefetch", type=int, default=20, help="top-k of each verification cached (1 = none)")
+    s.add_argument("--no-os3", dest="os3", action="store_false", default=True, help="use --fixed-stride")
+    s.add_argument("--fixed-stride", type=int, default=3)
+    s.add_argument("--no-async", dest="async_verify", action="store_false", default=True)
+    s.add_argument("--max-inflight", type=int, default=2)
+    s.add_argument("--cache-capacity", type=int, default=1024)
+
+
+def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=a.model, lm_backend=a.lm_backend, lm_device=a.lm_device,
+        retrieval=RetrievalConfig(kind=a.retriever, index_dir=a.index, device=a.retriever_device,
+                                  hnsw_ef_search=a.ef_search, ivf_nprobe=a.nprobe),
+        generation=GenerationConfig(stride=a.stride, query_len=a.query_len, max_new_tokens=a.max_new_tokens),
+        speculation=SpeculationConfig(enabled=a.speculate, prefetch=a.prefetch, os3=a.os3,
+                                      fixed_stride=a.fixed_stride, async_verify=a.async_verify,
+                                      max_inflight=a.max_inflight, cache_capacity=a.cache_capacity),
+    )
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    if not a.question or not a.question.strip():
+        raise RalmSpecError("the question is empty")
+    cfg = engine_config_from_args(a)
+    from ralmspec.engine.core import build_engine
+
+    t = time.perf_counter()
+    engine = build_engine(cfg, corpus_path=a.corpus)
+    _log(f"loaded model {cfg.model!r} and {cfg.retrieval.kind} knowledge base "
+         f"({len(engine.retriever.corpus)} passages) in {time.perf_counter() - t:.1f}s")
+    res = engine.generate_sync(a.question)
+    if a.json:
+        print(json.dumps(res.to_dict(with_trace=True), indent=1))
+        return 0
+    print(f"question: {a.question}")
+    print(f"answer:   {res.text}")
+    print(f"\n{res.mode} · {len(res.token_ids)} tokens · {res.latency_s:.2f}s · finish={res.finish_reason}")
+    print("\npassages used (generated tokens [start, end) -> doc):")
+    for st in res.steps:
+        print(f"  [{st.start:3d},{st.end:3d})  #{st.doc_id:<6d} {st.title}")
+    print("\ntiming:")
+    s = res.stats
+    if res.mode == "naive":
+        print(f"  retrieval {s['retrieval_s']:.3f}s ({s['mean_retrieval_s'] * 1e3:.1f} ms/step) · "
+              f"LM {s['lm_s']:.3f}s ({s['mean_lm_s'] * 1e3:.1f} ms/step) · steps {s['steps']} · "
+              f"limit of speculation (a+r)/a = {s['limit']:.2f}x")
+    else:
+        acc = s["acceptance_rate"]
+        print(f"  first retrieval {s['retrieval_s']:.3f}s · LM {s['lm_s']:.3f}s in {s['lm_steps']} steps · "
+              f"cache {s['cache_s']:.3f}s · verification {s['verify_s']:.3f}s "
+              f"(waited {s['verify_wait_s']:.3f}s) in {s['rounds']} rounds")
+        print(f"  speculated {s['speculated']} · accepted {s['accepted']} "
+              f"({'-' if acc is None else f'{acc:.0%}'}) · rollbacks {s['rollbacks']} · "
+              f"wasted tokens {s['wasted_tokens']} · strides {s['strides']}")
+    return 0
+
+
+def cmd_index_build(a: argparse.Namespace) -> int:
+    from ralmspec.data.loaders import default_corpus, load_corpus
+    from ralmspec.retrieval.encoder import QueryEncoder
+    from ralmspec.retrieval.index import build_index
+
+    cfg = RetrievalConfig(kind=a.retriever, device=a.retriever_device, hnsw_ef_search=a.ef_search,
+                          ivf_nprobe=a.nprobe, ivf_nlist=a.nlist, hnsw_m=a.hnsw_m)
+    corpus = default_corpus() if a.corpus in (None, "default") else load_corpus(a.corpus)
+    encoder = None if cfg.kind == "bm25" else QueryEncoder()
+    t = time.perf_counter()
+    out = build_index(corpus, cfg.kind, a.out, cfg, encoder, show_progress=True)
+    print(f"built {cfg.kind} index of {len(corpus)} passages in {time.perf_counter() - t:.1f}s -> {out}")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from ralmspec.bench import ablation_variants, format_table, run_bench
+    from ralmspec.data.loaders import default_questions, load_questions
+    from ralmspec.engine.core import build_engine
+
+    if a.n < 1:
+        raise RalmSpecError("--n must be >= 1")
+    cfg = engine_config_from_args(a)
+    qs = default_questions() if a.questions in (None, "default") else load_questions(a.questions)
+    questions = [q.question for q in qs[: a.n]]
+    if len(questions) < a.n:
+        _log(f"note: only {len(questions)} questions available")
+    engine = build_engine(cfg, corpus_path=a.corpus)
+    spec = replace(cfg.speculation, enabled=True)
+    variants = ablation_variants(spec) if a.ablations else {"speculative": spec}
+    summaries, runs = run_bench(engine, questions, cfg.generation, variants, cfg.retrieval.kind, progress=_log)
+    print(format_table(summaries))
+    if a.json:
+        out = summaries[0].to_dict() if len(summaries) == 1 else {"variants": [s.to_dict() for s in summaries]}
+        out.update(settings={"model": cfg.model, "lm_backend": cfg.lm_backend, "retriever": cfg.retrieval.kind,
+                             "index": cfg.retrieval.index_dir, "corpus": a.corpus,
+                             "questions": a.questions or "default"})
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+        _log(f"wrote {a.json}")
+    bad = [s for s in summaries if s.identical_fraction < 1.0]
+    for s in bad:
+        _log(f"error: {s.variant}: tokens differ from the naive loop on questions {s.mismatched_questions}")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ralmspec", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer one question with iterative retrieval")
+    g.add_argument("question")
+    g.add_argument("--json", action="store_true", help="print the full result with its trace as JSON")
+    add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    ix = sub.add_parser("index", help="knowledge-base indexes").add_subparsers(dest="index_command", required=True)
+    b = ix.add_parser("build", help="build and save an index")
+    b.add_argument("--corpus", default="default", help="passages file, or 'default' (embedded WikiText-2)")
+    b.add_argument("--retriever", required=True, help=f"one of {', '.join(RETRIEVER_KINDS)}")
+    b.add_argument("--out", required=True)
+    b.add_argument("--retriever-device", default="cpu")
+    b.add_argument("--ef-search", type=int, default=128)
+    b.add_argument("--nprobe", type=int, default=8)
+    b.add_argument("--nlist", type=int, default=64)
+    b.add_argument("--hnsw-m", type=int, default=32)
+    b.set_defaults(func=cmd_index_build)
+
+    be = sub.add_parser("bench", help="naive vs speculative on the same questions, outputs compared")
+    be.add_argument("--questions", default=None, help="questions .jsonl (default: embedded NQ-open dev)")
+    be.add_argument("--n", type=int, default=30)
+    be.add_argument("--json", default=None, help="write the summary here")
+    be.add_argument("--ablations", action="store_true", help="none / +prefetch / +os3 / +async / all")
+    add_engine_args(be)
+    be.set_defaults(func=cmd_bench)
+
+    for hook in ("serving.cli:add_serve_parser", "ralmspec.knnlm.cli:add_knnlm_subparsers"):
+        mod, fn = hook.split(":")
+        try:
+            getattr(__import__(mod, fromlist=[fn]), fn)(sub)
+        except ImportError:
+            pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a) or 0
+    except (RalmSpecError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Dataclass configs that flow down explicitly from the CLI / server to each component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ralmspec.errors import ConfigError
+
+RETRIEVER_KINDS = ("exact", "hnsw", "ivf", "bm25")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Which knowledge-base index to use and its search parameters."""
+
+    kind: str = "exact"  # one of RETRIEVER_KINDS
+    index_dir: str | None = None  # None: the embedded default under the user cache dir
+    device: str = "cpu"  # "cuda" uses faiss-gpu for flat / ivf when available
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 64
+    ivf_nprobe: int = 8
+    rescore_margin: int = 16  # extra candidates re-scored exactly so search == score
+
+    def __post_init__(self) -> None:
+        if self.kind not in RETRIEVER_KINDS:
+            raise ConfigError(f"unknown retriever {self.kind!r}; choose one of {', '.join(RETRIEVER_KINDS)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """The reference semantics of one request (DESIGN §1). Same values => same tokens."""
+
+    stride: int = 4  # tokens generated per retrieval
+    query_len: int = 32  # tokens of context used as the retrieval query
+    max_new_tokens: int = 128
+    passage_tokens: int = 256  # a passage is cut to its first this-many tokens
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("stride", 1, 256), ("query_len", 1, 4096), ("max_new_tokens", 1, 4096),
+                             ("passage_tokens", 1, 8192)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """Switches for each RaLMSpec technique, so every ablation is one flag."""
+
+    enabled: bool = True
+    prefetch: int = 20  # top-k of every verification goes into the cache; 1 = no prefetch
+    os3: bool = True  # OS^3 stride scheduler; off = fixed_stride
+    fixed_stride: int = 3
+    async_verify: bool = True
+    max_inflight: int = 2  # verification rounds in flight at once (async only)
+    cache_capacity: int = 1024  # passages per request cache; LRU eviction
+    s_max: int = 16
+    window: int = 5  # OS^3 acceptance window (rounds)
+    gamma_max: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.prefetch <= 4096:
+            raise ConfigError(f"prefetch must be in [1, 4096], got {self.prefetch!r}")
+        if not 1 <= self.fixed_stride <= 64:
+            raise ConfigError(f"fixed_stride must be in [1, 64], got {self.fixed_stride!r}")
+        if not 1 <= self.max_inflight <= 16:
+            raise ConfigError(f"max_inflight must be in [1, 16], got {self.max_inflight!r}")
+        if self.cache_capacity < 1:
+            raise ConfigError("cache_capacity must be >= 1")
+        if not 1 <= self.s_max <= 64 or self.window < 1 or not 0.0 < self.gamma_max < 1.0:
+            raise ConfigError("s_max must be in [1, 64], window >= 1, 0 < gamma_max < 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine instance needs; built once by the CLI or the server."""
+
+    model: str = "default"  # "default", "tiny", or a local HF causal-LM folder
+    lm_backend: str = "hf"  # "hf" or "vllm"
+    lm_device: str = "cpu"
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)

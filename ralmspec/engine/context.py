@@ -1,0 +1,123 @@
+"""What the naive and speculative loops share: prompt building, queries, LM/search clients.
+
+Keeping this in one place is what makes the two loops comparable: the same passage cut, the
+same query window and the same context truncation, so equal steps mean equal prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Protocol, Sequence
+
+from ralmspec.config import GenerationConfig
+from ralmspec.errors import ConfigError
+from ralmspec.lm.base import LanguageModel
+from ralmspec.retrieval.base import Hit, Retriever
+
+
+class LMClient(Protocol):
+    """Async access to the LM for one prompt; the scheduler's version batches across requests."""
+
+    async def greedy(self, prompt: list[int], n: int, session: Hashable) -> list[int]: ...
+
+    def release(self, session: Hashable) -> None: ...
+
+
+class SearchClient(Protocol):
+    """Async batched knowledge-base search; the scheduler's version batches across requests."""
+
+    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]: ...
+
+
+class DirectLM:
+    """One request's LM calls go straight to the backend in a worker thread."""
+
+    def __init__(self, lm: LanguageModel):
+        self.lm = lm
+
+    async def greedy(self, prompt: list[int], n: int, session: Hashable) -> list[int]:
+        out = await asyncio.to_thread(self.lm.greedy, [prompt], n, [session])
+        return out[0]
+
+    def release(self, session: Hashable) -> None:
+        self.lm.release(session)
+
+
+class PassageTokens:
+    """Thread-safe LRU of tokenized passages: ``content`` cut to ``passage_tokens`` tokens."""
+
+    def __init__(self, lm: LanguageModel, retriever: Retriever, capacity: int = 8192):
+        self.lm, self.retriever, self.capacity = lm, retriever, capacity
+        self._cache: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, doc_id: int, passage_tokens: int) -> list[int]:
+        key = (doc_id, passage_tokens)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        ids = self.lm.tokenizer.encode(self.retriever.corpus[doc_id].content)[:passage_tokens]
+        with self._lock:
+            self._cache[key] = ids
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return ids
+
+
+_session_ids = itertools.count()
+
+
+def new_session_id(prefix: str = "req") -> str:
+    return f"{prefix}-{next(_session_ids)}"
+
+
+@dataclass
+class RalmContext:
+    """Everything one request needs from the engine; both loops use exactly these functions."""
+
+    lm: LanguageModel
+    retriever: Retriever
+    passages: PassageTokens
+    lm_client: LMClient
+    search_client: SearchClient
+    gen: GenerationConfig
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError("prompt must be a non-empty string")
+        ids = self.lm.tokenizer.encode(prompt)
+        if not ids:
+            raise ConfigError("prompt has no tokens after tokenization")
+        budget = self.lm.max_context - self.gen.max_new_tokens - 1
+        if budget < 1:
+            raise ConfigError(f"max_new_tokens={self.gen.max_new_tokens} leaves no room in the model's "
+                              f"context of {self.lm.max_context} tokens")
+        return ids
+
+    def query(self, tokens: Sequence[int]) -> str:
+        """Retrieval query: the last ``query_len`` tokens, detokenized."""
+        return self.lm.tokenizer.decode(list(tokens[-self.gen.query_len:]))
+
+    def lm_prompt(self, doc_id: int, tokens: Sequence[int], n: int) -> list[int]:
+        """``passage + context``; the context is cut from the left if the model's window is short."""
+        doc = self.passages.get(doc_id, self.gen.passage_tokens)
+        room = self.lm.max_context - n - len(doc)
+        if room < 1:
+            doc = doc[: max(0, self.lm.max_context - n - 1)]
+            room = self.lm.max_context - n - len(doc)
+        return doc + list(tokens[-room:])
+
+    def chunk_size(self, generated: int) -> int:
+        return min(self.gen.stride, self.gen.max_new_tokens - generated)
+
+    def finished(self, tokens: Sequence[int], n_prompt: int) -> bool:
+        generated = len(tokens) - n_prompt
+        if generated >= self.gen.max_new_tokens:
+            return True
+        eos = self.lm.eos_token_id
+        return generated > 0 and eos is not None and tokens[-1] == eos

@@ -1,0 +1,64 @@
+"""RalmEngine: one LM + one knowledge base, serving naive or speculative requests.
+
+The engine is a thin shell: it builds a ``RalmContext`` per request and calls the oracle loop
+(``naive.py``) or RaLMSpec (``speculative.py``). A scheduler can pass its own batching
+``lm_client`` / ``search_client`` so many requests share LM steps and verification searches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Hashable
+
+from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient
+from ralmspec.engine.naive import TokenCallback, generate_naive
+from ralmspec.engine.result import GenerationResult
+from ralmspec.engine.speculative import generate_speculative
+from ralmspec.lm.base import LanguageModel
+from ralmspec.retrieval.base import Retriever
+
+
+class RalmEngine:
+    def __init__(self, lm: LanguageModel, retriever: Retriever, config: EngineConfig | None = None):
+        self.lm = lm
+        self.retriever = retriever
+        self.config = config or EngineConfig()
+        self.passages = PassageTokens(lm, retriever)
+        self.direct_lm = DirectLM(lm)
+
+    def context(self, gen: GenerationConfig | None = None, lm_client: LMClient | None = None,
+                search_client: SearchClient | None = None) -> RalmContext:
+        return RalmContext(self.lm, self.retriever, self.passages, lm_client or self.direct_lm,
+                           search_client or self.retriever, gen or self.config.generation)
+
+    async def generate(self, prompt: str, gen: GenerationConfig | None = None,
+                       spec: SpeculationConfig | None = None, speculate: bool | None = None,
+                       on_tokens: TokenCallback | None = None, session: Hashable | None = None,
+                       lm_client: LMClient | None = None, search_client: SearchClient | None = None,
+                       retries: int = 2, timeout_s: float | None = 30.0) -> GenerationResult:
+        """Generate for one prompt. ``speculate=None`` follows ``spec.enabled``."""
+        spec = spec or self.config.speculation
+        ctx = self.context(gen, lm_client, search_client)
+        if speculate is None:
+            speculate = spec.enabled
+        if speculate:
+            return await generate_speculative(ctx, prompt, spec, session, on_tokens, retries, timeout_s)
+        return await generate_naive(ctx, prompt, session, on_tokens, retries, timeout_s)
+
+    def generate_sync(self, prompt: str, **kwargs) -> GenerationResult:
+        return asyncio.run(self.generate(prompt, **kwargs))
+
+    def close(self) -> None:
+        self.lm.close()
+        self.retriever.close()
+
+
+def build_engine(config: EngineConfig, corpus_path: str | None = None, show_progress: bool = True) -> RalmEngine:
+    """Load the LM and the knowledge base named by ``config`` (builds the default index if missing)."""
+    from ralmspec.lm.loader import load_language_model
+    from ralmspec.retrieval.index import open_retriever
+
+    retriever = open_retriever(config.retrieval, corpus_path=corpus_path, show_progress=show_progress)
+    lm = load_language_model(config.model, backend=config.lm_backend, device=config.lm_device)
+    return RalmEngine(lm, retriever, config)

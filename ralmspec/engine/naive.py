@@ -1,0 +1,66 @@
+"""The oracle: naive iterative RaLM exactly as DESIGN §1. Every faster path must match it.
+
+    tokens = tokenize(prompt)
+    while not finished:
+        doc = knowledge_base.top1(query(tokens))      # step 0 queries the prompt itself
+        tokens += lm.greedy(doc + tokens, n=stride)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence
+
+from ralmspec.engine.context import RalmContext, new_session_id
+from ralmspec.engine.result import GenerationResult, StepRecord, Tracer
+from ralmspec.speculation.verify import verify_batch
+
+TokenCallback = Callable[[Sequence[int]], None]
+
+
+async def generate_naive(ctx: RalmContext, prompt: str, session: Hashable | None = None,
+                         on_tokens: TokenCallback | None = None, retries: int = 2,
+                         timeout_s: float | None = 30.0) -> GenerationResult:
+    """Run the oracle loop for one request. ``on_tokens`` receives each new chunk (all verified)."""
+    session = session if session is not None else new_session_id("naive")
+    prompt_ids = ctx.encode_prompt(prompt)
+    tokens = list(prompt_ids)
+    n0 = len(tokens)
+    tr = Tracer()
+    steps: list[StepRecord] = []
+    retrieval_s = lm_s = 0.0
+    try:
+        while not ctx.finished(tokens, n0):
+            t = tr.now()
+            query = ctx.query(tokens)
+            hits = await verify_batch(ctx.search_client.search, [query], 1, retries, timeout_s)
+            doc_id = hits[0][0].doc_id
+            retrieval_s += tr.record("retrieve", t, doc_id=doc_id)
+            n = ctx.chunk_size(len(tokens) - n0)
+            t = tr.now()
+            chunk = await ctx.lm_client.greedy(ctx.lm_prompt(doc_id, tokens, n), n, session)
+            lm_s += tr.record("lm", t, n=len(chunk))
+            start = len(tokens) - n0
+            tokens += chunk
+            steps.append(StepRecord(start, len(tokens) - n0, doc_id, ctx.retriever.corpus[doc_id].title))
+            if on_tokens is not None and chunk:
+                on_tokens(chunk)
+            if not chunk:  # a backend that returns nothing would loop forever
+                break
+    finally:
+        ctx.lm_client.release(session)
+    gen = tokens[n0:]
+    latency = tr.now()
+    eos = ctx.lm.eos_token_id
+    return GenerationResult(
+        prompt=prompt, mode="naive", prompt_ids=prompt_ids, token_ids=gen,
+        text=ctx.lm.tokenizer.decode(gen), steps=steps,
+        finish_reason="eos" if gen and eos is not None and gen[-1] == eos else "length",
+        latency_s=latency,
+        stats={
+            "steps": len(steps), "retrieval_s": retrieval_s, "lm_s": lm_s,
+            "mean_retrieval_s": retrieval_s / max(1, len(steps)), "mean_lm_s": lm_s / max(1, len(steps)),
+            # speed-up limit of a perfect speculator: (a + r) / a, from this very trace
+            "limit": latency / max(1e-12, latency - retrieval_s),
+        },
+        trace=tr.events,
+    )

@@ -1,0 +1,58 @@
+"""Per-request results and traces (DESIGN §2 invariant 4: everything measured is recorded)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class StepRecord:
+    """One retrieval step of the final (verified) output: generated tokens [start, end) used doc_id."""
+
+    start: int
+    end: int
+    doc_id: int
+    title: str
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    mode: str  # "naive" or "speculative"
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens only
+    text: str
+    steps: list[StepRecord]
+    finish_reason: str  # "length" or "eos"
+    latency_s: float
+    stats: dict[str, Any]
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self, with_trace: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_trace:
+            d.pop("trace")
+        return d
+
+
+class Tracer:
+    """Collects timestamped events of one request, relative to its start."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.events: list[dict[str, Any]] = []
+        self.totals: dict[str, float] = {}
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def record(self, kind: str, start: float, **fields: Any) -> float:
+        dur = self.now() - start
+        self.events.append({"kind": kind, "t": round(start, 6), "dur": round(dur, 6), **fields})
+        self.totals[kind] = self.totals.get(kind, 0.0) + dur
+        return dur
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self.events.append({"kind": kind, "t": round(self.now(), 6), **fields})

@@ -1,0 +1,21 @@
+"""Typed exceptions. Every user-facing failure is one of these, with a message that says what to do."""
+
+
+class RalmSpecError(Exception):
+    """Base class of all ralmspec errors."""
+
+
+class ConfigError(RalmSpecError, ValueError):
+    """A setting or request parameter is invalid (unknown retriever, negative stride, ...)."""
+
+
+class IndexNotFoundError(RalmSpecError, FileNotFoundError):
+    """An index directory is missing or incomplete; build it with `ralmspec index build`."""
+
+
+class ModelLoadError(RalmSpecError):
+    """A language model folder could not be loaded."""
+
+
+class RetrievalError(RalmSpecError):
+    """The knowledge base failed or timed out. No unverified token may be released after this."""

@@ -1,0 +1,9 @@
+"""kNN-LM (Khandelwal et al., 2020) with speculative retrieval (RaLMSpec, DESIGN §1 "kNN-LM").
+
+- :mod:`ralmspec.knnlm.datastore`: build / load the datastore (keys = the LM's final hidden
+  state, values = next token ids, in corpus order) and its canonical, batch-invariant k-NN search.
+- :mod:`ralmspec.knnlm.model`: the naive kNN-LM greedy decoder (the oracle).
+- :mod:`ralmspec.knnlm.speculative`: speculative kNN-LM (locality cache + batched verification),
+  token-identical to the naive decoder.
+- :mod:`ralmspec.knnlm.cli`: ``ralmspec knnlm build | generate | bench``.
+"""

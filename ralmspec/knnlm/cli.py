@@ -1,0 +1,357 @@
+"""``ralmspec knnlm build | generate | bench`` (argparse wiring helpers + the command bodies).
+
+The lead's CLI calls :func:`add_knnlm_subparsers` with its top-level ``subparsers`` object; each
+leaf parser sets ``func`` (``args.func(args) -> int`` exit code). ``python -m ralmspec.knnlm.cli``
+runs the same commands stand-alone.
+
+- ``build``: ``--model`` (default "default"), ``--corpus PATH`` (default: the embedded WikiText-2
+  passages), ``--out DIR``, ``--index {flat,ivf,hnsw}``, ``--max-tokens N``.
+- ``generate "prompt" --datastore DIR [--no-speculate]``: prints the continuation (``--json``
+  for the full result with timings and speculation stats).
+- ``bench --datastore DIR --n N --json OUT``: naive vs speculative on the same prompts; checks
+  token identity (exit code 1 if any prompt differs), reports speed-up, the limit (a+r)/a from
+  the naive trace, and the acceptance rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ralmspec.errors import ConfigError, RalmSpecError
+
+# ------------------------------------------------------------------ shared options
+
+
+def _add_decoding_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kNN-LM decoding")
+    g.add_argument("--model", default=None, help="LM (default: the model named in the datastore manifest)")
+    g.add_argument("--k", type=int, default=16, help="neighbours per token (default 16)")
+    g.add_argument("--lam", type=float, default=0.25, help="λ, weight of p_knn (default 0.25)")
+    g.add_argument("--temperature", type=float, default=1.0, help="T in exp(-d/T), d = squared L2 (default 1)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: manifest)")
+    g.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: manifest)")
+    s = p.add_argument_group("speculation")
+    s.add_argument("--stride", type=int, default=None, help="fixed speculation stride (default: OS^3)")
+    s.add_argument("--successors", type=int, default=10, help="successors i+1..i+m cached per entry (default 10)")
+    s.add_argument("--cache-capacity", type=int, default=2048, help="cache entries per request (default 2048)")
+    s.add_argument("--gamma-max", type=float, default=0.6, help="OS^3 cap on the acceptance estimate (default 0.6)")
+    s.add_argument("--s-max", type=int, default=16, help="OS^3 largest stride (default 16)")
+    s.add_argument("--async", dest="async_verify", action="store_true", help="verify in a worker thread")
+    s.add_argument("--strict", action="store_true", help="accept only identical top-k neighbour sets")
+    p.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: library defaults)")
+    p.add_argument("--device", default="cpu", help="LM device (cpu, cuda)")
+
+
+def _set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError("--threads must be >= 1")
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def _speculative_config(args: argparse.Namespace):
+    from ralmspec.knnlm.speculative import SpeculativeKNNConfig
+
+    return SpeculativeKNNConfig(successors=args.successors, cache_capacity=args.cache_capacity,
+                                os3=args.stride is None, fixed_stride=args.stride or 3, s_max=args.s_max,
+                                gamma_max=args.gamma_max, strict=args.strict, async_verify=args.async_verify)
+
+
+def _open(args: argparse.Namespace):
+    """(KNNLM, datastore) from --datastore and the decoding options."""
+    from ralmspec.knnlm.datastore import load_datastore
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+    from ralmspec.lm.models import load_lm
+
+    ds = load_datastore(args.datastore, nprobe=args.nprobe, ef_search=args.ef_search)
+    lm = load_lm(args.model or ds.model_name, device=args.device)
+    cfg = KNNLMConfig(k=args.k, lam=args.lam, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    return KNNLM(lm, ds, cfg), ds
+
+
+# ------------------------------------------------------------------ build
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from ralmspec.knnlm.datastore import DatastoreBuildConfig, build_datastore
+    from ralmspec.lm.models import load_lm
+
+    _set_threads(args.threads)
+    cfg = DatastoreBuildConfig(index=args.index, key_dtype=args.key_dtype, max_tokens=args.max_tokens,
+                               window=args.window, stride=args.context_stride, batch_size=args.batch_size,
+                               ivf_nlist=args.nlist, ivf_nprobe=args.nprobe, pq_m=args.pq_m, hnsw_m=args.hnsw_m,
+                               hnsw_ef_construction=args.ef_construction, hnsw_ef_search=args.ef_search)
+    if args.corpus:
+        from ralmspec.data.loaders import load_corpus
+
+        corpus = load_corpus(args.corpus)
+    else:
+        from ralmspec.data.loaders import default_corpus
+
+        corpus = default_corpus()
+    lm = load_lm(args.model, device=args.device)
+    t0 = time.perf_counter()
+    ds = build_datastore(lm, corpus, args.out, cfg, model_name=args.model, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    info = ds.describe() | {"build": ds.manifest["build"], "wall_s": round(time.perf_counter() - t0, 3)}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from ralmspec.knnlm.datastore import DatastoreBuildConfig, reindex_datastore
+
+    _set_threads(args.threads)
+    cfg = DatastoreBuildConfig(index=args.index, ivf_nlist=args.nlist, ivf_nprobe=args.nprobe, pq_m=args.pq_m,
+                               hnsw_m=args.hnsw_m, hnsw_ef_construction=args.ef_construction,
+                               hnsw_ef_search=args.ef_search, max_tokens=args.max_tokens)
+    t0 = time.perf_counter()
+    ds = reindex_datastore(args.datastore, args.out, cfg, overwrite=args.overwrite)
+    print(json.dumps(ds.describe() | {"index": ds.manifest["index"], "wall_s": round(time.perf_counter() - t0, 3)},
+                     indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------ generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ralmspec.knnlm.speculative import SpeculativeKNNLM
+
+    _set_threads(args.threads)
+    knn, _ = _open(args)
+    if args.no_speculate:
+        res = knn.generate(args.prompt)
+    else:
+        res = SpeculativeKNNLM(knn, _speculative_config(args)).generate(args.prompt)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        print(res.text)
+    return 0
+
+
+# ------------------------------------------------------------------ bench
+
+
+def bench_prompts(lm: Any, source: str, n: int, prompt_tokens: int) -> list[list[int]]:
+    """``n`` prompts as token ids: first sentences of passages spread evenly over the embedded
+    corpus (``passages``) or the first embedded NQ questions (``questions``), each cut to
+    ``prompt_tokens`` tokens."""
+    if n < 1:
+        raise ConfigError("--n must be >= 1")
+    texts: list[str] = []
+    if source == "passages":
+        from ralmspec.data.loaders import default_corpus
+
+        corpus = default_corpus()
+        step = max(1, len(corpus) // n)
+        for i in range(0, len(corpus), step):
+            first = corpus[i].text.split(". ")[0]
+            texts.append(first)
+            if len(texts) == n:
+                break
+    elif source == "questions":
+        from ralmspec.data.loaders import default_questions
+
+        texts = [q.question for q in default_questions()[:n]]
+    else:
+        raise ConfigError(f"unknown prompt source {source!r}; choose passages or questions")
+    out = []
+    for t in texts:
+        ids = lm.tokenizer.encode(t)[:prompt_tokens]
+        if ids:
+            out.append(ids)
+    return out
+
+
+def run_bench(knn: Any, spec_cfg: Any, prompts: Sequence[Sequence[int]], warmup: int = 1) -> dict:
+    """Naive vs speculative on ``prompts`` (alternating, after ``warmup`` untimed runs of each).
+
+    Returns a JSON-able dict with per-prompt records and a summary (speed-up = Σ naive wall /
+    Σ speculative wall; limit = (Σ LM + Σ search) / Σ LM of the naive runs; acceptance = Σ
+    accepted / Σ speculated).
+    """
+    from ralmspec.knnlm.speculative import SpeculativeKNNLM
+
+    spec = SpeculativeKNNLM(knn, spec_cfg)
+    for p in list(prompts)[:warmup]:
+        knn.generate(p)
+        spec.generate(p)
+    records = []
+    for i, p in enumerate(prompts):
+        if i % 2 == 0:
+            a = knn.generate(p)
+            b = spec.generate(p)
+        else:
+            b = spec.generate(p)
+            a = knn.generate(p)
+        st = b.stats
+        records.append({
+            "prompt_tokens": len(p), "new_tokens": len(a.tokens), "identical": a.tokens == b.tokens,
+            "naive_wall_s": a.wall_s, "naive_lm_s": a.lm_s, "naive_search_s": a.search_s,
+            "spec_wall_s": b.wall_s, "spec_lm_s": st.lm_s, "spec_cache_s": st.cache_s,
+            "spec_verify_s": st.verify_s, "spec_verify_wait_s": st.verify_wait_s, "spec_cache_add_s": st.cache_add_s,
+            "speculated": st.speculated, "accepted": st.accepted, "rounds": st.rounds, "rollbacks": st.rollbacks,
+            "mean_stride": (sum(st.strides) / len(st.strides)) if st.strides else 0.0,
+            "speedup": a.wall_s / b.wall_s if b.wall_s > 0 else float("nan"), "limit": a.limit(),
+        })
+    sum_ = lambda key: sum(r[key] for r in records)  # noqa: E731
+    tokens = sum_("new_tokens")
+    summary = {
+        "prompts": len(records),
+        "all_identical": all(r["identical"] for r in records),
+        "differing_prompts": [i for i, r in enumerate(records) if not r["identical"]],
+        "new_tokens": tokens,
+        "naive_wall_s": sum_("naive_wall_s"), "spec_wall_s": sum_("spec_wall_s"),
+        "speedup": sum_("naive_wall_s") / sum_("spec_wall_s"),
+        "median_speedup": statistics.median(r["speedup"] for r in records),
+        "limit": (sum_("naive_lm_s") + sum_("naive_search_s")) / sum_("naive_lm_s"),
+        "naive_lm_ms_per_token": 1e3 * sum_("naive_lm_s") / tokens,
+        "naive_search_ms_per_token": 1e3 * sum_("naive_search_s") / tokens,
+        "spec_ms_per_token": 1e3 * sum_("spec_wall_s") / tokens,
+        "acceptance_rate": sum_("accepted") / max(1, sum_("speculated")),
+        "rounds": sum_("rounds"), "rollbacks": sum_("rollbacks"),
+        "mean_stride": sum_("speculated") / max(1, sum_("rounds")),
+    }
+    summary["share_of_limit"] = (summary["speedup"] - 1) / (summary["limit"] - 1) if summary["limit"] > 1 else None
+    return {"summary": summary, "records": records}
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+    try:
+        info["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return info
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    _set_threads(args.threads)
+    knn, ds = _open(args)
+    spec_cfg = _speculative_config(args)
+    prompts = bench_prompts(knn.lm, args.prompts, args.n, args.prompt_tokens)
+    load0 = machine_info().get("loadavg_1m")
+    t0 = time.perf_counter()
+    result = run_bench(knn, spec_cfg, prompts, warmup=args.warmup)
+    result["settings"] = {"datastore": ds.describe(), "knnlm": asdict(knn.config), "speculation": asdict(spec_cfg),
+                          "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
+                          "machine": machine_info() | {"loadavg_1m_before": load0},
+                          "bench_wall_s": time.perf_counter() - t0}
+    s = result["summary"]
+    print(f"{s['prompts']} prompts, {s['new_tokens']} tokens | identical: {s['all_identical']} | "
+          f"speed-up {s['speedup']:.2f}x (median {s['median_speedup']:.2f}x) | limit (a+r)/a {s['limit']:.2f}x | "
+          f"acceptance {s['acceptance_rate']:.3f} | mean stride {s['mean_stride']:.2f} | "
+          f"naive LM {s['naive_lm_ms_per_token']:.1f} ms + search {s['naive_search_ms_per_token']:.1f} ms/token, "
+          f"speculative {s['spec_ms_per_token']:.1f} ms/token")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if not s["all_identical"]:
+        print(f"ERROR: speculative output differs from naive for prompts {s['differing_prompts']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------ wiring
+
+
+def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``knnlm {build,reindex,generate,bench}`` to a top-level ``subparsers``; returns the knnlm parser."""
+    p = subparsers.add_parser("knnlm", help="kNN-LM datastores and (speculative) kNN-LM decoding",
+                              description="kNN-LM with speculative retrieval (token-identical to naive kNN-LM)")
+    sub = p.add_subparsers(dest="knnlm_command", required=True, metavar="{build,reindex,generate,bench}")
+
+    b = sub.add_parser("build", help="build a datastore from a corpus")
+    b.add_argument("--model", default="default", help="built-in LM name or local HF folder (default: default)")
+    b.add_argument("--corpus", default=None, help="passage corpus (.jsonl[.gz] / .tsv[.gz]); default: embedded")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat")
+    b.add_argument("--max-tokens", type=int, default=None, help="at most this many entries (default: all)")
+    b.add_argument("--key-dtype", choices=("float16", "float32"), default="float16")
+    b.add_argument("--window", type=int, default=256, help="LM context window for keys (default 256)")
+    b.add_argument("--context-stride", type=int, default=192, help="positions keyed per window (default 192)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4*sqrt(N))")
+    b.add_argument("--nprobe", type=int, default=16)
+    b.add_argument("--pq-m", type=int, default=0, help="IVF-PQ sub-quantizers (0: IVF-Flat)")
+    b.add_argument("--hnsw-m", type=int, default=32)
+    b.add_argument("--ef-construction", type=int, default=64)
+    b.add_argument("--ef-search", type=int, default=64)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing datastore folder")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("reindex", help="same entries (keys reused; optionally a prefix), another index")
+    r.add_argument("--datastore", required=True, help="existing datastore folder")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--index", choices=("flat", "ivf", "hnsw"), required=True)
+    for name, kw in (("--nlist", dict(type=int, default=None)), ("--nprobe", dict(type=int, default=16)),
+                     ("--pq-m", dict(type=int, default=0)), ("--hnsw-m", dict(type=int, default=32)),
+                     ("--ef-construction", dict(type=int, default=64)), ("--ef-search", dict(type=int, default=64)),
+                     ("--threads", dict(type=int, default=None)),
+                     ("--max-tokens", dict(type=int, default=None, help="keep only the first N entries"))):
+        r.add_argument(name, **kw)
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(func=cmd_reindex)
+
+    g = sub.add_parser("generate", help="kNN-LM greedy continuation of a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--datastore", required=True)
+    g.add_argument("--no-speculate", action="store_true", help="naive kNN-LM (one search per token)")
+    g.add_argument("--json", action="store_true", help="print the full result as JSON")
+    _add_decoding_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    n = sub.add_parser("bench", help="naive vs speculative kNN-LM on the same prompts")
+    n.add_argument("--datastore", required=True)
+    n.add_argument("--n", type=int, default=20, help="number of prompts (default 20)")
+    n.add_argument("--json", default=None, help="write the full result here")
+    n.add_argument("--prompts", choices=("passages", "questions"), default="passages")
+    n.add_argument("--prompt-tokens", type=int, default=32, help="prompt length cap in tokens (default 32)")
+    n.add_argument("--warmup", type=int, default=1)
+    _add_decoding_options(n)
+    n.set_defaults(func=cmd_bench)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ralmspec")
+    add_knnlm_subparsers(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(["knnlm", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except RalmSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

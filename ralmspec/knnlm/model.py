@@ -1,0 +1,325 @@
+"""Naive kNN-LM greedy decoding (the oracle the speculative decoder must reproduce token for token).
+
+Semantics (DESIGN §1 "kNN-LM"; Khandelwal et al., 2020)
+-------------------------------------------------------
+At every generated position the query is the LM's final hidden state at the last position (the
+input of the LM head, the same representation the datastore keys are made of, see
+:mod:`ralmspec.knnlm.datastore`). The datastore's canonical search returns the ``k`` nearest
+entries with squared L2 distances ``d_i`` (float64) and values ``v_i``; then
+
+    p_knn(y) = Σ_{i: v_i = y} exp(-d_i / T) / Σ_i exp(-d_i / T)
+    p_lm     = softmax(logits)                       (float64)
+    p        = λ · p_knn + (1 - λ) · p_lm
+    next     = argmax_y p(y)                         (ties -> the lowest token id)
+
+``d`` is the *squared* Euclidean distance (what FAISS's L2 indexes return, and what the kNN-LM
+paper uses, with T = 1 by default). The softmax over ``-d/T`` is computed stably by subtracting
+the smallest distance. All of this lives in :func:`next_token`, the one function naive decoding,
+speculation and verification share.
+
+LM determinism (why speculative == naive bit for bit)
+-----------------------------------------------------
+Both decoders drive the model through :class:`IncrementalDecoder`: ONE forward over the whole
+prompt, then one 1-row forward per token with the KV cache. A rollback crops the KV cache back
+to a prefix and continues with 1-row forwards. So the hidden state / logits at position ``p``
+are always produced by the same float operations with the same shapes (a 1-row forward at past
+length ``p``, or the prompt prefill) whatever the history — hence the same bits in both
+decoders, and the queries and ``p_lm`` entering :func:`next_token` are identical. (Recomputing
+a position inside a larger prefill would NOT be bit-identical: a 300-row and a 1-row forward
+round differently.) This relies on deterministic CPU kernels for a fixed shape and fixed
+``torch.get_num_threads()``, which holds for a process. Only models whose logits are
+``lm_head(final hidden state)`` are supported (GPT-2 and most decoder-only LMs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ralmspec.errors import ConfigError
+from ralmspec.knnlm.datastore import Datastore, _trunk, hidden_size
+
+
+@dataclass(frozen=True)
+class KNNLMConfig:
+    """kNN-LM decoding parameters. Same values (and model, datastore) => same tokens."""
+
+    k: int = 16  # neighbours per query
+    lam: float = 0.25  # λ: weight of p_knn (kNN-LM paper: 0.25 on WikiText-103)
+    temperature: float = 1.0  # T in exp(-d/T), d = squared L2 distance
+    max_new_tokens: int = 32
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= 4096:
+            raise ConfigError(f"k must be an integer in [1, 4096], got {self.k!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"lam (λ) must be in [0, 1], got {self.lam!r}")
+        if not self.temperature > 0.0 or not np.isfinite(self.temperature):
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 4096:
+            raise ConfigError(f"max_new_tokens must be an integer in [1, 4096], got {self.max_new_tokens!r}")
+
+
+# ------------------------------------------------------------------ the distribution
+
+
+def knn_distribution(dists: np.ndarray, values: np.ndarray, vocab_size: int, temperature: float) -> np.ndarray:
+    """``p_knn`` over the vocabulary (float64): softmax of ``-d/T`` summed per value.
+
+    ``dists`` (squared L2) and ``values`` are in the canonical neighbour order, so the float
+    summation order is a function of the neighbour list alone.
+    """
+    d = np.asarray(dists, dtype=np.float64)
+    v = np.asarray(values, dtype=np.int64)
+    if d.shape != v.shape or d.ndim != 1 or d.size == 0:
+        raise ConfigError(f"need one value per distance, got {d.shape} and {v.shape}")
+    if v.min() < 0 or v.max() >= vocab_size:
+        raise ConfigError(f"neighbour value outside [0, {vocab_size})")
+    w = np.exp(-(d - d.min()) / temperature)
+    w /= w.sum()
+    return np.bincount(v, weights=w, minlength=vocab_size)
+
+
+def lm_distribution(logits: np.ndarray) -> np.ndarray:
+    """softmax(logits) in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def interpolate(p_knn: np.ndarray, p_lm: np.ndarray, lam: float) -> np.ndarray:
+    """``λ·p_knn + (1-λ)·p_lm``."""
+    return lam * p_knn + (1.0 - lam) * p_lm
+
+
+def next_token(logits: np.ndarray, dists: np.ndarray, values: np.ndarray, config: KNNLMConfig) -> int:
+    """The kNN-LM greedy choice: ``argmax_y λ·p_knn(y) + (1-λ)·p_lm(y)``, ties -> lowest id.
+
+    Equal to ``argmax(interpolate(knn_distribution(...), lm_distribution(logits), λ))`` (tested),
+    computed only at the candidates that can win: the neighbours' values and the LM's own argmax
+    ``y*`` (any other ``y`` has ``p(y) = (1-λ)·p_lm(y) <= (1-λ)·p_lm(y*) <= p(y*)``, and ``y* < y``
+    on equality; float rounding is monotone, so this also holds for the computed values).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max())
+    total = e.sum()
+    y_lm = int(np.argmax(z))
+    d = np.asarray(dists, dtype=np.float64)
+    v = np.asarray(values, dtype=np.int64)
+    if d.shape != v.shape or d.ndim != 1 or d.size == 0:
+        raise ConfigError(f"need one value per distance, got {d.shape} and {v.shape}")
+    if v.min() < 0 or v.max() >= z.size:
+        raise ConfigError(f"neighbour value outside [0, {z.size})")
+    w = np.exp(-(d - d.min()) / config.temperature)
+    w /= w.sum()
+    cand = np.unique(np.append(v, y_lm))  # sorted ascending
+    p_knn = np.zeros(cand.size)
+    np.add.at(p_knn, np.searchsorted(cand, v), w)
+    p = config.lam * p_knn + (1.0 - config.lam) * (e[cand] / total)
+    return int(cand[int(np.argmax(p))])
+
+
+# ------------------------------------------------------------------ the LM side
+
+
+@dataclass
+class LMState:
+    """LM output at the last fed position: the kNN query and the next-token logits."""
+
+    hidden: np.ndarray  # float32 [d]: input of the LM head
+    logits: np.ndarray  # float32 [V]
+    seconds: float  # wall time of the forward that produced it
+
+
+class IncrementalDecoder:
+    """Prefill once, then 1-row forwards with a KV cache; ``truncate`` rolls back (module doc).
+
+    Not thread-safe: one decoder per request, used from one thread.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.trunk = _trunk(model)
+        self.head = model.get_output_embeddings()
+        params = inspect.signature(self.trunk.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.device = next(model.parameters()).device
+        self._cache: Any = None
+        self._len = 0
+
+    @property
+    def length(self) -> int:
+        """Number of positions whose KV is held."""
+        return self._len
+
+    def _forward(self, ids: Sequence[int]) -> LMState:
+        import torch
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            out = self.trunk(input_ids=x, use_cache=True, **{self._cache_kw: self._cache})
+            self._cache = out["cache"] if "cache" in out else out["past_key_values"]
+            h = out.last_hidden_state[:, -1]
+            logits = self.head(h)[0]
+            hidden = h[0].float().cpu().numpy().copy()
+            lg = logits.float().cpu().numpy().copy()
+        self._len += len(ids)
+        return LMState(hidden=hidden, logits=lg, seconds=time.perf_counter() - t0)
+
+    def start(self, prompt_ids: Sequence[int]) -> LMState:
+        """Reset and prefill ``prompt_ids`` in one forward; the state predicts the next token."""
+        if len(prompt_ids) == 0:
+            raise ConfigError("the prompt is empty; a kNN-LM prompt needs at least one token")
+        self._cache, self._len = None, 0
+        return self._forward(prompt_ids)
+
+    def step(self, token: int) -> LMState:
+        """Feed one token (1-row forward) and return the state after it."""
+        if self._cache is None:
+            raise RuntimeError("IncrementalDecoder.step() before start()")
+        return self._forward([int(token)])
+
+    def truncate(self, length: int) -> None:
+        """Keep the KV of the first ``length`` positions (``1 <= length <= self.length``)."""
+        if not 1 <= length <= self._len:
+            raise ValueError(f"cannot truncate a decoder of {self._len} positions to {length}")
+        if length < self._len:
+            self._cache.crop(length - self._len)  # negative = remove (transformers 4.x and 5.x)
+            self._len = length
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass
+class TokenTrace:
+    """One naive decoding step: the LM forward that produced the query, then the search."""
+
+    token: int
+    lm_s: float
+    search_s: float
+    combine_s: float
+
+
+@dataclass
+class KNNLMResult:
+    prompt_ids: list[int]
+    tokens: list[int]  # new tokens only
+    text: str  # decoded new tokens
+    wall_s: float
+    lm_s: float  # all LM forwards
+    search_s: float  # all real searches (naive: one per token)
+    trace: list[TokenTrace] = field(default_factory=list)  # naive only
+    stats: Any = None  # speculative: SpeculativeStats
+    mode: str = "naive"
+
+    def limit(self) -> float:
+        """(a + r) / a from this run's LM and search time: the best a perfect speculator could do
+        (meaningful for a naive run)."""
+        return (self.lm_s + self.search_s) / self.lm_s if self.lm_s > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        d = {"mode": self.mode, "prompt_tokens": len(self.prompt_ids), "tokens": self.tokens, "text": self.text,
+             "wall_s": self.wall_s, "lm_s": self.lm_s, "search_s": self.search_s}
+        if self.mode == "naive":
+            d["limit"] = self.limit()
+        if self.stats is not None:
+            d["stats"] = self.stats.to_dict()
+        return d
+
+
+# ------------------------------------------------------------------ the decoder
+
+
+def encode_prompt(lm: Any, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, str):
+        ids = lm.tokenizer.encode(prompt)
+    else:
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"prompt must be a str or a sequence of token ids: {exc}") from None
+    if not ids:
+        raise ConfigError("the prompt is empty (no tokens); give a non-empty prompt")
+    return ids
+
+
+class KNNLM:
+    """A language model + a datastore, decoded greedily with kNN-LM interpolation.
+
+    ``generate`` is the naive decoder: one real search per generated token.
+    """
+
+    def __init__(self, lm: Any, datastore: Datastore, config: KNNLMConfig | None = None):
+        self.lm = lm
+        self.datastore = datastore
+        self.config = config or KNNLMConfig()
+        d = hidden_size(lm.model)
+        if d != datastore.dim:
+            raise ConfigError(f"the datastore keys have dimension {datastore.dim} but the model's hidden size is "
+                              f"{d}; build the datastore with the same model ({datastore.model_name!r})")
+        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+        ds_vocab = datastore.manifest.get("vocab_size")
+        if ds_vocab is not None and int(ds_vocab) != vocab:
+            raise ConfigError(f"datastore vocabulary ({ds_vocab}) differs from the model's ({vocab})")
+        if int(datastore.values.max()) >= vocab:
+            raise ConfigError("datastore values exceed the model's vocabulary")
+        self.vocab_size = vocab
+        self.eos = getattr(lm, "eos_token_id", None)
+
+    # shared helpers (used by the speculative decoder too)
+    def check_prompt(self, prompt: str | Sequence[int], max_new_tokens: int) -> list[int]:
+        ids = encode_prompt(self.lm, prompt)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ConfigError(f"prompt token id {bad[0]} outside [0, {self.vocab_size})")
+        max_ctx = int(getattr(self.lm, "max_context", 1 << 30))
+        if len(ids) + max_new_tokens > max_ctx:
+            raise ConfigError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's "
+                              f"context of {max_ctx}; shorten the prompt")
+        return ids
+
+    def is_stop(self, token: int) -> bool:
+        return self.config.stop_at_eos and self.eos is not None and token == self.eos
+
+    def decide(self, logits: np.ndarray, ids: np.ndarray, dists: np.ndarray) -> int:
+        """:func:`next_token` with this datastore's values for neighbour ``ids``."""
+        return next_token(logits, dists, self.datastore.values[ids], self.config)
+
+    def decode_text(self, tokens: Sequence[int]) -> str:
+        return self.lm.tokenizer.decode(list(tokens))
+
+    def generate(self, prompt: str | Sequence[int]) -> KNNLMResult:
+        """Naive kNN-LM greedy decoding: per token, one LM forward and one real k-NN search."""
+        cfg = self.config
+        ids = self.check_prompt(prompt, cfg.max_new_tokens)
+        t_start = time.perf_counter()
+        dec = IncrementalDecoder(self.lm.model)
+        state = dec.start(ids)
+        out: list[int] = []
+        trace: list[TokenTrace] = []
+        while True:
+            t0 = time.perf_counter()
+            nb_ids, nb_d = self.datastore.search(state.hidden[None, :], cfg.k)
+            t1 = time.perf_counter()
+            tok = self.decide(state.logits, nb_ids[0], nb_d[0])
+            t2 = time.perf_counter()
+            trace.append(TokenTrace(token=tok, lm_s=state.seconds, search_s=t1 - t0, combine_s=t2 - t1))
+            out.append(tok)
+            if len(out) >= cfg.max_new_tokens or self.is_stop(tok):
+                break
+            state = dec.step(tok)
+        wall = time.perf_counter() - t_start
+        return KNNLMResult(prompt_ids=ids, tokens=out, text=self.decode_text(out), wall_s=wall,
+                           lm_s=sum(t.lm_s for t in trace), search_s=sum(t.search_s for t in trace),
+                           trace=trace, mode="naive")
+
+
+__all__ = ["KNNLMConfig", "KNNLM", "KNNLMResult", "TokenTrace", "IncrementalDecoder", "LMState",
+           "knn_distribution", "lm_distribution", "interpolate", "next_token", "encode_prompt"]

@@ -1,0 +1,421 @@
+"""Speculative kNN-LM (RaLMSpec §kNN-LM): a locality cache answers the per-token k-NN searches,
+one batched real search verifies ``s`` speculated tokens. Output == naive kNN-LM, token for token.
+
+Cache (:class:`NeighbourCache`)
+-------------------------------
+A per-request set of datastore entry ids with their keys. Every real search result (the first
+search for the prompt, and each verified query of a verification batch) inserts its top-k
+entries and their corpus successors ``i+1 .. i+m`` (same document, ``m`` = ``successors``,
+default 10): when the text being generated follows a corpus passage, the next query's nearest
+keys are the successors of the current ones (spatial locality). A speculative search ranks the
+cached entries with the datastore's canonical metric and tie-break (float64 squared L2 from the
+stored keys, then entry id; a float32 prefilter is used only when a rigorous error bound
+certifies that it cannot change the top-k). So whenever the true top-k is cached, the
+speculated neighbours equal the real ones. Capacity is bounded (LRU; an insert or a top-k hit
+is a use).
+
+Round (synchronous)
+-------------------
+From a verified state, for i = 1..s (``s`` from OS^3, :class:`StrideScheduler`, one token per
+step): query = LM hidden state, neighbours = cache top-k, token t_i = :func:`next_token`; feed
+t_i to the LM (the last feed is deferred until verification). Then ONE batched real search for
+the s queries. Walk i = 1..s: the *true* token t*_i is :func:`next_token` with the true
+neighbours and the LM logits already computed for step i; t_i is kept when t*_i == t_i (default
+acceptance, the paper's: neighbour sets may differ) or, in ``strict`` mode, when the speculated
+top-k ids equal the true ones. At the first rejected i: t_i is replaced by t*_i, every later
+token is discarded and the LM's KV cache is cropped back (no re-prefill).
+
+Why output is identical to :meth:`KNNLM.generate`: step i's query and logits are produced by
+the same 1-row forwards over the same verified tokens as in the naive decoder (see
+:mod:`ralmspec.knnlm.model`), the real search is batch-invariant (see
+:mod:`ralmspec.knnlm.datastore`), so t*_i is exactly the naive decoder's token at that
+position; a kept t_i equals t*_i; the first differing token is replaced by t*_i and nothing
+after it survives.
+
+Asynchronous verification (``async_verify=True``)
+-------------------------------------------------
+The batched search of round r runs in a worker thread (FAISS and numpy release the GIL) while
+the main thread already speculates round r+1 on top of round r's unverified tokens. Before
+round r+1 is submitted, round r's result is applied: on a rejection, round r+1's work is thrown
+away with the rollback. At most one verification is in flight. Only verified tokens are ever
+returned.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ralmspec.errors import ConfigError
+from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
+from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState
+from ralmspec.speculation.stride import StrideScheduler
+
+_U32 = 2.0 ** -24  # float32 unit roundoff
+
+
+@dataclass(frozen=True)
+class SpeculativeKNNConfig:
+    """Speculation knobs; none of them can change the output tokens."""
+
+    successors: int = 10  # m: successors i+1..i+m of every retrieved entry go into the cache
+    cache_capacity: int = 2048  # entries per request (LRU)
+    os3: bool = True  # OS^3 stride scheduler; off: fixed_stride
+    fixed_stride: int = 3
+    s_max: int = 16
+    window: int = 5  # OS^3 acceptance window (rounds)
+    gamma_max: float = 0.6  # OS^3 cap on the estimated acceptance probability
+    strict: bool = False  # accept only when the speculated top-k ids equal the true ones
+    async_verify: bool = False
+    prefilter: bool = True  # certified float32 prefilter in the cache (exact result either way)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.successors <= 1024:
+            raise ConfigError(f"successors must be in [0, 1024], got {self.successors!r}")
+        if self.cache_capacity < 1:
+            raise ConfigError(f"cache_capacity must be >= 1, got {self.cache_capacity!r}")
+        if not 1 <= self.fixed_stride <= 64 or not 1 <= self.s_max <= 64:
+            raise ConfigError("fixed_stride and s_max must be in [1, 64]")
+        if self.window < 1 or not 0.0 < self.gamma_max < 1.0:
+            raise ConfigError("window must be >= 1 and 0 < gamma_max < 1")
+
+
+# ---------------------------------------------------------------------- cache
+
+
+class NeighbourCache:
+    """Bounded per-request cache of datastore entries, ranked with the canonical k-NN metric.
+
+    ``topk(q, k)`` == the canonical top-k of ``q`` among the cached entries: squared L2 from
+    :func:`squared_l2` (bit-identical to what the datastore's search reports for the same entry)
+    ranked by (distance asc, entry id asc).
+    """
+
+    def __init__(self, datastore: Datastore, capacity: int, prefilter: bool = True, prefilter_margin: int = 32):
+        if capacity < 1:
+            raise ConfigError("cache capacity must be >= 1")
+        self.ds = datastore
+        self.capacity = int(capacity)
+        self.prefilter = prefilter
+        self.margin = prefilter_margin
+        d = datastore.dim
+        self._ids = np.full(self.capacity, -1, dtype=np.int64)
+        self._keys64 = np.zeros((self.capacity, d), dtype=np.float64)
+        self._keys32 = np.zeros((self.capacity, d), dtype=np.float32)
+        self._norm2 = np.zeros(self.capacity, dtype=np.float64)
+        self._stamp = np.zeros(self.capacity, dtype=np.int64)
+        self._slot: dict[int, int] = {}
+        self._size = 0
+        self._clock = 0
+        self.evictions = 0
+        self.prefilter_fallbacks = 0
+        # |error of a float32 dot product of length d| <= gamma * ||k|| * ||q||
+        self._gamma = (d + 2) * _U32 / (1.0 - (d + 2) * _U32) * 1.01
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, entry: int) -> bool:
+        return int(entry) in self._slot
+
+    def entry_ids(self) -> np.ndarray:
+        return self._ids[:self._size].copy()
+
+    def add(self, ids: Sequence[int] | np.ndarray) -> None:
+        """Insert ``ids`` ordered from least to most important (the last ones are most recent)."""
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if arr.size == 0:
+            return
+        # unique, keeping each id's LAST position (its highest priority)
+        _, last = np.unique(arr[::-1], return_index=True)
+        arr = arr[::-1][np.sort(last)][::-1]
+        if arr.size > self.capacity:
+            arr = arr[-self.capacity:]
+        present = np.array([i in self._slot for i in arr.tolist()], dtype=bool)
+        new = arr[~present]
+        protect = np.array([self._slot[i] for i in arr[present].tolist()], dtype=np.int64)
+        free = self.capacity - self._size
+        slots = list(range(self._size, self._size + min(free, new.size)))
+        need = new.size - len(slots)
+        if need > 0:
+            stamps = self._stamp[:self._size].copy()
+            stamps[protect] = np.iinfo(np.int64).max
+            victims = np.argpartition(stamps, need - 1)[:need] if need < self._size else np.arange(self._size)
+            victims = np.sort(victims)
+            for v in victims.tolist():
+                del self._slot[int(self._ids[v])]
+            self.evictions += need
+            slots.extend(victims.tolist())
+        self._size += min(free, new.size)
+        if new.size:
+            s_arr = np.asarray(slots, dtype=np.int64)
+            k64 = self.ds.key_vectors(new)
+            self._ids[s_arr] = new
+            self._keys64[s_arr] = k64
+            self._keys32[s_arr] = k64.astype(np.float32)
+            self._norm2[s_arr] = np.einsum("ij,ij->i", k64, k64)
+            for e, s in zip(new.tolist(), slots):
+                self._slot[e] = s
+        order_slots = np.array([self._slot[i] for i in arr.tolist()], dtype=np.int64)
+        self._stamp[order_slots] = self._clock + np.arange(arr.size)
+        self._clock += arr.size
+
+    def add_search_result(self, neighbour_ids: np.ndarray, successors: int) -> None:
+        """Insert a ranked top-k list (best first) and the successors of each entry.
+
+        Priority (least -> most recent): the neighbours themselves (worst rank first), then
+        successors at offset m, m-1, ..., 1 (each worst rank first): the likeliest next
+        neighbours (offset 1 of the best entries) are the most recently used.
+        """
+        nb = np.asarray(neighbour_ids, dtype=np.int64)[::-1]
+        parts = [nb]
+        if successors > 0 and nb.size:
+            end = self.ds.doc_end(nb)
+            for o in range(successors, 0, -1):
+                c = nb + o
+                parts.append(c[c < end])
+        self.add(np.concatenate(parts))
+
+    def topk(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Canonical top-``k`` among the cached entries (fewer if the cache holds fewer)."""
+        n = self._size
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        c = k + self.margin
+        if not self.prefilter or n <= c:
+            ids, d = rank_entries(self._ids[:n], squared_l2(query, self._keys64[:n]), k)
+        else:
+            q32 = np.asarray(query, dtype=np.float32).reshape(-1)
+            q64 = q32.astype(np.float64)
+            qn = float(q64 @ q64)
+            dots = np.einsum("ij,j->i", self._keys32[:n], q32).astype(np.float64)
+            approx = self._norm2[:n] + qn - 2.0 * dots
+            bound = 2.0 * self._gamma * np.sqrt(self._norm2[:n] * qn) + 1e-9 * (self._norm2[:n] + qn + 1.0)
+            cand = np.argpartition(approx, c - 1)[:c]
+            ids, d = rank_entries(self._ids[cand], squared_l2(query, self._keys64[cand]), k)
+            mask = np.ones(n, dtype=bool)
+            mask[cand] = False
+            lower = float((approx[mask] - bound[mask]).min())
+            if not (d.size == k and d[-1] < lower):  # not certified: rank everything exactly
+                self.prefilter_fallbacks += 1
+                ids, d = rank_entries(self._ids[:n], squared_l2(query, self._keys64[:n]), k)
+        slots = np.array([self._slot[i] for i in ids.tolist()], dtype=np.int64)
+        self._stamp[slots] = self._clock + np.arange(ids.size)[::-1]
+        self._clock += ids.size
+        return ids, d
+
+
+# ---------------------------------------------------------------------- stats
+
+
+@dataclass
+class SpeculativeStats:
+    rounds: int = 0  # verification rounds
+    speculated: int = 0  # tokens decided from the cache
+    accepted: int = 0  # speculated tokens kept by verification
+    rollbacks: int = 0  # rounds with a rejected token
+    real_searches: int = 0  # calls of the datastore search (initial + verifications)
+    verified_queries: int = 0  # query vectors sent to real searches
+    lm_s: float = 0.0  # LM forwards (incl. wasted ones)
+    cache_s: float = 0.0  # cache top-k + decision
+    verify_s: float = 0.0  # real-search time (in the worker thread when async)
+    verify_wait_s: float = 0.0  # main thread blocked on verification
+    cache_add_s: float = 0.0
+    wall_s: float = 0.0
+    wasted_tokens: int = 0  # speculated tokens discarded by rollbacks (after the rejected one)
+    strides: list[int] = field(default_factory=list)
+    cache_size: int = 0
+    cache_evictions: int = 0
+    prefilter_fallbacks: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.speculated if self.speculated else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["acceptance_rate"] = self.acceptance_rate
+        return d
+
+
+@dataclass
+class _Pending:
+    hidden: np.ndarray
+    logits: np.ndarray
+    token: int
+    spec_ids: np.ndarray
+
+
+# ---------------------------------------------------------------------- decoder
+
+
+class SpeculativeKNNLM:
+    """Speculative kNN-LM over a :class:`KNNLM` (same LM, datastore and KNNLMConfig)."""
+
+    def __init__(self, knnlm: KNNLM, config: SpeculativeKNNConfig | None = None):
+        self.base = knnlm
+        self.config = config or SpeculativeKNNConfig()
+
+    def _scheduler(self) -> StrideScheduler:
+        c = self.config
+        return StrideScheduler(os3=c.os3, fixed_stride=c.fixed_stride, async_verify=c.async_verify,
+                               s_max=c.s_max, window=c.window, gamma_max=c.gamma_max)
+
+    def generate(self, prompt: str | Sequence[int]) -> KNNLMResult:
+        if self.config.async_verify:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-verify") as pool:
+                return self._generate(prompt, pool)
+        return self._generate(prompt, None)
+
+    # -------------------------------------------------------------- internals
+
+    def _verify(self, hidden: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+        t0 = time.perf_counter()
+        ids, d = self.base.datastore.search(np.stack(hidden), self.base.config.k)
+        return ids, d, time.perf_counter() - t0
+
+    def _generate(self, prompt: str | Sequence[int], pool: ThreadPoolExecutor | None) -> KNNLMResult:
+        base, cfg, scfg = self.base, self.base.config, self.config
+        ds, k = base.datastore, cfg.k
+        prompt_ids = base.check_prompt(prompt, cfg.max_new_tokens)
+        st = SpeculativeStats()
+        t_start = time.perf_counter()
+        sched = self._scheduler()
+        cache = NeighbourCache(ds, scfg.cache_capacity, prefilter=scfg.prefilter)
+        dec = IncrementalDecoder(base.lm.model)
+        n_prompt = len(prompt_ids)
+        out: list[int] = []  # verified tokens, then (transiently) speculated ones
+        state = dec.start(prompt_ids)
+        st.lm_s += state.seconds
+
+        def finished(tokens: list[int]) -> bool:
+            return len(tokens) >= cfg.max_new_tokens or (bool(tokens) and base.is_stop(tokens[-1]))
+
+        # First token: a real search (the cache starts from the prompt's neighbours).
+        ids, d, tv = self._verify([state.hidden])
+        st.verify_s += tv
+        st.real_searches += 1
+        st.verified_queries += 1
+        t0 = time.perf_counter()
+        cache.add_search_result(ids[0], scfg.successors)
+        st.cache_add_s += time.perf_counter() - t0
+        out.append(base.decide(state.logits, ids[0], d[0]))
+        if not finished(out):
+            state = dec.step(out[-1])
+            st.lm_s += state.seconds
+
+        # In-flight verification (async only): (future, pending steps, index in `out` of step 0)
+        inflight: tuple[Future, list[_Pending], int] | None = None
+
+        def apply(pend: list[_Pending], first: int, ids: np.ndarray, d: np.ndarray) -> int | None:
+            """Walk a verified round; feed the cache; return the index of the first rejection."""
+            t0 = time.perf_counter()
+            try:
+                for i, p in enumerate(pend):
+                    cache.add_search_result(ids[i], scfg.successors)
+                    true_tok = base.decide(p.logits, ids[i], d[i])
+                    ok = true_tok == p.token
+                    if scfg.strict:
+                        ok = ok and p.spec_ids.shape == ids[i].shape and bool(np.all(p.spec_ids == ids[i]))
+                    if not ok:
+                        st.wasted_tokens += len(out) - (first + i) - 1
+                        del out[first + i:]
+                        out.append(true_tok)
+                        return i
+                    st.accepted += 1
+                return None
+            finally:
+                st.cache_add_s += time.perf_counter() - t0
+
+        def settle(fut: Future, pend: list[_Pending], first: int) -> int | None:
+            t0 = time.perf_counter()
+            ids, d, tv = fut.result()
+            st.verify_wait_s += time.perf_counter() - t0
+            st.verify_s += tv
+            sched.observe_verification(len(pend), tv)
+            j = apply(pend, first, ids, d)
+            sched.observe_round(len(pend), len(pend) if j is None else j)
+            st.rounds += 1
+            if j is not None:
+                st.rollbacks += 1
+            return j
+
+        while not finished(out):
+            s = max(1, min(sched.next_stride(), cfg.max_new_tokens - len(out)))
+            st.strides.append(s)
+            first = len(out)
+            pend: list[_Pending] = []
+            for i in range(s):
+                t0 = time.perf_counter()
+                sid, sd = cache.topk(state.hidden, k)
+                tok = base.decide(state.logits, sid, sd)
+                t_cache = time.perf_counter() - t0
+                st.cache_s += t_cache
+                st.speculated += 1
+                pend.append(_Pending(state.hidden, state.logits, tok, sid))
+                out.append(tok)
+                last = finished(out) or i == s - 1
+                if last and pool is None:
+                    sched.observe_step(t_cache + state.seconds)
+                    break  # sync: the LM feed of the last token waits for verification
+                if finished(out):
+                    break
+                state = dec.step(tok)
+                st.lm_s += state.seconds
+                sched.observe_step(t_cache + state.seconds)
+
+            if pool is None:  # ---------------------------------------- synchronous
+                ids, d, tv = self._verify([p.hidden for p in pend])
+                st.real_searches += 1
+                st.verified_queries += len(pend)
+                fut: Future = Future()
+                fut.set_result((ids, d, tv))
+                j = settle(fut, pend, first)
+                if finished(out):
+                    break
+                dec.truncate(n_prompt + len(out) - 1)  # no-op unless rolled back
+                state = dec.step(out[-1])
+                st.lm_s += state.seconds
+                continue
+
+            # ------------------------------------------------------------- asynchronous
+            if inflight is not None:
+                f_prev, p_prev, first_prev = inflight
+                inflight = None
+                j = settle(f_prev, p_prev, first_prev)
+                if j is not None:  # this round was built on a rejected token: already discarded
+                    if finished(out):
+                        break
+                    dec.truncate(n_prompt + len(out) - 1)
+                    state = dec.step(out[-1])
+                    st.lm_s += state.seconds
+                    continue
+            st.real_searches += 1
+            st.verified_queries += len(pend)
+            inflight = (pool.submit(self._verify, [p.hidden for p in pend]), pend, first)
+            if finished(out):  # speculated up to the end: settle now
+                f_cur, p_cur, first_cur = inflight
+                inflight = None
+                j = settle(f_cur, p_cur, first_cur)
+                if j is None or finished(out):
+                    break
+                dec.truncate(n_prompt + len(out) - 1)
+                state = dec.step(out[-1])
+                st.lm_s += state.seconds
+
+        if inflight is not None:  # cannot happen: every exit path settles; keep the invariant loud
+            raise AssertionError("a verification round was left unsettled")
+        st.wall_s = time.perf_counter() - t_start
+        st.cache_size = len(cache)
+        st.cache_evictions = cache.evictions
+        st.prefilter_fallbacks = cache.prefilter_fallbacks
+        del out[cfg.max_new_tokens:]
+        return KNNLMResult(prompt_ids=prompt_ids, tokens=out, text=base.decode_text(out), wall_s=st.wall_s,
+                           lm_s=st.lm_s, search_s=st.verify_s, stats=st, mode="speculative")
+
+
+__all__ = ["SpeculativeKNNConfig", "SpeculativeKNNLM", "SpeculativeStats", "NeighbourCache"]

@@ -1,0 +1,433 @@
+"""HuggingFace ``transformers`` backend of the LanguageModel contract (CPU or CUDA).
+
+Determinism by *canonical block prefill*
+----------------------------------------
+The engine needs ``greedy(prompt, n)`` to be a deterministic function of ``(prompt, n)``: the
+output must not depend on which KV state a session held before (otherwise a rollback or a
+passage switch could change the tokens, and speculative output would drift from the naive
+loop). Plain "crop the KV cache to the longest common prefix and extend" is *not* enough: the
+key/value of one position computed inside a 300-row prefill and inside a 1-row decode step
+differ in their float bits, and such a difference can flip a greedy argmax near-tie.
+
+So the KV of prompt positions is only ever computed in aligned blocks of ``B = block_size``
+positions (the idea behind vLLM's block prefix caching):
+
+- for a prompt of length ``L``, every full block ``[jB, (j+1)B)`` is computed by ONE forward
+  over exactly those ``B`` positions given the KV of all earlier blocks; the final partial
+  block ``[floor(L/B)*B, L)`` (if non-empty) by one forward over its ``L mod B`` rows;
+- the logits of the last prompt position (always computed from a forward over the last
+  block, with the LM head applied to that one row) give the first new token;
+- tokens ``2..n`` come from 1-row decode forwards;
+- a session keeps ONLY the KV of the prompt's full blocks (the cache is cropped to
+  ``floor(L/B)*B`` after each call) together with the token ids they cover. The next call
+  reuses the longest common prefix rounded DOWN to a multiple of ``B`` (and never the block
+  holding the last prompt position, whose logits are needed) and recomputes the rest in
+  canonical blocks.
+
+Every position's KV is therefore produced by the same sequence of floating-point operations
+whatever the history, and reuse equals no reuse bit for bit, provided the kernels are
+deterministic for a fixed shape (true on CPU with a fixed ``torch.get_num_threads()``; on CUDA
+cuBLAS / SDPA forward kernels are run-to-run deterministic for a fixed shape on one GPU).
+
+Trade-offs (deliberate)
+-----------------------
+- Batches are processed prompt by prompt, each with its own session cache. A padded batched
+  forward changes the numerics of every row (different GEMM shapes, padding), which would make
+  a prompt's tokens depend on its batch neighbours and break batch invariance (DESIGN §2.2).
+  The cost is throughput under many concurrent requests; on the 2-core CPU target a batched
+  forward would not be much cheaper anyway.
+- A fresh prompt costs ``ceil(L/B)`` forwards instead of one (measured in the report: about
+  +15..40 % for a 300-token prompt with B = 16 on CPU). In exchange, a session whose prompt grew
+  by ``stride`` tokens recomputes at most ``B - 1 + stride`` rows.
+
+Thread safety: one lock serialises all use of the model and of the session table. Sessions are
+kept in an LRU table bounded by a number of sessions and a number of cached KV bytes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable, Sequence
+
+import torch
+
+from ralmspec.errors import ConfigError
+from ralmspec.lm.base import LanguageModel
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class HFTokenizer:
+    """Adapter of a HuggingFace tokenizer to the ``Tokenizer`` protocol of ``ralmspec.lm.base``.
+
+    ``encode(text)`` returns ids WITHOUT special tokens (no [CLS]/[SEP]/BOS) and never
+    truncates; ``decode(ids)`` skips special tokens and does NOT clean up tokenization spaces
+    (``clean_up_tokenization_spaces=False`` everywhere, so decoding is the plain join of the
+    tokens). A lock guards the underlying Rust tokenizer, which is not safe to share between
+    threads while its truncation/padding state is being set.
+    """
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self.hf = hf_tokenizer
+        self._lock = threading.Lock()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ConfigError(f"encode() expects a str, got {type(text).__name__}")
+        with self._lock:
+            return list(self.hf.encode(text, add_special_tokens=False, truncation=False, verbose=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        with self._lock:
+            return self.hf.decode([int(i) for i in ids], skip_special_tokens=True,
+                                  clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class CallStats:
+    """Work done by one ``greedy`` / ``next_token_states`` call (all prompts of the batch)."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt positions whose KV came from the session cache
+    prefill_tokens_computed: int = 0  # prompt positions computed by block forwards
+    prefill_forwards: int = 0
+    decode_steps: int = 0  # 1-row decode forwards
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class NextTokenState:
+    """Canonical state at the last position of a prompt (float32, on CPU)."""
+
+    logits: torch.Tensor  # [vocab]
+    hidden: torch.Tensor | None  # [d_model]: the model's last hidden state (input of the LM head)
+
+
+@dataclass
+class _Session:
+    ids: list[int]  # token ids whose KV is held; len(ids) == cached length, a multiple of B
+    cache: Any  # transformers Cache (DynamicCache) or None when empty
+    nbytes: int = 0
+
+
+def _cache_nbytes(cache: Any) -> int:
+    if cache is None:
+        return 0
+    total = 0
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56
+        for layer in layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+    for name in ("key_cache", "value_cache"):  # older DynamicCache
+        for t in getattr(cache, name, []):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _crop(cache: Any, keep: int) -> Any:
+    """Crop ``cache`` to its first ``keep`` positions (``None`` when nothing is kept).
+
+    ``crop(negative)`` removes that many tokens in transformers 4.x and 5.x alike.
+    """
+    if cache is None or keep <= 0:
+        return None
+    cur = cache.get_seq_length()
+    if keep < cur:
+        cache.crop(keep - cur)
+    elif keep > cur:
+        raise AssertionError(f"cannot crop a cache of {cur} positions to {keep}")
+    return cache
+
+
+class HFLanguageModel(LanguageModel):
+    """Greedy decoding with a transformers causal LM, canonical block prefill (module doc).
+
+    Invariants:
+    - ``greedy(prompts, n, sessions)[i]`` depends only on ``(prompts[i], n)`` (and the weights,
+      device, dtype, block size), never on session history or batch neighbours.
+    - ``len(prompt) + n <= max_context`` or ``ConfigError``; ``n >= 0``; prompts non-empty,
+      token ids in ``[0, vocab_size)``.
+    - Decoding is argmax (ties -> lowest token id); the model's generation config is ignored.
+      It stops right after a stop token (``eos_token_id`` and any extra ``stop_token_ids``),
+      which is included in the output.
+
+    Counters (cumulative, under the lock): ``prefill_tokens_computed``, ``reused_tokens``,
+    ``decode_steps``, ``prefill_forwards``; ``last_call_stats`` is the ``CallStats`` of the most
+    recently finished call.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, eos_token_id: int | None,
+                 max_context: int, device: str | torch.device = "cpu", block_size: int = 16,
+                 max_sessions: int = 256, max_cache_bytes: int | None = 4 << 30,
+                 stop_token_ids: Iterable[int] = (), name: str = "hf") -> None:
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ConfigError(f"block_size must be an integer >= 1, got {block_size!r}")
+        if not isinstance(max_context, int) or max_context < 2:
+            raise ConfigError(f"max_context must be an integer >= 2, got {max_context!r}")
+        if max_sessions < 0:
+            raise ConfigError(f"max_sessions must be >= 0, got {max_sessions!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
+        self.stop_token_ids = frozenset(int(t) for t in stop_token_ids) | (
+            frozenset() if eos_token_id is None else frozenset([int(eos_token_id)]))
+        self.max_context = max_context
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.max_sessions = max_sessions
+        self.max_cache_bytes = max_cache_bytes
+        self.name = name
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.dtype = next(model.parameters()).dtype
+        # transformers >= 5.2x names the KV argument `cache` (`past_key_values` is deprecated)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._lock = threading.Lock()
+        self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
+        self._cached_bytes = 0
+        self.prefill_tokens_computed = 0
+        self.reused_tokens = 0
+        self.decode_steps = 0
+        self.prefill_forwards = 0
+        self.last_call_stats = CallStats()
+
+    # ------------------------------------------------------------------ public API
+
+    def greedy(self, prompts: Sequence[Sequence[int]], n: int,
+               sessions: Sequence[Hashable] | None = None) -> list[list[int]]:
+        """Greedy continuation of each prompt by up to ``n`` tokens (EOS included, then stop).
+
+        Prompts are processed one by one (batch invariance, see module doc); ``sessions[i]``
+        names the KV state to reuse/update for ``prompts[i]`` (``None``: no reuse, nothing kept).
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ConfigError(f"n must be an integer >= 0, got {n!r}")
+        checked = self._check(prompts, sessions, extra=n)
+        with self._lock:
+            stats = CallStats(prompts=len(checked))
+            t0 = time.perf_counter()
+            out = []
+            for prompt, session in checked:
+                out.append(self._greedy_one(prompt, n, session, stats) if n > 0 else [])
+            stats.wall_s = time.perf_counter() - t0
+            self._account(stats)
+        return out
+
+    def next_token_states(self, prompts: Sequence[Sequence[int]],
+                          sessions: Sequence[Hashable] | None = None,
+                          hidden: bool = True) -> list[NextTokenState]:
+        """Logits (and last hidden state) at the last position of each prompt.
+
+        Computed with the same canonical block prefill and session reuse as ``greedy``: the
+        result is a deterministic function of the prompt, bit for bit, and
+        ``argmax(logits)`` is the first token ``greedy(prompt, n)`` returns. ``hidden`` is the
+        model's final hidden state at that position (after the final layer norm for GPT-2),
+        the usual kNN-LM key.
+        """
+        checked = self._check(prompts, sessions, extra=0)
+        with self._lock:
+            stats = CallStats(prompts=len(checked))
+            t0 = time.perf_counter()
+            out = []
+            for prompt, session in checked:
+                logits, h, cache = self._prefill(prompt, session, stats, want_hidden=hidden)
+                self._store(session, prompt, cache)
+                # clone() outside inference mode: ordinary tensors, usable with autograd code
+                out.append(NextTokenState(logits=logits.float().cpu().clone(),
+                                          hidden=None if h is None else h.float().cpu().clone()))
+            stats.wall_s = time.perf_counter() - t0
+            self._account(stats)
+        return out
+
+    def forward_hidden(self, ids: Sequence[int]) -> torch.Tensor:
+        """Final hidden states ``[len(ids), d_model]`` (float32, CPU) of ONE plain forward.
+
+        No session, no blocks: for building kNN-LM datastores over corpus text. Not the
+        canonical computation of ``next_token_states`` (values may differ in the last bits).
+        """
+        (prompt, _), = self._check([ids], None, extra=0)
+        with self._lock, torch.inference_mode():
+            x = torch.tensor([prompt], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=x, use_cache=False, output_hidden_states=True)
+            h = out.hidden_states[-1][0].float().cpu()
+        return h.clone()  # outside inference mode: an ordinary tensor for the caller
+
+    def release(self, session: Hashable) -> None:
+        """Drop the KV state of ``session`` (no-op if unknown)."""
+        with self._lock:
+            entry = self._sessions.pop(session, None)
+            if entry is not None:
+                self._cached_bytes -= entry.nbytes
+
+    def close(self) -> None:
+        """Drop every session's KV state."""
+        with self._lock:
+            self._sessions.clear()
+            self._cached_bytes = 0
+
+    @property
+    def cached_sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached_bytes
+
+    def cached_length(self, session: Hashable) -> int:
+        """Number of prompt positions whose KV ``session`` holds (a multiple of block_size)."""
+        with self._lock:
+            entry = self._sessions.get(session)
+            return 0 if entry is None else len(entry.ids)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check(self, prompts: Sequence[Sequence[int]], sessions: Sequence[Hashable] | None,
+               extra: int) -> list[tuple[list[int], Hashable | None]]:
+        if isinstance(prompts, (str, bytes)):
+            raise ConfigError("prompts must be a list of token-id lists, got a string")
+        prompts = list(prompts)
+        if sessions is None:
+            sess: list[Hashable | None] = [None] * len(prompts)
+        else:
+            sess = list(sessions)
+            if len(sess) != len(prompts):
+                raise ConfigError(f"got {len(prompts)} prompts but {len(sess)} sessions")
+        checked = []
+        for i, p in enumerate(prompts):
+            try:
+                ids = [int(t) for t in p]
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"prompt {i} is not a sequence of token ids: {exc}") from None
+            if not ids:
+                raise ConfigError(f"prompt {i} is empty; a prompt needs at least one token")
+            lo, hi = min(ids), max(ids)
+            if lo < 0 or hi >= self.vocab_size:
+                raise ConfigError(f"prompt {i} has token id {lo if lo < 0 else hi} outside "
+                                  f"[0, {self.vocab_size})")
+            if len(ids) + extra > self.max_context:
+                raise ConfigError(
+                    f"prompt {i} has {len(ids)} tokens + {extra} new tokens > max_context "
+                    f"{self.max_context} of model {self.name!r}; truncate the context")
+            checked.append((ids, sess[i]))
+        return checked
+
+    def _account(self, stats: CallStats) -> None:
+        self.prefill_tokens_computed += stats.prefill_tokens_computed
+        self.reused_tokens += stats.reused_tokens
+        self.decode_steps += stats.decode_steps
+        self.prefill_forwards += stats.prefill_forwards
+        self.last_call_stats = stats
+
+    def _forward(self, ids: list[int], cache: Any, want_hidden: bool = False) -> tuple[Any, Any]:
+        """One forward over ``ids`` after ``cache``: (model output, updated cache).
+
+        The LM head is applied to the last row only (``logits_to_keep=1``), always, so the
+        last-row logits go through the same GEMM shape whatever the block length.
+        """
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1,
+                         output_hidden_states=want_hidden, **{self._cache_kw: cache})
+        new_cache = out["cache"] if "cache" in out else out["past_key_values"]
+        return out, new_cache
+
+    @torch.inference_mode()
+    def _prefill(self, prompt: list[int], session: Hashable | None, stats: CallStats,
+                 want_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """Canonical block prefill of ``prompt``; returns (last logits, last hidden, cache).
+
+        The returned cache covers all ``len(prompt)`` positions. The session's entry (if any)
+        is taken out of the table; the caller puts it back with ``_store`` once done.
+        """
+        t0 = time.perf_counter()
+        B, L = self.block_size, len(prompt)
+        entry = self._sessions.pop(session, None) if session is not None else None
+        if entry is not None:
+            self._cached_bytes -= entry.nbytes
+        cache, reuse = None, 0
+        if entry is not None and entry.cache is not None:
+            lcp = 0
+            for a, b in zip(entry.ids, prompt):
+                if a != b:
+                    break
+                lcp += 1
+            # round down to a block; never reuse the block holding the last position
+            reuse = min(lcp // B * B, (L - 1) // B * B)
+            cache = _crop(entry.cache, reuse)
+        start = reuse
+        out = None
+        while start < L:
+            end = min(start - start % B + B, L)
+            out, cache = self._forward(prompt[start:end], cache, want_hidden=want_hidden and end == L)
+            stats.prefill_forwards += 1
+            stats.prefill_tokens_computed += end - start
+            start = end
+        assert out is not None  # reuse <= (L-1)//B*B < L
+        logits = out.logits[0, -1]
+        hidden = out.hidden_states[-1][0, -1] if want_hidden else None
+        stats.prompt_tokens += L
+        stats.reused_tokens += reuse
+        stats.prefill_s += time.perf_counter() - t0
+        return logits, hidden, cache
+
+    def _store(self, session: Hashable | None, prompt: list[int], cache: Any) -> None:
+        """Crop ``cache`` to the prompt's full blocks and keep it for ``session`` (LRU insert).
+
+        Called after the last forward that uses ``cache``. Caches with layers that cannot be
+        cropped (sliding-window attention) are not kept: such models simply get no reuse.
+        """
+        keep = len(prompt) // self.block_size * self.block_size
+        if session is None or self.max_sessions == 0 or keep == 0 or not _croppable(cache):
+            return
+        cache = _crop(cache, keep)
+        entry = _Session(ids=prompt[:keep], cache=cache, nbytes=_cache_nbytes(cache))
+        self._sessions[session] = entry
+        self._cached_bytes += entry.nbytes
+        while self._sessions and (len(self._sessions) > self.max_sessions or (
+                self.max_cache_bytes is not None and self._cached_bytes > self.max_cache_bytes)):
+            _, old = self._sessions.popitem(last=False)
+            self._cached_bytes -= old.nbytes
+
+    @torch.inference_mode()
+    def _greedy_one(self, prompt: list[int], n: int, session: Hashable | None,
+                    stats: CallStats) -> list[int]:
+        logits, _, cache = self._prefill(prompt, session, stats)
+        t0 = time.perf_counter()
+        tok = int(torch.argmax(logits).item())
+        new = [tok]
+        while len(new) < n and tok not in self.stop_token_ids:
+            out, cache = self._forward([tok], cache)
+            stats.decode_steps += 1
+            tok = int(torch.argmax(out.logits[0, -1]).item())
+            new.append(tok)
+        stats.generated_tokens += len(new)
+        stats.decode_s += time.perf_counter() - t0
+        self._store(session, prompt, cache)
+        return new
+
+
+def _croppable(cache: Any) -> bool:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return hasattr(cache, "crop")
+    return all(getattr(layer, "is_croppable", True) and not getattr(layer, "is_sliding", False)
+               for layer in layers)

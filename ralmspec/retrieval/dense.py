@@ -1,0 +1,240 @@
+"""Dense retrieval: FAISS Flat / HNSW / IVF over unit-norm MiniLM passage vectors.
+
+Canonical scoring (what makes ``search == score`` and batch invariance hold exactly):
+
+- The score of passage ``d`` for query ``q`` is ``exact_scores``: the float64 inner product of
+  the float32 query vector and the *stored* float32 passage vector (products of two float32s are
+  exact in float64; the 384 products of one row are summed by numpy's pairwise sum over one
+  contiguous row, which does not depend on how many rows are scored together).
+- FAISS only *proposes* candidates: the top ``k + rescore_margin`` by its own float32 arithmetic.
+  They are re-scored canonically and ranked with :func:`rank_hits` (score desc, doc id asc).
+- Candidate-boundary rule: if the lowest FAISS score among the candidates is within ``EPS`` of
+  the k-th canonical score, a passage outside the candidates could tie or beat the k-th one
+  (duplicates, float32 rounding), so that query is searched again with twice the candidates,
+  until the boundary is clear or everything reachable was returned. For ``exact`` the result is
+  therefore the true float64 top-k over the whole corpus (given |float32 error| < EPS, which
+  holds for unit-norm 384-d vectors: the worst-case bound is ~2.3e-5), whatever the batch.
+- ``ivf``: the coarse assignment (which ``nprobe`` lists to scan) is computed canonically too
+  (float64 scores of the centroids, ties -> lower list id) and passed to
+  ``search_preassigned``, so it cannot flip between FAISS's batched (BLAS) and single-query
+  code paths (a faiss-gpu build without ``search_preassigned`` falls back to FAISS's own GPU
+  assignment). ``hnsw``: FAISS searches every query independently with fixed ``efSearch``.
+
+Dependence on k: the answer is a deterministic function of (query text, k). For ``exact`` and
+``ivf`` the top-k is a prefix of the top-k' for k < k' (the float64 top-k of the whole corpus,
+resp. of the probed lists). For ``hnsw`` FAISS widens its beam to ``max(efSearch, candidates)``,
+so the prefix property holds while ``k + rescore_margin <= hnsw_ef_search`` (defaults: a top-20
+prefetch + 16 <= 128); the engine should stay within that or always search with one fixed k.
+
+Devices: with ``RetrievalConfig.device == "cuda"`` the flat and IVF indexes move to the GPU
+(faiss-gpu, ``StandardGpuResources`` + ``index_cpu_to_gpu``); FAISS has no GPU HNSW, so HNSW
+stays on the CPU (``faiss_device`` says where an index runs). GPU searches are serialised by a
+lock (FAISS GPU resources are not thread-safe). The canonical re-scoring always runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from ralmspec.config import RetrievalConfig
+from ralmspec.data.corpus import Corpus
+from ralmspec.errors import ConfigError, RetrievalError
+from ralmspec.retrieval.base import Hit, Retriever, rank_hits
+from ralmspec.retrieval.encoder import QueryEncoder
+
+log = logging.getLogger(__name__)
+
+DENSE_KINDS = ("exact", "hnsw", "ivf")
+EPS = 1e-4  # > any float32 inner-product error for unit-norm 384-d vectors (bound ~2.3e-5)
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - faiss is a declared dependency of [cpu]
+        raise ConfigError("dense retrieval needs FAISS: pip install faiss-cpu (or faiss-gpu-cu12)") from e
+    return faiss
+
+
+def exact_scores(vectors: np.ndarray, query: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
+    """Canonical float64 inner products of ``query`` (float32, (d,)) with ``vectors[doc_ids]``."""
+    rows = np.array(vectors[doc_ids], dtype=np.float64, order="C")  # (m, d)
+    rows *= np.asarray(query, dtype=np.float64)  # exact: float32 x float32 fits in float64
+    return rows.sum(axis=1)  # pairwise sum of each contiguous row
+
+
+def faiss_gpu_available() -> bool:
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def build_faiss_index(kind: str, vectors: np.ndarray, config: RetrievalConfig) -> tuple[object, dict]:
+    """Build a CPU FAISS index of ``kind`` over ``vectors`` (N, d) float32; returns (index, params).
+
+    ``params`` are the build parameters actually used (``ivf_nlist`` is capped at N).
+    HNSW and IVF builds use FAISS's multi-threading, so two builds may differ slightly; the
+    saved index file is the reference.
+    """
+    faiss = _faiss()
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = x.shape
+    if n == 0:
+        raise ConfigError("cannot build an index over an empty corpus")
+    if kind == "exact":
+        index = faiss.IndexFlatIP(d)
+        params: dict = {}
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        params = {"hnsw_m": config.hnsw_m, "hnsw_ef_construction": config.hnsw_ef_construction}
+    elif kind == "ivf":
+        nlist = min(config.ivf_nlist, n)
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.own_fields = True
+        quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
+        params = {"ivf_nlist": nlist}
+    else:
+        raise ConfigError(f"not a dense retriever kind: {kind!r} (choose {', '.join(DENSE_KINDS)})")
+    index.add(x)
+    return index, params
+
+
+class DenseRetriever(Retriever):
+    """FAISS candidates + canonical float64 re-scoring (see module docstring).
+
+    ``vectors`` is the float32 (N, d) matrix of the stored passage vectors (usually a read-only
+    memory map of ``embeddings.npy``); ``index`` a CPU FAISS index built over exactly them.
+    """
+
+    def __init__(self, corpus: Corpus, vectors: np.ndarray, index, kind: str, encoder: QueryEncoder,
+                 config: RetrievalConfig):
+        if kind not in DENSE_KINDS:
+            raise ConfigError(f"not a dense retriever kind: {kind!r}")
+        if vectors.ndim != 2 or vectors.dtype != np.float32:
+            raise ConfigError(f"passage vectors must be a float32 (N, d) matrix, got {vectors.dtype} {vectors.shape}")
+        if len(corpus) != vectors.shape[0] or index.ntotal != vectors.shape[0]:
+            raise ConfigError(f"corpus ({len(corpus)}), vectors ({vectors.shape[0]}) and index ({index.ntotal}) sizes differ")
+        if encoder.dim != vectors.shape[1] or index.d != vectors.shape[1]:
+            raise ConfigError(f"encoder dim {encoder.dim}, vectors dim {vectors.shape[1]} and index dim {index.d} differ")
+        faiss = _faiss()
+        self.kind = kind
+        self.corpus = corpus
+        self.encoder = encoder
+        self.config = config
+        self._vectors = vectors
+        self._n = int(vectors.shape[0])
+        self._margin = max(0, int(config.rescore_margin))
+        self._params = None
+        self._centroids: np.ndarray | None = None
+        self._gpu_res = None
+        self._gpu_lock: threading.Lock | None = None
+        self.faiss_device = "cpu"
+        if kind == "hnsw":
+            self._params = faiss.SearchParametersHNSW(efSearch=config.hnsw_ef_search)
+        elif kind == "ivf":
+            ivf = faiss.extract_index_ivf(index)
+            self._nprobe = min(config.ivf_nprobe, ivf.nlist)
+            ivf.nprobe = self._nprobe
+            self._centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
+        self._index = index
+        self.index_dir: str | None = None  # set by load_retriever
+        if config.device == "cuda":
+            if kind == "hnsw":
+                log.warning("FAISS has no GPU HNSW index: the hnsw retriever searches on the CPU")
+            else:
+                if not faiss_gpu_available():
+                    raise ConfigError("retrieval device 'cuda' needs faiss-gpu and a visible GPU, but "
+                                      + ("this FAISS build has no GPU support (pip install faiss-gpu-cu12)"
+                                         if not hasattr(faiss, "StandardGpuResources") else "no GPU is visible"))
+                self._gpu_res = faiss.StandardGpuResources()
+                self._index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+                if kind == "ivf":  # (plain attribute assignment could silently miss the C++ field)
+                    faiss.GpuParameterSpace().set_index_parameter(self._index, "nprobe", self._nprobe)
+                self._gpu_lock = threading.Lock()
+                self.faiss_device = "cuda"
+
+    # -- canonical metric -------------------------------------------------------------------
+    def _check_ids(self, doc_ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(doc_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self._n):
+            raise ConfigError(f"doc ids must be in [0, {self._n}), got {int(ids.min())}..{int(ids.max())}")
+        return ids
+
+    def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
+        ids = self._check_ids(doc_ids)
+        if ids.size == 0:
+            return []
+        q = self.encoder.encode_queries([query])[0]
+        return exact_scores(self._vectors, q, ids).tolist()
+
+    # -- candidate generation -----------------------------------------------------------------
+    def _assign(self, qs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Canonical IVF coarse assignment: top-nprobe centroids by float64 IP, ties -> lower id."""
+        assert self._centroids is not None
+        nlist = self._centroids.shape[0]
+        all_ids = np.arange(nlist, dtype=np.int64)
+        iq = np.empty((len(qs), self._nprobe), dtype=np.int64)
+        dq = np.empty((len(qs), self._nprobe), dtype=np.float32)
+        for i, q in enumerate(qs):
+            hits = rank_hits(all_ids, exact_scores(self._centroids, q, all_ids), self._nprobe)
+            iq[i] = [h.doc_id for h in hits]
+            dq[i] = [h.score for h in hits]
+        return iq, dq
+
+    def _faiss_search(self, qs: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS top-kk by float32 IP for each row of ``qs``: (scores, ids), ids -1 when exhausted."""
+        qs = np.ascontiguousarray(qs, dtype=np.float32)
+        try:
+            if self._gpu_lock is not None:
+                with self._gpu_lock:
+                    return self._search_backend(qs, kk)
+            return self._search_backend(qs, kk)
+        except RuntimeError as e:
+            raise RetrievalError(f"FAISS {self.kind} search failed: {e}") from e
+
+    def _search_backend(self, qs: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.kind == "hnsw":
+            return self._index.search(qs, kk, params=self._params)
+        if self.kind == "ivf":
+            if not hasattr(self._index, "search_preassigned"):  # some faiss-gpu builds
+                return self._index.search(qs, kk)
+            iq, dq = self._assign(qs)
+            return self._index.search_preassigned(qs, kk, iq, dq)
+        return self._index.search(qs, kk)
+
+    def _finish(self, q: np.ndarray, k: int, kk: int, fscores: np.ndarray, fids: np.ndarray) -> list[Hit]:
+        """Re-score one query's candidates; widen the candidate set while its boundary is unclear."""
+        while True:
+            valid = fids >= 0
+            cand = fids[valid]
+            hits = rank_hits(cand, exact_scores(self._vectors, q, cand), k)
+            exhausted = cand.size < kk or kk >= self._n
+            if exhausted or not hits:
+                return hits
+            kth = hits[-1].score if len(hits) == k else -np.inf
+            if float(fscores[valid].min()) + EPS < kth:
+                return hits
+            kk = min(self._n, kk * 2)
+            fs, fi = self._faiss_search(q[None, :], kk)
+            fscores, fids = fs[0], fi[0]
+
+    def search_sync(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        if len(queries) == 0:
+            return []
+        k = min(int(k), self._n)
+        qs = self.encoder.encode_queries(list(queries))
+        kk = min(self._n, k + self._margin)
+        fs, fi = self._faiss_search(qs, kk)
+        return [self._finish(qs[i], k, kk, fs[i], fi[i]) for i in range(len(qs))]
+
+    def close(self) -> None:
+        self._index = None  # type: ignore[assignment]
+        self._gpu_res = None

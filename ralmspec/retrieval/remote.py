@@ -1,0 +1,275 @@
+"""HTTP client of a retrieval service (``ralmspec serve --retrieval-only``): a ``Retriever``.
+
+Protocol (served by ``serving.app``; see docs/serving.md):
+
+- ``GET  /v1/retriever``  -> ``{"kind", "corpus_size"}``
+- ``POST /v1/retrieve``   ``{"queries": [str], "k": int, "include_text": bool}`` ->
+  ``{"results": [[{"doc_id", "score", "title", "text"}]]}``
+- ``POST /v1/score``      ``{"query": str, "doc_ids": [int]}`` -> ``{"scores": [float]}``
+- ``POST /v1/passages``   ``{"doc_ids": [int]}`` -> ``{"passages": [{"doc_id", "title", "text"}]}``
+
+Contract: the scores are the remote retriever's own numbers (JSON carries a float64 exactly:
+Python writes the shortest repr that reads back to the same double), so ``search`` and
+``score`` here equal the remote ``search`` and ``score`` bit for bit, and a speculation cache
+ranking with ``score`` agrees with the remote top-1 whenever the top-1 is cached.
+
+Design of the two call paths:
+- ``search`` (the engine's verification path, on the event loop) is async, through an
+  ``aiohttp`` session per event loop with keep-alive; ``await aclose()`` before that loop ends
+  (the server does it on cleanup). Hits carry title and text, which fill the
+  lazy corpus, so every doc id the engine ever sees is already cached when it is used.
+- ``score`` is synchronous because the speculation cache calls it from worker threads
+  (``asyncio.to_thread(cache.top1, q)``): it uses a blocking ``http.client`` connection per
+  thread (keep-alive), so it never touches the event loop and cannot deadlock on it.
+- ``corpus[doc_id]`` is a ``RemoteCorpus``: passages are fetched by id (sync) on a miss and
+  kept in a bounded LRU.
+
+Every connection failure, timeout, non-200 answer or malformed body raises ``RetrievalError``
+(the engine retries, then turns it into a clean error; HTTP 503 in the server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+import urllib.parse
+from collections import OrderedDict
+from typing import Any, Iterator, Sequence
+
+from ralmspec.data.corpus import Corpus, Passage
+from ralmspec.errors import ConfigError, RetrievalError
+from ralmspec.retrieval.base import Hit, Retriever
+
+
+class RemoteCorpus(Corpus):
+    """Lazy view of the remote corpus: ``corpus[doc_id]`` fetches by id on a miss (bounded LRU)."""
+
+    def __init__(self, client: "RemoteRetriever", size: int, capacity: int = 200_000):
+        self._client = client
+        self._size = int(size)
+        self.capacity = capacity
+        self._cache: OrderedDict[int, Passage] = OrderedDict()
+        self._lock = threading.Lock()
+        self.fetched = 0  # passages fetched by id (cache misses)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, passages: Sequence[Passage]) -> None:
+        with self._lock:
+            for p in passages:
+                self._cache[p.doc_id] = p
+                self._cache.move_to_end(p.doc_id)
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+
+    def get_many(self, doc_ids: Sequence[int]) -> list[Passage]:
+        ids = [int(i) for i in doc_ids]
+        for i in ids:
+            if not 0 <= i < self._size:
+                raise IndexError(f"doc id {i} out of range [0, {self._size})")
+        with self._lock:
+            missing = sorted({i for i in ids if i not in self._cache})
+        if missing:
+            got = self._client.fetch_passages(missing)
+            self.fetched += len(got)
+            self.put(got)
+        with self._lock:
+            out = []
+            for i in ids:
+                p = self._cache.get(i)
+                if p is None:  # evicted between put and read (tiny capacity): fetch alone
+                    p = self._client.fetch_passages([i])[0]
+                out.append(p)
+            return out
+
+    def __getitem__(self, doc_id):  # type: ignore[override]
+        if isinstance(doc_id, slice):
+            return self.get_many(range(*doc_id.indices(self._size)))
+        i = int(doc_id)
+        if i < 0:
+            i += self._size
+        return self.get_many([i])[0]
+
+    def __iter__(self) -> Iterator[Passage]:
+        for start in range(0, self._size, 1000):
+            yield from self.get_many(range(start, min(self._size, start + 1000)))
+
+    def contents(self) -> list[str]:
+        return [p.content for p in self]
+
+
+def _passage(d: Any) -> Passage:
+    return Passage(int(d["doc_id"]), str(d.get("title", "")), str(d["text"]), str(d.get("source_id", "")))
+
+
+class RemoteRetriever(Retriever):
+    """A retrieval service at ``url`` as a ``Retriever`` (module doc). Raises ``RetrievalError``
+    at construction when the service cannot be reached."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0, connect_timeout_s: float = 3.0,
+                 passage_cache: int = 200_000):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"retriever URL must look like http://host:port, got {url!r}")
+        if timeout_s <= 0 or connect_timeout_s <= 0:
+            raise ConfigError("retriever timeouts must be > 0")
+        self.url = url.rstrip("/")
+        self._scheme, self._host = parsed.scheme, parsed.hostname
+        self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self._base = parsed.path.rstrip("/")
+        self.timeout_s, self.connect_timeout_s = float(timeout_s), float(connect_timeout_s)
+        self._tls = threading.local()
+        self._sessions: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._sessions_lock = threading.Lock()
+        self.requests = 0  # HTTP calls made (all paths)
+        info = self._post_or_get("GET", "/v1/retriever", None)
+        try:
+            self.kind = str(info["kind"])
+            size = int(info["corpus_size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RetrievalError(f"{self.url} is not a ralmspec retrieval service: bad /v1/retriever answer") from exc
+        self.corpus = RemoteCorpus(self, size, passage_cache)
+
+    # ------------------------------------------------------------------ sync path
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._tls, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self.timeout_s)
+            self._tls.conn = conn
+        return conn
+
+    def _drop_conn(self) -> None:
+        conn = getattr(self._tls, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._tls.conn = None
+
+    def _post_or_get(self, method: str, path: str, body: Any) -> Any:
+        """One blocking JSON call; one reconnect on a stale keep-alive connection."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        last: BaseException | None = None
+        for _attempt in range(2):
+            conn = self._conn()
+            try:
+                if conn.sock is None:
+                    conn.timeout = self.connect_timeout_s
+                    conn.connect()
+                    conn.sock.settimeout(self.timeout_s)
+                conn.request(method, self._base + path, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                self.requests += 1
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop_conn()
+                last = exc
+                continue
+            return self._decode(resp.status, raw, path)
+        raise RetrievalError(f"retrieval service {self.url} unreachable ({method} {path}): {last!r}") from last
+
+    def _decode(self, status: int, raw: bytes, path: str) -> Any:
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            doc = None
+        if status != 200:
+            msg = doc.get("error", {}).get("message") if isinstance(doc, dict) else raw[:200]
+            raise RetrievalError(f"retrieval service {self.url}{path} answered HTTP {status}: {msg}")
+        if doc is None:
+            raise RetrievalError(f"retrieval service {self.url}{path} sent a malformed body")
+        return doc
+
+    def _parse_results(self, doc: Any, n: int) -> list[list[Hit]]:
+        try:
+            results = doc["results"]
+            if len(results) != n:
+                raise ValueError(f"{len(results)} answers for {n} queries")
+            out, passages = [], []
+            for hits in results:
+                row = []
+                for h in hits:
+                    row.append(Hit(int(h["doc_id"]), float(h["score"])))
+                    if "text" in h:
+                        passages.append(_passage(h))
+                out.append(row)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RetrievalError(f"retrieval service {self.url} sent a malformed /v1/retrieve answer: {exc}") from exc
+        self.corpus.put(passages)
+        return out
+
+    def search_sync(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        queries = list(queries)
+        doc = self._post_or_get("POST", "/v1/retrieve", {"queries": queries, "k": int(k), "include_text": True})
+        return self._parse_results(doc, len(queries))
+
+    def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
+        ids = [int(i) for i in doc_ids]
+        if not ids:
+            return []
+        doc = self._post_or_get("POST", "/v1/score", {"query": query, "doc_ids": ids})
+        try:
+            scores = [float(s) for s in doc["scores"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RetrievalError(f"retrieval service {self.url} sent a malformed /v1/score answer") from exc
+        if len(scores) != len(ids):
+            raise RetrievalError(f"retrieval service {self.url} scored {len(scores)} of {len(ids)} docs")
+        return scores
+
+    def fetch_passages(self, doc_ids: Sequence[int]) -> list[Passage]:
+        doc = self._post_or_get("POST", "/v1/passages", {"doc_ids": [int(i) for i in doc_ids]})
+        try:
+            got = [_passage(p) for p in doc["passages"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RetrievalError(f"retrieval service {self.url} sent a malformed /v1/passages answer") from exc
+        if [p.doc_id for p in got] != [int(i) for i in doc_ids]:
+            raise RetrievalError(f"retrieval service {self.url} returned the wrong passages")
+        return got
+
+    # ------------------------------------------------------------------ async path
+    def _session(self) -> Any:
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        with self._sessions_lock:
+            s = self._sessions.get(loop)
+            if s is None or s.closed:
+                for old_loop in [lp for lp in self._sessions if lp.is_closed()]:
+                    del self._sessions[old_loop]  # its loop is gone; the OS reclaims the sockets
+                timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s)
+                s = aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
+                self._sessions[loop] = s
+            return s
+
+    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        import aiohttp
+
+        queries = list(queries)
+        body = {"queries": queries, "k": int(k), "include_text": True}
+        try:
+            async with self._session().post(f"{self.url}/v1/retrieve", json=body) as resp:
+                raw = await resp.read()
+                status = resp.status
+            self.requests += 1
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise RetrievalError(f"retrieval service {self.url} unreachable (POST /v1/retrieve): {exc!r}") from exc
+        return self._parse_results(self._decode(status, raw, "/v1/retrieve"), len(queries))
+
+    async def aclose(self) -> None:
+        """Close the aiohttp session of the running loop (call before the loop ends)."""
+        loop = asyncio.get_running_loop()
+        with self._sessions_lock:
+            s = self._sessions.pop(loop, None)
+        if s is not None:
+            await s.close()
+
+    def close(self) -> None:
+        self._drop_conn()
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, {}
+        for loop, s in sessions.items():
+            if not s.closed and not loop.is_closed() and loop.is_running():
+                asyncio.run_coroutine_threadsafe(s.close(), loop)

@@ -1,0 +1,497 @@
+"""aiohttp application: OpenAI-compatible completions, the knowledge base as a service, health, metrics.
+
+Routes (docs/serving.md has the full reference with curl examples):
+
+- ``POST /v1/completions``  OpenAI completions (+ ``ralm`` extension); ``stream: true`` sends
+  Server-Sent Events of VERIFIED tokens only (the engine's ``on_tokens``), then ``data: [DONE]``.
+- ``GET  /v1/models``
+- ``POST /v1/retrieve``     ``{"queries", "k", "include_text"}`` -> ranked hits (batched across callers)
+- ``POST /v1/score``        ``{"query", "doc_ids"}`` -> scores with the retriever's own metric
+- ``POST /v1/passages``, ``GET /v1/passages/{doc_id}``, ``GET /v1/retriever``
+- ``GET  /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/stats`` (JSON)
+
+Error contract: every error is JSON ``{"error": {"message", "type", "param", "code"}}``.
+400 bad input (naming the field), 404 unknown model / route, 413 oversized body, 429 queue full,
+503 knowledge base unavailable or shutting down, 504 request deadline exceeded. A request whose
+knowledge base fails never gets an answer with unverified tokens: non-streaming requests get the
+error instead of a body; streaming requests have only sent verified tokens and end with an
+``error`` event and no ``[DONE]``.
+
+A client that disconnects cancels its request at once (slot freed, LM session released), even
+without aiohttp's ``handler_cancellation``: handlers watch the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from ralmspec.engine.scheduler import (
+    BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
+)
+from ralmspec.errors import ConfigError, RetrievalError
+from ralmspec.retrieval.base import Retriever
+from serving.metrics import ServerMetrics
+from serving.protocol import (
+    APIError, CompletionRequest, parse_completion, parse_passages, parse_retrieve, parse_score,
+)
+
+log = logging.getLogger("ralmspec.serving")
+
+DISCONNECT_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-level limits of one server."""
+
+    model_name: str = "ralmspec"  # the `model` clients must send
+    client_max_size: int = 1 << 20  # bytes of request body; larger -> 413
+    max_retrieve_queries: int = 512
+    max_retrieve_k: int = 1000
+    max_ids: int = 10_000  # doc ids per /v1/score or /v1/passages call
+    max_tokens_limit: int = 4096  # further capped by the model's context
+    io_threads: int = 4  # threads for /v1/score and passage reads
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ConfigError("model_name must be non-empty")
+        for name in ("client_max_size", "max_retrieve_queries", "max_retrieve_k", "max_ids", "max_tokens_limit",
+                     "io_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+
+
+@dataclass
+class ServerState:
+    engine: Any | None
+    retriever: Retriever
+    scheduler_config: SchedulerConfig
+    config: ServerConfig
+    metrics: ServerMetrics
+    scheduler: Scheduler | None = None
+    search_client: BatchingSearchClient | None = None
+    executor: concurrent.futures.ThreadPoolExecutor | None = None
+    started: float = 0.0
+
+    @property
+    def max_tokens_limit(self) -> int:
+        if self.engine is None:
+            return self.config.max_tokens_limit
+        return max(1, min(self.config.max_tokens_limit, self.engine.lm.max_context - 2))
+
+
+STATE = web.AppKey("ralmspec_state", ServerState)
+
+
+def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | None = None, *,
+               retriever: Retriever | None = None, server_config: ServerConfig | None = None,
+               search_concurrency: int = 1) -> web.Application:
+    """Build the application around a ``RalmEngine`` (full server) or a bare ``Retriever``
+    (retrieval-only service: no /v1/completions). The scheduler is created on startup, inside
+    the serving loop, and closed on cleanup."""
+    if engine is None and retriever is None:
+        raise ConfigError("create_app needs an engine or a retriever")
+    if engine is not None and retriever is not None and retriever is not engine.retriever:
+        raise ConfigError("pass either an engine or a retriever, not both")
+    cfg = server_config or ServerConfig()
+    state = ServerState(engine, retriever or engine.retriever, scheduler_config or SchedulerConfig(), cfg,
+                        ServerMetrics())
+    app = web.Application(client_max_size=cfg.client_max_size, middlewares=[_error_middleware])
+    app[STATE] = state
+
+    async def on_startup(app: web.Application) -> None:
+        state.started = time.time()
+        state.executor = concurrent.futures.ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="ralm-io")
+        if engine is not None:
+            state.scheduler = Scheduler(engine, state.scheduler_config, search_concurrency)
+            state.search_client = state.scheduler.search_client
+        else:
+            sc = state.scheduler_config
+            state.search_client = BatchingSearchClient(state.retriever, sc.max_search_batch, sc.batch_window_s,
+                                                       sc.merge_k, search_concurrency)
+
+    async def on_cleanup(app: web.Application) -> None:
+        if state.scheduler is not None:
+            await state.scheduler.aclose()
+        elif state.search_client is not None:
+            await state.search_client.aclose()
+        aclose = getattr(state.retriever, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if state.executor is not None:
+            state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    r = app.router
+    if engine is not None:
+        r.add_post("/v1/completions", completions)
+        r.add_get("/v1/models", models)
+    r.add_post("/v1/retrieve", retrieve)
+    r.add_post("/v1/score", score)
+    r.add_post("/v1/passages", passages)
+    r.add_get("/v1/passages/{doc_id}", passage_one)
+    r.add_get("/v1/retriever", retriever_info)
+    r.add_get("/v1/stats", stats)
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    return app
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _json_error(err: APIError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers=headers)
+
+
+def error_for(exc: BaseException) -> APIError:
+    """The HTTP answer for an exception raised while serving a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), "rate_limit_error", None, "queue_full")
+    if isinstance(exc, SchedulerClosedError):
+        return APIError(503, str(exc), "service_unavailable", None, "shutting_down")
+    if isinstance(exc, RetrievalError):
+        return APIError(503, f"knowledge base unavailable: {exc}", "service_unavailable", None,
+                        "knowledge_base_unavailable")
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(504, str(exc), "timeout", None, "request_timeout")
+    if isinstance(exc, ConfigError):
+        return APIError(400, str(exc), "invalid_request_error", None, None)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error", None, None)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    state = request.app[STATE]
+    route = request.match_info.route.resource
+    endpoint = route.canonical if route is not None else "unmatched"
+    try:
+        resp = await handler(request)
+    except asyncio.CancelledError:
+        state.metrics.record_request(endpoint, 499)  # client closed the connection
+        raise
+    except web.HTTPException as exc:  # 404 / 405 / 413 from aiohttp itself
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
+        msg = exc.reason
+        if exc.status == 413:
+            msg = f"request body too large (limit {state.config.client_max_size} bytes)"
+        elif exc.status == 404:
+            msg = f"no route {request.method} {request.path}"
+        resp = _json_error(APIError(exc.status, msg, kind, None, None))
+    except Exception as exc:  # noqa: BLE001 - every error is answered as JSON
+        err = error_for(exc)
+        if err.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
+        headers = {"Retry-After": "1"} if err.status == 429 else None
+        resp = _json_error(err, headers)
+    state.metrics.record_request(endpoint, resp.status)
+    return resp
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()  # HTTPRequestEntityTooLarge past client_max_size
+    if not raw:
+        raise APIError(400, "the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def client_gone(request: web.Request) -> bool:
+    t = request.transport
+    return t is None or t.is_closing()
+
+
+async def run_watching(request: web.Request, coro: Awaitable[Any]) -> Any:
+    """Await ``coro`` as a task; cancel it (and raise CancelledError) as soon as the client is gone."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if client_gone(request):
+                task.cancel()
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001
+                pass
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def _finish_reason(result: Any) -> str:
+    return "stop" if result.finish_reason == "eos" else "length"
+
+
+def ralm_fields(state: ServerState, req: CompletionRequest, result: Any) -> dict[str, Any]:
+    out = {
+        "mode": result.mode,
+        "retriever": state.retriever.kind,
+        "passages": [{"doc_id": s.doc_id, "title": s.title, "start": s.start, "end": s.end} for s in result.steps],
+        "latency_s": result.latency_s,
+        "stats": result.stats,
+        "generation": {"stride": req.gen.stride, "query_len": req.gen.query_len,
+                       "passage_tokens": req.gen.passage_tokens, "max_new_tokens": req.gen.max_new_tokens},
+    }
+    if req.return_trace:
+        out["trace"] = result.trace
+    return out
+
+
+def _usage(result: Any) -> dict[str, int]:
+    p, c = len(result.prompt_ids), len(result.token_ids)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await read_json(request)
+    req = parse_completion(body, state.engine.config, state.config.model_name, state.retriever.kind,
+                           state.max_tokens_limit)
+    if req.stream:
+        return await _stream(request, state, req)
+    assert state.scheduler is not None
+    result = await run_watching(request, state.scheduler.generate(
+        req.prompt, gen=req.gen, spec=req.spec, speculate=req.speculate))
+    state.metrics.record_completion(result)
+    return web.json_response({
+        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        "model": state.config.model_name,
+        "choices": [{"text": result.text, "index": 0, "finish_reason": _finish_reason(result), "logprobs": None}],
+        "usage": _usage(result),
+        "ralm": ralm_fields(state, req, result),
+    })
+
+
+class IncrementalDetokenizer:
+    """Text deltas of a growing token list whose concatenation is ``decode(all tokens)``.
+
+    A delta is sent only when the decoded text extends what was sent (trailing U+FFFD of an
+    incomplete multi-byte character is held back); ``finish`` flushes the rest.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = self.tok.decode(self.ids).rstrip("\ufffd")
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            delta, self.sent = text[len(self.sent):], text
+            return delta
+        return ""
+
+    def finish(self) -> str:
+        text = self.tok.decode(self.ids)
+        if text.startswith(self.sent):
+            delta, self.sent = text[len(self.sent):], text
+            return delta
+        return ""  # cannot happen for prefix-stable tokenizers (WordPiece, byte-level BPE)
+
+
+async def _stream(request: web.Request, state: ServerState, req: CompletionRequest) -> web.StreamResponse:
+    assert state.scheduler is not None
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+    t0 = time.perf_counter()
+    ttft: list[float] = []
+
+    def on_tokens(toks: Any) -> None:  # verified tokens only (engine contract)
+        if not ttft:
+            ttft.append(time.perf_counter() - t0)
+        queue.put_nowait(list(toks))
+
+    task = asyncio.ensure_future(state.scheduler.generate(req.prompt, gen=req.gen, spec=req.spec,
+                                                          speculate=req.speculate, on_tokens=on_tokens))
+    task.add_done_callback(lambda _t: queue.put_nowait(None))
+    # The stream starts with the first verified chunk: errors before it (queue full, bad prompt,
+    # knowledge base down at the first retrieval, deadline) are answered with their HTTP status.
+    try:
+        while not task.done() and queue.empty():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if client_gone(request):
+                raise asyncio.CancelledError("client disconnected")
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    detok = IncrementalDetokenizer(state.engine.lm.tokenizer)
+
+    def chunk(text: str, finish: str | None = None, **extra: Any) -> bytes:
+        d = {"id": cid, "object": "text_completion", "created": created, "model": state.config.model_name,
+             "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": None}], **extra}
+        return b"data: " + json.dumps(d).encode() + b"\n\n"
+
+    try:
+        await resp.prepare(request)
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S * 4)
+            except TimeoutError:
+                if client_gone(request):
+                    raise ConnectionResetError("client disconnected") from None
+                continue
+            if item is None:
+                break
+            delta = detok.push(item)
+            if delta:
+                await resp.write(chunk(delta))
+        exc = task.exception()
+        if exc is not None:
+            err = error_for(exc)
+            log.warning("stream %s ended with %d: %s", cid, err.status, err.message)
+            state.metrics.record_request("/v1/completions:stream_error", err.status)
+            await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+            await resp.write_eof()
+            return resp
+        result = task.result()
+        state.metrics.record_completion(result, ttft[0] if ttft else None)
+        await resp.write(chunk(detok.finish(), _finish_reason(result), ralm=ralm_fields(state, req, result)))
+        if req.include_usage:
+            await resp.write(b"data: " + json.dumps({
+                "id": cid, "object": "text_completion", "created": created, "model": state.config.model_name,
+                "choices": [], "usage": _usage(result)}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+    except (ConnectionError, asyncio.CancelledError):
+        task.cancel()
+        raise asyncio.CancelledError("client disconnected") from None
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001
+                pass
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"object": "list", "data": [
+        {"id": state.config.model_name, "object": "model", "created": int(state.started), "owned_by": "ralmspec"}]})
+
+
+# --------------------------------------------------------------------------- retrieval service
+
+
+def _passage_json(state: ServerState, doc_id: int) -> dict[str, Any]:
+    p = state.retriever.corpus[doc_id]
+    return {"doc_id": doc_id, "title": p.title, "text": p.text, "source_id": p.source_id}
+
+
+async def retrieve(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    queries, k, include_text = parse_retrieve(await read_json(request), state.config.max_retrieve_queries,
+                                              state.config.max_retrieve_k)
+    assert state.search_client is not None
+    hits = await run_watching(request, state.search_client.search(queries, k))
+    state.metrics.retrieve_queries.inc(len(queries))
+    corpus = state.retriever.corpus
+    results = []
+    for row in hits:
+        out = []
+        for h in row:
+            d: dict[str, Any] = {"doc_id": h.doc_id, "score": h.score}
+            if include_text:
+                p = corpus[h.doc_id]
+                d["title"], d["text"], d["source_id"] = p.title, p.text, p.source_id
+            out.append(d)
+        results.append(out)
+    return web.json_response({"object": "retrieval", "retriever": state.retriever.kind, "k": k,
+                              "results": results})
+
+
+async def score(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    query, ids = parse_score(await read_json(request), len(state.retriever.corpus), state.config.max_ids)
+    loop = asyncio.get_running_loop()
+    scores = await loop.run_in_executor(state.executor, state.retriever.score, query, ids)
+    return web.json_response({"object": "scores", "retriever": state.retriever.kind, "doc_ids": ids,
+                              "scores": [float(s) for s in scores]})
+
+
+async def passages(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    ids = parse_passages(await read_json(request), len(state.retriever.corpus), state.config.max_ids)
+    loop = asyncio.get_running_loop()
+    out = await loop.run_in_executor(state.executor, lambda: [_passage_json(state, i) for i in ids])
+    return web.json_response({"object": "passages", "passages": out})
+
+
+async def passage_one(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    raw = request.match_info["doc_id"]
+    n = len(state.retriever.corpus)
+    if not raw.isdigit() or not 0 <= int(raw) < n:
+        raise APIError(404, f"no passage {raw!r} (doc ids are 0..{n - 1})", "not_found", "doc_id")
+    loop = asyncio.get_running_loop()
+    return web.json_response(await loop.run_in_executor(state.executor, _passage_json, state, int(raw)))
+
+
+async def retriever_info(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"kind": state.retriever.kind, "corpus_size": len(state.retriever.corpus)})
+
+
+# --------------------------------------------------------------------------- health / metrics
+
+
+def _stats(state: ServerState) -> dict[str, Any]:
+    if state.scheduler is not None:
+        return state.scheduler.stats()
+    sc = state.search_client
+    if sc is None:
+        return {}
+    return {"kb_batch_queries": sc.batch_queries.summary(), "kb_batch_callers": sc.batch_callers.summary(),
+            "kb_calls": sc.calls, "kb_failures": sc.failures, "kb_busy_s": sc.busy_s}
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    s = state.scheduler
+    return web.json_response({
+        "status": "ok", "mode": "full" if state.engine is not None else "retrieval-only",
+        "model": state.config.model_name if state.engine is not None else None,
+        "retriever": state.retriever.kind, "corpus_size": len(state.retriever.corpus),
+        "active": s.active if s else 0, "queued": s.queued if s else 0,
+        "uptime_s": time.time() - state.started,
+    })
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(_stats(request.app[STATE]))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    st = _stats(state)
+    text = state.metrics.render(st if state.scheduler is not None else None,
+                                st if state.scheduler is None and st else None)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Prometheus-Format": "0.0.4"})

@@ -1,0 +1,133 @@
+"""``ralmspec serve``: the OpenAI-compatible server, or the knowledge base alone as a service.
+
+    ralmspec serve --model tiny --port 8000                      # LM + local knowledge base
+    ralmspec serve --retrieval-only --retriever exact --port 8001  # knowledge base as a service
+    ralmspec serve --model tiny --retriever-url http://127.0.0.1:8001  # LM here, knowledge base there
+
+Once listening it prints one line ``ralmspec: serving on http://HOST:PORT`` (the real port when
+``--port 0``) to stdout, then serves until SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from ralmspec.errors import ConfigError
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``serve`` sub-command (called by ``ralmspec.cli.build_parser``)."""
+    from ralmspec.cli import add_engine_args
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/retrieve, /metrics)")
+    h = p.add_argument_group("server")
+    h.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    h.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed at start)")
+    h.add_argument("--retriever-url", default=None,
+                   help="use a remote knowledge base (another `ralmspec serve --retrieval-only`) instead of a local index")
+    h.add_argument("--retrieval-only", action="store_true", help="serve only the knowledge base (/v1/retrieve ...)")
+    h.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once")
+    h.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429")
+    h.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (queueing included)")
+    h.add_argument("--retrieval-timeout", type=float, default=30.0,
+                   help="seconds per knowledge-base call (local or remote), per attempt")
+    h.add_argument("--retrieval-retries", type=int, default=2, help="extra attempts of a failed knowledge-base call")
+    h.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="extra wait to gather cross-request batches (default 0: whatever is waiting)")
+    h.add_argument("--search-concurrency", type=int, default=1, help="knowledge-base calls in flight at once")
+    h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
+    h.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
+    h.add_argument("--access-log", action="store_true", help="log every request")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def _build_app(a: argparse.Namespace):
+    from ralmspec.cli import engine_config_from_args
+    from ralmspec.engine.scheduler import SchedulerConfig
+    from serving.app import ServerConfig, create_app
+
+    cfg = engine_config_from_args(a)
+    if not 0 <= a.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
+    sched = SchedulerConfig(max_concurrent=a.max_concurrent, max_queue=a.max_queue,
+                            request_timeout_s=a.request_timeout if a.request_timeout > 0 else None,
+                            retrieval_timeout_s=a.retrieval_timeout, retrieval_retries=a.retrieval_retries,
+                            batch_window_s=a.batch_window_ms / 1000.0)
+    if a.search_concurrency < 1:
+        raise ConfigError("--search-concurrency must be >= 1")
+    t = time.perf_counter()
+    if a.retrieval_only:
+        if a.retriever_url:
+            raise ConfigError("--retrieval-only serves a local index; it cannot be combined with --retriever-url")
+        from ralmspec.retrieval.index import open_retriever
+
+        retriever = open_retriever(cfg.retrieval, corpus_path=a.corpus, show_progress=True)
+        server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes)
+        app = create_app(None, sched, retriever=retriever, server_config=server,
+                         search_concurrency=a.search_concurrency)
+        _log(f"ralmspec: {retriever.kind} knowledge base of {len(retriever.corpus)} passages loaded in "
+             f"{time.perf_counter() - t:.1f}s (retrieval-only)")
+        return app
+    from ralmspec.engine.core import RalmEngine
+    from ralmspec.lm.loader import load_language_model
+
+    if a.retriever_url:
+        from ralmspec.retrieval.remote import RemoteRetriever
+
+        retriever = RemoteRetriever(a.retriever_url, timeout_s=a.retrieval_timeout)
+        where = f"remote {a.retriever_url}"
+    else:
+        from ralmspec.retrieval.index import open_retriever
+
+        retriever = open_retriever(cfg.retrieval, corpus_path=a.corpus, show_progress=True)
+        where = "local"
+    lm = load_language_model(cfg.model, backend=cfg.lm_backend, device=cfg.lm_device)
+    engine = RalmEngine(lm, retriever, cfg)
+    server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes)
+    _log(f"ralmspec: model {cfg.model!r} + {where} {retriever.kind} knowledge base "
+         f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s")
+    return create_app(engine, sched, server_config=server, search_concurrency=a.search_concurrency)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+async def serve(app: Any, host: str, port: int, access_log: bool = False) -> None:
+    """Run ``app`` on ``host:port`` until SIGINT / SIGTERM; prints the bound address."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if access_log else None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    addrs = runner.addresses
+    bound = addrs[0][1] if addrs else port
+    print(f"ralmspec: serving on http://{host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = _build_app(a)
+    asyncio.run(serve(app, a.host, a.port, a.access_log))
+    return 0

@@ -1,0 +1,208 @@
+"""Prometheus metrics, written by hand in the text exposition format (version 0.0.4).
+
+``ServerMetrics`` records what the HTTP layer sees (requests by endpoint and status, latency,
+tokens, speculation statistics of finished requests) and renders it together with the
+scheduler's live state (queue depth, active requests, cross-request batch sizes).
+No global registry: one ``ServerMetrics`` per application.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import defaultdict
+from typing import Any, Iterable, Mapping, Sequence
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+LabelKey = tuple[tuple[str, str], ...]
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(key: LabelKey, extra: Iterable[tuple[str, str]] = ()) -> str:
+    items = list(key) + list(extra)
+    if not items:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(str(v))}"' for k, v in items) + "}"
+
+
+def _num(v: float) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "+Inf" if v > 0 else "-Inf"
+        if math.isnan(v):
+            return "NaN"
+        return repr(v)
+    return str(v)
+
+
+class Counter:
+    def __init__(self, name: str, help_: str):
+        self.name, self.help = name, help_
+        self._v: dict[LabelKey, float] = defaultdict(float)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        self._v[tuple(sorted(labels.items()))] += amount
+
+    def value(self, **labels: str) -> float:
+        return self._v.get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        out += [f"{self.name}{_labels(k)} {_num(v)}" for k, v in sorted(self._v.items())]
+        return out
+
+
+class Histogram:
+    def __init__(self, name: str, help_: str, buckets: Sequence[float]):
+        self.name, self.help, self.buckets = name, help_, tuple(buckets)
+        self._counts: dict[LabelKey, list[int]] = {}
+        self._sum: dict[LabelKey, float] = defaultdict(float)
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                counts[i] += 1
+                break
+        else:
+            counts[-1] += 1
+        self._sum[key] += value
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for key in sorted(self._counts):
+            out += render_histogram_lines(self.name, key, self.buckets, self._counts[key], self._sum[key])
+        return out
+
+
+def render_histogram_lines(name: str, key: LabelKey, buckets: Sequence[float], counts: Sequence[int],
+                           total: float) -> list[str]:
+    """Cumulative ``_bucket`` lines plus ``_sum`` and ``_count`` (``counts`` per bucket, +Inf last)."""
+    out, acc = [], 0
+    for b, c in zip(buckets, counts):
+        acc += c
+        out.append(f"{name}_bucket{_labels(key, [('le', _num(float(b)))])} {acc}")
+    acc += counts[-1]
+    out.append(f"{name}_bucket{_labels(key, [('le', '+Inf')])} {acc}")
+    out.append(f"{name}_sum{_labels(key)} {_num(float(total))}")
+    out.append(f"{name}_count{_labels(key)} {acc}")
+    return out
+
+
+def size_histogram(name: str, help_: str, exact: Mapping[int, int]) -> list[str]:
+    """A Prometheus histogram from an exact ``size -> count`` distribution."""
+    counts = [0] * (len(SIZE_BUCKETS) + 1)
+    for size, n in exact.items():
+        for i, b in enumerate(SIZE_BUCKETS):
+            if size <= b:
+                counts[i] += n
+                break
+        else:
+            counts[-1] += n
+    total = sum(s * n for s, n in exact.items())
+    return [f"# HELP {name} {help_}", f"# TYPE {name} histogram",
+            *render_histogram_lines(name, (), SIZE_BUCKETS, counts, float(total))]
+
+
+def gauge(name: str, help_: str, value: float | None) -> list[str]:
+    return [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {_num(float('nan') if value is None else value)}"]
+
+
+def process_rss_bytes(pid: int | None = None) -> int | None:
+    """Resident set size from /proc/<pid>/status (Linux); None where unavailable."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class ServerMetrics:
+    """All metrics of one server application (thread-safe updates, rendered on /metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = Counter("ralmspec_http_requests_total", "HTTP requests by endpoint and status code.")
+        self.latency = Histogram("ralmspec_request_latency_seconds",
+                                 "Latency of successful completions, by mode (naive / speculative).", LATENCY_BUCKETS)
+        self.ttft = Histogram("ralmspec_time_to_first_token_seconds",
+                              "Time to the first verified token of streamed completions.", LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("ralmspec_prompt_tokens_total", "Prompt tokens of finished completions.")
+        self.completion_tokens = Counter("ralmspec_completion_tokens_total",
+                                         "Generated (verified) tokens of finished completions, by mode.")
+        self.speculated = Counter("ralmspec_speculated_steps_total", "Speculated retrieval steps verified.")
+        self.accepted = Counter("ralmspec_accepted_steps_total", "Speculated steps the knowledge base confirmed.")
+        self.rollbacks = Counter("ralmspec_rollbacks_total", "Rollbacks at a mis-speculated step.")
+        self.rounds = Counter("ralmspec_verification_rounds_total", "Verification rounds (batched searches).")
+        self.request_verify_batch = Histogram(
+            "ralmspec_request_verify_batch_size",
+            "Queries per verification round of ONE request (before cross-request batching).", SIZE_BUCKETS)
+        self.retrieve_queries = Counter("ralmspec_retrieve_queries_total", "Queries served by /v1/retrieve.")
+
+    def record_request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests.inc(endpoint=endpoint, status=str(status))
+
+    def record_completion(self, result: Any, ttft_s: float | None = None) -> None:
+        mode = result.mode
+        s = result.stats
+        with self._lock:
+            self.latency.observe(result.latency_s, mode=mode)
+            if ttft_s is not None:
+                self.ttft.observe(ttft_s, mode=mode)
+            self.prompt_tokens.inc(len(result.prompt_ids), mode=mode)
+            self.completion_tokens.inc(len(result.token_ids), mode=mode)
+            if mode == "speculative":
+                self.speculated.inc(s.get("speculated", 0))
+                self.accepted.inc(s.get("accepted", 0))
+                self.rollbacks.inc(s.get("rollbacks", 0))
+                self.rounds.inc(s.get("rounds", 0))
+                for b in s.get("verify_batch_sizes", []):
+                    self.request_verify_batch.observe(b)
+
+    def render(self, scheduler_stats: Mapping[str, Any] | None = None,
+               search_stats: Mapping[str, Any] | None = None) -> str:
+        with self._lock:
+            lines: list[str] = []
+            for m in (self.requests, self.latency, self.ttft, self.prompt_tokens, self.completion_tokens,
+                      self.speculated, self.accepted, self.rollbacks, self.rounds, self.request_verify_batch,
+                      self.retrieve_queries):
+                lines += m.render()
+            spec, acc = self.speculated.value(), self.accepted.value()
+            lines += gauge("ralmspec_acceptance_rate", "Accepted / speculated steps since start (NaN before any).",
+                           acc / spec if spec else None)
+        st = scheduler_stats or {}
+        if st:
+            lines += gauge("ralmspec_queue_depth", "Requests waiting for a slot.", st["queued"])
+            lines += gauge("ralmspec_active_requests", "Requests generating now.", st["active"])
+            lines += gauge("ralmspec_max_concurrent", "Admission limit of running requests.", st["max_concurrent"])
+            for key, help_ in (("rejected", "Requests refused because the queue was full (429)."),
+                               ("cancelled", "Requests cancelled (client went away)."),
+                               ("timed_out", "Requests past their deadline."),
+                               ("failed", "Requests that ended in an error.")):
+                lines += [f"# HELP ralmspec_scheduler_{key}_total {help_}",
+                          f"# TYPE ralmspec_scheduler_{key}_total counter", f"ralmspec_scheduler_{key}_total {st[key]}"]
+            lines += size_histogram("ralmspec_lm_batch_size", "Prompts per LM backend call (across requests).",
+                                    st["lm_batch_sizes"]["counts"])
+        kb = search_stats or (st and {"kb_batch_queries": st["kb_batch_queries"],
+                                      "kb_batch_callers": st["kb_batch_callers"]}) or {}
+        if kb:
+            lines += size_histogram("ralmspec_kb_batch_queries",
+                                    "Distinct queries per knowledge-base call (across requests).",
+                                    kb["kb_batch_queries"]["counts"])
+            lines += size_histogram("ralmspec_kb_batch_callers",
+                                    "Verification rounds / retrievals merged into one knowledge-base call.",
+                                    kb["kb_batch_callers"]["counts"])
+        lines += gauge("ralmspec_process_resident_memory_bytes", "Resident memory of the server process.",
+                       process_rss_bytes())
+        return "\n".join(lines) + "\n"

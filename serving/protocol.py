@@ -1,0 +1,290 @@
+"""Request parsing and validation of the HTTP API (pure: no I/O, no aiohttp).
+
+Every invalid input raises ``APIError`` with an HTTP status and an OpenAI-style body
+``{"error": {"message", "type", "param", "code"}}`` whose ``param`` names the offending field
+(``"max_tokens"``, ``"ralm.stride"``, ``"queries[3]"``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.errors import ConfigError
+
+
+class APIError(Exception):
+    """An error answered to the client: HTTP ``status`` and a JSON body naming ``param``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, status: int = 400, code: str | None = None) -> APIError:
+    return APIError(status, message, "invalid_request_error", param, code)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(body: Mapping[str, Any], key: str, lo: int, hi: int, param: str | None = None) -> int:
+    v = body[key]
+    p = param or key
+    if not _is_int(v):
+        raise bad(f"'{p}' must be an integer, got {type(v).__name__}", p)
+    if not lo <= v <= hi:
+        raise bad(f"'{p}' must be in [{lo}, {hi}], got {v}", p)
+    return v
+
+
+def _bool(body: Mapping[str, Any], key: str, param: str | None = None) -> bool:
+    v = body[key]
+    p = param or key
+    if not isinstance(v, bool):
+        raise bad(f"'{p}' must be a boolean (true/false), got {type(v).__name__}", p)
+    return v
+
+
+def require_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+# ------------------------------------------------------------------ /v1/completions
+
+# OpenAI completions fields we accept, with the only values that greedy RaLM supports.
+_NEUTRAL: dict[str, tuple[str, Any]] = {
+    "temperature": ("only greedy decoding is supported: 'temperature' must be 0 or absent", 0),
+    "top_p": ("only greedy decoding is supported: 'top_p' must be 1 or absent", 1),
+    "n": ("only one choice per request is supported: 'n' must be 1 or absent", 1),
+    "best_of": ("'best_of' must be 1 or absent", 1),
+    "presence_penalty": ("'presence_penalty' must be 0 or absent", 0),
+    "frequency_penalty": ("'frequency_penalty' must be 0 or absent", 0),
+}
+_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "stream", "stream_options", "echo", "logprobs", "stop",
+                      "logit_bias", "seed", "user", "suffix", "ralm", *_NEUTRAL}
+
+# ralm extension: field -> (target config, python type, lo, hi)
+_RALM_FIELDS: dict[str, tuple[str, type, float, float]] = {
+    "stride": ("gen", int, 1, 256),
+    "query_len": ("gen", int, 1, 4096),
+    "passage_tokens": ("gen", int, 1, 8192),
+    "speculate": ("req", bool, 0, 0),
+    "prefetch": ("spec", int, 1, 4096),
+    "os3": ("spec", bool, 0, 0),
+    "fixed_stride": ("spec", int, 1, 64),
+    "async_verify": ("spec", bool, 0, 0),
+    "max_inflight": ("spec", int, 1, 16),
+    "cache_capacity": ("spec", int, 1, 65536),
+    "s_max": ("spec", int, 1, 64),
+    "window": ("spec", int, 1, 1000),
+    "gamma_max": ("spec", float, 0.0, 1.0),
+    "retriever": ("req", str, 0, 0),
+    "return_trace": ("req", bool, 0, 0),
+}
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompt: str
+    stream: bool
+    include_usage: bool
+    gen: GenerationConfig
+    spec: SpeculationConfig
+    speculate: bool
+    return_trace: bool
+
+
+def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retriever_kind: str,
+                     max_tokens_limit: int) -> CompletionRequest:
+    """Validate an OpenAI completions body (+ ``ralm`` extension) against what the server supports."""
+    body = require_object(body)
+    unknown = sorted(set(body) - _COMPLETION_FIELDS)
+    if unknown:
+        raise bad(f"unsupported field '{unknown[0]}' (supported: {', '.join(sorted(_COMPLETION_FIELDS))})", unknown[0])
+
+    if "model" not in body:
+        raise bad("'model' is required", "model")
+    model = body["model"]
+    if not isinstance(model, str) or not model:
+        raise bad("'model' must be a non-empty string", "model")
+    if model != served_model:
+        raise APIError(404, f"model '{model}' does not exist; this server serves '{served_model}'",
+                       "invalid_request_error", "model", "model_not_found")
+
+    if "prompt" not in body:
+        raise bad("'prompt' is required", "prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise bad("'prompt' must be a string or a list of exactly one string "
+                      "(batches and token-id prompts are not supported)", "prompt")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad(f"'prompt' must be a string, got {type(prompt).__name__}", "prompt")
+    if not prompt.strip():
+        raise bad("'prompt' must not be empty", "prompt")
+
+    max_tokens = DEFAULT_MAX_TOKENS
+    if body.get("max_tokens") is not None:
+        max_tokens = _int(body, "max_tokens", 1, max_tokens_limit)
+
+    stream = False
+    if body.get("stream") is not None:
+        stream = _bool(body, "stream")
+    include_usage = False
+    so = body.get("stream_options")
+    if so is not None:
+        if not isinstance(so, dict) or set(so) - {"include_usage"}:
+            raise bad("'stream_options' must be an object with only 'include_usage'", "stream_options")
+        if not stream:
+            raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+        if "include_usage" in so:
+            include_usage = _bool(so, "include_usage", "stream_options.include_usage")
+
+    for key, (msg, ok) in _NEUTRAL.items():
+        v = body.get(key)
+        if v is None:
+            continue
+        if not _is_num(v):
+            raise bad(f"'{key}' must be a number, got {type(v).__name__}", key)
+        if v != ok:
+            raise bad(msg, key)
+    if body.get("echo") not in (None, False):
+        raise bad("'echo' is not supported (must be false or absent)", "echo")
+    if body.get("logprobs") is not None:
+        raise bad("'logprobs' is not supported (must be null or absent)", "logprobs")
+    if body.get("stop") not in (None, [], ""):
+        raise bad("stop sequences are not supported: 'stop' must be null or absent", "stop")
+    if body.get("logit_bias") not in (None, {}):
+        raise bad("'logit_bias' is not supported", "logit_bias")
+    if body.get("suffix") is not None:
+        raise bad("'suffix' is not supported", "suffix")
+    if body.get("seed") is not None and not _is_int(body["seed"]):
+        raise bad("'seed' must be an integer (it is ignored: greedy decoding is deterministic)", "seed")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("'user' must be a string", "user")
+
+    ralm = body.get("ralm")
+    if ralm is None:
+        ralm = {}
+    if not isinstance(ralm, dict):
+        raise bad(f"'ralm' must be an object, got {type(ralm).__name__}", "ralm")
+    gen_kw: dict[str, Any] = {"max_new_tokens": max_tokens}
+    spec_kw: dict[str, Any] = {}
+    speculate = defaults.speculation.enabled
+    return_trace = False
+    for key, v in ralm.items():
+        p = f"ralm.{key}"
+        if key not in _RALM_FIELDS:
+            raise bad(f"unknown field '{p}' (supported: {', '.join(sorted(_RALM_FIELDS))})", p)
+        if v is None:
+            continue
+        target, typ, lo, hi = _RALM_FIELDS[key]
+        if typ is int:
+            v = _int(ralm, key, int(lo), int(hi), p)
+        elif typ is bool:
+            v = _bool(ralm, key, p)
+        elif typ is float:
+            if not _is_num(v) or not lo < v < hi:
+                raise bad(f"'{p}' must be a number in ({lo}, {hi}), got {v!r}", p)
+            v = float(v)
+        elif typ is str and not isinstance(v, str):
+            raise bad(f"'{p}' must be a string", p)
+        if key == "retriever":
+            if v != retriever_kind:
+                raise bad(f"unknown retriever '{v}': this server's knowledge base is '{retriever_kind}'", p)
+        elif key == "speculate":
+            speculate = v
+        elif key == "return_trace":
+            return_trace = v
+        elif target == "gen":
+            gen_kw[key] = v
+        else:
+            spec_kw[key] = v
+    try:
+        gen = replace(defaults.generation, **gen_kw)
+    except ConfigError as exc:
+        raise bad(str(exc), "max_tokens" if str(exc).startswith("max_new_tokens") else "ralm") from None
+    try:
+        spec = replace(defaults.speculation, **spec_kw)
+    except ConfigError as exc:
+        raise bad(str(exc), "ralm") from None
+    return CompletionRequest(model, prompt, stream, include_usage, gen, spec, speculate, return_trace)
+
+
+# ------------------------------------------------------------------ retrieval service
+
+
+def parse_retrieve(body: Any, max_queries: int, max_k: int) -> tuple[list[str], int, bool]:
+    """``{"queries": [str] | str, "k": int = 1, "include_text": bool = true}``."""
+    body = require_object(body)
+    unknown = sorted(set(body) - {"queries", "k", "include_text"})
+    if unknown:
+        raise bad(f"unsupported field '{unknown[0]}' (supported: queries, k, include_text)", unknown[0])
+    if "queries" not in body:
+        raise bad("'queries' is required (a list of query strings)", "queries")
+    queries = body["queries"]
+    if isinstance(queries, str):
+        queries = [queries]
+    if not isinstance(queries, list) or not queries:
+        raise bad("'queries' must be a non-empty list of strings", "queries")
+    if len(queries) > max_queries:
+        raise bad(f"at most {max_queries} queries per request, got {len(queries)}", "queries")
+    for i, q in enumerate(queries):
+        if not isinstance(q, str):
+            raise bad(f"'queries[{i}]' must be a string, got {type(q).__name__}", f"queries[{i}]")
+    k = _int(body, "k", 1, max_k) if body.get("k") is not None else 1
+    include_text = _bool(body, "include_text") if body.get("include_text") is not None else True
+    return queries, k, include_text
+
+
+def parse_doc_ids(body: Mapping[str, Any], corpus_size: int, max_ids: int, key: str = "doc_ids") -> list[int]:
+    if key not in body:
+        raise bad(f"'{key}' is required (a list of integer doc ids)", key)
+    ids = body[key]
+    if not isinstance(ids, list):
+        raise bad(f"'{key}' must be a list of integers", key)
+    if len(ids) > max_ids:
+        raise bad(f"at most {max_ids} doc ids per request, got {len(ids)}", key)
+    for i, d in enumerate(ids):
+        if not _is_int(d):
+            raise bad(f"'{key}[{i}]' must be an integer", f"{key}[{i}]")
+        if not 0 <= d < corpus_size:
+            raise bad(f"'{key}[{i}]' = {d} is not a doc id (the corpus has {corpus_size} passages)", f"{key}[{i}]")
+    return ids
+
+
+def parse_score(body: Any, corpus_size: int, max_ids: int) -> tuple[str, list[int]]:
+    """``{"query": str, "doc_ids": [int]}``."""
+    body = require_object(body)
+    unknown = sorted(set(body) - {"query", "doc_ids"})
+    if unknown:
+        raise bad(f"unsupported field '{unknown[0]}' (supported: query, doc_ids)", unknown[0])
+    if not isinstance(body.get("query"), str):
+        raise bad("'query' is required and must be a string", "query")
+    return body["query"], parse_doc_ids(body, corpus_size, max_ids)
+
+
+def parse_passages(body: Any, corpus_size: int, max_ids: int) -> list[int]:
+    """``{"doc_ids": [int]}``."""
+    body = require_object(body)
+    unknown = sorted(set(body) - {"doc_ids"})
+    if unknown:
+        raise bad(f"unsupported field '{unknown[0]}' (supported: doc_ids)", unknown[0])
+    return parse_doc_ids(body, corpus_size, max_ids)

@@ -1,0 +1,51 @@
+"""Session-wide real fixtures: the tiny seeded LM, the MiniLM encoder, small real indexes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SMALL_CORPUS_SIZE = 400
+
+
+@pytest.fixture(scope="session")
+def small_corpus():
+    from ralmspec.data.corpus import Corpus, Passage
+    from ralmspec.data.loaders import default_corpus
+
+    full = default_corpus()
+    return Corpus([Passage(i, p.title, p.text, p.source_id) for i, p in enumerate(list(full)[:SMALL_CORPUS_SIZE])])
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from ralmspec.retrieval.encoder import QueryEncoder
+
+    return QueryEncoder()
+
+
+@pytest.fixture(scope="session")
+def small_indexes(tmp_path_factory, small_corpus, encoder):
+    """kind -> loaded Retriever over the same small real corpus (built once per session)."""
+    from ralmspec.config import RetrievalConfig
+    from ralmspec.retrieval.index import build_index, load_retriever
+
+    root = tmp_path_factory.mktemp("indexes")
+    out = {}
+    for kind in ("exact", "hnsw", "ivf", "bm25"):
+        cfg = RetrievalConfig(kind=kind, ivf_nlist=16, ivf_nprobe=4, hnsw_ef_search=32)
+        d = build_index(small_corpus, kind, str(root / kind), cfg, None if kind == "bm25" else encoder,
+                        show_progress=False)
+        out[kind] = load_retriever(d, cfg, encoder=encoder)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    from ralmspec.lm.models import load_lm
+
+    return load_lm("tiny")

@@ -1,0 +1,245 @@
+"""The multi-request scheduler: token identity at concurrency, cross-request batching,
+admission control / back-pressure, cancellation and deadlines. Real tiny LM, real indexes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.engine.core import RalmEngine
+from ralmspec.engine.scheduler import (
+    BatchingLMClient, BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerConfig,
+)
+from ralmspec.errors import ConfigError
+
+N_CONCURRENT = 16
+GENS = [GenerationConfig(stride=s, query_len=16, max_new_tokens=10, passage_tokens=64) for s in (1, 2, 4)]
+LONG = GenerationConfig(stride=1, query_len=16, max_new_tokens=400, passage_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def questions():
+    from ralmspec.data.loaders import default_questions
+
+    return [q.question for q in default_questions()[100:100 + N_CONCURRENT]]
+
+
+def _request_plan(i: int) -> tuple[GenerationConfig, SpeculationConfig, bool]:
+    """Mixed workload: every 4th request naive; speculative ones vary async / prefetch / OS^3."""
+    spec = SpeculationConfig(async_verify=bool(i % 2), prefetch=(1, 20, 5)[i % 3], os3=bool((i // 2) % 2),
+                             fixed_stride=(2, 3)[i % 2], cache_capacity=(4, 64)[(i // 3) % 2])
+    return GENS[i % 3], spec, i % 4 != 0
+
+
+@pytest.mark.parametrize("kind", ["exact", "bm25"])
+def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kind, small_indexes, tiny_lm, questions):
+    engine = RalmEngine(tiny_lm, small_indexes[kind], EngineConfig())
+    plans = [_request_plan(i) for i in range(len(questions))]
+    sessions_before = tiny_lm.cached_sessions
+
+    async def go():
+        oracle = [await engine.generate(q, gen=g, speculate=False) for q, (g, _, _) in zip(questions, plans)]
+        sched = Scheduler(engine, SchedulerConfig(max_concurrent=N_CONCURRENT, max_queue=0))
+        try:
+            results = await asyncio.gather(*(sched.generate(q, gen=g, spec=s, speculate=sp)
+                                             for q, (g, s, sp) in zip(questions, plans)))
+        finally:
+            await sched.aclose()
+        return oracle, results, sched.stats()
+
+    oracle, results, stats = asyncio.run(go())
+    for i, (a, b) in enumerate(zip(oracle, results)):
+        assert b.token_ids == a.token_ids, (kind, i, plans[i])
+        assert [(s.start, s.end, s.doc_id) for s in b.steps] == [(s.start, s.end, s.doc_id) for s in a.steps]
+        assert b.mode == ("speculative" if plans[i][2] else "naive")
+    assert stats["completed"] == N_CONCURRENT and stats["active"] == 0 and stats["rejected"] == 0
+    # the point of the scheduler: work of DIFFERENT requests shared backend calls
+    assert stats["lm_batch_sizes"]["max"] > 1, stats["lm_batch_sizes"]
+    assert stats["kb_batch_callers"]["max"] > 1, stats["kb_batch_callers"]
+    assert stats["kb_mixed_k_calls"] > 0, "naive (k=1) and speculative (k=prefetch) searches never shared a call"
+    assert any(r.stats.get("rollbacks", 0) for r in results), "no rollback: the test would miss that path"
+    assert tiny_lm.cached_sessions == sessions_before, "finished requests left KV sessions behind"
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivf", "bm25"])
+def test_top_k_lists_are_prefixes_so_merging_k_is_exact(kind, small_indexes, questions):
+    """merge_k relies on it: the top-k_max list cut to k equals a top-k search, for every kind."""
+    r = small_indexes[kind]
+    full = r.search_sync(questions, 20)
+    for k in (1, 3, 7):
+        assert [h[:k] for h in full] == r.search_sync(questions, k)
+
+
+def test_batching_search_client_merges_callers_and_k(small_indexes, questions):
+    r = small_indexes["exact"]
+    calls = [(questions[0:3], 1), (questions[2:6], 5), (questions[0:1], 20), (questions[6:7], 2)]
+
+    async def go():
+        client = BatchingSearchClient(r)
+        try:
+            out = await asyncio.gather(*(client.search(q, k) for q, k in calls))
+        finally:
+            await client.aclose()
+        return client, out
+
+    client, out = asyncio.run(go())
+    for (q, k), got in zip(calls, out):
+        assert got == r.search_sync(q, k)
+    assert client.calls == 1 and client.mixed_k_calls == 1
+    assert client.batch_callers.counts() == {4: 1}
+    assert client.batch_queries.counts() == {7: 1}  # duplicates searched once
+
+
+def test_batching_search_client_without_merge_k_splits_by_k(small_indexes, questions):
+    r = small_indexes["bm25"]
+
+    async def go():
+        client = BatchingSearchClient(r, merge_k=False)
+        try:
+            out = await asyncio.gather(client.search(questions[:2], 1), client.search(questions[2:4], 3),
+                                       client.search(questions[4:5], 1))
+        finally:
+            await client.aclose()
+        return client, out
+
+    client, out = asyncio.run(go())
+    assert out == [r.search_sync(questions[:2], 1), r.search_sync(questions[2:4], 3), r.search_sync(questions[4:5], 1)]
+    assert client.mixed_k_calls == 0 and client.calls == 2
+
+
+def test_batching_lm_client_one_call_and_isolates_a_bad_prompt(tiny_lm):
+    good = [[101, 2023, 2003, 1037], [101, 7592, 2088], [101, 2054, 2003, 1996, 3007]]
+    bad_prompt = [tiny_lm.vocab_size + 5]
+
+    async def go():
+        client = BatchingLMClient(tiny_lm)
+        try:
+            return client, await asyncio.gather(
+                *(client.greedy(p, 3, f"bl-{i}") for i, p in enumerate(good)),
+                client.greedy(bad_prompt, 3, "bl-bad"), client.greedy(good[0], 5, "bl-n5"),
+                return_exceptions=True)
+        finally:
+            for s in ("bl-0", "bl-1", "bl-2", "bl-bad", "bl-n5"):
+                client.release(s)
+            await client.aclose()
+
+    client, out = asyncio.run(go())
+    expected = tiny_lm.greedy(good, 3) + [None, tiny_lm.greedy([good[0]], 5)[0]]
+    for i in (0, 1, 2, 4):
+        assert out[i] == expected[i]
+    assert isinstance(out[3], ConfigError)
+    assert client.batch_sizes.counts() == {5: 1}  # one backend batch (two distinct n inside it)
+    assert tiny_lm.cached_length("bl-0") == 0
+
+
+def test_queue_full_is_immediate_back_pressure(small_indexes, tiny_lm, questions):
+    engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
+    gen = GENS[1]
+
+    async def go():
+        sched = Scheduler(engine, SchedulerConfig(max_concurrent=1, max_queue=1))
+        try:
+            t1 = asyncio.create_task(sched.generate(questions[0], gen=gen))
+            t2 = asyncio.create_task(sched.generate(questions[1], gen=gen, speculate=False))
+            await asyncio.sleep(0)
+            assert sched.active == 1 and sched.queued == 1
+            with pytest.raises(QueueFullError, match="max_queue=1"):
+                await sched.generate(questions[2], gen=gen)
+            r1, r2 = await t1, await t2
+        finally:
+            await sched.aclose()
+        o1 = await engine.generate(questions[0], gen=gen, speculate=False)
+        o2 = await engine.generate(questions[1], gen=gen, speculate=False)
+        return sched, (r1, r2), (o1, o2)
+
+    sched, got, want = asyncio.run(go())
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert sched.counters.rejected == 1 and sched.counters.completed == 2
+
+
+async def _wait_released(lm, session, timeout=10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while lm.cached_length(session) and loop.time() < end:
+        await asyncio.sleep(0.01)
+
+
+def test_cancelled_request_frees_slot_and_session_at_once(small_indexes, tiny_lm, questions):
+    engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
+
+    async def go():
+        sched = Scheduler(engine, SchedulerConfig(max_concurrent=1, max_queue=4))
+        first = asyncio.Event()
+        got: list[int] = []
+        try:
+            long = asyncio.create_task(sched.generate(questions[3], gen=LONG,
+                                                      on_tokens=lambda t: (got.extend(t), first.set())))
+            await asyncio.wait_for(first.wait(), 60)
+            (session,) = sched.active_sessions
+            waiting = asyncio.create_task(sched.generate(questions[4], gen=GENS[0], speculate=False))
+            await asyncio.sleep(0)
+            assert sched.queued == 1
+            long.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await long
+            assert session not in sched.active_sessions
+            await _wait_released(tiny_lm, session)
+            released = tiny_lm.cached_length(session) == 0
+            after = await waiting  # the freed slot went to the queued request
+        finally:
+            await sched.aclose()
+        oracle = await engine.generate(questions[4], gen=GENS[0], speculate=False)
+        return sched, got, released, after, oracle
+
+    sched, got, released, after, oracle = asyncio.run(go())
+    assert 0 < len(got) < LONG.max_new_tokens
+    assert released, "the cancelled request's KV session was not released"
+    assert after.token_ids == oracle.token_ids
+    assert sched.counters.cancelled == 1 and sched.active == 0 and sched.queued == 0
+
+
+def test_deadline_raises_typed_timeout_and_frees_everything(small_indexes, tiny_lm, questions):
+    engine = RalmEngine(tiny_lm, small_indexes["bm25"], EngineConfig())
+
+    async def go():
+        sched = Scheduler(engine, SchedulerConfig(max_concurrent=2, request_timeout_s=0.3))
+        seen: list[int] = []
+        try:
+            task = asyncio.create_task(sched.generate(questions[5], gen=LONG, on_tokens=seen.extend))
+            await asyncio.sleep(0)
+            (session,) = sched.active_sessions
+            with pytest.raises(RequestTimeoutError, match="deadline"):
+                await task
+            await _wait_released(tiny_lm, session)
+            return sched, session, seen
+        finally:
+            await sched.aclose()
+
+    sched, session, seen = asyncio.run(go())
+    assert sched.active == 0 and sched.counters.timed_out == 1
+    assert tiny_lm.cached_length(session) == 0
+    assert len(seen) < LONG.max_new_tokens
+
+
+@pytest.mark.parametrize("field,value", [("max_concurrent", 0), ("max_queue", -1), ("request_timeout_s", 0),
+                                         ("retrieval_timeout_s", -2.0), ("max_lm_batch", True),
+                                         ("batch_window_s", 5.0)])
+def test_scheduler_config_rejects_bad_values(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SchedulerConfig(**{field: value})
+
+
+def test_closed_scheduler_refuses(small_indexes, tiny_lm):
+    from ralmspec.engine.scheduler import SchedulerClosedError
+
+    engine = RalmEngine(tiny_lm, small_indexes["bm25"], EngineConfig())
+
+    async def go():
+        sched = Scheduler(engine)
+        await sched.aclose()
+        with pytest.raises(SchedulerClosedError):
+            await sched.generate("who wrote hamlet", gen=GENS[0])
+
+    asyncio.run(go())

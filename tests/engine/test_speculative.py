@@ -1,0 +1,117 @@
+"""Speculative engine mechanics: streaming of verified tokens only, failures, rounds in flight."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.engine.core import RalmEngine
+from ralmspec.errors import ConfigError, RetrievalError
+
+GEN = GenerationConfig(stride=2, query_len=16, max_new_tokens=24, passage_tokens=64)
+QUESTIONS = ["who wrote the song hey jude", "when did the roman empire fall",
+             "what is the tallest mountain in europe", "how many players are on a cricket team"]
+
+
+class FakeLatencySearch:
+    """Real retriever results, plus an artificial *latency* per batched search (scheduler isolation)."""
+
+    def __init__(self, retriever, delay_s: float):
+        self.retriever, self.delay_s, self.batch_sizes = retriever, delay_s, []
+
+    async def search(self, queries, k):
+        self.batch_sizes.append(len(queries))
+        await asyncio.sleep(self.delay_s)
+        return await self.retriever.search(queries, k)
+
+
+class FaultInjectingSearch:
+    """Real retriever that starts failing after ``ok_calls`` searches (knowledge base goes down)."""
+
+    def __init__(self, retriever, ok_calls: int):
+        self.retriever, self.ok_calls, self.calls = retriever, ok_calls, 0
+
+    async def search(self, queries, k):
+        self.calls += 1
+        if self.calls > self.ok_calls:
+            raise ConnectionError("knowledge base went away")
+        return await self.retriever.search(queries, k)
+
+
+@pytest.fixture(scope="module")
+def engine(small_indexes, tiny_lm):
+    return RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
+
+
+def test_slow_verification_keeps_rounds_in_flight_and_output_identical(engine):
+    # verification (0.25 s) is much slower than an LM step of the tiny model, so rounds overlap
+    slow = FakeLatencySearch(engine.retriever, delay_s=0.25)
+    spec = SpeculationConfig(async_verify=True, os3=False, fixed_stride=2, max_inflight=3, prefetch=20)
+
+    async def go():
+        out = []
+        for q in QUESTIONS[:2]:
+            naive = await engine.generate(q, gen=GEN, speculate=False)
+            res = await engine.generate(q, gen=GEN, spec=spec, search_client=slow)
+            out.append((naive, res))
+        return out
+
+    results = asyncio.run(go())
+    for naive, res in results:
+        assert res.token_ids == naive.token_ids
+    submits = [e for _, r in results for e in r.trace if e["kind"] == "submit"]
+    assert submits and max(e["size"] for e in submits) <= 2
+    assert max(e["inflight"] for e in submits) >= 2, "slow verification should overlap several rounds"
+
+
+def test_streamed_tokens_are_verified_prefixes_and_complete(engine):
+    spec = SpeculationConfig(async_verify=True, os3=False, fixed_stride=4, cache_capacity=3)
+
+    async def go():
+        q = QUESTIONS[1]
+        naive = await engine.generate(q, gen=GEN, speculate=False)
+        chunks: list[list[int]] = []
+        res = await engine.generate(q, gen=GEN, spec=spec, on_tokens=lambda t: chunks.append(list(t)))
+        return naive, res, chunks
+
+    naive, res, chunks = asyncio.run(go())
+    streamed = [t for c in chunks for t in c]
+    assert streamed == naive.token_ids == res.token_ids
+
+
+@pytest.mark.parametrize("async_verify", [False, True])
+def test_knowledge_base_failure_never_releases_unverified_tokens(engine, async_verify):
+    spec = SpeculationConfig(async_verify=async_verify, os3=False, fixed_stride=3)
+
+    async def go():
+        q = QUESTIONS[2]
+        naive = await engine.generate(q, gen=GEN, speculate=False)
+        streamed: list[int] = []
+        failing = FaultInjectingSearch(engine.retriever, ok_calls=2)
+        with pytest.raises(RetrievalError):
+            await engine.generate(q, gen=GEN, spec=spec, search_client=failing, retries=1,
+                                  on_tokens=streamed.extend)
+        return naive, streamed
+
+    naive, streamed = asyncio.run(go())
+    assert len(streamed) < len(naive.token_ids)
+    assert streamed == naive.token_ids[: len(streamed)]
+
+
+def test_naive_loop_step_structure(engine):
+    res = asyncio.run(engine.generate(QUESTIONS[0], gen=GEN, speculate=False))
+    assert len(res.token_ids) == GEN.max_new_tokens
+    assert [(s.start, s.end) for s in res.steps] == [(i, i + 2) for i in range(0, 24, 2)]
+    kinds = [e["kind"] for e in res.trace]
+    assert kinds == ["retrieve", "lm"] * 12
+    first = [e for e in res.trace if e["kind"] == "retrieve"][0]
+    q0 = engine.context(GEN).query(res.prompt_ids)
+    assert first["doc_id"] == engine.retriever.search_sync([q0], 1)[0][0].doc_id  # step 0 = the prompt
+    assert res.stats["limit"] >= 1.0
+
+
+def test_bad_prompt_is_a_typed_error(engine):
+    with pytest.raises(ConfigError):
+        asyncio.run(engine.generate("   ", gen=GEN))

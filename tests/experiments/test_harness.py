@@ -1,0 +1,168 @@
+"""Unit tests of the harness pieces: config validation, variant names, trace breakdown, the
+emulated knowledge base, and the loud failure when a speculative output differs from naive."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ralmspec.config import SpeculationConfig
+from ralmspec.errors import ConfigError
+from ralmspec.retrieval.base import Retriever
+
+from experiments.breakdown import breakdown, wasted_lm
+from experiments.config import apply_overrides, load_config, parse_config
+from experiments.variants import resolve_variant
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ----------------------------------------------------------------------------- variants / config
+
+def test_variant_names_resolve():
+    base = SpeculationConfig()
+    assert resolve_variant("all", base) == SpeculationConfig(prefetch=20, os3=True, async_verify=True)
+    assert resolve_variant("prefetch=20", base) == resolve_variant("all", base)
+    s4 = resolve_variant("s=4", base)
+    assert (s4.os3, s4.fixed_stride, s4.prefetch, s4.async_verify) == (False, 4, 20, True)
+    none = resolve_variant("none", base)
+    assert (none.prefetch, none.os3, none.fixed_stride, none.async_verify) == (1, False, 3, False)
+    for bad in ("fast", "s=0", "prefetch=0", "s=x"):
+        with pytest.raises(ConfigError):
+            resolve_variant(bad, base)
+
+
+def _raw(**extra):
+    raw = {"run": {"name": "t"}, "main": {"groups": [{"model": "tiny", "retrievers": ["exact"]}]}}
+    raw.update(extra)
+    return raw
+
+
+def test_config_rejects_bad_input():
+    parse_config(_raw())
+    with pytest.raises(ConfigError, match="unknown table"):
+        parse_config(_raw(mian={}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config(_raw(workload={"nn": 3}))
+    with pytest.raises(ConfigError, match="must be a int"):
+        parse_config(_raw(workload={"n": "3"}))
+    with pytest.raises(ConfigError, match="unknown retriever"):
+        parse_config(_raw(main={"groups": [{"model": "tiny", "retrievers": ["faiss"]}]}))
+    with pytest.raises(ConfigError, match="only defined for"):
+        parse_config(_raw(main={"groups": [{"model": "tiny", "retrievers": ["hnsw"], "kb_pad": [0, 10]}]}))
+    with pytest.raises(ConfigError, match="unknown variant"):
+        parse_config(_raw(main={"variants": ["turbo"], "groups": [{"model": "tiny", "retrievers": ["exact"]}]}))
+    with pytest.raises(ConfigError, match="stride"):
+        parse_config(_raw(workload={"stride": 0}))
+    with pytest.raises(ConfigError):
+        parse_config(_raw(speculation={"prefetch": 0}))
+
+
+def test_overrides_and_presets_parse():
+    raw = apply_overrides({"workload": {"n": 9}}, {"workload.n": 2, "run.name": "x"})
+    assert raw == {"workload": {"n": 2}, "run": {"name": "x"}}
+    for name in ("smoke", "quick", "full"):
+        cfg = load_config(os.path.join(ROOT, "experiments", "configs", f"{name}.toml"))
+        assert cfg.bench, name
+    full_q = load_config(os.path.join(ROOT, "experiments", "configs", "full.toml"), quick=True)
+    full = load_config(os.path.join(ROOT, "experiments", "configs", "full.toml"))
+    assert full_q.workload.n < full.workload.n and full_q.run.name.endswith("quick")
+
+
+# ----------------------------------------------------------------------------- breakdown
+
+def test_wasted_lm_replays_rollbacks():
+    trace = [
+        {"kind": "retrieve", "t": 0, "dur": 0.01},
+        {"kind": "lm", "t": 0.01, "dur": 1.0, "n": 4},   # [0, 4) kept
+        {"kind": "lm", "t": 1.0, "dur": 2.0, "n": 4},    # [4, 8) discarded by the rollback at 4
+        {"kind": "lm", "t": 3.0, "dur": 4.0, "n": 4},    # [8, 12) discarded too
+        {"kind": "rollback", "t": 7.0, "at": 4, "wasted": 8},
+        {"kind": "lm", "t": 7.0, "dur": 8.0, "n": 4},    # [4, 8) regenerated, kept
+        {"kind": "lm", "t": 15.0, "dur": 16.0, "n": 4},  # [8, 12) discarded at 8
+        {"kind": "rollback", "t": 31.0, "at": 8, "wasted": 4},
+    ]
+    assert wasted_lm(trace) == (22.0, 12)
+    res = {"mode": "speculative", "latency_s": 40.0, "trace": trace,
+           "stats": {"lm_s": 31.0, "retrieval_s": 0.01, "cache_s": 1.0, "verify_wait_s": 2.0}}
+    parts = breakdown(res)
+    assert parts["lm"] == pytest.approx(9.0) and parts["rollback waste"] == pytest.approx(22.0)
+    assert sum(parts.values()) == pytest.approx(40.0)
+    naive = breakdown({"mode": "naive", "latency_s": 3.0, "stats": {"lm_s": 2.0, "retrieval_s": 0.5}})
+    assert naive == pytest.approx({"lm": 2.0, "retrieval": 0.5, "other": 0.5})
+
+
+# ----------------------------------------------------------------------------- emulation
+
+def test_padded_kb_answers_like_the_real_one_and_pays_the_scan(small_indexes, small_corpus):
+    from experiments.emulation import PaddedCostRetriever, build_pad_index
+
+    real = small_indexes["exact"]
+    pad = build_pad_index(3000, real.encoder.dim, seed=1)
+    assert pad.ntotal == 3000
+    emu = PaddedCostRetriever(real, pad)
+    qs = ["who wrote the national anthem", "largest city in the state", "when was the war over"]
+    assert emu.search_sync(qs, 5) == real.search_sync(qs, 5)
+    assert emu.search_sync(qs[:1], 20) == real.search_sync(qs[:1], 20)
+    assert emu.score(qs[0], [0, 1, 2]) == real.score(qs[0], [0, 1, 2])
+    assert emu.pad_searches == 2 and emu.pad_queries == 4 and emu.pad_seconds > 0
+    assert emu.corpus is real.corpus and "EMULATED" in emu.label
+    with pytest.raises(ConfigError):
+        PaddedCostRetriever(small_indexes["bm25"], pad)
+
+
+# ----------------------------------------------------------------------------- loud failure
+
+class BatchDependentRetriever(Retriever):
+    """A real exact index that BREAKS invariant 2 on purpose: searched in a batch of more than one
+    query it answers the second-best passage first. Speculative verification batches differ
+    from the naive loop's single searches, so outputs diverge and the harness must notice."""
+
+    kind = "broken"
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.corpus = inner.corpus
+
+    def search_sync(self, queries, k):
+        hits = self.inner.search_sync(queries, k + 1)
+        if len(queries) > 1:
+            return [h[1:k + 1] for h in hits]
+        return [h[:k] for h in hits]
+
+    def score(self, query, doc_ids):
+        return self.inner.score(query, doc_ids)
+
+
+class _Res:
+    """The three things run_cell needs from Resources, with real components."""
+
+    def __init__(self, retriever, lm, questions):
+        self.r, self.l, self.q = retriever, lm, questions
+
+    def knowledge_base(self, kind, pad):
+        return self.r, "broken real KB"
+
+    def lm(self, name):
+        return self.l
+
+    def questions(self, n):
+        return self.q[:n]
+
+
+def test_identity_violation_fails_loudly(tmp_path, small_indexes, tiny_lm):
+    from ralmspec.data.loaders import default_questions
+
+    from experiments.grid import Cell, CellKey, IdentityError, run_cell
+
+    cfg = parse_config({"run": {"name": "t"}, "workload": {"n": 3, "max_new_tokens": 24, "query_len": 16,
+                                                           "passage_tokens": 64},
+                        "main": {"variants": ["s=4"], "groups": [{"model": "tiny", "retrievers": ["exact"]}]}})
+    cell = Cell(CellKey("tiny", "exact", 0, 3))
+    cell.add_variant("s=4", resolve_variant("s=4", cfg.speculation))
+    res = _Res(BatchDependentRetriever(small_indexes["exact"]), tiny_lm,
+               [q.question for q in default_questions()[:3]])
+    with pytest.raises(IdentityError, match="TOKEN IDENTITY VIOLATED"):
+        run_cell(cell, res, cfg, str(tmp_path))
+    assert (tmp_path / "tiny__exact__real__n3.jsonl").stat().st_size > 0  # traces kept for debugging

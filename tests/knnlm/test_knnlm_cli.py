@@ -1,0 +1,55 @@
+"""`ralmspec knnlm build | reindex | generate | bench` end to end (tiny LM, small datastore)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ralmspec.knnlm.cli import add_knnlm_subparsers, main
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    assert main(["build", "--model", "tiny", "--out", str(ds), "--max-tokens", "3000", "--window", "64",
+                 "--context-stride", "48", "--quiet"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["entries"] == 3000 and info["model"] == "tiny"
+
+    assert main(["reindex", "--datastore", str(ds), "--out", str(tmp_path / "hnsw"), "--index", "hnsw",
+                 "--hnsw-m", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["index"]["kind"] == "hnsw"
+
+    prompt = "robert is an english film, television and theatre actor"
+    assert main(["generate", prompt, "--datastore", str(ds), "--no-speculate", "--max-new-tokens", "8", "--json"]) == 0
+    naive = json.loads(capsys.readouterr().out)
+    assert main(["generate", prompt, "--datastore", str(ds), "--max-new-tokens", "8", "--json", "--async",
+                 "--stride", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert naive["mode"] == "naive" and spec["mode"] == "speculative"
+    assert spec["tokens"] == naive["tokens"] and len(naive["tokens"]) == 8 and naive["text"] == spec["text"]
+    assert "acceptance_rate" in spec["stats"] and naive["limit"] > 1.0
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--datastore", str(tmp_path / "hnsw"), "--n", "3", "--max-new-tokens", "6", "--json",
+                 str(out), "--prompts", "questions", "--warmup", "0"]) == 0
+    b = json.loads(out.read_text())
+    s = b["summary"]
+    assert s["all_identical"] and s["prompts"] == 3 and s["limit"] > 1.0 and s["speedup"] > 0
+    assert len(b["records"]) == 3 and b["settings"]["datastore"]["entries"] == 3000
+    assert b["settings"]["datastore"]["index"] == "hnsw"
+
+
+def test_cli_errors_are_typed(tmp_path, capsys):
+    assert main(["generate", "hi", "--datastore", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["build", "--model", "tiny", "--out", str(tmp_path / "x"), "--index", "flat",
+                 "--max-tokens", "0", "--quiet"]) == 2
+
+
+def test_subparser_wiring():
+    parser = argparse.ArgumentParser(prog="ralmspec")
+    add_knnlm_subparsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["knnlm", "bench", "--datastore", "d", "--n", "5", "--json", "o.json"])
+    assert args.command == "knnlm" and args.knnlm_command == "bench" and args.n == 5 and callable(args.func)
+    args = parser.parse_args(["knnlm", "build", "--out", "o", "--index", "ivf", "--max-tokens", "100"])
+    assert args.index == "ivf" and args.max_tokens == 100 and args.model == "default"

@@ -1,0 +1,202 @@
+"""Datastore: corpus order, keys = LM hidden states, canonical batch-invariant search, round trip, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ralmspec.errors import ConfigError, IndexNotFoundError
+from ralmspec.knnlm.datastore import (
+    DatastoreBuildConfig,
+    build_datastore,
+    corpus_documents,
+    load_datastore,
+    rank_entries,
+    squared_l2,
+)
+
+from .conftest import DATASTORE_TOKENS
+
+
+def _queries(ds, n, seed=0):
+    """Realistic queries: stored keys plus noise (so neighbours are close and ties are rare)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(ds.n, size=n, replace=False)
+    return (ds.key_vectors(ids) + rng.normal(0, 0.5, size=(n, ds.dim))).astype(np.float32)
+
+
+def test_size_bound_and_manifest(knn_datastores):
+    ds = knn_datastores["flat"]
+    assert ds.n == DATASTORE_TOKENS
+    m = ds.manifest
+    assert m["count"] == DATASTORE_TOKENS and m["dim"] == 128 and m["key_layer"] == "lm_head_input"
+    assert m["model"] == "tiny" and m["build"]["total_s"] > 0
+    assert ds.keys.dtype == np.float16 and ds.values.dtype == np.int32
+
+
+def test_entries_follow_corpus_order(knn_datastores, knn_corpus, tiny_lm):
+    ds = knn_datastores["flat"]
+    docs = corpus_documents(knn_corpus)
+    offs = ds.doc_offsets
+    for di in range(len(offs) - 1):
+        ids = tiny_lm.tokenizer.encode(docs[di])
+        n = offs[di + 1] - offs[di]
+        # value of entry j = token j+1 of its document
+        assert np.array_equal(ds.values[offs[di]:offs[di + 1]], np.asarray(ids[1:n + 1], dtype=np.int32))
+    # successors never cross a document boundary
+    last_of_doc0 = offs[1] - 1
+    assert ds.successors([last_of_doc0], 10).size == 0
+    assert ds.successors([0], 3).tolist() == [1, 2, 3]
+
+
+def test_keys_are_lm_head_inputs(knn_datastores, knn_corpus, tiny_lm):
+    """Keys at the start of a document equal the LM's final hidden state (input of lm_head)."""
+    ds = knn_datastores["flat"]
+    ids = tiny_lm.tokenizer.encode(corpus_documents(knn_corpus)[1])[:40]
+    with torch.inference_mode():
+        h = tiny_lm.model.transformer(input_ids=torch.tensor([ids])).last_hidden_state[0].numpy()
+    got = ds.key_vectors(np.arange(ds.doc_offsets[1], ds.doc_offsets[1] + 39))
+    np.testing.assert_allclose(got, h[:39], rtol=2e-3, atol=2e-2)  # float16 storage
+
+
+def test_squared_l2_is_per_row_canonical():
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(300, 64)).astype(np.float16)
+    q = rng.normal(size=64).astype(np.float32)
+    full = squared_l2(q, keys)
+    sub = rng.permutation(300)[:41]
+    assert np.array_equal(squared_l2(q, keys[sub]), full[sub])
+    assert all(squared_l2(q, keys[i:i + 1])[0] == full[i] for i in sub[:10])
+    ref = ((keys.astype(np.float64) - q.astype(np.float64)) ** 2).sum(1)
+    np.testing.assert_allclose(full, ref, rtol=1e-12)
+
+
+def test_rank_entries_tie_break():
+    ids, d = rank_entries(np.array([9, 4, 7, 1]), np.array([2.0, 1.0, 1.0, 3.0]), 3)
+    assert ids.tolist() == [4, 7, 9] and d.tolist() == [1.0, 1.0, 2.0]
+
+
+def test_flat_search_is_exact_top_k(knn_datastores):
+    """The flat search equals a brute-force float64 ranking over ALL entries."""
+    ds = knn_datastores["flat"]
+    all_keys = ds.key_vectors(np.arange(ds.n))
+    for q in _queries(ds, 6, seed=1):
+        ids, d = ds.search(q, 10)
+        ref_ids, ref_d = rank_entries(np.arange(ds.n), squared_l2(q, all_keys), 10)
+        assert ids[0].tolist() == ref_ids.tolist()
+        assert np.array_equal(d[0], ref_d)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_search_batch_invariant_and_deterministic(knn_datastores, kind):
+    ds = knn_datastores[kind]
+    qs = _queries(ds, 40, seed=2)
+    whole_ids, whole_d = ds.search(qs, 8)
+    again_ids, again_d = ds.search(qs, 8)
+    assert np.array_equal(whole_ids, again_ids) and np.array_equal(whole_d, again_d)
+    for bs in (1, 3, 17):
+        for s in range(0, 40, bs):
+            ids, d = ds.search(qs[s:s + bs], 8)
+            assert np.array_equal(ids, whole_ids[s:s + bs]) and np.array_equal(d, whole_d[s:s + bs])
+    # reported distances are the canonical ones, in canonical order
+    for i in range(5):
+        assert np.array_equal(whole_d[i], ds.distances(qs[i], whole_ids[i]))
+        order = np.lexsort((whole_ids[i], whole_d[i]))
+        assert order.tolist() == list(range(8))
+
+
+def test_approximate_indexes_mostly_agree_with_exact(knn_datastores):
+    qs = _queries(knn_datastores["flat"], 30, seed=4)
+    exact = knn_datastores["flat"].search(qs, 8)[0]
+    for kind in ("ivf", "hnsw"):
+        approx = knn_datastores[kind].search(qs, 8)[0]
+        recall = np.mean([len(set(a) & set(e)) / 8 for a, e in zip(approx, exact)])
+        assert 0.3 < recall <= 1.0, (kind, recall)
+        assert knn_datastores[kind].index_kind == kind
+
+
+def test_save_load_round_trip(knn_datastores):
+    ds = knn_datastores["flat"]
+    again = load_datastore(ds.path)
+    assert again.manifest == ds.manifest
+    assert np.array_equal(np.asarray(again.keys), np.asarray(ds.keys))
+    assert np.array_equal(again.values, ds.values) and np.array_equal(again.doc_offsets, ds.doc_offsets)
+    qs = _queries(ds, 5, seed=5)
+    for a, b in zip(ds.search(qs, 8), again.search(qs, 8)):
+        assert np.array_equal(a, b)
+    hn = load_datastore(knn_datastores["hnsw"].path, ef_search=64)
+    assert hn.params.ef_search == 64 and hn.n == ds.n
+
+
+def test_build_small_ivf_directly(tmp_path, tiny_lm):
+    docs = ["the cat sat on the mat and then the dog came in", "a second document about kings and queens " * 5]
+    ds = build_datastore(tiny_lm, docs, tmp_path / "d",
+                         DatastoreBuildConfig(index="ivf", ivf_nlist=2, max_tokens=30, key_dtype="float32",
+                                              window=8, stride=3), progress=False)
+    n0 = len(tiny_lm.tokenizer.encode(docs[0])) - 1
+    assert ds.n == 30 and ds.doc_offsets.tolist() == [0, n0, 30]
+    assert ds.keys.dtype == np.float32 and (tmp_path / "d" / "index.faiss").is_file()
+    ids, d = ds.search(ds.key_vectors([5]).astype(np.float32), 3)
+    assert ids[0, 0] == 5 and d[0, 0] == 0.0
+
+
+def test_missing_and_broken_datastores(tmp_path, knn_datastores):
+    with pytest.raises(IndexNotFoundError, match="not found"):
+        load_datastore(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IndexNotFoundError, match="incomplete"):
+        load_datastore(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    src = knn_datastores["flat"].path
+    for name in ("keys.npy", "values.npy", "doc_offsets.npy"):
+        (bad / name).write_bytes((src / name).read_bytes())
+    m = json.loads((src / "manifest.json").read_text())
+    m["format_version"] = 99
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="format version"):
+        load_datastore(bad)
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ConfigError):
+        load_datastore(bad)
+
+
+def test_bad_build_inputs(tmp_path, tiny_lm, knn_datastores):
+    with pytest.raises(ConfigError):
+        DatastoreBuildConfig(index="annoy")
+    with pytest.raises(ConfigError):
+        DatastoreBuildConfig(max_tokens=0)
+    with pytest.raises(ConfigError):
+        DatastoreBuildConfig(window=16, stride=32)
+    with pytest.raises(ConfigError, match="no datastore entries"):
+        build_datastore(tiny_lm, ["a"], tmp_path / "x", progress=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        build_datastore(tiny_lm, ["some text here"], tmp_path / "full", progress=False)
+    with pytest.raises(ConfigError, match="not a datastore"):
+        build_datastore(tiny_lm, ["some text here"], tmp_path / "full", overwrite=True, progress=False)
+    assert (tmp_path / "full" / "something.txt").read_text() == "keep me"
+    ds = knn_datastores["flat"]
+    with pytest.raises(ConfigError, match="shape"):
+        ds.search(np.zeros((2, 7), dtype=np.float32), 4)
+    with pytest.raises(ConfigError, match="NaN"):
+        ds.search(np.full((1, ds.dim), np.nan, dtype=np.float32), 4)
+    with pytest.raises(ConfigError, match="k must"):
+        ds.search(np.zeros((1, ds.dim), dtype=np.float32), 0)
+
+
+def test_reindex_prefix(tmp_path, knn_datastores):
+    from ralmspec.knnlm.datastore import reindex_datastore
+
+    src = knn_datastores["flat"]
+    n = int(src.doc_offsets[1]) + 100  # cuts the second document
+    sub = reindex_datastore(src.path, tmp_path / "p", DatastoreBuildConfig(index="flat", max_tokens=n))
+    assert sub.n == n and sub.manifest["count"] == n
+    assert np.array_equal(np.asarray(sub.keys), np.asarray(src.keys[:n]))
+    assert np.array_equal(sub.values, src.values[:n])
+    assert sub.doc_offsets.tolist() == [0, int(src.doc_offsets[1]), n]
+    assert sub.successors([n - 1], 5).size == 0

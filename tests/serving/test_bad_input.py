@@ -1,0 +1,136 @@
+"""Every bad input gets a 4xx JSON error naming the field (raw aiohttp requests, no client-side checks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serving.support import MODEL, request
+
+OK = {"model": MODEL, "prompt": "who wrote hamlet", "max_tokens": 4}
+
+
+def with_(**kw):
+    d = dict(OK)
+    for k, v in kw.items():
+        if v is ...:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    return d
+
+
+COMPLETION_CASES = [
+    # (id, body, status, param)
+    ("not-an-object", ["a list"], 400, None),
+    ("missing-model", with_(model=...), 400, "model"),
+    ("model-wrong-type", with_(model=3), 400, "model"),
+    ("unknown-model", with_(model="gpt-4"), 404, "model"),
+    ("missing-prompt", with_(prompt=...), 400, "prompt"),
+    ("empty-prompt", with_(prompt=""), 400, "prompt"),
+    ("blank-prompt", with_(prompt="   \n"), 400, "prompt"),
+    ("prompt-int", with_(prompt=42), 400, "prompt"),
+    ("prompt-two-strings", with_(prompt=["a", "b"]), 400, "prompt"),
+    ("prompt-token-ids", with_(prompt=[1, 2, 3]), 400, "prompt"),
+    ("max-tokens-negative", with_(max_tokens=-1), 400, "max_tokens"),
+    ("max-tokens-zero", with_(max_tokens=0), 400, "max_tokens"),
+    ("max-tokens-huge", with_(max_tokens=10 ** 9), 400, "max_tokens"),
+    ("max-tokens-string", with_(max_tokens="8"), 400, "max_tokens"),
+    ("max-tokens-float", with_(max_tokens=4.5), 400, "max_tokens"),
+    ("max-tokens-bool", with_(max_tokens=True), 400, "max_tokens"),
+    ("temperature-sampling", with_(temperature=0.7), 400, "temperature"),
+    ("temperature-string", with_(temperature="0"), 400, "temperature"),
+    ("top-p", with_(top_p=0.9), 400, "top_p"),
+    ("n-2", with_(n=2), 400, "n"),
+    ("best-of", with_(best_of=3), 400, "best_of"),
+    ("logprobs", with_(logprobs=2), 400, "logprobs"),
+    ("echo", with_(echo=True), 400, "echo"),
+    ("stop", with_(stop=["\n"]), 400, "stop"),
+    ("penalty", with_(presence_penalty=1.0), 400, "presence_penalty"),
+    ("stream-string", with_(stream="yes"), 400, "stream"),
+    ("stream-options-without-stream", with_(stream_options={"include_usage": True}), 400, "stream_options"),
+    ("unknown-field", with_(foo=1), 400, "foo"),
+    ("ralm-not-object", with_(ralm=[1]), 400, "ralm"),
+    ("ralm-unknown-field", with_(ralm={"strid": 2}), 400, "ralm.strid"),
+    ("ralm-stride-zero", with_(ralm={"stride": 0}), 400, "ralm.stride"),
+    ("ralm-stride-string", with_(ralm={"stride": "4"}), 400, "ralm.stride"),
+    ("ralm-prefetch-huge", with_(ralm={"prefetch": 100000}), 400, "ralm.prefetch"),
+    ("ralm-speculate-string", with_(ralm={"speculate": "true"}), 400, "ralm.speculate"),
+    ("ralm-unknown-retriever", with_(ralm={"retriever": "faiss-gpu-magic"}), 400, "ralm.retriever"),
+    ("ralm-gamma", with_(ralm={"gamma_max": 1.5}), 400, "ralm.gamma_max"),
+    ("ralm-cache-negative", with_(ralm={"cache_capacity": -3}), 400, "ralm.cache_capacity"),
+]
+
+
+def _check_error(status, body, want_status, param):
+    assert status == want_status, body
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"]
+    assert err["param"] == param, err
+
+
+@pytest.mark.parametrize("case", COMPLETION_CASES, ids=[c[0] for c in COMPLETION_CASES])
+def test_completion_bad_input(server, case):
+    _, body, status, param = case
+    _check_error(*request("POST", f"{server.url}/v1/completions", body), status, param)
+
+
+def test_malformed_json(server):
+    status, body = request("POST", f"{server.url}/v1/completions", raw=b'{"model": "tiny", "prompt": ',
+                           headers={"Content-Type": "application/json"})
+    _check_error(status, body, 400, None)
+    assert "not valid JSON" in body["error"]["message"]
+
+
+def test_empty_body(server):
+    _check_error(*request("POST", f"{server.url}/v1/completions", raw=b""), 400, None)
+
+
+def test_oversized_body_is_413_json(server):
+    big = b'{"model": "tiny", "prompt": "' + b"a" * (200 * 1024) + b'"}'
+    status, body = request("POST", f"{server.url}/v1/completions", raw=big,
+                           headers={"Content-Type": "application/json"})
+    _check_error(status, body, 413, None)
+    assert "too large" in body["error"]["message"]
+
+
+def test_unknown_route_and_method_are_json(server):
+    _check_error(*request("GET", f"{server.url}/v1/nothing"), 404, None)
+    _check_error(*request("GET", f"{server.url}/v1/completions"), 405, None)
+
+
+RETRIEVE_CASES = [
+    ("missing-queries", {"k": 3}, 400, "queries"),
+    ("queries-empty", {"queries": []}, 400, "queries"),
+    ("queries-not-list", {"queries": 5}, 400, "queries"),
+    ("query-not-string", {"queries": ["ok", 7]}, 400, "queries[1]"),
+    ("k-zero", {"queries": ["x"], "k": 0}, 400, "k"),
+    ("k-huge", {"queries": ["x"], "k": 10 ** 7}, 400, "k"),
+    ("k-string", {"queries": ["x"], "k": "3"}, 400, "k"),
+    ("include-text-int", {"queries": ["x"], "include_text": 1}, 400, "include_text"),
+    ("unknown-field", {"queries": ["x"], "top_k": 3}, 400, "top_k"),
+]
+
+
+@pytest.mark.parametrize("case", RETRIEVE_CASES, ids=[c[0] for c in RETRIEVE_CASES])
+def test_retrieve_bad_input(server, case):
+    _, body, status, param = case
+    _check_error(*request("POST", f"{server.url}/v1/retrieve", body), status, param)
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/score", {"doc_ids": [1]}, "query"),
+    ("/v1/score", {"query": "x", "doc_ids": [0, 10 ** 6]}, "doc_ids[1]"),
+    ("/v1/score", {"query": "x", "doc_ids": [-1]}, "doc_ids[0]"),
+    ("/v1/score", {"query": "x", "doc_ids": "1,2"}, "doc_ids"),
+    ("/v1/passages", {"doc_ids": [1.5]}, "doc_ids[0]"),
+    ("/v1/passages", {}, "doc_ids"),
+])
+def test_score_and_passages_bad_input(server, path, body, param):
+    _check_error(*request("POST", f"{server.url}{path}", body), 400, param)
+
+
+def test_bad_passage_id_is_404(server):
+    _check_error(*request("GET", f"{server.url}/v1/passages/99999999"), 404, "doc_id")
+    _check_error(*request("GET", f"{server.url}/v1/passages/abc"), 404, "doc_id")

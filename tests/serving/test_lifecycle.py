@@ -1,0 +1,148 @@
+"""Health, Prometheus metrics, back-pressure (429), deadlines (504) and client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import pytest
+
+from ralmspec.engine.scheduler import SchedulerConfig
+from serving.app import ServerConfig, create_app
+from tests.serving.support import MODEL, ServerThread, request
+
+LONG = {"model": MODEL, "prompt": "the history of the roman empire", "max_tokens": 1000, "ralm": {"stride": 1}}
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    items = sorted(labels.items(), key=lambda kv: (kv[0] == "le", kv[0]))  # `le` comes last
+    want = ",".join(f'{k}="{v}"' for k, v in items)
+    pat = "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)$"
+    m = re.search(pat, text, re.M)
+    assert m, f"{name}{{{want}}} not in /metrics"
+    return float(m.group(1))
+
+
+def test_health(server):
+    status, body = request("GET", f"{server.url}/health")
+    assert status == 200
+    assert body["status"] == "ok" and body["mode"] == "full" and body["model"] == MODEL
+    assert body["retriever"] == "exact" and body["corpus_size"] == 400
+    assert body["active"] == 0 and body["queued"] == 0
+
+
+def test_metrics_prometheus_text(server):
+    for ralm in ({"speculate": True, "prefetch": 1, "os3": False}, {"speculate": False}):
+        status, _ = request("POST", f"{server.url}/v1/completions",
+                            {"model": MODEL, "prompt": "who painted the mona lisa", "max_tokens": 8, "ralm": ralm})
+        assert status == 200
+    request("POST", f"{server.url}/v1/completions", {"model": MODEL})  # one 400
+    status, text = request("GET", f"{server.url}/metrics")
+    assert status == 200 and isinstance(text, str)
+    assert _metric(text, "ralmspec_http_requests_total", endpoint="/v1/completions", status="200") >= 2
+    assert _metric(text, "ralmspec_http_requests_total", endpoint="/v1/completions", status="400") >= 1
+    assert _metric(text, "ralmspec_request_latency_seconds_count", mode="speculative") >= 1
+    assert _metric(text, "ralmspec_request_latency_seconds_bucket", mode="naive", le="+Inf") >= 1
+    assert _metric(text, "ralmspec_completion_tokens_total", mode="naive") >= 8
+    spec, acc = _metric(text, "ralmspec_speculated_steps_total"), _metric(text, "ralmspec_accepted_steps_total")
+    assert spec >= 1 and 0 <= acc <= spec
+    assert _metric(text, "ralmspec_acceptance_rate") == pytest.approx(acc / spec)
+    assert _metric(text, "ralmspec_rollbacks_total") >= 0
+    assert _metric(text, "ralmspec_queue_depth") == 0 and _metric(text, "ralmspec_active_requests") == 0
+    assert _metric(text, "ralmspec_kb_batch_queries_count") >= 2
+    assert _metric(text, "ralmspec_lm_batch_size_count") >= 2
+    assert _metric(text, "ralmspec_process_resident_memory_bytes") > 1e6
+    # format sanity: every sample line is `name{labels} value`, every family has HELP and TYPE
+    for line in text.splitlines():
+        assert line.startswith("# ") or re.match(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? \S+$', line), line
+    families = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    assert {"ralmspec_http_requests_total", "ralmspec_request_latency_seconds", "ralmspec_kb_batch_queries"} <= families
+
+
+def _start(engine, **sched):
+    return ServerThread(create_app(engine, SchedulerConfig(**sched), server_config=ServerConfig(model_name=MODEL))).start()
+
+
+@pytest.fixture(scope="module")
+def small_server(serving_engine):
+    """One slot, no queue: makes back-pressure observable."""
+    srv = _start(serving_engine, max_concurrent=1, max_queue=0, request_timeout_s=120)
+    yield srv
+    srv.stop()
+
+
+def _wait_idle(srv, timeout=10.0) -> dict:
+    end = time.time() + timeout
+    while True:
+        body = request("GET", f"{srv.url}/health")[1]
+        if body["active"] == 0 and body["queued"] == 0 or time.time() > end:
+            return body
+
+
+def _sessions(engine) -> int:
+    return engine.lm.cached_sessions
+
+
+def test_queue_full_is_429_and_disconnect_frees_the_slot(small_server, serving_engine):
+    """A streaming client holds the only slot: the next request gets 429; when the first client
+    goes away mid-stream its slot and KV session are freed at once, and service resumes."""
+    import aiohttp
+
+    sessions_before = _sessions(serving_engine)
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            r1 = await s.post(f"{small_server.url}/v1/completions", json=dict(LONG, stream=True))
+            assert r1.status == 200
+            first = await r1.content.readline()  # the first verified chunk: the request holds the slot
+            assert first.startswith(b"data: ")
+            async with s.post(f"{small_server.url}/v1/completions",
+                              json={"model": MODEL, "prompt": "who wrote hamlet", "max_tokens": 4}) as r2:
+                body2, status2, retry = await r2.json(), r2.status, r2.headers.get("Retry-After")
+            r1.close()  # the client goes away mid-stream
+            return status2, body2, retry
+
+    status2, body2, retry = asyncio.run(go())
+    assert status2 == 429 and body2["error"]["code"] == "queue_full" and retry == "1"
+    t0 = time.time()
+    health = _wait_idle(small_server)
+    assert health["active"] == 0, "the disconnected request still holds its slot"
+    assert time.time() - t0 < 5
+    end = time.time() + 10
+    while _sessions(serving_engine) > sessions_before and time.time() < end:
+        time.sleep(0.02)
+    assert _sessions(serving_engine) == sessions_before, "the disconnected request's KV session leaked"
+    status, body = request("POST", f"{small_server.url}/v1/completions",
+                           {"model": MODEL, "prompt": "who wrote hamlet", "max_tokens": 4})
+    assert status == 200, body
+    stats = request("GET", f"{small_server.url}/v1/stats")[1]
+    assert stats["rejected"] >= 1 and stats["cancelled"] >= 1
+
+
+def test_non_streaming_client_timeout_cancels_the_request(small_server):
+    import aiohttp
+
+    cancelled0 = request("GET", f"{small_server.url}/v1/stats")[1]["cancelled"]
+
+    async def go():
+        timeout = aiohttp.ClientTimeout(total=0.5)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            with pytest.raises(asyncio.TimeoutError):
+                async with s.post(f"{small_server.url}/v1/completions", json=LONG) as r:
+                    await r.read()
+
+    asyncio.run(go())
+    assert _wait_idle(small_server)["active"] == 0
+    assert request("GET", f"{small_server.url}/v1/stats")[1]["cancelled"] == cancelled0 + 1
+
+
+def test_request_deadline_is_504(serving_engine):
+    srv = _start(serving_engine, max_concurrent=2, request_timeout_s=1.0)
+    try:
+        status, body = request("POST", f"{srv.url}/v1/completions", LONG)
+        assert status == 504, body
+        assert body["error"]["type"] == "timeout" and "deadline" in body["error"]["message"]
+        assert _wait_idle(srv)["active"] == 0
+    finally:
+        srv.stop()

@@ -1,0 +1,207 @@
+"""The knowledge base as a service: /v1/retrieve, /v1/score, /v1/passages, and RemoteRetriever.
+
+The end-to-end test runs the retrieval service as a real separate process
+(``ralmspec serve --retrieval-only``), serves completions from a second server whose engine uses
+it through ``RemoteRetriever``, checks the tokens equal the in-process oracle, then kills the
+service with SIGKILL in the middle of requests: the answer is a clean 503 (non-streaming) or an
+error event after verified tokens only (streaming), and service comes back when it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ralmspec.engine.core import RalmEngine
+from ralmspec.engine.scheduler import SchedulerConfig
+from ralmspec.errors import RetrievalError
+from ralmspec.retrieval.remote import RemoteRetriever
+from serving.app import ServerConfig, create_app
+from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, request
+
+REPO = Path(__file__).resolve().parents[2]
+QUERIES = ["the roman empire", "a song by the beatles", "european mountains and alps", "cricket team players"]
+
+
+def test_retrieve_score_passages_match_the_retriever(server, serving_engine):
+    r = serving_engine.retriever
+    status, body = request("POST", f"{server.url}/v1/retrieve", {"queries": QUERIES, "k": 5})
+    assert status == 200, body
+    want = r.search_sync(QUERIES, 5)
+    assert [[(h["doc_id"], h["score"]) for h in row] for row in body["results"]] == \
+           [[(h.doc_id, h.score) for h in row] for row in want]
+    h0 = body["results"][0][0]
+    assert (h0["title"], h0["text"]) == (r.corpus[h0["doc_id"]].title, r.corpus[h0["doc_id"]].text)
+    status, body = request("POST", f"{server.url}/v1/retrieve", {"queries": "one query", "include_text": False})
+    assert status == 200 and len(body["results"]) == 1 and set(body["results"][0][0]) == {"doc_id", "score"}
+    ids = [3, 77, 0, 399]
+    status, body = request("POST", f"{server.url}/v1/score", {"query": QUERIES[1], "doc_ids": ids})
+    assert status == 200 and body["scores"] == r.score(QUERIES[1], ids)  # exact float equality via JSON
+    status, body = request("POST", f"{server.url}/v1/passages", {"doc_ids": [5, 2]})
+    assert [p["doc_id"] for p in body["passages"]] == [5, 2] and body["passages"][1]["text"] == r.corpus[2].text
+    assert request("GET", f"{server.url}/v1/passages/7")[1]["title"] == r.corpus[7].title
+    assert request("GET", f"{server.url}/v1/retriever")[1] == {"kind": "exact", "corpus_size": len(r.corpus)}
+
+
+def test_remote_retriever_is_the_same_retriever(server, serving_engine):
+    local = serving_engine.retriever
+    remote = RemoteRetriever(server.url, timeout_s=30)
+    try:
+        assert remote.kind == local.kind and len(remote.corpus) == len(local.corpus)
+        assert remote.search_sync(QUERIES, 7) == local.search_sync(QUERIES, 7)
+
+        async def search_async():
+            try:
+                return await remote.search(QUERIES, 3)
+            finally:
+                await remote.aclose()
+
+        assert asyncio.run(search_async()) == local.search_sync(QUERIES, 3)
+        ids = list(range(0, 400, 9))
+        assert remote.score(QUERIES[2], ids) == local.score(QUERIES[2], ids)
+        assert remote.rank(QUERIES[2], ids, k=4) == local.rank(QUERIES[2], ids, k=4)
+        assert remote.corpus[123] == local.corpus[123] and remote.corpus[-1] == local.corpus[-1]
+        with pytest.raises(IndexError):
+            remote.corpus[len(local.corpus)]
+    finally:
+        remote.close()
+
+
+def test_unreachable_service_is_a_retrieval_error():
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RetrievalError, match="unreachable"):
+        RemoteRetriever(f"http://127.0.0.1:{port}", timeout_s=2, connect_timeout_s=1)
+
+
+class RetrievalProcess:
+    """``ralmspec serve --retrieval-only`` as a child process (killable with SIGKILL)."""
+
+    def __init__(self, index_dir: str, kind: str, port: int = 0):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ralmspec.cli", "serve", "--retrieval-only", "--retriever", kind,
+             "--index", index_dir, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = None
+        lines: list[str] = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "serving on" in line:
+                self.url = line.split("serving on", 1)[1].strip()
+                break
+        if self.url is None:
+            self.kill()
+            raise RuntimeError("retrieval service did not start:\n" + "".join(lines))
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def kb_calls(self) -> int:
+        return request("GET", f"{self.url}/v1/stats")[1]["kb_calls"]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL: no graceful shutdown
+            self.proc.wait(30)
+
+
+def test_remote_knowledge_base_same_tokens_then_killed_mid_request_is_503(small_indexes, tiny_lm):
+    kind = "bm25"
+    index_dir = small_indexes[kind].index_dir  # set by load_retriever: the folder with manifest.json
+    gen = TEST_ENGINE_CONFIG.generation
+    oracle_engine = RalmEngine(tiny_lm, small_indexes[kind], TEST_ENGINE_CONFIG)
+    svc = RetrievalProcess(index_dir, kind)
+    remote = RemoteRetriever(svc.url, timeout_s=10, connect_timeout_s=2)
+    engine = RalmEngine(tiny_lm, remote, TEST_ENGINE_CONFIG)
+    app = create_app(engine, SchedulerConfig(max_concurrent=4, retrieval_timeout_s=10, retrieval_retries=1),
+                     server_config=ServerConfig(model_name=MODEL))
+    front = ServerThread(app).start()
+    url = f"{front.url}/v1/completions"
+    try:
+        # 1. remote knowledge base == in-process knowledge base, token for token
+        for q, ralm in (("who wrote the song hey jude", {}), ("when did the roman empire fall", {"speculate": False}),
+                        ("what is the tallest mountain in europe", {"async_verify": False, "prefetch": 1})):
+            status, body = request("POST", url, {"model": MODEL, "prompt": q, "max_tokens": 12, "ralm": ralm})
+            assert status == 200, body
+            want = oracle_engine.generate_sync(q, gen=replace(gen, max_new_tokens=12), speculate=False)
+            assert body["choices"][0]["text"] == want.text
+            assert [p["doc_id"] for p in body["ralm"]["passages"]] == [s.doc_id for s in want.steps]
+            assert body["ralm"]["retriever"] == kind
+
+        # 2. SIGKILL the service while a long non-streaming request runs: clean 503, no answer
+        long_body = {"model": MODEL, "prompt": "the history of the roman empire", "max_tokens": 400,
+                     "ralm": {"stride": 1}}
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(r=request("POST", url, long_body)))
+        calls0 = svc.kb_calls()
+        t.start()
+        deadline = time.time() + 60
+        while svc.kb_calls() < calls0 + 5 and time.time() < deadline:
+            time.sleep(0.01)
+        svc.kill()
+        t.join(60)
+        status, body = result["r"]
+        assert status == 503, body
+        assert set(body) == {"error"} and body["error"]["code"] == "knowledge_base_unavailable"
+        # while it is down, new requests fail fast with 503 too
+        status, body = request("POST", url, {"model": MODEL, "prompt": "who wrote hamlet", "max_tokens": 4})
+        assert status == 503 and body["error"]["type"] == "service_unavailable"
+
+        # 3. the service comes back on the same port: answers are correct again
+        svc = RetrievalProcess(index_dir, kind, port=svc.port)
+        q = "who was the first president of the united states"
+        status, body = request("POST", url, {"model": MODEL, "prompt": q, "max_tokens": 8})
+        assert status == 200, body
+        want = oracle_engine.generate_sync(q, gen=replace(gen, max_new_tokens=8), speculate=False)
+        assert body["choices"][0]["text"] == want.text
+
+        # 4. SIGKILL during a stream: verified tokens only, then an error event and no [DONE]
+        stream_q, n = "the alps are a mountain range", 200
+        events = asyncio.run(_stream_and_kill(url, {"model": MODEL, "prompt": stream_q, "max_tokens": n,
+                                                    "stream": True, "ralm": {"stride": 1}}, svc))
+        assert events[-1] != "[DONE]"
+        last = json.loads(events[-1])
+        assert last["error"]["code"] == "knowledge_base_unavailable"
+        text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        want = oracle_engine.generate_sync(stream_q, gen=replace(gen, stride=1, max_new_tokens=n), speculate=False)
+        assert text and want.text.startswith(text) and len(text) < len(want.text)
+    finally:
+        svc.kill()
+        front.stop()
+        remote.close()
+
+
+async def _stream_and_kill(url: str, body: dict, svc: RetrievalProcess) -> list[str]:
+    import aiohttp
+
+    events: list[str] = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json=body) as r:
+            assert r.status == 200
+            async for line in r.content:
+                line = line.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[len("data: "):])
+                if len(events) == 2:
+                    await asyncio.get_running_loop().run_in_executor(None, svc.kill)
+    return events

@@ -1,0 +1,84 @@
+"""OS^3 against hand-computed cases (DESIGN §1)."""
+
+import math
+
+import pytest
+
+from ralmspec.speculation.stride import (
+    StrideScheduler, best_stride, expected_verified_chunks, round_time,
+)
+
+
+def test_expected_chunks_closed_form():
+    assert expected_verified_chunks(0.6, 1) == pytest.approx(1.0)
+    assert expected_verified_chunks(0.6, 3) == pytest.approx(1 + 0.6 + 0.36)
+    assert expected_verified_chunks(1.0, 5) == 5.0
+    assert expected_verified_chunks(0.0, 4) == pytest.approx(1.0)
+
+
+def test_round_time_sync_and_async():
+    assert round_time(1, 40, 0.6, 6, async_verify=False) == 46
+    # async, s=2: γ^2((s-1)a + max(a,b)) + (1-γ^2)(s a + b)
+    expect = 0.25 * (1 * 2 + max(2, 3)) + 0.75 * (2 * 2 + 3)
+    assert round_time(2, 3, 0.5, 2, async_verify=True) == pytest.approx(expect)
+
+
+def test_design_check_sync_a1_b40_gamma06_gives_6():
+    # hand computation: f(s) = (1-0.6^s)/0.4/(s+40): s=5 0.05124, s=6 0.05181, s=7 0.05170
+    assert best_stride(1.0, lambda s: 40.0, 0.6, async_verify=False, s_max=16) == 6
+
+
+def test_async_with_cheap_verification_prefers_stride_1():
+    for gamma in (0.1, 0.3, 0.6):
+        assert best_stride(1.0, lambda s: 0.5, gamma, async_verify=True, s_max=16) == 1
+
+
+def test_s_max_bounds_the_stride():
+    assert best_stride(1.0, lambda s: 1000.0, 0.6, async_verify=False, s_max=4) == 4
+
+
+def test_gamma_estimate_window_and_cap():
+    sch = StrideScheduler(os3=True, window=2, gamma_max=0.6)
+    assert sch.gamma() is None
+    sch.observe_round(speculated=4, matched=4)  # no mismatch
+    assert sch.gamma() == pytest.approx(0.6)  # 4/4 capped at 0.6
+    sch.observe_round(speculated=4, matched=1)  # mismatch: (4+1)/(5+1)
+    assert sch.gamma() == pytest.approx(min(0.6, 5 / 6))
+    sch.observe_round(speculated=3, matched=0)  # window 2 drops the first round: 1/(1+2)
+    assert sch.gamma() == pytest.approx(1 / 3)
+
+
+def test_scheduler_starts_at_1_and_follows_measurements():
+    sch = StrideScheduler(os3=True, async_verify=False)
+    assert sch.next_stride() == 1
+    sch.observe_step(1.0)
+    sch.observe_verification(1, 40.0)
+    sch.observe_round(1, 1)
+    assert sch.next_stride() == 6  # γ capped at 0.6, a=1, b=40 -> 6 (DESIGN check)
+
+
+def test_fixed_mode_ignores_measurements():
+    sch = StrideScheduler(os3=False, fixed_stride=3)
+    sch.observe_step(1.0)
+    sch.observe_verification(1, 1000.0)
+    sch.observe_round(5, 5)
+    assert sch.next_stride() == 3
+
+
+def test_verification_cost_model_is_linear_in_batch_size():
+    sch = StrideScheduler()
+    sch.observe_verification(1, 11.0)
+    sch.observe_verification(8, 46.0)
+    assert sch.verification_cost(1) == pytest.approx(11.0)
+    assert sch.verification_cost(8) == pytest.approx(46.0)
+    assert sch.verification_cost(4) == pytest.approx(11.0 + 5.0 * 3)
+    assert not math.isnan(sch.verification_cost(16))
+
+
+def test_cheap_retrieval_keeps_stride_small_sync():
+    # retrieval 1% of a step: speculation can barely help; OS^3 must not pick a big stride.
+    sch = StrideScheduler(os3=True, async_verify=False)
+    sch.observe_step(1.0)
+    sch.observe_verification(1, 0.01)
+    sch.observe_round(1, 0)
+    assert sch.next_stride() == 1

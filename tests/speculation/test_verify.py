@@ -1,0 +1,54 @@
+import asyncio
+
+import pytest
+
+from ralmspec.errors import RetrievalError
+from ralmspec.retrieval.base import Hit
+from ralmspec.speculation.verify import first_mismatch, verify_batch
+
+
+def test_first_mismatch_rule():
+    assert first_mismatch([1, 2, 3], [1, 2, 3]) is None
+    assert first_mismatch([1, 2, 3], [1, 5, 3]) == 1
+    assert first_mismatch([1, 2, 3], [0, 5, 7]) == 0
+    assert first_mismatch([], []) is None
+    with pytest.raises(ValueError):
+        first_mismatch([1], [1, 2])
+
+
+def test_verify_batch_retries_then_succeeds():
+    calls = []
+
+    async def flaky(queries, k):
+        calls.append(list(queries))
+        if len(calls) < 2:
+            raise ConnectionError("boom")
+        return [[Hit(7, 1.0)] for _ in queries]
+
+    hits = asyncio.run(verify_batch(flaky, ["a", "b"], 1, retries=2))
+    assert [h[0].doc_id for h in hits] == [7, 7]
+    assert calls == [["a", "b"], ["a", "b"]]  # one batched call per attempt
+
+
+def test_verify_batch_gives_typed_error_when_kb_stays_down():
+    async def down(queries, k):
+        raise ConnectionError("refused")
+
+    with pytest.raises(RetrievalError, match="unavailable after 3 attempts"):
+        asyncio.run(verify_batch(down, ["a"], 1, retries=2))
+
+
+def test_verify_batch_rejects_short_or_empty_answers():
+    async def short(queries, k):
+        return [[]]
+
+    with pytest.raises(RetrievalError):
+        asyncio.run(verify_batch(short, ["a"], 1, retries=0))
+
+
+def test_verify_batch_timeout_is_an_error():
+    async def slow(queries, k):
+        await asyncio.sleep(5)
+
+    with pytest.raises(RetrievalError):
+        asyncio.run(verify_batch(slow, ["a"], 1, retries=0, timeout_s=0.05))
