@@ -131,6 +131,7 @@ class RunResult:
     kb_queries: dict = field(default_factory=dict)
     kb_callers: dict = field(default_factory=dict)
     request_verify_batch_sizes: dict[int, int] = field(default_factory=dict)
+    loadavg_1min: tuple[float, float] | None = None  # machine load at start and end (noise indicator)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -154,6 +155,7 @@ async def run_one(url: str, model: str, questions: list[str], mode: str, concurr
         async with s.get(f"{url}/v1/stats") as r:
             before = await r.json()
         res.rss_start = rss_bytes(pid) if pid else await rss_from_metrics(s, url)
+        load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         t0 = time.perf_counter()
         deadline = t0 + duration
 
@@ -190,6 +192,8 @@ async def run_one(url: str, model: str, questions: list[str], mode: str, concurr
         await asyncio.gather(*(client(c) for c in range(concurrency)))
         res.duration_s = time.perf_counter() - t0
         res.rss_end = rss_bytes(pid) if pid else await rss_from_metrics(s, url)
+        if load0 is not None:
+            res.loadavg_1min = (load0, os.getloadavg()[0])
         async with s.get(f"{url}/v1/stats") as r:
             after = await r.json()
     res.lm_batches = _summ(_delta_counts(after["lm_batch_sizes"], before["lm_batch_sizes"]))

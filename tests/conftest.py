@@ -9,16 +9,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-SMALL_CORPUS_SIZE = 400
+SMALL_CORPUS_SIZE = 240
+SMALL_PASSAGE_WORDS = 60
 
 
 @pytest.fixture(scope="session")
 def small_corpus():
+    """240 real passages spread over all embedded articles, cut to 60 words (cheap to encode)."""
     from ralmspec.data.corpus import Corpus, Passage
     from ralmspec.data.loaders import default_corpus
 
     full = default_corpus()
-    return Corpus([Passage(i, p.title, p.text, p.source_id) for i, p in enumerate(list(full)[:SMALL_CORPUS_SIZE])])
+    step = len(full) // SMALL_CORPUS_SIZE
+    picked = [full[i * step] for i in range(SMALL_CORPUS_SIZE)]
+    return Corpus([Passage(i, p.title, " ".join(p.text.split()[:SMALL_PASSAGE_WORDS]), p.source_id)
+                   for i, p in enumerate(picked)])
 
 
 @pytest.fixture(scope="session")

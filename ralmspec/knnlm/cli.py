@@ -39,6 +39,9 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: manifest)")
     g.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: manifest)")
+    g.add_argument("--gemm-min-batch", type=int, default=None,
+                   help="flat: batches of >= this many queries use one GEMM for candidates (0: never; "
+                        "the answer is identical either way)")
     s = p.add_argument_group("speculation")
     s.add_argument("--stride", type=int, default=None, help="fixed speculation stride (default: OS^3)")
     s.add_argument("--successors", type=int, default=10, help="successors i+1..i+m cached per entry (default 10)")
@@ -77,7 +80,8 @@ def _open(args: argparse.Namespace):
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
     from ralmspec.lm.models import load_lm
 
-    ds = load_datastore(args.datastore, nprobe=args.nprobe, ef_search=args.ef_search)
+    ds = load_datastore(args.datastore, nprobe=args.nprobe, ef_search=args.ef_search,
+                        gemm_min_batch=args.gemm_min_batch)
     lm = load_lm(args.model or ds.model_name, device=args.device)
     cfg = KNNLMConfig(k=args.k, lam=args.lam, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     return KNNLM(lm, ds, cfg), ds
@@ -179,44 +183,14 @@ def bench_prompts(lm: Any, source: str, n: int, prompt_tokens: int) -> list[list
     return out
 
 
-def run_bench(knn: Any, spec_cfg: Any, prompts: Sequence[Sequence[int]], warmup: int = 1) -> dict:
-    """Naive vs speculative on ``prompts`` (alternating, after ``warmup`` untimed runs of each).
-
-    Returns a JSON-able dict with per-prompt records and a summary (speed-up = Σ naive wall /
-    Σ speculative wall; limit = (Σ LM + Σ search) / Σ LM of the naive runs; acceptance = Σ
-    accepted / Σ speculated).
-    """
-    from ralmspec.knnlm.speculative import SpeculativeKNNLM
-
-    spec = SpeculativeKNNLM(knn, spec_cfg)
-    for p in list(prompts)[:warmup]:
-        knn.generate(p)
-        spec.generate(p)
-    records = []
-    for i, p in enumerate(prompts):
-        if i % 2 == 0:
-            a = knn.generate(p)
-            b = spec.generate(p)
-        else:
-            b = spec.generate(p)
-            a = knn.generate(p)
-        st = b.stats
-        records.append({
-            "prompt_tokens": len(p), "new_tokens": len(a.tokens), "identical": a.tokens == b.tokens,
-            "naive_wall_s": a.wall_s, "naive_lm_s": a.lm_s, "naive_search_s": a.search_s,
-            "spec_wall_s": b.wall_s, "spec_lm_s": st.lm_s, "spec_cache_s": st.cache_s,
-            "spec_verify_s": st.verify_s, "spec_verify_wait_s": st.verify_wait_s, "spec_cache_add_s": st.cache_add_s,
-            "speculated": st.speculated, "accepted": st.accepted, "rounds": st.rounds, "rollbacks": st.rollbacks,
-            "mean_stride": (sum(st.strides) / len(st.strides)) if st.strides else 0.0,
-            "speedup": a.wall_s / b.wall_s if b.wall_s > 0 else float("nan"), "limit": a.limit(),
-        })
+def _summary(records: list[dict]) -> dict:
     sum_ = lambda key: sum(r[key] for r in records)  # noqa: E731
-    tokens = sum_("new_tokens")
-    summary = {
+    tokens = max(1, sum_("new_tokens"))
+    s = {
         "prompts": len(records),
         "all_identical": all(r["identical"] for r in records),
         "differing_prompts": [i for i, r in enumerate(records) if not r["identical"]],
-        "new_tokens": tokens,
+        "new_tokens": sum_("new_tokens"),
         "naive_wall_s": sum_("naive_wall_s"), "spec_wall_s": sum_("spec_wall_s"),
         "speedup": sum_("naive_wall_s") / sum_("spec_wall_s"),
         "median_speedup": statistics.median(r["speedup"] for r in records),
@@ -224,12 +198,66 @@ def run_bench(knn: Any, spec_cfg: Any, prompts: Sequence[Sequence[int]], warmup:
         "naive_lm_ms_per_token": 1e3 * sum_("naive_lm_s") / tokens,
         "naive_search_ms_per_token": 1e3 * sum_("naive_search_s") / tokens,
         "spec_ms_per_token": 1e3 * sum_("spec_wall_s") / tokens,
+        "spec_lm_ms_per_token": 1e3 * sum_("spec_lm_s") / tokens,
+        "spec_cache_ms_per_token": 1e3 * sum_("spec_cache_s") / tokens,
+        "spec_verify_ms_per_token": 1e3 * sum_("spec_verify_s") / tokens,
+        "spec_verify_wait_ms_per_token": 1e3 * sum_("spec_verify_wait_s") / tokens,
         "acceptance_rate": sum_("accepted") / max(1, sum_("speculated")),
         "rounds": sum_("rounds"), "rollbacks": sum_("rollbacks"),
         "mean_stride": sum_("speculated") / max(1, sum_("rounds")),
+        "real_searches_per_token": sum_("real_searches") / tokens,
     }
-    summary["share_of_limit"] = (summary["speedup"] - 1) / (summary["limit"] - 1) if summary["limit"] > 1 else None
-    return {"summary": summary, "records": records}
+    s["share_of_limit"] = (s["speedup"] - 1) / (s["limit"] - 1) if s["limit"] > 1 else None
+    return s
+
+
+def run_bench(knn: Any, variants: Any, prompts: Sequence[Sequence[int]], warmup: int = 1) -> dict:
+    """Naive vs speculative kNN-LM on ``prompts``, one request at a time, in one process.
+
+    ``variants``: one ``SpeculativeKNNConfig`` or a ``{name: config}`` mapping. For every prompt
+    the naive decoder runs once and then each variant (the order naive/variants alternates from
+    prompt to prompt), after ``warmup`` untimed prompts. Per variant: speed-up = Σ naive wall /
+    Σ speculative wall; limit = (Σ LM + Σ search) / Σ LM of the naive runs, i.e. (a+r)/a;
+    acceptance = Σ accepted / Σ speculated; every output is compared token for token.
+    Returns ``{"variants": {name: {"summary", "records"}}}``, plus top-level ``summary`` and
+    ``records`` when a single config was given.
+    """
+    from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
+
+    single = isinstance(variants, SpeculativeKNNConfig)
+    vmap = {"speculative": variants} if single else dict(variants)
+    specs = {name: SpeculativeKNNLM(knn, cfg) for name, cfg in vmap.items()}
+    for p in list(prompts)[:warmup]:
+        knn.generate(p)
+        for sp in specs.values():
+            sp.generate(p)
+    records: dict[str, list[dict]] = {name: [] for name in vmap}
+    for i, p in enumerate(prompts):
+        spec_res = {}
+        if i % 2 == 0:
+            a = knn.generate(p)
+        for name, sp in specs.items():
+            spec_res[name] = sp.generate(p)
+        if i % 2 == 1:
+            a = knn.generate(p)
+        for name, b in spec_res.items():
+            st = b.stats
+            records[name].append({
+                "prompt_tokens": len(p), "new_tokens": len(a.tokens), "identical": a.tokens == b.tokens,
+                "naive_wall_s": a.wall_s, "naive_lm_s": a.lm_s, "naive_search_s": a.search_s,
+                "spec_wall_s": b.wall_s, "spec_lm_s": st.lm_s, "spec_cache_s": st.cache_s,
+                "spec_verify_s": st.verify_s, "spec_verify_wait_s": st.verify_wait_s,
+                "spec_cache_add_s": st.cache_add_s, "real_searches": st.real_searches,
+                "speculated": st.speculated, "accepted": st.accepted, "rounds": st.rounds,
+                "rollbacks": st.rollbacks, "strides": st.strides,
+                "speedup": a.wall_s / b.wall_s if b.wall_s > 0 else float("nan"), "limit": a.limit(),
+            })
+    out: dict[str, Any] = {"variants": {name: {"summary": _summary(recs), "records": recs}
+                                        for name, recs in records.items()}}
+    if single:
+        out["summary"] = out["variants"]["speculative"]["summary"]
+        out["records"] = out["variants"]["speculative"]["records"]
+    return out
 
 
 def machine_info() -> dict:

@@ -147,6 +147,10 @@ class SearchParams:
     rescore_margin: int = 32
     nprobe: int = 16
     ef_search: int = 64
+    # Flat only: batches of at least this many queries get their candidates from one float32
+    # GEMM (all threads, one pass over the keys) instead of FAISS's per-query scan; 0 = never.
+    # The exact float64 top-k is certified either way, so the answer does not change.
+    gemm_min_batch: int = 0
 
 
 def corpus_documents(corpus: Sequence[Any]) -> list[str]:
@@ -214,6 +218,8 @@ class Datastore:
         self.model_name: str = manifest["model"]
         self.widened_searches = 0  # flat searches whose candidate list had to be enlarged
         self._max_norm2: float | None = None
+        self._xb: Any = None  # flat: torch view of the index's float32 vectors (GEMM path)
+        self._xb_norm2: Any = None
 
     # ---------------------------------------------------------------- entries
 
@@ -262,6 +268,22 @@ class Datastore:
             self._max_norm2 = m
         return self._max_norm2
 
+    def _gemm_candidates(self, q32: np.ndarray, kc: int) -> tuple[np.ndarray, np.ndarray]:
+        """Flat only: candidates from ONE float32 GEMM over the index's vectors (torch / BLAS,
+        all threads): ``||k||^2 + ||q||^2 - 2 q.k``, the ``kc`` smallest per query."""
+        import faiss
+        import torch
+
+        if self._xb is None:
+            xb = faiss.rev_swig_ptr(self.index.get_xb(), self.n * self.dim)
+            self._xb = torch.from_numpy(np.asarray(xb).reshape(self.n, self.dim))  # no copy
+            self._xb_norm2 = (self._xb * self._xb).sum(1)
+        with torch.inference_mode():
+            q = torch.from_numpy(q32)
+            dist = self._xb_norm2[None, :] + (q * q).sum(1, keepdim=True) - 2.0 * (q @ self._xb.T)
+            vals, idx = torch.topk(dist, kc, dim=1, largest=False, sorted=True)
+        return vals.numpy(), idx.numpy().astype(np.int64)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Canonical k-NN: ``(ids int64 [n, k], squared distances float64 [n, k])`` (module doc).
 
@@ -280,33 +302,53 @@ class Datastore:
         q = np.ascontiguousarray(q)
         out_ids = np.empty((q.shape[0], k), dtype=np.int64)
         out_d = np.empty((q.shape[0], k), dtype=np.float64)
-        for s in range(0, q.shape[0], FAISS_CHUNK):
-            chunk = q[s:s + FAISS_CHUNK]
-            kc = min(self.n, k + self.params.rescore_margin)
-            cand_d, cand_i = self._faiss_search(chunk, kc)
+        kc = min(self.n, k + self.params.rescore_margin)
+        gemm = self.index_kind == "flat" and self.params.gemm_min_batch > 0 and q.shape[0] >= self.params.gemm_min_batch
+        chunk_size = q.shape[0] if gemm else FAISS_CHUNK
+        for s in range(0, q.shape[0], chunk_size):
+            chunk = q[s:s + chunk_size]
+            if gemm:
+                cand_d, cand_i = self._gemm_candidates(chunk, kc)
+            else:
+                cand_d, cand_i = self._faiss_search(chunk, kc)
             for r in range(chunk.shape[0]):
-                ids, d = self._rescore(chunk[r], cand_i[r], cand_d[r], k, kc)
+                ids, d = self._rescore(chunk[r], cand_i[r], cand_d[r], k, kc, gemm)
                 out_ids[s + r], out_d[s + r] = ids, d
         return out_ids, out_d
 
+    def _certified(self, q: np.ndarray, top_d: np.ndarray, k: int, cand_d32: np.ndarray, gemm: bool) -> bool:
+        """True when no entry outside the candidates can be in the exact top-k (module doc).
+
+        Every non-candidate has a computed float32 distance >= the largest candidate's. FAISS's
+        per-query path computes ``Σ (q_i - k_i)^2`` (relative error <= ``_F32_REL_ERR``); the GEMM
+        path computes ``||k||^2 + ||q||^2 - 2 q.k`` (absolute error <= ``2 γ_d (||q||^2 +
+        max ||k||^2)`` with ``γ_d = (d+2) u``).
+        """
+        if top_d.size < k:
+            return False
+        bound = float(cand_d32.max())
+        if gemm:
+            qn = float(np.dot(q.astype(np.float64), q.astype(np.float64)))
+            tol = 2.2 * (self.dim + 2) * 2.0 ** -24 * (qn + self._max_key_norm2()) + 1e-6
+            return top_d[-1] < bound - tol
+        return top_d[-1] < bound * (1.0 - _F32_REL_ERR) - 1e-9
+
     def _rescore(self, q: np.ndarray, cand_i: np.ndarray, cand_d32: np.ndarray, k: int,
-                 kc: int) -> tuple[np.ndarray, np.ndarray]:
+                 kc: int, gemm: bool = False) -> tuple[np.ndarray, np.ndarray]:
         while True:
             valid = cand_i >= 0
             ids = cand_i[valid]
             exact = self.distances(q, ids)
             top_i, top_d = rank_entries(ids, exact, k)
-            if self.index_kind != "flat" or kc >= self.n:
+            if self.index_kind != "flat" or kc >= self.n or self._certified(q, top_d, k, cand_d32[valid], gemm):
                 break
-            # Certification (module doc): all non-candidates have float32 distance >= bound.
-            bound = float(cand_d32[valid].max())
-            if top_d.size == k and top_d[-1] < bound * (1.0 - _F32_REL_ERR) - 1e-9:
-                break
+            # Not certified: ask FAISS's per-query path for 4x more candidates (up to all entries).
             self.widened_searches += 1
             kc = min(self.n, kc * 4)
+            gemm = False
             dd, ii = self._faiss_search(q[None, :], kc)
             cand_i, cand_d32 = ii[0], dd[0]
-        if top_i.size < k:  # approximate index returned fewer than k: pad deterministically
+        if top_i.size < k:
             raise ConfigError(f"the {self.index_kind} index returned only {top_i.size} candidates for "
                               f"k={k}; raise nprobe / ef_search")
         return top_i, top_d
@@ -563,7 +605,7 @@ _REQUIRED = ("manifest.json", "keys.npy", "values.npy", "doc_offsets.npy")
 
 
 def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_search: int | None = None,
-                   rescore_margin: int | None = None) -> Datastore:
+                   rescore_margin: int | None = None, gemm_min_batch: int | None = None) -> Datastore:
     """Open a datastore folder written by :func:`build_datastore`.
 
     Raises ``IndexNotFoundError`` when the folder or one of its files is missing, and
@@ -600,8 +642,9 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
     s = manifest.get("search", {})
     params = SearchParams(rescore_margin=int(s.get("rescore_margin", 32) if rescore_margin is None else rescore_margin),
                           nprobe=int(s.get("nprobe", 16) if nprobe is None else nprobe),
-                          ef_search=int(s.get("ef_search", 64) if ef_search is None else ef_search))
-    if params.rescore_margin < 0 or params.nprobe < 1 or params.ef_search < 1:
+                          ef_search=int(s.get("ef_search", 64) if ef_search is None else ef_search),
+                          gemm_min_batch=int(s.get("gemm_min_batch", 0) if gemm_min_batch is None else gemm_min_batch))
+    if params.rescore_margin < 0 or params.nprobe < 1 or params.ef_search < 1 or params.gemm_min_batch < 0:
         raise ConfigError(f"invalid search parameters {params}")
     import faiss
 

@@ -53,7 +53,7 @@ import numpy as np
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
 from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState
-from ralmspec.speculation.stride import StrideScheduler
+from ralmspec.speculation.stride import StrideScheduler, expected_verified_chunks, round_time
 
 _U32 = 2.0 ** -24  # float32 unit roundoff
 
@@ -72,6 +72,8 @@ class SpeculativeKNNConfig:
     strict: bool = False  # accept only when the speculated top-k ids equal the true ones
     async_verify: bool = False
     prefilter: bool = True  # certified float32 prefilter in the cache (exact result either way)
+    naive_fallback: bool = True  # with OS^3: plain verified steps while it predicts no gain (module doc)
+    probe_every: int = 4  # during the fallback, every n-th step also probes the cache (0: never)
 
     def __post_init__(self) -> None:
         if not 0 <= self.successors <= 1024:
@@ -82,6 +84,8 @@ class SpeculativeKNNConfig:
             raise ConfigError("fixed_stride and s_max must be in [1, 64]")
         if self.window < 1 or not 0.0 < self.gamma_max < 1.0:
             raise ConfigError("window must be >= 1 and 0 < gamma_max < 1")
+        if self.probe_every < 0:
+            raise ConfigError(f"probe_every must be >= 0, got {self.probe_every!r}")
 
 
 # ---------------------------------------------------------------------- cache
@@ -231,6 +235,9 @@ class SpeculativeStats:
     cache_size: int = 0
     cache_evictions: int = 0
     prefilter_fallbacks: int = 0
+    naive_steps: int = 0  # verified steps without speculation (first token, OS^3 fallback)
+    probes: int = 0  # fallback steps that also asked the cache
+    probe_hits: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -295,21 +302,55 @@ class SpeculativeKNNLM:
         def finished(tokens: list[int]) -> bool:
             return len(tokens) >= cfg.max_new_tokens or (bool(tokens) and base.is_stop(tokens[-1]))
 
-        # First token: a real search (the cache starts from the prompt's neighbours).
-        ids, d, tv = self._verify([state.hidden])
-        st.verify_s += tv
-        st.real_searches += 1
-        st.verified_queries += 1
-        t0 = time.perf_counter()
-        cache.add_search_result(ids[0], scfg.successors)
-        st.cache_add_s += time.perf_counter() - t0
-        out.append(base.decide(state.logits, ids[0], d[0]))
-        if not finished(out):
-            state = dec.step(out[-1])
-            st.lm_s += state.seconds
-
         # In-flight verification (async only): (future, pending steps, index in `out` of step 0)
         inflight: tuple[Future, list[_Pending], int] | None = None
+        timing = {"lm_step": None, "spec_step": None}  # latest 1-row LM forward / speculative step
+
+        def feed(tok: int) -> None:
+            """Feed the last verified token to the LM unless the request is finished."""
+            nonlocal state
+            if not finished(out):
+                dec.truncate(n_prompt + len(out) - 1)  # no-op unless rolled back
+                state = dec.step(tok)
+                st.lm_s += state.seconds
+                timing["lm_step"] = state.seconds
+
+        def naive_step() -> None:
+            """One verified token from a real search (the first token, and the OS^3 fallback).
+            Every ``probe_every``-th fallback step also asks the cache first, so the acceptance
+            estimate keeps tracking the cache and speculation can resume."""
+            probe = st.naive_steps > 0 and scfg.probe_every > 0 and st.naive_steps % scfg.probe_every == 0
+            if probe:
+                t0 = time.perf_counter()
+                sid, sd = cache.topk(state.hidden, k)
+                spec_tok = base.decide(state.logits, sid, sd)
+                st.cache_s += time.perf_counter() - t0
+            ids, d, tv = self._verify([state.hidden])
+            st.verify_s += tv
+            st.real_searches += 1
+            st.verified_queries += 1
+            sched.observe_verification(1, tv)
+            t0 = time.perf_counter()
+            cache.add_search_result(ids[0], scfg.successors)
+            st.cache_add_s += time.perf_counter() - t0
+            tok = base.decide(state.logits, ids[0], d[0])
+            if probe:
+                ok = spec_tok == tok and (not scfg.strict or np.array_equal(sid, ids[0]))
+                sched.observe_round(1, int(ok))
+                st.probes += 1
+                st.probe_hits += int(ok)
+            st.naive_steps += 1
+            out.append(tok)
+            feed(tok)
+
+        def speculation_pays(s: int) -> bool:
+            """OS^3's predicted verified tokens/s at stride ``s`` beat the naive decoder's rate."""
+            g, b_s, b_1 = sched.gamma(), sched.verification_cost(s), sched.verification_cost(1)
+            a_spec, a_lm = timing["spec_step"], timing["lm_step"]
+            if not (scfg.naive_fallback and scfg.os3) or None in (g, b_s, b_1, a_spec, a_lm):
+                return True
+            rate = expected_verified_chunks(g, s) / round_time(a_spec, b_s, g, s, scfg.async_verify)
+            return rate > 1.0 / (a_lm + b_1)
 
         def apply(pend: list[_Pending], first: int, ids: np.ndarray, d: np.ndarray) -> int | None:
             """Walk a verified round; feed the cache; return the index of the first rejection."""
@@ -332,6 +373,7 @@ class SpeculativeKNNLM:
                 st.cache_add_s += time.perf_counter() - t0
 
         def settle(fut: Future, pend: list[_Pending], first: int) -> int | None:
+            """Apply a verification result; on a rejection roll the LM back and feed the true token."""
             t0 = time.perf_counter()
             ids, d, tv = fut.result()
             st.verify_wait_s += time.perf_counter() - t0
@@ -342,10 +384,22 @@ class SpeculativeKNNLM:
             st.rounds += 1
             if j is not None:
                 st.rollbacks += 1
+                feed(out[-1])
             return j
+
+        # First token: a real search (the cache starts from the prompt's neighbours).
+        naive_step()
 
         while not finished(out):
             s = max(1, min(sched.next_stride(), cfg.max_new_tokens - len(out)))
+            if not speculation_pays(s):
+                if inflight is not None:  # settle what is in flight before a verified step
+                    f_prev, p_prev, first_prev = inflight
+                    inflight = None
+                    settle(f_prev, p_prev, first_prev)
+                    continue
+                naive_step()
+                continue
             st.strides.append(s)
             first = len(out)
             pend: list[_Pending] = []
@@ -358,14 +412,16 @@ class SpeculativeKNNLM:
                 st.speculated += 1
                 pend.append(_Pending(state.hidden, state.logits, tok, sid))
                 out.append(tok)
-                last = finished(out) or i == s - 1
-                if last and pool is None:
-                    sched.observe_step(t_cache + state.seconds)
-                    break  # sync: the LM feed of the last token waits for verification
-                if finished(out):
+                if finished(out) or (i == s - 1 and pool is None):
+                    # sync: the LM feed of the round's last token waits for its verification
+                    step_s = timing["lm_step"] or state.seconds
+                    timing["spec_step"] = t_cache + step_s
+                    sched.observe_step(t_cache + step_s)
                     break
                 state = dec.step(tok)
                 st.lm_s += state.seconds
+                timing["lm_step"] = state.seconds
+                timing["spec_step"] = t_cache + state.seconds
                 sched.observe_step(t_cache + state.seconds)
 
             if pool is None:  # ---------------------------------------- synchronous
@@ -374,38 +430,23 @@ class SpeculativeKNNLM:
                 st.verified_queries += len(pend)
                 fut: Future = Future()
                 fut.set_result((ids, d, tv))
-                j = settle(fut, pend, first)
-                if finished(out):
-                    break
-                dec.truncate(n_prompt + len(out) - 1)  # no-op unless rolled back
-                state = dec.step(out[-1])
-                st.lm_s += state.seconds
+                if settle(fut, pend, first) is None:
+                    feed(out[-1])  # all kept: now feed the round's last token
                 continue
 
             # ------------------------------------------------------------- asynchronous
             if inflight is not None:
                 f_prev, p_prev, first_prev = inflight
                 inflight = None
-                j = settle(f_prev, p_prev, first_prev)
-                if j is not None:  # this round was built on a rejected token: already discarded
-                    if finished(out):
-                        break
-                    dec.truncate(n_prompt + len(out) - 1)
-                    state = dec.step(out[-1])
-                    st.lm_s += state.seconds
-                    continue
+                if settle(f_prev, p_prev, first_prev) is not None:
+                    continue  # this round was built on a rejected token: discarded with the rollback
             st.real_searches += 1
             st.verified_queries += len(pend)
             inflight = (pool.submit(self._verify, [p.hidden for p in pend]), pend, first)
             if finished(out):  # speculated up to the end: settle now
                 f_cur, p_cur, first_cur = inflight
                 inflight = None
-                j = settle(f_cur, p_cur, first_cur)
-                if j is None or finished(out):
-                    break
-                dec.truncate(n_prompt + len(out) - 1)
-                state = dec.step(out[-1])
-                st.lm_s += state.seconds
+                settle(f_cur, p_cur, first_cur)
 
         if inflight is not None:  # cannot happen: every exit path settles; keep the invariant loud
             raise AssertionError("a verification round was left unsettled")

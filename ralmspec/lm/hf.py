@@ -178,7 +178,7 @@ class HFLanguageModel(LanguageModel):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, eos_token_id: int | None,
                  max_context: int, device: str | torch.device = "cpu", block_size: int = 16,
-                 max_sessions: int = 256, max_cache_bytes: int | None = 4 << 30,
+                 max_sessions: int = 256, max_cache_bytes: int | None = 2 << 30,
                  stop_token_ids: Iterable[int] = (), name: str = "hf") -> None:
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ConfigError(f"block_size must be an integer >= 1, got {block_size!r}")

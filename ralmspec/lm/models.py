@@ -224,7 +224,7 @@ def _load_folder(path: Path) -> tuple[torch.nn.Module, Any, int | None, set[int]
 
 def load_lm(name_or_path: str, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
             *, max_context: int | None = None, max_sessions: int = 256,
-            max_cache_bytes: int | None = 4 << 30) -> HFLanguageModel:
+            max_cache_bytes: int | None = 2 << 30) -> HFLanguageModel:
     """Load a built-in model ("tiny", "default", "medium") or a local HF causal-LM folder.
 
     ``max_context`` (optional) lowers the model's context length (prompt + new tokens); it

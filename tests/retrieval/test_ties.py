@@ -51,15 +51,17 @@ def test_bm25_all_out_of_vocabulary_query_returns_lowest_doc_ids(kb_retrievers):
 def test_rescore_boundary_rule_finds_float64_top_k(encoder):
     """Near-ties that float32 FAISS orders wrongly are fixed by re-scoring + candidate widening.
 
-    500 passage vectors are tiny perturbations of a real query vector, so their float64 scores
-    differ below float32 resolution. With rescore_margin=0 FAISS's own top-k often differs from
-    the float64 top-k; search must still return exactly the float64 top-k.
+    500 passage vectors are tiny perturbations of a real query vector (a few float32 ulps), so
+    their float64 scores differ below float32 resolution: FAISS's float32 scores tie in large
+    groups and its top-k *set* differs from the float64 top-k. With rescore_margin=0 only the
+    widening rule can recover the float64 top-k.
     """
     query = "who wrote the poems of the Tang dynasty"
     q = encoder.encode_queries([query])[0]
     rng = np.random.default_rng(0)
     n = 500
-    vecs = (q[None, :] + 1e-4 * rng.standard_normal((n, q.size))).astype(np.float32)
+    scale = 10.0 ** rng.uniform(-8.5, -7, size=(n, 1))
+    vecs = (q[None, :] + scale * rng.standard_normal((n, q.size))).astype(np.float32)
     vecs[[10, 200, 480]] = vecs[7]  # exact duplicates too
     corpus = Corpus([Passage(i, "", f"p{i}") for i in range(n)])
     index = faiss.IndexFlatIP(q.size)
@@ -67,7 +69,8 @@ def test_rescore_boundary_rule_finds_float64_top_k(encoder):
     r = DenseRetriever(corpus, vecs, index, "exact", encoder, kb_config("exact", rescore_margin=0))
     all_ids = list(range(n))
     truth = rank_hits(all_ids, r.score(query, all_ids), 50)
-    faiss_ids = index.search(q[None, :], 50)[1][0].tolist()
-    assert faiss_ids != [h.doc_id for h in truth]  # the float32 order really is different
+    for k in (1, 10):
+        faiss_ids = index.search(q[None, :], k)[1][0].tolist()
+        assert set(faiss_ids) != {h.doc_id for h in truth[:k]}  # float32 really picks other passages
     for k in (1, 3, 10, 50):
         assert r.search_sync([query], k)[0] == truth[:k]

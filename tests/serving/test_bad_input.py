@@ -29,6 +29,7 @@ COMPLETION_CASES = [
     ("empty-prompt", with_(prompt=""), 400, "prompt"),
     ("blank-prompt", with_(prompt="   \n"), 400, "prompt"),
     ("prompt-int", with_(prompt=42), 400, "prompt"),
+    ("prompt-no-tokens", with_(prompt="\u0000\u0001"), 400, "prompt"),  # tokenizer drops control chars
     ("prompt-two-strings", with_(prompt=["a", "b"]), 400, "prompt"),
     ("prompt-token-ids", with_(prompt=[1, 2, 3]), 400, "prompt"),
     ("max-tokens-negative", with_(max_tokens=-1), 400, "max_tokens"),

@@ -1,0 +1,40 @@
+"""`ralmspec serve` argument handling: bad settings end with `error: ...` and status 2, before any
+model or index is loaded. (The serving path itself runs as a real process in test_remote.py.)"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from ralmspec.cli import build_parser, main
+
+
+def test_serve_is_registered_with_engine_and_server_flags():
+    a = build_parser().parse_args(["serve", "--model", "tiny", "--port", "0", "--max-concurrent", "4",
+                                   "--retriever-url", "http://127.0.0.1:1", "--stride", "2"])
+    assert a.command == "serve" and a.max_concurrent == 4 and a.stride == 2
+    assert a.retriever_url == "http://127.0.0.1:1" and a.max_queue == 64 and not a.retrieval_only
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--max-concurrent", "0"], "max_concurrent"),
+    (["--max-queue", "-1"], "max_queue"),
+    (["--port", "70000"], "--port"),
+    (["--retrieval-timeout", "0"], "retrieval_timeout_s"),
+    (["--retrieval-only", "--retriever-url", "http://127.0.0.1:9"], "cannot be combined"),
+    (["--retriever", "faiss-magic"], "unknown retriever"),
+    (["--retriever-url", "ftp://nowhere"], "http://host:port"),
+    (["--retriever-url", "DEAD"], "unreachable"),
+])
+def test_bad_serve_settings_exit_2(capsys, argv, msg):
+    argv = [x.replace("DEAD", f"http://127.0.0.1:{_dead_port()}") for x in argv]
+    assert main(["serve", "--model", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and msg in err, err
