@@ -204,8 +204,8 @@ def run_batch_cost(study: BatchCostStudy, res: Resources,
     for kind, pad in entries:
         r, label = res.knowledge_base(kind, pad)
         enc = getattr(r, "encoder", None)
-        warm = _fresh_texts(pool, cursor, 4)
-        cursor += 4
+        warm = _fresh_texts(pool, cursor, 2)
+        cursor += 2
         r.search_sync(warm, study.k)  # warm-up (threads, caches)
         for b in study.batch_sizes:
             for rep in range(study.repeats):

@@ -8,7 +8,8 @@ tokens + an NQ question) it times, interleaved so that machine load hits all var
   grown     greedy(P + first `stride` tokens, n), warm       (the next RaLM step)
   grown0    the same after a prefix-cache reset              (its cold baseline)
 
-and reports medians, vLLM's per-request ``num_cached_tokens`` and (when vLLM exposes them)
+and reports medians (wall time; with ``--in-process`` also this process' CPU time, which other
+jobs on a shared machine do not inflate), vLLM's per-request ``num_cached_tokens`` and (when vLLM exposes them)
 its Prometheus prefix-cache counters. Outputs of warm and cold runs are compared too.
 
     python scripts/bench_vllm_prefix.py --model default --prompts 8
@@ -47,9 +48,13 @@ def main() -> None:
     prompts = [tok.encode(f"{p.title}\n{p.text}")[: a.passage_tokens] + tok.encode(q)
                for p, q in zip(passages, questions)]
 
-    def timed(ids: list[int]) -> tuple[float, list[int], int]:
-        t = time.perf_counter()
+    cpu_times: dict[str, list[float]] = {"cold": [], "repeat": [], "grown": [], "grown_cold": []}
+
+    def timed(ids: list[int], label: str | None = None) -> tuple[float, list[int], int]:
+        t, c = time.perf_counter(), time.process_time()
         out = lm.greedy([ids], a.n)[0]
+        if label:  # CPU seconds of THIS process: the model's work when the engine is in-process
+            cpu_times[label].append(time.process_time() - c)
         return time.perf_counter() - t, out, lm.last_call_stats.cached_tokens
 
     lm.reset_prefix_cache()
@@ -57,12 +62,12 @@ def main() -> None:
     rows = []
     for p in prompts:
         lm.reset_prefix_cache()
-        cold_s, out, cold_c = timed(p)
-        rep_s, rep_out, rep_c = timed(p)
+        cold_s, out, cold_c = timed(p, "cold")
+        rep_s, rep_out, rep_c = timed(p, "repeat")
         grown = p + out
-        gr_s, gr_out, gr_c = timed(grown)
+        gr_s, gr_out, gr_c = timed(grown, "grown")
         lm.reset_prefix_cache()
-        gr0_s, gr0_out, gr0_c = timed(grown)
+        gr0_s, gr0_out, gr0_c = timed(grown, "grown_cold")
         rows.append(dict(prompt_len=len(p), cold_s=cold_s, cold_cached=cold_c, repeat_s=rep_s,
                          repeat_cached=rep_c, grown_s=gr_s, grown_cached=gr_c, grown_cold_s=gr0_s,
                          grown_cold_cached=gr0_c, same_repeat=rep_out == out, same_grown=gr_out == gr0_out))
@@ -77,6 +82,8 @@ def main() -> None:
                    cached_tokens_repeat_median=med("repeat_cached"), cached_tokens_grown_median=med("grown_cached"),
                    cached_tokens_cold_max=max(max(r["cold_cached"], r["grown_cold_cached"]) for r in rows),
                    outputs_identical=all(r["same_repeat"] and r["same_grown"] for r in rows))
+    if a.in_process:  # process CPU time is robust to other jobs on the machine; spawned: not measured
+        summary["cpu_ms_median"] = {k: round(1e3 * statistics.median(v), 1) for k, v in cpu_times.items()}
     try:
         metrics = {m.name: getattr(m, "value", None) for m in lm.llm.get_metrics()
                    if "prefix_cache" in m.name}

@@ -171,6 +171,9 @@ class BatchingLMClient:
             if session in self._in_backend:
                 self._release_after.add(session)
                 return
+        self._release_now(session)
+
+    def _release_now(self, session: Hashable) -> None:
         try:
             self._executor.submit(self.lm.release, session)
         except RuntimeError:  # executor shut down (scheduler closed): release inline
@@ -231,7 +234,7 @@ class BatchingLMClient:
             late = self._release_after & done
             self._release_after -= late
         for s in late:
-            self.lm.release(s)
+            self._release_now(s)
 
     def _call(self, batch: list[_LMItem]) -> list[Any]:
         """Worker thread: one backend call per distinct n; a failing group is retried item by item."""

@@ -320,7 +320,7 @@ def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--window", type=int, default=256, help="LM context window for keys (default 256)")
     b.add_argument("--context-stride", type=int, default=192, help="positions keyed per window (default 192)")
     b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4*sqrt(N))")
+    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~sqrt(N))")
     b.add_argument("--nprobe", type=int, default=16)
     b.add_argument("--pq-m", type=int, default=0, help="IVF-PQ sub-quantizers (0: IVF-Flat)")
     b.add_argument("--hnsw-m", type=int, default=32)

@@ -109,7 +109,7 @@ class DatastoreBuildConfig:
     window: int = 256  # LM context window used to compute keys
     stride: int = 192  # new positions keyed per window (each key sees >= window-stride context)
     batch_size: int = 8  # windows per forward
-    ivf_nlist: int | None = None  # None: about 4*sqrt(N), at least 1
+    ivf_nlist: int | None = None  # None: about sqrt(N), at least 1
     ivf_nprobe: int = 16
     pq_m: int = 0  # > 0: IVF-PQ with pq_m sub-quantizers of 8 bits (d % pq_m == 0)
     hnsw_m: int = 32
@@ -377,7 +377,7 @@ def _make_index(kind: str, keys32: np.ndarray, cfg: DatastoreBuildConfig) -> tup
         index.add(keys32)
         return index, info
     if kind == "ivf":
-        nlist = cfg.ivf_nlist or max(1, int(round(4 * np.sqrt(n))))
+        nlist = cfg.ivf_nlist or max(1, int(round(np.sqrt(n))))
         nlist = min(nlist, n)
         quantizer = faiss.IndexFlatL2(d)
         if cfg.pq_m > 0:

@@ -39,6 +39,18 @@ the main thread already speculates round r+1 on top of round r's unverified toke
 round r+1 is submitted, round r's result is applied: on a rejection, round r+1's work is thrown
 away with the rollback. At most one verification is in flight. Only verified tokens are ever
 returned.
+
+OS^3 and the naive fallback
+---------------------------
+The stride comes from the shared :class:`StrideScheduler` (``a`` = one speculative step: cache
+top-k + decision + 1-row LM forward; ``b(s)`` = one batched verification; ``γ`` from the last
+rounds, capped at ``gamma_max``). A stride-1 synchronous round costs a naive step *plus* a cache
+lookup, so speculation can only lose when retrieval is cheap. With ``naive_fallback`` (and OS^3
+on), before each round the predicted verified-tokens-per-second at the chosen stride,
+``E[kept](γ, s) / round_time(a, b(s), γ, s)``, is compared with the naive rate
+``1 / (LM step + b(1))``; when it does not beat it, the decoder takes a plain verified step (a
+real search, the cache is still fed) instead, probing the cache every ``probe_every``-th such
+step so that ``γ`` keeps being estimated and speculation resumes when it pays again.
 """
 
 from __future__ import annotations
@@ -52,7 +64,7 @@ import numpy as np
 
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
-from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState
+from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult
 from ralmspec.speculation.stride import StrideScheduler, expected_verified_chunks, round_time
 
 _U32 = 2.0 ** -24  # float32 unit roundoff

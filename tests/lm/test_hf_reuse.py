@@ -40,9 +40,9 @@ def engine_like_steps(rng: random.Random, n_steps: int, max_passage: int = 120):
         marks.append(len(ctx))
 
 
-def run_sequence(lm, rng: random.Random, session, n_steps: int) -> int:
+def run_sequence(lm, rng: random.Random, session, n_steps: int, max_passage: int = 120) -> int:
     """Drive one engine-like request, checking each reused call against a fresh one."""
-    gen = engine_like_steps(rng, n_steps)
+    gen = engine_like_steps(rng, n_steps, max_passage)
     prompt = next(gen)
     reused = 0
     try:
@@ -58,10 +58,11 @@ def run_sequence(lm, rng: random.Random, session, n_steps: int) -> int:
     return reused
 
 
-@pytest.mark.parametrize("block_size", [1, 5, 16])
-def test_engine_like_sequence_reuse_equals_no_reuse(fresh, block_size):
+@pytest.mark.parametrize("block_size, max_passage", [(1, 30), (5, 120), (16, 200)])
+def test_engine_like_sequence_reuse_equals_no_reuse(fresh, block_size, max_passage):
     lm = fresh(block_size=block_size)
-    total_reused = sum(run_sequence(lm, random.Random(seed), f"req{seed}", n_steps=12) for seed in range(3))
+    total_reused = sum(run_sequence(lm, random.Random(seed), f"req{seed}", n_steps=10, max_passage=max_passage)
+                       for seed in range(3))
     assert total_reused > 0  # reuse really happened
     assert lm.reused_tokens == total_reused
 

