@@ -200,8 +200,12 @@ class HFLanguageModel(LanguageModel):
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.dtype = next(model.parameters()).dtype
         # transformers >= 5.2x names the KV argument `cache` (`past_key_values` is deprecated)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = _cache_kwarg(model)
+        # Blocks before the last one only need their KV: run the trunk without the LM head
+        # (same KV arithmetic; saves one vocab-sized GEMV per block).
+        trunk = getattr(model, "base_model", model)
+        self._trunk = trunk if trunk is not model and isinstance(trunk, torch.nn.Module) else None
+        self._trunk_cache_kw = _cache_kwarg(trunk) if self._trunk is not None else self._cache_kw
         self._lock = threading.Lock()
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
         self._cached_bytes = 0
@@ -347,8 +351,15 @@ class HFLanguageModel(LanguageModel):
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=x, use_cache=True, logits_to_keep=1,
                          output_hidden_states=want_hidden, **{self._cache_kw: cache})
-        new_cache = out["cache"] if "cache" in out else out["past_key_values"]
-        return out, new_cache
+        return out, _out_cache(out)
+
+    def _forward_kv_only(self, ids: list[int], cache: Any) -> Any:
+        """A forward whose only product is the KV of ``ids`` (no LM head): the updated cache."""
+        if self._trunk is None:
+            return self._forward(ids, cache)[1]
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self._trunk(input_ids=x, use_cache=True, **{self._trunk_cache_kw: cache})
+        return _out_cache(out)
 
     @torch.inference_mode()
     def _prefill(self, prompt: list[int], session: Hashable | None, stats: CallStats,
@@ -377,7 +388,10 @@ class HFLanguageModel(LanguageModel):
         out = None
         while start < L:
             end = min(start - start % B + B, L)
-            out, cache = self._forward(prompt[start:end], cache, want_hidden=want_hidden and end == L)
+            if end < L:
+                cache = self._forward_kv_only(prompt[start:end], cache)
+            else:
+                out, cache = self._forward(prompt[start:end], cache, want_hidden=want_hidden)
             stats.prefill_forwards += 1
             stats.prefill_tokens_computed += end - start
             start = end
@@ -423,6 +437,15 @@ class HFLanguageModel(LanguageModel):
         stats.decode_s += time.perf_counter() - t0
         self._store(session, prompt, cache)
         return new
+
+
+def _cache_kwarg(module: torch.nn.Module) -> str:
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out: Any) -> Any:
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def _croppable(cache: Any) -> bool:

@@ -58,11 +58,11 @@ def run_sequence(lm, rng: random.Random, session, n_steps: int, max_passage: int
     return reused
 
 
-@pytest.mark.parametrize("block_size, max_passage", [(1, 30), (5, 120), (16, 200)])
+@pytest.mark.parametrize("block_size, max_passage", [(2, 30), (5, 120), (16, 250)])
 def test_engine_like_sequence_reuse_equals_no_reuse(fresh, block_size, max_passage):
     lm = fresh(block_size=block_size)
     total_reused = sum(run_sequence(lm, random.Random(seed), f"req{seed}", n_steps=10, max_passage=max_passage)
-                       for seed in range(3))
+                       for seed in range(2))
     assert total_reused > 0  # reuse really happened
     assert lm.reused_tokens == total_reused
 
@@ -169,8 +169,8 @@ def test_batch_invariance_and_duplicate_sessions(fresh):
     assert lm.greedy(ps[::-1], 5, sessions=["c", "b", "a"]) == alone[::-1]
     grown = ps[2] + alone[2]
     got = lm.greedy([ps[2], grown], 5, sessions=["d", "d"])
+    assert lm.last_call_stats.reused_tokens == 128  # the 2nd prompt reused the 1st's blocks
     assert got == [alone[2], lm.greedy([grown], 5)[0]]
-    assert lm.last_call_stats.reused_tokens > 0
 
 
 def test_session_table_lru_release_and_byte_budget(fresh):
