@@ -27,6 +27,8 @@ VARIANTS = {
     "os3-g0.9": dict(gamma_max=0.9),
     "async-g0.9": dict(gamma_max=0.9, async_verify=True),
     "s=4": dict(os3=False, fixed_stride=4),
+    "s=8": dict(os3=False, fixed_stride=8),
+    "async-s=4": dict(os3=False, fixed_stride=4, async_verify=True),
 }
 
 

@@ -280,7 +280,8 @@ class Datastore:
             self._xb_norm2 = (self._xb * self._xb).sum(1)
         with torch.inference_mode():
             q = torch.from_numpy(q32)
-            dist = self._xb_norm2[None, :] + (q * q).sum(1, keepdim=True) - 2.0 * (q @ self._xb.T)
+            dots = torch.mm(self._xb, q.T)  # [n, b]: one streaming pass over the keys
+            dist = (self._xb_norm2[:, None] - 2.0 * dots).T.contiguous() + (q * q).sum(1, keepdim=True)
             vals, idx = torch.topk(dist, kc, dim=1, largest=False, sorted=True)
         return vals.numpy(), idx.numpy().astype(np.int64)
 

@@ -12,7 +12,11 @@ cached entries with the datastore's canonical metric and tie-break (float64 squa
 stored keys, then entry id; a float32 prefilter is used only when a rigorous error bound
 certifies that it cannot change the top-k). So whenever the true top-k is cached, the
 speculated neighbours equal the real ones. Capacity is bounded (LRU; an insert or a top-k hit
-is a use).
+is a use). With ``self_feed`` (default) a speculative step also inserts the successors of the
+neighbours it speculated: within a round (and, with asynchronous verification, while the
+previous round's true neighbours are not known yet) the cache keeps walking along the corpus
+instead of running out after ``m`` tokens. Cache contents never affect the output, only the
+acceptance rate.
 
 Round (synchronous)
 -------------------
@@ -84,6 +88,7 @@ class SpeculativeKNNConfig:
     strict: bool = False  # accept only when the speculated top-k ids equal the true ones
     async_verify: bool = False
     prefilter: bool = True  # certified float32 prefilter in the cache (exact result either way)
+    self_feed: bool = True  # speculated neighbours' successors also enter the cache (module doc)
     naive_fallback: bool = True  # with OS^3: plain verified steps while it predicts no gain (module doc)
     probe_every: int = 4  # during the fallback, every n-th step also probes the cache (0: never)
 
@@ -419,6 +424,8 @@ class SpeculativeKNNLM:
                 t0 = time.perf_counter()
                 sid, sd = cache.topk(state.hidden, k)
                 tok = base.decide(state.logits, sid, sd)
+                if scfg.self_feed:  # walk on: the successors of the speculated neighbours
+                    cache.add_search_result(sid, scfg.successors)
                 t_cache = time.perf_counter() - t0
                 st.cache_s += t_cache
                 st.speculated += 1

@@ -27,7 +27,10 @@ positions (the idea behind vLLM's block prefix caching):
 Every position's KV is therefore produced by the same sequence of floating-point operations
 whatever the history, and reuse equals no reuse bit for bit, provided the kernels are
 deterministic for a fixed shape (true on CPU with a fixed ``torch.get_num_threads()``; on CUDA
-cuBLAS / SDPA forward kernels are run-to-run deterministic for a fixed shape on one GPU).
+cuBLAS / SDPA forward kernels are run-to-run deterministic for a fixed shape on one GPU). A
+session's KV is not reused if the torch thread count changed since it was computed. Global
+numeric switches (``torch.set_float32_matmul_precision``, TF32 flags) must not change while a
+backend is serving.
 
 Trade-offs (deliberate)
 -----------------------
@@ -50,7 +53,7 @@ import inspect
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, Sequence
 
 import torch
@@ -124,6 +127,7 @@ class _Session:
     ids: list[int]  # token ids whose KV is held; len(ids) == cached length, a multiple of B
     cache: Any  # transformers Cache (DynamicCache) or None when empty
     nbytes: int = 0
+    threads: int = 0  # torch.get_num_threads() when computed (CPU GEMM bits may depend on it)
 
 
 def _cache_nbytes(cache: Any) -> int:
@@ -272,7 +276,7 @@ class HFLanguageModel(LanguageModel):
         (prompt, _), = self._check([ids], None, extra=0)
         with self._lock, torch.inference_mode():
             x = torch.tensor([prompt], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=x, use_cache=False, output_hidden_states=True)
+            out = self.model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=1)
             h = out.hidden_states[-1][0].float().cpu()
         return h.clone()  # outside inference mode: an ordinary tensor for the caller
 
@@ -375,7 +379,7 @@ class HFLanguageModel(LanguageModel):
         if entry is not None:
             self._cached_bytes -= entry.nbytes
         cache, reuse = None, 0
-        if entry is not None and entry.cache is not None:
+        if entry is not None and entry.cache is not None and entry.threads == torch.get_num_threads():
             lcp = 0
             for a, b in zip(entry.ids, prompt):
                 if a != b:
@@ -413,7 +417,8 @@ class HFLanguageModel(LanguageModel):
         if session is None or self.max_sessions == 0 or keep == 0 or not _croppable(cache):
             return
         cache = _crop(cache, keep)
-        entry = _Session(ids=prompt[:keep], cache=cache, nbytes=_cache_nbytes(cache))
+        entry = _Session(ids=prompt[:keep], cache=cache, nbytes=_cache_nbytes(cache),
+                         threads=torch.get_num_threads())
         self._sessions[session] = entry
         self._cached_bytes += entry.nbytes
         while self._sessions and (len(self._sessions) > self.max_sessions or (

@@ -35,6 +35,8 @@ def engine_like_steps(rng: random.Random, n_steps: int, max_passage: int = 120):
         elif r < 0.40 and len(marks) > 1:  # a speculation mismatch: roll back, other passage
             ctx = ctx[: rng.choice(marks)]
             passage = random_tokens(rng, rng.randrange(20, max_passage))
+        elif r < 0.50 and len(marks) > 1:  # roll back, same passage (discarded async work)
+            ctx = ctx[: rng.choice(marks)]
         new = yield passage + ctx
         ctx = ctx + new
         marks.append(len(ctx))
@@ -58,11 +60,11 @@ def run_sequence(lm, rng: random.Random, session, n_steps: int, max_passage: int
     return reused
 
 
-@pytest.mark.parametrize("block_size, max_passage", [(2, 30), (5, 120), (16, 250)])
-def test_engine_like_sequence_reuse_equals_no_reuse(fresh, block_size, max_passage):
+@pytest.mark.parametrize("block_size, max_passage, seeds", [(3, 30, 1), (5, 60, 1), (16, 250, 2)])
+def test_engine_like_sequence_reuse_equals_no_reuse(fresh, block_size, max_passage, seeds):
     lm = fresh(block_size=block_size)
     total_reused = sum(run_sequence(lm, random.Random(seed), f"req{seed}", n_steps=10, max_passage=max_passage)
-                       for seed in range(2))
+                       for seed in range(seeds))
     assert total_reused > 0  # reuse really happened
     assert lm.reused_tokens == total_reused
 
@@ -229,3 +231,20 @@ def test_bfloat16_reuse_equals_no_reuse():
     assert lm.dtype == torch.bfloat16
     reused = sum(run_sequence(lm, random.Random(seed), seed, n_steps=6) for seed in range(2))
     assert reused > 0
+
+
+def test_kv_computed_under_another_thread_count_is_not_reused(fresh):
+    lm = fresh(block_size=8)
+    p = random_tokens(random.Random(13), 40)
+    lm.greedy([p], 2, sessions=["t"])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads != 1 else 2)
+        lm.greedy([p], 2, sessions=["t"])
+        assert lm.last_call_stats.reused_tokens == 0
+    finally:
+        torch.set_num_threads(threads)
+    lm.greedy([p], 2, sessions=["t"])  # computed again under the original count
+    assert lm.last_call_stats.reused_tokens == 0
+    lm.greedy([p], 2, sessions=["t"])
+    assert lm.last_call_stats.reused_tokens == 32
