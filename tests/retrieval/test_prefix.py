@@ -19,4 +19,4 @@ def test_top_k_is_a_prefix_of_larger_k(kind, kb_retrievers, kb_queries):
         big = r.search_sync([q], 100)[0]
         assert mid[:1] == one, (kind, q)
         assert big[:20] == mid, (kind, q)
-        assert len(big) == 100 or (kind == "hnsw" and len(big) >= 20)  # a small HNSW graph may not reach all
+        assert len(big) == 100 or (kind in ("hnsw", "ivf") and len(big) >= 20)  # approximate: may not reach all

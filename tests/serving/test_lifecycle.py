@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tests.conftest import SMALL_CORPUS_SIZE
 import asyncio
 import re
 import time
@@ -28,7 +29,7 @@ def test_health(server):
     status, body = request("GET", f"{server.url}/health")
     assert status == 200
     assert body["status"] == "ok" and body["mode"] == "full" and body["model"] == MODEL
-    assert body["retriever"] == "exact" and body["corpus_size"] == 400
+    assert body["retriever"] == "exact" and body["corpus_size"] == SMALL_CORPUS_SIZE
     assert body["active"] == 0 and body["queued"] == 0
 
 

@@ -9,6 +9,7 @@ error event after verified tokens only (streaming), and service comes back when 
 
 from __future__ import annotations
 
+from tests.conftest import SMALL_CORPUS_SIZE
 import asyncio
 import json
 import os
@@ -43,7 +44,7 @@ def test_retrieve_score_passages_match_the_retriever(server, serving_engine):
     assert (h0["title"], h0["text"]) == (r.corpus[h0["doc_id"]].title, r.corpus[h0["doc_id"]].text)
     status, body = request("POST", f"{server.url}/v1/retrieve", {"queries": "one query", "include_text": False})
     assert status == 200 and len(body["results"]) == 1 and set(body["results"][0][0]) == {"doc_id", "score"}
-    ids = [3, 77, 0, 399]
+    ids = [3, 77, 0, SMALL_CORPUS_SIZE - 1]
     status, body = request("POST", f"{server.url}/v1/score", {"query": QUERIES[1], "doc_ids": ids})
     assert status == 200 and body["scores"] == r.score(QUERIES[1], ids)  # exact float equality via JSON
     status, body = request("POST", f"{server.url}/v1/passages", {"doc_ids": [5, 2]})
@@ -66,7 +67,7 @@ def test_remote_retriever_is_the_same_retriever(server, serving_engine):
                 await remote.aclose()
 
         assert asyncio.run(search_async()) == local.search_sync(QUERIES, 3)
-        ids = list(range(0, 400, 9))
+        ids = list(range(0, SMALL_CORPUS_SIZE, 9))
         assert remote.score(QUERIES[2], ids) == local.score(QUERIES[2], ids)
         assert remote.rank(QUERIES[2], ids, k=4) == local.rank(QUERIES[2], ids, k=4)
         assert remote.corpus[123] == local.corpus[123] and remote.corpus[-1] == local.corpus[-1]
