@@ -232,32 +232,31 @@ class DenseRetriever(Retriever):
         k = min(int(k), self._n)
         qs = self.encoder.encode_queries(list(queries))
         if self.kind == "hnsw":
-            return [self._hnsw_hits(q, k) for q in self._hnsw_pools(qs)]
+            return self._hnsw_search(qs, k)
         kk = min(self._n, k + self._margin)
         fs, fi = self._faiss_search(qs, kk)
         return [self._finish(qs[i], k, kk, fs[i], fi[i]) for i in range(len(qs))]
 
-    def _hnsw_pools(self, qs: np.ndarray):
-        """HNSW's answer is defined by ONE fixed beam: the ``efSearch`` candidates of the query."""
-        pool = min(self._n, self.config.hnsw_ef_search)
-        _, fi = self._faiss_search(qs, pool)
-        return [(qs[i], fi[i][fi[i] >= 0]) for i in range(len(qs))]
-
-    def _hnsw_hits(self, q_pool, k: int) -> list[Hit]:
-        """Top-k of the fixed pool; ranks beyond the pool come after it, from a wider beam.
+    def _hnsw_search(self, qs: np.ndarray, k: int) -> list[list[Hit]]:
+        """HNSW's answer is the canonical ranking of ONE fixed beam of ``efSearch`` candidates.
 
         So the top-k for k <= efSearch is the same prefix whatever k is asked (a speculative
-        engine verifying with k = prefetch sees the same top-1 as the naive loop with k = 1).
+        engine verifying with k = prefetch sees the same top-1 as the naive loop with k = 1);
+        ranks beyond the beam come after it, from a wider search.
         """
-        q, cand = q_pool
-        hits = rank_hits(cand, exact_scores(self._vectors, q, cand), k)
-        if len(hits) < k and cand.size < self._n:
-            _, fi = self._faiss_search(q[None, :], min(self._n, k + self._margin))
-            seen = {h.doc_id for h in hits}
-            extra = np.array([d for d in fi[0] if d >= 0 and int(d) not in seen], dtype=np.int64)
-            if extra.size:
-                hits += rank_hits(extra, exact_scores(self._vectors, q, extra), k - len(hits))
-        return hits
+        _, fi = self._faiss_search(qs, min(self._n, self.config.hnsw_ef_search))
+        out = []
+        for q, row in zip(qs, fi):
+            cand = row[row >= 0]
+            hits = rank_hits(cand, exact_scores(self._vectors, q, cand), k)
+            if len(hits) < k and cand.size < self._n:
+                _, wide = self._faiss_search(q[None, :], min(self._n, k + self._margin))
+                seen = {h.doc_id for h in hits}
+                extra = np.array([d for d in wide[0] if d >= 0 and int(d) not in seen], dtype=np.int64)
+                if extra.size:
+                    hits += rank_hits(extra, exact_scores(self._vectors, q, extra), k - len(hits))
+            out.append(hits)
+        return out
 
     def close(self) -> None:
         self._index = None  # type: ignore[assignment]

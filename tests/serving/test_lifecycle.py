@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tests.conftest import SMALL_CORPUS_SIZE
 import asyncio
 import re
 import time
@@ -12,6 +11,7 @@ import pytest
 from ralmspec.engine.scheduler import SchedulerConfig
 from serving.app import ServerConfig, create_app
 from tests.serving.support import MODEL, ServerThread, request
+from tests.conftest import SMALL_CORPUS_SIZE
 
 LONG = {"model": MODEL, "prompt": "the history of the roman empire", "max_tokens": 1000, "ralm": {"stride": 1}}
 

@@ -9,7 +9,6 @@ error event after verified tokens only (streaming), and service comes back when 
 
 from __future__ import annotations
 
-from tests.conftest import SMALL_CORPUS_SIZE
 import asyncio
 import json
 import os
@@ -27,6 +26,7 @@ from ralmspec.engine.scheduler import SchedulerConfig
 from ralmspec.errors import RetrievalError
 from ralmspec.retrieval.remote import RemoteRetriever
 from serving.app import ServerConfig, create_app
+from tests.conftest import SMALL_CORPUS_SIZE
 from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, request
 
 REPO = Path(__file__).resolve().parents[2]
