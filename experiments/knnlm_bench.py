@@ -23,9 +23,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 VARIANTS = {
-    "os3": dict(),  # OS^3, gamma_max 0.6 (the paper's cap), synchronous
+    "os3": dict(),  # OS^3 with the kNN-LM defaults (SpeculativeKNNConfig), synchronous
+    "os3-g0.6": dict(gamma_max=0.6),  # the paper's / DESIGN's cap
     "os3-g0.9": dict(gamma_max=0.9),
-    "async-g0.9": dict(gamma_max=0.9, async_verify=True),
+    "os3-g0.95": dict(gamma_max=0.95),
+    "async": dict(async_verify=True),
     "s=4": dict(os3=False, fixed_stride=4),
     "s=8": dict(os3=False, fixed_stride=8),
     "async-s=4": dict(os3=False, fixed_stride=4, async_verify=True),
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True)
     p.add_argument("--sizes", default="50000,200000,all")
     p.add_argument("--indexes", default="flat,hnsw,ivf")
-    p.add_argument("--variants", default="os3,os3-g0.9,async-g0.9")
+    p.add_argument("--variants", default="os3,s=4,async")
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--prompts", choices=("passages", "questions"), default="passages")
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-construction", type=int, default=64)
     p.add_argument("--ef-search", type=int, default=64)
-    p.add_argument("--gemm-min-batch", type=int, default=0)
+    p.add_argument("--gemm-min-batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default=None, help="where derived datastores are cached (default: SOURCE/../derived)")
     p.add_argument("--out", default="experiments/results/knnlm")

@@ -163,5 +163,5 @@ def plot_breakdown(cell_runs: Sequence[tuple[str, list[dict[str, Any]], list[dic
         ax.invert_yaxis()
         ax.set_xlabel("seconds", fontsize=8)
         ax.set_title(title, fontsize=9)
-    axes[0, 0].legend(fontsize=7, ncol=6, loc="lower right")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _finish(fig, path, footer)

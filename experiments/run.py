@@ -91,6 +91,13 @@ def machine_line(m: dict[str, Any]) -> str:
     return f"{m['cores']}-core {m['cpu']}, {m['memory_gb']} GB RAM, {gpu}"
 
 
+def load_line(m: dict[str, Any]) -> str:
+    """The 1-minute load average at start and end: how busy the (possibly shared) machine was."""
+    end = m.get("loadavg_end") or m["loadavg_start"]
+    return (f"1-min load average {m['loadavg_start'][0]:.1f} at start, {end[0]:.1f} at end "
+            f"({m['cores']} cores; above ~2 other jobs were competing for the CPU)")
+
+
 def set_threads(cfg: ExperimentConfig) -> None:
     if cfg.run.torch_threads:
         import torch
@@ -145,7 +152,7 @@ def write_readme(out: str, cfg: ExperimentConfig, meta: dict[str, Any], tables: 
     lines = [f"# Latency study results: {cfg.run.name}", "",
              f"- date: {meta['date']}",
              f"- machine: {machine_line(meta)} (torch {meta['torch_threads']} threads, FAISS "
-             f"{meta['faiss_threads']} threads; load average at start {meta['loadavg_start'][0]:.2f})",
+             f"{meta['faiss_threads']} threads); {load_line(meta)}",
              f"- command: `{meta['command']}`",
              f"- wall time: {meta['wall_s']:.0f} s (model/index loading included)",
              f"- workload: {cfg.workload.dataset}, questions {cfg.workload.question_offset}.."
@@ -177,7 +184,7 @@ def update_experiments_readme(out: str, meta: dict[str, Any], tables: list[Table
     rel = os.path.relpath(out, HERE)
     block = [README_START, "",
              f"Latest run: `{meta['command']}` on {meta['date']}, {machine_line(meta)}; wall time "
-             f"{meta['wall_s']:.0f} s. Full results (every table, traces, plots): [{rel}/]({rel}/README.md).", ""]
+             f"{meta['wall_s']:.0f} s; {load_line(meta)}. Full results (every table, traces, plots): [{rel}/]({rel}/README.md).", ""]
     for t in tables:
         if t.name in ("main", "ablations", "scaling"):
             block.append(t.markdown(heading="####"))
@@ -257,7 +264,7 @@ def run(cfg: ExperimentConfig, out: str, only: set[str] | None, show: bool, comm
                 for r in raw:
                     f.write(json.dumps(r) + "\n")
             figures["batch_cost"] = [plots.plot_batch_cost(t.rows, os.path.join(pdir, "batch_cost.png"),
-                                                           footer(cfg, meta, "-"))]
+                                                           footer(cfg, meta, "n/a (retrieval only)"))]
         if cfg.breakdown is not None:
             t = studies.breakdown_table(cfg, cells)
             tables.append(t)

@@ -6,6 +6,7 @@ Grammar (every name resolves against one *base* SpeculationConfig, the ``[specul
   (the paper's "P+S+A"); identical to the ablation ladder's ``all``.
 - ``none``, ``+prefetch``, ``+os3``, ``+async``: the ablation ladder of ``ralmspec.bench.ABLATIONS``
   (speculation with fixed stride 3 and no prefetch, then one technique at a time).
+- ``all-sync``: ``all`` with synchronous verification (prefetch 20 + OS^3 only).
 - ``s=K``: ``all`` with OS^3 switched off and a fixed speculation stride of K rounds' steps.
 - ``prefetch=K``: ``all`` with the top-K of every verification put in the cache.
 
@@ -24,7 +25,7 @@ from ralmspec.errors import ConfigError
 _FIXED = re.compile(r"^s=(\d+)$")
 _PREFETCH = re.compile(r"^prefetch=(\d+)$")
 
-VARIANT_HELP = ("'all', 'none', '+prefetch', '+os3', '+async', 's=K' (fixed stride K, else 'all') "
+VARIANT_HELP = ("'all', 'all-sync', 'none', '+prefetch', '+os3', '+async', 's=K' (fixed stride K, else 'all') "
                 "or 'prefetch=K' ('all' with prefetch K)")
 
 
@@ -36,6 +37,8 @@ def resolve_variant(name: str, base: SpeculationConfig) -> SpeculationConfig:
     if name in ladder:
         return ladder[name]
     full = ladder["all"]
+    if name == "all-sync":
+        return replace(full, async_verify=False)
     m = _FIXED.match(name)
     if m:
         return replace(full, os3=False, fixed_stride=int(m.group(1)))

@@ -46,7 +46,7 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--stride", type=int, default=None, help="fixed speculation stride (default: OS^3)")
     s.add_argument("--successors", type=int, default=10, help="successors i+1..i+m cached per entry (default 10)")
     s.add_argument("--cache-capacity", type=int, default=2048, help="cache entries per request (default 2048)")
-    s.add_argument("--gamma-max", type=float, default=0.6, help="OS^3 cap on the acceptance estimate (default 0.6)")
+    s.add_argument("--gamma-max", type=float, default=0.9, help="OS^3 cap on the acceptance estimate (default 0.9)")
     s.add_argument("--s-max", type=int, default=16, help="OS^3 largest stride (default 16)")
     s.add_argument("--async", dest="async_verify", action="store_true", help="verify in a worker thread")
     s.add_argument("--strict", action="store_true", help="accept only identical top-k neighbour sets")

@@ -148,9 +148,10 @@ class SearchParams:
     nprobe: int = 16
     ef_search: int = 64
     # Flat only: batches of at least this many queries get their candidates from one float32
-    # GEMM (all threads, one pass over the keys) instead of FAISS's per-query scan; 0 = never.
-    # The exact float64 top-k is certified either way, so the answer does not change.
-    gemm_min_batch: int = 0
+    # GEMM (torch, one streaming pass over the keys) instead of FAISS's per-query scans (which
+    # cost b x one query: no amortisation); 0 = never. The exact float64 top-k is certified
+    # either way, so the answer does not change. Single queries stay on FAISS.
+    gemm_min_batch: int = 2
 
 
 def corpus_documents(corpus: Sequence[Any]) -> list[str]:
@@ -644,7 +645,7 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
     params = SearchParams(rescore_margin=int(s.get("rescore_margin", 32) if rescore_margin is None else rescore_margin),
                           nprobe=int(s.get("nprobe", 16) if nprobe is None else nprobe),
                           ef_search=int(s.get("ef_search", 64) if ef_search is None else ef_search),
-                          gemm_min_batch=int(s.get("gemm_min_batch", 0) if gemm_min_batch is None else gemm_min_batch))
+                          gemm_min_batch=int(s.get("gemm_min_batch", 2) if gemm_min_batch is None else gemm_min_batch))
     if params.rescore_margin < 0 or params.nprobe < 1 or params.ef_search < 1 or params.gemm_min_batch < 0:
         raise ConfigError(f"invalid search parameters {params}")
     import faiss

@@ -39,9 +39,14 @@ Trade-offs (deliberate)
   a prompt's tokens depend on its batch neighbours and break batch invariance (DESIGN §2.2).
   The cost is throughput under many concurrent requests; on the 2-core CPU target a batched
   forward would not be much cheaper anyway.
-- A fresh prompt costs ``ceil(L/B)`` forwards instead of one (measured in the report: about
-  +15..40 % for a 300-token prompt with B = 16 on CPU). In exchange, a session whose prompt grew
-  by ``stride`` tokens recomputes at most ``B - 1 + stride`` rows.
+- A fresh prompt costs ``ceil(L/B)`` forwards instead of one, and small-row GEMMs are
+  inefficient on CPU: for a 300-token prompt on the GPT-2-small shape (1 thread, CPU time)
+  one plain forward takes ~1.0-1.3 s, canonical blocks ~1.8 s with B = 64 and ~3.5-3.9 s with
+  B = 16. A session whose prompt grew by ``stride`` tokens recomputes between ``stride`` and
+  ``B - 1 + stride`` rows in one forward (~0.45 s with B = 16, ~0.59 s with B = 64 for the
+  whole +4-token call with n = 4). Hence ``DEFAULT_BLOCK_SIZE`` = 64: passage switches and
+  rollbacks (full recomputes) are frequent in the RaLM loop; B = 16 only wins when fewer than
+  ~8 % of the steps change the passage.
 
 Thread safety: one lock serialises all use of the model and of the session table. Sessions are
 kept in an LRU table bounded by a number of sessions and a number of cached KV bytes.
@@ -60,6 +65,8 @@ import torch
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
+
+DEFAULT_BLOCK_SIZE = 64  # canonical prefill block (see the trade-offs above)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -181,7 +188,8 @@ class HFLanguageModel(LanguageModel):
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, eos_token_id: int | None,
-                 max_context: int, device: str | torch.device = "cpu", block_size: int = 16,
+                 max_context: int, device: str | torch.device = "cpu",
+                 block_size: int = DEFAULT_BLOCK_SIZE,
                  max_sessions: int = 256, max_cache_bytes: int | None = 2 << 30,
                  stop_token_ids: Iterable[int] = (), name: str = "hf") -> None:
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
@@ -336,6 +344,10 @@ class HFLanguageModel(LanguageModel):
                 raise ConfigError(
                     f"prompt {i} has {len(ids)} tokens + {extra} new tokens > max_context "
                     f"{self.max_context} of model {self.name!r}; truncate the context")
+            try:
+                hash(sess[i])
+            except TypeError:
+                raise ConfigError(f"session {i} ({type(sess[i]).__name__}) is not hashable") from None
             checked.append((ids, sess[i]))
         return checked
 

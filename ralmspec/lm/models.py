@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ralmspec.errors import ConfigError, ModelLoadError
-from ralmspec.lm.hf import DTYPES, HFLanguageModel, HFTokenizer
+from ralmspec.lm.hf import DEFAULT_BLOCK_SIZE, DTYPES, HFLanguageModel, HFTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -222,7 +222,8 @@ def _load_folder(path: Path) -> tuple[torch.nn.Module, Any, int | None, set[int]
     return model, tok, eos, stops, max_pos
 
 
-def load_lm(name_or_path: str, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
+def load_lm(name_or_path: str, device: str = "cpu", dtype: str = "float32",
+            block_size: int = DEFAULT_BLOCK_SIZE,
             *, max_context: int | None = None, max_sessions: int = 256,
             max_cache_bytes: int | None = 2 << 30) -> HFLanguageModel:
     """Load a built-in model ("tiny", "default", "medium") or a local HF causal-LM folder.

@@ -3,6 +3,7 @@ emulated knowledge base, and the loud failure when a speculative output differs 
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -26,6 +27,8 @@ def test_variant_names_resolve():
     assert resolve_variant("prefetch=20", base) == resolve_variant("all", base)
     s4 = resolve_variant("s=4", base)
     assert (s4.os3, s4.fixed_stride, s4.prefetch, s4.async_verify) == (False, 4, 20, True)
+    sync = resolve_variant("all-sync", base)
+    assert (sync.os3, sync.prefetch, sync.async_verify) == (True, 20, False)
     none = resolve_variant("none", base)
     assert (none.prefetch, none.os3, none.fixed_stride, none.async_verify) == (1, False, 3, False)
     for bad in ("fast", "s=0", "prefetch=0", "s=x"):
@@ -166,3 +169,24 @@ def test_identity_violation_fails_loudly(tmp_path, small_indexes, tiny_lm):
     with pytest.raises(IdentityError, match="TOKEN IDENTITY VIOLATED"):
         run_cell(cell, res, cfg, str(tmp_path))
     assert (tmp_path / "tiny__exact__real__n3.jsonl").stat().st_size > 0  # traces kept for debugging
+
+
+def test_cold_start_engine_gives_no_cross_request_cache_hits(small_indexes, tiny_lm):
+    from ralmspec.config import EngineConfig, GenerationConfig
+    from ralmspec.engine.core import RalmEngine
+
+    from experiments.grid import ColdStartEngine
+
+    retriever = small_indexes["exact"]
+    engine = ColdStartEngine(RalmEngine(tiny_lm, retriever, EngineConfig()))
+    enc = retriever.encoder
+    gen = GenerationConfig(stride=4, query_len=16, max_new_tokens=12, passage_tokens=64)
+    q = "who sang the song that was number one in the uk"
+    misses = []
+    for _ in range(2):
+        before = enc.cache_info()["misses"]
+        res = asyncio.run(engine.generate(q, gen=gen, speculate=False))
+        misses.append(enc.cache_info()["misses"] - before)
+        assert res.stats["steps"] == 3
+    # the second identical request encodes every query again: nothing carried over
+    assert misses[0] == misses[1] == 3

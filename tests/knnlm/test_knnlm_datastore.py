@@ -35,6 +35,7 @@ def test_size_bound_and_manifest(knn_datastores):
     assert m["count"] == DATASTORE_TOKENS and m["dim"] == 128 and m["key_layer"] == "lm_head_input"
     assert m["model"] == "tiny" and m["build"]["total_s"] > 0
     assert ds.keys.dtype == np.float16 and ds.values.dtype == np.int32
+    assert ds.params.gemm_min_batch == 2  # batches take the GEMM candidate path by default
 
 
 def test_entries_follow_corpus_order(knn_datastores, knn_corpus, tiny_lm):
@@ -98,9 +99,14 @@ def test_flat_search_is_exact_top_k(knn_datastores):
     assert gemm.search(both, 4)[0].tolist() == [ds.search(q, 4)[0][0].tolist()] * 2
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "flat-faiss-only", "ivf", "hnsw"])
 def test_search_batch_invariant_and_deterministic(knn_datastores, kind):
-    ds = knn_datastores[kind]
+    """flat: batches use the GEMM candidate path, single queries FAISS; flat-faiss-only: FAISS
+    chunks for every batch size. Every answer is the same whatever the batch."""
+    if kind == "flat-faiss-only":
+        ds = load_datastore(knn_datastores["flat"].path, gemm_min_batch=0)
+    else:
+        ds = knn_datastores[kind]
     qs = _queries(ds, 40, seed=2)
     whole_ids, whole_d = ds.search(qs, 8)
     again_ids, again_d = ds.search(qs, 8)

@@ -11,12 +11,15 @@ from ralmspec.knnlm.speculative import NeighbourCache, SpeculativeKNNConfig, Spe
 from .conftest import MAX_NEW_TOKENS
 
 C = SpeculativeKNNConfig
+# Flat datastores verify batches through the GEMM candidate path (gemm_min_batch=2) while the
+# naive decoder searches one query at a time through FAISS: every flat case also checks that
+# the two paths return the same certified top-k.
 CONFIGS = {
     "flat": [
         C(),  # OS^3, defaults (naive fallback on)
         C(os3=False, fixed_stride=4),
         C(os3=False, fixed_stride=3, cache_capacity=3),  # tiny cache: many rejections
-        C(os3=False, fixed_stride=2, cache_capacity=1, successors=0, prefilter=False),
+        C(os3=False, fixed_stride=2, cache_capacity=1, successors=0, prefilter=False, self_feed=False),
         C(os3=False, fixed_stride=2, strict=True),
         C(async_verify=True, os3=False, fixed_stride=4, cache_capacity=16),
     ],
@@ -115,25 +118,12 @@ def test_config_validation():
             SpeculativeKNNConfig(**bad)
 
 
-def test_gemm_verification_path_equals_faiss_naive(tiny_lm, knn_datastores, naive_results, knn_prompts):
-    """Verification through the batched GEMM candidate path (flat) still reproduces the naive
-    decoder that used FAISS's per-query path: both return the certified exact top-k."""
-    from ralmspec.knnlm.datastore import load_datastore
-    from ralmspec.knnlm.model import KNNLM
-
-    knn, naive = naive_results["flat"]
-    gemm_knn = KNNLM(tiny_lm, load_datastore(knn_datastores["flat"].path, gemm_min_batch=1), knn.config)
-    spec = SpeculativeKNNLM(gemm_knn, C(os3=False, fixed_stride=4, cache_capacity=32))
-    for p, a in zip(knn_prompts, naive):
-        assert spec.generate(p).tokens == a.tokens
-
-
 def test_naive_fallback_when_speculation_cannot_pay(naive_results, knn_prompts):
     """With a near-zero acceptance cap OS^3 predicts no gain: the decoder takes plain verified
     steps (probing the cache now and then) and the output is still the naive one."""
     knn, naive = naive_results["flat"]
     spec = SpeculativeKNNLM(knn, C(gamma_max=0.01, probe_every=2))
-    results = [spec.generate(p) for p in knn_prompts]
+    results = [spec.generate(p) for p in knn_prompts[:16]]
     assert all(r.tokens == a.tokens for r, a in zip(results, naive))
-    assert sum(r.stats.naive_steps for r in results) > len(knn_prompts)  # beyond the first tokens
+    assert sum(r.stats.naive_steps for r in results) > 16  # beyond the first tokens
     assert sum(r.stats.probes for r in results) > 0

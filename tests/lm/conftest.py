@@ -25,7 +25,7 @@ def random_tokens(rng: random.Random, n: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def tiny(tiny_lm) -> HFLanguageModel:
-    """The shared tiny model (``tests/conftest.py``), block size 16."""
+    """The shared tiny model (``tests/conftest.py``), default block size."""
     return tiny_lm
 
 

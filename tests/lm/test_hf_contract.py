@@ -61,6 +61,7 @@ def test_max_context_is_enforced(fresh, tiny):
     ([[5, 6]], 2.0, None, "n must be"),
     ([[5, 6]], True, None, "n must be"),
     ([[5, 6], [7]], 4, ["only-one"], "sessions"),
+    ([[5, 6]], 4, [["a", "list"]], "hashable"),
 ])
 def test_bad_requests_raise_config_error(tiny, prompts, n, sessions, match):
     with pytest.raises(ConfigError, match=match):

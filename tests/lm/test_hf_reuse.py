@@ -96,8 +96,9 @@ def test_one_session_shared_by_unrelated_prompts(fresh):
         assert lm.greedy([p], 6, sessions=["x"]) == lm.greedy([p], 6)
 
 
-def test_logits_and_hidden_bitwise_equal_after_different_histories(fresh):
-    lm = fresh(block_size=16)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_logits_and_hidden_bitwise_equal_after_different_histories(fresh, block_size):
+    lm = fresh(block_size=block_size)
     rng = random.Random(11)
     passage = random_tokens(rng, 150)
     ctx = random_tokens(rng, 37)
