@@ -5,7 +5,7 @@ A cell runs the naive loop and the UNION of the speculative variants the studies
 2, ...), so every speed-up compares runs measured side by side, against one naive baseline.
 Variants that resolve to the same SpeculationConfig run once and are shared.
 
-Every request starts with empty cross-request caches (``ColdStartEngine``).
+Every request starts with empty cross-request caches (``run_bench``'s cold start).
 
 Invariant enforced here: every speculative request must return exactly the naive tokens. After
 each cell its raw per-request traces are written (JSONL) and, if any variant differs, the grid
@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 from ralmspec.bench import BenchSummary, run_bench
 from ralmspec.config import SpeculationConfig
-from ralmspec.engine.context import PassageTokens
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.result import GenerationResult
 from ralmspec.errors import RalmSpecError
@@ -30,32 +29,6 @@ from ralmspec.errors import RalmSpecError
 from experiments.config import ExperimentConfig
 from experiments.resources import Resources
 from experiments.variants import resolve_variant
-
-
-class ColdStartEngine:
-    """A RalmEngine whose every request starts with empty cross-request caches.
-
-    ``run_bench`` runs the naive loop and then each variant on the SAME question, one after the
-    other. The MiniLM query encoder's LRU cache and the engine's tokenized-passage cache are
-    shared by all requests, so without this every request after the first would get the query
-    encodings of the previous ones for free (encoding is most of a retrieval on the real
-    knowledge base). Clearing both before each request measures every request as a server
-    would see a new question; caching WITHIN a request (the speculative lookup and its
-    verification encode the same query once) is untouched.
-    """
-
-    def __init__(self, engine: RalmEngine):
-        self.engine = engine
-        self.encoder = getattr(engine.retriever, "encoder", None)
-
-    def reset(self) -> None:
-        if self.encoder is not None and hasattr(self.encoder, "clear_cache"):
-            self.encoder.clear_cache()
-        self.engine.passages = PassageTokens(self.engine.lm, self.engine.retriever)
-
-    async def generate(self, *args, **kwargs) -> GenerationResult:
-        self.reset()
-        return await self.engine.generate(*args, **kwargs)
 
 
 class IdentityError(RalmSpecError):
@@ -153,8 +126,8 @@ def run_cell(cell: Cell, res: Resources, cfg: ExperimentConfig, trace_dir: str,
                                                      speculation=cfg.speculation))
     questions = res.questions(k.n)
     t = time.perf_counter()
-    summaries, runs = run_bench(ColdStartEngine(engine), questions,  # type: ignore[arg-type]
-                                cfg.generation(), dict(cell.variants), k.retriever if k.pad == 0 else f"{k.retriever} (emulated)",
+    summaries, runs = run_bench(engine, questions, cfg.generation(), dict(cell.variants),
+                                k.retriever if k.pad == 0 else f"{k.retriever} (emulated)",
                                 progress=progress, warmup=True)
     cell.wall_s = time.perf_counter() - t
     cell.kb_label = label

@@ -2,6 +2,11 @@
 
 Used by ``ralmspec bench`` and by the studies in ``experiments/``. Requests run one at a time,
 naive and speculative alternating per question, after one warm-up question that is not counted.
+
+Cold start: before every request the engine's cross-request caches (the query encoder's LRU and
+the tokenized passages) are emptied (``RalmEngine.reset_caches``). Otherwise the speculative run
+of a question would find every query the naive run just encoded (the queries are the same when
+the tokens are) and look faster for a reason that has nothing to do with speculation.
 """
 
 from __future__ import annotations
@@ -76,20 +81,27 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
 
 def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfig,
               variants: dict[str, SpeculationConfig], retriever: str,
-              progress: Callable[[str], None] | None = None, warmup: bool = True
-              ) -> tuple[list[BenchSummary], dict[str, list[GenerationResult]]]:
+              progress: Callable[[str], None] | None = None, warmup: bool = True,
+              cold_start: bool = True) -> tuple[list[BenchSummary], dict[str, list[GenerationResult]]]:
     """Run naive once per question and every speculative variant, interleaved per question."""
+    async def run(q: str, spec: SpeculationConfig | None) -> GenerationResult:
+        if cold_start:
+            engine.reset_caches()
+        if spec is None:
+            return await engine.generate(q, gen=gen, speculate=False)
+        return await engine.generate(q, gen=gen, spec=spec, speculate=True)
+
     async def go():
         if warmup and questions:
-            await engine.generate(questions[0], gen=gen, speculate=False)
+            await run(questions[0], None)
             for spec in variants.values():
-                await engine.generate(questions[0], gen=gen, spec=spec, speculate=True)
+                await run(questions[0], spec)
         runs: dict[str, list[GenerationResult]] = {"naive": [], **{v: [] for v in variants}}
         t0 = time.perf_counter()
         for i, q in enumerate(questions):
-            runs["naive"].append(await engine.generate(q, gen=gen, speculate=False))
+            runs["naive"].append(await run(q, None))
             for name, spec in variants.items():
-                runs[name].append(await engine.generate(q, gen=gen, spec=spec, speculate=True))
+                runs[name].append(await run(q, spec))
             if progress:
                 same = all(runs[v][-1].token_ids == runs["naive"][-1].token_ids for v in variants)
                 progress(f"[{i + 1}/{len(questions)}] {time.perf_counter() - t0:6.1f}s "

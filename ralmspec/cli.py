@@ -42,6 +42,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--prefetch", type=int, default=20, help="top-k of each verification cached (1 = none)")
     s.add_argument("--no-os3", dest="os3", action="store_false", default=True, help="use --fixed-stride")
     s.add_argument("--fixed-stride", type=int, default=3)
+    s.add_argument("--no-naive-fallback", dest="naive_fallback", action="store_false", default=True,
+                   help="keep speculating even when OS^3 predicts it is slower than the naive loop")
     s.add_argument("--no-async", dest="async_verify", action="store_false", default=True)
     s.add_argument("--max-inflight", type=int, default=2)
     s.add_argument("--cache-capacity", type=int, default=1024)
@@ -55,7 +57,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         generation=GenerationConfig(stride=a.stride, query_len=a.query_len, max_new_tokens=a.max_new_tokens),
         speculation=SpeculationConfig(enabled=a.speculate, prefetch=a.prefetch, os3=a.os3,
                                       fixed_stride=a.fixed_stride, async_verify=a.async_verify,
-                                      max_inflight=a.max_inflight, cache_capacity=a.cache_capacity),
+                                      max_inflight=a.max_inflight, cache_capacity=a.cache_capacity,
+                                      naive_fallback=a.naive_fallback),
     )
 
 
@@ -127,15 +130,35 @@ def cmd_bench(a: argparse.Namespace) -> int:
     questions = [q.question for q in qs[: a.n]]
     if len(questions) < a.n:
         _log(f"note: only {len(questions)} questions available")
+    if a.emulate_pad < 0 or a.threads < 0:
+        raise RalmSpecError("--emulate-pad and --threads must be >= 0")
+    if a.emulate_pad and cfg.retrieval.kind != "exact":
+        raise RalmSpecError("--emulate-pad emulates an exact flat index: use it with --retriever exact")
+    if a.threads:
+        import faiss
+        import torch
+
+        torch.set_num_threads(a.threads)
+        faiss.omp_set_num_threads(a.threads)
     engine = build_engine(cfg, corpus_path=a.corpus)
+    label = cfg.retrieval.kind
+    if a.emulate_pad:
+        from ralmspec.retrieval.emulated import PaddedCostRetriever, build_pad_index
+
+        _log(f"building the EMULATION pad: {a.emulate_pad:,} synthetic vectors ...")
+        pad = build_pad_index(a.emulate_pad, engine.retriever.encoder.dim)
+        engine.retriever = PaddedCostRetriever(engine.retriever, pad)
+        engine.reset_caches()
+        label = f"exact EMULATED {len(engine.retriever.corpus) + a.emulate_pad:,}"
     spec = replace(cfg.speculation, enabled=True)
     variants = ablation_variants(spec) if a.ablations else {"speculative": spec}
-    summaries, runs = run_bench(engine, questions, cfg.generation, variants, cfg.retrieval.kind, progress=_log)
+    summaries, runs = run_bench(engine, questions, cfg.generation, variants, label, progress=_log)
     print(format_table(summaries))
     if a.json:
         out = summaries[0].to_dict() if len(summaries) == 1 else {"variants": [s.to_dict() for s in summaries]}
         out.update(settings={"model": cfg.model, "lm_backend": cfg.lm_backend, "retriever": cfg.retrieval.kind,
                              "index": cfg.retrieval.index_dir, "corpus": a.corpus,
+                             "emulate_pad": a.emulate_pad, "threads": a.threads,
                              "questions": a.questions or "default"})
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
@@ -174,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--n", type=int, default=30)
     be.add_argument("--json", default=None, help="write the summary here")
     be.add_argument("--ablations", action="store_true", help="none / +prefetch / +os3 / +async / all")
+    be.add_argument("--emulate-pad", type=int, default=0, metavar="N",
+                    help="EMULATED larger knowledge base (exact only): answers from the real index, plus "
+                         "the real cost of a flat scan over N synthetic vectors per search "
+                         "(ralmspec/retrieval/emulated.py); the table says EMULATED")
+    be.add_argument("--threads", type=int, default=0,
+                    help="torch and FAISS threads (0: library defaults); with asynchronous "
+                         "verification on 2 cores, 1 avoids oversubscription")
     add_engine_args(be)
     be.set_defaults(func=cmd_bench)
 

@@ -64,6 +64,9 @@ class SpeculationConfig:
     s_max: int = 16
     window: int = 5  # OS^3 acceptance window (rounds)
     gamma_max: float = 0.6
+    # OS^3 may stop speculating (verified naive steps, cache still probed) while it predicts
+    # speculation to be slower than the naive loop (DESIGN §4); off = always speculate
+    naive_fallback: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.prefetch <= 4096:

@@ -46,6 +46,14 @@ class RalmEngine:
             return await generate_speculative(ctx, prompt, spec, session, on_tokens, retries, timeout_s)
         return await generate_naive(ctx, prompt, session, on_tokens, retries, timeout_s)
 
+    def reset_caches(self) -> None:
+        """Empty the caches shared across requests (query encodings, tokenized passages), so the
+        next request is measured as a new question would be. Never changes any output."""
+        encoder = getattr(self.retriever, "encoder", None)
+        if encoder is not None and hasattr(encoder, "clear_cache"):
+            encoder.clear_cache()
+        self.passages = PassageTokens(self.lm, self.retriever)
+
     def generate_sync(self, prompt: str, **kwargs) -> GenerationResult:
         return asyncio.run(self.generate(prompt, **kwargs))
 

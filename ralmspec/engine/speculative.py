@@ -14,6 +14,12 @@ Rounds: OS^3 picks ``s``; after ``s`` speculated steps exist they go to verifica
 mode waits for it. Asynchronous mode starts the search as a task and keeps speculating (up to
 ``max_inflight`` rounds in flight); results are applied strictly in submission order and a
 rollback cancels every later round. Only verified tokens are passed to ``on_tokens``.
+
+Naive fallback: while OS^3 predicts that speculation loses to the naive loop (stride 0, see
+``speculation/stride.py``), nothing is in flight and every step is verified, the next step is
+retrieved for real before its chunk is generated (exactly the naive step). The cache is still
+fed and probed (the probe reuses the query encoding of that search, so it is nearly free) so
+the acceptance estimate stays current and speculation resumes when it pays again.
 """
 
 from __future__ import annotations
@@ -61,11 +67,12 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
     tr = Tracer()
     cache = SpeculationCache(ctx.retriever, spec.cache_capacity)
     sched = StrideScheduler(os3=spec.os3, fixed_stride=spec.fixed_stride, async_verify=spec.async_verify,
-                            s_max=spec.s_max, window=spec.window, gamma_max=spec.gamma_max)
+                            s_max=spec.s_max, window=spec.window, gamma_max=spec.gamma_max,
+                            naive_fallback=spec.naive_fallback)
     max_inflight = spec.max_inflight if spec.async_verify else 1
     stats = {"rounds": 0, "speculated": 0, "accepted": 0, "rollbacks": 0, "wasted_tokens": 0,
              "lm_steps": 0, "lm_s": 0.0, "cache_s": 0.0, "retrieval_s": 0.0, "verify_s": 0.0,
-             "verify_wait_s": 0.0,
+             "verify_wait_s": 0.0, "naive_steps": 0, "probe_hits": 0,
              "verify_batch_sizes": [], "strides": []}
     inflight: deque[_Round] = deque()
     emitted = 0  # generated tokens already passed to on_tokens
@@ -135,8 +142,11 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
         t = tr.now()
         q0 = ctx.query(tokens)
         first = await verify_batch(ctx.search_client.search, [q0], spec.prefetch, retries, timeout_s)
-        stats["retrieval_s"] += tr.record("retrieve", t, doc_id=first[0][0].doc_id, k=spec.prefetch)
+        took = tr.record("retrieve", t, doc_id=first[0][0].doc_id, k=spec.prefetch)
+        stats["retrieval_s"] += took
+        sched.observe_retrieval(took)
         cache.add(first[0])
+        lookup_s = 0.0  # latest speculative cache lookup (query encoding + ranking)
         steps: list[_Step] = [_Step(n0, q0, first[0][0].doc_id, verified=True)]
 
         while True:
@@ -166,6 +176,9 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
                     await wait_oldest()
                     continue
                 break
+            if stride == 0 and inflight:  # falling back to naive steps: settle what is in flight
+                await wait_oldest()
+                continue
             last = steps[-1]
             if last.end is not None:  # cannot happen: a step is only added when work remains
                 raise AssertionError("speculative engine lost track of its current step")
@@ -173,8 +186,10 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
             t_step = tr.now()
             n = ctx.chunk_size(len(tokens) - n0)
             chunk = await ctx.lm_client.greedy(ctx.lm_prompt(last.doc_id, tokens, n), n, session)
-            stats["lm_s"] += tr.record("lm", t_step, n=len(chunk), doc_id=last.doc_id, verified=last.verified)
+            lm_took = tr.record("lm", t_step, n=len(chunk), doc_id=last.doc_id, verified=last.verified)
+            stats["lm_s"] += lm_took
             stats["lm_steps"] += 1
+            sched.observe_lm(lm_took)
             if not chunk:
                 raise RuntimeError("LM backend returned no tokens")
             tokens += chunk
@@ -182,10 +197,29 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
             if not ctx.finished(tokens, n0):
                 t = tr.now()
                 q = ctx.query(tokens)
-                guess = await asyncio.to_thread(cache.top1, q)
-                stats["cache_s"] += tr.record("cache", t, doc_id=guess)
-                steps.append(_Step(len(tokens), q, guess, verified=False))
-            sched.observe_step(tr.now() - t_step)
+                if sched.next_stride() == 0 and not inflight and all(st.verified for st in steps):
+                    hits = await verify_batch(ctx.search_client.search, [q], spec.prefetch, retries, timeout_s)
+                    true = hits[0][0].doc_id
+                    took = tr.record("retrieve", t, doc_id=true, k=spec.prefetch, fallback=True)
+                    stats["retrieval_s"] += took
+                    sched.observe_retrieval(took)
+                    t = tr.now()
+                    probe = await asyncio.to_thread(cache.top1, q)  # would speculation have hit?
+                    stats["cache_s"] += tr.record("probe", t, doc_id=probe, hit=probe == true)
+                    sched.observe_round(1, int(probe == true))
+                    cache.add(hits[0])
+                    stats["naive_steps"] += 1
+                    stats["probe_hits"] += int(probe == true)
+                    steps.append(_Step(len(tokens), q, true, verified=True))
+                    sched.observe_step(lm_took + lookup_s)
+                else:
+                    guess = await asyncio.to_thread(cache.top1, q)
+                    lookup_s = tr.record("cache", t, doc_id=guess)
+                    stats["cache_s"] += lookup_s
+                    steps.append(_Step(len(tokens), q, guess, verified=False))
+                    sched.observe_step(tr.now() - t_step)
+            else:
+                sched.observe_step(tr.now() - t_step)
             if last.verified:
                 emit_verified()
         emit_verified()

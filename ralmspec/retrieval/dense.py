@@ -26,6 +26,11 @@ resp. of the probed lists). For ``hnsw`` the answer is the canonical ranking of 
 of ``efSearch`` candidates (no widening), so the top-min(k, efSearch) is the same prefix for
 every k; ranks beyond the beam (a prefetch of 256 > efSearch) are appended from a wider search.
 
+Batches: for ``exact`` on the CPU a batch of >= ``GEMM_MIN_BATCH`` queries gets its candidates
+from one float32 matrix product over all stored vectors (``gemm_top_ip``), so a verification
+batch reads the vectors once instead of once per query (FAISS's flat search only switches to
+BLAS at 20 queries). Single queries stay on FAISS. Same certified re-scoring, same answer.
+
 Devices: with ``RetrievalConfig.device == "cuda"`` the flat and IVF indexes move to the GPU
 (faiss-gpu, ``StandardGpuResources`` + ``index_cpu_to_gpu``); FAISS has no GPU HNSW, so HNSW
 stays on the CPU (``faiss_device`` says where an index runs). GPU searches are serialised by a
@@ -65,6 +70,34 @@ def exact_scores(vectors: np.ndarray, query: np.ndarray, doc_ids: np.ndarray) ->
     rows = np.array(vectors[doc_ids], dtype=np.float64, order="C")  # (m, d)
     rows *= np.asarray(query, dtype=np.float64)  # exact: float32 x float32 fits in float64
     return rows.sum(axis=1)  # pairwise sum of each contiguous row
+
+
+GEMM_MIN_BATCH = 2  # exact, CPU: batches of at least this many queries take the GEMM path
+
+
+def flat_ip_view(index) -> np.ndarray:
+    """The float32 (N, d) vectors stored in a CPU ``IndexFlat`` (a view, no copy)."""
+    faiss = _faiss()
+    n, d = int(index.ntotal), int(index.d)
+    return np.asarray(faiss.rev_swig_ptr(index.get_xb(), n * d)).reshape(n, d)
+
+
+def gemm_top_ip(vectors, qs: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``kk`` float32 inner products of each row of ``qs`` against ``vectors`` (a torch
+    (N, d) float32 tensor) from ONE matrix product: one streaming pass over the N vectors for
+    the whole batch, where FAISS's flat search below its BLAS threshold (20 queries) scans the
+    vectors once per query. Returns (scores, ids) like ``faiss.Index.search``.
+
+    Only candidates come from here: the canonical float64 re-scoring decides, so the answer does
+    not depend on which path proposed them (both are float32 dot products, error < ``EPS``).
+    """
+    import torch
+
+    with torch.inference_mode():
+        q = torch.from_numpy(np.ascontiguousarray(qs, dtype=np.float32))
+        scores = torch.mm(vectors, q.T)  # (N, b): faster than (b, N) on 1-2 CPU threads
+        vals, idx = torch.topk(scores, min(kk, vectors.shape[0]), dim=0, largest=True, sorted=True)
+    return np.ascontiguousarray(vals.T.numpy()), np.ascontiguousarray(idx.T.numpy()).astype(np.int64)
 
 
 def faiss_gpu_available() -> bool:
@@ -143,6 +176,7 @@ class DenseRetriever(Retriever):
             ivf.nprobe = self._nprobe
             self._centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
         self._index = index
+        self._torch_vectors = None  # exact on CPU: torch view of ``vectors`` for batched search
         self.index_dir: str | None = None  # set by load_retriever
         if config.device == "cuda":
             if kind == "hnsw":
@@ -206,6 +240,15 @@ class DenseRetriever(Retriever):
                 return self._index.search(qs, kk)
             iq, dq = self._assign(qs)
             return self._index.search_preassigned(qs, kk, iq, dq)
+        if len(qs) >= GEMM_MIN_BATCH and self.faiss_device == "cpu":
+            if self._torch_vectors is None:
+                import torch
+                import warnings
+
+                with warnings.catch_warnings():  # a read-only memory map is only ever read here
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._torch_vectors = torch.from_numpy(self._vectors)
+            return gemm_top_ip(self._torch_vectors, qs, kk)
         return self._index.search(qs, kk)
 
     def _finish(self, q: np.ndarray, k: int, kk: int, fscores: np.ndarray, fids: np.ndarray) -> list[Hit]:

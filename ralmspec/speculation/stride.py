@@ -8,6 +8,13 @@ speculated passage is right. Per round of stride ``s`` the expected number of ve
 picks the ``s`` in ``[1, s_max]`` that maximises verified chunks per second, searching upward
 from 1 while the objective does not fall.
 
+Falling back (DESIGN §4: never slower than the naive loop): speculation is worth it only if its
+expected seconds per verified step beat a naive step, ``lm + r`` (LM chunk + one real
+retrieval). For RaLM a mismatched step's chunk must be generated again with the true passage,
+so with probability ``1-γ^s`` a round costs one more step ``a`` (``seconds_per_step(...,
+regen=True)``). When even the best stride loses, ``decide`` returns stride 0: the engine then
+takes verified steps (retrieve, then generate), still probing the cache to keep ``γ`` current.
+
 Estimates: ``a`` = the latest step latency; ``b(s)`` = a least-squares line through the latest
 verification latency seen at each batch size (constant when only one size was seen);
 ``γ`` = Σ matched / (Σ matched + rounds with a mismatch) over the last ``window`` rounds,
@@ -33,6 +40,16 @@ def round_time(a: float, b: float, gamma: float, s: int, async_verify: bool) -> 
         return s * a + b
     g = gamma**s
     return g * ((s - 1) * a + max(a, b)) + (1.0 - g) * (s * a + b)
+
+
+def seconds_per_step(a: float, b: float, gamma: float, s: int, async_verify: bool,
+                     regen: bool = True) -> float:
+    """Expected seconds per verified step of a round of stride ``s``; ``regen``: a mismatch
+    costs one more step ``a`` (the corrected step's chunk is generated again)."""
+    t = round_time(a, b, gamma, s, async_verify)
+    if regen:
+        t += (1.0 - gamma**s) * a
+    return t / expected_verified_chunks(gamma, s)
 
 
 def best_stride(a: float, b_of_s, gamma: float, async_verify: bool, s_max: int) -> int:
@@ -62,12 +79,17 @@ class StrideScheduler:
     """Chooses the speculation stride for the next round.
 
     ``os3=False`` returns ``fixed_stride`` always (the paper's ablation). With OS^3 on, the
-    stride is 1 until one step latency, one verification latency and one round are observed.
+    stride is 1 until one step latency, one verification latency and one round are observed;
+    with ``naive_fallback`` it is 0 ("take a verified step") while the best stride is predicted
+    to be slower than a naive step (needs ``observe_lm`` and ``observe_retrieval`` too).
     """
 
     def __init__(self, os3: bool = True, fixed_stride: int = 3, async_verify: bool = False,
-                 s_max: int = 16, window: int = 5, gamma_max: float = 0.6):
+                 s_max: int = 16, window: int = 5, gamma_max: float = 0.6, naive_fallback: bool = False):
         self.os3 = os3
+        self.naive_fallback = naive_fallback
+        self._lm: float | None = None
+        self._r: float | None = None
         self.fixed_stride = fixed_stride
         self.async_verify = async_verify
         self.s_max = s_max
@@ -78,6 +100,19 @@ class StrideScheduler:
 
     def observe_step(self, seconds: float) -> None:
         self._a = seconds
+
+    def observe_lm(self, seconds: float) -> None:
+        """One LM chunk alone (the naive step's LM part)."""
+        self._lm = seconds
+
+    def observe_retrieval(self, seconds: float) -> None:
+        """One real single-query retrieval (query encoding + search): the naive step's ``r``."""
+        self._r = seconds
+
+    def naive_step_cost(self) -> float | None:
+        if self._r is None or (self._lm is None and self._a is None):
+            return None
+        return (self._lm if self._lm is not None else self._a) + self._r
 
     def observe_verification(self, batch_size: int, seconds: float) -> None:
         self._b_by_size[batch_size] = seconds
@@ -117,6 +152,11 @@ class StrideScheduler:
         if self._a is None or b1 is None or g is None:
             return StrideDecision(1, self._a, b1, g)
         s = best_stride(self._a, lambda k: self.verification_cost(k), g, self.async_verify, self.s_max)
+        naive = self.naive_step_cost()
+        if self.naive_fallback and naive is not None:
+            spec = seconds_per_step(self._a, self.verification_cost(s), g, s, self.async_verify, regen=True)
+            if spec >= naive:
+                return StrideDecision(0, self._a, b1, g)
         return StrideDecision(s, self._a, b1, g)
 
     def next_stride(self) -> int:

@@ -66,6 +66,40 @@ def test_slow_verification_keeps_rounds_in_flight_and_output_identical(engine):
     assert max(e["inflight"] for e in submits) >= 2, "slow verification should overlap several rounds"
 
 
+def test_naive_fallback_when_retrieval_is_cheap_keeps_tokens(engine):
+    """On the small real KB retrieval is mostly query encoding, which speculation pays too: OS^3
+    falls back to verified steps (probing the cache), and the output stays the naive one."""
+    spec = SpeculationConfig(async_verify=False, os3=True, prefetch=20)
+
+    async def go():
+        return [(await engine.generate(q, gen=GEN, speculate=False),
+                 await engine.generate(q, gen=GEN, spec=spec)) for q in QUESTIONS]
+
+    results = asyncio.run(go())
+    assert all(res.token_ids == naive.token_ids for naive, res in results)
+    assert sum(res.stats["naive_steps"] for _, res in results) > 0
+    probes = [e for _, r in results for e in r.trace if e["kind"] == "probe"]
+    assert probes and all(isinstance(e["hit"], bool) for e in probes)
+    off = SpeculationConfig(async_verify=False, os3=True, prefetch=20, naive_fallback=False)
+    res = asyncio.run(engine.generate(QUESTIONS[0], gen=GEN, spec=off))
+    assert res.stats["naive_steps"] == 0 and res.token_ids == results[0][0].token_ids
+
+
+def test_slow_retrieval_keeps_speculating(engine):
+    """When the knowledge base is slow (FakeLatencySearch: 0.3 s per search, scheduler
+    isolation), speculation pays and OS^3 does not fall back after its first rounds."""
+    slow = FakeLatencySearch(engine.retriever, delay_s=0.3)
+    spec = SpeculationConfig(async_verify=False, os3=True, prefetch=20)
+
+    async def go():
+        return (await engine.generate(QUESTIONS[1], gen=GEN, speculate=False),
+                await engine.generate(QUESTIONS[1], gen=GEN, spec=spec, search_client=slow))
+
+    naive, res = asyncio.run(go())
+    assert res.token_ids == naive.token_ids
+    assert res.stats["rounds"] >= 1 and max(res.stats["strides"]) >= 2
+
+
 def test_streamed_tokens_are_verified_prefixes_and_complete(engine):
     spec = SpeculationConfig(async_verify=True, os3=False, fixed_stride=4, cache_capacity=3)
 

@@ -171,22 +171,22 @@ def test_identity_violation_fails_loudly(tmp_path, small_indexes, tiny_lm):
     assert (tmp_path / "tiny__exact__real__n3.jsonl").stat().st_size > 0  # traces kept for debugging
 
 
-def test_cold_start_engine_gives_no_cross_request_cache_hits(small_indexes, tiny_lm):
-    from ralmspec.config import EngineConfig, GenerationConfig
+def test_bench_requests_start_cold(small_indexes, tiny_lm):
+    """run_bench empties the cross-request caches before every request: the second of two
+    identical requests encodes every query again (nothing carried over from the first)."""
+    from ralmspec.bench import run_bench
+    from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
     from ralmspec.engine.core import RalmEngine
 
-    from experiments.grid import ColdStartEngine
-
     retriever = small_indexes["exact"]
-    engine = ColdStartEngine(RalmEngine(tiny_lm, retriever, EngineConfig()))
+    engine = RalmEngine(tiny_lm, retriever, EngineConfig())
     enc = retriever.encoder
     gen = GenerationConfig(stride=4, query_len=16, max_new_tokens=12, passage_tokens=64)
     q = "who sang the song that was number one in the uk"
-    misses = []
-    for _ in range(2):
-        before = enc.cache_info()["misses"]
-        res = asyncio.run(engine.generate(q, gen=gen, speculate=False))
-        misses.append(enc.cache_info()["misses"] - before)
-        assert res.stats["steps"] == 3
-    # the second identical request encodes every query again: nothing carried over
-    assert misses[0] == misses[1] == 3
+    before = enc.cache_info()["misses"]
+    _, runs = run_bench(engine, [q], gen, {"s": SpeculationConfig(os3=False, async_verify=False)},
+                        "exact", warmup=False)
+    assert runs["naive"][0].token_ids == runs["s"][0].token_ids
+    assert runs["naive"][0].stats["steps"] == 3
+    # naive: 3 queries; speculative: the same 3 queries again (1 real + 2 cache lookups)
+    assert enc.cache_info()["misses"] - before == 6

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ralmspec.speculation.stride import (
-    StrideScheduler, best_stride, expected_verified_chunks, round_time,
+    StrideScheduler, best_stride, expected_verified_chunks, round_time, seconds_per_step,
 )
 
 
@@ -82,3 +82,45 @@ def test_cheap_retrieval_keeps_stride_small_sync():
     sch.observe_verification(1, 0.01)
     sch.observe_round(1, 0)
     assert sch.next_stride() == 1
+
+
+def test_seconds_per_step_charges_the_regenerated_chunk():
+    # sync, s=2, γ=0.5, a=1, b=0.5: round 2.5 + (1-0.25)*1 regen = 3.25 over 1.5 chunks
+    assert seconds_per_step(1.0, 0.5, 0.5, 2, async_verify=False) == pytest.approx(3.25 / 1.5)
+    assert seconds_per_step(1.0, 0.5, 0.5, 2, async_verify=False, regen=False) == pytest.approx(2.5 / 1.5)
+
+
+def _observed(naive_fallback: bool, lm: float, lookup: float, r: float, b1: float, matched: int):
+    sch = StrideScheduler(os3=True, async_verify=False, naive_fallback=naive_fallback)
+    sch.observe_lm(lm)
+    sch.observe_step(lm + lookup)
+    sch.observe_retrieval(r)
+    sch.observe_verification(1, b1)
+    sch.observe_round(1, matched)
+    return sch
+
+
+def test_fallback_when_retrieval_is_cheap():
+    # retrieval = query encoding (0.025) + search (0.001): speculation still pays the encoding,
+    # so it can only lose (s=1, γ=0.6: 1.4*(0.1+0.025)+0.001 = 0.176 > naive 0.126)
+    sch = _observed(True, lm=0.1, lookup=0.025, r=0.026, b1=0.001, matched=1)
+    assert sch.next_stride() == 0
+    assert sch.naive_step_cost() == pytest.approx(0.126)
+    # without the fallback switch OS^3 keeps speculating at stride 1
+    assert _observed(False, lm=0.1, lookup=0.025, r=0.026, b1=0.001, matched=1).next_stride() == 1
+
+
+def test_no_fallback_when_retrieval_dominates():
+    # the search costs 4 LM steps: best stride with γ=0.6, a=0.125, b=0.4 beats naive 0.525/step
+    sch = _observed(True, lm=0.1, lookup=0.025, r=0.5, b1=0.4, matched=1)
+    s = sch.next_stride()
+    assert s >= 2
+    assert seconds_per_step(0.125, 0.4, 0.6, s, async_verify=False) < 0.525
+
+
+def test_fallback_needs_a_measured_retrieval():
+    sch = StrideScheduler(os3=True, naive_fallback=True)
+    sch.observe_step(1.0)
+    sch.observe_verification(1, 0.001)
+    sch.observe_round(1, 0)
+    assert sch.next_stride() == 1  # no observe_retrieval yet: no naive cost to compare with
