@@ -18,8 +18,10 @@ rollback cancels every later round. Only verified tokens are passed to ``on_toke
 Naive fallback: while OS^3 predicts that speculation loses to the naive loop (stride 0, see
 ``speculation/stride.py``), nothing is in flight and every step is verified, the next step is
 retrieved for real before its chunk is generated (exactly the naive step). The cache is still
-fed and probed (the probe reuses the query encoding of that search, so it is nearly free) so
-the acceptance estimate stays current and speculation resumes when it pays again.
+fed and probed: the probe runs first and encodes the query, the search then reuses that
+encoding, so the step costs one naive retrieval and measures everything OS^3 compares (lookup,
+single search, hit or miss). A request starts this way until those estimates exist, and
+speculation resumes whenever it is predicted to pay.
 """
 
 from __future__ import annotations
@@ -198,14 +200,21 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
                 t = tr.now()
                 q = ctx.query(tokens)
                 if sched.next_stride() == 0 and not inflight and all(st.verified for st in steps):
+                    # A naive step that also measures what OS^3 needs: the cache lookup first
+                    # (it encodes the query, as a speculative step would: c), then the real
+                    # search (reusing that encoding: b(1)); together they cost one naive retrieval.
+                    probe = await asyncio.to_thread(cache.top1, q)
+                    lookup_s = tr.now() - t
+                    t2 = tr.now()
                     hits = await verify_batch(ctx.search_client.search, [q], spec.prefetch, retries, timeout_s)
                     true = hits[0][0].doc_id
-                    took = tr.record("retrieve", t, doc_id=true, k=spec.prefetch, fallback=True)
-                    stats["retrieval_s"] += took
-                    sched.observe_retrieval(took)
-                    t = tr.now()
-                    probe = await asyncio.to_thread(cache.top1, q)  # would speculation have hit?
-                    stats["cache_s"] += tr.record("probe", t, doc_id=probe, hit=probe == true)
+                    search_s = tr.record("retrieve", t2, doc_id=true, k=spec.prefetch, fallback=True)
+                    tr.events.insert(len(tr.events) - 1, {"kind": "probe", "t": round(t, 6), "dur": round(lookup_s, 6),
+                                                          "doc_id": probe, "hit": probe == true})
+                    stats["cache_s"] += lookup_s
+                    stats["retrieval_s"] += search_s
+                    sched.observe_retrieval(lookup_s + search_s)
+                    sched.observe_verification(1, search_s)
                     sched.observe_round(1, int(probe == true))
                     cache.add(hits[0])
                     stats["naive_steps"] += 1

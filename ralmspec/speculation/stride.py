@@ -14,6 +14,8 @@ retrieval). For RaLM a mismatched step's chunk must be generated again with the 
 so with probability ``1-γ^s`` a round costs one more step ``a`` (``seconds_per_step(...,
 regen=True)``). When even the best stride loses, ``decide`` returns stride 0: the engine then
 takes verified steps (retrieve, then generate), still probing the cache to keep ``γ`` current.
+With the fallback on, the scheduler also returns 0 until ``a``, ``b`` and ``γ`` are observed
+(those verified steps measure them), instead of speculating blind at stride 1.
 
 Estimates: ``a`` = the latest step latency; ``b(s)`` = a least-squares line through the latest
 verification latency seen at each batch size (constant when only one size was seen);
@@ -85,7 +87,7 @@ class StrideScheduler:
     """
 
     def __init__(self, os3: bool = True, fixed_stride: int = 3, async_verify: bool = False,
-                 s_max: int = 16, window: int = 5, gamma_max: float = 0.6, naive_fallback: bool = False):
+                 s_max: int = 16, window: int = 5, gamma_max: float = 0.9, naive_fallback: bool = False):
         self.os3 = os3
         self.naive_fallback = naive_fallback
         self._lm: float | None = None
@@ -150,7 +152,8 @@ class StrideScheduler:
         g = self.gamma()
         b1 = self.verification_cost(1)
         if self._a is None or b1 is None or g is None:
-            return StrideDecision(1, self._a, b1, g)
+            # nothing to compare yet: with the fallback, verified steps collect the estimates
+            return StrideDecision(0 if self.naive_fallback else 1, self._a, b1, g)
         s = best_stride(self._a, lambda k: self.verification_cost(k), g, self.async_verify, self.s_max)
         naive = self.naive_step_cost()
         if self.naive_fallback and naive is not None:

@@ -49,7 +49,7 @@ def test_gamma_estimate_window_and_cap():
 
 
 def test_scheduler_starts_at_1_and_follows_measurements():
-    sch = StrideScheduler(os3=True, async_verify=False)
+    sch = StrideScheduler(os3=True, async_verify=False, gamma_max=0.6)
     assert sch.next_stride() == 1
     sch.observe_step(1.0)
     sch.observe_verification(1, 40.0)
@@ -102,7 +102,7 @@ def _observed(naive_fallback: bool, lm: float, lookup: float, r: float, b1: floa
 
 def test_fallback_when_retrieval_is_cheap():
     # retrieval = query encoding (0.025) + search (0.001): speculation still pays the encoding,
-    # so it can only lose (s=1, γ=0.6: 1.4*(0.1+0.025)+0.001 = 0.176 > naive 0.126)
+    # so it can only lose (s=1, γ=0.9: 0.125 + 0.001 + 0.1*0.125 = 0.139 > naive 0.126)
     sch = _observed(True, lm=0.1, lookup=0.025, r=0.026, b1=0.001, matched=1)
     assert sch.next_stride() == 0
     assert sch.naive_step_cost() == pytest.approx(0.126)
@@ -111,11 +111,11 @@ def test_fallback_when_retrieval_is_cheap():
 
 
 def test_no_fallback_when_retrieval_dominates():
-    # the search costs 4 LM steps: best stride with γ=0.6, a=0.125, b=0.4 beats naive 0.525/step
-    sch = _observed(True, lm=0.1, lookup=0.025, r=0.5, b1=0.4, matched=1)
+    # the search costs 4 LM steps: the best stride beats naive 0.525 s/step
+    sch = _observed(True, lm=0.1, lookup=0.025, r=0.5, b1=0.4, matched=1)  # γ = cap 0.9
     s = sch.next_stride()
     assert s >= 2
-    assert seconds_per_step(0.125, 0.4, 0.6, s, async_verify=False) < 0.525
+    assert seconds_per_step(0.125, 0.4, 0.9, s, async_verify=False) < 0.525
 
 
 def test_fallback_needs_a_measured_retrieval():
@@ -124,3 +124,15 @@ def test_fallback_needs_a_measured_retrieval():
     sch.observe_verification(1, 0.001)
     sch.observe_round(1, 0)
     assert sch.next_stride() == 1  # no observe_retrieval yet: no naive cost to compare with
+
+
+def test_fallback_scheduler_takes_verified_steps_until_it_has_estimates():
+    sch = StrideScheduler(os3=True, naive_fallback=True)
+    assert sch.next_stride() == 0  # verified steps measure a, b(1) and γ first
+    sch.observe_lm(0.1)
+    sch.observe_step(0.12)
+    sch.observe_retrieval(2.0)
+    sch.observe_verification(1, 1.98)
+    assert sch.next_stride() == 0  # still no γ
+    sch.observe_round(1, 1)
+    assert sch.next_stride() >= 1  # search costs 20 LM steps: speculate
