@@ -15,7 +15,7 @@ from dataclasses import replace
 from ralmspec.config import (
     RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
 )
-from ralmspec.errors import RalmSpecError
+from ralmspec.errors import ConfigError, RalmSpecError
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +47,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-async", dest="async_verify", action="store_false", default=True)
     s.add_argument("--max-inflight", type=int, default=2)
     s.add_argument("--cache-capacity", type=int, default=1024)
+
+
+def set_threads(n: int | None) -> None:
+    """torch and FAISS threads for this process (``None``: leave the library defaults)."""
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError("--threads must be >= 1")
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -134,12 +147,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise RalmSpecError("--emulate-pad and --threads must be >= 0")
     if a.emulate_pad and cfg.retrieval.kind != "exact":
         raise RalmSpecError("--emulate-pad emulates an exact flat index: use it with --retriever exact")
-    if a.threads:
-        import faiss
-        import torch
-
-        torch.set_num_threads(a.threads)
-        faiss.omp_set_num_threads(a.threads)
+    set_threads(a.threads or None)
     engine = build_engine(cfg, corpus_path=a.corpus)
     label = cfg.retrieval.kind
     if a.emulate_pad:

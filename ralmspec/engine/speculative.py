@@ -204,13 +204,13 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
                     # (it encodes the query, as a speculative step would: c), then the real
                     # search (reusing that encoding: b(1)); together they cost one naive retrieval.
                     probe = await asyncio.to_thread(cache.top1, q)
-                    lookup_s = tr.now() - t
-                    t2 = tr.now()
+                    lookup_s = tr.record("probe", t, doc_id=probe)
+                    probe_event = tr.events[-1]
+                    t = tr.now()
                     hits = await verify_batch(ctx.search_client.search, [q], spec.prefetch, retries, timeout_s)
                     true = hits[0][0].doc_id
-                    search_s = tr.record("retrieve", t2, doc_id=true, k=spec.prefetch, fallback=True)
-                    tr.events.insert(len(tr.events) - 1, {"kind": "probe", "t": round(t, 6), "dur": round(lookup_s, 6),
-                                                          "doc_id": probe, "hit": probe == true})
+                    probe_event["hit"] = probe == true
+                    search_s = tr.record("retrieve", t, doc_id=true, k=spec.prefetch, fallback=True)
                     stats["cache_s"] += lookup_s
                     stats["retrieval_s"] += search_s
                     sched.observe_retrieval(lookup_s + search_s)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ralmspec.cli import set_threads as _set_threads
 from ralmspec.errors import ConfigError, RalmSpecError
 
 # ------------------------------------------------------------------ shared options
@@ -52,18 +53,6 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--strict", action="store_true", help="accept only identical top-k neighbour sets")
     p.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: library defaults)")
     p.add_argument("--device", default="cpu", help="LM device (cpu, cuda)")
-
-
-def _set_threads(n: int | None) -> None:
-    if n is None:
-        return
-    if n < 1:
-        raise ConfigError("--threads must be >= 1")
-    import faiss
-    import torch
-
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
 
 
 def _speculative_config(args: argparse.Namespace):

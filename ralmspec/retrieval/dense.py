@@ -100,6 +100,24 @@ def gemm_top_ip(vectors, qs: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(vals.T.numpy()), np.ascontiguousarray(idx.T.numpy()).astype(np.int64)
 
 
+class FlatScan:
+    """Top-kk candidates from a CPU ``IndexFlatIP``: FAISS for fewer than ``GEMM_MIN_BATCH``
+    queries, else one ``gemm_top_ip`` over the index's own vectors (a torch view, made once)."""
+
+    def __init__(self, index):
+        self.index = index
+        self._vectors = None
+
+    def search(self, qs: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(qs) < GEMM_MIN_BATCH:
+            return self.index.search(qs, kk)
+        if self._vectors is None:
+            import torch
+
+            self._vectors = torch.from_numpy(flat_ip_view(self.index))
+        return gemm_top_ip(self._vectors, qs, kk)
+
+
 def faiss_gpu_available() -> bool:
     faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -176,7 +194,6 @@ class DenseRetriever(Retriever):
             ivf.nprobe = self._nprobe
             self._centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
         self._index = index
-        self._torch_vectors = None  # exact on CPU: torch view of ``vectors`` for batched search
         self.index_dir: str | None = None  # set by load_retriever
         if config.device == "cuda":
             if kind == "hnsw":
@@ -192,6 +209,7 @@ class DenseRetriever(Retriever):
                     faiss.GpuParameterSpace().set_index_parameter(self._index, "nprobe", self._nprobe)
                 self._gpu_lock = threading.Lock()
                 self.faiss_device = "cuda"
+        self._flat = FlatScan(index) if kind == "exact" and self.faiss_device == "cpu" else None
 
     # -- canonical metric -------------------------------------------------------------------
     def _check_ids(self, doc_ids: Sequence[int]) -> np.ndarray:
@@ -240,15 +258,8 @@ class DenseRetriever(Retriever):
                 return self._index.search(qs, kk)
             iq, dq = self._assign(qs)
             return self._index.search_preassigned(qs, kk, iq, dq)
-        if len(qs) >= GEMM_MIN_BATCH and self.faiss_device == "cpu":
-            if self._torch_vectors is None:
-                import torch
-                import warnings
-
-                with warnings.catch_warnings():  # a read-only memory map is only ever read here
-                    warnings.simplefilter("ignore", UserWarning)
-                    self._torch_vectors = torch.from_numpy(self._vectors)
-            return gemm_top_ip(self._torch_vectors, qs, kk)
+        if self._flat is not None:
+            return self._flat.search(qs, kk)
         return self._index.search(qs, kk)
 
     def _finish(self, q: np.ndarray, k: int, kk: int, fscores: np.ndarray, fids: np.ndarray) -> list[Hit]:

@@ -14,8 +14,9 @@ What ``PaddedCostRetriever`` does, exactly:
   ones the real search used, from the encoder's cache) against ``pad`` synthetic random unit
   vectors, with the same ``k`` (+ the re-scoring margin) and the same path as the real exact
   retriever (FAISS for one query, one GEMM for a batch), and throws that result away. That is
-  the work an exact flat index with ``len(corpus) + pad`` vectors does (same batching, same threads, competing for the same 2 cores as the LM), up to the ``len(corpus)`` real rows
-  it already scanned;
+  the work an exact flat index with ``len(corpus) + pad`` vectors does (same batching, same
+  threads, competing for the same 2 cores as the LM), up to the ``len(corpus)`` real rows it
+  already scanned;
 - ``score`` (used by the speculation cache) is the real retriever's: scoring a handful of cached
   passages costs the same in a large index.
 
@@ -34,9 +35,7 @@ import numpy as np
 
 from ralmspec.errors import ConfigError
 from ralmspec.retrieval.base import Hit, Retriever
-from ralmspec.retrieval.dense import GEMM_MIN_BATCH, flat_ip_view, gemm_top_ip
-
-RESCORE_MARGIN = 16  # the real exact retriever asks FAISS for k + rescore_margin candidates
+from ralmspec.retrieval.dense import FlatScan
 
 PAD_CHUNK = 100_000
 
@@ -78,13 +77,14 @@ class PaddedCostRetriever(Retriever):
             raise ConfigError(f"pad index dimension {pad_index.d} != encoder dimension {encoder.dim}")
         self.inner = inner
         self.encoder = encoder
+        self._margin = int(inner.config.rescore_margin)  # the real search asks for k + margin
         self.pad_index = pad_index
+        self._scan = FlatScan(pad_index)  # the same path as the real exact retriever
         self.pad = int(pad_index.ntotal)
         self.corpus = inner.corpus
         self.kind = f"{inner.kind}+pad{self.pad}"
         self.label = label or emulated_label(len(inner.corpus), self.pad)
         self._lock = threading.Lock()
-        self._pad_vectors = None
         self.pad_searches = 0
         self.pad_queries = 0
         self.pad_seconds = 0.0
@@ -96,14 +96,7 @@ class PaddedCostRetriever(Retriever):
         if queries:
             q = self.encoder.encode_queries(list(queries))  # cached by the real search just above
             t = time.perf_counter()
-            if len(q) >= GEMM_MIN_BATCH:  # the batched path of the real exact retriever
-                if self._pad_vectors is None:
-                    import torch
-
-                    self._pad_vectors = torch.from_numpy(flat_ip_view(self.pad_index))
-                gemm_top_ip(self._pad_vectors, q, min(k + RESCORE_MARGIN, self.pad))
-            else:
-                self.pad_index.search(q, min(k + RESCORE_MARGIN, self.pad))  # result discarded
+            self._scan.search(q, min(k + self._margin, self.pad))  # the extra work; result discarded
             dt = time.perf_counter() - t
             with self._lock:
                 self.pad_searches += 1
