@@ -7,7 +7,7 @@ Layout (every table optional except ``[run]``; a study runs iff its table is pre
 [run]         name, cache_dir ("" = ralmspec's index cache), torch_threads / faiss_threads
               (0 = library default), seed (synthetic padding vectors)
 [workload]    dataset (label), questions ("default" = embedded NQ-open dev, or a path),
-              corpus ("default" = embedded WikiText-2 passages, or a path), corpus_size
+              corpus ("default" = embedded WikiText-103 passages, or a path), corpus_size
               (0 = all, else the first N passages), n, question_offset, max_new_tokens,
               stride, query_len, passage_tokens
 [retrieval]   hnsw_m, hnsw_ef_construction, hnsw_ef_search, ivf_nlist, ivf_nprobe, rescore_margin
@@ -203,7 +203,7 @@ def _parse_group(g: Any, where: str) -> Group:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: model, retrievers, kb_pad, n")
     model = g.get("model")
     if not isinstance(model, str) or not model:
-        raise ConfigError(f"{where}.model must be a model name ('tiny', 'default', 'medium') or a folder")
+        raise ConfigError(f"{where}.model must be a model name ('smollm2', 'tiny', 'random-small', 'random-medium') or a folder")
     retrievers = _retrievers(g.get("retrievers"), f"{where}.retrievers")
     pads = _int_list(g.get("kb_pad", [0]), f"{where}.kb_pad")
     if any(p > 0 for p in pads) and set(retrievers) != {"exact"}:

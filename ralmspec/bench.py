@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
+from ralmspec.answers import answer_match
 from ralmspec.config import GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.result import GenerationResult
@@ -49,13 +50,19 @@ class BenchSummary:
     generation: dict[str, Any]
     speculation: dict[str, Any]
     mismatched_questions: list[int]
+    # fraction of requests whose text contains a gold answer (questions with answers only);
+    # speculative and naive tokens are identical, so this is both modes' figure
+    answer_match: float | None = None
+    # the cache's top-1 right on the verified (naive-fallback) steps, where OS^3 did not speculate
+    probe_hit_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResult], retriever: str, variant: str,
-              gen: GenerationConfig, spec: SpeculationConfig) -> BenchSummary:
+              gen: GenerationConfig, spec: SpeculationConfig,
+              answers: Sequence[Sequence[str]] | None = None) -> BenchSummary:
     same = [a.token_ids == b.token_ids for a, b in zip(naive, specs)]
     t_naive = sum(r.latency_s for r in naive)
     t_ret = sum(r.stats["retrieval_s"] for r in naive)
@@ -63,6 +70,7 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
     speculated = sum(r.stats["speculated"] for r in specs)
     accepted = sum(r.stats["accepted"] for r in specs)
     strides = [s for r in specs for s in r.stats["strides"]]
+    probes = sum(r.stats.get("naive_steps", 0) for r in specs)
     return BenchSummary(
         n=len(naive), retriever=retriever, variant=variant,
         identical_fraction=sum(same) / max(1, len(same)),
@@ -76,14 +84,18 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
         mean_stride=statistics.fmean(strides) if strides else None,
         generation=asdict(gen), speculation=asdict(spec),
         mismatched_questions=[i for i, ok in enumerate(same) if not ok],
+        answer_match=answer_match([r.text for r in specs], answers) if answers is not None else None,
+        probe_hit_rate=sum(r.stats.get("probe_hits", 0) for r in specs) / probes if probes else None,
     )
 
 
 def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfig,
               variants: dict[str, SpeculationConfig], retriever: str,
               progress: Callable[[str], None] | None = None, warmup: bool = True,
-              cold_start: bool = True) -> tuple[list[BenchSummary], dict[str, list[GenerationResult]]]:
-    """Run naive once per question and every speculative variant, interleaved per question."""
+              cold_start: bool = True, answers: Sequence[Sequence[str]] | None = None,
+              ) -> tuple[list[BenchSummary], dict[str, list[GenerationResult]]]:
+    """Run naive once per question and every speculative variant, interleaved per question.
+    ``answers[i]`` (gold answers of question i) adds ``answer_match`` to the summaries."""
     async def run(q: str, spec: SpeculationConfig | None) -> GenerationResult:
         if cold_start:
             engine.reset_caches()
@@ -111,22 +123,47 @@ def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfi
         return runs
 
     runs = asyncio.run(go())
-    summaries = [summarize(runs["naive"], runs[v], retriever, v, gen, spec) for v, spec in variants.items()]
+    summaries = [summarize(runs["naive"], runs[v], retriever, v, gen, spec, answers)
+                 for v, spec in variants.items()]
     return summaries, runs
 
+
+def run_closed_book(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfig,
+                    answers: Sequence[Sequence[str]] | None = None,
+                    progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[GenerationResult]]:
+    """The same questions with no retrieval (no passage): the closed-book baseline of answer_match."""
+    async def go() -> list[GenerationResult]:
+        out = []
+        t0 = time.perf_counter()
+        for i, q in enumerate(questions):
+            out.append(await engine.generate(q, gen=gen, retrieval=False))
+            if progress:
+                progress(f"[{i + 1}/{len(questions)}] {time.perf_counter() - t0:6.1f}s closed-book "
+                         f"{out[-1].latency_s:.2f}s")
+        return out
+
+    runs = asyncio.run(go())
+    summary = {
+        "mode": "no-retrieval", "n": len(runs),
+        "latency_s": statistics.fmean(r.latency_s for r in runs) if runs else 0.0,
+        "answer_match": answer_match([r.text for r in runs], answers) if answers is not None else None,
+        "generation": asdict(gen),
+    }
+    return summary, runs
 
 def ablation_variants(base: SpeculationConfig) -> dict[str, SpeculationConfig]:
     return {name: replace(base, enabled=True, **kw) for name, kw in ABLATIONS.items()}
 
 
 def format_table(summaries: Sequence[BenchSummary]) -> str:
-    head = ("| retriever | variant | n | identical | naive s | spec s | speed-up | limit | accept | rollbacks "
-            "| mean stride |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| retriever | variant | n | identical | answer match | naive s | spec s | speed-up | limit | accept "
+            "| rollbacks | mean stride |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for s in summaries:
         acc = "-" if s.acceptance_rate is None else f"{s.acceptance_rate:.2f}"
         stride = "-" if s.mean_stride is None else f"{s.mean_stride:.2f}"
-        rows.append(f"| {s.retriever} | {s.variant} | {s.n} | {100 * s.identical_fraction:.0f}% | "
+        match = "-" if s.answer_match is None else f"{100 * s.answer_match:.0f}%"
+        rows.append(f"| {s.retriever} | {s.variant} | {s.n} | {100 * s.identical_fraction:.0f}% | {match} | "
                     f"{s.naive_latency_s:.3f} | {s.speculative_latency_s:.3f} | {s.speedup:.2f}x | "
                     f"{s.limit:.2f}x | {acc} | {s.rollbacks:.2f} | {stride} |")
     return "\n".join([head, *rows])

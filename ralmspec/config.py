@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ralmspec.errors import ConfigError
 
 RETRIEVER_KINDS = ("exact", "hnsw", "ivf", "bm25")
+PROMPT_FORMATS = ("auto", "chat", "plain")
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,13 @@ class GenerationConfig:
     query_len: int = 32  # tokens of context used as the retrieval query
     max_new_tokens: int = 128
     passage_tokens: int = 256  # a passage is cut to its first this-many tokens
+    # "chat" (passage + question in the model's chat template), "plain" (passage + context,
+    # the paper's continuation) or "auto" (chat when the tokenizer has a template); engine/prompt.py
+    prompt_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         for name, lo, hi in (("stride", 1, 256), ("query_len", 1, 4096), ("max_new_tokens", 1, 4096),
                              ("passage_tokens", 1, 8192)):
             v = getattr(self, name)
@@ -88,7 +94,7 @@ class SpeculationConfig:
 class EngineConfig:
     """Everything one engine instance needs; built once by the CLI or the server."""
 
-    model: str = "default"  # "default", "tiny", or a local HF causal-LM folder
+    model: str = "smollm2"  # "smollm2" (real, pretrained), "tiny" / "random-*" (random weights), or a folder
     lm_backend: str = "hf"  # "hf" or "vllm"
     lm_device: str = "cpu"
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

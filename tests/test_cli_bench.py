@@ -28,3 +28,44 @@ def test_bench_emulation_needs_exact(small_indexes, capsys):
                "--n", "1", "--emulate-pad", "100"])
     assert rc == 2
     assert "--retriever exact" in capsys.readouterr().err
+
+
+def test_bench_reports_answer_match_on_the_grounded_questions(small_indexes, tmp_path, capsys):
+    """The default questions are the grounded set (with answers): answer_match is in the JSON
+    and the table; `--no-retrieval` gives the closed-book figure in the same format."""
+    index = small_indexes["bm25"].index_dir
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "tiny", "--retriever", "bm25", "--index", index, "--n", "2",
+               "--max-new-tokens", "4", "--json", str(out)])
+    assert rc == 0
+    assert "answer match" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["settings"]["questions"] == "grounded" and r["settings"]["prompt_format"] == "plain"
+    assert isinstance(r["answer_match"], float) and 0.0 <= r["answer_match"] <= 1.0
+    closed, outputs = tmp_path / "closed.json", tmp_path / "closed.jsonl"
+    rc = main(["bench", "--model", "tiny", "--retriever", "bm25", "--index", index, "--n", "2",
+               "--max-new-tokens", "4", "--no-retrieval", "--json", str(closed), "--outputs", str(outputs)])
+    assert rc == 0
+    assert "no retrieval (closed book)" in capsys.readouterr().out
+    c = json.loads(closed.read_text())
+    assert c["mode"] == "no-retrieval" and c["n"] == 2 and isinstance(c["answer_match"], float)
+    rows = [json.loads(line) for line in outputs.read_text().splitlines()]
+    assert [(r["i"], r["mode"]) for r in rows] == [(0, "no-retrieval"), (1, "no-retrieval")]
+    assert all(r["answers"] and isinstance(r["match"], bool) and r["passages"] == [] for r in rows)
+    assert c["answer_match"] == sum(r["match"] for r in rows) / 2
+
+
+def test_bench_takes_the_nq_open_set_by_name(small_indexes, tmp_path):
+    out = tmp_path / "nq.json"
+    rc = main(["bench", "--model", "tiny", "--retriever", "bm25", "--index", small_indexes["bm25"].index_dir,
+               "--n", "1", "--max-new-tokens", "4", "--questions", "nq-open", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["settings"]["questions"] == "nq-open" and isinstance(r["answer_match"], float)
+
+
+def test_bench_bad_prompt_format_for_a_model_without_template(small_indexes, capsys):
+    rc = main(["bench", "--model", "tiny", "--retriever", "bm25", "--index", small_indexes["bm25"].index_dir,
+               "--n", "1", "--prompt-format", "chat"])
+    assert rc == 2
+    assert "chat template" in capsys.readouterr().err

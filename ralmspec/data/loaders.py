@@ -36,6 +36,9 @@ from ralmspec.errors import ConfigError
 EMBEDDED_PACKAGE = "ralmspec.data"
 EMBEDDED_PASSAGES = "embedded/passages.jsonl.gz"
 EMBEDDED_QUESTIONS = "embedded/nq_open_dev.jsonl.gz"
+EMBEDDED_GROUNDED = "embedded/grounded_qa.jsonl"
+# names of the embedded question sets (--questions NAME)
+QUESTION_SETS = {"grounded": EMBEDDED_GROUNDED, "nq-open": EMBEDDED_QUESTIONS}
 
 _CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".tsv", ".tsv.gz")
 _QUESTION_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt")
@@ -186,13 +189,29 @@ def embedded_path(name: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def default_corpus() -> Corpus:
-    """The embedded WikiText-2 knowledge base (3,833 passages). Loaded once, then shared (immutable)."""
+    """The embedded WikiText-103 knowledge base (3,832 passages). Loaded once, then shared (immutable)."""
     return load_corpus(embedded_path(EMBEDDED_PASSAGES))
 
 
 def default_questions() -> list[Question]:
-    """The embedded NQ-open dev questions (3,610), in file order. A fresh list on every call."""
+    """The embedded NQ-open dev questions (3,610), in file order. A fresh list on every call.
+    Latency only: their topics are not in the embedded knowledge base (see grounded_questions)."""
     return load_questions(embedded_path(EMBEDDED_QUESTIONS))
+
+
+def grounded_questions() -> list[Question]:
+    """The embedded questions about the embedded knowledge base, each with its gold answers."""
+    return load_questions(embedded_path(EMBEDDED_GROUNDED))
+
+
+def resolve_questions(name_or_path: str | None) -> str:
+    """Path of a question file: an embedded set's name ("grounded" = the default, "nq-open"),
+    or a file path as given."""
+    if name_or_path in (None, "default"):
+        name_or_path = "grounded"
+    if name_or_path in QUESTION_SETS:
+        return embedded_path(QUESTION_SETS[name_or_path])
+    return name_or_path
 
 
 def corpus_sha256(corpus: Corpus) -> str:

@@ -1,8 +1,9 @@
-"""WikiText-2 -> titled ~100-word passages (how the embedded knowledge base is made).
+"""WikiText (-2 or -103) -> titled ~100-word passages (how the embedded knowledge base is made).
 
 WikiText is word-tokenised text: every punctuation mark is its own token, numbers are split as
 ``1 @,@ 000`` / ``3 @.@ 5`` and hyphenated words as ``guest @-@ starring``. An article starts with
-a line `` = Title = ``; sections with `` = = Section = = `` (deeper levels add more ``=``).
+a line `` = Title = `` after a blank line (a formula broken across lines can look like one
+and is text); sections with `` = = Section = = `` (deeper levels add more ``=``).
 
 :func:`detokenize` undoes the tokenisation enough to read naturally (``@-@``/``@,@``/``@.@`` are
 joined back to ``-``, ``,``, ``.``; no space before ``, . ; : ! ? ) 's n't`` ...; no space inside
@@ -79,17 +80,21 @@ def parse_wikitext(raw: str) -> list[Article]:
     articles: list[Article] = []
     title: str | None = None
     paras: list[str] = []
-    for line in raw.split("\n"):
-        m = _TITLE.match(line)
+    lines = raw.split("\n")
+    for i, line in enumerate(lines):
+        # A title (or heading) follows a blank line: a formula broken across lines
+        # ("... cut-off frequency of ωc\n = 1 rad / s and a nominal impedance k = \n 1 Ω") is text.
+        alone = i == 0 or not lines[i - 1].strip()
+        m = _TITLE.match(line) if alone else None
         if m:  # `` = = X = = `` does not match: ``(?!=)`` rejects sections
             if title is not None:
                 articles.append(Article(title, tuple(paras)))
             title, paras = detokenize(m.group(1)), []
             continue
-        if not line.strip() or _HEADING.match(line):
+        if not line.strip() or (alone and _HEADING.match(line)):
             continue
         if title is None:
-            continue  # text before the first title (none in WikiText-2)
+            continue  # text before the first title (none in WikiText)
         paras.append(detokenize(line))
     if title is not None:
         articles.append(Article(title, tuple(paras)))

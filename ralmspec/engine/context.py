@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Hashable, Protocol, Sequence
 
 from ralmspec.config import GenerationConfig
+from ralmspec.engine.prompt import PromptFormat
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.retrieval.base import Hit, Retriever
@@ -86,6 +87,7 @@ class RalmContext:
     lm_client: LMClient
     search_client: SearchClient
     gen: GenerationConfig
+    fmt: PromptFormat  # resolved from gen.prompt_format for this model (engine/prompt.py)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -97,20 +99,22 @@ class RalmContext:
         if budget < 1:
             raise ConfigError(f"max_new_tokens={self.gen.max_new_tokens} leaves no room in the model's "
                               f"context of {self.lm.max_context} tokens")
+        if self.fmt.name == "chat" and len(ids) > budget - self.fmt.overhead():
+            raise ConfigError(f"the prompt has {len(ids)} tokens; with the chat template and "
+                              f"max_new_tokens={self.gen.max_new_tokens} at most "
+                              f"{budget - self.fmt.overhead()} fit the model's context of {self.lm.max_context}")
         return ids
 
     def query(self, tokens: Sequence[int]) -> str:
-        """Retrieval query: the last ``query_len`` tokens, detokenized."""
+        """Retrieval query: the last ``query_len`` of prompt + generated tokens, detokenized."""
         return self.lm.tokenizer.decode(list(tokens[-self.gen.query_len:]))
 
-    def lm_prompt(self, doc_id: int, tokens: Sequence[int], n: int) -> list[int]:
-        """``passage + context``; the context is cut from the left if the model's window is short."""
-        doc = self.passages.get(doc_id, self.gen.passage_tokens)
-        room = self.lm.max_context - n - len(doc)
-        if room < 1:
-            doc = doc[: max(0, self.lm.max_context - n - 1)]
-            room = self.lm.max_context - n - len(doc)
-        return doc + list(tokens[-room:])
+    def lm_prompt(self, doc_id: int | None, tokens: Sequence[int], n_prompt: int, n: int) -> list[int]:
+        """The LM input for the next ``n`` tokens after ``tokens`` (prompt ids + generated ids,
+        the first ``n_prompt`` being the prompt) with passage ``doc_id`` (``None``: closed book),
+        laid out by the prompt format, cut to leave room for ``n`` new tokens."""
+        doc = None if doc_id is None else self.passages.get(doc_id, self.gen.passage_tokens)
+        return self.fmt.build(doc, tokens, n_prompt, self.lm.max_context - n)
 
     def chunk_size(self, generated: int) -> int:
         return min(self.gen.stride, self.gen.max_new_tokens - generated)

@@ -12,7 +12,8 @@ from typing import Hashable
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient
-from ralmspec.engine.naive import TokenCallback, generate_naive
+from ralmspec.engine.naive import TokenCallback, generate_closed_book, generate_naive
+from ralmspec.engine.prompt import PromptFormat
 from ralmspec.engine.result import GenerationResult
 from ralmspec.engine.speculative import generate_speculative
 from ralmspec.lm.base import LanguageModel
@@ -26,20 +27,33 @@ class RalmEngine:
         self.config = config or EngineConfig()
         self.passages = PassageTokens(lm, retriever)
         self.direct_lm = DirectLM(lm)
+        self._formats: dict[str, PromptFormat] = {}
+        self.prompt_format(self.config.generation.prompt_format)  # a bad format fails at start-up
+
+    def prompt_format(self, name: str) -> PromptFormat:
+        """The resolved prompt format ``name`` ("auto", "chat", "plain") for this engine's LM."""
+        if name not in self._formats:
+            self._formats[name] = PromptFormat.for_tokenizer(name, self.lm.tokenizer)
+        return self._formats[name]
 
     def context(self, gen: GenerationConfig | None = None, lm_client: LMClient | None = None,
                 search_client: SearchClient | None = None) -> RalmContext:
+        gen = gen or self.config.generation
         return RalmContext(self.lm, self.retriever, self.passages, lm_client or self.direct_lm,
-                           search_client or self.retriever, gen or self.config.generation)
+                           search_client or self.retriever, gen, self.prompt_format(gen.prompt_format))
 
     async def generate(self, prompt: str, gen: GenerationConfig | None = None,
                        spec: SpeculationConfig | None = None, speculate: bool | None = None,
                        on_tokens: TokenCallback | None = None, session: Hashable | None = None,
                        lm_client: LMClient | None = None, search_client: SearchClient | None = None,
-                       retries: int = 2, timeout_s: float | None = 30.0) -> GenerationResult:
-        """Generate for one prompt. ``speculate=None`` follows ``spec.enabled``."""
+                       retries: int = 2, timeout_s: float | None = 30.0,
+                       retrieval: bool = True) -> GenerationResult:
+        """Generate for one prompt. ``speculate=None`` follows ``spec.enabled``;
+        ``retrieval=False`` answers closed-book (no passage, no knowledge-base search)."""
         spec = spec or self.config.speculation
         ctx = self.context(gen, lm_client, search_client)
+        if not retrieval:
+            return await generate_closed_book(ctx, prompt, session, on_tokens)
         if speculate is None:
             speculate = spec.enabled
         if speculate:

@@ -37,7 +37,7 @@ async def generate_naive(ctx: RalmContext, prompt: str, session: Hashable | None
             retrieval_s += tr.record("retrieve", t, doc_id=doc_id)
             n = ctx.chunk_size(len(tokens) - n0)
             t = tr.now()
-            chunk = await ctx.lm_client.greedy(ctx.lm_prompt(doc_id, tokens, n), n, session)
+            chunk = await ctx.lm_client.greedy(ctx.lm_prompt(doc_id, tokens, n0, n), n, session)
             lm_s += tr.record("lm", t, n=len(chunk))
             start = len(tokens) - n0
             tokens += chunk
@@ -64,3 +64,27 @@ async def generate_naive(ctx: RalmContext, prompt: str, session: Hashable | None
         },
         trace=tr.events,
     )
+
+
+async def generate_closed_book(ctx: RalmContext, prompt: str, session: Hashable | None = None,
+                               on_tokens: TokenCallback | None = None) -> GenerationResult:
+    """The same prompt format with no passage and no retrieval (``--no-retrieval``): the
+    closed-book answer that shows what retrieval adds. One greedy call of ``max_new_tokens``."""
+    session = session if session is not None else new_session_id("closed")
+    prompt_ids = ctx.encode_prompt(prompt)
+    tr = Tracer()
+    n = ctx.gen.max_new_tokens
+    try:
+        t = tr.now()
+        gen = await ctx.lm_client.greedy(ctx.lm_prompt(None, prompt_ids, len(prompt_ids), n), n, session)
+        lm_s = tr.record("lm", t, n=len(gen))
+    finally:
+        ctx.lm_client.release(session)
+    if on_tokens is not None and gen:
+        on_tokens(gen)
+    eos = ctx.lm.eos_token_id
+    return GenerationResult(
+        prompt=prompt, mode="closed-book", prompt_ids=prompt_ids, token_ids=list(gen),
+        text=ctx.lm.tokenizer.decode(gen), steps=[],
+        finish_reason="eos" if gen and eos is not None and gen[-1] == eos else "length",
+        latency_s=tr.now(), stats={"steps": 0, "retrieval_s": 0.0, "lm_s": lm_s}, trace=tr.events)

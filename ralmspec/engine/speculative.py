@@ -187,7 +187,7 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
             # One speculative step: LM chunk with the current doc, then the next query + cache guess.
             t_step = tr.now()
             n = ctx.chunk_size(len(tokens) - n0)
-            chunk = await ctx.lm_client.greedy(ctx.lm_prompt(last.doc_id, tokens, n), n, session)
+            chunk = await ctx.lm_client.greedy(ctx.lm_prompt(last.doc_id, tokens, n0, n), n, session)
             lm_took = tr.record("lm", t_step, n=len(chunk), doc_id=last.doc_id, verified=last.verified)
             stats["lm_s"] += lm_took
             stats["lm_steps"] += 1

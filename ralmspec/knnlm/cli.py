@@ -4,7 +4,7 @@ The lead's CLI calls :func:`add_knnlm_subparsers` with its top-level ``subparser
 leaf parser sets ``func`` (``args.func(args) -> int`` exit code). ``python -m ralmspec.knnlm.cli``
 runs the same commands stand-alone.
 
-- ``build``: ``--model`` (default "default"), ``--corpus PATH`` (default: the embedded WikiText-2
+- ``build``: ``--model`` (default "smollm2"), ``--corpus PATH`` (default: the embedded WikiText-103
   passages), ``--out DIR``, ``--index {flat,ivf,hnsw}``, ``--max-tokens N``.
 - ``generate "prompt" --datastore DIR [--no-speculate]``: prints the continuation (``--json``
   for the full result with timings and speculation stats).
@@ -300,7 +300,7 @@ def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="knnlm_command", required=True, metavar="{build,reindex,generate,bench}")
 
     b = sub.add_parser("build", help="build a datastore from a corpus")
-    b.add_argument("--model", default="default", help="built-in LM name or local HF folder (default: default)")
+    b.add_argument("--model", default="smollm2", help="LM name (smollm2, tiny, random-small, random-medium) or local HF folder (default: smollm2)")
     b.add_argument("--corpus", default=None, help="passage corpus (.jsonl[.gz] / .tsv[.gz]); default: embedded")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat")

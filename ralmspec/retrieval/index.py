@@ -13,7 +13,11 @@ An index directory holds
 Passage vectors are computed once per corpus: a dense build first looks for a sibling index
 directory (same parent) whose manifest has the same corpus hash and encoder, and hard-links
 (or copies) its ``embeddings.npy``. So building all three dense kinds under one root encodes
-the corpus once.
+the corpus once. For the embedded knowledge base the vectors ship with the package
+(``ralmspec/data/embedded/passage_embeddings.npy``: float16, made by
+``scripts/make_embedded_data.py --embeddings``), so no build encodes it: they are used when the
+corpus hash and encoder match their manifest, widened to float32 and re-normalised (float64
+norms), which is a deterministic function of the shipped file.
 
 Default locations: :func:`default_index_root` is ``$RALMSPEC_HOME/indexes`` or
 ``~/.cache/ralmspec/indexes``; cached indexes are named ``{kind}[-{params}]-{corpus hash}``.
@@ -38,6 +42,7 @@ from ralmspec.config import RETRIEVER_KINDS, RetrievalConfig
 from ralmspec.data.corpus import Corpus
 from ralmspec.data.loaders import corpus_sha256, default_corpus, load_corpus, save_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
+from ralmspec.paths import ralmspec_home
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.dense import DENSE_KINDS, DenseRetriever, build_faiss_index
 from ralmspec.retrieval.encoder import QueryEncoder
@@ -55,9 +60,7 @@ ENCODE_BATCH_SIZE = 32
 
 def default_index_root() -> str:
     """``$RALMSPEC_HOME/indexes`` if RALMSPEC_HOME is set, else ``~/.cache/ralmspec/indexes``."""
-    home = os.environ.get("RALMSPEC_HOME")
-    base = home if home else os.path.join(os.path.expanduser("~"), ".cache", "ralmspec")
-    return os.path.join(base, "indexes")
+    return str(ralmspec_home() / "indexes")
 
 
 def index_dir_name(kind: str, config: RetrievalConfig, corpus_hash: str) -> str:
@@ -137,6 +140,46 @@ def _find_reusable_embeddings(parent: str, corpus_hash: str, encoder: QueryEncod
     return None
 
 
+SHIPPED_EMBEDDINGS = "embedded/passage_embeddings.npy"
+SHIPPED_MANIFEST = "embedded/passage_embeddings.json"
+
+
+def write_shipped_embeddings(corpus: Corpus, encoder: QueryEncoder, out_dir: str) -> str:
+    """Encode ``corpus`` and write the float16 vectors + manifest shipped with the package."""
+    vectors = encoder.encode_corpus(corpus.contents(), batch_size=ENCODE_BATCH_SIZE, show_progress=True)
+    path = os.path.join(out_dir, os.path.basename(SHIPPED_EMBEDDINGS))
+    np.save(path, vectors.astype(np.float16))
+    manifest = {"corpus_sha256": corpus_sha256(corpus), "n": len(corpus), "dtype": "float16",
+                "encoder": {"name": encoder.model_name, "dim": encoder.dim, "batch_size": ENCODE_BATCH_SIZE,
+                            "normalized": True},
+                "versions": _versions()}
+    with open(os.path.join(out_dir, os.path.basename(SHIPPED_MANIFEST)), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    return path
+
+
+def _shipped_embeddings(corpus_hash: str, encoder: QueryEncoder, n: int) -> np.ndarray | None:
+    """The shipped vectors of the embedded corpus as unit-norm float32, if they fit this build."""
+    from importlib import resources
+
+    base = resources.files("ralmspec.data")
+    vec_path, man_path = base.joinpath(SHIPPED_EMBEDDINGS), base.joinpath(SHIPPED_MANIFEST)
+    if not (vec_path.is_file() and man_path.is_file()):
+        return None
+    m = json.loads(man_path.read_text(encoding="utf-8"))
+    enc = m.get("encoder") or {}
+    if (m.get("corpus_sha256") != corpus_hash or m.get("n") != n or enc.get("name") != encoder.model_name
+            or enc.get("dim") != encoder.dim):
+        return None
+    with vec_path.open("rb") as f:
+        half = np.load(f)
+    if half.shape != (n, encoder.dim):
+        return None
+    wide = half.astype(np.float64)
+    wide /= np.maximum(np.linalg.norm(wide, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(wide.astype(np.float32))
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -182,8 +225,12 @@ def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig
             encoder = encoder if encoder is not None else QueryEncoder()
             emb_path = os.path.join(tmp, EMBEDDINGS)
             reuse = _find_reusable_embeddings(parent, corpus_hash, encoder, len(corpus))
+            shipped = None if reuse is not None else _shipped_embeddings(corpus_hash, encoder, len(corpus))
             if reuse is not None:
                 _link_or_copy(reuse, emb_path)
+            elif shipped is not None:
+                np.save(emb_path, shipped)
+                reuse = "shipped with ralmspec (float16)"
             else:
                 te = time.perf_counter()
                 vectors = encoder.encode_corpus(corpus.contents(), batch_size=ENCODE_BATCH_SIZE,

@@ -105,8 +105,8 @@ def test_question_errors(tmp_path, name, content, match):
 
 def test_embedded_defaults():
     c = default_corpus()
-    assert len(c) == 3833 and c is default_corpus()
-    assert c[0].title == "Robert <unk>" and c[0].source_id == "wt2-test-000-000"
+    assert len(c) == 3832 and c is default_corpus()
+    assert c[0].title == "Robert Boulter" and c[0].source_id == "wt103-test-000-000"
     assert all(p.title and p.text for p in c)
     assert not any("@-@" in p.text or "@,@" in p.text or "@.@" in p.text for p in c)
     words = [len(p.text.split()) for p in c]

@@ -31,6 +31,9 @@ def test_parse_and_split():
     arts = parse_wikitext(raw)
     assert arts == [Article("First Article", ("Intro words here.", "Body one two.")),
                     Article("Second", ("Only text.",))]
+    # a formula broken across lines is text, not a new article (WikiText-103 "Constant k filter")
+    raw = " \n = Filter = \n \n A frequency of ωc \n = 1 rad / s and k = \n 1 Ω . \n"
+    assert parse_wikitext(raw) == [Article("Filter", ("A frequency of ωc", "= 1 rad / s and k =", "1 Ω."))]
     long = [Article("T", (" ".join(f"w{i}" for i in range(230)),))]
     ps = split_passages(long, "x", words=100, min_words=31)  # a 30-word tail < 31: merged
     assert [len(p.text.split()) for p in ps] == [100, 130]

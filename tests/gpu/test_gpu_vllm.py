@@ -21,7 +21,7 @@ from ralmspec.lm.vllm import vllm_available
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODEL = "default"  # GPT-2-small shape, random seeded weights
+MODEL = "random-small"  # GPT-2-small shape, random seeded weights
 PASSAGE_TOKENS = 256
 N_NEW = 16
 NEAR_TIE = 1e-3  # GPU float32 kernels differ more than CPU ones (CPU: |dlogprob| <= 1.5e-6)

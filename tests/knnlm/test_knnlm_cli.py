@@ -52,4 +52,4 @@ def test_subparser_wiring():
     args = parser.parse_args(["knnlm", "bench", "--datastore", "d", "--n", "5", "--json", "o.json"])
     assert args.command == "knnlm" and args.knnlm_command == "bench" and args.n == 5 and callable(args.func)
     args = parser.parse_args(["knnlm", "build", "--out", "o", "--index", "ivf", "--max-tokens", "100"])
-    assert args.index == "ivf" and args.max_tokens == 100 and args.model == "default"
+    assert args.index == "ivf" and args.max_tokens == 100 and args.model == "smollm2"

@@ -36,7 +36,7 @@ def main() -> None:
     from ralmspec.lm.models import load_lm
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default="default")
+    ap.add_argument("model", nargs="?", default="random-small")
     ap.add_argument("--blocks", default="16")
     ap.add_argument("--prompt-len", type=int, default=300)
     ap.add_argument("--reps", type=int, default=3)

@@ -20,7 +20,7 @@ from tests.lm.conftest import random_tokens
 def default_lm():
     from ralmspec.lm.models import load_lm
 
-    return load_lm("default")
+    return load_lm("random-small")
 
 
 def _timed(fn):

@@ -19,9 +19,9 @@ def saved_tiny(tmp_path_factory):
 
 
 def test_builtin_shapes():
-    assert set(builtin_names()) == {"tiny", "default", "medium"}
-    assert (BUILTIN_MODELS["default"].n_layer, BUILTIN_MODELS["default"].n_embd, BUILTIN_MODELS["default"].n_head) == (12, 768, 12)
-    assert (BUILTIN_MODELS["medium"].n_layer, BUILTIN_MODELS["medium"].n_embd, BUILTIN_MODELS["medium"].n_head) == (24, 1024, 16)
+    assert set(builtin_names()) == {"tiny", "random-small", "random-medium"}
+    assert (BUILTIN_MODELS["random-small"].n_layer, BUILTIN_MODELS["random-small"].n_embd, BUILTIN_MODELS["random-small"].n_head) == (12, 768, 12)
+    assert (BUILTIN_MODELS["random-medium"].n_layer, BUILTIN_MODELS["random-medium"].n_embd, BUILTIN_MODELS["random-medium"].n_head) == (24, 1024, 16)
 
 
 def test_tiny_model_config_and_tokenizer(tiny):

@@ -1,6 +1,6 @@
 """Session fixtures for the retrieval tests: one small real index of every kind.
 
-The corpus (``kb_corpus``) is 160 passages spread over the embedded WikiText-2 knowledge base,
+The corpus (``kb_corpus``) is 160 passages spread over the embedded WikiText-103 knowledge base,
 each cut to its first 40 words: real text, short so that encoding takes seconds on 2 CPU cores.
 All four indexes are built once per session into a temporary directory; the dense ones share
 one embeddings file (encoded once). The MiniLM ``encoder`` fixture is the session-wide one of

@@ -1,0 +1,89 @@
+"""Prompt formats: how the LM input is laid out around the passage, the prompt and the answer.
+
+Both loops (naive and speculative) build every LM input with :meth:`PromptFormat.build`, so the
+format is part of the reference semantics (DESIGN §1): same format => same tokens.
+
+``plain`` (the paper's continuation; kNN-LM and language-modelling studies)::
+
+    passage_ids + prompt_ids + generated_ids          # the context is cut from the left if long
+
+``chat`` (instruct models; the default for a model whose tokenizer has a chat template)::
+
+    before + passage_ids + between + prompt_ids + after + generated_ids
+
+where ``before`` / ``after`` are the model's chat template around ONE user message (system turn
+and user header / end of the user turn and the assistant header), ``between`` is ``"\\n\\n"``,
+and each piece is tokenized on its own. So the user message holds the passage, a blank line and
+the question; the assistant's tokens generated so far follow the template.
+
+In both formats the retrieval query is the last ``query_len`` tokens of ``prompt_ids +
+generated_ids`` (template tokens are never part of a query), the passage is swapped in place
+at every retrieval (it replaces the previous one), and generation stops at the model's EOS
+(``<|im_end|>``, the end of the assistant's turn, for chat models) or after
+``max_new_tokens``. ``passage_ids`` is ``title + "\\n" + text`` cut to ``passage_tokens``;
+``None`` instead of a passage (closed-book answers, ``--no-retrieval``) leaves the passage and
+``between`` out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ralmspec.config import PROMPT_FORMATS
+from ralmspec.errors import ConfigError
+PASSAGE_SEPARATOR = "\n\n"  # chat: between the passage and the question inside the user message
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """A resolved prompt format ("chat" or "plain") with its template tokens (chat only)."""
+
+    name: str
+    before: tuple[int, ...] = ()  # chat template tokens before the user message
+    between: tuple[int, ...] = ()  # separator tokens between the passage and the prompt
+    after: tuple[int, ...] = ()  # end of the user message + the assistant's header
+
+    @classmethod
+    def for_tokenizer(cls, fmt: str, tokenizer: Any) -> "PromptFormat":
+        """Resolve ``fmt`` ("auto" = chat when the tokenizer has a chat template, else plain)."""
+        if fmt not in PROMPT_FORMATS:
+            raise ConfigError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}")
+        affixes = tokenizer.chat_affixes() if hasattr(tokenizer, "chat_affixes") else None
+        if fmt == "plain" or (fmt == "auto" and affixes is None):
+            return cls("plain")
+        if affixes is None:
+            raise ConfigError("--prompt-format chat needs a model whose tokenizer has a chat template; "
+                              "this one has none (use --prompt-format plain)")
+        before, after = affixes
+        return cls("chat", tuple(tokenizer.encode(before)), tuple(tokenizer.encode(PASSAGE_SEPARATOR)),
+                   tuple(tokenizer.encode(after)))
+
+    def overhead(self) -> int:
+        """Template tokens around the passage, prompt and generated tokens (0 for plain)."""
+        return len(self.before) + len(self.between) + len(self.after)
+
+    def build(self, passage: Sequence[int] | None, tokens: Sequence[int], n_prompt: int,
+              max_len: int) -> list[int]:
+        """The LM input for ``tokens`` (= prompt ids + generated ids, the prompt being the first
+        ``n_prompt``), with ``passage`` (``None``: no passage), at most ``max_len`` tokens.
+
+        Too long: plain cuts the passage to leave at least one context token, then the context
+        from the left; chat cuts the passage (the question and answer always fit: the request
+        was checked on arrival, see ``RalmContext.encode_prompt``).
+        """
+        doc = list(passage) if passage is not None else []
+        if self.name == "plain":
+            room = max_len - len(doc)
+            if room < 1:
+                doc = doc[: max(0, max_len - 1)]
+                room = max_len - len(doc)
+            return doc + list(tokens[-room:])
+        between = list(self.between) if passage is not None else []
+        fixed = len(self.before) + len(between) + len(self.after) + len(tokens)
+        if fixed + len(doc) > max_len:
+            doc = doc[: max(0, max_len - fixed)]
+        if fixed > max_len:
+            raise ConfigError(f"the prompt and answer ({len(tokens)} tokens) do not fit the model's "
+                              f"context with the chat template ({max_len} tokens)")
+        return [*self.before, *doc, *between, *tokens[:n_prompt], *self.after, *tokens[n_prompt:]]

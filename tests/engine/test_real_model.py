@@ -1,0 +1,120 @@
+"""The real default LM (SmolLM2-135M-Instruct) on the grounded workload: chat-format oracle
+semantics and speculative == naive, token for token, on >= 20 grounded questions.
+
+Speculation is forced in most settings (fixed stride or no naive fallback): on the small real
+knowledge base OS^3 would otherwise take verified steps and never exercise a rollback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.engine.core import RalmEngine
+from ralmspec.engine.prompt import PromptFormat
+
+N_QUESTIONS = 20
+TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "SmolLM", "assistant")
+
+
+@pytest.fixture(scope="module")
+def grounded():
+    from ralmspec.data.loaders import grounded_questions
+
+    qs = grounded_questions()
+    return qs[:: len(qs) // N_QUESTIONS][:N_QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def engines(smollm2_lm, embedded_indexes):
+    return {kind: RalmEngine(smollm2_lm, r, EngineConfig()) for kind, r in embedded_indexes.items()}
+
+
+def test_auto_format_is_chat_for_smollm2_and_plain_for_tiny(smollm2_lm, tiny_lm):
+    chat = PromptFormat.for_tokenizer("auto", smollm2_lm.tokenizer)
+    assert chat.name == "chat" and chat.before and chat.after
+    tok = smollm2_lm.tokenizer
+    assert tok.decode(chat.between) == "\n\n"
+    assert tok.hf.convert_ids_to_tokens(list(chat.after))[:1] == ["<|im_end|>"]
+    assert PromptFormat.for_tokenizer("auto", tiny_lm.tokenizer).name == "plain"
+    from ralmspec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="chat template"):
+        PromptFormat.for_tokenizer("chat", tiny_lm.tokenizer)
+
+
+def test_chat_layout_and_queries_never_hold_template_tokens(engines, grounded):
+    engine = engines["exact"]
+    gen = GenerationConfig(stride=4, query_len=12, max_new_tokens=24)
+    q = grounded[0].question
+    res = engine.generate_sync(q, gen=gen, speculate=False)
+    ctx = engine.context(gen)
+    fmt = ctx.fmt
+    n0 = len(res.prompt_ids)
+    tokens = res.prompt_ids + res.token_ids
+    # every LM input is before + passage + "\n\n" + question + after + generated so far
+    for st in res.steps:
+        prompt = ctx.lm_prompt(st.doc_id, tokens[: n0 + st.start], n0, 4)
+        doc = engine.passages.get(st.doc_id, gen.passage_tokens)
+        assert prompt == [*fmt.before, *doc, *fmt.between, *res.prompt_ids, *fmt.after,
+                          *res.token_ids[: st.start]]
+    # the retrieval queries are the last query_len tokens of question + answer: no template
+    queries = [e for e in res.trace if e["kind"] == "retrieve"]
+    assert len(queries) == len(res.steps)
+    for st in res.steps:
+        query = ctx.query(tokens[: n0 + st.start])
+        assert not any(m in query for m in TEMPLATE_MARKERS), query
+    assert ctx.query(tokens[:n0]) == engine.lm.tokenizer.decode(res.prompt_ids[-12:])
+
+
+def test_generation_stops_at_end_of_turn(engines, grounded):
+    engine = engines["exact"]
+    eot = engine.lm.eos_token_id
+    gen = GenerationConfig(stride=4, max_new_tokens=96)
+    res = engine.generate_sync(grounded[1].question, gen=gen, speculate=False)
+    assert res.finish_reason == "eos" and res.token_ids[-1] == eot
+    assert eot not in res.token_ids[:-1] and len(res.token_ids) < 96
+    assert "<|im_end|>" not in res.text
+
+
+def test_closed_book_has_no_passage(engines, grounded):
+    engine = engines["bm25"]
+    gen = GenerationConfig(max_new_tokens=8)
+    res = engine.generate_sync(grounded[0].question, gen=gen, retrieval=False)
+    assert res.mode == "closed-book" and res.steps == [] and 0 < len(res.token_ids) <= 8
+    ctx = engine.context(gen)
+    ids = res.prompt_ids
+    assert ctx.lm_prompt(None, ids, len(ids), 8) == [*ctx.fmt.before, *ids, *ctx.fmt.after]
+
+
+def settings(i: int) -> tuple[GenerationConfig, SpeculationConfig]:
+    gen = GenerationConfig(stride=(4, 2, 3, 4)[i % 4], query_len=(32, 16)[i % 2], max_new_tokens=24)
+    spec = SpeculationConfig(prefetch=(20, 1, 5)[i % 3], os3=i % 5 == 4, fixed_stride=(3, 2, 4)[i % 3],
+                             async_verify=bool(i % 2), max_inflight=(1, 2, 3)[i % 3],
+                             cache_capacity=(1024, 4, 16)[i % 3], naive_fallback=False)
+    return gen, spec
+
+
+@pytest.mark.parametrize("kind", ["exact", "bm25"])
+def test_speculative_identical_to_naive_with_the_real_model(kind, engines, grounded):
+    engine = engines[kind]
+    seen = {"speculated": 0, "accepted": 0, "rollbacks": 0}
+
+    async def go():
+        for i, item in enumerate(grounded):
+            gen, spec = settings(i)
+            engine.reset_caches()
+            naive = await engine.generate(item.question, gen=gen, speculate=False)
+            engine.reset_caches()
+            res = await engine.generate(item.question, gen=gen, spec=spec, speculate=True)
+            assert res.token_ids == naive.token_ids, (kind, i, item.question, gen, spec)
+            assert [(s.start, s.end, s.doc_id) for s in res.steps] == \
+                   [(s.start, s.end, s.doc_id) for s in naive.steps], (kind, i)
+            for key in seen:
+                seen[key] += res.stats[key]
+
+    asyncio.run(go())
+    assert seen["speculated"] > 0 and seen["accepted"] > 0
+    assert seen["rollbacks"] > 0, "no rollback: the sweep did not test the rollback path"
