@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 
 from ralmspec.config import (
-    RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
+    GUESSERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
 )
 from ralmspec.errors import ConfigError, RalmSpecError
 
@@ -52,6 +52,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-async", dest="async_verify", action="store_false", default=True)
     s.add_argument("--max-inflight", type=int, default=2)
     s.add_argument("--cache-capacity", type=int, default=1024)
+    s.add_argument("--guesser", default="exact", choices=GUESSERS,
+                   help="how a speculative step guesses its passage: exact (rank the cache with the "
+                        "retriever's metric), last (the previous passage; query encoded beside the LM), "
+                        "refine (last, then the exact cache guess computed beside the LM; the chunk is "
+                        "regenerated if they differ)")
 
 
 def set_threads(n: int | None) -> None:
@@ -77,7 +82,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         speculation=SpeculationConfig(enabled=a.speculate, prefetch=a.prefetch, os3=a.os3,
                                       fixed_stride=a.fixed_stride, async_verify=a.async_verify,
                                       max_inflight=a.max_inflight, cache_capacity=a.cache_capacity,
-                                      naive_fallback=a.naive_fallback),
+                                      naive_fallback=a.naive_fallback, guesser=a.guesser),
     )
 
 
@@ -217,6 +222,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
         return 0
     spec = replace(cfg.speculation, enabled=True)
     variants = ablation_variants(spec) if a.ablations else {"speculative": spec}
+    if a.guessers:
+        names = [g.strip() for g in a.guessers.split(",") if g.strip()]
+        bad_names = [g for g in names if g not in GUESSERS]
+        if bad_names or not names:
+            raise RalmSpecError(f"--guessers takes a comma list of {', '.join(GUESSERS)}, got {a.guessers!r}")
+        variants = {f"{v}[{g}]": replace(sp, guesser=g) for v, sp in variants.items() for g in names}
     summaries, runs = run_bench(engine, questions, cfg.generation, variants, label, progress=_log,
                                 answers=answers if has_answers else None)
     print(format_table(summaries))
@@ -265,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--outputs", default=None, metavar="FILE.jsonl",
                     help="write every generated answer here (question, text, answer match, latency, passages)")
     be.add_argument("--ablations", action="store_true", help="none / +prefetch / +os3 / +async / all")
+    be.add_argument("--guessers", default=None, metavar="LIST",
+                    help="run every variant once per guesser, e.g. exact,last,refine (speculation/guess.py)")
     be.add_argument("--emulate-pad", type=int, default=0, metavar="N",
                     help="EMULATED larger knowledge base (exact only): answers from the real index, plus "
                          "the real cost of a flat scan over N synthetic vectors per search "

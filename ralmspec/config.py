@@ -8,6 +8,7 @@ from ralmspec.errors import ConfigError
 
 RETRIEVER_KINDS = ("exact", "hnsw", "ivf", "bm25")
 PROMPT_FORMATS = ("auto", "chat", "plain")
+GUESSERS = ("exact", "last", "refine")  # speculation/guess.py
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,14 @@ class SpeculationConfig:
     # OS^3 may stop speculating (verified naive steps, cache still probed) while it predicts
     # speculation to be slower than the naive loop (DESIGN §4); off = always speculate
     naive_fallback: bool = True
+    # how a speculative step guesses its passage (speculation/guess.py): "exact" (rank the
+    # cache with the retriever's metric), "last" (the previous chunk's passage) or "refine"
+    # (start with "last", rank exactly beside the LM, regenerate the chunk if they differ)
+    guesser: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.guesser not in GUESSERS:
+            raise ConfigError(f"guesser must be one of {', '.join(GUESSERS)}, got {self.guesser!r}")
         if not 1 <= self.prefetch <= 4096:
             raise ConfigError(f"prefetch must be in [1, 4096], got {self.prefetch!r}")
         if not 1 <= self.fixed_stride <= 64:

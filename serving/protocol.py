@@ -93,6 +93,7 @@ _RALM_FIELDS: dict[str, tuple[str, type, float, float]] = {
     "s_max": ("spec", int, 1, 64),
     "window": ("spec", int, 1, 1000),
     "gamma_max": ("spec", float, 0.0, 1.0),
+    "guesser": ("spec", str, 0, 0),
     "retriever": ("req", str, 0, 0),
     "return_trace": ("req", bool, 0, 0),
 }

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import threading
 from collections import OrderedDict
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Hashable, Protocol, Sequence
 
@@ -88,6 +89,9 @@ class RalmContext:
     search_client: SearchClient
     gen: GenerationConfig
     fmt: PromptFormat  # resolved from gen.prompt_format for this model (engine/prompt.py)
+    # the verification worker: one thread beside the LM's for query encodings / cache ranking
+    # off the critical path (speculation/guess.py); None = asyncio's default executor
+    worker: Executor | None = None
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():

@@ -8,6 +8,7 @@ The engine is a thin shell: it builds a ``RalmContext`` per request and calls th
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Hashable
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
@@ -28,6 +29,8 @@ class RalmEngine:
         self.passages = PassageTokens(lm, retriever)
         self.direct_lm = DirectLM(lm)
         self._formats: dict[str, PromptFormat] = {}
+        # one thread beside the LM's: query encodings and cache ranking of the guessers
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ralmspec-verify")
         self.prompt_format(self.config.generation.prompt_format)  # a bad format fails at start-up
 
     def prompt_format(self, name: str) -> PromptFormat:
@@ -40,7 +43,8 @@ class RalmEngine:
                 search_client: SearchClient | None = None) -> RalmContext:
         gen = gen or self.config.generation
         return RalmContext(self.lm, self.retriever, self.passages, lm_client or self.direct_lm,
-                           search_client or self.retriever, gen, self.prompt_format(gen.prompt_format))
+                           search_client or self.retriever, gen, self.prompt_format(gen.prompt_format),
+                           self.worker)
 
     async def generate(self, prompt: str, gen: GenerationConfig | None = None,
                        spec: SpeculationConfig | None = None, speculate: bool | None = None,
@@ -72,6 +76,7 @@ class RalmEngine:
         return asyncio.run(self.generate(prompt, **kwargs))
 
     def close(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)
         self.lm.close()
         self.retriever.close()
 

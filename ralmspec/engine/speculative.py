@@ -37,6 +37,7 @@ from ralmspec.engine.naive import TokenCallback
 from ralmspec.engine.result import GenerationResult, StepRecord, Tracer
 from ralmspec.retrieval.base import Hit
 from ralmspec.speculation.cache import SpeculationCache
+from ralmspec.speculation.guess import plan_guess, refined_doc
 from ralmspec.speculation.stride import StrideScheduler
 from ralmspec.speculation.verify import first_mismatch, verify_batch
 
@@ -49,6 +50,8 @@ class _Step:
     verified: bool
     end: int | None = None  # set once its chunk is generated
     submitted: bool = False
+    # guesser "refine": the exact cache guess being computed on the worker (None: no refinement)
+    refine: asyncio.Future | None = None
 
 
 @dataclass(eq=False)
@@ -72,9 +75,12 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
                             s_max=spec.s_max, window=spec.window, gamma_max=spec.gamma_max,
                             naive_fallback=spec.naive_fallback)
     max_inflight = spec.max_inflight if spec.async_verify else 1
+    loop = asyncio.get_running_loop()
+    encoder = getattr(ctx.retriever, "encoder", None)
+    plan = plan_guess(spec.guesser, dense=encoder is not None and hasattr(encoder, "encode_queries"))
     stats = {"rounds": 0, "speculated": 0, "accepted": 0, "rollbacks": 0, "wasted_tokens": 0,
              "lm_steps": 0, "lm_s": 0.0, "cache_s": 0.0, "retrieval_s": 0.0, "verify_s": 0.0,
-             "verify_wait_s": 0.0, "naive_steps": 0, "probe_hits": 0,
+             "verify_wait_s": 0.0, "naive_steps": 0, "probe_hits": 0, "refine_wait_s": 0.0, "refined": 0,
              "verify_batch_sizes": [], "strides": []}
     inflight: deque[_Round] = deque()
     emitted = 0  # generated tokens already passed to on_tokens
@@ -127,6 +133,38 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
             stats["wasted_tokens"] += wasted
             tr.event("rollback", at=bad.start - n0, wasted=wasted, speculated=bad.doc_id, true=hits[j][0].doc_id)
         emit_verified()
+
+    def rank_top1(query: str, ids: list[int]) -> int | None:
+        return ctx.retriever.rank(query, ids, k=1)[0].doc_id if ids else None
+
+    def beside(fn, *args) -> asyncio.Future:
+        """Run ``fn`` on the verification worker; a failure there only loses the head start."""
+        fut = loop.run_in_executor(ctx.worker, fn, *args)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return fut
+
+    async def chunk_for(step: _Step, n: int) -> list[int]:
+        """The chunk of ``step`` (refined: regenerated with the exact cache guess if it differs)."""
+        chunk = await ctx.lm_client.greedy(ctx.lm_prompt(step.doc_id, tokens, n0, n), n, session)
+        if step.refine is None:
+            return chunk
+        fut, step.refine = step.refine, None
+        if step.verified:  # its round came back right while the chunk ran: nothing to refine
+            return chunk
+        t = tr.now()
+        try:
+            exact = await fut
+        except Exception:  # noqa: BLE001 - the exact guess is an optimisation, never required
+            exact = None
+        stats["refine_wait_s"] += tr.record("refine", t, doc_id=exact)
+        if exact is not None:
+            cache.use(exact)
+        redo = refined_doc(step.doc_id, exact, step.verified)
+        if redo is None:
+            return chunk
+        step.doc_id = redo
+        stats["refined"] += 1
+        return await ctx.lm_client.greedy(ctx.lm_prompt(redo, tokens, n0, n), n, session)
 
     async def wait_oldest() -> None:
         rnd = inflight[0]
@@ -187,7 +225,7 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
             # One speculative step: LM chunk with the current doc, then the next query + cache guess.
             t_step = tr.now()
             n = ctx.chunk_size(len(tokens) - n0)
-            chunk = await ctx.lm_client.greedy(ctx.lm_prompt(last.doc_id, tokens, n0, n), n, session)
+            chunk = await chunk_for(last, n)
             lm_took = tr.record("lm", t_step, n=len(chunk), doc_id=last.doc_id, verified=last.verified)
             stats["lm_s"] += lm_took
             stats["lm_steps"] += 1
@@ -222,10 +260,18 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
                     steps.append(_Step(len(tokens), q, true, verified=True))
                     sched.observe_step(lm_took + lookup_s)
                 else:
-                    guess = await asyncio.to_thread(cache.top1, q)
+                    # the guess (speculation/guess.py): exact ranking now, or the last passage
+                    # with the exact ranking / the query encoding on the worker beside the LM
+                    guess, refine = last.doc_id, None
+                    if plan.rank_now:
+                        guess = await asyncio.to_thread(cache.top1, q)
+                    elif plan.rank_beside:
+                        refine = beside(rank_top1, q, cache.doc_ids())
+                    elif plan.encode_beside:
+                        beside(encoder.encode_queries, [q])
                     lookup_s = tr.record("cache", t, doc_id=guess)
                     stats["cache_s"] += lookup_s
-                    steps.append(_Step(len(tokens), q, guess, verified=False))
+                    steps.append(_Step(len(tokens), q, guess, verified=False, refine=refine))
                     sched.observe_step(tr.now() - t_step)
             else:
                 sched.observe_step(tr.now() - t_step)

@@ -48,6 +48,11 @@ class SpeculationCache:
         for doc_id in reversed(ids):
             self._touch(doc_id)
 
+    def use(self, doc_id: int) -> None:
+        """Count a use of ``doc_id`` (an answer computed elsewhere from ``doc_ids()``)."""
+        if doc_id in self._ids:
+            self._ids.move_to_end(doc_id)
+
     def top1(self, query: str) -> int | None:
         """The cached passage the knowledge base would rank first, or None if empty."""
         if not self._ids:

@@ -93,7 +93,8 @@ def settings(i: int) -> tuple[GenerationConfig, SpeculationConfig]:
     gen = GenerationConfig(stride=(4, 2, 3, 4)[i % 4], query_len=(32, 16)[i % 2], max_new_tokens=24)
     spec = SpeculationConfig(prefetch=(20, 1, 5)[i % 3], os3=i % 5 == 4, fixed_stride=(3, 2, 4)[i % 3],
                              async_verify=bool(i % 2), max_inflight=(1, 2, 3)[i % 3],
-                             cache_capacity=(1024, 4, 16)[i % 3], naive_fallback=False)
+                             cache_capacity=(1024, 4, 16)[i % 3], naive_fallback=False,
+                             guesser=("exact", "last", "refine", "refine")[i % 4])
     return gen, spec
 
 
