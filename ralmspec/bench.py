@@ -55,6 +55,10 @@ class BenchSummary:
     answer_match: float | None = None
     # the cache's top-1 right on the verified (naive-fallback) steps, where OS^3 did not speculate
     probe_hit_rate: float | None = None
+    # mean over requests of (LM busy + verification busy + worker busy) / (2 x wall): <= 0.5
+    # when nothing runs beside the LM, 1.0 = two threads busy all the time (more than 1 only when
+    # verification rounds also overlap each other, max_inflight > 1)
+    overlap: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +90,7 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
         mismatched_questions=[i for i, ok in enumerate(same) if not ok],
         answer_match=answer_match([r.text for r in specs], answers) if answers is not None else None,
         probe_hit_rate=sum(r.stats.get("probe_hits", 0) for r in specs) / probes if probes else None,
+        overlap=statistics.fmean(r.stats["overlap"] for r in specs) if specs else None,
     )
 
 

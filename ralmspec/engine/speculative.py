@@ -27,6 +27,7 @@ speculation resumes whenever it is predicted to pay.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable
@@ -59,7 +60,7 @@ class _Round:
     steps: list[_Step]
     task: asyncio.Task
     submitted_at: float
-    duration: list[float] = field(default_factory=list)  # filled by the task itself
+    duration: list[tuple[float, float]] = field(default_factory=list)  # (start, seconds), by the task
 
 
 async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationConfig,
@@ -81,14 +82,15 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
     stats = {"rounds": 0, "speculated": 0, "accepted": 0, "rollbacks": 0, "wasted_tokens": 0,
              "lm_steps": 0, "lm_s": 0.0, "cache_s": 0.0, "retrieval_s": 0.0, "verify_s": 0.0,
              "verify_wait_s": 0.0, "naive_steps": 0, "probe_hits": 0, "refine_wait_s": 0.0, "refined": 0,
+             "worker_s": 0.0,
              "verify_batch_sizes": [], "strides": []}
     inflight: deque[_Round] = deque()
     emitted = 0  # generated tokens already passed to on_tokens
 
-    async def timed_search(queries: list[str], out: list[float]) -> list[list[Hit]]:
+    async def timed_search(queries: list[str], out: list[tuple[float, float]]) -> list[list[Hit]]:
         t = tr.now()
         hits = await verify_batch(ctx.search_client.search, queries, spec.prefetch, retries, timeout_s)
-        out.append(tr.now() - t)
+        out.append((t, tr.now() - t))
         return hits
 
     def emit_verified() -> None:
@@ -108,8 +110,9 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
         """Apply one verification round in order: prefetch, accept, or roll back at the first miss."""
         for h in hits:
             cache.add(h)
-        took = rnd.duration[0] if rnd.duration else tr.now() - rnd.submitted_at
+        start, took = rnd.duration[0] if rnd.duration else (rnd.submitted_at, tr.now() - rnd.submitted_at)
         stats["verify_s"] += took
+        tr.events.append({"kind": "verify", "t": round(start, 6), "dur": round(took, 6), "size": len(rnd.steps)})
         sched.observe_verification(len(rnd.steps), took)
         j = first_mismatch([st.doc_id for st in rnd.steps], [h[0].doc_id for h in hits])
         matched = len(rnd.steps) if j is None else j
@@ -137,9 +140,16 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
     def rank_top1(query: str, ids: list[int]) -> int | None:
         return ctx.retriever.rank(query, ids, k=1)[0].doc_id if ids else None
 
+    def timed(fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            stats["worker_s"] += time.perf_counter() - t  # one worker thread: no lost update
+
     def beside(fn, *args) -> asyncio.Future:
         """Run ``fn`` on the verification worker; a failure there only loses the head start."""
-        fut = loop.run_in_executor(ctx.worker, fn, *args)
+        fut = loop.run_in_executor(ctx.worker, timed, fn, *args)
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         return fut
 
@@ -201,7 +211,7 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
                     continue
                 for st in pending:
                     st.submitted = True
-                duration: list[float] = []
+                duration: list[tuple[float, float]] = []
                 task = asyncio.create_task(timed_search([st.query for st in pending], duration))
                 rnd = _Round(pending, task, tr.now(), duration)
                 inflight.append(rnd)
@@ -288,6 +298,9 @@ async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationC
     records = [StepRecord(st.start - n0, (st.end or len(tokens)) - n0, st.doc_id,
                           ctx.retriever.corpus[st.doc_id].title) for st in steps if st.end is not None]
     stats["acceptance_rate"] = stats["accepted"] / stats["speculated"] if stats["speculated"] else None
+    # busy / (2 workers x wall): the LM thread (chunks) beside verification + the worker thread
+    wall = max(tr.now(), 1e-12)
+    stats["overlap"] = (stats["lm_s"] + stats["verify_s"] + stats["worker_s"]) / (2 * wall)
     stats["cache_size"] = len(cache)
     stats["cache_evictions"] = cache.evictions
     return GenerationResult(
