@@ -141,9 +141,30 @@ def cmd_index_build(a: argparse.Namespace) -> int:
 
     cfg = RetrievalConfig(kind=a.retriever, device=a.retriever_device, hnsw_ef_search=a.ef_search,
                           ivf_nprobe=a.nprobe, ivf_nlist=a.nlist, hnsw_m=a.hnsw_m)
+    if a.shards is not None and a.shards < 1:
+        raise ConfigError("--shards must be >= 1")
+    t = time.perf_counter()
+    if a.from_index:  # split an existing whole index (shard_index.py)
+        from ralmspec.retrieval.index import read_manifest
+        from ralmspec.retrieval.shard_index import shard_index
+
+        if a.shards is None:
+            raise ConfigError("--from-index splits an existing index into shards: give --shards N")
+        kind = read_manifest(a.from_index)["kind"]
+        if kind != cfg.kind:
+            raise ConfigError(f"{a.from_index} is a {kind!r} index, not {cfg.kind!r}: use --retriever {kind}")
+        out = shard_index(a.from_index, a.out, a.shards)
+        print(f"split {a.from_index} into {a.shards} shards in {time.perf_counter() - t:.1f}s -> {out}")
+        return 0
     corpus = default_corpus() if a.corpus in (None, "default") else load_corpus(a.corpus)
     encoder = None if cfg.kind == "bm25" else QueryEncoder()
-    t = time.perf_counter()
+    if a.shards is not None:
+        from ralmspec.retrieval.shard_index import build_sharded_index
+
+        out = build_sharded_index(corpus, cfg.kind, a.out, a.shards, cfg, encoder, show_progress=True)
+        print(f"built {cfg.kind} index of {len(corpus)} passages in {a.shards} shards in "
+              f"{time.perf_counter() - t:.1f}s -> {out}")
+        return 0
     out = build_index(corpus, cfg.kind, a.out, cfg, encoder, show_progress=True)
     print(f"built {cfg.kind} index of {len(corpus)} passages in {time.perf_counter() - t:.1f}s -> {out}")
     return 0
@@ -262,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nprobe", type=int, default=8)
     b.add_argument("--nlist", type=int, default=64)
     b.add_argument("--hnsw-m", type=int, default=32)
+    b.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="split the index into N contiguous doc-id shards (for `ralmspec serve --shards N`, Ray); "
+                        "exact, ivf and bm25 shards answer exactly as the whole index (docs/scale-out.md)")
+    b.add_argument("--from-index", default=None, metavar="DIR",
+                   help="with --shards: split this existing (whole) index instead of building one")
     b.set_defaults(func=cmd_index_build)
 
     be = sub.add_parser("bench", help="naive vs speculative on the same questions, outputs compared")

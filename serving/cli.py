@@ -3,6 +3,8 @@
     ralmspec serve --model tiny --port 8000                      # LM + local knowledge base
     ralmspec serve --retrieval-only --retriever exact --port 8001  # knowledge base as a service
     ralmspec serve --model tiny --retriever-url http://127.0.0.1:8001  # LM here, knowledge base there
+    ralmspec serve --model tiny --shards 2                       # knowledge base in 2 Ray shard actors
+    ralmspec serve --index idx/exact-4 --ray-address HEAD:6379   # shards on an existing Ray cluster
 
 Once listening it prints one line ``ralmspec: serving on http://HOST:PORT`` (the real port when
 ``--port 0``) to stdout, then serves until SIGINT / SIGTERM.
@@ -44,6 +46,17 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
     h.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
     h.add_argument("--access-log", action="store_true", help="log every request")
+    x = p.add_argument_group("scale-out (Ray; docs/scale-out.md)")
+    x.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="serve the knowledge base as N Ray shard actors: a sharded --index with N shards, or the "
+                        "cached N-way split of --corpus / the embedded knowledge base (built on first use)")
+    x.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (`ray start --head` prints it) instead of starting a local one")
+    x.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray cluster started by --shards")
+    x.add_argument("--shard-threads", type=int, default=1, help="FAISS / torch threads in each shard actor")
+    x.add_argument("--shard-cpus", type=float, default=0.0,
+                   help="CPUs Ray reserves per shard actor (placement); on a multi-host cluster set it to "
+                        "--shard-threads so shards land on hosts with free cores (0: any number per host)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
     return p
@@ -64,16 +77,18 @@ def _build_app(a: argparse.Namespace):
     if a.search_concurrency < 1:
         raise ConfigError("--search-concurrency must be >= 1")
     t = time.perf_counter()
+    sharded = a.shards is not None or bool(a.ray_address)
+    if sharded and a.retriever_url:
+        raise ConfigError("--shards / --ray-address serve a sharded knowledge base here; "
+                          "they cannot be combined with --retriever-url")
     if a.retrieval_only:
         if a.retriever_url:
             raise ConfigError("--retrieval-only serves a local index; it cannot be combined with --retriever-url")
-        from ralmspec.retrieval.index import open_retriever
-
-        retriever = open_retriever(cfg.retrieval, corpus_path=a.corpus, show_progress=True)
+        retriever, where = _open_local_knowledge_base(a, cfg)
         server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes)
         app = create_app(None, sched, retriever=retriever, server_config=server,
                          search_concurrency=a.search_concurrency)
-        _log(f"ralmspec: {retriever.kind} knowledge base of {len(retriever.corpus)} passages loaded in "
+        _log(f"ralmspec: {where} {retriever.kind} knowledge base of {len(retriever.corpus)} passages loaded in "
              f"{time.perf_counter() - t:.1f}s (retrieval-only)")
         return app
     from ralmspec.engine.core import RalmEngine
@@ -85,16 +100,30 @@ def _build_app(a: argparse.Namespace):
         retriever = RemoteRetriever(a.retriever_url, timeout_s=a.retrieval_timeout)
         where = f"remote {a.retriever_url}"
     else:
-        from ralmspec.retrieval.index import open_retriever
-
-        retriever = open_retriever(cfg.retrieval, corpus_path=a.corpus, show_progress=True)
-        where = "local"
+        retriever, where = _open_local_knowledge_base(a, cfg)
     lm = load_language_model(cfg.model, backend=cfg.lm_backend, device=cfg.lm_device)
     engine = RalmEngine(lm, retriever, cfg)
     server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes)
     _log(f"ralmspec: model {cfg.model!r} + {where} {retriever.kind} knowledge base "
          f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s")
     return create_app(engine, sched, server_config=server, search_concurrency=a.search_concurrency)
+
+
+def _open_local_knowledge_base(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
+    """The knowledge base this server searches itself: one index in this process, or (with
+    --shards / --ray-address) a sharded index whose shards are Ray actors."""
+    if a.shards is None and not a.ray_address:
+        from ralmspec.retrieval.index import open_retriever
+
+        return open_retriever(cfg.retrieval, corpus_path=a.corpus, show_progress=True), "local"
+    if a.shards is not None and a.shards < 1:
+        raise ConfigError("--shards must be >= 1")
+    from ralmspec.retrieval.ray_shards import RayShardConfig, open_ray_knowledge_base
+
+    ray_cfg = RayShardConfig(address=a.ray_address, num_cpus=a.ray_cpus, threads=a.shard_threads,
+                             actor_cpus=a.shard_cpus, call_timeout_s=a.retrieval_timeout)
+    retriever = open_ray_knowledge_base(cfg.retrieval, a.shards, ray_cfg, corpus_path=a.corpus)
+    return retriever, f"{retriever.n_shards}-shard Ray ({'joined ' + a.ray_address if a.ray_address else 'local'})"
 
 
 def _log(msg: str) -> None:
@@ -133,4 +162,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         asyncio.run(serve(app, a.host, a.port, a.access_log))
     except OSError as exc:  # address in use, cannot bind, ...
         raise ConfigError(f"cannot listen on {a.host}:{a.port}: {exc}") from exc
+    finally:
+        from serving.app import STATE
+
+        app[STATE].retriever.close()  # e.g. Ray shard actors (and the local Ray cluster started for them)
     return 0

@@ -72,6 +72,12 @@ def exact_scores(vectors: np.ndarray, query: np.ndarray, doc_ids: np.ndarray) ->
     return rows.sum(axis=1)  # pairwise sum of each contiguous row
 
 
+def check_k(k: object) -> None:
+    """ConfigError unless ``k`` is a positive integer (bool excluded)."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+
+
 GEMM_MIN_BATCH = 2  # exact, CPU: batches of at least this many queries take the GEMM path
 
 
@@ -161,18 +167,25 @@ class DenseRetriever(Retriever):
 
     ``vectors`` is the float32 (N, d) matrix of the stored passage vectors (usually a read-only
     memory map of ``embeddings.npy``); ``index`` a CPU FAISS index built over exactly them.
+
+    Vector-level API (what a knowledge-base shard uses, ``shard_index.py``): ``search_vectors`` and
+    ``score_vectors`` take already encoded float32 query vectors; ``search_sync`` / ``score`` are
+    exactly "encode each query alone, then the vector-level call". A shard is built with
+    ``corpus=None, encoder=None`` (no text, no model): only the vector-level API works then.
     """
 
-    def __init__(self, corpus: Corpus, vectors: np.ndarray, index, kind: str, encoder: QueryEncoder,
+    def __init__(self, corpus: Corpus | None, vectors: np.ndarray, index, kind: str, encoder: QueryEncoder | None,
                  config: RetrievalConfig):
         if kind not in DENSE_KINDS:
             raise ConfigError(f"not a dense retriever kind: {kind!r}")
         if vectors.ndim != 2 or vectors.dtype != np.float32:
             raise ConfigError(f"passage vectors must be a float32 (N, d) matrix, got {vectors.dtype} {vectors.shape}")
-        if len(corpus) != vectors.shape[0] or index.ntotal != vectors.shape[0]:
-            raise ConfigError(f"corpus ({len(corpus)}), vectors ({vectors.shape[0]}) and index ({index.ntotal}) sizes differ")
-        if encoder.dim != vectors.shape[1] or index.d != vectors.shape[1]:
-            raise ConfigError(f"encoder dim {encoder.dim}, vectors dim {vectors.shape[1]} and index dim {index.d} differ")
+        if index.ntotal != vectors.shape[0] or (corpus is not None and len(corpus) != vectors.shape[0]):
+            raise ConfigError(f"corpus ({'-' if corpus is None else len(corpus)}), vectors ({vectors.shape[0]}) "
+                              f"and index ({index.ntotal}) sizes differ")
+        if index.d != vectors.shape[1] or (encoder is not None and encoder.dim != vectors.shape[1]):
+            raise ConfigError(f"encoder dim {'-' if encoder is None else encoder.dim}, vectors dim {vectors.shape[1]} "
+                              f"and index dim {index.d} differ")
         faiss = _faiss()
         self.kind = kind
         self.corpus = corpus
@@ -218,12 +231,24 @@ class DenseRetriever(Retriever):
             raise ConfigError(f"doc ids must be in [0, {self._n}), got {int(ids.min())}..{int(ids.max())}")
         return ids
 
+    def _require_encoder(self) -> QueryEncoder:
+        if self.encoder is None:
+            raise ConfigError("this dense index has no query encoder (a shard): use search_vectors / score_vectors")
+        return self.encoder
+
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         ids = self._check_ids(doc_ids)
         if ids.size == 0:
             return []
-        q = self.encoder.encode_queries([query])[0]
+        q = self._require_encoder().encode_queries([query])[0]
         return exact_scores(self._vectors, q, ids).tolist()
+
+    def score_vectors(self, q: np.ndarray, doc_ids: Sequence[int]) -> np.ndarray:
+        """Canonical float64 scores of ``doc_ids`` for one float32 query vector ``q`` ((d,))."""
+        ids = self._check_ids(doc_ids)
+        if ids.size == 0:
+            return np.empty(0, dtype=np.float64)
+        return exact_scores(self._vectors, np.asarray(q, dtype=np.float32), ids)
 
     # -- candidate generation -----------------------------------------------------------------
     def _assign(self, qs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -279,12 +304,20 @@ class DenseRetriever(Retriever):
             fscores, fids = fs[0], fi[0]
 
     def search_sync(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        check_k(k)
         if len(queries) == 0:
             return []
+        return self.search_vectors(self._require_encoder().encode_queries(list(queries)), k)
+
+    def search_vectors(self, qs: np.ndarray, k: int) -> list[list[Hit]]:
+        """``search_sync`` for already encoded queries: ``qs`` float32 (b, d), one row per query."""
+        check_k(k)
+        qs = np.ascontiguousarray(qs, dtype=np.float32)
+        if qs.ndim != 2 or qs.shape[1] != self._vectors.shape[1]:
+            raise ConfigError(f"query vectors must be (b, {self._vectors.shape[1]}), got {qs.shape}")
+        if len(qs) == 0:
+            return []
         k = min(int(k), self._n)
-        qs = self.encoder.encode_queries(list(queries))
         if self.kind == "hnsw":
             return self._hnsw_search(qs, k)
         kk = min(self._n, k + self._margin)

@@ -118,3 +118,31 @@ def emulated_label(real: int, pad: int) -> str:
 
 def real_label(real: int) -> str:
     return f"real {real:,} passages"
+
+
+class PaddedShard:
+    """One knowledge-base shard (``shard_index.DenseShard``) + the real cost of scanning ``pad``
+    synthetic vectors per search (EMULATION, as ``PaddedCostRetriever`` does for a whole index):
+    answers and scores are the real shard's, unchanged; after each search, a real flat scan of
+    the same query vectors over the shard's pad is run and thrown away. An N-shard EMULATED
+    knowledge base gives each shard 1/N of the pad, so every shard scans as much as a real
+    shard of the emulated size would (``experiments/shards.py``)."""
+
+    def __init__(self, inner, pad_index, margin: int):
+        if pad_index.d != inner.dim:
+            raise ConfigError(f"pad index dimension {pad_index.d} != shard dimension {inner.dim}")
+        self.inner = inner
+        self.kind = inner.kind
+        self.range = inner.range
+        self.pad = int(pad_index.ntotal)
+        self._margin = int(margin)
+        self._scan = FlatScan(pad_index)
+
+    def search(self, payloads: np.ndarray, k: int) -> list[list[Hit]]:
+        hits = self.inner.search(payloads, k)
+        if len(payloads):
+            self._scan.search(np.ascontiguousarray(payloads, dtype=np.float32), min(k + self._margin, self.pad))
+        return hits
+
+    def score(self, payload: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
+        return self.inner.score(payload, doc_ids)

@@ -291,11 +291,17 @@ def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncode
 
     Raises IndexNotFoundError (with the build command) if it is missing or incomplete, and
     ConfigError if it is not a ``config.kind`` index or the encoder does not match it.
+    A sharded index (``shard_index.py``) opens as a ``ShardedRetriever`` with every shard in
+    this process (``ray_shards.py`` puts them in Ray actors instead).
     Build parameters come from the manifest; efSearch / nprobe / device / rescore_margin from
     ``config``. The returned retriever has ``index_dir`` (absolute) set.
     """
     index_dir = os.path.abspath(os.fspath(index_dir))
     m = read_manifest(index_dir, config.kind)
+    if m.get("shards"):  # a sharded index (shard_index.py), served in this process
+        from ralmspec.retrieval.shard_index import open_sharded_local
+
+        return open_sharded_local(index_dir, config, encoder)
     if m["kind"] != config.kind:
         raise ConfigError(f"the index at {index_dir} is a {m['kind']!r} index but the retriever is "
                           f"{config.kind!r}; use --retriever {m['kind']} or build a {config.kind} index "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -81,26 +81,82 @@ def build_bm25(corpus: Corpus, out_dir: str, show_progress: bool = False) -> dic
     return {**BM25_PARAMS, "stopwords": "en", "stemmer": stemmer_name, "vocab": len(model.vocab_dict)}
 
 
+class BM25Matrix(NamedTuple):
+    """A saved bm25s index as the token-major matrix of precomputed float32 weights.
+
+    Column ``c`` (token ``t`` with ``vocab[t] == c``) holds passages ``indices[indptr[c]:indptr[c+1]]``
+    with weights ``data[...]``; every weight was computed by bm25s with the statistics of the
+    WHOLE collection it indexed (idf of the token, average passage length).
+    """
+
+    n: int  # passages
+    data: np.ndarray  # float32 weights
+    indices: np.ndarray  # int64 passage ids
+    indptr: np.ndarray  # int64, columns + 1 (bm25s also maps "" to an id with no column)
+    vocab: dict[str, int]  # token -> column
+
+
+def load_bm25_matrix(bm25_dir: str) -> BM25Matrix:
+    """Read the bm25s index saved in ``bm25_dir`` (IndexNotFoundError if unreadable)."""
+    bm25s = _bm25s()
+    try:
+        model = bm25s.BM25.load(bm25_dir, mmap=False, load_corpus=False, show_progress=False)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise IndexNotFoundError(f"cannot read the bm25s index in {bm25_dir}: {e}") from e
+    scores = model.scores
+    return BM25Matrix(int(scores["num_docs"]), np.asarray(scores["data"], dtype=np.float32),
+                      np.asarray(scores["indices"], dtype=np.int64), np.asarray(scores["indptr"], dtype=np.int64),
+                      dict(model.vocab_dict))
+
+
+def accumulate_scores(n: int, columns: Sequence[int], data: np.ndarray, indices: np.ndarray,
+                      indptr: np.ndarray) -> np.ndarray:
+    """The canonical BM25 score vector (float64, shape (n,)) of one query.
+
+    ``columns`` are the query's in-vocabulary token columns in query order (duplicates kept);
+    ``data`` / ``indices`` / ``indptr`` the token-major sparse matrix of float32 weights (column
+    ``c`` holds the passages ``indices[indptr[c]:indptr[c+1]]``). Each passage's score is the
+    float64 sum of its weights added in query-token order: the same additions, in the same order,
+    whichever subset of passages the matrix holds (a shard's columns give its passages the very
+    numbers the whole index gives them).
+    """
+    out = np.zeros(n, dtype=np.float64)
+    for c in columns:
+        s, e = indptr[c], indptr[c + 1]
+        out[indices[s:e]] += data[s:e]  # doc ids within one token are unique
+    return out
+
+
+class QueryTokenizer:
+    """The query side of BM25 tokenisation: query text -> its tokens in order (no vocabulary).
+
+    ``tokens(q)`` are the strings whose in-vocabulary ones ``BM25Retriever.query_token_ids``
+    looks up, in the same order; a sharded BM25 index sends these strings to its shards.
+    """
+
+    def __init__(self, stemmer: str | None = None):
+        self.stemmer_name = stemmer
+        self._stemmer = _make_stemmer(stemmer)
+
+    def tokens(self, query: str) -> list[str]:
+        if not isinstance(query, str):
+            raise ConfigError(f"queries must be strings, got {type(query).__name__}")
+        return [t for t in tokenize([query], self._stemmer)[0] if t != ""]
+
+
 class BM25Retriever(Retriever):
     """BM25 over a saved bm25s index (see module docstring for the scoring contract)."""
 
     kind = "bm25"
 
     def __init__(self, corpus: Corpus, bm25_dir: str, stemmer: str | None = None):
-        bm25s = _bm25s()
-        try:
-            model = bm25s.BM25.load(bm25_dir, mmap=False, load_corpus=False, show_progress=False)
-        except (OSError, ValueError, json.JSONDecodeError) as e:
-            raise IndexNotFoundError(f"cannot read the bm25s index in {bm25_dir}: {e}") from e
-        scores = model.scores
+        m = load_bm25_matrix(bm25_dir)
         self.corpus = corpus
-        self._n = int(scores["num_docs"])
+        self._n = m.n
         if self._n != len(corpus):
             raise ConfigError(f"BM25 index {bm25_dir} has {self._n} passages but the corpus has {len(corpus)}")
-        self._data = np.asarray(scores["data"], dtype=np.float32)
-        self._indices = np.asarray(scores["indices"], dtype=np.int64)
-        self._indptr = np.asarray(scores["indptr"], dtype=np.int64)
-        self._vocab: dict[str, int] = dict(model.vocab_dict)
+        self._data, self._indices, self._indptr = m.data, m.indices, m.indptr
+        self._vocab: dict[str, int] = m.vocab
         self._stemmer_name = stemmer
         self._stemmer = _make_stemmer(stemmer)
         self.index_dir: str | None = None  # the index directory; set by load_retriever
@@ -115,11 +171,7 @@ class BM25Retriever(Retriever):
         """Canonical float64 BM25 score of every passage for ``query`` (shape (N,))."""
         if not isinstance(query, str):
             raise ConfigError(f"queries must be strings, got {type(query).__name__}")
-        out = np.zeros(self._n, dtype=np.float64)
-        for tid in self.query_token_ids(query):
-            s, e = self._indptr[tid], self._indptr[tid + 1]
-            out[self._indices[s:e]] += self._data[s:e]  # doc ids within one token are unique
-        return out
+        return accumulate_scores(self._n, self.query_token_ids(query), self._data, self._indices, self._indptr)
 
     @staticmethod
     def top_k(scores: np.ndarray, k: int) -> list[Hit]:
