@@ -19,3 +19,8 @@ class ModelLoadError(RalmSpecError):
 
 class RetrievalError(RalmSpecError):
     """The knowledge base failed or timed out. No unverified token may be released after this."""
+
+
+class LMError(RalmSpecError):
+    """The language model failed or timed out while serving (e.g. a Ray LM replica died).
+    The whole call fails: no partial answer is ever returned."""

@@ -12,10 +12,10 @@ Routes (docs/serving.md has the full reference with curl examples):
 
 Error contract: every error is JSON ``{"error": {"message", "type", "param", "code"}}``.
 400 bad input (naming the field), 404 unknown model / route, 413 oversized body, 429 queue full,
-503 knowledge base unavailable or shutting down, 504 request deadline exceeded. A request whose
-knowledge base fails never gets an answer with unverified tokens: non-streaming requests get the
-error instead of a body; streaming requests have only sent verified tokens and end with an
-``error`` event and no ``[DONE]``.
+503 knowledge base or language model (e.g. a Ray LM replica) unavailable, or shutting down, 504
+request deadline exceeded. A request whose knowledge base or LM fails never gets an answer with
+unverified tokens: non-streaming requests get the error instead of a body; streaming requests
+have only sent verified tokens and end with an ``error`` event and no ``[DONE]``.
 
 A client that disconnects cancels its request at once (slot freed, LM session released), even
 without aiohttp's ``handler_cancellation``: handlers watch the transport.
@@ -37,7 +37,7 @@ from aiohttp import web
 from ralmspec.engine.scheduler import (
     BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
 )
-from ralmspec.errors import ConfigError, RetrievalError
+from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.retrieval.base import Retriever
 from serving.metrics import ServerMetrics
 from serving.protocol import (
@@ -165,6 +165,9 @@ def error_for(exc: BaseException) -> APIError:
     if isinstance(exc, RetrievalError):
         return APIError(503, f"knowledge base unavailable: {exc}", "service_unavailable", None,
                         "knowledge_base_unavailable")
+    if isinstance(exc, LMError):
+        return APIError(503, f"language model unavailable: {exc}", "service_unavailable", None,
+                        "language_model_unavailable")
     if isinstance(exc, RequestTimeoutError):
         return APIError(504, str(exc), "timeout", None, "request_timeout")
     if isinstance(exc, ConfigError):  # raised by the engine for this request's input

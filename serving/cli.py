@@ -5,6 +5,7 @@
     ralmspec serve --model tiny --retriever-url http://127.0.0.1:8001  # LM here, knowledge base there
     ralmspec serve --model tiny --shards 2                       # knowledge base in 2 Ray shard actors
     ralmspec serve --index idx/exact-4 --ray-address HEAD:6379   # shards on an existing Ray cluster
+    ralmspec serve --model tiny --lm-replicas 2                  # the LM in 2 Ray actors (local Ray)
 
 Once listening it prints one line ``ralmspec: serving on http://HOST:PORT`` (the real port when
 ``--port 0``) to stdout, then serves until SIGINT / SIGTERM.
@@ -52,11 +53,19 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "cached N-way split of --corpus / the embedded knowledge base (built on first use)")
     x.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (`ray start --head` prints it) instead of starting a local one")
-    x.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray cluster started by --shards")
+    x.add_argument("--ray-cpus", type=int, default=2,
+                   help="CPUs of the local Ray cluster started by --shards / --lm-replicas")
     x.add_argument("--shard-threads", type=int, default=1, help="FAISS / torch threads in each shard actor")
     x.add_argument("--shard-cpus", type=float, default=0.0,
                    help="CPUs Ray reserves per shard actor (placement); on a multi-host cluster set it to "
                         "--shard-threads so shards land on hosts with free cores (0: any number per host)")
+    x.add_argument("--lm-replicas", type=int, default=None, metavar="N",
+                   help="run the LM as N Ray actors (same model, backend, device, dtype in each); the scheduler's "
+                        "batches are split across them, each session pinned to one replica. With --ray-address "
+                        "and no --shards, the knowledge base stays in this process")
+    x.add_argument("--lm-replica-threads", type=int, default=1, help="torch threads in each LM replica")
+    x.add_argument("--lm-replica-gpus", type=float, default=None,
+                   help="GPUs Ray reserves per LM replica (default: 1 with --lm-device cuda, else 0)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
     return p
@@ -77,14 +86,19 @@ def _build_app(a: argparse.Namespace):
     if a.search_concurrency < 1:
         raise ConfigError("--search-concurrency must be >= 1")
     t = time.perf_counter()
-    sharded = a.shards is not None or bool(a.ray_address)
+    if a.lm_replicas is not None and a.lm_replicas < 1:
+        raise ConfigError("--lm-replicas must be >= 1")
+    # --ray-address alone means a sharded knowledge base; with --lm-replicas it may be for the LM only
+    sharded = a.shards is not None or (bool(a.ray_address) and not a.lm_replicas)
     if sharded and a.retriever_url:
         raise ConfigError("--shards / --ray-address serve a sharded knowledge base here; "
                           "they cannot be combined with --retriever-url")
     if a.retrieval_only:
+        if a.lm_replicas:
+            raise ConfigError("--retrieval-only serves no LM; it cannot be combined with --lm-replicas")
         if a.retriever_url:
             raise ConfigError("--retrieval-only serves a local index; it cannot be combined with --retriever-url")
-        retriever, where = _open_local_knowledge_base(a, cfg)
+        retriever, where = _open_local_knowledge_base(a, cfg, sharded)
         server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes)
         app = create_app(None, sched, retriever=retriever, server_config=server,
                          search_concurrency=a.search_concurrency)
@@ -92,27 +106,46 @@ def _build_app(a: argparse.Namespace):
              f"{time.perf_counter() - t:.1f}s (retrieval-only)")
         return app
     from ralmspec.engine.core import RalmEngine
-    from ralmspec.lm.loader import load_language_model
 
-    if a.retriever_url:
-        from ralmspec.retrieval.remote import RemoteRetriever
+    # the LM first: with --lm-replicas it starts (or joins) Ray, which Ray shards then share
+    lm, lm_where = _load_lm(a, cfg)
+    try:
+        if a.retriever_url:
+            from ralmspec.retrieval.remote import RemoteRetriever
 
-        retriever = RemoteRetriever(a.retriever_url, timeout_s=a.retrieval_timeout)
-        where = f"remote {a.retriever_url}"
-    else:
-        retriever, where = _open_local_knowledge_base(a, cfg)
-    lm = load_language_model(cfg.model, backend=cfg.lm_backend, device=cfg.lm_device)
+            retriever = RemoteRetriever(a.retriever_url, timeout_s=a.retrieval_timeout)
+            where = f"remote {a.retriever_url}"
+        else:
+            retriever, where = _open_local_knowledge_base(a, cfg, sharded)
+    except BaseException:
+        lm.close()
+        raise
     engine = RalmEngine(lm, retriever, cfg)
     server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes)
-    _log(f"ralmspec: model {cfg.model!r} + {where} {retriever.kind} knowledge base "
+    _log(f"ralmspec: model {cfg.model!r}{lm_where} + {where} {retriever.kind} knowledge base "
          f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s")
     return create_app(engine, sched, server_config=server, search_concurrency=a.search_concurrency)
 
 
-def _open_local_knowledge_base(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
+def _load_lm(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
+    """The LM in this process, or (with --lm-replicas N) N Ray actors running it."""
+    if not a.lm_replicas:
+        from ralmspec.lm.loader import load_language_model
+
+        return load_language_model(cfg.model, backend=cfg.lm_backend, device=cfg.lm_device), ""
+    from ralmspec.lm.ray_replicas import RayLMConfig, RayLMReplicas
+
+    lm_cfg = RayLMConfig(replicas=a.lm_replicas, threads=a.lm_replica_threads, actor_gpus=a.lm_replica_gpus,
+                         call_timeout_s=a.request_timeout if a.request_timeout > 0 else RayLMConfig.call_timeout_s)
+    lm = RayLMReplicas(cfg.model, cfg.lm_backend, cfg.lm_device, config=lm_cfg, ray_address=a.ray_address,
+                       ray_cpus=a.ray_cpus)
+    return lm, f" in {a.lm_replicas} Ray LM replicas ({'joined ' + a.ray_address if a.ray_address else 'local'})"
+
+
+def _open_local_knowledge_base(a: argparse.Namespace, cfg: Any, sharded: bool) -> tuple[Any, str]:
     """The knowledge base this server searches itself: one index in this process, or (with
     --shards / --ray-address) a sharded index whose shards are Ray actors."""
-    if a.shards is None and not a.ray_address:
+    if not sharded:
         from ralmspec.retrieval.index import open_retriever
 
         return open_retriever(cfg.retrieval, corpus_path=a.corpus, show_progress=True), "local"
@@ -165,5 +198,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     finally:
         from serving.app import STATE
 
-        app[STATE].retriever.close()  # e.g. Ray shard actors (and the local Ray cluster started for them)
+        state = app[STATE]
+        try:
+            if state.engine is not None:
+                state.engine.lm.close()  # e.g. Ray LM replicas (and the local Ray cluster they started)
+        finally:
+            state.retriever.close()  # e.g. Ray shard actors (and the local Ray cluster started for them)
     return 0

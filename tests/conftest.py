@@ -85,3 +85,17 @@ def embedded_indexes(tmp_path_factory, encoder):
                         show_progress=False, corpus_source="embedded")
         out[kind] = load_retriever(d, cfg, encoder=encoder)
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster on 127.0.0.1 for one test module (2 CPUs, no dashboard), shut down
+    after it; skipped, with the install command, when ray is not installed."""
+    from ralmspec.retrieval.ray_shards import RayCluster, RayShardConfig, ray_available
+
+    if not ray_available():
+        pytest.skip('ray is not installed (pip install -e ".[ray]")')
+    cluster = RayCluster(RayShardConfig(num_cpus=2))
+    assert cluster.owned, "another Ray connection is open in this test process"
+    yield cluster
+    cluster.close()

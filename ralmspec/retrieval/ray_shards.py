@@ -197,6 +197,29 @@ def _set_threads(n: int) -> None:
         pass
 
 
+
+def wait_restarted(ray: Any, actors: Sequence[Any], which: Sequence[int], restarting: set[int],
+                   lock: threading.Lock, timeout_s: float, error: type[Exception], what: str) -> None:
+    """Block until every actor of ``which`` last seen dead (in ``restarting``) answers its
+    ``info()`` again (Ray restarts it), then forget it; ``error`` past ``timeout_s`` or when
+    the actor is dead for good (restarts exhausted). Shared by the shard and LM actor groups."""
+    with lock:
+        waiting = [i for i in which if i in restarting]
+    deadline = time.monotonic() + timeout_s
+    for i in waiting:
+        while True:
+            try:
+                ray.get(actors[i].info.remote(), timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.ActorDiedError as e:  # out of restarts: dead for good
+                raise error(f"{what} {i} is dead (restarts exhausted)") from e
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                if time.monotonic() >= deadline:
+                    raise error(f"{what} {i} did not come back in time") from e
+                time.sleep(RESTART_POLL_S)
+        with lock:
+            restarting.discard(i)
+
 class RayShards:
     """``ShardBackend`` over one Ray actor per shard (module doc). ``close()`` kills the actors and
     disconnects from Ray if ``cluster`` started the connection."""
@@ -259,25 +282,8 @@ class RayShards:
 
     def _wait_restarted(self, shards: Sequence[int]) -> None:
         """Wait for the shards last seen dead to be answering again (RetrievalError past the call timeout)."""
-        with self._lock:
-            waiting = [i for i in shards if i in self._restarting]
-        if not waiting:
-            return
-        ray = self.ray
-        deadline = time.monotonic() + self.config.call_timeout_s
-        for i in waiting:
-            while True:
-                try:
-                    ray.get(self.actors[i].info.remote(), timeout=max(0.0, deadline - time.monotonic()))
-                    break
-                except ray.exceptions.ActorDiedError as e:  # out of restarts: dead for good
-                    raise RetrievalError(f"knowledge-base shard {i} is dead (restarts exhausted)") from e
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                    if time.monotonic() >= deadline:
-                        raise RetrievalError(f"knowledge-base shard {i} did not come back in time") from e
-                    time.sleep(RESTART_POLL_S)
-            with self._lock:
-                self._restarting.discard(i)
+        wait_restarted(self.ray, self.actors, shards, self._restarting, self._lock,
+                       self.config.call_timeout_s, RetrievalError, "knowledge-base shard")
 
     def search(self, payloads: Any, k: int) -> list[list[list[Hit]]]:
         everyone = range(len(self.actors))

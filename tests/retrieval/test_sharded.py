@@ -27,7 +27,7 @@ from ralmspec.data.loaders import grounded_questions
 from ralmspec.errors import ConfigError, RetrievalError
 from ralmspec.retrieval.base import rank_hits
 from ralmspec.retrieval.index import load_retriever
-from ralmspec.retrieval.ray_shards import RayCluster, RayShardConfig, open_ray_sharded, ray_available
+from ralmspec.retrieval.ray_shards import RayShardConfig, open_ray_sharded, ray_available
 from ralmspec.retrieval.shard_index import load_shard, shard_index
 from ralmspec.retrieval.sharded import ShardRange, contiguous_ranges, merge_topk, route_ids
 from tests.retrieval.conftest import KINDS, kb_config
@@ -147,17 +147,6 @@ def test_index_build_cli_splits_or_builds_sharded_indexes(kb_index_dirs, tmp_pat
 
 
 # --------------------------------------------------------------------------- Ray
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster on 127.0.0.1 for this module (2 CPUs, no dashboard), shut down after."""
-    if not ray_available():
-        pytest.skip('ray is not installed (pip install -e ".[ray]")')
-    cluster = RayCluster(RayShardConfig(num_cpus=2))
-    assert cluster.owned, "another Ray connection is open in this test process"
-    yield cluster
-    cluster.close()
 
 
 @pytest.fixture(scope="module")

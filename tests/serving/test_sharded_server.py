@@ -28,7 +28,7 @@ from ralmspec.cli import main
 from ralmspec.config import RetrievalConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import SchedulerConfig
-from ralmspec.retrieval.ray_shards import RayCluster, RayShardConfig, open_ray_sharded, ray_available
+from ralmspec.retrieval.ray_shards import RayShardConfig, open_ray_sharded, ray_available
 from ralmspec.retrieval.shard_index import shard_index
 from serving.app import ServerConfig, create_app
 from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, request
@@ -45,17 +45,6 @@ def test_shards_without_ray_say_how_to_install(monkeypatch, capsys):
     assert main(["serve", "--model", "tiny", "--shards", "2", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and 'pip install -e ".[ray]"' in err, err
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster on 127.0.0.1 for this module (2 CPUs, no dashboard), shut down after."""
-    if not ray_available():
-        pytest.skip('ray is not installed (pip install -e ".[ray]")')
-    cluster = RayCluster(RayShardConfig(num_cpus=2))
-    assert cluster.owned, "another Ray connection is open in this test process"
-    yield cluster
-    cluster.close()
 
 
 @pytest.fixture(scope="module")
