@@ -250,17 +250,23 @@ def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig
             "params": params,
             "build_seconds": {"encode": round(t_encode, 3), "index": round(total - t_encode, 3),
                               "total": round(total, 3)},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": _versions(),
             "files": _files_for(kind),
         })
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-        _move_into_place(tmp, out_dir)
+        publish_index(tmp, out_dir, manifest)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def publish_index(tmp: str, out_dir: str, manifest: dict[str, Any]) -> None:
+    """Stamp ``manifest`` (creation time, library versions), write it LAST into the finished
+    temporary directory ``tmp`` and rename ``tmp`` to ``out_dir``: a directory with a manifest is
+    a complete index."""
+    manifest.update({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions()})
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+    _move_into_place(tmp, out_dir)
 
 
 def _move_into_place(tmp: str, out_dir: str) -> None:

@@ -57,7 +57,7 @@ from ralmspec.retrieval.base import Hit
 from ralmspec.retrieval.dense import DENSE_KINDS, DenseRetriever, build_faiss_index
 from ralmspec.retrieval.encoder import QueryEncoder
 from ralmspec.retrieval.index import (
-    BM25_DIR, EMBEDDINGS, FAISS_FILE, MANIFEST, PASSAGES, _link_or_copy, _move_into_place, _versions, build_index,
+    BM25_DIR, EMBEDDINGS, FAISS_FILE, MANIFEST, PASSAGES, _link_or_copy, build_index, publish_index,
     default_index_root, ensure_index, index_dir_name, read_manifest,
 )
 from ralmspec.retrieval.sharded import (
@@ -184,14 +184,10 @@ def shard_index(src_dir: str, out_dir: str, shards: int) -> str:
             "shards": [{"dir": name, "start": r.start, "stop": r.stop} for name, r in zip(names, ranges)],
             "sharded_from": {"dir": src_dir, "created": m.get("created")},
             "shard_seconds": round(time.perf_counter() - t0, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": _versions(),
             "files": [PASSAGES, *names],
             **extra,
         })
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-        _move_into_place(tmp, out_dir)
+        publish_index(tmp, out_dir, manifest)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
