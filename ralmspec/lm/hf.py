@@ -124,6 +124,20 @@ class HFTokenizer:
         return before, after
 
 
+def load_folder_tokenizer(path: Any) -> HFTokenizer:
+    """The tokenizer saved in the HF model folder ``path``, wrapped (``ModelLoadError`` if none)."""
+    from transformers import AutoTokenizer
+
+    from ralmspec.errors import ModelLoadError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure is a load failure
+        raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r} (the folder must contain "
+                             f"tokenizer files next to the model): {exc}") from exc
+    return HFTokenizer(tok)
+
+
 @dataclass
 class CallStats:
     """Work done by one ``greedy`` / ``next_token_states`` call (all prompts of the batch)."""

@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
@@ -102,22 +101,16 @@ class LMActor:
 
 def local_tokenizer(name: str, backend: str) -> Any:
     """The tokenizer the backend would build for ``name``, without loading any weights here."""
-    from ralmspec.lm.hf import HFTokenizer
+    from ralmspec.lm.hf import HFTokenizer, load_folder_tokenizer
     from ralmspec.lm.models import BUILTIN_MODELS, load_builtin_tokenizer, model_folder, model_names
 
     if name in BUILTIN_MODELS:  # HF and vLLM backends alike use the shipped BERT WordPiece
         return HFTokenizer(load_builtin_tokenizer(BUILTIN_MODELS[name].n_positions))
-    from transformers import AutoTokenizer
-
     path = model_folder(name)
     if not path.is_dir():
         raise ModelLoadError(f"model {str(path)!r} is neither a model name ({', '.join(model_names())}) "
                              "nor an existing folder")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure is a load failure
-        raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r}: {exc}") from exc
-    return HFTokenizer(tok)
+    return load_folder_tokenizer(path)
 
 
 class RayLMReplicas(LanguageModel):
@@ -264,26 +257,10 @@ class RayLMReplicas(LanguageModel):
     def _get_all(self, refs: list[Any], replicas: Sequence[int], what: str, timeout_s: float) -> list[Any]:
         """Every result in order, or the first failure: ``LMError`` naming the replica (a backend
         ``RalmSpecError`` such as ``ConfigError`` for a bad prompt is re-raised as it is)."""
-        ray = self.ray
-        deadline = time.monotonic() + timeout_s
-        out = []
-        for r, ref in zip(replicas, refs):
-            try:
-                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except ray.exceptions.GetTimeoutError as exc:
-                raise LMError(f"LM replica {r} did not answer {what} within {timeout_s:g} s") from exc
-            except ray.exceptions.RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, RalmSpecError) and not isinstance(cause, LMError):
-                    raise cause from None
-                raise LMError(f"LM replica {r} failed ({what}): {cause!r}") from exc
-            except ray.exceptions.RayActorError as exc:
-                with self._lock:
-                    self._restarting.add(r)
-                raise LMError(f"LM replica {r} is down ({what}): {type(exc).__name__}: {exc}") from exc
-            except ray.exceptions.RayError as exc:
-                raise LMError(f"LM replica {r} failed ({what}): {exc}") from exc
-        return out
+        from ralmspec.retrieval.ray_shards import get_results
+
+        return get_results(self.ray, refs, replicas, what, timeout_s, self._restarting, self._lock,
+                           LMError, "LM replica", passthrough=(RalmSpecError,))
 
     def _wait_restarted(self, replicas: Sequence[int]) -> None:
         """Wait until the replicas last seen dead answer again (``LMError`` past ``start_timeout_s``)."""

@@ -57,6 +57,7 @@ from typing import Any, Hashable, Iterator, Mapping, Sequence
 
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.base import LanguageModel
+from ralmspec.lm.hf import load_folder_tokenizer
 from ralmspec.paths import models_cache_dir
 
 VLLM_DTYPES = ("float32", "bfloat16", "float16")
@@ -189,19 +190,6 @@ def _read_folder(path: Path) -> _FolderInfo:
     return _FolderInfo(eos_token_id=eos_candidates[0] if eos_candidates else None,
                        stop_token_ids=frozenset(eos_candidates), max_positions=max_pos,
                        vocab_size=vocab)
-
-
-def _load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    from ralmspec.lm.hf import HFTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r} (the folder must contain "
-                             f"tokenizer files next to the model): {exc}") from exc
-    return HFTokenizer(tok)
 
 
 @contextlib.contextmanager
@@ -382,7 +370,7 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
     name = str(name_or_path)
     path = builtin_folder(name, cache_dir) if name in BUILTIN_MODELS else model_folder(name)
     info = _read_folder(path)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = load_folder_tokenizer(path)
     eos = info.eos_token_id
     if eos is None:  # same fallback as the HF backend: the tokenizer's EOS
         tok_eos = getattr(tokenizer.hf, "eos_token_id", None)

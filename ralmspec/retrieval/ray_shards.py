@@ -198,6 +198,35 @@ def _set_threads(n: int) -> None:
 
 
 
+def get_results(ray: Any, refs: Sequence[Any], which: Sequence[int], what: str, timeout_s: float,
+                restarting: set[int], lock: threading.Lock, error: type[Exception], name: str,
+                passthrough: tuple[type[Exception], ...] = ()) -> list[Any]:
+    """Every result of ``refs`` (one call per actor of ``which``), in order, within ``timeout_s``
+    in all; else the first failure as ``error`` naming the actor. An actor seen dead goes into
+    ``restarting`` (the next call waits for Ray's restart: ``wait_restarted``). An exception the
+    actor's code raised that is one of ``passthrough`` (and not ``error``) is re-raised as it is.
+    Shared by the shard and LM actor groups."""
+    deadline = time.monotonic() + timeout_s
+    out = []
+    for i, ref in zip(which, refs):
+        try:
+            out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+        except ray.exceptions.GetTimeoutError as e:
+            raise error(f"{name} {i} did not answer {what} within {timeout_s:g} s") from e
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if passthrough and isinstance(cause, passthrough) and not isinstance(cause, error):
+                raise cause from None
+            raise error(f"{name} {i} failed ({what}): {cause!r}") from e
+        except ray.exceptions.RayActorError as e:
+            with lock:
+                restarting.add(i)
+            raise error(f"{name} {i} is down ({what}): {type(e).__name__}: {e}; Ray restarts it") from e
+        except ray.exceptions.RayError as e:
+            raise error(f"{name} {i} failed ({what}): {e}") from e
+    return out
+
+
 def wait_restarted(ray: Any, actors: Sequence[Any], which: Sequence[int], restarting: set[int],
                    lock: threading.Lock, timeout_s: float, error: type[Exception], what: str) -> None:
     """Block until every actor of ``which`` last seen dead (in ``restarting``) answers its
@@ -263,22 +292,9 @@ class RayShards:
         A shard whose call failed because its actor died is remembered as restarting: the next
         call to it first waits (within that call's timeout) until Ray has restarted it.
         """
-        ray = self.ray
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.config.call_timeout_s)
-        out = []
-        for i, ref in zip(shards, refs):
-            try:
-                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except ray.exceptions.GetTimeoutError as e:
-                raise RetrievalError(f"knowledge-base shard {i} did not answer {what} in time") from e
-            except ray.exceptions.RayActorError as e:
-                with self._lock:
-                    self._restarting.add(i)
-                raise RetrievalError(f"knowledge-base shard {i} is down ({what}): {type(e).__name__}; "
-                                     "Ray restarts it") from e
-            except ray.exceptions.RayError as e:
-                raise RetrievalError(f"knowledge-base shard {i} failed ({what}): {e}") from e
-        return out
+        return get_results(self.ray, refs, shards, what,
+                           timeout_s if timeout_s is not None else self.config.call_timeout_s,
+                           self._restarting, self._lock, RetrievalError, "knowledge-base shard")
 
     def _wait_restarted(self, shards: Sequence[int]) -> None:
         """Wait for the shards last seen dead to be answering again (RetrievalError past the call timeout)."""

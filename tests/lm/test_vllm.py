@@ -113,6 +113,24 @@ def _top2_gap(hflm, ids: list[int]) -> float:
     return float(top[0] - top[1])
 
 
+def count_identical_or_near_tie(hflm, prompts: list[list[int]], hf: list[list[int]],
+                                got: list[list[int]]) -> int:
+    """How many prompts vLLM (``got``) answered exactly like HF (``hf``); every other prompt must
+    agree up to its first difference and have an HF top-2 logit gap below ``NEAR_TIE`` there."""
+    same = 0
+    for i, (h, v) in enumerate(zip(hf, got)):
+        assert 1 <= len(v), f"prompt {i}: vLLM returned no token"
+        j = _first_diff(h, v)
+        if j is None:
+            same += 1
+            continue
+        assert j < min(len(h), len(v)), f"prompt {i}: one backend stopped early: {h} vs {v}"
+        gap = _top2_gap(hflm, prompts[i] + h[:j])
+        assert gap < NEAR_TIE, (f"prompt {i}: vLLM {v} != HF {h} at step {j} although HF's top-2 "
+                                f"logit gap there is {gap:.3g} (not a numerical tie)")
+    return same
+
+
 # ---------------------------------------------------------------- equivalence with the HF backend
 
 @pytest.mark.vllm
@@ -125,17 +143,8 @@ class TestVLLMEngine:
         got = vlm.greedy(prompts, N_NEW)  # one batched generate call, prefix cache cold
         stats = vlm.last_call_stats
         assert stats.prompts == len(prompts) and stats.generated_tokens == sum(map(len, got))
-        same = 0
-        for i, (h, v) in enumerate(zip(hf_tokens, got)):
-            assert 1 <= len(v) <= N_NEW
-            j = _first_diff(h, v)
-            if j is None:
-                same += 1
-                continue
-            assert j < min(len(h), len(v)), f"prompt {i}: one backend stopped early: {h} vs {v}"
-            gap = _top2_gap(hflm, prompts[i] + h[:j])
-            assert gap < NEAR_TIE, (f"prompt {i}: vLLM {v} != HF {h} at step {j} although HF's top-2 "
-                                    f"logit gap there is {gap:.3g} (not a numerical tie)")
+        assert all(1 <= len(v) <= N_NEW for v in got)
+        same = count_identical_or_near_tie(hflm, prompts, hf_tokens, got)
         rate = same / len(prompts)
         record_property("vllm_hf_identical", f"{same}/{len(prompts)}")
         print(f"\n[vllm] identical to HF backend: {same}/{len(prompts)} prompts ({rate:.0%})")
