@@ -1,18 +1,27 @@
-"""Load test of the OpenAI-compatible server: N concurrent clients for T seconds.
+"""Fair load test of the OpenAI-compatible server: naive vs speculative, N closed-loop clients.
 
-Spawns ``ralmspec serve`` (or uses ``--url``), then for every (mode, concurrency) pair runs N
-closed-loop clients for T seconds, each sending NQ-open questions to ``/v1/completions`` with
-``ralm.speculate`` true (speculative) or false (naive), and reports throughput (requests/s,
-tokens/s), p50/p95/p99 latency, errors, the server's RSS at start and end of the run, the
-speculation acceptance, and the CROSS-REQUEST batch sizes the server observed during the run
-(LM prompts per backend call, distinct queries and merged callers per knowledge-base call,
-read from ``GET /v1/stats`` before and after).
+Every cell ``(round, clients, mode)`` gets a FRESH ``ralmspec serve`` process, so neither mode
+inherits the other's warm caches (query encodings, tokenized passages, the LM's KV prefixes).
+In each round, for each concurrency, the two modes run one after the other, and which mode goes
+first alternates from one round to the next and from one concurrency to the next. Within a cell, N closed-loop clients
+send questions to ``/v1/completions`` (``ralm.speculate`` true or false) for ``--warmup`` seconds
+that are NOT counted, then for ``--duration`` measured seconds. Only requests that complete
+inside the measured window count; requests still running at its end are abandoned (the server
+is stopped). The question order is a seeded shuffle per round, identical for both modes of a
+round: client c sends questions c, c+N, c+2N, ... of it, so both modes get the same sequence.
 
-    python experiments/load.py --model tiny --concurrency 1 8 32 --duration 25
-    python experiments/load.py --url http://127.0.0.1:8000 --model tiny --concurrency 8 --duration 10
+Per cell: requests/s, tokens/s, p50/p95/p99 latency, errors, the server's RSS at the start and
+end of the window, speculation acceptance, and the CROSS-REQUEST batching the server saw in the
+window (distinct queries and merged requests per knowledge-base search, prompts per LM call),
+from ``GET /v1/stats`` at both ends. At the end: a table per cell and the speculative / naive
+ratios per number of clients.
 
-This is a measurement script, not a test. Numbers depend on the machine; the JSON output keeps
-the settings beside the results.
+    python experiments/load.py --concurrency 1 8 --rounds 3 --duration 25 --warmup 10 --json out.json
+    python experiments/load.py --model tiny --concurrency 8 -- --emulate-pad 1000000
+    python experiments/load.py --url http://127.0.0.1:8000 --model tiny   # one server for all: NOT fair
+
+Flags after ``--`` go to every spawned ``ralmspec serve``. This is a measurement script, not a
+test; numbers depend on the machine (its load average is kept beside the results).
 """
 
 from __future__ import annotations
@@ -20,16 +29,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import platform
+import random
+import shlex
+import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+MODES = ("naive", "speculative")
+MIB = 2**20
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -42,14 +57,10 @@ def rss_bytes(pid: int) -> int | None:
         pass
     except Exception:  # noqa: BLE001 - process gone
         return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    sys.path.insert(0, str(REPO))
+    from serving.metrics import process_rss_bytes
+
+    return process_rss_bytes(pid)
 
 
 async def rss_from_metrics(session: Any, url: str) -> int | None:
@@ -57,8 +68,12 @@ async def rss_from_metrics(session: Any, url: str) -> int | None:
         for line in (await r.text()).splitlines():
             if line.startswith("ralmspec_process_resident_memory_bytes "):
                 v = float(line.split()[1])
-                return None if v != v else int(v)
+                return None if math.isnan(v) else int(v)
     return None
+
+
+def loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 class Server:
@@ -67,20 +82,23 @@ class Server:
     def __init__(self, args: list[str]):
         cmd = [sys.executable, "-m", "ralmspec.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        print("starting:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+        t = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.url = None
         lines = []
         for line in self.proc.stdout:
             lines.append(line)
-            print("  server:", line.rstrip(), file=sys.stderr, flush=True)
             if "serving on" in line:
                 self.url = line.split("serving on", 1)[1].strip()
                 break
         if self.url is None:
-            raise RuntimeError("server did not start:\n" + "".join(lines))
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+            self.stop()
+            raise RuntimeError(f"server did not start: {shlex.join(cmd[1:])}\n" + "".join(lines[-20:]))
+        self.start_s = time.perf_counter() - t
+        self.pid = self.proc.pid
+        print(f"  server up in {self.start_s:.1f}s at {self.url}", file=sys.stderr, flush=True)
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -89,13 +107,48 @@ class Server:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(30)
+
+
+# --------------------------------------------------------------------------- plan and workload
+
+
+def plan_cells(rounds: int, concurrency: list[int], modes: list[str]) -> list[tuple[int, int, str]]:
+    """``(round, clients, mode)`` in run order: rounds outermost, then concurrency; the order of
+    the modes alternates with ``round + concurrency index``, so over two rounds each mode runs
+    first once at every concurrency."""
+    out = []
+    for r in range(rounds):
+        for i, n in enumerate(concurrency):
+            order = list(modes) if (r + i) % 2 == 0 else list(reversed(modes))
+            out += [(r, n, m) for m in order]
+    return out
+
+
+def question_order(questions: list[str], seed: int, round_: int) -> list[str]:
+    """The question stream of one round (both modes get this same list)."""
+    qs = list(questions)
+    random.Random(seed * 1_000_003 + round_).shuffle(qs)
+    return qs
+
+
+def load_workload(spec: str, n: int) -> list[str]:
+    """Question texts: 'grounded' (embedded, about the embedded knowledge base), 'nq-open' or a file."""
+    sys.path.insert(0, str(REPO))
+    from ralmspec.data.loaders import load_questions, resolve_questions
+
+    qs = [q.question for q in load_questions(resolve_questions(spec))]
+    return qs[:n] if n > 0 else qs
+
+
+# --------------------------------------------------------------------------- one cell
 
 
 def _pct(xs: list[float], p: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
-    i = min(len(xs) - 1, max(0, int(round(p / 100 * (len(xs) - 1)))))
+    i = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
     return xs[i]
 
 
@@ -108,176 +161,257 @@ def _delta_counts(after: dict, before: dict) -> dict[int, int]:
 def _summ(counts: dict[int, int]) -> dict[str, Any]:
     n = sum(counts.values())
     tot = sum(k * v for k, v in counts.items())
-    return {"batches": n, "mean": round(tot / n, 2) if n else None, "max": max(counts) if counts else None,
+    return {"calls": n, "mean": round(tot / n, 3) if n else None, "max": max(counts) if counts else None,
             "counts": counts}
 
 
-@dataclass
-class RunResult:
-    mode: str
-    concurrency: int
-    duration_s: float
-    requests: int = 0
-    errors: int = 0
-    error_kinds: dict[str, int] = field(default_factory=dict)
-    completion_tokens: int = 0
-    latencies: list[float] = field(default_factory=list)
-    speculated: int = 0
-    accepted: int = 0
-    rollbacks: int = 0
-    rss_start: int | None = None
-    rss_end: int | None = None
-    lm_batches: dict = field(default_factory=dict)
-    kb_queries: dict = field(default_factory=dict)
-    kb_callers: dict = field(default_factory=dict)
-    request_verify_batch_sizes: dict[int, int] = field(default_factory=dict)
-    loadavg_1min: tuple[float, float] | None = None  # machine load at start and end (noise indicator)
-
-    def summary(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("latencies")
-        d.update(
-            requests_per_s=self.requests / self.duration_s, tokens_per_s=self.completion_tokens / self.duration_s,
-            p50_s=_pct(self.latencies, 50), p95_s=_pct(self.latencies, 95), p99_s=_pct(self.latencies, 99),
-            acceptance_rate=self.accepted / self.speculated if self.speculated else None,
-        )
-        return d
+def _mib(b: int | None) -> float | None:
+    return None if b is None else round(b / MIB, 1)
 
 
-async def run_one(url: str, model: str, questions: list[str], mode: str, concurrency: int, duration: float,
-                  max_tokens: int, pid: int | None) -> RunResult:
+async def _snapshot(session: Any, url: str, pid: int | None) -> dict[str, Any]:
+    async with session.get(f"{url}/v1/stats") as r:
+        stats = await r.json()
+    rss = rss_bytes(pid) if pid else await rss_from_metrics(session, url)
+    return {"stats": stats, "rss": rss, "loadavg": loadavg(), "t": time.perf_counter()}
+
+
+async def run_cell(url: str, model: str, questions: list[str], mode: str, clients: int, warmup: float,
+                   duration: float, max_tokens: int, pid: int | None) -> dict[str, Any]:
+    """N closed-loop clients for ``warmup + duration`` seconds; statistics of the measured window."""
     import aiohttp
 
-    res = RunResult(mode, concurrency, duration)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout,
-                                     connector=aiohttp.TCPConnector(limit=concurrency + 4)) as s:
-        async with s.get(f"{url}/v1/stats") as r:
-            before = await r.json()
-        res.rss_start = rss_bytes(pid) if pid else await rss_from_metrics(s, url)
-        load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        t0 = time.perf_counter()
-        deadline = t0 + duration
+    done: list[tuple[float, float, dict]] = []  # (completed at, latency, response body)
+    errors: list[tuple[float, str]] = []  # (at, kind)
+    t0 = time.perf_counter()
+    t_w, t_end = t0 + warmup, t0 + warmup + duration
 
-        async def client(ci: int) -> None:
-            i = ci
-            while time.perf_counter() < deadline:
-                q = questions[i % len(questions)]
-                i += concurrency
-                body = {"model": model, "prompt": q, "max_tokens": max_tokens,
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(limit=clients + 4)) as s:
+        async def client(c: int) -> None:
+            i = c
+            while True:
+                body = {"model": model, "prompt": questions[i % len(questions)], "max_tokens": max_tokens,
                         "ralm": {"speculate": mode == "speculative"}}
+                i += clients
                 t = time.perf_counter()
                 try:
                     async with s.post(f"{url}/v1/completions", json=body) as r:
-                        data = await r.json()
                         status = r.status
+                        data = await r.json(content_type=None)
+                except asyncio.CancelledError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - counted, the run goes on
-                    res.errors += 1
-                    res.error_kinds[type(exc).__name__] = res.error_kinds.get(type(exc).__name__, 0) + 1
+                    errors.append((time.perf_counter(), type(exc).__name__))
+                    await asyncio.sleep(0.05)
                     continue
+                now = time.perf_counter()
                 if status != 200:
-                    res.errors += 1
-                    res.error_kinds[str(status)] = res.error_kinds.get(str(status), 0) + 1
+                    errors.append((now, str(status)))
+                    await asyncio.sleep(0.05)
                     continue
-                res.latencies.append(time.perf_counter() - t)
-                res.requests += 1
-                res.completion_tokens += data["usage"]["completion_tokens"]
-                st = data["ralm"]["stats"]
-                res.speculated += st.get("speculated", 0)
-                res.accepted += st.get("accepted", 0)
-                res.rollbacks += st.get("rollbacks", 0)
-                for b in st.get("verify_batch_sizes", []):
-                    res.request_verify_batch_sizes[b] = res.request_verify_batch_sizes.get(b, 0) + 1
+                done.append((now, now - t, data))
 
-        await asyncio.gather(*(client(c) for c in range(concurrency)))
-        res.duration_s = time.perf_counter() - t0
-        res.rss_end = rss_bytes(pid) if pid else await rss_from_metrics(s, url)
-        if load0 is not None:
-            res.loadavg_1min = (load0, os.getloadavg()[0])
-        async with s.get(f"{url}/v1/stats") as r:
-            after = await r.json()
-    res.lm_batches = _summ(_delta_counts(after["lm_batch_sizes"], before["lm_batch_sizes"]))
-    res.kb_queries = _summ(_delta_counts(after["kb_batch_queries"], before["kb_batch_queries"]))
-    res.kb_callers = _summ(_delta_counts(after["kb_batch_callers"], before["kb_batch_callers"]))
-    res.request_verify_batch_sizes = dict(sorted(res.request_verify_batch_sizes.items()))
-    return res
+        tasks = [asyncio.create_task(client(c)) for c in range(clients)]
+        try:
+            await asyncio.sleep(max(0.0, t_w - time.perf_counter()))
+            before = await _snapshot(s, url, pid)
+            await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
+            after = await _snapshot(s, url, pid)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    counted = [(lat, d) for at, lat, d in done if t_w <= at < t_end]
+    errs = [k for at, k in errors if t_w <= at < t_end]
+    lat = [x for x, _ in counted]
+    tokens = sum(d["usage"]["completion_tokens"] for _, d in counted)
+    spec_stats = [d["ralm"]["stats"] for _, d in counted]
+    speculated = sum(st.get("speculated", 0) for st in spec_stats)
+    accepted = sum(st.get("accepted", 0) for st in spec_stats)
+    sa, sb = after["stats"], before["stats"]
+    kb_q = _summ(_delta_counts(sa["kb_batch_queries"], sb["kb_batch_queries"]))
+    kb_c = _summ(_delta_counts(sa["kb_batch_callers"], sb["kb_batch_callers"]))
+    lm_b = _summ(_delta_counts(sa["lm_batch_sizes"], sb["lm_batch_sizes"]))
+    cell = {
+        "mode": mode, "clients": clients, "duration_s": duration, "warmup_s": warmup,
+        "requests": len(counted), "errors": len(errs),
+        "error_kinds": {k: errs.count(k) for k in sorted(set(errs))},
+        "warmup_requests": sum(1 for at, _, _ in done if at < t_w),
+        "warmup_errors": sum(1 for at, _ in errors if at < t_w),
+        "completion_tokens": tokens,
+        "req_per_s": len(counted) / duration, "tok_per_s": tokens / duration,
+        "mean_s": statistics.fmean(lat) if lat else None,
+        "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95), "p99_s": _pct(lat, 99),
+        "acceptance": accepted / speculated if speculated else None,
+        "speculated": speculated, "accepted": accepted,
+        "rollbacks": sum(st.get("rollbacks", 0) for st in spec_stats),
+        # cross-request batching in the window: distinct queries / merged requests per KB search
+        "queries_per_search": kb_q["mean"], "requests_per_search": kb_c["mean"],
+        "lm_prompts_per_call": lm_b["mean"], "kb_searches": kb_q["calls"],
+        "kb_busy_s": round(sa.get("kb_busy_s", 0.0) - sb.get("kb_busy_s", 0.0), 4),
+        "lm_busy_s": round(sa.get("lm_busy_s", 0.0) - sb.get("lm_busy_s", 0.0), 4),
+        "kb_queries": kb_q, "kb_requests": kb_c, "lm_batches": lm_b,
+        "rss_start_mib": _mib(before["rss"]), "rss_end_mib": _mib(after["rss"]),
+        "loadavg_start": before["loadavg"], "loadavg_end": after["loadavg"],
+        "knowledge_base": sa.get("knowledge_base"), "retriever_kind": sa.get("retriever"),
+    }
+    if "emulation" in sa and "emulation" in sb:
+        cell["pad_scan_s"] = round(sa["emulation"]["pad_seconds"] - sb["emulation"]["pad_seconds"], 4)
+    return cell
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+# --------------------------------------------------------------------------- report
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    hdr = (f"{'mode':<12}{'N':>4}{'req':>6}{'err':>5}{'req/s':>8}{'tok/s':>8}{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}"
-           f"{'accept':>8}{'LM batch':>14}{'KB q/call':>14}{'KB callers':>14}{'RSS MiB':>16}")
-    print(hdr)
+def _mean(cells: list[dict[str, Any]], key: str) -> float | None:
+    xs = [c[key] for c in cells if c[key] is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Speculative / naive per number of clients: of the per-mode means over rounds, and per round."""
+    out = []
+    for n in sorted({c["clients"] for c in cells}):
+        by = {m: [c for c in cells if c["clients"] == n and c["mode"] == m] for m in MODES}
+        if not by["naive"] or not by["speculative"]:
+            continue
+        row: dict[str, Any] = {"clients": n, "rounds": min(len(by["naive"]), len(by["speculative"]))}
+        for key in ("req_per_s", "tok_per_s", "p50_s", "p95_s", "p99_s"):
+            a, b = _mean(by["speculative"], key), _mean(by["naive"], key)
+            row[f"naive_{key}"], row[f"speculative_{key}"] = b, a
+            row[f"{key}_ratio"] = a / b if a is not None and b else None
+        naive = {c["round"]: c["req_per_s"] for c in by["naive"]}
+        row["req_per_s_ratio_per_round"] = [c["req_per_s"] / naive[c["round"]] if naive.get(c["round"]) else None
+                                            for c in by["speculative"] if c["round"] in naive]
+        out.append(row)
+    return out
+
+
+def _f(v: Any, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{format(v, spec):>{width}}"
+
+
+def print_cells(cells: list[dict[str, Any]], header: bool = True) -> None:
+    if header:
+        print(f"{'round':>5} {'mode':<12}{'N':>4}{'req':>6}{'err':>5}{'req/s':>8}{'tok/s':>8}{'p50 s':>8}"
+              f"{'p95 s':>8}{'p99 s':>8}{'accept':>8}{'q/search':>9}{'req/search':>11}{'LM batch':>9}"
+              f"{'RSS MiB':>14}")
+    for c in cells:
+        rss = f"{_f(c['rss_start_mib'], '.0f', 0)}->{_f(c['rss_end_mib'], '.0f', 0)}"
+        print(f"{c['round']:>5} {c['mode']:<12}{c['clients']:>4}{c['requests']:>6}{c['errors']:>5}"
+              f"{c['req_per_s']:>8.2f}{c['tok_per_s']:>8.1f}{_f(c['p50_s'], '.2f', 8)}{_f(c['p95_s'], '.2f', 8)}"
+              f"{_f(c['p99_s'], '.2f', 8)}{_f(c['acceptance'], '.2f', 8)}{_f(c['queries_per_search'], '.2f', 9)}"
+              f"{_f(c['requests_per_search'], '.2f', 11)}{_f(c['lm_prompts_per_call'], '.2f', 9)}{rss:>14}",
+              flush=True)
+
+
+def print_ratios(rows: list[dict[str, Any]]) -> None:
+    print("\nspeculative / naive (means over rounds; > 1 is better for req/s and tok/s, < 1 for latency)")
+    print(f"{'N':>4}{'rounds':>7}{'naive req/s':>12}{'spec req/s':>11}{'req/s':>8}{'tok/s':>8}{'p50':>8}{'p95':>8}"
+          f"{'p99':>8}   req/s per round")
     for r in rows:
-        rss = f"{_fmt(r['rss_start'] and r['rss_start'] / 2**20, '.0f')}->{_fmt(r['rss_end'] and r['rss_end'] / 2**20, '.0f')}"
-        print(f"{r['mode']:<12}{r['concurrency']:>4}{r['requests']:>6}{r['errors']:>5}{r['requests_per_s']:>8.2f}"
-              f"{r['tokens_per_s']:>8.1f}{_fmt(r['p50_s'], '8.2f')}{_fmt(r['p95_s'], '8.2f')}{_fmt(r['p99_s'], '8.2f')}"
-              f"{_fmt(r['acceptance_rate'], '8.2f') if r['acceptance_rate'] is not None else '       -'}"
-              f"{_fmt(r['lm_batches']['mean'], '>8.2f')}/{_fmt(r['lm_batches']['max'], '<5')}"
-              f"{_fmt(r['kb_queries']['mean'], '>8.2f')}/{_fmt(r['kb_queries']['max'], '<5')}"
-              f"{_fmt(r['kb_callers']['mean'], '>8.2f')}/{_fmt(r['kb_callers']['max'], '<5')}{rss:>16}")
+        per = " ".join(_f(x, '.2f', 0) for x in r["req_per_s_ratio_per_round"])
+        print(f"{r['clients']:>4}{r['rounds']:>7}{_f(r['naive_req_per_s'], '.2f', 12)}"
+              f"{_f(r['speculative_req_per_s'], '.2f', 11)}{_f(r['req_per_s_ratio'], '.2f', 8)}"
+              f"{_f(r['tok_per_s_ratio'], '.2f', 8)}{_f(r['p50_s_ratio'], '.2f', 8)}{_f(r['p95_s_ratio'], '.2f', 8)}"
+              f"{_f(r['p99_s_ratio'], '.2f', 8)}   {per}")
+
+
+def _write(path: str, doc: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=None,
+                   help="an already running server for every cell (NOT fair: warm caches carry over; "
+                        "default: a fresh server per cell)")
+    p.add_argument("--model", default="smollm2", help="model to serve and to name in requests ('tiny' for smoke runs)")
+    p.add_argument("--retriever", default="exact")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="closed-loop clients per cell")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--rounds", type=int, default=3, help="repetitions of every (clients, mode) cell, interleaved")
+    p.add_argument("--duration", type=float, default=25.0, help="measured seconds per cell")
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds per cell before the measured window (not counted)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--questions", default="grounded",
+                   help="'grounded' (embedded questions about the embedded knowledge base), 'nq-open', or a file")
+    p.add_argument("--n-questions", type=int, default=0, help="use the first N questions (0: all), then shuffle")
+    p.add_argument("--seed", type=int, default=0, help="question order: seeded per round, the same for both modes")
+    p.add_argument("--json", default=None, help="write settings and cells here (rewritten after every cell)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=None, help="an already running server (default: spawn one)")
-    p.add_argument("--model", default="tiny", help="model to serve / to name in requests")
-    p.add_argument("--retriever", default="exact")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--modes", nargs="+", default=["speculative", "naive"], choices=["speculative", "naive"])
-    p.add_argument("--duration", type=float, default=25.0, help="seconds per (mode, concurrency) run")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--questions", type=int, default=200, help="distinct NQ-open questions cycled by the clients")
-    p.add_argument("--json", default=None, help="write all results here")
-    p.add_argument("server_args", nargs=argparse.REMAINDER,
-                   help="after `--`: extra `ralmspec serve` flags for the spawned server")
-    a = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from ralmspec.data.loaders import default_questions
-
-    questions = [q.question for q in default_questions()[: a.questions]]
-    server = None
-    pid = None
-    url = a.url
-    extra = [x for x in a.server_args if x != "--"]
-    if url is None:
-        server = Server(["--model", a.model, "--retriever", a.retriever, "--max-concurrent", str(max(a.concurrency)),
-                         "--max-queue", str(4 * max(a.concurrency)), *extra])
-        url, pid = server.url, server.proc.pid
-    rows: list[dict[str, Any]] = []
-    try:
-        async def warm() -> None:
-            import aiohttp
-
-            async with aiohttp.ClientSession() as s:
-                for mode in a.modes:
-                    async with s.post(f"{url}/v1/completions", json={
-                            "model": a.model, "prompt": questions[-1], "max_tokens": a.max_tokens,
-                            "ralm": {"speculate": mode == "speculative"}}) as r:
-                        if r.status != 200:
-                            raise RuntimeError(f"warm-up failed: HTTP {r.status} {await r.text()}")
-
-        asyncio.run(warm())
-        for n in a.concurrency:
-            for mode in a.modes:
-                print(f"run: {mode} x{n} for {a.duration:.0f}s ...", file=sys.stderr, flush=True)
-                r = asyncio.run(run_one(url, a.model, questions, mode, n, a.duration, a.max_tokens, pid))
-                rows.append(r.summary())
-                print_table(rows[-1:])
-    finally:
-        if server is not None:
-            server.stop()
-    print()
-    print(f"model={a.model} retriever={a.retriever} max_tokens={a.max_tokens} duration={a.duration}s "
-          f"cpu_count={os.cpu_count()} loadavg={os.getloadavg() if hasattr(os, 'getloadavg') else '-'}")
-    print_table(rows)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if a.rounds < 1 or a.duration <= 0 or a.warmup < 0 or min(a.concurrency) < 1 or a.max_tokens < 1:
+        print("error: --rounds, --concurrency, --max-tokens must be >= 1, --duration > 0, --warmup >= 0",
+              file=sys.stderr)
+        return 2
+    questions = load_workload(a.questions, a.n_questions)
+    n_max = max(a.concurrency)
+    server_flags = ["--model", a.model, "--retriever", a.retriever, "--max-concurrent", str(n_max),
+                    "--max-queue", str(4 * n_max), *extra]
+    if a.url:
+        print("warning: --url: one server for every cell, so later cells find warm caches; NOT a fair "
+              "comparison (leave --url out for a fresh server per cell)", file=sys.stderr)
+    settings: dict[str, Any] = {
+        "command": shlex.join(["python", "experiments/load.py", *argv]),
+        "model": a.model, "retriever": a.retriever, "max_tokens": a.max_tokens,
+        "duration_s": a.duration, "warmup_s": a.warmup, "rounds": a.rounds, "concurrency": a.concurrency,
+        "modes": a.modes, "questions": a.questions, "n_questions": len(questions), "seed": a.seed,
+        "fresh_server_per_cell": a.url is None, "url": a.url,
+        "server_flags": None if a.url else server_flags, "extra_server_flags": extra,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "processor": platform.processor() or platform.machine()},
+        "loadavg_before": loadavg(), "loadavg_after": None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    cells: list[dict[str, Any]] = []
+    plan = plan_cells(a.rounds, a.concurrency, a.modes)
+    for k, (r, n, mode) in enumerate(plan):
+        print(f"[{k + 1}/{len(plan)}] round {r} {mode} x{n}: warm-up {a.warmup:g}s + {a.duration:g}s measured",
+              file=sys.stderr, flush=True)
+        try:
+            server = None if a.url else Server(server_flags)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            url = a.url or server.url
+            cell = asyncio.run(run_cell(url, a.model, question_order(questions, a.seed, r), mode, n, a.warmup,
+                                        a.duration, a.max_tokens, server.pid if server else None))
+        finally:
+            if server is not None:
+                server.stop()
+        cell = {"round": r, "position": 0 if k == 0 or plan[k - 1][:2] != (r, n) else 1, **cell,
+                "server_start_s": round(server.start_s, 2) if server else None}
+        cells.append(cell)
+        print_cells([cell], header=k == 0)
+        if a.json:
+            _write(a.json, {"settings": settings, "cells": cells})
+    settings["loadavg_after"] = loadavg()
+    settings["knowledge_base"] = cells[0]["knowledge_base"] if cells else None
+    rows = ratios(cells)
+    print(f"\nmodel={a.model} retriever={a.retriever} knowledge base: {settings['knowledge_base']}; "
+          f"max_tokens={a.max_tokens} warm-up={a.warmup:g}s measured={a.duration:g}s rounds={a.rounds} "
+          f"fresh server per cell: {a.url is None}; cpu_count={os.cpu_count()} "
+          f"loadavg before={settings['loadavg_before']} after={settings['loadavg_after']}")
+    print_cells(sorted(cells, key=lambda c: (c["clients"], c["mode"], c["round"])))
+    print_ratios(rows)
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump({"settings": {k: v for k, v in vars(a).items()}, "runs": rows}, f, indent=1)
+        _write(a.json, {"settings": settings, "cells": cells, "ratios": rows})
         print(f"wrote {a.json}", file=sys.stderr)
     return 0
 

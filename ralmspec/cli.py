@@ -59,6 +59,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "regenerated if they differ)")
 
 
+def add_emulate_pad_arg(p, where: str) -> None:
+    """``--emulate-pad N`` (bench and serve): ``where`` says where the EMULATED label shows."""
+    p.add_argument("--emulate-pad", type=int, default=0, metavar="N",
+                   help="EMULATED larger knowledge base (exact only): answers from the real index, plus "
+                        "the real cost of a flat scan over N synthetic vectors per search "
+                        f"(ralmspec/retrieval/emulated.py); {where}")
+
+
 def set_threads(n: int | None) -> None:
     """torch and FAISS threads for this process (``None``: leave the library defaults)."""
     if n is None:
@@ -203,6 +211,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from ralmspec.bench import ablation_variants, format_table, run_bench, run_closed_book
     from ralmspec.data.loaders import load_questions, resolve_questions
     from ralmspec.engine.core import build_engine
+    from ralmspec.retrieval.emulated import check_emulate_pad, emulate_larger_knowledge_base
 
     if a.n < 1:
         raise RalmSpecError("--n must be >= 1")
@@ -213,19 +222,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
     has_answers = any(answers)
     if len(questions) < a.n:
         _log(f"note: only {len(questions)} questions available")
-    if a.emulate_pad < 0 or a.threads < 0:
-        raise RalmSpecError("--emulate-pad and --threads must be >= 0")
-    if a.emulate_pad and cfg.retrieval.kind != "exact":
-        raise RalmSpecError("--emulate-pad emulates an exact flat index: use it with --retriever exact")
+    if a.threads < 0:
+        raise RalmSpecError("--threads must be >= 0")
+    check_emulate_pad(a.emulate_pad, cfg.retrieval.kind)
     set_threads(a.threads or None)
     engine = build_engine(cfg, corpus_path=a.corpus)
     label = cfg.retrieval.kind
     if a.emulate_pad:
-        from ralmspec.retrieval.emulated import PaddedCostRetriever, build_pad_index
-
-        _log(f"building the EMULATION pad: {a.emulate_pad:,} synthetic vectors ...")
-        pad = build_pad_index(a.emulate_pad, engine.retriever.encoder.dim)
-        engine.retriever = PaddedCostRetriever(engine.retriever, pad)
+        engine.retriever = emulate_larger_knowledge_base(engine.retriever, a.emulate_pad, cfg.retrieval.kind,
+                                                         log=_log)
         engine.reset_caches()
         label = f"exact EMULATED {len(engine.retriever.corpus) + a.emulate_pad:,}"
     settings = {"model": cfg.model, "lm_backend": cfg.lm_backend, "retriever": cfg.retrieval.kind,
@@ -304,10 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--ablations", action="store_true", help="none / +prefetch / +os3 / +async / all")
     be.add_argument("--guessers", default=None, metavar="LIST",
                     help="run every variant once per guesser, e.g. exact,last,refine (speculation/guess.py)")
-    be.add_argument("--emulate-pad", type=int, default=0, metavar="N",
-                    help="EMULATED larger knowledge base (exact only): answers from the real index, plus "
-                         "the real cost of a flat scan over N synthetic vectors per search "
-                         "(ralmspec/retrieval/emulated.py); the table says EMULATED")
+    add_emulate_pad_arg(be, "the table says EMULATED")
     be.add_argument("--threads", type=int, default=0,
                     help="torch and FAISS threads (0: library defaults); with asynchronous "
                          "verification on 2 cores, 1 avoids oversubscription")

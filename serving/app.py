@@ -10,6 +10,9 @@ Routes (docs/serving.md has the full reference with curl examples):
 - ``POST /v1/passages``, ``GET /v1/passages/{doc_id}``, ``GET /v1/retriever``
 - ``GET  /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/stats`` (JSON)
 
+``/v1/stats`` (``knowledge_base``) and ``/metrics`` (``ralmspec_knowledge_base_info``) name the
+knowledge base: ``real N passages``, or ``EMULATED ...`` for ``ralmspec serve --emulate-pad N``.
+
 Error contract: every error is JSON ``{"error": {"message", "type", "param", "code"}}``.
 400 bad input (naming the field), 404 unknown model / route, 413 oversized body, 429 queue full,
 503 knowledge base or language model (e.g. a Ray LM replica) unavailable, or shutting down, 504
@@ -39,6 +42,7 @@ from ralmspec.engine.scheduler import (
 )
 from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.retrieval.base import Retriever
+from ralmspec.retrieval.emulated import emulated_label, real_label
 from serving.metrics import ServerMetrics
 from serving.protocol import (
     APIError, CompletionRequest, parse_completion, parse_passages, parse_retrieve, parse_score,
@@ -467,14 +471,32 @@ async def retriever_info(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- health / metrics
 
 
+def knowledge_base_info(retriever: Retriever) -> dict[str, Any]:
+    """How this server's knowledge base is named: its own ``label`` (an EMULATED padded one), an
+    emulated label rebuilt from a remote service's kind (``exact+padN``), else the real size."""
+    n = len(retriever.corpus)
+    pad = getattr(retriever, "pad", None)
+    kind = str(retriever.kind)
+    if pad is None and "+pad" in kind and kind.rsplit("+pad", 1)[1].isdigit():
+        pad = int(kind.rsplit("+pad", 1)[1])
+    label = getattr(retriever, "label", None) or (emulated_label(n, pad) if pad else real_label(n))
+    return {"label": label, "kind": kind, "passages": n, "emulated_pad": int(pad or 0)}
+
+
 def _stats(state: ServerState) -> dict[str, Any]:
+    kb = knowledge_base_info(state.retriever)
+    out: dict[str, Any] = {"knowledge_base": kb["label"], "retriever": kb["kind"], "emulated_pad": kb["emulated_pad"]}
+    if hasattr(state.retriever, "pad_seconds"):  # a local EMULATED knowledge base: its padded scans alone
+        r = state.retriever
+        out["emulation"] = {"pad_searches": r.pad_searches, "pad_queries": r.pad_queries,
+                            "pad_seconds": r.pad_seconds}
     if state.scheduler is not None:
-        return state.scheduler.stats()
+        return {**state.scheduler.stats(), **out}
     sc = state.search_client
     if sc is None:
-        return {}
+        return out
     return {"kb_batch_queries": sc.batch_queries.summary(), "kb_batch_callers": sc.batch_callers.summary(),
-            "kb_calls": sc.calls, "kb_failures": sc.failures, "kb_busy_s": sc.busy_s}
+            "kb_calls": sc.calls, "kb_failures": sc.failures, "kb_busy_s": sc.busy_s, **out}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -497,6 +519,7 @@ async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     st = _stats(state)
     text = state.metrics.render(st if state.scheduler is not None else None,
-                                st if state.scheduler is None and st else None)
+                                st if state.scheduler is None and state.search_client is not None else None,
+                                knowledge_base=knowledge_base_info(state.retriever))
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})

@@ -6,6 +6,7 @@
     ralmspec serve --model tiny --shards 2                       # knowledge base in 2 Ray shard actors
     ralmspec serve --index idx/exact-4 --ray-address HEAD:6379   # shards on an existing Ray cluster
     ralmspec serve --model tiny --lm-replicas 2                  # the LM in 2 Ray actors (local Ray)
+    ralmspec serve --model tiny --emulate-pad 1000000            # EMULATED 1M-vector exact knowledge base
 
 Once listening it prints one line ``ralmspec: serving on http://HOST:PORT`` (the real port when
 ``--port 0``) to stdout, then serves until SIGINT / SIGTERM.
@@ -26,7 +27,7 @@ from ralmspec.errors import ConfigError
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``serve`` sub-command (called by ``ralmspec.cli.build_parser``)."""
-    from ralmspec.cli import add_engine_args
+    from ralmspec.cli import add_emulate_pad_arg, add_engine_args
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/retrieve, /metrics)")
     h = p.add_argument_group("server")
@@ -47,6 +48,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
     h.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
     h.add_argument("--access-log", action="store_true", help="log every request")
+    add_emulate_pad_arg(h, "GET /v1/stats (knowledge_base) and /metrics (ralmspec_knowledge_base_info) "
+                           "say EMULATED")
     x = p.add_argument_group("scale-out (Ray; docs/scale-out.md)")
     x.add_argument("--shards", type=int, default=None, metavar="N",
                    help="serve the knowledge base as N Ray shard actors: a sharded --index with N shards, or the "
@@ -85,6 +88,9 @@ def _build_app(a: argparse.Namespace):
                             batch_window_s=a.batch_window_ms / 1000.0)
     if a.search_concurrency < 1:
         raise ConfigError("--search-concurrency must be >= 1")
+    from ralmspec.retrieval.emulated import check_emulate_pad
+
+    check_emulate_pad(a.emulate_pad, cfg.retrieval.kind)
     t = time.perf_counter()
     if a.lm_replicas is not None and a.lm_replicas < 1:
         raise ConfigError("--lm-replicas must be >= 1")
@@ -93,6 +99,9 @@ def _build_app(a: argparse.Namespace):
     if sharded and a.retriever_url:
         raise ConfigError("--shards / --ray-address serve a sharded knowledge base here; "
                           "they cannot be combined with --retriever-url")
+    if a.emulate_pad and (sharded or a.retriever_url):
+        raise ConfigError("--emulate-pad pads a local (unsharded) index in this process; it cannot be combined "
+                          "with --retriever-url, --shards or --ray-address")
     if a.retrieval_only:
         if a.lm_replicas:
             raise ConfigError("--retrieval-only serves no LM; it cannot be combined with --lm-replicas")
@@ -103,7 +112,7 @@ def _build_app(a: argparse.Namespace):
         app = create_app(None, sched, retriever=retriever, server_config=server,
                          search_concurrency=a.search_concurrency)
         _log(f"ralmspec: {where} {retriever.kind} knowledge base of {len(retriever.corpus)} passages loaded in "
-             f"{time.perf_counter() - t:.1f}s (retrieval-only)")
+             f"{time.perf_counter() - t:.1f}s (retrieval-only){_emulated_note(retriever)}")
         return app
     from ralmspec.engine.core import RalmEngine
 
@@ -123,7 +132,7 @@ def _build_app(a: argparse.Namespace):
     engine = RalmEngine(lm, retriever, cfg)
     server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes)
     _log(f"ralmspec: model {cfg.model!r}{lm_where} + {where} {retriever.kind} knowledge base "
-         f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s")
+         f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s{_emulated_note(retriever)}")
     return create_app(engine, sched, server_config=server, search_concurrency=a.search_concurrency)
 
 
@@ -146,9 +155,16 @@ def _open_local_knowledge_base(a: argparse.Namespace, cfg: Any, sharded: bool) -
     """The knowledge base this server searches itself: one index in this process, or (with
     --shards / --ray-address) a sharded index whose shards are Ray actors."""
     if not sharded:
+        from ralmspec.retrieval.emulated import emulate_larger_knowledge_base
         from ralmspec.retrieval.index import open_retriever
 
-        return open_retriever(cfg.retrieval, corpus_path=a.corpus, show_progress=True), "local"
+        retriever = open_retriever(cfg.retrieval, corpus_path=a.corpus, show_progress=True)
+        try:
+            retriever = emulate_larger_knowledge_base(retriever, a.emulate_pad, cfg.retrieval.kind, log=_log)
+        except BaseException:
+            retriever.close()
+            raise
+        return retriever, "local"
     if a.shards is not None and a.shards < 1:
         raise ConfigError("--shards must be >= 1")
     from ralmspec.retrieval.ray_shards import RayShardConfig, open_ray_knowledge_base
@@ -157,6 +173,11 @@ def _open_local_knowledge_base(a: argparse.Namespace, cfg: Any, sharded: bool) -
                              actor_cpus=a.shard_cpus, call_timeout_s=a.retrieval_timeout)
     retriever = open_ray_knowledge_base(cfg.retrieval, a.shards, ray_cfg, corpus_path=a.corpus)
     return retriever, f"{retriever.n_shards}-shard Ray ({'joined ' + a.ray_address if a.ray_address else 'local'})"
+
+
+def _emulated_note(retriever: Any) -> str:
+    label = getattr(retriever, "label", None)
+    return f"; knowledge base {label}" if label else ""
 
 
 def _log(msg: str) -> None:

@@ -115,6 +115,12 @@ def gauge(name: str, help_: str, value: float | None) -> list[str]:
     return [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {_num(float('nan') if value is None else value)}"]
 
 
+def info(name: str, help_: str, labels: Mapping[str, Any]) -> list[str]:
+    """An info metric: constant 1, the facts in its labels (Prometheus convention ``*_info``)."""
+    key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+    return [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name}{_labels(key)} 1"]
+
+
 def process_rss_bytes(pid: int | None = None) -> int | None:
     """Resident set size from /proc/<pid>/status (Linux); None where unavailable."""
     try:
@@ -171,9 +177,14 @@ class ServerMetrics:
                     self.request_verify_batch.observe(b)
 
     def render(self, scheduler_stats: Mapping[str, Any] | None = None,
-               search_stats: Mapping[str, Any] | None = None) -> str:
+               search_stats: Mapping[str, Any] | None = None,
+               knowledge_base: Mapping[str, Any] | None = None) -> str:
         with self._lock:
             lines: list[str] = []
+            if knowledge_base:
+                lines += info("ralmspec_knowledge_base_info",
+                              "The knowledge base served: label (EMULATED for --emulate-pad), kind, real passages, "
+                              "synthetic pad vectors.", knowledge_base)
             for m in (self.requests, self.latency, self.ttft, self.prompt_tokens, self.completion_tokens,
                       self.speculated, self.accepted, self.rollbacks, self.rounds, self.request_verify_batch,
                       self.retrieve_queries):

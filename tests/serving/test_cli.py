@@ -32,6 +32,9 @@ def _dead_port() -> int:
     (["--retriever", "faiss-magic"], "unknown retriever"),
     (["--retriever-url", "ftp://nowhere"], "http://host:port"),
     (["--retriever-url", "DEAD"], "unreachable"),
+    (["--emulate-pad", "-1"], "--emulate-pad must be >= 0"),
+    (["--retriever", "bm25", "--emulate-pad", "100"], "--retriever exact"),
+    (["--emulate-pad", "100", "--retriever-url", "http://127.0.0.1:9"], "cannot be combined"),
 ])
 def test_bad_serve_settings_exit_2(capsys, argv, msg):
     argv = [x.replace("DEAD", f"http://127.0.0.1:{_dead_port()}") for x in argv]

@@ -54,6 +54,10 @@ def test_metrics_prometheus_text(server):
     assert _metric(text, "ralmspec_kb_batch_queries_count") >= 2
     assert _metric(text, "ralmspec_lm_batch_size_count") >= 2
     assert _metric(text, "ralmspec_process_resident_memory_bytes") > 1e6
+    kb = f"real {SMALL_CORPUS_SIZE:,} passages"  # the knowledge base is named (EMULATED with --emulate-pad)
+    assert _metric(text, "ralmspec_knowledge_base_info", emulated_pad="0", kind="exact", label=kb,
+                   passages=str(SMALL_CORPUS_SIZE)) == 1
+    assert request("GET", f"{server.url}/v1/stats")[1]["knowledge_base"] == kb
     # format sanity: every sample line is `name{labels} value`, every family has HELP and TYPE
     for line in text.splitlines():
         assert line.startswith("# ") or re.match(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? \S+$', line), line

@@ -1,0 +1,49 @@
+"""experiments/load.py: the fair load test's plan (fresh server per cell, modes alternating) and
+a short end-to-end run with --json (tiny model, one client, one round)."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import load
+
+CELL_FIELDS = ("round", "mode", "clients", "req_per_s", "tok_per_s", "p50_s", "p95_s", "p99_s", "errors",
+               "rss_start_mib", "rss_end_mib", "queries_per_search", "requests_per_search", "acceptance")
+
+
+def test_plan_alternates_which_mode_goes_first():
+    plan = load.plan_cells(2, [1, 8], ["naive", "speculative"])
+    assert plan == [(0, 1, "naive"), (0, 1, "speculative"), (0, 8, "speculative"), (0, 8, "naive"),
+                    (1, 1, "speculative"), (1, 1, "naive"), (1, 8, "naive"), (1, 8, "speculative")]
+    qs = [f"q{i}" for i in range(20)]
+    assert load.question_order(qs, 0, 1) == load.question_order(qs, 0, 1) != load.question_order(qs, 0, 0)
+    assert sorted(load.question_order(qs, 3, 0)) == sorted(qs)
+
+
+def test_load_json_schema(tmp_path, capsys):
+    out = tmp_path / "load.json"
+    rc = load.main(["--model", "tiny", "--concurrency", "1", "--rounds", "1", "--duration", "2.5",
+                    "--warmup", "0.5", "--max-tokens", "8", "--json", str(out), "--", "--stride", "2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "speculative / naive" in printed
+    doc = json.loads(out.read_text())
+    s = doc["settings"]
+    for key in ("command", "model", "retriever", "max_tokens", "duration_s", "warmup_s", "rounds", "server_flags",
+                "machine", "loadavg_before", "loadavg_after", "knowledge_base"):
+        assert key in s, key
+    assert s["model"] == "tiny" and s["fresh_server_per_cell"] and s["extra_server_flags"] == ["--stride", "2"]
+    assert s["server_flags"][-2:] == ["--stride", "2"] and s["machine"]["cpu_count"] >= 1
+    assert s["knowledge_base"].startswith("real ")
+    cells = doc["cells"]
+    assert sorted(c["mode"] for c in cells) == ["naive", "speculative"]
+    for c in cells:
+        for key in CELL_FIELDS:
+            assert key in c, key
+        assert c["clients"] == 1 and c["round"] == 0 and c["errors"] == 0
+        assert c["requests"] >= 1 and c["req_per_s"] > 0 and c["tok_per_s"] > 0 and c["p50_s"] > 0
+        assert c["rss_start_mib"] > 0 and c["rss_end_mib"] > 0
+        assert c["queries_per_search"] >= 1 and c["requests_per_search"] >= 1
+    naive = next(c for c in cells if c["mode"] == "naive")
+    assert naive["acceptance"] is None and naive["speculated"] == 0
+    assert doc["ratios"][0]["clients"] == 1 and doc["ratios"][0]["req_per_s_ratio"] > 0
