@@ -99,3 +99,31 @@ def ray_cluster():
     assert cluster.owned, "another Ray connection is open in this test process"
     yield cluster
     cluster.close()
+
+
+@pytest.fixture
+def kill_during():
+    """``kill_during(call, pid, after_s)``: run ``call()`` in a thread, SIGKILL process ``pid``
+    ``after_s`` seconds later (a Ray actor, mid-call), wait for the call, and return
+    ``{"result": value}`` or ``{"error": exception}``."""
+    import signal
+    import threading
+    import time
+
+    def run(call, pid: int, after_s: float = 0.4, timeout_s: float = 60.0) -> dict:
+        out: dict = {}
+
+        def target() -> None:
+            try:
+                out["result"] = call()
+            except Exception as exc:  # noqa: BLE001 - handed to the test
+                out["error"] = exc
+
+        t = threading.Thread(target=target)
+        t.start()
+        time.sleep(after_s)
+        os.kill(pid, signal.SIGKILL)
+        t.join(timeout_s)
+        return out
+
+    return run

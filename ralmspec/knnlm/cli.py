@@ -5,25 +5,34 @@ leaf parser sets ``func`` (``args.func(args) -> int`` exit code). ``python -m ra
 runs the same commands stand-alone.
 
 - ``build``: ``--model`` (default "smollm2"), ``--corpus PATH`` (default: the embedded WikiText-103
-  passages), ``--out DIR``, ``--index {flat,ivf,hnsw}``, ``--max-tokens N``.
+  passages), ``--out DIR``, ``--index {flat,ivf,hnsw}``, ``--max-tokens N``; ``--shards N`` builds
+  the whole datastore aside and splits it into N entry-id shards (``--from-datastore DIR`` splits
+  an existing one instead).
 - ``generate "prompt" --datastore DIR [--no-speculate]``: prints the continuation (``--json``
   for the full result with timings and speculation stats).
 - ``bench --datastore DIR --n N --json OUT``: naive vs speculative on the same prompts; checks
   token identity (exit code 1 if any prompt differs), reports speed-up, the limit (a+r)/a from
   the naive trace, and the acceptance rate.
+
+``generate`` and ``bench`` open a sharded ``--datastore`` in this process, or, with ``--shards N``
+(or ``--ray-address``), with one Ray actor per shard (``--ray-cpus``, ``--shard-threads``,
+``--shard-cpus`` as for ``ralmspec serve``); the tokens are the same either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ralmspec.cli import set_threads as _set_threads
 from ralmspec.errors import ConfigError, RalmSpecError
@@ -63,17 +72,58 @@ def _speculative_config(args: argparse.Namespace):
                                 gamma_max=args.gamma_max, strict=args.strict, async_verify=args.async_verify)
 
 
-def _open(args: argparse.Namespace):
-    """(KNNLM, datastore) from --datastore and the decoding options."""
+def _add_shard_options(p: argparse.ArgumentParser) -> None:
+    x = p.add_argument_group("scale-out (Ray; docs/scale-out.md)")
+    x.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="search a sharded --datastore (N shards, `knnlm build --shards N`) with one Ray actor "
+                        "per shard; without it a sharded datastore is searched in this process")
+    x.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (`ray start --head` prints it) instead of starting a local one")
+    x.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray cluster started by --shards")
+    x.add_argument("--shard-threads", type=int, default=1, help="FAISS / torch threads in each shard actor")
+    x.add_argument("--shard-cpus", type=float, default=0.0,
+                   help="CPUs Ray reserves per shard actor (placement only; 0: any number per host)")
+
+
+def _check_shards(shards: int | None) -> None:
+    if shards is not None and shards < 1:
+        raise ConfigError(f"--shards must be >= 1, got {shards}")
+
+
+def _open_datastore(args: argparse.Namespace):
+    """The datastore of --datastore: whole, sharded in this process, or sharded on Ray (--shards /
+    --ray-address)."""
     from ralmspec.knnlm.datastore import load_datastore
+    from ralmspec.knnlm.sharded import is_sharded_datastore, open_ray_sharded_datastore, open_sharded_datastore
+
+    search = dict(nprobe=args.nprobe, ef_search=args.ef_search, gemm_min_batch=args.gemm_min_batch)
+    _check_shards(args.shards)
+    if args.shards is not None or args.ray_address:
+        from ralmspec.retrieval.ray_shards import RayShardConfig
+
+        ray_cfg = RayShardConfig(address=args.ray_address, num_cpus=args.ray_cpus, threads=args.shard_threads,
+                                 actor_cpus=args.shard_cpus)
+        return open_ray_sharded_datastore(args.datastore, ray_cfg, shards=args.shards, **search)
+    if is_sharded_datastore(args.datastore):
+        return open_sharded_datastore(args.datastore, **search)
+    return load_datastore(args.datastore, **search)
+
+
+@contextlib.contextmanager
+def _open(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
+    """(KNNLM, datastore) from --datastore and the decoding options; a sharded datastore's shards
+    (Ray actors, a local Ray cluster) are released on exit."""
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
     from ralmspec.lm.models import load_lm
 
-    ds = load_datastore(args.datastore, nprobe=args.nprobe, ef_search=args.ef_search,
-                        gemm_min_batch=args.gemm_min_batch)
-    lm = load_lm(args.model or ds.model_name, device=args.device)
-    cfg = KNNLMConfig(k=args.k, lam=args.lam, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    return KNNLM(lm, ds, cfg), ds
+    ds = _open_datastore(args)
+    try:
+        lm = load_lm(args.model or ds.model_name, device=args.device)
+        cfg = KNNLMConfig(k=args.k, lam=args.lam, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+        yield KNNLM(lm, ds, cfg), ds
+    finally:
+        if hasattr(ds, "close"):
+            ds.close()
 
 
 # ------------------------------------------------------------------ build
@@ -84,6 +134,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     from ralmspec.lm.models import load_lm
 
     _set_threads(args.threads)
+    _check_shards(args.shards)
+    if args.from_datastore:  # split an existing whole datastore (knnlm/sharded.py)
+        if args.shards is None:
+            raise ConfigError("--from-datastore splits an existing datastore into shards: give --shards N")
+        return _split(args.from_datastore, args, time.perf_counter())
     cfg = DatastoreBuildConfig(index=args.index, key_dtype=args.key_dtype, max_tokens=args.max_tokens,
                                window=args.window, stride=args.context_stride, batch_size=args.batch_size,
                                ivf_nlist=args.nlist, ivf_nprobe=args.nprobe, pq_m=args.pq_m, hnsw_m=args.hnsw_m,
@@ -98,10 +153,35 @@ def cmd_build(args: argparse.Namespace) -> int:
         corpus = default_corpus()
     lm = load_lm(args.model, device=args.device)
     t0 = time.perf_counter()
+    if args.shards is not None:  # build whole (aside), then split
+        whole = Path(tempfile.mkdtemp(prefix=f".{Path(args.out).name}.whole-", dir=_parent(args.out)))
+        try:
+            build_datastore(lm, corpus, whole, cfg, model_name=args.model, overwrite=True, progress=not args.quiet)
+            return _split(whole, args, t0)
+        finally:
+            shutil.rmtree(whole, ignore_errors=True)
     ds = build_datastore(lm, corpus, args.out, cfg, model_name=args.model, overwrite=args.overwrite,
                          progress=not args.quiet)
     info = ds.describe() | {"build": ds.manifest["build"], "wall_s": round(time.perf_counter() - t0, 3)}
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _parent(out: str) -> str:
+    parent = Path(out).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return str(parent)
+
+
+def _split(src: str | os.PathLike, args: argparse.Namespace, t0: float) -> int:
+    """``knnlm build --shards N``: split the whole datastore at ``src`` into ``args.out``; print a summary."""
+    from ralmspec.knnlm.sharded import shard_datastore
+
+    out = shard_datastore(src, args.out, args.shards, overwrite=args.overwrite)
+    m = json.loads((out / "manifest.json").read_text())
+    print(json.dumps({"path": str(out), "entries": m["count"], "dim": m["dim"], "index": m["index"]["kind"],
+                      "model": m["model"], "shards": m["shards"], "wall_s": round(time.perf_counter() - t0, 3)},
+                     indent=2))
     return 0
 
 
@@ -126,11 +206,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ralmspec.knnlm.speculative import SpeculativeKNNLM
 
     _set_threads(args.threads)
-    knn, _ = _open(args)
-    if args.no_speculate:
-        res = knn.generate(args.prompt)
-    else:
-        res = SpeculativeKNNLM(knn, _speculative_config(args)).generate(args.prompt)
+    with _open(args) as (knn, _):
+        if args.no_speculate:
+            res = knn.generate(args.prompt)
+        else:
+            res = SpeculativeKNNLM(knn, _speculative_config(args)).generate(args.prompt)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
@@ -265,16 +345,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     _set_threads(args.threads)
-    knn, ds = _open(args)
     spec_cfg = _speculative_config(args)
-    prompts = bench_prompts(knn.lm, args.prompts, args.n, args.prompt_tokens)
-    load0 = machine_info().get("loadavg_1m")
-    t0 = time.perf_counter()
-    result = run_bench(knn, spec_cfg, prompts, warmup=args.warmup)
-    result["settings"] = {"datastore": ds.describe(), "knnlm": asdict(knn.config), "speculation": asdict(spec_cfg),
-                          "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
-                          "machine": machine_info() | {"loadavg_1m_before": load0},
-                          "bench_wall_s": time.perf_counter() - t0}
+    with _open(args) as (knn, ds):
+        prompts = bench_prompts(knn.lm, args.prompts, args.n, args.prompt_tokens)
+        load0 = machine_info().get("loadavg_1m")
+        t0 = time.perf_counter()
+        result = run_bench(knn, spec_cfg, prompts, warmup=args.warmup)
+        result["settings"] = {"datastore": ds.describe(), "knnlm": asdict(knn.config),
+                              "speculation": asdict(spec_cfg), "prompts": args.prompts,
+                              "prompt_tokens": args.prompt_tokens,
+                              "machine": machine_info() | {"loadavg_1m_before": load0},
+                              "bench_wall_s": time.perf_counter() - t0}
     s = result["summary"]
     print(f"{s['prompts']} prompts, {s['new_tokens']} tokens | identical: {s['all_identical']} | "
           f"speed-up {s['speedup']:.2f}x (median {s['median_speedup']:.2f}x) | limit (a+r)/a {s['limit']:.2f}x | "
@@ -319,6 +400,11 @@ def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--device", default="cpu")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="split the datastore into N contiguous entry-id shards (for --shards N of generate / "
+                        "bench, Ray); a flat datastore's shards answer exactly as the whole one (docs/scale-out.md)")
+    b.add_argument("--from-datastore", default=None, metavar="DIR",
+                   help="with --shards: split this existing (whole) datastore instead of building one")
     b.set_defaults(func=cmd_build)
 
     r = sub.add_parser("reindex", help="same entries (keys reused; optionally a prefix), another index")
@@ -340,6 +426,7 @@ def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--no-speculate", action="store_true", help="naive kNN-LM (one search per token)")
     g.add_argument("--json", action="store_true", help="print the full result as JSON")
     _add_decoding_options(g)
+    _add_shard_options(g)
     g.set_defaults(func=cmd_generate)
 
     n = sub.add_parser("bench", help="naive vs speculative kNN-LM on the same prompts")
@@ -350,6 +437,7 @@ def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
     n.add_argument("--prompt-tokens", type=int, default=32, help="prompt length cap in tokens (default 32)")
     n.add_argument("--warmup", type=int, default=1)
     _add_decoding_options(n)
+    _add_shard_options(n)
     n.set_defaults(func=cmd_bench)
     return p
 

@@ -91,6 +91,21 @@ def squared_l2(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", diff, diff)
 
 
+def check_queries(queries: np.ndarray, k: int, dim: int, n: int) -> tuple[np.ndarray, int]:
+    """The queries of a search as float32 C-contiguous ``[b, dim]`` (one vector: ``[1, dim]``) and
+    ``k`` clamped to the ``n`` entries; ConfigError for a bad shape, ``k`` or non-finite value."""
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ConfigError(f"queries must have shape [n, {dim}], got {tuple(np.shape(queries))}")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    if not np.all(np.isfinite(q)):
+        raise ConfigError("queries contain NaN or infinite values")
+    return np.ascontiguousarray(q), min(int(k), n)
+
+
 def rank_entries(ids: np.ndarray, dists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of ``(id, distance)`` pairs by (distance asc, id asc). Ids must be unique."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -197,7 +212,50 @@ def hidden_size(model: Any) -> int:
     return int(head.weight.shape[1])
 
 
-class Datastore:
+class DatastoreLayout:
+    """What a datastore knows besides its keys and index, whole or sharded
+    (``ralmspec.knnlm.sharded``): manifest, values (entry -> next token), document boundaries,
+    search parameters, and the lookups that follow from them (``doc_end``, ``successors``)."""
+
+    def __init__(self, path: Path, manifest: dict, values: np.ndarray, doc_offsets: np.ndarray,
+                 params: SearchParams):
+        self.path = path
+        self.manifest = manifest
+        self.values = values
+        self.doc_offsets = doc_offsets
+        self.params = params
+        self.n = int(values.shape[0])
+        self.dim = int(manifest["dim"])
+        self.index_kind: str = manifest["index"]["kind"]
+        self.model_name: str = manifest["model"]
+
+    def doc_end(self, ids: np.ndarray) -> np.ndarray:
+        """Exclusive end entry id of each entry's document."""
+        d = np.searchsorted(self.doc_offsets, ids, side="right")
+        return self.doc_offsets[d]
+
+    def successors(self, ids: np.ndarray | Sequence[int], m: int) -> np.ndarray:
+        """Entries ``i+1 .. i+m`` of every ``i`` in ``ids``, within its document (unordered-unique
+        preserving first appearance)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0 or m <= 0:
+            return np.zeros(0, dtype=np.int64)
+        cand = ids[:, None] + np.arange(1, m + 1, dtype=np.int64)[None, :]
+        ok = cand < self.doc_end(ids)[:, None]
+        flat = cand[ok]
+        _, first = np.unique(flat, return_index=True)
+        return flat[np.sort(first)]
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "entries": self.n, "dim": self.dim, "index": self.index_kind,
+                "model": self.model_name, "documents": int(self.doc_offsets.size - 1),
+                "search": asdict(self.params), "disk_bytes": self.disk_bytes()}
+
+
+class Datastore(DatastoreLayout):
     """A loaded datastore: memory-mapped keys, values, document boundaries and a FAISS index.
 
     Thread safety: ``search`` may run concurrently with any read-only method (FAISS searches
@@ -206,17 +264,10 @@ class Datastore:
 
     def __init__(self, path: Path, manifest: dict, keys: np.ndarray, values: np.ndarray,
                  doc_offsets: np.ndarray, index: Any, params: SearchParams):
-        self.path = path
-        self.manifest = manifest
+        super().__init__(path, manifest, values, doc_offsets, params)
         self.keys = keys
-        self.values = values
-        self.doc_offsets = doc_offsets
         self.index = index
-        self.params = params
-        self.n = int(values.shape[0])
         self.dim = int(keys.shape[1])
-        self.index_kind: str = manifest["index"]["kind"]
-        self.model_name: str = manifest["model"]
         self.widened_searches = 0  # flat searches whose candidate list had to be enlarged
         self._max_norm2: float | None = None
         self._xb: Any = None  # flat: torch view of the index's float32 vectors (GEMM path)
@@ -237,23 +288,6 @@ class Datastore:
     def distances(self, query: np.ndarray, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Canonical float64 squared L2 distances of ``ids`` to ``query`` (same as ``search``)."""
         return squared_l2(query, self.key_vectors(ids))
-
-    def doc_end(self, ids: np.ndarray) -> np.ndarray:
-        """Exclusive end entry id of each entry's document."""
-        d = np.searchsorted(self.doc_offsets, ids, side="right")
-        return self.doc_offsets[d]
-
-    def successors(self, ids: np.ndarray | Sequence[int], m: int) -> np.ndarray:
-        """Entries ``i+1 .. i+m`` of every ``i`` in ``ids``, within its document (unordered-unique
-        preserving first appearance)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0 or m <= 0:
-            return np.zeros(0, dtype=np.int64)
-        cand = ids[:, None] + np.arange(1, m + 1, dtype=np.int64)[None, :]
-        ok = cand < self.doc_end(ids)[:, None]
-        flat = cand[ok]
-        _, first = np.unique(flat, return_index=True)
-        return flat[np.sort(first)]
 
     # ---------------------------------------------------------------- search
 
@@ -291,17 +325,7 @@ class Datastore:
 
         ``k`` is clamped to the number of entries. Deterministic and batch-invariant.
         """
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ConfigError(f"queries must have shape [n, {self.dim}], got {tuple(np.shape(queries))}")
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
-        if not np.all(np.isfinite(q)):
-            raise ConfigError("queries contain NaN or infinite values")
-        k = min(int(k), self.n)
-        q = np.ascontiguousarray(q)
+        q, k = check_queries(queries, k, self.dim, self.n)
         out_ids = np.empty((q.shape[0], k), dtype=np.int64)
         out_d = np.empty((q.shape[0], k), dtype=np.float64)
         kc = min(self.n, k + self.params.rescore_margin)
@@ -355,15 +379,6 @@ class Datastore:
                               f"k={k}; raise nprobe / ef_search")
         return top_i, top_d
 
-    # ---------------------------------------------------------------- info
-
-    def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
-
-    def describe(self) -> dict:
-        return {"path": str(self.path), "entries": self.n, "dim": self.dim, "index": self.index_kind,
-                "model": self.model_name, "documents": int(self.doc_offsets.size - 1),
-                "search": asdict(self.params), "disk_bytes": self.disk_bytes()}
 
 
 # -------------------------------------------------------------------- build
@@ -606,18 +621,39 @@ def reindex_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, config
 _REQUIRED = ("manifest.json", "keys.npy", "values.npy", "doc_offsets.npy")
 
 
+def search_params(manifest: dict, *, nprobe: int | None = None, ef_search: int | None = None,
+                  rescore_margin: int | None = None, gemm_min_batch: int | None = None) -> SearchParams:
+    """The manifest's search parameters with the given overrides (ConfigError if invalid)."""
+    s = manifest.get("search", {})
+    params = SearchParams(rescore_margin=int(s.get("rescore_margin", 32) if rescore_margin is None else rescore_margin),
+                          nprobe=int(s.get("nprobe", 16) if nprobe is None else nprobe),
+                          ef_search=int(s.get("ef_search", 64) if ef_search is None else ef_search),
+                          gemm_min_batch=int(s.get("gemm_min_batch", 2) if gemm_min_batch is None else gemm_min_batch))
+    if params.rescore_margin < 0 or params.nprobe < 1 or params.ef_search < 1 or params.gemm_min_batch < 0:
+        raise ConfigError(f"invalid search parameters {params}")
+    return params
+
+
 def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_search: int | None = None,
-                   rescore_margin: int | None = None, gemm_min_batch: int | None = None) -> Datastore:
+                   rescore_margin: int | None = None, gemm_min_batch: int | None = None,
+                   with_index: bool = True) -> Datastore:
     """Open a datastore folder written by :func:`build_datastore`.
 
     Raises ``IndexNotFoundError`` when the folder or one of its files is missing, and
     ``ConfigError`` when the manifest is unreadable, of another format version, or inconsistent
-    with the arrays.
+    with the arrays, or when the folder is a sharded datastore (``ralmspec.knnlm.sharded``).
+    ``with_index=False`` opens the entries only (no FAISS index: ``search`` is unavailable).
     """
     p = Path(path)
     if not p.is_dir():
         raise IndexNotFoundError(f"kNN-LM datastore {str(p)!r} not found; build one with "
                                  "`ralmspec knnlm build --out DIR`")
+    if not (p / "keys.npy").exists():
+        from ralmspec.knnlm.sharded import is_sharded_datastore
+
+        if is_sharded_datastore(p):
+            raise ConfigError(f"{str(p)!r} is a sharded kNN-LM datastore; open it with "
+                              "ralmspec.knnlm.sharded.open_sharded_datastore (CLI: --shards N for Ray shards)")
     missing = [f for f in _REQUIRED if not (p / f).is_file()]
     if missing:
         raise IndexNotFoundError(f"kNN-LM datastore {str(p)!r} is incomplete (missing {', '.join(missing)}); "
@@ -641,13 +677,10 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
             or doc_offsets[0] != 0 or doc_offsets[-1] != n:
         raise ConfigError(f"datastore {str(p)!r} is inconsistent: keys {keys.shape}, values {values.shape}, "
                           f"manifest count {n}, dim {manifest.get('dim')}; rebuild it")
-    s = manifest.get("search", {})
-    params = SearchParams(rescore_margin=int(s.get("rescore_margin", 32) if rescore_margin is None else rescore_margin),
-                          nprobe=int(s.get("nprobe", 16) if nprobe is None else nprobe),
-                          ef_search=int(s.get("ef_search", 64) if ef_search is None else ef_search),
-                          gemm_min_batch=int(s.get("gemm_min_batch", 2) if gemm_min_batch is None else gemm_min_batch))
-    if params.rescore_margin < 0 or params.nprobe < 1 or params.ef_search < 1 or params.gemm_min_batch < 0:
-        raise ConfigError(f"invalid search parameters {params}")
+    params = search_params(manifest, nprobe=nprobe, ef_search=ef_search, rescore_margin=rescore_margin,
+                           gemm_min_batch=gemm_min_batch)
+    if not with_index:
+        return Datastore(p, manifest, keys, values, doc_offsets, None, params)
     import faiss
 
     if kind == "flat":
@@ -667,7 +700,7 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
     return Datastore(p, manifest, keys, values, doc_offsets, index, params)
 
 
-__all__ = ["Datastore", "DatastoreBuildConfig", "SearchParams", "build_datastore", "load_datastore",
-           "reindex_datastore",
+__all__ = ["Datastore", "DatastoreLayout", "DatastoreBuildConfig", "SearchParams", "build_datastore", "load_datastore",
+           "reindex_datastore", "check_queries", "search_params",
            "corpus_documents", "squared_l2", "rank_entries", "hidden_size", "KEY_LAYER", "INDEX_KINDS",
            "FAISS_CHUNK"]

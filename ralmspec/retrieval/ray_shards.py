@@ -145,9 +145,7 @@ class ShardActor:
 
     def __init__(self, shard_dir: str, config: RetrievalConfig, threads: int, latency_s: float = 0.0,
                  pad: int = 0, pad_seed: int = 0):
-        self.threads = threads if config.kind != "bm25" else 0
-        if self.threads:
-            _set_threads(threads)
+        self._setup(threads if config.kind != "bm25" else 0, latency_s)
         from ralmspec.retrieval.shard_index import load_shard
 
         self.shard = load_shard(shard_dir, config)
@@ -158,6 +156,13 @@ class ShardActor:
                 raise ConfigError("an EMULATED pad is a flat scan of vectors: dense shards only")
             self.shard = PaddedShard(self.shard, build_pad_index(pad, self.shard.dim, seed=pad_seed),
                                      config.rescore_margin)
+
+    def _setup(self, threads: int, latency_s: float) -> None:
+        """Threads of this actor's searches (0: leave the libraries' defaults) and the EMULATED
+        extra latency of each search. Shared with the kNN-LM datastore shard actor."""
+        self.threads = threads
+        if threads:
+            _set_threads(threads)
         self.latency_s = latency_s
 
     def info(self) -> dict[str, Any]:
@@ -249,13 +254,19 @@ def wait_restarted(ray: Any, actors: Sequence[Any], which: Sequence[int], restar
         with lock:
             restarting.discard(i)
 
-class RayShards:
-    """``ShardBackend`` over one Ray actor per shard (module doc). ``close()`` kills the actors and
-    disconnects from Ray if ``cluster`` started the connection."""
+class RayShardGroup:
+    """One Ray actor per contiguous id range: start them, call them, and turn every Ray failure into
+    ``RetrievalError`` naming the shard (module doc). The mechanism shared by the knowledge-base
+    shards (``RayShards``) and the kNN-LM datastore shards (``knnlm.sharded.RayDatastoreShards``).
+    ``close()`` kills the actors and disconnects from Ray if ``cluster`` started the connection."""
 
-    def __init__(self, shard_dirs: Sequence[str], ranges: Sequence[ShardRange], config: RetrievalConfig,
-                 ray_config: RayShardConfig, cluster: RayCluster):
-        if len(shard_dirs) != len(ranges) or not ranges:
+    what = "knowledge-base shard"  # how errors name one actor
+
+    def _start(self, actor_cls: type, actor_args: Sequence[tuple], ranges: Sequence[ShardRange],
+               ray_config: RayShardConfig, cluster: RayCluster) -> None:
+        """Start ``actor_cls(*actor_args[i])`` for shard ``i``; wait until every one has loaded and
+        holds the range it should (its ``info()`` reports ``start`` / ``stop``)."""
+        if len(actor_args) != len(ranges) or not ranges:
             raise ConfigError("one shard folder per shard range is needed")
         ray = cluster.ray
         self.ray = ray
@@ -267,12 +278,8 @@ class RayShards:
                                     scheduling_strategy="SPREAD")
         self._lock = threading.Lock()
         self._restarting: set[int] = set()  # shards whose actor was seen dead (Ray restarts it)
-        remote_cls = ray.remote(ShardActor)
-        pads = [ray_config.emulate_pad // len(ranges) + (1 if i < ray_config.emulate_pad % len(ranges) else 0)
-                for i in range(len(ranges))]
-        self.actors = [remote_cls.options(**opts).remote(d, config, ray_config.threads, ray_config.emulated_latency_s,
-                                                         pads[i], i)
-                       for i, d in enumerate(shard_dirs)]
+        remote_cls = ray.remote(actor_cls)
+        self.actors = [remote_cls.options(**opts).remote(*args) for args in actor_args]
         try:
             infos = self._get([a.info.remote() for a in self.actors], range(len(self.actors)), "start",
                               ray_config.start_timeout_s)
@@ -282,8 +289,8 @@ class RayShards:
         for i, (info, r) in enumerate(zip(infos, self.ranges)):
             if (info["start"], info["stop"]) != (r.start, r.stop):
                 self.close()
-                raise ConfigError(f"shard {i} holds docs [{info['start']}, {info['stop']}) but the manifest says "
-                                  f"[{r.start}, {r.stop}); re-shard the index")
+                raise ConfigError(f"shard {i} holds ids [{info['start']}, {info['stop']}) but the manifest says "
+                                  f"[{r.start}, {r.stop}); re-shard it")
         self.infos = infos
 
     def _get(self, refs: list[Any], shards: Sequence[int], what: str, timeout_s: float | None = None) -> list[Any]:
@@ -294,29 +301,29 @@ class RayShards:
         """
         return get_results(self.ray, refs, shards, what,
                            timeout_s if timeout_s is not None else self.config.call_timeout_s,
-                           self._restarting, self._lock, RetrievalError, "knowledge-base shard")
+                           self._restarting, self._lock, RetrievalError, self.what)
 
     def _wait_restarted(self, shards: Sequence[int]) -> None:
         """Wait for the shards last seen dead to be answering again (RetrievalError past the call timeout)."""
         wait_restarted(self.ray, self.actors, shards, self._restarting, self._lock,
-                       self.config.call_timeout_s, RetrievalError, "knowledge-base shard")
+                       self.config.call_timeout_s, RetrievalError, self.what)
 
-    def search(self, payloads: Any, k: int) -> list[list[list[Hit]]]:
+    def _fan_out(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every shard at once; the answers in shard order (all or an error)."""
         everyone = range(len(self.actors))
         self._wait_restarted(everyone)
-        # payloads are small (b x 384 float32, or token lists): Ray inlines them in each task
-        return self._get([a.search.remote(payloads, k) for a in self.actors], everyone, "search")
+        # payloads are small (query vectors, token lists): Ray inlines them in each task
+        return self._get([getattr(a, method).remote(*args) for a in self.actors], everyone, method)
 
-    def score(self, calls: Sequence[tuple[int, Any, np.ndarray]]) -> list[np.ndarray]:
-        shards = [s for s, _p, _ids in calls]
+    def _routed(self, method: str, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """For each ``(shard, *args)`` of ``calls``, ``method(*args)`` on that shard, all at once."""
+        shards = [c[0] for c in calls]
         self._wait_restarted(shards)
-        return self._get([self.actors[s].score.remote(payload, ids) for s, payload, ids in calls], shards, "score")
+        return self._get([getattr(self.actors[c[0]], method).remote(*c[1:]) for c in calls], shards, method)
 
     def pids(self) -> list[int]:
         """Process id of every shard actor now (for fault tests and diagnostics)."""
-        everyone = range(len(self.actors))
-        self._wait_restarted(everyone)
-        return [info["pid"] for info in self._get([a.info.remote() for a in self.actors], everyone, "info")]
+        return [info["pid"] for info in self._fan_out("info")]
 
     def close(self) -> None:
         for a in getattr(self, "actors", []):
@@ -326,6 +333,23 @@ class RayShards:
                 pass
         self.actors = []
         self.cluster.close()
+
+
+class RayShards(RayShardGroup):
+    """``ShardBackend`` over one Ray actor per knowledge-base shard (module doc)."""
+
+    def __init__(self, shard_dirs: Sequence[str], ranges: Sequence[ShardRange], config: RetrievalConfig,
+                 ray_config: RayShardConfig, cluster: RayCluster):
+        n = len(shard_dirs)
+        pads = [ray_config.emulate_pad // n + (1 if i < ray_config.emulate_pad % n else 0) for i in range(n)]
+        self._start(ShardActor, [(d, config, ray_config.threads, ray_config.emulated_latency_s, pads[i], i)
+                                 for i, d in enumerate(shard_dirs)], ranges, ray_config, cluster)
+
+    def search(self, payloads: Any, k: int) -> list[list[list[Hit]]]:
+        return self._fan_out("search", payloads, k)
+
+    def score(self, calls: Sequence[tuple[int, Any, np.ndarray]]) -> list[np.ndarray]:
+        return self._routed("score", calls)
 
 
 def open_ray_sharded(index_dir: str, config: RetrievalConfig, ray_config: RayShardConfig | None = None,

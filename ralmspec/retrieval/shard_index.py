@@ -82,6 +82,22 @@ def shard_ranges(manifest: dict[str, Any]) -> tuple[ShardRange, ...]:
 # --------------------------------------------------------------------------- split
 
 
+def ivf_list_of_ids(ivf: Any, where: str) -> np.ndarray:
+    """``[ntotal]``: the inverted list each id 0..ntotal-1 of an IVF index is in (so that a shard can
+    put each of its ids into the SAME list, with a copy of the trained quantizer). ConfigError
+    unless the index holds every id once. Shared by index and kNN-LM datastore sharding."""
+    import faiss
+
+    assign = np.full(int(ivf.ntotal), -1, dtype=np.int64)
+    for lst in range(ivf.nlist):
+        size = ivf.invlists.list_size(lst)
+        if size:
+            assign[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size).copy()] = lst
+    if (assign < 0).any():
+        raise ConfigError(f"the IVF index in {where} does not hold every id; rebuild it")
+    return assign
+
+
 def _split_dense(src: str, m: dict[str, Any], ranges: tuple[ShardRange, ...], dirs: list[str]) -> None:
     import faiss
 
@@ -91,13 +107,7 @@ def _split_dense(src: str, m: dict[str, Any], ranges: tuple[ShardRange, ...], di
     if kind == "ivf":
         whole = faiss.read_index(os.path.join(src, FAISS_FILE))
         ivf = faiss.extract_index_ivf(whole)
-        assign = np.full(int(ivf.ntotal), -1, dtype=np.int64)
-        for lst in range(ivf.nlist):  # which list each doc is in, as the whole index has it
-            size = ivf.invlists.list_size(lst)
-            if size:
-                assign[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size).copy()] = lst
-        if (assign < 0).any():
-            raise ConfigError(f"the IVF index in {src} does not hold every doc id; rebuild it")
+        assign = ivf_list_of_ids(ivf, src)
     for r, d in zip(ranges, dirs):
         part = np.ascontiguousarray(vectors[r.start:r.stop], dtype=np.float32)
         np.save(os.path.join(d, EMBEDDINGS), part)
