@@ -38,6 +38,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--stride", type=int, default=4, help="tokens generated per retrieval")
     r.add_argument("--query-len", type=int, default=32, help="tokens of context used as the query")
     r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples exactly: same --seed, same answer, speculative or not")
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus of the sampling, in (0, 1]")
+    r.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (drawn and printed when --temperature > 0 and none is given; "
+                        "a server draws one per request)")
     r.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "plain"),
                    help="chat: passage + question in the model's chat template (auto picks it for "
                         "models with a template); plain: passage + text continuation (docs/prompt-formats.md)")
@@ -78,6 +84,11 @@ def set_threads(n: int | None) -> None:
 
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
+    try:  # numpy's BLAS (the blocked flat scan of small verification batches) obeys it too
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency of the [cpu] stack
+        return
+    threadpool_limits(limits=n, user_api="blas")
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -86,7 +97,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         retrieval=RetrievalConfig(kind=a.retriever, index_dir=a.index, device=a.retriever_device,
                                   hnsw_ef_search=a.ef_search, ivf_nprobe=a.nprobe),
         generation=GenerationConfig(stride=a.stride, query_len=a.query_len, max_new_tokens=a.max_new_tokens,
-                                    prompt_format=a.prompt_format),
+                                    prompt_format=a.prompt_format, temperature=a.temperature, top_p=a.top_p,
+                                    seed=a.seed),
         speculation=SpeculationConfig(enabled=a.speculate, prefetch=a.prefetch, os3=a.os3,
                                       fixed_stride=a.fixed_stride, async_verify=a.async_verify,
                                       max_inflight=a.max_inflight, cache_capacity=a.cache_capacity,
@@ -98,10 +110,22 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def with_drawn_seed(cfg: EngineConfig) -> EngineConfig:
+    """A sampled run (temperature > 0) without --seed gets a drawn seed, logged to reproduce it."""
+    gen = cfg.generation
+    if gen.temperature == 0 or gen.seed is not None:
+        return cfg
+    from ralmspec.lm.sampling import draw_seed
+
+    gen = replace(gen, seed=draw_seed())
+    _log(f"sampling with --seed {gen.seed} (drawn; pass it to reproduce this run)")
+    return replace(cfg, generation=gen)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     if not a.question or not a.question.strip():
         raise RalmSpecError("the question is empty")
-    cfg = engine_config_from_args(a)
+    cfg = with_drawn_seed(engine_config_from_args(a))
     from ralmspec.engine.core import build_engine
 
     t = time.perf_counter()
@@ -215,7 +239,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     if a.n < 1:
         raise RalmSpecError("--n must be >= 1")
-    cfg = engine_config_from_args(a)
+    cfg = with_drawn_seed(engine_config_from_args(a))
     qs = load_questions(resolve_questions(a.questions))
     questions = [q.question for q in qs[: a.n]]
     answers = [q.answers for q in qs[: a.n]]
@@ -236,7 +260,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     settings = {"model": cfg.model, "lm_backend": cfg.lm_backend, "retriever": cfg.retrieval.kind,
                 "index": cfg.retrieval.index_dir, "corpus": a.corpus, "emulate_pad": a.emulate_pad,
                 "threads": a.threads, "questions": a.questions or "grounded",
-                "prompt_format": engine.prompt_format(cfg.generation.prompt_format).name}
+                "prompt_format": engine.prompt_format(cfg.generation.prompt_format).name,
+                "temperature": cfg.generation.temperature, "top_p": cfg.generation.top_p, "seed": cfg.generation.seed}
     if not a.retrieval:
         closed, closed_runs = run_closed_book(engine, questions, cfg.generation, answers if has_answers else None,
                                               progress=_log)

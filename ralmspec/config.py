@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ralmspec.errors import ConfigError
+from ralmspec.lm.sampling import Sampling, check_sampling_args
 
 RETRIEVER_KINDS = ("exact", "hnsw", "ivf", "bm25")
 PROMPT_FORMATS = ("auto", "chat", "plain")
-GUESSERS = ("exact", "last", "refine")  # speculation/guess.py
+GUESSERS = ("exact", "last", "refine", "static", "bm25")  # speculation/guess.py
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,15 @@ class GenerationConfig:
     # "chat" (passage + question in the model's chat template), "plain" (passage + context,
     # the paper's continuation) or "auto" (chat when the tokenizer has a template); engine/prompt.py
     prompt_format: str = "auto"
+    # Sampling (ralmspec/lm/sampling.py): 0 = greedy, exactly the paper's decoding. With
+    # temperature > 0 the token at answer position p is drawn from the top_p nucleus with noise
+    # keyed by (seed, p), so the same seed gives the same answer, speculative or naive.
+    temperature: float = 0.0  # in [0, 2]
+    top_p: float = 1.0  # in (0, 1]
+    seed: int | None = None  # needed when temperature > 0 (the server draws one when absent)
 
     def __post_init__(self) -> None:
+        check_sampling_args(self.temperature, self.top_p, self.seed)
         if self.prompt_format not in PROMPT_FORMATS:
             raise ConfigError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         for name, lo, hi in (("stride", 1, 256), ("query_len", 1, 4096), ("max_new_tokens", 1, 4096),
@@ -55,6 +63,16 @@ class GenerationConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+
+    def sampling_at(self, position: int) -> Sampling | None:
+        """How the LM continues from generated-answer ``position``: ``None`` for greedy, else the
+        draw rule's settings starting there (``ConfigError`` if temperature > 0 has no seed)."""
+        if self.temperature == 0:
+            return None
+        if self.seed is None:
+            raise ConfigError("temperature > 0 needs a seed: set GenerationConfig.seed "
+                              "(the server and the CLI draw one when it is absent)")
+        return Sampling(self.temperature, self.top_p, self.seed, position)
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,10 @@ class SpeculationConfig:
     fixed_stride: int = 3
     async_verify: bool = True
     max_inflight: int = 2  # verification rounds in flight at once (async only)
+    # async only: a round leaves as soon as no verification is running (speculation/rounds.py
+    # next_action), instead of waiting for `stride` pending steps; the stride still caps how far
+    # the LM runs ahead
+    eager_verify: bool = True
     cache_capacity: int = 1024  # passages per request cache; LRU eviction
     s_max: int = 16
     window: int = 5  # OS^3 acceptance window (rounds)
@@ -78,8 +100,9 @@ class SpeculationConfig:
     # speculation to be slower than the naive loop (DESIGN §4); off = always speculate
     naive_fallback: bool = True
     # how a speculative step guesses its passage (speculation/guess.py): "exact" (rank the
-    # cache with the retriever's metric), "last" (the previous chunk's passage) or "refine"
-    # (start with "last", rank exactly beside the LM, regenerate the chunk if they differ)
+    # cache with the retriever's metric), "last" (the previous chunk's passage), "refine"
+    # (start with "last", rank exactly beside the LM, regenerate the chunk if they differ),
+    # "static" (static token embeddings of the encoder) or "bm25" (BM25 over the cached passages)
     guesser: str = "exact"
 
     def __post_init__(self) -> None:

@@ -4,6 +4,9 @@ Routes (docs/serving.md has the full reference with curl examples):
 
 - ``POST /v1/completions``  OpenAI completions (+ ``ralm`` extension); ``stream: true`` sends
   Server-Sent Events of VERIFIED tokens only (the engine's ``on_tokens``), then ``data: [DONE]``.
+  ``temperature`` / ``top_p`` / ``seed`` sample exactly (ralmspec/lm/sampling.py): same seed, same
+  text, speculative or not; a sampled request without a seed gets one drawn here, returned in
+  ``ralm.generation.seed``.
 - ``GET  /v1/models``
 - ``POST /v1/retrieve``     ``{"queries", "k", "include_text"}`` -> ranked hits (batched across callers)
 - ``POST /v1/score``        ``{"query", "doc_ids"}`` -> scores with the retriever's own metric
@@ -41,11 +44,12 @@ from ralmspec.engine.scheduler import (
     BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
 )
 from ralmspec.errors import ConfigError, LMError, RetrievalError
+from ralmspec.lm.sampling import draw_seed
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
 from serving.metrics import ServerMetrics
 from serving.protocol import (
-    APIError, CompletionRequest, parse_completion, parse_passages, parse_retrieve, parse_score,
+    APIError, CompletionRequest, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
 )
 
 log = logging.getLogger("ralmspec.serving")
@@ -259,7 +263,10 @@ def ralm_fields(state: ServerState, req: CompletionRequest, result: Any) -> dict
         "latency_s": result.latency_s,
         "stats": result.stats,
         "generation": {"stride": req.gen.stride, "query_len": req.gen.query_len,
-                       "passage_tokens": req.gen.passage_tokens, "max_new_tokens": req.gen.max_new_tokens},
+                       "passage_tokens": req.gen.passage_tokens, "max_new_tokens": req.gen.max_new_tokens,
+                       # the seed in effect (drawn by the server when a sampled request had none):
+                       # sending it back reproduces the answer token for token
+                       "temperature": req.gen.temperature, "top_p": req.gen.top_p, "seed": req.gen.seed},
     }
     if req.return_trace:
         out["trace"] = result.trace
@@ -271,11 +278,25 @@ def _usage(result: Any) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def resolve_sampling(state: ServerState, req: CompletionRequest) -> CompletionRequest:
+    """A sampled request (temperature > 0) needs an LM backend that implements the exact draw
+    rule (else 400 naming ``temperature``) and a seed: the server draws one when none was sent
+    (returned in ``ralm.generation.seed``)."""
+    if req.gen.temperature == 0:
+        return req
+    lm = state.engine.lm
+    if not getattr(lm, "supports_sampling", False):
+        raise APIError(400, f"'temperature' > 0 is not supported by this server's language model backend: "
+                            f"{getattr(lm, 'no_sampling_reason', 'it decodes greedily only')}",
+                       "invalid_request_error", "temperature")
+    return req if req.gen.seed is not None else with_seed(req, draw_seed())
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
-    req = parse_completion(body, state.engine.config, state.config.model_name, state.retriever.kind,
-                           state.max_tokens_limit)
+    req = resolve_sampling(state, parse_completion(body, state.engine.config, state.config.model_name,
+                                                   state.retriever.kind, state.max_tokens_limit))
     if req.stream:
         return await _stream(request, state, req)
     assert state.scheduler is not None

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.errors import ConfigError
+from ralmspec.lm.sampling import MAX_TEMPERATURE, SEED_LIMIT
 
 
 class APIError(Exception):
@@ -65,17 +66,18 @@ def require_object(body: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ /v1/completions
 
-# OpenAI completions fields we accept, with the only values that greedy RaLM supports.
+# OpenAI completions fields we accept, with the only values that RaLM supports.
 _NEUTRAL: dict[str, tuple[str, Any]] = {
-    "temperature": ("only greedy decoding is supported: 'temperature' must be 0 or absent", 0),
-    "top_p": ("only greedy decoding is supported: 'top_p' must be 1 or absent", 1),
     "n": ("only one choice per request is supported: 'n' must be 1 or absent", 1),
     "best_of": ("'best_of' must be 1 or absent", 1),
     "presence_penalty": ("'presence_penalty' must be 0 or absent", 0),
     "frequency_penalty": ("'frequency_penalty' must be 0 or absent", 0),
 }
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "stream", "stream_options", "echo", "logprobs", "stop",
-                      "logit_bias", "seed", "user", "suffix", "ralm", *_NEUTRAL}
+                      "logit_bias", "temperature", "top_p", "seed", "user", "suffix", "ralm", *_NEUTRAL}
+# sampling fields (ralmspec/lm/sampling.py): field -> (lo, hi, lo included)
+_SAMPLING_FIELDS: dict[str, tuple[float, float, bool]] = {"temperature": (0.0, MAX_TEMPERATURE, True),
+                                                          "top_p": (0.0, 1.0, False)}
 
 # ralm extension: field -> (target config, python type, lo, hi)
 _RALM_FIELDS: dict[str, tuple[str, type, float, float]] = {
@@ -177,8 +179,6 @@ def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retri
         raise bad("'logit_bias' is not supported", "logit_bias")
     if body.get("suffix") is not None:
         raise bad("'suffix' is not supported", "suffix")
-    if body.get("seed") is not None and not _is_int(body["seed"]):
-        raise bad("'seed' must be an integer (it is ignored: greedy decoding is deterministic)", "seed")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("'user' must be a string", "user")
 
@@ -187,7 +187,7 @@ def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retri
         ralm = {}
     if not isinstance(ralm, dict):
         raise bad(f"'ralm' must be an object, got {type(ralm).__name__}", "ralm")
-    gen_kw: dict[str, Any] = {"max_new_tokens": max_tokens}
+    gen_kw: dict[str, Any] = {"max_new_tokens": max_tokens, **parse_sampling(body)}
     spec_kw: dict[str, Any] = {}
     speculate = defaults.speculation.enabled
     return_trace = False
@@ -228,6 +228,32 @@ def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retri
     except ConfigError as exc:
         raise bad(str(exc), "ralm") from None
     return CompletionRequest(model, prompt, stream, include_usage, gen, spec, speculate, return_trace)
+
+
+def parse_sampling(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``temperature`` [0, 2], ``top_p`` (0, 1] and ``seed`` [0, 2**63) present in ``body`` (null =
+    absent), as GenerationConfig fields; 400 naming the field otherwise."""
+    out: dict[str, Any] = {}
+    for key, (lo, hi, closed) in _SAMPLING_FIELDS.items():
+        v = body.get(key)
+        if v is None:
+            continue
+        if not _is_num(v):
+            raise bad(f"'{key}' must be a number, got {type(v).__name__}", key)
+        if not (lo <= v <= hi if closed else lo < v <= hi):
+            raise bad(f"'{key}' must be in {'[' if closed else '('}{lo:g}, {hi:g}], got {v!r}", key)
+        out[key] = float(v)
+    seed = body.get("seed")
+    if seed is not None:
+        if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+            raise bad(f"'seed' must be an integer in [0, 2**63), got {seed!r}", "seed")
+        out["seed"] = seed
+    return out
+
+
+def with_seed(req: CompletionRequest, seed: int) -> CompletionRequest:
+    """``req`` with ``seed`` as its sampling seed (the server draws one when a sampled request has none)."""
+    return replace(req, gen=replace(req.gen, seed=seed))
 
 
 # ------------------------------------------------------------------ retrieval service

@@ -18,13 +18,16 @@ from ralmspec.config import GenerationConfig
 from ralmspec.engine.prompt import PromptFormat
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
+from ralmspec.lm.sampling import Sampling
 from ralmspec.retrieval.base import Hit, Retriever
 
 
 class LMClient(Protocol):
-    """Async access to the LM for one prompt; the scheduler's version batches across requests."""
+    """Async access to the LM for one prompt; the scheduler's version batches across requests.
+    ``sampling`` (``None``: greedy) is that prompt's draw settings (``LanguageModel.generate``)."""
 
-    async def greedy(self, prompt: list[int], n: int, session: Hashable) -> list[int]: ...
+    async def generate(self, prompt: list[int], n: int, session: Hashable,
+                       sampling: Sampling | None = None) -> list[int]: ...
 
     def release(self, session: Hashable) -> None: ...
 
@@ -41,9 +44,13 @@ class DirectLM:
     def __init__(self, lm: LanguageModel):
         self.lm = lm
 
-    async def greedy(self, prompt: list[int], n: int, session: Hashable) -> list[int]:
-        out = await asyncio.to_thread(self.lm.greedy, [prompt], n, [session])
+    async def generate(self, prompt: list[int], n: int, session: Hashable,
+                       sampling: Sampling | None = None) -> list[int]:
+        out = await asyncio.to_thread(self.lm.generate, [prompt], n, [session], [sampling])
         return out[0]
+
+    async def greedy(self, prompt: list[int], n: int, session: Hashable) -> list[int]:
+        return await self.generate(prompt, n, session)
 
     def release(self, session: Hashable) -> None:
         self.lm.release(session)
@@ -92,6 +99,8 @@ class RalmContext:
     # the verification worker: one thread beside the LM's for query encodings / cache ranking
     # off the critical path (speculation/guess.py); None = asyncio's default executor
     worker: Executor | None = None
+    # the engine's cheap guess rankers (speculation/guess.py CheapRankers); None: built per request
+    rankers: object | None = None
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -119,6 +128,17 @@ class RalmContext:
         laid out by the prompt format, cut to leave room for ``n`` new tokens."""
         doc = None if doc_id is None else self.passages.get(doc_id, self.gen.passage_tokens)
         return self.fmt.build(doc, tokens, n_prompt, self.lm.max_context - n)
+
+    async def chunk(self, doc_id: int | None, tokens: Sequence[int], n_prompt: int, n: int,
+                    session: Hashable) -> list[int]:
+        """The LM's next (at most) ``n`` tokens after ``tokens`` with passage ``doc_id``: a function
+        of (``doc_id``, ``tokens``, ``n``) alone (LM contract), so a chunk regenerated after a
+        rollback is the chunk the naive loop generates there. Every loop calls the LM through here.
+        Sampled (temperature > 0): token i of the chunk is drawn at answer position
+        ``len(tokens) - n_prompt + i`` with noise keyed by (seed, that position), the same draw in
+        both loops and on every replay."""
+        sampling = self.gen.sampling_at(len(tokens) - n_prompt)
+        return await self.lm_client.generate(self.lm_prompt(doc_id, tokens, n_prompt, n), n, session, sampling)
 
     def chunk_size(self, generated: int) -> int:
         return min(self.gen.stride, self.gen.max_new_tokens - generated)

@@ -6,14 +6,16 @@ state and LM session. What the requests share are two batching clients:
 
 - ``BatchingLMClient``: LM chunks requested by different requests while the backend is busy
   (or in the same event-loop turn) are gathered and sent to the backend in ONE
-  ``lm.greedy(prompts, n, sessions)`` call per distinct ``n``, in a dedicated worker thread.
+  ``lm.generate(prompts, n, sessions, sampling)`` call per distinct ``n``, in a dedicated worker
+  thread; greedy and sampled prompts share a call, each with its own sampling settings.
 - ``BatchingSearchClient``: verification (and naive retrieval) queries of different requests
   are gathered into ONE ``retriever.search(queries, k_max)`` call; each caller gets its own
   answers cut to its own ``k``. Identical queries in a batch are searched once.
 
 Invariant (DESIGN §2.1, at every concurrency level): a request's tokens equal the oracle run
 alone. Why batching cannot change them:
-- the LM contract makes ``greedy(prompt, n)`` a function of ``(prompt, n)`` alone, whatever the
+- the LM contract makes ``generate(prompt, n, sampling)`` a function of ``(prompt, n, sampling)``
+  alone (a sampled token depends on (seed, its position, its logits) only), whatever the
   batch neighbours and session history (the HF backend runs prompts one by one with per-session
   KV; a batched backend must be batch-invariant, DESIGN §2.2);
 - the Retriever contract makes a query's ranking a function of the query alone, and the
@@ -45,6 +47,7 @@ from ralmspec.engine.naive import TokenCallback
 from ralmspec.engine.result import GenerationResult
 from ralmspec.errors import ConfigError, RalmSpecError, RetrievalError
 from ralmspec.lm.base import LanguageModel
+from ralmspec.lm.sampling import Sampling
 from ralmspec.retrieval.base import Hit, Retriever
 
 
@@ -120,6 +123,7 @@ class _LMItem:
     n: int
     session: Hashable
     future: asyncio.Future
+    sampling: Sampling | None = None  # None: greedy
 
 
 class BatchingLMClient:
@@ -154,13 +158,17 @@ class BatchingLMClient:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._dispatch(), name="ralm-lm-dispatcher")
 
-    async def greedy(self, prompt: list[int], n: int, session: Hashable) -> list[int]:
+    async def generate(self, prompt: list[int], n: int, session: Hashable,
+                       sampling: Sampling | None = None) -> list[int]:
         self._ensure_dispatcher()
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append(_LMItem(list(prompt), n, session, fut))
+        self._pending.append(_LMItem(list(prompt), n, session, fut, sampling))
         assert self._wake is not None
         self._wake.set()
         return await fut
+
+    async def greedy(self, prompt: list[int], n: int, session: Hashable) -> list[int]:
+        return await self.generate(prompt, n, session)
 
     def release(self, session: Hashable) -> None:
         """Drop ``session``'s KV state: right after the backend call that holds it, if any.
@@ -237,14 +245,16 @@ class BatchingLMClient:
             self._release_now(s)
 
     def _call(self, batch: list[_LMItem]) -> list[Any]:
-        """Worker thread: one backend call per distinct n; a failing group is retried item by item."""
+        """Worker thread: one backend call per distinct n (greedy and sampled prompts together,
+        each with its own sampling settings); a failing group is retried item by item."""
         out: list[Any] = [None] * len(batch)
         groups: dict[int, list[int]] = collections.defaultdict(list)
         for i, it in enumerate(batch):
             groups[it.n].append(i)
         for n, idx in groups.items():
             try:
-                res = self.lm.greedy([batch[i].prompt for i in idx], n, [batch[i].session for i in idx])
+                res = self.lm.generate([batch[i].prompt for i in idx], n, [batch[i].session for i in idx],
+                                       [batch[i].sampling for i in idx])
                 if len(res) != len(idx):
                     raise RuntimeError(f"LM backend returned {len(res)} outputs for {len(idx)} prompts")
                 for i, r in zip(idx, res):
@@ -255,7 +265,8 @@ class BatchingLMClient:
                     continue
                 for i in idx:
                     try:
-                        out[i] = list(self.lm.greedy([batch[i].prompt], n, [batch[i].session])[0])
+                        out[i] = list(self.lm.generate([batch[i].prompt], n, [batch[i].session],
+                                                       [batch[i].sampling])[0])
                     except Exception as one:  # noqa: BLE001
                         out[i] = one
         return out

@@ -3,20 +3,35 @@
 The engine deals only in token-id lists; backends own their KV state per ``session``.
 
 Contract:
-- ``greedy(prompts, n, sessions)`` returns, for each prompt, its greedy continuation of at most
-  ``n`` new token ids (shorter only when EOS is produced; EOS is included). Sampling settings of
-  the model's generation config are ignored: decoding is always greedy.
-- The continuation is a deterministic function of ``(prompt, n)`` alone: it must not depend on
-  what the session computed before (prefix reuse is an optimisation, never a change of output),
-  nor on which other prompts are in the same batch. This is what makes rollback free and
-  speculative output equal to the naive loop.
+- ``generate(prompts, n, sessions, sampling)`` returns, for each prompt, its continuation of at
+  most ``n`` new token ids (shorter only when EOS is produced; EOS is included). ``sampling[i]``
+  (a ``ralmspec.lm.sampling.Sampling``, or ``None``) says how prompt ``i`` is decoded:
+  ``None`` or temperature 0 is greedy (argmax, ties -> lowest id); temperature > 0 draws token
+  ``j`` of the continuation with the draw rule of ``ralmspec.lm.sampling`` at absolute position
+  ``sampling[i].start + j``: Gumbel-max over the temperature-scaled log-probabilities restricted
+  to the top-p nucleus, with noise from a counter-based generator (Philox) keyed by
+  ``(seed, position)``. A token is thus a function of (seed, its position, its logits) alone.
+  ``greedy(prompts, n, sessions)`` is ``generate`` with no sampling. Sampling settings of the
+  model's own generation config are always ignored.
+- The continuation is a deterministic function of ``(prompt, n, sampling)`` alone: it must not
+  depend on what the session computed before (prefix reuse is an optimisation, never a change of
+  output), nor on which other prompts are in the same batch. This is what makes rollback free
+  and speculative output equal to the naive loop, greedy or sampled: a position regenerated
+  after a rollback from the same prompt replays the same draw.
+- A backend that cannot reproduce the draw rule exactly sets ``supports_sampling = False`` and
+  refuses temperature > 0 with ``ConfigError`` (HTTP 400) instead of sampling differently.
 - ``release(session)`` drops a session's KV state.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Hashable, Protocol, Sequence
+from typing import TYPE_CHECKING, Hashable, Protocol, Sequence
+
+from ralmspec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ralmspec.lm.sampling import Sampling
 
 
 class Tokenizer(Protocol):
@@ -25,15 +40,31 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+def sampled(sampling: Sequence[Sampling | None] | None) -> bool:
+    """True when some prompt of a call asks for temperature > 0."""
+    return sampling is not None and any(s is not None and not s.greedy for s in sampling)
+
+
 class LanguageModel(abc.ABC):
     tokenizer: Tokenizer
     eos_token_id: int | None
     max_context: int  # prompt + generated tokens must fit
+    supports_sampling: bool = False  # implements the draw rule of ralmspec.lm.sampling exactly
+    no_sampling_reason: str = "sampling needs the hf backend"  # the refusal's explanation
 
     @abc.abstractmethod
     def greedy(self, prompts: Sequence[Sequence[int]], n: int,
                sessions: Sequence[Hashable] | None = None) -> list[list[int]]:
         """Greedy continuation of each prompt by up to ``n`` tokens (see module contract)."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sessions: Sequence[Hashable] | None = None,
+                 sampling: Sequence[Sampling | None] | None = None) -> list[list[int]]:
+        """Continuation of each prompt by up to ``n`` tokens, greedy or sampled per prompt (see
+        module contract). This default serves greedy prompts only."""
+        if sampled(sampling):
+            raise ConfigError(f"temperature > 0: the {type(self).__name__} backend supports greedy "
+                              f"decoding only (temperature 0); {self.no_sampling_reason}")
+        return self.greedy(prompts, n, sessions)
 
     def release(self, session: Hashable) -> None:  # noqa: B027 - optional hook
         """Forget the KV state of ``session``."""

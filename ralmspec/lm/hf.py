@@ -65,6 +65,7 @@ import torch
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
+from ralmspec.lm.sampling import Sampling, draw
 
 DEFAULT_BLOCK_SIZE = 64  # canonical prefill block (see the trade-offs above)
 
@@ -211,7 +212,9 @@ class HFLanguageModel(LanguageModel):
       device, dtype, block size), never on session history or batch neighbours.
     - ``len(prompt) + n <= max_context`` or ``ConfigError``; ``n >= 0``; prompts non-empty,
       token ids in ``[0, vocab_size)``.
-    - Decoding is argmax (ties -> lowest token id); the model's generation config is ignored.
+    - Decoding is argmax (ties -> lowest token id), or with ``generate(..., sampling)`` the exact
+      draw rule of ``ralmspec.lm.sampling`` (a token depends on (seed, position, logits) only);
+      the model's generation config is ignored.
       It stops right after a stop token (``eos_token_id`` and any extra ``stop_token_ids``),
       which is included in the output.
 
@@ -219,6 +222,8 @@ class HFLanguageModel(LanguageModel):
     ``decode_steps``, ``prefill_forwards``; ``last_call_stats`` is the ``CallStats`` of the most
     recently finished call.
     """
+
+    supports_sampling = True
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, eos_token_id: int | None,
                  max_context: int, device: str | torch.device = "cpu",
@@ -264,7 +269,13 @@ class HFLanguageModel(LanguageModel):
 
     def greedy(self, prompts: Sequence[Sequence[int]], n: int,
                sessions: Sequence[Hashable] | None = None) -> list[list[int]]:
-        """Greedy continuation of each prompt by up to ``n`` tokens (EOS included, then stop).
+        """Greedy continuation of each prompt by up to ``n`` tokens (EOS included, then stop)."""
+        return self.generate(prompts, n, sessions)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sessions: Sequence[Hashable] | None = None,
+                 sampling: Sequence[Sampling | None] | None = None) -> list[list[int]]:
+        """Continuation of each prompt by up to ``n`` tokens (EOS included, then stop), greedy or
+        drawn with the rule of ``ralmspec.lm.sampling`` per ``sampling[i]``.
 
         Prompts are processed one by one (batch invariance, see module doc); ``sessions[i]``
         names the KV state to reuse/update for ``prompts[i]`` (``None``: no reuse, nothing kept).
@@ -272,12 +283,15 @@ class HFLanguageModel(LanguageModel):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ConfigError(f"n must be an integer >= 0, got {n!r}")
         checked = self._check(prompts, sessions, extra=n)
+        modes = [None] * len(checked) if sampling is None else list(sampling)
+        if len(modes) != len(checked):
+            raise ConfigError(f"got {len(checked)} prompts but {len(modes)} sampling settings")
         with self._lock:
             stats = CallStats(prompts=len(checked))
             t0 = time.perf_counter()
             out = []
-            for prompt, session in checked:
-                out.append(self._greedy_one(prompt, n, session, stats) if n > 0 else [])
+            for (prompt, session), mode in zip(checked, modes):
+                out.append(self._generate_one(prompt, n, session, stats, mode) if n > 0 else [])
             stats.wall_s = time.perf_counter() - t0
             self._account(stats)
         return out
@@ -472,16 +486,22 @@ class HFLanguageModel(LanguageModel):
             self._cached_bytes -= old.nbytes
 
     @torch.inference_mode()
-    def _greedy_one(self, prompt: list[int], n: int, session: Hashable | None,
-                    stats: CallStats) -> list[int]:
+    def _generate_one(self, prompt: list[int], n: int, session: Hashable | None,
+                      stats: CallStats, sampling: Sampling | None) -> list[int]:
         logits, _, cache = self._prefill(prompt, session, stats)
         t0 = time.perf_counter()
-        tok = int(torch.argmax(logits).item())
+        if sampling is None or sampling.greedy:  # the greedy path, unchanged bit for bit
+            def pick(row: torch.Tensor, _i: int) -> int:
+                return int(torch.argmax(row).item())
+        else:
+            def pick(row: torch.Tensor, i: int) -> int:
+                return draw(row, sampling, sampling.start + i)
+        tok = pick(logits, 0)
         new = [tok]
         while len(new) < n and tok not in self.stop_token_ids:
             out, cache = self._forward([tok], cache)
             stats.decode_steps += 1
-            tok = int(torch.argmax(out.logits[0, -1]).item())
+            tok = pick(out.logits[0, -1], len(new))
             new.append(tok)
         stats.generated_tokens += len(new)
         stats.decode_s += time.perf_counter() - t0

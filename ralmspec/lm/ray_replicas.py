@@ -1,13 +1,15 @@
 """LM replicas as Ray actors: the mechanism behind ``ralmspec serve --lm-replicas N``.
 
-``RayLMReplicas`` is a ``LanguageModel`` whose ``greedy`` runs on N Ray actors, each holding its
+``RayLMReplicas`` is a ``LanguageModel`` whose ``generate`` runs on N Ray actors, each holding its
 own copy of the SAME model, loaded in its own process with ``load_language_model(name, backend,
 device, dtype)`` and ``threads`` torch threads. The scheduler is unchanged: it still gathers the
-LM chunks of concurrent requests into one ``greedy`` call; this class splits that batch by
+LM chunks of concurrent requests into one ``generate`` call; this class splits that batch by
 replica, runs the parts concurrently (one task per replica), and reassembles the outputs in input
 order. Inside each replica the backend batches exactly as it does in-process.
 
-Contract: the ``LanguageModel`` contract of ``ralmspec.lm.base``, unchanged.
+Contract: the ``LanguageModel`` contract of ``ralmspec.lm.base``, unchanged (``generate`` passes
+each prompt's sampling settings to its replica; with ``backend="vllm"`` temperature > 0 is
+refused here, with the backend's typed error).
 
 Invariant (why the tokens do not change): every replica runs the same deterministic backend
 (same weights, device, dtype, block size and torch thread count), and the backend's output is a
@@ -42,7 +44,8 @@ from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
 from ralmspec.errors import ConfigError, LMError, ModelLoadError, RalmSpecError
-from ralmspec.lm.base import LanguageModel
+from ralmspec.lm.base import LanguageModel, sampled
+from ralmspec.lm.sampling import Sampling
 
 
 
@@ -88,8 +91,9 @@ class LMActor:
                 "vocab_size": getattr(self.lm, "vocab_size", None), "threads": torch.get_num_threads(),
                 "pid": os.getpid(), "host": socket.gethostname()}
 
-    def greedy(self, prompts: list[list[int]], n: int, sessions: list[Hashable]) -> list[list[int]]:
-        return [list(map(int, o)) for o in self.lm.greedy(prompts, n, sessions)]
+    def generate(self, prompts: list[list[int]], n: int, sessions: list[Hashable],
+                 sampling: list[Any] | None = None) -> list[list[int]]:
+        return [list(map(int, o)) for o in self.lm.generate(prompts, n, sessions, sampling)]
 
     def release(self, session: Hashable) -> None:
         self.lm.release(session)
@@ -126,6 +130,7 @@ class RayLMReplicas(LanguageModel):
                               "(or serve without --lm-replicas)")
         self.config = config or RayLMConfig()
         self.name = str(name)
+        self.supports_sampling = backend == "hf"  # the vLLM backend refuses temperature > 0
         self.tokenizer = local_tokenizer(self.name, backend)
         self._own_cluster = cluster is None  # close() disconnects only a connection made here
         self.cluster = cluster if cluster is not None else RayCluster(RayShardConfig(address=ray_address,
@@ -166,12 +171,21 @@ class RayLMReplicas(LanguageModel):
 
     def greedy(self, prompts: Sequence[Sequence[int]], n: int,
                sessions: Sequence[Hashable] | None = None) -> list[list[int]]:
+        return self.generate(prompts, n, sessions)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sessions: Sequence[Hashable] | None = None,
+                 sampling: Sequence[Sampling | None] | None = None) -> list[list[int]]:
+        """Split the batch by replica; each prompt keeps its own sampling settings (the draw
+        rule is a function of (seed, position, logits), so placement cannot change a token)."""
         if isinstance(prompts, (str, bytes)):
             raise ConfigError("prompts must be a list of token-id lists, got a string")
         batch = [list(p) for p in prompts]
         sess: list[Hashable | None] = [None] * len(batch) if sessions is None else list(sessions)
-        if len(sess) != len(batch):
-            raise ConfigError(f"got {len(batch)} prompts but {len(sess)} sessions")
+        modes: list[Sampling | None] = [None] * len(batch) if sampling is None else list(sampling)
+        if len(sess) != len(batch) or len(modes) != len(batch):
+            raise ConfigError(f"got {len(batch)} prompts but {len(sess)} sessions and {len(modes)} sampling settings")
+        if sampled(modes) and not self.supports_sampling:
+            return super().generate(batch, n, sess, modes)  # the typed refusal
         if not batch:
             return []
         groups: dict[int, list[int]] = {}
@@ -180,9 +194,10 @@ class RayLMReplicas(LanguageModel):
                 groups.setdefault(self._replica_for(s), []).append(i)
         replicas = sorted(groups)
         self._wait_restarted(replicas)
-        refs = [self.actors[r].greedy.remote([batch[i] for i in groups[r]], n, [sess[i] for i in groups[r]])
+        refs = [self.actors[r].generate.remote([batch[i] for i in groups[r]], n, [sess[i] for i in groups[r]],
+                                               [modes[i] for i in groups[r]])
                 for r in replicas]
-        results = self._get_all(refs, replicas, "greedy", self.config.call_timeout_s)
+        results = self._get_all(refs, replicas, "generate", self.config.call_timeout_s)
         out: list[list[int]] = [[] for _ in batch]
         for r, res in zip(replicas, results):
             if len(res) != len(groups[r]):

@@ -16,6 +16,8 @@ Output contract, and where vLLM could depart from it
 - Greedy is argmax over the logits (vLLM's greedy sampler; ties -> lowest id, as
   ``torch.argmax``). Generation stops right after a stop token (EOS ids of the model folder,
   same rule as the HF backend), which is included. ``n == 0`` returns ``[]`` per prompt.
+- Sampling (temperature > 0) is refused with ``ConfigError`` (HTTP 400): vLLM's sampler does not
+  key its noise by (seed, token position), the draw rule the exact sampled RaLM needs.
 - Sessions are ignored: vLLM's prefix cache is global and content-addressed, so there is no
   per-session state to keep or release (``release`` is a no-op).
 - Determinism in ``(prompt, n)`` alone (base contract) is not guaranteed by vLLM's design the
@@ -217,6 +219,11 @@ class VLLMLanguageModel(LanguageModel):
       ``[0, vocab_size)``; otherwise ``ConfigError`` before anything reaches vLLM.
     Thread safety: one lock serialises calls into the (not thread-safe) ``LLM`` object.
     """
+
+    # ``generate`` with temperature > 0 raises ConfigError (LanguageModel's default)
+    no_sampling_reason = ("vLLM's sampler does not key its noise by (seed, token position), so a sampled "
+                          "answer would not be reproducible across speculation and rollback; "
+                          "use --lm-backend hf")
 
     def __init__(self, llm: Any, tokenizer: Any, *, eos_token_id: int | None,
                  stop_token_ids: frozenset[int], max_context: int, vocab_size: int,

@@ -25,3 +25,12 @@ def server(serving_engine):
     srv = ServerThread(app).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official ``openai`` client pointed at the shared server."""
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+    yield c
+    c.close()

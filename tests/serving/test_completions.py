@@ -16,14 +16,6 @@ QUESTIONS = ["who wrote the song hey jude", "when did the roman empire fall",
              "who was the first president of the united states", "what is the capital of australia"]
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    openai = pytest.importorskip("openai")
-    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
-    yield c
-    c.close()
-
-
 def oracle(engine, prompt: str, max_tokens: int, **gen_kw):
     gen = replace(TEST_ENGINE_CONFIG.generation, max_new_tokens=max_tokens, **gen_kw)
     return engine.generate_sync(prompt, gen=gen, speculate=False)
