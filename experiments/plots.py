@@ -165,3 +165,58 @@ def plot_breakdown(cell_runs: Sequence[tuple[str, list[dict[str, Any]], list[dic
         ax.set_title(title, fontsize=9)
     axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _finish(fig, path, footer)
+
+
+TIMELINE_LANES = ("LM chunks", "guess / probe", "verification")
+
+
+def timeline_bars(result: dict[str, Any]) -> dict[str, list[tuple[float, float, str]]]:
+    """Lane -> [(start s, seconds, colour)] of one request's trace (pure; ``plot_timeline`` draws
+    it). LM chunks later thrown away by a rollback are red, kept ones blue; verification rounds
+    (``verify``) and real retrievals (``retrieve``) share the verification lane."""
+    trace = result.get("trace") or []
+    lanes: dict[str, list[tuple[float, float, str]]] = {lane: [] for lane in TIMELINE_LANES}
+    pos, live = 0, []  # chunks not yet discarded: (start position, index in the LM lane)
+    for ev in trace:
+        kind, t, dur = ev.get("kind"), float(ev.get("t", 0.0)), float(ev.get("dur", 0.0))
+        if kind == "lm":
+            live.append((pos, len(lanes["LM chunks"])))
+            lanes["LM chunks"].append((t, dur, COLORS["lm"]))
+            pos += int(ev.get("n", 0))
+        elif kind == "rollback":
+            at = int(ev["at"])
+            for start, i in live:
+                if start >= at:
+                    s, d, _ = lanes["LM chunks"][i]
+                    lanes["LM chunks"][i] = (s, d, COLORS["rollback waste"])
+            live = [(s, i) for s, i in live if s < at]
+            pos = at
+        elif kind in ("cache", "probe", "refine"):
+            lanes["guess / probe"].append((t, dur, COLORS["cache"]))
+        elif kind in ("verify", "retrieve"):
+            lanes["verification"].append((t, dur, COLORS["verify wait"] if kind == "verify" else COLORS["retrieval"]))
+    return lanes
+
+
+def plot_timeline(runs: Sequence[tuple[str, dict[str, Any]]], path: str, footer: str) -> str:
+    """One panel per request (``(title, GenerationResult.to_dict())``): its LM chunks, guesses
+    and verification rounds on a shared time axis, rollbacks as red chunks, so overlap (two
+    lanes busy at once) is visible."""
+    fig, axes = plt.subplots(len(runs), 1, figsize=(11, 0.8 + 1.5 * len(runs)), squeeze=False, sharex=True)
+    for ax, (title, res) in zip(axes[:, 0], runs):
+        lanes = timeline_bars(res)
+        for y, lane in enumerate(TIMELINE_LANES):
+            bars = lanes[lane]
+            if bars:
+                ax.broken_barh([(s, max(d, 1e-4)) for s, d, _ in bars], (y - 0.4, 0.8),
+                               facecolors=[c for _, _, c in bars], edgecolor="white", linewidth=0.3)
+        ax.set_yticks(range(len(TIMELINE_LANES)))
+        ax.set_yticklabels(TIMELINE_LANES, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9)
+    axes[-1, 0].set_xlabel("seconds since the request started", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in ("lm", "rollback waste", "cache", "verify wait",
+                                                                       "retrieval")]
+    axes[0, 0].legend(handles, ["LM chunk (kept)", "LM chunk (rolled back)", "guess / probe", "verification round",
+                                "real retrieval"], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _finish(fig, path, footer)

@@ -19,6 +19,7 @@ from ralmspec.engine.result import GenerationResult
 from ralmspec.engine.speculative import generate_speculative
 from ralmspec.lm.base import LanguageModel
 from ralmspec.retrieval.base import Retriever
+from ralmspec.speculation.guess import CheapRankers
 
 
 class RalmEngine:
@@ -31,6 +32,7 @@ class RalmEngine:
         self._formats: dict[str, PromptFormat] = {}
         # one thread beside the LM's: query encodings and cache ranking of the guessers
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ralmspec-verify")
+        self.rankers = CheapRankers(retriever)  # cheap guessers' passage memo, shared by requests
         self.prompt_format(self.config.generation.prompt_format)  # a bad format fails at start-up
 
     def prompt_format(self, name: str) -> PromptFormat:
@@ -44,7 +46,7 @@ class RalmEngine:
         gen = gen or self.config.generation
         return RalmContext(self.lm, self.retriever, self.passages, lm_client or self.direct_lm,
                            search_client or self.retriever, gen, self.prompt_format(gen.prompt_format),
-                           self.worker)
+                           self.worker, self.rankers)
 
     async def generate(self, prompt: str, gen: GenerationConfig | None = None,
                        spec: SpeculationConfig | None = None, speculate: bool | None = None,

@@ -37,7 +37,7 @@ async def generate_naive(ctx: RalmContext, prompt: str, session: Hashable | None
             retrieval_s += tr.record("retrieve", t, doc_id=doc_id)
             n = ctx.chunk_size(len(tokens) - n0)
             t = tr.now()
-            chunk = await ctx.lm_client.greedy(ctx.lm_prompt(doc_id, tokens, n0, n), n, session)
+            chunk = await ctx.chunk(doc_id, tokens, n0, n, session)
             lm_s += tr.record("lm", t, n=len(chunk))
             start = len(tokens) - n0
             tokens += chunk
@@ -76,7 +76,7 @@ async def generate_closed_book(ctx: RalmContext, prompt: str, session: Hashable 
     n = ctx.gen.max_new_tokens
     try:
         t = tr.now()
-        gen = await ctx.lm_client.greedy(ctx.lm_prompt(None, prompt_ids, len(prompt_ids), n), n, session)
+        gen = await ctx.chunk(None, prompt_ids, len(prompt_ids), n, session)
         lm_s = tr.record("lm", t, n=len(gen))
     finally:
         ctx.lm_client.release(session)

@@ -103,26 +103,53 @@ class QueryEncoder:
         return np.ascontiguousarray(emb, dtype=np.float32)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), dim) float32; each text encoded alone (batch-invariant), LRU-cached."""
+        """(len(texts), dim) float32; each text encoded alone (batch-invariant), LRU-cached.
+
+        The cache lock is never held while the model runs, so a search that finds its queries
+        cached (verification) does not wait behind an encoding on another thread (a guess).
+        Two threads missing on the same text both encode it: the same bits, one cache entry.
+        """
+        for t in texts:
+            if not isinstance(t, str):
+                raise ConfigError(f"queries must be strings, got {type(t).__name__}")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
+        missing: dict[str, list[int]] = {}  # text -> its rows (a repeated text is encoded once)
         with self._lock:
             for i, t in enumerate(texts):
-                if not isinstance(t, str):
-                    raise ConfigError(f"queries must be strings, got {type(t).__name__}")
                 v = self._cache.get(t)
-                if v is not None:
-                    self._cache.move_to_end(t)
-                    self.hits += 1
-                else:
-                    self.misses += 1
-                    v = self._encode([t], batch_size=1)[0]
-                    v.setflags(write=False)
-                    if self._cache_size:
-                        self._cache[t] = v
-                        if len(self._cache) > self._cache_size:
-                            self._cache.popitem(last=False)
+                if v is None:
+                    missing.setdefault(t, []).append(i)
+                    continue
+                self._cache.move_to_end(t)
+                self.hits += 1
                 out[i] = v
+        for t, rows in missing.items():
+            v = self._encode([t], batch_size=1)[0]
+            v.setflags(write=False)
+            out[rows] = v
+            with self._lock:
+                self.misses += 1
+                self.hits += len(rows) - 1
+                if self._cache_size:
+                    self._cache[t] = v
+                    if len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
         return out
+
+    def token_embeddings(self) -> tuple:
+        """(``tokenize(text) -> token ids`` without special tokens, the encoder's input token
+        embedding table (vocab, dim) as float32): its static vocabulary vectors, for the cheap
+        ``static`` guess (speculation/guess.py). No transformer layer runs."""
+        module = self._model[0]
+        table = module.auto_model.get_input_embeddings().weight.detach().cpu().numpy().astype(np.float32)
+        tok = module.tokenizer
+        lock = threading.Lock()  # HF tokenizers are not safe to share between threads
+
+        def tokenize(text: str) -> list[int]:
+            with lock:
+                return list(tok(text, add_special_tokens=False, truncation=True, max_length=512)["input_ids"])
+
+        return tokenize, table
 
     def encode_corpus(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         """(len(texts), dim) float32 passage vectors, batched (index build only)."""

@@ -14,13 +14,30 @@ acceptance against what it costs on the critical path (the LM's thread):
   ranks the cache exactly; when the chunk is done, keep it if the exact cache guess agrees,
   otherwise generate it again with that guess. Acceptance of ``exact`` with (mostly) the cost of
   ``last`` when an LM chunk takes longer than an encoding.
+- ``static``: rank the cache by cosine between mean-pooled *input* token embeddings of the dense
+  encoder (its static vocabulary table: no transformer layers run), for the query and for each
+  cached passage. Microseconds; the query's exact encoding runs on the worker for verification.
+- ``bm25``: rank the cache by BM25 of the query's words over the cached passages' words (idf and
+  average length from the cached set). Microseconds, no model at all.
+
+Rankers ``StaticEmbeddingRanker`` / ``CacheBM25Ranker`` are shared by every request of an engine
+(passage representations are cached by doc id); ties break by the lower doc id, as everywhere.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
 
 from ralmspec.config import GUESSERS
+from ralmspec.errors import ConfigError
+from ralmspec.retrieval.base import rank_hits
 
 
 @dataclass(frozen=True)
@@ -30,16 +47,22 @@ class GuessPlan:
     rank_now: bool  # rank the cache with the exact metric before the next chunk (critical path)
     rank_beside: bool  # rank the cache on the verification worker while the next chunk runs
     encode_beside: bool  # only encode the query on the worker (verification will need it)
+    cheap: str | None = None  # rank the cache now with this cheap ranker ("static" / "bm25")
 
 
 def plan_guess(guesser: str, dense: bool) -> GuessPlan:
     """The work of one guess for ``guesser`` on a dense (query-encoding) or sparse retriever."""
     if guesser not in GUESSERS:
-        raise ValueError(f"unknown guesser {guesser!r}; choose one of {', '.join(GUESSERS)}")
+        raise ConfigError(f"unknown guesser {guesser!r}; choose one of {', '.join(GUESSERS)}")
     if guesser == "exact":
         return GuessPlan(rank_now=True, rank_beside=False, encode_beside=False)
     if guesser == "last":
         return GuessPlan(rank_now=False, rank_beside=False, encode_beside=dense)
+    if guesser in ("static", "bm25"):
+        if guesser == "static" and not dense:
+            raise ConfigError("the static guesser needs a dense retriever (it uses the query encoder's "
+                             "token embeddings); use bm25, last or exact")
+        return GuessPlan(rank_now=False, rank_beside=False, encode_beside=dense, cheap=guesser)
     return GuessPlan(rank_now=False, rank_beside=True, encode_beside=False)
 
 
@@ -52,3 +75,114 @@ def refined_doc(cheap: int, exact: int | None, verified: bool) -> int | None:
     if verified or exact is None or exact == cheap:
         return None
     return exact
+
+
+class _PassageMemo:
+    """Thread-safe bounded memo doc id -> a passage representation (LRU)."""
+
+    def __init__(self, make: Callable[[int], object], capacity: int = 65536):
+        self.make, self.capacity = make, capacity
+        self._memo: OrderedDict[int, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, doc_id: int):
+        with self._lock:
+            v = self._memo.get(doc_id)
+            if v is not None:
+                self._memo.move_to_end(doc_id)
+                return v
+        v = self.make(doc_id)
+        with self._lock:
+            self._memo[doc_id] = v
+            if len(self._memo) > self.capacity:
+                self._memo.popitem(last=False)
+        return v
+
+
+class StaticEmbeddingRanker:
+    """Cosine of mean-pooled static token embeddings (guesser ``static``).
+
+    ``tokenize(text) -> token ids`` and ``table`` ((vocab, dim) float32) are the dense encoder's
+    own (``QueryEncoder.token_embeddings``); ``text_of(doc_id)`` is the indexed passage text.
+    """
+
+    def __init__(self, tokenize: Callable[[str], list[int]], table: np.ndarray, text_of: Callable[[int], str]):
+        self.tokenize, self.table = tokenize, table
+        self._passages = _PassageMemo(lambda d: self.vector(text_of(d)))
+
+    def vector(self, text: str) -> np.ndarray:
+        ids = self.tokenize(text)
+        if not ids:
+            return np.zeros(self.table.shape[1], dtype=np.float64)
+        v = self.table[np.asarray(ids, dtype=np.int64)].astype(np.float64).mean(axis=0)
+        n = float(np.linalg.norm(v))
+        return v / n if n > 0 else v
+
+    def top1(self, query: str, doc_ids: Sequence[int]) -> int | None:
+        if not doc_ids:
+            return None
+        q = self.vector(query)
+        scores = np.array([float(self._passages.get(d) @ q) for d in doc_ids])
+        return rank_hits(doc_ids, scores, 1)[0].doc_id
+
+
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (BM25 guess)."""
+    return _WORD.findall(text.lower())
+
+
+class CacheBM25Ranker:
+    """BM25 of the query over the cached passages alone (guesser ``bm25``): k1 = 1.5, b = 0.75,
+    idf = ln(1 + (n - df + 0.5) / (df + 0.5)) and the average length over those ``n`` passages."""
+
+    K1, B = 1.5, 0.75
+
+    def __init__(self, text_of: Callable[[int], str]):
+        self._passages = _PassageMemo(lambda d: Counter(words(text_of(d))))
+
+    def top1(self, query: str, doc_ids: Sequence[int]) -> int | None:
+        if not doc_ids:
+            return None
+        tfs = [self._passages.get(d) for d in doc_ids]
+        lengths = np.array([sum(tf.values()) for tf in tfs], dtype=np.float64)
+        avg = float(lengths.mean()) or 1.0
+        n = len(doc_ids)
+        scores = np.zeros(n, dtype=np.float64)
+        for term in set(words(query)):
+            f = np.array([tf.get(term, 0) for tf in tfs], dtype=np.float64)
+            df = int((f > 0).sum())
+            if df == 0:
+                continue
+            idf = math.log(1.0 + (n - df + 0.5) / (df + 0.5))
+            scores += idf * f * (self.K1 + 1) / (f + self.K1 * (1 - self.B + self.B * lengths / avg))
+        return rank_hits(doc_ids, scores, 1)[0].doc_id
+
+
+class CheapRankers:
+    """An engine's cheap rankers (``static``, ``bm25``), built on first use and shared by its
+    requests (their passage representations are memoised by doc id)."""
+
+    def __init__(self, retriever):
+        self.retriever = retriever
+        self._built: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str):
+        with self._lock:
+            if name not in self._built:
+                corpus = self.retriever.corpus
+
+                def text_of(d: int) -> str:
+                    return corpus[d].content
+
+                if name == "bm25":
+                    self._built[name] = CacheBM25Ranker(text_of)
+                elif name == "static":
+                    tokenize, table = self.retriever.encoder.token_embeddings()
+                    self._built[name] = StaticEmbeddingRanker(tokenize, table, text_of)
+                else:
+                    raise ValueError(f"no cheap ranker {name!r}")
+            return self._built[name]

@@ -17,10 +17,16 @@ takes verified steps (retrieve, then generate), still probing the cache to keep 
 With the fallback on, the scheduler also returns 0 until ``a``, ``b`` and ``γ`` are observed
 (those verified steps measure them), instead of speculating blind at stride 1.
 
-Estimates: ``a`` = the latest step latency; ``b(s)`` = a least-squares line through the latest
-verification latency seen at each batch size (constant when only one size was seen);
-``γ`` = Σ matched / (Σ matched + rounds with a mismatch) over the last ``window`` rounds,
-capped at ``gamma_max``.
+Decoupled costs (DESIGN §4): ``a`` = LM chunk + guess, as measured on the critical path (the
+``exact`` guess encodes the query there; ``last`` / ``refine`` do not). ``b(s) = s·e + search(s)``:
+``search(s)`` is the knowledge-base search of ``s`` already-encoded queries, ``e`` one query
+encoding, paid inside verification only when the guesser did not already pay it on the critical
+path (``verify_encodes``). Either way every encoding is counted exactly once.
+
+Estimates: ``a`` = the latest step latency; ``search(s)`` = a least-squares line through the
+latest search latency seen at each batch size (constant when only one size was seen); ``e`` =
+the latest query encoding; ``γ`` = Σ matched / (Σ matched + rounds with a mismatch) over the last
+``window`` rounds, capped at ``gamma_max``.
 """
 
 from __future__ import annotations
@@ -87,8 +93,11 @@ class StrideScheduler:
     """
 
     def __init__(self, os3: bool = True, fixed_stride: int = 3, async_verify: bool = False,
-                 s_max: int = 16, window: int = 5, gamma_max: float = 0.9, naive_fallback: bool = False):
+                 s_max: int = 16, window: int = 5, gamma_max: float = 0.9, naive_fallback: bool = False,
+                 verify_encodes: bool = False):
         self.os3 = os3
+        self.verify_encodes = verify_encodes  # b(s) pays s query encodings (module doc)
+        self._encode: float | None = None
         self.naive_fallback = naive_fallback
         self._lm: float | None = None
         self._r: float | None = None
@@ -116,8 +125,15 @@ class StrideScheduler:
             return None
         return (self._lm if self._lm is not None else self._a) + self._r
 
-    def observe_verification(self, batch_size: int, seconds: float) -> None:
+    def observe_search(self, batch_size: int, seconds: float) -> None:
+        """One knowledge-base search of ``batch_size`` already-encoded queries."""
         self._b_by_size[batch_size] = seconds
+
+    observe_verification = observe_search  # modes whose verification encodes nothing (kNN-LM)
+
+    def observe_encode(self, seconds: float) -> None:
+        """One query encoding (wherever it ran: guess, probe or verification)."""
+        self._encode = seconds
 
     def observe_round(self, speculated: int, matched: int) -> None:
         self._rounds.append((matched, matched < speculated))
@@ -132,7 +148,14 @@ class StrideScheduler:
         return min(self.gamma_max, matched / (matched + mismatched_rounds))
 
     def verification_cost(self, s: int) -> float | None:
-        """b(s): least-squares line over the sizes seen (constant if only one)."""
+        """b(s) = s·e (when verification encodes) + search(s)."""
+        search = self.search_cost(s)
+        if search is None or not self.verify_encodes or self._encode is None:
+            return search
+        return s * self._encode + search
+
+    def search_cost(self, s: int) -> float | None:
+        """search(s): least-squares line over the sizes seen (constant if only one)."""
         pts = sorted(self._b_by_size.items())
         if not pts:
             return None

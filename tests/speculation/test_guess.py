@@ -6,7 +6,10 @@ import pytest
 
 from ralmspec.config import SpeculationConfig
 from ralmspec.errors import ConfigError
-from ralmspec.speculation.guess import GUESSERS, plan_guess, refined_doc
+import numpy as np
+
+from ralmspec.speculation.guess import (GUESSERS, CacheBM25Ranker, GuessPlan, StaticEmbeddingRanker, plan_guess,
+                                        refined_doc)
 
 
 def test_plans():
@@ -31,6 +34,43 @@ def test_refined_doc(cheap, exact, verified, expected):
 
 
 def test_config_validates_the_guesser():
-    assert set(GUESSERS) == {"exact", "last", "refine"}
+    assert set(GUESSERS) == {"exact", "last", "refine", "static", "bm25"}
     with pytest.raises(ConfigError, match="guesser"):
         SpeculationConfig(guesser="psychic")
+
+
+def test_cheap_plans():
+    static = plan_guess("static", dense=True)
+    assert static.cheap == "static" and static.encode_beside and not static.rank_now
+    assert plan_guess("bm25", dense=False) == GuessPlan(False, False, False, "bm25")
+    with pytest.raises(ConfigError, match="dense"):
+        plan_guess("static", dense=False)
+
+
+def test_cache_bm25_ranker_prefers_matching_words_and_breaks_ties_by_id():
+    texts = {3: "the river flows into the sea", 5: "a mountain of granite", 9: "the sea and the river delta"}
+    r = CacheBM25Ranker(texts.__getitem__)
+    assert r.top1("granite mountain", [3, 5, 9]) == 5
+    assert r.top1("nothing in common", [9, 3]) == 3  # all zero: lower id
+    assert r.top1("delta", [3, 5, 9]) == 9
+    assert r.top1("x", []) is None
+
+
+def test_static_ranker_is_cosine_of_mean_token_vectors():
+    table = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    vocab = {"a": 0, "b": 1, "c": 2}
+    texts = {1: "a a", 2: "b", 4: "c"}
+    r = StaticEmbeddingRanker(lambda t: [vocab[w] for w in t.split()], table, texts.__getitem__)
+    assert r.top1("a", [1, 2, 4]) == 1
+    assert r.top1("b", [1, 2, 4]) == 2
+    assert r.top1("a b", [1, 2, 4]) == 4
+    assert r.top1("", [2, 1]) == 1  # zero vector: all tie, lower id
+
+
+def test_static_ranker_on_the_real_encoder(encoder):
+    tokenize, table = encoder.token_embeddings()
+    assert table.shape[1] == 384 and table.dtype == np.float32 and tokenize("hello world")
+    texts = {0: "The cat sat on the mat.", 1: "Stock markets fell sharply on Monday."}
+    r = StaticEmbeddingRanker(tokenize, table, texts.__getitem__)
+    assert r.top1("a cat on a mat", [0, 1]) == 0
+    assert r.top1("markets and stocks", [0, 1]) == 1

@@ -1,0 +1,233 @@
+"""The speculation core: steps, verification rounds, in-order application and rollback.
+
+Vocabulary (DESIGN §1-§2). A *step* is one unit of output whose retrieval is guessed: it starts
+at a position of the output, has the query that verification will search for, and the guess the
+step was produced with. Steps are speculated one after another; a *round* sends the pending
+(not yet submitted) steps to ONE batched verification. Rounds are applied strictly in the order
+they were submitted. Applying a round is ``judge`` (a pure acceptance rule: how many steps from
+the front are right, and the truth at the first wrong one) followed by ``RoundBook.commit``:
+the kept steps become verified; at a rejection the rejected step and every later step are
+dropped (roll back by cutting the step list, nothing to restore) and every later round in flight
+is cancelled (its steps are gone). So at any time the output is: verified steps, then
+speculated steps, and only the verified prefix may leave the engine.
+
+This module is pure bookkeeping: no LM, no knowledge base, no clock, no event loop. A round's
+``handle`` is whatever the mode uses to run a verification (an ``asyncio.Task``, a
+``concurrent.futures.Future``); the book only calls ``handle.cancel()``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Sequence
+
+
+class Status(Enum):
+    """Where one request's speculation stands (asserted by the modes after every round)."""
+
+    SPECULATING = "speculating"  # steps are being produced; nothing in flight or rounds in flight
+    AWAITING_VERIFICATION = "awaiting verification"  # the output is complete but not all verified
+    FINISHED = "finished"  # every step verified and the output is complete
+
+
+@dataclass(eq=False)
+class Step:
+    """One guessed unit of output (identity semantics: a step is a place in one request)."""
+
+    start: int  # position in the output where this step's work begins
+    query: Any  # what verification searches for (RaLM: query text)
+    guess: Any  # the speculated retrieval result the step was produced with (RaLM: doc id)
+    verified: bool  # True once verification confirmed ``guess`` (or it came from a real search)
+    end: int | None = None  # position where its work ends, once produced
+    submitted: bool = False  # sent to a verification round
+    extra: Any = None  # the mode's own per-step state (RaLM: a pending exact-guess refinement)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The acceptance rule's answer for one round."""
+
+    accepted: int  # steps kept from the front of the round
+    correction: Any  # the truth at the first rejected step; None when every step was kept
+
+
+def judge(guesses: Sequence[Any], truths: Sequence[Any],
+          same: Callable[[Any, Any], bool] = lambda g, t: g == t) -> Verdict:
+    """Accept steps from the front while ``same(guess, truth)``; the first rejection ends the
+    round and its truth is the correction. RaLM: guess = speculated doc id, truth = the
+    knowledge base's top-1, ``same`` = equality."""
+    if len(guesses) != len(truths):
+        raise ValueError("one truth per speculated step is required")
+    for i, (g, t) in enumerate(zip(guesses, truths)):
+        if not same(g, t):
+            return Verdict(i, t)
+    return Verdict(len(guesses), None)
+
+
+@dataclass(eq=False)
+class Round:
+    """One submitted verification: its steps (in output order) and the running work."""
+
+    steps: list[Step]  # exactly the steps sent, in output order
+    handle: Any  # the running verification (anything with ``cancel()``)
+    stride: int  # the stride OS^3 had chosen when the round was submitted
+    submitted_at: float  # seconds (the mode's clock), for the trace
+    timing: list[tuple[float, float]] = field(default_factory=list)  # (start, seconds) of the work
+
+
+@dataclass
+class RoundStats:
+    """Counts of one request's speculation (the modes add their own timings)."""
+
+    rounds: int = 0  # rounds applied
+    speculated: int = 0  # steps verified in rounds (kept or not)
+    accepted: int = 0  # steps kept
+    rollbacks: int = 0  # rounds that ended with a rejection
+    cancelled: int = 0  # later rounds cancelled by a rollback
+    # accepted steps per applied round -> how many rounds: the acceptance histogram
+    histogram: Counter = field(default_factory=Counter)
+    batch_sizes: list[int] = field(default_factory=list)  # steps per submitted round
+    strides: list[int] = field(default_factory=list)  # OS^3 stride when each round was submitted
+
+
+class RoundBook:
+    """The steps and in-flight rounds of one request, and the only code that changes them.
+
+    Invariants (checked by ``check``): steps are in output order and contiguous; verified steps
+    form a prefix of the list; every step of an in-flight round is submitted and unverified;
+    rounds in flight are in submission order and cover disjoint steps.
+    """
+
+    def __init__(self, first: Step):
+        if not first.verified:
+            raise ValueError("a request starts from a verified step (a real retrieval)")
+        self.steps: list[Step] = [first]
+        self.inflight: deque[Round] = deque()
+        self.stats = RoundStats()
+
+    # -- reading -----------------------------------------------------------------------------
+    @property
+    def current(self) -> Step:
+        """The step being produced (or just produced): the last one."""
+        return self.steps[-1]
+
+    def pending(self) -> list[Step]:
+        """Produced-or-guessed steps not verified and not yet sent to a round, in order."""
+        return [st for st in self.steps if not st.verified and not st.submitted]
+
+    def all_verified(self) -> bool:
+        return all(st.verified for st in self.steps)
+
+    def verified_end(self, default: int) -> int:
+        """End of the verified prefix of finished steps (``default`` if there is none)."""
+        end = default
+        for st in self.steps:
+            if not st.verified or st.end is None:
+                break
+            end = st.end
+        return end
+
+    def status(self, complete: bool) -> Status:
+        if not complete:
+            return Status.SPECULATING
+        return Status.FINISHED if self.all_verified() and not self.inflight else Status.AWAITING_VERIFICATION
+
+    # -- the three phases ----------------------------------------------------------------------
+    def add(self, step: Step) -> None:
+        """Append the next step (its start is the end of the current one)."""
+        self.steps.append(step)
+
+    def submit(self, steps: list[Step], handle: Any, stride: int, now: float) -> Round:
+        """Record a round sent to verification (the caller started ``handle`` with exactly
+        ``steps``' queries, in order)."""
+        if not steps or any(st.submitted or st.verified for st in steps):
+            raise ValueError("a round holds pending steps only")
+        for st in steps:
+            st.submitted = True
+        rnd = Round(list(steps), handle, stride, now)
+        self.inflight.append(rnd)
+        self.stats.batch_sizes.append(len(steps))
+        self.stats.strides.append(stride)
+        return rnd
+
+    def commit(self, rnd: Round, verdict: Verdict) -> Step | None:
+        """Apply the verdict of the OLDEST round in flight: its first ``accepted`` steps become
+        verified. On a rejection the rejected step and every later step leave the list, every
+        later round in flight is cancelled, and the rejected step is returned (the mode restarts
+        it with ``verdict.correction``); otherwise ``None``."""
+        if not self.inflight or self.inflight[0] is not rnd:
+            raise ValueError("rounds are applied strictly in submission order")
+        self.inflight.popleft()
+        kept = rnd.steps[:verdict.accepted]
+        for st in kept:
+            st.verified = True
+        s = self.stats
+        s.rounds += 1
+        s.speculated += len(rnd.steps)
+        s.accepted += len(kept)
+        s.histogram[len(kept)] += 1
+        if verdict.accepted == len(rnd.steps):
+            return None
+        bad = rnd.steps[verdict.accepted]
+        del self.steps[self.steps.index(bad):]
+        s.rollbacks += 1
+        self.abort()
+        return bad
+
+    def abort(self) -> None:
+        """Cancel every round in flight (a rollback, an error, or the end). Idempotent."""
+        while self.inflight:
+            self.inflight.popleft().handle.cancel()
+            self.stats.cancelled += 1
+
+    def check(self) -> None:
+        """Assert the invariants (cheap; the modes call it after every round)."""
+        seen_unverified = False
+        for a, b in zip(self.steps, self.steps[1:]):
+            if a.end is not None and a.end != b.start:
+                raise AssertionError("steps are not contiguous")
+        for st in self.steps:
+            if st.verified and seen_unverified:
+                raise AssertionError("verified steps must form a prefix")
+            seen_unverified |= not st.verified
+        members = [st for rnd in self.inflight for st in rnd.steps]
+        if len(set(map(id, members))) != len(members):
+            raise AssertionError("two rounds in flight share a step")
+        if any(st.verified or not st.submitted for st in members):
+            raise AssertionError("a round in flight holds a verified or unsubmitted step")
+
+
+class Action(Enum):
+    """What the request does next (``next_action``)."""
+
+    STEP = "step"  # produce the next step (LM chunk + the next guess or verified retrieval)
+    SUBMIT = "submit"  # send the pending steps to one batched verification
+    WAIT = "wait"  # wait for the oldest round in flight and apply it
+    FINISH = "finish"  # the output is complete and verified
+
+
+def next_action(pending: int, inflight: int, stride: int, complete: bool, max_inflight: int,
+                eager: bool) -> Action:
+    """The round policy, from counts alone.
+
+    ``pending`` steps wait for a round; ``inflight`` rounds run; ``stride`` is OS^3's choice (0:
+    speculation does not pay, take verified steps); ``complete``: no more output is needed.
+    Pending steps are submitted once there are ``stride`` of them, at the end, or (``eager``,
+    asynchronous mode) as soon as no round is in flight, so the verifier is never idle while
+    there is something to verify; a full pipeline (``max_inflight`` rounds) waits for its
+    oldest round. Before a verified step (stride 0) everything in flight is settled.
+    """
+    if pending and (complete or pending >= stride or (eager and inflight == 0)):
+        return Action.WAIT if inflight >= max_inflight else Action.SUBMIT
+    if complete:
+        return Action.WAIT if inflight else Action.FINISH
+    if stride == 0 and inflight:
+        return Action.WAIT
+    return Action.STEP
+
+
+def histogram_dict(h: Counter) -> dict[str, int]:
+    """The acceptance histogram as JSON-friendly {"accepted steps": rounds}, sorted."""
+    return {str(k): h[k] for k in sorted(h)}

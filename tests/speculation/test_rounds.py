@@ -1,0 +1,118 @@
+import pytest
+
+from ralmspec.speculation.rounds import (Action, RoundBook, Status, Step, Verdict, histogram_dict, judge,
+                                         next_action)
+from ralmspec.speculation.stride import StrideScheduler
+
+
+class Handle:
+    def __init__(self):
+        self.cancelled = 0
+
+    def cancel(self):
+        self.cancelled += 1
+
+
+def book_with(n_steps: int) -> RoundBook:
+    """A verified first step [0, 4) then ``n_steps`` speculated steps of 4 tokens each."""
+    book = RoundBook(Step(0, "q0", 10, verified=True, end=4))
+    for i in range(n_steps):
+        book.add(Step(4 * (i + 1), f"q{i + 1}", 20 + i, verified=False, end=4 * (i + 2)))
+    return book
+
+
+def test_judge_accepts_the_prefix_and_names_the_correction():
+    assert judge([1, 2, 3], [1, 2, 3]) == Verdict(3, None)
+    assert judge([1, 2, 3], [1, 5, 3]) == Verdict(1, 5)
+    assert judge([1, 2, 3], [0, 5, 7]) == Verdict(0, 0)
+    assert judge([], []) == Verdict(0, None)
+    assert judge([1, 2], [1, 3], same=lambda g, t: abs(g - t) <= 1) == Verdict(2, None)
+    with pytest.raises(ValueError):
+        judge([1], [1, 2])
+
+
+def test_commit_accepts_then_rolls_back_and_cancels_later_rounds():
+    book = book_with(5)
+    a = book.submit(book.pending()[:3], Handle(), 3, 0.0)
+    b = book.submit(book.pending(), Handle(), 3, 0.1)
+    assert book.pending() == [] and len(book.inflight) == 2
+    book.check()
+    with pytest.raises(ValueError):
+        book.commit(b, Verdict(2, None))  # strictly in order
+    bad = book.commit(a, Verdict(1, 99))
+    assert bad is a.steps[1]
+    assert [st.start for st in book.steps] == [0, 4]  # rejected step and everything after it gone
+    assert all(st.verified for st in book.steps)
+    assert b.handle.cancelled == 1 and not book.inflight
+    s = book.stats
+    assert (s.rounds, s.speculated, s.accepted, s.rollbacks, s.cancelled) == (1, 3, 1, 1, 1)
+    assert histogram_dict(s.histogram) == {"1": 1}
+    assert book.verified_end(0) == 8
+    book.abort()  # idempotent
+    assert b.handle.cancelled == 1
+
+
+def test_commit_all_kept_keeps_later_rounds():
+    book = book_with(4)
+    a = book.submit(book.pending()[:2], Handle(), 2, 0.0)
+    b = book.submit(book.pending(), Handle(), 2, 0.0)
+    assert book.commit(a, Verdict(2, None)) is None
+    assert list(book.inflight) == [b] and b.handle.cancelled == 0
+    assert book.verified_end(0) == 12
+    assert book.status(complete=True) is Status.AWAITING_VERIFICATION
+    assert book.commit(b, Verdict(2, None)) is None
+    assert book.status(complete=True) is Status.FINISHED
+    assert book.status(complete=False) is Status.SPECULATING
+    assert book.stats.histogram[2] == 2
+
+
+def test_book_refuses_bad_rounds_and_detects_broken_invariants():
+    with pytest.raises(ValueError):
+        RoundBook(Step(0, "q", 1, verified=False))
+    book = book_with(2)
+    with pytest.raises(ValueError):
+        book.submit([], Handle(), 1, 0.0)
+    with pytest.raises(ValueError):
+        book.submit([book.steps[0]], Handle(), 1, 0.0)  # verified
+    book.steps[2].verified = True  # verified after an unverified step
+    with pytest.raises(AssertionError):
+        book.check()
+
+
+@pytest.mark.parametrize("pending,inflight,stride,complete,max_inflight,eager,expected", [
+    (0, 0, 3, False, 2, False, Action.STEP),
+    (2, 0, 3, False, 2, False, Action.STEP),  # not enough for a round yet
+    (3, 0, 3, False, 2, False, Action.SUBMIT),
+    (3, 2, 3, False, 2, False, Action.WAIT),  # pipeline full
+    (2, 0, 3, True, 2, False, Action.SUBMIT),  # the end flushes
+    (0, 1, 3, True, 2, False, Action.WAIT),
+    (0, 0, 3, True, 2, False, Action.FINISH),
+    (0, 1, 0, False, 2, False, Action.WAIT),  # fallback: settle before a verified step
+    (0, 0, 0, False, 2, False, Action.STEP),
+    (1, 0, 0, False, 1, False, Action.SUBMIT),
+    (1, 0, 5, False, 2, True, Action.SUBMIT),  # eager: the verifier is idle
+    (1, 1, 5, False, 2, True, Action.STEP),  # eager, but a round runs: keep speculating
+    (5, 1, 5, False, 2, True, Action.SUBMIT),
+])
+def test_next_action(pending, inflight, stride, complete, max_inflight, eager, expected):
+    assert next_action(pending, inflight, stride, complete, max_inflight, eager) is expected
+
+
+def test_verification_cost_counts_encodings_once():
+    """b(s) = s*e + search(s) when verification encodes (cheap guessers); search(s) alone when
+    the guess already encoded on the critical path."""
+    pays = StrideScheduler(verify_encodes=True)
+    free = StrideScheduler(verify_encodes=False)
+    for sch in (pays, free):
+        sch.observe_search(1, 0.10)
+        sch.observe_search(8, 0.24)
+        sch.observe_encode(0.015)
+    assert free.verification_cost(4) == pytest.approx(0.10 + 0.02 * 3)
+    assert pays.verification_cost(4) == pytest.approx(4 * 0.015 + 0.10 + 0.02 * 3)
+    assert pays.search_cost(4) == free.verification_cost(4)
+    pays.observe_encode(0.5)  # verification dominated by encodings: b(s) grows fast with s
+    for sch in (pays, free):
+        sch.observe_step(0.03)
+        for _ in range(5):
+            sch.observe_round(4, 4)
+    assert pays.next_stride() < free.next_stride()
