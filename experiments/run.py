@@ -34,7 +34,7 @@ from ralmspec.errors import RalmSpecError  # noqa: E402
 
 from experiments import plots, studies  # noqa: E402
 from experiments.config import ExperimentConfig, load_config, with_cache_dir  # noqa: E402
-from experiments.grid import Cell, IdentityError, plan_cells, run_cell  # noqa: E402
+from experiments.grid import IdentityError, plan_cells, run_cell  # noqa: E402
 from experiments.resources import Resources  # noqa: E402
 from experiments.tables import Column, Table  # noqa: E402
 
@@ -226,8 +226,6 @@ def run(cfg: ExperimentConfig, out: str, only: set[str] | None, show: bool, comm
     try:
         if cells:
             run_bench_cells(cfg, res, cells, out, show)
-        models_all = ",".join(sorted({c.key.model for c in cells.values()})) or "-"
-        foot = footer(cfg, meta, models_all)
 
         def bench_table(t: Table, title: str) -> None:
             tables.append(t)

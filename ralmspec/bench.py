@@ -6,7 +6,9 @@ naive and speculative alternating per question, after one warm-up question that 
 Cold start: before every request the engine's cross-request caches (the query encoder's LRU and
 the tokenized passages) are emptied (``RalmEngine.reset_caches``). Otherwise the speculative run
 of a question would find every query the naive run just encoded (the queries are the same when
-the tokens are) and look faster for a reason that has nothing to do with speculation.
+the tokens are) and look faster for a reason that has nothing to do with speculation. OS^3's cost memory
+(``RalmEngine.costs``: measured LM step, search and encoding latencies, no answers) starts empty
+in every ``run_bench`` call and is then shared by the requests of the run, as in a server.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfi
         return await engine.generate(q, gen=gen, spec=spec, speculate=True)
 
     async def go():
+        engine.costs.clear()  # OS^3 calibration starts from nothing in every bench run
         if warmup and questions:
             await run(questions[0], None)
             for spec in variants.values():

@@ -57,12 +57,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="keep speculating even when OS^3 predicts it is slower than the naive loop")
     s.add_argument("--no-async", dest="async_verify", action="store_false", default=True)
     s.add_argument("--max-inflight", type=int, default=2)
+    s.add_argument("--eager-verify", dest="eager_verify", action="store_true", default=False,
+                   help="asynchronous mode: verify whatever is pending as soon as no verification runs, "
+                        "instead of waiting for `stride` speculated steps")
     s.add_argument("--cache-capacity", type=int, default=1024)
     s.add_argument("--guesser", default="exact", choices=GUESSERS,
                    help="how a speculative step guesses its passage: exact (rank the cache with the "
                         "retriever's metric), last (the previous passage; query encoded beside the LM), "
                         "refine (last, then the exact cache guess computed beside the LM; the chunk is "
-                        "regenerated if they differ)")
+                        "regenerated if they differ), static (static token embeddings of the encoder), bm25 "
+                        "(BM25 over the cached passages)")
 
 
 def add_emulate_pad_arg(p, where: str) -> None:
@@ -102,6 +106,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         speculation=SpeculationConfig(enabled=a.speculate, prefetch=a.prefetch, os3=a.os3,
                                       fixed_stride=a.fixed_stride, async_verify=a.async_verify,
                                       max_inflight=a.max_inflight, cache_capacity=a.cache_capacity,
+                                      eager_verify=a.eager_verify,
                                       naive_fallback=a.naive_fallback, guesser=a.guesser),
     )
 

@@ -87,8 +87,9 @@ class SpeculationConfig:
     max_inflight: int = 2  # verification rounds in flight at once (async only)
     # async only: a round leaves as soon as no verification is running (speculation/rounds.py
     # next_action), instead of waiting for `stride` pending steps; the stride still caps how far
-    # the LM runs ahead
-    eager_verify: bool = True
+    # the LM runs ahead. Off by default: more, smaller rounds lost on the 2-core machine
+    # (experiments/results/2026-11-28-decoupled)
+    eager_verify: bool = False
     cache_capacity: int = 1024  # passages per request cache; LRU eviction
     s_max: int = 16
     window: int = 5  # OS^3 acceptance window (rounds)

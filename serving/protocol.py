@@ -91,6 +91,7 @@ _RALM_FIELDS: dict[str, tuple[str, type, float, float]] = {
     "fixed_stride": ("spec", int, 1, 64),
     "async_verify": ("spec", bool, 0, 0),
     "max_inflight": ("spec", int, 1, 16),
+    "eager_verify": ("spec", bool, 0, 0),
     "cache_capacity": ("spec", int, 1, 65536),
     "s_max": ("spec", int, 1, 64),
     "window": ("spec", int, 1, 1000),

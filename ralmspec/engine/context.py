@@ -101,6 +101,9 @@ class RalmContext:
     worker: Executor | None = None
     # the engine's cheap guess rankers (speculation/guess.py CheapRankers); None: built per request
     rankers: object | None = None
+    # the engine's measured speculation costs (LM step, search, encoding, contention), seeding
+    # each request's OS^3 (speculation/stride.py seed_costs); None: every request starts blind
+    costs: dict | None = None
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():

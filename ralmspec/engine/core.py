@@ -33,6 +33,9 @@ class RalmEngine:
         # one thread beside the LM's: query encodings and cache ranking of the guessers
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ralmspec-verify")
         self.rankers = CheapRankers(retriever)  # cheap guessers' passage memo, shared by requests
+        # OS^3's latest measured costs, seeding the next request (machine calibration, not a cache
+        # of answers: kept by reset_caches)
+        self.costs: dict = {}
         self.prompt_format(self.config.generation.prompt_format)  # a bad format fails at start-up
 
     def prompt_format(self, name: str) -> PromptFormat:
@@ -46,7 +49,7 @@ class RalmEngine:
         gen = gen or self.config.generation
         return RalmContext(self.lm, self.retriever, self.passages, lm_client or self.direct_lm,
                            search_client or self.retriever, gen, self.prompt_format(gen.prompt_format),
-                           self.worker, self.rankers)
+                           self.worker, self.rankers, self.costs)
 
     async def generate(self, prompt: str, gen: GenerationConfig | None = None,
                        spec: SpeculationConfig | None = None, speculate: bool | None = None,

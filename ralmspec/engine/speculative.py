@@ -17,9 +17,11 @@ The round, as ``SpeculativeRequest.run`` reads:
   step, submit the pending steps, wait for the oldest round, or finish;
 - ``step``: the LM chunk of the current step, then the next step's query and its guess
   (``speculation/guess.py``), or, while OS^3 says speculation does not pay, a verified step;
-- ``submit``: ONE batched verification of the pending steps' queries (a task: synchronous mode
-  waits for it at once, asynchronous mode keeps producing steps, up to ``max_inflight`` rounds
-  in flight; with ``eager_verify`` a round leaves as soon as the verifier is idle);
+- ``submit``: ONE batched verification of the pending steps' queries (a task: a synchronous
+  round is waited for at once; an asynchronous one runs beside the next steps, up to
+  ``max_inflight`` rounds in flight; with ``eager_verify`` a round leaves as soon as the
+  verifier is idle). In asynchronous mode OS^3 decides per round whether overlapping pays under
+  the contention it measured (``speculation/stride.py``), else the round is synchronous;
 - ``settle``: the oldest round's hits are applied (prefetch into the cache, ``judge``,
   ``RoundBook.commit``: accept the prefix, or roll back and restart the rejected step with the
   true passage). Only verified tokens are passed to ``on_tokens``.
@@ -78,6 +80,9 @@ class SpeculativeRequest:
                                      s_max=spec.s_max, window=spec.window, gamma_max=spec.gamma_max,
                                      naive_fallback=spec.naive_fallback,
                                      verify_encodes=self.encoder is not None and not self.plan.rank_now)
+        # costs are kept per guesser: a = LM chunk + guess, and the guess's price is the guesser's
+        self.cost_key = f"os3/{spec.guesser}"
+        self.sched.seed_costs(ctx.costs.get(self.cost_key) if ctx.costs is not None else None)
         self.max_inflight = spec.max_inflight if spec.async_verify else 1
         self.eager = spec.async_verify and spec.eager_verify
         self.stats = {"lm_steps": 0, "lm_s": 0.0, "cache_s": 0.0, "retrieval_s": 0.0, "verify_s": 0.0,
@@ -100,12 +105,13 @@ class SpeculativeRequest:
                     await self.settle()
                 complete = ctx.finished(self.tokens, self.n0)
                 pending = book.pending()
-                stride = self.sched.next_stride()
+                decision = self.sched.decide()  # OS^3: stride, and (async) overlap or wait
+                stride = decision.stride
                 action = next_action(len(pending), len(book.inflight), stride, complete,
-                                     self.max_inflight, self.eager)
+                                     self.max_inflight, self.eager and decision.overlap)
                 if action is Action.SUBMIT:
-                    self.submit(pending, stride)
-                    if not self.spec.async_verify:
+                    self.submit(pending, stride, decision.overlap)
+                    if not decision.overlap:  # synchronous round: wait for it now
                         await self.settle()
                 elif action is Action.WAIT:
                     await self.settle()
@@ -118,6 +124,8 @@ class SpeculativeRequest:
             if self.book is not None:
                 self.book.abort()
             ctx.lm_client.release(self.session)
+            if ctx.costs is not None and self.spec.os3:
+                ctx.costs[self.cost_key] = self.sched.costs()  # calibration for the engine's next request
         return self.result(prompt, prompt_ids)
 
     # ------------------------------------------------------------------ phases
@@ -140,6 +148,7 @@ class SpeculativeRequest:
         if cur.end is not None:  # cannot happen: a step is only added when work remains
             raise AssertionError("speculative engine lost track of its current step")
         t_step = tr.now()
+        overlapped = bool(book.inflight)  # a verification runs beside this step (contention)
         n = ctx.chunk_size(len(self.tokens) - self.n0)
         chunk = await self.chunk_for(cur, n)
         lm_took = tr.record("lm", t_step, n=len(chunk), doc_id=cur.guess, verified=cur.verified)
@@ -151,21 +160,22 @@ class SpeculativeRequest:
         self.tokens += chunk
         cur.end = len(self.tokens)
         if ctx.finished(self.tokens, self.n0):
-            sched.observe_step(tr.now() - t_step)
+            sched.observe_step(tr.now() - t_step, overlapped)
         elif stride == 0 and not book.inflight and book.all_verified():
             lookup_s = await self.verified_step()
             sched.observe_step(lm_took + lookup_s)
         else:
             book.add(await self.guessed_step())
-            sched.observe_step(tr.now() - t_step)
+            sched.observe_step(tr.now() - t_step, overlapped)
         if cur.verified:
             self.emit_verified()
 
-    def submit(self, pending: list[Step], stride: int) -> Round:
-        """ONE batched verification of the pending steps' queries, as a task."""
+    def submit(self, pending: list[Step], stride: int, overlap: bool) -> Round:
+        """ONE batched verification of the pending steps' queries, as a task (``overlap``: it
+        will run beside decoding, else the caller waits for it at once)."""
         timing: list[tuple[float, float]] = []
-        task = asyncio.create_task(self.verify([st.query for st in pending], timing))
-        rnd = self.book.submit(pending, task, stride, self.tr.now())
+        task = asyncio.create_task(self.verify([st.query for st in pending], timing, overlap))
+        rnd = self.book.submit(pending, task, stride, self.tr.now(), overlap)
         rnd.timing = timing
         self.tr.event("submit", size=len(pending), stride=stride, inflight=len(self.book.inflight))
         return rnd
@@ -188,7 +198,7 @@ class SpeculativeRequest:
         self.stats["verify_s"] += took
         tr.events.append({"kind": "verify", "t": round(start, 6), "dur": round(took, 6), "size": len(rnd.steps)})
         verdict = judge([st.guess for st in rnd.steps], [h[0].doc_id for h in hits])
-        self.sched.observe_round(len(rnd.steps), verdict.accepted)
+        self.sched.observe_round(len(rnd.steps), verdict.accepted, rnd.overlap)
         bad = book.commit(rnd, verdict)
         if bad is not None:
             wasted = len(self.tokens) - bad.start
@@ -276,7 +286,8 @@ class SpeculativeRequest:
         return await verify_batch(self.ctx.search_client.search, queries, self.spec.prefetch,
                                   self.retries, self.timeout_s)
 
-    async def verify(self, queries: list[str], timing: list[tuple[float, float]]) -> list[list[Hit]]:
+    async def verify(self, queries: list[str], timing: list[tuple[float, float]],
+                     overlapped: bool) -> list[list[Hit]]:
         """A round's verification: the queries' encodings on the verification worker (one at a
         time, batch-invariant; free when the guess already encoded them), then ONE batched
         search. Records b(s) = encodings + search(s) for OS^3."""
@@ -287,7 +298,7 @@ class SpeculativeRequest:
         hits = await self.search(queries)
         end = self.tr.now()
         self.stats["encode_s"] += t_search - t
-        self.sched.observe_search(len(queries), end - t_search)
+        self.sched.observe_search(len(queries), end - t_search, overlapped)
         timing.append((t, end - t))
         return hits
 

@@ -56,7 +56,8 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--stride", type=int, default=None, help="fixed speculation stride (default: OS^3)")
     s.add_argument("--successors", type=int, default=10, help="successors i+1..i+m cached per entry (default 10)")
     s.add_argument("--cache-capacity", type=int, default=2048, help="cache entries per request (default 2048)")
-    s.add_argument("--gamma-max", type=float, default=0.9, help="OS^3 cap on the acceptance estimate (default 0.9)")
+    s.add_argument("--gamma-max", type=float, default=None,
+                   help="OS^3 cap on the acceptance estimate (default: SpeculativeKNNConfig's, 0.98)")
     s.add_argument("--s-max", type=int, default=16, help="OS^3 largest stride (default 16)")
     s.add_argument("--async", dest="async_verify", action="store_true", help="verify in a worker thread")
     s.add_argument("--strict", action="store_true", help="accept only identical top-k neighbour sets")
@@ -67,9 +68,10 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
 def _speculative_config(args: argparse.Namespace):
     from ralmspec.knnlm.speculative import SpeculativeKNNConfig
 
+    cap = {} if args.gamma_max is None else {"gamma_max": args.gamma_max}
     return SpeculativeKNNConfig(successors=args.successors, cache_capacity=args.cache_capacity,
                                 os3=args.stride is None, fixed_stride=args.stride or 3, s_max=args.s_max,
-                                gamma_max=args.gamma_max, strict=args.strict, async_verify=args.async_verify)
+                                strict=args.strict, async_verify=args.async_verify, **cap)
 
 
 def _add_shard_options(p: argparse.ArgumentParser) -> None:

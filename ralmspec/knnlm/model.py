@@ -36,6 +36,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -97,30 +98,51 @@ def interpolate(p_knn: np.ndarray, p_lm: np.ndarray, lam: float) -> np.ndarray:
     return lam * p_knn + (1.0 - lam) * p_lm
 
 
-def next_token(logits: np.ndarray, dists: np.ndarray, values: np.ndarray, config: KNNLMConfig) -> int:
+@dataclass(frozen=True)
+class LMScores:
+    """The LM side of :func:`next_token` at one position, computed once per logits vector.
+
+    ``exp = exp(z - max z)`` in float64 (``z`` = the logits), ``total = exp.sum()`` and
+    ``argmax`` = the LM's own choice (lowest id on ties); ``p_lm(y) = exp[y] / total``. The
+    vocabulary-wide work of a decision lives here, so deciding the same position twice (a
+    speculated token, then its verification) pays for it once.
+    """
+
+    exp: np.ndarray  # float64 [V]
+    total: float
+    argmax: int
+
+    @classmethod
+    def of(cls, logits: np.ndarray) -> LMScores:
+        e = np.array(logits, dtype=np.float64)  # one vocabulary-sized buffer, updated in place
+        argmax = int(np.argmax(e))
+        e -= e[argmax]
+        np.exp(e, out=e)
+        return cls(exp=e, total=float(e.sum()), argmax=argmax)
+
+
+def next_token(logits: np.ndarray | LMScores, dists: np.ndarray, values: np.ndarray, config: KNNLMConfig) -> int:
     """The kNN-LM greedy choice: ``argmax_y λ·p_knn(y) + (1-λ)·p_lm(y)``, ties -> lowest id.
 
+    ``logits`` may be given as their :class:`LMScores` (same result, no vocabulary-wide work).
     Equal to ``argmax(interpolate(knn_distribution(...), lm_distribution(logits), λ))`` (tested),
     computed only at the candidates that can win: the neighbours' values and the LM's own argmax
     ``y*`` (any other ``y`` has ``p(y) = (1-λ)·p_lm(y) <= (1-λ)·p_lm(y*) <= p(y*)``, and ``y* < y``
     on equality; float rounding is monotone, so this also holds for the computed values).
     """
-    z = np.asarray(logits, dtype=np.float64)
-    e = np.exp(z - z.max())
-    total = e.sum()
-    y_lm = int(np.argmax(z))
+    lm = logits if isinstance(logits, LMScores) else LMScores.of(logits)
     d = np.asarray(dists, dtype=np.float64)
     v = np.asarray(values, dtype=np.int64)
     if d.shape != v.shape or d.ndim != 1 or d.size == 0:
         raise ConfigError(f"need one value per distance, got {d.shape} and {v.shape}")
-    if v.min() < 0 or v.max() >= z.size:
-        raise ConfigError(f"neighbour value outside [0, {z.size})")
+    if v.min() < 0 or v.max() >= lm.exp.size:
+        raise ConfigError(f"neighbour value outside [0, {lm.exp.size})")
     w = np.exp(-(d - d.min()) / config.temperature)
     w /= w.sum()
-    cand = np.unique(np.append(v, y_lm))  # sorted ascending
+    cand = np.unique(np.append(v, lm.argmax))  # sorted ascending
     p_knn = np.zeros(cand.size)
     np.add.at(p_knn, np.searchsorted(cand, v), w)
-    p = config.lam * p_knn + (1.0 - config.lam) * (e[cand] / total)
+    p = config.lam * p_knn + (1.0 - config.lam) * (lm.exp[cand] / lm.total)
     return int(cand[int(np.argmax(p))])
 
 
@@ -134,6 +156,11 @@ class LMState:
     hidden: np.ndarray  # float32 [d]: input of the LM head
     logits: np.ndarray  # float32 [V]
     seconds: float  # wall time of the forward that produced it
+
+    @cached_property
+    def scores(self) -> LMScores:
+        """:class:`LMScores` of ``logits``, computed on first use and kept."""
+        return LMScores.of(self.logits)
 
 
 class IncrementalDecoder:
@@ -288,9 +315,11 @@ class KNNLM:
     def is_stop(self, token: int) -> bool:
         return self.config.stop_at_eos and self.eos is not None and token == self.eos
 
-    def decide(self, logits: np.ndarray, ids: np.ndarray, dists: np.ndarray) -> int:
-        """:func:`next_token` with this datastore's values for neighbour ``ids``."""
-        return next_token(logits, dists, self.datastore.values[ids], self.config)
+    def decide(self, lm: LMState | LMScores | np.ndarray, ids: np.ndarray, dists: np.ndarray) -> int:
+        """:func:`next_token` at the position of ``lm`` (a state, its scores or its logits) with this
+        datastore's values for neighbour ``ids``."""
+        scores = lm.scores if isinstance(lm, LMState) else lm
+        return next_token(scores, dists, self.datastore.values[ids], self.config)
 
     def decode_text(self, tokens: Sequence[int]) -> str:
         return self.lm.tokenizer.decode(list(tokens))
@@ -308,7 +337,7 @@ class KNNLM:
             t0 = time.perf_counter()
             nb_ids, nb_d = self.datastore.search(state.hidden[None, :], cfg.k)
             t1 = time.perf_counter()
-            tok = self.decide(state.logits, nb_ids[0], nb_d[0])
+            tok = self.decide(state, nb_ids[0], nb_d[0])
             t2 = time.perf_counter()
             trace.append(TokenTrace(token=tok, lm_s=state.seconds, search_s=t1 - t0, combine_s=t2 - t1))
             out.append(tok)
@@ -321,5 +350,5 @@ class KNNLM:
                            trace=trace, mode="naive")
 
 
-__all__ = ["KNNLMConfig", "KNNLM", "KNNLMResult", "TokenTrace", "IncrementalDecoder", "LMState",
+__all__ = ["KNNLMConfig", "KNNLM", "KNNLMResult", "TokenTrace", "IncrementalDecoder", "LMState", "LMScores",
            "knn_distribution", "lm_distribution", "interpolate", "next_token", "encode_prompt"]

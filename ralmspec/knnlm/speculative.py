@@ -68,7 +68,7 @@ import numpy as np
 
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
-from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult
+from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState
 from ralmspec.speculation.stride import StrideScheduler, expected_verified_chunks, round_time
 
 _U32 = 2.0 ** -24  # float32 unit roundoff
@@ -84,7 +84,10 @@ class SpeculativeKNNConfig:
     fixed_stride: int = 3
     s_max: int = 16
     window: int = 5  # OS^3 acceptance window (rounds)
-    gamma_max: float = 0.9  # OS^3 cap on γ (DESIGN/paper: 0.6; kNN-LM acceptance is ~0.9-1.0, see report)
+    # OS^3 cap on γ (DESIGN/paper: 0.6). kNN-LM acceptance is ~0.9-1.0 and a verification of s
+    # queries costs far less than s single searches only for large s: a 0.9 cap held the stride
+    # near 3-4 and made the naive fallback fire at acceptance 1.0.
+    gamma_max: float = 0.98
     strict: bool = False  # accept only when the speculated top-k ids equal the true ones
     async_verify: bool = False
     prefilter: bool = True  # certified float32 prefilter in the cache (exact result either way)
@@ -190,13 +193,11 @@ class NeighbourCache:
         neighbours (offset 1 of the best entries) are the most recently used.
         """
         nb = np.asarray(neighbour_ids, dtype=np.int64)[::-1]
-        parts = [nb]
-        if successors > 0 and nb.size:
-            end = self.ds.doc_end(nb)
-            for o in range(successors, 0, -1):
-                c = nb + o
-                parts.append(c[c < end])
-        self.add(np.concatenate(parts))
+        if successors <= 0 or nb.size == 0:
+            self.add(nb)
+            return
+        succ = nb[None, :] + np.arange(successors, 0, -1, dtype=np.int64)[:, None]  # row o: offset m-o
+        self.add(np.concatenate([nb, succ[succ < self.ds.doc_end(nb)[None, :]]]))  # row-major: offset m first
 
     def topk(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Canonical top-``k`` among the cached entries (fewer if the cache holds fewer)."""
@@ -204,27 +205,41 @@ class NeighbourCache:
         if n == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
         c = k + self.margin
-        if not self.prefilter or n <= c:
-            ids, d = rank_entries(self._ids[:n], squared_l2(query, self._keys64[:n]), k)
-        else:
-            q32 = np.asarray(query, dtype=np.float32).reshape(-1)
-            q64 = q32.astype(np.float64)
-            qn = float(q64 @ q64)
-            dots = np.einsum("ij,j->i", self._keys32[:n], q32).astype(np.float64)
-            approx = self._norm2[:n] + qn - 2.0 * dots
-            bound = 2.0 * self._gamma * np.sqrt(self._norm2[:n] * qn) + 1e-9 * (self._norm2[:n] + qn + 1.0)
-            cand = np.argpartition(approx, c - 1)[:c]
-            ids, d = rank_entries(self._ids[cand], squared_l2(query, self._keys64[cand]), k)
-            mask = np.ones(n, dtype=bool)
-            mask[cand] = False
-            lower = float((approx[mask] - bound[mask]).min())
-            if not (d.size == k and d[-1] < lower):  # not certified: rank everything exactly
+        found = self._prefiltered_topk(query, k, c) if self.prefilter and n > c else None
+        if found is None:
+            if self.prefilter and n > c:  # not certified: rank everything exactly
                 self.prefilter_fallbacks += 1
-                ids, d = rank_entries(self._ids[:n], squared_l2(query, self._keys64[:n]), k)
+            found = self._rank(query, np.arange(n), k)
+        ids, d = found
         slots = self._slot_of[ids]
         self._stamp[slots] = self._clock + np.arange(ids.size)[::-1]
         self._clock += ids.size
         return ids, d
+
+    def _rank(self, query: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Canonical top-``k`` of the entries in ``slots`` (float64 distances, then entry id)."""
+        return rank_entries(self._ids[slots], squared_l2(query, self._keys64[slots]), k)
+
+    def _prefiltered_topk(self, query: np.ndarray, k: int, c: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The exact top-``k`` ranked among the ``c`` (< size) float32-nearest cached entries, or
+        None when the float32 error bound cannot certify that no other cached entry ranks in.
+
+        ``approx_i = ||k_i||^2 + ||q||^2 - 2 fl32(k_i . q)`` is within ``2 γ_d ||k_i|| ||q||``
+        (+ float64 slack) of the exact distance; that bound grows with ``||k_i||``, so the largest
+        cached norm gives one bound for every entry, and the smallest ``approx`` outside the
+        candidates (the ``c``-th order statistic) minus it is a lower bound on their distances.
+        """
+        n = self._size
+        q32 = np.asarray(query, dtype=np.float32).reshape(-1)
+        q64 = q32.astype(np.float64)
+        qn = float(q64 @ q64)
+        norm2 = self._norm2[:n]
+        approx = norm2 + qn - 2.0 * np.einsum("ij,j->i", self._keys32[:n], q32).astype(np.float64)
+        part = np.argpartition(approx, c)
+        ids, d = self._rank(query, part[:c], k)
+        m = float(norm2.max())
+        lower = float(approx[part[c]]) - (2.0 * self._gamma * np.sqrt(m * qn) + 1e-9 * (m + qn + 1.0))
+        return (ids, d) if d.size == k and d[-1] < lower else None
 
 
 # ---------------------------------------------------------------------- stats
@@ -265,10 +280,17 @@ class SpeculativeStats:
 
 @dataclass
 class _Pending:
-    hidden: np.ndarray
-    logits: np.ndarray
+    """One speculated step awaiting verification."""
+
+    state: LMState  # the LM state the token was decided at (query, logits and their scores)
     token: int
-    spec_ids: np.ndarray
+    spec_ids: np.ndarray  # neighbours from the cache
+    spec_d: np.ndarray
+
+    def same_neighbours(self, ids: np.ndarray, d: np.ndarray) -> bool:
+        """The true neighbours (ids and distances) are the speculated ones: then the true token
+        is the speculated one (:func:`next_token` is a function of these and the state)."""
+        return np.array_equal(self.spec_ids, ids) and np.array_equal(self.spec_d, d)
 
 
 # ---------------------------------------------------------------------- decoder
@@ -338,7 +360,7 @@ class SpeculativeKNNLM:
             if probe:
                 t0 = time.perf_counter()
                 sid, sd = cache.topk(state.hidden, k)
-                spec_tok = base.decide(state.logits, sid, sd)
+                spec_tok = base.decide(state, sid, sd)
                 st.cache_s += time.perf_counter() - t0
             ids, d, tv = self._verify([state.hidden])
             st.verify_s += tv
@@ -351,7 +373,7 @@ class SpeculativeKNNLM:
                 t0 = time.perf_counter()
                 cache.add_search_result(ids[0], scfg.successors)
                 st.cache_add_s += time.perf_counter() - t0
-            tok = base.decide(state.logits, ids[0], d[0])
+            tok = base.decide(state, ids[0], d[0])
             if probe:
                 ok = spec_tok == tok and (not scfg.strict or np.array_equal(sid, ids[0]))
                 sched.observe_round(1, int(ok))
@@ -370,16 +392,24 @@ class SpeculativeKNNLM:
             rate = expected_verified_chunks(g, s) / round_time(a_spec, b_s, g, s, scfg.async_verify)
             return rate > 1.0 / (a_lm + b_1)
 
+        def verdict(p: _Pending, ids: np.ndarray, d: np.ndarray) -> tuple[bool, int]:
+            """(keep the speculated token?, the true token) for one verified step. When the true
+            neighbours are the speculated ones the token is the same, and with ``self_feed`` the
+            cache already holds them and their successors: no decision, no insert."""
+            if p.same_neighbours(ids, d):
+                if not scfg.self_feed:
+                    cache.add_search_result(ids, scfg.successors)
+                return True, p.token
+            cache.add_search_result(ids, scfg.successors)
+            true_tok = base.decide(p.state, ids, d)
+            return true_tok == p.token and not scfg.strict, true_tok
+
         def apply(pend: list[_Pending], first: int, ids: np.ndarray, d: np.ndarray) -> int | None:
             """Walk a verified round; feed the cache; return the index of the first rejection."""
             t0 = time.perf_counter()
             try:
                 for i, p in enumerate(pend):
-                    cache.add_search_result(ids[i], scfg.successors)
-                    true_tok = base.decide(p.logits, ids[i], d[i])
-                    ok = true_tok == p.token
-                    if scfg.strict:
-                        ok = ok and p.spec_ids.shape == ids[i].shape and bool(np.all(p.spec_ids == ids[i]))
+                    ok, true_tok = verdict(p, ids[i], d[i])
                     if not ok:
                         st.wasted_tokens += len(out) - (first + i) - 1
                         del out[first + i:]
@@ -418,19 +448,18 @@ class SpeculativeKNNLM:
                     continue
                 naive_step()
                 continue
-            st.strides.append(s)
             first = len(out)
             pend: list[_Pending] = []
             for i in range(s):
                 t0 = time.perf_counter()
                 sid, sd = cache.topk(state.hidden, k)
-                tok = base.decide(state.logits, sid, sd)
+                tok = base.decide(state, sid, sd)
                 if scfg.self_feed:  # walk on: the successors of the speculated neighbours
                     cache.add_search_result(sid, scfg.successors)
                 t_cache = time.perf_counter() - t0
                 st.cache_s += t_cache
                 st.speculated += 1
-                pend.append(_Pending(state.hidden, state.logits, tok, sid))
+                pend.append(_Pending(state, tok, sid, sd))
                 out.append(tok)
                 if finished(out) or (i == s - 1 and pool is None):
                     # sync: the LM feed of the round's last token waits for its verification
@@ -443,9 +472,10 @@ class SpeculativeKNNLM:
                 timing["lm_step"] = state.seconds
                 timing["spec_step"] = t_cache + state.seconds
                 sched.observe_step(t_cache + state.seconds)
+            st.strides.append(len(pend))
 
             if pool is None:  # ---------------------------------------- synchronous
-                ids, d, tv = self._verify([p.hidden for p in pend])
+                ids, d, tv = self._verify([p.state.hidden for p in pend])
                 st.real_searches += 1
                 st.verified_queries += len(pend)
                 fut: Future = Future()
@@ -462,7 +492,7 @@ class SpeculativeKNNLM:
                     continue  # this round was built on a rejected token: discarded with the rollback
             st.real_searches += 1
             st.verified_queries += len(pend)
-            inflight = (pool.submit(self._verify, [p.hidden for p in pend]), pend, first)
+            inflight = (pool.submit(self._verify, [p.state.hidden for p in pend]), pend, first)
             if finished(out):  # speculated up to the end: settle now
                 f_cur, p_cur, first_cur = inflight
                 inflight = None

@@ -75,6 +75,7 @@ class Round:
     stride: int  # the stride OS^3 had chosen when the round was submitted
     submitted_at: float  # seconds (the mode's clock), for the trace
     timing: list[tuple[float, float]] = field(default_factory=list)  # (start, seconds) of the work
+    overlap: bool = False  # verified beside decoding (asynchronous) rather than waited for
 
 
 @dataclass
@@ -139,14 +140,14 @@ class RoundBook:
         """Append the next step (its start is the end of the current one)."""
         self.steps.append(step)
 
-    def submit(self, steps: list[Step], handle: Any, stride: int, now: float) -> Round:
+    def submit(self, steps: list[Step], handle: Any, stride: int, now: float, overlap: bool = False) -> Round:
         """Record a round sent to verification (the caller started ``handle`` with exactly
         ``steps``' queries, in order)."""
         if not steps or any(st.submitted or st.verified for st in steps):
             raise ValueError("a round holds pending steps only")
         for st in steps:
             st.submitted = True
-        rnd = Round(list(steps), handle, stride, now)
+        rnd = Round(list(steps), handle, stride, now, overlap=overlap)
         self.inflight.append(rnd)
         self.stats.batch_sizes.append(len(steps))
         self.stats.strides.append(stride)

@@ -23,6 +23,14 @@ Decoupled costs (DESIGN §4): ``a`` = LM chunk + guess, as measured on the criti
 encoding, paid inside verification only when the guesser did not already pay it on the critical
 path (``verify_encodes``). Either way every encoding is counted exactly once.
 
+Contention (asynchronous mode): a step that runs while a verification is in flight, and a
+verification that runs beside decoding, are slower than alone when both compete for the same
+cores and memory bandwidth (2-core machine, measured 2026-11-28: a 1M-vector scan 112 -> 188 ms,
+an LM chunk 7.4 -> 9.9 ms). So ``a`` and ``search(s)`` are kept twice: alone and overlapped.
+Each round, OS^3 compares the best synchronous round (alone costs) with the best asynchronous
+one (overlapped costs; the alone ones until contention was measured) and picks the faster
+(``StrideDecision.overlap``): asynchronous verification never loses to synchronous by design.
+
 Estimates: ``a`` = the latest step latency; ``search(s)`` = a least-squares line through the
 latest search latency seen at each batch size (constant when only one size was seen); ``e`` =
 the latest query encoding; ``γ`` = Σ matched / (Σ matched + rounds with a mismatch) over the last
@@ -81,6 +89,9 @@ class StrideDecision:
     a: float | None
     b: float | None
     gamma: float | None
+    # asynchronous mode: verify this round beside decoding (True) or wait for it (False), the
+    # one OS^3 predicts faster with the costs measured under contention (module doc)
+    overlap: bool = False
 
 
 class StrideScheduler:
@@ -106,11 +117,20 @@ class StrideScheduler:
         self.s_max = s_max
         self.gamma_max = gamma_max
         self._a: float | None = None
+        self._a_ov: float | None = None  # a step while a verification ran beside it
         self._b_by_size: dict[int, float] = {}
+        self._b_ov_by_size: dict[int, float] = {}  # searches that ran beside decoding
         self._rounds: deque[tuple[int, bool]] = deque(maxlen=window)  # (matched, had_mismatch)
+        # rounds verified beside decoding: their steps were guessed from a cache that had not
+        # received the previous round's prefetch yet, so their acceptance is estimated apart
+        self._rounds_ov: deque[tuple[int, bool]] = deque(maxlen=window)
 
-    def observe_step(self, seconds: float) -> None:
-        self._a = seconds
+    def observe_step(self, seconds: float, overlapped: bool = False) -> None:
+        """One speculative step (LM chunk + guess); ``overlapped``: a verification ran meanwhile."""
+        if overlapped:
+            self._a_ov = seconds
+        else:
+            self._a = seconds
 
     def observe_lm(self, seconds: float) -> None:
         """One LM chunk alone (the naive step's LM part)."""
@@ -125,9 +145,10 @@ class StrideScheduler:
             return None
         return (self._lm if self._lm is not None else self._a) + self._r
 
-    def observe_search(self, batch_size: int, seconds: float) -> None:
-        """One knowledge-base search of ``batch_size`` already-encoded queries."""
-        self._b_by_size[batch_size] = seconds
+    def observe_search(self, batch_size: int, seconds: float, overlapped: bool = False) -> None:
+        """One knowledge-base search of ``batch_size`` already-encoded queries (``overlapped``:
+        while the LM decoded)."""
+        (self._b_ov_by_size if overlapped else self._b_by_size)[batch_size] = seconds
 
     observe_verification = observe_search  # modes whose verification encodes nothing (kNN-LM)
 
@@ -135,28 +156,34 @@ class StrideScheduler:
         """One query encoding (wherever it ran: guess, probe or verification)."""
         self._encode = seconds
 
-    def observe_round(self, speculated: int, matched: int) -> None:
-        self._rounds.append((matched, matched < speculated))
+    def observe_round(self, speculated: int, matched: int, overlapped: bool = False) -> None:
+        (self._rounds_ov if overlapped else self._rounds).append((matched, matched < speculated))
 
-    def gamma(self) -> float | None:
-        if not self._rounds:
+    def gamma(self, overlapped: bool = False) -> float | None:
+        """γ of synchronous rounds (or of rounds verified beside decoding); each falls back to
+        the other until it has been observed."""
+        rounds = self._rounds_ov if overlapped else self._rounds
+        if not rounds:
+            rounds = self._rounds if overlapped else self._rounds_ov
+        if not rounds:
             return None
-        matched = sum(m for m, _ in self._rounds)
-        mismatched_rounds = sum(1 for _, bad in self._rounds if bad)
+        matched = sum(m for m, _ in rounds)
+        mismatched_rounds = sum(1 for _, bad in rounds if bad)
         if matched + mismatched_rounds == 0:
             return None
         return min(self.gamma_max, matched / (matched + mismatched_rounds))
 
-    def verification_cost(self, s: int) -> float | None:
+    def verification_cost(self, s: int, overlapped: bool = False) -> float | None:
         """b(s) = s·e (when verification encodes) + search(s)."""
-        search = self.search_cost(s)
+        search = self.search_cost(s, overlapped)
         if search is None or not self.verify_encodes or self._encode is None:
             return search
         return s * self._encode + search
 
-    def search_cost(self, s: int) -> float | None:
-        """search(s): least-squares line over the sizes seen (constant if only one)."""
-        pts = sorted(self._b_by_size.items())
+    def search_cost(self, s: int, overlapped: bool = False) -> float | None:
+        """search(s): least-squares line over the sizes seen (constant if only one); the
+        overlapped line falls back to the alone one until a search beside decoding was seen."""
+        pts = sorted((self._b_ov_by_size if overlapped and self._b_ov_by_size else self._b_by_size).items())
         if not pts:
             return None
         if len(pts) == 1:
@@ -171,19 +198,44 @@ class StrideScheduler:
 
     def decide(self) -> StrideDecision:
         if not self.os3:
-            return StrideDecision(self.fixed_stride, self._a, None, self.gamma())
+            return StrideDecision(self.fixed_stride, self._a, None, self.gamma(), self.async_verify)
         g = self.gamma()
         b1 = self.verification_cost(1)
         if self._a is None or b1 is None or g is None:
             # nothing to compare yet: with the fallback, verified steps collect the estimates
-            return StrideDecision(0 if self.naive_fallback else 1, self._a, b1, g)
-        s = best_stride(self._a, lambda k: self.verification_cost(k), g, self.async_verify, self.s_max)
+            return StrideDecision(0 if self.naive_fallback else 1, self._a, b1, g, self.async_verify)
+        # the best synchronous round (alone costs) and, if allowed, the best asynchronous one
+        # (costs under contention); the one with fewer seconds per verified step wins
+        plans = [(self._a, lambda k: self.verification_cost(k), g, False)]
+        if self.async_verify:
+            a_ov = self._a_ov if self._a_ov is not None else self._a
+            plans.append((a_ov, lambda k: self.verification_cost(k, overlapped=True), self.gamma(True), True))
+        best = None
+        for a, b_of, gam, overlap in plans:
+            s = best_stride(a, b_of, gam, overlap, self.s_max)
+            cost = seconds_per_step(a, b_of(s), gam, s, overlap, regen=True)
+            if best is None or cost < best[0]:
+                best = (cost, s, overlap)
+        cost, s, overlap = best
         naive = self.naive_step_cost()
-        if self.naive_fallback and naive is not None:
-            spec = seconds_per_step(self._a, self.verification_cost(s), g, s, self.async_verify, regen=True)
-            if spec >= naive:
-                return StrideDecision(0, self._a, b1, g)
-        return StrideDecision(s, self._a, b1, g)
+        if self.naive_fallback and naive is not None and cost >= naive:
+            return StrideDecision(0, self._a, b1, g, overlap)
+        return StrideDecision(s, self._a, b1, g, overlap)
+
+    def costs(self) -> dict:
+        """The measured costs (not γ: acceptance belongs to one request's text), to seed the
+        scheduler of the next request on the same engine (``seed_costs``)."""
+        return {"a": self._a, "a_ov": self._a_ov, "lm": self._lm, "r": self._r, "encode": self._encode,
+                "b": dict(self._b_by_size), "b_ov": dict(self._b_ov_by_size)}
+
+    def seed_costs(self, costs: dict | None) -> None:
+        """Start from costs measured by earlier requests (machine properties: LM step, search,
+        encoding and their contention); this request's own measurements replace them."""
+        if not costs:
+            return
+        self._a, self._a_ov, self._lm, self._r, self._encode = (costs.get(k) for k in ("a", "a_ov", "lm", "r", "encode"))
+        self._b_by_size = dict(costs.get("b") or {})
+        self._b_ov_by_size = dict(costs.get("b_ov") or {})
 
     def next_stride(self) -> int:
         return self.decide().stride

@@ -3,7 +3,6 @@ emulated knowledge base, and the loud failure when a speculative output differs 
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import pytest

@@ -136,3 +136,97 @@ def test_fallback_scheduler_takes_verified_steps_until_it_has_estimates():
     assert sch.next_stride() == 0  # still no γ
     sch.observe_round(1, 1)
     assert sch.next_stride() >= 1  # search costs 20 LM steps: speculate
+
+
+# ----------------------------------------------------------------------------- contention (async)
+
+def _async_sched(**kw):
+    sch = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, naive_fallback=False, **kw)
+    sch.observe_step(1.0)
+    sch.observe_search(1, 4.0)
+    sch.observe_round(4, 4)
+    return sch
+
+
+def test_async_overlaps_when_contention_is_unknown():
+    # no cost measured under contention yet: the overlapped costs equal the alone ones, and
+    # hiding verification behind decoding is then never slower than waiting for it
+    d = _async_sched().decide()
+    assert d.overlap is True and d.stride >= 1
+
+
+def test_async_waits_when_contention_makes_overlap_slower():
+    sch = _async_sched()
+    # measured beside decoding: the search takes 3x longer and the step 2.5x (2 busy cores)
+    sch.observe_step(2.5, overlapped=True)
+    sch.observe_search(1, 12.0, overlapped=True)
+    sch.observe_round(4, 4, overlapped=True)
+    d = sch.decide()
+    g = sch.gamma()
+    sync_cost = seconds_per_step(1.0, sch.verification_cost(d.stride), g, d.stride, False, regen=True)
+    assert d.overlap is False
+    # the synchronous plan it chose is the best synchronous stride
+    assert d.stride == best_stride(1.0, lambda k: sch.verification_cost(k), g, False, sch.s_max)
+    ov_s = best_stride(2.5, lambda k: sch.verification_cost(k, overlapped=True), sch.gamma(True), True, sch.s_max)
+    ov_cost = seconds_per_step(2.5, sch.verification_cost(ov_s, overlapped=True), sch.gamma(True), ov_s,
+                               True, regen=True)
+    assert sync_cost < ov_cost
+
+
+def test_async_overlaps_when_contention_is_mild():
+    sch = _async_sched()
+    # 2% slower beside each other: hiding one step of each round still pays
+    sch.observe_step(1.02, overlapped=True)
+    sch.observe_search(1, 4.08, overlapped=True)
+    sch.observe_round(4, 4, overlapped=True)
+    assert sch.decide().overlap is True
+
+
+def test_sync_mode_never_overlaps():
+    sch = StrideScheduler(os3=True, async_verify=False, naive_fallback=False)
+    sch.observe_step(1.0)
+    sch.observe_search(1, 4.0)
+    sch.observe_round(4, 4)
+    assert sch.decide().overlap is False
+    assert StrideScheduler(os3=False, async_verify=False).decide().overlap is False
+    assert StrideScheduler(os3=False, async_verify=True).decide().overlap is True
+
+
+def test_gamma_is_estimated_apart_for_overlapped_rounds():
+    sch = StrideScheduler(os3=True, window=5, gamma_max=1.0)
+    sch.observe_round(4, 4)  # synchronous: all accepted
+    assert sch.gamma() == 1.0 and sch.gamma(True) == 1.0  # overlapped falls back to sync
+    sch.observe_round(4, 1, overlapped=True)  # overlapped: 1 matched, then a mismatch
+    assert sch.gamma() == 1.0
+    assert sch.gamma(True) == pytest.approx(1 / 2)
+    only_ov = StrideScheduler(os3=True, gamma_max=1.0)
+    only_ov.observe_round(3, 3, overlapped=True)
+    assert only_ov.gamma() == 1.0  # sync falls back to the overlapped rounds
+
+
+def test_search_cost_under_contention_falls_back_to_alone():
+    sch = StrideScheduler()
+    sch.observe_search(1, 10.0)
+    sch.observe_search(4, 16.0)
+    assert sch.search_cost(2, overlapped=True) == pytest.approx(sch.search_cost(2))
+    sch.observe_search(2, 30.0, overlapped=True)
+    assert sch.search_cost(2, overlapped=True) == pytest.approx(30.0)
+    assert sch.search_cost(2) == pytest.approx(12.0)
+
+
+def test_costs_seed_the_next_scheduler_but_not_acceptance():
+    first = _async_sched()
+    first.observe_step(2.5, overlapped=True)
+    first.observe_search(1, 12.0, overlapped=True)
+    first.observe_encode(0.3)
+    first.observe_lm(0.8)
+    costs = first.costs()
+    nxt = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, naive_fallback=False)
+    nxt.seed_costs(costs)
+    assert nxt.costs() == costs
+    assert nxt.gamma() is None  # acceptance belongs to the request's own text
+    assert nxt.decide().stride == 1  # nothing decided before its own first round
+    nxt.observe_round(4, 4)
+    assert nxt.decide() == first.decide()  # same costs and same γ: same plan
+    nxt.seed_costs(None)  # no memory: unchanged
+    assert nxt.costs() == costs
