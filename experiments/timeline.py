@@ -22,7 +22,8 @@ from dataclasses import replace
 VARIANTS = {
     "all": {},
     "all-sync": {"async_verify": False},
-    "all-stride": {"eager_verify": False},
+    "all-eager": {"eager_verify": True},
+    "async-s3": {"os3": False, "fixed_stride": 3},  # every round verified beside decoding
     "+prefetch": {"os3": False, "fixed_stride": 3, "async_verify": False},
 }
 

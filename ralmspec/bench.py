@@ -61,6 +61,8 @@ class BenchSummary:
     # when nothing runs beside the LM, 1.0 = two threads busy all the time (more than 1 only when
     # verification rounds also overlap each other, max_inflight > 1)
     overlap: float | None = None
+    # mean critical-path cost of one guess (query + the guesser's pick), milliseconds
+    guess_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +79,7 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
     accepted = sum(r.stats["accepted"] for r in specs)
     strides = [s for r in specs for s in r.stats["strides"]]
     probes = sum(r.stats.get("naive_steps", 0) for r in specs)
+    guesses = sum(r.stats.get("guesses", 0) for r in specs)
     return BenchSummary(
         n=len(naive), retriever=retriever, variant=variant,
         identical_fraction=sum(same) / max(1, len(same)),
@@ -93,6 +96,7 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
         answer_match=answer_match([r.text for r in specs], answers) if answers is not None else None,
         probe_hit_rate=sum(r.stats.get("probe_hits", 0) for r in specs) / probes if probes else None,
         overlap=statistics.fmean(r.stats["overlap"] for r in specs) if specs else None,
+        guess_ms=1000 * sum(r.stats.get("guess_s", 0.0) for r in specs) / guesses if guesses else None,
     )
 
 

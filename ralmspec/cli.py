@@ -53,6 +53,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--prefetch", type=int, default=20, help="top-k of each verification cached (1 = none)")
     s.add_argument("--no-os3", dest="os3", action="store_false", default=True, help="use --fixed-stride")
     s.add_argument("--fixed-stride", type=int, default=3)
+    s.add_argument("--gamma-max", type=float, default=SpeculationConfig.gamma_max,
+                   help="OS^3 cap on the estimated acceptance, in (0, 1) (default %(default)s)")
     s.add_argument("--no-naive-fallback", dest="naive_fallback", action="store_false", default=True,
                    help="keep speculating even when OS^3 predicts it is slower than the naive loop")
     s.add_argument("--no-async", dest="async_verify", action="store_false", default=True)
@@ -106,7 +108,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         speculation=SpeculationConfig(enabled=a.speculate, prefetch=a.prefetch, os3=a.os3,
                                       fixed_stride=a.fixed_stride, async_verify=a.async_verify,
                                       max_inflight=a.max_inflight, cache_capacity=a.cache_capacity,
-                                      eager_verify=a.eager_verify,
+                                      eager_verify=a.eager_verify, gamma_max=a.gamma_max,
                                       naive_fallback=a.naive_fallback, guesser=a.guesser),
     )
 

@@ -87,7 +87,8 @@ class SpeculativeRequest:
         self.eager = spec.async_verify and spec.eager_verify
         self.stats = {"lm_steps": 0, "lm_s": 0.0, "cache_s": 0.0, "retrieval_s": 0.0, "verify_s": 0.0,
                       "encode_s": 0.0, "verify_wait_s": 0.0, "naive_steps": 0, "probe_hits": 0,
-                      "refine_wait_s": 0.0, "refined": 0, "worker_s": 0.0, "wasted_tokens": 0}
+                      "refine_wait_s": 0.0, "refined": 0, "worker_s": 0.0, "wasted_tokens": 0,
+                      "guesses": 0, "guess_s": 0.0}  # guesses: the guesser's critical-path cost
         self.tokens: list[int] = []
         self.n0 = 0
         self.emitted = 0  # generated tokens already passed to on_tokens
@@ -252,7 +253,10 @@ class SpeculativeRequest:
             refine = self.beside(self.rank_top1, q, cache.doc_ids())
         elif self.plan.encode_beside:
             self.beside(self.timed_encode, q)
-        self.stats["cache_s"] += tr.record("cache", t, doc_id=guess)
+        took = tr.record("cache", t, doc_id=guess)
+        self.stats["cache_s"] += took
+        self.stats["guess_s"] += took
+        self.stats["guesses"] += 1
         return Step(len(self.tokens), q, guess, verified=False, extra=refine)
 
     async def verified_step(self) -> float:

@@ -202,8 +202,10 @@ class StrideScheduler:
         g = self.gamma()
         b1 = self.verification_cost(1)
         if self._a is None or b1 is None or g is None:
-            # nothing to compare yet: with the fallback, verified steps collect the estimates
-            return StrideDecision(0 if self.naive_fallback else 1, self._a, b1, g, self.async_verify)
+            # nothing to compare yet: with the fallback, verified steps collect the estimates;
+            # without it, a synchronous stride-1 round measures the costs alone (an overlapped
+            # one would only measure them under contention, and the alone ones never)
+            return StrideDecision(0 if self.naive_fallback else 1, self._a, b1, g, False)
         # the best synchronous round (alone costs) and, if allowed, the best asynchronous one
         # (costs under contention); the one with fewer seconds per verified step wins
         plans = [(self._a, lambda k: self.verification_cost(k), g, False)]

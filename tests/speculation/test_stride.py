@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ralmspec.speculation.stride import (
-    StrideScheduler, best_stride, expected_verified_chunks, round_time, seconds_per_step,
+    StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, round_time, seconds_per_step,
 )
 
 
@@ -230,3 +230,13 @@ def test_costs_seed_the_next_scheduler_but_not_acceptance():
     assert nxt.decide() == first.decide()  # same costs and same γ: same plan
     nxt.seed_costs(None)  # no memory: unchanged
     assert nxt.costs() == costs
+
+
+def test_async_without_fallback_measures_alone_costs_first():
+    sch = StrideScheduler(os3=True, async_verify=True, naive_fallback=False, gamma_max=0.9)
+    assert sch.decide() == StrideDecision(1, None, None, None, overlap=False)
+    sch.observe_step(1.0)
+    assert sch.decide().overlap is False  # search alone not measured yet
+    sch.observe_search(1, 4.0)
+    sch.observe_round(1, 1)
+    assert sch.decide().overlap is True  # alone costs known, contention not yet: try overlapping
