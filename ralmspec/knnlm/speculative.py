@@ -18,16 +18,31 @@ previous round's true neighbours are not known yet) the cache keeps walking alon
 instead of running out after ``m`` tokens. Cache contents never affect the output, only the
 acceptance rate.
 
-Round (synchronous)
--------------------
-From a verified state, for i = 1..s (``s`` from OS^3, :class:`StrideScheduler`, one token per
-step): query = LM hidden state, neighbours = cache top-k, token t_i = :func:`next_token`; feed
-t_i to the LM (the last feed is deferred until verification). Then ONE batched real search for
-the s queries. Walk i = 1..s: the *true* token t*_i is :func:`next_token` with the true
-neighbours and the LM logits already computed for step i; t_i is kept when t*_i == t_i (default
-acceptance, the paper's: neighbour sets may differ) or, in ``strict`` mode, when the speculated
-top-k ids equal the true ones. At the first rejected i: t_i is replaced by t*_i, every later
-token is discarded and the LM's KV cache is cropped back (no re-prefill).
+Round (DESIGN's step / submit / settle, on the shared core :mod:`ralmspec.speculation.rounds`)
+------------------------------------------------------------------------------------------
+A *step* is one token: its ``query`` is the :class:`LMState` the token is decided at (hidden
+state = the k-NN query, and the logits), its ``guess`` the token decided from the cache's top-k
+(the speculated neighbours ride along in ``Step.extra``). The steps, the rounds in flight, their
+in-order application, rollback and what may leave the decoder belong to the
+:class:`~ralmspec.speculation.rounds.RoundBook`; ``next_action`` says what to do next. The loop
+(:class:`_Request`) supplies only the kNN-LM parts:
+
+- ``step``: from the current LM state, ``s`` tokens from the cache (``s`` from OS^3,
+  :class:`StrideScheduler`, decided once per round): query = LM hidden state, neighbours =
+  cache top-k, token = :func:`next_token`; each token is fed to the LM (1-row forward) so that
+  the next query exists, except the last token of a synchronous round, whose forward waits for
+  its verification. At stride 0 (the naive fallback, below): one verified token instead.
+- ``submit``: ONE batched real search of the pending steps' queries.
+- ``settle``: the oldest round is judged step by step (``judge_each``) with the kNN-LM rule:
+  the *true* token t*_i is :func:`next_token` with the true neighbours and the LM scores already
+  computed for step i (no decision at all when the true neighbours are the speculated ones);
+  t_i is kept when t*_i == t_i (default, the paper's rule: neighbour sets may differ) or, in
+  ``strict`` mode, only when the speculated neighbours are the true ones. ``RoundBook.commit``
+  keeps the accepted prefix; at the first rejection it cuts that step and everything after it
+  (later tokens, and tokens speculated on top of them), t*_i becomes a verified step and the
+  LM's KV cache is cropped back to it (no re-prefill).
+
+Only the verified prefix (``RoundBook.verified_end``) is returned.
 
 Why output is identical to :meth:`KNNLM.generate`: step i's query and logits are produced by
 the same 1-row forwards over the same verified tokens as in the naive decoder (see
@@ -39,10 +54,9 @@ after it survives.
 Asynchronous verification (``async_verify=True``)
 -------------------------------------------------
 The batched search of round r runs in a worker thread (FAISS and numpy release the GIL) while
-the main thread already speculates round r+1 on top of round r's unverified tokens. Before
-round r+1 is submitted, round r's result is applied: on a rejection, round r+1's work is thrown
-away with the rollback. At most one verification is in flight. Only verified tokens are ever
-returned.
+the main thread already speculates round r+1 on top of round r's unverified tokens. At most one
+verification is in flight, so round r is settled before round r+1 is submitted: on a rejection,
+round r+1's steps are cut with the rollback.
 
 OS^3 and the naive fallback
 ---------------------------
@@ -69,6 +83,7 @@ import numpy as np
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
 from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState
+from ralmspec.speculation.rounds import Action, RoundBook, Status, Step, histogram_dict, judge_each, next_action
 from ralmspec.speculation.stride import StrideScheduler, expected_verified_chunks, round_time
 
 _U32 = 2.0 ** -24  # float32 unit roundoff
@@ -247,8 +262,12 @@ class NeighbourCache:
 
 @dataclass
 class SpeculativeStats:
-    rounds: int = 0  # verification rounds
-    speculated: int = 0  # tokens decided from the cache
+    """One request's counters. ``rounds``, ``speculated``, ``accepted``, ``rollbacks``,
+    ``strides`` and ``acceptance_histogram`` are the round core's (``RoundBook.stats``), copied
+    at the end: they count rounds that were verified, and the tokens sent to them."""
+
+    rounds: int = 0  # verification rounds applied
+    speculated: int = 0  # tokens decided from the cache and verified in a round (kept or not)
     accepted: int = 0  # speculated tokens kept by verification
     rollbacks: int = 0  # rounds with a rejected token
     real_searches: int = 0  # calls of the datastore search (initial + verifications)
@@ -260,7 +279,8 @@ class SpeculativeStats:
     cache_add_s: float = 0.0
     wall_s: float = 0.0
     wasted_tokens: int = 0  # speculated tokens discarded by rollbacks (after the rejected one)
-    strides: list[int] = field(default_factory=list)
+    strides: list[int] = field(default_factory=list)  # tokens per verification round
+    acceptance_histogram: dict[str, int] = field(default_factory=dict)  # kept tokens -> rounds
     cache_size: int = 0
     cache_evictions: int = 0
     prefilter_fallbacks: int = 0
@@ -278,21 +298,6 @@ class SpeculativeStats:
         return d
 
 
-@dataclass
-class _Pending:
-    """One speculated step awaiting verification."""
-
-    state: LMState  # the LM state the token was decided at (query, logits and their scores)
-    token: int
-    spec_ids: np.ndarray  # neighbours from the cache
-    spec_d: np.ndarray
-
-    def same_neighbours(self, ids: np.ndarray, d: np.ndarray) -> bool:
-        """The true neighbours (ids and distances) are the speculated ones: then the true token
-        is the speculated one (:func:`next_token` is a function of these and the state)."""
-        return np.array_equal(self.spec_ids, ids) and np.array_equal(self.spec_d, d)
-
-
 # ---------------------------------------------------------------------- decoder
 
 
@@ -303,210 +308,254 @@ class SpeculativeKNNLM:
         self.base = knnlm
         self.config = config or SpeculativeKNNConfig()
 
-    def _scheduler(self) -> StrideScheduler:
-        c = self.config
-        return StrideScheduler(os3=c.os3, fixed_stride=c.fixed_stride, async_verify=c.async_verify,
-                               s_max=c.s_max, window=c.window, gamma_max=c.gamma_max)
-
     def generate(self, prompt: str | Sequence[int]) -> KNNLMResult:
+        """Decode ``prompt``: the same tokens as ``self.base.generate(prompt)`` (module doc)."""
+        prompt_ids = self.base.check_prompt(prompt, self.base.config.max_new_tokens)
         if self.config.async_verify:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-verify") as pool:
-                return self._generate(prompt, pool)
-        return self._generate(prompt, None)
+                return _Request(self, prompt_ids, pool).run()
+        return _Request(self, prompt_ids, None).run()
 
-    # -------------------------------------------------------------- internals
 
-    def _verify(self, hidden: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+class _Request:
+    """One request's speculative kNN-LM loop on the round core (module doc "Round"). Use once.
+
+    ``out`` holds the tokens of the book's steps, one per step (``Step.start`` is the token's
+    index in ``out``): verified tokens, then speculated ones. ``state`` is the LM state after
+    the last token fed to the LM: after ``out[-1]``, except while a synchronous round's last
+    token waits for its verification, and once the output is complete.
+    """
+
+    def __init__(self, owner: SpeculativeKNNLM, prompt_ids: list[int], pool: ThreadPoolExecutor | None):
+        base, scfg = owner.base, owner.config
+        self.base, self.scfg, self.pool = base, scfg, pool
+        self.k, self.max_new = base.config.k, base.config.max_new_tokens
+        self.prompt_ids = prompt_ids
+        self.stats = SpeculativeStats()
+        self.sched = StrideScheduler(os3=scfg.os3, fixed_stride=scfg.fixed_stride, async_verify=scfg.async_verify,
+                                     s_max=scfg.s_max, window=scfg.window, gamma_max=scfg.gamma_max)
+        self.cache = NeighbourCache(base.datastore, scfg.cache_capacity, prefilter=scfg.prefilter)
+        self.dec = IncrementalDecoder(base.lm.model)
+        self.out: list[int] = []
+        self.state: LMState | None = None
+        self.book: RoundBook | None = None
+        self.lm_step_s: float | None = None  # latest 1-row LM forward
+        self.spec_step_s: float | None = None  # latest speculative step (cache + decision + forward)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> KNNLMResult:
+        """The round loop: after the first (real) token, ``next_action`` picks step, submit,
+        settle (wait) or finish from the book's counts and the stride OS^3 chose for the round;
+        returns the verified tokens (all of them, once finished) and the stats."""
+        st, t_start = self.stats, time.perf_counter()
+        self.state = self.dec.start(self.prompt_ids)
+        st.lm_s += self.state.seconds
+        try:
+            self.book = book = RoundBook(self.verified_step())  # the first token: a real search
+            stride = 0
+            while True:
+                complete = self.finished()
+                pending = book.pending()
+                if not pending and not complete:
+                    stride = self.next_stride()  # once per round
+                action = next_action(len(pending), len(book.inflight), stride, complete,
+                                     max_inflight=1, eager=False)
+                if action is Action.SUBMIT:
+                    self.submit(pending, stride)
+                    if self.pool is None:  # synchronous round: settle it now
+                        self.settle()
+                elif action is Action.WAIT:
+                    self.settle()
+                elif action is Action.FINISH:
+                    break
+                else:
+                    self.step(stride)
+        finally:
+            if self.book is not None:
+                self.book.abort()
+        book.check()
+        if book.status(complete=True) is not Status.FINISHED:  # cannot happen: FINISH needs it
+            raise AssertionError("the request finished with unverified tokens")
+        tokens = self.out[:book.verified_end(0)]
+        rs = book.stats
+        st.rounds, st.speculated, st.accepted, st.rollbacks = rs.rounds, rs.speculated, rs.accepted, rs.rollbacks
+        st.strides, st.acceptance_histogram = list(rs.batch_sizes), histogram_dict(rs.histogram)
+        st.wall_s = time.perf_counter() - t_start
+        st.cache_size, st.cache_evictions = len(self.cache), self.cache.evictions
+        st.prefilter_fallbacks = self.cache.prefilter_fallbacks
+        base = self.base
+        return KNNLMResult(prompt_ids=self.prompt_ids, tokens=tokens, text=base.decode_text(tokens),
+                           wall_s=st.wall_s, lm_s=st.lm_s, search_s=st.verify_s, stats=st, mode="speculative")
+
+    def finished(self) -> bool:
+        """The output (verified and speculated tokens) is complete: max length or a stop token."""
+        out = self.out
+        return len(out) >= self.max_new or (bool(out) and self.base.is_stop(out[-1]))
+
+    def next_stride(self) -> int:
+        """OS^3's stride for the next round, clipped to the tokens still allowed; 0 when the
+        naive fallback predicts that a verified step is faster (module doc)."""
+        s = max(1, min(self.sched.next_stride(), self.max_new - len(self.out)))
+        return s if self.speculation_pays(s) else 0
+
+    def speculation_pays(self, s: int) -> bool:
+        """OS^3's predicted verified tokens/s at stride ``s`` beat the naive decoder's rate."""
+        scfg, sched = self.scfg, self.sched
+        if not (scfg.naive_fallback and scfg.os3):
+            return True
+        g, b_s, b_1 = sched.gamma(), sched.verification_cost(s), sched.verification_cost(1)
+        a_spec, a_lm = self.spec_step_s, self.lm_step_s
+        if None in (g, b_s, b_1, a_spec, a_lm):
+            return True
+        rate = expected_verified_chunks(g, s) / round_time(a_spec, b_s, g, s, scfg.async_verify)
+        return rate > 1.0 / (a_lm + b_1)
+
+    # ------------------------------------------------------------------ phases
+    def step(self, stride: int) -> None:
+        """Produce the next steps: ``stride`` tokens guessed from the cache (fewer if the output
+        completes), or at stride 0 one verified token. Speculated tokens are fed to the LM one
+        by one, except a synchronous round's last token (``settle`` feeds it once verified)."""
+        if stride == 0:  # naive fallback: nothing in flight, everything verified (next_action)
+            self.book.add(self.verified_step())
+            return
+        base, cache, dec, out, book = self.base, self.cache, self.dec, self.out, self.book
+        st, sched = self.stats, self.sched
+        k, successors, self_feed = self.k, self.scfg.successors, self.scfg.self_feed
+        defer_last = self.pool is None
+        state = self.state
+        for i in range(stride):
+            t0 = time.perf_counter()
+            sid, sd = cache.topk(state.hidden, k)
+            tok = base.decide(state, sid, sd)
+            if self_feed:  # walk on: the successors of the speculated neighbours
+                cache.add_search_result(sid, successors)
+            t_cache = time.perf_counter() - t0
+            st.cache_s += t_cache
+            book.add(Step(len(out), state, tok, verified=False, end=len(out) + 1, extra=(sid, sd)))
+            out.append(tok)
+            if (defer_last and i == stride - 1) or self.finished():
+                a = t_cache + (self.lm_step_s or state.seconds)  # the forward it would cost
+                self.spec_step_s = a
+                sched.observe_step(a)
+                break
+            state = dec.step(tok)
+            st.lm_s += state.seconds
+            self.lm_step_s = state.seconds
+            self.spec_step_s = t_cache + state.seconds
+            sched.observe_step(self.spec_step_s)
+        self.state = state
+
+    def submit(self, steps: list[Step], stride: int) -> None:
+        """ONE batched real search of ``steps``' queries: now (synchronous; the caller settles
+        it at once) or in the worker thread beside the next steps (asynchronous)."""
+        queries = [s.query.hidden for s in steps]
+        if self.pool is None:
+            handle: Future = Future()
+            handle.set_result(self.verify(queries))
+        else:
+            handle = self.pool.submit(self.verify, queries)
+        self.stats.real_searches += 1
+        self.stats.verified_queries += len(steps)
+        self.book.submit(steps, handle, stride, time.perf_counter(), overlap=self.pool is not None)
+
+    def settle(self) -> None:
+        """Wait for the oldest round and apply it: judge its tokens in order (``judge_step``),
+        commit the verdict, and on a rejection replace the rejected token by the true one and
+        crop the LM back to it. Kept steps drop their LM state (a vocabulary-sized buffer)."""
+        book, st, sched = self.book, self.stats, self.sched
+        rnd = book.inflight[0]
         t0 = time.perf_counter()
-        ids, d = self.base.datastore.search(np.stack(hidden), self.base.config.k)
+        ids, d, took = rnd.handle.result()
+        st.verify_wait_s += time.perf_counter() - t0
+        st.verify_s += took
+        n = len(rnd.steps)
+        sched.observe_verification(n, took)
+        t0 = time.perf_counter()
+        verdict = judge_each(self.judge_step(s, ids[i], d[i]) for i, s in enumerate(rnd.steps))
+        st.cache_add_s += time.perf_counter() - t0
+        sched.observe_round(n, verdict.accepted)
+        bad = book.commit(rnd, verdict)
+        for s in rnd.steps[:verdict.accepted]:
+            s.query = s.extra = None
+        if bad is None:
+            if not rnd.overlap:
+                self.feed()  # a synchronous round's last token waited for its verification
+            return
+        out = self.out
+        st.wasted_tokens += len(out) - bad.start - 1
+        del out[bad.start:]
+        out.append(verdict.correction)
+        book.add(Step(bad.start, None, verdict.correction, verified=True, end=bad.start + 1))
+        self.feed()
+
+    # ------------------------------------------------------------------ kNN-LM parts
+    def judge_step(self, step: Step, ids: np.ndarray, d: np.ndarray) -> tuple[bool, int]:
+        """The acceptance rule for one speculated token given its true neighbours ``ids``,
+        ``d``: (keep it?, the true token). True neighbours equal to the speculated ones (ids and
+        distances) give the same token, kept with no decision; with ``self_feed`` the cache
+        already holds them and their successors. Otherwise they and their successors enter the
+        cache and the true token is decided from the step's LM state (its scores are reused);
+        it is kept when it is the speculated token, unless ``strict``."""
+        cache, scfg = self.cache, self.scfg
+        sid, sd = step.extra
+        if np.array_equal(sid, ids) and np.array_equal(sd, d):
+            if not scfg.self_feed:
+                cache.add_search_result(ids, scfg.successors)
+            return True, step.guess
+        cache.add_search_result(ids, scfg.successors)
+        true_tok = self.base.decide(step.query, ids, d)
+        return true_tok == step.guess and not scfg.strict, true_tok
+
+    def verify(self, hidden: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+        """The real search of the queries, in one batch: (ids, distances, seconds)."""
+        t0 = time.perf_counter()
+        ids, d = self.base.datastore.search(np.stack(hidden), self.k)
         return ids, d, time.perf_counter() - t0
 
-    def _generate(self, prompt: str | Sequence[int], pool: ThreadPoolExecutor | None) -> KNNLMResult:
-        base, cfg, scfg = self.base, self.base.config, self.config
-        ds, k = base.datastore, cfg.k
-        prompt_ids = base.check_prompt(prompt, cfg.max_new_tokens)
-        st = SpeculativeStats()
-        t_start = time.perf_counter()
-        sched = self._scheduler()
-        cache = NeighbourCache(ds, scfg.cache_capacity, prefilter=scfg.prefilter)
-        dec = IncrementalDecoder(base.lm.model)
-        n_prompt = len(prompt_ids)
-        out: list[int] = []  # verified tokens, then (transiently) speculated ones
-        state = dec.start(prompt_ids)
-        st.lm_s += state.seconds
-
-        def finished(tokens: list[int]) -> bool:
-            return len(tokens) >= cfg.max_new_tokens or (bool(tokens) and base.is_stop(tokens[-1]))
-
-        # In-flight verification (async only): (future, pending steps, index in `out` of step 0)
-        inflight: tuple[Future, list[_Pending], int] | None = None
-        timing = {"lm_step": None, "spec_step": None}  # latest 1-row LM forward / speculative step
-
-        def feed(tok: int) -> None:
-            """Feed the last verified token to the LM unless the request is finished."""
-            nonlocal state
-            if not finished(out):
-                dec.truncate(n_prompt + len(out) - 1)  # no-op unless rolled back
-                state = dec.step(tok)
-                st.lm_s += state.seconds
-                timing["lm_step"] = state.seconds
-
-        def naive_step() -> None:
-            """One verified token from a real search (the first token, and the OS^3 fallback).
-            Every ``probe_every``-th fallback step also asks the cache first (fed by the step
-            before), so the acceptance estimate keeps tracking the cache and speculation can
-            resume."""
-            probe = st.naive_steps > 0 and scfg.probe_every > 0 and st.naive_steps % scfg.probe_every == 0
-            if probe:
-                t0 = time.perf_counter()
-                sid, sd = cache.topk(state.hidden, k)
-                spec_tok = base.decide(state, sid, sd)
-                st.cache_s += time.perf_counter() - t0
-            ids, d, tv = self._verify([state.hidden])
-            st.verify_s += tv
-            st.real_searches += 1
-            st.verified_queries += 1
-            sched.observe_verification(1, tv)
-            # Feed the cache on the first step and right before a probe (the probe needs this
-            # step's successors); skipping the other feeds keeps the fallback close to naive cost.
-            if st.naive_steps == 0 or (scfg.probe_every > 0 and (st.naive_steps + 1) % scfg.probe_every == 0):
-                t0 = time.perf_counter()
-                cache.add_search_result(ids[0], scfg.successors)
-                st.cache_add_s += time.perf_counter() - t0
-            tok = base.decide(state, ids[0], d[0])
-            if probe:
-                ok = spec_tok == tok and (not scfg.strict or np.array_equal(sid, ids[0]))
-                sched.observe_round(1, int(ok))
-                st.probes += 1
-                st.probe_hits += int(ok)
-            st.naive_steps += 1
-            out.append(tok)
-            feed(tok)
-
-        def speculation_pays(s: int) -> bool:
-            """OS^3's predicted verified tokens/s at stride ``s`` beat the naive decoder's rate."""
-            g, b_s, b_1 = sched.gamma(), sched.verification_cost(s), sched.verification_cost(1)
-            a_spec, a_lm = timing["spec_step"], timing["lm_step"]
-            if not (scfg.naive_fallback and scfg.os3) or None in (g, b_s, b_1, a_spec, a_lm):
-                return True
-            rate = expected_verified_chunks(g, s) / round_time(a_spec, b_s, g, s, scfg.async_verify)
-            return rate > 1.0 / (a_lm + b_1)
-
-        def verdict(p: _Pending, ids: np.ndarray, d: np.ndarray) -> tuple[bool, int]:
-            """(keep the speculated token?, the true token) for one verified step. When the true
-            neighbours are the speculated ones the token is the same, and with ``self_feed`` the
-            cache already holds them and their successors: no decision, no insert."""
-            if p.same_neighbours(ids, d):
-                if not scfg.self_feed:
-                    cache.add_search_result(ids, scfg.successors)
-                return True, p.token
-            cache.add_search_result(ids, scfg.successors)
-            true_tok = base.decide(p.state, ids, d)
-            return true_tok == p.token and not scfg.strict, true_tok
-
-        def apply(pend: list[_Pending], first: int, ids: np.ndarray, d: np.ndarray) -> int | None:
-            """Walk a verified round; feed the cache; return the index of the first rejection."""
+    def verified_step(self) -> Step:
+        """One token from a real search (the first token, and the OS^3 fallback), fed to the LM.
+        Every ``probe_every``-th fallback step also asks the cache first (fed by the step
+        before), so the acceptance estimate keeps tracking the cache and speculation can
+        resume."""
+        base, cache, scfg, st, sched, state = self.base, self.cache, self.scfg, self.stats, self.sched, self.state
+        probe = st.naive_steps > 0 and scfg.probe_every > 0 and st.naive_steps % scfg.probe_every == 0
+        if probe:
             t0 = time.perf_counter()
-            try:
-                for i, p in enumerate(pend):
-                    ok, true_tok = verdict(p, ids[i], d[i])
-                    if not ok:
-                        st.wasted_tokens += len(out) - (first + i) - 1
-                        del out[first + i:]
-                        out.append(true_tok)
-                        return i
-                    st.accepted += 1
-                return None
-            finally:
-                st.cache_add_s += time.perf_counter() - t0
-
-        def settle(fut: Future, pend: list[_Pending], first: int) -> int | None:
-            """Apply a verification result; on a rejection roll the LM back and feed the true token."""
+            sid, sd = cache.topk(state.hidden, self.k)
+            spec_tok = base.decide(state, sid, sd)
+            st.cache_s += time.perf_counter() - t0
+        ids, d, took = self.verify([state.hidden])
+        st.verify_s += took
+        st.real_searches += 1
+        st.verified_queries += 1
+        sched.observe_verification(1, took)
+        # Feed the cache on the first step and right before a probe (the probe needs this
+        # step's successors); skipping the other feeds keeps the fallback close to naive cost.
+        if st.naive_steps == 0 or (scfg.probe_every > 0 and (st.naive_steps + 1) % scfg.probe_every == 0):
             t0 = time.perf_counter()
-            ids, d, tv = fut.result()
-            st.verify_wait_s += time.perf_counter() - t0
-            st.verify_s += tv
-            sched.observe_verification(len(pend), tv)
-            j = apply(pend, first, ids, d)
-            sched.observe_round(len(pend), len(pend) if j is None else j)
-            st.rounds += 1
-            if j is not None:
-                st.rollbacks += 1
-                feed(out[-1])
-            return j
+            cache.add_search_result(ids[0], scfg.successors)
+            st.cache_add_s += time.perf_counter() - t0
+        tok = base.decide(state, ids[0], d[0])
+        if probe:
+            ok = spec_tok == tok and (not scfg.strict or np.array_equal(sid, ids[0]))
+            sched.observe_round(1, int(ok))
+            st.probes += 1
+            st.probe_hits += int(ok)
+        st.naive_steps += 1
+        start = len(self.out)
+        self.out.append(tok)
+        self.feed()
+        return Step(start, None, tok, verified=True, end=start + 1)
 
-        # First token: a real search (the cache starts from the prompt's neighbours).
-        naive_step()
-
-        while not finished(out):
-            s = max(1, min(sched.next_stride(), cfg.max_new_tokens - len(out)))
-            if not speculation_pays(s):
-                if inflight is not None:  # settle what is in flight before a verified step
-                    f_prev, p_prev, first_prev = inflight
-                    inflight = None
-                    settle(f_prev, p_prev, first_prev)
-                    continue
-                naive_step()
-                continue
-            first = len(out)
-            pend: list[_Pending] = []
-            for i in range(s):
-                t0 = time.perf_counter()
-                sid, sd = cache.topk(state.hidden, k)
-                tok = base.decide(state, sid, sd)
-                if scfg.self_feed:  # walk on: the successors of the speculated neighbours
-                    cache.add_search_result(sid, scfg.successors)
-                t_cache = time.perf_counter() - t0
-                st.cache_s += t_cache
-                st.speculated += 1
-                pend.append(_Pending(state, tok, sid, sd))
-                out.append(tok)
-                if finished(out) or (i == s - 1 and pool is None):
-                    # sync: the LM feed of the round's last token waits for its verification
-                    step_s = timing["lm_step"] or state.seconds
-                    timing["spec_step"] = t_cache + step_s
-                    sched.observe_step(t_cache + step_s)
-                    break
-                state = dec.step(tok)
-                st.lm_s += state.seconds
-                timing["lm_step"] = state.seconds
-                timing["spec_step"] = t_cache + state.seconds
-                sched.observe_step(t_cache + state.seconds)
-            st.strides.append(len(pend))
-
-            if pool is None:  # ---------------------------------------- synchronous
-                ids, d, tv = self._verify([p.state.hidden for p in pend])
-                st.real_searches += 1
-                st.verified_queries += len(pend)
-                fut: Future = Future()
-                fut.set_result((ids, d, tv))
-                if settle(fut, pend, first) is None:
-                    feed(out[-1])  # all kept: now feed the round's last token
-                continue
-
-            # ------------------------------------------------------------- asynchronous
-            if inflight is not None:
-                f_prev, p_prev, first_prev = inflight
-                inflight = None
-                if settle(f_prev, p_prev, first_prev) is not None:
-                    continue  # this round was built on a rejected token: discarded with the rollback
-            st.real_searches += 1
-            st.verified_queries += len(pend)
-            inflight = (pool.submit(self._verify, [p.state.hidden for p in pend]), pend, first)
-            if finished(out):  # speculated up to the end: settle now
-                f_cur, p_cur, first_cur = inflight
-                inflight = None
-                settle(f_cur, p_cur, first_cur)
-
-        if inflight is not None:  # cannot happen: every exit path settles; keep the invariant loud
-            raise AssertionError("a verification round was left unsettled")
-        st.wall_s = time.perf_counter() - t_start
-        st.cache_size = len(cache)
-        st.cache_evictions = cache.evictions
-        st.prefilter_fallbacks = cache.prefilter_fallbacks
-        del out[cfg.max_new_tokens:]
-        return KNNLMResult(prompt_ids=prompt_ids, tokens=out, text=base.decode_text(out), wall_s=st.wall_s,
-                           lm_s=st.lm_s, search_s=st.verify_s, stats=st, mode="speculative")
+    def feed(self) -> None:
+        """Feed the output's last token to the LM, after cropping its KV cache to the tokens
+        before it (a no-op unless rolled back); nothing once the output is complete."""
+        if self.finished():
+            return
+        self.dec.truncate(len(self.prompt_ids) + len(self.out) - 1)
+        self.state = self.dec.step(self.out[-1])
+        self.stats.lm_s += self.state.seconds
+        self.lm_step_s = self.state.seconds
 
 
 __all__ = ["SpeculativeKNNConfig", "SpeculativeKNNLM", "SpeculativeStats", "NeighbourCache"]

@@ -5,7 +5,8 @@ at a position of the output, has the query that verification will search for, an
 step was produced with. Steps are speculated one after another; a *round* sends the pending
 (not yet submitted) steps to ONE batched verification. Rounds are applied strictly in the order
 they were submitted. Applying a round is ``judge`` (a pure acceptance rule: how many steps from
-the front are right, and the truth at the first wrong one) followed by ``RoundBook.commit``:
+the front are right, and the truth at the first wrong one; ``judge_each`` when the mode judges
+each step with its own rule) followed by ``RoundBook.commit``:
 the kept steps become verified; at a rejection the rejected step and every later step are
 dropped (roll back by cutting the step list, nothing to restore) and every later round in flight
 is cancelled (its steps are gone). So at any time the output is: verified steps, then
@@ -21,7 +22,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 
 class Status(Enum):
@@ -60,10 +61,24 @@ def judge(guesses: Sequence[Any], truths: Sequence[Any],
     knowledge base's top-1, ``same`` = equality."""
     if len(guesses) != len(truths):
         raise ValueError("one truth per speculated step is required")
-    for i, (g, t) in enumerate(zip(guesses, truths)):
-        if not same(g, t):
-            return Verdict(i, t)
-    return Verdict(len(guesses), None)
+    return judge_each((same(g, t), t) for g, t in zip(guesses, truths))
+
+
+def judge_each(checks: Iterable[tuple[bool, Any]]) -> Verdict:
+    """The same rule for a mode that judges each step itself: ``checks`` yields ``(keep,
+    truth)`` for the round's steps in output order; steps are accepted from the front while
+    ``keep``, and the first rejection ends the round with its ``truth`` as the correction.
+
+    ``checks`` is consumed lazily and only up to the first rejection, so a truth that costs
+    something or has effects (kNN-LM: a decision, cache inserts) is computed for the judged
+    steps only. It must yield one pair per step of the round (``RoundBook.commit`` refuses a
+    verdict that accepts more steps than the round holds)."""
+    accepted = 0
+    for keep, truth in checks:
+        if not keep:
+            return Verdict(accepted, truth)
+        accepted += 1
+    return Verdict(accepted, None)
 
 
 @dataclass(eq=False)
@@ -97,14 +112,19 @@ class RoundBook:
     """The steps and in-flight rounds of one request, and the only code that changes them.
 
     Invariants (checked by ``check``): steps are in output order and contiguous; verified steps
-    form a prefix of the list; every step of an in-flight round is submitted and unverified;
-    rounds in flight are in submission order and cover disjoint steps.
+    form a prefix of the list, ``n_verified`` long; every step of an in-flight round is
+    submitted and unverified; rounds in flight are in submission order and cover disjoint steps.
+
+    Cost: reading and applying touch only the unverified tail (``n_verified`` marks where it
+    begins), so a mode with many small steps (kNN-LM: one per token) pays per round for the
+    steps in play, not for the whole output. ``check`` and ``verified_end`` scan every step.
     """
 
     def __init__(self, first: Step):
         if not first.verified:
             raise ValueError("a request starts from a verified step (a real retrieval)")
         self.steps: list[Step] = [first]
+        self.n_verified = 1  # length of the verified prefix of ``steps``
         self.inflight: deque[Round] = deque()
         self.stats = RoundStats()
 
@@ -116,10 +136,10 @@ class RoundBook:
 
     def pending(self) -> list[Step]:
         """Produced-or-guessed steps not verified and not yet sent to a round, in order."""
-        return [st for st in self.steps if not st.verified and not st.submitted]
+        return [st for st in self.steps[self.n_verified:] if not st.submitted]
 
     def all_verified(self) -> bool:
-        return all(st.verified for st in self.steps)
+        return self.n_verified == len(self.steps)
 
     def verified_end(self, default: int) -> int:
         """End of the verified prefix of finished steps (``default`` if there is none)."""
@@ -138,6 +158,8 @@ class RoundBook:
     # -- the three phases ----------------------------------------------------------------------
     def add(self, step: Step) -> None:
         """Append the next step (its start is the end of the current one)."""
+        if step.verified and self.n_verified == len(self.steps):
+            self.n_verified += 1
         self.steps.append(step)
 
     def submit(self, steps: list[Step], handle: Any, stride: int, now: float, overlap: bool = False) -> Round:
@@ -160,10 +182,16 @@ class RoundBook:
         it with ``verdict.correction``); otherwise ``None``."""
         if not self.inflight or self.inflight[0] is not rnd:
             raise ValueError("rounds are applied strictly in submission order")
+        if not 0 <= verdict.accepted <= len(rnd.steps):
+            raise ValueError(f"a verdict of {verdict.accepted} accepted steps for a round of {len(rnd.steps)}")
         self.inflight.popleft()
         kept = rnd.steps[:verdict.accepted]
         for st in kept:
             st.verified = True
+        steps, nv = self.steps, self.n_verified
+        while nv < len(steps) and steps[nv].verified:
+            nv += 1
+        self.n_verified = nv
         s = self.stats
         s.rounds += 1
         s.speculated += len(rnd.steps)
@@ -172,7 +200,7 @@ class RoundBook:
         if verdict.accepted == len(rnd.steps):
             return None
         bad = rnd.steps[verdict.accepted]
-        del self.steps[self.steps.index(bad):]
+        del steps[steps.index(bad, nv):]
         s.rollbacks += 1
         self.abort()
         return bad
@@ -184,15 +212,20 @@ class RoundBook:
             self.stats.cancelled += 1
 
     def check(self) -> None:
-        """Assert the invariants (cheap; the modes call it after every round)."""
+        """Assert the invariants (linear in the steps: RaLM calls it after every round, kNN-LM,
+        with one step per token, once per request)."""
         seen_unverified = False
         for a, b in zip(self.steps, self.steps[1:]):
             if a.end is not None and a.end != b.start:
                 raise AssertionError("steps are not contiguous")
+        prefix = 0
         for st in self.steps:
             if st.verified and seen_unverified:
                 raise AssertionError("verified steps must form a prefix")
             seen_unverified |= not st.verified
+            prefix += not seen_unverified
+        if prefix != self.n_verified:
+            raise AssertionError(f"n_verified is {self.n_verified}, the verified prefix {prefix} steps")
         members = [st for rnd in self.inflight for st in rnd.steps]
         if len(set(map(id, members))) != len(members):
             raise AssertionError("two rounds in flight share a step")

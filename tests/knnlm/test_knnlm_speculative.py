@@ -127,3 +127,46 @@ def test_naive_fallback_when_speculation_cannot_pay(naive_results, knn_prompts):
     assert all(r.tokens == a.tokens for r, a in zip(results, naive))
     assert sum(r.stats.naive_steps for r in results) > 16  # beyond the first tokens
     assert sum(r.stats.probes for r in results) > 0
+
+
+@pytest.mark.parametrize("cfg", [C(os3=False, fixed_stride=3, cache_capacity=3),
+                                 C(async_verify=True, os3=False, fixed_stride=4, cache_capacity=16),
+                                 C(gamma_max=0.01, probe_every=2)],
+                         ids=["sync-rollbacks", "async", "fallback"])
+def test_tokens_and_stats_come_from_the_round_core(naive_results, knn_prompts, cfg):
+    """Every returned token is verified: a real search (naive step), a kept speculated token, or
+    the correction of a rollback; the round counters are the RoundBook's."""
+    knn, naive = naive_results["flat"]
+    spec = SpeculativeKNNLM(knn, cfg)
+    for p, a in zip(knn_prompts[:10], naive[:10]):
+        r = spec.generate(p)
+        s = r.stats
+        assert r.tokens == a.tokens
+        assert len(r.tokens) == s.naive_steps + s.accepted + s.rollbacks
+        hist = {int(k): v for k, v in s.acceptance_histogram.items()}
+        assert sum(hist.values()) == s.rounds == len(s.strides)
+        assert sum(k * v for k, v in hist.items()) == s.accepted
+        assert sum(s.strides) == s.speculated
+        assert s.real_searches == s.rounds + s.naive_steps
+        assert s.verified_queries == s.speculated + s.naive_steps
+        assert "acceptance_histogram" in r.to_dict()["stats"]
+
+
+def test_a_failed_verification_propagates(naive_results, knn_prompts, monkeypatch):
+    """A search error inside a round (synchronous, or in the worker thread) reaches the caller."""
+    knn, _ = naive_results["flat"]
+    ds = knn.datastore
+    real = ds.search
+    calls = [0]
+
+    def failing(queries, k):
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RuntimeError("search failed")
+        return real(queries, k)
+
+    monkeypatch.setattr(ds, "search", failing)
+    for cfg in (C(os3=False, fixed_stride=2), C(async_verify=True, os3=False, fixed_stride=2)):
+        calls[0] = 0
+        with pytest.raises(RuntimeError, match="search failed"):
+            SpeculativeKNNLM(knn, cfg).generate(knn_prompts[0])

@@ -1,7 +1,7 @@
 import pytest
 
 from ralmspec.speculation.rounds import (Action, RoundBook, Status, Step, Verdict, histogram_dict, judge,
-                                         next_action)
+                                         judge_each, next_action)
 from ralmspec.speculation.stride import StrideScheduler
 
 
@@ -29,6 +29,21 @@ def test_judge_accepts_the_prefix_and_names_the_correction():
     assert judge([1, 2], [1, 3], same=lambda g, t: abs(g - t) <= 1) == Verdict(2, None)
     with pytest.raises(ValueError):
         judge([1], [1, 2])
+
+
+def test_judge_each_stops_at_the_first_rejection():
+    """A mode's own rule: (keep, truth) pairs, consumed lazily up to the first rejection."""
+    seen = []
+
+    def checks(pairs):
+        for keep, truth in pairs:
+            seen.append(truth)
+            yield keep, truth
+
+    assert judge_each(checks([(True, 1), (False, 7), (True, 3)])) == Verdict(1, 7)
+    assert seen == [1, 7]  # the third step was never judged
+    assert judge_each(checks([(True, 1), (True, 2)])) == Verdict(2, None)
+    assert judge_each([]) == Verdict(0, None)
 
 
 def test_commit_accepts_then_rolls_back_and_cancels_later_rounds():
@@ -116,3 +131,29 @@ def test_verification_cost_counts_encodings_once():
         for _ in range(5):
             sch.observe_round(4, 4)
     assert pays.next_stride() < free.next_stride()
+
+
+def test_verified_prefix_is_tracked_through_commits_and_rollbacks():
+    """``n_verified`` (what pending/all_verified read instead of scanning every step) follows
+    adds, accepted prefixes, rollbacks and verified steps after them; ``check`` agrees."""
+    book = RoundBook(Step(0, None, 1, verified=True, end=1))
+    for i in range(1, 5):
+        book.add(Step(i, None, 1, verified=False, end=i + 1))
+    assert book.n_verified == 1 and not book.all_verified() and len(book.pending()) == 4
+    a = book.submit(book.pending()[:2], Handle(), 2, 0.0)
+    b = book.submit(book.pending(), Handle(), 2, 0.0)
+    with pytest.raises(ValueError):
+        book.commit(a, Verdict(3, None))  # more accepted steps than the round holds
+    assert book.commit(a, Verdict(2, None)) is None
+    assert book.n_verified == 3 and book.pending() == []
+    book.check()
+    bad = book.commit(b, Verdict(1, 9))
+    assert bad.start == 4 and book.n_verified == 4 and book.all_verified()
+    book.add(Step(4, None, 9, verified=True, end=5))  # the correction
+    book.add(Step(5, None, 2, verified=False, end=6))
+    assert book.n_verified == 5 and [st.start for st in book.pending()] == [5]
+    assert book.verified_end(0) == 5
+    book.check()
+    book.n_verified = 2
+    with pytest.raises(AssertionError):
+        book.check()
