@@ -23,10 +23,11 @@ import io
 import json
 import os
 import sys
+from dataclasses import asdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ralmspec.data.wikitext import parse_wikitext, split_passages  # noqa: E402
+from ralmspec.data.wikitext import read_passages  # noqa: E402
 
 
 def write_jsonl_gz(path: str, rows: list[dict]) -> None:
@@ -51,11 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     passages = []
     for split in ("test", "valid"):
-        with open(os.path.join(args.data, "wikitext-103", f"wiki.{split}.tokens"), encoding="utf-8") as f:
-            articles = parse_wikitext(f.read())
-        ps = split_passages(articles, prefix=f"wt103-{split}", words=args.words)
+        articles, ps = read_passages(os.path.join(args.data, "wikitext-103", f"wiki.{split}.tokens"),
+                                     prefix=f"wt103-{split}", words=args.words)
         print(f"wikitext-103/wiki.{split}.tokens: {len(articles)} articles -> {len(ps)} passages")
-        passages += [{"id": p.id, "title": p.title, "text": p.text} for p in ps]
+        passages += [asdict(p) for p in ps]
     write_jsonl_gz(os.path.join(args.out, "passages.jsonl.gz"), passages)
 
     questions = []

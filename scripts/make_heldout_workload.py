@@ -21,10 +21,11 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ralmspec.data.wikitext import parse_wikitext, split_passages  # noqa: E402
+from ralmspec.data.wikitext import read_passages  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=8, help="number of questions")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    passages = []
-    for split in ("test", "valid"):
-        with open(os.path.join(args.data, "wikitext-2", f"{split}.txt"), encoding="utf-8") as f:
-            articles = parse_wikitext(f.read())
-        passages += split_passages(articles, prefix=f"wt2-{split}", words=100)
+    passages = [p for split in ("test", "valid")
+                for p in read_passages(os.path.join(args.data, "wikitext-2", f"{split}.txt"), f"wt2-{split}")[1]]
     with open(os.path.join(args.out, "wt2.jsonl"), "w", encoding="utf-8") as f:
         for p in passages:
-            f.write(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n")
+            f.write(json.dumps(asdict(p)) + "\n")
     with open(os.path.join(args.data, "nq_open", "NQ-open.dev.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()][args.first:args.first + args.n]
     with open(os.path.join(args.out, f"q{args.n}.jsonl"), "w", encoding="utf-8") as f:

@@ -116,3 +116,11 @@ def split_passages(articles: list[Article], prefix: str, words: int = 100,
         for c_idx, chunk in enumerate(chunks):
             out.append(RawPassage(f"{prefix}-{a_idx:03d}-{c_idx:03d}", art.title, " ".join(chunk)))
     return out
+
+
+def read_passages(path: str, prefix: str, words: int = 100) -> tuple[list[Article], list[RawPassage]]:
+    """One WikiText file (UTF-8): its articles (:func:`parse_wikitext`) and their passages
+    (:func:`split_passages` with ids under ``prefix``)."""
+    with open(path, encoding="utf-8") as f:
+        articles = parse_wikitext(f.read())
+    return articles, split_passages(articles, prefix=prefix, words=words)

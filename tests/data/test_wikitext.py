@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ralmspec.data.wikitext import Article, detokenize, parse_wikitext, split_passages
+from ralmspec.data.wikitext import Article, detokenize, parse_wikitext, read_passages, split_passages
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = "/work/shared/data"
@@ -40,6 +40,16 @@ def test_parse_and_split():
     ps = split_passages(long, "x", words=100, min_words=30)  # not shorter than 30: kept
     assert [len(p.text.split()) for p in ps] == [100, 100, 30]
     assert [p.id for p in ps] == ["x-000-000", "x-000-001", "x-000-002"] and ps[0].title == "T"
+
+
+def test_read_passages_is_parse_then_split(tmp_path):
+    raw = " \n = Café = \n \n " + " ".join(f"w{i}" for i in range(150)) + " . \n \n = Two = \n Short one . \n"
+    path = tmp_path / "wiki.txt"
+    path.write_text(raw, encoding="utf-8")
+    articles, passages = read_passages(str(path), "p", words=100)
+    assert articles == parse_wikitext(raw)
+    assert passages == split_passages(articles, "p", words=100)
+    assert [p.id for p in passages] == ["p-000-000", "p-000-001", "p-001-000"]
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="needs /work/shared/data")
