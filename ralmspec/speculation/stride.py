@@ -39,6 +39,7 @@ the latest query encoding; ``γ`` = Σ matched / (Σ matched + rounds with a mis
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass
 
@@ -224,20 +225,22 @@ class StrideScheduler:
             return StrideDecision(0, self._a, b1, g, overlap)
         return StrideDecision(s, self._a, b1, g, overlap)
 
+    # the measured costs (not γ: acceptance belongs to one request's text), carried from one
+    # request to the next on the same engine by costs() / seed_costs()
+    _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_b_by_size", "_b_ov_by_size")
+
     def costs(self) -> dict:
-        """The measured costs (not γ: acceptance belongs to one request's text), to seed the
-        scheduler of the next request on the same engine (``seed_costs``)."""
-        return {"a": self._a, "a_ov": self._a_ov, "lm": self._lm, "r": self._r, "encode": self._encode,
-                "b": dict(self._b_by_size), "b_ov": dict(self._b_ov_by_size)}
+        """The measured costs, to seed the scheduler of the engine's next request."""
+        return {k: copy.copy(getattr(self, k)) for k in self._COSTS}
 
     def seed_costs(self, costs: dict | None) -> None:
         """Start from costs measured by earlier requests (machine properties: LM step, search,
-        encoding and their contention); this request's own measurements replace them."""
+        encoding and their contention; a ``costs()`` dict); this request's own measurements
+        replace them."""
         if not costs:
             return
-        self._a, self._a_ov, self._lm, self._r, self._encode = (costs.get(k) for k in ("a", "a_ov", "lm", "r", "encode"))
-        self._b_by_size = dict(costs.get("b") or {})
-        self._b_ov_by_size = dict(costs.get("b_ov") or {})
+        for k in self._COSTS:
+            setattr(self, k, copy.copy(costs[k]))
 
     def next_stride(self) -> int:
         return self.decide().stride
