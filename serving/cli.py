@@ -45,6 +45,20 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="extra wait to gather cross-request batches (default 0: whatever is waiting)")
     h.add_argument("--search-concurrency", type=int, default=1, help="knowledge-base calls in flight at once")
+    h.add_argument("--threads", type=int, default=0,
+                   help="torch and FAISS threads per operation (0: library defaults); the LM, the knowledge base "
+                        "and the guesses run on separate threads, so on a small machine 1 avoids oversubscription")
+    h.add_argument("--no-load-governor", action="store_true",
+                   help="never pause speculation under load (default: paused while the LM worker is saturated "
+                        "by several requests; docs/serving.md)")
+    h.add_argument("--governor-pause-at", type=float, default=0.85, metavar="F",
+                   help="LM busy fraction (over --governor-window s) that pauses speculation")
+    h.add_argument("--governor-resume-at", type=float, default=0.6, metavar="F",
+                   help="LM busy fraction below which speculation resumes")
+    h.add_argument("--governor-kb-bottleneck-at", type=float, default=0.97, metavar="F",
+                   help="knowledge-base busy fraction at which retrieval counts as the bottleneck and speculation "
+                        "is never paused (0: ignore the knowledge base)")
+    h.add_argument("--governor-window", type=float, default=3.0, metavar="S", help="seconds of LM busy time looked at")
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
     h.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
     h.add_argument("--access-log", action="store_true", help="log every request")
@@ -76,16 +90,26 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _build_app(a: argparse.Namespace):
     from ralmspec.cli import engine_config_from_args
+    from ralmspec.engine.governor import GovernorConfig
     from ralmspec.engine.scheduler import SchedulerConfig
     from serving.app import ServerConfig, create_app
 
     cfg = engine_config_from_args(a)
+    if a.threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {a.threads}")
+    from ralmspec.cli import set_threads
+
+    set_threads(a.threads or None)
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
     sched = SchedulerConfig(max_concurrent=a.max_concurrent, max_queue=a.max_queue,
                             request_timeout_s=a.request_timeout if a.request_timeout > 0 else None,
                             retrieval_timeout_s=a.retrieval_timeout, retrieval_retries=a.retrieval_retries,
-                            batch_window_s=a.batch_window_ms / 1000.0)
+                            batch_window_s=a.batch_window_ms / 1000.0,
+                            governor=GovernorConfig(enabled=not a.no_load_governor, window_s=a.governor_window,
+                                                    pause_at=a.governor_pause_at,
+                                                    resume_at=a.governor_resume_at,
+                                                    kb_bottleneck_at=a.governor_kb_bottleneck_at or None))
     if a.search_concurrency < 1:
         raise ConfigError("--search-concurrency must be >= 1")
     from ralmspec.retrieval.emulated import check_emulate_pad

@@ -205,6 +205,16 @@ class ServerMetrics:
                           f"# TYPE ralmspec_scheduler_{key}_total counter", f"ralmspec_scheduler_{key}_total {st[key]}"]
             lines += size_histogram("ralmspec_lm_batch_size", "Prompts per LM backend call (across requests).",
                                     st["lm_batch_sizes"]["counts"])
+            gov = st.get("governor")
+            if gov:
+                lines += gauge("ralmspec_governor_paused", "1 while the load governor pauses speculation "
+                               "(LM saturated by several requests), else 0.", int(gov["paused"]))
+                lines += gauge("ralmspec_governor_lm_busy_fraction",
+                               "LM worker busy fraction over the governor's window, as last evaluated.",
+                               gov["lm_busy_fraction"])
+                lines += ["# HELP ralmspec_governor_paused_seconds_total Seconds speculation was paused by load.",
+                          "# TYPE ralmspec_governor_paused_seconds_total counter",
+                          f"ralmspec_governor_paused_seconds_total {gov['paused_s']}"]
         kb = search_stats or (st and {"kb_batch_queries": st["kb_batch_queries"],
                                       "kb_batch_callers": st["kb_batch_callers"]}) or {}
         if kb:

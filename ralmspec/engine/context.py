@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Hashable, Protocol, Sequence
+from typing import Callable, Hashable, Protocol, Sequence
 
 from ralmspec.config import GenerationConfig
 from ralmspec.engine.prompt import PromptFormat
@@ -104,6 +104,9 @@ class RalmContext:
     # the engine's measured speculation costs (LM step, search, encoding, contention), seeding
     # each request's OS^3 (speculation/stride.py seed_costs); None: every request starts blind
     costs: dict | None = None
+    # a shared server's load governor (engine/governor.py): False pauses speculation, and the
+    # request takes verified (naive) steps; None: always allowed
+    may_speculate: Callable[[], bool] | None = None
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():

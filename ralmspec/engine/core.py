@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Hashable
+from typing import Callable, Hashable
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient
@@ -45,22 +45,25 @@ class RalmEngine:
         return self._formats[name]
 
     def context(self, gen: GenerationConfig | None = None, lm_client: LMClient | None = None,
-                search_client: SearchClient | None = None) -> RalmContext:
+                search_client: SearchClient | None = None,
+                may_speculate: Callable[[], bool] | None = None) -> RalmContext:
         gen = gen or self.config.generation
         return RalmContext(self.lm, self.retriever, self.passages, lm_client or self.direct_lm,
                            search_client or self.retriever, gen, self.prompt_format(gen.prompt_format),
-                           self.worker, self.rankers, self.costs)
+                           self.worker, self.rankers, self.costs, may_speculate)
 
     async def generate(self, prompt: str, gen: GenerationConfig | None = None,
                        spec: SpeculationConfig | None = None, speculate: bool | None = None,
                        on_tokens: TokenCallback | None = None, session: Hashable | None = None,
                        lm_client: LMClient | None = None, search_client: SearchClient | None = None,
                        retries: int = 2, timeout_s: float | None = 30.0,
-                       retrieval: bool = True) -> GenerationResult:
+                       retrieval: bool = True,
+                       may_speculate: Callable[[], bool] | None = None) -> GenerationResult:
         """Generate for one prompt. ``speculate=None`` follows ``spec.enabled``;
-        ``retrieval=False`` answers closed-book (no passage, no knowledge-base search)."""
+        ``retrieval=False`` answers closed-book (no passage, no knowledge-base search);
+        ``may_speculate``: a server's load governor, asked before every round (engine/governor.py)."""
         spec = spec or self.config.speculation
-        ctx = self.context(gen, lm_client, search_client)
+        ctx = self.context(gen, lm_client, search_client, may_speculate)
         if not retrieval:
             return await generate_closed_book(ctx, prompt, session, on_tokens)
         if speculate is None:

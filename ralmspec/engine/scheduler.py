@@ -24,6 +24,10 @@ alone. Why batching cannot change them:
   prefix property for every retriever kind);
 - everything else (cache, stride state, tokens) is per request.
 
+Load governor (``engine/governor.py``): the LM client records its busy intervals; while the LM
+worker is saturated by several requests, speculation is paused and speculative requests take
+plain naive steps (``Scheduler.speculation_allowed``, asked by each request before each round).
+
 Admission control: at most ``max_concurrent`` requests run; at most ``max_queue`` wait for a
 slot (FIFO); beyond that ``QueueFullError`` is raised at once (back-pressure, HTTP 429).
 A request that is cancelled (client gone) or times out frees its slot immediately and its LM
@@ -43,6 +47,7 @@ from typing import Any, Hashable, Sequence
 
 from ralmspec.config import GenerationConfig, SpeculationConfig
 from ralmspec.engine.context import new_session_id
+from ralmspec.engine.governor import BusyWindow, GovernorConfig, LoadGovernor
 from ralmspec.engine.naive import TokenCallback
 from ralmspec.engine.result import GenerationResult
 from ralmspec.errors import ConfigError, RalmSpecError, RetrievalError
@@ -76,6 +81,8 @@ class SchedulerConfig:
     max_search_batch: int = 512  # queries per knowledge-base call
     batch_window_s: float = 0.0  # extra wait to gather a batch; 0: whatever is waiting now
     merge_k: bool = True  # one search with max k for callers with different k (else one per k)
+    # pause speculation while the LM worker is saturated by many requests (engine/governor.py)
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
 
     def __post_init__(self) -> None:
         for name, lo in (("max_concurrent", 1), ("max_queue", 0), ("max_lm_batch", 1),
@@ -142,6 +149,7 @@ class BatchingLMClient:
         self.batch_sizes = SizeHistogram()  # prompts per backend call
         self.calls = 0
         self.busy_s = 0.0
+        self.busy_window: BusyWindow | None = None  # set by the scheduler: the governor's load signal
         self._pending: collections.deque[_LMItem] = collections.deque()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ralm-lm")
         self._wake: asyncio.Event | None = None
@@ -213,6 +221,8 @@ class BatchingLMClient:
         self.batch_sizes.observe(len(batch))
         self.calls += 1
         t = time.perf_counter()
+        if self.busy_window is not None:
+            self.busy_window.start(t)
         loop = asyncio.get_running_loop()
         try:
             outcomes = await asyncio.shield(loop.run_in_executor(self._executor, self._call, batch))
@@ -225,7 +235,10 @@ class BatchingLMClient:
                 self._finish_sessions(batch)
                 raise
         finally:
-            self.busy_s += time.perf_counter() - t
+            end = time.perf_counter()
+            self.busy_s += end - t
+            if self.busy_window is not None:
+                self.busy_window.stop(end)
         for it, out in zip(batch, outcomes):
             if it.future.done():
                 continue
@@ -318,6 +331,7 @@ class BatchingSearchClient:
         self.failures = 0
         self.mixed_k_calls = 0  # calls that served callers with different k (merge_k at work)
         self.busy_s = 0.0
+        self.busy_window: BusyWindow | None = None  # set by the scheduler: the governor's KB signal
         self._pending: collections.deque[_SearchItem] = collections.deque()
         self._local = type(retriever).search is Retriever.search  # base impl: search_sync in a thread
         self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="ralm-kb")
@@ -400,6 +414,8 @@ class BatchingSearchClient:
             self.batch_callers.observe(len(batch))
             self.calls += 1
             t = time.perf_counter()
+            if self.busy_window is not None:
+                self.busy_window.start(t)
             try:
                 if self._local:
                     hits = await asyncio.get_running_loop().run_in_executor(
@@ -415,7 +431,10 @@ class BatchingSearchClient:
                         it.future.set_exception(exc)
                 return
             finally:
-                self.busy_s += time.perf_counter() - t
+                end = time.perf_counter()
+                self.busy_s += end - t
+                if self.busy_window is not None:
+                    self.busy_window.stop(end)
             by_query = dict(zip(unique, hits))
             for it in batch:
                 if not it.future.done():
@@ -468,6 +487,9 @@ class Scheduler:
         self.lm_client = BatchingLMClient(engine.lm, c.max_lm_batch, c.batch_window_s)
         self.search_client = BatchingSearchClient(engine.retriever, c.max_search_batch, c.batch_window_s,
                                                   c.merge_k, search_concurrency)
+        self.lm_client.busy_window = BusyWindow(c.governor.window_s, time.perf_counter())
+        self.search_client.busy_window = BusyWindow(c.governor.window_s, time.perf_counter())
+        self.governor = LoadGovernor(c.governor, self.lm_client.busy_window, self.search_client.busy_window)
         self.counters = SchedulerCounters()
         self._running = 0
         self._waiting = 0
@@ -505,7 +527,12 @@ class Scheduler:
             "kb_calls": self.search_client.calls, "kb_failures": self.search_client.failures,
             "kb_mixed_k_calls": self.search_client.mixed_k_calls,
             "kb_busy_s": self.search_client.busy_s,
+            "governor": self.governor.stats(time.perf_counter()),
         }
+
+    def speculation_allowed(self) -> bool:
+        """The load governor's answer for a request's next round (engine/governor.py)."""
+        return self.governor.allows_speculation(time.perf_counter(), self._running)
 
     # -- requests
     async def generate(self, prompt: str, gen: GenerationConfig | None = None,
@@ -539,7 +566,8 @@ class Scheduler:
                 res = await self.engine.generate(
                     prompt, gen=gen, spec=spec, speculate=speculate, on_tokens=on_tokens, session=session,
                     lm_client=self.lm_client, search_client=self.search_client,
-                    retries=self.config.retrieval_retries, timeout_s=self.config.retrieval_timeout_s)
+                    may_speculate=self.speculation_allowed, retries=self.config.retrieval_retries,
+                    timeout_s=self.config.retrieval_timeout_s)
         except TimeoutError as exc:
             self.counters.timed_out += 1
             raise RequestTimeoutError(f"request exceeded its deadline of {timeout} s") from exc

@@ -32,7 +32,9 @@ retrieved for real before its chunk is generated (exactly the naive step). The c
 fed and probed: the probe runs first and encodes the query, the search then reuses that
 encoding, so the step costs one naive retrieval and measures everything OS^3 compares (lookup,
 single search, hit or miss). A request starts this way until those estimates exist, and
-speculation resumes whenever it is predicted to pay.
+speculation resumes whenever it is predicted to pay. On a shared server the load governor
+(``engine/governor.py``, ``ctx.may_speculate``) can pause speculation the same way while the LM
+is saturated by other requests; those steps are plain naive steps (no probe).
 """
 
 from __future__ import annotations
@@ -88,11 +90,13 @@ class SpeculativeRequest:
         self.stats = {"lm_steps": 0, "lm_s": 0.0, "cache_s": 0.0, "retrieval_s": 0.0, "verify_s": 0.0,
                       "encode_s": 0.0, "verify_wait_s": 0.0, "naive_steps": 0, "probe_hits": 0,
                       "refine_wait_s": 0.0, "refined": 0, "worker_s": 0.0, "wasted_tokens": 0,
-                      "guesses": 0, "guess_s": 0.0}  # guesses: the guesser's critical-path cost
+                      "guesses": 0, "guess_s": 0.0,  # guesses: the guesser's critical-path cost
+                      "paused_steps": 0}  # verified steps taken because the server's governor paused speculation
         self.tokens: list[int] = []
         self.n0 = 0
         self.emitted = 0  # generated tokens already passed to on_tokens
         self.book: RoundBook | None = None
+        self.paused = False  # the server's governor paused speculation for this decision
 
     # ------------------------------------------------------------------ the loop
     async def run(self, prompt: str) -> GenerationResult:
@@ -108,6 +112,11 @@ class SpeculativeRequest:
                 pending = book.pending()
                 decision = self.sched.decide()  # OS^3: stride, and (async) overlap or wait
                 stride = decision.stride
+                # a loaded server's governor may pause speculation (engine/governor.py): stride 0,
+                # and plain naive steps (also instead of OS^3's probing fallback steps)
+                self.paused = ctx.may_speculate is not None and not ctx.may_speculate()
+                if self.paused:
+                    stride, decision.overlap = 0, False
                 action = next_action(len(pending), len(book.inflight), stride, complete,
                                      self.max_inflight, self.eager and decision.overlap)
                 if action is Action.SUBMIT:
@@ -162,6 +171,8 @@ class SpeculativeRequest:
         cur.end = len(self.tokens)
         if ctx.finished(self.tokens, self.n0):
             sched.observe_step(tr.now() - t_step, overlapped)
+        elif stride == 0 and not book.inflight and book.all_verified() and self.paused:
+            await self.paused_step()
         elif stride == 0 and not book.inflight and book.all_verified():
             lookup_s = await self.verified_step()
             sched.observe_step(lm_took + lookup_s)
@@ -232,6 +243,20 @@ class SpeculativeRequest:
         step.guess = redo
         self.stats["refined"] += 1
         return await ctx.chunk(redo, self.tokens, self.n0, n, self.session)
+
+    async def paused_step(self) -> None:
+        """Speculation paused by a loaded server's governor: exactly the naive step (retrieve,
+        then the chunk comes next), with no probe or other extra hop, so paused requests stay in
+        lock-step with naive ones and share their LM and search batches. The hits still feed the
+        cache for when speculation resumes."""
+        t = self.tr.now()
+        q = self.ctx.query(self.tokens)
+        hits = await self.search([q])
+        self.stats["retrieval_s"] += self.tr.record("retrieve", t, doc_id=hits[0][0].doc_id, k=self.spec.prefetch,
+                                                    paused=True)
+        self.cache.add(hits[0])
+        self.stats["paused_steps"] += 1
+        self.book.add(Step(len(self.tokens), q, hits[0][0].doc_id, verified=True))
 
     async def guessed_step(self) -> Step:
         """The next step with a guessed passage (speculation/guess.py): the exact cache ranking

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
 from ralmspec.errors import ConfigError
@@ -119,7 +120,8 @@ def test_sampled_and_greedy_requests_batched_together_equal_the_oracle(small_ind
 
     async def go():
         oracle = [await engine.generate(q, gen=g, speculate=False) for q, g in zip(qs, gens)]
-        sched = Scheduler(engine, SchedulerConfig(max_concurrent=len(qs), max_queue=0))
+        no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
+        sched = Scheduler(engine, no_governor)
         try:
             got = await asyncio.gather(*(sched.generate(q, gen=g, spec=s, speculate=i % 3 != 0)
                                          for i, (q, g, s) in enumerate(zip(qs, gens, specs))))

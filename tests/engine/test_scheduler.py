@@ -9,6 +9,7 @@ import pytest
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
+from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.scheduler import (
     BatchingLMClient, BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerConfig,
 )
@@ -33,15 +34,25 @@ def _request_plan(i: int) -> tuple[GenerationConfig, SpeculationConfig, bool]:
     return GENS[i % 3], spec, i % 4 != 0
 
 
-@pytest.mark.parametrize("kind", ["exact", "bm25"])
-def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kind, small_indexes, tiny_lm, questions):
+# the load governor (engine/governor.py): off, so every speculative path runs; "pausing": it
+# pauses speculation as soon as the LM is busy at all and resumes when idle, so requests switch
+# between speculative rounds and verified steps mid-answer
+GOVERNORS = {"off": GovernorConfig(enabled=False),
+             "pausing": GovernorConfig(window_s=0.05, pause_at=0.2, resume_at=0.1, min_active=2,
+                                       kb_bottleneck_at=None)}
+
+
+@pytest.mark.parametrize("kind,governor", [("exact", "off"), ("bm25", "off"), ("exact", "pausing")])
+def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kind, governor, small_indexes, tiny_lm,
+                                                                             questions):
     engine = RalmEngine(tiny_lm, small_indexes[kind], EngineConfig())
     plans = [_request_plan(i) for i in range(len(questions))]
     sessions_before = tiny_lm.cached_sessions
 
     async def go():
         oracle = [await engine.generate(q, gen=g, speculate=False) for q, (g, _, _) in zip(questions, plans)]
-        sched = Scheduler(engine, SchedulerConfig(max_concurrent=N_CONCURRENT, max_queue=0))
+        sched = Scheduler(engine, SchedulerConfig(max_concurrent=N_CONCURRENT, max_queue=0,
+                                                  governor=GOVERNORS[governor]))
         try:
             results = await asyncio.gather(*(sched.generate(q, gen=g, spec=s, speculate=sp)
                                              for q, (g, s, sp) in zip(questions, plans)))
@@ -59,7 +70,13 @@ def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kin
     assert stats["lm_batch_sizes"]["max"] > 1, stats["lm_batch_sizes"]
     assert stats["kb_batch_callers"]["max"] > 1, stats["kb_batch_callers"]
     assert stats["kb_mixed_k_calls"] > 0, "naive (k=1) and speculative (k=prefetch) searches never shared a call"
-    assert any(r.stats.get("rollbacks", 0) for r in results), "no rollback: the test would miss that path"
+    if governor == "off":
+        assert any(r.stats.get("rollbacks", 0) for r in results), "no rollback: the test would miss that path"
+    else:
+        paused = sum(r.stats.get("paused_steps", 0) for r in results)
+        rounds = sum(r.stats.get("rounds", 0) for r in results)
+        assert paused > 0 and stats["governor"]["pauses"] > 0, "the governor never paused: the test proves nothing"
+        assert rounds > 0, "no speculative round at all: requests never resumed speculating"
     assert tiny_lm.cached_sessions == sessions_before, "finished requests left KV sessions behind"
 
 

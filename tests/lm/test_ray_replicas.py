@@ -28,6 +28,7 @@ import torch
 
 from ralmspec.cli import main
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
 from ralmspec.errors import ConfigError, LMError
@@ -159,7 +160,8 @@ def test_concurrent_requests_through_scheduler_equal_sequential_naive(replicas, 
 
     async def go():
         oracle = [await engine.generate(q, gen=GENS[i % 3], speculate=False) for i, q in enumerate(qs)]
-        sched = Scheduler(engine, SchedulerConfig(max_concurrent=len(qs), max_queue=0))
+        no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
+        sched = Scheduler(engine, no_governor)
         try:
             results = await asyncio.gather(*(sched.generate(q, gen=GENS[i % 3], speculate=bool(i % 4))
                                              for i, q in enumerate(qs)))

@@ -243,6 +243,7 @@ def test_engine_with_vllm_backend_equals_naive_and_hf(vlm, hflm, bm25_kb):
     from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
     from ralmspec.data.loaders import default_questions
     from ralmspec.engine.core import RalmEngine
+    from ralmspec.engine.governor import GovernorConfig
     from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
 
     questions = [q.question for q in default_questions()[40:46]]
@@ -255,7 +256,9 @@ def test_engine_with_vllm_backend_equals_naive_and_hf(vlm, hflm, bm25_kb):
         naive_v = [await v_engine.generate(q, gen=gen, speculate=False) for q in questions]
         naive_h = [await h_engine.generate(q, gen=gen, speculate=False) for q in questions]
         spec_v = [await v_engine.generate(q, gen=gen, spec=s, speculate=True) for q, s in zip(questions, specs)]
-        sched = Scheduler(v_engine, SchedulerConfig(max_concurrent=len(questions), max_queue=0))
+        no_governor = SchedulerConfig(max_concurrent=len(questions), max_queue=0,
+                                      governor=GovernorConfig(enabled=False))
+        sched = Scheduler(v_engine, no_governor)
         try:
             conc = await asyncio.gather(*(sched.generate(q, gen=gen, spec=s, speculate=True)
                                           for q, s in zip(questions, specs)))

@@ -1,0 +1,101 @@
+"""The load governor's policy (engine/governor.py): pure, driven by an explicit clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from ralmspec.engine.governor import BusyWindow, GovernorConfig, LoadGovernor
+from ralmspec.errors import ConfigError
+
+
+def test_busy_window_counts_only_the_window_and_the_running_call():
+    w = BusyWindow(window_s=2.0, t0=0.0)
+    assert w.fraction(0.0) == 0.0
+    w.start(0.0)
+    w.stop(1.0)
+    assert w.fraction(1.0) == pytest.approx(1.0)  # young window: divided by the 1 s it has existed
+    assert w.fraction(2.0) == pytest.approx(0.5)
+    assert w.fraction(2.5) == pytest.approx(0.25)  # [0.5, 2.5]: 0.5 s of the call
+    assert w.fraction(3.5) == 0.0  # the call left the window (and was dropped)
+    w.start(3.0)
+    assert w.fraction(4.0) == pytest.approx(0.5)  # a call still running counts up to now
+    w.stop(4.5)
+    w.start(4.5)
+    assert w.fraction(5.0) == pytest.approx(1.0)
+
+
+def _governor(**kw) -> tuple[LoadGovernor, BusyWindow]:
+    w = BusyWindow(window_s=1.0, t0=0.0)
+    return LoadGovernor(GovernorConfig(window_s=1.0, **kw), w), w
+
+
+def test_pauses_when_the_lm_is_saturated_by_several_requests_and_resumes_with_hysteresis():
+    g, w = _governor(pause_at=0.8, resume_at=0.5)
+    w.start(0.0)
+    w.stop(1.0)
+    assert g.allows_speculation(1.0, active=8) is False and g.pauses == 1
+    w.start(1.0)
+    w.stop(1.7)  # 70% busy: between the thresholds, still paused (hysteresis)
+    assert g.allows_speculation(2.0, active=8) is False
+    w.start(2.0)
+    w.stop(2.4)  # 40% busy: resumes
+    assert g.allows_speculation(3.0, active=8) is True
+    assert g.stats(3.0)["paused_s"] == pytest.approx(2.0)
+    w.start(3.0)
+    w.stop(3.75)  # 75%: not enough to pause again
+    assert g.allows_speculation(3.75, active=8) is True and g.pauses == 1
+
+
+def test_a_lone_request_is_never_paused_and_a_paused_server_resumes_when_load_drops():
+    g, w = _governor(pause_at=0.8, resume_at=0.5, min_active=2)
+    w.start(0.0)
+    w.stop(1.0)
+    assert g.allows_speculation(1.0, active=1) is True  # nobody else could use the LM: OS^3 decides
+    assert g.allows_speculation(1.0, active=2) is False
+    assert g.allows_speculation(1.0, active=1) is True  # back to one request: resumes at once
+
+
+def test_disabled_governor_always_allows():
+    g, w = _governor(enabled=False)
+    w.start(0.0)
+    w.stop(1.0)
+    assert g.allows_speculation(1.0, active=64) is True and g.pauses == 0
+
+
+@pytest.mark.parametrize("kw", [{"window_s": 0}, {"pause_at": 0.5, "resume_at": 0.6}, {"pause_at": 1.5},
+                                {"resume_at": 0.0}, {"min_active": 0}, {"kb_bottleneck_at": 1.5}])
+def test_bad_governor_config_is_refused(kw):
+    with pytest.raises(ConfigError):
+        GovernorConfig(**kw)
+
+
+def test_busy_window_nests_overlapping_calls():
+    w = BusyWindow(window_s=2.0, t0=0.0)
+    w.start(0.0)
+    w.start(0.5)  # a second call while the first runs (search concurrency > 1)
+    w.stop(1.0)
+    assert w.fraction(1.5) == pytest.approx(1.0)  # still busy: one call remains
+    w.stop(1.5)
+    assert w.fraction(2.0) == pytest.approx(0.75)
+    w.stop(2.0)  # an unmatched stop is ignored
+    assert w.fraction(2.0) == pytest.approx(0.75)
+
+
+def test_a_saturated_knowledge_base_keeps_speculation_on():
+    """Retrieval as the bottleneck: speculation's larger verification batches are the gain."""
+    lm, kb = BusyWindow(1.0, 0.0), BusyWindow(1.0, 0.0)
+    g = LoadGovernor(GovernorConfig(window_s=1.0, pause_at=0.8, resume_at=0.5), lm, kb)
+    for w in (lm, kb):
+        w.start(0.0)
+        w.stop(1.0)
+    assert g.allows_speculation(1.0, active=8) is True
+    lm.start(1.0)
+    lm.stop(2.0)
+    kb.start(1.0)
+    kb.stop(1.5)  # the KB has room again while the LM stays saturated: pause
+    assert g.allows_speculation(2.0, active=8) is False
+    assert g.stats(2.0)["kb_busy_fraction"] == pytest.approx(0.5)
+    for w in (lm, kb):
+        w.start(2.0)
+        w.stop(3.0)  # the KB saturates: the pause ends although the LM is still busy
+    assert g.allows_speculation(3.0, active=8) is True

@@ -1,0 +1,39 @@
+"""experiments/soak.py end to end, shortened: tiny model, two clients (one streaming), 15 s in
+5-second rows, the answers re-checked against the naive loop, JSON and plot written."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import soak
+
+
+def test_minute_table_buckets_by_completion_time():
+    done = [{"t": 1.0, "latency_s": 1.0}, {"t": 2.0, "latency_s": 3.0}, {"t": 7.0, "latency_s": 2.0}]
+    rows = soak.minute_table(done, [(6.0, "x")], [(0.5, 100 * soak.MIB), (9.0, 110 * soak.MIB)], 10.0, 5.0)
+    assert [r["requests"] for r in rows] == [2, 1] and [r["errors"] for r in rows] == [0, 1]
+    assert rows[0]["p50_s"] in (1.0, 3.0) and rows[1]["p99_s"] == 2.0
+    assert [r["rss_mib"] for r in rows] == [100.0, 110.0]
+
+
+def test_speculation_counters_read_from_metrics():
+    text = "# HELP x\nralmspec_speculated_steps_total 12\nralmspec_accepted_steps_total 10\nralmspec_rollbacks_total 2\n"
+    assert soak.speculation_counters(text) == {"speculated_steps": 12.0, "accepted_steps": 10.0, "rollbacks": 2.0}
+
+
+def test_soak_short_run(tmp_path):
+    out, png = tmp_path / "soak.json", tmp_path / "soak.png"
+    rc = soak.main(["--model", "tiny", "--clients", "2", "--minutes", "0.25", "--warmup-minutes", "0.05",
+                    "--bucket", "5", "--sample", "2", "--verify", "4", "--max-tokens", "8",
+                    "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    s = doc["summary"]
+    assert s["errors"] == 0 and s["requests"] >= 2 and s["streamed_requests"] >= 1
+    assert s["checked_questions"] >= 1 and s["checked_answers"] >= 1 and s["naive_mismatches"] == 0
+    assert s["stream_prefix_violations"] == 0 and s["repeat_mismatches"] == 0
+    assert s["speculated_steps"] >= s["accepted_steps"] >= 0 and s["rollbacks"] >= 0
+    assert s["rss_start_mib"] > 0 and s["rss_growth_after_warmup"] is not None
+    assert len(doc["minutes"]) >= 3 and sum(r["requests"] for r in doc["minutes"]) == s["requests"]
+    assert doc["settings"]["clients"] == 2 and doc["settings"]["loadavg_before"] is not None
+    assert png.stat().st_size > 1000
