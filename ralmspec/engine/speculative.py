@@ -171,11 +171,12 @@ class SpeculativeRequest:
         cur.end = len(self.tokens)
         if ctx.finished(self.tokens, self.n0):
             sched.observe_step(tr.now() - t_step, overlapped)
-        elif stride == 0 and not book.inflight and book.all_verified() and self.paused:
-            await self.paused_step()
         elif stride == 0 and not book.inflight and book.all_verified():
-            lookup_s = await self.verified_step()
-            sched.observe_step(lm_took + lookup_s)
+            if self.paused:  # the server's governor: exactly the naive step
+                await self.paused_step()
+            else:
+                lookup_s = await self.verified_step()
+                sched.observe_step(lm_took + lookup_s)
         else:
             book.add(await self.guessed_step())
             sched.observe_step(tr.now() - t_step, overlapped)
