@@ -255,6 +255,8 @@ async def run_cell(url: str, model: str, questions: list[str], mode: str, client
         "paused_steps": sum(st.get("paused_steps", 0) for st in spec_stats),
         "governor_paused_s": round(sa.get("governor", {}).get("paused_s", 0.0)
                                    - sb.get("governor", {}).get("paused_s", 0.0), 4),
+        # the fixed share of a knowledge-base call at the window's end (governor's KB rule)
+        "kb_fixed_share": sa.get("governor", {}).get("kb_fixed_share"),
         # cross-request batching in the window: distinct queries / merged requests per KB search
         "queries_per_search": kb_q["mean"], "requests_per_search": kb_c["mean"],
         "lm_prompts_per_call": lm_b["mean"], "kb_searches": kb_q["calls"],

@@ -7,7 +7,8 @@ Cold start: before every request the engine's cross-request caches (the query en
 the tokenized passages) are emptied (``RalmEngine.reset_caches``). Otherwise the speculative run
 of a question would find every query the naive run just encoded (the queries are the same when
 the tokens are) and look faster for a reason that has nothing to do with speculation. OS^3's cost memory
-(``RalmEngine.costs``: measured LM step, search and encoding latencies, no answers) starts empty
+(``RalmEngine.costs``: measured LM step, search and encoding latencies and, as a prior until a
+request's first round, the previous request's acceptance; no answers) starts empty
 in every ``run_bench`` call and is then shared by the requests of the run, as in a server.
 """
 

@@ -58,6 +58,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--governor-kb-bottleneck-at", type=float, default=0.97, metavar="F",
                    help="knowledge-base busy fraction at which retrieval counts as the bottleneck and speculation "
                         "is never paused (0: ignore the knowledge base)")
+    h.add_argument("--governor-kb-fixed-share-at", type=float, default=0.3, metavar="F",
+                   help="... provided the fixed part of a knowledge-base call (fitted over recent calls) is at least "
+                        "this share of a mean call, i.e. more queries per call make each cheaper")
     h.add_argument("--governor-window", type=float, default=3.0, metavar="S", help="seconds of LM busy time looked at")
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
     h.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
@@ -109,7 +112,8 @@ def _build_app(a: argparse.Namespace):
                             governor=GovernorConfig(enabled=not a.no_load_governor, window_s=a.governor_window,
                                                     pause_at=a.governor_pause_at,
                                                     resume_at=a.governor_resume_at,
-                                                    kb_bottleneck_at=a.governor_kb_bottleneck_at or None))
+                                                    kb_bottleneck_at=a.governor_kb_bottleneck_at or None,
+                                                    kb_fixed_share_at=a.governor_kb_fixed_share_at))
     if a.search_concurrency < 1:
         raise ConfigError("--search-concurrency must be >= 1")
     from ralmspec.retrieval.emulated import check_emulate_pad

@@ -102,7 +102,8 @@ class RalmContext:
     # the engine's cheap guess rankers (speculation/guess.py CheapRankers); None: built per request
     rankers: object | None = None
     # the engine's measured speculation costs (LM step, search, encoding, contention), seeding
-    # each request's OS^3 (speculation/stride.py seed_costs); None: every request starts blind
+    # each request's OS^3, with the last request's acceptance as a prior (speculation/stride.py
+    # seed_costs); None: every request starts blind
     costs: dict | None = None
     # a shared server's load governor (engine/governor.py): False pauses speculation, and the
     # request takes verified (naive) steps; None: always allowed

@@ -15,8 +15,16 @@ calls / window) is the load signal. With at least ``min_active`` requests runnin
 PAUSED once the fraction reaches ``pause_at`` and RESUMED once it falls below ``resume_at``
 (hysteresis: a speculating server loads its LM more than a naive one, so one threshold would
 flip every window). Except when the knowledge-base worker is busy ``kb_bottleneck_at`` of the
-window: then retrieval is the bottleneck, speculation's larger verification batches are what
-raises throughput, and it is neither paused nor kept paused. While paused, requests take
+window AND batching amortizes its calls: then retrieval is the bottleneck, speculation's larger
+verification batches are what raises throughput, and it is neither paused nor kept paused.
+"Batching amortizes" is measured, not assumed (``BatchCostFit``): a least-squares line
+``seconds = fixed + per_query * queries`` through the latest knowledge-base calls, and the fixed
+part must be at least ``kb_fixed_share_at`` of a mean call. An exact scan of 1M vectors is
+mostly fixed cost (one pass over memory, measured share ~0.6); the small real knowledge base is
+mostly per-query cost (the query encodings of naive steps run inside its calls, share < 0.1),
+so there a busy knowledge base does not mean speculation can help: measured 2026-11-29 with
+tiny, 32 clients, a governor that let requests speculate whenever that KB was busy gave 0.90x
+throughput and 1.09x p95. While paused, requests take
 verified steps: retrieve, then generate, exactly the naive step. When retrieval is the
 bottleneck (an expensive knowledge base) the LM mostly stays below the thresholds too (measured:
 EMULATED 1M, 8 clients, naive LM busy 38%, speculative 74%).
@@ -73,6 +81,33 @@ class BusyWindow:
         return min(1.0, busy / span) if span > 0 else 0.0
 
 
+class BatchCostFit:
+    """Least-squares line ``seconds = fixed + per_query * queries`` through the latest ``n``
+    knowledge-base calls (distinct queries, seconds). ``fixed_share()`` is ``fixed / seconds``
+    at the mean batch: the part of a call that more queries per call would amortize; None until
+    ``min_calls`` calls of at least two different sizes were seen."""
+
+    def __init__(self, n: int = 64, min_calls: int = 8):
+        self._pts: deque[tuple[int, float]] = deque(maxlen=n)
+        self.min_calls = min_calls
+
+    def observe(self, queries: int, seconds: float) -> None:
+        self._pts.append((int(queries), float(seconds)))
+
+    def fixed_share(self) -> float | None:
+        pts = list(self._pts)
+        if len(pts) < self.min_calls:
+            return None
+        mq = sum(q for q, _ in pts) / len(pts)
+        mt = sum(t for _, t in pts) / len(pts)
+        sxx = sum((q - mq) ** 2 for q, _ in pts)
+        if sxx == 0 or mt <= 0:
+            return None
+        per_query = max(0.0, sum((q - mq) * (t - mt) for q, t in pts) / sxx)
+        fixed = min(mt, max(0.0, mt - per_query * mq))
+        return fixed / mt
+
+
 @dataclass(frozen=True)
 class GovernorConfig:
     enabled: bool = True
@@ -83,6 +118,9 @@ class GovernorConfig:
     # knowledge-base busy fraction from which the KB counts as THE bottleneck: speculation (more
     # queries per search) is then never paused, and a pause ends; None: the KB is not looked at
     kb_bottleneck_at: float | None = 0.97
+    # ... and only when the fixed part of a knowledge-base call (BatchCostFit) is at least this
+    # share of a mean call: more queries per call must make each one cheaper
+    kb_fixed_share_at: float = 0.3
 
     def __post_init__(self) -> None:
         if not (isinstance(self.window_s, (int, float)) and self.window_s > 0):
@@ -92,18 +130,23 @@ class GovernorConfig:
                               f"resume_at={self.resume_at!r}, pause_at={self.pause_at!r}")
         if self.kb_bottleneck_at is not None and not 0.0 < self.kb_bottleneck_at <= 1.0:
             raise ConfigError(f"governor kb_bottleneck_at must be in (0, 1], got {self.kb_bottleneck_at!r}")
+        if not 0.0 <= self.kb_fixed_share_at <= 1.0:
+            raise ConfigError(f"governor kb_fixed_share_at must be in [0, 1], got {self.kb_fixed_share_at!r}")
         if not isinstance(self.min_active, int) or self.min_active < 1:
             raise ConfigError(f"governor min_active must be an integer >= 1, got {self.min_active!r}")
 
 
 class LoadGovernor:
     """The server-wide switch of the module doc. ``lm`` / ``kb`` are the LM and knowledge-base
-    workers' ``BusyWindow``s; the caller passes the clock and the number of running requests."""
+    workers' ``BusyWindow``s, ``kb_fit`` the knowledge base's ``BatchCostFit`` (None: the KB
+    rule never applies); the caller passes the clock and the number of running requests."""
 
-    def __init__(self, config: GovernorConfig, lm: BusyWindow, kb: BusyWindow | None = None):
+    def __init__(self, config: GovernorConfig, lm: BusyWindow, kb: BusyWindow | None = None,
+                 kb_fit: BatchCostFit | None = None):
         self.config = config
         self.lm = lm
         self.kb = kb
+        self.kb_fit = kb_fit
         self.paused = False
         self.pauses = 0  # times speculation was paused
         self.paused_s = 0.0  # seconds spent paused
@@ -117,7 +160,7 @@ class LoadGovernor:
             return True
         f = self.lm.fraction(now)
         kb_bound = (self.kb is not None and c.kb_bottleneck_at is not None
-                    and self.kb.fraction(now) >= c.kb_bottleneck_at)
+                    and self.kb.fraction(now) >= c.kb_bottleneck_at and self.kb_amortizes())
         self.last_fraction = f
         loaded = active >= c.min_active
         if not self.paused and loaded and f >= c.pause_at and not kb_bound:
@@ -128,10 +171,17 @@ class LoadGovernor:
             self.paused, self._since = False, None
         return not self.paused
 
+    def kb_amortizes(self) -> bool:
+        """More queries per knowledge-base call make each cheaper (module doc); unknown: no."""
+        share = self.kb_fit.fixed_share() if self.kb_fit is not None else None
+        return share is not None and share >= self.config.kb_fixed_share_at
+
     def stats(self, now: float) -> dict:
         paused_s = self.paused_s + (now - self._since if self.paused and self._since is not None else 0.0)
+        share = self.kb_fit.fixed_share() if self.kb_fit is not None else None
         return {"enabled": self.config.enabled, "paused": self.paused, "pauses": self.pauses,
                 "paused_s": round(paused_s, 4), "lm_busy_fraction": round(self.last_fraction, 4),
                 "kb_busy_fraction": round(self.kb.fraction(now), 4) if self.kb is not None else None,
+                "kb_fixed_share": None if share is None else round(share, 4),
                 "pause_at": self.config.pause_at, "resume_at": self.config.resume_at,
                 "window_s": self.config.window_s}

@@ -47,7 +47,7 @@ from typing import Any, Hashable, Sequence
 
 from ralmspec.config import GenerationConfig, SpeculationConfig
 from ralmspec.engine.context import new_session_id
-from ralmspec.engine.governor import BusyWindow, GovernorConfig, LoadGovernor
+from ralmspec.engine.governor import BatchCostFit, BusyWindow, GovernorConfig, LoadGovernor
 from ralmspec.engine.naive import TokenCallback
 from ralmspec.engine.result import GenerationResult
 from ralmspec.errors import ConfigError, RalmSpecError, RetrievalError
@@ -332,6 +332,7 @@ class BatchingSearchClient:
         self.mixed_k_calls = 0  # calls that served callers with different k (merge_k at work)
         self.busy_s = 0.0
         self.busy_window: BusyWindow | None = None  # set by the scheduler: the governor's KB signal
+        self.cost_fit: BatchCostFit | None = None  # ... and whether batching amortizes a call
         self._pending: collections.deque[_SearchItem] = collections.deque()
         self._local = type(retriever).search is Retriever.search  # base impl: search_sync in a thread
         self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="ralm-kb")
@@ -435,6 +436,8 @@ class BatchingSearchClient:
                 self.busy_s += end - t
                 if self.busy_window is not None:
                     self.busy_window.stop(end)
+            if self.cost_fit is not None:  # successful calls only
+                self.cost_fit.observe(len(unique), end - t)
             by_query = dict(zip(unique, hits))
             for it in batch:
                 if not it.future.done():
@@ -489,7 +492,9 @@ class Scheduler:
                                                   c.merge_k, search_concurrency)
         self.lm_client.busy_window = BusyWindow(c.governor.window_s, time.perf_counter())
         self.search_client.busy_window = BusyWindow(c.governor.window_s, time.perf_counter())
-        self.governor = LoadGovernor(c.governor, self.lm_client.busy_window, self.search_client.busy_window)
+        self.search_client.cost_fit = BatchCostFit()
+        self.governor = LoadGovernor(c.governor, self.lm_client.busy_window, self.search_client.busy_window,
+                                     self.search_client.cost_fit)
         self.counters = SchedulerCounters()
         self._running = 0
         self._waiting = 0

@@ -14,8 +14,12 @@ retrieval). For RaLM a mismatched step's chunk must be generated again with the 
 so with probability ``1-γ^s`` a round costs one more step ``a`` (``seconds_per_step(...,
 regen=True)``). When even the best stride loses, ``decide`` returns stride 0: the engine then
 takes verified steps (retrieve, then generate), still probing the cache to keep ``γ`` current.
-With the fallback on, the scheduler also returns 0 until ``a``, ``b`` and ``γ`` are observed
-(those verified steps measure them), instead of speculating blind at stride 1.
+With the fallback on, the scheduler also returns 0 until ``a``, ``b`` and ``γ`` are known
+(those verified steps measure them), instead of speculating blind at stride 1. On an engine
+that already served requests they are known from the start: the costs are carried over
+(``seed_costs``), and so is the acceptance the previous request ended with, as a PRIOR used only
+until this request's first round is judged (so a request does not spend its first steps, one
+full knowledge-base round trip each, re-measuring what the engine already knows).
 
 Decoupled costs (DESIGN §4): ``a`` = LM chunk + guess, as measured on the critical path (the
 ``exact`` guess encodes the query there; ``last`` / ``refine`` do not). ``b(s) = s·e + search(s)``:
@@ -125,6 +129,7 @@ class StrideScheduler:
         # rounds verified beside decoding: their steps were guessed from a cache that had not
         # received the previous round's prefetch yet, so their acceptance is estimated apart
         self._rounds_ov: deque[tuple[int, bool]] = deque(maxlen=window)
+        self._gamma_prior: float | None = None  # the engine's earlier requests' γ (seed_costs)
 
     def observe_step(self, seconds: float, overlapped: bool = False) -> None:
         """One speculative step (LM chunk + guess); ``overlapped``: a verification ran meanwhile."""
@@ -162,12 +167,13 @@ class StrideScheduler:
 
     def gamma(self, overlapped: bool = False) -> float | None:
         """γ of synchronous rounds (or of rounds verified beside decoding); each falls back to
-        the other until it has been observed."""
+        the other until it has been observed, and both to the seeded prior (``seed_costs``)
+        until this request's first round."""
         rounds = self._rounds_ov if overlapped else self._rounds
         if not rounds:
             rounds = self._rounds if overlapped else self._rounds_ov
         if not rounds:
-            return None
+            return self._gamma_prior
         matched = sum(m for m, _ in rounds)
         mismatched_rounds = sum(1 for _, bad in rounds if bad)
         if matched + mismatched_rounds == 0:
@@ -225,22 +231,27 @@ class StrideScheduler:
             return StrideDecision(0, self._a, b1, g, overlap)
         return StrideDecision(s, self._a, b1, g, overlap)
 
-    # the measured costs (not γ: acceptance belongs to one request's text), carried from one
-    # request to the next on the same engine by costs() / seed_costs()
+    # the measured costs, carried from one request to the next on the same engine by costs() /
+    # seed_costs(); acceptance belongs to one request's text, so it travels only as a prior
     _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_b_by_size", "_b_ov_by_size")
 
     def costs(self) -> dict:
-        """The measured costs, to seed the scheduler of the engine's next request."""
-        return {k: copy.copy(getattr(self, k)) for k in self._COSTS}
+        """The measured costs, and the γ this request ended with (``gamma_prior``), to seed
+        the scheduler of the engine's next request."""
+        out = {k: copy.copy(getattr(self, k)) for k in self._COSTS}
+        out["gamma_prior"] = self.gamma()
+        return out
 
     def seed_costs(self, costs: dict | None) -> None:
         """Start from costs measured by earlier requests (machine properties: LM step, search,
         encoding and their contention; a ``costs()`` dict); this request's own measurements
-        replace them."""
+        replace them. Their ``gamma_prior`` stands in for γ until this request's first round
+        is judged; from then on only this request's own rounds count."""
         if not costs:
             return
         for k in self._COSTS:
             setattr(self, k, copy.copy(costs[k]))
+        self._gamma_prior = costs.get("gamma_prior")
 
     def next_stride(self) -> int:
         return self.decide().stride

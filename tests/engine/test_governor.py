@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ralmspec.engine.governor import BusyWindow, GovernorConfig, LoadGovernor
+from ralmspec.engine.governor import BatchCostFit, BusyWindow, GovernorConfig, LoadGovernor
 from ralmspec.errors import ConfigError
 
 
@@ -63,7 +63,8 @@ def test_disabled_governor_always_allows():
 
 
 @pytest.mark.parametrize("kw", [{"window_s": 0}, {"pause_at": 0.5, "resume_at": 0.6}, {"pause_at": 1.5},
-                                {"resume_at": 0.0}, {"min_active": 0}, {"kb_bottleneck_at": 1.5}])
+                                {"resume_at": 0.0}, {"min_active": 0}, {"kb_bottleneck_at": 1.5},
+                                {"kb_fixed_share_at": -0.1}])
 def test_bad_governor_config_is_refused(kw):
     with pytest.raises(ConfigError):
         GovernorConfig(**kw)
@@ -81,13 +82,48 @@ def test_busy_window_nests_overlapping_calls():
     assert w.fraction(2.0) == pytest.approx(0.75)
 
 
-def test_a_saturated_knowledge_base_keeps_speculation_on():
-    """Retrieval as the bottleneck: speculation's larger verification batches are the gain."""
+def _fit(fixed: float, per_query: float, sizes=(1, 2, 4, 8, 3, 5, 7, 6)) -> BatchCostFit:
+    fit = BatchCostFit()
+    for q in sizes:
+        fit.observe(q, fixed + per_query * q)
+    return fit
+
+
+def test_batch_cost_fit_separates_fixed_and_per_query_cost():
+    assert BatchCostFit().fixed_share() is None  # nothing seen
+    assert _fit(0.2, 0.01, sizes=(4,) * 8).fixed_share() is None  # one size: cannot separate
+    assert _fit(0.2, 0.01, sizes=(1, 2, 4)).fixed_share() is None  # too few calls
+    mean_q = sum((1, 2, 4, 8, 3, 5, 7, 6)) / 8
+    assert _fit(0.2, 0.01).fixed_share() == pytest.approx(0.2 / (0.2 + 0.01 * mean_q))  # a large scan
+    assert _fit(0.001, 0.008).fixed_share() < 0.05  # per-query encodings dominate
+    noisy = BatchCostFit()
+    for q, t in ((1, 0.3), (2, 0.1), (3, 0.3), (4, 0.1), (5, 0.3), (6, 0.1), (7, 0.3), (8, 0.05)):
+        noisy.observe(q, t)  # cost falling with size: slope clamped at 0, all fixed
+    assert noisy.fixed_share() == pytest.approx(1.0)
+
+
+def _lm_and_kb_busy_for_1s(fit: BatchCostFit) -> tuple[LoadGovernor, BusyWindow, BusyWindow]:
     lm, kb = BusyWindow(1.0, 0.0), BusyWindow(1.0, 0.0)
-    g = LoadGovernor(GovernorConfig(window_s=1.0, pause_at=0.8, resume_at=0.5), lm, kb)
+    g = LoadGovernor(GovernorConfig(window_s=1.0, pause_at=0.8, resume_at=0.5), lm, kb, fit)
     for w in (lm, kb):
         w.start(0.0)
         w.stop(1.0)
+    return g, lm, kb
+
+
+def test_a_busy_knowledge_base_whose_calls_batching_does_not_amortize_lets_the_pause_stand():
+    """The small real KB: its calls are query encodings, per query; more queries per call (what
+    speculation brings) do not relieve it, so a busy KB does not end a pause."""
+    g, lm, kb = _lm_and_kb_busy_for_1s(_fit(0.001, 0.008))
+    assert g.allows_speculation(1.0, active=8) is False
+    assert g.stats(1.0)["kb_fixed_share"] < 0.05
+    no_fit = LoadGovernor(GovernorConfig(window_s=1.0, pause_at=0.8, resume_at=0.5), lm, kb, BatchCostFit())
+    assert no_fit.allows_speculation(1.0, active=8) is False  # unknown: the LM rule alone
+
+
+def test_a_saturated_knowledge_base_keeps_speculation_on():
+    """Retrieval as the bottleneck: speculation's larger verification batches are the gain."""
+    g, lm, kb = _lm_and_kb_busy_for_1s(_fit(0.2, 0.01))
     assert g.allows_speculation(1.0, active=8) is True
     lm.start(1.0)
     lm.stop(2.0)

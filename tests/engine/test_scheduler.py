@@ -77,6 +77,7 @@ def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kin
         rounds = sum(r.stats.get("rounds", 0) for r in results)
         assert paused > 0 and stats["governor"]["pauses"] > 0, "the governor never paused: the test proves nothing"
         assert rounds > 0, "no speculative round at all: requests never resumed speculating"
+        assert stats["governor"]["kb_fixed_share"] is not None, "the KB rule's cost fit was never fed"
     assert tiny_lm.cached_sessions == sessions_before, "finished requests left KV sessions behind"
 
 

@@ -85,6 +85,31 @@ def test_naive_fallback_when_retrieval_is_cheap_keeps_tokens(engine):
     assert res.stats["naive_steps"] == 0 and res.token_ids == results[0][0].token_ids
 
 
+def test_second_request_speculates_from_the_engines_cost_memory(engine):
+    """The first request on a blind engine measures (verified steps that probe the cache); the
+    next one starts from the engine's costs and, as a prior, the acceptance the first one ended
+    with, so it speculates from its first step on: no verified steps, same tokens."""
+    slow = FakeLatencySearch(engine.retriever, delay_s=0.2)
+    spec = SpeculationConfig(async_verify=False, os3=True, prefetch=20)
+    engine.costs.clear()
+
+    async def go():
+        out = []
+        for q in QUESTIONS[1:3]:
+            out.append((await engine.generate(q, gen=GEN, speculate=False),
+                        await engine.generate(q, gen=GEN, spec=spec, search_client=slow)))
+        return out
+
+    try:
+        (naive1, first), (naive2, second) = asyncio.run(go())
+    finally:
+        engine.costs.clear()
+    assert first.token_ids == naive1.token_ids and second.token_ids == naive2.token_ids
+    assert first.stats["naive_steps"] >= 1  # blind: it measured first
+    assert second.stats["naive_steps"] == 0 and second.stats["rounds"] >= 1
+    assert second.trace[1]["kind"] == "lm" and second.trace[2]["kind"] == "cache"  # a guess right after step 0
+
+
 def test_slow_retrieval_keeps_speculating(engine):
     """When the knowledge base is slow (FakeLatencySearch: 0.3 s per search, scheduler
     isolation), speculation pays and OS^3 does not fall back after its first rounds."""

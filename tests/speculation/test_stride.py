@@ -214,22 +214,44 @@ def test_search_cost_under_contention_falls_back_to_alone():
     assert sch.search_cost(2) == pytest.approx(12.0)
 
 
-def test_costs_seed_the_next_scheduler_but_not_acceptance():
+def test_costs_seed_the_next_scheduler_and_acceptance_only_as_a_prior():
     first = _async_sched()
     first.observe_step(2.5, overlapped=True)
     first.observe_search(1, 12.0, overlapped=True)
     first.observe_encode(0.3)
     first.observe_lm(0.8)
     costs = first.costs()
+    assert costs["gamma_prior"] == first.gamma()
     nxt = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, naive_fallback=False)
     nxt.seed_costs(costs)
     assert nxt.costs() == costs
-    assert nxt.gamma() is None  # acceptance belongs to the request's own text
-    assert nxt.decide().stride == 1  # nothing decided before its own first round
-    nxt.observe_round(4, 4)
-    assert nxt.decide() == first.decide()  # same costs and same γ: same plan
+    assert nxt.gamma() == first.gamma()  # the prior, before its own first round
+    assert nxt.decide() == first.decide()  # same costs, same γ: same plan, no blind stride 1
+    nxt.observe_round(4, 0)  # its own text: the prior no longer counts
+    assert nxt.gamma() == 0.0
+    assert nxt.decide().stride < first.decide().stride
     nxt.seed_costs(None)  # no memory: unchanged
-    assert nxt.costs() == costs
+    assert nxt.gamma() == 0.0
+
+
+def test_fallback_scheduler_speculates_at_once_when_seeded():
+    first = StrideScheduler(os3=True, async_verify=False, gamma_max=0.9, naive_fallback=True)
+    first.observe_lm(0.01)
+    first.observe_step(0.012)
+    first.observe_retrieval(0.5)
+    first.observe_search(1, 0.5)
+    first.observe_search(4, 0.6)
+    first.observe_round(4, 3)
+    assert first.decide().stride > 1
+    nxt = StrideScheduler(os3=True, async_verify=False, gamma_max=0.9, naive_fallback=True)
+    assert nxt.decide().stride == 0  # blind: verified steps measure first
+    nxt.seed_costs(first.costs())
+    assert nxt.decide() == first.decide()
+    unseeded = StrideScheduler(os3=True, async_verify=False, gamma_max=0.9, naive_fallback=True)
+    costs = first.costs()
+    costs.pop("gamma_prior")  # a cost memory without acceptance (older engine state)
+    unseeded.seed_costs(costs)
+    assert unseeded.decide().stride == 0
 
 
 def test_async_without_fallback_measures_alone_costs_first():
