@@ -85,17 +85,23 @@ class BatchCostFit:
     """Least-squares line ``seconds = fixed + per_query * queries`` through the latest ``n``
     knowledge-base calls (distinct queries, seconds). ``fixed_share()`` is ``fixed / seconds``
     at the mean batch: the part of a call that more queries per call would amortize; None until
-    ``min_calls`` calls of at least two different sizes were seen."""
+    ``min_calls`` calls of at least two different sizes were seen. The line is refitted once per
+    observed call, not each time it is asked: the governor asks before every round of every request."""
 
     def __init__(self, n: int = 64, min_calls: int = 8):
         self._pts: deque[tuple[int, float]] = deque(maxlen=n)
         self.min_calls = min_calls
+        self._share: float | None = None
 
     def observe(self, queries: int, seconds: float) -> None:
         self._pts.append((int(queries), float(seconds)))
+        self._share = self._fit()
 
     def fixed_share(self) -> float | None:
-        pts = list(self._pts)
+        return self._share
+
+    def _fit(self) -> float | None:
+        pts = self._pts
         if len(pts) < self.min_calls:
             return None
         mq = sum(q for q, _ in pts) / len(pts)
@@ -173,12 +179,15 @@ class LoadGovernor:
 
     def kb_amortizes(self) -> bool:
         """More queries per knowledge-base call make each cheaper (module doc); unknown: no."""
-        share = self.kb_fit.fixed_share() if self.kb_fit is not None else None
+        share = self.kb_fixed_share()
         return share is not None and share >= self.config.kb_fixed_share_at
+
+    def kb_fixed_share(self) -> float | None:
+        return self.kb_fit.fixed_share() if self.kb_fit is not None else None
 
     def stats(self, now: float) -> dict:
         paused_s = self.paused_s + (now - self._since if self.paused and self._since is not None else 0.0)
-        share = self.kb_fit.fixed_share() if self.kb_fit is not None else None
+        share = self.kb_fixed_share()
         return {"enabled": self.config.enabled, "paused": self.paused, "pauses": self.pauses,
                 "paused_s": round(paused_s, 4), "lm_busy_fraction": round(self.last_fraction, 4),
                 "kb_busy_fraction": round(self.kb.fraction(now), 4) if self.kb is not None else None,
