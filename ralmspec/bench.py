@@ -108,11 +108,16 @@ def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfi
               ) -> tuple[list[BenchSummary], dict[str, list[GenerationResult]]]:
     """Run naive once per question and every speculative variant, interleaved per question.
     ``answers[i]`` (gold answers of question i) adds ``answer_match`` to the summaries."""
+    oracle = engine.rankers.get("oracle") if any(s.guesser == "oracle" for s in variants.values()) else None
+
     async def run(q: str, spec: SpeculationConfig | None) -> GenerationResult:
         if cold_start:
             engine.reset_caches()
         if spec is None:
-            return await engine.generate(q, gen=gen, speculate=False)
+            res = await engine.generate(q, gen=gen, speculate=False)
+            if oracle is not None:
+                teach_oracle(engine, gen, res, oracle)
+            return res
         return await engine.generate(q, gen=gen, spec=spec, speculate=True)
 
     async def go():
@@ -139,6 +144,16 @@ def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfi
     summaries = [summarize(runs["naive"], runs[v], retriever, v, gen, spec, answers)
                  for v, spec in variants.items()]
     return summaries, runs
+
+
+def teach_oracle(engine: RalmEngine, gen: GenerationConfig, naive: GenerationResult, oracle) -> None:
+    """Tell the ``oracle`` bound guesser (speculation/guess.py) the passage of every step of a
+    naive run, keyed by that step's query (the speculative run rebuilds the same queries)."""
+    ctx = engine.context(gen)
+    tokens = list(naive.prompt_ids) + list(naive.token_ids)
+    n0 = len(naive.prompt_ids)
+    for rec in naive.steps:
+        oracle.learn(ctx.query(tokens[:n0 + rec.start]), rec.doc_id)
 
 
 def run_closed_book(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfig,

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 
 from ralmspec.config import (
-    GUESSERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
+    BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
 )
 from ralmspec.errors import ConfigError, RalmSpecError
 
@@ -282,9 +282,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
     variants = ablation_variants(spec) if a.ablations else {"speculative": spec}
     if a.guessers:
         names = [g.strip() for g in a.guessers.split(",") if g.strip()]
-        bad_names = [g for g in names if g not in GUESSERS]
+        bad_names = [g for g in names if g not in GUESSERS + BOUND_GUESSERS]
         if bad_names or not names:
-            raise RalmSpecError(f"--guessers takes a comma list of {', '.join(GUESSERS)}, got {a.guessers!r}")
+            raise RalmSpecError(f"--guessers takes a comma list of {', '.join(GUESSERS + BOUND_GUESSERS)}, "
+                                f"got {a.guessers!r}")
         variants = {f"{v}[{g}]": replace(sp, guesser=g) for v, sp in variants.items() for g in names}
     summaries, runs = run_bench(engine, questions, cfg.generation, variants, label, progress=_log,
                                 answers=answers if has_answers else None)
@@ -340,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write every generated answer here (question, text, answer match, latency, passages)")
     be.add_argument("--ablations", action="store_true", help="none / +prefetch / +os3 / +async / all")
     be.add_argument("--guessers", default=None, metavar="LIST",
-                    help="run every variant once per guesser, e.g. exact,last,refine (speculation/guess.py)")
+                    help="run every variant once per guesser, e.g. exact,last,refine (speculation/guess.py); "
+                         "'oracle' is a bound: it guesses the naive run's passage (always right, free)")
     add_emulate_pad_arg(be, "the table says EMULATED")
     be.add_argument("--threads", type=int, default=0,
                     help="torch and FAISS threads (0: library defaults); with asynchronous "

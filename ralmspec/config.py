@@ -10,6 +10,9 @@ from ralmspec.lm.sampling import Sampling, check_sampling_args
 RETRIEVER_KINDS = ("exact", "hnsw", "ivf", "bm25")
 PROMPT_FORMATS = ("auto", "chat", "plain")
 GUESSERS = ("exact", "last", "refine", "static", "bm25")  # speculation/guess.py
+# measurement bounds, ``ralmspec bench --guessers`` only: "oracle" guesses the passage the naive
+# run of the same question retrieved (acceptance 1 at no guessing cost: the ceiling of any guesser)
+BOUND_GUESSERS = ("oracle",)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class SpeculationConfig:
     guesser: str = "exact"
 
     def __post_init__(self) -> None:
-        if self.guesser not in GUESSERS:
+        if self.guesser not in GUESSERS + BOUND_GUESSERS:
             raise ConfigError(f"guesser must be one of {', '.join(GUESSERS)}, got {self.guesser!r}")
         if not 1 <= self.prefetch <= 4096:
             raise ConfigError(f"prefetch must be in [1, 4096], got {self.prefetch!r}")

@@ -23,6 +23,24 @@ def test_bench_json_and_emulated_pad(small_indexes, tmp_path, capsys):
     assert r["limit"] >= 1.0 and r["speedup"] > 0
 
 
+def test_bench_oracle_bound_next_to_a_real_guesser(small_indexes, tmp_path, capsys):
+    """`--guessers exact,oracle`: the oracle bound (taught by each naive run) is always right;
+    an unknown name is refused with the list of guessers."""
+    index = small_indexes["exact"].index_dir
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "tiny", "--retriever", "exact", "--index", index, "--n", "2",
+               "--max-new-tokens", "16", "--threads", "1", "--no-os3", "--fixed-stride", "4",
+               "--guessers", "exact,oracle", "--json", str(out)])
+    assert rc == 0
+    variants = {v["variant"]: v for v in json.loads(out.read_text())["variants"]}
+    assert set(variants) == {"speculative[exact]", "speculative[oracle]"}
+    assert all(v["identical_fraction"] == 1.0 for v in variants.values())
+    assert variants["speculative[oracle]"]["acceptance_rate"] == 1.0
+    rc = main(["bench", "--model", "tiny", "--retriever", "exact", "--index", index, "--n", "1",
+               "--guessers", "exact,psychic"])
+    assert rc == 2 and "oracle" in capsys.readouterr().err
+
+
 def test_bench_emulation_needs_exact(small_indexes, capsys):
     rc = main(["bench", "--model", "tiny", "--retriever", "bm25", "--index", small_indexes["bm25"].index_dir,
                "--n", "1", "--emulate-pad", "100"])

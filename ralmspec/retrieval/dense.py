@@ -27,10 +27,10 @@ of ``efSearch`` candidates (no widening), so the top-min(k, efSearch) is the sam
 every k; ranks beyond the beam (a prefetch of 256 > efSearch) are appended from a wider search.
 
 Batches: for ``exact`` on the CPU a batch of >= ``GEMM_MIN_BATCH`` queries gets its candidates
-from one float32 matrix product over all stored vectors (``blocked_top_ip`` for up to
-``BLOCKED_MAX_BATCH`` queries, ``gemm_top_ip`` beyond), so a verification batch reads the vectors
-once instead of once per query (FAISS's flat search only switches to BLAS at 20 queries).
-Single queries stay on FAISS. Same certified re-scoring, same answer.
+from one float32 matrix product over all stored vectors (``gemm_top_ip`` or ``blocked_top_ip``,
+whichever ``FlatScan`` measured faster for that batch size on this machine), so a verification
+batch reads the vectors once instead of once per query as FAISS's flat search does below its BLAS
+threshold. Single queries stay on FAISS. Same certified re-scoring, same answer.
 
 Devices: with ``RetrievalConfig.device == "cuda"`` the flat and IVF indexes move to the GPU
 (faiss-gpu, ``StandardGpuResources`` + ``index_cpu_to_gpu``); FAISS has no GPU HNSW, so HNSW
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Sequence
 
 import numpy as np
@@ -107,16 +108,12 @@ def gemm_top_ip(vectors, qs: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(vals.T.numpy()), np.ascontiguousarray(idx.T.numpy()).astype(np.int64)
 
 
-BLOCK_ROWS = 256  # rows per block of ``blocked_top_ip``: 256 x d float32 stays in L2
-BLOCKED_MAX_BATCH = 8  # batches up to this size take ``blocked_top_ip`` (measured crossover: 8-10)
+BLOCK_ROWS = 1024  # rows per block of ``blocked_top_ip`` (1024 x 384 float32 = 1.5 MiB, within L2)
 
 
 def blocked_top_ip(vectors: np.ndarray, qs: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """``gemm_top_ip`` for SMALL batches (a verification round: 2-8 queries): the stored
-    vectors are multiplied block by block (``BLOCK_ROWS`` rows, cache-resident) so they stream
-    from memory once, where one big skinny GEMM first copies (packs) the whole matrix. One core,
-    1M x 384, top-36 (2026-11-28): 2 queries 122 ms vs 247 ms, 4: 163 vs 248, 8: 231 vs 266,
-    10: 301 vs 296 (FAISS, one query: 102 ms).
+    """``gemm_top_ip`` computed block by block (``BLOCK_ROWS`` rows, cache-resident), so the
+    stored vectors stream from memory once without one big GEMM packing the whole matrix.
     Same float32 candidates up to rounding; the canonical float64 re-scoring decides."""
     import torch
 
@@ -130,28 +127,75 @@ def blocked_top_ip(vectors: np.ndarray, qs: np.ndarray, kk: int) -> tuple[np.nda
     return np.ascontiguousarray(vals.T.numpy()), np.ascontiguousarray(idx.T.numpy()).astype(np.int64)
 
 
-class FlatScan:
-    """Top-kk candidates from a CPU ``IndexFlatIP``: FAISS for fewer than ``GEMM_MIN_BATCH``
-    queries, ``blocked_top_ip`` up to ``BLOCKED_MAX_BATCH``, else one ``gemm_top_ip`` over the
-    index's own vectors (views, made once)."""
+def batch_class(b: int) -> int:
+    """The batch sizes ``FlatScan`` times together: each size up to 16, then powers of two."""
+    return b if b <= 16 else 1 << (b - 1).bit_length()
 
-    def __init__(self, index):
+
+def faster_path(seconds: dict[str, list[float]], trials: int) -> str:
+    """The candidate path to take next for one batch class: each of ``SCAN_PATHS`` in turn until
+    it was timed ``trials`` times, then the one with the smallest best time (ties: the first)."""
+    for path in SCAN_PATHS:
+        if len(seconds.get(path, ())) < trials:
+            return path
+    return min(SCAN_PATHS, key=lambda p: min(seconds[p]))
+
+
+SCAN_PATHS = ("blocked", "gemm")
+
+
+class FlatScan:
+    """Top-kk candidates from a CPU ``IndexFlatIP`` (views of its vectors, made once).
+
+    One query: FAISS's own scan (fastest there). A batch: ONE pass over the stored vectors for
+    all its queries, by ``blocked_top_ip`` or by ``gemm_top_ip``. Which is faster depends on the
+    batch size AND on the CPU: one core, 1M x 384, top-36, medians of 5 (2026-11-29, AMD EPYC VM):
+    2 queries gemm 77 ms vs blocked 140, 4: 124 vs 183, 8: 198 vs 168, 16: 433-455 vs 217-332
+    (FAISS: 50 ms per query); on the 2026-11-28 VM blocked won at 2 queries (122 vs 247 ms). So
+    the scan times each path on its first ``trials`` calls of every batch class (``batch_class``)
+    and then keeps the faster (``faster_path``). Only candidates come from here: the answer is the
+    same whichever path proposed them (the canonical float64 re-scoring decides).
+    """
+
+    def __init__(self, index, trials: int = 2):
         self.index = index
+        self.trials = trials
         self._vectors = None
         self._array = None
+        self._seconds: dict[int, dict[str, list[float]]] = {}
+        self._lock = threading.Lock()
+
+    def path_for(self, b: int) -> str:
+        """The path the next batch of ``b`` (>= ``GEMM_MIN_BATCH``) queries takes."""
+        with self._lock:
+            return faster_path(self._seconds.get(batch_class(b), {}), self.trials)
 
     def search(self, qs: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         if len(qs) < GEMM_MIN_BATCH:
             return self.index.search(qs, kk)
         if self._array is None:
             self._array = flat_ip_view(self.index)
-        if len(qs) <= BLOCKED_MAX_BATCH:
-            return blocked_top_ip(self._array, qs, kk)
-        if self._vectors is None:
-            import torch
+        path = self.path_for(len(qs))
+        t = time.perf_counter()
+        if path == "blocked":
+            out = blocked_top_ip(self._array, qs, kk)
+        else:
+            if self._vectors is None:
+                import torch
 
-            self._vectors = torch.from_numpy(self._array)
-        return gemm_top_ip(self._vectors, qs, kk)
+                self._vectors = torch.from_numpy(self._array)
+            out = gemm_top_ip(self._vectors, qs, kk)
+        took = time.perf_counter() - t
+        with self._lock:
+            times = self._seconds.setdefault(batch_class(len(qs)), {}).setdefault(path, [])
+            if len(times) < self.trials:
+                times.append(took)
+        return out
+
+    def timings(self) -> dict[int, dict[str, float]]:
+        """Best measured seconds per batch class and path (what ``path_for`` decides from)."""
+        with self._lock:
+            return {b: {p: min(v) for p, v in d.items()} for b, d in sorted(self._seconds.items())}
 
 
 def faiss_gpu_available() -> bool:

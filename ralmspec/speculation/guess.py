@@ -19,6 +19,10 @@ acceptance against what it costs on the critical path (the LM's thread):
   cached passage. Microseconds; the query's exact encoding runs on the worker for verification.
 - ``bm25``: rank the cache by BM25 of the query's words over the cached passages' words (idf and
   average length from the cached set). Microseconds, no model at all.
+- ``oracle`` (a measurement bound, ``ralmspec bench`` only): the passage the naive run of the same
+  question retrieved for this very query, taught by the bench before the speculative run
+  (``OracleRanker.learn``). Always right, free: what no real guesser can beat on a machine, so a
+  speed-up target above the oracle's is out of reach of guessing there.
 
 Rankers ``StaticEmbeddingRanker`` / ``CacheBM25Ranker`` are shared by every request of an engine
 (passage representations are cached by doc id); ties break by the lower doc id, as everywhere.
@@ -35,7 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ralmspec.config import GUESSERS
+from ralmspec.config import BOUND_GUESSERS, GUESSERS
 from ralmspec.errors import ConfigError
 from ralmspec.retrieval.base import rank_hits
 
@@ -52,13 +56,13 @@ class GuessPlan:
 
 def plan_guess(guesser: str, dense: bool) -> GuessPlan:
     """The work of one guess for ``guesser`` on a dense (query-encoding) or sparse retriever."""
-    if guesser not in GUESSERS:
+    if guesser not in GUESSERS + BOUND_GUESSERS:
         raise ConfigError(f"unknown guesser {guesser!r}; choose one of {', '.join(GUESSERS)}")
     if guesser == "exact":
         return GuessPlan(rank_now=True, rank_beside=False, encode_beside=False)
     if guesser == "last":
         return GuessPlan(rank_now=False, rank_beside=False, encode_beside=dense)
-    if guesser in ("static", "bm25"):
+    if guesser in ("static", "bm25", "oracle"):
         if guesser == "static" and not dense:
             raise ConfigError("the static guesser needs a dense retriever (it uses the query encoder's "
                              "token embeddings); use bm25, last or exact")
@@ -161,6 +165,24 @@ class CacheBM25Ranker:
         return rank_hits(doc_ids, scores, 1)[0].doc_id
 
 
+class OracleRanker:
+    """Guesser ``oracle``: query text -> the passage the naive loop retrieved for it (``learn``),
+    whatever the cache holds; an unknown query gets no guess (the step keeps the last passage).
+    A bound for measurements: it needs the naive run's answer before the speculative one."""
+
+    def __init__(self):
+        self._truth: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def learn(self, query: str, doc_id: int) -> None:
+        with self._lock:
+            self._truth[query] = doc_id
+
+    def top1(self, query: str, doc_ids: Sequence[int]) -> int | None:
+        with self._lock:
+            return self._truth.get(query)
+
+
 class CheapRankers:
     """An engine's cheap rankers (``static``, ``bm25``), built on first use and shared by its
     requests (their passage representations are memoised by doc id)."""
@@ -180,6 +202,8 @@ class CheapRankers:
 
                 if name == "bm25":
                     self._built[name] = CacheBM25Ranker(text_of)
+                elif name == "oracle":
+                    self._built[name] = OracleRanker()
                 elif name == "static":
                     tokenize, table = self.retriever.encoder.token_embeddings()
                     self._built[name] = StaticEmbeddingRanker(tokenize, table, text_of)

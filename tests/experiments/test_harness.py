@@ -189,3 +189,25 @@ def test_bench_requests_start_cold(small_indexes, tiny_lm):
     assert runs["naive"][0].stats["steps"] == 3
     # naive: 3 queries; speculative: the same 3 queries again (1 real + 2 cache lookups)
     assert enc.cache_info()["misses"] - before == 6
+
+
+def test_oracle_bound_guesses_every_step_right(small_indexes, tiny_lm):
+    """The bench's ``oracle`` guesser, taught by each question's naive run, is always right: every
+    speculated step accepted, no rollback, tokens identical (what it bounds is the machinery)."""
+    from ralmspec.bench import run_bench
+    from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+    from ralmspec.data.loaders import default_questions
+    from ralmspec.engine.core import RalmEngine
+
+    engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
+    gen = GenerationConfig(stride=2, query_len=16, max_new_tokens=16, passage_tokens=64)
+    qs = [q.question for q in default_questions()[:3]]
+    variants = {"oracle": SpeculationConfig(guesser="oracle", os3=False, fixed_stride=3, prefetch=1,
+                                            naive_fallback=False),
+                "exact": SpeculationConfig(os3=False, fixed_stride=3, prefetch=1, naive_fallback=False)}
+    summaries, runs = run_bench(engine, qs, gen, variants, "exact", warmup=False)
+    oracle, exact = summaries
+    assert oracle.identical_fraction == 1.0 and exact.identical_fraction == 1.0
+    assert sum(r.stats["speculated"] for r in runs["oracle"]) >= 3 * 6
+    assert oracle.acceptance_rate == 1.0 and oracle.rollbacks == 0
+    assert exact.acceptance_rate < 1.0  # prefetch 1: the cache misses passages the oracle knows

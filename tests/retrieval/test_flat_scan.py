@@ -1,10 +1,12 @@
-"""The three candidate paths of an exact flat index propose the same float32 top-k."""
+"""The three candidate paths of an exact flat index propose the same float32 top-k, and the scan
+times its two batch paths before keeping the faster."""
 
 import faiss
 import numpy as np
 import pytest
 
-from ralmspec.retrieval.dense import BLOCK_ROWS, BLOCKED_MAX_BATCH, FlatScan, blocked_top_ip, flat_ip_view, gemm_top_ip
+from ralmspec.retrieval.dense import (BLOCK_ROWS, SCAN_PATHS, FlatScan, batch_class, blocked_top_ip, faster_path,
+                                      flat_ip_view, gemm_top_ip)
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +19,7 @@ def flat_index():
     return index
 
 
-@pytest.mark.parametrize("nq", [2, 5, BLOCKED_MAX_BATCH, BLOCKED_MAX_BATCH + 1, 30])
+@pytest.mark.parametrize("nq", [2, 5, 8, 9, 30])
 def test_blocked_gemm_and_faiss_agree(flat_index, nq):
     import torch
 
@@ -27,8 +29,10 @@ def test_blocked_gemm_and_faiss_agree(flat_index, nq):
     f_d, f_i = flat_index.search(qs, kk)
     b_d, b_i = blocked_top_ip(flat_ip_view(flat_index), qs, kk)
     g_d, g_i = gemm_top_ip(torch.from_numpy(flat_ip_view(flat_index)), qs, kk)
-    s_d, s_i = FlatScan(flat_index).search(qs, kk)
-    for d, i in ((b_d, b_i), (g_d, g_i), (s_d, s_i)):
+    scan = FlatScan(flat_index)
+    s_d, s_i = scan.search(qs, kk)  # blocked (the first trial) ...
+    t_d, t_i = scan.search(qs, kk)  # ... then gemm
+    for d, i in ((b_d, b_i), (g_d, g_i), (s_d, s_i), (t_d, t_i)):
         assert i.shape == (nq, kk) and i.dtype == np.int64
         np.testing.assert_allclose(d, f_d, atol=1e-5)
         # same candidates (random data: no ties within float32 rounding)
@@ -39,3 +43,24 @@ def test_blocked_clamps_k_to_the_index_size():
     x = np.eye(4, dtype=np.float32)
     d, i = blocked_top_ip(x, x[:2], 10)
     assert i.shape == (2, 4) and i[0, 0] == 0 and i[1, 0] == 1
+
+
+def test_faster_path_tries_each_path_then_keeps_the_fastest():
+    assert faster_path({}, trials=2) == "blocked"
+    assert faster_path({"blocked": [0.3, 0.2]}, trials=2) == "gemm"
+    assert faster_path({"blocked": [0.3, 0.2], "gemm": [0.1]}, trials=2) == "gemm"
+    assert faster_path({"blocked": [0.3, 0.2], "gemm": [0.25, 0.4]}, trials=2) == "blocked"
+    assert faster_path({"blocked": [0.1, 0.2], "gemm": [0.1, 0.3]}, trials=2) == "blocked"  # tie: first
+    assert [batch_class(b) for b in (2, 16, 17, 32, 33)] == [2, 16, 32, 32, 64]
+
+
+def test_flat_scan_times_both_paths_per_batch_class(flat_index):
+    scan = FlatScan(flat_index, trials=2)
+    qs = np.random.default_rng(0).standard_normal((4, 48)).astype(np.float32)
+    for _ in range(5):
+        scan.search(qs, 10)
+    scan.search(qs[:1], 10)  # one query: FAISS, not timed
+    times = scan.timings()
+    assert list(times) == [4] and set(times[4]) == set(SCAN_PATHS)
+    assert scan.path_for(4) == min(times[4], key=times[4].get)
+    assert scan.path_for(3) == "blocked"  # another class: not timed yet

@@ -8,8 +8,8 @@ from ralmspec.config import SpeculationConfig
 from ralmspec.errors import ConfigError
 import numpy as np
 
-from ralmspec.speculation.guess import (GUESSERS, CacheBM25Ranker, GuessPlan, StaticEmbeddingRanker, plan_guess,
-                                        refined_doc)
+from ralmspec.speculation.guess import (GUESSERS, CacheBM25Ranker, GuessPlan, OracleRanker, StaticEmbeddingRanker,
+                                        plan_guess, refined_doc)
 
 
 def test_plans():
@@ -20,7 +20,9 @@ def test_plans():
     refine = plan_guess("refine", dense=False)
     assert refine.rank_beside and not refine.rank_now
     with pytest.raises(ValueError):
-        plan_guess("oracle", dense=True)
+        plan_guess("psychic", dense=True)
+    oracle = plan_guess("oracle", dense=True)  # a bound: cheap lookup, exact encoding beside
+    assert oracle.cheap == "oracle" and oracle.encode_beside and not oracle.rank_now
 
 
 @pytest.mark.parametrize("cheap,exact,verified,expected", [
@@ -37,6 +39,14 @@ def test_config_validates_the_guesser():
     assert set(GUESSERS) == {"exact", "last", "refine", "static", "bm25"}
     with pytest.raises(ConfigError, match="guesser"):
         SpeculationConfig(guesser="psychic")
+
+
+def test_oracle_ranker_answers_what_it_was_taught_whatever_the_cache():
+    o = OracleRanker()
+    assert o.top1("q", [1, 2]) is None  # unknown query: no guess
+    o.learn("q", 7)
+    assert o.top1("q", [1, 2]) == 7 and o.top1("q", []) == 7
+    assert SpeculationConfig(guesser="oracle").guesser == "oracle"  # bench's bound, a valid config
 
 
 def test_cheap_plans():
