@@ -56,19 +56,23 @@ Asynchronous verification (``async_verify=True``)
 The batched search of round r runs in a worker thread (FAISS and numpy release the GIL) while
 the main thread already speculates round r+1 on top of round r's unverified tokens. At most one
 verification is in flight, so round r is settled before round r+1 is submitted: on a rejection,
-round r+1's steps are cut with the rollback.
+round r+1's steps are cut with the rollback. As in RaLM, OS^3 keeps the step and search costs
+measured alone and beside each other and chooses per round whether overlapping pays under that
+contention (``StrideDecision.overlap``); a round it does not overlap is verified synchronously.
 
 OS^3 and the naive fallback
 ---------------------------
-The stride comes from the shared :class:`StrideScheduler` (``a`` = one speculative step: cache
-top-k + decision + 1-row LM forward; ``b(s)`` = one batched verification; ``γ`` from the last
-rounds, capped at ``gamma_max``). A stride-1 synchronous round costs a naive step *plus* a cache
-lookup, so speculation can only lose when retrieval is cheap. With ``naive_fallback`` (and OS^3
-on), before each round the predicted verified-tokens-per-second at the chosen stride,
-``E[kept](γ, s) / round_time(a, b(s), γ, s)``, is compared with the naive rate
-``1 / (LM step + b(1))``; when it does not beat it, the decoder takes a plain verified step (a
-real search, the cache is still fed) instead, probing the cache every ``probe_every``-th such
-step so that ``γ`` keeps being estimated and speculation resumes when it pays again.
+Stride and fallback are the shared :class:`StrideScheduler`'s, the same rule as RaLM's (``a`` =
+one speculative step: cache top-k + decision + 1-row LM forward; ``b(s)`` = one batched
+verification; ``γ`` from the last rounds, capped at ``gamma_max``; naive step = LM forward +
+``b(1)``; nothing is regenerated on a rejection, ``regenerates=False``). A stride-1 synchronous
+round costs a naive step *plus* a cache lookup, so speculation can only lose when retrieval is
+cheap. With ``naive_fallback`` (and OS^3 on) the scheduler answers stride 0 while its best round
+is predicted no faster per verified token than a naive step, and until ``a``, ``b(1)`` and ``γ``
+are measured: the decoder then takes a plain verified step (a real search). Such a step also
+probes the cache (top-k + decision, timed as ``a``, judged as a 1-step round) while estimates are
+missing and then every ``probe_every``-th time, so that ``γ`` keeps being estimated and
+speculation resumes when it pays again.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
 from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState
 from ralmspec.speculation.rounds import Action, RoundBook, Status, Step, histogram_dict, judge_each, next_action
-from ralmspec.speculation.stride import StrideScheduler, expected_verified_chunks, round_time
+from ralmspec.speculation.stride import StrideScheduler
 
 _U32 = 2.0 ** -24  # float32 unit roundoff
 
@@ -333,14 +337,14 @@ class _Request:
         self.prompt_ids = prompt_ids
         self.stats = SpeculativeStats()
         self.sched = StrideScheduler(os3=scfg.os3, fixed_stride=scfg.fixed_stride, async_verify=scfg.async_verify,
-                                     s_max=scfg.s_max, window=scfg.window, gamma_max=scfg.gamma_max)
+                                     s_max=scfg.s_max, window=scfg.window, gamma_max=scfg.gamma_max,
+                                     naive_fallback=scfg.naive_fallback, regenerates=False)
         self.cache = NeighbourCache(base.datastore, scfg.cache_capacity, prefilter=scfg.prefilter)
         self.dec = IncrementalDecoder(base.lm.model)
         self.out: list[int] = []
         self.state: LMState | None = None
         self.book: RoundBook | None = None
         self.lm_step_s: float | None = None  # latest 1-row LM forward
-        self.spec_step_s: float | None = None  # latest speculative step (cache + decision + forward)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> KNNLMResult:
@@ -352,24 +356,24 @@ class _Request:
         st.lm_s += self.state.seconds
         try:
             self.book = book = RoundBook(self.verified_step())  # the first token: a real search
-            stride = 0
+            stride, overlap = 0, False
             while True:
                 complete = self.finished()
                 pending = book.pending()
                 if not pending and not complete:
-                    stride = self.next_stride()  # once per round
+                    stride, overlap = self.next_stride()  # once per round
                 action = next_action(len(pending), len(book.inflight), stride, complete,
                                      max_inflight=1, eager=False)
                 if action is Action.SUBMIT:
-                    self.submit(pending, stride)
-                    if self.pool is None:  # synchronous round: settle it now
+                    self.submit(pending, stride, overlap)
+                    if not overlap:  # synchronous round: settle it now
                         self.settle()
                 elif action is Action.WAIT:
                     self.settle()
                 elif action is Action.FINISH:
                     break
                 else:
-                    self.step(stride)
+                    self.step(stride, overlap)
         finally:
             if self.book is not None:
                 self.book.abort()
@@ -392,26 +396,17 @@ class _Request:
         out = self.out
         return len(out) >= self.max_new or (bool(out) and self.base.is_stop(out[-1]))
 
-    def next_stride(self) -> int:
-        """OS^3's stride for the next round, clipped to the tokens still allowed; 0 when the
-        naive fallback predicts that a verified step is faster (module doc)."""
-        s = max(1, min(self.sched.next_stride(), self.max_new - len(self.out)))
-        return s if self.speculation_pays(s) else 0
-
-    def speculation_pays(self, s: int) -> bool:
-        """OS^3's predicted verified tokens/s at stride ``s`` beat the naive decoder's rate."""
-        scfg, sched = self.scfg, self.sched
-        if not (scfg.naive_fallback and scfg.os3):
-            return True
-        g, b_s, b_1 = sched.gamma(), sched.verification_cost(s), sched.verification_cost(1)
-        a_spec, a_lm = self.spec_step_s, self.lm_step_s
-        if None in (g, b_s, b_1, a_spec, a_lm):
-            return True
-        rate = expected_verified_chunks(g, s) / round_time(a_spec, b_s, g, s, scfg.async_verify)
-        return rate > 1.0 / (a_lm + b_1)
+    def next_stride(self) -> tuple[int, bool]:
+        """OS^3's stride for the next round (0: its naive fallback, a verified step; module
+        doc), clipped to the tokens still allowed, and whether the round is verified beside the
+        next steps (asynchronous mode, when OS^3 predicts overlapping faster under the
+        contention it measured) or waited for."""
+        d = self.sched.decide()
+        s = 0 if d.stride == 0 else max(1, min(d.stride, self.max_new - len(self.out)))
+        return s, self.pool is not None and d.overlap
 
     # ------------------------------------------------------------------ phases
-    def step(self, stride: int) -> None:
+    def step(self, stride: int, overlap: bool) -> None:
         """Produce the next steps: ``stride`` tokens guessed from the cache (fewer if the output
         completes), or at stride 0 one verified token. Speculated tokens are fed to the LM one
         by one, except a synchronous round's last token (``settle`` feeds it once verified)."""
@@ -421,7 +416,8 @@ class _Request:
         base, cache, dec, out, book = self.base, self.cache, self.dec, self.out, self.book
         st, sched = self.stats, self.sched
         k, successors, self_feed = self.k, self.scfg.successors, self.scfg.self_feed
-        defer_last = self.pool is None
+        defer_last = not overlap
+        beside = bool(book.inflight)  # a verification runs beside these steps (contention)
         state = self.state
         for i in range(stride):
             t0 = time.perf_counter()
@@ -434,29 +430,28 @@ class _Request:
             book.add(Step(len(out), state, tok, verified=False, end=len(out) + 1, extra=(sid, sd)))
             out.append(tok)
             if (defer_last and i == stride - 1) or self.finished():
-                a = t_cache + (self.lm_step_s or state.seconds)  # the forward it would cost
-                self.spec_step_s = a
-                sched.observe_step(a)
+                sched.observe_step(t_cache + (self.lm_step_s or state.seconds), beside)  # the forward it would cost
                 break
             state = dec.step(tok)
             st.lm_s += state.seconds
             self.lm_step_s = state.seconds
-            self.spec_step_s = t_cache + state.seconds
-            sched.observe_step(self.spec_step_s)
+            if not beside:  # the naive step's LM cost is measured alone
+                sched.observe_lm(state.seconds)
+            sched.observe_step(t_cache + state.seconds, beside)
         self.state = state
 
-    def submit(self, steps: list[Step], stride: int) -> None:
+    def submit(self, steps: list[Step], stride: int, overlap: bool) -> None:
         """ONE batched real search of ``steps``' queries: now (synchronous; the caller settles
         it at once) or in the worker thread beside the next steps (asynchronous)."""
         queries = [s.query.hidden for s in steps]
-        if self.pool is None:
+        if not overlap:
             handle: Future = Future()
             handle.set_result(self.verify(queries))
         else:
             handle = self.pool.submit(self.verify, queries)
         self.stats.real_searches += 1
         self.stats.verified_queries += len(steps)
-        self.book.submit(steps, handle, stride, time.perf_counter(), overlap=self.pool is not None)
+        self.book.submit(steps, handle, stride, time.perf_counter(), overlap=overlap)
 
     def settle(self) -> None:
         """Wait for the oldest round and apply it: judge its tokens in order (``judge_step``),
@@ -469,7 +464,7 @@ class _Request:
         st.verify_wait_s += time.perf_counter() - t0
         st.verify_s += took
         n = len(rnd.steps)
-        sched.observe_verification(n, took)
+        sched.observe_verification(n, took, rnd.overlap)
         t0 = time.perf_counter()
         verdict = judge_each(self.judge_step(s, ids[i], d[i]) for i, s in enumerate(rnd.steps))
         st.cache_add_s += time.perf_counter() - t0
@@ -514,38 +509,48 @@ class _Request:
 
     def verified_step(self) -> Step:
         """One token from a real search (the first token, and the OS^3 fallback), fed to the LM.
-        Every ``probe_every``-th fallback step also asks the cache first (fed by the step
-        before), so the acceptance estimate keeps tracking the cache and speculation can
-        resume."""
+        While OS^3 lacks estimates, and then every ``probe_every``-th fallback step, it also
+        asks the cache first (fed by the step before): a speculative step's cost ``a`` and a
+        1-step round for ``γ``, so speculation can start, or resume when it pays again."""
         base, cache, scfg, st, sched, state = self.base, self.cache, self.scfg, self.stats, self.sched, self.state
-        probe = st.naive_steps > 0 and scfg.probe_every > 0 and st.naive_steps % scfg.probe_every == 0
+        probe = st.naive_steps > 0 and self.probes_now(st.naive_steps)
         if probe:
             t0 = time.perf_counter()
             sid, sd = cache.topk(state.hidden, self.k)
             spec_tok = base.decide(state, sid, sd)
-            st.cache_s += time.perf_counter() - t0
+            t_probe = time.perf_counter() - t0
+            st.cache_s += t_probe
         ids, d, took = self.verify([state.hidden])
         st.verify_s += took
         st.real_searches += 1
         st.verified_queries += 1
         sched.observe_verification(1, took)
-        # Feed the cache on the first step and right before a probe (the probe needs this
-        # step's successors); skipping the other feeds keeps the fallback close to naive cost.
-        if st.naive_steps == 0 or (scfg.probe_every > 0 and (st.naive_steps + 1) % scfg.probe_every == 0):
-            t0 = time.perf_counter()
-            cache.add_search_result(ids[0], scfg.successors)
-            st.cache_add_s += time.perf_counter() - t0
+        sched.observe_retrieval(took)
         tok = base.decide(state, ids[0], d[0])
         if probe:
             ok = spec_tok == tok and (not scfg.strict or np.array_equal(sid, ids[0]))
             sched.observe_round(1, int(ok))
+            sched.observe_step(t_probe + (self.lm_step_s or state.seconds))
             st.probes += 1
             st.probe_hits += int(ok)
+        # Feed the cache on the first step, on a probe (speculation may start next) and right
+        # before a probe (it needs this step's successors); skipping the other feeds keeps the
+        # fallback close to naive cost.
+        if st.naive_steps == 0 or probe or self.probes_now(st.naive_steps + 1):
+            t0 = time.perf_counter()
+            cache.add_search_result(ids[0], scfg.successors)
+            st.cache_add_s += time.perf_counter() - t0
         st.naive_steps += 1
         start = len(self.out)
         self.out.append(tok)
         self.feed()
         return Step(start, None, tok, verified=True, end=start + 1)
+
+    def probes_now(self, naive_step: int) -> bool:
+        """The ``naive_step``-th verified step (>= 1) probes the cache: while OS^3 still needs
+        estimates, else every ``probe_every``-th one."""
+        pe = self.scfg.probe_every
+        return self.sched.needs_estimates() or (pe > 0 and naive_step % pe == 0)
 
     def feed(self) -> None:
         """Feed the output's last token to the LM, after cropping its KV cache to the tokens
@@ -556,6 +561,7 @@ class _Request:
         self.state = self.dec.step(self.out[-1])
         self.stats.lm_s += self.state.seconds
         self.lm_step_s = self.state.seconds
+        self.sched.observe_lm(self.state.seconds)
 
 
 __all__ = ["SpeculativeKNNConfig", "SpeculativeKNNLM", "SpeculativeStats", "NeighbourCache"]

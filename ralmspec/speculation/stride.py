@@ -12,7 +12,8 @@ Falling back (DESIGN §4: never slower than the naive loop): speculation is wort
 expected seconds per verified step beat a naive step, ``lm + r`` (LM chunk + one real
 retrieval). For RaLM a mismatched step's chunk must be generated again with the true passage,
 so with probability ``1-γ^s`` a round costs one more step ``a`` (``seconds_per_step(...,
-regen=True)``). When even the best stride loses, ``decide`` returns stride 0: the engine then
+regen=True)``); kNN-LM's correction is decided from the verification itself, nothing is
+regenerated (``regenerates=False``). One rule for both modes. When even the best stride loses, ``decide`` returns stride 0: the engine then
 takes verified steps (retrieve, then generate), still probing the cache to keep ``γ`` current.
 With the fallback on, the scheduler also returns 0 until ``a``, ``b`` and ``γ`` are known
 (those verified steps measure them), instead of speculating blind at stride 1. On an engine
@@ -110,8 +111,9 @@ class StrideScheduler:
 
     def __init__(self, os3: bool = True, fixed_stride: int = 3, async_verify: bool = False,
                  s_max: int = 16, window: int = 5, gamma_max: float = 0.9, naive_fallback: bool = False,
-                 verify_encodes: bool = False):
+                 verify_encodes: bool = False, regenerates: bool = True):
         self.os3 = os3
+        self.regenerates = regenerates  # a rejected step's output is generated again (RaLM's chunk)
         self.verify_encodes = verify_encodes  # b(s) pays s query encodings (module doc)
         self._encode: float | None = None
         self.naive_fallback = naive_fallback
@@ -145,6 +147,12 @@ class StrideScheduler:
     def observe_retrieval(self, seconds: float) -> None:
         """One real single-query retrieval (query encoding + search): the naive step's ``r``."""
         self._r = seconds
+
+    def needs_estimates(self) -> bool:
+        """OS^3 with the fallback cannot compare yet: ``a``, ``b(1)`` or ``γ`` is unknown (the
+        fallback's verified steps must measure them, a cache probe included)."""
+        return self.os3 and self.naive_fallback and (
+            self._a is None or self.verification_cost(1) is None or self.gamma() is None)
 
     def naive_step_cost(self) -> float | None:
         if self._r is None or (self._lm is None and self._a is None):
@@ -222,7 +230,7 @@ class StrideScheduler:
         best = None
         for a, b_of, gam, overlap in plans:
             s = best_stride(a, b_of, gam, overlap, self.s_max)
-            cost = seconds_per_step(a, b_of(s), gam, s, overlap, regen=True)
+            cost = seconds_per_step(a, b_of(s), gam, s, overlap, regen=self.regenerates)
             if best is None or cost < best[0]:
                 best = (cost, s, overlap)
         cost, s, overlap = best

@@ -129,6 +129,17 @@ def test_naive_fallback_when_speculation_cannot_pay(naive_results, knn_prompts):
     assert sum(r.stats.probes for r in results) > 0
 
 
+def test_os3_measures_with_a_probed_verified_step_then_speculates(naive_results, knn_prompts):
+    """The fallback is the shared StrideScheduler's: with nothing measured the second token is a
+    verified step that also probes the cache (a speculative step's cost and a 1-step round),
+    after which OS^3 decides; on corpus prompts (locality) speculation then pays."""
+    knn, naive = naive_results["flat"]
+    results = [SpeculativeKNNLM(knn, C()).generate(p) for p in knn_prompts[:8]]
+    assert all(r.tokens == a.tokens for r, a in zip(results, naive))
+    assert all(r.stats.naive_steps >= 2 and r.stats.probes >= 1 for r in results)
+    assert sum(r.stats.speculated for r in results) > 0
+
+
 @pytest.mark.parametrize("cfg", [C(os3=False, fixed_stride=3, cache_capacity=3),
                                  C(async_verify=True, os3=False, fixed_stride=4, cache_capacity=16),
                                  C(gamma_max=0.01, probe_every=2)],

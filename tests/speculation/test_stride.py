@@ -262,3 +262,26 @@ def test_async_without_fallback_measures_alone_costs_first():
     sch.observe_search(1, 4.0)
     sch.observe_round(1, 1)
     assert sch.decide().overlap is True  # alone costs known, contention not yet: try overlapping
+
+
+def test_needs_estimates_and_the_regeneration_charge():
+    """needs_estimates: OS^3 with the fallback lacks a, b(1) or γ (kNN-LM probes then). A mode
+    that regenerates nothing on a rejection (kNN-LM) is not charged the extra step, so at the
+    same costs it can speculate where RaLM falls back."""
+    for regen in (True, False):
+        s = StrideScheduler(os3=True, naive_fallback=True, regenerates=regen, gamma_max=0.9)
+        assert s.needs_estimates()
+        s.observe_step(1.0)
+        s.observe_lm(1.0)
+        s.observe_search(1, 1.1)
+        s.observe_retrieval(1.1)
+        assert s.needs_estimates()  # γ unknown
+        s.observe_round(1, 1)
+        assert not s.needs_estimates()
+        s.observe_search(4, 1.3)
+        s.observe_round(4, 2)
+        s.observe_round(4, 2)
+        # γ = 5/7; naive step 2.1 s: RaLM's best round costs > 2.1 s per kept step with the
+        # regenerated chunk charged (stride 2: 2.13 s), kNN-LM's ~1.85 s without it
+        assert (s.decide().stride == 0) == regen
+    assert not StrideScheduler(os3=True, naive_fallback=False).needs_estimates()
