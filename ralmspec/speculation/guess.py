@@ -184,8 +184,8 @@ class OracleRanker:
 
 
 class CheapRankers:
-    """An engine's cheap rankers (``static``, ``bm25``), built on first use and shared by its
-    requests (their passage representations are memoised by doc id)."""
+    """An engine's cheap rankers (``static``, ``bm25``, and the bench's ``oracle`` bound), built
+    on first use and shared by its requests (passage representations are memoised by doc id)."""
 
     def __init__(self, retriever):
         self.retriever = retriever

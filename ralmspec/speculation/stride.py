@@ -13,8 +13,9 @@ expected seconds per verified step beat a naive step, ``lm + r`` (LM chunk + one
 retrieval). For RaLM a mismatched step's chunk must be generated again with the true passage,
 so with probability ``1-γ^s`` a round costs one more step ``a`` (``seconds_per_step(...,
 regen=True)``); kNN-LM's correction is decided from the verification itself, nothing is
-regenerated (``regenerates=False``). One rule for both modes. When even the best stride loses, ``decide`` returns stride 0: the engine then
-takes verified steps (retrieve, then generate), still probing the cache to keep ``γ`` current.
+regenerated (``regenerates=False``). One rule for both modes. When even the best stride loses,
+``decide`` returns stride 0: the engine then takes verified steps (retrieve, then generate),
+still probing the cache to keep ``γ`` current.
 With the fallback on, the scheduler also returns 0 until ``a``, ``b`` and ``γ`` are known
 (those verified steps measure them), instead of speculating blind at stride 1. On an engine
 that already served requests they are known from the start: the costs are carried over
