@@ -27,11 +27,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "studies and tests only), or a local HF causal-LM folder")
     g.add_argument("--lm-backend", default="hf", choices=("hf", "vllm"))
     g.add_argument("--lm-device", default="cpu", help="cpu or cuda")
+    g.add_argument("--lm-runner", default="auto", choices=("auto", "eager", "static"),
+                   help="hf backend: eager (DynamicCache, a forward per token), static (preallocated KV "
+                        "slots, on-device decode, CUDA graphs on a GPU), auto (static on cuda, eager on cpu)")
+    g.add_argument("--lm-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="LM weights' dtype (auto: bfloat16 on cuda, float32 on cpu)")
     k = p.add_argument_group("knowledge base")
     k.add_argument("--retriever", default="exact", help=f"one of {', '.join(RETRIEVER_KINDS)}")
     k.add_argument("--index", default=None, help="index folder made by `ralmspec index build`")
     k.add_argument("--corpus", default=None, help="your own passages (.jsonl/.jsonl.gz/.tsv); indexed on first use")
     k.add_argument("--retriever-device", default="cpu", help="cpu or cuda (faiss-gpu)")
+    k.add_argument("--encoder-device", default=None,
+                   help="where the dense query encoder runs, cpu or cuda (default: the LM's device; "
+                        "queries are encoded one at a time on either, so outputs stay identical)")
     k.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch")
     k.add_argument("--nprobe", type=int, default=8, help="IVF nprobe")
     r = p.add_argument_group("generation (the reference semantics)")
@@ -99,8 +107,10 @@ def set_threads(n: int | None) -> None:
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=a.model, lm_backend=a.lm_backend, lm_device=a.lm_device,
+        model=a.model, lm_backend=a.lm_backend, lm_device=a.lm_device, lm_runner=a.lm_runner,
+        lm_dtype=a.lm_dtype,
         retrieval=RetrievalConfig(kind=a.retriever, index_dir=a.index, device=a.retriever_device,
+                                  encoder_device=a.encoder_device or a.lm_device,
                                   hnsw_ef_search=a.ef_search, ivf_nprobe=a.nprobe),
         generation=GenerationConfig(stride=a.stride, query_len=a.query_len, max_new_tokens=a.max_new_tokens,
                                     prompt_format=a.prompt_format, temperature=a.temperature, top_p=a.top_p,
@@ -264,7 +274,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
                                                          log=_log)
         engine.reset_caches()
         label = f"exact EMULATED {len(engine.retriever.corpus) + a.emulate_pad:,}"
-    settings = {"model": cfg.model, "lm_backend": cfg.lm_backend, "retriever": cfg.retrieval.kind,
+    lm_runner = getattr(getattr(engine.lm, "runner", None), "name", None)
+    settings = {"model": cfg.model, "lm_backend": cfg.lm_backend, "lm_runner": lm_runner,
+                "lm_device": cfg.lm_device, "lm_dtype": str(getattr(engine.lm, "dtype", cfg.lm_dtype)),
+                "retriever": cfg.retrieval.kind,
                 "index": cfg.retrieval.index_dir, "corpus": a.corpus, "emulate_pad": a.emulate_pad,
                 "threads": a.threads, "questions": a.questions or "grounded",
                 "prompt_format": engine.prompt_format(cfg.generation.prompt_format).name,

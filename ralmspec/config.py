@@ -22,6 +22,9 @@ class RetrievalConfig:
     kind: str = "exact"  # one of RETRIEVER_KINDS
     index_dir: str | None = None  # None: the embedded default under the user cache dir
     device: str = "cpu"  # "cuda" uses faiss-gpu for flat / ivf when available
+    # where the dense query encoder runs ("cpu" / "cuda"); None: cuda when `device` is cuda and
+    # CUDA is there, else cpu (the CLI passes the LM's device: --encoder-device)
+    encoder_device: str | None = None
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128
@@ -34,6 +37,9 @@ class RetrievalConfig:
             raise ConfigError(f"unknown retriever {self.kind!r}; choose one of {', '.join(RETRIEVER_KINDS)}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.encoder_device is not None and self.encoder_device not in ("cpu", "cuda") \
+                and not str(self.encoder_device).startswith("cuda:"):
+            raise ConfigError(f"encoder device must be 'cpu' or 'cuda', got {self.encoder_device!r}")
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
@@ -131,6 +137,12 @@ class EngineConfig:
     model: str = "smollm2"  # "smollm2" (real, pretrained), "tiny" / "random-*" (random weights), or a folder
     lm_backend: str = "hf"  # "hf" or "vllm"
     lm_device: str = "cpu"
+    # how the hf backend runs the model (ralmspec/lm/runner.py): "eager" (DynamicCache, one
+    # forward per token), "static" (KV slots, on-device decode, CUDA graphs on a GPU) or "auto"
+    # (static on CUDA, eager on the CPU)
+    lm_runner: str = "auto"
+    # "auto": bfloat16 on CUDA, float32 on the CPU
+    lm_dtype: str = "auto"
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)

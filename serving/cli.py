@@ -169,7 +169,8 @@ def _load_lm(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
     if not a.lm_replicas:
         from ralmspec.lm.loader import load_language_model
 
-        return load_language_model(cfg.model, backend=cfg.lm_backend, device=cfg.lm_device), ""
+        return load_language_model(cfg.model, backend=cfg.lm_backend, device=cfg.lm_device,
+                                   dtype=cfg.lm_dtype, runner=cfg.lm_runner), ""
     from ralmspec.lm.ray_replicas import RayLMConfig, RayLMReplicas
 
     lm_cfg = RayLMConfig(replicas=a.lm_replicas, threads=a.lm_replica_threads, actor_gpus=a.lm_replica_gpus,

@@ -95,5 +95,6 @@ def build_engine(config: EngineConfig, corpus_path: str | None = None, show_prog
     from ralmspec.retrieval.index import open_retriever
 
     retriever = open_retriever(config.retrieval, corpus_path=corpus_path, show_progress=show_progress)
-    lm = load_language_model(config.model, backend=config.lm_backend, device=config.lm_device)
+    lm = load_language_model(config.model, backend=config.lm_backend, device=config.lm_device,
+                             dtype=config.lm_dtype, runner=config.lm_runner)
     return RalmEngine(lm, retriever, config)

@@ -54,7 +54,6 @@ kept in an LRU table bounded by a number of sessions and a number of cached KV b
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -65,9 +64,16 @@ import torch
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
+from ralmspec.lm.runner import RUNNERS, EagerRunner, KVRunner
 from ralmspec.lm.sampling import Sampling, draw
+from ralmspec.lm.static import StaticRunner, supports_static
 
 DEFAULT_BLOCK_SIZE = 64  # canonical prefill block (see the trade-offs above)
+# static runner: KV slots (each allocated on first use) and positions per slot, per device type.
+# A slot holds 2 x layers x kv_heads x length x head_dim values: SmolLM2 in float32 on the CPU,
+# 2048 positions = 94 MiB; in bfloat16 on CUDA, 4096 positions = 94 MiB.
+STATIC_SLOTS = {"cuda": 64, "cpu": 16}
+STATIC_SLOT_LENGTH = {"cuda": 4096, "cpu": 2048}
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -166,42 +172,9 @@ class NextTokenState:
 @dataclass
 class _Session:
     ids: list[int]  # token ids whose KV is held; len(ids) == cached length, a multiple of B
-    cache: Any  # transformers Cache (DynamicCache) or None when empty
+    kv: Any  # the runner's handle (a DynamicCache, a static slot) or None when empty
     nbytes: int = 0
     threads: int = 0  # torch.get_num_threads() when computed (CPU GEMM bits may depend on it)
-
-
-def _cache_nbytes(cache: Any) -> int:
-    if cache is None:
-        return 0
-    total = 0
-    layers = getattr(cache, "layers", None)
-    if layers is not None:  # transformers >= 4.56
-        for layer in layers:
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
-    for name in ("key_cache", "value_cache"):  # older DynamicCache
-        for t in getattr(cache, name, []):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-def _crop(cache: Any, keep: int) -> Any:
-    """Crop ``cache`` to its first ``keep`` positions (``None`` when nothing is kept).
-
-    ``crop(negative)`` removes that many tokens in transformers 4.x and 5.x alike.
-    """
-    if cache is None or keep <= 0:
-        return None
-    cur = cache.get_seq_length()
-    if keep < cur:
-        cache.crop(keep - cur)
-    elif keep > cur:
-        raise AssertionError(f"cannot crop a cache of {cur} positions to {keep}")
-    return cache
 
 
 class HFLanguageModel(LanguageModel):
@@ -229,7 +202,7 @@ class HFLanguageModel(LanguageModel):
                  max_context: int, device: str | torch.device = "cpu",
                  block_size: int = DEFAULT_BLOCK_SIZE,
                  max_sessions: int = 256, max_cache_bytes: int | None = 2 << 30,
-                 stop_token_ids: Iterable[int] = (), name: str = "hf") -> None:
+                 stop_token_ids: Iterable[int] = (), name: str = "hf", runner: str = "eager") -> None:
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ConfigError(f"block_size must be an integer >= 1, got {block_size!r}")
         if not isinstance(max_context, int) or max_context < 2:
@@ -249,13 +222,8 @@ class HFLanguageModel(LanguageModel):
         self.name = name
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.dtype = next(model.parameters()).dtype
-        # transformers >= 5.2x names the KV argument `cache` (`past_key_values` is deprecated)
-        self._cache_kw = _cache_kwarg(model)
-        # Blocks before the last one only need their KV: run the trunk without the LM head
-        # (same KV arithmetic; saves one vocab-sized GEMV per block).
-        trunk = getattr(model, "base_model", model)
-        self._trunk = trunk if trunk is not model and isinstance(trunk, torch.nn.Module) else None
-        self._trunk_cache_kw = _cache_kwarg(trunk) if self._trunk is not None else self._cache_kw
+        self.runner = make_runner(model, runner, max_len=max_context, device=self.device)
+        self.max_context = min(max_context, getattr(self.runner, "max_len", max_context))
         self._lock = threading.Lock()
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
         self._cached_bytes = 0
@@ -341,10 +309,13 @@ class HFLanguageModel(LanguageModel):
             entry = self._sessions.pop(session, None)
             if entry is not None:
                 self._cached_bytes -= entry.nbytes
+                self.runner.free(entry.kv)
 
     def close(self) -> None:
         """Drop every session's KV state."""
         with self._lock:
+            for entry in self._sessions.values():
+                self.runner.free(entry.kv)
             self._sessions.clear()
             self._cached_bytes = 0
 
@@ -405,31 +376,30 @@ class HFLanguageModel(LanguageModel):
         self.prefill_forwards += stats.prefill_forwards
         self.last_call_stats = stats
 
-    def _forward(self, ids: list[int], cache: Any, want_hidden: bool = False) -> tuple[Any, Any]:
-        """One forward over ``ids`` after ``cache``: (model output, updated cache).
+    def _evict_oldest(self) -> None:
+        _, old = self._sessions.popitem(last=False)
+        self._cached_bytes -= old.nbytes
+        self.runner.free(old.kv)
 
-        The LM head is applied to the last row only (``logits_to_keep=1``), always, so the
-        last-row logits go through the same GEMM shape whatever the block length.
-        """
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1,
-                         output_hidden_states=want_hidden, **{self._cache_kw: cache})
-        return out, _out_cache(out)
-
-    def _forward_kv_only(self, ids: list[int], cache: Any) -> Any:
-        """A forward whose only product is the KV of ``ids`` (no LM head): the updated cache."""
-        if self._trunk is None:
-            return self._forward(ids, cache)[1]
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self._trunk(input_ids=x, use_cache=True, **{self._trunk_cache_kw: cache})
-        return _out_cache(out)
+    def _open_kv(self) -> Any:
+        """A fresh runner handle, evicting least recently used sessions while the runner has no
+        room (a static runner has a fixed number of slots)."""
+        kv = self.runner.open()
+        if self.runner.capacity is None:
+            return kv
+        while kv is None and self._sessions:
+            self._evict_oldest()
+            kv = self.runner.open()
+        if kv is None:
+            raise AssertionError("the LM runner has no free KV slot and no session to evict")
+        return kv
 
     @torch.inference_mode()
     def _prefill(self, prompt: list[int], session: Hashable | None, stats: CallStats,
                  want_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """Canonical block prefill of ``prompt``; returns (last logits, last hidden, cache).
+        """Canonical block prefill of ``prompt``; returns (last logits, last hidden, KV handle).
 
-        The returned cache covers all ``len(prompt)`` positions. The session's entry (if any)
+        The returned handle covers all ``len(prompt)`` positions. The session's entry (if any)
         is taken out of the table; the caller puts it back with ``_store`` once done.
         """
         t0 = time.perf_counter()
@@ -437,8 +407,8 @@ class HFLanguageModel(LanguageModel):
         entry = self._sessions.pop(session, None) if session is not None else None
         if entry is not None:
             self._cached_bytes -= entry.nbytes
-        cache, reuse = None, 0
-        if entry is not None and entry.cache is not None and entry.threads == torch.get_num_threads():
+        kv, reuse = None, 0
+        if entry is not None and entry.threads == torch.get_num_threads():
             lcp = 0
             for a, b in zip(entry.ids, prompt):
                 if a != b:
@@ -446,81 +416,79 @@ class HFLanguageModel(LanguageModel):
                 lcp += 1
             # round down to a block; never reuse the block holding the last position
             reuse = min(lcp // B * B, (L - 1) // B * B)
-            cache = _crop(entry.cache, reuse)
+            kv = self.runner.crop(entry.kv, reuse)
+        else:
+            if entry is not None:
+                self.runner.free(entry.kv)
+            kv = self._open_kv()
         start = reuse
-        out = None
-        while start < L:
-            end = min(start - start % B + B, L)
-            if end < L:
-                cache = self._forward_kv_only(prompt[start:end], cache)
-            else:
-                out, cache = self._forward(prompt[start:end], cache, want_hidden=want_hidden)
-            stats.prefill_forwards += 1
-            stats.prefill_tokens_computed += end - start
-            start = end
-        assert out is not None  # reuse <= (L-1)//B*B < L
-        logits = out.logits[0, -1]
-        hidden = out.hidden_states[-1][0, -1] if want_hidden else None
+        logits = hidden = None
+        try:
+            while start < L:
+                end = min(start - start % B + B, L)
+                kv, logits, hidden = self.runner.prefill_block(kv, prompt[start:end], last=end == L,
+                                                               want_hidden=want_hidden)
+                stats.prefill_forwards += 1
+                stats.prefill_tokens_computed += end - start
+                start = end
+        except BaseException:
+            self.runner.free(kv)
+            raise
+        assert logits is not None  # reuse <= (L-1)//B*B < L
         stats.prompt_tokens += L
         stats.reused_tokens += reuse
         stats.prefill_s += time.perf_counter() - t0
-        return logits, hidden, cache
+        return logits, hidden, kv
 
-    def _store(self, session: Hashable | None, prompt: list[int], cache: Any) -> None:
-        """Crop ``cache`` to the prompt's full blocks and keep it for ``session`` (LRU insert).
+    def _store(self, session: Hashable | None, prompt: list[int], kv: Any) -> None:
+        """Crop ``kv`` to the prompt's full blocks and keep it for ``session`` (LRU insert).
 
-        Called after the last forward that uses ``cache``. Caches with layers that cannot be
+        Called after the last forward that uses ``kv``. Caches with layers that cannot be
         cropped (sliding-window attention) are not kept: such models simply get no reuse.
         """
         keep = len(prompt) // self.block_size * self.block_size
-        if session is None or self.max_sessions == 0 or keep == 0 or not _croppable(cache):
+        if session is None or self.max_sessions == 0 or keep == 0 or not self.runner.croppable(kv):
+            self.runner.free(kv)
             return
-        cache = _crop(cache, keep)
-        entry = _Session(ids=prompt[:keep], cache=cache, nbytes=_cache_nbytes(cache),
+        kv = self.runner.crop(kv, keep)
+        entry = _Session(ids=prompt[:keep], kv=kv, nbytes=self.runner.nbytes(kv),
                          threads=torch.get_num_threads())
         self._sessions[session] = entry
         self._cached_bytes += entry.nbytes
         while self._sessions and (len(self._sessions) > self.max_sessions or (
                 self.max_cache_bytes is not None and self._cached_bytes > self.max_cache_bytes)):
-            _, old = self._sessions.popitem(last=False)
-            self._cached_bytes -= old.nbytes
+            self._evict_oldest()
 
     @torch.inference_mode()
     def _generate_one(self, prompt: list[int], n: int, session: Hashable | None,
                       stats: CallStats, sampling: Sampling | None) -> list[int]:
-        logits, _, cache = self._prefill(prompt, session, stats)
+        logits, _, kv = self._prefill(prompt, session, stats)
         t0 = time.perf_counter()
-        if sampling is None or sampling.greedy:  # the greedy path, unchanged bit for bit
-            def pick(row: torch.Tensor, _i: int) -> int:
-                return int(torch.argmax(row).item())
-        else:
-            def pick(row: torch.Tensor, i: int) -> int:
-                return draw(row, sampling, sampling.start + i)
-        tok = pick(logits, 0)
-        new = [tok]
-        while len(new) < n and tok not in self.stop_token_ids:
-            out, cache = self._forward([tok], cache)
-            stats.decode_steps += 1
-            tok = pick(out.logits[0, -1], len(new))
-            new.append(tok)
-        stats.generated_tokens += len(new)
+        pick = None if sampling is None or sampling.greedy else (
+            lambda row, i: draw(row, sampling, sampling.start + i))
+        try:
+            chunk = self.runner.decode(kv, logits, n, pick, self.stop_token_ids)
+        except BaseException:
+            self.runner.free(kv)
+            raise
+        stats.decode_steps += chunk.steps
+        stats.generated_tokens += len(chunk.tokens)
         stats.decode_s += time.perf_counter() - t0
-        self._store(session, prompt, cache)
-        return new
+        self._store(session, prompt, kv)
+        return chunk.tokens
 
 
-def _cache_kwarg(module: torch.nn.Module) -> str:
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: torch.device) -> KVRunner:
+    """The ``KVRunner`` named ``runner`` ("eager", "static" or "auto") for ``model``.
 
-
-def _out_cache(out: Any) -> Any:
-    return out["cache"] if "cache" in out else out["past_key_values"]
-
-
-def _croppable(cache: Any) -> bool:
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        return hasattr(cache, "crop")
-    return all(getattr(layer, "is_croppable", True) and not getattr(layer, "is_sliding", False)
-               for layer in layers)
+    "auto" picks the static runner on CUDA for the families it implements and the eager runner
+    otherwise (on the 2-core CPU target it measured no faster: docs/lm-runner.md).
+    """
+    if runner not in RUNNERS:
+        raise ConfigError(f"LM runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if runner == "auto":
+        runner = "static" if device.type == "cuda" and supports_static(model) else "eager"
+    if runner == "eager":
+        return EagerRunner(model)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    return StaticRunner(model, max_len=min(max_len, STATIC_SLOT_LENGTH[kind]), capacity=STATIC_SLOTS[kind])

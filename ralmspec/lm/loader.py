@@ -8,12 +8,25 @@ from ralmspec.lm.base import LanguageModel
 LM_BACKENDS = ("hf", "vllm")
 
 
+LM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_lm_dtype(dtype: str, device: str) -> str:
+    """``"auto"`` -> bfloat16 on CUDA, float32 on the CPU; any other name is kept (checked later)."""
+    if dtype not in LM_DTYPES:
+        raise ConfigError(f"LM dtype must be one of {', '.join(LM_DTYPES)}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
 def load_language_model(name_or_path: str, backend: str = "hf", device: str = "cpu",
-                        dtype: str = "float32") -> LanguageModel:
+                        dtype: str = "auto", runner: str = "auto") -> LanguageModel:
+    dtype = resolve_lm_dtype(dtype, device)
     if backend == "hf":
         from ralmspec.lm.models import load_lm
 
-        return load_lm(name_or_path, device=device, dtype=dtype)
+        return load_lm(name_or_path, device=device, dtype=dtype, runner=runner)
     if backend == "vllm":
         from ralmspec.lm.vllm import load_vllm
 

@@ -248,7 +248,7 @@ def _load_folder(path: Path) -> tuple[torch.nn.Module, Any, int | None, set[int]
 def load_lm(name_or_path: str, device: str = "cpu", dtype: str = "float32",
             block_size: int = DEFAULT_BLOCK_SIZE,
             *, max_context: int | None = None, max_sessions: int = 256,
-            max_cache_bytes: int | None = 2 << 30) -> HFLanguageModel:
+            max_cache_bytes: int | None = 2 << 30, runner: str = "eager") -> HFLanguageModel:
     """Load a pretrained model ("smollm2"), a built-in random model ("tiny", "random-small",
     "random-medium") or a local HF causal-LM folder.
 
@@ -273,7 +273,8 @@ def load_lm(name_or_path: str, device: str = "cpu", dtype: str = "float32",
     model = model.to(device=dev, dtype=dt).eval()
     return HFLanguageModel(model, HFTokenizer(tok), eos_token_id=eos, stop_token_ids=stops,
                            max_context=max_pos, device=dev, block_size=block_size,
-                           max_sessions=max_sessions, max_cache_bytes=max_cache_bytes, name=name)
+                           max_sessions=max_sessions, max_cache_bytes=max_cache_bytes, name=name,
+                           runner=runner)
 
 
 def save_builtin(name: str, folder: str | os.PathLike) -> Path:

@@ -282,6 +282,8 @@ def _move_into_place(tmp: str, out_dir: str) -> None:
 
 
 def _default_encoder(config: RetrievalConfig) -> QueryEncoder:
+    if config.encoder_device is not None:
+        return QueryEncoder(device=config.encoder_device)
     device = "cpu"
     if config.device == "cuda":
         try:

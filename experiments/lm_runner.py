@@ -1,0 +1,115 @@
+"""LM runners side by side: ms per generated token, eager vs static, on the device in use.
+
+    python experiments/lm_runner.py --model smollm2 --device cpu --threads 2 --json out.json
+    python experiments/lm_runner.py --model smollm2 --device cuda --dtype bfloat16
+
+Two shapes of work per runner, the same prompts for every runner (random token ids of the
+model's vocabulary, seeded), every runner starting cold:
+- ``chunk``: one call that decodes ``--new`` tokens after a ``--prompt``-token prompt (pure
+  decode; the static runner syncs with the host once per 16 tokens);
+- ``engine``: the RaLM engine's pattern, ``--new`` tokens in calls of ``--stride`` tokens, each
+  call's prompt = the previous prompt + what was generated (the session reuses full blocks and
+  re-prefills the rest), as ``ralmspec generate`` does while the passage stays the same.
+Tokens of every runner are compared with the first runner's (equal in practice, not promised
+bit for bit: ralmspec/lm/runner.py). Timings are the median over ``--repeats`` prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+
+
+def _sync(lm) -> None:
+    import torch
+
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(lm, prompts: list[list[int]], new: int, stride: int) -> dict:
+    chunk_ms, engine_ms, outs = [], [], []
+    lm.greedy([prompts[0]], new, ["warm"])  # first-use costs (allocation, graph capture) not timed
+    lm.greedy([prompts[0] + [1]], stride, ["warm"])
+    for i, p in enumerate(prompts):
+        _sync(lm)
+        t = time.perf_counter()
+        out = lm.greedy([p], new, [f"c{i}"])[0]
+        _sync(lm)
+        chunk_ms.append((time.perf_counter() - t) * 1e3 / max(1, len(out)))
+        gen: list[int] = []
+        lm.greedy([p], 1, [f"e{i}"])  # the session holds the prompt's blocks, as after a retrieval
+        _sync(lm)
+        t = time.perf_counter()
+        while len(gen) < new:
+            step = lm.greedy([p + gen], min(stride, new - len(gen)), [f"e{i}"])[0]
+            gen += step
+            if step and step[-1] in lm.stop_token_ids:
+                break
+        _sync(lm)
+        engine_ms.append((time.perf_counter() - t) * 1e3 / max(1, len(gen)))
+        outs.append((out, gen))
+    return {"chunk_ms_per_token": statistics.median(chunk_ms),
+            "engine_ms_per_token": statistics.median(engine_ms), "outputs": outs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--runners", default="eager,static")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: library default)")
+    ap.add_argument("--prompt", type=int, default=300, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=64, help="generated tokens per prompt")
+    ap.add_argument("--stride", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    import torch
+
+    from ralmspec.lm.loader import load_language_model, resolve_lm_dtype
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = resolve_lm_dtype(a.dtype, a.device)
+    rows, ref = [], None
+    for name in a.runners.split(","):
+        t = time.perf_counter()
+        try:
+            lm = load_language_model(a.model, device=a.device, dtype=dtype, runner=name)
+            load_s = time.perf_counter() - t
+            rng = random.Random(0)
+            prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(a.prompt)] for _ in range(a.repeats)]
+            m = measure(lm, prompts, a.new, a.stride)
+        except Exception as exc:  # noqa: BLE001 - report the failure, measure the other runners
+            print(f"{name:>7}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"runner": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        outs = m.pop("outputs")
+        same = None if ref is None else sum(x == y for x, y in zip(outs, ref)) / len(outs)
+        ref = ref or outs
+        row = {"runner": lm.runner.name, "load_s": round(load_s, 2), **{k: round(v, 3) for k, v in m.items()},
+               "tokens_equal_to_first_runner": same}
+        rows.append(row)
+        print(f"{row['runner']:>7}: chunk {row['chunk_ms_per_token']:.2f} ms/token, engine pattern "
+              f"{row['engine_ms_per_token']:.2f} ms/token (stride {a.stride}), same tokens as "
+              f"{rows[0]['runner']}: {'-' if same is None else f'{same:.0%}'}", flush=True)
+        lm.close()
+        del lm
+    summary = {"model": a.model, "device": a.device, "dtype": dtype, "threads": torch.get_num_threads(),
+               "prompt_tokens": a.prompt, "new_tokens": a.new, "stride": a.stride, "repeats": a.repeats,
+               "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None, "runners": rows}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The LM runner seam: how a transformers model turns KV state + token ids into logits.
+
+``HFLanguageModel`` (``ralmspec.lm.hf``) owns the contract (validation, the canonical block
+schedule, session reuse, statistics, locking) and drives one ``KVRunner``:
+
+- ``open()`` a fresh, empty KV handle (``None`` when the runner has no room: the caller evicts a
+  session and asks again); ``free(kv)`` gives it back;
+- ``prefill_block(kv, ids, last=..., want_hidden=...)`` appends the KV of ``ids`` (positions
+  ``length(kv) ..``) with ONE forward; for the last block of a prompt it also returns the
+  logits (and the final hidden state) of the last position;
+- ``decode(kv, first_logits, n, pick, stop_ids)`` generates up to ``n`` tokens, the first from
+  ``first_logits`` (``pick`` ``None`` = greedy argmax, ties -> lowest id; else the host draw
+  ``pick(logits, i)``), stopping after a stop token (included);
+- ``crop(kv, keep)`` rolls the handle back to its first ``keep`` positions.
+
+Two implementations: ``EagerRunner`` (a transformers ``DynamicCache`` per session, one Python
+forward per token; any causal LM) and ``StaticRunner`` (``ralmspec.lm.static``: preallocated KV
+slots, on-device decode, CUDA graphs on a GPU). Each is deterministic for fixed shapes; the two
+are equal token for token in practice but not bit for bit (different attention shapes), which is
+why one engine uses one runner for the naive and the speculative loop alike.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+RUNNERS = ("auto", "eager", "static")
+
+
+@dataclass
+class DecodeChunk:
+    tokens: list[int]  # generated ids, a stop token included and last
+    steps: int  # 1-row forwards run (the static runner may run a few past a stop token)
+
+
+class KVRunner(abc.ABC):
+    """See the module doc. ``capacity``: how many handles may be open at once (None: unbounded)."""
+
+    name: str = "?"
+    capacity: int | None = None
+
+    @abc.abstractmethod
+    def open(self) -> Any: ...
+
+    @abc.abstractmethod
+    def crop(self, kv: Any, keep: int) -> Any: ...
+
+    def free(self, kv: Any) -> None:  # noqa: B027 - optional hook
+        """Give ``kv`` back (a slot to the pool); the eager handle is just dropped."""
+
+    @abc.abstractmethod
+    def length(self, kv: Any) -> int: ...
+
+    @abc.abstractmethod
+    def nbytes(self, kv: Any) -> int: ...
+
+    def croppable(self, kv: Any) -> bool:
+        return True
+
+    @abc.abstractmethod
+    def prefill_block(self, kv: Any, ids: Sequence[int], *, last: bool,
+                      want_hidden: bool) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]: ...
+
+    @abc.abstractmethod
+    def decode(self, kv: Any, first_logits: torch.Tensor, n: int,
+               pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Drop every buffer."""
+
+
+class EagerRunner(KVRunner):
+    """A transformers ``DynamicCache`` per handle; one forward (and one host sync) per token.
+
+    Blocks before the last one only need their KV: they run the trunk without the LM head (same
+    KV arithmetic; saves one vocab-sized GEMV per block). The LM head is applied to the last row
+    only (``logits_to_keep=1``), so the last-row logits go through the same GEMM shape whatever
+    the block length.
+    """
+
+    name = "eager"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self._cache_kw = _cache_kwarg(model)  # transformers >= 5.2x names it `cache`
+        trunk = getattr(model, "base_model", model)
+        self._trunk = trunk if trunk is not model and isinstance(trunk, torch.nn.Module) else None
+        self._trunk_cache_kw = _cache_kwarg(trunk) if self._trunk is not None else self._cache_kw
+
+    def open(self) -> Any:
+        return None  # a DynamicCache is made by the first forward
+
+    def crop(self, kv: Any, keep: int) -> Any:
+        if kv is None or keep <= 0:
+            return None
+        cur = kv.get_seq_length()
+        if keep < cur:
+            kv.crop(keep - cur)  # crop(negative) removes that many tokens in transformers 4.x and 5.x
+        elif keep > cur:
+            raise AssertionError(f"cannot crop a cache of {cur} positions to {keep}")
+        return kv
+
+    def length(self, kv: Any) -> int:
+        return 0 if kv is None else kv.get_seq_length()
+
+    def nbytes(self, kv: Any) -> int:
+        return _cache_nbytes(kv)
+
+    def croppable(self, kv: Any) -> bool:
+        layers = getattr(kv, "layers", None)
+        if layers is None:
+            return hasattr(kv, "crop")
+        return all(getattr(layer, "is_croppable", True) and not getattr(layer, "is_sliding", False)
+                   for layer in layers)
+
+    def prefill_block(self, kv: Any, ids: Sequence[int], *, last: bool,
+                      want_hidden: bool) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        if not last and self._trunk is not None:
+            out = self._trunk(input_ids=x, use_cache=True, **{self._trunk_cache_kw: kv})
+            return _out_cache(out), None, None
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1,
+                         output_hidden_states=want_hidden, **{self._cache_kw: kv})
+        if not last:
+            return _out_cache(out), None, None
+        hidden = out.hidden_states[-1][0, -1] if want_hidden else None
+        return _out_cache(out), out.logits[0, -1], hidden
+
+    def decode(self, kv: Any, first_logits: torch.Tensor, n: int,
+               pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk:
+        if pick is None:  # the greedy path, unchanged bit for bit
+            def pick(row: torch.Tensor, _i: int) -> int:
+                return int(torch.argmax(row).item())
+        tok = pick(first_logits, 0)
+        new, steps = [tok], 0
+        while len(new) < n and tok not in stop_ids:
+            x = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
+            kv = _out_cache(out)
+            steps += 1
+            tok = pick(out.logits[0, -1], len(new))
+            new.append(tok)
+        return DecodeChunk(tokens=new, steps=steps)
+
+
+def _cache_kwarg(module: torch.nn.Module) -> str:
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out: Any) -> Any:
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _cache_nbytes(cache: Any) -> int:
+    if cache is None:
+        return 0
+    total = 0
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56
+        for layer in layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+    for name in ("key_cache", "value_cache"):  # older DynamicCache
+        for t in getattr(cache, name, []):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,327 @@
+"""The static LM runner: preallocated KV slots, rollback by length, one host sync per chunk.
+
+In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
+
+- **KV slots.** Each session owns one *slot*: per layer, a key and a value buffer
+  ``[1, kv_heads, max_len, head_dim]`` allocated once (on the slot's first use) and written in
+  place at the positions a forward covers (``index_copy_``). Cropping a session to ``keep``
+  positions (a rollback, a passage switch) only sets its length: nothing is copied or freed.
+  Stale entries past the length are never read, because attention masks keys by position.
+- **Canonical numerics.** The block discipline of ``ralmspec.lm.hf`` is kept: prompt KV is only
+  computed in aligned blocks, 1-row steps only generate. The attention of a forward that ends at
+  position ``e`` reads the first ``attention_span(e)`` keys of the slot (the next power of two,
+  at least 64, at most ``max_len``), a function of the position alone, so every position's
+  arithmetic is the same whatever the history: reuse equals no reuse bit for bit, as in the
+  eager runner.
+- **Decode on the device.** Greedy tokens are chosen on the device (``argmax``, ties -> lowest
+  id) and fed back without a host round trip; the chunk's tokens are read once, after the last
+  step (``decode_sync_every`` bounds the wasted steps after a stop token in long chunks). On
+  CUDA every 1-row step is a captured CUDA graph, one per (slot, attention span), replayed.
+  Sampled decoding needs the logits on the host (the draw rule of ``ralmspec.lm.sampling`` runs
+  there), so it syncs once per token.
+
+The forward reuses the HF model's own modules (embeddings, norms, MLPs, projections, rotary
+table) and replaces only the attention's KV handling, so it runs exactly the model the eager
+runner runs. Supported families: Llama-style (``llama``, ``qwen2``; SmolLM2 is a Llama) and
+``gpt2``. Any other model keeps the eager runner (``supports_static``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ralmspec.errors import ConfigError
+from ralmspec.lm.runner import DecodeChunk, KVRunner
+
+LLAMA_TYPES = ("llama", "qwen2")
+STATIC_TYPES = LLAMA_TYPES + ("gpt2",)
+MIN_SPAN = 64
+
+
+def supports_static(model: torch.nn.Module) -> bool:
+    """True when ``model`` is a family the static runner implements."""
+    return getattr(getattr(model, "config", None), "model_type", None) in STATIC_TYPES
+
+
+def attention_span(end: int, max_len: int) -> int:
+    """Keys read by a forward whose last position is ``end - 1``: the next power of two >= end
+    (at least ``MIN_SPAN``, at most ``max_len``). A function of the position alone (module doc)."""
+    span = MIN_SPAN
+    while span < end:
+        span *= 2
+    return min(span, max_len)
+
+
+@dataclass
+class Slot:
+    """One session's KV buffers: ``keys[l]`` / ``values[l]`` are ``[1, kv_heads, max_len, hd]``."""
+
+    index: int
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0  # positions whose KV is valid
+
+
+class _Decoder:
+    """The model's layer stack over slot buffers (Llama-style or GPT-2), no HF cache object."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.kind = "gpt2" if cfg.model_type == "gpt2" else "llama"
+        dev = next(model.parameters()).device
+        if self.kind == "gpt2":
+            t = model.transformer
+            self.embed, self.layers, self.norm = t.wte, list(t.h), t.ln_f
+            self.n_heads = self.n_kv = cfg.n_head
+            self.head_dim = cfg.n_embd // cfg.n_head
+            self.scale = self.layers[0].attn.scaling
+            self.cos = self.sin = None
+        else:
+            t = model.model
+            self.embed, self.layers, self.norm = t.embed_tokens, list(t.layers), t.norm
+            attn = self.layers[0].self_attn
+            self.head_dim = attn.head_dim
+            self.n_heads = cfg.num_attention_heads
+            self.n_kv = cfg.num_key_value_heads
+            self.scale = attn.scaling
+            # the model's own rotary module, evaluated once for every position
+            probe = torch.zeros(1, dtype=next(model.parameters()).dtype, device=dev)
+            pos = torch.arange(max_len, device=dev)[None]
+            cos, sin = t.rotary_emb(probe, pos)
+            self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        self.lm_head = model.get_output_embeddings()
+        self.dtype = next(model.parameters()).dtype
+        self.device = dev
+        self.spans: dict[int, torch.Tensor] = {}
+
+    def key_index(self, span: int) -> torch.Tensor:
+        idx = self.spans.get(span)
+        if idx is None:
+            idx = self.spans[span] = torch.arange(span, device=self.device)
+        return idx
+
+    def forward(self, slot: Slot, ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+        """Final hidden states ``[1, t, d]`` (after the last norm) of ``ids [1, t]`` at positions
+        ``pos [t]``; writes their KV into ``slot`` and attends to its first ``span`` keys.
+        Shapes depend on ``(t, span)`` only, so the step can be captured as a CUDA graph."""
+        mask = self.key_index(span)[None, :] <= pos[:, None]  # [t, span]: causal by position
+        h = self.embed(ids)
+        if self.kind == "gpt2":
+            h = h + self.model.transformer.wpe(pos)[None]
+            for i, blk in enumerate(self.layers):
+                q, k, v = blk.attn.c_attn(blk.ln_1(h)).split(blk.attn.split_size, dim=2)
+                a = self._attend(slot, i, self._heads(q, self.n_heads), self._heads(k, self.n_kv),
+                                 self._heads(v, self.n_kv), pos, mask, span)
+                h = h + blk.attn.c_proj(a)
+                h = h + blk.mlp(blk.ln_2(h))
+        else:
+            cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
+            for i, blk in enumerate(self.layers):
+                at = blk.self_attn
+                x = blk.input_layernorm(h)
+                q = _rotate(self._heads(at.q_proj(x), self.n_heads), cos, sin)
+                k = _rotate(self._heads(at.k_proj(x), self.n_kv), cos, sin)
+                v = self._heads(at.v_proj(x), self.n_kv)
+                h = h + at.o_proj(self._attend(slot, i, q, k, v, pos, mask, span))
+                h = h + blk.mlp(blk.post_attention_layernorm(h))
+        return self.norm(h)
+
+    def logits(self, hidden_row: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_row)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, n, self.head_dim).transpose(1, 2)
+
+    def _attend(self, slot: Slot, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                pos: torch.Tensor, mask: torch.Tensor, span: int) -> torch.Tensor:
+        kc, vc = slot.keys[layer], slot.values[layer]
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v)
+        out = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask,
+                                             scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+        b, _, t, _ = out.shape
+        return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class StaticRunner(KVRunner):
+    """KV slots + device-side decode (module doc). ``capacity`` slots of ``max_len`` positions."""
+
+    name = "static"
+
+    def __init__(self, model: torch.nn.Module, *, max_len: int, capacity: int,
+                 cuda_graphs: bool | None = None, decode_sync_every: int = 16) -> None:
+        if not supports_static(model):
+            raise ConfigError(f"the static LM runner supports {', '.join(STATIC_TYPES)} models, not "
+                              f"{getattr(model.config, 'model_type', '?')!r}; use --lm-runner eager")
+        if capacity < 1 or max_len < 2:
+            raise ConfigError(f"static runner needs capacity >= 1 and max_len >= 2, got {capacity}, {max_len}")
+        self.decoder = _Decoder(model, max_len)
+        self.max_len = max_len
+        self.capacity = capacity
+        dev = self.decoder.device
+        self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and dev.type == "cuda")
+        self.decode_sync_every = max(1, decode_sync_every)
+        self._free = list(range(capacity - 1, -1, -1))
+        self._buffers: dict[int, Slot] = {}
+        # 1-row step inputs, fixed addresses for the CUDA graphs
+        self._tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        cfg = self.decoder
+        self.slot_bytes = (2 * len(cfg.layers) * cfg.n_kv * max_len * cfg.head_dim
+                           * torch.empty(0, dtype=cfg.dtype).element_size())
+
+    # ------------------------------------------------------------------ slots
+
+    def open(self) -> Slot | None:
+        if not self._free:
+            return None
+        i = self._free.pop()
+        slot = self._buffers.get(i)
+        if slot is None:
+            d = self.decoder
+            shape = (1, d.n_kv, self.max_len, d.head_dim)
+            slot = Slot(i, [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers],
+                        [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers])
+            self._buffers[i] = slot
+        slot.length = 0
+        return slot
+
+    def crop(self, kv: Slot, keep: int) -> Slot:
+        if keep > kv.length:
+            raise AssertionError(f"cannot crop a slot of {kv.length} positions to {keep}")
+        kv.length = keep
+        return kv
+
+    def free(self, kv: Slot | None) -> None:
+        if kv is not None:
+            kv.length = 0
+            self._free.append(kv.index)
+
+    def length(self, kv: Slot | None) -> int:
+        return 0 if kv is None else kv.length
+
+    def nbytes(self, kv: Slot | None) -> int:
+        return 0 if kv is None else self.slot_bytes
+
+    # ------------------------------------------------------------------ forwards
+
+    def prefill_block(self, kv: Slot, ids: Sequence[int], *, last: bool,
+                      want_hidden: bool) -> tuple[Slot, torch.Tensor | None, torch.Tensor | None]:
+        start, end = kv.length, kv.length + len(ids)
+        if end > self.max_len:
+            raise ConfigError(f"{end} positions exceed the static runner's slot length {self.max_len}")
+        d = self.decoder
+        x = torch.tensor([list(ids)], dtype=torch.long, device=d.device)
+        pos = torch.arange(start, end, device=d.device)
+        h = d.forward(kv, x, pos, attention_span(end, self.max_len))
+        kv.length = end
+        if not last:
+            return kv, None, None
+        row = h[0, -1]
+        return kv, d.logits(row[None])[0], (row if want_hidden else None)
+
+    def decode(self, kv: Slot, first_logits: torch.Tensor, n: int,
+               pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk:
+        """Tokens ``0..n-1`` after the prompt whose last logits are ``first_logits``; ``pick``
+        None means greedy on the device, else a host draw per token (one sync each)."""
+        if pick is not None:
+            return self._decode_host(kv, first_logits, n, pick, stop_ids)
+        d = self.decoder
+        out = torch.empty(n, dtype=torch.long, device=d.device)
+        nxt = torch.argmax(first_logits)
+        out[0] = nxt
+        got: list[int] = []
+        steps, i = 0, 1
+        while True:
+            stop_at = min(n, i + self.decode_sync_every)
+            while i < stop_at:
+                nxt = self._step(kv, nxt)
+                out[i] = nxt
+                steps += 1
+                i += 1
+            got = out[:i].tolist()  # the one host sync of this stretch
+            if i >= n or any(t in stop_ids for t in got):
+                break
+        for j, t in enumerate(got):
+            if t in stop_ids:
+                got = got[:j + 1]
+                break
+        return DecodeChunk(tokens=got, steps=steps)
+
+    def _decode_host(self, kv: Slot, logits: torch.Tensor, n: int,
+                     pick: Callable[[torch.Tensor, int], int], stop_ids: frozenset[int]) -> DecodeChunk:
+        tok = pick(logits, 0)
+        new, steps = [tok], 0
+        while len(new) < n and tok not in stop_ids:
+            logits = self._step_logits(kv, torch.tensor(tok, device=self.decoder.device))
+            steps += 1
+            tok = pick(logits, len(new))
+            new.append(tok)
+        return DecodeChunk(tokens=new, steps=steps)
+
+    def _step(self, kv: Slot, tok: torch.Tensor) -> torch.Tensor:
+        """Feed ``tok`` (a 0-d device tensor) at position ``kv.length``; the argmax next token."""
+        return torch.argmax(self._step_logits(kv, tok))
+
+    def _step_logits(self, kv: Slot, tok: torch.Tensor) -> torch.Tensor:
+        pos = kv.length
+        if pos + 1 > self.max_len:
+            raise ConfigError(f"{pos + 1} positions exceed the static runner's slot length {self.max_len}")
+        span = attention_span(pos + 1, self.max_len)
+        self._tok.view(-1).copy_(tok.view(-1))
+        self._pos.fill_(pos)
+        kv.length = pos + 1
+        if not self.cuda_graphs:
+            return self._one_row(kv, span)
+        entry = self._graphs.get((kv.index, span))
+        if entry is None:
+            try:
+                entry = self._graphs[(kv.index, span)] = self._capture(kv, span)
+            except RuntimeError as exc:  # keep serving, uncaptured, and say so once
+                warnings.warn(f"CUDA graph capture failed ({exc}); the static runner continues "
+                              "without graphs", RuntimeWarning, stacklevel=2)
+                self.cuda_graphs = False
+                self._graphs.clear()
+                return self._one_row(kv, span)
+        graph, logits = entry
+        graph.replay()
+        return logits
+
+    def _one_row(self, kv: Slot, span: int) -> torch.Tensor:
+        d = self.decoder
+        h = d.forward(kv, self._tok, self._pos, span)
+        return d.logits(h[0, -1][None])[0]
+
+    def _capture(self, kv: Slot, span: int) -> tuple[Any, torch.Tensor]:
+        """A CUDA graph of one 1-row step of ``kv`` at attention span ``span``. The warm-up runs
+        write the very KV the step writes (same inputs), so they change nothing."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._one_row(kv, span)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._one_row(kv, span)
+        return graph, logits
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._buffers.clear()
+        self._free = list(range(self.capacity - 1, -1, -1))

@@ -1,0 +1,185 @@
+"""The static LM runner (ralmspec/lm/static.py) against the eager one, and its own invariants.
+
+Static == eager token for token (greedy and seeded sampling, tiny GPT-2 and the real SmolLM2
+Llama), with sessions that are rolled back at random points and prefixes reused; reuse ==
+no reuse bit for bit inside the static runner; the slot pool evicts without changing outputs;
+and the engine's speculative loop on the static runner equals its naive loop, with speculation
+and rollbacks asserted to have happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from ralmspec.errors import ConfigError
+from ralmspec.lm.hf import HFLanguageModel, make_runner
+from ralmspec.lm.sampling import Sampling
+from ralmspec.lm.static import MIN_SPAN, StaticRunner, attention_span
+from tests.lm.conftest import make_view, random_tokens
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_lm):
+    """(eager, static) backends over the same tiny weights, block size 16."""
+    return make_view(tiny_lm, block_size=16, runner="eager"), make_view(tiny_lm, block_size=16, runner="static")
+
+
+def test_attention_span_is_a_function_of_the_position():
+    assert attention_span(1, 1024) == MIN_SPAN
+    assert attention_span(MIN_SPAN, 1024) == MIN_SPAN
+    assert attention_span(MIN_SPAN + 1, 1024) == 2 * MIN_SPAN
+    assert attention_span(1000, 1024) == 1024
+    assert attention_span(700, 800) == 800  # capped at the slot length
+
+
+def test_static_equals_eager_greedy_with_rollbacks_and_reuse(pair):
+    """An engine-like session: the prompt grows by the generated chunk, is cut back at random
+    points (rollbacks) and its passage is swapped (prefix changes); every call's tokens are the
+    same on both runners, and the static runner did reuse its slot."""
+    eager, static = pair
+    rng = random.Random(7)
+    reused = 0
+    for trial in range(6):
+        passage, question = random_tokens(rng, rng.randrange(20, 120)), random_tokens(rng, 12)
+        answer: list[int] = []
+        for step in range(10):
+            if answer and rng.random() < 0.3:  # roll back to a random point
+                answer = answer[:rng.randrange(len(answer))]
+            if rng.random() < 0.15:  # a passage switch: the prefix changes
+                passage = random_tokens(rng, rng.randrange(20, 120))
+            prompt = passage + question + answer
+            n = rng.choice((1, 2, 4, 7))
+            a = eager.greedy([prompt], n, [f"e{trial}"])[0]
+            b = static.greedy([prompt], n, [f"s{trial}"])[0]
+            assert a == b, (trial, step, len(prompt))
+            reused += static.last_call_stats.reused_tokens
+            answer += b
+    assert reused > 0, "the static runner never reused a slot: the reuse path is untested"
+
+
+def test_static_reuse_equals_no_reuse_bitwise(tiny_lm):
+    """Logits and hidden state at a prompt's last position are the same bits whatever the
+    slot held before (the canonical-block argument, ralmspec/lm/hf.py)."""
+    lm = make_view(tiny_lm, block_size=16, runner="static")
+    rng = random.Random(3)
+    base = random_tokens(rng, 90)
+    target = base + random_tokens(rng, 9)
+    cold = lm.next_token_states([target])[0]  # no session: computed from scratch
+    histories = {"longer": base + random_tokens(rng, 40), "shorter": base[:33], "other": random_tokens(rng, 70)}
+    for name, hist in histories.items():
+        lm.greedy([hist], 5, [name])
+        warm = lm.next_token_states([target], [name])[0]
+        assert torch.equal(warm.logits, cold.logits), name
+        assert torch.equal(warm.hidden, cold.hidden), name
+        if name != "other":
+            assert lm.last_call_stats.reused_tokens > 0, name
+
+
+def test_static_equals_eager_seeded_sampling(pair):
+    eager, static = pair
+    rng = random.Random(11)
+    for i in range(4):
+        prompt = random_tokens(rng, rng.randrange(10, 80))
+        s = Sampling(temperature=0.9, top_p=0.95, seed=1000 + i, start=rng.randrange(5))
+        a = eager.generate([prompt], 12, [f"e{i}"], [s])[0]
+        b = static.generate([prompt], 12, [f"s{i}"], [s])[0]
+        assert a == b
+        # and the draw is reproducible from a reused slot
+        assert static.generate([prompt], 12, [f"s{i}"], [s])[0] == b
+
+
+def test_slot_pool_evicts_least_recently_used_without_changing_outputs(tiny_lm):
+    lm = make_view(tiny_lm, block_size=8, runner="static")
+    lm.runner = StaticRunner(tiny_lm.model, max_len=256, capacity=2)  # two slots only
+    ref = make_view(tiny_lm, block_size=8, runner="eager")
+    rng = random.Random(5)
+    prompts = {name: random_tokens(rng, 40) for name in "abc"}
+    for name in "abcab":
+        assert lm.greedy([prompts[name]], 3, [name]) == ref.greedy([prompts[name]], 3)
+    assert lm.cached_sessions == 2 and lm.cached_length("c") == 0  # "c" was the oldest
+    lm.release("a")
+    assert lm.cached_sessions == 1 and len(lm.runner._free) == 1
+    lm.close()
+    assert lm.cached_sessions == 0 and len(lm.runner._free) == 2
+
+
+def test_batch_of_prompts_equals_each_alone(pair):
+    _, static = pair
+    rng = random.Random(9)
+    prompts = [random_tokens(rng, rng.randrange(5, 70)) for _ in range(5)]
+    together = static.greedy(prompts, 6, [f"b{i}" for i in range(5)])
+    assert together == [static.greedy([p], 6)[0] for p in prompts]
+
+
+def test_max_context_is_capped_by_the_slot_length(tiny_lm):
+    lm = make_view(tiny_lm, runner="static")
+    assert lm.max_context == min(tiny_lm.max_context, lm.runner.max_len)
+    with pytest.raises(ConfigError, match="max_context"):
+        lm.greedy([[1000] * lm.max_context], 1)
+
+
+def test_runner_names_are_checked(tiny_lm):
+    with pytest.raises(ConfigError, match="runner"):
+        make_runner(tiny_lm.model, "fast", max_len=64, device=torch.device("cpu"))
+    assert make_runner(tiny_lm.model, "auto", max_len=64, device=torch.device("cpu")).name == "eager"
+
+
+def test_unsupported_family_is_refused_with_the_way_out(tiny_lm):
+    class Other(torch.nn.Module):
+        config = type("C", (), {"model_type": "mamba"})()
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ConfigError, match="--lm-runner eager"):
+        StaticRunner(Other(), max_len=64, capacity=1)
+    # "auto" keeps such a model on the eager runner
+    assert make_runner(Other(), "auto", max_len=64, device=torch.device("cuda")).name == "eager"
+
+
+def test_smollm2_static_equals_eager(smollm2_lm):
+    """The real default model (a Llama): the static runner gives the eager runner's tokens."""
+    static = HFLanguageModel(smollm2_lm.model, smollm2_lm.tokenizer, eos_token_id=smollm2_lm.eos_token_id,
+                             stop_token_ids=smollm2_lm.stop_token_ids, max_context=smollm2_lm.max_context,
+                             runner="static")
+    tok = smollm2_lm.tokenizer
+    texts = ["The capital of France is", "Hed PE is an American rock band from",
+             "Photosynthesis converts light energy into"]
+    for i, text in enumerate(texts):
+        ids = tok.encode(text)
+        a = smollm2_lm.greedy([ids], 12)[0]
+        b = static.greedy([ids], 12, [f"s{i}"])[0]
+        assert a == b, text
+        cont = ids + b[:5]  # a rollback into the generated part, on the same slot
+        assert smollm2_lm.greedy([cont], 6)[0] == static.greedy([cont], 6, [f"s{i}"])[0]
+
+
+def test_engine_speculative_equals_naive_on_the_static_runner(tiny_lm, small_indexes):
+    """The RaLM loop on the static runner: speculative == naive, speculation and rollbacks ran."""
+    from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+    from ralmspec.data.loaders import default_questions
+    from ralmspec.engine.core import RalmEngine
+
+    lm = make_view(tiny_lm, runner="static")
+    engine = RalmEngine(lm, small_indexes["exact"], EngineConfig())
+    gen = GenerationConfig(stride=2, query_len=16, max_new_tokens=16, passage_tokens=64)
+    questions = [q.question for q in default_questions()[:8]]
+    seen = {"speculated": 0, "rollbacks": 0}
+
+    async def go():
+        for i, q in enumerate(questions):
+            naive = await engine.generate(q, gen=gen, speculate=False)
+            spec = SpeculationConfig(os3=False, fixed_stride=3, naive_fallback=False, cache_capacity=4,
+                                     async_verify=bool(i % 2), prefetch=(1, 20)[i % 2])
+            res = await engine.generate(q, gen=gen, spec=spec, speculate=True)
+            assert res.token_ids == naive.token_ids, q
+            seen["speculated"] += res.stats["speculated"]
+            seen["rollbacks"] += res.stats["rollbacks"]
+
+    asyncio.run(go())
+    assert seen["speculated"] > 0 and seen["rollbacks"] > 0, seen
