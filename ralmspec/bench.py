@@ -213,10 +213,17 @@ def format_table(summaries: Sequence[BenchSummary]) -> str:
 def identity_line(s: BenchSummary) -> str:
     """What the identity check of one variant covered: "identical over K speculated steps", and
     plainly when K is 0 (speculation never ran, so the check was the naive loop against itself)."""
-    same = s.n - len(s.mismatched_questions)
-    head = f"{s.variant}: {same}/{s.n} requests identical to the naive loop"
-    if s.speculated_steps == 0:
-        return (f"{head} over 0 speculated steps: speculation never ran (all {s.verified_steps} steps were "
+    return f"{s.variant}: " + identity_phrase(s.n - len(s.mismatched_questions), s.n, "requests", s.speculated_steps,
+                                              s.verified_steps, s.accepted, s.rollbacks)
+
+
+def identity_phrase(same: int, n: int, items: str, speculated: int, verified: int, accepted: int,
+                    rollbacks: int, unit: str = "steps") -> str:
+    """"``same``/``n`` ``items`` identical to the naive loop over K speculated ``unit``", with the
+    counts behind it; with K = 0 it says that speculation never ran instead."""
+    head = f"{same}/{n} {items} identical to the naive loop"
+    if speculated == 0:
+        return (f"{head} over 0 speculated {unit}: speculation never ran (all {verified} {unit} were "
                 f"retrieved for real), so this compared the naive loop with itself")
-    return (f"{head} over {s.speculated_steps} speculated steps ({s.accepted} accepted, {s.rollbacks} "
-            f"rollbacks; {s.verified_steps} steps retrieved for real)")
+    return (f"{head} over {speculated} speculated {unit} (accepted {accepted}, rollbacks {rollbacks}; "
+            f"{verified} {unit} retrieved for real)")
