@@ -112,7 +112,8 @@ def main(argv=None) -> int:
             for name, v in r["variants"].items():
                 s = v["summary"]
                 ok &= s["all_identical"]
-                print(f"{ds.n:>7} {kind:>5} {name:>11}: identical={s['all_identical']} speed-up {s['speedup']:.2f}x "
+                print(f"{ds.n:>7} {kind:>5} {name:>11}: identical={s['all_identical']} over "
+                      f"{s['speculated_steps']} speculated tokens, speed-up {s['speedup']:.2f}x "
                       f"limit {s['limit']:.2f}x acceptance {s['acceptance_rate']:.3f} stride {s['mean_stride']:.2f} "
                       f"(naive {s['naive_lm_ms_per_token']:.1f}+{s['naive_search_ms_per_token']:.1f} ms/tok, "
                       f"spec {s['spec_ms_per_token']:.1f} ms/tok)", flush=True)
@@ -137,9 +138,10 @@ def render_table(result: dict) -> str:
             s = c["variants"][n]["summary"]
             cells.append(f"{s['speedup']:.2f}x ({s['acceptance_rate']:.2f}, {s['mean_stride']:.1f})")
         ident = all(c["variants"][n]["summary"]["all_identical"] for n in names)
+        speculated = sum(c["variants"][n]["summary"]["speculated_steps"] for n in names)
         lines.append(f"| {c['entries']} | {c['index']} | {s0['naive_lm_ms_per_token']:.1f} | "
                      f"{s0['naive_search_ms_per_token']:.1f} | {s0['limit']:.2f}x | " + " | ".join(cells)
-                     + f" | {'yes' if ident else 'NO'} |")
+                     + f" | {'yes' if ident else 'NO'} over {speculated} speculated tokens |")
     m = result.get("machine_start", {})
     lines.append("")
     lines.append(f"Command: `{result['command']}`; machine: {m.get('cpu_count')} CPUs, torch threads "

@@ -11,7 +11,8 @@ is stopped). The question order is a seeded shuffle per round, identical for bot
 round: client c sends questions c, c+N, c+2N, ... of it, so both modes get the same sequence.
 
 Per cell: requests/s, tokens/s, p50/p95/p99 latency, errors, the server's RSS at the start and
-end of the window, speculation acceptance, and the CROSS-REQUEST batching the server saw in the
+end of the window, speculation acceptance and counts (``speculated_steps``: 0 means the
+speculative cell ran as the naive loop), and the CROSS-REQUEST batching the server saw in the
 window (distinct queries and merged requests per knowledge-base search, prompts per LM call),
 from ``GET /v1/stats`` at both ends. At the end: a table per cell and the speculative / naive
 ratios per number of clients.
@@ -249,7 +250,9 @@ async def run_cell(url: str, model: str, questions: list[str], mode: str, client
         "mean_s": statistics.fmean(lat) if lat else None,
         "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95), "p99_s": _pct(lat, 99),
         "acceptance": accepted / speculated if speculated else None,
-        "speculated": speculated, "accepted": accepted,
+        # what the window's speculative requests speculated (0: they all ran as the naive loop)
+        "speculated_steps": speculated, "accepted": accepted,
+        "verified_steps": sum(st.get("verified_steps", 0) for st in spec_stats),
         "rollbacks": sum(st.get("rollbacks", 0) for st in spec_stats),
         # verified steps taken because the server's load governor paused speculation
         "paused_steps": sum(st.get("paused_steps", 0) for st in spec_stats),
@@ -306,13 +309,14 @@ def _f(v: Any, spec: str, width: int) -> str:
 def print_cells(cells: list[dict[str, Any]], header: bool = True) -> None:
     if header:
         print(f"{'round':>5} {'mode':<12}{'N':>4}{'req':>6}{'err':>5}{'req/s':>8}{'tok/s':>8}{'p50 s':>8}"
-              f"{'p95 s':>8}{'p99 s':>8}{'accept':>8}{'q/search':>9}{'req/search':>11}{'LM batch':>9}"
-              f"{'RSS MiB':>14}")
+              f"{'p95 s':>8}{'p99 s':>8}{'accept':>8}{'spec steps':>11}{'q/search':>9}{'req/search':>11}"
+              f"{'LM batch':>9}{'RSS MiB':>14}")
     for c in cells:
         rss = f"{_f(c['rss_start_mib'], '.0f', 0)}->{_f(c['rss_end_mib'], '.0f', 0)}"
         print(f"{c['round']:>5} {c['mode']:<12}{c['clients']:>4}{c['requests']:>6}{c['errors']:>5}"
               f"{c['req_per_s']:>8.2f}{c['tok_per_s']:>8.1f}{_f(c['p50_s'], '.2f', 8)}{_f(c['p95_s'], '.2f', 8)}"
-              f"{_f(c['p99_s'], '.2f', 8)}{_f(c['acceptance'], '.2f', 8)}{_f(c['queries_per_search'], '.2f', 9)}"
+              f"{_f(c['p99_s'], '.2f', 8)}{_f(c['acceptance'], '.2f', 8)}{c['speculated_steps']:>11}"
+              f"{_f(c['queries_per_search'], '.2f', 9)}"
               f"{_f(c['requests_per_search'], '.2f', 11)}{_f(c['lm_prompts_per_call'], '.2f', 9)}{rss:>14}",
               flush=True)
 

@@ -26,7 +26,8 @@ from experiments.resources import Resources
 from experiments.tables import Column, Table, f1, f2, f3, fx, pct
 
 IDENTITY_NOTE = ("identical = share of speculative requests whose tokens equal the naive loop's; "
-                 "the harness aborts if it is ever below 100%.")
+                 "the harness aborts if it is ever below 100%. spec steps = speculated steps the identity "
+                 "covered (0: speculation never ran, naive against naive).")
 LIMIT_NOTE = ("limit = (a + r) / a from the naive runs of the same cell: total naive latency over naive "
               "latency minus its retrieval time, the speed-up of a perfect speculator.")
 EMULATION_NOTE = ("EMULATED knowledge bases answer with the real passages and add the real cost of a "
@@ -58,7 +59,8 @@ def _row(cell: Cell, s: BenchSummary, variant: str, cfg: ExperimentConfig) -> di
         "dataset": cfg.workload.dataset, "n": s.n, "variant": variant,
         "naive_s": s.naive_latency_s, "spec_s": s.speculative_latency_s, "speedup": s.speedup,
         "limit": s.limit, "identical": s.identical_fraction, "acceptance": s.acceptance_rate,
-        "rollbacks": s.rollbacks, "mean_stride": s.mean_stride, "retrieval_share": s.naive_retrieval_share,
+        "speculated_steps": s.speculated_steps, "verified_steps": s.verified_steps,
+        "rollbacks": s.rollbacks_per_request, "mean_stride": s.mean_stride, "retrieval_share": s.naive_retrieval_share,
         "naive_retrieval_ms": 1e3 * sum(r.stats["retrieval_s"] for r in naive) / max(1, steps),
         "naive_lm_ms": 1e3 * sum(r.stats["lm_s"] for r in naive) / max(1, steps),
         "share_of_limit": (s.speedup - 1) / (s.limit - 1) if s.limit > 1.0001 else None,
@@ -69,7 +71,8 @@ COMMON_COLS = [
     Column("naive_s", "naive s/req", f3), Column("spec_s", "spec s/req", f3),
     Column("speedup", "speed-up", fx), Column("limit", "limit (a+r)/a", fx),
     Column("identical", "identical", pct),
-    Column("acceptance", "accept", lambda v: _opt(v, f2)), Column("rollbacks", "rollbacks/req", f2),
+    Column("acceptance", "accept", lambda v: _opt(v, f2)), Column("speculated_steps", "spec steps"),
+    Column("rollbacks", "rollbacks/req", f2),
     Column("mean_stride", "mean stride", lambda v: _opt(v, f2)),
 ]
 

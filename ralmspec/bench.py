@@ -47,7 +47,16 @@ class BenchSummary:
     speedup: float
     limit: float
     acceptance_rate: float | None
-    rollbacks: float
+    # counts over the variant's requests: what the identity check covered. speculated_steps =
+    # steps generated from a guessed passage and verified in a round (kept or rolled back);
+    # verified_steps = steps whose passage was retrieved for real before their chunk (each
+    # request's first step, OS^3 fallback steps, governor-paused steps); with speculated_steps
+    # 0, identical_fraction compared the naive loop with itself
+    speculated_steps: int
+    verified_steps: int
+    accepted: int
+    rollbacks: int
+    rollbacks_per_request: float
     naive_retrieval_share: float
     mean_stride: float | None
     generation: dict[str, Any]
@@ -78,6 +87,7 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
     t_spec = sum(r.latency_s for r in specs)
     speculated = sum(r.stats["speculated"] for r in specs)
     accepted = sum(r.stats["accepted"] for r in specs)
+    rollbacks = sum(r.stats["rollbacks"] for r in specs)
     strides = [s for r in specs for s in r.stats["strides"]]
     probes = sum(r.stats.get("naive_steps", 0) for r in specs)
     guesses = sum(r.stats.get("guesses", 0) for r in specs)
@@ -89,7 +99,8 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
         speedup=t_naive / t_spec if t_spec > 0 else float("nan"),
         limit=t_naive / max(1e-12, t_naive - t_ret),
         acceptance_rate=accepted / speculated if speculated else None,
-        rollbacks=statistics.fmean(r.stats["rollbacks"] for r in specs) if specs else 0.0,
+        speculated_steps=speculated, verified_steps=sum(r.stats["verified_steps"] for r in specs),
+        accepted=accepted, rollbacks=rollbacks, rollbacks_per_request=rollbacks / len(specs) if specs else 0.0,
         naive_retrieval_share=t_ret / t_naive if t_naive else 0.0,
         mean_stride=statistics.fmean(strides) if strides else None,
         generation=asdict(gen), speculation=asdict(spec),
@@ -185,7 +196,8 @@ def ablation_variants(base: SpeculationConfig) -> dict[str, SpeculationConfig]:
 
 def format_table(summaries: Sequence[BenchSummary]) -> str:
     head = ("| retriever | variant | n | identical | answer match | naive s | spec s | speed-up | limit | accept "
-            "| rollbacks | mean stride |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| speculated steps | verified steps | accepted | rollbacks | mean stride |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for s in summaries:
         acc = "-" if s.acceptance_rate is None else f"{s.acceptance_rate:.2f}"
@@ -193,5 +205,25 @@ def format_table(summaries: Sequence[BenchSummary]) -> str:
         match = "-" if s.answer_match is None else f"{100 * s.answer_match:.0f}%"
         rows.append(f"| {s.retriever} | {s.variant} | {s.n} | {100 * s.identical_fraction:.0f}% | {match} | "
                     f"{s.naive_latency_s:.3f} | {s.speculative_latency_s:.3f} | {s.speedup:.2f}x | "
-                    f"{s.limit:.2f}x | {acc} | {s.rollbacks:.2f} | {stride} |")
+                    f"{s.limit:.2f}x | {acc} | {s.speculated_steps} | {s.verified_steps} | {s.accepted} | "
+                    f"{s.rollbacks} | {stride} |")
     return "\n".join([head, *rows])
+
+
+def identity_line(s: BenchSummary) -> str:
+    """What the identity check of one variant covered: "identical over K speculated steps", and
+    plainly when K is 0 (speculation never ran, so the check was the naive loop against itself)."""
+    return f"{s.variant}: " + identity_phrase(s.n - len(s.mismatched_questions), s.n, "requests", s.speculated_steps,
+                                              s.verified_steps, s.accepted, s.rollbacks)
+
+
+def identity_phrase(same: int, n: int, items: str, speculated: int, verified: int, accepted: int,
+                    rollbacks: int, unit: str = "steps") -> str:
+    """"``same``/``n`` ``items`` identical to the naive loop over K speculated ``unit``", with the
+    counts behind it; with K = 0 it says that speculation never ran instead."""
+    head = f"{same}/{n} {items} identical to the naive loop"
+    if speculated == 0:
+        return (f"{head} over 0 speculated {unit}: speculation never ran (all {verified} {unit} were "
+                f"retrieved for real), so this compared the naive loop with itself")
+    return (f"{head} over {speculated} speculated {unit} (accepted {accepted}, rollbacks {rollbacks}; "
+            f"{verified} {unit} retrieved for real)")

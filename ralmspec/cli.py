@@ -249,7 +249,7 @@ def _write_outputs(path: str | None, questions: list[str], answers: list[list[st
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from ralmspec.bench import ablation_variants, format_table, run_bench, run_closed_book
+    from ralmspec.bench import ablation_variants, format_table, identity_line, run_bench, run_closed_book
     from ralmspec.data.loaders import load_questions, resolve_questions
     from ralmspec.engine.core import build_engine
     from ralmspec.retrieval.emulated import check_emulate_pad, emulate_larger_knowledge_base
@@ -303,6 +303,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     summaries, runs = run_bench(engine, questions, cfg.generation, variants, label, progress=_log,
                                 answers=answers if has_answers else None)
     print(format_table(summaries))
+    for s in summaries:
+        print(identity_line(s))
     out = summaries[0].to_dict() if len(summaries) == 1 else {"variants": [s.to_dict() for s in summaries]}
     _write_json(a.json, {**out, "settings": settings})
     _write_outputs(a.outputs, questions, answers, runs)

@@ -15,6 +15,8 @@ Routes (docs/serving.md has the full reference with curl examples):
 
 ``/v1/stats`` (``knowledge_base``) and ``/metrics`` (``ralmspec_knowledge_base_info``) name the
 knowledge base: ``real N passages``, or ``EMULATED ...`` for ``ralmspec serve --emulate-pad N``.
+``/v1/stats`` ``speculation`` totals the finished speculative requests: ``speculated_steps``,
+``verified_steps`` (retrieved for real), ``accepted``, ``rollbacks``.
 
 Error contract: every error is JSON ``{"error": {"message", "type", "param", "code"}}``.
 400 bad input (naming the field), 404 unknown model / route, 413 oversized body, 429 queue full,
@@ -512,7 +514,7 @@ def _stats(state: ServerState) -> dict[str, Any]:
         out["emulation"] = {"pad_searches": r.pad_searches, "pad_queries": r.pad_queries,
                             "pad_seconds": r.pad_seconds}
     if state.scheduler is not None:
-        return {**state.scheduler.stats(), **out}
+        return {**state.scheduler.stats(), "speculation": state.metrics.speculation(), **out}
     sc = state.search_client
     if sc is None:
         return out

@@ -146,7 +146,12 @@ class ServerMetrics:
         self.prompt_tokens = Counter("ralmspec_prompt_tokens_total", "Prompt tokens of finished completions.")
         self.completion_tokens = Counter("ralmspec_completion_tokens_total",
                                          "Generated (verified) tokens of finished completions, by mode.")
+        self.speculative_requests = Counter("ralmspec_speculative_requests_total",
+                                            "Finished completions that ran in speculative mode.")
         self.speculated = Counter("ralmspec_speculated_steps_total", "Speculated retrieval steps verified.")
+        self.verified = Counter("ralmspec_verified_steps_total",
+                                "Steps of speculative requests whose passage was retrieved for real before "
+                                "generating (first step, OS^3 fallback, governor pause).")
         self.accepted = Counter("ralmspec_accepted_steps_total", "Speculated steps the knowledge base confirmed.")
         self.rollbacks = Counter("ralmspec_rollbacks_total", "Rollbacks at a mis-speculated step.")
         self.rounds = Counter("ralmspec_verification_rounds_total", "Verification rounds (batched searches).")
@@ -169,12 +174,23 @@ class ServerMetrics:
             self.prompt_tokens.inc(len(result.prompt_ids), mode=mode)
             self.completion_tokens.inc(len(result.token_ids), mode=mode)
             if mode == "speculative":
+                self.speculative_requests.inc()
                 self.speculated.inc(s.get("speculated", 0))
+                self.verified.inc(s.get("verified_steps", 0))
                 self.accepted.inc(s.get("accepted", 0))
                 self.rollbacks.inc(s.get("rollbacks", 0))
                 self.rounds.inc(s.get("rounds", 0))
                 for b in s.get("verify_batch_sizes", []):
                     self.request_verify_batch.observe(b)
+
+    def speculation(self) -> dict[str, int]:
+        """Totals over the speculative requests finished since start (``/v1/stats``): what the
+        server's token identity covered; ``speculated_steps`` 0 means speculation never ran."""
+        with self._lock:
+            return {"requests": int(self.speculative_requests.value()),
+                    "speculated_steps": int(self.speculated.value()),
+                    "verified_steps": int(self.verified.value()),
+                    "accepted": int(self.accepted.value()), "rollbacks": int(self.rollbacks.value())}
 
     def render(self, scheduler_stats: Mapping[str, Any] | None = None,
                search_stats: Mapping[str, Any] | None = None,
@@ -186,8 +202,8 @@ class ServerMetrics:
                               "The knowledge base served: label (EMULATED for --emulate-pad), kind, real passages, "
                               "synthetic pad vectors.", knowledge_base)
             for m in (self.requests, self.latency, self.ttft, self.prompt_tokens, self.completion_tokens,
-                      self.speculated, self.accepted, self.rollbacks, self.rounds, self.request_verify_batch,
-                      self.retrieve_queries):
+                      self.speculative_requests, self.speculated, self.verified, self.accepted, self.rollbacks,
+                      self.rounds, self.request_verify_batch, self.retrieve_queries):
                 lines += m.render()
             spec, acc = self.speculated.value(), self.accepted.value()
             lines += gauge("ralmspec_acceptance_rate", "Accepted / speculated steps since start (NaN before any).",

@@ -23,6 +23,38 @@ def test_bench_json_and_emulated_pad(small_indexes, tmp_path, capsys):
     assert r["limit"] >= 1.0 and r["speedup"] > 0
 
 
+def test_bench_counts_what_the_identity_check_covered(small_indexes, tmp_path, capsys):
+    """Forced speculation (fixed stride, no OS^3, synchronous; prefetch 1 and 4-token queries so
+    that guesses miss): the JSON and the table carry speculated / verified steps, accepted and
+    rollbacks, and the summary says "identical over K speculated steps" with K > 0. Requests that
+    end after their first chunk never speculate: the summary says so instead of claiming identity."""
+    index = small_indexes["exact"].index_dir
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "tiny", "--retriever", "exact", "--index", index, "--n", "2",
+               "--max-new-tokens", "24", "--stride", "2", "--query-len", "4", "--threads", "1", "--no-os3",
+               "--fixed-stride", "3", "--no-async", "--prefetch", "1", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    k, v, acc, rb = r["speculated_steps"], r["verified_steps"], r["accepted"], r["rollbacks"]
+    assert all(isinstance(x, int) for x in (k, v, acc, rb))
+    assert k > 0 and r["identical_fraction"] == 1.0
+    assert rb > 0, f"no rollback in {k} speculated steps: the case was built to make guesses miss"
+    assert acc + rb <= k and v >= r["n"]  # a rollback rejects one step at least; one real first step per request
+    assert r["acceptance_rate"] == acc / k and r["rollbacks_per_request"] == rb / r["n"]
+    assert f"| {k} | {v} | {acc} | {rb} |" in printed
+    want = f"2/2 requests identical to the naive loop over {k} speculated steps (accepted {acc}, rollbacks {rb};"
+    assert want in printed
+
+    rc = main(["bench", "--model", "tiny", "--retriever", "exact", "--index", index, "--n", "2",
+               "--max-new-tokens", "2", "--stride", "2", "--threads", "1", "--no-os3", "--fixed-stride", "3",
+               "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert (r["speculated_steps"], r["verified_steps"], r["accepted"], r["rollbacks"]) == (0, 2, 0, 0)
+    assert "over 0 speculated steps: speculation never ran" in capsys.readouterr().out
+
+
 def test_bench_oracle_bound_next_to_a_real_guesser(small_indexes, tmp_path, capsys):
     """`--guessers exact,oracle`: the oracle bound (taught by each naive run) is always right;
     an unknown name is refused with the list of guessers."""

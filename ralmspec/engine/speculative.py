@@ -89,6 +89,9 @@ class SpeculativeRequest:
         self.eager = spec.async_verify and spec.eager_verify
         self.stats = {"lm_steps": 0, "lm_s": 0.0, "cache_s": 0.0, "retrieval_s": 0.0, "verify_s": 0.0,
                       "encode_s": 0.0, "verify_wait_s": 0.0, "naive_steps": 0, "probe_hits": 0,
+                      # steps whose passage was retrieved for real before their chunk: the first
+                      # step, OS^3's fallback steps (naive_steps) and governor-paused steps
+                      "verified_steps": 0,
                       "refine_wait_s": 0.0, "refined": 0, "worker_s": 0.0, "wasted_tokens": 0,
                       "guesses": 0, "guess_s": 0.0,  # guesses: the guesser's critical-path cost
                       "paused_steps": 0}  # verified steps taken because the server's governor paused speculation
@@ -146,6 +149,7 @@ class SpeculativeRequest:
         first = await self.search([q0])
         took = self.tr.record("retrieve", t, doc_id=first[0][0].doc_id, k=self.spec.prefetch)
         self.stats["retrieval_s"] += took
+        self.stats["verified_steps"] += 1
         self.sched.observe_retrieval(took)
         self.cache.add(first[0])
         return Step(self.n0, q0, first[0][0].doc_id, verified=True)
@@ -257,6 +261,7 @@ class SpeculativeRequest:
                                                     paused=True)
         self.cache.add(hits[0])
         self.stats["paused_steps"] += 1
+        self.stats["verified_steps"] += 1
         self.book.add(Step(len(self.tokens), q, hits[0][0].doc_id, verified=True))
 
     async def guessed_step(self) -> Step:
@@ -307,6 +312,7 @@ class SpeculativeRequest:
         sched.observe_round(1, int(probe == true))
         cache.add(hits[0])
         self.stats["naive_steps"] += 1
+        self.stats["verified_steps"] += 1
         self.stats["probe_hits"] += int(probe == true)
         self.book.add(Step(len(self.tokens), q, true, verified=True))
         return lookup_s

@@ -274,6 +274,8 @@ def _summary(records: list[dict]) -> dict:
         "spec_verify_ms_per_token": 1e3 * sum_("spec_verify_s") / tokens,
         "spec_verify_wait_ms_per_token": 1e3 * sum_("spec_verify_wait_s") / tokens,
         "acceptance_rate": sum_("accepted") / max(1, sum_("speculated")),
+        # what the identity covered (a kNN-LM step is one token): speculated_steps 0 = naive vs naive
+        "speculated_steps": sum_("speculated"), "verified_steps": sum_("naive_steps"), "accepted": sum_("accepted"),
         "rounds": sum_("rounds"), "rollbacks": sum_("rollbacks"),
         "mean_stride": sum_("speculated") / max(1, sum_("rounds")),
         "real_searches_per_token": sum_("real_searches") / tokens,
@@ -320,7 +322,7 @@ def run_bench(knn: Any, variants: Any, prompts: Sequence[Sequence[int]], warmup:
                 "spec_verify_s": st.verify_s, "spec_verify_wait_s": st.verify_wait_s,
                 "spec_cache_add_s": st.cache_add_s, "real_searches": st.real_searches,
                 "speculated": st.speculated, "accepted": st.accepted, "rounds": st.rounds,
-                "rollbacks": st.rollbacks, "strides": st.strides,
+                "rollbacks": st.rollbacks, "naive_steps": st.naive_steps, "strides": st.strides,
                 "speedup": a.wall_s / b.wall_s if b.wall_s > 0 else float("nan"), "limit": a.limit(),
             })
     out: dict[str, Any] = {"variants": {name: {"summary": _summary(recs), "records": recs}
@@ -346,6 +348,8 @@ def machine_info() -> dict:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from ralmspec.bench import identity_phrase
+
     _set_threads(args.threads)
     spec_cfg = _speculative_config(args)
     with _open(args) as (knn, ds):
@@ -359,7 +363,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               "machine": machine_info() | {"loadavg_1m_before": load0},
                               "bench_wall_s": time.perf_counter() - t0}
     s = result["summary"]
-    print(f"{s['prompts']} prompts, {s['new_tokens']} tokens | identical: {s['all_identical']} | "
+    identity = identity_phrase(s["prompts"] - len(s["differing_prompts"]), s["prompts"], "prompts",
+                               s["speculated_steps"], s["verified_steps"], s["accepted"], s["rollbacks"], unit="tokens")
+    print(f"{s['prompts']} prompts, {s['new_tokens']} tokens | {identity} | "
           f"speed-up {s['speedup']:.2f}x (median {s['median_speedup']:.2f}x) | limit (a+r)/a {s['limit']:.2f}x | "
           f"acceptance {s['acceptance_rate']:.3f} | mean stride {s['mean_stride']:.2f} | "
           f"naive LM {s['naive_lm_ms_per_token']:.1f} ms + search {s['naive_search_ms_per_token']:.1f} ms/token, "

@@ -8,7 +8,8 @@ import json
 from experiments import load
 
 CELL_FIELDS = ("round", "mode", "clients", "req_per_s", "tok_per_s", "p50_s", "p95_s", "p99_s", "errors",
-               "rss_start_mib", "rss_end_mib", "queries_per_search", "requests_per_search", "acceptance")
+               "rss_start_mib", "rss_end_mib", "queries_per_search", "requests_per_search", "acceptance",
+               "speculated_steps", "verified_steps", "accepted", "rollbacks")
 
 
 def test_plan_alternates_which_mode_goes_first():
@@ -23,7 +24,7 @@ def test_plan_alternates_which_mode_goes_first():
 def test_load_json_schema(tmp_path, capsys):
     out = tmp_path / "load.json"
     rc = load.main(["--model", "tiny", "--concurrency", "1", "--rounds", "1", "--duration", "2.5",
-                    "--warmup", "0.5", "--max-tokens", "8", "--json", str(out), "--", "--stride", "2"])
+                    "--warmup", "0.5", "--max-tokens", "8", "--json", str(out), "--", "--stride", "2", "--no-os3"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "speculative / naive" in printed
@@ -32,8 +33,9 @@ def test_load_json_schema(tmp_path, capsys):
     for key in ("command", "model", "retriever", "max_tokens", "duration_s", "warmup_s", "rounds", "server_flags",
                 "machine", "loadavg_before", "loadavg_after", "knowledge_base"):
         assert key in s, key
-    assert s["model"] == "tiny" and s["fresh_server_per_cell"] and s["extra_server_flags"] == ["--stride", "2"]
-    assert s["server_flags"][-2:] == ["--stride", "2"] and s["machine"]["cpu_count"] >= 1
+    flags = ["--stride", "2", "--no-os3"]
+    assert s["model"] == "tiny" and s["fresh_server_per_cell"] and s["extra_server_flags"] == flags
+    assert s["server_flags"][-3:] == flags and s["machine"]["cpu_count"] >= 1
     assert s["knowledge_base"].startswith("real ")
     cells = doc["cells"]
     assert sorted(c["mode"] for c in cells) == ["naive", "speculative"]
@@ -45,5 +47,10 @@ def test_load_json_schema(tmp_path, capsys):
         assert c["rss_start_mib"] > 0 and c["rss_end_mib"] > 0
         assert c["queries_per_search"] >= 1 and c["requests_per_search"] >= 1
     naive = next(c for c in cells if c["mode"] == "naive")
-    assert naive["acceptance"] is None and naive["speculated"] == 0
+    assert naive["acceptance"] is None and naive["speculated_steps"] == naive["verified_steps"] == 0
+    # --no-os3: a fixed stride, so the speculative cell speculated (8 tokens = 4 steps of 2 per request)
+    spec = next(c for c in cells if c["mode"] == "speculative")
+    assert spec["speculated_steps"] > 0 and spec["verified_steps"] >= spec["requests"]
+    assert spec["accepted"] + spec["rollbacks"] <= spec["speculated_steps"]
+    assert spec["acceptance"] == spec["accepted"] / spec["speculated_steps"]
     assert doc["ratios"][0]["clients"] == 1 and doc["ratios"][0]["req_per_s_ratio"] > 0

@@ -1,0 +1,40 @@
+"""``GET /v1/stats`` over a real socket: the speculation totals (what the server's token identity
+covered) grow by exactly what a finished speculative request reports, and naive requests add
+nothing to them."""
+
+from __future__ import annotations
+
+from tests.serving.support import MODEL, request
+
+# forced speculation that misses: fixed stride 3 (no OS^3 fallback), synchronous rounds, one
+# passage cached per verification and 4-token queries, so guesses go wrong and roll back
+FORCED = {"speculate": True, "os3": False, "fixed_stride": 3, "async_verify": False, "prefetch": 1,
+          "stride": 2, "query_len": 4}
+KEYS = ("requests", "speculated_steps", "verified_steps", "accepted", "rollbacks")
+
+
+def _speculation(url: str) -> dict[str, int]:
+    status, body = request("GET", f"{url}/v1/stats")
+    assert status == 200
+    return body["speculation"]
+
+
+def _complete(url: str, prompt: str, ralm: dict) -> dict:
+    status, body = request("POST", f"{url}/v1/completions",
+                           {"model": MODEL, "prompt": prompt, "max_tokens": 24, "ralm": ralm})
+    assert status == 200, body
+    return body["ralm"]["stats"]
+
+
+def test_v1_stats_counts_the_speculation_of_finished_requests(server):
+    before = _speculation(server.url)
+    assert set(before) == set(KEYS)
+    spec = _complete(server.url, "the history of the roman empire", FORCED)
+    assert spec["speculated"] > 0 and spec["rollbacks"] > 0, "the request was built to speculate and miss"
+    assert spec["verified_steps"] >= 1  # its first step at least was retrieved for real
+    mid = _speculation(server.url)
+    assert {k: mid[k] - before[k] for k in KEYS} == {
+        "requests": 1, "speculated_steps": spec["speculated"], "verified_steps": spec["verified_steps"],
+        "accepted": spec["accepted"], "rollbacks": spec["rollbacks"]}
+    _complete(server.url, "the history of the roman empire", {"speculate": False})
+    assert _speculation(server.url) == mid  # a naive request speculates nothing
