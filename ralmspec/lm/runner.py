@@ -11,6 +11,8 @@ schedule, session reuse, statistics, locking) and drives one ``KVRunner``:
 - ``decode(kv, first_logits, n, pick, stop_ids)`` generates up to ``n`` tokens, the first from
   ``first_logits`` (``pick`` ``None`` = greedy argmax, ties -> lowest id; else the host draw
   ``pick(logits, i)``), stopping after a stop token (included);
+- ``step_logits(kv, token)`` feeds one given token (the 1-row step ``decode`` runs) and returns
+  the next position's logits: scoring tokens already generated (logprobs) replays decoding;
 - ``crop(kv, keep)`` rolls the handle back to its first ``keep`` positions.
 
 Two implementations: ``EagerRunner`` (a transformers ``DynamicCache`` per session, one Python
@@ -69,6 +71,9 @@ class KVRunner(abc.ABC):
     @abc.abstractmethod
     def decode(self, kv: Any, first_logits: torch.Tensor, n: int,
                pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk: ...
+
+    @abc.abstractmethod
+    def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Drop every buffer."""
@@ -140,13 +145,16 @@ class EagerRunner(KVRunner):
         tok = pick(first_logits, 0)
         new, steps = [tok], 0
         while len(new) < n and tok not in stop_ids:
-            x = torch.tensor([[tok]], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
-            kv = _out_cache(out)
+            kv, logits = self.step_logits(kv, tok)
             steps += 1
-            tok = pick(out.logits[0, -1], len(new))
+            tok = pick(logits, len(new))
             new.append(tok)
         return DecodeChunk(tokens=new, steps=steps)
+
+    def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]:
+        x = torch.tensor([[int(token)]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
+        return _out_cache(out), out.logits[0, -1]
 
 
 def _cache_kwarg(module: torch.nn.Module) -> str:

@@ -263,12 +263,17 @@ class StaticRunner(KVRunner):
                 break
         return DecodeChunk(tokens=got, steps=steps)
 
+    def step_logits(self, kv: Slot, token: int) -> tuple[Slot, torch.Tensor]:
+        """The logits after feeding ``token`` at position ``kv.length`` (a copy: a graph's output
+        buffer is overwritten by its next replay)."""
+        return kv, self._step_logits(kv, torch.tensor(int(token), device=self.decoder.device)).clone()
+
     def _decode_host(self, kv: Slot, logits: torch.Tensor, n: int,
                      pick: Callable[[torch.Tensor, int], int], stop_ids: frozenset[int]) -> DecodeChunk:
         tok = pick(logits, 0)
         new, steps = [tok], 0
         while len(new) < n and tok not in stop_ids:
-            logits = self._step_logits(kv, torch.tensor(tok, device=self.decoder.device))
+            _, logits = self.step_logits(kv, tok)
             steps += 1
             tok = pick(logits, len(new))
             new.append(tok)
