@@ -5,5 +5,8 @@
 - :mod:`ralmspec.knnlm.model`: the naive kNN-LM greedy decoder (the oracle).
 - :mod:`ralmspec.knnlm.speculative`: speculative kNN-LM (locality cache + batched verification),
   token-identical to the naive decoder.
-- :mod:`ralmspec.knnlm.cli`: ``ralmspec knnlm build | generate | bench``.
+- :mod:`ralmspec.knnlm.perplexity`: perplexity of the base LM and of the kNN-LM on a text (λ / k /
+  T sweeps from one LM pass; recall of approximate indexes).
+- :mod:`ralmspec.knnlm.texts`: datastore and evaluation texts (``wt103:SPLIT[:PART]``, files).
+- :mod:`ralmspec.knnlm.cli`: ``ralmspec knnlm build | reindex | generate | bench | eval``.
 """

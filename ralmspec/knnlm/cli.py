@@ -1,11 +1,12 @@
-"""``ralmspec knnlm build | generate | bench`` (argparse wiring helpers + the command bodies).
+"""``ralmspec knnlm build | reindex | generate | bench | eval`` (argparse wiring + the command bodies).
 
 The lead's CLI calls :func:`add_knnlm_subparsers` with its top-level ``subparsers`` object; each
 leaf parser sets ``func`` (``args.func(args) -> int`` exit code). ``python -m ralmspec.knnlm.cli``
 runs the same commands stand-alone.
 
-- ``build``: ``--model`` (default "smollm2"), ``--corpus PATH`` (default: the embedded WikiText-103
-  passages), ``--out DIR``, ``--index {flat,ivf,hnsw}``, ``--max-tokens N``; ``--shards N`` builds
+- ``build``: ``--model`` (default "smollm2"), ``--corpus TEXT`` (default: the embedded WikiText-103
+  passages; ``wt103:valid``, ``wt103:test:first-half``, ... or a file, ``ralmspec.knnlm.texts``),
+  ``--max-documents N``, ``--out DIR``, ``--index {flat,ivf,hnsw}``, ``--max-tokens N``; ``--shards N`` builds
   the whole datastore aside and splits it into N entry-id shards (``--from-datastore DIR`` splits
   an existing one instead).
 - ``generate "prompt" --datastore DIR [--no-speculate]``: prints the continuation (``--json``
@@ -13,6 +14,10 @@ runs the same commands stand-alone.
 - ``bench --datastore DIR --n N --json OUT``: naive vs speculative on the same prompts; checks
   token identity (exit code 1 if any prompt differs), reports speed-up, the limit (a+r)/a from
   the naive trace, and the acceptance rate.
+- ``eval --datastore DIR --text TEXT [--lam 0,0.25] [--k 8,64] [--temperature 1] [--json FILE]``:
+  perplexity of the base LM and of the kNN-LM for every (λ, k, T) from one LM pass, in sliding
+  windows (``--context``, ``--stride``; default: the datastore's key windows); the search recall
+  of an approximate index against exact search (``ralmspec.knnlm.perplexity``).
 
 ``generate`` and ``bench`` open a sharded ``--datastore`` in this process, or, with ``--shards N``
 (or ``--ray-address``), with one Ray actor per shard (``--ray-cpus``, ``--shard-threads``,
@@ -98,14 +103,15 @@ def _open_datastore(args: argparse.Namespace):
     from ralmspec.knnlm.datastore import load_datastore
     from ralmspec.knnlm.sharded import is_sharded_datastore, open_ray_sharded_datastore, open_sharded_datastore
 
-    search = dict(nprobe=args.nprobe, ef_search=args.ef_search, gemm_min_batch=args.gemm_min_batch)
-    _check_shards(args.shards)
-    if args.shards is not None or args.ray_address:
+    search = dict(nprobe=args.nprobe, ef_search=args.ef_search, gemm_min_batch=getattr(args, "gemm_min_batch", None))
+    shards, ray_address = getattr(args, "shards", None), getattr(args, "ray_address", None)
+    _check_shards(shards)
+    if shards is not None or ray_address:
         from ralmspec.retrieval.ray_shards import RayShardConfig
 
-        ray_cfg = RayShardConfig(address=args.ray_address, num_cpus=args.ray_cpus, threads=args.shard_threads,
+        ray_cfg = RayShardConfig(address=ray_address, num_cpus=args.ray_cpus, threads=args.shard_threads,
                                  actor_cpus=args.shard_cpus)
-        return open_ray_sharded_datastore(args.datastore, ray_cfg, shards=args.shards, **search)
+        return open_ray_sharded_datastore(args.datastore, ray_cfg, shards=shards, **search)
     if is_sharded_datastore(args.datastore):
         return open_sharded_datastore(args.datastore, **search)
     return load_datastore(args.datastore, **search)
@@ -145,14 +151,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                window=args.window, stride=args.context_stride, batch_size=args.batch_size,
                                ivf_nlist=args.nlist, ivf_nprobe=args.nprobe, pq_m=args.pq_m, hnsw_m=args.hnsw_m,
                                hnsw_ef_construction=args.ef_construction, hnsw_ef_search=args.ef_search)
-    if args.corpus:
-        from ralmspec.data.loaders import load_corpus
-
-        corpus = load_corpus(args.corpus)
-    else:
-        from ralmspec.data.loaders import default_corpus
-
-        corpus = default_corpus()
+    corpus = _documents(args.corpus, args.max_documents)
     lm = load_lm(args.model, device=args.device)
     t0 = time.perf_counter()
     if args.shards is not None:  # build whole (aside), then split
@@ -167,6 +166,23 @@ def cmd_build(args: argparse.Namespace) -> int:
     info = ds.describe() | {"build": ds.manifest["build"], "wall_s": round(time.perf_counter() - t0, 3)}
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _documents(source: str | None, max_documents: int | None) -> list[str]:
+    """The documents of ``source`` (``ralmspec.knnlm.texts.load_documents``; None: the embedded
+    corpus, test + valid articles), the first ``max_documents`` of them when given."""
+    from ralmspec.knnlm.texts import load_documents
+
+    if max_documents is not None and max_documents < 1:
+        raise ConfigError(f"--max-documents must be >= 1, got {max_documents}")
+    if source:
+        docs = load_documents(source)
+    else:
+        from ralmspec.data.loaders import default_corpus
+        from ralmspec.knnlm.datastore import corpus_documents
+
+        docs = corpus_documents(default_corpus())
+    return docs if max_documents is None else docs[:max_documents]
 
 
 def _parent(out: str) -> str:
@@ -379,18 +395,97 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ eval
+
+
+def _list_of(kind: type, what: str) -> Any:
+    """argparse type: a comma-separated list of ``kind`` (``0,0.25`` / ``8,64``)."""
+    def parse(text: str) -> tuple:
+        try:
+            items = tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}") from None
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected at least one {what[:-1]}, got {text!r}")
+        return items
+    return parse
+
+
+def _key_windows(ds: Any) -> tuple[int | None, int | None]:
+    """(window, stride) the datastore's keys were computed with, from its manifest (None if absent)."""
+    build = ds.manifest.get("build", {}).get("config", {})
+    return build.get("window"), build.get("stride")
+
+
+def format_perplexity(res: Any, text: str) -> str:
+    """The table ``knnlm eval`` prints."""
+    ds = res.datastore
+    lines = [f"text {text}: {res.tokens:,} tokens scored in {res.documents} documents "
+             f"(+{res.empty_documents} with < 2 tokens); context {res.context}, stride {res.stride}: every token "
+             f"sees >= {res.context - res.stride} earlier tokens of its document (all near its start), documents "
+             "scored apart, their first token not predicted",
+             f"datastore {ds.get('path')}: {ds.get('entries', 0):,} entries, {ds.get('index')} index, "
+             f"model {ds.get('model')}",
+             f"base LM perplexity {res.ppl_base:.3f}",
+             f"{'lam':>6} {'k':>6} {'T':>8} {'ppl':>10} {'vs base':>9}"]
+    for r in res.runs:
+        lines.append(f"{r.lam:>6g} {r.k:>6d} {r.temperature:>8g} {r.ppl:>10.3f} "
+                     f"{100 * (r.ppl / res.ppl_base - 1):>+8.2f}%")
+    b = res.best()
+    lines.append(f"best: lam {b.lam:g}, k {b.k}, T {b.temperature:g}: {b.ppl:.3f} "
+                 f"({100 * (b.ppl / res.ppl_base - 1):+.2f}% vs base)")
+    if res.recall is not None:
+        lines.append(f"search recall of the {ds.get('index')} index vs exact on the same {res.tokens:,} queries: "
+                     + ", ".join(f"recall@{k} {v:.4f}" for k, v in res.recall.items()))
+    lines.append(f"time: LM {res.lm_s:.1f} s, search {res.search_s:.1f} s, total {res.wall_s:.1f} s")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ralmspec.knnlm.perplexity import PerplexityConfig, evaluate_perplexity
+    from ralmspec.lm.models import load_lm
+
+    _set_threads(args.threads)
+    docs = _documents(args.text, args.max_documents)
+    ds = _open_datastore(args)
+    try:
+        window, stride = _key_windows(ds)
+        context = args.context if args.context is not None else window
+        if context is None:
+            raise ConfigError("give --context (the datastore's manifest records no key window to default to)")
+        step = args.stride if args.stride is not None else (stride if args.context is None else max(1, context // 2))
+        cfg = PerplexityConfig(context=context, stride=step, lams=args.lam, ks=args.k, temperatures=args.temperature,
+                               max_tokens=args.max_tokens, search_batch=args.search_batch, recall=not args.no_recall)
+        lm = load_lm(args.model or ds.model_name, device=args.device)
+        res = evaluate_perplexity(lm, ds, docs, cfg, progress=not args.quiet)
+    finally:
+        if hasattr(ds, "close"):
+            ds.close()
+    print(format_perplexity(res, args.text))
+    if args.json:
+        out = res.to_dict() | {"text": args.text, "model": args.model or ds.model_name,
+                               "machine": machine_info()}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
 # ------------------------------------------------------------------ wiring
 
 
 def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``knnlm {build,reindex,generate,bench}`` to a top-level ``subparsers``; returns the knnlm parser."""
+    """Add ``knnlm {build,reindex,generate,bench,eval}`` to a top-level ``subparsers``; returns the knnlm parser."""
     p = subparsers.add_parser("knnlm", help="kNN-LM datastores and (speculative) kNN-LM decoding",
                               description="kNN-LM with speculative retrieval (token-identical to naive kNN-LM)")
-    sub = p.add_subparsers(dest="knnlm_command", required=True, metavar="{build,reindex,generate,bench}")
+    sub = p.add_subparsers(dest="knnlm_command", required=True, metavar="{build,reindex,generate,bench,eval}")
 
     b = sub.add_parser("build", help="build a datastore from a corpus")
     b.add_argument("--model", default="smollm2", help="LM name (smollm2, tiny, random-small, random-medium) or local HF folder (default: smollm2)")
-    b.add_argument("--corpus", default=None, help="passage corpus (.jsonl[.gz] / .tsv[.gz]); default: embedded")
+    b.add_argument("--corpus", default=None,
+                   help="text to store: wt103:{test,valid}[:{all,first-half,second-half}] (the shipped WikiText-103 "
+                        "articles), a passage corpus (.jsonl[.gz] / .tsv[.gz]), a WikiText .tokens file or a plain "
+                        "text file; default: the embedded corpus (test + valid articles)")
+    b.add_argument("--max-documents", type=int, default=None, help="only the first N documents (articles)")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat")
     b.add_argument("--max-tokens", type=int, default=None, help="at most this many entries (default: all)")
@@ -447,6 +542,35 @@ def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
     _add_decoding_options(n)
     _add_shard_options(n)
     n.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="perplexity of the base LM and of the kNN-LM on a text (λ / k / T sweeps)",
+                       description="Token-level perplexity in sliding windows; every (λ, k, T) from one LM pass "
+                                   "(ralmspec.knnlm.perplexity).")
+    e.add_argument("--datastore", required=True)
+    e.add_argument("--text", required=True,
+                   help="wt103:{test,valid}[:{all,first-half,second-half}], a passage corpus (.jsonl[.gz] / "
+                        ".tsv[.gz]), a WikiText .tokens file or a plain text file (one document)")
+    e.add_argument("--lam", type=_list_of(float, "numbers"), default=(0.25,), help="λ values, e.g. 0,0.1,0.25")
+    e.add_argument("--k", type=_list_of(int, "integers"), default=(16,), help="k values, e.g. 8,64,256")
+    e.add_argument("--temperature", type=_list_of(float, "numbers"), default=(1.0,), help="T values (default 1)")
+    e.add_argument("--context", type=int, default=None,
+                   help="tokens per LM window (default: the datastore's key window)")
+    e.add_argument("--stride", type=int, default=None,
+                   help="tokens scored per window (default: the datastore's key stride)")
+    e.add_argument("--max-tokens", type=int, default=None, help="score at most N tokens")
+    e.add_argument("--max-documents", type=int, default=None, help="only the first N documents (articles)")
+    e.add_argument("--search-batch", type=int, default=256, help="queries per datastore search (default 256)")
+    e.add_argument("--no-recall", action="store_true",
+                   help="approximate index: skip the exact search that measures its recall")
+    e.add_argument("--model", default=None, help="LM (default: the model named in the datastore manifest)")
+    e.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: manifest)")
+    e.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: manifest)")
+    e.add_argument("--json", default=None, metavar="FILE",
+                   help='write {"tokens", "ppl_base", "runs": [{"lam", "k", "temperature", "ppl"}, ...], ...} here')
+    e.add_argument("--threads", type=int, default=None, help="torch and FAISS threads")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
     return p
 
 

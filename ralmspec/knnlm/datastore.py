@@ -62,7 +62,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -197,6 +197,18 @@ def corpus_documents(corpus: Sequence[Any]) -> list[str]:
     if cur:
         docs.append(f"{cur_title}\n{' '.join(cur)}")
     return docs
+
+
+def window_plan(entries: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """The sliding windows over one document's ``entries`` positions (entry ``j`` = the state at
+    token ``j``, predicting token ``j+1``): ``(w0, b0, b1)`` = one forward over tokens
+    ``[w0, b1)`` gives the states of entries ``[b0, b1)``, in blocks of ``stride`` with
+    ``w0 = max(0, b1 - window)``; so every state sees ``>= window - stride`` earlier tokens, or
+    all of them near the document's start. Shared by the datastore build (keys) and
+    ``ralmspec.knnlm.perplexity`` (queries): the same text gets the same windows."""
+    for b0 in range(0, entries, stride):
+        b1 = min(b0 + stride, entries)
+        yield max(0, b1 - window), b0, b1
 
 
 def _trunk(model: Any) -> Any:
@@ -488,9 +500,7 @@ def build_datastore(lm: Any, documents: Sequence[str] | Sequence[Any], out_dir: 
     # Work items: (doc, window start, first keyed position, end) grouped by window length.
     items: dict[int, list[tuple[int, int, int, int]]] = {}
     for di, e in enumerate(n_entries):
-        for b0 in range(0, e, cfg.stride):
-            b1 = min(b0 + cfg.stride, e)
-            w0 = max(0, b1 - cfg.window)
+        for w0, b0, b1 in window_plan(e, cfg.window, cfg.stride):
             items.setdefault(b1 - w0, []).append((di, w0, b0, b1))
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -639,6 +649,27 @@ def search_params(manifest: dict, *, nprobe: int | None = None, ef_search: int |
     return params
 
 
+def _flat_index(keys: np.ndarray) -> Any:
+    """A FAISS flat (exact) L2 index over ``keys`` (any float dtype, memory-mapped is fine)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(keys.shape[1])
+    for st in range(0, keys.shape[0], 65536):
+        index.add(np.ascontiguousarray(keys[st:st + 65536], dtype=np.float32))
+    return index
+
+
+def exact_twin(datastore: Datastore) -> Datastore:
+    """The entries of ``datastore`` searched exactly: a flat index over its stored keys (built in
+    memory; nothing is written). The reference the search recall of an approximate index is
+    measured against on the same queries. A flat datastore is its own twin."""
+    if datastore.index_kind == "flat":
+        return datastore
+    manifest = dict(datastore.manifest, index={"kind": "flat", "twin_of": datastore.manifest["index"]})
+    return Datastore(datastore.path, manifest, datastore.keys, datastore.values, datastore.doc_offsets,
+                     _flat_index(datastore.keys), datastore.params)
+
+
 def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_search: int | None = None,
                    rescore_margin: int | None = None, gemm_min_batch: int | None = None,
                    with_index: bool = True) -> Datastore:
@@ -689,9 +720,7 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
     import faiss
 
     if kind == "flat":
-        index = faiss.IndexFlatL2(keys.shape[1])
-        for st in range(0, n, 65536):
-            index.add(np.ascontiguousarray(keys[st:st + 65536], dtype=np.float32))
+        index = _flat_index(keys)
     else:
         if not (p / "index.faiss").is_file():
             raise IndexNotFoundError(f"datastore {str(p)!r} lacks index.faiss for its {kind} index; rebuild it")
@@ -706,6 +735,6 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
 
 
 __all__ = ["Datastore", "DatastoreLayout", "DatastoreBuildConfig", "SearchParams", "build_datastore", "load_datastore",
-           "reindex_datastore", "check_queries", "search_params",
+           "reindex_datastore", "check_queries", "search_params", "window_plan", "exact_twin",
            "corpus_documents", "squared_l2", "rank_entries", "hidden_size", "KEY_LAYER", "INDEX_KINDS",
            "FAISS_CHUNK"]

@@ -264,6 +264,22 @@ class KNNLMResult:
 # ------------------------------------------------------------------ the decoder
 
 
+def check_compatible(lm: Any, datastore: Any) -> int:
+    """The vocabulary size of ``lm`` after checking that ``datastore`` was built for it (key
+    dimension = the model's hidden size, same vocabulary, values inside it); ConfigError if not."""
+    d = hidden_size(lm.model)
+    if d != datastore.dim:
+        raise ConfigError(f"the datastore keys have dimension {datastore.dim} but the model's hidden size is "
+                          f"{d}; build the datastore with the same model ({datastore.model_name!r})")
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    ds_vocab = datastore.manifest.get("vocab_size")
+    if ds_vocab is not None and int(ds_vocab) != vocab:
+        raise ConfigError(f"datastore vocabulary ({ds_vocab}) differs from the model's ({vocab})")
+    if int(datastore.values.max()) >= vocab:
+        raise ConfigError("datastore values exceed the model's vocabulary")
+    return vocab
+
+
 def encode_prompt(lm: Any, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
         ids = lm.tokenizer.encode(prompt)
@@ -287,17 +303,7 @@ class KNNLM:
         self.lm = lm
         self.datastore = datastore
         self.config = config or KNNLMConfig()
-        d = hidden_size(lm.model)
-        if d != datastore.dim:
-            raise ConfigError(f"the datastore keys have dimension {datastore.dim} but the model's hidden size is "
-                              f"{d}; build the datastore with the same model ({datastore.model_name!r})")
-        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-        ds_vocab = datastore.manifest.get("vocab_size")
-        if ds_vocab is not None and int(ds_vocab) != vocab:
-            raise ConfigError(f"datastore vocabulary ({ds_vocab}) differs from the model's ({vocab})")
-        if int(datastore.values.max()) >= vocab:
-            raise ConfigError("datastore values exceed the model's vocabulary")
-        self.vocab_size = vocab
+        self.vocab_size = check_compatible(lm, datastore)
         self.eos = getattr(lm, "eos_token_id", None)
 
     # shared helpers (used by the speculative decoder too)
@@ -351,4 +357,4 @@ class KNNLM:
 
 
 __all__ = ["KNNLMConfig", "KNNLM", "KNNLMResult", "TokenTrace", "IncrementalDecoder", "LMState", "LMScores",
-           "knn_distribution", "lm_distribution", "interpolate", "next_token", "encode_prompt"]
+           "knn_distribution", "lm_distribution", "interpolate", "next_token", "encode_prompt", "check_compatible"]
