@@ -13,6 +13,7 @@ GUESSERS = ("exact", "last", "refine", "static", "bm25")  # speculation/guess.py
 # measurement bounds, ``ralmspec bench --guessers`` only: "oracle" guesses the passage the naive
 # run of the same question retrieved (acceptance 1 at no guessing cost: the ceiling of any guesser)
 BOUND_GUESSERS = ("oracle",)
+MAX_TOP_LOGPROBS = 20  # alternatives per token the engine reports (the HTTP API allows 5, as OpenAI)
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,20 @@ class GenerationConfig:
     temperature: float = 0.0  # in [0, 2]
     top_p: float = 1.0  # in (0, 1]
     seed: int | None = None  # needed when temperature > 0 (the server draws one when absent)
+    # stop strings (engine/stop.py): the answer ends before the first one its text completes; the
+    # loops stop after that chunk, as after an EOS
+    stop: tuple[str, ...] = ()
+    # report the log-probability of every answer token and of the top `logprobs` alternatives
+    # (engine/logprobs.py); None: none. Scored after the answer, so never changes a token
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         check_sampling_args(self.temperature, self.top_p, self.seed)
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ConfigError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ConfigError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         for name, lo, hi in (("stride", 1, 256), ("query_len", 1, 4096), ("max_new_tokens", 1, 4096),

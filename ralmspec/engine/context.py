@@ -11,11 +11,12 @@ import itertools
 import threading
 from collections import OrderedDict
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol, Sequence
 
 from ralmspec.config import GenerationConfig
 from ralmspec.engine.prompt import PromptFormat
+from ralmspec.engine.stop import find_stop, stable_text
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.sampling import Sampling
@@ -108,6 +109,7 @@ class RalmContext:
     # a shared server's load governor (engine/governor.py): False pauses speculation, and the
     # request takes verified (naive) steps; None: always allowed
     may_speculate: Callable[[], bool] | None = None
+    _stop_memo: tuple[tuple[int, ...], bool] | None = field(default=None, repr=False)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -151,8 +153,18 @@ class RalmContext:
         return min(self.gen.stride, self.gen.max_new_tokens - generated)
 
     def finished(self, tokens: Sequence[int], n_prompt: int) -> bool:
+        """Done after ``max_new_tokens``, an EOS, or (``gen.stop``) text completing a stop string
+        (engine/stop.py); both loops ask after every chunk, verified or not."""
         generated = len(tokens) - n_prompt
         if generated >= self.gen.max_new_tokens:
             return True
         eos = self.lm.eos_token_id
-        return generated > 0 and eos is not None and tokens[-1] == eos
+        if generated > 0 and eos is not None and tokens[-1] == eos:
+            return True
+        return generated > 0 and bool(self.gen.stop) and self.stop_completed(tokens[n_prompt:])
+
+    def stop_completed(self, generated: Sequence[int]) -> bool:
+        key = tuple(generated)
+        if self._stop_memo is None or self._stop_memo[0] != key:  # the loops ask repeatedly
+            self._stop_memo = (key, find_stop(stable_text(self.lm.tokenizer, key), self.gen.stop) is not None)
+        return self._stop_memo[1]

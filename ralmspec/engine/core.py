@@ -12,11 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Hashable
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
-from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient
+from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient, new_session_id
 from ralmspec.engine.naive import TokenCallback, generate_closed_book, generate_naive
-from ralmspec.engine.prompt import PromptFormat
+from ralmspec.engine.logprobs import score_answer
+from ralmspec.engine.prompt import Conversation, PromptFormat
 from ralmspec.engine.result import GenerationResult
 from ralmspec.engine.speculative import generate_speculative
+from ralmspec.engine.stop import cut_result
+from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.retrieval.base import Retriever
 from ralmspec.speculation.guess import CheapRankers
@@ -44,33 +47,60 @@ class RalmEngine:
             self._formats[name] = PromptFormat.for_tokenizer(name, self.lm.tokenizer)
         return self._formats[name]
 
+    def chat_format(self, history: tuple[tuple[str, str], ...]) -> PromptFormat:
+        """The chat format of a ``Conversation`` whose earlier turns are ``history``
+        (``ConfigError`` for a model without a chat template, or turns its template rejects)."""
+        return self.prompt_format("chat") if not history else PromptFormat.chat(self.lm.tokenizer, history)
+
     def context(self, gen: GenerationConfig | None = None, lm_client: LMClient | None = None,
                 search_client: SearchClient | None = None,
-                may_speculate: Callable[[], bool] | None = None) -> RalmContext:
+                may_speculate: Callable[[], bool] | None = None,
+                conversation: Conversation | None = None) -> RalmContext:
+        """One request's context; a ``conversation`` lays its prompts out in the chat format with
+        its earlier turns (any other ``gen.prompt_format`` than "plain" allowed)."""
         gen = gen or self.config.generation
+        if conversation is None:
+            fmt = self.prompt_format(gen.prompt_format)
+        elif gen.prompt_format == "plain":
+            raise ConfigError("a conversation needs the chat prompt format, not 'plain'")
+        else:
+            fmt = self.chat_format(conversation.history)
         return RalmContext(self.lm, self.retriever, self.passages, lm_client or self.direct_lm,
-                           search_client or self.retriever, gen, self.prompt_format(gen.prompt_format),
+                           search_client or self.retriever, gen, fmt,
                            self.worker, self.rankers, self.costs, may_speculate)
 
-    async def generate(self, prompt: str, gen: GenerationConfig | None = None,
+    async def generate(self, prompt: str | Conversation, gen: GenerationConfig | None = None,
                        spec: SpeculationConfig | None = None, speculate: bool | None = None,
                        on_tokens: TokenCallback | None = None, session: Hashable | None = None,
                        lm_client: LMClient | None = None, search_client: SearchClient | None = None,
                        retries: int = 2, timeout_s: float | None = 30.0,
                        retrieval: bool = True,
                        may_speculate: Callable[[], bool] | None = None) -> GenerationResult:
-        """Generate for one prompt. ``speculate=None`` follows ``spec.enabled``;
+        """Generate for one prompt (a question, or a ``Conversation`` whose last user message is
+        the question). ``speculate=None`` follows ``spec.enabled``;
         ``retrieval=False`` answers closed-book (no passage, no knowledge-base search);
-        ``may_speculate``: a server's load governor, asked before every round (engine/governor.py)."""
+        ``may_speculate``: a server's load governor, asked before every round (engine/governor.py).
+        The answer ends at ``gen.stop`` (engine/stop.py; ``on_tokens`` still gets the whole
+        chunk that completed it) and carries ``gen.logprobs`` (engine/logprobs.py)."""
         spec = spec or self.config.speculation
-        ctx = self.context(gen, lm_client, search_client, may_speculate)
-        if not retrieval:
-            return await generate_closed_book(ctx, prompt, session, on_tokens)
+        conversation = prompt if isinstance(prompt, Conversation) else None
+        question = conversation.question if conversation is not None else prompt
+        ctx = self.context(gen, lm_client, search_client, may_speculate, conversation)
+        if ctx.gen.logprobs is not None and not self.lm.supports_logprobs:  # refused before any work
+            raise ConfigError(f"logprobs: the {type(self.lm).__name__} backend cannot score tokens "
+                              "(logprobs need the hf backend)")
         if speculate is None:
             speculate = spec.enabled
-        if speculate:
-            return await generate_speculative(ctx, prompt, spec, session, on_tokens, retries, timeout_s)
-        return await generate_naive(ctx, prompt, session, on_tokens, retries, timeout_s)
+        if not retrieval:
+            result = await generate_closed_book(ctx, question, session, on_tokens)
+        elif speculate:
+            result = await generate_speculative(ctx, question, spec, session, on_tokens, retries, timeout_s)
+        else:
+            result = await generate_naive(ctx, question, session, on_tokens, retries, timeout_s)
+        result = cut_result(result, ctx.gen.stop, self.lm.tokenizer)
+        if ctx.gen.logprobs is not None:
+            result.logprobs = await score_answer(ctx, result, ctx.gen.logprobs, new_session_id("logprobs"))
+        return result
 
     def reset_caches(self) -> None:
         """Empty the caches shared across requests (query encodings, tokenized passages), so the

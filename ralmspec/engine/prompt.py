@@ -11,10 +11,13 @@ format is part of the reference semantics (DESIGN §1): same format => same toke
 
     before + passage_ids + between + prompt_ids + after + generated_ids
 
-where ``before`` / ``after`` are the model's chat template around ONE user message (system turn
-and user header / end of the user turn and the assistant header), ``between`` is ``"\\n\\n"``,
-and each piece is tokenized on its own. So the user message holds the passage, a blank line and
-the question; the assistant's tokens generated so far follow the template.
+where ``before`` / ``after`` are the model's chat template around the LAST user message (the
+earlier turns of a conversation, or the template's default system turn, and the user header /
+end of the user turn and the assistant header), ``between`` is ``"\\n\\n"``, and each piece is
+tokenized on its own. So the last user message holds the passage, a blank line and the question;
+the assistant's tokens generated so far follow the template. A single question (the CLI,
+``/v1/completions``) is a conversation of one user message; ``/v1/chat/completions`` passes its
+earlier turns as ``Conversation.history`` (``PromptFormat.chat``): one layout for all three.
 
 In both formats the retrieval query is the last ``query_len`` tokens of ``prompt_ids +
 generated_ids`` (template tokens are never part of a query), the passage is swapped in place
@@ -32,7 +35,28 @@ from typing import Any, Sequence
 
 from ralmspec.config import PROMPT_FORMATS
 from ralmspec.errors import ConfigError
+
 PASSAGE_SEPARATOR = "\n\n"  # chat: between the passage and the question inside the user message
+CHAT_ROLES = ("system", "user", "assistant")  # roles of Conversation.history
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat request: the earlier turns and the last user message, which is the RaLM prompt.
+
+    ``question`` is what the loops treat as the prompt (queried with the answer so far, the
+    passage put before it inside its user turn); ``history`` is every message before it as
+    ``(role, text)``, role in ``CHAT_ROLES``, rendered by the model's chat template around it.
+    """
+
+    history: tuple[tuple[str, str], ...]
+    question: str
+
+    def __post_init__(self) -> None:
+        for i, (role, text) in enumerate(self.history):
+            if role not in CHAT_ROLES or not isinstance(text, str):
+                raise ConfigError(f"history[{i}] must be (role, text) with role in {', '.join(CHAT_ROLES)}, "
+                                  f"got {(role, type(text).__name__)!r}")
 
 
 @dataclass(frozen=True)
@@ -52,9 +76,18 @@ class PromptFormat:
         affixes = tokenizer.chat_affixes() if hasattr(tokenizer, "chat_affixes") else None
         if fmt == "plain" or (fmt == "auto" and affixes is None):
             return cls("plain")
+        return cls.chat(tokenizer, (), affixes)
+
+    @classmethod
+    def chat(cls, tokenizer: Any, history: Sequence[tuple[str, str]] = (),
+             affixes: tuple[str, str] | None = None) -> "PromptFormat":
+        """The chat format with ``history`` (a ``Conversation``'s earlier turns) rendered by the
+        model's template before the last user message (``affixes``: already rendered)."""
+        if affixes is None and hasattr(tokenizer, "chat_affixes"):
+            affixes = tokenizer.chat_affixes(history)
         if affixes is None:
-            raise ConfigError("--prompt-format chat needs a model whose tokenizer has a chat template; "
-                              "this one has none (use --prompt-format plain)")
+            raise ConfigError("the chat prompt format needs a model whose tokenizer has a chat template; "
+                              "this one has none (use --prompt-format plain, or /v1/completions)")
         before, after = affixes
         return cls("chat", tuple(tokenizer.encode(before)), tuple(tokenizer.encode(PASSAGE_SEPARATOR)),
                    tuple(tokenizer.encode(after)))

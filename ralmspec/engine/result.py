@@ -6,6 +6,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ralmspec.lm.base import TokenLogprob
+
 
 @dataclass
 class StepRecord:
@@ -25,10 +27,11 @@ class GenerationResult:
     token_ids: list[int]  # generated tokens only
     text: str
     steps: list[StepRecord]
-    finish_reason: str  # "length" or "eos"
+    finish_reason: str  # "length", "eos" or "stop" (a stop string: engine/stop.py)
     latency_s: float
     stats: dict[str, Any]
     trace: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry when gen.logprobs is set
 
     def to_dict(self, with_trace: bool = True) -> dict[str, Any]:
         d = asdict(self)

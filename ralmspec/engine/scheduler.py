@@ -49,6 +49,7 @@ from ralmspec.config import GenerationConfig, SpeculationConfig
 from ralmspec.engine.context import new_session_id
 from ralmspec.engine.governor import BatchCostFit, BusyWindow, GovernorConfig, LoadGovernor
 from ralmspec.engine.naive import TokenCallback
+from ralmspec.engine.prompt import Conversation
 from ralmspec.engine.result import GenerationResult
 from ralmspec.errors import ConfigError, RalmSpecError, RetrievalError
 from ralmspec.lm.base import LanguageModel
@@ -540,7 +541,7 @@ class Scheduler:
         return self.governor.allows_speculation(time.perf_counter(), self._running)
 
     # -- requests
-    async def generate(self, prompt: str, gen: GenerationConfig | None = None,
+    async def generate(self, prompt: str | Conversation, gen: GenerationConfig | None = None,
                        spec: SpeculationConfig | None = None, speculate: bool | None = None,
                        on_tokens: TokenCallback | None = None,
                        timeout_s: float | None | str = "default") -> GenerationResult:

@@ -21,11 +21,17 @@ Contract:
 - A backend that cannot reproduce the draw rule exactly sets ``supports_sampling = False`` and
   refuses temperature > 0 with ``ConfigError`` (HTTP 400) instead of sampling differently.
 - ``release(session)`` drops a session's KV state.
+- Optional (``supports_logprobs``): ``token_logprobs(prompt, tokens, top_k, session)`` scores
+  tokens ALREADY generated from ``prompt``: for each ``tokens[j]``, its log-probability under
+  ``log_softmax`` of the logits the backend computes at that position when it generates from
+  ``prompt`` (temperature 1, no nucleus cut), and the ``top_k`` most likely ids there. It is a
+  deterministic function of ``(prompt, tokens, top_k)``, like ``generate``; it never decodes.
 """
 
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Hashable, Protocol, Sequence
 
 from ralmspec.errors import ConfigError
@@ -45,12 +51,23 @@ def sampled(sampling: Sequence[Sampling | None] | None) -> bool:
     return sampling is not None and any(s is not None and not s.greedy for s in sampling)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One scored token: its id and log-probability, and the ``top_k`` most likely ids at its
+    position with theirs (log-probability descending, ties -> lower id)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 class LanguageModel(abc.ABC):
     tokenizer: Tokenizer
     eos_token_id: int | None
     max_context: int  # prompt + generated tokens must fit
     supports_sampling: bool = False  # implements the draw rule of ralmspec.lm.sampling exactly
     no_sampling_reason: str = "sampling needs the hf backend"  # the refusal's explanation
+    supports_logprobs: bool = False  # implements token_logprobs
 
     @abc.abstractmethod
     def greedy(self, prompts: Sequence[Sequence[int]], n: int,
@@ -65,6 +82,12 @@ class LanguageModel(abc.ABC):
             raise ConfigError(f"temperature > 0: the {type(self).__name__} backend supports greedy "
                               f"decoding only (temperature 0); {self.no_sampling_reason}")
         return self.greedy(prompts, n, sessions)
+
+    def token_logprobs(self, prompt: Sequence[int], tokens: Sequence[int], top_k: int,
+                       session: Hashable | None = None) -> list[TokenLogprob]:
+        """Score ``tokens`` generated after ``prompt`` (module contract); this default refuses."""
+        raise ConfigError(f"logprobs: the {type(self).__name__} backend cannot score tokens "
+                          "(logprobs need the hf backend)")
 
     def release(self, session: Hashable) -> None:  # noqa: B027 - optional hook
         """Forget the KV state of ``session``."""

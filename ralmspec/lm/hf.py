@@ -63,7 +63,7 @@ from typing import Any, Hashable, Iterable, Sequence
 import torch
 
 from ralmspec.errors import ConfigError
-from ralmspec.lm.base import LanguageModel
+from ralmspec.lm.base import LanguageModel, TokenLogprob
 from ralmspec.lm.runner import RUNNERS, EagerRunner, KVRunner
 from ralmspec.lm.sampling import Sampling, draw
 from ralmspec.lm.static import StaticRunner, supports_static
@@ -111,24 +111,35 @@ class HFTokenizer:
             return self.hf.decode([int(i) for i in ids], skip_special_tokens=True,
                                   clean_up_tokenization_spaces=False)
 
-    def chat_affixes(self) -> tuple[str, str] | None:
-        """``(before, after)``: the model's chat template around ONE user message, with the
-        assistant's generation prompt after it (``None`` if the tokenizer has no template).
+    def chat_affixes(self, history: Sequence[tuple[str, str]] = ()) -> tuple[str, str] | None:
+        """``(before, after)``: the model's chat template around the LAST user message, the
+        ``(role, text)`` turns of ``history`` before it, with the assistant's generation prompt
+        after it (``None`` if the tokenizer has no template; ``ConfigError`` if the template
+        rejects the turns, e.g. roles that do not alternate).
 
-        ``before + content + after`` is what ``apply_chat_template`` renders for that message,
+        ``before + content + after`` is what ``apply_chat_template`` renders for those messages,
         so the engine can tokenize the pieces apart and swap the passage inside the message.
         """
         if not getattr(self.hf, "chat_template", None):
             return None
         marker = "\x00RALMSPEC-USER-MESSAGE\x00"
-        with self._lock:
-            text = self.hf.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                               add_generation_prompt=True)
+        messages = [{"role": role, "content": text} for role, text in history]
+        try:
+            with self._lock:
+                text = self.hf.apply_chat_template([*messages, {"role": "user", "content": marker}],
+                                                   tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template's own refusal (jinja2 raise_exception)
+            raise ConfigError(f"the model's chat template rejects these messages: {exc}") from None
         if not isinstance(text, str) or text.count(marker) != 1:
             raise ConfigError("the model's chat template does not place the user message once; "
                               "use --prompt-format plain")
         before, after = text.split(marker)
         return before, after
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token, special tokens shown (``<|im_end|>``): logprobs' token names."""
+        with self._lock:
+            return self.hf.decode([int(token_id)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def load_folder_tokenizer(path: Any) -> HFTokenizer:
@@ -197,6 +208,7 @@ class HFLanguageModel(LanguageModel):
     """
 
     supports_sampling = True
+    supports_logprobs = True
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, eos_token_id: int | None,
                  max_context: int, device: str | torch.device = "cpu",
@@ -289,6 +301,34 @@ class HFLanguageModel(LanguageModel):
             stats.wall_s = time.perf_counter() - t0
             self._account(stats)
         return out
+
+    def token_logprobs(self, prompt: Sequence[int], tokens: Sequence[int], top_k: int,
+                       session: Hashable | None = None) -> list[TokenLogprob]:
+        """Score ``tokens`` generated after ``prompt`` (LM contract). The logits are recomputed as
+        ``generate`` computed them: the canonical prefill of ``prompt``, then the runner's
+        ``step_logits`` per token, so they are the decoding's own logits bit for bit (the greedy token is
+        their argmax) and a function of ``(prompt, tokens)`` alone."""
+        (ids, session), = self._check([prompt], [session], extra=len(tokens))
+        toks = [int(t) for t in tokens]
+        if any(not 0 <= t < self.vocab_size for t in toks):
+            raise ConfigError(f"tokens to score must be ids in [0, {self.vocab_size})")
+        if not toks:
+            return []
+        with self._lock, torch.inference_mode():
+            stats = CallStats(prompts=1)
+            logits, _, kv = self._prefill(ids, session, stats)
+            rows = [logits.double().cpu()]
+            try:
+                for tok in toks[:-1]:
+                    kv, row = self.runner.step_logits(kv, tok)
+                    stats.decode_steps += 1
+                    rows.append(row.double().cpu())
+            except BaseException:
+                self.runner.free(kv)
+                raise
+            self._store(session, ids, kv)
+            self._account(stats)
+        return [_scored(row, tok, top_k) for row, tok in zip(rows, toks)]
 
     def forward_hidden(self, ids: Sequence[int]) -> torch.Tensor:
         """Final hidden states ``[len(ids), d_model]`` (float32, CPU) of ONE plain forward.
@@ -476,6 +516,13 @@ class HFLanguageModel(LanguageModel):
         stats.decode_s += time.perf_counter() - t0
         self._store(session, prompt, kv)
         return chunk.tokens
+
+
+def _scored(logits: torch.Tensor, token: int, top_k: int) -> TokenLogprob:
+    """``token``'s log-probability under ``log_softmax(logits)`` and the ``top_k`` best (ties -> lower id)."""
+    lp = torch.log_softmax(logits, -1)
+    order = torch.sort(lp, descending=True, stable=True).indices[:top_k].tolist() if top_k > 0 else []
+    return TokenLogprob(token, float(lp[token]), tuple((i, float(lp[i])) for i in order))
 
 
 def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: torch.device) -> KVRunner:
