@@ -7,6 +7,10 @@ Routes (docs/serving.md has the full reference with curl examples):
   ``temperature`` / ``top_p`` / ``seed`` sample exactly (ralmspec/lm/sampling.py): same seed, same
   text, speculative or not; a sampled request without a seed gets one drawn here, returned in
   ``ralm.generation.seed``.
+- ``POST /v1/chat/completions``  OpenAI chat completions: the messages rendered with the model's
+  chat template, the passage in the last user message (engine/prompt.py ``Conversation``); same
+  engine, streaming, sampling, ``stop``, ``logprobs`` and ``ralm`` extension as completions
+  (the response shapes: serving/shapes.py).
 - ``GET  /v1/models``
 - ``POST /v1/retrieve``     ``{"queries", "k", "include_text"}`` -> ranked hits (batched across callers)
 - ``POST /v1/score``        ``{"query", "doc_ids"}`` -> scores with the retriever's own metric
@@ -42,17 +46,21 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from ralmspec.engine.prompt import Conversation
+from ralmspec.engine.result import GenerationResult
 from ralmspec.engine.scheduler import (
     BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
 )
+from ralmspec.engine.stop import StopStream
 from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.lm.sampling import draw_seed
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
 from serving.metrics import ServerMetrics
 from serving.protocol import (
-    APIError, CompletionRequest, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
+    APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
 )
+from serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, usage
 
 log = logging.getLogger("ralmspec.serving")
 
@@ -145,6 +153,7 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
     r = app.router
     if engine is not None:
         r.add_post("/v1/completions", completions)
+        r.add_post("/v1/chat/completions", chat_completions)
         r.add_get("/v1/models", models)
     r.add_post("/v1/retrieve", retrieve)
     r.add_post("/v1/score", score)
@@ -164,8 +173,9 @@ def _json_error(err: APIError, headers: dict[str, str] | None = None) -> web.Res
     return web.json_response(err.body(), status=err.status, headers=headers)
 
 
-def error_for(exc: BaseException) -> APIError:
-    """The HTTP answer for an exception raised while serving a request."""
+def error_for(exc: BaseException, prompt_param: str = "prompt") -> APIError:
+    """The HTTP answer for an exception raised while serving a request (``prompt_param``: the
+    field that holds the prompt, named by errors about it)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, QueueFullError):
@@ -182,7 +192,8 @@ def error_for(exc: BaseException) -> APIError:
         return APIError(504, str(exc), "timeout", None, "request_timeout")
     if isinstance(exc, ConfigError):  # raised by the engine for this request's input
         msg = str(exc)
-        param = "prompt" if msg.startswith("prompt") else "max_tokens" if msg.startswith("max_new_tokens") else None
+        prefixes = {("prompt", "the prompt"): prompt_param, ("max_new_tokens",): "max_tokens", ("logprobs",): "logprobs"}
+        param = next((p for pre, p in prefixes.items() if msg.startswith(pre)), None)
         return APIError(400, msg, "invalid_request_error", param, None)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error", None, None)
 
@@ -253,10 +264,6 @@ async def run_watching(request: web.Request, coro: Awaitable[Any]) -> Any:
 # --------------------------------------------------------------------------- completions
 
 
-def _finish_reason(result: Any) -> str:
-    return "stop" if result.finish_reason == "eos" else "length"
-
-
 def ralm_fields(state: ServerState, req: CompletionRequest, result: Any) -> dict[str, Any]:
     out = {
         "mode": result.mode,
@@ -273,11 +280,6 @@ def ralm_fields(state: ServerState, req: CompletionRequest, result: Any) -> dict
     if req.return_trace:
         out["trace"] = result.trace
     return out
-
-
-def _usage(result: Any) -> dict[str, int]:
-    p, c = len(result.prompt_ids), len(result.token_ids)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 def resolve_sampling(state: ServerState, req: CompletionRequest) -> CompletionRequest:
@@ -299,19 +301,44 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     req = resolve_sampling(state, parse_completion(body, state.engine.config, state.config.model_name,
                                                    state.retriever.kind, state.max_tokens_limit))
-    if req.stream:
-        return await _stream(request, state, req)
+    return await respond(request, state, req, COMPLETION)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await read_json(request)
+    req = resolve_sampling(state, parse_chat(body, state.engine.config, state.config.model_name,
+                                             state.retriever.kind, state.max_tokens_limit))
+    assert isinstance(req.prompt, Conversation)
+    try:  # a model without a chat template, or turns its template refuses: 400 before queueing
+        state.engine.chat_format(req.prompt.history)
+    except ConfigError as exc:
+        raise APIError(400, str(exc), "invalid_request_error", "messages") from None
+    return await respond(request, state, req, CHAT)
+
+
+async def generate(state: ServerState, req: CompletionRequest, shape: Shape,
+                   on_tokens: Callable[[Any], None] | None = None) -> GenerationResult:
+    """Run ``req`` through the scheduler; the engine's input errors name the endpoint's fields."""
     assert state.scheduler is not None
-    result = await run_watching(request, state.scheduler.generate(
-        req.prompt, gen=req.gen, spec=req.spec, speculate=req.speculate))
+    try:
+        return await state.scheduler.generate(req.prompt, gen=req.gen, spec=req.spec, speculate=req.speculate,
+                                              on_tokens=on_tokens)
+    except ConfigError as exc:
+        raise error_for(exc, shape.prompt_param) from None
+
+
+async def respond(request: web.Request, state: ServerState, req: CompletionRequest, shape: Shape) -> web.StreamResponse:
+    if req.gen.logprobs is not None and not getattr(state.engine.lm, "supports_logprobs", False):
+        raise APIError(400, "'logprobs' is not supported by this server's language model backend "
+                            "(logprobs need the hf backend)", "invalid_request_error", "logprobs")
+    if req.stream:
+        return await _stream(request, state, req, shape)
+    result = await run_watching(request, generate(state, req, shape))
     state.metrics.record_completion(result)
-    return web.json_response({
-        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-        "model": state.config.model_name,
-        "choices": [{"text": result.text, "index": 0, "finish_reason": _finish_reason(result), "logprobs": None}],
-        "usage": _usage(result),
-        "ralm": ralm_fields(state, req, result),
-    })
+    return web.json_response(answer(shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()),
+                                    state.config.model_name, result, state.engine.lm.tokenizer,
+                                    ralm_fields(state, req, result)))
 
 
 class IncrementalDetokenizer:
@@ -342,9 +369,12 @@ class IncrementalDetokenizer:
         return ""  # cannot happen for prefix-stable tokenizers (WordPiece, byte-level BPE)
 
 
-async def _stream(request: web.Request, state: ServerState, req: CompletionRequest) -> web.StreamResponse:
+async def _stream(request: web.Request, state: ServerState, req: CompletionRequest,
+                  shape: Shape) -> web.StreamResponse:
+    """SSE of verified text (stop strings cut, partial matches held back: engine/stop.py), then
+    the finish chunk with ``ralm`` (and the logprobs of the whole answer), usage, ``[DONE]``."""
     assert state.scheduler is not None
-    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    cid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
     queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
     t0 = time.perf_counter()
     ttft: list[float] = []
@@ -354,8 +384,7 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
             ttft.append(time.perf_counter() - t0)
         queue.put_nowait(list(toks))
 
-    task = asyncio.ensure_future(state.scheduler.generate(req.prompt, gen=req.gen, spec=req.spec,
-                                                          speculate=req.speculate, on_tokens=on_tokens))
+    task = asyncio.ensure_future(generate(state, req, shape, on_tokens))
     task.add_done_callback(lambda _t: queue.put_nowait(None))
     # The stream starts with the first verified chunk: errors before it (queue full, bad prompt,
     # knowledge base down at the first retrieval, deadline) are answered with their HTTP status.
@@ -372,15 +401,19 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
-    detok = IncrementalDetokenizer(state.engine.lm.tokenizer)
+    tokenizer = state.engine.lm.tokenizer
+    detok = IncrementalDetokenizer(tokenizer)
+    stops = StopStream(req.gen.stop)
+    model = state.config.model_name
 
-    def chunk(text: str, finish: str | None = None, **extra: Any) -> bytes:
-        d = {"id": cid, "object": "text_completion", "created": created, "model": state.config.model_name,
-             "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": None}], **extra}
-        return b"data: " + json.dumps(d).encode() + b"\n\n"
+    def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
+        return event(shape, cid, created, model, [choice], **extra)
 
     try:
         await resp.prepare(request)
+        role = shape.role_choice()
+        if role is not None:
+            await resp.write(chunk(role))
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S * 4)
@@ -390,24 +423,25 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
                 continue
             if item is None:
                 break
-            delta = detok.push(item)
+            delta = stops.push(detok.push(item))
             if delta:
-                await resp.write(chunk(delta))
+                await resp.write(chunk(shape.delta(delta)))
         exc = task.exception()
         if exc is not None:
             err = error_for(exc)
             log.warning("stream %s ended with %d: %s", cid, err.status, err.message)
-            state.metrics.record_request("/v1/completions:stream_error", err.status)
+            state.metrics.record_request(f"{request.path}:stream_error", err.status)
             await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
             await resp.write_eof()
             return resp
         result = task.result()
         state.metrics.record_completion(result, ttft[0] if ttft else None)
-        await resp.write(chunk(detok.finish(), _finish_reason(result), ralm=ralm_fields(state, req, result)))
+        logprobs = shape.logprobs(result, tokenizer) if result.logprobs is not None else None
+        rest = stops.push(detok.finish()) + stops.finish()
+        await resp.write(chunk(shape.delta(rest, finish_reason(result), logprobs),
+                               ralm=ralm_fields(state, req, result)))
         if req.include_usage:
-            await resp.write(b"data: " + json.dumps({
-                "id": cid, "object": "text_completion", "created": created, "model": state.config.model_name,
-                "choices": [], "usage": _usage(result)}).encode() + b"\n\n")
+            await resp.write(event(shape, cid, created, model, [], usage=usage(result)))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

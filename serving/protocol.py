@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.engine.prompt import Conversation
 from ralmspec.errors import ConfigError
 from ralmspec.lm.sampling import MAX_TEMPERATURE, SEED_LIMIT
 
@@ -64,17 +65,24 @@ def require_object(body: Any) -> dict[str, Any]:
     return body
 
 
-# ------------------------------------------------------------------ /v1/completions
+# ------------------------------------------------------------------ /v1/completions, /v1/chat/completions
 
-# OpenAI completions fields we accept, with the only values that RaLM supports.
+# OpenAI fields we accept, with the only values that RaLM supports.
 _NEUTRAL: dict[str, tuple[str, Any]] = {
     "n": ("only one choice per request is supported: 'n' must be 1 or absent", 1),
     "best_of": ("'best_of' must be 1 or absent", 1),
     "presence_penalty": ("'presence_penalty' must be 0 or absent", 0),
     "frequency_penalty": ("'frequency_penalty' must be 0 or absent", 0),
 }
-_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "stream", "stream_options", "echo", "logprobs", "stop",
-                      "logit_bias", "temperature", "top_p", "seed", "user", "suffix", "ralm", *_NEUTRAL}
+# fields both endpoints share (parse_generation)
+_SHARED_FIELDS = {"model", "max_tokens", "stream", "stream_options", "logprobs", "stop", "logit_bias", "temperature",
+                  "top_p", "seed", "user", "ralm", "n", "presence_penalty", "frequency_penalty"}
+_COMPLETION_FIELDS = _SHARED_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+# chat: tools / structured output only in their neutral values (null, [], "none", {"type": "text"})
+_CHAT_FIELDS = _SHARED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                                 "parallel_tool_calls", "response_format"}
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_LOGPROBS = 5  # completions `logprobs` / chat `top_logprobs` (OpenAI's completions limit)
 # sampling fields (ralmspec/lm/sampling.py): field -> (lo, hi, lo included)
 _SAMPLING_FIELDS: dict[str, tuple[float, float, bool]] = {"temperature": (0.0, MAX_TEMPERATURE, True),
                                                           "top_p": (0.0, 1.0, False)}
@@ -100,13 +108,20 @@ _RALM_FIELDS: dict[str, tuple[str, type, float, float]] = {
     "retriever": ("req", str, 0, 0),
     "return_trace": ("req", bool, 0, 0),
 }
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (chat: the server's --max-new-tokens)
+# message roles of /v1/chat/completions -> the chat template's role ("developer" is OpenAI's newer "system")
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# keys a message may carry in their neutral value (the SDK echoes them back with assistant turns)
+_NEUTRAL_MESSAGE_KEYS = ("tool_calls", "function_call", "refusal", "audio", "annotations")
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
+    """One validated request of either endpoint: ``prompt`` is the question (/v1/completions) or
+    the ``Conversation`` (/v1/chat/completions); ``gen`` holds stop strings and logprobs too."""
+
     model: str
-    prompt: str
+    prompt: str | Conversation
     stream: bool
     include_usage: bool
     gen: GenerationConfig
@@ -118,20 +133,8 @@ class CompletionRequest:
 def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retriever_kind: str,
                      max_tokens_limit: int) -> CompletionRequest:
     """Validate an OpenAI completions body (+ ``ralm`` extension) against what the server supports."""
-    body = require_object(body)
-    unknown = sorted(set(body) - _COMPLETION_FIELDS)
-    if unknown:
-        raise bad(f"unsupported field '{unknown[0]}' (supported: {', '.join(sorted(_COMPLETION_FIELDS))})", unknown[0])
-
-    if "model" not in body:
-        raise bad("'model' is required", "model")
-    model = body["model"]
-    if not isinstance(model, str) or not model:
-        raise bad("'model' must be a non-empty string", "model")
-    if model != served_model:
-        raise APIError(404, f"model '{model}' does not exist; this server serves '{served_model}'",
-                       "invalid_request_error", "model", "model_not_found")
-
+    body = _known_fields(body, _COMPLETION_FIELDS)
+    model = parse_model(body, served_model)
     if "prompt" not in body:
         raise bad("'prompt' is required", "prompt")
     prompt = body["prompt"]
@@ -144,11 +147,135 @@ def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retri
         raise bad(f"'prompt' must be a string, got {type(prompt).__name__}", "prompt")
     if not prompt.strip():
         raise bad("'prompt' must not be empty", "prompt")
+    max_tokens = _int(body, "max_tokens", 1, max_tokens_limit) if body.get("max_tokens") is not None \
+        else DEFAULT_MAX_TOKENS
+    logprobs = None
+    if body.get("logprobs") is not None:
+        logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
+    if body.get("echo") not in (None, False):
+        raise bad("'echo' is not supported (must be false or absent)", "echo")
+    if body.get("suffix") is not None:
+        raise bad("'suffix' is not supported", "suffix")
+    return parse_generation(body, defaults, model, prompt, max_tokens, logprobs, retriever_kind)
 
-    max_tokens = DEFAULT_MAX_TOKENS
-    if body.get("max_tokens") is not None:
-        max_tokens = _int(body, "max_tokens", 1, max_tokens_limit)
 
+def parse_chat(body: Any, defaults: EngineConfig, served_model: str, retriever_kind: str,
+               max_tokens_limit: int) -> CompletionRequest:
+    """Validate an OpenAI chat completions body (+ ``ralm`` extension): text messages only, the
+    last one from the user (the question that retrieval answers)."""
+    body = _known_fields(body, _CHAT_FIELDS)
+    model = parse_model(body, served_model)
+    if "messages" not in body:
+        raise bad("'messages' is required", "messages")
+    conversation = parse_messages(body["messages"])
+    max_tokens = min(defaults.generation.max_new_tokens, max_tokens_limit)
+    given = {k: _int(body, k, 1, max_tokens_limit) for k in ("max_completion_tokens", "max_tokens")
+             if body.get(k) is not None}
+    if len(set(given.values())) > 1:
+        raise bad("'max_tokens' and 'max_completion_tokens' differ; send one of them", "max_tokens")
+    max_tokens = next(iter(given.values()), max_tokens)
+    want = body.get("logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise bad(f"'logprobs' must be a boolean (true/false), got {type(want).__name__}", "logprobs")
+    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS) if body.get("top_logprobs") is not None else None
+    if top is not None and not want:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    for key, neutral in (("tools", (None, [])), ("tool_choice", (None, "none"))):
+        if body.get(key) not in neutral:
+            raise bad(f"'{key}' is not supported: tool calls cannot be verified against the knowledge base", key)
+    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
+        raise bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise bad("'response_format' must be {\"type\": \"text\"} or absent", "response_format")
+    return parse_generation(body, defaults, model, conversation, max_tokens, (top or 0) if want else None,
+                            retriever_kind)
+
+
+def parse_messages(messages: Any) -> Conversation:
+    """``messages`` -> ``Conversation``: system / developer / user / assistant turns whose content is a
+    string or a list of text parts (joined with "\\n"); the last one is the user's question."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list of messages", "messages")
+    turns: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        p = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"'{p}' must be an object with 'role' and 'content'", p)
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise bad(f"'{p}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r} "
+                      "(tool and function messages are not supported)", f"{p}.role")
+        for key, v in m.items():
+            if key in ("role", "content") or (key == "name" and isinstance(v, str)):
+                continue
+            if key not in _NEUTRAL_MESSAGE_KEYS or v not in (None, []):
+                raise bad(f"'{p}.{key}' is not supported (text messages only: role, content, name)", f"{p}.{key}")
+        turns.append((CHAT_ROLES[role], message_text(m.get("content"), f"{p}.content")))
+    last = len(turns) - 1
+    if turns[-1][0] != "user":
+        raise bad(f"the last message must be from the user (its question is what retrieval answers), "
+                  f"got {turns[-1][0]!r}", f"messages[{last}].role")
+    if not turns[-1][1].strip():
+        raise bad("the last user message must not be empty", f"messages[{last}].content")
+    return Conversation(tuple(turns[:-1]), turns[-1][1])
+
+
+def message_text(content: Any, p: str) -> str:
+    """A message's text: a string, or a list of ``{"type": "text", "text": ...}`` parts joined with "\\n"."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise bad(f"'{p}' must be a string or a non-empty list of text parts, got {type(content).__name__}", p)
+    texts = []
+    for j, part in enumerate(content):
+        pp = f"{p}[{j}]"
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise bad(f"'{pp}' must be a text part (images, audio and files are not supported), got {kind!r}",
+                      f"{pp}.type")
+        if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            raise bad(f"'{pp}' must be {{\"type\": \"text\", \"text\": <string>}}", pp)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _known_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
+    body = require_object(body)
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad(f"unsupported field '{unknown[0]}' (supported: {', '.join(sorted(allowed))})", unknown[0])
+    return body
+
+
+def parse_model(body: Mapping[str, Any], served_model: str) -> str:
+    if "model" not in body:
+        raise bad("'model' is required", "model")
+    model = body["model"]
+    if not isinstance(model, str) or not model:
+        raise bad("'model' must be a non-empty string", "model")
+    if model != served_model:
+        raise APIError(404, f"model '{model}' does not exist; this server serves '{served_model}'",
+                       "invalid_request_error", "model", "model_not_found")
+    return model
+
+
+def parse_stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """``stop``: a string or a list of up to ``MAX_STOP`` non-empty strings (null, "" and [] = none)."""
+    v = body.get("stop")
+    if v is None or v == "":
+        return ()
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad("'stop' must be a string or a list of non-empty strings", "stop")
+    if len(stops) > MAX_STOP:
+        raise bad(f"at most {MAX_STOP} stop strings, got {len(stops)}", "stop")
+    return tuple(dict.fromkeys(stops))
+
+
+def parse_generation(body: Mapping[str, Any], defaults: EngineConfig, model: str, prompt: str | Conversation,
+                     max_tokens: int, logprobs: int | None, retriever_kind: str) -> CompletionRequest:
+    """What both endpoints share: streaming, neutral OpenAI fields, sampling, stop, the ``ralm``
+    extension; -> the request with its GenerationConfig / SpeculationConfig."""
     stream = False
     if body.get("stream") is not None:
         stream = _bool(body, "stream")
@@ -170,16 +297,8 @@ def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retri
             raise bad(f"'{key}' must be a number, got {type(v).__name__}", key)
         if v != ok:
             raise bad(msg, key)
-    if body.get("echo") not in (None, False):
-        raise bad("'echo' is not supported (must be false or absent)", "echo")
-    if body.get("logprobs") is not None:
-        raise bad("'logprobs' is not supported (must be null or absent)", "logprobs")
-    if body.get("stop") not in (None, [], ""):
-        raise bad("stop sequences are not supported: 'stop' must be null or absent", "stop")
     if body.get("logit_bias") not in (None, {}):
         raise bad("'logit_bias' is not supported", "logit_bias")
-    if body.get("suffix") is not None:
-        raise bad("'suffix' is not supported", "suffix")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("'user' must be a string", "user")
 
@@ -188,7 +307,8 @@ def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retri
         ralm = {}
     if not isinstance(ralm, dict):
         raise bad(f"'ralm' must be an object, got {type(ralm).__name__}", "ralm")
-    gen_kw: dict[str, Any] = {"max_new_tokens": max_tokens, **parse_sampling(body)}
+    gen_kw: dict[str, Any] = {"max_new_tokens": max_tokens, "stop": parse_stop(body), "logprobs": logprobs,
+                              **parse_sampling(body)}
     spec_kw: dict[str, Any] = {}
     speculate = defaults.speculation.enabled
     return_trace = False
@@ -220,6 +340,10 @@ def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retri
             gen_kw[key] = v
         else:
             spec_kw[key] = v
+    if isinstance(prompt, Conversation):  # messages are always laid out in the chat format
+        if gen_kw.setdefault("prompt_format", "chat") == "plain":
+            raise bad("chat messages are laid out in the chat format: 'ralm.prompt_format' cannot be 'plain' "
+                      "(use /v1/completions)", "ralm.prompt_format")
     try:
         gen = replace(defaults.generation, **gen_kw)
     except ConfigError as exc:

@@ -1,10 +1,27 @@
-"""Session fixtures of the serving tests: the engine (tiny LM + exact index) and a live server."""
+"""Session fixtures of the serving tests: the engine (tiny LM + exact index) and a live server; the
+real instruct model (SmolLM2) and its server for the chat endpoint."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread
+from tests.serving.support import CHAT_ENGINE_CONFIG, CHAT_MODEL, MODEL, TEST_ENGINE_CONFIG, ServerThread
+
+
+def serve(engine, model_name: str, max_concurrent: int, timeout_s: float, **server_kw) -> ServerThread:
+    """A live server around ``engine`` on a loopback port."""
+    from ralmspec.engine.scheduler import SchedulerConfig
+    from serving.app import ServerConfig, create_app
+
+    app = create_app(engine, SchedulerConfig(max_concurrent=max_concurrent, max_queue=16, request_timeout_s=timeout_s),
+                     server_config=ServerConfig(model_name=model_name, **server_kw))
+    return ServerThread(app).start()
+
+
+def openai_client(server: ServerThread, timeout_s: float):
+    """The official ``openai`` client pointed at ``server``."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=timeout_s)
 
 
 @pytest.fixture(scope="session")
@@ -17,12 +34,7 @@ def serving_engine(small_indexes, tiny_lm):
 @pytest.fixture(scope="session")
 def server(serving_engine):
     """The full server (tiny LM + exact knowledge base), shared by the serving tests."""
-    from ralmspec.engine.scheduler import SchedulerConfig
-    from serving.app import ServerConfig, create_app
-
-    app = create_app(serving_engine, SchedulerConfig(max_concurrent=8, max_queue=16, request_timeout_s=120),
-                     server_config=ServerConfig(model_name=MODEL, client_max_size=64 * 1024))
-    srv = ServerThread(app).start()
+    srv = serve(serving_engine, MODEL, 8, 120, client_max_size=64 * 1024)
     yield srv
     srv.stop()
 
@@ -30,7 +42,29 @@ def server(serving_engine):
 @pytest.fixture(scope="module")
 def client(server):
     """The official ``openai`` client pointed at the shared server."""
-    openai = pytest.importorskip("openai")
-    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+    c = openai_client(server, 120)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def chat_engine(smollm2_lm, embedded_indexes):
+    """The real instruct model (its chat template) over the full embedded knowledge base."""
+    from ralmspec.engine.core import RalmEngine
+
+    return RalmEngine(smollm2_lm, embedded_indexes["exact"], CHAT_ENGINE_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def chat_server(chat_engine):
+    """The SmolLM2 server, for the chat endpoint."""
+    srv = serve(chat_engine, CHAT_MODEL, 4, 300)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def chat_client(chat_server):
+    c = openai_client(chat_server, 300)
     yield c
     c.close()

@@ -22,6 +22,13 @@ TEST_ENGINE_CONFIG = EngineConfig(
     speculation=SpeculationConfig(prefetch=20),
 )
 MODEL = "tiny"
+# the chat endpoint needs a chat template: the real default model, short answers and passages
+CHAT_ENGINE_CONFIG = EngineConfig(
+    model="smollm2",
+    generation=GenerationConfig(stride=2, query_len=16, max_new_tokens=12, passage_tokens=64),
+    speculation=SpeculationConfig(prefetch=20),
+)
+CHAT_MODEL = "smollm2"
 
 
 class ServerThread:

@@ -1,0 +1,130 @@
+"""The OpenAI response shapes of ``/v1/completions`` and ``/v1/chat/completions`` (pure: no I/O).
+
+Both endpoints run the same request the same way (serving/app.py); a shape only says how its
+answer, its stream chunks and its logprobs are written:
+
+- completions: ``text_completion`` objects, ``choices[0].text``; logprobs as
+  ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`` (the top
+  alternatives and the chosen token; offsets into the returned text);
+- chat: ``chat.completion`` / ``chat.completion.chunk`` objects, ``choices[0].message`` or
+  ``delta`` (the role first, then content), logprobs as ``{"content": [{"token", "logprob",
+  "bytes", "top_logprobs": [...]}], "refusal": null}``.
+
+Token names are the tokenizer's text of each token (``HFTokenizer.piece``: special tokens shown);
+``bytes`` are that text in UTF-8 (a token holding part of a multi-byte character shows U+FFFD).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ralmspec.engine.result import GenerationResult
+from ralmspec.engine.stop import stable_text
+
+
+def finish_reason(result: GenerationResult) -> str:
+    """OpenAI's finish reason: "stop" for an EOS or a stop string, else "length"."""
+    return "stop" if result.finish_reason in ("eos", "stop") else "length"
+
+
+def usage(result: GenerationResult) -> dict[str, int]:
+    p, c = len(result.prompt_ids), len(result.token_ids)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def token_piece(tokenizer: Any, token_id: int) -> str:
+    piece = getattr(tokenizer, "piece", None)
+    return piece(token_id) if piece is not None else tokenizer.decode([token_id])
+
+
+def text_offsets(tokenizer: Any, ids: list[int], window: int = 8) -> list[int]:
+    """Where each token's text starts in the decoded text of ``ids``: the length each token adds,
+    decoded with its ``window`` left neighbours (linear in ``len(ids)``, not quadratic); a token
+    ending inside a multi-byte character adds nothing, the one completing it adds the character."""
+    out, at = [], 0
+    for i in range(len(ids)):
+        out.append(at)
+        lo = max(0, i - window)
+        at += len(stable_text(tokenizer, ids[lo: i + 1])) - len(stable_text(tokenizer, ids[lo:i]))
+    return out
+
+
+class CompletionShape:
+    """``/v1/completions``."""
+
+    object = "text_completion"
+    chunk_object = "text_completion"
+    id_prefix = "cmpl"
+    prompt_param = "prompt"  # the field an error about the prompt names
+
+    def choice(self, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+        return {"text": text, "index": 0, "finish_reason": finish, "logprobs": logprobs}
+
+    def role_choice(self) -> dict[str, Any] | None:
+        return None  # completions streams have no role chunk
+
+    def delta(self, text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return self.choice(text, finish, logprobs)
+
+    def logprobs(self, result: GenerationResult, tokenizer: Any) -> dict[str, Any]:
+        scored = result.logprobs or []
+        ids = [lp.token for lp in scored]
+        names = [token_piece(tokenizer, t) for t in ids]
+        top = []
+        for lp, name in zip(scored, names):
+            alts: dict[str, float] = {}
+            for i, v in lp.top:
+                alts.setdefault(token_piece(tokenizer, i), v)
+            alts.setdefault(name, lp.logprob)  # OpenAI: the chosen token is always there
+            top.append(alts)
+        offsets = [min(at, len(result.text)) for at in text_offsets(tokenizer, ids)]
+        return {"tokens": names, "token_logprobs": [lp.logprob for lp in scored], "top_logprobs": top,
+                "text_offset": offsets}
+
+
+class ChatShape:
+    """``/v1/chat/completions``."""
+
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+    prompt_param = "messages"
+
+    def choice(self, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish}
+
+    def role_choice(self) -> dict[str, Any] | None:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def delta(self, text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs, "finish_reason": finish}
+
+    def logprobs(self, result: GenerationResult, tokenizer: Any) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            name = token_piece(tokenizer, token_id)
+            return {"token": name, "logprob": logprob, "bytes": list(name.encode("utf-8"))}
+
+        return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                            for lp in result.logprobs or []], "refusal": None}
+
+
+COMPLETION = CompletionShape()
+CHAT = ChatShape()
+Shape = CompletionShape | ChatShape
+
+
+def answer(shape: Shape, cid: str, created: int, model: str, result: GenerationResult, tokenizer: Any,
+           ralm: dict[str, Any]) -> dict[str, Any]:
+    """The non-streamed response body."""
+    logprobs = shape.logprobs(result, tokenizer) if result.logprobs is not None else None
+    return {"id": cid, "object": shape.object, "created": created, "model": model,
+            "choices": [shape.choice(result.text, finish_reason(result), logprobs)], "usage": usage(result),
+            "ralm": ralm}
+
+
+def event(shape: Shape, cid: str, created: int, model: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    """One Server-Sent Event holding a stream chunk."""
+    d = {"id": cid, "object": shape.chunk_object, "created": created, "model": model, "choices": choices, **extra}
+    return b"data: " + json.dumps(d).encode() + b"\n\n"

@@ -1,0 +1,242 @@
+"""``POST /v1/chat/completions``, ``stop`` and ``logprobs`` over real sockets with the official
+``openai`` client, against the real instruct model (SmolLM2, its chat template) and the real
+embedded knowledge base: the same text with speculation on and off (speculation forced, and
+checked to have run), the same layout as ``/v1/completions``, multi-turn conversations, stop
+strings that span stream chunks, logprobs equal with speculation on and off, 400s naming the field.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ralmspec.engine.prompt import Conversation
+from ralmspec.engine.stop import find_stop, stable_text
+from tests.serving.support import CHAT_ENGINE_CONFIG, CHAT_MODEL, MODEL, request
+
+QUESTION = "Which city is the American rock band Hed PE from?"
+FORCED = {"os3": False, "fixed_stride": 3, "prefetch": 1}  # speculate at every step
+HISTORY = [{"role": "system", "content": "You are a music historian. Answer in one short sentence."},
+           {"role": "user", "content": "I am reading about American rock bands of the 1990s."},
+           {"role": "assistant", "content": "Great topic. Which band would you like to know about?"}]
+
+
+def ask(client, messages, speculate: bool | None = None, **kw):
+    ralm = dict(FORCED) | ({} if speculate is None else {"speculate": speculate})
+    return client.chat.completions.create(model=CHAT_MODEL, messages=messages, extra_body={"ralm": ralm}, **kw)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def assert_speculated(resp) -> None:
+    ralm = resp.model_extra["ralm"]
+    assert ralm["mode"] == "speculative" and ralm["stats"]["speculated"] > 0, ralm["stats"]
+
+
+def stream_parts(stream) -> tuple[list, list[str], str | None, dict | None, object]:
+    chunks, texts, finish, ralm, usage = [], [], None, None, None
+    for c in stream:
+        chunks.append(c)
+        if c.usage is not None:
+            usage = c.usage
+        if not c.choices:
+            continue
+        ch = c.choices[0]
+        text = ch.delta.content if hasattr(ch, "delta") else ch.text
+        if text:
+            texts.append(text)
+        finish = ch.finish_reason or finish
+        ralm = c.model_extra.get("ralm") or ralm
+    return chunks, texts, finish, ralm, usage
+
+
+def test_chat_equals_with_and_without_speculation_and_equals_completions(chat_client):
+    spec = ask(chat_client, user(QUESTION), speculate=True)
+    naive = ask(chat_client, user(QUESTION), speculate=False)
+    assert_speculated(spec)
+    assert naive.model_extra["ralm"]["mode"] == "naive"
+    msg = spec.choices[0].message
+    assert msg.role == "assistant" and msg.content == naive.choices[0].message.content and msg.content.strip()
+    assert spec.object == "chat.completion" and spec.id.startswith("chatcmpl-") and spec.model == CHAT_MODEL
+    assert spec.choices[0].finish_reason in ("stop", "length") and spec.choices[0].logprobs is None
+    assert spec.usage.completion_tokens == naive.usage.completion_tokens > 0
+    assert spec.model_extra["ralm"]["passages"] == naive.model_extra["ralm"]["passages"]
+    # one user message is laid out exactly as /v1/completions lays out its prompt
+    comp = chat_client.completions.create(model=CHAT_MODEL, prompt=QUESTION,
+                                          max_tokens=CHAT_ENGINE_CONFIG.generation.max_new_tokens,
+                                          extra_body={"ralm": {"speculate": False}})
+    assert comp.choices[0].text == msg.content
+    assert comp.usage.completion_tokens == spec.usage.completion_tokens
+    # streamed: the role first, then content deltas whose concatenation is the answer
+    chunks, texts, finish, ralm, usage = stream_parts(ask(chat_client, user(QUESTION), speculate=True, stream=True,
+                                                          stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant" and not chunks[0].choices[0].delta.content
+    assert "".join(texts) == msg.content and len(texts) >= 2
+    assert finish == spec.choices[0].finish_reason and ralm["mode"] == "speculative" and ralm["stats"]["speculated"] > 0
+    assert usage.completion_tokens == spec.usage.completion_tokens
+
+
+def test_multi_turn_keeps_earlier_turns_and_queries_the_last_question(chat_client, chat_engine):
+    messages = HISTORY + user(QUESTION)
+    spec = ask(chat_client, messages, speculate=True)
+    naive = ask(chat_client, messages, speculate=False)
+    assert_speculated(spec)
+    answer = spec.choices[0].message.content
+    assert answer == naive.choices[0].message.content
+    # the engine given the same conversation directly: the same answer
+    history = tuple((m["role"], m["content"]) for m in HISTORY)
+    gen = CHAT_ENGINE_CONFIG.generation
+    direct = chat_engine.generate_sync(Conversation(history, QUESTION), gen=gen, speculate=False)
+    assert direct.text == answer
+    # the earlier turns are in the LM input (they replace the template's default system turn) ...
+    fmt = chat_engine.context(gen, conversation=Conversation(history, QUESTION)).fmt
+    before = chat_engine.lm.tokenizer.decode(list(fmt.before))
+    assert all(m["content"] in before for m in HISTORY) and "SmolLM" not in before
+    # ... but never in a query: step 0 retrieves for the last question alone, as a single turn does
+    single = ask(chat_client, user(QUESTION), speculate=False, logprobs=True)
+    assert spec.model_extra["ralm"]["passages"][0]["doc_id"] == single.model_extra["ralm"]["passages"][0]["doc_id"]
+    # the model may well give the same words; under another context it gives them other probabilities
+    turns = ask(chat_client, messages, speculate=False, logprobs=True)
+    assert turns.choices[0].message.content == answer
+    assert [e.logprob for e in turns.choices[0].logprobs.content] != \
+        [e.logprob for e in single.choices[0].logprobs.content]
+    # content as a list of text parts is the same message
+    parts = [{"type": "text", "text": "Which city is the American rock band"}, {"type": "text", "text": "Hed PE from?"}]
+    as_parts = ask(chat_client, HISTORY + [{"role": "user", "content": parts}], speculate=False)
+    as_text = ask(chat_client, HISTORY + user("Which city is the American rock band\nHed PE from?"), speculate=False)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+
+
+def test_stop_spanning_stream_chunks_on_both_endpoints(chat_client, chat_engine):
+    tok = chat_engine.lm.tokenizer
+    gen = CHAT_ENGINE_CONFIG.generation
+    ids = chat_engine.generate_sync(Conversation((), QUESTION), gen=gen, speculate=False).token_ids
+    # tokens 5 and 6 straddle the boundary of the verified chunks [4, 6) and [6, 8) (stride 2)
+    head, cut = stable_text(tok, ids[:5]), stable_text(tok, ids[:7])
+    stop = cut[len(head):]
+    full = stable_text(tok, ids)
+    start, _ = find_stop(full, [stop])
+    assert start == len(head) and len(head) < len(stable_text(tok, ids[:6])) < len(cut), (stop, full)
+    want = full[:start]
+    for speculate in (True, False):
+        r = ask(chat_client, user(QUESTION), speculate=speculate, stop=[stop, "\u2603never"])
+        assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == 7  # the shortest prefix that completes the stop string
+        if speculate:
+            assert_speculated(r)
+    for speculate in (False, True):  # naive sends one chunk per stride: the stop spans two of them
+        _, texts, finish, _, _ = stream_parts(ask(chat_client, user(QUESTION), speculate=speculate, stream=True,
+                                                  stop=stop))
+        assert "".join(texts) == want and finish == "stop"
+    comp = chat_client.completions.create(model=CHAT_MODEL, prompt=QUESTION, max_tokens=gen.max_new_tokens,
+                                          stop=stop, extra_body={"ralm": FORCED | {"speculate": True}})
+    assert comp.choices[0].text == want and comp.choices[0].finish_reason == "stop"
+    assert_speculated(comp)
+    _, texts, finish, _, _ = stream_parts(chat_client.completions.create(
+        model=CHAT_MODEL, prompt=QUESTION, max_tokens=gen.max_new_tokens, stop=[stop], stream=True,
+        extra_body={"ralm": {"speculate": False}}))
+    assert "".join(texts) == want and finish == "stop"
+
+
+def test_logprobs_equal_with_and_without_speculation(chat_client):
+    spec = ask(chat_client, user(QUESTION), speculate=True, logprobs=True, top_logprobs=3)
+    naive = ask(chat_client, user(QUESTION), speculate=False, logprobs=True, top_logprobs=3)
+    assert_speculated(spec)
+    content = spec.choices[0].logprobs.content
+    assert [e.model_dump() for e in content] == [e.model_dump() for e in naive.choices[0].logprobs.content]
+    assert len(content) == spec.usage.completion_tokens
+    assert "".join(e.token for e in content) == spec.choices[0].message.content
+    for e in content:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0.0
+        assert (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)  # greedy: the argmax
+        assert e.bytes == list(e.token.encode("utf-8"))
+    # streamed: the same numbers, in the finish chunk (scored once the answer is verified)
+    chunks, _, _, _, _ = stream_parts(ask(chat_client, user(QUESTION), speculate=True, stream=True, logprobs=True,
+                                          top_logprobs=3))
+    streamed = [e.model_dump() for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert streamed == [e.model_dump() for e in content]
+    # /v1/completions: the same question, the same layout, the same numbers in its own shape
+    comp = chat_client.completions.create(model=CHAT_MODEL, prompt=QUESTION, logprobs=2,
+                                          max_tokens=CHAT_ENGINE_CONFIG.generation.max_new_tokens,
+                                          extra_body={"ralm": FORCED | {"speculate": True}})
+    lp = comp.choices[0].logprobs
+    assert lp.token_logprobs == [e.logprob for e in content] and lp.tokens == [e.token for e in content]
+    assert all(len(d) == 2 and tok in d for d, tok in zip(lp.top_logprobs, lp.tokens))  # greedy: chosen in top 2
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert [comp.choices[0].text[a:b] for a, b in zip(lp.text_offset, lp.text_offset[1:])] == lp.tokens[:-1]
+    # sampled with a seed: still identical
+    kw = {"logprobs": True, "top_logprobs": 1, "temperature": 0.9, "seed": 3}
+    s_on, s_off = ask(chat_client, user(QUESTION), speculate=True, **kw), ask(chat_client, user(QUESTION),
+                                                                             speculate=False, **kw)
+    assert s_on.choices[0].message.content == s_off.choices[0].message.content
+    assert [e.model_dump() for e in s_on.choices[0].logprobs.content] == \
+        [e.model_dump() for e in s_off.choices[0].logprobs.content]
+    assert ask(chat_client, user(QUESTION)).choices[0].logprobs is None
+
+
+OK = {"model": CHAT_MODEL, "messages": user("who wrote hamlet"), "max_tokens": 2}
+
+
+def with_(**kw):
+    return {**OK, **kw}
+
+
+CHAT_CASES = [
+    # (id, body, param)
+    ("missing-messages", {"model": CHAT_MODEL}, "messages"),
+    ("empty-messages", with_(messages=[]), "messages"),
+    ("messages-not-list", with_(messages="hi"), "messages"),
+    ("message-not-object", with_(messages=["hi"]), "messages[0]"),
+    ("unknown-role", with_(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
+    ("tool-role", with_(messages=[{"role": "tool", "content": "42", "tool_call_id": "x"}]), "messages[0].role"),
+    ("last-not-user", with_(messages=user("hi") + [{"role": "assistant", "content": "yo"}]), "messages[1].role"),
+    ("empty-question", with_(messages=user("  ")), "messages[0].content"),
+    ("content-null", with_(messages=[{"role": "user", "content": None}]), "messages[0].content"),
+    ("image-part", with_(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), "messages[0].content[1].type"),
+    ("assistant-tool-calls", with_(messages=[
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                               "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "user", "content": "hi"}]), "messages[0].tool_calls"),
+    ("tools", with_(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    ("n-2", with_(n=2), "n"),
+    ("five-stops", with_(stop=["a", "b", "c", "d", "e"]), "stop"),
+    ("top-logprobs-6", with_(logprobs=True, top_logprobs=6), "top_logprobs"),
+    ("top-logprobs-without-logprobs", with_(top_logprobs=2), "top_logprobs"),
+    ("logprobs-int", with_(logprobs=3), "logprobs"),
+    ("max-tokens-disagree", with_(max_tokens=2, max_completion_tokens=3), "max_tokens"),
+    ("max-completion-tokens-zero", with_(max_tokens=None, max_completion_tokens=0), "max_completion_tokens"),
+    ("json-mode", with_(response_format={"type": "json_object"}), "response_format"),
+    ("plain-format", with_(ralm={"prompt_format": "plain"}), "ralm.prompt_format"),
+    ("unknown-field", with_(functions=[]), "functions"),
+    ("ralm-stride-zero", with_(ralm={"stride": 0}), "ralm.stride"),
+]
+
+
+@pytest.mark.parametrize("case", CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
+def test_chat_bad_input(chat_server, case):
+    _, body, param = case
+    status, resp = request("POST", f"{chat_server.url}/v1/chat/completions", body)
+    assert status == 400, resp
+    err = resp["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"], err
+
+
+def test_model_without_chat_template_is_400(server):
+    status, resp = request("POST", f"{server.url}/v1/chat/completions",
+                           {"model": MODEL, "messages": user("who wrote hamlet")})
+    assert status == 400 and resp["error"]["param"] == "messages", resp
+    assert "chat template" in resp["error"]["message"]
+
+
+def test_official_client_raises_bad_request_on_chat_errors(chat_client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat_client.chat.completions.create(model=CHAT_MODEL, messages=[])
+    assert exc.value.body["param"] == "messages"
