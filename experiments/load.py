@@ -4,7 +4,8 @@ Every cell ``(round, clients, mode)`` gets a FRESH ``ralmspec serve`` process, s
 inherits the other's warm caches (query encodings, tokenized passages, the LM's KV prefixes).
 In each round, for each concurrency, the two modes run one after the other, and which mode goes
 first alternates from one round to the next and from one concurrency to the next. Within a cell, N closed-loop clients
-send questions to ``/v1/completions`` (``ralm.speculate`` true or false) for ``--warmup`` seconds
+send questions to ``/v1/completions``, or as one user message to ``/v1/chat/completions`` with
+``--endpoint chat`` (``ralm.speculate`` true or false), for ``--warmup`` seconds
 that are NOT counted, then for ``--duration`` measured seconds. Only requests that complete
 inside the measured window count; requests still running at its end are abandoned (the server
 is stopped). The question order is a seeded shuffle per round, identical for both modes of a
@@ -19,6 +20,7 @@ ratios per number of clients.
 
     python experiments/load.py --concurrency 1 8 --rounds 3 --duration 25 --warmup 10 --json out.json
     python experiments/load.py --model tiny --concurrency 8 -- --emulate-pad 1000000
+    python experiments/load.py --endpoint chat --concurrency 1 8 --json chat.json   # needs a chat model
     python experiments/load.py --url http://127.0.0.1:8000 --model tiny   # one server for all: NOT fair
 
 Flags after ``--`` go to every spawned ``ralmspec serve``. This is a measurement script, not a
@@ -45,6 +47,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("naive", "speculative")
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 MIB = 2**20
 
 
@@ -177,8 +180,20 @@ async def _snapshot(session: Any, url: str, pid: int | None) -> dict[str, Any]:
     return {"stats": stats, "rss": rss, "loadavg": loadavg(), "t": time.perf_counter()}
 
 
+def request_for(endpoint: str, model: str, question: str, max_tokens: int, mode: str) -> tuple[str, dict[str, Any]]:
+    """``(path, body)`` asking ``question`` on ``endpoint`` ("completions": the prompt; "chat": one
+    user message, laid out by the server exactly as the completions prompt)."""
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "ralm": {"speculate": mode == "speculative"}}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": question}]
+    else:
+        body["prompt"] = question
+    return ENDPOINTS[endpoint], body
+
+
 async def run_cell(url: str, model: str, questions: list[str], mode: str, clients: int, warmup: float,
-                   duration: float, max_tokens: int, pid: int | None) -> dict[str, Any]:
+                   duration: float, max_tokens: int, pid: int | None,
+                   endpoint: str = "completions") -> dict[str, Any]:
     """N closed-loop clients for ``warmup + duration`` seconds; statistics of the measured window."""
     import aiohttp
 
@@ -192,12 +207,11 @@ async def run_cell(url: str, model: str, questions: list[str], mode: str, client
         async def client(c: int) -> None:
             i = c
             while True:
-                body = {"model": model, "prompt": questions[i % len(questions)], "max_tokens": max_tokens,
-                        "ralm": {"speculate": mode == "speculative"}}
+                path, body = request_for(endpoint, model, questions[i % len(questions)], max_tokens, mode)
                 i += clients
                 t = time.perf_counter()
                 try:
-                    async with s.post(f"{url}/v1/completions", json=body) as r:
+                    async with s.post(f"{url}{path}", json=body) as r:
                         status = r.status
                         data = await r.json(content_type=None)
                 except asyncio.CancelledError:
@@ -236,7 +250,7 @@ async def run_cell(url: str, model: str, questions: list[str], mode: str, client
     kb_c = _summ(_delta_counts(sa["kb_batch_callers"], sb["kb_batch_callers"]))
     lm_b = _summ(_delta_counts(sa["lm_batch_sizes"], sb["lm_batch_sizes"]))
     cell = {
-        "mode": mode, "clients": clients, "duration_s": duration, "warmup_s": warmup,
+        "mode": mode, "clients": clients, "endpoint": endpoint, "duration_s": duration, "warmup_s": warmup,
         "requests": len(counted), "errors": len(errs),
         "error_kinds": {k: errs.count(k) for k in sorted(set(errs))},
         "warmup_requests": sum(1 for at, _, _ in done if at < t_w),
@@ -352,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: a fresh server per cell)")
     p.add_argument("--model", default="smollm2", help="model to serve and to name in requests ('tiny' for smoke runs)")
     p.add_argument("--retriever", default="exact")
+    p.add_argument("--endpoint", default="completions", choices=sorted(ENDPOINTS),
+                   help="completions: the question as the prompt; chat: as one user message (needs a model "
+                        "with a chat template)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="closed-loop clients per cell")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--rounds", type=int, default=3, help="repetitions of every (clients, mode) cell, interleaved")
@@ -383,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
               "comparison (leave --url out for a fresh server per cell)", file=sys.stderr)
     settings: dict[str, Any] = {
         "command": shlex.join(["python", "experiments/load.py", *argv]),
-        "model": a.model, "retriever": a.retriever, "max_tokens": a.max_tokens,
+        "model": a.model, "retriever": a.retriever, "endpoint": a.endpoint, "max_tokens": a.max_tokens,
         "duration_s": a.duration, "warmup_s": a.warmup, "rounds": a.rounds, "concurrency": a.concurrency,
         "modes": a.modes, "questions": a.questions, "n_questions": len(questions), "seed": a.seed,
         "fresh_server_per_cell": a.url is None, "url": a.url,
@@ -406,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             url = a.url or server.url
             cell = asyncio.run(run_cell(url, a.model, question_order(questions, a.seed, r), mode, n, a.warmup,
-                                        a.duration, a.max_tokens, server.pid if server else None))
+                                        a.duration, a.max_tokens, server.pid if server else None, a.endpoint))
         finally:
             if server is not None:
                 server.stop()
@@ -419,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     settings["loadavg_after"] = loadavg()
     settings["knowledge_base"] = cells[0]["knowledge_base"] if cells else None
     rows = ratios(cells)
-    print(f"\nmodel={a.model} retriever={a.retriever} knowledge base: {settings['knowledge_base']}; "
+    print(f"\nmodel={a.model} endpoint={ENDPOINTS[a.endpoint]} retriever={a.retriever} "
+          f"knowledge base: {settings['knowledge_base']}; "
           f"max_tokens={a.max_tokens} warm-up={a.warmup:g}s measured={a.duration:g}s rounds={a.rounds} "
           f"fresh server per cell: {a.url is None}; cpu_count={os.cpu_count()} "
           f"loadavg before={settings['loadavg_before']} after={settings['loadavg_after']}")

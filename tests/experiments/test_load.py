@@ -54,3 +54,25 @@ def test_load_json_schema(tmp_path, capsys):
     assert spec["accepted"] + spec["rollbacks"] <= spec["speculated_steps"]
     assert spec["acceptance"] == spec["accepted"] / spec["speculated_steps"]
     assert doc["ratios"][0]["clients"] == 1 and doc["ratios"][0]["req_per_s_ratio"] > 0
+
+
+def test_requests_for_each_endpoint():
+    path, body = load.request_for("chat", "m", "who wrote hamlet", 8, "speculative")
+    assert path == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "who wrote hamlet"}]
+    assert "prompt" not in body and body["ralm"] == {"speculate": True} and body["max_tokens"] == 8
+    path, body = load.request_for("completions", "m", "who wrote hamlet", 8, "naive")
+    assert path == "/v1/completions" and body["prompt"] == "who wrote hamlet" and body["ralm"] == {"speculate": False}
+
+
+def test_load_drives_the_chat_endpoint(tmp_path, smollm2_lm):
+    """A short run against the chat endpoint of the real instruct model (the one with a chat template)."""
+    out = tmp_path / "chat.json"
+    rc = load.main(["--model", "smollm2", "--endpoint", "chat", "--concurrency", "1", "--rounds", "1",
+                    "--duration", "4", "--warmup", "6", "--max-tokens", "4", "--n-questions", "8",
+                    "--json", str(out), "--", "--stride", "2"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["endpoint"] == "chat"
+    for c in doc["cells"]:
+        assert c["endpoint"] == "chat" and c["errors"] == 0 and c["warmup_errors"] == 0
+        assert c["requests"] + c["warmup_requests"] >= 1  # answered (a loaded machine may need the warm-up)
