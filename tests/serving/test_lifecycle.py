@@ -33,11 +33,21 @@ def test_health(server):
     assert body["active"] == 0 and body["queued"] == 0
 
 
+SPECULATION_COUNTERS = {"speculated": "ralmspec_speculated_steps_total", "accepted": "ralmspec_accepted_steps_total",
+                        "rollbacks": "ralmspec_rollbacks_total"}
+
+
 def test_metrics_prometheus_text(server):
+    """/metrics in Prometheus text; the speculation counters grow by exactly what the responses'
+    ``ralm.stats`` report (one fixed-stride request, built to speculate and, with a one-passage
+    prefetch, to roll back)."""
+    before = request("GET", f"{server.url}/metrics")[1]
+    answered = []
     for ralm in ({"speculate": True, "prefetch": 1, "os3": False}, {"speculate": False}):
-        status, _ = request("POST", f"{server.url}/v1/completions",
-                            {"model": MODEL, "prompt": "who painted the mona lisa", "max_tokens": 8, "ralm": ralm})
+        status, body = request("POST", f"{server.url}/v1/completions",
+                               {"model": MODEL, "prompt": "who painted the mona lisa", "max_tokens": 8, "ralm": ralm})
         assert status == 200
+        answered.append(body)
     request("POST", f"{server.url}/v1/completions", {"model": MODEL})  # one 400
     status, text = request("GET", f"{server.url}/metrics")
     assert status == 200 and isinstance(text, str)
@@ -47,9 +57,12 @@ def test_metrics_prometheus_text(server):
     assert _metric(text, "ralmspec_request_latency_seconds_bucket", mode="naive", le="+Inf") >= 1
     assert _metric(text, "ralmspec_completion_tokens_total", mode="naive") >= 8
     spec, acc = _metric(text, "ralmspec_speculated_steps_total"), _metric(text, "ralmspec_accepted_steps_total")
-    assert spec >= 1 and 0 <= acc <= spec
     assert _metric(text, "ralmspec_acceptance_rate") == pytest.approx(acc / spec)
-    assert _metric(text, "ralmspec_rollbacks_total") >= 0
+    stats = answered[0]["ralm"]["stats"]
+    assert stats["speculated"] >= 1 and stats["rollbacks"] >= 1, stats  # the case produces both
+    for key, name in SPECULATION_COUNTERS.items():
+        assert _metric(text, name) - _metric(before, name) == stats[key], name
+    assert _metric(text, "ralmspec_rollbacks_total") + acc <= spec  # a rollback rejects one speculated step
     assert _metric(text, "ralmspec_queue_depth") == 0 and _metric(text, "ralmspec_active_requests") == 0
     assert _metric(text, "ralmspec_kb_batch_queries_count") >= 2
     assert _metric(text, "ralmspec_lm_batch_size_count") >= 2
