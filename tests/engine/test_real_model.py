@@ -14,6 +14,7 @@ import pytest
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.prompt import PromptFormat
+from tests.identity import SpeculationCheck, engine_trace, forces_speculation
 
 N_QUESTIONS = 20
 TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "SmolLM", "assistant")
@@ -100,22 +101,22 @@ def settings(i: int) -> tuple[GenerationConfig, SpeculationConfig]:
 
 @pytest.mark.parametrize("kind", ["exact", "bm25"])
 def test_speculative_identical_to_naive_with_the_real_model(kind, engines, grounded):
+    """Every setting forces speculation (no naive fallback), so every answer longer than one
+    step speculates; the sweep rolls back."""
     engine = engines[kind]
-    seen = {"speculated": 0, "accepted": 0, "rollbacks": 0}
+    check = SpeculationCheck()
+    can_speculate = 0  # forced runs whose answer has a step after the first (verified) one
 
     async def go():
+        nonlocal can_speculate
         for i, item in enumerate(grounded):
             gen, spec = settings(i)
             engine.reset_caches()
             naive = await engine.generate(item.question, gen=gen, speculate=False)
             engine.reset_caches()
             res = await engine.generate(item.question, gen=gen, spec=spec, speculate=True)
-            assert res.token_ids == naive.token_ids, (kind, i, item.question, gen, spec)
-            assert [(s.start, s.end, s.doc_id) for s in res.steps] == \
-                   [(s.start, s.end, s.doc_id) for s in naive.steps], (kind, i)
-            for key in seen:
-                seen[key] += res.stats[key]
+            check.same(engine_trace(res), engine_trace(naive), res.stats, where=(kind, i, item.question, gen, spec))
+            can_speculate += forces_speculation(spec) and len(naive.steps) > 1
 
     asyncio.run(go())
-    assert seen["speculated"] > 0 and seen["accepted"] > 0
-    assert seen["rollbacks"] > 0, "no rollback: the sweep did not test the rollback path"
+    assert check.ran(min_speculated=can_speculate, min_rollbacks=1).accepted > 0

@@ -5,7 +5,8 @@ rollback regenerates a position from the prompt the naive loop builds there.
 A seeded grid over prompts, seeds, temperatures, top_p, strides, prefetch, cache capacity,
 OS^3, async verification and guessers (exact and BM25 knowledge bases), then the same through
 the multi-request scheduler with sampled and greedy requests batched together. The grid must
-roll back, or it would prove nothing about replayed draws.
+roll back, or it would prove nothing about replayed draws, and every setting that forces
+speculation must speculate (tests/identity.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
 from ralmspec.errors import ConfigError
+from tests.identity import SpeculationCheck, engine_trace, forces_speculation
 
 N_CASES = 16  # per knowledge base; each: one naive run and two speculative runs
 TEMPERATURES = (0.3, 0.8, 1.0, 1.7)
@@ -52,16 +54,12 @@ def case(rng: random.Random, i: int) -> tuple[GenerationConfig, list[Speculation
     return gen, specs
 
 
-def trace(res) -> tuple[list[int], list[tuple[int, int, int]]]:
-    """What must be identical: the tokens and which passage produced each span of them."""
-    return res.token_ids, [(s.start, s.end, s.doc_id) for s in res.steps]
-
-
 @pytest.mark.parametrize("kind", ["exact", "bm25"])
 def test_sampled_speculative_identical_to_sampled_naive(kind, small_indexes, tiny_lm, questions):
     engine = RalmEngine(tiny_lm, small_indexes[kind], EngineConfig())
     rng = random.Random(99)
-    seen = {"rollbacks": 0, "accepted": 0, "async": set(), "differs_from_greedy": 0, "seed_matters": 0}
+    check = SpeculationCheck()
+    seen = {"forced": 0, "async": set(), "differs_from_greedy": 0, "seed_matters": 0}
 
     async def go():
         for i, q in enumerate(questions):
@@ -70,9 +68,8 @@ def test_sampled_speculative_identical_to_sampled_naive(kind, small_indexes, tin
             assert len(naive.token_ids) == gen.max_new_tokens or naive.finish_reason == "eos"
             for spec in specs:
                 res = await engine.generate(q, gen=gen, spec=spec, speculate=True)
-                assert trace(res) == trace(naive), (kind, i, gen, spec)
-                seen["rollbacks"] += res.stats["rollbacks"]
-                seen["accepted"] += res.stats["accepted"]
+                check.same(engine_trace(res), engine_trace(naive), res.stats, where=(kind, i, gen, spec))
+                seen["forced"] += forces_speculation(spec)
                 seen["async"].add(spec.async_verify)
             if i < 3:  # the seed and the temperature matter (else the sweep tests greedy only)
                 greedy = await engine.generate(q, gen=replace(gen, temperature=0.0), speculate=False)
@@ -81,8 +78,8 @@ def test_sampled_speculative_identical_to_sampled_naive(kind, small_indexes, tin
                 seen["seed_matters"] += other.token_ids != naive.token_ids
 
     asyncio.run(go())
-    assert seen["rollbacks"] > 0, "no rollback: replayed draws are untested"
-    assert seen["accepted"] > 0
+    # every fixed-stride run speculates; a rollback replays draws
+    assert check.ran(min_speculated=seen["forced"], min_rollbacks=1).accepted > 0
     assert seen["async"] == {True, False}
     assert seen["differs_from_greedy"] >= 2 and seen["seed_matters"] >= 2, seen
 
@@ -90,48 +87,63 @@ def test_sampled_speculative_identical_to_sampled_naive(kind, small_indexes, tin
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(i=st.integers(0, N_CASES - 1), seed=st.integers(0, 2 ** 63 - 1), temperature=st.floats(0.05, 2.0),
        top_p=st.floats(0.05, 1.0), stride=st.integers(1, 5), prefetch=st.sampled_from(PREFETCH),
-       capacity=st.sampled_from(CAPACITY), os3=st.booleans(), async_verify=st.booleans())
+       capacity=st.sampled_from(CAPACITY), os3=st.booleans(), async_verify=st.booleans(),
+       naive_fallback=st.booleans())
 def test_property_sampled_speculative_equals_naive(small_indexes, tiny_lm, questions, i, seed, temperature, top_p,
-                                                   stride, prefetch, capacity, os3, async_verify):
+                                                   stride, prefetch, capacity, os3, async_verify, naive_fallback):
+    """Every example whose settings force speculation (fixed stride, or OS^3 without its naive
+    fallback) speculates at least one step; OS^3 with the fallback may take only verified steps
+    on this cheap knowledge base, and then checks the fallback path."""
     engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
     gen = GenerationConfig(stride=stride, query_len=8, max_new_tokens=8, passage_tokens=48,
                            temperature=temperature, top_p=top_p, seed=seed)
     spec = SpeculationConfig(prefetch=prefetch, cache_capacity=capacity, os3=os3, async_verify=async_verify,
-                             fixed_stride=2)
+                             fixed_stride=2, naive_fallback=naive_fallback)
 
     async def go():
         return (await engine.generate(questions[i], gen=gen, speculate=False),
                 await engine.generate(questions[i], gen=gen, spec=spec, speculate=True))
 
     naive, spec_res = asyncio.run(go())
-    assert trace(spec_res) == trace(naive)
+    check = SpeculationCheck()
+    check.same(engine_trace(spec_res), engine_trace(naive), spec_res.stats)
+    if forces_speculation(spec):
+        check.ran(min_speculated=1)
+    else:
+        check.ran(min_speculated=0, why="OS^3 with its naive fallback on the cheap small knowledge base")
 
 
 def test_sampled_and_greedy_requests_batched_together_equal_the_oracle(small_indexes, tiny_lm, questions):
     """Through the scheduler: sampled and greedy requests in flight at once share backend calls,
-    each with its own sampling settings, and each equals its naive run alone."""
+    each with its own sampling settings, and each equals its naive run alone. Half of the
+    speculative requests force speculation (no naive fallback) and must speculate; the others
+    run OS^3 with its fallback, which on this cheap knowledge base may take only verified steps."""
     engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
     qs = questions[:8]
     gens = [GenerationConfig(stride=2, query_len=8, max_new_tokens=10, passage_tokens=48,
                              temperature=(0.0, 0.8, 1.2, 0.8)[i % 4], top_p=(1.0, 0.9)[i % 2], seed=1000 + i % 3)
             for i in range(len(qs))]
-    specs = [SpeculationConfig(async_verify=bool(i % 2), prefetch=(1, 20)[i % 2], cache_capacity=4 + i)
+    specs = [SpeculationConfig(async_verify=bool(i % 2), prefetch=(1, 20)[i % 2], cache_capacity=4 + i,
+                               naive_fallback=i % 4 >= 2)
              for i in range(len(qs))]
+    speculative = [i % 3 != 0 for i in range(len(qs))]
 
     async def go():
         oracle = [await engine.generate(q, gen=g, speculate=False) for q, g in zip(qs, gens)]
         no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
         sched = Scheduler(engine, no_governor)
         try:
-            got = await asyncio.gather(*(sched.generate(q, gen=g, spec=s, speculate=i % 3 != 0)
+            got = await asyncio.gather(*(sched.generate(q, gen=g, spec=s, speculate=speculative[i])
                                          for i, (q, g, s) in enumerate(zip(qs, gens, specs))))
         finally:
             await sched.aclose()
         return oracle, got, sched.stats()
 
     oracle, got, stats = asyncio.run(go())
+    check = SpeculationCheck()
     for i, (a, b) in enumerate(zip(oracle, got)):
-        assert b.token_ids == a.token_ids, (i, gens[i])
+        check.same(engine_trace(b), engine_trace(a), b.stats, where=(i, gens[i]))
+    check.ran(min_speculated=sum(s and forces_speculation(sp) for s, sp in zip(speculative, specs)))
     assert stats["lm_batch_sizes"]["max"] > 1, "no LM call mixed requests"
 
 

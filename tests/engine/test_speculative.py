@@ -9,6 +9,7 @@ import pytest
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.errors import ConfigError, RetrievalError
+from tests.identity import SpeculationCheck
 
 GEN = GenerationConfig(stride=2, query_len=16, max_new_tokens=24, passage_tokens=64)
 QUESTIONS = ["who wrote the song hey jude", "when did the roman empire fall",
@@ -59,8 +60,10 @@ def test_slow_verification_keeps_rounds_in_flight_and_output_identical(engine):
         return out
 
     results = asyncio.run(go())
+    check = SpeculationCheck()
     for naive, res in results:
-        assert res.token_ids == naive.token_ids
+        check.same(res.token_ids, naive.token_ids, res.stats)
+    check.ran(min_speculated=len(results))  # fixed stride: every request speculates
     submits = [e for _, r in results for e in r.trace if e["kind"] == "submit"]
     assert submits and max(e["size"] for e in submits) <= 2
     assert max(e["inflight"] for e in submits) >= 2, "slow verification should overlap several rounds"
@@ -76,13 +79,19 @@ def test_naive_fallback_when_retrieval_is_cheap_keeps_tokens(engine):
                  await engine.generate(q, gen=GEN, spec=spec)) for q in QUESTIONS]
 
     results = asyncio.run(go())
-    assert all(res.token_ids == naive.token_ids for naive, res in results)
-    assert sum(res.stats["naive_steps"] for _, res in results) > 0
+    fallback = SpeculationCheck()
+    for naive, res in results:
+        fallback.same(res.token_ids, naive.token_ids, res.stats)
+    # this case is built NOT to speculate; the `off` run below is its forcing sibling
+    assert fallback.ran(min_speculated=0, why="checks OS^3's naive fallback on a cheap KB").verified_steps > 0
     probes = [e for _, r in results for e in r.trace if e["kind"] == "probe"]
     assert probes and all(isinstance(e["hit"], bool) for e in probes)
     off = SpeculationConfig(async_verify=False, os3=True, prefetch=20, naive_fallback=False)
     res = asyncio.run(engine.generate(QUESTIONS[0], gen=GEN, spec=off))
-    assert res.stats["naive_steps"] == 0 and res.token_ids == results[0][0].token_ids
+    forced = SpeculationCheck()
+    forced.same(res.token_ids, results[0][0].token_ids, res.stats)
+    forced.ran(min_speculated=1)
+    assert res.stats["naive_steps"] == 0
 
 
 def test_second_request_speculates_from_the_engines_cost_memory(engine):
@@ -104,7 +113,10 @@ def test_second_request_speculates_from_the_engines_cost_memory(engine):
         (naive1, first), (naive2, second) = asyncio.run(go())
     finally:
         engine.costs.clear()
-    assert first.token_ids == naive1.token_ids and second.token_ids == naive2.token_ids
+    check = SpeculationCheck()
+    check.same(first.token_ids, naive1.token_ids, first.stats)
+    check.same(second.token_ids, naive2.token_ids, second.stats)
+    check.ran(min_speculated=1)  # the second request speculated
     assert first.stats["naive_steps"] >= 1  # blind: it measured first
     assert second.stats["naive_steps"] == 0 and second.stats["rounds"] >= 1
     assert second.trace[1]["kind"] == "lm" and second.trace[2]["kind"] == "cache"  # a guess right after step 0
@@ -121,7 +133,9 @@ def test_slow_retrieval_keeps_speculating(engine):
                 await engine.generate(QUESTIONS[1], gen=GEN, spec=spec, search_client=slow))
 
     naive, res = asyncio.run(go())
-    assert res.token_ids == naive.token_ids
+    check = SpeculationCheck()
+    check.same(res.token_ids, naive.token_ids, res.stats)
+    check.ran(min_speculated=1)
     assert res.stats["rounds"] >= 1 and max(res.stats["strides"]) >= 2
 
 
@@ -137,7 +151,10 @@ def test_streamed_tokens_are_verified_prefixes_and_complete(engine):
 
     naive, res, chunks = asyncio.run(go())
     streamed = [t for c in chunks for t in c]
-    assert streamed == naive.token_ids == res.token_ids
+    assert streamed == res.token_ids
+    check = SpeculationCheck()
+    check.same(res.token_ids, naive.token_ids, res.stats)
+    check.ran(min_speculated=1, min_rollbacks=1)  # a 3-passage cache: streaming across rollbacks
 
 
 @pytest.mark.parametrize("async_verify", [False, True])
@@ -194,4 +211,6 @@ def test_verification_really_overlaps_decoding(small_indexes, tiny_lm):
     assert both, "no LM chunk ran while a verification was in flight"
     assert res.stats["overlap"] > 0.0
     naive = engine.generate_sync(QUESTIONS[0], gen=GEN, speculate=False)
-    assert res.token_ids == naive.token_ids
+    check = SpeculationCheck()
+    check.same(res.token_ids, naive.token_ids, res.stats)
+    check.ran(min_speculated=len(verify))

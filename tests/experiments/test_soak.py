@@ -1,5 +1,7 @@
 """experiments/soak.py end to end, shortened: tiny model, two clients (one streaming), 15 s in
-5-second rows, the answers re-checked against the naive loop, JSON and plot written."""
+5-second rows, the answers re-checked against the naive loop, JSON and plot written. The spawned
+server speculates whatever the load (fixed stride, no load governor), so the naive re-check is
+of speculative answers."""
 
 from __future__ import annotations
 
@@ -25,14 +27,15 @@ def test_soak_short_run(tmp_path):
     out, png = tmp_path / "soak.json", tmp_path / "soak.png"
     rc = soak.main(["--model", "tiny", "--clients", "2", "--minutes", "0.25", "--warmup-minutes", "0.05",
                     "--bucket", "5", "--sample", "2", "--verify", "4", "--max-tokens", "8",
-                    "--json", str(out), "--plot", str(png)])
+                    "--json", str(out), "--plot", str(png), "--", "--no-os3", "--no-load-governor"])
     assert rc == 0
     doc = json.loads(out.read_text())
     s = doc["summary"]
     assert s["errors"] == 0 and s["requests"] >= 2 and s["streamed_requests"] >= 1
     assert s["checked_questions"] >= 1 and s["checked_answers"] >= 1 and s["naive_mismatches"] == 0
     assert s["stream_prefix_violations"] == 0 and s["repeat_mismatches"] == 0
-    assert s["speculated_steps"] >= s["accepted_steps"] >= 0 and s["rollbacks"] >= 0
+    assert s["speculated_steps"] >= s["requests"], s  # every answer speculated (fixed stride, 8 tokens)
+    assert s["accepted_steps"] + s["rollbacks"] <= s["speculated_steps"]  # a rollback rejects one of them
     assert s["rss_start_mib"] > 0 and s["rss_growth_after_warmup"] is not None
     assert len(doc["minutes"]) >= 3 and sum(r["requests"] for r in doc["minutes"]) == s["requests"]
     assert doc["settings"]["clients"] == 2 and doc["settings"]["loadavg_before"] is not None

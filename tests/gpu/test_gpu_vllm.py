@@ -139,6 +139,7 @@ def test_engine_end_to_end_on_gpu(vllm_cuda, tmp_path_factory, small_corpus):
     from ralmspec.engine.core import RalmEngine
     from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
     from ralmspec.retrieval.dense import faiss_gpu_available
+    from tests.identity import SpeculationCheck
     from ralmspec.retrieval.index import build_index, open_retriever
 
     if not faiss_gpu_available():
@@ -150,7 +151,8 @@ def test_engine_end_to_end_on_gpu(vllm_cuda, tmp_path_factory, small_corpus):
     engine = RalmEngine(vllm_cuda, retriever, EngineConfig())
     questions = [q.question for q in default_questions()[100:116]]
     gen = GenerationConfig(stride=4, query_len=32, max_new_tokens=32, passage_tokens=256)
-    spec = SpeculationConfig(prefetch=20, os3=True, async_verify=True)
+    # OS^3 without its naive fallback: speculates whatever the GPU's costs say, so identity is tested
+    spec = SpeculationConfig(prefetch=20, os3=True, async_verify=True, naive_fallback=False)
 
     async def go():
         naive = [await engine.generate(q, gen=gen, speculate=False) for q in questions]
@@ -169,6 +171,10 @@ def test_engine_end_to_end_on_gpu(vllm_cuda, tmp_path_factory, small_corpus):
           f"16 concurrent==naive {len(questions) - len(bad_conc)}/{len(questions)}")
     assert not bad_one, f"speculative != naive on questions {bad_one} (vLLM cuda)"
     assert not bad_conc, f"concurrent speculative != naive on questions {bad_conc} (vLLM cuda, batched)"
+    check = SpeculationCheck()
+    for a, b in zip(naive + naive, one + conc):
+        check.same(b.token_ids, a.token_ids, b.stats)
+    check.ran(min_speculated=len(questions))
     retriever.close()
 
 

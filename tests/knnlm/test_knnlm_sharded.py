@@ -32,6 +32,7 @@ from ralmspec.knnlm.sharded import (
 from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
 from ralmspec.retrieval.ray_shards import RayShardConfig, ray_available
 from ralmspec.retrieval.sharded import contiguous_ranges
+from tests.identity import SpeculationCheck
 
 needs_ray = pytest.mark.skipif(not ray_available(), reason='ray is not installed (pip install -e ".[ray]")')
 KS = (1, 8, 32, 100)
@@ -234,9 +235,12 @@ def test_ray_shards_search_and_generate_like_the_whole_datastore(ray_cluster, ti
         knn = KNNLM(tiny_lm, sharded, KNNLMConfig(k=8, max_new_tokens=NEW_TOKENS))
         assert [knn.generate(p).tokens for p in prompts] == oracle
         for cfg in (SpeculativeKNNConfig(os3=False, fixed_stride=3),
-                    SpeculativeKNNConfig(async_verify=True)):
-            spec = SpeculativeKNNLM(knn, cfg)
-            assert [spec.generate(p).tokens for p in prompts] == oracle, cfg
+                    SpeculativeKNNConfig(async_verify=True, naive_fallback=False)):
+            spec, check = SpeculativeKNNLM(knn, cfg), SpeculationCheck()
+            for p, want in zip(prompts, oracle):
+                r = spec.generate(p)
+                check.same(r.tokens, want, r.stats, where=(p, cfg))
+            check.ran(min_speculated=len(prompts))  # both configs force speculation
     finally:
         sharded.close()
     assert time.perf_counter() - t0 < 60

@@ -33,6 +33,7 @@ from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
 from ralmspec.errors import ConfigError, LMError
 from ralmspec.retrieval.ray_shards import ray_available
+from tests.identity import SpeculationCheck
 
 REPLICA_THREADS = 1
 needs_ray = pytest.mark.skipif(not ray_available(), reason='ray is not installed (pip install -e ".[ray]")')
@@ -141,37 +142,46 @@ def test_bad_prompt_is_a_config_error_not_an_lm_error(replicas):
 
 @needs_ray
 def test_engine_over_replicas_speculative_equals_naive_and_in_process(replicas, tiny_lm, small_indexes, questions):
+    """OS^3 without its naive fallback, so every request speculates over the replicas."""
     engine = RalmEngine(replicas, small_indexes["exact"], EngineConfig())
     local = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
-    for i, q in enumerate(questions[:6]):
+    check, qs = SpeculationCheck(), questions[:6]
+    for i, q in enumerate(qs):
         g = GENS[i % 3]
         naive = engine.generate_sync(q, gen=g, speculate=False)
-        spec = engine.generate_sync(q, gen=g, speculate=True, spec=SpeculationConfig(prefetch=(1, 5)[i % 2]))
-        assert spec.token_ids == naive.token_ids, (i, q)
+        spec = engine.generate_sync(q, gen=g, speculate=True,
+                                    spec=SpeculationConfig(prefetch=(1, 5)[i % 2], naive_fallback=False))
+        check.same(spec.token_ids, naive.token_ids, spec.stats, where=(i, q))
         if i < 2:
             with torch_threads(REPLICA_THREADS):
                 assert local.generate_sync(q, gen=g, speculate=False).token_ids == naive.token_ids, (i, q)
+    check.ran(min_speculated=len(qs))
 
 
 @needs_ray
 def test_concurrent_requests_through_scheduler_equal_sequential_naive(replicas, small_indexes, questions):
+    """No load governor and OS^3 without its naive fallback: every speculative request speculates."""
     engine = RalmEngine(replicas, small_indexes["exact"], EngineConfig())
     qs = questions[:8]
+    speculative = [bool(i % 4) for i in range(len(qs))]
+    forced = SpeculationConfig(naive_fallback=False)
 
     async def go():
         oracle = [await engine.generate(q, gen=GENS[i % 3], speculate=False) for i, q in enumerate(qs)]
         no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
         sched = Scheduler(engine, no_governor)
         try:
-            results = await asyncio.gather(*(sched.generate(q, gen=GENS[i % 3], speculate=bool(i % 4))
+            results = await asyncio.gather(*(sched.generate(q, gen=GENS[i % 3], spec=forced, speculate=speculative[i])
                                              for i, q in enumerate(qs)))
         finally:
             await sched.aclose()
         return oracle, results, sched.stats()
 
     oracle, results, stats = asyncio.run(go())
+    check = SpeculationCheck()
     for i, (a, b) in enumerate(zip(oracle, results)):
-        assert b.token_ids == a.token_ids, (i, qs[i])
+        check.same(b.token_ids, a.token_ids, b.stats, where=(i, qs[i]))
+    check.ran(min_speculated=sum(speculative))
     assert stats["completed"] == len(qs) and stats["lm_batch_sizes"]["max"] > 1, stats
     assert not replicas._pins  # every request's session was released (and its pin forgotten)
 

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, http, request
+from tests.identity import SpeculationCheck
+from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, http, request
 
 QUESTIONS = ["who wrote the song hey jude", "when did the roman empire fall",
              "what is the tallest mountain in europe", "how many players are on a cricket team",
@@ -21,12 +22,35 @@ def oracle(engine, prompt: str, max_tokens: int, **gen_kw):
     return engine.generate_sync(prompt, gen=gen, speculate=False)
 
 
-@pytest.mark.parametrize("i,ralm", [
-    (0, None),
-    (1, {"speculate": False}),
-    (2, {"async_verify": False, "os3": False, "fixed_stride": 3, "prefetch": 1}),
-    (3, {"stride": 1, "query_len": 8, "retriever": "exact", "return_trace": True}),
-])
+@pytest.fixture(scope="module")
+def governor_off_server(serving_engine):
+    """The test server without its load governor: a request that forces speculation (``os3:
+    false``) speculates however busy the LM is, so the concurrency identity test can assert it."""
+    from ralmspec.engine.governor import GovernorConfig
+    from ralmspec.engine.scheduler import SchedulerConfig
+    from serving.app import ServerConfig, create_app
+
+    app = create_app(serving_engine, SchedulerConfig(max_concurrent=8, max_queue=16, request_timeout_s=120,
+                                                     governor=GovernorConfig(enabled=False)),
+                     server_config=ServerConfig(model_name=MODEL))
+    srv = ServerThread(app).start()
+    yield srv
+    srv.stop()
+
+
+# "defaults" and "stride1-trace" run the server's default OS^3 with its naive fallback: on this
+# cheap knowledge base it may take only verified steps, so they need not speculate; their
+# forcing siblings ("defaults-fixed-stride", "sync-fixed-stride") use a fixed stride and must.
+COMPLETION_CASES = {
+    "defaults": (0, None),
+    "defaults-fixed-stride": (0, {"os3": False}),
+    "naive": (1, {"speculate": False}),
+    "sync-fixed-stride": (2, {"async_verify": False, "os3": False, "fixed_stride": 3, "prefetch": 1}),
+    "stride1-trace": (3, {"stride": 1, "query_len": 8, "retriever": "exact", "return_trace": True}),
+}
+
+
+@pytest.mark.parametrize("i,ralm", COMPLETION_CASES.values(), ids=COMPLETION_CASES.keys())
 def test_openai_client_completion_equals_oracle(client, serving_engine, i, ralm):
     q = QUESTIONS[i]
     kw = {"extra_body": {"ralm": ralm}} if ralm else {}
@@ -46,9 +70,14 @@ def test_openai_client_completion_equals_oracle(client, serving_engine, i, ralm)
     assert [(p["doc_id"], p["start"], p["end"]) for p in extra["passages"]] == \
            [(s.doc_id, s.start, s.end) for s in want.steps]
     assert all(p["title"] == serving_engine.retriever.corpus[p["doc_id"]].title for p in extra["passages"])
-    if extra["mode"] == "speculative":
-        assert extra["stats"]["speculated"] >= extra["stats"]["accepted"]
     assert ("trace" in extra) == bool(ralm and ralm.get("return_trace"))
+    if extra["mode"] == "speculative":
+        check = SpeculationCheck()
+        check.same(choice.text, want.text, extra["stats"])
+        if ralm and ralm.get("os3") is False:
+            check.ran(min_speculated=1)
+        else:
+            check.ran(min_speculated=0, why="the default OS^3 may fall back to verified steps on a cheap KB")
 
 
 def test_prompt_as_list_of_one_string(server, serving_engine):
@@ -59,9 +88,10 @@ def test_prompt_as_list_of_one_string(server, serving_engine):
 
 
 def test_openai_client_streaming_sends_only_verified_tokens(client, serving_engine):
-    """Rolled-back speculation never reaches the client: the stream concatenates to the oracle."""
-    rollbacks = 0
-    for q in QUESTIONS[:4]:
+    """Rolled-back speculation never reaches the client: the stream concatenates to the oracle.
+    Fixed stride: every request speculates, and the stream crosses rollbacks."""
+    check, qs = SpeculationCheck(), QUESTIONS[:4]
+    for q in qs:
         want = oracle(serving_engine, q, 16)
         stream = client.completions.create(
             model=MODEL, prompt=q, max_tokens=16, stream=True, stream_options={"include_usage": True},
@@ -75,7 +105,7 @@ def test_openai_client_streaming_sends_only_verified_tokens(client, serving_engi
                     ralm = chunk.model_extra.get("ralm")
             if chunk.usage is not None:
                 usage = chunk.usage
-        assert "".join(texts) == want.text
+        check.same("".join(texts), want.text, ralm["stats"], where=q)
         got = ""
         for t in texts:  # every prefix the client saw is a prefix of the verified answer
             got += t
@@ -84,8 +114,7 @@ def test_openai_client_streaming_sends_only_verified_tokens(client, serving_engi
         assert finish == ("stop" if want.finish_reason == "eos" else "length")
         assert usage.completion_tokens == len(want.token_ids)
         assert [p["doc_id"] for p in ralm["passages"]] == [s.doc_id for s in want.steps]
-        rollbacks += ralm["stats"]["rollbacks"]
-    assert rollbacks > 0, "no rollback happened while streaming: the test proves nothing"
+    check.ran(min_speculated=len(qs), min_rollbacks=1)
 
 
 def test_raw_sse_format(server):
@@ -109,23 +138,37 @@ def test_raw_sse_format(server):
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
-def test_concurrent_http_requests_identical_to_oracle(server, serving_engine):
-    """16 concurrent HTTP clients (mixed speculative / naive, async on / off) == the oracle one by one."""
+@pytest.mark.parametrize("forced", [True, False], ids=["governor-off-fixed-stride", "defaults-need-not-speculate"])
+def test_concurrent_http_requests_identical_to_oracle(forced, server, governor_off_server, serving_engine):
+    """16 concurrent HTTP clients (mixed speculative / naive, async on / off) == the oracle one by one.
+
+    ``defaults-need-not-speculate``: the shared server as configured (load governor on) and the
+    requests' default OS^3 with its naive fallback: on this cheap knowledge base OS^3 may take
+    only verified steps and 16 clients may make the governor pause speculation, so whether it
+    speculates depends on timing. ``governor-off-fixed-stride`` is its forcing sibling: no
+    governor and a fixed stride, so every speculative request speculates."""
     n = 16
+    srv = governor_off_server if forced else server
     qs = [QUESTIONS[i % len(QUESTIONS)] + ("?" if i >= len(QUESTIONS) else "") for i in range(n)]
-    ralms = [{"speculate": i % 4 != 0, "async_verify": bool(i % 2), "prefetch": (1, 20)[i % 2]} for i in range(n)]
-    before = request("GET", f"{server.url}/v1/stats")[1]
+    ralms = [{"speculate": i % 4 != 0, "async_verify": bool(i % 2), "prefetch": (1, 20)[i % 2]}
+             | ({"os3": False} if forced else {}) for i in range(n)]
+    before = request("GET", f"{srv.url}/v1/stats")[1]
 
     async def go():
-        return await asyncio.gather(*(http("POST", f"{server.url}/v1/completions",
+        return await asyncio.gather(*(http("POST", f"{srv.url}/v1/completions",
                                            {"model": MODEL, "prompt": q, "max_tokens": 8, "ralm": r})
                                       for q, r in zip(qs, ralms)))
 
     out = asyncio.run(go())
-    after = request("GET", f"{server.url}/v1/stats")[1]
+    after = request("GET", f"{srv.url}/v1/stats")[1]
+    check = SpeculationCheck()
     for q, (status, body) in zip(qs, out):
         assert status == 200, body
-        assert body["choices"][0]["text"] == oracle(serving_engine, q, 8).text
+        check.same(body["choices"][0]["text"], oracle(serving_engine, q, 8).text, body["ralm"]["stats"], where=q)
+    if forced:
+        check.ran(min_speculated=sum(r["speculate"] for r in ralms))
+    else:
+        check.ran(min_speculated=0, why="default OS^3 on a cheap KB, load governor on: speculation depends on timing")
     new_lm = {int(k): v - before["lm_batch_sizes"]["counts"].get(k, 0)
               for k, v in after["lm_batch_sizes"]["counts"].items()}
     assert max(k for k, v in new_lm.items() if v > 0) > 1, "no LM batch spanned two requests"

@@ -33,11 +33,29 @@ def test_health(server):
     assert body["active"] == 0 and body["queued"] == 0
 
 
+def _count(text: str, name: str) -> float:
+    """An unlabelled counter's value; 0 while it has no sample yet (a fresh server)."""
+    assert f"# TYPE {name} counter" in text, name
+    return _metric(text, name) if re.search("^" + re.escape(name) + " ", text, re.M) else 0.0
+
+
+SPECULATION_COUNTERS = {"speculated": "ralmspec_speculated_steps_total", "accepted": "ralmspec_accepted_steps_total",
+                        "rollbacks": "ralmspec_rollbacks_total"}
+
+
 def test_metrics_prometheus_text(server):
-    for ralm in ({"speculate": True, "prefetch": 1, "os3": False}, {"speculate": False}):
-        status, _ = request("POST", f"{server.url}/v1/completions",
-                            {"model": MODEL, "prompt": "who painted the mona lisa", "max_tokens": 8, "ralm": ralm})
+    """/metrics in Prometheus text; the speculation counters grow by exactly what the responses'
+    ``ralm.stats`` report. The speculative request is built to speculate and to roll back: a
+    fixed stride, a one-passage prefetch and synchronous verification (so the same rounds every
+    run) on an answer whose passage changes inside a round."""
+    before = request("GET", f"{server.url}/metrics")[1]
+    answered = []
+    for ralm in ({"speculate": True, "prefetch": 1, "os3": False, "async_verify": False}, {"speculate": False}):
+        status, body = request("POST", f"{server.url}/v1/completions",
+                               {"model": MODEL, "prompt": "what is the tallest mountain in europe", "max_tokens": 12,
+                                "ralm": ralm})
         assert status == 200
+        answered.append(body)
     request("POST", f"{server.url}/v1/completions", {"model": MODEL})  # one 400
     status, text = request("GET", f"{server.url}/metrics")
     assert status == 200 and isinstance(text, str)
@@ -45,11 +63,14 @@ def test_metrics_prometheus_text(server):
     assert _metric(text, "ralmspec_http_requests_total", endpoint="/v1/completions", status="400") >= 1
     assert _metric(text, "ralmspec_request_latency_seconds_count", mode="speculative") >= 1
     assert _metric(text, "ralmspec_request_latency_seconds_bucket", mode="naive", le="+Inf") >= 1
-    assert _metric(text, "ralmspec_completion_tokens_total", mode="naive") >= 8
+    assert _metric(text, "ralmspec_completion_tokens_total", mode="naive") >= 12
     spec, acc = _metric(text, "ralmspec_speculated_steps_total"), _metric(text, "ralmspec_accepted_steps_total")
-    assert spec >= 1 and 0 <= acc <= spec
     assert _metric(text, "ralmspec_acceptance_rate") == pytest.approx(acc / spec)
-    assert _metric(text, "ralmspec_rollbacks_total") >= 0
+    stats = answered[0]["ralm"]["stats"]
+    assert stats["speculated"] >= 1 and stats["rollbacks"] >= 1, stats  # the case produces both
+    for key, name in SPECULATION_COUNTERS.items():
+        assert _count(text, name) - _count(before, name) == stats[key], name
+    assert _metric(text, "ralmspec_rollbacks_total") + acc <= spec  # a rollback rejects one speculated step
     assert _metric(text, "ralmspec_queue_depth") == 0 and _metric(text, "ralmspec_active_requests") == 0
     assert _metric(text, "ralmspec_kb_batch_queries_count") >= 2
     assert _metric(text, "ralmspec_lm_batch_size_count") >= 2

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from tests.identity import SpeculationCheck
 from tests.serving.support import MODEL, request
 
 PROMPT = "who wrote the song hey jude"
 
 
 def complete(client, speculate: bool | None = None, **kw):
+    """One completion; a fixed stride (``os3: false``), so a speculative one speculates."""
     ralm = {"prefetch": 1, "os3": False, "fixed_stride": 3} | ({} if speculate is None else {"speculate": speculate})
     return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, extra_body={"ralm": ralm}, **kw)
 
@@ -21,7 +23,11 @@ def test_seeded_sampling_is_reproducible_and_exact(client):
     b = complete(client, temperature=0.8, seed=7)
     spec_on = complete(client, speculate=True, temperature=0.8, seed=7)
     spec_off = complete(client, speculate=False, temperature=0.8, seed=7)
-    assert a.choices[0].text == b.choices[0].text == spec_on.choices[0].text == spec_off.choices[0].text
+    assert a.choices[0].text == b.choices[0].text
+    check = SpeculationCheck()
+    for res in (a, spec_on):
+        check.same(res.choices[0].text, spec_off.choices[0].text, res.model_extra["ralm"]["stats"])
+    check.ran(min_speculated=2)  # both speculative answers speculated
     assert spec_on.model_extra["ralm"]["mode"] == "speculative"
     assert spec_off.model_extra["ralm"]["mode"] == "naive"
     gen = a.model_extra["ralm"]["generation"]
@@ -39,7 +45,9 @@ def test_server_draws_a_seed_and_returns_it(client):
     seed = first.model_extra["ralm"]["generation"]["seed"]
     assert isinstance(seed, int) and 0 <= seed < 2 ** 53
     again = complete(client, speculate=False, temperature=1.0, seed=seed)
-    assert again.choices[0].text == first.choices[0].text
+    check = SpeculationCheck()
+    check.same(first.choices[0].text, again.choices[0].text, first.model_extra["ralm"]["stats"])
+    check.ran(min_speculated=1)
     other = complete(client, temperature=1.0)
     assert other.model_extra["ralm"]["generation"]["seed"] != seed
     assert complete(client, temperature=0).model_extra["ralm"]["generation"]["seed"] is None  # greedy: no seed

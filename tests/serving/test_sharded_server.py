@@ -31,6 +31,7 @@ from ralmspec.engine.scheduler import SchedulerConfig
 from ralmspec.retrieval.ray_shards import RayShardConfig, open_ray_sharded, ray_available
 from ralmspec.retrieval.shard_index import shard_index
 from serving.app import ServerConfig, create_app
+from tests.identity import SpeculationCheck
 from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, request
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,11 +77,20 @@ def _answer(body: dict) -> tuple:
             [(p["doc_id"], p["start"], p["end"]) for p in body["ralm"]["passages"]])
 
 
+# OS^3 without its naive fallback: speculates even on this cheap knowledge base
+FORCED = replace(TEST_ENGINE_CONFIG.speculation, naive_fallback=False)
+
+
 @needs_ray
 @pytest.mark.parametrize("i,ralm", [(0, None), (1, {"speculate": False}),
-                                    (2, {"async_verify": False, "prefetch": 1}), (3, {"stride": 1})])
+                                    (2, {"async_verify": False, "prefetch": 1, "os3": False}),
+                                    (3, {"stride": 1, "os3": False})],
+                         ids=["defaults", "naive", "sync-fixed-stride", "stride1-fixed-stride"])
 def test_completions_over_ray_shards_equal_the_single_process_server(i, ralm, sharded_server, server,
                                                                      serving_engine):
+    """Every case also runs the engine over the shards with speculation forced (``FORCED``);
+    the server's answers speculate where the request fixes the stride (the default OS^3 may
+    fall back to verified steps on this cheap knowledge base)."""
     srv, engine = sharded_server
     q = QUESTIONS[i]
     got, want = _complete(srv.url, q, 12, ralm), _complete(server.url, q, 12, ralm)
@@ -88,8 +98,15 @@ def test_completions_over_ray_shards_equal_the_single_process_server(i, ralm, sh
     assert got["ralm"]["retriever"] == "exact" and got["ralm"]["mode"] == want["ralm"]["mode"]
     gen = replace(TEST_ENGINE_CONFIG.generation, max_new_tokens=12, **({"stride": 1} if ralm and "stride" in ralm else {}))
     oracle = serving_engine.generate_sync(q, gen=gen, speculate=False)
-    mine = engine.generate_sync(q, gen=gen, speculate=True)
-    assert mine.token_ids == oracle.token_ids and mine.text == got["choices"][0]["text"]
+    mine = engine.generate_sync(q, gen=gen, spec=FORCED, speculate=True)
+    check = SpeculationCheck()
+    check.same(mine.token_ids, oracle.token_ids, mine.stats)
+    assert mine.text == got["choices"][0]["text"]
+    forced_requests = 0
+    if got["ralm"]["mode"] == "speculative":
+        check.same(got["choices"][0]["text"], oracle.text, got["ralm"]["stats"])
+        forced_requests = int(ralm is not None and ralm.get("os3") is False)
+    check.ran(min_speculated=1 + forced_requests)
 
 
 @needs_ray

@@ -1,0 +1,142 @@
+"""Speculative == naive, with proof that speculation ran (issue 24).
+
+A speculative run that never speculated (OS^3's naive fallback took every step, the server's
+load governor paused it, the answer ended before a second step) is the naive loop compared with
+itself: its token identity proves nothing. Every identity test therefore goes through a
+``SpeculationCheck``::
+
+    check = SpeculationCheck()
+    for ...:
+        check.same(spec.token_ids, naive.token_ids, spec.stats, where=(kind, i))
+    check.ran(min_speculated=len(questions), min_rollbacks=1)
+
+``same`` asserts the two outputs equal and adds the run's counters; ``ran`` asserts that at least
+``min_speculated`` steps were speculated (decided from the cache, then verified) and, where the
+case is built to produce them, at least ``min_rollbacks`` rollbacks. A configuration that
+legitimately never speculates says so by ``ran(min_speculated=0, why=...)`` and has a sibling
+case that forces speculation.
+
+Counters are read from whichever shape the run reports them in: the engine's
+``GenerationResult.stats`` dict, the server's ``ralm.stats`` JSON, or the kNN-LM's
+``SpeculativeStats``. A run without a ``speculated`` counter (a naive request in a mixed batch)
+is compared and counted as a naive run.
+
+With ``RALMSPEC_COUNT_SPECULATION=1`` every check's totals are recorded under the running test's
+id; ``tests/conftest.py`` prints them as a table at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+COUNT_ENV = "RALMSPEC_COUNT_SPECULATION"
+
+
+@dataclass
+class SpeculationTally:
+    """What the compared runs did. ``verified_steps``: steps a speculative run retrieved for real
+    without speculating (the first step, OS^3's naive fallback, the governor's paused steps)."""
+
+    runs: int = 0  # outputs compared with their naive oracle
+    speculative_runs: int = 0  # ... of which ran the speculative engine (they report `speculated`)
+    silent_runs: int = 0  # ... of which speculated no step at all
+    speculated: int = 0
+    accepted: int = 0
+    rollbacks: int = 0
+    verified_steps: int = 0
+
+    def add(self, other: "SpeculationTally") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def engine_trace(res: Any) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """What must be identical between two engine runs (``GenerationResult``): the tokens and
+    which passage produced each span of them."""
+    return res.token_ids, [(s.start, s.end, s.doc_id) for s in res.steps]
+
+
+def forces_speculation(spec: Any) -> bool:
+    """Whether a speculation config speculates after the first step whatever it measures: a fixed
+    stride (OS^3 off) or OS^3 without its naive fallback. Engine and kNN-LM configs alike."""
+    return getattr(spec, "enabled", True) and (not spec.os3 or not spec.naive_fallback)
+
+
+def _counter(stats: Any, name: str) -> int | None:
+    value = stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
+    return None if value is None else int(value)
+
+
+def tally_of(stats: Any) -> SpeculationTally:
+    """One run's counters from an engine stats dict, a server ``ralm.stats`` object or a kNN-LM
+    ``SpeculativeStats``."""
+    speculated = _counter(stats, "speculated")
+    if speculated is None:
+        return SpeculationTally(runs=1)
+    verified = sum(_counter(stats, k) or 0 for k in ("naive_steps", "paused_steps"))
+    return SpeculationTally(runs=1, speculative_runs=1, silent_runs=int(speculated == 0), speculated=speculated,
+                            accepted=_counter(stats, "accepted") or 0, rollbacks=_counter(stats, "rollbacks") or 0,
+                            verified_steps=verified)
+
+
+# test id -> the totals of its checks (filled only when COUNT_ENV is set)
+RECORDED: dict[str, SpeculationTally] = {}
+# test id -> the reason a check gave for not requiring speculation
+EXEMPT: dict[str, str] = {}
+
+
+def _current_test() -> str:
+    return os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+
+
+class SpeculationCheck:
+    """Token identity of speculative runs with their naive oracle, plus how much they speculated."""
+
+    def __init__(self) -> None:
+        self.tally = SpeculationTally()
+
+    def same(self, speculative: Any, naive: Any, stats: Any, where: Any = None) -> None:
+        """Assert ``speculative == naive`` (tokens, or any comparable trace of a run) and count
+        ``stats``, the speculative run's counters."""
+        assert speculative == naive, f"speculative != naive at {where!r}:\n  {speculative!r}\n  {naive!r}"
+        one = tally_of(stats)
+        self.tally.add(one)
+        if os.environ.get(COUNT_ENV) == "1":
+            RECORDED.setdefault(_current_test(), SpeculationTally()).add(one)
+
+    def ran(self, min_speculated: int = 1, min_rollbacks: int = 0, why: str | None = None) -> SpeculationTally:
+        """Assert the compared runs speculated at least ``min_speculated`` steps and rolled back at
+        least ``min_rollbacks`` times; ``min_speculated=0`` needs ``why`` (the test's reason)."""
+        t = self.tally
+        assert t.runs > 0, "no speculative run was compared with the naive loop"
+        if min_speculated == 0:
+            assert why, "a check that does not require speculation must say why (and have a forcing sibling)"
+            if os.environ.get(COUNT_ENV) == "1":
+                EXEMPT[_current_test()] = why
+        assert t.speculated >= min_speculated, (
+            f"only {t.speculated} speculated steps (need >= {min_speculated}) over {t.speculative_runs} speculative "
+            f"runs ({t.silent_runs} speculated nothing, {t.verified_steps} verified steps): identity was "
+            "checked mostly naive against naive")
+        assert t.rollbacks >= min_rollbacks, (
+            f"only {t.rollbacks} rollbacks (need >= {min_rollbacks}) over {t.speculated} speculated steps: "
+            "the rollback path was not exercised")
+        assert t.accepted + t.rollbacks <= t.speculated, t  # each rolled-back round rejected one speculated step
+        return t
+
+
+def summary_lines() -> list[str]:
+    """The recorded checks as a table, one row per test (``RALMSPEC_COUNT_SPECULATION=1``)."""
+    if not RECORDED:
+        return ["no speculative == naive check ran"]
+    width = max(len(k) for k in RECORDED)
+    head = f"{'test':<{width}} {'runs':>5} {'spec':>5} {'silent':>6} {'speculated':>10} {'accepted':>8} " \
+           f"{'rollbacks':>9} {'verified':>8}"
+    lines = [head, "-" * len(head)]
+    for test, t in sorted(RECORDED.items()):
+        lines.append(f"{test:<{width}} {t.runs:>5} {t.speculative_runs:>5} {t.silent_runs:>6} {t.speculated:>10} "
+                     f"{t.accepted:>8} {t.rollbacks:>9} {t.verified_steps:>8}")
+    for test, why in sorted(EXEMPT.items()):
+        lines.append(f"a check with min_speculated=0 in {test}: {why}")
+    return lines
