@@ -352,12 +352,12 @@ class HFLanguageModel(LanguageModel):
                 self.runner.free(entry.kv)
 
     def close(self) -> None:
-        """Drop every session's KV state."""
+        """Drop every session's KV state and the runner's buffers (a static runner's slots and
+        CUDA graphs are allocated again on next use)."""
         with self._lock:
-            for entry in self._sessions.values():
-                self.runner.free(entry.kv)
             self._sessions.clear()
             self._cached_bytes = 0
+            self.runner.close()
 
     @property
     def cached_sessions(self) -> int:
@@ -447,7 +447,7 @@ class HFLanguageModel(LanguageModel):
         entry = self._sessions.pop(session, None) if session is not None else None
         if entry is not None:
             self._cached_bytes -= entry.nbytes
-        kv, reuse = None, 0
+        reuse = 0
         if entry is not None and entry.threads == torch.get_num_threads():
             lcp = 0
             for a, b in zip(entry.ids, prompt):

@@ -56,9 +56,6 @@ class KVRunner(abc.ABC):
         """Give ``kv`` back (a slot to the pool); the eager handle is just dropped."""
 
     @abc.abstractmethod
-    def length(self, kv: Any) -> int: ...
-
-    @abc.abstractmethod
     def nbytes(self, kv: Any) -> int: ...
 
     def croppable(self, kv: Any) -> bool:
@@ -74,6 +71,19 @@ class KVRunner(abc.ABC):
 
     @abc.abstractmethod
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]: ...
+
+    def decode_on_host(self, kv: Any, first_logits: torch.Tensor, n: int,
+                       pick: Callable[[torch.Tensor, int], int], stop_ids: frozenset[int]) -> DecodeChunk:
+        """``decode`` with every token chosen on the host by ``pick(logits, i)``: one
+        ``step_logits`` (and one host sync) per token, stopping right after a stop token."""
+        tok = pick(first_logits, 0)
+        new, steps = [tok], 0
+        while len(new) < n and tok not in stop_ids:
+            kv, logits = self.step_logits(kv, tok)
+            steps += 1
+            tok = pick(logits, len(new))
+            new.append(tok)
+        return DecodeChunk(tokens=new, steps=steps)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Drop every buffer."""
@@ -111,9 +121,6 @@ class EagerRunner(KVRunner):
             raise AssertionError(f"cannot crop a cache of {cur} positions to {keep}")
         return kv
 
-    def length(self, kv: Any) -> int:
-        return 0 if kv is None else kv.get_seq_length()
-
     def nbytes(self, kv: Any) -> int:
         return _cache_nbytes(kv)
 
@@ -142,14 +149,7 @@ class EagerRunner(KVRunner):
         if pick is None:  # the greedy path, unchanged bit for bit
             def pick(row: torch.Tensor, _i: int) -> int:
                 return int(torch.argmax(row).item())
-        tok = pick(first_logits, 0)
-        new, steps = [tok], 0
-        while len(new) < n and tok not in stop_ids:
-            kv, logits = self.step_logits(kv, tok)
-            steps += 1
-            tok = pick(logits, len(new))
-            new.append(tok)
-        return DecodeChunk(tokens=new, steps=steps)
+        return self.decode_on_host(kv, first_logits, n, pick, stop_ids)
 
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]:
         x = torch.tensor([[int(token)]], dtype=torch.long, device=self.device)

@@ -212,9 +212,6 @@ class StaticRunner(KVRunner):
             kv.length = 0
             self._free.append(kv.index)
 
-    def length(self, kv: Slot | None) -> int:
-        return 0 if kv is None else kv.length
-
     def nbytes(self, kv: Slot | None) -> int:
         return 0 if kv is None else self.slot_bytes
 
@@ -240,12 +237,11 @@ class StaticRunner(KVRunner):
         """Tokens ``0..n-1`` after the prompt whose last logits are ``first_logits``; ``pick``
         None means greedy on the device, else a host draw per token (one sync each)."""
         if pick is not None:
-            return self._decode_host(kv, first_logits, n, pick, stop_ids)
+            return self.decode_on_host(kv, first_logits, n, pick, stop_ids)
         d = self.decoder
         out = torch.empty(n, dtype=torch.long, device=d.device)
         nxt = torch.argmax(first_logits)
         out[0] = nxt
-        got: list[int] = []
         steps, i = 0, 1
         while True:
             stop_at = min(n, i + self.decode_sync_every)
@@ -267,17 +263,6 @@ class StaticRunner(KVRunner):
         """The logits after feeding ``token`` at position ``kv.length`` (a copy: a graph's output
         buffer is overwritten by its next replay)."""
         return kv, self._step_logits(kv, torch.tensor(int(token), device=self.decoder.device)).clone()
-
-    def _decode_host(self, kv: Slot, logits: torch.Tensor, n: int,
-                     pick: Callable[[torch.Tensor, int], int], stop_ids: frozenset[int]) -> DecodeChunk:
-        tok = pick(logits, 0)
-        new, steps = [tok], 0
-        while len(new) < n and tok not in stop_ids:
-            _, logits = self.step_logits(kv, tok)
-            steps += 1
-            tok = pick(logits, len(new))
-            new.append(tok)
-        return DecodeChunk(tokens=new, steps=steps)
 
     def _step(self, kv: Slot, tok: torch.Tensor) -> torch.Tensor:
         """Feed ``tok`` (a 0-d device tensor) at position ``kv.length``; the argmax next token."""
