@@ -87,8 +87,7 @@ class RalmEngine:
         question = conversation.question if conversation is not None else prompt
         ctx = self.context(gen, lm_client, search_client, may_speculate, conversation)
         if ctx.gen.logprobs is not None and not self.lm.supports_logprobs:  # refused before any work
-            raise ConfigError(f"logprobs: the {type(self.lm).__name__} backend cannot score tokens "
-                              "(logprobs need the hf backend)")
+            raise self.lm.no_logprobs_error()
         if speculate is None:
             speculate = spec.enabled
         if not retrieval:

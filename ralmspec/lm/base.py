@@ -86,8 +86,12 @@ class LanguageModel(abc.ABC):
     def token_logprobs(self, prompt: Sequence[int], tokens: Sequence[int], top_k: int,
                        session: Hashable | None = None) -> list[TokenLogprob]:
         """Score ``tokens`` generated after ``prompt`` (module contract); this default refuses."""
-        raise ConfigError(f"logprobs: the {type(self).__name__} backend cannot score tokens "
-                          "(logprobs need the hf backend)")
+        raise self.no_logprobs_error()
+
+    def no_logprobs_error(self) -> ConfigError:
+        """The refusal of ``logprobs`` by a backend without ``supports_logprobs`` (HTTP 400)."""
+        return ConfigError(f"logprobs: the {type(self).__name__} backend cannot score tokens "
+                           "(logprobs need the hf backend)")
 
     def release(self, session: Hashable) -> None:  # noqa: B027 - optional hook
         """Forget the KV state of ``session``."""
