@@ -142,7 +142,7 @@ class ShardActorBase:
         import socket
 
         return {"kind": self.shard.kind, "start": self.shard.range.start, "stop": self.shard.range.stop,
-                "pid": os.getpid(), "host": socket.gethostname()}
+                "pid": os.getpid(), "host": socket.gethostname(), "pad": int(getattr(self.shard, "pad", 0))}
 
     def search(self, payloads: Any, k: int) -> Any:
         if self.latency_s:

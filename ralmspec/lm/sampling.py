@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-# The draw rule's parameters (``Sampling``) and their validation live with the configs
-# (``ralmspec.config``): ``GenerationConfig`` builds them. Importable from here as well.
-from ralmspec.config import MAX_TEMPERATURE, SEED_LIMIT, Sampling, check_sampling_args  # noqa: F401
+# The draw rule's parameters (``Sampling``) and their validation (``check_sampling_args``, the
+# bounds MAX_TEMPERATURE / SEED_LIMIT) live with the configs: ``GenerationConfig`` builds them.
+from ralmspec.config import Sampling
 
 DRAWN_SEED_LIMIT = 2 ** 53  # a drawn seed survives a JSON round trip through a double
 
