@@ -72,13 +72,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="experiments/results/knnlm")
     args = p.parse_args(argv)
 
-    from ralmspec.knnlm.cli import _set_threads, bench_prompts, machine_info, run_bench
+    from ralmspec.knnlm.cli import bench_prompts, machine_info, run_bench
+    from ralmspec.threads import set_threads
     from ralmspec.knnlm.datastore import load_datastore
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
     from ralmspec.knnlm.speculative import SpeculativeKNNConfig
     from ralmspec.lm.models import load_lm
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     source = load_datastore(args.source)
     work = Path(args.work) if args.work else Path(args.source).resolve().parent / "derived"
     work.mkdir(parents=True, exist_ok=True)

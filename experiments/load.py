@@ -148,7 +148,8 @@ def load_workload(spec: str, n: int) -> list[str]:
 # --------------------------------------------------------------------------- one cell
 
 
-def _pct(xs: list[float], p: float) -> float | None:
+def percentile(xs: list[float], p: float) -> float | None:
+    """The ``p``-th percentile of ``xs`` (nearest rank), None when empty."""
     if not xs:
         return None
     xs = sorted(xs)
@@ -262,7 +263,7 @@ async def run_cell(url: str, model: str, questions: list[str], mode: str, client
         # clients: all N admitted together finish together); this estimate is not.
         "req_per_s_little": clients / statistics.fmean(lat) if lat else None,
         "mean_s": statistics.fmean(lat) if lat else None,
-        "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95), "p99_s": _pct(lat, 99),
+        "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "p99_s": percentile(lat, 99),
         "acceptance": accepted / speculated if speculated else None,
         # what the window's speculative requests speculated (0: they all ran as the naive loop)
         "speculated_steps": speculated, "accepted": accepted,

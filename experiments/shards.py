@@ -35,6 +35,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -143,15 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         scan_rate(a.n, a.dim)
         return 0
 
-    from ralmspec.cli import set_threads
+    from ralmspec.cluster import RayCluster, RayShardConfig
     from ralmspec.config import RetrievalConfig
     from ralmspec.data.loaders import default_corpus, grounded_questions
     from ralmspec.retrieval.emulated import PaddedCostRetriever, build_pad_index, emulated_label
     from ralmspec.retrieval.encoder import QueryEncoder
     from ralmspec.retrieval.index import ensure_default_index, load_retriever
-    from ralmspec.retrieval.ray_shards import RayCluster, RayShardConfig, open_ray_sharded
+    from ralmspec.retrieval.ray_shards import open_ray_sharded
     from ralmspec.retrieval.shard_index import ensure_sharded_index
     from ralmspec.retrieval.index import EMBEDDED_SOURCE
+    from ralmspec.threads import set_threads
 
     set_threads(1)
     cfg = RetrievalConfig(kind="exact")
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(measure("real 3,832, 1 Ray shard (no pad)", r.search_sync, queries, a.k, a.batch,
                                     a.clients, a.seconds / 2))
                 r.close()
-            r = open_ray_sharded(d, cfg, RayShardConfig(emulate_pad=a.pad, start_timeout_s=600), encoder)
+            r = open_ray_sharded(d, replace(cfg, emulate_pad=a.pad), RayShardConfig(start_timeout_s=600), encoder)
             rows.append(measure(f"EMULATED, {s} Ray shard{'s' if s > 1 else ''}", r.search_sync, queries, a.k,
                                 a.batch, a.clients, a.seconds))
             r.close()

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.load import MIB, Server, _pct, load_workload, loadavg, rss_bytes  # noqa: E402
+from experiments.load import MIB, Server, load_workload, loadavg, percentile, rss_bytes  # noqa: E402
 
 
 async def _one(s: Any, url: str, body: dict, stream: bool) -> tuple[str, dict, list[str]]:
@@ -87,7 +87,7 @@ def minute_table(done: list[dict], errors: list[tuple[float, str]], rss: list[tu
         lat = [d["latency_s"] for d in done if lo <= d["t"] < hi]
         r = [b for t, b in rss if t < hi]
         rows.append({"minute": m + 1, "requests": len(lat), "errors": sum(1 for t, _ in errors if lo <= t < hi),
-                     "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95), "p99_s": _pct(lat, 99),
+                     "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "p99_s": percentile(lat, 99),
                      "rss_mib": round(r[-1] / MIB, 1) if r else None})
     return rows
 
@@ -222,7 +222,7 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
             "requests": len(done), "errors": len(errors), "error_kinds": sorted({k for _, k in errors}),
             "soak_s": round(soak_s, 1), "requests_after_warmup": len(measured),
             "req_per_s_after_warmup": len(measured) / max(1e-9, soak_s - 60.0 * a.warmup_minutes),
-            "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95), "p99_s": _pct(lat, 99),
+            "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "p99_s": percentile(lat, 99),
             "streamed_requests": sum(1 for d in done if d["stream"]),
             "stream_prefix_violations": len(prefix_violations),
             "checked_questions": len(naive), "checked_answers": sum(1 for d in done if d["question"] in naive),

@@ -29,11 +29,10 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ralmspec.cli import set_threads
     from ralmspec.config import EngineConfig, GenerationConfig, RetrievalConfig
     from ralmspec.data.loaders import grounded_questions
     from ralmspec.engine.core import build_engine
-    from ralmspec.retrieval.emulated import emulate_larger_knowledge_base
+    from ralmspec.threads import set_threads
     from experiments.plots import plot_timeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -56,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --question must be in [0, {len(questions) - 1}]", file=sys.stderr)
         return 2
     set_threads(a.threads or None)
-    cfg = EngineConfig(model=a.model, retrieval=RetrievalConfig(kind=a.retriever),
+    cfg = EngineConfig(model=a.model, retrieval=RetrievalConfig(kind=a.retriever, emulate_pad=a.emulate_pad),
                        generation=GenerationConfig(max_new_tokens=a.max_new_tokens))
-    engine = build_engine(cfg, show_progress=False)
-    engine.retriever = emulate_larger_knowledge_base(engine.retriever, a.emulate_pad, a.retriever)
+    engine = build_engine(cfg, show_progress=False)  # EMULATED with --emulate-pad (retrieval/open.py)
     q = questions[a.question].question
 
     async def go():

@@ -24,6 +24,7 @@ from ralmspec.answers import answer_match
 from ralmspec.config import GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.result import GenerationResult
+from ralmspec.report import identity_phrase
 
 # The paper's ablation ladder (Table 2): speculation with fixed stride 3 and no prefetch, then
 # one technique at a time, then all of them.
@@ -215,15 +216,3 @@ def identity_line(s: BenchSummary) -> str:
     plainly when K is 0 (speculation never ran, so the check was the naive loop against itself)."""
     return f"{s.variant}: " + identity_phrase(s.n - len(s.mismatched_questions), s.n, "requests", s.speculated_steps,
                                               s.verified_steps, s.accepted, s.rollbacks)
-
-
-def identity_phrase(same: int, n: int, items: str, speculated: int, verified: int, accepted: int,
-                    rollbacks: int, unit: str = "steps") -> str:
-    """"``same``/``n`` ``items`` identical to the naive loop over K speculated ``unit``", with the
-    counts behind it; with K = 0 it says that speculation never ran instead."""
-    head = f"{same}/{n} {items} identical to the naive loop"
-    if speculated == 0:
-        return (f"{head} over 0 speculated {unit}: speculation never ran (all {verified} {unit} were "
-                f"retrieved for real), so this compared the naive loop with itself")
-    return (f"{head} over {speculated} speculated {unit} (accepted {accepted}, rollbacks {rollbacks}; "
-            f"{verified} {unit} retrieved for real)")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ralmspec.errors import ConfigError
-from ralmspec.lm.sampling import Sampling, check_sampling_args
 
 RETRIEVER_KINDS = ("exact", "hnsw", "ivf", "bm25")
 PROMPT_FORMATS = ("auto", "chat", "plain")
@@ -14,6 +15,46 @@ GUESSERS = ("exact", "last", "refine", "static", "bm25")  # speculation/guess.py
 # run of the same question retrieved (acceptance 1 at no guessing cost: the ceiling of any guesser)
 BOUND_GUESSERS = ("oracle",)
 MAX_TOP_LOGPROBS = 20  # alternatives per token the engine reports (the HTTP API allows 5, as OpenAI)
+MAX_TEMPERATURE = 2.0
+SEED_LIMIT = 2 ** 63  # seeds are non-negative integers below this (fits an int64)
+
+
+def check_sampling_args(temperature: Any, top_p: Any, seed: Any) -> None:
+    """``ConfigError`` naming the first invalid value (temperature in [0, 2], top_p in (0, 1],
+    seed ``None`` or an integer in [0, 2**63))."""
+    num = (int, float)
+    if isinstance(temperature, bool) or not isinstance(temperature, num) or not math.isfinite(temperature) \
+            or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] "
+                          f"(0 = greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, num) or not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one prompt's continuation is decoded (the draw rule: ``ralmspec.lm.sampling``): its
+    parameters and the absolute position (index in the generated answer) of the first new token; token ``i`` of the
+    continuation is drawn at position ``start + i``."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.temperature, self.top_p, self.seed)
+        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
+            raise ConfigError(f"sampling start position must be an integer >= 0, got {self.start!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def at(self, start: int) -> Sampling:
+        return replace(self, start=start)
 
 
 @dataclass(frozen=True)
@@ -32,10 +73,18 @@ class RetrievalConfig:
     ivf_nlist: int = 64
     ivf_nprobe: int = 8
     rescore_margin: int = 16  # extra candidates re-scored exactly so search == score
+    # EMULATED larger exact knowledge base (retrieval/emulated.py, --emulate-pad N): the real
+    # index's answers plus the real cost of a flat scan over this many synthetic vectors per
+    # search; applied by the opener (retrieval/open.py), split over the shards on Ray
+    emulate_pad: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in RETRIEVER_KINDS:
             raise ConfigError(f"unknown retriever {self.kind!r}; choose one of {', '.join(RETRIEVER_KINDS)}")
+        if isinstance(self.emulate_pad, bool) or not isinstance(self.emulate_pad, int) or self.emulate_pad < 0:
+            raise ConfigError(f"--emulate-pad must be >= 0, got {self.emulate_pad!r}")
+        if self.emulate_pad and self.kind != "exact":
+            raise ConfigError("--emulate-pad emulates an exact flat index: use it with --retriever exact")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.encoder_device is not None and self.encoder_device not in ("cpu", "cuda") \

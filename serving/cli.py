@@ -27,7 +27,7 @@ from ralmspec.errors import ConfigError
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``serve`` sub-command (called by ``ralmspec.cli.build_parser``)."""
-    from ralmspec.cli import add_emulate_pad_arg, add_engine_args
+    from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/retrieve, /metrics)")
     h = p.add_argument_group("server")
@@ -92,16 +92,15 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _build_app(a: argparse.Namespace):
-    from ralmspec.cli import engine_config_from_args
+    from ralmspec.cli_options import engine_config_from_args
     from ralmspec.engine.governor import GovernorConfig
     from ralmspec.engine.scheduler import SchedulerConfig
+    from ralmspec.threads import set_threads
     from serving.app import ServerConfig, create_app
 
-    cfg = engine_config_from_args(a)
+    cfg = engine_config_from_args(a)  # checks --emulate-pad (>= 0, exact only)
     if a.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {a.threads}")
-    from ralmspec.cli import set_threads
-
     set_threads(a.threads or None)
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
@@ -116,9 +115,6 @@ def _build_app(a: argparse.Namespace):
                                                     kb_fixed_share_at=a.governor_kb_fixed_share_at))
     if a.search_concurrency < 1:
         raise ConfigError("--search-concurrency must be >= 1")
-    from ralmspec.retrieval.emulated import check_emulate_pad
-
-    check_emulate_pad(a.emulate_pad, cfg.retrieval.kind)
     t = time.perf_counter()
     if a.lm_replicas is not None and a.lm_replicas < 1:
         raise ConfigError("--lm-replicas must be >= 1")
@@ -181,26 +177,17 @@ def _load_lm(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
 
 
 def _open_local_knowledge_base(a: argparse.Namespace, cfg: Any, sharded: bool) -> tuple[Any, str]:
-    """The knowledge base this server searches itself: one index in this process, or (with
-    --shards / --ray-address) a sharded index whose shards are Ray actors."""
+    """The knowledge base this server searches itself (``retrieval.open.open_knowledge_base``): one
+    index in this process (EMULATED with --emulate-pad), or (with --shards / --ray-address) a
+    sharded index whose shards are Ray actors."""
+    from ralmspec.cluster import RayShardConfig
+    from ralmspec.retrieval.open import open_knowledge_base
+
     if not sharded:
-        from ralmspec.retrieval.emulated import emulate_larger_knowledge_base
-        from ralmspec.retrieval.index import open_retriever
-
-        retriever = open_retriever(cfg.retrieval, corpus_path=a.corpus, show_progress=True)
-        try:
-            retriever = emulate_larger_knowledge_base(retriever, a.emulate_pad, cfg.retrieval.kind, log=_log)
-        except BaseException:
-            retriever.close()
-            raise
-        return retriever, "local"
-    if a.shards is not None and a.shards < 1:
-        raise ConfigError("--shards must be >= 1")
-    from ralmspec.retrieval.ray_shards import RayShardConfig, open_ray_knowledge_base
-
+        return open_knowledge_base(cfg.retrieval, a.corpus, show_progress=True, log=_log), "local"
     ray_cfg = RayShardConfig(address=a.ray_address, num_cpus=a.ray_cpus, threads=a.shard_threads,
                              actor_cpus=a.shard_cpus, call_timeout_s=a.retrieval_timeout)
-    retriever = open_ray_knowledge_base(cfg.retrieval, a.shards, ray_cfg, corpus_path=a.corpus)
+    retriever = open_knowledge_base(cfg.retrieval, a.corpus, ray=ray_cfg, shards=a.shards)
     return retriever, f"{retriever.n_shards}-shard Ray ({'joined ' + a.ray_address if a.ray_address else 'local'})"
 
 

@@ -11,10 +11,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.config import MAX_TEMPERATURE, SEED_LIMIT, EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.prompt import Conversation
 from ralmspec.errors import ConfigError
-from ralmspec.lm.sampling import MAX_TEMPERATURE, SEED_LIMIT
 
 
 class APIError(Exception):

@@ -111,7 +111,7 @@ def embedded_indexes(tmp_path_factory, encoder):
 def ray_cluster():
     """A local Ray cluster on 127.0.0.1 for one test module (2 CPUs, no dashboard), shut down
     after it; skipped, with the install command, when ray is not installed."""
-    from ralmspec.retrieval.ray_shards import RayCluster, RayShardConfig, ray_available
+    from ralmspec.cluster import RayCluster, RayShardConfig, ray_available
 
     if not ray_available():
         pytest.skip('ray is not installed (pip install -e ".[ray]")')

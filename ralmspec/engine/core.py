@@ -119,11 +119,16 @@ class RalmEngine:
 
 
 def build_engine(config: EngineConfig, corpus_path: str | None = None, show_progress: bool = True) -> RalmEngine:
-    """Load the LM and the knowledge base named by ``config`` (builds the default index if missing)."""
+    """Load the LM and the knowledge base named by ``config`` (``retrieval.open.open_knowledge_base``:
+    encoder, folder, shards and EMULATED pad are settled there; builds the default index if missing)."""
     from ralmspec.lm.loader import load_language_model
-    from ralmspec.retrieval.index import open_retriever
+    from ralmspec.retrieval.open import open_knowledge_base
 
-    retriever = open_retriever(config.retrieval, corpus_path=corpus_path, show_progress=show_progress)
-    lm = load_language_model(config.model, backend=config.lm_backend, device=config.lm_device,
-                             dtype=config.lm_dtype, runner=config.lm_runner)
+    retriever = open_knowledge_base(config.retrieval, corpus_path, show_progress=show_progress)
+    try:
+        lm = load_language_model(config.model, backend=config.lm_backend, device=config.lm_device,
+                                 dtype=config.lm_dtype, runner=config.lm_runner)
+    except BaseException:
+        retriever.close()
+        raise
     return RalmEngine(lm, retriever, config)

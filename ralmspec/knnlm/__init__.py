@@ -2,6 +2,8 @@
 
 - :mod:`ralmspec.knnlm.datastore`: build / load the datastore (keys = the LM's final hidden
   state, values = next token ids, in corpus order) and its canonical, batch-invariant k-NN search.
+- :mod:`ralmspec.knnlm.open`: open a datastore folder, whole, sharded in this process or on Ray
+  (:mod:`ralmspec.knnlm.sharded`).
 - :mod:`ralmspec.knnlm.model`: the naive kNN-LM greedy decoder (the oracle).
 - :mod:`ralmspec.knnlm.speculative`: speculative kNN-LM (locality cache + batched verification),
   token-identical to the naive decoder.

@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ralmspec.cli import set_threads as _set_threads
 from ralmspec.errors import ConfigError, RalmSpecError
+from ralmspec.threads import set_threads
 
 # ------------------------------------------------------------------ shared options
 
@@ -98,23 +98,18 @@ def _check_shards(shards: int | None) -> None:
 
 
 def _open_datastore(args: argparse.Namespace):
-    """The datastore of --datastore: whole, sharded in this process, or sharded on Ray (--shards /
-    --ray-address)."""
-    from ralmspec.knnlm.datastore import load_datastore
-    from ralmspec.knnlm.sharded import is_sharded_datastore, open_ray_sharded_datastore, open_sharded_datastore
+    """The datastore of --datastore (``knnlm.open.open_datastore``): whole, sharded in this
+    process, or sharded on Ray (--shards / --ray-address)."""
+    from ralmspec.cluster import RayShardConfig
+    from ralmspec.knnlm.open import open_datastore
 
-    search = dict(nprobe=args.nprobe, ef_search=args.ef_search, gemm_min_batch=getattr(args, "gemm_min_batch", None))
     shards, ray_address = getattr(args, "shards", None), getattr(args, "ray_address", None)
-    _check_shards(shards)
+    ray_cfg = None
     if shards is not None or ray_address:
-        from ralmspec.retrieval.ray_shards import RayShardConfig
-
         ray_cfg = RayShardConfig(address=ray_address, num_cpus=args.ray_cpus, threads=args.shard_threads,
                                  actor_cpus=args.shard_cpus)
-        return open_ray_sharded_datastore(args.datastore, ray_cfg, shards=shards, **search)
-    if is_sharded_datastore(args.datastore):
-        return open_sharded_datastore(args.datastore, **search)
-    return load_datastore(args.datastore, **search)
+    return open_datastore(args.datastore, ray=ray_cfg, shards=shards, nprobe=args.nprobe, ef_search=args.ef_search,
+                          gemm_min_batch=getattr(args, "gemm_min_batch", None))
 
 
 @contextlib.contextmanager
@@ -141,7 +136,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from ralmspec.knnlm.datastore import DatastoreBuildConfig, build_datastore
     from ralmspec.lm.models import load_lm
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     _check_shards(args.shards)
     if args.from_datastore:  # split an existing whole datastore (knnlm/sharded.py)
         if args.shards is None:
@@ -206,7 +201,7 @@ def _split(src: str | os.PathLike, args: argparse.Namespace, t0: float) -> int:
 def cmd_reindex(args: argparse.Namespace) -> int:
     from ralmspec.knnlm.datastore import DatastoreBuildConfig, reindex_datastore
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     cfg = DatastoreBuildConfig(index=args.index, ivf_nlist=args.nlist, ivf_nprobe=args.nprobe, pq_m=args.pq_m,
                                hnsw_m=args.hnsw_m, hnsw_ef_construction=args.ef_construction,
                                hnsw_ef_search=args.ef_search, max_tokens=args.max_tokens)
@@ -223,7 +218,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ralmspec.knnlm.speculative import SpeculativeKNNLM
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     with _open(args) as (knn, _):
         if args.no_speculate:
             res = knn.generate(args.prompt)
@@ -364,9 +359,9 @@ def machine_info() -> dict:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from ralmspec.bench import identity_phrase
+    from ralmspec.report import identity_phrase
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     spec_cfg = _speculative_config(args)
     with _open(args) as (knn, ds):
         prompts = bench_prompts(knn.lm, args.prompts, args.n, args.prompt_tokens)
@@ -445,7 +440,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ralmspec.knnlm.perplexity import PerplexityConfig, evaluate_perplexity
     from ralmspec.lm.models import load_lm
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     docs = _documents(args.text, args.max_documents)
     ds = _open_datastore(args)
     try:

@@ -211,7 +211,7 @@ def window_plan(entries: int, window: int, stride: int) -> Iterator[tuple[int, i
         yield max(0, b1 - window), b0, b1
 
 
-def _trunk(model: Any) -> Any:
+def lm_trunk(model: Any) -> Any:
     """The transformer without its LM head (``GPT2LMHeadModel.transformer``)."""
     trunk = getattr(model, "base_model", None)
     if trunk is None or trunk is model:
@@ -401,7 +401,9 @@ class Datastore(DatastoreLayout):
 # -------------------------------------------------------------------- build
 
 
-def _make_index(kind: str, keys32: np.ndarray, cfg: DatastoreBuildConfig) -> tuple[Any, dict]:
+def make_faiss_index(kind: str, keys32: np.ndarray, cfg: DatastoreBuildConfig) -> tuple[Any, dict]:
+    """A ``kind`` (flat / ivf / hnsw) FAISS L2 index over the float32 keys, with its manifest
+    ``index`` info. Shared by the build and the sharding of a datastore (an HNSW shard's graph)."""
     import faiss
 
     n, d = keys32.shape
@@ -437,7 +439,9 @@ def _make_index(kind: str, keys32: np.ndarray, cfg: DatastoreBuildConfig) -> tup
     return index, info
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """ConfigError unless ``out_dir`` may receive a datastore: absent, empty, or (``overwrite``) a
+    datastore already."""
     if out_dir.exists():
         if not out_dir.is_dir():
             raise ConfigError(f"datastore output {str(out_dir)!r} exists and is not a folder")
@@ -467,9 +471,9 @@ def build_datastore(lm: Any, documents: Sequence[str] | Sequence[Any], out_dir: 
 
     cfg = config or DatastoreBuildConfig()
     out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite)
     model = lm.model
-    trunk = _trunk(model)
+    trunk = lm_trunk(model)
     d = hidden_size(model)
     max_ctx = int(getattr(lm, "max_context", cfg.window))
     if cfg.window > max_ctx:
@@ -536,7 +540,7 @@ def build_datastore(lm: Any, documents: Sequence[str] | Sequence[Any], out_dir: 
 
         t0 = time.perf_counter()
         keys32 = np.ascontiguousarray(np.asarray(keys, dtype=np.float32))
-        index, index_info = _make_index(cfg.index, keys32, cfg)
+        index, index_info = make_faiss_index(cfg.index, keys32, cfg)
         if cfg.index != "flat":
             import faiss
 
@@ -586,7 +590,7 @@ def reindex_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, config
     """
     s = load_datastore(src)
     out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     n = s.n if config.max_tokens is None else min(s.n, config.max_tokens)
     tmp = Path(tempfile.mkdtemp(prefix=".knnlm-reindex-", dir=str(out.parent)))
@@ -608,7 +612,7 @@ def reindex_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, config
             np.save(tmp / "doc_offsets.npy", np.append(offs, n).astype(np.int64))
         t0 = time.perf_counter()
         keys32 = np.ascontiguousarray(np.asarray(s.keys[:n], dtype=np.float32))
-        index, info = _make_index(config.index, keys32, config)
+        index, info = make_faiss_index(config.index, keys32, config)
         del keys32
         if config.index != "flat":
             import faiss
@@ -633,7 +637,32 @@ def reindex_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, config
 
 # -------------------------------------------------------------------- load
 
-_REQUIRED = ("manifest.json", "keys.npy", "values.npy", "doc_offsets.npy")
+MANIFEST = "manifest.json"
+_REQUIRED = (MANIFEST, "keys.npy", "values.npy", "doc_offsets.npy")
+
+
+def read_datastore_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the datastore folder ``path`` (whole or sharded), else ConfigError."""
+    where = str(Path(path) / MANIFEST)
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {where!r}: {exc}") from exc
+    if not isinstance(m, dict):
+        raise ConfigError(f"{where!r} is not a datastore manifest")
+    return m
+
+
+def is_sharded_datastore(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a sharded datastore (a manifest with ``"shards"``,
+    ``ralmspec.knnlm.sharded``)."""
+    p = Path(path)
+    if not (p / MANIFEST).is_file():
+        return False
+    try:
+        return bool(read_datastore_manifest(p).get("shards"))
+    except ConfigError:
+        return False
 
 
 def search_params(manifest: dict, *, nprobe: int | None = None, ef_search: int | None = None,
@@ -684,12 +713,9 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
     if not p.is_dir():
         raise IndexNotFoundError(f"kNN-LM datastore {str(p)!r} not found; build one with "
                                  "`ralmspec knnlm build --out DIR`")
-    if not (p / "keys.npy").exists():
-        from ralmspec.knnlm.sharded import is_sharded_datastore
-
-        if is_sharded_datastore(p):
-            raise ConfigError(f"{str(p)!r} is a sharded kNN-LM datastore; open it with "
-                              "ralmspec.knnlm.sharded.open_sharded_datastore (CLI: --shards N for Ray shards)")
+    if not (p / "keys.npy").exists() and is_sharded_datastore(p):
+        raise ConfigError(f"{str(p)!r} is a sharded kNN-LM datastore; open it with "
+                          "ralmspec.knnlm.open.open_datastore (CLI: --shards N for Ray shards)")
     missing = [f for f in _REQUIRED if not (p / f).is_file()]
     if missing:
         raise IndexNotFoundError(f"kNN-LM datastore {str(p)!r} is incomplete (missing {', '.join(missing)}); "
@@ -735,6 +761,7 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
 
 
 __all__ = ["Datastore", "DatastoreLayout", "DatastoreBuildConfig", "SearchParams", "build_datastore", "load_datastore",
+           "read_datastore_manifest", "is_sharded_datastore", "make_faiss_index", "prepare_out_dir", "lm_trunk",
            "reindex_datastore", "check_queries", "search_params", "window_plan", "exact_twin",
            "corpus_documents", "squared_l2", "rank_entries", "hidden_size", "KEY_LAYER", "INDEX_KINDS",
            "FAISS_CHUNK"]

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ralmspec.errors import ConfigError
-from ralmspec.knnlm.datastore import Datastore, _trunk, hidden_size
+from ralmspec.knnlm.datastore import Datastore, hidden_size, lm_trunk
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class IncrementalDecoder:
 
     def __init__(self, model: Any):
         self.model = model
-        self.trunk = _trunk(model)
+        self.trunk = lm_trunk(model)
         self.head = model.get_output_embeddings()
         params = inspect.signature(self.trunk.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"

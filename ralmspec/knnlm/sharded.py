@@ -38,7 +38,7 @@ Exactness
   caller's order: the speculation cache ranks with the numbers ``search`` reports.
 
 Faults: a Ray shard that dies or times out fails the whole call with ``RetrievalError`` naming
-it (never a partial merge); Ray restarts it and the next call waits for it (``ray_shards``).
+it (never a partial merge); Ray restarts it and the next call waits for it (``ralmspec.cluster``).
 """
 
 from __future__ import annotations
@@ -54,39 +54,18 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from ralmspec.cluster import RayCluster, RayShardConfig, RayShardGroup, ShardActorBase, import_ray
 from ralmspec.errors import ConfigError, IndexNotFoundError
 from ralmspec.knnlm.datastore import (
-    Datastore, DatastoreBuildConfig, DatastoreLayout, SearchParams, _make_index, _prepare_out_dir, check_queries,
-    load_datastore, rank_entries, search_params,
+    MANIFEST, Datastore, DatastoreBuildConfig, DatastoreLayout, SearchParams, check_queries, is_sharded_datastore,
+    load_datastore, make_faiss_index, prepare_out_dir, rank_entries, read_datastore_manifest, search_params,
 )
-from ralmspec.retrieval.index import _link_or_copy
-from ralmspec.retrieval.ray_shards import RayCluster, RayShardConfig, RayShardGroup, ShardActor, import_ray
+from ralmspec.paths import link_or_copy
+from ralmspec.retrieval.shard_index import ivf_list_of_ids
 from ralmspec.retrieval.sharded import ShardRange, check_ranges, contiguous_ranges, route_ids
 
-MANIFEST = "manifest.json"
 ROUTER_FILES = ("values.npy", "doc_offsets.npy")  # the whole datastore's, kept by the caller
 _COPY_ROWS = 65536
-
-
-def _read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        m = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {str(Path(path) / MANIFEST)!r}: {exc}") from exc
-    if not isinstance(m, dict):
-        raise ConfigError(f"{str(Path(path) / MANIFEST)!r} is not a datastore manifest")
-    return m
-
-
-def is_sharded_datastore(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a sharded datastore (a manifest with ``"shards"``)."""
-    p = Path(path)
-    if not (p / MANIFEST).is_file():
-        return False
-    try:
-        return bool(_read_manifest(p).get("shards"))
-    except ConfigError:
-        return False
 
 
 # ---------------------------------------------------------------------------------- split
@@ -122,7 +101,7 @@ def _shard_index(kind: str, part32: np.ndarray, r: ShardRange, whole_ivf: Any, l
     cfg = DatastoreBuildConfig(index="hnsw", hnsw_m=int(info.get("m", 32)),
                                hnsw_ef_construction=int(info.get("ef_construction", 64)),
                                hnsw_ef_search=int(info.get("ef_search", 64)))
-    return _make_index("hnsw", part32, cfg)[0]
+    return make_faiss_index("hnsw", part32, cfg)[0]
 
 
 def shard_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, shards: int, *,
@@ -130,8 +109,6 @@ def shard_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, shards: 
     """Split the (unsharded) datastore at ``src`` into ``shards`` contiguous entry-id ranges of
     near-equal size at ``out_dir`` (written aside and moved into place). Returns ``out_dir``."""
     import faiss
-
-    from ralmspec.retrieval.shard_index import ivf_list_of_ids
 
     src_p = Path(src)
     if is_sharded_datastore(src_p):
@@ -141,7 +118,7 @@ def shard_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, shards: 
         raise ConfigError(f"cannot cut a datastore of {s.n} entries into {shards} non-empty shards")
     ranges = contiguous_ranges(s.n, shards)
     out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite)
     kind = s.index_kind
     whole_ivf = lists = None
     if kind == "ivf":
@@ -151,7 +128,7 @@ def shard_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, shards: 
     t0 = time.perf_counter()
     with _staged(out) as tmp:
         for name in ROUTER_FILES:
-            _link_or_copy(str(src_p / name), str(tmp / name))
+            link_or_copy(str(src_p / name), str(tmp / name))
         entries = []
         for i, r in enumerate(ranges):
             d = tmp / f"shard-{i:03d}"
@@ -252,9 +229,9 @@ class LocalDatastoreShards:
         self.shards = []
 
 
-class DatastoreShardActor(ShardActor):
-    """The body of one datastore shard actor: ``ShardActor``'s ``info`` / ``search`` (threads,
-    EMULATED latency) over a :class:`DatastoreShard`, plus the per-entry lookups."""
+class DatastoreShardActor(ShardActorBase):
+    """The body of one datastore shard actor: ``cluster.ShardActorBase``'s ``info`` / ``search``
+    (threads, EMULATED latency) over a :class:`DatastoreShard`, plus the per-entry lookups."""
 
     def __init__(self, shard_dir: str, threads: int, latency_s: float = 0.0,
                  overrides: dict[str, Any] | None = None):
@@ -270,7 +247,7 @@ class DatastoreShardActor(ShardActor):
 
 
 class RayDatastoreShards(RayShardGroup):
-    """One Ray actor per datastore shard (``ray_shards.RayShardGroup``: start, restart, errors)."""
+    """One Ray actor per datastore shard (``cluster.RayShardGroup``: start, restart, errors)."""
 
     what = "kNN-LM datastore shard"
 
@@ -360,7 +337,7 @@ def _open_manifest(path: str | os.PathLike, shards: int | None) -> tuple[Path, d
             raise ConfigError(f"{str(p)!r} is not a sharded datastore; split it with: ralmspec knnlm build "
                               f"--shards {shards or 'N'} --from-datastore {p} --out DIR")
         raise IndexNotFoundError(f"{str(p)!r} is not a kNN-LM datastore (no {MANIFEST})")
-    m = _read_manifest(p)
+    m = read_datastore_manifest(p)
     try:
         ranges = tuple(ShardRange(int(s["start"]), int(s["stop"])) for s in m["shards"])
     except (KeyError, TypeError, ValueError) as exc:

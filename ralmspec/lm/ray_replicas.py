@@ -43,6 +43,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
+from ralmspec.cluster import RAY_INSTALL_HINT, RayCluster, RayShardConfig, get_results, ray_available, wait_restarted
 from ralmspec.errors import ConfigError, LMError, ModelLoadError, RalmSpecError
 from ralmspec.lm.base import LanguageModel, sampled
 from ralmspec.lm.sampling import Sampling
@@ -123,8 +124,6 @@ class RayLMReplicas(LanguageModel):
     def __init__(self, name: str, backend: str = "hf", device: str = "cpu", dtype: str = "float32",
                  config: RayLMConfig | None = None, cluster: Any | None = None, *,
                  ray_address: str | None = None, ray_cpus: int = 2):
-        from ralmspec.retrieval.ray_shards import RAY_INSTALL_HINT, RayCluster, RayShardConfig, ray_available
-
         if not ray_available():
             raise ConfigError(f"LM replicas run on Ray, which is not installed here: {RAY_INSTALL_HINT} "
                               "(or serve without --lm-replicas)")
@@ -272,14 +271,10 @@ class RayLMReplicas(LanguageModel):
     def _get_all(self, refs: list[Any], replicas: Sequence[int], what: str, timeout_s: float) -> list[Any]:
         """Every result in order, or the first failure: ``LMError`` naming the replica (a backend
         ``RalmSpecError`` such as ``ConfigError`` for a bad prompt is re-raised as it is)."""
-        from ralmspec.retrieval.ray_shards import get_results
-
         return get_results(self.ray, refs, replicas, what, timeout_s, self._restarting, self._lock,
                            LMError, "LM replica", passthrough=(RalmSpecError,))
 
     def _wait_restarted(self, replicas: Sequence[int]) -> None:
         """Wait until the replicas last seen dead answer again (``LMError`` past ``start_timeout_s``)."""
-        from ralmspec.retrieval.ray_shards import wait_restarted
-
         wait_restarted(self.ray, self.actors, replicas, self._restarting, self._lock,
                        self.config.start_timeout_s, LMError, "LM replica")

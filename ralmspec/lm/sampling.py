@@ -26,61 +26,21 @@ position ``p`` from the same prompt replays exactly the draw the naive loop make
 
 from __future__ import annotations
 
-import math
 import secrets
-from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from ralmspec.errors import ConfigError
+# The draw rule's parameters (``Sampling``) and their validation (``check_sampling_args``, the
+# bounds MAX_TEMPERATURE / SEED_LIMIT) live with the configs: ``GenerationConfig`` builds them.
+from ralmspec.config import Sampling
 
-MAX_TEMPERATURE = 2.0
-SEED_LIMIT = 2 ** 63  # seeds are non-negative integers below this (fits an int64)
 DRAWN_SEED_LIMIT = 2 ** 53  # a drawn seed survives a JSON round trip through a double
-
-
-def check_sampling_args(temperature: Any, top_p: Any, seed: Any) -> None:
-    """``ConfigError`` naming the first invalid value (temperature in [0, 2], top_p in (0, 1],
-    seed ``None`` or an integer in [0, 2**63))."""
-    num = (int, float)
-    if isinstance(temperature, bool) or not isinstance(temperature, num) or not math.isfinite(temperature) \
-            or not 0.0 <= temperature <= MAX_TEMPERATURE:
-        raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] "
-                          f"(0 = greedy), got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, num) or not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
-        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
 def draw_seed() -> int:
     """A fresh random seed (below 2**53, so JSON clients that read numbers as doubles keep it)."""
     return secrets.randbelow(DRAWN_SEED_LIMIT)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one prompt's continuation is decoded: the draw rule's parameters and the absolute
-    position (index in the generated answer) of the first new token; token ``i`` of the
-    continuation is drawn at position ``start + i``."""
-
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
-    start: int = 0
-
-    def __post_init__(self) -> None:
-        check_sampling_args(self.temperature, self.top_p, self.seed)
-        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
-            raise ConfigError(f"sampling start position must be an integer >= 0, got {self.start!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def at(self, start: int) -> Sampling:
-        return replace(self, start=start)
 
 
 def gumbel_noise(seed: int, position: int, size: int) -> np.ndarray:

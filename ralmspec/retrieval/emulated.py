@@ -111,20 +111,11 @@ class PaddedCostRetriever(Retriever):
         self.inner.close()
 
 
-def check_emulate_pad(pad: int, kind: str) -> None:
-    """Validate ``--emulate-pad N`` for a ``kind`` knowledge base, before anything is loaded."""
-    if pad < 0:
-        raise ConfigError(f"--emulate-pad must be >= 0, got {pad}")
-    if pad and kind != "exact":
-        raise ConfigError("--emulate-pad emulates an exact flat index: use it with --retriever exact")
-
-
-def emulate_larger_knowledge_base(retriever: Retriever, pad: int, kind: str, seed: int = 0,
-                                  log=None) -> Retriever:
-    """``--emulate-pad N`` of ``ralmspec bench`` and ``ralmspec serve``: ``retriever`` itself for
-    N = 0, else the EMULATED larger exact knowledge base (``PaddedCostRetriever`` over N synthetic
-    vectors; labelled by its ``label``)."""
-    check_emulate_pad(pad, kind)
+def emulate_larger_knowledge_base(retriever: Retriever, pad: int, seed: int = 0, log=None) -> Retriever:
+    """``retriever`` itself for ``pad`` = 0, else the EMULATED larger exact knowledge base
+    (``PaddedCostRetriever`` over ``pad`` synthetic vectors; labelled by its ``label``). The
+    knowledge-base opener (``retrieval/open.py``) applies ``RetrievalConfig.emulate_pad`` with it;
+    the config has checked the pad (>= 0, exact only)."""
     if not pad:
         return retriever
     if log is not None:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ralmspec.config import RetrievalConfig
 from ralmspec.errors import ConfigError, ModelLoadError
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -169,3 +170,24 @@ class QueryEncoder:
     def cache_info(self) -> dict[str, int]:
         with self._lock:
             return {"size": len(self._cache), "capacity": self._cache_size, "hits": self.hits, "misses": self.misses}
+
+
+def encoder_device(config: RetrievalConfig) -> str:
+    """Where the dense query encoder of ``config`` runs: ``config.encoder_device`` if set, else
+    cuda when the index searches on cuda and CUDA is there, else cpu. The one rule; the knowledge
+    base opener (``retrieval.open``) applies it once, before any index is opened."""
+    if config.encoder_device is not None:
+        return config.encoder_device
+    if config.device == "cuda":
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:  # pragma: no cover
+            pass
+    return "cpu"
+
+
+def encoder_for(config: RetrievalConfig) -> QueryEncoder:
+    """A query encoder on ``encoder_device(config)``."""
+    return QueryEncoder(device=encoder_device(config))

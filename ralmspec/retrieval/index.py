@@ -1,4 +1,5 @@
-"""Build, save and load knowledge-base indexes; the factory that gives the engine a Retriever.
+"""Build, save and load whole knowledge-base indexes (``retrieval.open`` opens a knowledge base:
+whole or sharded, in this process or on Ray, EMULATED or not).
 
 An index directory holds
 
@@ -42,10 +43,10 @@ from ralmspec.config import RETRIEVER_KINDS, RetrievalConfig
 from ralmspec.data.corpus import Corpus
 from ralmspec.data.loaders import corpus_sha256, default_corpus, load_corpus, save_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
-from ralmspec.paths import ralmspec_home
+from ralmspec.paths import link_or_copy, ralmspec_home
 from ralmspec.retrieval.base import Retriever
-from ralmspec.retrieval.dense import DENSE_KINDS, DenseRetriever, build_faiss_index
-from ralmspec.retrieval.encoder import QueryEncoder
+from ralmspec.retrieval.dense import DenseRetriever, build_faiss_index
+from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
 from ralmspec.retrieval.sparse import BM25Retriever, build_bm25
 
 MANIFEST = "manifest.json"
@@ -88,6 +89,11 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def is_sharded(manifest: dict[str, Any]) -> bool:
+    """True for the manifest of a sharded index (``shard_index.py``)."""
+    return bool(manifest.get("shards"))
 
 
 def _files_for(kind: str) -> list[str]:
@@ -180,13 +186,6 @@ def _shipped_embeddings(corpus_hash: str, encoder: QueryEncoder, n: int) -> np.n
     return np.ascontiguousarray(wide.astype(np.float32))
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig,
                 encoder: QueryEncoder | None = None, show_progress: bool = True,
                 corpus_source: str | None = None) -> str:
@@ -227,7 +226,7 @@ def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig
             reuse = _find_reusable_embeddings(parent, corpus_hash, encoder, len(corpus))
             shipped = None if reuse is not None else _shipped_embeddings(corpus_hash, encoder, len(corpus))
             if reuse is not None:
-                _link_or_copy(reuse, emb_path)
+                link_or_copy(reuse, emb_path)
             elif shipped is not None:
                 np.save(emb_path, shipped)
                 reuse = "shipped with ralmspec (float16)"
@@ -281,35 +280,21 @@ def _move_into_place(tmp: str, out_dir: str) -> None:
         os.rename(tmp, out_dir)
 
 
-def _default_encoder(config: RetrievalConfig) -> QueryEncoder:
-    if config.encoder_device is not None:
-        return QueryEncoder(device=config.encoder_device)
-    device = "cpu"
-    if config.device == "cuda":
-        try:
-            import torch
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:  # pragma: no cover
-            pass
-    return QueryEncoder(device=device)
-
-
 def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncoder | None = None) -> Retriever:
-    """Open the index at ``index_dir`` with the search parameters of ``config``.
+    """Open the whole (unsharded) index at ``index_dir`` with the search parameters of ``config``.
 
     Raises IndexNotFoundError (with the build command) if it is missing or incomplete, and
-    ConfigError if it is not a ``config.kind`` index or the encoder does not match it.
-    A sharded index (``shard_index.py``) opens as a ``ShardedRetriever`` with every shard in
-    this process (``ray_shards.py`` puts them in Ray actors instead).
+    ConfigError if it is not a ``config.kind`` index, the encoder does not match it, or it is a
+    sharded index (``retrieval.open.open_index`` opens either kind of folder).
     Build parameters come from the manifest; efSearch / nprobe / device / rescore_margin from
-    ``config``. The returned retriever has ``index_dir`` (absolute) set.
+    ``config``; ``encoder`` None: ``encoder_for(config)``. The returned retriever has
+    ``index_dir`` (absolute) set.
     """
     index_dir = os.path.abspath(os.fspath(index_dir))
     m = read_manifest(index_dir, config.kind)
-    if m.get("shards"):  # a sharded index (shard_index.py), served in this process
-        from ralmspec.retrieval.shard_index import open_sharded_local
-
-        return open_sharded_local(index_dir, config, encoder)
+    if is_sharded(m):
+        raise ConfigError(f"{index_dir} is a sharded index; open it with ralmspec.retrieval.open.open_index "
+                          "(in this process) or serve it with --shards N (Ray)")
     if m["kind"] != config.kind:
         raise ConfigError(f"the index at {index_dir} is a {m['kind']!r} index but the retriever is "
                           f"{config.kind!r}; use --retriever {m['kind']} or build a {config.kind} index "
@@ -322,7 +307,7 @@ def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncode
     if m["kind"] == "bm25":
         r = BM25Retriever(corpus, os.path.join(index_dir, BM25_DIR), stemmer=(m.get("params") or {}).get("stemmer"))
     else:
-        encoder = encoder if encoder is not None else _default_encoder(config)
+        encoder = encoder if encoder is not None else encoder_for(config)
         enc = m.get("encoder") or {}
         if enc.get("name") != encoder.model_name or enc.get("dim") != encoder.dim:
             raise ConfigError(f"index {index_dir} was built with encoder {enc.get('name')} (dim {enc.get('dim')}), "
@@ -368,23 +353,6 @@ def ensure_default_index(kind: str, config: RetrievalConfig, encoder: QueryEncod
                          show_progress: bool = True) -> str:
     """Directory of the embedded default knowledge base's ``kind`` index, built on first use."""
     return ensure_index(default_corpus(), kind, config, encoder, show_progress, corpus_source=EMBEDDED_SOURCE)
-
-
-def open_retriever(config: RetrievalConfig, encoder: QueryEncoder | None = None, corpus_path: str | None = None,
-                   show_progress: bool = True) -> Retriever:
-    """The Retriever for ``config``: ``config.index_dir`` if set; else an index of ``corpus_path``
-    (built once, cached by corpus hash under the default root); else the embedded default."""
-    if config.index_dir:
-        return load_retriever(config.index_dir, config, encoder)
-    if config.kind in DENSE_KINDS and encoder is None:
-        encoder = _default_encoder(config)
-    if corpus_path:
-        corpus = load_corpus(corpus_path)
-        d = ensure_index(corpus, config.kind, config, encoder, show_progress,
-                         corpus_source=os.path.abspath(corpus_path))
-    else:
-        d = ensure_default_index(config.kind, config, encoder, show_progress)
-    return load_retriever(d, config, encoder)
 
 
 def index_build_main(corpus_path: str | None, kind: str, out_dir: str, config: RetrievalConfig | None = None,

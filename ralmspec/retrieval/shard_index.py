@@ -53,12 +53,13 @@ from ralmspec.config import RetrievalConfig
 from ralmspec.data.corpus import Corpus
 from ralmspec.data.loaders import corpus_sha256, load_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
+from ralmspec.paths import link_or_copy
 from ralmspec.retrieval.base import Hit
 from ralmspec.retrieval.dense import DENSE_KINDS, DenseRetriever, build_faiss_index
-from ralmspec.retrieval.encoder import QueryEncoder
+from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
 from ralmspec.retrieval.index import (
-    BM25_DIR, EMBEDDINGS, FAISS_FILE, MANIFEST, PASSAGES, _link_or_copy, build_index, publish_index,
-    default_index_root, ensure_index, index_dir_name, read_manifest,
+    BM25_DIR, EMBEDDINGS, FAISS_FILE, MANIFEST, PASSAGES, build_index, default_index_root, ensure_index,
+    index_dir_name, is_sharded, publish_index, read_manifest,
 )
 from ralmspec.retrieval.sharded import (
     DenseCodec, LocalShards, QueryCodec, ShardedRetriever, ShardRange, TokenCodec, check_ranges, contiguous_ranges,
@@ -69,10 +70,6 @@ SHARD_MANIFEST = "shard.json"
 BM25_NPZ = "bm25.npz"
 BM25_VOCAB = "vocab.json"
 SHARD_FORMAT = 1
-
-
-def is_sharded(manifest: dict[str, Any]) -> bool:
-    return bool(manifest.get("shards"))
 
 
 def shard_ranges(manifest: dict[str, Any]) -> tuple[ShardRange, ...]:
@@ -172,7 +169,7 @@ def shard_index(src_dir: str, out_dir: str, shards: int) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         os.chmod(tmp, 0o755)
-        _link_or_copy(os.path.join(src_dir, PASSAGES), os.path.join(tmp, PASSAGES))
+        link_or_copy(os.path.join(src_dir, PASSAGES), os.path.join(tmp, PASSAGES))
         names = [f"shard-{i:03d}" for i in range(len(ranges))]
         dirs = [os.path.join(tmp, name) for name in names]
         for d in dirs:
@@ -344,9 +341,7 @@ def make_codec(m: dict[str, Any], config: RetrievalConfig, encoder: QueryEncoder
     if m["kind"] == "bm25":
         return TokenCodec(QueryTokenizer((m.get("params") or {}).get("stemmer")))
     if encoder is None:
-        from ralmspec.retrieval.index import _default_encoder
-
-        encoder = _default_encoder(config)
+        encoder = encoder_for(config)
     enc = m.get("encoder") or {}
     if enc.get("name") != encoder.model_name or enc.get("dim") != encoder.dim:
         raise ConfigError(f"this index was built with encoder {enc.get('name')} (dim {enc.get('dim')}), "

@@ -5,7 +5,7 @@ Skipped without CUDA (conftest) or without a GPU build of FAISS. Two comparisons
 1. Same (CPU) query encoder for both: FAISS on the GPU only proposes candidates, which are
    re-scored canonically on the CPU (dense.py), so ids AND scores must be identical, for single
    queries and for batches.
-2. The full GPU path (``open_retriever(RetrievalConfig(kind, device="cuda"))``: MiniLM on CUDA
+2. The full GPU path (``open_knowledge_base(RetrievalConfig(kind, device="cuda"))``: MiniLM on CUDA
    too): query vectors differ from the CPU ones in the last bits, so a top-1 may flip only where
    the two passages' CPU scores are tied within ``NEAR_TIE``; the agreement rate is printed.
 """
@@ -65,10 +65,11 @@ def test_gpu_index_same_results_as_cpu(kind, built, encoder, queries):
 def test_full_gpu_path_top1_agrees_up_to_ties(kind, built, encoder, queries):
     _needs_faiss_gpu()
     from ralmspec.config import RetrievalConfig
-    from ralmspec.retrieval.index import load_retriever, open_retriever
+    from ralmspec.retrieval.index import load_retriever
+    from ralmspec.retrieval.open import open_knowledge_base
 
     cpu = load_retriever(built[kind], RetrievalConfig(kind=kind, ivf_nprobe=4), encoder=encoder)
-    gpu = open_retriever(RetrievalConfig(kind=kind, ivf_nprobe=4, device="cuda", index_dir=built[kind]))
+    gpu = open_knowledge_base(RetrievalConfig(kind=kind, ivf_nprobe=4, device="cuda", index_dir=built[kind]))
     assert gpu.faiss_device == "cuda"
     same = 0
     for q, a, b in zip(queries, cpu.search_sync(queries, 1), gpu.search_sync(queries, 1)):

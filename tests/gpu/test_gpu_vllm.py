@@ -140,13 +140,14 @@ def test_engine_end_to_end_on_gpu(vllm_cuda, tmp_path_factory, small_corpus):
     from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
     from ralmspec.retrieval.dense import faiss_gpu_available
     from tests.identity import SpeculationCheck
-    from ralmspec.retrieval.index import build_index, open_retriever
+    from ralmspec.retrieval.index import build_index
+    from ralmspec.retrieval.open import open_knowledge_base
 
     if not faiss_gpu_available():
         pytest.skip("faiss has no GPU support here (pip install faiss-gpu-cu12)")
     d = build_index(small_corpus, "exact", str(tmp_path_factory.mktemp("gpu-kb") / "exact"),
                     RetrievalConfig(kind="exact"), show_progress=False)
-    retriever = open_retriever(RetrievalConfig(kind="exact", device="cuda", index_dir=d))
+    retriever = open_knowledge_base(RetrievalConfig(kind="exact", device="cuda", index_dir=d))
     assert retriever.faiss_device == "cuda"
     engine = RalmEngine(vllm_cuda, retriever, EngineConfig())
     questions = [q.question for q in default_questions()[100:116]]

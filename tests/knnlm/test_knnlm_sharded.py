@@ -30,7 +30,7 @@ from ralmspec.knnlm.sharded import (
     shard_datastore,
 )
 from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
-from ralmspec.retrieval.ray_shards import RayShardConfig, ray_available
+from ralmspec.cluster import RayShardConfig, ray_available
 from ralmspec.retrieval.sharded import contiguous_ranges
 from tests.identity import SpeculationCheck
 

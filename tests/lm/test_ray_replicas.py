@@ -32,7 +32,7 @@ from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
 from ralmspec.errors import ConfigError, LMError
-from ralmspec.retrieval.ray_shards import ray_available
+from ralmspec.cluster import ray_available
 from tests.identity import SpeculationCheck
 
 REPLICA_THREADS = 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ralmspec.lm.sampling import Sampling
-from ralmspec.retrieval.ray_shards import ray_available
+from ralmspec.cluster import ray_available
 from tests.lm.test_ray_replicas import REPLICA_THREADS, torch_threads
 
 pytestmark = pytest.mark.skipif(not ray_available(), reason='ray is not installed (pip install -e ".[ray]")')

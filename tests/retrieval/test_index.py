@@ -14,7 +14,8 @@ from ralmspec.data.loaders import corpus_sha256, default_corpus, save_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
 from ralmspec.retrieval.dense import faiss_gpu_available
 from ralmspec.retrieval.index import (build_index, default_index_root, ensure_default_index, index_build_main,
-                                      load_retriever, open_retriever)
+                                      load_retriever)
+from ralmspec.retrieval.open import open_knowledge_base
 
 from .conftest import KINDS, N_PASSAGES, kb_config
 
@@ -96,20 +97,20 @@ def test_rebuild_replaces_an_existing_index_and_cli_helper_reports_timing(tmp_pa
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp dirs left
 
 
-def test_open_retriever_paths(tmp_path, monkeypatch, kb_index_dirs, encoder):
+def test_open_knowledge_base_paths(tmp_path, monkeypatch, kb_index_dirs, encoder):
     monkeypatch.setenv("RALMSPEC_HOME", str(tmp_path / "home"))
     assert default_index_root() == str(tmp_path / "home" / "indexes")
     # 1. an explicit index_dir
-    r = open_retriever(RetrievalConfig(kind="exact", index_dir=kb_index_dirs["exact"]), encoder)
+    r = open_knowledge_base(RetrievalConfig(kind="exact", index_dir=kb_index_dirs["exact"]), encoder=encoder)
     assert r.index_dir == kb_index_dirs["exact"]
     # 2. a corpus file: built once, cached by corpus hash under the default root
     corpus = Corpus([Passage(i, "", t) for i, t in enumerate(["red apples", "green pears", "yellow bananas"])])
     path = str(tmp_path / "fruit.jsonl.gz")
     save_corpus(corpus, path)
-    r1 = open_retriever(RetrievalConfig(kind="bm25"), corpus_path=path, show_progress=False)
+    r1 = open_knowledge_base(RetrievalConfig(kind="bm25"), corpus_path=path, show_progress=False)
     assert r1.index_dir.startswith(default_index_root())
     mtime = os.path.getmtime(os.path.join(r1.index_dir, "manifest.json"))
-    r2 = open_retriever(RetrievalConfig(kind="bm25"), corpus_path=path, show_progress=False)
+    r2 = open_knowledge_base(RetrievalConfig(kind="bm25"), corpus_path=path, show_progress=False)
     assert r2.index_dir == r1.index_dir and os.path.getmtime(os.path.join(r2.index_dir, "manifest.json")) == mtime
     assert r2.search_sync(["pears"], 1)[0][0].doc_id == 1
 
@@ -118,7 +119,7 @@ def test_embedded_default_bm25_index_is_built_on_first_use(tmp_path, monkeypatch
     monkeypatch.setenv("RALMSPEC_HOME", str(tmp_path))
     d = ensure_default_index("bm25", RetrievalConfig(kind="bm25"), show_progress=False)
     assert d.startswith(str(tmp_path))
-    r = open_retriever(RetrievalConfig(kind="bm25"), show_progress=False)
+    r = open_knowledge_base(RetrievalConfig(kind="bm25"), show_progress=False)
     assert r.index_dir == d and len(r.corpus) == len(default_corpus())
     top = r.search_sync(["Du Fu Tang dynasty poet Chinese poetry"], 3)[0]
     assert r.corpus[top[0].doc_id].title == "Du Fu"

@@ -22,12 +22,13 @@ import time
 import numpy as np
 import pytest
 
+from ralmspec.cluster import RayShardConfig, ray_available
 from ralmspec.config import RetrievalConfig
 from ralmspec.data.loaders import grounded_questions
 from ralmspec.errors import ConfigError, RetrievalError
 from ralmspec.retrieval.base import rank_hits
-from ralmspec.retrieval.index import load_retriever
-from ralmspec.retrieval.ray_shards import RayShardConfig, open_ray_sharded, ray_available
+from ralmspec.retrieval.open import open_index
+from ralmspec.retrieval.ray_shards import open_ray_sharded
 from ralmspec.retrieval.shard_index import load_shard, shard_index
 from ralmspec.retrieval.sharded import ShardRange, contiguous_ranges, merge_topk, route_ids
 from tests.retrieval.conftest import KINDS, kb_config
@@ -86,7 +87,7 @@ def _probe_ids(n: int) -> list[int]:
 @pytest.mark.parametrize("shards", [2, 3])
 def test_local_shards_equal_the_whole_index(kind, shards, split_dirs, kb_retrievers, kb_queries, encoder):
     whole = kb_retrievers[kind]
-    sharded = load_retriever(split_dirs[(kind, shards)], kb_config(kind), encoder)
+    sharded = open_index(split_dirs[(kind, shards)], kb_config(kind), encoder)
     assert sharded.n_shards == shards and sharded.kind == kind and len(sharded.corpus) == len(whole.corpus)
     for k in (1, 5, 40, 500):
         assert sharded.search_sync(kb_queries, k) == whole.search_sync(kb_queries, k), k
@@ -106,7 +107,7 @@ def test_local_hnsw_shards_are_the_exact_merge_of_their_answers(shards, split_di
                                                                 encoder):
     d = split_dirs[("hnsw", shards)]
     cfg = kb_config("hnsw")
-    sharded = load_retriever(d, cfg, encoder)
+    sharded = open_index(d, cfg, encoder)
     parts = [load_shard(os.path.join(d, f"shard-{i:03d}"), cfg) for i in range(shards)]
     qv = encoder.encode_queries(kb_queries)
     for k in (1, 10):
@@ -124,7 +125,7 @@ def test_sharding_refuses_bad_input(kb_index_dirs, split_dirs, tmp_path):
     with pytest.raises(ConfigError, match="non-empty shards"):
         shard_index(kb_index_dirs["bm25"], str(tmp_path / "many"), 10_000)
     with pytest.raises(ConfigError, match="sharded 'exact' index"):
-        load_retriever(split_dirs[("exact", 2)], kb_config("bm25"))
+        open_index(split_dirs[("exact", 2)], kb_config("bm25"))
 
 
 def test_index_build_cli_splits_or_builds_sharded_indexes(kb_index_dirs, tmp_path, capsys):
@@ -198,7 +199,7 @@ def test_ray_ivf_and_hnsw_shards_equal_the_in_process_merge(ray_cluster, split_d
                                                              encoder):
     for kind in ("ivf", "hnsw"):
         cfg = kb_config(kind)
-        local = load_retriever(split_dirs[(kind, 2)], cfg, encoder)
+        local = open_index(split_dirs[(kind, 2)], cfg, encoder)
         remote = open_ray_sharded(split_dirs[(kind, 2)], cfg, RayShardConfig(), encoder)
         try:
             for k in (1, 10):

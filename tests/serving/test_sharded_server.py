@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 
 from ralmspec.cli import main
+from ralmspec.cluster import RayShardConfig, ray_available
 from ralmspec.config import RetrievalConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import SchedulerConfig
-from ralmspec.retrieval.ray_shards import RayShardConfig, open_ray_sharded, ray_available
+from ralmspec.retrieval.ray_shards import open_ray_sharded
 from ralmspec.retrieval.shard_index import shard_index
 from serving.app import ServerConfig, create_app
 from tests.identity import SpeculationCheck
