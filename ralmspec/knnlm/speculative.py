@@ -18,29 +18,28 @@ previous round's true neighbours are not known yet) the cache keeps walking alon
 instead of running out after ``m`` tokens. Cache contents never affect the output, only the
 acceptance rate.
 
-Round (DESIGN's step / submit / settle, on the shared core :mod:`ralmspec.speculation.rounds`)
-------------------------------------------------------------------------------------------
+Round (the speculation driver, :mod:`ralmspec.speculation.driver`)
+------------------------------------------------------------------
 A *step* is one token: its ``query`` is the :class:`LMState` the token is decided at (hidden
 state = the k-NN query, and the logits), its ``guess`` the token decided from the cache's top-k
-(the speculated neighbours ride along in ``Step.extra``). The steps, the rounds in flight, their
-in-order application, rollback and what may leave the decoder belong to the
-:class:`~ralmspec.speculation.rounds.RoundBook`; ``next_action`` says what to do next. The loop
-(:class:`_Request`) supplies only the kNN-LM parts:
+(the speculated neighbours ride along in ``Step.extra``). The loop, the token list, the steps
+and rounds in flight, their in-order application, rollback and what may leave the decoder
+belong to the driver (the same one as RaLM's); :class:`KNNMode` supplies only the kNN-LM parts:
 
-- ``step``: from the current LM state, ``s`` tokens from the cache (``s`` from OS^3,
-  :class:`StrideScheduler`, decided once per round): query = LM hidden state, neighbours =
-  cache top-k, token = :func:`next_token`; each token is fed to the LM (1-row forward) so that
-  the next query exists, except the last token of a synchronous round, whose forward waits for
-  its verification. At stride 0 (the naive fallback, below): one verified token instead.
-- ``submit``: ONE batched real search of the pending steps' queries.
-- ``settle``: the oldest round is judged step by step (``judge_each``) with the kNN-LM rule:
+- ``advance``: from the current LM state, one token from the cache (a round holds ``s`` of
+  them, ``s`` from OS^3, decided once per round): query = LM hidden state, neighbours = cache
+  top-k, token = :func:`next_token`; each token is fed to the LM (1-row forward) so that the
+  next query exists, except the last token of a synchronous round, whose forward waits for its
+  verification. At stride 0 (the naive fallback, below): one verified token instead.
+- ``verify``: ONE batched real search of the pending steps' queries.
+- ``judge``: the oldest round is judged step by step (``judge_each``) with the kNN-LM rule:
   the *true* token t*_i is :func:`next_token` with the true neighbours and the LM scores already
   computed for step i (no decision at all when the true neighbours are the speculated ones);
   t_i is kept when t*_i == t_i (default, the paper's rule: neighbour sets may differ) or, in
-  ``strict`` mode, only when the speculated neighbours are the true ones. ``RoundBook.commit``
-  keeps the accepted prefix; at the first rejection it cuts that step and everything after it
-  (later tokens, and tokens speculated on top of them), t*_i becomes a verified step and the
-  LM's KV cache is cropped back to it (no re-prefill).
+  ``strict`` mode, only when the speculated neighbours are the true ones. The driver keeps the
+  accepted prefix; at the first rejection it cuts that step and everything after it (later
+  tokens, and tokens speculated on top of them), t*_i becomes a verified step (``correct``) and
+  the LM's KV cache is cropped back to it (``settled``; no re-prefill).
 
 Only the verified prefix (``RoundBook.verified_end``) is returned.
 

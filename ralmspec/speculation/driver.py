@@ -46,7 +46,8 @@ A step is a RaLM chunk (one retrieval) or a kNN-LM token (one k-NN search).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
@@ -79,9 +80,13 @@ class StepKind(Enum):
 class SpeculationStats:
     """The driver's own counters (module doc); the round counters live in ``RoundBook.stats``."""
 
-    verified_steps: int = 0
-    naive_steps: int = 0
-    paused_steps: int = 0
+    steps: Counter = field(default_factory=Counter)  # StepKind -> steps added
+
+    @property
+    def verified_steps(self) -> int:
+        """Steps retrieved for real before their output: first, fallback and paused steps."""
+        return sum(n for kind, n in self.steps.items() if kind is not StepKind.GUESSED)
+
     probes: int = 0
     probe_hits: int = 0
     wasted_tokens: int = 0
@@ -202,11 +207,7 @@ class Driver:
         """Append the next step and the tokens it produced so far (more via ``extend``)."""
         if (kind is StepKind.GUESSED) == step.verified:
             raise ValueError(f"a {kind.value} step must be {'un' if kind is StepKind.GUESSED else ''}verified")
-        s = self.stats
-        if kind is not StepKind.GUESSED:
-            s.verified_steps += 1
-            s.naive_steps += kind is StepKind.FALLBACK
-            s.paused_steps += kind is StepKind.PAUSED
+        self.stats.steps[kind] += 1
         if self.book is None:
             self.book = RoundBook(step)
         else:
@@ -275,7 +276,8 @@ class Driver:
                 "acceptance_rate": rs.accepted / rs.speculated if rs.speculated else None,
                 "verify_batch_sizes": list(rs.batch_sizes), "strides": list(rs.strides),
                 "acceptance_histogram": histogram_dict(rs.histogram),
-                "verified_steps": s.verified_steps, "naive_steps": s.naive_steps, "paused_steps": s.paused_steps,
+                "verified_steps": s.verified_steps, "naive_steps": s.steps[StepKind.FALLBACK],
+                "paused_steps": s.steps[StepKind.PAUSED],
                 "probes": s.probes, "probe_hits": s.probe_hits, "wasted_tokens": s.wasted_tokens,
                 "verify_wait_s": s.verify_wait_s}
 

@@ -98,7 +98,7 @@ def test_both_modes_speculate_and_roll_back_through_the_one_driver(engine, knn, 
 def test_knn_stats_carry_every_figure_of_the_driver():
     names = {f.name for f in fields(SpeculativeStats)}
     assert FIGURES <= names
-    assert {f.name for f in fields(SpeculationStats)} <= FIGURES
+    assert {f.name for f in fields(SpeculationStats)} - {"steps"} <= FIGURES
 
 
 def test_strides_are_os3_strides_and_batch_sizes_are_round_sizes(knn):
