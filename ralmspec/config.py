@@ -145,15 +145,50 @@ class GenerationConfig:
         return Sampling(self.temperature, self.top_p, self.seed, position)
 
 
+# OS^3's per-mode defaults, the one place they are stated (``OS3Config`` holds the shared ones).
+# - gamma_max, the cap on the estimated acceptance γ: the paper used 0.6. RaLM: measured here the
+#   passage cache (prefetch 20) is right 70-90% of the time, and 0.6 made OS^3 fall back to naive
+#   steps where speculation pays (search-dominated knowledge bases). kNN-LM: acceptance is
+#   ~0.9-1.0 and a verification of s queries costs far less than s single searches only for large
+#   s; a 0.9 cap held the stride near 3-4 and made the naive fallback fire at acceptance 1.0.
+# - async_verify: RaLM verifies beside decoding by default (OS^3 still picks, per round, whether
+#   overlapping pays); kNN-LM's CLI asks for it with --async.
+OS3_MODE_DEFAULTS: dict[str, dict[str, object]] = {
+    "ralm": {"async_verify": True, "gamma_max": 0.9},
+    "knnlm": {"async_verify": False, "gamma_max": 0.98},
+}
+
+
 @dataclass(frozen=True)
-class SpeculationConfig:
-    """Switches for each RaLMSpec technique, so every ablation is one flag."""
+class OS3Config:
+    """The OS^3 stride scheduler's knobs (speculation/stride.py), shared by both speculative
+    modes: ``SpeculationConfig`` (RaLM) and ``SpeculativeKNNConfig`` (kNN-LM) extend it, each
+    with its defaults from ``OS3_MODE_DEFAULTS``. None of them can change the output tokens."""
+
+    os3: bool = True  # OS^3 stride scheduler; off = fixed_stride
+    fixed_stride: int = 3
+    s_max: int = 16  # OS^3's largest stride
+    window: int = 5  # OS^3 acceptance window (rounds)
+    # OS^3 may stop speculating (verified naive steps, cache still probed) while it predicts
+    # speculation to be slower than the naive loop (DESIGN §4); off = always speculate
+    naive_fallback: bool = True
+    async_verify: bool = bool(OS3_MODE_DEFAULTS["ralm"]["async_verify"])
+    gamma_max: float = float(OS3_MODE_DEFAULTS["ralm"]["gamma_max"])  # cap on the estimated γ
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.fixed_stride <= 64:
+            raise ConfigError(f"fixed_stride must be in [1, 64], got {self.fixed_stride!r}")
+        if not 1 <= self.s_max <= 64 or self.window < 1 or not 0.0 < self.gamma_max < 1.0:
+            raise ConfigError("s_max must be in [1, 64], window >= 1, 0 < gamma_max < 1")
+
+
+@dataclass(frozen=True)
+class SpeculationConfig(OS3Config):
+    """Switches for each RaLMSpec technique, so every ablation is one flag (OS^3's in
+    ``OS3Config``, RaLM's defaults)."""
 
     enabled: bool = True
     prefetch: int = 20  # top-k of every verification goes into the cache; 1 = no prefetch
-    os3: bool = True  # OS^3 stride scheduler; off = fixed_stride
-    fixed_stride: int = 3
-    async_verify: bool = True
     max_inflight: int = 2  # verification rounds in flight at once (async only)
     # async only: a round leaves as soon as no verification is running (speculation/rounds.py
     # next_action), instead of waiting for `stride` pending steps; the stride still caps how far
@@ -161,15 +196,6 @@ class SpeculationConfig:
     # (experiments/results/2026-11-28-decoupled)
     eager_verify: bool = False
     cache_capacity: int = 1024  # passages per request cache; LRU eviction
-    s_max: int = 16
-    window: int = 5  # OS^3 acceptance window (rounds)
-    # OS^3 cap on the estimated acceptance γ. The paper used 0.6; measured here the cache (with
-    # prefetch 20) is right 70-90% of the time, and 0.6 made OS^3 fall back to naive steps
-    # where speculation pays (search-dominated knowledge bases)
-    gamma_max: float = 0.9
-    # OS^3 may stop speculating (verified naive steps, cache still probed) while it predicts
-    # speculation to be slower than the naive loop (DESIGN §4); off = always speculate
-    naive_fallback: bool = True
     # how a speculative step guesses its passage (speculation/guess.py): "exact" (rank the
     # cache with the retriever's metric), "last" (the previous chunk's passage), "refine"
     # (start with "last", rank exactly beside the LM, regenerate the chunk if they differ),
@@ -181,14 +207,11 @@ class SpeculationConfig:
             raise ConfigError(f"guesser must be one of {', '.join(GUESSERS)}, got {self.guesser!r}")
         if not 1 <= self.prefetch <= 4096:
             raise ConfigError(f"prefetch must be in [1, 4096], got {self.prefetch!r}")
-        if not 1 <= self.fixed_stride <= 64:
-            raise ConfigError(f"fixed_stride must be in [1, 64], got {self.fixed_stride!r}")
+        super().__post_init__()
         if not 1 <= self.max_inflight <= 16:
             raise ConfigError(f"max_inflight must be in [1, 16], got {self.max_inflight!r}")
         if self.cache_capacity < 1:
             raise ConfigError("cache_capacity must be >= 1")
-        if not 1 <= self.s_max <= 64 or self.window < 1 or not 0.0 < self.gamma_max < 1.0:
-            raise ConfigError("s_max must be in [1, 64], window >= 1, 0 < gamma_max < 1")
 
 
 @dataclass(frozen=True)

@@ -11,20 +11,20 @@ step's ``start`` on is discarded and the step restarts with the true doc. So eve
 was generated from a prompt the naive loop also builds, and the LM contract makes the chunk a
 function of that prompt alone.
 
-The round, as ``SpeculativeRequest.run`` reads:
+The round is the speculation driver's (``speculation/driver.py``: schedule, step, submit,
+apply, rollback, the figures); this module is RaLM's ``Mode`` there (``RalmMode``):
 
-- ``next_action`` (pure, ``speculation/rounds.py``) decides from the counts alone: produce a
-  step, submit the pending steps, wait for the oldest round, or finish;
-- ``step``: the LM chunk of the current step, then the next step's query and its guess
-  (``speculation/guess.py``), or, while OS^3 says speculation does not pay, a verified step;
-- ``submit``: ONE batched verification of the pending steps' queries (a task: a synchronous
+- ``advance``: the LM chunk of the current step, then the next step's query and its guess (a
+  guesser strategy, ``speculation/guess.py``), or, while OS^3 says speculation does not pay, a
+  verified step;
+- ``verify``: ONE batched verification of the pending steps' queries (a task: a synchronous
   round is waited for at once; an asynchronous one runs beside the next steps, up to
   ``max_inflight`` rounds in flight; with ``eager_verify`` a round leaves as soon as the
   verifier is idle). In asynchronous mode OS^3 decides per round whether overlapping pays under
   the contention it measured (``speculation/stride.py``), else the round is synchronous;
-- ``settle``: the oldest round's hits are applied (prefetch into the cache, ``judge``,
-  ``RoundBook.commit``: accept the prefix, or roll back and restart the rejected step with the
-  true passage). Only verified tokens are passed to ``on_tokens``.
+- ``judge``: the round's hits are prefetched into the cache; a step is kept when its passage is
+  the knowledge base's top-1 (``judge``), and ``correct`` restarts a rejected step with the
+  true passage. Only verified tokens are passed to ``on_tokens``.
 
 Naive fallback: while OS^3 predicts that speculation loses to the naive loop (stride 0, see
 ``speculation/stride.py``), nothing is in flight and every step is verified, the next step is
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Hashable
+from typing import Any, Hashable
 
 from ralmspec.config import SpeculationConfig
 from ralmspec.engine.context import RalmContext, new_session_id
@@ -49,188 +49,142 @@ from ralmspec.engine.naive import TokenCallback
 from ralmspec.engine.result import GenerationResult, StepRecord, Tracer
 from ralmspec.retrieval.base import Hit
 from ralmspec.speculation.cache import SpeculationCache
-from ralmspec.speculation.guess import CheapRankers, plan_guess, refined_doc
-from ralmspec.speculation.rounds import Action, Round, RoundBook, Step, histogram_dict, judge, next_action
-from ralmspec.speculation.stride import StrideScheduler
+from ralmspec.speculation.driver import Driver, Plan, StepKind
+from ralmspec.speculation.guess import CheapRankers, make_guesser, refined_doc
+from ralmspec.speculation.rounds import Round, Step, Verdict, judge
 from ralmspec.speculation.verify import verify_batch
 
 
 async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationConfig,
                                session: Hashable | None = None, on_tokens: TokenCallback | None = None,
                                retries: int = 2, timeout_s: float | None = 30.0) -> GenerationResult:
-    req = SpeculativeRequest(ctx, spec, session if session is not None else new_session_id("spec"),
-                             on_tokens, retries, timeout_s)
-    return await req.run(prompt)
+    mode = RalmMode(ctx, spec, session if session is not None else new_session_id("spec"), retries, timeout_s)
+    return await mode.generate(prompt, on_tokens)
 
 
-class SpeculativeRequest:
-    """One request's RaLMSpec round state machine (module doc). Use once."""
+class RalmMode:
+    """Document-level RaLM as a mode of the speculation driver (module doc): a step is one chunk
+    and its passage; the guess is a guesser's (``speculation/guess.py``); a round is ONE batched
+    knowledge-base search; a step is kept when its passage is the true top-1. Use once."""
 
-    def __init__(self, ctx: RalmContext, spec: SpeculationConfig, session: Hashable,
-                 on_tokens: TokenCallback | None, retries: int, timeout_s: float | None):
-        self.ctx, self.spec, self.session, self.on_tokens = ctx, spec, session, on_tokens
+    redecides_each_step = True  # a chunk's cost updates OS^3's estimates: ask before every step
+    regenerates = True  # a rejected step's chunk is generated again with the true passage
+
+    def __init__(self, ctx: RalmContext, spec: SpeculationConfig, session: Hashable, retries: int,
+                 timeout_s: float | None):
+        self.ctx, self.spec, self.session = ctx, spec, session
         self.retries, self.timeout_s = retries, timeout_s
         self.tr = Tracer()
         self.cache = SpeculationCache(ctx.retriever, spec.cache_capacity)
         encoder = getattr(ctx.retriever, "encoder", None)
         self.encoder = encoder if encoder is not None and hasattr(encoder, "encode_queries") else None
-        self.plan = plan_guess(spec.guesser, dense=self.encoder is not None)
-        self.ranker = None
-        if self.plan.cheap is not None:
-            self.ranker = (ctx.rankers or CheapRankers(ctx.retriever)).get(self.plan.cheap)
-        self.sched = StrideScheduler(os3=spec.os3, fixed_stride=spec.fixed_stride, async_verify=spec.async_verify,
-                                     s_max=spec.s_max, window=spec.window, gamma_max=spec.gamma_max,
-                                     naive_fallback=spec.naive_fallback,
-                                     verify_encodes=self.encoder is not None and not self.plan.rank_now)
-        # costs are kept per guesser: a = LM chunk + guess, and the guess's price is the guesser's
-        self.cost_key = f"os3/{spec.guesser}"
-        self.sched.seed_costs(ctx.costs.get(self.cost_key) if ctx.costs is not None else None)
+        self.guesser = make_guesser(spec.guesser, dense=self.encoder is not None,
+                                    rankers=ctx.rankers or CheapRankers(ctx.retriever))
+        self.verify_encodes = self.encoder is not None and not self.guesser.encodes_query
         self.max_inflight = spec.max_inflight if spec.async_verify else 1
         self.eager = spec.async_verify and spec.eager_verify
+        # costs are kept per guesser: a = LM chunk + guess, and the guess's price is the guesser's
+        self.cost_key = f"os3/{spec.guesser}"
         self.stats = {"lm_steps": 0, "lm_s": 0.0, "cache_s": 0.0, "retrieval_s": 0.0, "verify_s": 0.0,
-                      "encode_s": 0.0, "verify_wait_s": 0.0, "naive_steps": 0, "probe_hits": 0,
-                      # steps whose passage was retrieved for real before their chunk: the first
-                      # step, OS^3's fallback steps (naive_steps) and governor-paused steps
-                      "verified_steps": 0,
-                      "refine_wait_s": 0.0, "refined": 0, "worker_s": 0.0, "wasted_tokens": 0,
-                      "guesses": 0, "guess_s": 0.0,  # guesses: the guesser's critical-path cost
-                      "paused_steps": 0}  # verified steps taken because the server's governor paused speculation
-        self.tokens: list[int] = []
-        self.n0 = 0
-        self.emitted = 0  # generated tokens already passed to on_tokens
-        self.book: RoundBook | None = None
-        self.paused = False  # the server's governor paused speculation for this decision
+                      "encode_s": 0.0, "refine_wait_s": 0.0, "refined": 0, "worker_s": 0.0,
+                      "guesses": 0, "guess_s": 0.0}  # guesses: the guesser's critical-path cost
+        self.drv: Driver | None = None
 
-    # ------------------------------------------------------------------ the loop
-    async def run(self, prompt: str) -> GenerationResult:
+    async def generate(self, prompt: str, on_tokens: TokenCallback | None) -> GenerationResult:
         ctx = self.ctx
         prompt_ids = ctx.encode_prompt(prompt)
-        self.tokens, self.n0 = list(prompt_ids), len(prompt_ids)
+        self.drv = drv = Driver(self, self.spec, on_tokens, clock=self.tr.now)
+        drv.sched.seed_costs(ctx.costs.get(self.cost_key) if ctx.costs is not None else None)
         try:
-            self.book = book = RoundBook(await self.first_step())
-            while True:
-                while book.inflight and book.inflight[0].handle.done():
-                    await self.settle()
-                complete = ctx.finished(self.tokens, self.n0)
-                pending = book.pending()
-                decision = self.sched.decide()  # OS^3: stride, and (async) overlap or wait
-                stride = decision.stride
-                # a loaded server's governor may pause speculation (engine/governor.py): stride 0,
-                # and plain naive steps (also instead of OS^3's probing fallback steps)
-                self.paused = ctx.may_speculate is not None and not ctx.may_speculate()
-                if self.paused:
-                    stride, decision.overlap = 0, False
-                action = next_action(len(pending), len(book.inflight), stride, complete,
-                                     self.max_inflight, self.eager and decision.overlap)
-                if action is Action.SUBMIT:
-                    self.submit(pending, stride, decision.overlap)
-                    if not decision.overlap:  # synchronous round: wait for it now
-                        await self.settle()
-                elif action is Action.WAIT:
-                    await self.settle()
-                elif action is Action.FINISH:
-                    break
-                else:
-                    await self.step(stride)
-            self.emit_verified()
+            await drv.run(prompt_ids)
         finally:
-            if self.book is not None:
-                self.book.abort()
             ctx.lm_client.release(self.session)
             if ctx.costs is not None and self.spec.os3:
-                ctx.costs[self.cost_key] = self.sched.costs()  # calibration for the engine's next request
+                ctx.costs[self.cost_key] = drv.sched.costs()  # calibration for the engine's next request
         return self.result(prompt, prompt_ids)
 
-    # ------------------------------------------------------------------ phases
-    async def first_step(self) -> Step:
+    # ------------------------------------------------------------------ the mode's part of a round
+    def complete(self, tokens: list[int], n_prompt: int) -> bool:
+        return self.ctx.finished(tokens, n_prompt)
+
+    def may_speculate(self) -> bool:
+        """A loaded server's governor may pause speculation (engine/governor.py): stride 0, and
+        plain naive steps (also instead of OS^3's probing fallback steps)."""
+        return self.ctx.may_speculate is None or self.ctx.may_speculate()
+
+    def steps_left(self, tokens: list[int], n_prompt: int) -> None:
+        return None  # a round may hold more chunks than remain: the last ones are never produced
+
+    async def start(self, drv: Driver) -> None:
         """Step 0: one real retrieval for the prompt; its top-``prefetch`` seeds the cache."""
         t = self.tr.now()
-        q0 = self.ctx.query(self.tokens)
+        q0 = self.ctx.query(drv.tokens)
         first = await self.search([q0])
         took = self.tr.record("retrieve", t, doc_id=first[0][0].doc_id, k=self.spec.prefetch)
         self.stats["retrieval_s"] += took
-        self.stats["verified_steps"] += 1
-        self.sched.observe_retrieval(took)
+        drv.sched.observe_retrieval(took)
         self.cache.add(first[0])
-        return Step(self.n0, q0, first[0][0].doc_id, verified=True)
+        drv.add(Step(drv.n0, q0, first[0][0].doc_id, verified=True), kind=StepKind.FIRST)
 
-    async def step(self, stride: int) -> None:
+    async def advance(self, drv: Driver, plan: Plan) -> None:
         """Generate the current step's chunk, then start the next step: guessed, or (OS^3
         fallback: stride 0, nothing in flight, all verified) retrieved for real."""
-        ctx, tr, book, sched = self.ctx, self.tr, self.book, self.sched
+        ctx, tr, book, sched = self.ctx, self.tr, drv.book, drv.sched
         cur = book.current
         if cur.end is not None:  # cannot happen: a step is only added when work remains
             raise AssertionError("speculative engine lost track of its current step")
         t_step = tr.now()
         overlapped = bool(book.inflight)  # a verification runs beside this step (contention)
-        n = ctx.chunk_size(len(self.tokens) - self.n0)
-        chunk = await self.chunk_for(cur, n)
+        chunk = await self.chunk_for(cur, ctx.chunk_size(len(drv.tokens) - drv.n0))
         lm_took = tr.record("lm", t_step, n=len(chunk), doc_id=cur.guess, verified=cur.verified)
         self.stats["lm_s"] += lm_took
         self.stats["lm_steps"] += 1
         sched.observe_lm(lm_took)
         if not chunk:
             raise RuntimeError("LM backend returned no tokens")
-        self.tokens += chunk
-        cur.end = len(self.tokens)
-        if ctx.finished(self.tokens, self.n0):
+        drv.extend(chunk)
+        cur.end = len(drv.tokens)
+        if ctx.finished(drv.tokens, drv.n0):
             sched.observe_step(tr.now() - t_step, overlapped)
-        elif stride == 0 and not book.inflight and book.all_verified():
-            if self.paused:  # the server's governor: exactly the naive step
+        elif plan.stride == 0 and not book.inflight and book.all_verified():
+            if plan.paused:  # the server's governor: exactly the naive step
                 await self.paused_step()
             else:
-                lookup_s = await self.verified_step()
-                sched.observe_step(lm_took + lookup_s)
+                sched.observe_step(lm_took + await self.verified_step())
         else:
-            book.add(await self.guessed_step())
+            await self.guessed_step()
             sched.observe_step(tr.now() - t_step, overlapped)
-        if cur.verified:
-            self.emit_verified()
 
-    def submit(self, pending: list[Step], stride: int, overlap: bool) -> Round:
-        """ONE batched verification of the pending steps' queries, as a task (``overlap``: it
-        will run beside decoding, else the caller waits for it at once)."""
-        timing: list[tuple[float, float]] = []
-        task = asyncio.create_task(self.verify([st.query for st in pending], timing, overlap))
-        rnd = self.book.submit(pending, task, stride, self.tr.now(), overlap)
-        rnd.timing = timing
-        self.tr.event("submit", size=len(pending), stride=stride, inflight=len(self.book.inflight))
-        return rnd
+    def verify(self, drv: Driver, steps: list[Step], plan: Plan) -> asyncio.Task:
+        """ONE batched verification of the steps' queries, as a task (``plan.overlap``: it runs
+        beside decoding, else the driver waits for it at once)."""
+        task = asyncio.create_task(self.verify_round([st.query for st in steps], plan.overlap))
+        self.tr.event("submit", size=len(steps), stride=plan.stride, inflight=len(drv.book.inflight) + 1)
+        return task
 
-    async def settle(self) -> None:
-        """Wait for the oldest round and apply it: prefetch, accept, or roll back at the first
-        miss and restart that step with the knowledge base's passage."""
-        book, tr = self.book, self.tr
-        rnd = book.inflight[0]
-        t = tr.now()
-        try:
-            hits = await rnd.handle
-        finally:
-            self.stats["verify_wait_s"] += tr.now() - t
-        if not book.inflight or book.inflight[0] is not rnd:  # cancelled meanwhile (cannot happen today)
-            return
+    def judge(self, drv: Driver, rnd: Round, outcome: tuple[list[list[Hit]], float, float]) -> Verdict:
+        """Prefetch the round's hits into the cache; keep steps while their passage is the true
+        top-1 (``judge``: the first mismatch ends the round, its top-1 is the correction)."""
+        hits, start, took = outcome
         for h in hits:
             self.cache.add(h)
-        start, took = rnd.timing[0] if rnd.timing else (rnd.submitted_at, tr.now() - rnd.submitted_at)
         self.stats["verify_s"] += took
-        tr.events.append({"kind": "verify", "t": round(start, 6), "dur": round(took, 6), "size": len(rnd.steps)})
-        verdict = judge([st.guess for st in rnd.steps], [h[0].doc_id for h in hits])
-        self.sched.observe_round(len(rnd.steps), verdict.accepted, rnd.overlap)
-        bad = book.commit(rnd, verdict)
-        if bad is not None:
-            wasted = len(self.tokens) - bad.start
-            del self.tokens[bad.start:]
-            book.add(Step(bad.start, bad.query, verdict.correction, verified=True))
-            self.stats["wasted_tokens"] += wasted
-            tr.event("rollback", at=bad.start - self.n0, wasted=wasted, speculated=bad.guess, true=verdict.correction)
-        book.check()
-        self.emit_verified()
+        self.tr.events.append({"kind": "verify", "t": round(start, 6), "dur": round(took, 6), "size": len(rnd.steps)})
+        return judge([st.guess for st in rnd.steps], [h[0].doc_id for h in hits])
+
+    def correct(self, drv: Driver, bad: Step, truth: int, wasted: int) -> tuple[Step, list[int]]:
+        """The rejected step restarts with the true passage (its chunk comes next)."""
+        self.tr.event("rollback", at=bad.start - drv.n0, wasted=wasted, speculated=bad.guess, true=truth)
+        return Step(bad.start, bad.query, truth, verified=True), []
+
+    def settled(self, drv: Driver, rnd: Round, verdict: Verdict, rolled_back: bool) -> None:
+        pass  # nothing of RaLM's own: the chunks are the driver's tokens
 
     # ------------------------------------------------------------------ step helpers
     async def chunk_for(self, step: Step, n: int) -> list[int]:
         """The chunk of ``step`` (refined: regenerated with the exact cache guess if it differs)."""
-        ctx = self.ctx
-        chunk = await ctx.chunk(step.guess, self.tokens, self.n0, n, self.session)
+        ctx, drv = self.ctx, self.drv
+        chunk = await ctx.chunk(step.guess, drv.tokens, drv.n0, n, self.session)
         fut, step.extra = step.extra, None
         if fut is None or step.verified:  # no refinement, or its round came back right meanwhile
             return chunk
@@ -247,56 +201,39 @@ class SpeculativeRequest:
             return chunk
         step.guess = redo
         self.stats["refined"] += 1
-        return await ctx.chunk(redo, self.tokens, self.n0, n, self.session)
+        return await ctx.chunk(redo, drv.tokens, drv.n0, n, self.session)
 
     async def paused_step(self) -> None:
         """Speculation paused by a loaded server's governor: exactly the naive step (retrieve,
         then the chunk comes next), with no probe or other extra hop, so paused requests stay in
         lock-step with naive ones and share their LM and search batches. The hits still feed the
         cache for when speculation resumes."""
-        t = self.tr.now()
-        q = self.ctx.query(self.tokens)
+        drv, t = self.drv, self.tr.now()
+        q = self.ctx.query(drv.tokens)
         hits = await self.search([q])
         self.stats["retrieval_s"] += self.tr.record("retrieve", t, doc_id=hits[0][0].doc_id, k=self.spec.prefetch,
                                                     paused=True)
         self.cache.add(hits[0])
-        self.stats["paused_steps"] += 1
-        self.stats["verified_steps"] += 1
-        self.book.add(Step(len(self.tokens), q, hits[0][0].doc_id, verified=True))
+        drv.add(Step(len(drv.tokens), q, hits[0][0].doc_id, verified=True), kind=StepKind.PAUSED)
 
-    async def guessed_step(self) -> Step:
-        """The next step with a guessed passage (speculation/guess.py): the exact cache ranking
-        now, or the last passage with the exact ranking / the encoding on the worker."""
-        tr, cache = self.tr, self.cache
-        t = tr.now()
-        q = self.ctx.query(self.tokens)
-        guess, refine = self.book.current.guess, None
-        if self.plan.rank_now:
-            guess = await asyncio.to_thread(self.exact_guess, q)
-        elif self.ranker is not None:  # cheap: microseconds, on the critical path
-            guess = self.ranker.top1(q, cache.doc_ids())
-            if guess is None:
-                guess = self.book.current.guess
-            cache.use(guess)
-            if self.plan.encode_beside:
-                self.beside(self.timed_encode, q)
-        elif self.plan.rank_beside:
-            refine = self.beside(self.rank_top1, q, cache.doc_ids())
-        elif self.plan.encode_beside:
-            self.beside(self.timed_encode, q)
-        took = tr.record("cache", t, doc_id=guess)
+    async def guessed_step(self) -> None:
+        """The next step with the guesser's passage (speculation/guess.py)."""
+        drv, t = self.drv, self.tr.now()
+        q = self.ctx.query(drv.tokens)
+        guess = await self.guesser.guess(q, drv.book.current.guess, self)
+        took = self.tr.record("cache", t, doc_id=guess.doc)
         self.stats["cache_s"] += took
         self.stats["guess_s"] += took
         self.stats["guesses"] += 1
-        return Step(len(self.tokens), q, guess, verified=False, extra=refine)
+        drv.add(Step(len(drv.tokens), q, guess.doc, verified=False, extra=guess.refine))
 
     async def verified_step(self) -> float:
         """A naive step that also measures what OS^3 needs: the cache lookup first (it encodes
         the query, as a speculative step would), then the real search (reusing that encoding);
         together they cost one naive retrieval. Returns the lookup's seconds."""
-        tr, sched, cache = self.tr, self.sched, self.cache
+        drv, tr = self.drv, self.tr
         t = tr.now()
-        q = self.ctx.query(self.tokens)
+        q = self.ctx.query(drv.tokens)
         probe = await asyncio.to_thread(self.exact_guess, q)
         lookup_s = tr.record("probe", t, doc_id=probe)
         probe_event = tr.events[-1]
@@ -307,36 +244,32 @@ class SpeculativeRequest:
         search_s = tr.record("retrieve", t, doc_id=true, k=self.spec.prefetch, fallback=True)
         self.stats["cache_s"] += lookup_s
         self.stats["retrieval_s"] += search_s
-        sched.observe_retrieval(lookup_s + search_s)
-        sched.observe_search(1, search_s)
-        sched.observe_round(1, int(probe == true))
-        cache.add(hits[0])
-        self.stats["naive_steps"] += 1
-        self.stats["verified_steps"] += 1
-        self.stats["probe_hits"] += int(probe == true)
-        self.book.add(Step(len(self.tokens), q, true, verified=True))
+        drv.sched.observe_retrieval(lookup_s + search_s)
+        drv.sched.observe_search(1, search_s)
+        drv.sched.observe_round(1, int(probe == true))
+        self.cache.add(hits[0])
+        drv.probed(probe == true)
+        drv.add(Step(len(drv.tokens), q, true, verified=True), kind=StepKind.FALLBACK)
         return lookup_s
 
-    # ------------------------------------------------------------------ verification
+    # ------------------------------------------------------------------ verification and the guess kit
     async def search(self, queries: list[str]) -> list[list[Hit]]:
         return await verify_batch(self.ctx.search_client.search, queries, self.spec.prefetch,
                                   self.retries, self.timeout_s)
 
-    async def verify(self, queries: list[str], timing: list[tuple[float, float]],
-                     overlapped: bool) -> list[list[Hit]]:
+    async def verify_round(self, queries: list[str], overlapped: bool) -> tuple[list[list[Hit]], float, float]:
         """A round's verification: the queries' encodings on the verification worker (one at a
         time, batch-invariant; free when the guess already encoded them), then ONE batched
-        search. Records b(s) = encodings + search(s) for OS^3."""
+        search. Records b(s) = encodings + search(s) for OS^3. Returns (hits, start, seconds)."""
         t = self.tr.now()
-        if self.encoder is not None and self.sched.verify_encodes:
+        if self.encoder is not None and self.verify_encodes:
             await asyncio.get_running_loop().run_in_executor(self.ctx.worker, self.encoder.encode_queries, queries)
         t_search = self.tr.now()
         hits = await self.search(queries)
         end = self.tr.now()
         self.stats["encode_s"] += t_search - t
-        self.sched.observe_search(len(queries), end - t_search, overlapped)
-        timing.append((t, end - t))
-        return hits
+        self.drv.sched.observe_search(len(queries), end - t_search, overlapped)
+        return hits, t, end - t
 
     def exact_guess(self, q: str) -> int | None:
         """The cache's top-1 for ``q`` with the retriever's own metric (encodes ``q`` first)."""
@@ -351,12 +284,12 @@ class SpeculativeRequest:
         misses = self.encoder.misses
         self.encoder.encode_queries([q])
         if self.encoder.misses > misses:
-            self.sched.observe_encode(time.perf_counter() - t)
+            self.drv.sched.observe_encode(time.perf_counter() - t)
 
     def rank_top1(self, query: str, ids: list[int]) -> int | None:
         return self.ctx.retriever.rank(query, ids, k=1)[0].doc_id if ids else None
 
-    def beside(self, fn, *args) -> asyncio.Future:
+    def beside(self, fn, *args: Any) -> asyncio.Future:
         """Run ``fn`` on the verification worker; a failure there only loses the head start."""
         def timed():
             t = time.perf_counter()
@@ -370,27 +303,14 @@ class SpeculativeRequest:
         return fut
 
     # ------------------------------------------------------------------ output
-    def emit_verified(self) -> None:
-        """Pass the newly verified tokens (and only those) to ``on_tokens``."""
-        if self.on_tokens is None:
-            return
-        upto = self.book.verified_end(self.n0)
-        if upto - self.n0 > self.emitted:
-            self.on_tokens(self.tokens[self.n0 + self.emitted: upto])
-            self.emitted = upto - self.n0
-
     def result(self, prompt: str, prompt_ids: list[int]) -> GenerationResult:
-        ctx, book, tr = self.ctx, self.book, self.tr
-        gen = self.tokens[self.n0:]
+        ctx, drv, tr = self.ctx, self.drv, self.tr
+        gen = drv.tokens[drv.n0:]
         eos = ctx.lm.eos_token_id
-        n0 = self.n0
-        records = [StepRecord(st.start - n0, (st.end or len(self.tokens)) - n0, st.guess,
-                              ctx.retriever.corpus[st.guess].title) for st in book.steps if st.end is not None]
-        rs = book.stats
-        stats = dict(self.stats, rounds=rs.rounds, speculated=rs.speculated, accepted=rs.accepted,
-                     rollbacks=rs.rollbacks, verify_batch_sizes=rs.batch_sizes, strides=rs.strides,
-                     acceptance_histogram=histogram_dict(rs.histogram))
-        stats["acceptance_rate"] = rs.accepted / rs.speculated if rs.speculated else None
+        n0 = drv.n0
+        records = [StepRecord(st.start - n0, (st.end or len(drv.tokens)) - n0, st.guess,
+                              ctx.retriever.corpus[st.guess].title) for st in drv.book.steps if st.end is not None]
+        stats = dict(self.stats, **drv.figures())
         # busy / (2 workers x wall): the LM thread (chunks) beside verification + the worker thread
         wall = max(tr.now(), 1e-12)
         stats["overlap"] = (stats["lm_s"] + stats["verify_s"] + stats["worker_s"]) / (2 * wall)

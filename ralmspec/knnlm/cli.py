@@ -265,6 +265,10 @@ def bench_prompts(lm: Any, source: str, n: int, prompt_tokens: int) -> list[list
     return out
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
 def _summary(records: list[dict]) -> dict:
     sum_ = lambda key: sum(r[key] for r in records)  # noqa: E731
     tokens = max(1, sum_("new_tokens"))
@@ -286,9 +290,11 @@ def _summary(records: list[dict]) -> dict:
         "spec_verify_wait_ms_per_token": 1e3 * sum_("spec_verify_wait_s") / tokens,
         "acceptance_rate": sum_("accepted") / max(1, sum_("speculated")),
         # what the identity covered (a kNN-LM step is one token): speculated_steps 0 = naive vs naive
-        "speculated_steps": sum_("speculated"), "verified_steps": sum_("naive_steps"), "accepted": sum_("accepted"),
+        "speculated_steps": sum_("speculated"), "verified_steps": sum_("verified_steps"), "accepted": sum_("accepted"),
         "rounds": sum_("rounds"), "rollbacks": sum_("rollbacks"),
-        "mean_stride": sum_("speculated") / max(1, sum_("rounds")),
+        # OS^3's stride at each round's submission (as `ralmspec bench`), and tokens per round
+        "mean_stride": _mean([x for r in records for x in r["strides"]]),
+        "mean_verify_batch": sum_("speculated") / max(1, sum_("rounds")),
         "real_searches_per_token": sum_("real_searches") / tokens,
     }
     s["share_of_limit"] = (s["speedup"] - 1) / (s["limit"] - 1) if s["limit"] > 1 else None
@@ -333,7 +339,8 @@ def run_bench(knn: Any, variants: Any, prompts: Sequence[Sequence[int]], warmup:
                 "spec_verify_s": st.verify_s, "spec_verify_wait_s": st.verify_wait_s,
                 "spec_cache_add_s": st.cache_add_s, "real_searches": st.real_searches,
                 "speculated": st.speculated, "accepted": st.accepted, "rounds": st.rounds,
-                "rollbacks": st.rollbacks, "naive_steps": st.naive_steps, "strides": st.strides,
+                "rollbacks": st.rollbacks, "verified_steps": st.verified_steps, "naive_steps": st.naive_steps,
+                "strides": st.strides, "verify_batch_sizes": st.verify_batch_sizes,
                 "speedup": a.wall_s / b.wall_s if b.wall_s > 0 else float("nan"), "limit": a.limit(),
             })
     out: dict[str, Any] = {"variants": {name: {"summary": _summary(recs), "records": recs}

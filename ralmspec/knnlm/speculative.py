@@ -18,29 +18,28 @@ previous round's true neighbours are not known yet) the cache keeps walking alon
 instead of running out after ``m`` tokens. Cache contents never affect the output, only the
 acceptance rate.
 
-Round (DESIGN's step / submit / settle, on the shared core :mod:`ralmspec.speculation.rounds`)
-------------------------------------------------------------------------------------------
+Round (the speculation driver, :mod:`ralmspec.speculation.driver`)
+------------------------------------------------------------------
 A *step* is one token: its ``query`` is the :class:`LMState` the token is decided at (hidden
 state = the k-NN query, and the logits), its ``guess`` the token decided from the cache's top-k
-(the speculated neighbours ride along in ``Step.extra``). The steps, the rounds in flight, their
-in-order application, rollback and what may leave the decoder belong to the
-:class:`~ralmspec.speculation.rounds.RoundBook`; ``next_action`` says what to do next. The loop
-(:class:`_Request`) supplies only the kNN-LM parts:
+(the speculated neighbours ride along in ``Step.extra``). The loop, the token list, the steps
+and rounds in flight, their in-order application, rollback and what may leave the decoder
+belong to the driver (the same one as RaLM's); :class:`KNNMode` supplies only the kNN-LM parts:
 
-- ``step``: from the current LM state, ``s`` tokens from the cache (``s`` from OS^3,
-  :class:`StrideScheduler`, decided once per round): query = LM hidden state, neighbours =
-  cache top-k, token = :func:`next_token`; each token is fed to the LM (1-row forward) so that
-  the next query exists, except the last token of a synchronous round, whose forward waits for
-  its verification. At stride 0 (the naive fallback, below): one verified token instead.
-- ``submit``: ONE batched real search of the pending steps' queries.
-- ``settle``: the oldest round is judged step by step (``judge_each``) with the kNN-LM rule:
+- ``advance``: from the current LM state, one token from the cache (a round holds ``s`` of
+  them, ``s`` from OS^3, decided once per round): query = LM hidden state, neighbours = cache
+  top-k, token = :func:`next_token`; each token is fed to the LM (1-row forward) so that the
+  next query exists, except the last token of a synchronous round, whose forward waits for its
+  verification. At stride 0 (the naive fallback, below): one verified token instead.
+- ``verify``: ONE batched real search of the pending steps' queries.
+- ``judge``: the oldest round is judged step by step (``judge_each``) with the kNN-LM rule:
   the *true* token t*_i is :func:`next_token` with the true neighbours and the LM scores already
   computed for step i (no decision at all when the true neighbours are the speculated ones);
   t_i is kept when t*_i == t_i (default, the paper's rule: neighbour sets may differ) or, in
-  ``strict`` mode, only when the speculated neighbours are the true ones. ``RoundBook.commit``
-  keeps the accepted prefix; at the first rejection it cuts that step and everything after it
-  (later tokens, and tokens speculated on top of them), t*_i becomes a verified step and the
-  LM's KV cache is cropped back to it (no re-prefill).
+  ``strict`` mode, only when the speculated neighbours are the true ones. The driver keeps the
+  accepted prefix; at the first rejection it cuts that step and everything after it (later
+  tokens, and tokens speculated on top of them), t*_i becomes a verified step (``correct``) and
+  the LM's KV cache is cropped back to it (``settled``; no re-prefill).
 
 Only the verified prefix (``RoundBook.verified_end``) is returned.
 
@@ -77,52 +76,44 @@ speculation resumes when it pays again.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
 
+from ralmspec.config import OS3_MODE_DEFAULTS, OS3Config
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
 from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState
-from ralmspec.speculation.rounds import Action, RoundBook, Status, Step, histogram_dict, judge_each, next_action
-from ralmspec.speculation.stride import StrideScheduler
+from ralmspec.speculation.driver import Driver, Plan, StepKind
+from ralmspec.speculation.rounds import Round, Step, Verdict, judge_each
 
 _U32 = 2.0 ** -24  # float32 unit roundoff
 
 
 @dataclass(frozen=True)
-class SpeculativeKNNConfig:
-    """Speculation knobs; none of them can change the output tokens."""
+class SpeculativeKNNConfig(OS3Config):
+    """Speculation knobs (OS^3's in ``OS3Config``, with kNN-LM's defaults from
+    ``OS3_MODE_DEFAULTS``); none of them can change the output tokens."""
 
+    async_verify: bool = bool(OS3_MODE_DEFAULTS["knnlm"]["async_verify"])
+    gamma_max: float = float(OS3_MODE_DEFAULTS["knnlm"]["gamma_max"])
     successors: int = 10  # m: successors i+1..i+m of every retrieved entry go into the cache
     cache_capacity: int = 2048  # entries per request (LRU)
-    os3: bool = True  # OS^3 stride scheduler; off: fixed_stride
-    fixed_stride: int = 3
-    s_max: int = 16
-    window: int = 5  # OS^3 acceptance window (rounds)
-    # OS^3 cap on γ (DESIGN/paper: 0.6). kNN-LM acceptance is ~0.9-1.0 and a verification of s
-    # queries costs far less than s single searches only for large s: a 0.9 cap held the stride
-    # near 3-4 and made the naive fallback fire at acceptance 1.0.
-    gamma_max: float = 0.98
     strict: bool = False  # accept only when the speculated top-k ids equal the true ones
-    async_verify: bool = False
     prefilter: bool = True  # certified float32 prefilter in the cache (exact result either way)
     self_feed: bool = True  # speculated neighbours' successors also enter the cache (module doc)
-    naive_fallback: bool = True  # with OS^3: plain verified steps while it predicts no gain (module doc)
     probe_every: int = 4  # during the fallback, every n-th step also probes the cache (0: never)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.successors <= 1024:
             raise ConfigError(f"successors must be in [0, 1024], got {self.successors!r}")
         if self.cache_capacity < 1:
             raise ConfigError(f"cache_capacity must be >= 1, got {self.cache_capacity!r}")
-        if not 1 <= self.fixed_stride <= 64 or not 1 <= self.s_max <= 64:
-            raise ConfigError("fixed_stride and s_max must be in [1, 64]")
-        if self.window < 1 or not 0.0 < self.gamma_max < 1.0:
-            raise ConfigError("window must be >= 1 and 0 < gamma_max < 1")
         if self.probe_every < 0:
             raise ConfigError(f"probe_every must be >= 0, got {self.probe_every!r}")
 
@@ -266,31 +257,35 @@ class NeighbourCache:
 
 @dataclass
 class SpeculativeStats:
-    """One request's counters. ``rounds``, ``speculated``, ``accepted``, ``rollbacks``,
-    ``strides`` and ``acceptance_histogram`` are the round core's (``RoundBook.stats``), copied
-    at the end: they count rounds that were verified, and the tokens sent to them."""
+    """One request's counters. The speculation figures (``rounds`` ... ``verify_wait_s``, one
+    definition each for every mode) are the driver's (``speculation/driver.py`` module doc),
+    copied at the end; a step is one token. The rest are kNN-LM's own."""
 
     rounds: int = 0  # verification rounds applied
     speculated: int = 0  # tokens decided from the cache and verified in a round (kept or not)
     accepted: int = 0  # speculated tokens kept by verification
     rollbacks: int = 0  # rounds with a rejected token
+    cancelled: int = 0  # rounds in flight cancelled by a rollback
+    wasted_tokens: int = 0  # tokens cut by rollbacks, the rejected one included
+    verify_batch_sizes: list[int] = field(default_factory=list)  # tokens per verification round
+    strides: list[int] = field(default_factory=list)  # OS^3's stride when each round was submitted
+    acceptance_histogram: dict[str, int] = field(default_factory=dict)  # kept tokens -> rounds
+    verified_steps: int = 0  # tokens decided from a real search (the first, OS^3's fallback)
+    naive_steps: int = 0  # OS^3's fallback steps among them
+    paused_steps: int = 0  # always 0: no load governor pauses kNN-LM
+    probes: int = 0  # fallback steps that also asked the cache
+    probe_hits: int = 0
+    verify_wait_s: float = 0.0  # main thread blocked on verification
     real_searches: int = 0  # calls of the datastore search (initial + verifications)
     verified_queries: int = 0  # query vectors sent to real searches
     lm_s: float = 0.0  # LM forwards (incl. wasted ones)
     cache_s: float = 0.0  # cache top-k + decision
     verify_s: float = 0.0  # real-search time (in the worker thread when async)
-    verify_wait_s: float = 0.0  # main thread blocked on verification
     cache_add_s: float = 0.0
     wall_s: float = 0.0
-    wasted_tokens: int = 0  # speculated tokens discarded by rollbacks (after the rejected one)
-    strides: list[int] = field(default_factory=list)  # tokens per verification round
-    acceptance_histogram: dict[str, int] = field(default_factory=dict)  # kept tokens -> rounds
     cache_size: int = 0
     cache_evictions: int = 0
     prefilter_fallbacks: int = 0
-    naive_steps: int = 0  # verified steps without speculation (first token, OS^3 fallback)
-    probes: int = 0  # fallback steps that also asked the cache
-    probe_hits: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -317,18 +312,26 @@ class SpeculativeKNNLM:
         prompt_ids = self.base.check_prompt(prompt, self.base.config.max_new_tokens)
         if self.config.async_verify:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-verify") as pool:
-                return _Request(self, prompt_ids, pool).run()
-        return _Request(self, prompt_ids, None).run()
+                return KNNMode(self, prompt_ids, pool).run()
+        return KNNMode(self, prompt_ids, None).run()
 
 
-class _Request:
-    """One request's speculative kNN-LM loop on the round core (module doc "Round"). Use once.
+class KNNMode:
+    """kNN-LM as a mode of the speculation driver (module doc "Round"). Use once.
 
-    ``out`` holds the tokens of the book's steps, one per step (``Step.start`` is the token's
-    index in ``out``): verified tokens, then speculated ones. ``state`` is the LM state after
-    the last token fed to the LM: after ``out[-1]``, except while a synchronous round's last
-    token waits for its verification, and once the output is complete.
+    A step is one token of the driver's token list (``Step.start`` is its index there; the query
+    is the :class:`LMState` it is decided at, the guess the token, ``extra`` the speculated
+    neighbours). ``state`` is the LM state after the last token fed to the LM: after the last
+    token, except while a synchronous round's last token waits for its verification, and once
+    the output is complete. Every step runs without yielding to the event loop, so an overlapped
+    round (a worker-thread search) is applied when the driver waits for it.
     """
+
+    redecides_each_step = False  # OS^3 decides once per round (a step is one token)
+    regenerates = False  # a rejected token's correction comes from the verification itself
+    verify_encodes = False
+    max_inflight = 1
+    eager = False
 
     def __init__(self, owner: SpeculativeKNNLM, prompt_ids: list[int], pool: ThreadPoolExecutor | None):
         base, scfg = owner.base, owner.config
@@ -336,152 +339,101 @@ class _Request:
         self.k, self.max_new = base.config.k, base.config.max_new_tokens
         self.prompt_ids = prompt_ids
         self.stats = SpeculativeStats()
-        self.sched = StrideScheduler(os3=scfg.os3, fixed_stride=scfg.fixed_stride, async_verify=scfg.async_verify,
-                                     s_max=scfg.s_max, window=scfg.window, gamma_max=scfg.gamma_max,
-                                     naive_fallback=scfg.naive_fallback, regenerates=False)
         self.cache = NeighbourCache(base.datastore, scfg.cache_capacity, prefilter=scfg.prefilter)
         self.dec = IncrementalDecoder(base.lm.model)
-        self.out: list[int] = []
         self.state: LMState | None = None
-        self.book: RoundBook | None = None
+        self.drv: Driver | None = None
         self.lm_step_s: float | None = None  # latest 1-row LM forward
 
-    # ------------------------------------------------------------------ the loop
     def run(self) -> KNNLMResult:
-        """The round loop: after the first (real) token, ``next_action`` picks step, submit,
-        settle (wait) or finish from the book's counts and the stride OS^3 chose for the round;
-        returns the verified tokens (all of them, once finished) and the stats."""
+        """Prefill the prompt, run the driver's loop; the verified tokens and the stats."""
         st, t_start = self.stats, time.perf_counter()
         self.state = self.dec.start(self.prompt_ids)
         st.lm_s += self.state.seconds
-        try:
-            self.book = book = RoundBook(self.verified_step())  # the first token: a real search
-            stride, overlap = 0, False
-            while True:
-                complete = self.finished()
-                pending = book.pending()
-                if not pending and not complete:
-                    stride, overlap = self.next_stride()  # once per round
-                action = next_action(len(pending), len(book.inflight), stride, complete,
-                                     max_inflight=1, eager=False)
-                if action is Action.SUBMIT:
-                    self.submit(pending, stride, overlap)
-                    if not overlap:  # synchronous round: settle it now
-                        self.settle()
-                elif action is Action.WAIT:
-                    self.settle()
-                elif action is Action.FINISH:
-                    break
-                else:
-                    self.step(stride, overlap)
-        finally:
-            if self.book is not None:
-                self.book.abort()
-        book.check()
-        if book.status(complete=True) is not Status.FINISHED:  # cannot happen: FINISH needs it
-            raise AssertionError("the request finished with unverified tokens")
-        tokens = self.out[:book.verified_end(0)]
-        rs = book.stats
-        st.rounds, st.speculated, st.accepted, st.rollbacks = rs.rounds, rs.speculated, rs.accepted, rs.rollbacks
-        st.strides, st.acceptance_histogram = list(rs.batch_sizes), histogram_dict(rs.histogram)
+        self.drv = drv = Driver(self, self.scfg)
+        tokens = asyncio.run(drv.run(self.prompt_ids))
+        figures = drv.figures()
+        del figures["acceptance_rate"]  # SpeculativeStats computes it
+        for name, value in figures.items():
+            setattr(st, name, value)
         st.wall_s = time.perf_counter() - t_start
         st.cache_size, st.cache_evictions = len(self.cache), self.cache.evictions
         st.prefilter_fallbacks = self.cache.prefilter_fallbacks
-        base = self.base
-        return KNNLMResult(prompt_ids=self.prompt_ids, tokens=tokens, text=base.decode_text(tokens),
+        return KNNLMResult(prompt_ids=self.prompt_ids, tokens=tokens, text=self.base.decode_text(tokens),
                            wall_s=st.wall_s, lm_s=st.lm_s, search_s=st.verify_s, stats=st, mode="speculative")
 
-    def finished(self) -> bool:
+    # ------------------------------------------------------------------ the mode's part of a round
+    def complete(self, tokens: list[int], n_prompt: int) -> bool:
         """The output (verified and speculated tokens) is complete: max length or a stop token."""
-        out = self.out
-        return len(out) >= self.max_new or (bool(out) and self.base.is_stop(out[-1]))
+        return len(tokens) - n_prompt >= self.max_new or (len(tokens) > n_prompt and self.base.is_stop(tokens[-1]))
 
-    def next_stride(self) -> tuple[int, bool]:
-        """OS^3's stride for the next round (0: its naive fallback, a verified step; module
-        doc), clipped to the tokens still allowed, and whether the round is verified beside the
-        next steps (asynchronous mode, when OS^3 predicts overlapping faster under the
-        contention it measured) or waited for."""
-        d = self.sched.decide()
-        s = 0 if d.stride == 0 else max(1, min(d.stride, self.max_new - len(self.out)))
-        return s, self.pool is not None and d.overlap
+    def may_speculate(self) -> bool:
+        return True
 
-    # ------------------------------------------------------------------ phases
-    def step(self, stride: int, overlap: bool) -> None:
-        """Produce the next steps: ``stride`` tokens guessed from the cache (fewer if the output
-        completes), or at stride 0 one verified token. Speculated tokens are fed to the LM one
-        by one, except a synchronous round's last token (``settle`` feeds it once verified)."""
-        if stride == 0:  # naive fallback: nothing in flight, everything verified (next_action)
-            self.book.add(self.verified_step())
+    def steps_left(self, tokens: list[int], n_prompt: int) -> int:
+        return self.max_new - (len(tokens) - n_prompt)
+
+    async def start(self, drv: Driver) -> None:
+        self.verified_step(StepKind.FIRST)
+
+    async def advance(self, drv: Driver, plan: Plan) -> None:
+        """One token: guessed from the cache and fed to the LM (except a synchronous round's last
+        token: ``settled`` feeds it once verified), or at stride 0 decided from a real search."""
+        if plan.stride == 0:  # naive fallback: nothing in flight, everything verified (next_action)
+            self.verified_step(StepKind.FALLBACK)
             return
-        base, cache, dec, out, book = self.base, self.cache, self.dec, self.out, self.book
-        st, sched = self.stats, self.sched
-        k, successors, self_feed = self.k, self.scfg.successors, self.scfg.self_feed
-        defer_last = not overlap
-        beside = bool(book.inflight)  # a verification runs beside these steps (contention)
-        state = self.state
-        for i in range(stride):
-            t0 = time.perf_counter()
-            sid, sd = cache.topk(state.hidden, k)
-            tok = base.decide(state, sid, sd)
-            if self_feed:  # walk on: the successors of the speculated neighbours
-                cache.add_search_result(sid, successors)
-            t_cache = time.perf_counter() - t0
-            st.cache_s += t_cache
-            book.add(Step(len(out), state, tok, verified=False, end=len(out) + 1, extra=(sid, sd)))
-            out.append(tok)
-            if (defer_last and i == stride - 1) or self.finished():
-                sched.observe_step(t_cache + (self.lm_step_s or state.seconds), beside)  # the forward it would cost
-                break
-            state = dec.step(tok)
-            st.lm_s += state.seconds
-            self.lm_step_s = state.seconds
-            if not beside:  # the naive step's LM cost is measured alone
-                sched.observe_lm(state.seconds)
-            sched.observe_step(t_cache + state.seconds, beside)
-        self.state = state
+        base, cache, sched, state, book = self.base, self.cache, drv.sched, self.state, drv.book
+        beside = bool(book.inflight)  # a verification runs beside this step (contention)
+        t0 = time.perf_counter()
+        sid, sd = cache.topk(state.hidden, self.k)
+        tok = base.decide(state, sid, sd)
+        if self.scfg.self_feed:  # walk on: the successors of the speculated neighbours
+            cache.add_search_result(sid, self.scfg.successors)
+        t_cache = time.perf_counter() - t0
+        self.stats.cache_s += t_cache
+        start = len(drv.tokens)
+        drv.add(Step(start, state, tok, verified=False, end=start + 1, extra=(sid, sd)), [tok])
+        last = not plan.overlap and len(book.pending()) >= plan.stride
+        if last or self.complete(drv.tokens, drv.n0):
+            sched.observe_step(t_cache + (self.lm_step_s or state.seconds), beside)  # the forward it would cost
+            return
+        self.forward(tok, alone=not beside)
+        sched.observe_step(t_cache + self.state.seconds, beside)
 
-    def submit(self, steps: list[Step], stride: int, overlap: bool) -> None:
-        """ONE batched real search of ``steps``' queries: now (synchronous; the caller settles
-        it at once) or in the worker thread beside the next steps (asynchronous)."""
+    def verify(self, drv: Driver, steps: list[Step], plan: Plan) -> asyncio.Future:
+        """ONE batched real search of the steps' queries: now (synchronous; the driver applies it
+        at once) or in the worker thread beside the next steps (``plan.overlap``)."""
         queries = [s.query.hidden for s in steps]
-        if not overlap:
-            handle: Future = Future()
-            handle.set_result(self.verify(queries))
+        if plan.overlap:
+            handle = asyncio.wrap_future(self.pool.submit(self.search, queries))
         else:
-            handle = self.pool.submit(self.verify, queries)
+            handle = asyncio.get_running_loop().create_future()
+            handle.set_result(self.search(queries))
         self.stats.real_searches += 1
         self.stats.verified_queries += len(steps)
-        self.book.submit(steps, handle, stride, time.perf_counter(), overlap=overlap)
+        return handle
 
-    def settle(self) -> None:
-        """Wait for the oldest round and apply it: judge its tokens in order (``judge_step``),
-        commit the verdict, and on a rejection replace the rejected token by the true one and
-        crop the LM back to it. Kept steps drop their LM state (a vocabulary-sized buffer)."""
-        book, st, sched = self.book, self.stats, self.sched
-        rnd = book.inflight[0]
-        t0 = time.perf_counter()
-        ids, d, took = rnd.handle.result()
-        st.verify_wait_s += time.perf_counter() - t0
-        st.verify_s += took
-        n = len(rnd.steps)
-        sched.observe_verification(n, took, rnd.overlap)
+    def judge(self, drv: Driver, rnd: Round, outcome: tuple[np.ndarray, np.ndarray, float]) -> Verdict:
+        """Judge the round's tokens in order (``judge_step``), up to the first rejection."""
+        ids, d, took = outcome
+        self.stats.verify_s += took
+        drv.sched.observe_verification(len(rnd.steps), took, rnd.overlap)
         t0 = time.perf_counter()
         verdict = judge_each(self.judge_step(s, ids[i], d[i]) for i, s in enumerate(rnd.steps))
-        st.cache_add_s += time.perf_counter() - t0
-        sched.observe_round(n, verdict.accepted)
-        bad = book.commit(rnd, verdict)
+        self.stats.cache_add_s += time.perf_counter() - t0
+        return verdict
+
+    def correct(self, drv: Driver, bad: Step, truth: int, wasted: int) -> tuple[Step, list[int]]:
+        """The true token replaces the rejected one (``settled`` feeds it to the LM)."""
+        return Step(bad.start, None, truth, verified=True, end=bad.start + 1), [truth]
+
+    def settled(self, drv: Driver, rnd: Round, verdict: Verdict, rolled_back: bool) -> None:
+        """Kept steps drop their LM state (a vocabulary-sized buffer); the LM is fed the true
+        token after a rollback (cropped back to it), or a synchronous round's last token."""
         for s in rnd.steps[:verdict.accepted]:
             s.query = s.extra = None
-        if bad is None:
-            if not rnd.overlap:
-                self.feed()  # a synchronous round's last token waited for its verification
-            return
-        out = self.out
-        st.wasted_tokens += len(out) - bad.start - 1
-        del out[bad.start:]
-        out.append(verdict.correction)
-        book.add(Step(bad.start, None, verdict.correction, verified=True, end=bad.start + 1))
-        self.feed()
+        if rolled_back or not rnd.overlap:
+            self.feed()
 
     # ------------------------------------------------------------------ kNN-LM parts
     def judge_step(self, step: Step, ids: np.ndarray, d: np.ndarray) -> tuple[bool, int]:
@@ -501,26 +453,27 @@ class _Request:
         true_tok = self.base.decide(step.query, ids, d)
         return true_tok == step.guess and not scfg.strict, true_tok
 
-    def verify(self, hidden: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+    def search(self, hidden: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
         """The real search of the queries, in one batch: (ids, distances, seconds)."""
         t0 = time.perf_counter()
         ids, d = self.base.datastore.search(np.stack(hidden), self.k)
         return ids, d, time.perf_counter() - t0
 
-    def verified_step(self) -> Step:
+    def verified_step(self, kind: StepKind) -> None:
         """One token from a real search (the first token, and the OS^3 fallback), fed to the LM.
         While OS^3 lacks estimates, and then every ``probe_every``-th fallback step, it also
         asks the cache first (fed by the step before): a speculative step's cost ``a`` and a
         1-step round for ``γ``, so speculation can start, or resume when it pays again."""
-        base, cache, scfg, st, sched, state = self.base, self.cache, self.scfg, self.stats, self.sched, self.state
-        probe = st.naive_steps > 0 and self.probes_now(st.naive_steps)
+        drv, base, cache, scfg, st, state = self.drv, self.base, self.cache, self.scfg, self.stats, self.state
+        sched, done = drv.sched, drv.stats.verified_steps  # verified steps so far
+        probe = done > 0 and self.probes_now(done)
         if probe:
             t0 = time.perf_counter()
             sid, sd = cache.topk(state.hidden, self.k)
             spec_tok = base.decide(state, sid, sd)
             t_probe = time.perf_counter() - t0
             st.cache_s += t_probe
-        ids, d, took = self.verify([state.hidden])
+        ids, d, took = self.search([state.hidden])
         st.verify_s += took
         st.real_searches += 1
         st.verified_queries += 1
@@ -531,37 +484,41 @@ class _Request:
             ok = spec_tok == tok and (not scfg.strict or np.array_equal(sid, ids[0]))
             sched.observe_round(1, int(ok))
             sched.observe_step(t_probe + (self.lm_step_s or state.seconds))
-            st.probes += 1
-            st.probe_hits += int(ok)
+            drv.probed(ok)
         # Feed the cache on the first step, on a probe (speculation may start next) and right
         # before a probe (it needs this step's successors); skipping the other feeds keeps the
         # fallback close to naive cost.
-        if st.naive_steps == 0 or probe or self.probes_now(st.naive_steps + 1):
+        if done == 0 or probe or self.probes_now(done + 1):
             t0 = time.perf_counter()
             cache.add_search_result(ids[0], scfg.successors)
             st.cache_add_s += time.perf_counter() - t0
-        st.naive_steps += 1
-        start = len(self.out)
-        self.out.append(tok)
+        start = len(drv.tokens)
+        drv.add(Step(start, None, tok, verified=True, end=start + 1), [tok], kind)
         self.feed()
-        return Step(start, None, tok, verified=True, end=start + 1)
 
-    def probes_now(self, naive_step: int) -> bool:
-        """The ``naive_step``-th verified step (>= 1) probes the cache: while OS^3 still needs
+    def probes_now(self, verified_step: int) -> bool:
+        """The ``verified_step``-th verified step (>= 1) probes the cache: while OS^3 still needs
         estimates, else every ``probe_every``-th one."""
         pe = self.scfg.probe_every
-        return self.sched.needs_estimates() or (pe > 0 and naive_step % pe == 0)
+        return self.drv.sched.needs_estimates() or (pe > 0 and verified_step % pe == 0)
 
     def feed(self) -> None:
         """Feed the output's last token to the LM, after cropping its KV cache to the tokens
         before it (a no-op unless rolled back); nothing once the output is complete."""
-        if self.finished():
+        tokens = self.drv.tokens
+        if self.complete(tokens, self.drv.n0):
             return
-        self.dec.truncate(len(self.prompt_ids) + len(self.out) - 1)
-        self.state = self.dec.step(self.out[-1])
+        self.dec.truncate(len(tokens) - 1)
+        self.forward(tokens[-1], alone=True)
+
+    def forward(self, token: int, alone: bool) -> None:
+        """One 1-row LM forward of ``token``; ``alone``: no verification ran beside it (OS^3's
+        naive-step LM cost)."""
+        self.state = self.dec.step(token)
         self.stats.lm_s += self.state.seconds
         self.lm_step_s = self.state.seconds
-        self.sched.observe_lm(self.state.seconds)
+        if alone:
+            self.drv.sched.observe_lm(self.state.seconds)
 
 
-__all__ = ["SpeculativeKNNConfig", "SpeculativeKNNLM", "SpeculativeStats", "NeighbourCache"]
+__all__ = ["SpeculativeKNNConfig", "SpeculativeKNNLM", "SpeculativeStats", "NeighbourCache", "KNNMode"]

@@ -30,12 +30,13 @@ Rankers ``StaticEmbeddingRanker`` / ``CacheBM25Ranker`` are shared by every requ
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -79,6 +80,108 @@ def refined_doc(cheap: int, exact: int | None, verified: bool) -> int | None:
     if verified or exact is None or exact == cheap:
         return None
     return exact
+
+
+@dataclass(frozen=True)
+class Guess:
+    """A guesser's answer: the passage to produce the step with, and (``refine``) a future of the
+    exact cache guess the step's chunk is checked against once produced (``refined_doc``)."""
+
+    doc: int | None
+    refine: Any = None
+
+
+class GuessKit(Protocol):
+    """What a guesser may use; the RaLM mode supplies it (``engine/speculative.py``)."""
+
+    cache: Any  # the request's SpeculationCache
+
+    def exact_guess(self, query: str) -> int | None:
+        """The cache's top-1 with the retriever's own metric (encodes ``query`` first)."""
+
+    def timed_encode(self, query: str) -> None:
+        """Encode ``query`` (cached for verification), telling OS^3 what it cost."""
+
+    def rank_top1(self, query: str, doc_ids: list[int]) -> int | None:
+        """The top-1 of ``doc_ids`` with the retriever's own metric."""
+
+    def beside(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Run ``fn(*args)`` on the verification worker, beside the LM."""
+
+
+class Guesser(Protocol):
+    """A guess policy (module doc). ``encodes_query``: the guess encodes the query on the critical
+    path, so verification finds it encoded (OS^3's ``verify_encodes`` is off)."""
+
+    encodes_query: bool
+
+    async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
+        """The next step's passage for ``query``; ``last`` is the current step's passage."""
+
+
+class ExactGuesser:
+    """``exact``: rank the cache with the retriever's metric now (a worker thread, awaited)."""
+
+    encodes_query = True
+
+    async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
+        return Guess(await asyncio.to_thread(kit.exact_guess, query))
+
+
+class LastGuesser:
+    """``last``: the current step's passage; the query is encoded beside (dense retrievers)."""
+
+    encodes_query = False
+
+    def __init__(self, encode_beside: bool):
+        self.encode_beside = encode_beside
+
+    async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
+        if self.encode_beside:
+            kit.beside(kit.timed_encode, query)
+        return Guess(last)
+
+
+class RefineGuesser:
+    """``refine``: the current step's passage now, the exact cache ranking beside, to be checked
+    against once the chunk is produced."""
+
+    encodes_query = False
+
+    async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
+        return Guess(last, refine=kit.beside(kit.rank_top1, query, kit.cache.doc_ids()))
+
+
+class CheapGuesser:
+    """``static`` / ``bm25`` / ``oracle``: a cheap ranker over the cached passages, on the critical
+    path (microseconds); no answer keeps the current passage. Dense: encode beside."""
+
+    encodes_query = False
+
+    def __init__(self, ranker: Any, encode_beside: bool):
+        self.ranker, self.encode_beside = ranker, encode_beside
+
+    async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
+        doc = self.ranker.top1(query, kit.cache.doc_ids())
+        if doc is None:
+            doc = last
+        kit.cache.use(doc)
+        if self.encode_beside:
+            kit.beside(kit.timed_encode, query)
+        return Guess(doc)
+
+
+def make_guesser(guesser: str, dense: bool, rankers: CheapRankers) -> Guesser:
+    """The strategy object for ``guesser`` (``plan_guess``'s plan) on a dense or sparse retriever;
+    a cheap ranker comes from the engine's shared ``rankers``."""
+    plan = plan_guess(guesser, dense)
+    if plan.rank_now:
+        return ExactGuesser()
+    if plan.cheap is not None:
+        return CheapGuesser(rankers.get(plan.cheap), plan.encode_beside)
+    if plan.rank_beside:
+        return RefineGuesser()
+    return LastGuesser(plan.encode_beside)
 
 
 class _PassageMemo:

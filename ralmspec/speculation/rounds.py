@@ -13,8 +13,9 @@ is cancelled (its steps are gone). So at any time the output is: verified steps,
 speculated steps, and only the verified prefix may leave the engine.
 
 This module is pure bookkeeping: no LM, no knowledge base, no clock, no event loop. A round's
-``handle`` is whatever the mode uses to run a verification (an ``asyncio.Task``, a
-``concurrent.futures.Future``); the book only calls ``handle.cancel()``.
+``handle`` is whatever the mode uses to run a verification (an ``asyncio.Task``, a wrapped
+``concurrent.futures.Future``); the book only calls ``handle.cancel()``. The loop that drives a
+book, and cuts the request's tokens where it cuts the steps, is ``speculation/driver.py``.
 """
 
 from __future__ import annotations
@@ -89,7 +90,6 @@ class Round:
     handle: Any  # the running verification (anything with ``cancel()``)
     stride: int  # the stride OS^3 had chosen when the round was submitted
     submitted_at: float  # seconds (the mode's clock), for the trace
-    timing: list[tuple[float, float]] = field(default_factory=list)  # (start, seconds) of the work
     overlap: bool = False  # verified beside decoding (asynchronous) rather than waited for
 
 

@@ -49,6 +49,8 @@ import copy
 from collections import deque
 from dataclasses import dataclass
 
+from ralmspec.config import OS3Config
+
 
 def expected_verified_chunks(gamma: float, s: int) -> float:
     """E[chunks kept per round] = Σ_{i<s} γ^i = (1-γ^s)/(1-γ)."""
@@ -133,6 +135,14 @@ class StrideScheduler:
         # received the previous round's prefetch yet, so their acceptance is estimated apart
         self._rounds_ov: deque[tuple[int, bool]] = deque(maxlen=window)
         self._gamma_prior: float | None = None  # the engine's earlier requests' γ (seed_costs)
+
+    @classmethod
+    def of(cls, cfg: OS3Config, verify_encodes: bool = False, regenerates: bool = True) -> StrideScheduler:
+        """The scheduler for a mode's ``OS3Config`` (``verify_encodes`` / ``regenerates``: the
+        mode's cost model, above)."""
+        return cls(os3=cfg.os3, fixed_stride=cfg.fixed_stride, async_verify=cfg.async_verify, s_max=cfg.s_max,
+                   window=cfg.window, gamma_max=cfg.gamma_max, naive_fallback=cfg.naive_fallback,
+                   verify_encodes=verify_encodes, regenerates=regenerates)
 
     def observe_step(self, seconds: float, overlapped: bool = False) -> None:
         """One speculative step (LM chunk + guess); ``overlapped``: a verification ran meanwhile."""

@@ -49,7 +49,7 @@ def test_speculative_equals_naive(naive_results, knn_prompts, kind, i):
         assert s.rounds >= s.rollbacks and s.real_searches >= 1
         assert len(r.tokens) <= MAX_NEW_TOKENS
         if not cfg.os3:
-            assert all(1 <= x <= cfg.fixed_stride for x in s.strides)
+            assert all(1 <= x <= cfg.fixed_stride for x in s.verify_batch_sizes)
     # a fixed stride speculates in every request; OS^3 (its default included) does too on these
     # prompts (locality), if not in each one; caches of <= 3 entries roll back
     check.ran(min_speculated=len(results) if forces_speculation(cfg) else 1,
@@ -132,7 +132,7 @@ def test_naive_fallback_when_speculation_cannot_pay(naive_results, knn_prompts):
         check.same(r.tokens, a.tokens, r.stats)
     # built NOT to speculate; the default OS^3 below and the fixed strides above speculate
     check.ran(min_speculated=0, why="a near-zero acceptance cap: OS^3 predicts no gain and falls back")
-    assert sum(r.stats.naive_steps for r in results) > 16  # beyond the first tokens
+    assert sum(r.stats.verified_steps for r in results) > 16  # beyond the first tokens
     assert sum(r.stats.probes for r in results) > 0
 
 
@@ -146,7 +146,7 @@ def test_os3_measures_with_a_probed_verified_step_then_speculates(naive_results,
     for r, a in zip(results, naive):
         check.same(r.tokens, a.tokens, r.stats)
     check.ran(min_speculated=1)
-    assert all(r.stats.naive_steps >= 2 and r.stats.probes >= 1 for r in results)
+    assert all(r.stats.verified_steps >= 2 and r.stats.probes >= 1 for r in results)
 
 
 @pytest.mark.parametrize("cfg", [C(os3=False, fixed_stride=3, cache_capacity=3),
@@ -163,13 +163,13 @@ def test_tokens_and_stats_come_from_the_round_core(naive_results, knn_prompts, c
         r = spec.generate(p)
         s = r.stats
         check.same(r.tokens, a.tokens, s, where=p)
-        assert len(r.tokens) == s.naive_steps + s.accepted + s.rollbacks
+        assert len(r.tokens) == s.verified_steps + s.accepted + s.rollbacks
         hist = {int(k): v for k, v in s.acceptance_histogram.items()}
-        assert sum(hist.values()) == s.rounds == len(s.strides)
+        assert sum(hist.values()) == s.rounds == len(s.verify_batch_sizes)
         assert sum(k * v for k, v in hist.items()) == s.accepted
-        assert sum(s.strides) == s.speculated
-        assert s.real_searches == s.rounds + s.naive_steps
-        assert s.verified_queries == s.speculated + s.naive_steps
+        assert sum(s.verify_batch_sizes) == s.speculated
+        assert s.real_searches == s.rounds + s.verified_steps
+        assert s.verified_queries == s.speculated + s.verified_steps
         assert "acceptance_histogram" in r.to_dict()["stats"]
     if forces_speculation(cfg):
         check.ran(min_speculated=len(knn_prompts[:10]), min_rollbacks=int(cfg.cache_capacity <= 3))
