@@ -24,7 +24,7 @@ from pathlib import Path
 
 VARIANTS = {
     "os3": dict(),  # OS^3 with the kNN-LM defaults (SpeculativeKNNConfig), synchronous
-    "os3-g0.6": dict(gamma_max=0.6),  # the paper's / DESIGN's cap
+    "os3-g0.6": dict(gamma_max=0.6),  # the paper's cap
     "os3-g0.9": dict(gamma_max=0.9),
     "os3-g0.95": dict(gamma_max=0.95),
     "async": dict(async_verify=True),

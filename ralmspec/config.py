@@ -97,7 +97,7 @@ class RetrievalConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """The reference semantics of one request (DESIGN §1). Same values => same tokens."""
+    """The reference semantics of one request (docs/design.md §1). Same values => same tokens."""
 
     stride: int = 4  # tokens generated per retrieval
     query_len: int = 32  # tokens of context used as the retrieval query
@@ -170,7 +170,7 @@ class OS3Config:
     s_max: int = 16  # OS^3's largest stride
     window: int = 5  # OS^3 acceptance window (rounds)
     # OS^3 may stop speculating (verified naive steps, cache still probed) while it predicts
-    # speculation to be slower than the naive loop (DESIGN §4); off = always speculate
+    # speculation to be slower than the naive loop (docs/design.md §4); off = always speculate
     naive_fallback: bool = True
     async_verify: bool = bool(OS3_MODE_DEFAULTS["ralm"]["async_verify"])
     gamma_max: float = float(OS3_MODE_DEFAULTS["ralm"]["gamma_max"])  # cap on the estimated γ

@@ -15,7 +15,7 @@ class Passage:
 
     @property
     def content(self) -> str:
-        """What is prepended to the LM context: ``title + "\\n" + text`` (DESIGN §1)."""
+        """What is prepended to the LM context: ``title + "\\n" + text`` (docs/design.md §1)."""
         return f"{self.title}\n{self.text}"
 
 

@@ -29,7 +29,7 @@ verified steps: retrieve, then generate, exactly the naive step. When retrieval 
 bottleneck (an expensive knowledge base) the LM mostly stays below the thresholds too (measured:
 EMULATED 1M, 8 clients, naive LM busy 38%, speculative 74%).
 
-Outputs never depend on it: paused or not, every emitted token is verified (DESIGN §2.1).
+Outputs never depend on it: paused or not, every emitted token is verified (docs/design.md §2 invariant 1).
 """
 
 from __future__ import annotations

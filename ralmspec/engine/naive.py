@@ -1,4 +1,4 @@
-"""The oracle: naive iterative RaLM exactly as DESIGN §1. Every faster path must match it.
+"""The oracle: naive iterative RaLM exactly as docs/design.md §1. Every faster path must match it.
 
     tokens = tokenize(prompt)
     while not finished:

@@ -1,7 +1,7 @@
 """Prompt formats: how the LM input is laid out around the passage, the prompt and the answer.
 
 Both loops (naive and speculative) build every LM input with :meth:`PromptFormat.build`, so the
-format is part of the reference semantics (DESIGN §1): same format => same tokens.
+format is part of the reference semantics (docs/design.md §1): same format => same tokens.
 
 ``plain`` (the paper's continuation; kNN-LM and language-modelling studies)::
 

@@ -1,4 +1,4 @@
-"""Per-request results and traces (DESIGN §2 invariant 4: everything measured is recorded)."""
+"""Per-request results and traces (docs/design.md §2 invariant 5: everything measured is recorded)."""
 
 from __future__ import annotations
 

@@ -12,12 +12,12 @@ state and LM session. What the requests share are two batching clients:
   are gathered into ONE ``retriever.search(queries, k_max)`` call; each caller gets its own
   answers cut to its own ``k``. Identical queries in a batch are searched once.
 
-Invariant (DESIGN §2.1, at every concurrency level): a request's tokens equal the oracle run
+Invariant (docs/design.md §2 invariant 1, at every concurrency level): a request's tokens equal the oracle run
 alone. Why batching cannot change them:
 - the LM contract makes ``generate(prompt, n, sampling)`` a function of ``(prompt, n, sampling)``
   alone (a sampled token depends on (seed, its position, its logits) only), whatever the
   batch neighbours and session history (the HF backend runs prompts one by one with per-session
-  KV; a batched backend must be batch-invariant, DESIGN §2.2);
+  KV; a batched backend must be batch-invariant, docs/design.md §2 invariant 3);
 - the Retriever contract makes a query's ranking a function of the query alone, and the
   top-k lists for different k are prefixes of one ranking (score desc, doc id asc), so the
   top-k_max list cut to k equals a top-k search (``tests/engine/test_scheduler.py`` checks the

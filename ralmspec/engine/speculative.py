@@ -1,6 +1,6 @@
 """RaLMSpec: speculative retrieval with batched verification, prefetching, OS^3 and async verify.
 
-Invariant (DESIGN §2.1): the returned tokens equal ``generate_naive`` for the same model,
+Invariant (docs/design.md §2 invariant 1): the returned tokens equal ``generate_naive`` for the same model,
 knowledge base and GenerationConfig, whatever the SpeculationConfig.
 
 Why: a step (``speculation/rounds.py``) is a (start, query, doc) triple; its query is computed

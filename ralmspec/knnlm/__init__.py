@@ -1,4 +1,4 @@
-"""kNN-LM (Khandelwal et al., 2020) with speculative retrieval (RaLMSpec, DESIGN §1 "kNN-LM").
+"""kNN-LM (Khandelwal et al., 2020) with speculative retrieval (RaLMSpec, docs/design.md §1, kNN-LM).
 
 - :mod:`ralmspec.knnlm.datastore`: build / load the datastore (keys = the LM's final hidden
   state, values = next token ids, in corpus order) and its canonical, batch-invariant k-NN search.

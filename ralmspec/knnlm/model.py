@@ -1,6 +1,6 @@
 """Naive kNN-LM greedy decoding (the oracle the speculative decoder must reproduce token for token).
 
-Semantics (DESIGN §1 "kNN-LM"; Khandelwal et al., 2020)
+Semantics (docs/design.md §1, kNN-LM; Khandelwal et al., 2020)
 -------------------------------------------------------
 At every generated position the query is the LM's final hidden state at the last position (the
 input of the LM head, the same representation the datastore keys are made of, see

@@ -36,7 +36,7 @@ Trade-offs (deliberate)
 -----------------------
 - Batches are processed prompt by prompt, each with its own session cache. A padded batched
   forward changes the numerics of every row (different GEMM shapes, padding), which would make
-  a prompt's tokens depend on its batch neighbours and break batch invariance (DESIGN §2.2).
+  a prompt's tokens depend on its batch neighbours and break batch invariance (docs/design.md §2 invariant 3).
   The cost is throughput under many concurrent requests; on the 2-core CPU target a batched
   forward would not be much cheaper anyway.
 - A fresh prompt costs ``ceil(L/B)`` forwards instead of one, and small-row GEMMs are

@@ -1,6 +1,6 @@
 """The Retriever contract shared by every knowledge base (dense, sparse, remote).
 
-Contract (DESIGN §2, invariant 2):
+Contract (docs/design.md §2, invariant 2):
 - ``search_sync(queries, k)`` returns, per query, the top-k ``Hit``s sorted by score
   descending, ties broken by the lower doc id. The answer for a query is a deterministic
   function of the query text alone: identical ids, order and scores whether the query is

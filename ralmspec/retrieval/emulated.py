@@ -1,7 +1,7 @@
 """EMULATED large knowledge base: the answers of the real one, the search cost of a bigger flat index.
 
 Why: the shipped knowledge base has ~3.8k passages, so an exact search costs a few ms and
-retrieval is only a few percent of a naive step (DESIGN §4); the paper's regime (a 21M-passage
+retrieval is only a few percent of a naive step (docs/design.md §9); the paper's regime (a 21M-passage
 Wikipedia, retrieval ~95% of the time) cannot be reproduced with real text on this machine.
 
 What ``PaddedCostRetriever`` does, exactly:

@@ -3,7 +3,7 @@
 Contract:
 - ``encode_queries(texts)`` encodes EACH text on its own (a batch of one, so no padding from
   other texts), which makes a query's vector a deterministic function of its text alone: the
-  same bits whether it is encoded alone or inside any batch (DESIGN §2, invariant 2). Results
+  same bits whether it is encoded alone or inside any batch (docs/design.md §2, invariant 2). Results
   sit behind a bounded LRU cache keyed by the text.
 - ``encode_corpus(texts, batch_size)`` is batched (faster); passage vectors are computed once at
   index build time and stored, so their batch-dependence does not matter.

@@ -1,4 +1,4 @@
-"""Per-request speculation cache of passages (DESIGN §1).
+"""Per-request speculation cache of passages (docs/design.md §1).
 
 ``top1(query)`` ranks the cached doc ids with the retriever's own ``score`` and the canonical
 tie-break (score desc, then doc id asc), so whenever the knowledge base's true top-1 is cached

@@ -1,6 +1,6 @@
 """The speculation core: steps, verification rounds, in-order application and rollback.
 
-Vocabulary (DESIGN §1-§2). A *step* is one unit of output whose retrieval is guessed: it starts
+Vocabulary (docs/design.md §3). A *step* is one unit of output whose retrieval is guessed: it starts
 at a position of the output, has the query that verification will search for, and the guess the
 step was produced with. Steps are speculated one after another; a *round* sends the pending
 (not yet submitted) steps to ONE batched verification. Rounds are applied strictly in the order

@@ -1,4 +1,4 @@
-"""OS^3: the optimal speculation stride scheduler (DESIGN §1). Pure policy, no I/O.
+"""OS^3: the optimal speculation stride scheduler (docs/design.md §4). Pure policy, no I/O.
 
 Symbols: ``a`` = seconds of one speculative step (cache lookup + query + LM chunk),
 ``b(s)`` = seconds of one batched verification of ``s`` queries, ``γ`` = probability that one
@@ -8,7 +8,7 @@ speculated passage is right. Per round of stride ``s`` the expected number of ve
 picks the ``s`` in ``[1, s_max]`` that maximises verified chunks per second, searching upward
 from 1 while the objective does not fall.
 
-Falling back (DESIGN §4: never slower than the naive loop): speculation is worth it only if its
+Falling back (docs/design.md §4: never slower than the naive loop): speculation is worth it only if its
 expected seconds per verified step beat a naive step, ``lm + r`` (LM chunk + one real
 retrieval). For RaLM a mismatched step's chunk must be generated again with the true passage,
 so with probability ``1-γ^s`` a round costs one more step ``a`` (``seconds_per_step(...,
@@ -23,7 +23,7 @@ that already served requests they are known from the start: the costs are carrie
 until this request's first round is judged (so a request does not spend its first steps, one
 full knowledge-base round trip each, re-measuring what the engine already knows).
 
-Decoupled costs (DESIGN §4): ``a`` = LM chunk + guess, as measured on the critical path (the
+Decoupled costs (docs/design.md §4): ``a`` = LM chunk + guess, as measured on the critical path (the
 ``exact`` guess encodes the query there; ``last`` / ``refine`` do not). ``b(s) = s·e + search(s)``:
 ``search(s)`` is the knowledge-base search of ``s`` already-encoded queries, ``e`` one query
 encoding, paid inside verification only when the guesser did not already pay it on the critical

@@ -1,6 +1,6 @@
 """Verification: one batched knowledge-base call for all pending steps, and the first-mismatch rule.
 
-Invariant 3 (DESIGN §2): a verification that fails is retried; if it still fails it raises
+Invariant 4 (docs/design.md §2): a verification that fails is retried; if it still fails it raises
 ``RetrievalError`` and the engine releases nothing that was not already verified.
 """
 

@@ -126,7 +126,7 @@ def test_unchanged_neighbours_are_not_decided_again(naive_results, knn_prompts, 
     assert calls[0] >= sum(len(r.tokens) for r in results)  # ... but every token was decided once
 
 
-# Speculative == naive (DESIGN §2 invariant 1) over a seeded sample of the knob space.
+# Speculative == naive (docs/design.md §2 invariant 1) over a seeded sample of the knob space.
 _RNG = np.random.default_rng(2024)
 SWEEP = []
 for _i in range(10):

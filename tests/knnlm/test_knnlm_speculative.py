@@ -1,4 +1,4 @@
-"""Speculative kNN-LM == naive kNN-LM, token for token (DESIGN §2 invariant 1), and the cache."""
+"""Speculative kNN-LM == naive kNN-LM, token for token (docs/design.md §2 invariant 1), and the cache."""
 
 from __future__ import annotations
 

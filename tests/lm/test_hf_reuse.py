@@ -1,6 +1,6 @@
 """Canonical block prefill: session reuse never changes a bit of the output.
 
-The prompt sequences mimic the engine (DESIGN §1): passage + context growing by ``stride``
+The prompt sequences mimic the engine (docs/design.md §1): passage + context growing by ``stride``
 tokens, passage switches, rollbacks to a shorter context, and two requests interleaved on one
 backend. Every reused call is compared with a call without reuse (``sessions=None``), token for
 token, and (through ``next_token_states``) logit for logit, bit for bit. The counters prove that

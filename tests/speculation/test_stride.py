@@ -1,4 +1,4 @@
-"""OS^3 against hand-computed cases (DESIGN §1)."""
+"""OS^3 against hand-computed cases (docs/design.md §4)."""
 
 import math
 
@@ -54,7 +54,7 @@ def test_scheduler_starts_at_1_and_follows_measurements():
     sch.observe_step(1.0)
     sch.observe_verification(1, 40.0)
     sch.observe_round(1, 1)
-    assert sch.next_stride() == 6  # γ capped at 0.6, a=1, b=40 -> 6 (DESIGN check)
+    assert sch.next_stride() == 6  # γ capped at 0.6, a=1, b=40 -> 6 (the check in docs/design.md §4)
 
 
 def test_fixed_mode_ignores_measurements():
