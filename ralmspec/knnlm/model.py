@@ -19,8 +19,9 @@ speculation and verification share.
 
 LM determinism (why speculative == naive bit for bit)
 -----------------------------------------------------
-Both decoders drive the model through :class:`IncrementalDecoder`: ONE forward over the whole
-prompt, then one 1-row forward per token with the KV cache. A rollback crops the KV cache back
+Both decoders drive the model through :class:`IncrementalDecoder` (on the LM's runner, the
+seam of ``ralmspec.lm.runner``): ONE forward over the whole prompt, then one 1-row forward per
+token with the KV cache. A rollback crops the KV cache back
 to a prefix and continues with 1-row forwards. So the hidden state / logits at position ``p``
 are always produced by the same float operations with the same shapes (a 1-row forward at past
 length ``p``, or the prompt prefill) whatever the history — hence the same bits in both
@@ -33,7 +34,6 @@ round differently.) This relies on deterministic CPU kernels for a fixed shape a
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ralmspec.errors import ConfigError
-from ralmspec.knnlm.datastore import Datastore, hidden_size, lm_trunk
+from ralmspec.knnlm.datastore import Datastore, hidden_size
 
 
 @dataclass(frozen=True)
@@ -164,20 +164,22 @@ class LMState:
 
 
 class IncrementalDecoder:
-    """Prefill once, then 1-row forwards with a KV cache; ``truncate`` rolls back (module doc).
+    """Prefill once, then 1-row forwards through the LM's runner; ``truncate`` rolls back.
 
-    Not thread-safe: one decoder per request, used from one thread.
+    The KV state is a handle of the LM's own runner (``ralmspec.lm.runner``: the eager
+    ``DynamicCache`` runner on the CPU, the static KV-slot runner on CUDA), so kNN-LM decodes
+    through the same seam as document-level RaLM: ``start`` = one ``prefill_block`` of the
+    prompt, ``step`` = a one-token ``prefill_block`` (which returns the final hidden state the
+    datastore is searched with, and the logits), ``truncate`` = ``crop`` (a static runner only
+    moves a length). ``close`` gives the handle back (a static runner's slot). Not thread-safe:
+    one decoder per request, used from one thread, and no other user of the same LM at once.
     """
 
-    def __init__(self, model: Any):
-        self.model = model
-        self.trunk = lm_trunk(model)
-        self.head = model.get_output_embeddings()
-        params = inspect.signature(self.trunk.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.device = next(model.parameters()).device
-        self._cache: Any = None
+    def __init__(self, lm: Any):
+        self.runner = lm.runner
+        self._kv: Any = None
         self._len = 0
+        self._open = False
 
     @property
     def length(self) -> int:
@@ -189,26 +191,27 @@ class IncrementalDecoder:
 
         t0 = time.perf_counter()
         with torch.inference_mode():
-            x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-            out = self.trunk(input_ids=x, use_cache=True, **{self._cache_kw: self._cache})
-            self._cache = out["cache"] if "cache" in out else out["past_key_values"]
-            h = out.last_hidden_state[:, -1]
-            logits = self.head(h)[0]
-            hidden = h[0].float().cpu().numpy().copy()
+            self._kv, logits, hidden = self.runner.prefill_block(self._kv, ids, last=True, want_hidden=True)
+            h = hidden.float().cpu().numpy().copy()
             lg = logits.float().cpu().numpy().copy()
         self._len += len(ids)
-        return LMState(hidden=hidden, logits=lg, seconds=time.perf_counter() - t0)
+        return LMState(hidden=h, logits=lg, seconds=time.perf_counter() - t0)
 
     def start(self, prompt_ids: Sequence[int]) -> LMState:
         """Reset and prefill ``prompt_ids`` in one forward; the state predicts the next token."""
         if len(prompt_ids) == 0:
             raise ConfigError("the prompt is empty; a kNN-LM prompt needs at least one token")
-        self._cache, self._len = None, 0
+        self.close()
+        self._kv = self.runner.open()
+        if self._kv is None and self.runner.capacity is not None:
+            raise ConfigError(f"the LM runner ({self.runner.name}) has no free KV slot for a kNN-LM request; "
+                              "release LM sessions or use a runner with more slots")
+        self._open, self._len = True, 0
         return self._forward(prompt_ids)
 
     def step(self, token: int) -> LMState:
         """Feed one token (1-row forward) and return the state after it."""
-        if self._cache is None:
+        if not self._open:
             raise RuntimeError("IncrementalDecoder.step() before start()")
         return self._forward([int(token)])
 
@@ -217,8 +220,14 @@ class IncrementalDecoder:
         if not 1 <= length <= self._len:
             raise ValueError(f"cannot truncate a decoder of {self._len} positions to {length}")
         if length < self._len:
-            self._cache.crop(length - self._len)  # negative = remove (transformers 4.x and 5.x)
+            self._kv = self.runner.crop(self._kv, length)
             self._len = length
+
+    def close(self) -> None:
+        """Give the KV handle back to the runner (idempotent)."""
+        if self._open:
+            self.runner.free(self._kv)
+        self._kv, self._len, self._open = None, 0, False
 
 
 # ------------------------------------------------------------------ results
@@ -266,7 +275,10 @@ class KNNLMResult:
 
 def check_compatible(lm: Any, datastore: Any) -> int:
     """The vocabulary size of ``lm`` after checking that ``datastore`` was built for it (key
-    dimension = the model's hidden size, same vocabulary, values inside it); ConfigError if not."""
+    dimension = the model's hidden size, same vocabulary, values inside it, and the LM decodes
+    through a KV runner, ``ralmspec.lm.runner``: the transformers backend); ConfigError if not."""
+    if getattr(lm, "runner", None) is None:
+        raise ConfigError(f"kNN-LM needs the transformers backend (an LM with a KV runner), got {type(lm).__name__}")
     d = hidden_size(lm.model)
     if d != datastore.dim:
         raise ConfigError(f"the datastore keys have dimension {datastore.dim} but the model's hidden size is "
@@ -335,21 +347,24 @@ class KNNLM:
         cfg = self.config
         ids = self.check_prompt(prompt, cfg.max_new_tokens)
         t_start = time.perf_counter()
-        dec = IncrementalDecoder(self.lm.model)
-        state = dec.start(ids)
+        dec = IncrementalDecoder(self.lm)
         out: list[int] = []
         trace: list[TokenTrace] = []
-        while True:
-            t0 = time.perf_counter()
-            nb_ids, nb_d = self.datastore.search(state.hidden[None, :], cfg.k)
-            t1 = time.perf_counter()
-            tok = self.decide(state, nb_ids[0], nb_d[0])
-            t2 = time.perf_counter()
-            trace.append(TokenTrace(token=tok, lm_s=state.seconds, search_s=t1 - t0, combine_s=t2 - t1))
-            out.append(tok)
-            if len(out) >= cfg.max_new_tokens or self.is_stop(tok):
-                break
-            state = dec.step(tok)
+        try:
+            state = dec.start(ids)
+            while True:
+                t0 = time.perf_counter()
+                nb_ids, nb_d = self.datastore.search(state.hidden[None, :], cfg.k)
+                t1 = time.perf_counter()
+                tok = self.decide(state, nb_ids[0], nb_d[0])
+                t2 = time.perf_counter()
+                trace.append(TokenTrace(token=tok, lm_s=state.seconds, search_s=t1 - t0, combine_s=t2 - t1))
+                out.append(tok)
+                if len(out) >= cfg.max_new_tokens or self.is_stop(tok):
+                    break
+                state = dec.step(tok)
+        finally:
+            dec.close()
         wall = time.perf_counter() - t_start
         return KNNLMResult(prompt_ids=ids, tokens=out, text=self.decode_text(out), wall_s=wall,
                            lm_s=sum(t.lm_s for t in trace), search_s=sum(t.search_s for t in trace),

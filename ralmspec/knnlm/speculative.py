@@ -340,7 +340,7 @@ class KNNMode:
         self.prompt_ids = prompt_ids
         self.stats = SpeculativeStats()
         self.cache = NeighbourCache(base.datastore, scfg.cache_capacity, prefilter=scfg.prefilter)
-        self.dec = IncrementalDecoder(base.lm.model)
+        self.dec = IncrementalDecoder(base.lm)
         self.state: LMState | None = None
         self.drv: Driver | None = None
         self.lm_step_s: float | None = None  # latest 1-row LM forward
@@ -348,10 +348,13 @@ class KNNMode:
     def run(self) -> KNNLMResult:
         """Prefill the prompt, run the driver's loop; the verified tokens and the stats."""
         st, t_start = self.stats, time.perf_counter()
-        self.state = self.dec.start(self.prompt_ids)
-        st.lm_s += self.state.seconds
-        self.drv = drv = Driver(self, self.scfg)
-        tokens = asyncio.run(drv.run(self.prompt_ids))
+        try:
+            self.state = self.dec.start(self.prompt_ids)
+            st.lm_s += self.state.seconds
+            self.drv = drv = Driver(self, self.scfg)
+            tokens = asyncio.run(drv.run(self.prompt_ids))
+        finally:
+            self.dec.close()
         figures = drv.figures()
         del figures["acceptance_rate"]  # SpeculativeStats computes it
         for name, value in figures.items():

@@ -92,10 +92,10 @@ def test_config_validation():
 def test_incremental_decoder_rollback_is_bit_identical(tiny_lm):
     """State at a position is the same bits whatever was fed and rolled back before."""
     prompt = [2023, 2003, 1037, 3231]
-    a = IncrementalDecoder(tiny_lm.model)
+    a = IncrementalDecoder(tiny_lm)
     a.start(prompt)
     ref = [a.step(t) for t in (2000, 2001, 2002, 2003)]
-    b = IncrementalDecoder(tiny_lm.model)
+    b = IncrementalDecoder(tiny_lm)
     b.start(prompt)
     b.step(2000)
     b.step(3000)  # a wrong token ...
@@ -146,6 +146,10 @@ def test_bad_prompts_and_mismatched_model(tiny_lm, knn_datastores):
         tokenizer = tiny_lm.tokenizer
         eos_token_id = 102
         max_context = 1024
+        runner = tiny_lm.runner
 
     with pytest.raises(ConfigError, match="dimension"):
+        KNNLM(Other(), knn_datastores["flat"])
+    Other.runner = None
+    with pytest.raises(ConfigError, match="KV runner"):
         KNNLM(Other(), knn_datastores["flat"])

@@ -195,3 +195,22 @@ def test_a_failed_verification_propagates(naive_results, knn_prompts, monkeypatc
         calls[0] = 0
         with pytest.raises(RuntimeError, match="search failed"):
             SpeculativeKNNLM(knn, cfg).generate(knn_prompts[0])
+
+
+def test_speculative_equals_naive_on_the_static_runner(tiny_lm, knn_datastores, knn_prompts):
+    """kNN-LM decodes through the LM runner seam: on the static KV-slot runner (rollback = a
+    length) speculative == naive, the speculation rolls back, and every slot is given back."""
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+    from ralmspec.lm.models import load_lm
+
+    static_lm = load_lm("tiny", runner="static")
+    assert static_lm.runner.name == "static"
+    knn = KNNLM(static_lm, knn_datastores["flat"], KNNLMConfig(k=8, max_new_tokens=MAX_NEW_TOKENS))
+    spec = SpeculativeKNNLM(knn, C(os3=False, fixed_stride=3, cache_capacity=3))
+    check = SpeculationCheck()
+    for p in knn_prompts[::4]:
+        naive, res = knn.generate(p), spec.generate(p)
+        check.same((res.tokens, res.text), (naive.tokens, naive.text), res.stats, where=p)
+    check.ran(min_speculated=len(knn_prompts[::4]), min_rollbacks=1)
+    runner = static_lm.runner
+    assert len(runner._free) == runner.capacity  # noqa: SLF001 - no slot leaked by kNN-LM requests
