@@ -2,6 +2,9 @@
 
     python experiments/lm_runner.py --model smollm2 --device cpu --threads 2 --json out.json
     python experiments/lm_runner.py --model smollm2 --device cuda --dtype bfloat16
+    python experiments/lm_runner.py --model smollm2 --threads 2 --runners eager,static,batched \
+        --batch 1,8 --prompt 64 --new 32
+
 
 Two shapes of work per runner, the same prompts for every runner (random token ids of the
 model's vocabulary, seeded), every runner starting cold:
@@ -10,6 +13,10 @@ model's vocabulary, seeded), every runner starting cold:
 - ``engine``: the RaLM engine's pattern, ``--new`` tokens in calls of ``--stride`` tokens, each
   call's prompt = the previous prompt + what was generated (the session reuses full blocks and
   re-prefills the rest), as ``ralmspec generate`` does while the passage stays the same.
+With ``--batch B1,B2,..``, instead: ``batch``: one ``generate`` call of B prompts (as the serving
+scheduler makes for B concurrent requests), ``--new`` tokens each; reported per batch size:
+decode ms per step (the time to advance every row by one token: the eager and static runners
+run the rows one by one, the batched runner steps them in one forward) and per row-token.
 Tokens of every runner are compared with the first runner's (equal in practice, not promised
 bit for bit: ralmspec/lm/runner.py). Timings are the median over ``--repeats`` prompts.
 """
@@ -57,6 +64,26 @@ def measure(lm, prompts: list[list[int]], new: int, stride: int) -> dict:
             "engine_ms_per_token": statistics.median(engine_ms), "outputs": outs}
 
 
+def measure_batch(lm, prompts: list[list[int]], new: int, sizes: list[int], repeats: int) -> dict:
+    """Decode time of one ``generate`` call of B prompts, for each B in ``sizes`` (median of
+    ``repeats`` calls with fresh sessions; the first call of each size is a warm-up)."""
+    rows, outs = {}, []
+    for b in sizes:
+        step_ms = []
+        for rep in range(repeats + 1):
+            _sync(lm)
+            got = lm.greedy(prompts[:b], new, [f"b{b}-{rep}-{i}" for i in range(b)])
+            _sync(lm)
+            st = lm.last_call_stats
+            steps = max(1, max(len(g) for g in got) - 1)  # the first token comes from the prefill
+            if rep:
+                step_ms.append(st.decode_s * 1e3 / steps)
+            outs.append(got)
+        ms = statistics.median(step_ms)
+        rows[b] = {"decode_ms_per_step": ms, "decode_ms_per_row_token": ms / b}
+    return {"batch": rows, "outputs": outs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -68,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=64, help="generated tokens per prompt")
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", default=None, help="batch sizes, e.g. 1,8: measure one generate call of B "
+                    "prompts instead of the chunk / engine patterns")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import torch
@@ -84,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             lm = load_language_model(a.model, device=a.device, dtype=dtype, runner=name)
             load_s = time.perf_counter() - t
             rng = random.Random(0)
-            prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(a.prompt)] for _ in range(a.repeats)]
-            m = measure(lm, prompts, a.new, a.stride)
+            if a.batch:
+                sizes = [int(b) for b in a.batch.split(",")]
+                prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(a.prompt)] for _ in range(max(sizes))]
+                m = measure_batch(lm, prompts, a.new, sizes, a.repeats)
+            else:
+                prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(a.prompt)] for _ in range(a.repeats)]
+                m = measure(lm, prompts, a.new, a.stride)
         except Exception as exc:  # noqa: BLE001 - report the failure, measure the other runners
             print(f"{name:>7}: FAILED {type(exc).__name__}: {exc}", flush=True)
             rows.append({"runner": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -93,16 +127,25 @@ def main(argv: list[str] | None = None) -> int:
         outs = m.pop("outputs")
         same = None if ref is None else sum(x == y for x, y in zip(outs, ref)) / len(outs)
         ref = ref or outs
-        row = {"runner": lm.runner.name, "load_s": round(load_s, 2), **{k: round(v, 3) for k, v in m.items()},
-               "tokens_equal_to_first_runner": same}
+        row = {"runner": lm.runner.name, "load_s": round(load_s, 2), "tokens_equal_to_first_runner": same,
+               **{k: (v if isinstance(v, dict) else round(v, 3)) for k, v in m.items()}}
         rows.append(row)
+        same_txt = '-' if same is None else f'{same:.0%}'
+        if a.batch:
+            for b, r in row["batch"].items():
+                print(f"{row['runner']:>7}: batch {b}: decode {r['decode_ms_per_step']:.1f} ms/step, "
+                      f"{r['decode_ms_per_row_token']:.1f} ms/row-token", flush=True)
+            print(f"{row['runner']:>7}: same tokens as {rows[0]['runner']}: {same_txt}", flush=True)
+            lm.close()
+            del lm
+            continue
         print(f"{row['runner']:>7}: chunk {row['chunk_ms_per_token']:.2f} ms/token, engine pattern "
               f"{row['engine_ms_per_token']:.2f} ms/token (stride {a.stride}), same tokens as "
               f"{rows[0]['runner']}: {'-' if same is None else f'{same:.0%}'}", flush=True)
         lm.close()
         del lm
     summary = {"model": a.model, "device": a.device, "dtype": dtype, "threads": torch.get_num_threads(),
-               "prompt_tokens": a.prompt, "new_tokens": a.new, "stride": a.stride, "repeats": a.repeats,
+               "prompt_tokens": a.prompt, "new_tokens": a.new, "stride": a.stride, "repeats": a.repeats, "batch": a.batch,
                "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None, "runners": rows}
     if a.json:

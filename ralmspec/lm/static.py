@@ -28,6 +28,7 @@ runner runs. Supported families: Llama-style (``llama``, ``qwen2``; SmolLM2 is a
 
 from __future__ import annotations
 
+import collections
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -204,6 +205,8 @@ class StaticRunner(KVRunner):
         self.cuda_graphs = batch_rows == 1 and (
             dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and dev.type == "cuda"))
         self.decode_sync_every = max(1, decode_sync_every)
+        # batch-invariant mode: number of ``batch_rows``-row forwards by how many sessions they stepped
+        self.live_rows: collections.Counter[int] = collections.Counter()
         self._free = list(range(capacity - 1, -1, -1))
         self._buffers: dict[int, Slot] = {}
         # 1-row step inputs, fixed addresses for the CUDA graphs
@@ -356,6 +359,7 @@ class StaticRunner(KVRunner):
         slots = list(kvs) + [None] * (b - len(kvs))
         spans = [attention_span(n + 1, self.max_len) for n in lengths]
         h = d.forward(slots, ids, torch.tensor(lengths, device=d.device)[:, None], spans)
+        self.live_rows[sum(kv is not None for kv in kvs)] += 1
         for kv in kvs:
             if kv is not None:
                 kv.length += 1
