@@ -34,11 +34,12 @@ backend is serving.
 
 Trade-offs (deliberate)
 -----------------------
-- Batches are processed prompt by prompt, each with its own session cache. A padded batched
-  forward changes the numerics of every row (different GEMM shapes, padding), which would make
-  a prompt's tokens depend on its batch neighbours and break batch invariance (DESIGN §2.2).
-  The cost is throughput under many concurrent requests; on the 2-core CPU target a batched
-  forward would not be much cheaper anyway.
+- Prompts are prefilled one by one, each into its own session cache. Their decode steps run
+  one by one too, except on the ``batched`` runner: there every decode step, a lone prompt's
+  included, is one forward of exactly ``BATCH_ROWS`` rows (attention per row over its own
+  slot), so a row's GEMMs always run in the same shape. A forward whose row count followed the
+  batch would change a row's bits with its neighbours (measured: docs/lm-runner.md) and break
+  batch invariance (DESIGN §2.2).
 - A fresh prompt costs ``ceil(L/B)`` forwards instead of one, and small-row GEMMs are
   inefficient on CPU: for a 300-token prompt on the GPT-2-small shape (1 thread, CPU time)
   one plain forward takes ~1.0-1.3 s, canonical blocks ~1.8 s with B = 64 and ~3.5-3.9 s with
