@@ -278,7 +278,7 @@ class HFLanguageModel(LanguageModel):
             rows = max(1, self.runner.batch_rows)
             for g in range(0, len(checked), rows):
                 part = slice(g, g + rows)
-                out += self._generate_rows(checked[part], n, stats, modes[part]) if n > 0 else [[]] * len(checked[part])
+                out += self._generate_rows(checked[part], n, stats, modes[part]) if n > 0 else [[] for _ in checked[part]]
             stats.wall_s = time.perf_counter() - t0
             self._account(stats)
         return out

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from tests.identity import SpeculationCheck
+from tests.serving.conftest import serve
 from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, http, request
 
 QUESTIONS = ["who wrote the song hey jude", "when did the roman empire fall",
@@ -28,15 +29,7 @@ def batched_engine(small_indexes, tiny_lm):
 @pytest.fixture(scope="module")
 def batched_server(batched_engine):
     """No load governor, so requests that force speculation (``os3: false``) speculate."""
-    from ralmspec.engine.governor import GovernorConfig
-    from ralmspec.engine.scheduler import SchedulerConfig
-    from serving.app import ServerConfig, create_app
-    from tests.serving.support import ServerThread
-
-    app = create_app(batched_engine, SchedulerConfig(max_concurrent=8, max_queue=16, request_timeout_s=120,
-                                                     governor=GovernorConfig(enabled=False)),
-                     server_config=ServerConfig(model_name=MODEL))
-    srv = ServerThread(app).start()
+    srv = serve(batched_engine, MODEL, 8, 120, governor=False)
     yield srv
     srv.stop()
 
