@@ -14,7 +14,8 @@ model's vocabulary, seeded), every runner starting cold:
   call's prompt = the previous prompt + what was generated (the session reuses full blocks and
   re-prefills the rest), as ``ralmspec generate`` does while the passage stays the same.
 With ``--batch B1,B2,..``, instead: ``batch``: one ``generate`` call of B prompts (as the serving
-scheduler makes for B concurrent requests), ``--new`` tokens each; reported per batch size:
+scheduler makes for B concurrent requests), ``--new`` tokens each, the runners over one loaded
+model taking turns call by call (ratios survive a loaded machine); reported per batch size:
 decode ms per step (the time to advance every row by one token: the eager and static runners
 run the rows one by one, the batched runner steps them in one forward) and per row-token.
 Tokens of every runner are compared with the first runner's (equal in practice, not promised
@@ -64,24 +65,52 @@ def measure(lm, prompts: list[list[int]], new: int, stride: int) -> dict:
             "engine_ms_per_token": statistics.median(engine_ms), "outputs": outs}
 
 
-def measure_batch(lm, prompts: list[list[int]], new: int, sizes: list[int], repeats: int) -> dict:
-    """Decode time of one ``generate`` call of B prompts, for each B in ``sizes`` (median of
-    ``repeats`` calls with fresh sessions; the first call of each size is a warm-up)."""
-    rows, outs = {}, []
+def measure_batch(lms: dict, prompts: list[list[int]], new: int, sizes: list[int], repeats: int) -> dict:
+    """Decode time of one ``generate`` call of B prompts, per runner (``lms``: name -> backend
+    over the same weights) and per B in ``sizes``: the runners take turns call by call, so
+    machine load hits them alike; median of ``repeats`` calls with fresh sessions after one
+    warm-up call each. Returns ``{runner: {B: {...}}}`` and every call's tokens."""
+    times: dict = {name: {b: [] for b in sizes} for name in lms}
+    outs: dict = {name: [] for name in lms}
     for b in sizes:
-        step_ms = []
         for rep in range(repeats + 1):
-            _sync(lm)
-            got = lm.greedy(prompts[:b], new, [f"b{b}-{rep}-{i}" for i in range(b)])
-            _sync(lm)
-            st = lm.last_call_stats
-            steps = max(1, max(len(g) for g in got) - 1)  # the first token comes from the prefill
-            if rep:
-                step_ms.append(st.decode_s * 1e3 / steps)
-            outs.append(got)
-        ms = statistics.median(step_ms)
-        rows[b] = {"decode_ms_per_step": ms, "decode_ms_per_row_token": ms / b}
+            for name, lm in lms.items():
+                _sync(lm)
+                got = lm.greedy(prompts[:b], new, [f"b{b}-{rep}-{i}" for i in range(b)])
+                _sync(lm)
+                steps = max(1, max(len(g) for g in got) - 1)  # the first token comes from the prefill
+                if rep:
+                    times[name][b].append(lm.last_call_stats.decode_s * 1e3 / steps)
+                outs[name].append(got)
+    rows = {name: {b: {"decode_ms_per_step": round(statistics.median(v), 1),
+                       "decode_ms_per_row_token": round(statistics.median(v) / b, 1)} for b, v in per.items()}
+            for name, per in times.items()}
     return {"batch": rows, "outputs": outs}
+
+
+def run_batch(a, dtype: str) -> list[dict]:
+    """``--batch``: the runners over ONE loaded model, interleaved (``measure_batch``)."""
+    from ralmspec.lm.hf import HFLanguageModel
+    from ralmspec.lm.loader import load_language_model
+
+    base = load_language_model(a.model, device=a.device, dtype=dtype, runner="eager")
+    lms = {name: HFLanguageModel(base.model, base.tokenizer, eos_token_id=base.eos_token_id,
+                                 stop_token_ids=base.stop_token_ids, max_context=base.max_context,
+                                 device=base.device, runner=name) for name in a.runners.split(",")}
+    sizes = [int(b) for b in a.batch.split(",")]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, base.vocab_size) for _ in range(a.prompt)] for _ in range(max(sizes))]
+    m = measure_batch(lms, prompts, a.new, sizes, a.repeats)
+    first = next(iter(lms))
+    rows = []
+    for name, per in m["batch"].items():
+        same = sum(x == y for x, y in zip(m["outputs"][name], m["outputs"][first])) / len(m["outputs"][first])
+        for b, r in per.items():
+            print(f"{name:>7}: batch {b}: decode {r['decode_ms_per_step']:.1f} ms/step, "
+                  f"{r['decode_ms_per_row_token']:.1f} ms/row-token", flush=True)
+        print(f"{name:>7}: same tokens as {first}: {same:.0%}", flush=True)
+        rows.append({"runner": name, "batch": per, "tokens_equal_to_first_runner": same})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,20 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = resolve_lm_dtype(a.dtype, a.device)
-    rows, ref = [], None
-    for name in a.runners.split(","):
+    rows, ref = (run_batch(a, dtype) if a.batch else []), None
+    for name in ([] if a.batch else a.runners.split(",")):
         t = time.perf_counter()
         try:
             lm = load_language_model(a.model, device=a.device, dtype=dtype, runner=name)
             load_s = time.perf_counter() - t
             rng = random.Random(0)
-            if a.batch:
-                sizes = [int(b) for b in a.batch.split(",")]
-                prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(a.prompt)] for _ in range(max(sizes))]
-                m = measure_batch(lm, prompts, a.new, sizes, a.repeats)
-            else:
-                prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(a.prompt)] for _ in range(a.repeats)]
-                m = measure(lm, prompts, a.new, a.stride)
+            prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(a.prompt)] for _ in range(a.repeats)]
+            m = measure(lm, prompts, a.new, a.stride)
         except Exception as exc:  # noqa: BLE001 - report the failure, measure the other runners
             print(f"{name:>7}: FAILED {type(exc).__name__}: {exc}", flush=True)
             rows.append({"runner": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -127,18 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         outs = m.pop("outputs")
         same = None if ref is None else sum(x == y for x, y in zip(outs, ref)) / len(outs)
         ref = ref or outs
-        row = {"runner": lm.runner.name, "load_s": round(load_s, 2), "tokens_equal_to_first_runner": same,
-               **{k: (v if isinstance(v, dict) else round(v, 3)) for k, v in m.items()}}
+        row = {"runner": lm.runner.name, "load_s": round(load_s, 2), **{k: round(v, 3) for k, v in m.items()},
+               "tokens_equal_to_first_runner": same}
         rows.append(row)
-        same_txt = '-' if same is None else f'{same:.0%}'
-        if a.batch:
-            for b, r in row["batch"].items():
-                print(f"{row['runner']:>7}: batch {b}: decode {r['decode_ms_per_step']:.1f} ms/step, "
-                      f"{r['decode_ms_per_row_token']:.1f} ms/row-token", flush=True)
-            print(f"{row['runner']:>7}: same tokens as {rows[0]['runner']}: {same_txt}", flush=True)
-            lm.close()
-            del lm
-            continue
         print(f"{row['runner']:>7}: chunk {row['chunk_ms_per_token']:.2f} ms/token, engine pattern "
               f"{row['engine_ms_per_token']:.2f} ms/token (stride {a.stride}), same tokens as "
               f"{rows[0]['runner']}: {'-' if same is None else f'{same:.0%}'}", flush=True)

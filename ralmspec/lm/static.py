@@ -19,6 +19,11 @@ In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
   CUDA every 1-row step is a captured CUDA graph, one per (slot, attention span), replayed.
   Sampled decoding needs the logits on the host (the draw rule of ``ralmspec.lm.sampling`` runs
   there), so it syncs once per token.
+- **Cross-request batching** (``batch_rows`` > 1, ``--lm-runner batched``): the decode steps of
+  several sessions run as ONE forward per token over ``batch_rows`` rows, each row at its own
+  position in its own slot; a lone session's steps run in that same shape (padding rows), and
+  attention runs per row over the row's own span, so a row's arithmetic does not depend on its
+  neighbours (the canonical numerics above extend across the batch; docs/lm-runner.md).
 
 The forward reuses the HF model's own modules (embeddings, norms, MLPs, projections, rotary
 table) and replaces only the attention's KV handling, so it runs exactly the model the eager
