@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         lm.close()
         del lm
     summary = {"model": a.model, "device": a.device, "dtype": dtype, "threads": torch.get_num_threads(),
-               "prompt_tokens": a.prompt, "new_tokens": a.new, "stride": a.stride, "repeats": a.repeats, "batch": a.batch,
+               "prompt_tokens": a.prompt, "new_tokens": a.new, "stride": a.stride, "repeats": a.repeats,
+               "batch": a.batch,
                "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None, "runners": rows}
     if a.json:
