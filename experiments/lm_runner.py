@@ -2,6 +2,9 @@
 
     python experiments/lm_runner.py --model smollm2 --device cpu --threads 2 --json out.json
     python experiments/lm_runner.py --model smollm2 --device cuda --dtype bfloat16
+    python experiments/lm_runner.py --model smollm2 --threads 2 --runners eager,static,batched \
+        --batch 1,8 --prompt 64 --new 32
+
 
 Two shapes of work per runner, the same prompts for every runner (random token ids of the
 model's vocabulary, seeded), every runner starting cold:
@@ -10,6 +13,11 @@ model's vocabulary, seeded), every runner starting cold:
 - ``engine``: the RaLM engine's pattern, ``--new`` tokens in calls of ``--stride`` tokens, each
   call's prompt = the previous prompt + what was generated (the session reuses full blocks and
   re-prefills the rest), as ``ralmspec generate`` does while the passage stays the same.
+With ``--batch B1,B2,..``, instead: ``batch``: one ``generate`` call of B prompts (as the serving
+scheduler makes for B concurrent requests), ``--new`` tokens each, the runners over one loaded
+model taking turns call by call (ratios survive a loaded machine); reported per batch size:
+decode ms per step (the time to advance every row by one token: the eager and static runners
+run the rows one by one, the batched runner steps them in one forward) and per row-token.
 Tokens of every runner are compared with the first runner's (equal in practice, not promised
 bit for bit: ralmspec/lm/runner.py). Timings are the median over ``--repeats`` prompts.
 """
@@ -57,6 +65,54 @@ def measure(lm, prompts: list[list[int]], new: int, stride: int) -> dict:
             "engine_ms_per_token": statistics.median(engine_ms), "outputs": outs}
 
 
+def measure_batch(lms: dict, prompts: list[list[int]], new: int, sizes: list[int], repeats: int) -> dict:
+    """Decode time of one ``generate`` call of B prompts, per runner (``lms``: name -> backend
+    over the same weights) and per B in ``sizes``: the runners take turns call by call, so
+    machine load hits them alike; median of ``repeats`` calls with fresh sessions after one
+    warm-up call each. Returns ``{runner: {B: {...}}}`` and every call's tokens."""
+    times: dict = {name: {b: [] for b in sizes} for name in lms}
+    outs: dict = {name: [] for name in lms}
+    for b in sizes:
+        for rep in range(repeats + 1):
+            for name, lm in lms.items():
+                _sync(lm)
+                got = lm.greedy(prompts[:b], new, [f"b{b}-{rep}-{i}" for i in range(b)])
+                _sync(lm)
+                steps = max(1, max(len(g) for g in got) - 1)  # the first token comes from the prefill
+                if rep:
+                    times[name][b].append(lm.last_call_stats.decode_s * 1e3 / steps)
+                outs[name].append(got)
+    rows = {name: {b: {"decode_ms_per_step": round(statistics.median(v), 1),
+                       "decode_ms_per_row_token": round(statistics.median(v) / b, 1)} for b, v in per.items()}
+            for name, per in times.items()}
+    return {"batch": rows, "outputs": outs}
+
+
+def run_batch(a, dtype: str) -> list[dict]:
+    """``--batch``: the runners over ONE loaded model, interleaved (``measure_batch``)."""
+    from ralmspec.lm.hf import HFLanguageModel
+    from ralmspec.lm.loader import load_language_model
+
+    base = load_language_model(a.model, device=a.device, dtype=dtype, runner="eager")
+    lms = {name: HFLanguageModel(base.model, base.tokenizer, eos_token_id=base.eos_token_id,
+                                 stop_token_ids=base.stop_token_ids, max_context=base.max_context,
+                                 device=base.device, runner=name) for name in a.runners.split(",")}
+    sizes = [int(b) for b in a.batch.split(",")]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, base.vocab_size) for _ in range(a.prompt)] for _ in range(max(sizes))]
+    m = measure_batch(lms, prompts, a.new, sizes, a.repeats)
+    first = next(iter(lms))
+    rows = []
+    for name, per in m["batch"].items():
+        same = sum(x == y for x, y in zip(m["outputs"][name], m["outputs"][first])) / len(m["outputs"][first])
+        for b, r in per.items():
+            print(f"{name:>7}: batch {b}: decode {r['decode_ms_per_step']:.1f} ms/step, "
+                  f"{r['decode_ms_per_row_token']:.1f} ms/row-token", flush=True)
+        print(f"{name:>7}: same tokens as {first}: {same:.0%}", flush=True)
+        rows.append({"runner": name, "batch": per, "tokens_equal_to_first_runner": same})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -68,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=64, help="generated tokens per prompt")
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", default=None, help="batch sizes, e.g. 1,8: measure one generate call of B "
+                    "prompts instead of the chunk / engine patterns")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import torch
@@ -77,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = resolve_lm_dtype(a.dtype, a.device)
-    rows, ref = [], None
-    for name in a.runners.split(","):
+    rows, ref = (run_batch(a, dtype) if a.batch else []), None
+    for name in ([] if a.batch else a.runners.split(",")):
         t = time.perf_counter()
         try:
             lm = load_language_model(a.model, device=a.device, dtype=dtype, runner=name)
@@ -103,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         del lm
     summary = {"model": a.model, "device": a.device, "dtype": dtype, "threads": torch.get_num_threads(),
                "prompt_tokens": a.prompt, "new_tokens": a.new, "stride": a.stride, "repeats": a.repeats,
+               "batch": a.batch,
                "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None, "runners": rows}
     if a.json:

@@ -16,8 +16,9 @@ Invariant (docs/design.md §2 invariant 1, at every concurrency level): a reques
 alone. Why batching cannot change them:
 - the LM contract makes ``generate(prompt, n, sampling)`` a function of ``(prompt, n, sampling)``
   alone (a sampled token depends on (seed, its position, its logits) only), whatever the
-  batch neighbours and session history (the HF backend runs prompts one by one with per-session
-  KV; a batched backend must be batch-invariant, docs/design.md §2 invariant 3);
+  batch neighbours and session history (the HF backend keeps per-session KV and decodes the
+  prompts one by one, or on the ``batched`` runner in one fixed-shape forward per token; a
+  batched backend must be batch-invariant, docs/design.md §2 invariant 3);
 - the Retriever contract makes a query's ranking a function of the query alone, and the
   top-k lists for different k are prefixes of one ranking (score desc, doc id asc), so the
   top-k_max list cut to k equals a top-k search (``tests/engine/test_scheduler.py`` checks the

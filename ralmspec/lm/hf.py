@@ -34,11 +34,12 @@ backend is serving.
 
 Trade-offs (deliberate)
 -----------------------
-- Batches are processed prompt by prompt, each with its own session cache. A padded batched
-  forward changes the numerics of every row (different GEMM shapes, padding), which would make
-  a prompt's tokens depend on its batch neighbours and break batch invariance (docs/design.md §2 invariant 3).
-  The cost is throughput under many concurrent requests; on the 2-core CPU target a batched
-  forward would not be much cheaper anyway.
+- Prompts are prefilled one by one, each into its own session cache. Their decode steps run
+  one by one too, except on the ``batched`` runner: there every decode step, a lone prompt's
+  included, is one forward of exactly ``BATCH_ROWS`` rows (attention per row over its own
+  slot), so a row's GEMMs always run in the same shape. A forward whose row count followed the
+  batch would change a row's bits with its neighbours (measured: docs/lm-runner.md) and break
+  batch invariance (docs/design.md §2 invariant 3).
 - A fresh prompt costs ``ceil(L/B)`` forwards instead of one, and small-row GEMMs are
   inefficient on CPU: for a 300-token prompt on the GPT-2-small shape (1 thread, CPU time)
   one plain forward takes ~1.0-1.3 s, canonical blocks ~1.8 s with B = 64 and ~3.5-3.9 s with
@@ -58,7 +59,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 
@@ -74,6 +75,8 @@ DEFAULT_BLOCK_SIZE = 64  # canonical prefill block (see the trade-offs above)
 # 2048 positions = 94 MiB; in bfloat16 on CUDA, 4096 positions = 94 MiB.
 STATIC_SLOTS = {"cuda": 64, "cpu": 16}
 STATIC_SLOT_LENGTH = {"cuda": 4096, "cpu": 2048}
+# the "batched" runner's fixed decode shape: rows per forward (docs/lm-runner.md, batch invariance)
+BATCH_ROWS = 8
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -257,8 +260,10 @@ class HFLanguageModel(LanguageModel):
         """Continuation of each prompt by up to ``n`` tokens (EOS included, then stop), greedy or
         drawn with the rule of ``ralmspec.lm.sampling`` per ``sampling[i]``.
 
-        Prompts are processed one by one (batch invariance, see module doc); ``sessions[i]``
-        names the KV state to reuse/update for ``prompts[i]`` (``None``: no reuse, nothing kept).
+        Prompts are prefilled one by one; their decode steps run one by one too, or, on a runner
+        with ``batch_rows`` > 1, up to ``batch_rows`` prompts per forward in the runner's
+        batch-invariant mode (module doc). ``sessions[i]`` names the KV state to reuse/update for
+        ``prompts[i]`` (``None``: no reuse, nothing kept).
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ConfigError(f"n must be an integer >= 0, got {n!r}")
@@ -269,9 +274,11 @@ class HFLanguageModel(LanguageModel):
         with self._lock:
             stats = CallStats(prompts=len(checked))
             t0 = time.perf_counter()
-            out = []
-            for (prompt, session), mode in zip(checked, modes):
-                out.append(self._generate_one(prompt, n, session, stats, mode) if n > 0 else [])
+            out: list[list[int]] = [] if n > 0 else [[] for _ in checked]
+            rows = max(1, self.runner.batch_rows)
+            for g in range(0, len(checked), rows) if n > 0 else ():
+                part = slice(g, g + rows)
+                out += self._generate_rows(checked[part], n, stats, modes[part])
             stats.wall_s = time.perf_counter() - t0
             self._account(stats)
         return out
@@ -491,6 +498,10 @@ class HFLanguageModel(LanguageModel):
             self.runner.free(kv)
             return
         kv = self.runner.crop(kv, keep)
+        stale = self._sessions.pop(session, None)  # the same session twice in one batch: keep the last
+        if stale is not None:
+            self._cached_bytes -= stale.nbytes
+            self.runner.free(stale.kv)
         entry = _Session(ids=prompt[:keep], kv=kv, nbytes=self.runner.nbytes(kv),
                          threads=torch.get_num_threads())
         self._sessions[session] = entry
@@ -500,22 +511,36 @@ class HFLanguageModel(LanguageModel):
             self._evict_oldest()
 
     @torch.inference_mode()
-    def _generate_one(self, prompt: list[int], n: int, session: Hashable | None,
-                      stats: CallStats, sampling: Sampling | None) -> list[int]:
-        logits, _, kv = self._prefill(prompt, session, stats)
-        t0 = time.perf_counter()
-        pick = None if sampling is None or sampling.greedy else (
-            lambda row, i: draw(row, sampling, sampling.start + i))
+    def _generate_rows(self, rows: list[tuple[list[int], Hashable | None]], n: int, stats: CallStats,
+                       modes: list[Sampling | None]) -> list[list[int]]:
+        """Prefill each prompt of ``rows`` (at most ``runner.batch_rows``) into its own KV handle,
+        then decode them together with ONE ``runner.decode_batch`` call."""
+        kvs: list[Any] = []
+        firsts: list[torch.Tensor] = []
         try:
-            chunk = self.runner.decode(kv, logits, n, pick, self.stop_token_ids)
+            for prompt, session in rows:
+                logits, _, kv = self._prefill(prompt, session, stats)
+                kvs.append(kv)
+                firsts.append(logits)
+            t0 = time.perf_counter()
+            chunks = self.runner.decode_batch(kvs, firsts, n, [_picker(m) for m in modes], self.stop_token_ids)
         except BaseException:
-            self.runner.free(kv)
+            for kv in kvs:
+                self.runner.free(kv)
             raise
-        stats.decode_steps += chunk.steps
-        stats.generated_tokens += len(chunk.tokens)
         stats.decode_s += time.perf_counter() - t0
-        self._store(session, prompt, kv)
-        return chunk.tokens
+        for (prompt, session), kv, chunk in zip(rows, kvs, chunks):
+            stats.decode_steps += chunk.steps
+            stats.generated_tokens += len(chunk.tokens)
+            self._store(session, prompt, kv)
+        return [chunk.tokens for chunk in chunks]
+
+
+def _picker(sampling: Sampling | None) -> Callable[[torch.Tensor, int], int] | None:
+    """The runner's ``pick`` for ``sampling``: None (greedy on the runner) or the seeded host draw."""
+    if sampling is None or sampling.greedy:
+        return None
+    return lambda row, i: draw(row, sampling, sampling.start + i)
 
 
 def _scored(logits: torch.Tensor, token: int, top_k: int) -> TokenLogprob:
@@ -526,10 +551,12 @@ def _scored(logits: torch.Tensor, token: int, top_k: int) -> TokenLogprob:
 
 
 def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: torch.device) -> KVRunner:
-    """The ``KVRunner`` named ``runner`` ("eager", "static" or "auto") for ``model``.
+    """The ``KVRunner`` named ``runner`` ("eager", "static", "batched" or "auto") for ``model``.
 
     "auto" picks the static runner on CUDA for the families it implements and the eager runner
-    otherwise (on the 2-core CPU target it measured no faster: docs/lm-runner.md).
+    otherwise (on the 2-core CPU target it measured no faster: docs/lm-runner.md). "batched" is
+    the static runner in its batch-invariant mode: every decode step is one forward of
+    ``BATCH_ROWS`` rows, which concurrent sessions share (cross-request batching in serving).
     """
     if runner not in RUNNERS:
         raise ConfigError(f"LM runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
@@ -538,4 +565,5 @@ def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: to
     if runner == "eager":
         return EagerRunner(model)
     kind = "cuda" if device.type == "cuda" else "cpu"
-    return StaticRunner(model, max_len=min(max_len, STATIC_SLOT_LENGTH[kind]), capacity=STATIC_SLOTS[kind])
+    return StaticRunner(model, max_len=min(max_len, STATIC_SLOT_LENGTH[kind]), capacity=STATIC_SLOTS[kind],
+                        batch_rows=BATCH_ROWS if runner == "batched" else 1)

@@ -13,7 +13,11 @@ schedule, session reuse, statistics, locking) and drives one ``KVRunner``:
   ``pick(logits, i)``), stopping after a stop token (included);
 - ``step_logits(kv, token)`` feeds one given token (the 1-row step ``decode`` runs) and returns
   the next position's logits: scoring tokens already generated (logprobs) replays decoding;
-- ``crop(kv, keep)`` rolls the handle back to its first ``keep`` positions.
+- ``crop(kv, keep)`` rolls the handle back to its first ``keep`` positions;
+- ``decode_batch(kvs, first_logits, n, picks, stop_ids)`` is ``decode`` for several handles at
+  once: one ``DecodeChunk`` per handle, each exactly what ``decode`` alone would give it. The
+  default runs them one by one; a runner with ``batch_rows > 1`` steps up to ``batch_rows``
+  handles in ONE forward per token (the static runner's batch-invariant mode).
 
 Two implementations: ``EagerRunner`` (a transformers ``DynamicCache`` per session, one Python
 forward per token; any causal LM) and ``StaticRunner`` (``ralmspec.lm.static``: preallocated KV
@@ -31,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-RUNNERS = ("auto", "eager", "static")
+RUNNERS = ("auto", "eager", "static", "batched")
 
 
 @dataclass
@@ -41,10 +45,12 @@ class DecodeChunk:
 
 
 class KVRunner(abc.ABC):
-    """See the module doc. ``capacity``: how many handles may be open at once (None: unbounded)."""
+    """See the module doc. ``capacity``: how many handles may be open at once (None: unbounded);
+    ``batch_rows``: how many handles one ``decode_batch`` forward steps together (1: one at a time)."""
 
     name: str = "?"
     capacity: int | None = None
+    batch_rows: int = 1
 
     @abc.abstractmethod
     def open(self) -> Any: ...
@@ -71,6 +77,12 @@ class KVRunner(abc.ABC):
 
     @abc.abstractmethod
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]: ...
+
+    def decode_batch(self, kvs: Sequence[Any], first_logits: Sequence[torch.Tensor], n: int,
+                     picks: Sequence[Callable[[torch.Tensor, int], int] | None],
+                     stop_ids: frozenset[int]) -> list[DecodeChunk]:
+        """``decode`` of every handle (same ``n``, own ``pick``); this default: one by one."""
+        return [self.decode(kv, first, n, pick, stop_ids) for kv, first, pick in zip(kvs, first_logits, picks)]
 
     def decode_on_host(self, kv: Any, first_logits: torch.Tensor, n: int,
                        pick: Callable[[torch.Tensor, int], int], stop_ids: frozenset[int]) -> DecodeChunk:

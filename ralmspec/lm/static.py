@@ -19,6 +19,11 @@ In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
   CUDA every 1-row step is a captured CUDA graph, one per (slot, attention span), replayed.
   Sampled decoding needs the logits on the host (the draw rule of ``ralmspec.lm.sampling`` runs
   there), so it syncs once per token.
+- **Cross-request batching** (``batch_rows`` > 1, ``--lm-runner batched``): the decode steps of
+  several sessions run as ONE forward per token over ``batch_rows`` rows, each row at its own
+  position in its own slot; a lone session's steps run in that same shape (padding rows), and
+  attention runs per row over the row's own span, so a row's arithmetic does not depend on its
+  neighbours (the canonical numerics above extend across the batch; docs/lm-runner.md).
 
 The forward reuses the HF model's own modules (embeddings, norms, MLPs, projections, rotary
 table) and replaces only the attention's KV handling, so it runs exactly the model the eager
@@ -28,6 +33,7 @@ runner runs. Supported families: Llama-style (``llama``, ``qwen2``; SmolLM2 is a
 
 from __future__ import annotations
 
+import collections
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -106,29 +112,34 @@ class _Decoder:
             idx = self.spans[span] = torch.arange(span, device=self.device)
         return idx
 
-    def forward(self, slot: Slot, ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
-        """Final hidden states ``[1, t, d]`` (after the last norm) of ``ids [1, t]`` at positions
-        ``pos [t]``; writes their KV into ``slot`` and attends to its first ``span`` keys.
-        Shapes depend on ``(t, span)`` only, so the step can be captured as a CUDA graph."""
-        mask = self.key_index(span)[None, :] <= pos[:, None]  # [t, span]: causal by position
+    def forward(self, slots: Sequence[Slot | None], ids: torch.Tensor, pos: torch.Tensor,
+                spans: Sequence[int]) -> torch.Tensor:
+        """Final hidden states ``[b, t, d]`` (after the last norm) of ``ids [b, t]`` at positions
+        ``pos [b, t]``: row ``r`` writes its KV into ``slots[r]`` and attends to that slot's first
+        ``spans[r]`` keys only (``None``: a padding row, no KV, no attention). The projections and
+        MLPs run over all ``b`` rows at once; attention runs row by row, so a row's attention has
+        the same shapes whatever its neighbours. Shapes depend on ``(b, t, spans)`` only, so a
+        1-row step can be captured as a CUDA graph."""
+        masks = [None if slot is None else self.key_index(span)[None, :] <= pos[r][:, None]  # causal by position
+                 for r, (slot, span) in enumerate(zip(slots, spans))]
         h = self.embed(ids)
         if self.kind == "gpt2":
-            h = h + self.model.transformer.wpe(pos)[None]
+            h = h + self.model.transformer.wpe(pos)
             for i, blk in enumerate(self.layers):
                 q, k, v = blk.attn.c_attn(blk.ln_1(h)).split(blk.attn.split_size, dim=2)
-                a = self._attend(slot, i, self._heads(q, self.n_heads), self._heads(k, self.n_kv),
-                                 self._heads(v, self.n_kv), pos, mask, span)
+                a = self._attend(slots, i, self._heads(q, self.n_heads), self._heads(k, self.n_kv),
+                                 self._heads(v, self.n_kv), pos, spans, masks)
                 h = h + blk.attn.c_proj(a)
                 h = h + blk.mlp(blk.ln_2(h))
         else:
-            cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
             for i, blk in enumerate(self.layers):
                 at = blk.self_attn
                 x = blk.input_layernorm(h)
                 q = _rotate(self._heads(at.q_proj(x), self.n_heads), cos, sin)
                 k = _rotate(self._heads(at.k_proj(x), self.n_kv), cos, sin)
                 v = self._heads(at.v_proj(x), self.n_kv)
-                h = h + at.o_proj(self._attend(slot, i, q, k, v, pos, mask, span))
+                h = h + at.o_proj(self._attend(slots, i, q, k, v, pos, spans, masks))
                 h = h + blk.mlp(blk.post_attention_layernorm(h))
         return self.norm(h)
 
@@ -139,14 +150,25 @@ class _Decoder:
         b, t, _ = x.shape
         return x.view(b, t, n, self.head_dim).transpose(1, 2)
 
-    def _attend(self, slot: Slot, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                pos: torch.Tensor, mask: torch.Tensor, span: int) -> torch.Tensor:
-        kc, vc = slot.keys[layer], slot.values[layer]
-        kc.index_copy_(2, pos, k)
-        vc.index_copy_(2, pos, v)
-        out = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask,
-                                             scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
-        b, _, t, _ = out.shape
+    def _attend(self, slots: Sequence[Slot | None], layer: int, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, pos: torch.Tensor, spans: Sequence[int],
+                masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        b, _, t, _ = q.shape
+        out = q.new_zeros(q.shape) if b > 1 else None
+        for r, slot in enumerate(slots):
+            if slot is None:
+                continue
+            kc, vc = slot.keys[layer], slot.values[layer]
+            kc.index_copy_(2, pos[r], k[r:r + 1])
+            vc.index_copy_(2, pos[r], v[r:r + 1])
+            span = spans[r]
+            o = F.scaled_dot_product_attention(q[r:r + 1], kc[:, :, :span], vc[:, :, :span], attn_mask=masks[r],
+                                               scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+            if out is None:
+                out = o
+            else:
+                out[r:r + 1] = o
+        assert out is not None, "a forward without any slot"
         return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
 
 
@@ -157,28 +179,44 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class StaticRunner(KVRunner):
-    """KV slots + device-side decode (module doc). ``capacity`` slots of ``max_len`` positions."""
+    """KV slots + device-side decode (module doc). ``capacity`` slots of ``max_len`` positions.
+
+    ``batch_rows`` 1: every decode step is a 1-row forward (a CUDA graph on CUDA). ``batch_rows``
+    k > 1, the **batch-invariant mode**: every decode step, a lone session's included, is ONE
+    forward of exactly k rows (sessions stepped together, the rest padding rows), so a row's GEMMs
+    always run in the same shape and its tokens do not depend on which sessions share its step
+    (docs/lm-runner.md has the measurements that make the fixed shape necessary). No CUDA graphs
+    in that mode yet.
+    """
 
     name = "static"
 
     def __init__(self, model: torch.nn.Module, *, max_len: int, capacity: int,
-                 cuda_graphs: bool | None = None, decode_sync_every: int = 16) -> None:
+                 cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1) -> None:
         if not supports_static(model):
             raise ConfigError(f"the static LM runner supports {', '.join(STATIC_TYPES)} models, not "
                               f"{getattr(model.config, 'model_type', '?')!r}; use --lm-runner eager")
         if capacity < 1 or max_len < 2:
             raise ConfigError(f"static runner needs capacity >= 1 and max_len >= 2, got {capacity}, {max_len}")
+        if not 1 <= batch_rows <= capacity:
+            raise ConfigError(f"static runner needs 1 <= batch_rows <= capacity ({capacity}), got {batch_rows}")
         self.decoder = _Decoder(model, max_len)
         self.max_len = max_len
         self.capacity = capacity
+        self.batch_rows = batch_rows
+        if batch_rows > 1:
+            self.name = "batched"
         dev = self.decoder.device
-        self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and dev.type == "cuda")
+        self.cuda_graphs = batch_rows == 1 and (
+            dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and dev.type == "cuda"))
         self.decode_sync_every = max(1, decode_sync_every)
+        # batch-invariant mode: number of ``batch_rows``-row forwards by how many sessions they stepped
+        self.live_rows: collections.Counter[int] = collections.Counter()
         self._free = list(range(capacity - 1, -1, -1))
         self._buffers: dict[int, Slot] = {}
         # 1-row step inputs, fixed addresses for the CUDA graphs
         self._tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        self._pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         cfg = self.decoder
@@ -224,8 +262,8 @@ class StaticRunner(KVRunner):
             raise ConfigError(f"{end} positions exceed the static runner's slot length {self.max_len}")
         d = self.decoder
         x = torch.tensor([list(ids)], dtype=torch.long, device=d.device)
-        pos = torch.arange(start, end, device=d.device)
-        h = d.forward(kv, x, pos, attention_span(end, self.max_len))
+        pos = torch.arange(start, end, device=d.device)[None]
+        h = d.forward([kv], x, pos, [attention_span(end, self.max_len)])
         kv.length = end
         if not last:
             return kv, None, None
@@ -236,6 +274,8 @@ class StaticRunner(KVRunner):
                pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk:
         """Tokens ``0..n-1`` after the prompt whose last logits are ``first_logits``; ``pick``
         None means greedy on the device, else a host draw per token (one sync each)."""
+        if self.batch_rows > 1:
+            return self.decode_batch([kv], [first_logits], n, [pick], stop_ids)[0]
         if pick is not None:
             return self.decode_on_host(kv, first_logits, n, pick, stop_ids)
         d = self.decoder
@@ -253,16 +293,82 @@ class StaticRunner(KVRunner):
             got = out[:i].tolist()  # the one host sync of this stretch
             if i >= n or any(t in stop_ids for t in got):
                 break
-        for j, t in enumerate(got):
-            if t in stop_ids:
-                got = got[:j + 1]
-                break
-        return DecodeChunk(tokens=got, steps=steps)
+        return DecodeChunk(tokens=_until_stop(got, stop_ids), steps=steps)
+
+    def decode_batch(self, kvs: Sequence[Slot], first_logits: Sequence[torch.Tensor], n: int,
+                     picks: Sequence[Callable[[torch.Tensor, int], int] | None],
+                     stop_ids: frozenset[int]) -> list[DecodeChunk]:
+        """``decode`` of several slots; with ``batch_rows`` > 1, groups of up to ``batch_rows``
+        slots step together, one ``batch_rows``-row forward per token (class doc)."""
+        if self.batch_rows == 1:
+            return super().decode_batch(kvs, first_logits, n, picks, stop_ids)
+        out: list[DecodeChunk] = []
+        for g in range(0, len(kvs), self.batch_rows):
+            part = slice(g, g + self.batch_rows)
+            out += self._decode_rows(list(kvs[part]), list(first_logits[part]), n, list(picks[part]), stop_ids)
+        return out
+
+    def _decode_rows(self, kvs: list[Slot], first_logits: list[torch.Tensor], n: int,
+                     picks: list[Callable[[torch.Tensor, int], int] | None],
+                     stop_ids: frozenset[int]) -> list[DecodeChunk]:
+        """One group of the batch-invariant mode. Greedy rows: argmax on the device, tokens read
+        once per ``decode_sync_every`` steps. Sampled rows: the host draw of ``picks[r]`` per
+        token (one sync per step while such a row is running). A row that has stopped (a stop
+        token seen) becomes a padding row: the forward keeps its shape, the others' bits with it."""
+        d, rows = self.decoder, len(kvs)
+        toks = torch.zeros(rows, n, dtype=torch.long, device=d.device)
+        live = [True] * rows  # still stepped (a greedy row's stop is only seen at a sync)
+        steps = [0] * rows
+        for r, (first, pick) in enumerate(zip(first_logits, picks)):
+            if pick is None:
+                toks[r, 0] = torch.argmax(first)
+            else:
+                toks[r, 0] = tok = pick(first, 0)
+                live[r] = tok not in stop_ids
+        i = 1
+        while i < n and any(live):
+            logits = self._step_rows([kv if on else None for kv, on in zip(kvs, live)], toks[:, i - 1])
+            toks[:, i] = torch.argmax(logits[:rows], dim=-1)
+            for r in range(rows):
+                if not live[r]:
+                    continue
+                steps[r] += 1
+                if picks[r] is not None:
+                    toks[r, i] = tok = picks[r](logits[r], i)
+                    live[r] = tok not in stop_ids
+            i += 1
+            if i % self.decode_sync_every == 0 and i < n:  # the greedy rows' periodic sync
+                for r, got in enumerate(toks[:, :i].tolist()):
+                    live[r] = live[r] and not any(t in stop_ids for t in got)
+        return [DecodeChunk(tokens=_until_stop(got[:i], stop_ids), steps=steps[r])
+                for r, got in enumerate(toks.tolist())]
 
     def step_logits(self, kv: Slot, token: int) -> tuple[Slot, torch.Tensor]:
         """The logits after feeding ``token`` at position ``kv.length`` (a copy: a graph's output
-        buffer is overwritten by its next replay)."""
-        return kv, self._step_logits(kv, torch.tensor(int(token), device=self.decoder.device)).clone()
+        buffer is overwritten by its next replay). In the batch-invariant mode the step is the
+        ``batch_rows``-row forward that ``decode`` runs, so they are decoding's logits bit for bit."""
+        tok = torch.tensor([int(token)], device=self.decoder.device)
+        if self.batch_rows > 1:
+            return kv, self._step_rows([kv], tok)[0].clone()
+        return kv, self._step_logits(kv, tok[0]).clone()
+
+    def _step_rows(self, kvs: Sequence[Slot | None], toks: torch.Tensor) -> torch.Tensor:
+        """One ``batch_rows``-row forward: ``toks[r]`` fed at position ``kvs[r].length`` for each
+        slot (``None`` and the rows past ``len(kvs)`` are padding); logits ``[batch_rows, vocab]``."""
+        d, b = self.decoder, self.batch_rows
+        ids = torch.zeros(b, 1, dtype=torch.long, device=d.device)
+        ids[:len(kvs), 0] = toks[:len(kvs)]
+        lengths = [0 if kv is None else kv.length for kv in kvs] + [0] * (b - len(kvs))
+        if max(lengths) + 1 > self.max_len:
+            raise ConfigError(f"{max(lengths) + 1} positions exceed the static runner's slot length {self.max_len}")
+        slots = list(kvs) + [None] * (b - len(kvs))
+        spans = [attention_span(n + 1, self.max_len) for n in lengths]
+        h = d.forward(slots, ids, torch.tensor(lengths, device=d.device)[:, None], spans)
+        self.live_rows[sum(kv is not None for kv in kvs)] += 1
+        for kv in kvs:
+            if kv is not None:
+                kv.length += 1
+        return d.logits(h[:, -1])
 
     def _step(self, kv: Slot, tok: torch.Tensor) -> torch.Tensor:
         """Feed ``tok`` (a 0-d device tensor) at position ``kv.length``; the argmax next token."""
@@ -294,7 +400,7 @@ class StaticRunner(KVRunner):
 
     def _one_row(self, kv: Slot, span: int) -> torch.Tensor:
         d = self.decoder
-        h = d.forward(kv, self._tok, self._pos, span)
+        h = d.forward([kv], self._tok, self._pos, [span])
         return d.logits(h[0, -1][None])[0]
 
     def _capture(self, kv: Slot, span: int) -> tuple[Any, torch.Tensor]:
@@ -315,3 +421,11 @@ class StaticRunner(KVRunner):
         self._graphs.clear()
         self._buffers.clear()
         self._free = list(range(self.capacity - 1, -1, -1))
+
+
+def _until_stop(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:
+    """``tokens`` cut right after the first stop token (kept), if any."""
+    for j, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:j + 1]
+    return tokens

@@ -8,12 +8,16 @@ import pytest
 from tests.serving.support import CHAT_ENGINE_CONFIG, CHAT_MODEL, MODEL, TEST_ENGINE_CONFIG, ServerThread
 
 
-def serve(engine, model_name: str, max_concurrent: int, timeout_s: float, **server_kw) -> ServerThread:
-    """A live server around ``engine`` on a loopback port."""
+def serve(engine, model_name: str, max_concurrent: int, timeout_s: float, governor: bool = True,
+          **server_kw) -> ServerThread:
+    """A live server around ``engine`` on a loopback port. ``governor=False``: no load governor,
+    so a request that forces speculation (``os3: false``) speculates however busy the LM is."""
+    from ralmspec.engine.governor import GovernorConfig
     from ralmspec.engine.scheduler import SchedulerConfig
     from serving.app import ServerConfig, create_app
 
-    app = create_app(engine, SchedulerConfig(max_concurrent=max_concurrent, max_queue=16, request_timeout_s=timeout_s),
+    app = create_app(engine, SchedulerConfig(max_concurrent=max_concurrent, max_queue=16, request_timeout_s=timeout_s,
+                                             governor=GovernorConfig(enabled=governor)),
                      server_config=ServerConfig(model_name=model_name, **server_kw))
     return ServerThread(app).start()
 

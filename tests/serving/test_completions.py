@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 
 from tests.identity import SpeculationCheck
-from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, http, request
+from tests.serving.conftest import serve
+from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, http, request
 
 QUESTIONS = ["who wrote the song hey jude", "when did the roman empire fall",
              "what is the tallest mountain in europe", "how many players are on a cricket team",
@@ -26,14 +27,7 @@ def oracle(engine, prompt: str, max_tokens: int, **gen_kw):
 def governor_off_server(serving_engine):
     """The test server without its load governor: a request that forces speculation (``os3:
     false``) speculates however busy the LM is, so the concurrency identity test can assert it."""
-    from ralmspec.engine.governor import GovernorConfig
-    from ralmspec.engine.scheduler import SchedulerConfig
-    from serving.app import ServerConfig, create_app
-
-    app = create_app(serving_engine, SchedulerConfig(max_concurrent=8, max_queue=16, request_timeout_s=120,
-                                                     governor=GovernorConfig(enabled=False)),
-                     server_config=ServerConfig(model_name=MODEL))
-    srv = ServerThread(app).start()
+    srv = serve(serving_engine, MODEL, 8, 120, governor=False)
     yield srv
     srv.stop()
 

@@ -1,0 +1,112 @@
+"""The batched runner (the static runner's batch-invariant mode, ralmspec/lm/static.py): every
+decode step is one forward of exactly ``BATCH_ROWS`` rows shared by the sessions of an LM call.
+
+A session decoded inside a batch of mixed neighbours (lengths, greedy / seeded sampling, stop
+points, session histories with rollbacks) gives, token for token, what it gives alone on the same
+runner and what the eager runner gives it; logprobs replay the batched decode's logits; a batch
+larger than the bucket is split into buckets; a session named twice in one batch keeps one slot.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ralmspec.errors import ConfigError
+from ralmspec.lm.hf import BATCH_ROWS, HFLanguageModel
+from ralmspec.lm.sampling import Sampling
+from ralmspec.lm.static import StaticRunner
+from tests.lm.conftest import make_view, random_tokens
+
+
+def _mode(rng: random.Random) -> Sampling | None:
+    return None if rng.random() < 0.5 else Sampling(temperature=rng.choice((0.7, 1.0)), top_p=rng.choice((0.9, 1.0)),
+                                                    seed=rng.randrange(1 << 20), start=rng.randrange(4))
+
+
+def test_session_in_a_mixed_batch_equals_alone_and_eager(tiny_lm):
+    """Random mixes: 3 to BATCH_ROWS+1 rows (one call spans two buckets), prompts of 3..60
+    tokens, greedy and seeded sampled rows, rows whose session holds a longer / shorter / rolled
+    back history, and stop tokens chosen so that rows stop at different steps of the chunk."""
+    rng = random.Random(21)
+    probe = make_view(tiny_lm, block_size=16, runner="eager")
+    eager = make_view(tiny_lm, block_size=16, runner="eager")
+    batched = make_view(tiny_lm, block_size=16, runner="batched")  # its sessions persist across trials
+    history: dict[str, list[int]] = {}
+    early_stops = full_rows = reused = 0
+    for trial, rows in enumerate((4, BATCH_ROWS + 1, 3, 6)):
+        n = rng.randrange(4, 7)
+        names = [f"s{rng.randrange(6)}" for _ in range(rows)]
+        names = list(dict.fromkeys(names)) + [f"x{trial}-{i}" for i in range(rows - len(set(names)))]
+        prompts = []
+        for name in names:
+            old = history.get(name)
+            if old and rng.random() < 0.8:  # the session's own history, rolled back or extended
+                cut = rng.randrange(len(old) // 2, len(old) + 1)
+                prompts.append(old[:cut] + random_tokens(rng, rng.randrange(0, 20)))
+            else:
+                prompts.append(random_tokens(rng, rng.randrange(3, 60)))
+        modes = [_mode(rng) for _ in names]
+        # stop ids: a token some rows produce mid-chunk (found with no stop ids), so rows end apart
+        free = probe.generate(prompts, n, None, modes)
+        stops = {free[r][rng.randrange(1, n - 1)] for r in rng.sample(range(rows), 2)}
+        batched.stop_token_ids = eager.stop_token_ids = frozenset(stops) | probe.stop_token_ids
+        together = batched.generate(prompts, n, names, modes)
+        reused += batched.last_call_stats.reused_tokens
+        for r, (prompt, mode) in enumerate(zip(prompts, modes)):
+            alone = batched.generate([prompt], n, None, [mode])[0]
+            assert together[r] == alone, (trial, r, len(prompt), mode)
+            assert together[r] == eager.generate([prompt], n, None, [mode])[0], (trial, r)
+            early_stops += len(together[r]) < n
+            full_rows += len(together[r]) == n
+            history[names[r]] = prompt + together[r]
+    assert early_stops > 0 and full_rows > 0, (early_stops, full_rows)
+    assert reused > 0, "no session reused its slot: the rollback / reuse path is untested"
+    live = batched.runner.live_rows
+    assert max(live) > 1 and 1 in live, live  # shared steps, and lone steps in the same shape
+
+
+
+def test_logprobs_replay_the_batched_decode(tiny_lm):
+    """``token_logprobs`` steps one row in the bucket shape, so its logits are the batched
+    decode's own: the greedy tokens are their argmax, whatever shared the decode's steps."""
+    lm = make_view(tiny_lm, block_size=16, runner="batched")
+    rng = random.Random(4)
+    prompts = [random_tokens(rng, rng.randrange(5, 60)) for _ in range(5)]
+    outs = lm.greedy(prompts, 6, [f"p{i}" for i in range(5)])
+    for prompt, out in zip(prompts, outs):
+        scored = lm.token_logprobs(prompt, out, top_k=1, session=None)
+        assert [s.top[0][0] for s in scored] == out
+
+
+def test_a_session_twice_in_one_batch_keeps_one_slot(tiny_lm):
+    lm = make_view(tiny_lm, block_size=8, runner="batched")
+    rng = random.Random(6)
+    a, b = random_tokens(rng, 30), random_tokens(rng, 20)
+    assert lm.greedy([a, b], 3, ["s", "s"]) == [lm.greedy([a], 3)[0], lm.greedy([b], 3)[0]]
+    assert lm.cached_sessions == 1 and lm.cached_length("s") == 16  # the last one's blocks
+    assert len(lm.runner._free) == lm.runner.capacity - 1
+
+
+def test_bucket_size_is_checked(tiny_lm):
+    with pytest.raises(ConfigError, match="batch_rows"):
+        StaticRunner(tiny_lm.model, max_len=64, capacity=2, batch_rows=4)
+    assert StaticRunner(tiny_lm.model, max_len=64, capacity=4, batch_rows=4).name == "batched"
+
+
+def test_smollm2_batched_equals_alone_and_eager(smollm2_lm):
+    """The real default model (a Llama, GQA): three requests decoded together, greedy and seeded,
+    each equal to itself alone on the batched runner and to the eager runner."""
+    lm = HFLanguageModel(smollm2_lm.model, smollm2_lm.tokenizer, eos_token_id=smollm2_lm.eos_token_id,
+                         stop_token_ids=smollm2_lm.stop_token_ids, max_context=smollm2_lm.max_context,
+                         runner="batched")
+    tok = smollm2_lm.tokenizer
+    prompts = [tok.encode(t) for t in ("The capital of France is", "Photosynthesis converts light energy into",
+                                       "Hed PE is an American rock band from")]
+    modes = [None, Sampling(temperature=0.8, seed=3), None]
+    together = lm.generate(prompts, 4, ["a", "b", "c"], modes)
+    for prompt, mode, out in zip(prompts, modes, together):
+        assert out == lm.generate([prompt], 4, None, [mode])[0]
+        assert out == smollm2_lm.generate([prompt], 4, None, [mode])[0]
+    assert lm.runner.live_rows[3] > 0  # the three did share their steps
