@@ -117,14 +117,7 @@ class RalmMode:
 
     async def start(self, drv: Driver) -> None:
         """Step 0: one real retrieval for the prompt; its top-``prefetch`` seeds the cache."""
-        t = self.tr.now()
-        q0 = self.ctx.query(drv.tokens)
-        first = await self.search([q0])
-        took = self.tr.record("retrieve", t, doc_id=first[0][0].doc_id, k=self.spec.prefetch)
-        self.stats["retrieval_s"] += took
-        drv.sched.observe_retrieval(took)
-        self.cache.add(first[0])
-        drv.add(Step(drv.n0, q0, first[0][0].doc_id, verified=True), kind=StepKind.FIRST)
+        drv.sched.observe_retrieval(await self.retrieved_step(self.ctx.query(drv.tokens), StepKind.FIRST))
 
     async def advance(self, drv: Driver, plan: Plan) -> None:
         """Generate the current step's chunk, then start the next step: guessed, or (OS^3
@@ -208,13 +201,18 @@ class RalmMode:
         then the chunk comes next), with no probe or other extra hop, so paused requests stay in
         lock-step with naive ones and share their LM and search batches. The hits still feed the
         cache for when speculation resumes."""
+        await self.retrieved_step(self.ctx.query(self.drv.tokens), StepKind.PAUSED, paused=True)
+
+    async def retrieved_step(self, q: str, kind: StepKind, **trace: Any) -> float:
+        """Add the next step with the knowledge base's passage for ``q`` (a real search, its hits
+        fed to the cache); returns the search's seconds. Every verified step goes through here."""
         drv, t = self.drv, self.tr.now()
-        q = self.ctx.query(drv.tokens)
         hits = await self.search([q])
-        self.stats["retrieval_s"] += self.tr.record("retrieve", t, doc_id=hits[0][0].doc_id, k=self.spec.prefetch,
-                                                    paused=True)
+        took = self.tr.record("retrieve", t, doc_id=hits[0][0].doc_id, k=self.spec.prefetch, **trace)
+        self.stats["retrieval_s"] += took
         self.cache.add(hits[0])
-        drv.add(Step(len(drv.tokens), q, hits[0][0].doc_id, verified=True), kind=StepKind.PAUSED)
+        drv.add(Step(len(drv.tokens), q, hits[0][0].doc_id, verified=True), kind=kind)
+        return took
 
     async def guessed_step(self) -> None:
         """The next step with the guesser's passage (speculation/guess.py)."""
@@ -237,19 +235,14 @@ class RalmMode:
         probe = await asyncio.to_thread(self.exact_guess, q)
         lookup_s = tr.record("probe", t, doc_id=probe)
         probe_event = tr.events[-1]
-        t = tr.now()
-        hits = await self.search([q])
-        true = hits[0][0].doc_id
-        probe_event["hit"] = probe == true
-        search_s = tr.record("retrieve", t, doc_id=true, k=self.spec.prefetch, fallback=True)
+        search_s = await self.retrieved_step(q, StepKind.FALLBACK, fallback=True)
+        hit = probe == drv.book.current.guess  # the step just added holds the true passage
+        probe_event["hit"] = hit
         self.stats["cache_s"] += lookup_s
-        self.stats["retrieval_s"] += search_s
         drv.sched.observe_retrieval(lookup_s + search_s)
         drv.sched.observe_search(1, search_s)
-        drv.sched.observe_round(1, int(probe == true))
-        self.cache.add(hits[0])
-        drv.probed(probe == true)
-        drv.add(Step(len(drv.tokens), q, true, verified=True), kind=StepKind.FALLBACK)
+        drv.sched.observe_round(1, int(hit))
+        drv.probed(hit)
         return lookup_s
 
     # ------------------------------------------------------------------ verification and the guess kit
