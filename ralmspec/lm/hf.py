@@ -274,11 +274,13 @@ class HFLanguageModel(LanguageModel):
         with self._lock:
             stats = CallStats(prompts=len(checked))
             t0 = time.perf_counter()
-            out: list[list[int]] = [] if n > 0 else [[] for _ in checked]
-            rows = max(1, self.runner.batch_rows)
-            for g in range(0, len(checked), rows) if n > 0 else ():
-                part = slice(g, g + rows)
-                out += self._generate_rows(checked[part], n, stats, modes[part])
+            if n == 0:
+                out: list[list[int]] = [[] for _ in checked]
+            else:
+                out = []
+                rows = max(1, self.runner.batch_rows)  # at most this many slots held by one group
+                for g in range(0, len(checked), rows):
+                    out += self._generate_rows(checked[g:g + rows], n, stats, modes[g:g + rows])
             stats.wall_s = time.perf_counter() - t0
             self._account(stats)
         return out
