@@ -12,10 +12,9 @@ import sys
 import time
 from dataclasses import replace
 
-from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, engine_config_from_args
+from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, apply_threads, engine_config_from_args
 from ralmspec.config import BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, RetrievalConfig
 from ralmspec.errors import ConfigError, RalmSpecError
-from ralmspec.threads import set_threads
 
 
 def _log(msg: str) -> None:
@@ -38,6 +37,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not a.question or not a.question.strip():
         raise RalmSpecError("the question is empty")
     cfg = with_drawn_seed(engine_config_from_args(a))
+    apply_threads(a)
     from ralmspec.engine.core import build_engine
 
     t = time.perf_counter()
@@ -63,6 +63,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(f"\nfirst passage (#{first.doc_id}, {first.title}):\n  {text}")
     print("\ntiming:")
     s = res.stats
+    if res.token_ids:  # the LM's time over every token it produced (rolled-back ones included)
+        print(f"  LM {s['lm_s'] / max(1, len(res.token_ids) + s.get('wasted_tokens', 0)) * 1e3:.2f} ms/token "
+              f"(prefills included) · end to end {res.latency_s / len(res.token_ids) * 1e3:.2f} ms/token")
     if res.mode == "naive":
         print(f"  retrieval {s['retrieval_s']:.3f}s ({s['mean_retrieval_s'] * 1e3:.1f} ms/step) · "
               f"LM {s['lm_s']:.3f}s ({s['mean_lm_s'] * 1e3:.1f} ms/step) · steps {s['steps']} · "
@@ -157,9 +160,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     has_answers = any(answers)
     if len(questions) < a.n:
         _log(f"note: only {len(questions)} questions available")
-    if a.threads < 0:
-        raise RalmSpecError("--threads must be >= 0")
-    set_threads(a.threads or None)
+    apply_threads(a)
     engine = build_engine(cfg, corpus_path=a.corpus)  # with the EMULATED pad of --emulate-pad (retrieval/open.py)
     label = cfg.retrieval.kind
     if a.emulate_pad:
@@ -249,9 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run every variant once per guesser, e.g. exact,last,refine (speculation/guess.py); "
                          "'oracle' is a bound: it guesses the naive run's passage (always right, free)")
     add_emulate_pad_arg(be, "the table says EMULATED")
-    be.add_argument("--threads", type=int, default=0,
-                    help="torch and FAISS threads (0: library defaults); with asynchronous "
-                         "verification on 2 cores, 1 avoids oversubscription")
     add_engine_args(be)
     be.set_defaults(func=cmd_bench)
 

@@ -29,6 +29,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "eager on cpu)")
     g.add_argument("--lm-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="LM weights' dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch and FAISS threads per operation (0: library defaults); the LM, the knowledge "
+                        "base and the guesses run on separate threads, so on a small machine 1 avoids "
+                        "oversubscription")
     k = p.add_argument_group("knowledge base")
     k.add_argument("--retriever", default="exact", help=f"one of {', '.join(RETRIEVER_KINDS)}")
     k.add_argument("--index", default=None, help="index folder made by `ralmspec index build`")
@@ -82,6 +86,16 @@ def add_emulate_pad_arg(p, where: str) -> None:
                    help="EMULATED larger knowledge base (exact only): answers from the real index, plus "
                         "the real cost of a flat scan over N synthetic vectors per search "
                         f"(ralmspec/retrieval/emulated.py); {where}")
+
+
+def apply_threads(a: argparse.Namespace) -> None:
+    """Set this process's library threads from ``--threads`` (0: leave the defaults)."""
+    from ralmspec.errors import ConfigError
+    from ralmspec.threads import set_threads
+
+    if a.threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {a.threads}")
+    set_threads(a.threads or None)
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:

@@ -45,9 +45,6 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="extra wait to gather cross-request batches (default 0: whatever is waiting)")
     h.add_argument("--search-concurrency", type=int, default=1, help="knowledge-base calls in flight at once")
-    h.add_argument("--threads", type=int, default=0,
-                   help="torch and FAISS threads per operation (0: library defaults); the LM, the knowledge base "
-                        "and the guesses run on separate threads, so on a small machine 1 avoids oversubscription")
     h.add_argument("--no-load-governor", action="store_true",
                    help="never pause speculation under load (default: paused while the LM worker is saturated "
                         "by several requests; docs/serving.md)")
@@ -92,16 +89,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _build_app(a: argparse.Namespace):
-    from ralmspec.cli_options import engine_config_from_args
+    from ralmspec.cli_options import apply_threads, engine_config_from_args
     from ralmspec.engine.governor import GovernorConfig
     from ralmspec.engine.scheduler import SchedulerConfig
-    from ralmspec.threads import set_threads
     from serving.app import ServerConfig, create_app
 
     cfg = engine_config_from_args(a)  # checks --emulate-pad (>= 0, exact only)
-    if a.threads < 0:
-        raise ConfigError(f"--threads must be >= 0, got {a.threads}")
-    set_threads(a.threads or None)
+    apply_threads(a)
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
     sched = SchedulerConfig(max_concurrent=a.max_concurrent, max_queue=a.max_queue,

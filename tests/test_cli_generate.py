@@ -1,0 +1,44 @@
+"""`ralmspec generate` end to end on the small real index: the answer, the passages, the timing
+with the LM's ms per token (naive and speculative), `--threads`, and clear errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from ralmspec.cli import main
+
+
+def run(small_indexes, *extra: str) -> list[str]:
+    index = small_indexes["exact"].index_dir
+    return ["generate", "who wrote hamlet", "--model", "tiny", "--retriever", "exact", "--index", index,
+            "--max-new-tokens", "8", "--stride", "2", *extra]
+
+
+@pytest.mark.parametrize("mode", ["--no-speculate", "--speculate"])
+def test_generate_prints_the_lm_ms_per_token_and_takes_threads(small_indexes, capsys, mode):
+    before = torch.get_num_threads()
+    try:
+        assert main(run(small_indexes, mode, "--threads", "1", "--no-os3")) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert ("naive ·" if mode == "--no-speculate" else "speculative ·") in out
+    m = re.search(r"LM (\d+\.\d+) ms/token \(prefills included\) · end to end (\d+\.\d+) ms/token", out)
+    assert m, out
+    lm, total = float(m.group(1)), float(m.group(2))
+    assert 0 < lm and 0 < total
+
+
+@pytest.mark.parametrize("bad, message", [(["--threads", "-1"], "--threads must be >= 0")])
+def test_generate_bad_flags_are_clear_errors(small_indexes, capsys, bad, message):
+    assert main(run(small_indexes, *bad)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_empty_question_is_an_error(capsys):
+    assert main(["generate", "  ", "--model", "tiny"]) == 2
+    assert "the question is empty" in capsys.readouterr().err
