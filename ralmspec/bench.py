@@ -3,8 +3,8 @@
 Used by ``ralmspec bench`` and by the studies in ``experiments/``. Requests run one at a time,
 naive and speculative alternating per question, after one warm-up question that is not counted.
 
-Cold start: before every request the engine's cross-request caches (the query encoder's LRU and
-the tokenized passages) are emptied (``RalmEngine.reset_caches``). Otherwise the speculative run
+Cold start: before every request the engine's cross-request caches (the query encoder's LRU,
+the tokenized passages and the LM's shared prefix blocks) are emptied (``RalmEngine.reset_caches``). Otherwise the speculative run
 of a question would find every query the naive run just encoded (the queries are the same when
 the tokens are) and look faster for a reason that has nothing to do with speculation. OS^3's cost memory
 (``RalmEngine.costs``: measured LM step, search and encoding latencies and, as a prior until a

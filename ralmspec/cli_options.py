@@ -29,6 +29,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "eager on cpu)")
     g.add_argument("--lm-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="LM weights' dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--lm-prefix-cache-mib", type=int, default=EngineConfig.lm_prefix_cache_mib, metavar="MIB",
+                   help="hf backend: prompt KV blocks shared across requests, so a passage another request "
+                        "(or an earlier step) prefilled is not computed again; same tokens either way "
+                        "(default %(default)s; 0: off)")
     g.add_argument("--threads", type=int, default=0,
                    help="torch and FAISS threads per operation (0: library defaults); the LM, the knowledge "
                         "base and the guesses run on separate threads, so on a small machine 1 avoids "
@@ -102,7 +106,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     """The EngineConfig of the flags of ``add_engine_args`` (and ``--emulate-pad`` where the command has it)."""
     return EngineConfig(
         model=a.model, lm_backend=a.lm_backend, lm_device=a.lm_device, lm_runner=a.lm_runner,
-        lm_dtype=a.lm_dtype,
+        lm_dtype=a.lm_dtype, lm_prefix_cache_mib=a.lm_prefix_cache_mib,
         retrieval=RetrievalConfig(kind=a.retriever, index_dir=a.index, device=a.retriever_device,
                                   encoder_device=a.encoder_device or a.lm_device,
                                   hnsw_ef_search=a.ef_search, ivf_nprobe=a.nprobe,

@@ -228,6 +228,13 @@ class EngineConfig:
     lm_runner: str = "auto"
     # "auto": bfloat16 on CUDA, float32 on the CPU
     lm_dtype: str = "auto"
+    # hf backend: MiB of prompt KV blocks shared across requests (ralmspec/lm/prefix_cache.py); 0: off
+    lm_prefix_cache_mib: int = 512
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+
+    def __post_init__(self) -> None:
+        n = self.lm_prefix_cache_mib
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ConfigError(f"--lm-prefix-cache-mib must be an integer >= 0, got {n!r}")

@@ -160,7 +160,8 @@ def _load_lm(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
         from ralmspec.lm.loader import load_language_model
 
         return load_language_model(cfg.model, backend=cfg.lm_backend, device=cfg.lm_device,
-                                   dtype=cfg.lm_dtype, runner=cfg.lm_runner), ""
+                                   dtype=cfg.lm_dtype, runner=cfg.lm_runner,
+                                   prefix_cache_mib=cfg.lm_prefix_cache_mib), ""
     from ralmspec.lm.ray_replicas import RayLMConfig, RayLMReplicas
 
     lm_cfg = RayLMConfig(replicas=a.lm_replicas, threads=a.lm_replica_threads, actor_gpus=a.lm_replica_gpus,

@@ -33,7 +33,8 @@ def test_generate_prints_the_lm_ms_per_token_and_takes_threads(small_indexes, ca
     assert 0 < lm and 0 < total
 
 
-@pytest.mark.parametrize("bad, message", [(["--threads", "-1"], "--threads must be >= 0")])
+@pytest.mark.parametrize("bad, message", [(["--threads", "-1"], "--threads must be >= 0"),
+                                          (["--lm-prefix-cache-mib", "-1"], "--lm-prefix-cache-mib must be")])
 def test_generate_bad_flags_are_clear_errors(small_indexes, capsys, bad, message):
     assert main(run(small_indexes, *bad)) == 2
     assert message in capsys.readouterr().err

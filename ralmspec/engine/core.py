@@ -102,11 +102,13 @@ class RalmEngine:
         return result
 
     def reset_caches(self) -> None:
-        """Empty the caches shared across requests (query encodings, tokenized passages), so the
+        """Empty the caches shared across requests (query encodings, tokenized passages, the LM's
+        shared prefix blocks), so the
         next request is measured as a new question would be. Never changes any output."""
         encoder = getattr(self.retriever, "encoder", None)
         if encoder is not None and hasattr(encoder, "clear_cache"):
             encoder.clear_cache()
+        self.lm.clear_prefix_cache()
         self.passages = PassageTokens(self.lm, self.retriever)
 
     def generate_sync(self, prompt: str, **kwargs) -> GenerationResult:
@@ -127,7 +129,8 @@ def build_engine(config: EngineConfig, corpus_path: str | None = None, show_prog
     retriever = open_knowledge_base(config.retrieval, corpus_path, show_progress=show_progress)
     try:
         lm = load_language_model(config.model, backend=config.lm_backend, device=config.lm_device,
-                                 dtype=config.lm_dtype, runner=config.lm_runner)
+                                 dtype=config.lm_dtype, runner=config.lm_runner,
+                                 prefix_cache_mib=config.lm_prefix_cache_mib)
     except BaseException:
         retriever.close()
         raise

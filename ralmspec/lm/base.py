@@ -96,5 +96,8 @@ class LanguageModel(abc.ABC):
     def release(self, session: Hashable) -> None:  # noqa: B027 - optional hook
         """Forget the KV state of ``session``."""
 
+    def clear_prefix_cache(self) -> None:  # noqa: B027 - optional hook
+        """Forget KV shared across requests (a benchmark's cold start); outputs never change."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend (engine processes, GPU memory)."""

@@ -65,11 +65,13 @@ import torch
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel, TokenLogprob
+from ralmspec.lm.prefix_cache import PrefixBlocks
 from ralmspec.lm.runner import RUNNERS, EagerRunner, KVRunner
 from ralmspec.lm.sampling import Sampling, draw
 from ralmspec.lm.static import StaticRunner, supports_static
 
 DEFAULT_BLOCK_SIZE = 64  # canonical prefill block (see the trade-offs above)
+DEFAULT_PREFIX_CACHE_BYTES = 512 << 20  # shared prefix blocks (lm/prefix_cache.py); 0: off
 # static runner: KV slots (each allocated on first use) and positions per slot, per device type.
 # A slot holds 2 x layers x kv_heads x length x head_dim values: SmolLM2 in float32 on the CPU,
 # 2048 positions = 94 MiB; in bfloat16 on CUDA, 4096 positions = 94 MiB.
@@ -166,6 +168,7 @@ class CallStats:
     prompts: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt positions whose KV came from the session cache
+    shared_tokens: int = 0  # prompt positions whose KV came from the shared prefix blocks
     prefill_tokens_computed: int = 0  # prompt positions computed by block forwards
     prefill_forwards: int = 0
     decode_steps: int = 0  # 1-row decode forwards
@@ -217,7 +220,8 @@ class HFLanguageModel(LanguageModel):
                  max_context: int, device: str | torch.device = "cpu",
                  block_size: int = DEFAULT_BLOCK_SIZE,
                  max_sessions: int = 256, max_cache_bytes: int | None = 2 << 30,
-                 stop_token_ids: Iterable[int] = (), name: str = "hf", runner: str = "eager") -> None:
+                 stop_token_ids: Iterable[int] = (), name: str = "hf", runner: str = "eager",
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ConfigError(f"block_size must be an integer >= 1, got {block_size!r}")
         if not isinstance(max_context, int) or max_context < 2:
@@ -242,8 +246,10 @@ class HFLanguageModel(LanguageModel):
         self._lock = threading.Lock()
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
         self._cached_bytes = 0
+        self.prefix_blocks = PrefixBlocks(prefix_cache_bytes)  # shared by all sessions (lm/prefix_cache.py)
         self.prefill_tokens_computed = 0
         self.reused_tokens = 0
+        self.shared_tokens = 0
         self.decode_steps = 0
         self.prefill_forwards = 0
         self.last_call_stats = CallStats()
@@ -366,7 +372,13 @@ class HFLanguageModel(LanguageModel):
         with self._lock:
             self._sessions.clear()
             self._cached_bytes = 0
+            self.prefix_blocks.clear()
             self.runner.close()
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the shared prefix blocks (a benchmark's cold start); outputs never change."""
+        with self._lock:
+            self.prefix_blocks.clear()
 
     @property
     def cached_sessions(self) -> int:
@@ -421,6 +433,7 @@ class HFLanguageModel(LanguageModel):
     def _account(self, stats: CallStats) -> None:
         self.prefill_tokens_computed += stats.prefill_tokens_computed
         self.reused_tokens += stats.reused_tokens
+        self.shared_tokens += stats.shared_tokens
         self.decode_steps += stats.decode_steps
         self.prefill_forwards += stats.prefill_forwards
         self.last_call_stats = stats
@@ -473,12 +486,16 @@ class HFLanguageModel(LanguageModel):
         start = reuse
         logits = hidden = None
         try:
+            kv, start = self._import_shared(kv, prompt, start)
+            stats.shared_tokens += start - reuse
             while start < L:
                 end = min(start - start % B + B, L)
                 kv, logits, hidden = self.runner.prefill_block(kv, prompt[start:end], last=end == L,
                                                                want_hidden=want_hidden)
                 stats.prefill_forwards += 1
                 stats.prefill_tokens_computed += end - start
+                if end % B == 0:
+                    self._share(prompt[:end], kv)
                 start = end
         except BaseException:
             self.runner.free(kv)
@@ -488,6 +505,32 @@ class HFLanguageModel(LanguageModel):
         stats.reused_tokens += reuse
         stats.prefill_s += time.perf_counter() - t0
         return logits, hidden, kv
+
+    def _import_shared(self, kv: Any, prompt: list[int], start: int) -> tuple[Any, int]:
+        """Extend ``kv`` (holding ``prompt[:start]``, ``start`` a multiple of B) with the shared
+        prefix blocks that follow, up to but never including the block that holds the last
+        position (its forward gives the logits). Returns the handle and the new start."""
+        B, table = self.block_size, self.prefix_blocks
+        if not table.enabled:
+            return kv, start
+        threads = torch.get_num_threads()
+        last_block = (len(prompt) - 1) // B * B
+        while start < last_block:
+            block = table.get(threads, prompt[:start + B])
+            if block is None:
+                break
+            kv = self.runner.import_block(kv, block)
+            start += B
+        return kv, start
+
+    def _share(self, prefix: list[int], kv: Any) -> None:
+        """Offer the block that ``kv`` just computed at the end of ``prefix`` to the shared table."""
+        table, threads = self.prefix_blocks, torch.get_num_threads()
+        if not table.enabled or (threads, prefix) in table:
+            return
+        exported = self.runner.export_block(kv, len(prefix) - self.block_size, len(prefix))
+        if exported is not None:
+            table.put(threads, prefix, *exported)
 
     def _store(self, session: Hashable | None, prompt: list[int], kv: Any) -> None:
         """Crop ``kv`` to the prompt's full blocks and keep it for ``session`` (LRU insert).

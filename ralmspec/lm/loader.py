@@ -21,12 +21,16 @@ def resolve_lm_dtype(dtype: str, device: str) -> str:
 
 
 def load_language_model(name_or_path: str, backend: str = "hf", device: str = "cpu",
-                        dtype: str = "auto", runner: str = "auto") -> LanguageModel:
+                        dtype: str = "auto", runner: str = "auto", prefix_cache_mib: int = 512) -> LanguageModel:
+    """``prefix_cache_mib``: the hf backend's shared prefix blocks (vLLM has its own prefix caching)."""
     dtype = resolve_lm_dtype(dtype, device)
+    if not isinstance(prefix_cache_mib, int) or isinstance(prefix_cache_mib, bool) or prefix_cache_mib < 0:
+        raise ConfigError(f"the LM prefix cache must be an integer >= 0 MiB, got {prefix_cache_mib!r}")
     if backend == "hf":
         from ralmspec.lm.models import load_lm
 
-        return load_lm(name_or_path, device=device, dtype=dtype, runner=runner)
+        return load_lm(name_or_path, device=device, dtype=dtype, runner=runner,
+                       prefix_cache_bytes=prefix_cache_mib << 20)
     if backend == "vllm":
         from ralmspec.lm.vllm import load_vllm
 

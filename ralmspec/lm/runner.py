@@ -78,6 +78,16 @@ class KVRunner(abc.ABC):
     @abc.abstractmethod
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]: ...
 
+    def export_block(self, kv: Any, start: int, end: int) -> tuple[Any, int] | None:
+        """A detached copy of the KV of positions ``[start, end)`` of ``kv`` and its bytes, for the
+        shared prefix table (``ralmspec.lm.prefix_cache``); ``None``: this handle cannot share."""
+        return None
+
+    def import_block(self, kv: Any, block: Any) -> Any:
+        """``kv`` extended by an exported ``block`` at its next positions, exactly as if they had
+        been prefilled there (``kv`` may be a fresh handle)."""
+        raise NotImplementedError(f"the {self.name} runner does not import KV blocks")
+
     def decode_batch(self, kvs: Sequence[Any], first_logits: Sequence[torch.Tensor], n: int,
                      picks: Sequence[Callable[[torch.Tensor, int], int] | None],
                      stop_ids: frozenset[int]) -> list[DecodeChunk]:
@@ -167,6 +177,22 @@ class EagerRunner(KVRunner):
         x = torch.tensor([[int(token)]], dtype=torch.long, device=self.device)
         out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
         return _out_cache(out), out.logits[0, -1]
+
+    def export_block(self, kv: Any, start: int, end: int) -> tuple[Any, int] | None:
+        layers = getattr(kv, "layers", None)
+        if layers is None or not self.croppable(kv):
+            return None
+        block = [(layer.keys[:, :, start:end].clone(), layer.values[:, :, start:end].clone()) for layer in layers]
+        return block, sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in block)
+
+    def import_block(self, kv: Any, block: Any) -> Any:
+        if kv is None:
+            from transformers import DynamicCache
+
+            kv = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(block):
+            kv.update(k.clone(), v.clone(), i)  # the cache may keep the tensor it is given
+        return kv
 
 
 def _cache_kwarg(module: torch.nn.Module) -> str:

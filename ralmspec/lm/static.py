@@ -253,6 +253,20 @@ class StaticRunner(KVRunner):
     def nbytes(self, kv: Slot | None) -> int:
         return 0 if kv is None else self.slot_bytes
 
+    def export_block(self, kv: Slot, start: int, end: int) -> tuple[Any, int] | None:
+        block = [(k[:, :, start:end].clone(), v[:, :, start:end].clone()) for k, v in zip(kv.keys, kv.values)]
+        return block, sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in block)
+
+    def import_block(self, kv: Slot, block: Any) -> Slot:
+        start, n = kv.length, int(block[0][0].shape[2])
+        if start + n > self.max_len:
+            raise ConfigError(f"{start + n} positions exceed the static runner's slot length {self.max_len}")
+        for (k, v), keys, values in zip(block, kv.keys, kv.values):
+            keys[:, :, start:start + n].copy_(k)  # in place: captured graphs keep reading these buffers
+            values[:, :, start:start + n].copy_(v)
+        kv.length = start + n
+        return kv
+
     # ------------------------------------------------------------------ forwards
 
     def prefill_block(self, kv: Slot, ids: Sequence[int], *, last: bool,

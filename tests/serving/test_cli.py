@@ -35,9 +35,22 @@ def _dead_port() -> int:
     (["--emulate-pad", "-1"], "--emulate-pad must be >= 0"),
     (["--retriever", "bm25", "--emulate-pad", "100"], "--retriever exact"),
     (["--emulate-pad", "100", "--retriever-url", "http://127.0.0.1:9"], "cannot be combined"),
+    (["--lm-prefix-cache-mib", "-1"], "--lm-prefix-cache-mib must be"),
 ])
 def test_bad_serve_settings_exit_2(capsys, argv, msg):
     argv = [x.replace("DEAD", f"http://127.0.0.1:{_dead_port()}") for x in argv]
     assert main(["serve", "--model", "tiny", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and msg in err, err
+
+
+def test_serve_passes_the_lm_flags_to_the_model_it_loads():
+    from ralmspec.cli_options import engine_config_from_args
+    from serving.cli import _load_lm
+
+    a = build_parser().parse_args(["serve", "--model", "tiny", "--lm-runner", "static", "--lm-prefix-cache-mib", "3"])
+    lm, where = _load_lm(a, engine_config_from_args(a))
+    try:
+        assert where == "" and lm.runner.name == "static" and lm.prefix_blocks.capacity_bytes == 3 << 20
+    finally:
+        lm.close()
