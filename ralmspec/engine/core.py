@@ -103,8 +103,8 @@ class RalmEngine:
 
     def reset_caches(self) -> None:
         """Empty the caches shared across requests (query encodings, tokenized passages, the LM's
-        shared prefix blocks), so the
-        next request is measured as a new question would be. Never changes any output."""
+        shared prefix blocks), so the next request is measured as a new question would be. Never
+        changes any output."""
         encoder = getattr(self.retriever, "encoder", None)
         if encoder is not None and hasattr(encoder, "clear_cache"):
             encoder.clear_cache()

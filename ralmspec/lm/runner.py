@@ -14,6 +14,9 @@ schedule, session reuse, statistics, locking) and drives one ``KVRunner``:
 - ``step_logits(kv, token)`` feeds one given token (the 1-row step ``decode`` runs) and returns
   the next position's logits: scoring tokens already generated (logprobs) replays decoding;
 - ``crop(kv, keep)`` rolls the handle back to its first ``keep`` positions;
+- ``export_block(kv, start, end)`` / ``import_block(kv, block)``: a detached copy of a span's KV
+  and its bytes / that copy appended at a handle's next positions, for the prompt blocks shared
+  across sessions (``ralmspec.lm.prefix_cache``);
 - ``decode_batch(kvs, first_logits, n, picks, stop_ids)`` is ``decode`` for several handles at
   once: one ``DecodeChunk`` per handle, each exactly what ``decode`` alone would give it. The
   default runs them one by one; a runner with ``batch_rows > 1`` steps up to ``batch_rows``

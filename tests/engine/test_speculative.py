@@ -97,7 +97,9 @@ def test_naive_fallback_when_retrieval_is_cheap_keeps_tokens(engine):
 def test_second_request_speculates_from_the_engines_cost_memory(engine):
     """The first request on a blind engine measures (verified steps that probe the cache); the
     next one starts from the engine's costs and, as a prior, the acceptance the first one ended
-    with, so it speculates from its first step on: no verified steps, same tokens."""
+    with, so it speculates from its first step on (a guess right after step 0, no blind verified
+    steps), same tokens. Later steps may still fall back: OS^3 re-decides each round on measured
+    latencies, which a busy machine (the other test worker) moves."""
     slow = FakeLatencySearch(engine.retriever, delay_s=0.2)
     spec = SpeculationConfig(async_verify=False, os3=True, prefetch=20)
     engine.costs.clear()
@@ -118,7 +120,7 @@ def test_second_request_speculates_from_the_engines_cost_memory(engine):
     check.same(second.token_ids, naive2.token_ids, second.stats)
     check.ran(min_speculated=1)  # the second request speculated
     assert first.stats["naive_steps"] >= 1  # blind: it measured first
-    assert second.stats["naive_steps"] == 0 and second.stats["rounds"] >= 1
+    assert second.stats["rounds"] >= 1
     assert second.trace[1]["kind"] == "lm" and second.trace[2]["kind"] == "cache"  # a guess right after step 0
 
 
