@@ -11,6 +11,8 @@ import argparse
 from ralmspec.config import (
     GUESSERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
 )
+from ralmspec.errors import ConfigError
+from ralmspec.threads import set_threads
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -94,8 +96,6 @@ def add_emulate_pad_arg(p, where: str) -> None:
 
 def apply_threads(a: argparse.Namespace) -> None:
     """Set this process's library threads from ``--threads`` (0: leave the defaults)."""
-    from ralmspec.errors import ConfigError
-    from ralmspec.threads import set_threads
 
     if a.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {a.threads}")

@@ -35,7 +35,6 @@ class PrefixBlocks:
         self._blocks: OrderedDict[tuple[int, tuple[int, ...]], tuple[Any, int]] = OrderedDict()
         self.nbytes = 0
         self.hits = 0  # blocks imported instead of computed
-        self.stored = 0
 
     @property
     def enabled(self) -> bool:
@@ -68,7 +67,6 @@ class PrefixBlocks:
             self.nbytes -= old[1]
         self._blocks[key] = (block, nbytes)
         self.nbytes += nbytes
-        self.stored += 1
         while self.nbytes > self.capacity_bytes:
             _, (_, n) = self._blocks.popitem(last=False)
             self.nbytes -= n

@@ -194,7 +194,7 @@ class EagerRunner(KVRunner):
 
             kv = DynamicCache(config=self.model.config)
         for i, (k, v) in enumerate(block):
-            kv.update(k.clone(), v.clone(), i)  # the cache may keep the tensor it is given
+            kv.update(k, v, i)  # concatenates into new tensors: the table's block is never written
         return kv
 
 
