@@ -4,7 +4,10 @@ Symbols: ``a`` = seconds of one speculative step (cache lookup + query + LM chun
 ``b(s)`` = seconds of one batched verification of ``s`` queries, ``γ`` = probability that one
 speculated passage is right. Per round of stride ``s`` the expected number of verified chunks is
 ``(1-γ^s)/(1-γ)``; the round costs ``s·a + b`` synchronously and
-``γ^s·((s-1)·a + max(a,b)) + (1-γ^s)·(s·a + b)`` with asynchronous verification. The scheduler
+``γ^s·max(s·a, b) + (1-γ^s)·(s·a + b)`` with asynchronous verification: the driver keeps
+producing the next round's ``s`` steps while a round is verified (``rounds.next_action`` waits
+only when the next round is full), so a round that is kept costs whichever of the two is longer;
+a rejection discards the steps produced beside it, and that round costs ``s·a + b``. The scheduler
 picks the ``s`` in ``[1, s_max]`` that maximises verified chunks per second, searching upward
 from 1 while the objective does not fall.
 
@@ -32,15 +35,22 @@ path (``verify_encodes``). Either way every encoding is counted exactly once.
 Contention (asynchronous mode): a step that runs while a verification is in flight, and a
 verification that runs beside decoding, are slower than alone when both compete for the same
 cores and memory bandwidth (2-core machine, measured 2026-11-28: a 1M-vector scan 112 -> 188 ms,
-an LM chunk 7.4 -> 9.9 ms). So ``a`` and ``search(s)`` are kept twice: alone and overlapped.
-Each round, OS^3 compares the best synchronous round (alone costs) with the best asynchronous
-one (overlapped costs; the alone ones until contention was measured) and picks the faster
-(``StrideDecision.overlap``): asynchronous verification never loses to synchronous by design.
+an LM chunk 7.4 -> 9.9 ms). So ``a`` is kept twice (alone, overlapped), and a search beside
+decoding is predicted as the alone line times a contention factor ``κ`` (the median ratio of
+the searches measured beside decoding to the alone line at their sizes), so one search measured
+at one batch size says how much slower every size is. Each round, OS^3 compares the best
+synchronous round (alone costs) with the best asynchronous one (overlapped costs; the alone ones
+until contention was measured) and picks the faster (``StrideDecision.overlap``).
+The overlapped costs are only measured by overlapped rounds, so a noisy one could keep OS^3
+synchronous for good; after ``OVERLAP_REFRESH_ROUNDS`` rounds in a row without an overlapped
+one they are forgotten, and the next decision predicts an overlapped round with the alone costs
+(it then wins: with equal costs overlapping is never slower), which measures them again.
 
-Estimates: ``a`` = the latest step latency; ``search(s)`` = a least-squares line through the
-latest search latency seen at each batch size (constant when only one size was seen); ``e`` =
-the latest query encoding; ``γ`` = Σ matched / (Σ matched + rounds with a mismatch) over the last
-``window`` rounds, capped at ``gamma_max``.
+Estimates: every latency is the median of its last ``SAMPLES`` measurements (one noisy LM chunk
+or search does not swing the stride): ``a``, the LM chunk, the naive retrieval ``r``, ``e`` (one
+query encoding) and, per batch size, ``search``; ``search(s)`` = a least-squares line through
+the per-size medians (constant when only one size was seen); ``γ`` = Σ matched / (Σ matched +
+rounds with a mismatch) over the last ``window`` rounds, capped at ``gamma_max``.
 """
 
 from __future__ import annotations
@@ -48,8 +58,12 @@ from __future__ import annotations
 import copy
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from ralmspec.config import OS3Config
+
+SAMPLES = 5  # latencies: the median of the last SAMPLES measurements
+OVERLAP_REFRESH_ROUNDS = 8  # forget the overlapped costs after this many rounds without one
 
 
 def expected_verified_chunks(gamma: float, s: int) -> float:
@@ -60,11 +74,28 @@ def expected_verified_chunks(gamma: float, s: int) -> float:
 
 
 def round_time(a: float, b: float, gamma: float, s: int, async_verify: bool) -> float:
-    """Expected seconds of one round of stride ``s``."""
+    """Expected seconds of one round of stride ``s``: ``s·a + b`` synchronously; asynchronously
+    a kept round runs beside the next round's steps (``max(s·a, b)``) and a rejected one does not."""
     if not async_verify:
         return s * a + b
     g = gamma**s
-    return g * ((s - 1) * a + max(a, b)) + (1.0 - g) * (s * a + b)
+    return g * max(s * a, b) + (1.0 - g) * (s * a + b)
+
+
+def median(xs: list[float]) -> float | None:
+    """The median of ``xs`` (None when empty)."""
+    if not xs:
+        return None
+    v = sorted(xs)
+    m = len(v) // 2
+    return v[m] if len(v) % 2 else 0.5 * (v[m - 1] + v[m])
+
+
+def push(samples: list[float], x: float) -> None:
+    """Append ``x``, keeping the last ``SAMPLES``."""
+    samples.append(float(x))
+    if len(samples) > SAMPLES:
+        samples.pop(0)
 
 
 def seconds_per_step(a: float, b: float, gamma: float, s: int, async_verify: bool,
@@ -118,18 +149,20 @@ class StrideScheduler:
         self.os3 = os3
         self.regenerates = regenerates  # a rejected step's output is generated again (RaLM's chunk)
         self.verify_encodes = verify_encodes  # b(s) pays s query encodings (module doc)
-        self._encode: float | None = None
         self.naive_fallback = naive_fallback
-        self._lm: float | None = None
-        self._r: float | None = None
         self.fixed_stride = fixed_stride
         self.async_verify = async_verify
         self.s_max = s_max
         self.gamma_max = gamma_max
-        self._a: float | None = None
-        self._a_ov: float | None = None  # a step while a verification ran beside it
-        self._b_by_size: dict[int, float] = {}
-        self._b_ov_by_size: dict[int, float] = {}  # searches that ran beside decoding
+        # latency samples (seconds), the last SAMPLES of each; estimates are their medians
+        self._a: list[float] = []  # a speculative step alone (LM chunk + guess)
+        self._a_ov: list[float] = []  # a step while a verification ran beside it
+        self._lm: list[float] = []  # an LM chunk
+        self._r: list[float] = []  # a naive retrieval (encoding + search of one query)
+        self._encode: list[float] = []  # one query encoding
+        self._b_by_size: dict[int, list[float]] = {}  # searches alone, by batch size
+        self._b_ov_by_size: dict[int, list[float]] = {}  # searches that ran beside decoding
+        self._rounds_alone = 0  # rounds in a row without an overlapped one (OVERLAP_REFRESH_ROUNDS)
         self._rounds: deque[tuple[int, bool]] = deque(maxlen=window)  # (matched, had_mismatch)
         # rounds verified beside decoding: their steps were guessed from a cache that had not
         # received the previous round's prefetch yet, so their acceptance is estimated apart
@@ -144,45 +177,58 @@ class StrideScheduler:
                    window=cfg.window, gamma_max=cfg.gamma_max, naive_fallback=cfg.naive_fallback,
                    verify_encodes=verify_encodes, regenerates=regenerates)
 
+    # ------------------------------------------------------------------ measurements
     def observe_step(self, seconds: float, overlapped: bool = False) -> None:
         """One speculative step (LM chunk + guess); ``overlapped``: a verification ran meanwhile."""
-        if overlapped:
-            self._a_ov = seconds
-        else:
-            self._a = seconds
+        push(self._a_ov if overlapped else self._a, seconds)
 
     def observe_lm(self, seconds: float) -> None:
         """One LM chunk alone (the naive step's LM part)."""
-        self._lm = seconds
+        push(self._lm, seconds)
 
     def observe_retrieval(self, seconds: float) -> None:
         """One real single-query retrieval (query encoding + search): the naive step's ``r``."""
-        self._r = seconds
-
-    def needs_estimates(self) -> bool:
-        """OS^3 with the fallback cannot compare yet: ``a``, ``b(1)`` or ``γ`` is unknown (the
-        fallback's verified steps must measure them, a cache probe included)."""
-        return self.os3 and self.naive_fallback and (
-            self._a is None or self.verification_cost(1) is None or self.gamma() is None)
-
-    def naive_step_cost(self) -> float | None:
-        if self._r is None or (self._lm is None and self._a is None):
-            return None
-        return (self._lm if self._lm is not None else self._a) + self._r
+        push(self._r, seconds)
 
     def observe_search(self, batch_size: int, seconds: float, overlapped: bool = False) -> None:
         """One knowledge-base search of ``batch_size`` already-encoded queries (``overlapped``:
         while the LM decoded)."""
-        (self._b_ov_by_size if overlapped else self._b_by_size)[batch_size] = seconds
+        push((self._b_ov_by_size if overlapped else self._b_by_size).setdefault(batch_size, []), seconds)
 
     observe_verification = observe_search  # modes whose verification encodes nothing (kNN-LM)
 
     def observe_encode(self, seconds: float) -> None:
         """One query encoding (wherever it ran: guess, probe or verification)."""
-        self._encode = seconds
+        push(self._encode, seconds)
 
     def observe_round(self, speculated: int, matched: int, overlapped: bool = False) -> None:
         (self._rounds_ov if overlapped else self._rounds).append((matched, matched < speculated))
+        self._rounds_alone = 0 if overlapped else self._rounds_alone + 1
+        if self._rounds_alone >= OVERLAP_REFRESH_ROUNDS and (self._a_ov or self._b_ov_by_size):
+            # the overlapped costs are only refreshed by overlapped rounds: forget stale ones, so
+            # the next decision tries overlapping with the alone costs and measures them again
+            self._a_ov, self._b_ov_by_size = [], {}
+
+    # ------------------------------------------------------------------ estimates
+    @property
+    def step_cost(self) -> float | None:
+        """``a``: a speculative step alone (median)."""
+        return median(self._a)
+
+    def overlapped_step_cost(self) -> float | None:
+        """A speculative step beside a verification (median; the alone ``a`` until measured)."""
+        return median(self._a_ov) if self._a_ov else self.step_cost
+
+    def needs_estimates(self) -> bool:
+        """OS^3 with the fallback cannot compare yet: ``a``, ``b(1)`` or ``γ`` is unknown (the
+        fallback's verified steps must measure them, a cache probe included)."""
+        return self.os3 and self.naive_fallback and (
+            not self._a or self.verification_cost(1) is None or self.gamma() is None)
+
+    def naive_step_cost(self) -> float | None:
+        if not self._r or not (self._lm or self._a):
+            return None
+        return median(self._lm if self._lm else self._a) + median(self._r)
 
     def gamma(self, overlapped: bool = False) -> float | None:
         """γ of synchronous rounds (or of rounds verified beside decoding); each falls back to
@@ -201,76 +247,105 @@ class StrideScheduler:
 
     def verification_cost(self, s: int, overlapped: bool = False) -> float | None:
         """b(s) = s·e (when verification encodes) + search(s)."""
-        search = self.search_cost(s, overlapped)
-        if search is None or not self.verify_encodes or self._encode is None:
-            return search
-        return s * self._encode + search
+        line = self.verification_line(overlapped)
+        return None if line is None else line(s)
 
     def search_cost(self, s: int, overlapped: bool = False) -> float | None:
-        """search(s): least-squares line over the sizes seen (constant if only one); the
-        overlapped line falls back to the alone one until a search beside decoding was seen."""
-        pts = sorted((self._b_ov_by_size if overlapped and self._b_ov_by_size else self._b_by_size).items())
-        if not pts:
-            return None
-        if len(pts) == 1:
-            return pts[0][1]
-        n = len(pts)
-        mx = sum(x for x, _ in pts) / n
-        my = sum(y for _, y in pts) / n
-        sxx = sum((x - mx) ** 2 for x, _ in pts)
-        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
-        slope = max(slope, 0.0)  # verification never gets cheaper with more queries
-        return max(my + slope * (s - mx), min(y for _, y in pts) * 0.5)
+        """search(s) (``search_line``)."""
+        line = self.search_line(overlapped)
+        return None if line is None else line(s)
 
+    def verification_line(self, overlapped: bool = False) -> Callable[[int], float] | None:
+        """``s -> b(s)``, built once per decision (``decide`` evaluates it for many ``s``)."""
+        search = self.search_line(overlapped)
+        if search is None or not self.verify_encodes or not self._encode:
+            return search
+        e = median(self._encode)
+        return lambda s: s * e + search(s)
+
+    def search_line(self, overlapped: bool = False) -> Callable[[int], float] | None:
+        """``s -> search(s)``: a least-squares line through the per-size medians of the searches
+        alone (constant if one size was seen); beside decoding, that line times the contention
+        factor ``κ`` (module doc), or the overlapped searches' own line while none ran alone.
+        None before any search."""
+        alone = _line({k: median(v) for k, v in self._b_by_size.items()})
+        if not overlapped or not self._b_ov_by_size:
+            return alone
+        ov = {k: median(v) for k, v in self._b_ov_by_size.items()}
+        ratios = [] if alone is None else [sec / alone(k) for k, sec in ov.items() if alone(k) > 0]
+        if not ratios:
+            return _line(ov)
+        kappa = median(ratios)
+        return lambda s: kappa * alone(s)
+
+    # ------------------------------------------------------------------ the decision
     def decide(self) -> StrideDecision:
+        a, g = self.step_cost, self.gamma()
         if not self.os3:
-            return StrideDecision(self.fixed_stride, self._a, None, self.gamma(), self.async_verify)
-        g = self.gamma()
-        b1 = self.verification_cost(1)
-        if self._a is None or b1 is None or g is None:
+            return StrideDecision(self.fixed_stride, a, None, g, self.async_verify)
+        b_alone = self.verification_line()
+        b1 = None if b_alone is None else b_alone(1)
+        if a is None or b1 is None or g is None:
             # nothing to compare yet: with the fallback, verified steps collect the estimates;
             # without it, a synchronous stride-1 round measures the costs alone (an overlapped
             # one would only measure them under contention, and the alone ones never)
-            return StrideDecision(0 if self.naive_fallback else 1, self._a, b1, g, False)
+            return StrideDecision(0 if self.naive_fallback else 1, a, b1, g, False)
         # the best synchronous round (alone costs) and, if allowed, the best asynchronous one
         # (costs under contention); the one with fewer seconds per verified step wins
-        plans = [(self._a, lambda k: self.verification_cost(k), g, False)]
+        plans = [(a, b_alone, g, False)]
         if self.async_verify:
-            a_ov = self._a_ov if self._a_ov is not None else self._a
-            plans.append((a_ov, lambda k: self.verification_cost(k, overlapped=True), self.gamma(True), True))
+            plans.append((self.overlapped_step_cost(), self.verification_line(overlapped=True), self.gamma(True), True))
         best = None
-        for a, b_of, gam, overlap in plans:
-            s = best_stride(a, b_of, gam, overlap, self.s_max)
-            cost = seconds_per_step(a, b_of(s), gam, s, overlap, regen=self.regenerates)
+        for a_plan, b_of, gam, overlap in plans:
+            s = best_stride(a_plan, b_of, gam, overlap, self.s_max)
+            cost = seconds_per_step(a_plan, b_of(s), gam, s, overlap, regen=self.regenerates)
             if best is None or cost < best[0]:
                 best = (cost, s, overlap)
         cost, s, overlap = best
         naive = self.naive_step_cost()
         if self.naive_fallback and naive is not None and cost >= naive:
-            return StrideDecision(0, self._a, b1, g, overlap)
-        return StrideDecision(s, self._a, b1, g, overlap)
+            return StrideDecision(0, a, b1, g, overlap)
+        return StrideDecision(s, a, b1, g, overlap)
 
     # the measured costs, carried from one request to the next on the same engine by costs() /
     # seed_costs(); acceptance belongs to one request's text, so it travels only as a prior
-    _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_b_by_size", "_b_ov_by_size")
+    _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_b_by_size", "_b_ov_by_size", "_rounds_alone")
 
     def costs(self) -> dict:
         """The measured costs, and the γ this request ended with (``gamma_prior``), to seed
         the scheduler of the engine's next request."""
-        out = {k: copy.copy(getattr(self, k)) for k in self._COSTS}
+        out = {k: copy.deepcopy(getattr(self, k)) for k in self._COSTS}
         out["gamma_prior"] = self.gamma()
         return out
 
     def seed_costs(self, costs: dict | None) -> None:
         """Start from costs measured by earlier requests (machine properties: LM step, search,
         encoding and their contention; a ``costs()`` dict); this request's own measurements
-        replace them. Their ``gamma_prior`` stands in for γ until this request's first round
+        join them. Their ``gamma_prior`` stands in for γ until this request's first round
         is judged; from then on only this request's own rounds count."""
         if not costs:
             return
         for k in self._COSTS:
-            setattr(self, k, copy.copy(costs[k]))
+            setattr(self, k, copy.deepcopy(costs[k]))
         self._gamma_prior = costs.get("gamma_prior")
 
     def next_stride(self) -> int:
         return self.decide().stride
+
+
+def _line(points: dict[int, float]):
+    """The least-squares line ``s -> seconds`` through ``points`` (batch size -> seconds):
+    constant for one point, never falling with ``s``, never below half the cheapest point; None
+    for no points."""
+    pts = sorted(points.items())
+    if not pts:
+        return None
+    if len(pts) == 1:
+        return lambda s: pts[0][1]
+    n = len(pts)
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = max(sum((x - mx) * (y - my) for x, y in pts) / sxx, 0.0)  # never cheaper with more queries
+    floor = min(y for _, y in pts) * 0.5
+    return lambda s: max(my + slope * (s - mx), floor)

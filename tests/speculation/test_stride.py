@@ -5,7 +5,8 @@ import math
 import pytest
 
 from ralmspec.speculation.stride import (
-    StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, round_time, seconds_per_step,
+    OVERLAP_REFRESH_ROUNDS, SAMPLES, StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, median,
+    round_time, seconds_per_step,
 )
 
 
@@ -18,9 +19,13 @@ def test_expected_chunks_closed_form():
 
 def test_round_time_sync_and_async():
     assert round_time(1, 40, 0.6, 6, async_verify=False) == 46
-    # async, s=2: γ^2((s-1)a + max(a,b)) + (1-γ^2)(s a + b)
-    expect = 0.25 * (1 * 2 + max(2, 3)) + 0.75 * (2 * 2 + 3)
+    # async, s=2: γ^2·max(s a, b) + (1-γ^2)(s a + b): a kept round ran beside the next one
+    expect = 0.25 * max(2 * 2, 3) + 0.75 * (2 * 2 + 3)
     assert round_time(2, 3, 0.5, 2, async_verify=True) == pytest.approx(expect)
+    # verification longer than the next round's steps: a kept round costs b alone
+    assert round_time(1, 10, 1.0, 3, async_verify=True) == pytest.approx(10)
+    # stride 1: the same as the paper's asynchronous round, γ·max(a, b) + (1-γ)(a + b)
+    assert round_time(1, 10, 0.5, 1, async_verify=True) == pytest.approx(0.5 * 10 + 0.5 * 11)
 
 
 def test_design_check_sync_a1_b40_gamma06_gives_6():
@@ -212,6 +217,66 @@ def test_search_cost_under_contention_falls_back_to_alone():
     sch.observe_search(2, 30.0, overlapped=True)
     assert sch.search_cost(2, overlapped=True) == pytest.approx(30.0)
     assert sch.search_cost(2) == pytest.approx(12.0)
+    # κ = 30 / 12 = 2.5: every size beside decoding is the alone line times κ
+    assert sch.search_cost(4, overlapped=True) == pytest.approx(2.5 * 16.0)
+    assert sch.search_cost(1, overlapped=True) == pytest.approx(2.5 * 10.0)
+
+
+def test_search_cost_beside_decoding_without_alone_searches_uses_its_own_line():
+    sch = StrideScheduler()
+    sch.observe_search(3, 9.0, overlapped=True)
+    assert sch.search_cost(3, overlapped=True) == pytest.approx(9.0)
+    assert sch.search_cost(3) is None
+
+
+def test_latencies_are_medians_of_the_last_samples():
+    sch = StrideScheduler()
+    for x in (1.0, 1.1, 9.0, 0.9, 1.05):  # one slow outlier
+        sch.observe_step(x)
+        sch.observe_search(1, 10 * x)
+    assert sch.step_cost == pytest.approx(1.05)
+    assert sch.search_cost(1) == pytest.approx(10.5)
+    for _ in range(SAMPLES):  # the machine got slower: the old samples age out
+        sch.observe_step(2.0)
+    assert sch.step_cost == pytest.approx(2.0)
+    assert median([]) is None and median([3.0, 1.0]) == pytest.approx(2.0)
+
+
+def test_one_overlapped_search_scales_every_batch_size():
+    """The case measured on the 2-core VM (2026-12-05, tiny, EMULATED 1M, oracle guesses): the
+    only search seen beside decoding was one of 5 queries, at about the alone cost; read as a
+    constant it priced every overlapped round like a 5-query search and kept OS^3 synchronous."""
+    sch = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, verify_encodes=True)
+    sch.observe_step(0.04)
+    sch.observe_encode(0.09)
+    for size, sec in ((1, 0.24), (2, 0.30), (3, 0.35), (4, 0.40), (5, 0.64)):
+        sch.observe_search(size, sec)
+    sch.observe_search(5, 0.66, overlapped=True)
+    sch.observe_step(0.06, overlapped=True)
+    sch.observe_round(3, 3)
+    kappa = 0.66 / sch.search_cost(5)
+    assert sch.search_cost(2, overlapped=True) == pytest.approx(kappa * sch.search_cost(2))
+    d = sch.decide()
+    assert d.overlap is True and d.stride >= 2
+
+
+def test_stale_overlapped_costs_are_forgotten_and_measured_again():
+    sch = _async_sched()
+    sch.observe_step(2.5, overlapped=True)  # one bad measurement beside decoding
+    sch.observe_search(1, 40.0, overlapped=True)
+    sch.observe_round(4, 4, overlapped=True)
+    assert sch.decide().overlap is False
+    for _ in range(OVERLAP_REFRESH_ROUNDS - 1):
+        sch.observe_round(4, 4)
+        assert sch.decide().overlap is False
+    sch.observe_round(4, 4)  # OVERLAP_REFRESH_ROUNDS synchronous rounds in a row
+    assert sch.overlapped_step_cost() == sch.step_cost
+    assert sch.search_cost(1, overlapped=True) == sch.search_cost(1)
+    assert sch.decide().overlap is True  # try again, measuring the contention anew
+    sch.observe_step(1.1, overlapped=True)
+    sch.observe_search(1, 4.4, overlapped=True)
+    sch.observe_round(4, 4, overlapped=True)
+    assert sch.decide().overlap is True
 
 
 def test_costs_seed_the_next_scheduler_and_acceptance_only_as_a_prior():
