@@ -2,6 +2,8 @@ import json, glob, os, statistics
 rows = {}
 for f in sorted(glob.glob('experiments/results/2026-12-05-os3-async/*/*.json')):
     side = f.split('/')[-2]; name = os.path.basename(f)[:-5]; wl = name.rsplit('-', 1)[0]
+    if name.startswith('serve-'):
+        continue  # load tests: their own table in README.md
     d = json.load(open(f))
     if 'summary' in d:
         sm = d['summary']
