@@ -210,14 +210,13 @@ class StrideScheduler:
             self._a_ov, self._b_ov_by_size = [], {}
 
     # ------------------------------------------------------------------ estimates
-    @property
     def step_cost(self) -> float | None:
         """``a``: a speculative step alone (median)."""
         return median(self._a)
 
     def overlapped_step_cost(self) -> float | None:
         """A speculative step beside a verification (median; the alone ``a`` until measured)."""
-        return median(self._a_ov) if self._a_ov else self.step_cost
+        return median(self._a_ov) if self._a_ov else self.step_cost()
 
     def needs_estimates(self) -> bool:
         """OS^3 with the fallback cannot compare yet: ``a``, ``b(1)`` or ``γ`` is unknown (the
@@ -280,7 +279,7 @@ class StrideScheduler:
 
     # ------------------------------------------------------------------ the decision
     def decide(self) -> StrideDecision:
-        a, g = self.step_cost, self.gamma()
+        a, g = self.step_cost(), self.gamma()
         if not self.os3:
             return StrideDecision(self.fixed_stride, a, None, g, self.async_verify)
         b_alone = self.verification_line()
@@ -333,7 +332,7 @@ class StrideScheduler:
         return self.decide().stride
 
 
-def _line(points: dict[int, float]):
+def _line(points: dict[int, float]) -> Callable[[int], float] | None:
     """The least-squares line ``s -> seconds`` through ``points`` (batch size -> seconds):
     constant for one point, never falling with ``s``, never below half the cheapest point; None
     for no points."""

@@ -120,7 +120,7 @@ def test_fake_latency_stale_contention_estimate_does_not_keep_a_request_synchron
     warm["_b_ov_by_size"] = {1: [0.8]}  # the stale estimate: 20x the real 40 ms
     warm["_a_ov"] = [0.05]
     warm["_rounds_alone"] = 0
-    mode = FakeLatencyMode(steps=60, step_s=0.01, verify_s=0.04)
+    mode = FakeLatencyMode(steps=120, step_s=0.01, verify_s=0.04)  # room for 8 rounds of up to 9 steps, then more
     drv = _run(mode, warm)
     rounds = mode.overlapped_rounds
     assert drv.figures()["speculated"] > 0

@@ -234,11 +234,11 @@ def test_latencies_are_medians_of_the_last_samples():
     for x in (1.0, 1.1, 9.0, 0.9, 1.05):  # one slow outlier
         sch.observe_step(x)
         sch.observe_search(1, 10 * x)
-    assert sch.step_cost == pytest.approx(1.05)
+    assert sch.step_cost() == pytest.approx(1.05)
     assert sch.search_cost(1) == pytest.approx(10.5)
     for _ in range(SAMPLES):  # the machine got slower: the old samples age out
         sch.observe_step(2.0)
-    assert sch.step_cost == pytest.approx(2.0)
+    assert sch.step_cost() == pytest.approx(2.0)
     assert median([]) is None and median([3.0, 1.0]) == pytest.approx(2.0)
 
 
@@ -270,7 +270,7 @@ def test_stale_overlapped_costs_are_forgotten_and_measured_again():
         sch.observe_round(4, 4)
         assert sch.decide().overlap is False
     sch.observe_round(4, 4)  # OVERLAP_REFRESH_ROUNDS synchronous rounds in a row
-    assert sch.overlapped_step_cost() == sch.step_cost
+    assert sch.overlapped_step_cost() == sch.step_cost()
     assert sch.search_cost(1, overlapped=True) == sch.search_cost(1)
     assert sch.decide().overlap is True  # try again, measuring the contention anew
     sch.observe_step(1.1, overlapped=True)
