@@ -14,6 +14,8 @@ for f in sorted(glob.glob('experiments/results/2026-12-05-os3-async/*/*.json')):
 for (wl, var), sides in rows.items():
     def fmt(side):
         xs = sides.get(side, [])
+        if not xs:
+            return "-"
         return ", ".join(f"{x[0]:.2f}x" for x in xs) + f" (mean {statistics.fmean(x[0] for x in xs):.2f}x; stride {statistics.fmean(x[1] for x in xs):.2f})"
     lim = statistics.fmean(x[3] for s in sides.values() for x in s if x[3])
     print(f"| {wl} | {var} | {fmt('before')} | {fmt('after')} | {lim:.2f}x |")
