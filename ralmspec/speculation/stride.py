@@ -56,6 +56,7 @@ rounds with a mismatch) over the last ``window`` rounds, capped at ``gamma_max``
 from __future__ import annotations
 
 import copy
+import statistics
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -84,11 +85,7 @@ def round_time(a: float, b: float, gamma: float, s: int, async_verify: bool) -> 
 
 def median(xs: list[float]) -> float | None:
     """The median of ``xs`` (None when empty)."""
-    if not xs:
-        return None
-    v = sorted(xs)
-    m = len(v) // 2
-    return v[m] if len(v) % 2 else 0.5 * (v[m - 1] + v[m])
+    return statistics.median(xs) if xs else None
 
 
 def push(samples: list[float], x: float) -> None:
