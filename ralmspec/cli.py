@@ -117,6 +117,14 @@ def cmd_index_build(a: argparse.Namespace) -> int:
     return 0
 
 
+def _encoder_settings(retriever) -> dict:
+    """The query encoder's device and batching, for a bench's settings (none for BM25)."""
+    enc = getattr(retriever, "encoder", None)
+    if enc is None or not hasattr(enc, "batching"):
+        return {}
+    return {"encoder_device": enc.device, "encoder_batching": enc.batching}
+
+
 def _write_json(path: str | None, obj: dict) -> None:
     if not path:
         return
@@ -168,7 +176,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     lm_runner = getattr(getattr(engine.lm, "runner", None), "name", None)
     settings = {"model": cfg.model, "lm_backend": cfg.lm_backend, "lm_runner": lm_runner,
                 "lm_device": cfg.lm_device, "lm_dtype": str(getattr(engine.lm, "dtype", cfg.lm_dtype)),
-                "retriever": cfg.retrieval.kind,
+                "retriever": cfg.retrieval.kind, **_encoder_settings(engine.retriever),
                 "index": cfg.retrieval.index_dir, "corpus": a.corpus, "emulate_pad": a.emulate_pad,
                 "threads": a.threads, "questions": a.questions or "grounded",
                 "prompt_format": engine.prompt_format(cfg.generation.prompt_format).name,

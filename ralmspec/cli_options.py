@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ralmspec.config import (
-    GUESSERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
+    ENCODER_BATCHINGS, GUESSERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
 )
 from ralmspec.errors import ConfigError
 from ralmspec.threads import set_threads
@@ -46,7 +46,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--retriever-device", default="cpu", help="cpu or cuda (faiss-gpu)")
     k.add_argument("--encoder-device", default=None,
                    help="where the dense query encoder runs, cpu or cuda (default: the LM's device; "
-                        "queries are encoded one at a time on either, so outputs stay identical)")
+                        "a query's vector does not depend on the batch on either, so outputs stay identical)")
+    k.add_argument("--encoder-batching", default=None, choices=ENCODER_BATCHINGS,
+                   help="how queries share the encoder: single = one forward per query, pinned = forwards "
+                        "of a fixed 8 rows x length bucket shared by the queries of a bucket (default: "
+                        "pinned on cuda, single on the CPU); either keeps outputs identical")
     k.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch")
     k.add_argument("--nprobe", type=int, default=8, help="IVF nprobe")
     r = p.add_argument_group("generation (the reference semantics)")
@@ -109,6 +113,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         lm_dtype=a.lm_dtype, lm_prefix_cache_mib=a.lm_prefix_cache_mib,
         retrieval=RetrievalConfig(kind=a.retriever, index_dir=a.index, device=a.retriever_device,
                                   encoder_device=a.encoder_device or a.lm_device,
+                                  encoder_batching=a.encoder_batching,
                                   hnsw_ef_search=a.ef_search, ivf_nprobe=a.nprobe,
                                   emulate_pad=getattr(a, "emulate_pad", 0)),
         generation=GenerationConfig(stride=a.stride, query_len=a.query_len, max_new_tokens=a.max_new_tokens,

@@ -11,6 +11,7 @@ from ralmspec.errors import ConfigError
 RETRIEVER_KINDS = ("exact", "hnsw", "ivf", "bm25")
 PROMPT_FORMATS = ("auto", "chat", "plain")
 GUESSERS = ("exact", "last", "refine", "static", "bm25")  # speculation/guess.py
+ENCODER_BATCHINGS = ("single", "pinned")  # retrieval/encoder.py: how queries share forwards
 # measurement bounds, ``ralmspec bench --guessers`` only: "oracle" guesses the passage the naive
 # run of the same question retrieved (acceptance 1 at no guessing cost: the ceiling of any guesser)
 BOUND_GUESSERS = ("oracle",)
@@ -67,6 +68,9 @@ class RetrievalConfig:
     # where the dense query encoder runs ("cpu" / "cuda"); None: cuda when `device` is cuda and
     # CUDA is there, else cpu (the CLI passes the LM's device: --encoder-device)
     encoder_device: str | None = None
+    # how queries share the encoder's forwards, "single" or "pinned" (retrieval/encoder.py);
+    # None: pinned on cuda, single on the CPU. Either keeps a query's vector batch-independent.
+    encoder_batching: str | None = None
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128
@@ -90,6 +94,9 @@ class RetrievalConfig:
         if self.encoder_device is not None and self.encoder_device not in ("cpu", "cuda") \
                 and not str(self.encoder_device).startswith("cuda:"):
             raise ConfigError(f"encoder device must be 'cpu' or 'cuda', got {self.encoder_device!r}")
+        if self.encoder_batching is not None and self.encoder_batching not in ENCODER_BATCHINGS:
+            raise ConfigError(f"--encoder-batching must be one of {', '.join(ENCODER_BATCHINGS)}, "
+                              f"got {self.encoder_batching!r}")
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
