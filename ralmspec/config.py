@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,6 +21,15 @@ MAX_TEMPERATURE = 2.0
 SEED_LIMIT = 2 ** 63  # seeds are non-negative integers below this (fits an int64)
 
 
+def is_int(value: Any, lo: int | None = None, hi: int | None = None, *, numpy: bool = False) -> bool:
+    """True when ``value`` is an integer, never a bool (``True`` is an int in Python), with
+    ``lo <= value <= hi`` where given; ``numpy`` also accepts numpy integers (a ``k`` computed
+    from an array). The one check behind every "must be an integer" ``ConfigError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if numpy else int):
+        return False
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
 def check_sampling_args(temperature: Any, top_p: Any, seed: Any) -> None:
     """``ConfigError`` naming the first invalid value (temperature in [0, 2], top_p in (0, 1],
     seed ``None`` or an integer in [0, 2**63))."""
@@ -30,7 +40,7 @@ def check_sampling_args(temperature: Any, top_p: Any, seed: Any) -> None:
                           f"(0 = greedy), got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, num) or not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
         raise ConfigError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+    if seed is not None and not is_int(seed, 0, SEED_LIMIT - 1):
         raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
@@ -47,7 +57,7 @@ class Sampling:
 
     def __post_init__(self) -> None:
         check_sampling_args(self.temperature, self.top_p, self.seed)
-        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
+        if not is_int(self.start, 0):
             raise ConfigError(f"sampling start position must be an integer >= 0, got {self.start!r}")
 
     @property
@@ -85,7 +95,7 @@ class RetrievalConfig:
     def __post_init__(self) -> None:
         if self.kind not in RETRIEVER_KINDS:
             raise ConfigError(f"unknown retriever {self.kind!r}; choose one of {', '.join(RETRIEVER_KINDS)}")
-        if isinstance(self.emulate_pad, bool) or not isinstance(self.emulate_pad, int) or self.emulate_pad < 0:
+        if not is_int(self.emulate_pad, 0):
             raise ConfigError(f"--emulate-pad must be >= 0, got {self.emulate_pad!r}")
         if self.emulate_pad and self.kind != "exact":
             raise ConfigError("--emulate-pad emulates an exact flat index: use it with --retriever exact")
@@ -130,15 +140,14 @@ class GenerationConfig:
         check_sampling_args(self.temperature, self.top_p, self.seed)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+        if self.logprobs is not None and not is_int(self.logprobs, 0, MAX_TOP_LOGPROBS):
             raise ConfigError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ConfigError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         for name, lo, hi in (("stride", 1, 256), ("query_len", 1, 4096), ("max_new_tokens", 1, 4096),
                              ("passage_tokens", 1, 8192)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            if not is_int(v, lo, hi):
                 raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
 
     def sampling_at(self, position: int) -> Sampling | None:
@@ -243,5 +252,5 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         n = self.lm_prefix_cache_mib
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if not is_int(n, 0):
             raise ConfigError(f"--lm-prefix-cache-mib must be an integer >= 0, got {n!r}")

@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
 
-from ralmspec.config import GenerationConfig, SpeculationConfig
+from ralmspec.config import GenerationConfig, SpeculationConfig, is_int
 from ralmspec.engine.context import new_session_id
 from ralmspec.engine.governor import BatchCostFit, BusyWindow, GovernorConfig, LoadGovernor
 from ralmspec.engine.naive import TokenCallback
@@ -90,7 +90,7 @@ class SchedulerConfig:
         for name, lo in (("max_concurrent", 1), ("max_queue", 0), ("max_lm_batch", 1),
                          ("max_search_batch", 1), ("retrieval_retries", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            if not is_int(v, lo):
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
         for name in ("request_timeout_s", "retrieval_timeout_s"):
             v = getattr(self, name)

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, hidden_size
 
@@ -56,7 +57,7 @@ class KNNLMConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= 4096:
+        if not is_int(self.k, 1, 4096):
             raise ConfigError(f"k must be an integer in [1, 4096], got {self.k!r}")
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"lam (λ) must be in [0, 1], got {self.lam!r}")

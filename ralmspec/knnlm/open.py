@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 from ralmspec.cluster import RayShardConfig
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, is_sharded_datastore, load_datastore
 from ralmspec.knnlm.sharded import ShardedDatastore, open_ray_sharded_datastore, open_sharded_datastore
@@ -30,7 +31,7 @@ def open_datastore(path: str | os.PathLike, *, ray: RayShardConfig | None = None
     Ray. ``shards``, if given, must equal the folder's number of shards (a whole datastore has
     none). ``IndexNotFoundError`` for a missing or incomplete folder, ``ConfigError`` for a bad
     manifest, shard count or search parameter. Close a sharded one (``close()``) when done."""
-    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
+    if shards is not None and not is_int(shards, 1):
         raise ConfigError(f"--shards must be >= 1, got {shards!r}")
     search = dict(nprobe=nprobe, ef_search=ef_search, rescore_margin=rescore_margin, gemm_min_batch=gemm_min_batch)
     if ray is not None:

@@ -50,6 +50,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import exact_twin, window_plan
 from ralmspec.knnlm.model import check_compatible
@@ -91,7 +92,7 @@ class PerplexityConfig:
                 raise ConfigError(f"λ must be in [0, 1), got {lam!r} (with λ = 1 a target no neighbour has "
                                   "gets probability 0: infinite perplexity)")
         for k in self.ks:
-            if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+            if not is_int(k, 1, MAX_K, numpy=True):
                 raise ConfigError(f"k must be an integer in [1, {MAX_K}], got {k!r}")
         for t in self.temperatures:
             if not (t > 0.0 and math.isfinite(t)):

@@ -55,6 +55,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from ralmspec.cluster import RayCluster, RayShardConfig, RayShardGroup, ShardActorBase, import_ray
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError, IndexNotFoundError
 from ralmspec.knnlm.datastore import (
     MANIFEST, Datastore, DatastoreBuildConfig, DatastoreLayout, SearchParams, check_queries, is_sharded_datastore,
@@ -114,7 +115,7 @@ def shard_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, shards: 
     if is_sharded_datastore(src_p):
         raise ConfigError(f"{str(src_p)!r} is already sharded; split the whole datastore it came from")
     s = load_datastore(src_p, with_index=False)
-    if isinstance(shards, int) and not isinstance(shards, bool) and shards > s.n:
+    if is_int(shards, s.n + 1):
         raise ConfigError(f"cannot cut a datastore of {s.n} entries into {shards} non-empty shards")
     ranges = contiguous_ranges(s.n, shards)
     out = Path(out_dir)

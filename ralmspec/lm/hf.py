@@ -63,6 +63,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel, TokenLogprob
 from ralmspec.lm.prefix_cache import PrefixBlocks
@@ -222,7 +223,7 @@ class HFLanguageModel(LanguageModel):
                  max_sessions: int = 256, max_cache_bytes: int | None = 2 << 30,
                  stop_token_ids: Iterable[int] = (), name: str = "hf", runner: str = "eager",
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        if not is_int(block_size, 1):
             raise ConfigError(f"block_size must be an integer >= 1, got {block_size!r}")
         if not isinstance(max_context, int) or max_context < 2:
             raise ConfigError(f"max_context must be an integer >= 2, got {max_context!r}")
@@ -271,7 +272,7 @@ class HFLanguageModel(LanguageModel):
         batch-invariant mode (module doc). ``sessions[i]`` names the KV state to reuse/update for
         ``prompts[i]`` (``None``: no reuse, nothing kept).
         """
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if not is_int(n, 0):
             raise ConfigError(f"n must be an integer >= 0, got {n!r}")
         checked = self._check(prompts, sessions, extra=n)
         modes = [None] * len(checked) if sampling is None else list(sampling)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
 
@@ -24,7 +25,7 @@ def load_language_model(name_or_path: str, backend: str = "hf", device: str = "c
                         dtype: str = "auto", runner: str = "auto", prefix_cache_mib: int = 512) -> LanguageModel:
     """``prefix_cache_mib``: the hf backend's shared prefix blocks (vLLM has its own prefix caching)."""
     dtype = resolve_lm_dtype(dtype, device)
-    if not isinstance(prefix_cache_mib, int) or isinstance(prefix_cache_mib, bool) or prefix_cache_mib < 0:
+    if not is_int(prefix_cache_mib, 0):
         raise ConfigError(f"the LM prefix cache must be an integer >= 0 MiB, got {prefix_cache_mib!r}")
     if backend == "hf":
         from ralmspec.lm.models import load_lm

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.hf import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_BYTES, DTYPES, HFLanguageModel, HFTokenizer
 from ralmspec.lm.pretrained import PRETRAINED_MODELS, pretrained_folder, pretrained_names
@@ -177,7 +178,7 @@ def _first_int(*values: Any) -> int | None:
     for v in values:
         if isinstance(v, (list, tuple)) and v:
             v = v[0]
-        if isinstance(v, int) and not isinstance(v, bool):
+        if is_int(v):
             return v
     return None
 
@@ -185,10 +186,10 @@ def _first_int(*values: Any) -> int | None:
 def _all_ints(*values: Any) -> set[int]:
     out: set[int] = set()
     for v in values:
-        if isinstance(v, int) and not isinstance(v, bool):
+        if is_int(v):
             out.add(v)
         elif isinstance(v, (list, tuple)):
-            out.update(x for x in v if isinstance(x, int) and not isinstance(x, bool))
+            out.update(x for x in v if is_int(x))
     return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Sequence
 
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ class PrefixBlocks:
     """LRU table ``(threads, token prefix) -> one block's KV`` bounded by bytes (module doc)."""
 
     def __init__(self, capacity_bytes: int):
-        if not isinstance(capacity_bytes, int) or isinstance(capacity_bytes, bool) or capacity_bytes < 0:
+        if not is_int(capacity_bytes, 0):
             raise ConfigError(f"the prefix cache size must be an integer >= 0 bytes, got {capacity_bytes!r}")
         self.capacity_bytes = capacity_bytes
         self._blocks: OrderedDict[tuple[int, tuple[int, ...]], tuple[Any, int]] = OrderedDict()

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterator, Mapping, Sequence
 
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.hf import load_folder_tokenizer
@@ -142,7 +143,7 @@ def _int_ids(*values: Any) -> list[int]:
     out: list[int] = []
     for v in values:
         items = v if isinstance(v, (list, tuple)) else [v]
-        out.extend(x for x in items if isinstance(x, int) and not isinstance(x, bool))
+        out.extend(x for x in items if is_int(x))
     return out
 
 
@@ -255,7 +256,7 @@ class VLLMLanguageModel(LanguageModel):
     def greedy(self, prompts: Sequence[Sequence[int]], n: int,
                sessions: Sequence[Hashable] | None = None) -> list[list[int]]:
         """Greedy continuation of every prompt by up to ``n`` tokens, in ONE vLLM generate call."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if not is_int(n, 0):
             raise ConfigError(f"n must be an integer >= 0, got {n!r}")
         checked = self._check(prompts, sessions, extra=n)
         if n == 0 or not checked:
@@ -362,7 +363,7 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
         raise ConfigError("dtype 'float16' is only supported on cuda; use float32 or bfloat16 on cpu")
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE[device]
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+    if not is_int(block_size, 1):
         raise ConfigError(f"block_size must be an integer >= 1, got {block_size!r}")
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ModelLoadError(f"model must be a built-in name or a folder, got {name_or_path!r}")

@@ -47,7 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ralmspec.config import RetrievalConfig
+from ralmspec.config import RetrievalConfig, is_int
 from ralmspec.data.corpus import Corpus
 from ralmspec.errors import ConfigError, RetrievalError
 from ralmspec.retrieval.base import Hit, Retriever, rank_hits
@@ -76,7 +76,7 @@ def exact_scores(vectors: np.ndarray, query: np.ndarray, doc_ids: np.ndarray) ->
 
 def check_k(k: object) -> None:
     """ConfigError unless ``k`` is a positive integer (bool excluded)."""
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+    if not is_int(k, 1, numpy=True):
         raise ConfigError(f"k must be a positive integer, got {k!r}")
 
 

@@ -27,7 +27,7 @@ import sys
 from typing import Callable
 
 from ralmspec.cluster import RayShardConfig, import_ray
-from ralmspec.config import RetrievalConfig
+from ralmspec.config import RetrievalConfig, is_int
 from ralmspec.data.corpus import Corpus
 from ralmspec.data.loaders import default_corpus, load_corpus
 from ralmspec.errors import ConfigError
@@ -64,7 +64,7 @@ def open_knowledge_base(config: RetrievalConfig, corpus_path: str | None = None,
     folder's number of shards. ``log`` (default: stderr when ``show_progress``) hears about
     the EMULATED pad being built.
     """
-    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
+    if shards is not None and not is_int(shards, 1):
         raise ConfigError(f"--shards must be >= 1, got {shards!r}")
     if ray is not None:
         import_ray()  # without Ray: a ConfigError saying how to install it, before anything loads

@@ -28,6 +28,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ralmspec.config import is_int
 from ralmspec.data.corpus import Corpus
 from ralmspec.errors import ConfigError
 from ralmspec.retrieval.base import Hit, Retriever, rank_hits
@@ -55,7 +56,7 @@ class ShardRange:
 
 def contiguous_ranges(n: int, shards: int) -> tuple[ShardRange, ...]:
     """``n`` doc ids cut into ``shards`` contiguous ranges whose sizes differ by at most one."""
-    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+    if not is_int(shards, 1):
         raise ConfigError(f"the number of shards must be a positive integer, got {shards!r}")
     if shards > n:
         raise ConfigError(f"cannot cut {n} passages into {shards} non-empty shards")

@@ -23,6 +23,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from ralmspec.config import is_int
 from ralmspec.data.corpus import Corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
 from ralmspec.retrieval.base import Hit, Retriever, rank_hits
@@ -188,7 +189,7 @@ class BM25Retriever(Retriever):
         return rank_hits(cand, scores[cand], k)
 
     def search_sync(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        if not is_int(k, 1, numpy=True):
             raise ConfigError(f"k must be a positive integer, got {k!r}")
         return [self.top_k(self.score_vector(q), int(k)) for q in queries]
 
