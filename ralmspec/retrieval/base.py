@@ -18,7 +18,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from ralmspec.config import is_int
 from ralmspec.data.corpus import Corpus
+from ralmspec.errors import ConfigError
 
 
 class Hit(NamedTuple):
@@ -34,6 +36,12 @@ def rank_hits(doc_ids: Sequence[int] | np.ndarray, scores: Sequence[float] | np.
         return []
     order = np.lexsort((ids, -sc))[:k]
     return [Hit(int(ids[i]), float(sc[i])) for i in order]
+
+
+def check_k(k: object) -> None:
+    """ConfigError unless ``k`` is a positive integer (bool excluded; numpy integers accepted)."""
+    if not is_int(k, 1, numpy=True):
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
 
 
 class Retriever(abc.ABC):

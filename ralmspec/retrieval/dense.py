@@ -47,10 +47,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ralmspec.config import RetrievalConfig, is_int
+from ralmspec.config import RetrievalConfig
 from ralmspec.data.corpus import Corpus
 from ralmspec.errors import ConfigError, RetrievalError
-from ralmspec.retrieval.base import Hit, Retriever, rank_hits
+from ralmspec.retrieval.base import Hit, Retriever, check_k, rank_hits
 from ralmspec.retrieval.encoder import QueryEncoder
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,6 @@ def exact_scores(vectors: np.ndarray, query: np.ndarray, doc_ids: np.ndarray) ->
     rows = np.array(vectors[doc_ids], dtype=np.float64, order="C")  # (m, d)
     rows *= np.asarray(query, dtype=np.float64)  # exact: float32 x float32 fits in float64
     return rows.sum(axis=1)  # pairwise sum of each contiguous row
-
-
-def check_k(k: object) -> None:
-    """ConfigError unless ``k`` is a positive integer (bool excluded)."""
-    if not is_int(k, 1, numpy=True):
-        raise ConfigError(f"k must be a positive integer, got {k!r}")
 
 
 GEMM_MIN_BATCH = 2  # exact, CPU: batches of at least this many queries take the GEMM path

@@ -130,16 +130,17 @@ class QueryEncoder:
         out: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(texts)
         with self._model_lock:
             tok = module.tokenizer
-            lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=limit)["input_ids"]]
+            enc = tok([*texts, ""], truncation=True, max_length=limit)  # each text tokenized once
+            rows_of = [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts) + 1)]  # [-1]: padding row
             buckets: dict[int, list[int]] = {}
-            for i, n in enumerate(lengths):
+            for i, row in enumerate(rows_of[:-1]):
+                n = len(row["input_ids"])
                 buckets.setdefault(min(limit, -(-n // PINNED_LENGTH_STEP) * PINNED_LENGTH_STEP), []).append(i)
             for length, rows in sorted(buckets.items()):
                 for start in range(0, len(rows), PINNED_ROWS):
                     chunk = rows[start:start + PINNED_ROWS]
-                    batch = [texts[i] for i in chunk] + [""] * (PINNED_ROWS - len(chunk))
-                    features = tok(batch, padding="max_length", max_length=length, truncation=True,
-                                   return_tensors="pt")
+                    batch = [rows_of[i] for i in chunk] + [rows_of[-1]] * (PINNED_ROWS - len(chunk))
+                    features = tok.pad(batch, padding="max_length", max_length=length, return_tensors="pt")
                     features = {k: v.to(self.device) for k, v in features.items()}
                     with torch.inference_mode():
                         emb = self._model(features)["sentence_embedding"]

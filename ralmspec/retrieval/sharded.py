@@ -31,8 +31,7 @@ import numpy as np
 from ralmspec.config import is_int
 from ralmspec.data.corpus import Corpus
 from ralmspec.errors import ConfigError
-from ralmspec.retrieval.base import Hit, Retriever, rank_hits
-from ralmspec.retrieval.dense import check_k
+from ralmspec.retrieval.base import Hit, Retriever, check_k, rank_hits
 
 
 # --------------------------------------------------------------------------- pure policy

@@ -23,10 +23,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ralmspec.config import is_int
 from ralmspec.data.corpus import Corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
-from ralmspec.retrieval.base import Hit, Retriever, rank_hits
+from ralmspec.retrieval.base import Hit, Retriever, check_k, rank_hits
 
 BM25_PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene"}
 
@@ -189,8 +188,7 @@ class BM25Retriever(Retriever):
         return rank_hits(cand, scores[cand], k)
 
     def search_sync(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        if not is_int(k, 1, numpy=True):
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        check_k(k)
         return [self.top_k(self.score_vector(q), int(k)) for q in queries]
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
