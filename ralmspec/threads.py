@@ -2,11 +2,29 @@
 
 One place for what ``--threads N`` means (``ralmspec bench / serve``, ``ralmspec knnlm ...``,
 the experiment harness) and for what a shard actor does with its ``threads``.
+
+Worker threads. torch's count and BLAS's are process-wide, but FAISS's is OpenMP's, which keeps
+it PER THREAD: ``faiss.omp_set_num_threads`` sets the calling thread's only, and every other
+thread (a verification worker, ``asyncio.to_thread``, a knowledge-base pool) starts at the
+library default, one per core. So ``--threads 1`` used to leave every search run beside the
+LM with all the cores: measured on the 2-core VM, a 1-query kNN-LM search (100k flat) took 28 ms
+beside a 1-thread decode loop instead of 6 ms alone (OpenMP threads spinning against the LM),
+9 ms with one thread. Work handed to another thread therefore goes through :func:`in_worker`,
+:func:`to_thread` or a :class:`WorkerPool`, which run it with the SUBMITTING thread's FAISS
+count (read when it is handed over: no process-wide setting is kept here).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
 from ralmspec.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def set_threads(n: int | None, *, blas: bool = True) -> None:
@@ -36,3 +54,40 @@ def set_threads(n: int | None, *, blas: bool = True) -> None:
     except ImportError:  # pragma: no cover - a dependency of the [cpu] stack
         return
     threadpool_limits(limits=n, user_api="blas")
+
+
+def faiss_threads() -> int | None:
+    """The calling thread's FAISS (OpenMP) thread count; None while FAISS is not imported (the
+    process has done no FAISS work, and importing it here would cost a second on the GPU
+    image, which has none)."""
+    faiss = sys.modules.get("faiss")
+    return None if faiss is None else int(faiss.omp_get_max_threads())
+
+
+def in_worker(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` to be run in another thread with THIS thread's FAISS thread count (module doc)."""
+    n = faiss_threads()
+    if n is None:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> T:
+        faiss = sys.modules["faiss"]
+        if faiss.omp_get_max_threads() != n:
+            faiss.omp_set_num_threads(n)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+async def to_thread(fn: Callable[..., T], /, *args: Any) -> T:
+    """``asyncio.to_thread(fn, *args)`` with the caller's FAISS thread count (module doc)."""
+    return await asyncio.to_thread(in_worker(fn), *args)
+
+
+class WorkerPool(ThreadPoolExecutor):
+    """A ``ThreadPoolExecutor`` that runs each call with its submitter's FAISS thread count
+    (module doc); ``loop.run_in_executor(pool, ...)`` goes through ``submit`` too."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return super().submit(in_worker(fn), *args, **kwargs)

@@ -36,7 +36,6 @@ without aiohttp's ``handler_cancellation``: handlers watch the transport.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
 import time
@@ -56,6 +55,7 @@ from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.lm.sampling import draw_seed
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
+from ralmspec.threads import WorkerPool
 from serving.metrics import ServerMetrics
 from serving.protocol import (
     APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
@@ -97,7 +97,7 @@ class ServerState:
     metrics: ServerMetrics
     scheduler: Scheduler | None = None
     search_client: BatchingSearchClient | None = None
-    executor: concurrent.futures.ThreadPoolExecutor | None = None
+    executor: WorkerPool | None = None
     started: float = 0.0
 
     @property
@@ -128,7 +128,7 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
 
     async def on_startup(app: web.Application) -> None:
         state.started = time.time()
-        state.executor = concurrent.futures.ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="ralm-io")
+        state.executor = WorkerPool(cfg.io_threads, thread_name_prefix="ralm-io")
         if engine is not None:
             state.scheduler = Scheduler(engine, state.scheduler_config, search_concurrency)
             state.search_client = state.scheduler.search_client

@@ -6,7 +6,6 @@ same query window and the same context truncation, so equal steps mean equal pro
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 from collections import OrderedDict
@@ -21,6 +20,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.sampling import Sampling
 from ralmspec.retrieval.base import Hit, Retriever
+from ralmspec.threads import to_thread
 
 
 class LMClient(Protocol):
@@ -47,7 +47,7 @@ class DirectLM:
 
     async def generate(self, prompt: list[int], n: int, session: Hashable,
                        sampling: Sampling | None = None) -> list[int]:
-        out = await asyncio.to_thread(self.lm.generate, [prompt], n, [session], [sampling])
+        out = await to_thread(self.lm.generate, [prompt], n, [session], [sampling])
         return out[0]
 
     async def greedy(self, prompt: list[int], n: int, session: Hashable) -> list[int]:
@@ -98,7 +98,8 @@ class RalmContext:
     gen: GenerationConfig
     fmt: PromptFormat  # resolved from gen.prompt_format for this model (engine/prompt.py)
     # the verification worker: one thread beside the LM's for query encodings / cache ranking
-    # off the critical path (speculation/guess.py); None = asyncio's default executor
+    # off the critical path (speculation/guess.py); None = asyncio's default executor. Work
+    # handed to it goes through ralmspec.threads.in_worker (FAISS's thread count is per thread)
     worker: Executor | None = None
     # the engine's cheap guess rankers (speculation/guess.py CheapRankers); None: built per request
     rankers: object | None = None

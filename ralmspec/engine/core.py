@@ -8,7 +8,6 @@ The engine is a thin shell: it builds a ``RalmContext`` per request and calls th
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Hashable
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
@@ -23,6 +22,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.retrieval.base import Retriever
 from ralmspec.speculation.guess import CheapRankers
+from ralmspec.threads import WorkerPool
 
 
 class RalmEngine:
@@ -34,7 +34,7 @@ class RalmEngine:
         self.direct_lm = DirectLM(lm)
         self._formats: dict[str, PromptFormat] = {}
         # one thread beside the LM's: query encodings and cache ranking of the guessers
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ralmspec-verify")
+        self.worker = WorkerPool(max_workers=1, thread_name_prefix="ralmspec-verify")
         self.rankers = CheapRankers(retriever)  # cheap guessers' passage memo, shared by requests
         # OS^3's latest measured costs, seeding the next request (machine calibration, not a cache
         # of answers: kept by reset_caches)

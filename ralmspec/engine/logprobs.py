@@ -15,12 +15,12 @@ answers, as OpenAI and vLLM report them.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Hashable
 
 from ralmspec.engine.context import RalmContext
 from ralmspec.engine.result import GenerationResult
 from ralmspec.lm.base import TokenLogprob
+from ralmspec.threads import to_thread
 
 
 def step_inputs(ctx: RalmContext, result: GenerationResult) -> list[tuple[list[int], list[int]]]:
@@ -48,7 +48,7 @@ async def score_answer(ctx: RalmContext, result: GenerationResult, top_k: int,
             ctx.lm.release(session)
         return out
 
-    scored = await asyncio.to_thread(run)
+    scored = await to_thread(run)
     if len(scored) != len(result.token_ids):  # the steps must tile the answer
         raise AssertionError(f"scored {len(scored)} of {len(result.token_ids)} answer tokens")
     return scored

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from ralmspec.errors import ConfigError, RalmSpecError, RetrievalError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.sampling import Sampling
 from ralmspec.retrieval.base import Hit, Retriever
+from ralmspec.threads import WorkerPool
 
 
 class QueueFullError(RalmSpecError):
@@ -153,7 +153,7 @@ class BatchingLMClient:
         self.busy_s = 0.0
         self.busy_window: BusyWindow | None = None  # set by the scheduler: the governor's load signal
         self._pending: collections.deque[_LMItem] = collections.deque()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ralm-lm")
+        self._executor = WorkerPool(1, thread_name_prefix="ralm-lm")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -337,7 +337,7 @@ class BatchingSearchClient:
         self.cost_fit: BatchCostFit | None = None  # ... and whether batching amortizes a call
         self._pending: collections.deque[_SearchItem] = collections.deque()
         self._local = type(retriever).search is Retriever.search  # base impl: search_sync in a thread
-        self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="ralm-kb")
+        self._executor = WorkerPool(concurrency, thread_name_prefix="ralm-kb")
         self._wake: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None

@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -90,6 +89,7 @@ from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
 from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState
 from ralmspec.speculation.driver import Driver, Plan, StepKind
 from ralmspec.speculation.rounds import Round, Step, Verdict, judge_each
+from ralmspec.threads import WorkerPool
 
 _U32 = 2.0 ** -24  # float32 unit roundoff
 
@@ -311,7 +311,7 @@ class SpeculativeKNNLM:
         """Decode ``prompt``: the same tokens as ``self.base.generate(prompt)`` (module doc)."""
         prompt_ids = self.base.check_prompt(prompt, self.base.config.max_new_tokens)
         if self.config.async_verify:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-verify") as pool:
+            with WorkerPool(max_workers=1, thread_name_prefix="knnlm-verify") as pool:
                 return KNNMode(self, prompt_ids, pool).run()
         return KNNMode(self, prompt_ids, None).run()
 
@@ -333,7 +333,7 @@ class KNNMode:
     max_inflight = 1
     eager = False
 
-    def __init__(self, owner: SpeculativeKNNLM, prompt_ids: list[int], pool: ThreadPoolExecutor | None):
+    def __init__(self, owner: SpeculativeKNNLM, prompt_ids: list[int], pool: WorkerPool | None):
         base, scfg = owner.base, owner.config
         self.base, self.scfg, self.pool = base, scfg, pool
         self.k, self.max_new = base.config.k, base.config.max_new_tokens

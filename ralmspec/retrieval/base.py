@@ -13,7 +13,6 @@ Contract (docs/design.md §2, invariant 2):
 from __future__ import annotations
 
 import abc
-import asyncio
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from ralmspec.config import is_int
 from ralmspec.data.corpus import Corpus
 from ralmspec.errors import ConfigError
+from ralmspec.threads import to_thread
 
 
 class Hit(NamedTuple):
@@ -60,7 +60,7 @@ class Retriever(abc.ABC):
 
     async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         """Async batched search; runs ``search_sync`` in a worker thread."""
-        return await asyncio.to_thread(self.search_sync, list(queries), k)
+        return await to_thread(self.search_sync, list(queries), k)
 
     def rank(self, query: str, doc_ids: Sequence[int], k: int = 1) -> list[Hit]:
         """Top-k among ``doc_ids`` by ``score`` with the canonical tie-break."""

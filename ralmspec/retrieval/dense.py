@@ -126,10 +126,11 @@ def batch_class(b: int) -> int:
     return b if b <= 16 else 1 << (b - 1).bit_length()
 
 
-def faster_path(seconds: dict[str, list[float]], trials: int) -> str:
-    """The candidate path to take next for one batch class: each of ``SCAN_PATHS`` in turn until
-    it was timed ``trials`` times, then the one with the smallest best time (ties: the first)."""
-    for path in SCAN_PATHS:
+def faster_path(seconds: dict[str, list[float]], trials: int, first: str = "blocked") -> str:
+    """The candidate path to take next for one batch class: each of ``SCAN_PATHS`` in turn, from
+    ``first``, until it was timed ``trials`` times, then the one with the smallest best time
+    (ties: the first of ``SCAN_PATHS``)."""
+    for path in sorted(SCAN_PATHS, key=lambda p: p != first):
         if len(seconds.get(path, ())) < trials:
             return path
     return min(SCAN_PATHS, key=lambda p: min(seconds[p]))
@@ -160,9 +161,16 @@ class FlatScan:
         self._lock = threading.Lock()
 
     def path_for(self, b: int) -> str:
-        """The path the next batch of ``b`` (>= ``GEMM_MIN_BATCH``) queries takes."""
+        """The path the next batch of ``b`` (>= ``GEMM_MIN_BATCH``) queries takes. A class still
+        being timed tries first the path that won the nearest smaller class: the slower path's
+        trials are then not the first times a caller sees for a new batch size (OS^3 prices
+        a stride from them, and would not try that size again)."""
+        c = batch_class(b)
         with self._lock:
-            return faster_path(self._seconds.get(batch_class(b), {}), self.trials)
+            done = [k for k, v in self._seconds.items()
+                    if k < c and all(len(v.get(p, ())) >= self.trials for p in SCAN_PATHS)]
+            first = faster_path(self._seconds[max(done)], self.trials) if done else SCAN_PATHS[0]
+            return faster_path(self._seconds.get(c, {}), self.trials, first)
 
     def search(self, qs: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         if len(qs) < GEMM_MIN_BATCH:
@@ -185,6 +193,17 @@ class FlatScan:
             if len(times) < self.trials:
                 times.append(took)
         return out
+
+    def calibrate(self, sizes: Sequence[int], kk: int, seed: int = 0) -> None:
+        """Time both paths on every batch class of ``sizes`` now, on random unit queries, so
+        the first searches of a new batch size are not the slower path's trials: a caller that
+        prices a batch size from its first searches (OS^3) would otherwise see, at each new
+        size, half its samples from the path the scan then drops."""
+        rng = np.random.default_rng(seed)
+        for b in sorted({batch_class(s) for s in sizes if s >= GEMM_MIN_BATCH}):
+            for _ in range(self.trials * len(SCAN_PATHS)):
+                qs = rng.standard_normal((b, int(self.index.d)), dtype=np.float32)
+                self.search(qs / np.linalg.norm(qs, axis=1, keepdims=True), kk)
 
     def timings(self) -> dict[int, dict[str, float]]:
         """Best measured seconds per batch class and path (what ``path_for`` decides from)."""

@@ -38,6 +38,7 @@ from ralmspec.retrieval.base import Hit, Retriever
 from ralmspec.retrieval.dense import FlatScan
 
 PAD_CHUNK = 100_000
+CALIBRATED_BATCHES = (2, 3, 4, 5, 6, 8)  # verification batch sizes whose scan path is timed at build
 
 
 def build_pad_index(n: int, dim: int, seed: int = 0, progress=None):
@@ -104,6 +105,12 @@ class PaddedCostRetriever(Retriever):
                 self.pad_seconds += dt
         return hits
 
+    def calibrate(self, sizes: Sequence[int] | None = None) -> None:
+        """Time the pad scan's two batch paths (``FlatScan.calibrate``) for ``sizes`` (default
+        ``CALIBRATED_BATCHES``) before any request: OS^3 then prices each verification batch
+        from the path the scan keeps (seconds at 1M, one thread)."""
+        self._scan.calibrate(CALIBRATED_BATCHES if sizes is None else sizes, min(20 + self._margin, self.pad))
+
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         return self.inner.score(query, doc_ids)
 
@@ -120,7 +127,11 @@ def emulate_larger_knowledge_base(retriever: Retriever, pad: int, seed: int = 0,
         return retriever
     if log is not None:
         log(f"building the EMULATION pad: {pad:,} synthetic vectors ...")
-    return PaddedCostRetriever(retriever, build_pad_index(pad, retriever.encoder.dim, seed=seed))
+    padded = PaddedCostRetriever(retriever, build_pad_index(pad, retriever.encoder.dim, seed=seed))
+    if log is not None:
+        log(f"timing the pad's scan paths for batches of {CALIBRATED_BATCHES[0]}-{CALIBRATED_BATCHES[-1]} ...")
+    padded.calibrate()
+    return padded
 
 
 def emulated_label(real: int, pad: int) -> str:

@@ -19,7 +19,7 @@ Design of the two call paths:
   (the server does it on cleanup). Hits carry title and text, which fill the
   lazy corpus, so every doc id the engine ever sees is already cached when it is used.
 - ``score`` is synchronous because the speculation cache calls it from worker threads
-  (``asyncio.to_thread(cache.top1, q)``): it uses a blocking ``http.client`` connection per
+  (``threads.to_thread(cache.top1, q)``): it uses a blocking ``http.client`` connection per
   thread (keep-alive), so it never touches the event loop and cannot deadlock on it.
 - ``corpus[doc_id]`` is a ``RemoteCorpus``: passages are fetched by id (sync) on a miss and
   kept in a bounded LRU.

@@ -43,6 +43,7 @@ import numpy as np
 from ralmspec.config import BOUND_GUESSERS, GUESSERS
 from ralmspec.errors import ConfigError
 from ralmspec.retrieval.base import rank_hits
+from ralmspec.threads import to_thread
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class ExactGuesser:
     encodes_query = True
 
     async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
-        return Guess(await asyncio.to_thread(kit.exact_guess, query))
+        return Guess(await to_thread(kit.exact_guess, query))
 
 
 class LastGuesser:

@@ -18,7 +18,11 @@ so with probability ``1-γ^s`` a round costs one more step ``a`` (``seconds_per_
 regen=True)``); kNN-LM's correction is decided from the verification itself, nothing is
 regenerated (``regenerates=False``). One rule for both modes. When even the best stride loses,
 ``decide`` returns stride 0: the engine then takes verified steps (retrieve, then generate),
-still probing the cache to keep ``γ`` current.
+still probing the cache to keep ``γ`` current. That comparison takes the best stride (chosen
+with ``γ`` capped at ``gamma_max``) at the ``γ`` MEASURED: the cap hedges how long a stride may
+be, not whether speculating pays. Judged at the cap, an always-right guesser (the ``oracle``
+bound: γ = 1, capped to 0.9) was priced ~1.5x too high and fell back to naive steps that cost
+twice its rounds (tiny, EMULATED 1M, one thread, measured 2026-12-05).
 With the fallback on, the scheduler also returns 0 until ``a``, ``b`` and ``γ`` are known
 (those verified steps measure them), instead of speculating blind at stride 1. On an engine
 that already served requests they are known from the start: the costs are carried over
@@ -49,7 +53,9 @@ one they are forgotten, and the next decision predicts an overlapped round with 
 Estimates: every latency is the median of its last ``SAMPLES`` measurements (one noisy LM chunk
 or search does not swing the stride): ``a``, the LM chunk, the naive retrieval ``r``, ``e`` (one
 query encoding) and, per batch size, ``search``; ``search(s)`` = a least-squares line through
-the per-size medians (constant when only one size was seen); ``γ`` = Σ matched / (Σ matched +
+the per-size medians (constant when only one size was seen; once two batch sizes were seen, fitted
+on the batches, one query being its own point), flat beyond the largest size measured
+(``_line``: optimism until measured); ``γ`` = Σ matched / (Σ matched +
 rounds with a mismatch) over the last ``window`` rounds, capped at ``gamma_max``.
 """
 
@@ -226,10 +232,10 @@ class StrideScheduler:
             return None
         return median(self._lm if self._lm else self._a) + median(self._r)
 
-    def gamma(self, overlapped: bool = False) -> float | None:
+    def gamma(self, overlapped: bool = False, capped: bool = True) -> float | None:
         """γ of synchronous rounds (or of rounds verified beside decoding); each falls back to
         the other until it has been observed, and both to the seeded prior (``seed_costs``)
-        until this request's first round."""
+        until this request's first round. ``capped``: at most ``gamma_max``."""
         rounds = self._rounds_ov if overlapped else self._rounds
         if not rounds:
             rounds = self._rounds if overlapped else self._rounds_ov
@@ -239,7 +245,8 @@ class StrideScheduler:
         mismatched_rounds = sum(1 for _, bad in rounds if bad)
         if matched + mismatched_rounds == 0:
             return None
-        return min(self.gamma_max, matched / (matched + mismatched_rounds))
+        seen = matched / (matched + mismatched_rounds)
+        return min(self.gamma_max, seen) if capped else seen
 
     def verification_cost(self, s: int, overlapped: bool = False) -> float | None:
         """b(s) = s·e (when verification encodes) + search(s)."""
@@ -296,11 +303,15 @@ class StrideScheduler:
             s = best_stride(a_plan, b_of, gam, overlap, self.s_max)
             cost = seconds_per_step(a_plan, b_of(s), gam, s, overlap, regen=self.regenerates)
             if best is None or cost < best[0]:
-                best = (cost, s, overlap)
-        cost, s, overlap = best
+                best = (cost, s, overlap, a_plan, b_of)
+        cost, s, overlap, a_plan, b_of = best
         naive = self.naive_step_cost()
-        if self.naive_fallback and naive is not None and cost >= naive:
-            return StrideDecision(0, a, b1, g, overlap)
+        if self.naive_fallback and naive is not None:
+            # gamma_max hedges how long a stride is; whether to speculate at all is judged at
+            # the γ measured (module doc "Falling back")
+            g_seen = self.gamma(overlap, capped=False)
+            if seconds_per_step(a_plan, b_of(s), g_seen, s, overlap, regen=self.regenerates) >= naive:
+                return StrideDecision(0, a, b1, g, overlap)
         return StrideDecision(s, a, b1, g, overlap)
 
     # the measured costs, carried from one request to the next on the same engine by costs() /
@@ -330,12 +341,29 @@ class StrideScheduler:
 
 
 def _line(points: dict[int, float]) -> Callable[[int], float] | None:
-    """The least-squares line ``s -> seconds`` through ``points`` (batch size -> seconds):
-    constant for one point, never falling with ``s``, never below half the cheapest point; None
-    for no points."""
+    """``s -> seconds`` from ``points`` (batch size -> median seconds); None for no points.
+
+    A least-squares line (``_fit``). One query is its own point once two batch sizes were
+    measured: the line is then fitted on the batches, because one query may take another path
+    than a batch (FAISS's own 1-query scan; a batch shares ONE pass over the index), and a line
+    from that point through small batches is far too steep (measured 2026-12-05, 1M-vector flat
+    scan, one thread: 1 query 128 ms, 2: 204, 3: 271, 4: 226, 8: 380; the line through 1-3 put
+    8 at ~600 ms and kept OS^3 at strides of 2-3)."""
     pts = sorted(points.items())
     if not pts:
         return None
+    batches = [(x, y) for x, y in pts if x >= 2]
+    if pts[0][0] == 1 and len(batches) >= 2:
+        one, fit = pts[0][1], _fit(batches)
+        return lambda s: one if s <= 1 else fit(s)
+    return _fit(pts)
+
+
+def _fit(pts: list[tuple[int, float]]) -> Callable[[int], float]:
+    """The least-squares line through ``pts`` (sorted by size, at least one): constant for one
+    point, never falling with ``s``, never below half the cheapest point, and flat beyond the
+    largest size measured (optimism until measured: a size never tried is never measured, so
+    the decision may pick a larger stride once; its search then joins the fit)."""
     if len(pts) == 1:
         return lambda s: pts[0][1]
     n = len(pts)
@@ -344,4 +372,5 @@ def _line(points: dict[int, float]) -> Callable[[int], float] | None:
     sxx = sum((x - mx) ** 2 for x, _ in pts)
     slope = max(sum((x - mx) * (y - my) for x, y in pts) / sxx, 0.0)  # never cheaper with more queries
     floor = min(y for _, y in pts) * 0.5
-    return lambda s: max(my + slope * (s - mx), floor)
+    hi = pts[-1][0]
+    return lambda s: max(my + slope * (min(s, hi) - mx), floor)

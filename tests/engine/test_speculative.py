@@ -216,3 +216,18 @@ def test_verification_really_overlaps_decoding(small_indexes, tiny_lm):
     check = SpeculationCheck()
     check.same(res.token_ids, naive.token_ids, res.stats)
     check.ran(min_speculated=len(verify))
+
+
+def test_a_fallback_step_charges_the_guessers_own_price(engine):
+    """A verified (fallback) step probes the cache with the EXACT lookup, which encodes the
+    query; OS^3's ``a`` (LM chunk + guess) takes that price only for a guesser that encodes on
+    the critical path. Charged to every guesser, it made the oracle bound's steps look ~80 ms
+    instead of ~30 and kept it on naive steps (tiny, EMULATED 1M, measured 2026-12-05)."""
+    from ralmspec.engine.speculative import RalmMode
+
+    for guesser, encodes in (("exact", True), ("last", False), ("refine", False)):
+        mode = RalmMode(engine.context(), SpeculationConfig(guesser=guesser), "s", 0, None)
+        assert mode.guesser.encodes_query is encodes
+        assert mode.guess_price(0.05) == (0.05 if encodes else 0.0)
+        mode.stats["guess_s"], mode.stats["guesses"] = 0.002, 4
+        assert mode.guess_price(0.05) == pytest.approx(0.05 if encodes else 0.0005)

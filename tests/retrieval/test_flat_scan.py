@@ -51,6 +51,8 @@ def test_faster_path_tries_each_path_then_keeps_the_fastest():
     assert faster_path({"blocked": [0.3, 0.2], "gemm": [0.1]}, trials=2) == "gemm"
     assert faster_path({"blocked": [0.3, 0.2], "gemm": [0.25, 0.4]}, trials=2) == "blocked"
     assert faster_path({"blocked": [0.1, 0.2], "gemm": [0.1, 0.3]}, trials=2) == "blocked"  # tie: first
+    assert faster_path({}, trials=2, first="gemm") == "gemm"
+    assert faster_path({"gemm": [0.3, 0.2]}, trials=2, first="gemm") == "blocked"
     assert [batch_class(b) for b in (2, 16, 17, 32, 33)] == [2, 16, 32, 32, 64]
 
 
@@ -63,4 +65,23 @@ def test_flat_scan_times_both_paths_per_batch_class(flat_index):
     times = scan.timings()
     assert list(times) == [4] and set(times[4]) == set(SCAN_PATHS)
     assert scan.path_for(4) == min(times[4], key=times[4].get)
-    assert scan.path_for(3) == "blocked"  # another class: not timed yet
+    assert scan.path_for(3) == "blocked"  # a class below every timed one: SCAN_PATHS order
+    winner = scan.path_for(4)
+    assert scan.path_for(5) == winner  # a larger class, not timed yet: the last winner first
+    scan._seconds[4] = {"blocked": [0.1, 0.1], "gemm": [0.2, 0.2]}
+    assert scan.path_for(8) == "blocked"
+    scan._seconds[4] = {"blocked": [0.3, 0.3], "gemm": [0.2, 0.2]}
+    assert scan.path_for(8) == "gemm"
+
+
+def test_calibrate_times_both_paths_before_any_search(flat_index):
+    """After ``calibrate`` the first search of a calibrated size takes the kept path: a caller
+    pricing a batch size from its first searches does not see the dropped path's trials."""
+    scan = FlatScan(flat_index, trials=2)
+    scan.calibrate([2, 3, 20], kk=5)
+    times = scan.timings()
+    assert sorted(times) == [2, 3, 32] and all(set(t) == set(SCAN_PATHS) for t in times.values())
+    kept = scan.path_for(3)
+    assert kept == min(times[3], key=times[3].get)
+    scan.search(np.random.default_rng(1).standard_normal((3, 48)).astype(np.float32), 5)
+    assert scan.timings() == times and scan.path_for(3) == kept  # no further trial

@@ -80,6 +80,78 @@ def test_verification_cost_model_is_linear_in_batch_size():
     assert not math.isnan(sch.verification_cost(16))
 
 
+def test_one_query_is_its_own_point_once_two_batch_sizes_were_measured():
+    """1M flat, one thread (seconds, measured 2026-12-05): FAISS's 1-query scan is not on the
+    batches' line; through it the line was ~2x too steep."""
+    sch = StrideScheduler()
+    sch.observe_search(1, 0.128)
+    sch.observe_search(2, 0.204)
+    assert sch.search_cost(2) == pytest.approx(0.204)  # one batch size: the line through both
+    assert sch.search_cost(3) == pytest.approx(0.204)  # (flat beyond the largest size measured)
+    sch.observe_search(4, 0.226)
+    sch.observe_search(8, 0.380)
+    assert sch.search_cost(1) == pytest.approx(0.128)
+    batches = [(2, 0.204), (4, 0.226), (8, 0.380)]
+    mx, my = 14 / 3, sum(y for _, y in batches) / 3
+    slope = sum((x - mx) * (y - my) for x, y in batches) / sum((x - mx) ** 2 for x, _ in batches)
+    assert sch.search_cost(6) == pytest.approx(my + slope * (6 - mx))
+    assert slope < (0.380 - 0.128) / 7 * 0.9  # flatter than the line from one query
+
+
+def test_whether_to_speculate_is_judged_at_the_measured_gamma():
+    """gamma_max hedges the stride's length, not whether speculating pays: every round matched
+    (γ = 1 measured, 0.9 capped), and at the cap the best round looks slower than a naive step
+    (seconds of the tiny model + EMULATED 1M scale, one thread)."""
+    def scheduler(gamma_max: float) -> StrideScheduler:
+        sch = StrideScheduler(os3=True, async_verify=True, gamma_max=gamma_max, naive_fallback=True,
+                              verify_encodes=True)
+        sch.observe_step(0.051)
+        sch.observe_lm(0.031)
+        sch.observe_encode(0.082)
+        sch.observe_retrieval(0.082 + 0.11)
+        for size, sec in ((1, 0.11), (2, 0.191), (4, 0.239)):
+            sch.observe_search(size, sec)
+        sch.observe_search(2, 0.317, overlapped=True)
+        sch.observe_step(0.089, overlapped=True)
+        for _ in range(3):
+            sch.observe_round(3, 3)
+        return sch
+
+    sch = scheduler(0.9)
+    assert sch.gamma() == 0.9 and sch.gamma(capped=False) == 1.0
+    d = sch.decide()
+    assert d.stride > 0
+    b_of = sch.verification_line(d.overlap)
+    a = sch.overlapped_step_cost() if d.overlap else sch.step_cost()
+    naive = sch.naive_step_cost()
+    assert seconds_per_step(a, b_of(d.stride), 1.0, d.stride, d.overlap) < naive
+    assert seconds_per_step(a, b_of(d.stride), 0.9, d.stride, d.overlap) >= naive  # the cap would fall back
+    for _ in range(5):  # the guesses turn bad: the measured γ falls and naive steps win
+        sch.observe_round(3, 0)
+        sch.observe_round(3, 0, overlapped=True)
+    assert sch.decide().stride == 0
+
+
+def test_a_batch_larger_than_any_measured_is_priced_at_the_largest_until_measured():
+    """The 2026-12-05 case (1M flat, one thread; seconds): sizes 1-3 measured on a steep line
+    (a 1-query FAISS scan vs a batch sharing one pass over the index). Extrapolated, 8 queries
+    cost ~0.6 s and OS^3 stayed at stride 2-3; priced at the largest measured size, a larger
+    stride is tried, measured, and then fitted."""
+    sch = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, verify_encodes=True)
+    sch.observe_step(0.025)
+    sch.observe_encode(0.02)
+    for size, sec in ((1, 0.128), (2, 0.204), (3, 0.271)):
+        sch.observe_search(size, sec)
+    sch.observe_round(3, 3)
+    assert sch.search_cost(5) == sch.search_cost(3) == pytest.approx(0.271, rel=0.05)
+    tried = sch.decide().stride
+    assert tried > 3
+    sch.observe_search(tried, 0.38)  # measured: the batch shares one pass
+    fitted = sch.search_cost(tried)
+    assert fitted == pytest.approx(0.38, rel=0.1) and fitted < 0.128 + (tried - 1) * 0.0715  # the old line
+    assert sch.search_cost(tried + 4) == sch.search_cost(tried)
+
+
 def test_cheap_retrieval_keeps_stride_small_sync():
     # retrieval 1% of a step: speculation can barely help; OS^3 must not pick a big stride.
     sch = StrideScheduler(os3=True, async_verify=False)

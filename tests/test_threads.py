@@ -1,0 +1,122 @@
+"""ralmspec.threads: work handed to another thread runs with the SUBMITTING thread's FAISS
+(OpenMP) thread count, which OpenMP keeps per thread (a fresh thread starts at the default)."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import faiss
+import pytest
+
+import ralmspec
+from ralmspec.threads import WorkerPool, faiss_threads, in_worker, to_thread
+
+REPO = Path(ralmspec.__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def caller_threads():
+    """(n, fresh): this thread's FAISS count set to ``n``, one a fresh thread does NOT start
+    with (``fresh``), so a hand-over that drops it is seen; restored afterwards."""
+    before = faiss.omp_get_max_threads()
+    with ThreadPoolExecutor(1) as pool:
+        fresh = pool.submit(faiss.omp_get_max_threads).result()
+    n = fresh + 1
+    faiss.omp_set_num_threads(n)
+    yield n, fresh
+    faiss.omp_set_num_threads(before)
+
+
+def test_a_plain_thread_does_not_inherit_the_count(caller_threads):
+    """The problem itself: OpenMP's count is the calling thread's only."""
+    n, fresh = caller_threads
+    assert faiss.omp_get_max_threads() == n
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(faiss.omp_get_max_threads).result() == fresh
+
+
+def test_every_hand_over_runs_with_the_callers_count(caller_threads):
+    n, _ = caller_threads
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(in_worker(faiss.omp_get_max_threads)).result() == n
+    with WorkerPool(1) as pool:
+        assert pool.submit(faiss.omp_get_max_threads).result() == n
+
+        async def on_loop():
+            via_executor = await asyncio.get_running_loop().run_in_executor(pool, faiss.omp_get_max_threads)
+            return via_executor, await to_thread(faiss.omp_get_max_threads)
+
+        assert asyncio.run(on_loop()) == (n, n)
+
+
+def test_the_count_is_read_at_each_hand_over(caller_threads):
+    """No process-wide setting: the same pool thread follows each submitter's current count."""
+    n, fresh = caller_threads
+    with WorkerPool(1) as pool:
+        assert pool.submit(faiss.omp_get_max_threads).result() == n
+        faiss.omp_set_num_threads(fresh)
+        assert pool.submit(faiss.omp_get_max_threads).result() == fresh
+
+
+def test_without_faiss_nothing_is_wrapped(monkeypatch):
+    """A process that never imported FAISS (the GPU image has none) is not made to import it."""
+    monkeypatch.delitem(sys.modules, "faiss")
+    assert faiss_threads() is None
+    assert in_worker(len) is len
+    assert "faiss" not in sys.modules
+
+
+def test_a_retriever_search_runs_with_the_callers_count(caller_threads, small_indexes, monkeypatch):
+    """``Retriever.search`` (the engine's and the server's path to FAISS) in its worker thread."""
+    n, _ = caller_threads
+    retriever = small_indexes["exact"]
+    seen = []
+    real = retriever.search_sync
+
+    def recording(queries, k):
+        seen.append(faiss.omp_get_max_threads())
+        return real(queries, k)
+
+    monkeypatch.setattr(retriever, "search_sync", recording)
+    hits = asyncio.run(retriever.search(["the history of the city"], 3))
+    assert len(hits[0]) == 3 and seen == [n]
+
+
+# ------------------------------------------------------------------ the rule, checked
+
+
+def thread_hand_overs(root: Path, skip: tuple[str, ...] = ("threads.py",)) -> list[str]:
+    """``file:line call`` for every ``asyncio.to_thread(...)`` or ``ThreadPoolExecutor(...)`` under
+    ``root`` (files named in ``skip`` excepted): those lose the caller's FAISS thread count."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name in skip:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+            if name == "ThreadPoolExecutor" or (name == "to_thread" and owner == "asyncio"):
+                out.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    return out
+
+
+def test_work_reaches_threads_only_through_ralmspec_threads():
+    for package in ("ralmspec", "serving"):
+        assert (REPO / package).is_dir()
+        assert thread_hand_overs(REPO / package) == [], \
+            f"{package}: use ralmspec.threads (to_thread, WorkerPool, in_worker)"
+
+
+def test_the_rule_sees_a_plain_hand_over(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "import asyncio\nimport concurrent.futures as cf\nfrom ralmspec.threads import to_thread\n\n"
+        "async def f():\n    await asyncio.to_thread(len, [])\n    await to_thread(len, [])\n"
+        "    cf.ThreadPoolExecutor(1)\n")
+    assert thread_hand_overs(tmp_path) == ["m.py:6 to_thread", "m.py:8 ThreadPoolExecutor"]
