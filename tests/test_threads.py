@@ -103,8 +103,8 @@ def thread_hand_overs(root: Path, skip: tuple[str, ...] = ("threads.py",)) -> li
             name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
             owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
             if name == "ThreadPoolExecutor" or (name == "to_thread" and owner == "asyncio"):
-                out.append(f"{path.relative_to(root)}:{node.lineno} {name}")
-    return out
+                out.append((str(path.relative_to(root)), node.lineno, name))
+    return [f"{p}:{line} {name}" for p, line, name in sorted(out)]
 
 
 def test_work_reaches_threads_only_through_ralmspec_threads():

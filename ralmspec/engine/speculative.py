@@ -234,7 +234,7 @@ class RalmMode:
         that encodes (``exact``); else the mean of its guesses so far (microseconds: ``last``,
         ``refine``, the cheap and bound guessers). Charging every guesser the probe's encoding
         made OS^3 price an oracle step at ~80 ms instead of ~30 (tiny LM, one thread) and
-        fall back to naive steps for good (measured 2026-12-05)."""
+        tipped it to naive steps (measured 2026-12-05)."""
         if self.guesser.encodes_query:
             return lookup_s
         return self.stats["guess_s"] / self.stats["guesses"] if self.stats["guesses"] else 0.0

@@ -20,9 +20,10 @@ regenerated (``regenerates=False``). One rule for both modes. When even the best
 ``decide`` returns stride 0: the engine then takes verified steps (retrieve, then generate),
 still probing the cache to keep ``γ`` current. That comparison takes the best stride (chosen
 with ``γ`` capped at ``gamma_max``) at the ``γ`` MEASURED: the cap hedges how long a stride may
-be, not whether speculating pays. Judged at the cap, an always-right guesser (the ``oracle``
-bound: γ = 1, capped to 0.9) was priced ~1.5x too high and fell back to naive steps that cost
-twice its rounds (tiny, EMULATED 1M, one thread, measured 2026-12-05).
+be, not whether speculating pays. Judged at the cap, a guesser that is always right (the
+``oracle`` bound: γ = 1, capped to 0.9) is priced as if a round in ten lost a step, ~10% too
+high at stride 3: enough to tip the comparison where the costs are close (tiny, EMULATED 1M,
+one thread, 2026-12-05: the oracle took naive steps where its rounds cost half as much).
 With the fallback on, the scheduler also returns 0 until ``a``, ``b`` and ``γ`` are known
 (those verified steps measure them), instead of speculating blind at stride 1. On an engine
 that already served requests they are known from the start: the costs are carried over

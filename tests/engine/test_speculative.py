@@ -222,7 +222,7 @@ def test_a_fallback_step_charges_the_guessers_own_price(engine):
     """A verified (fallback) step probes the cache with the EXACT lookup, which encodes the
     query; OS^3's ``a`` (LM chunk + guess) takes that price only for a guesser that encodes on
     the critical path. Charged to every guesser, it made the oracle bound's steps look ~80 ms
-    instead of ~30 and kept it on naive steps (tiny, EMULATED 1M, measured 2026-12-05)."""
+    instead of ~30 and tipped it to naive steps (tiny, EMULATED 1M, measured 2026-12-05)."""
     from ralmspec.engine.speculative import RalmMode
 
     for guesser, encodes in (("exact", True), ("last", False), ("refine", False)):
