@@ -198,7 +198,7 @@ class FlatScan:
         """Time both paths on every batch class of ``sizes`` now, on random unit queries, so
         the first searches of a new batch size are not the slower path's trials: a caller that
         prices a batch size from its first searches (OS^3) would otherwise see, at each new
-        size, half its samples from the path the scan then drops."""
+        size, half of its first samples from the path the scan then drops."""
         rng = np.random.default_rng(seed)
         for b in sorted({batch_class(s) for s in sizes if s >= GEMM_MIN_BATCH}):
             for _ in range(self.trials * len(SCAN_PATHS)):

@@ -108,7 +108,7 @@ class PaddedCostRetriever(Retriever):
     def calibrate(self, sizes: Sequence[int] | None = None) -> None:
         """Time the pad scan's two batch paths (``FlatScan.calibrate``) for ``sizes`` (default
         ``CALIBRATED_BATCHES``) before any request: OS^3 then prices each verification batch
-        from the path the scan keeps (seconds at 1M, one thread)."""
+        from the path the scan keeps. Takes a few seconds at 1M vectors, one thread."""
         self._scan.calibrate(CALIBRATED_BATCHES if sizes is None else sizes, min(20 + self._margin, self.pad))
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
