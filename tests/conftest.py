@@ -137,6 +137,24 @@ def ray_cluster():
 
 
 @pytest.fixture
+def caller_faiss_threads():
+    """(n, fresh): this thread's FAISS (OpenMP) count set to ``n``, one a fresh thread does NOT
+    start with (``fresh``), so a hand-over to another thread that drops it is seen
+    (ralmspec/threads.py); restored afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    with ThreadPoolExecutor(1) as pool:
+        fresh = pool.submit(faiss.omp_get_max_threads).result()
+    n = fresh + 1
+    faiss.omp_set_num_threads(n)
+    yield n, fresh
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture
 def kill_during():
     """``kill_during(call, pid, after_s)``: run ``call()`` in a thread, SIGKILL process ``pid``
     ``after_s`` seconds later (a Ray actor, mid-call), wait for the call, and return

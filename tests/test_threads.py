@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
-import pytest
 
 import ralmspec
 from ralmspec.threads import WorkerPool, faiss_threads, in_worker, to_thread
@@ -18,29 +17,16 @@ from ralmspec.threads import WorkerPool, faiss_threads, in_worker, to_thread
 REPO = Path(ralmspec.__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def caller_threads():
-    """(n, fresh): this thread's FAISS count set to ``n``, one a fresh thread does NOT start
-    with (``fresh``), so a hand-over that drops it is seen; restored afterwards."""
-    before = faiss.omp_get_max_threads()
-    with ThreadPoolExecutor(1) as pool:
-        fresh = pool.submit(faiss.omp_get_max_threads).result()
-    n = fresh + 1
-    faiss.omp_set_num_threads(n)
-    yield n, fresh
-    faiss.omp_set_num_threads(before)
-
-
-def test_a_plain_thread_does_not_inherit_the_count(caller_threads):
+def test_a_plain_thread_does_not_inherit_the_count(caller_faiss_threads):
     """The problem itself: OpenMP's count is the calling thread's only."""
-    n, fresh = caller_threads
+    n, fresh = caller_faiss_threads
     assert faiss.omp_get_max_threads() == n
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(faiss.omp_get_max_threads).result() == fresh
 
 
-def test_every_hand_over_runs_with_the_callers_count(caller_threads):
-    n, _ = caller_threads
+def test_every_hand_over_runs_with_the_callers_count(caller_faiss_threads):
+    n, _ = caller_faiss_threads
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(in_worker(faiss.omp_get_max_threads)).result() == n
     with WorkerPool(1) as pool:
@@ -53,9 +39,9 @@ def test_every_hand_over_runs_with_the_callers_count(caller_threads):
         assert asyncio.run(on_loop()) == (n, n)
 
 
-def test_the_count_is_read_at_each_hand_over(caller_threads):
+def test_the_count_is_read_at_each_hand_over(caller_faiss_threads):
     """No process-wide setting: the same pool thread follows each submitter's current count."""
-    n, fresh = caller_threads
+    n, fresh = caller_faiss_threads
     with WorkerPool(1) as pool:
         assert pool.submit(faiss.omp_get_max_threads).result() == n
         faiss.omp_set_num_threads(fresh)
@@ -70,9 +56,9 @@ def test_without_faiss_nothing_is_wrapped(monkeypatch):
     assert "faiss" not in sys.modules
 
 
-def test_a_retriever_search_runs_with_the_callers_count(caller_threads, small_indexes, monkeypatch):
+def test_a_retriever_search_runs_with_the_callers_count(caller_faiss_threads, small_indexes, monkeypatch):
     """``Retriever.search`` (the engine's and the server's path to FAISS) in its worker thread."""
-    n, _ = caller_threads
+    n, _ = caller_faiss_threads
     retriever = small_indexes["exact"]
     seen = []
     real = retriever.search_sync

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol, Sequence
 
@@ -20,7 +19,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.sampling import Sampling
 from ralmspec.retrieval.base import Hit, Retriever
-from ralmspec.threads import to_thread
+from ralmspec.threads import WorkerPool, to_thread
 
 
 class LMClient(Protocol):
@@ -98,9 +97,10 @@ class RalmContext:
     gen: GenerationConfig
     fmt: PromptFormat  # resolved from gen.prompt_format for this model (engine/prompt.py)
     # the verification worker: one thread beside the LM's for query encodings / cache ranking
-    # off the critical path (speculation/guess.py); None = asyncio's default executor. Work
-    # handed to it goes through ralmspec.threads.in_worker (FAISS's thread count is per thread)
-    worker: Executor | None = None
+    # off the critical path (speculation/guess.py); the engine's WorkerPool runs each call with
+    # the caller's FAISS thread count (ralmspec.threads); None = asyncio's default executor,
+    # which does not
+    worker: WorkerPool | None = None
     # the engine's cheap guess rankers (speculation/guess.py CheapRankers); None: built per request
     rankers: object | None = None
     # the engine's measured speculation costs (LM step, search, encoding, contention), seeding

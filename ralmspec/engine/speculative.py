@@ -53,7 +53,7 @@ from ralmspec.speculation.driver import Driver, Plan, StepKind
 from ralmspec.speculation.guess import CheapRankers, make_guesser, refined_doc
 from ralmspec.speculation.rounds import Round, Step, Verdict, judge
 from ralmspec.speculation.verify import verify_batch
-from ralmspec.threads import in_worker, to_thread
+from ralmspec.threads import to_thread
 
 
 async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationConfig,
@@ -270,7 +270,7 @@ class RalmMode:
         search. Records b(s) = encodings + search(s) for OS^3. Returns (hits, start, seconds)."""
         t = self.tr.now()
         if self.encoder is not None and self.verify_encodes:
-            await asyncio.get_running_loop().run_in_executor(self.ctx.worker, in_worker(self.encoder.encode_queries), queries)
+            await asyncio.get_running_loop().run_in_executor(self.ctx.worker, self.encoder.encode_queries, queries)
         t_search = self.tr.now()
         hits = await self.search(queries)
         end = self.tr.now()
@@ -305,7 +305,7 @@ class RalmMode:
             finally:
                 self.stats["worker_s"] += time.perf_counter() - t  # one worker thread: no lost update
 
-        fut = asyncio.get_running_loop().run_in_executor(self.ctx.worker, in_worker(timed))
+        fut = asyncio.get_running_loop().run_in_executor(self.ctx.worker, timed)
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         return fut
 

@@ -126,7 +126,10 @@ def batch_class(b: int) -> int:
     return b if b <= 16 else 1 << (b - 1).bit_length()
 
 
-def faster_path(seconds: dict[str, list[float]], trials: int, first: str = "blocked") -> str:
+SCAN_PATHS = ("blocked", "gemm")
+
+
+def faster_path(seconds: dict[str, list[float]], trials: int, first: str = SCAN_PATHS[0]) -> str:
     """The candidate path to take next for one batch class: each of ``SCAN_PATHS`` in turn, from
     ``first``, until it was timed ``trials`` times, then the one with the smallest best time
     (ties: the first of ``SCAN_PATHS``)."""
@@ -134,9 +137,6 @@ def faster_path(seconds: dict[str, list[float]], trials: int, first: str = "bloc
         if len(seconds.get(path, ())) < trials:
             return path
     return min(SCAN_PATHS, key=lambda p: min(seconds[p]))
-
-
-SCAN_PATHS = ("blocked", "gemm")
 
 
 class FlatScan:

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ralmspec.config import SpeculationConfig
 from ralmspec.errors import ConfigError
 from ralmspec.retrieval.base import Hit, Retriever
 from ralmspec.retrieval.dense import FlatScan
@@ -108,8 +109,10 @@ class PaddedCostRetriever(Retriever):
     def calibrate(self, sizes: Sequence[int] | None = None) -> None:
         """Time the pad scan's two batch paths (``FlatScan.calibrate``) for ``sizes`` (default
         ``CALIBRATED_BATCHES``) before any request: OS^3 then prices each verification batch
-        from the path the scan keeps. Takes a few seconds at 1M vectors, one thread."""
-        self._scan.calibrate(CALIBRATED_BATCHES if sizes is None else sizes, min(20 + self._margin, self.pad))
+        from the path the scan keeps, at the engine's default top-k (``prefetch``) + the
+        re-scoring margin, as ``search_sync`` asks. Takes a few seconds at 1M vectors, one thread."""
+        kk = min(SpeculationConfig().prefetch + self._margin, self.pad)
+        self._scan.calibrate(CALIBRATED_BATCHES if sizes is None else sizes, kk)
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         return self.inner.score(query, doc_ids)

@@ -305,7 +305,7 @@ class StrideScheduler:
             cost = seconds_per_step(a_plan, b_of(s), gam, s, overlap, regen=self.regenerates)
             if best is None or cost < best[0]:
                 best = (cost, s, overlap, a_plan, b_of)
-        cost, s, overlap, a_plan, b_of = best
+        _, s, overlap, a_plan, b_of = best
         naive = self.naive_step_cost()
         if self.naive_fallback and naive is not None:
             # gamma_max hedges how long a stride is; whether to speculate at all is judged at

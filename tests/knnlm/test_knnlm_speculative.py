@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 
@@ -203,7 +201,8 @@ def test_a_failed_verification_propagates(naive_results, knn_prompts, monkeypatc
             SpeculativeKNNLM(knn, cfg).generate(knn_prompts[0])
 
 
-def test_async_verification_searches_with_the_callers_faiss_threads(naive_results, knn_prompts, monkeypatch):
+def test_async_verification_searches_with_the_callers_faiss_threads(naive_results, knn_prompts, monkeypatch,
+                                                                   caller_faiss_threads):
     """The overlapped search runs in the verification thread with the calling thread's FAISS
     (OpenMP) thread count (ralmspec.threads), not the all-cores default a new thread starts at:
     beside decoding that default spun against the LM (a 1-query search 28 ms vs 6 ms alone)."""
@@ -220,15 +219,9 @@ def test_async_verification_searches_with_the_callers_faiss_threads(naive_result
         seen.append((threading.current_thread().name, faiss.omp_get_max_threads()))
         return real(queries, k)
 
-    before = faiss.omp_get_max_threads()
-    with ThreadPoolExecutor(1) as pool:
-        n = pool.submit(faiss.omp_get_max_threads).result() + 1  # not what a new thread starts at
-    faiss.omp_set_num_threads(n)
-    try:
-        monkeypatch.setattr(ds, "search", recording)
-        out = SpeculativeKNNLM(knn, C(async_verify=True, os3=False, fixed_stride=2)).generate(knn_prompts[0])
-    finally:
-        faiss.omp_set_num_threads(before)
+    n, _ = caller_faiss_threads  # not what a new thread starts at
+    monkeypatch.setattr(ds, "search", recording)
+    out = SpeculativeKNNLM(knn, C(async_verify=True, os3=False, fixed_stride=2)).generate(knn_prompts[0])
     assert out.tokens == naive[0].tokens and out.stats.speculated > 0
     overlapped = [t for name, t in seen if name.startswith("knnlm-verify")]
     assert overlapped and set(overlapped) == {n}, seen
