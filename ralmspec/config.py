@@ -30,6 +30,16 @@ def is_int(value: Any, lo: int | None = None, hi: int | None = None, *, numpy: b
     return (lo is None or value >= lo) and (hi is None or value <= hi)
 
 
+def int_values(*values: Any) -> list[int]:
+    """The integers among ``values`` in order, a list or tuple contributing its own integers
+    (a model config's ``eos_token_id`` is an int, a list of them or None); bools and other
+    types are skipped (``is_int``)."""
+    out: list[int] = []
+    for v in values:
+        out.extend(x for x in (v if isinstance(v, (list, tuple)) else [v]) if is_int(x))
+    return out
+
+
 def check_sampling_args(temperature: Any, top_p: Any, seed: Any) -> None:
     """``ConfigError`` naming the first invalid value (temperature in [0, 2], top_p in (0, 1],
     seed ``None`` or an integer in [0, 2**63))."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ralmspec.config import EngineConfig, GenerationConfig, RetrievalConfig, is_int
+from ralmspec.config import EngineConfig, GenerationConfig, RetrievalConfig, int_values, is_int
 from ralmspec.errors import ConfigError
 
 
@@ -16,6 +16,12 @@ def test_is_int_takes_integers_in_range_and_never_a_bool():
     assert is_int(5, 1, 5) and not is_int(6, 1, 5) and is_int(-3, None, 0)
     assert not is_int(np.int64(3)) and is_int(np.int64(3), 1, numpy=True)
     assert not is_int(np.bool_(True), numpy=True) and not is_int(np.float32(3), numpy=True)
+
+
+def test_int_values_flattens_lists_in_order_and_skips_non_integers():
+    # a model config's eos_token_id is an int, a list of ints or None (lm/models.py, lm/vllm.py)
+    assert int_values(2, None, [7, True, "x", 3], (5,), 2.0, False) == [2, 7, 3, 5]
+    assert int_values() == [] and int_values(None, []) == []
 
 
 @pytest.mark.parametrize("bad", [True, -1, 2.0, "8"])

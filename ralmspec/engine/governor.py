@@ -38,6 +38,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ralmspec.errors import ConfigError
+from ralmspec.speculation.stride import fit_line
 
 
 class BusyWindow:
@@ -104,13 +105,11 @@ class BatchCostFit:
         pts = self._pts
         if len(pts) < self.min_calls:
             return None
-        mq = sum(q for q, _ in pts) / len(pts)
         mt = sum(t for _, t in pts) / len(pts)
-        sxx = sum((q - mq) ** 2 for q, _ in pts)
-        if sxx == 0 or mt <= 0:
+        line = fit_line(pts)
+        if line is None or mt <= 0:
             return None
-        per_query = max(0.0, sum((q - mq) * (t - mt) for q, t in pts) / sxx)
-        fixed = min(mt, max(0.0, mt - per_query * mq))
+        fixed = min(mt, max(0.0, line[0]))
         return fixed / mt
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ralmspec.config import is_int
+from ralmspec.config import int_values
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.hf import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_BYTES, DTYPES, HFLanguageModel, HFTokenizer
 from ralmspec.lm.pretrained import PRETRAINED_MODELS, pretrained_folder, pretrained_names
@@ -175,22 +175,8 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _first_int(*values: Any) -> int | None:
-    for v in values:
-        if isinstance(v, (list, tuple)) and v:
-            v = v[0]
-        if is_int(v):
-            return v
-    return None
-
-
-def _all_ints(*values: Any) -> set[int]:
-    out: set[int] = set()
-    for v in values:
-        if is_int(v):
-            out.add(v)
-        elif isinstance(v, (list, tuple)):
-            out.update(x for x in v if is_int(x))
-    return out
+    ints = int_values(*values)
+    return ints[0] if ints else None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
@@ -234,7 +220,7 @@ def _load_folder(path: Path) -> tuple[torch.nn.Module, Any, int | None, set[int]
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     eos = _first_int(getattr(gen, "eos_token_id", None), getattr(text_cfg, "eos_token_id", None),
                      getattr(tok, "eos_token_id", None))
-    stops = _all_ints(getattr(gen, "eos_token_id", None), getattr(text_cfg, "eos_token_id", None))
+    stops = set(int_values(getattr(gen, "eos_token_id", None), getattr(text_cfg, "eos_token_id", None)))
     max_pos = _first_int(getattr(text_cfg, "max_position_embeddings", None),
                          getattr(text_cfg, "n_positions", None), getattr(text_cfg, "n_ctx", None))
     if max_pos is None:

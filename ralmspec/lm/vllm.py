@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterator, Mapping, Sequence
 
-from ralmspec.config import is_int
+from ralmspec.config import int_values, is_int
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.hf import load_folder_tokenizer
@@ -139,14 +139,6 @@ class VLLMCallStats:
     wall_s: float = 0.0
 
 
-def _int_ids(*values: Any) -> list[int]:
-    out: list[int] = []
-    for v in values:
-        items = v if isinstance(v, (list, tuple)) else [v]
-        out.extend(x for x in items if is_int(x))
-    return out
-
-
 @dataclass(frozen=True)
 class _FolderInfo:
     eos_token_id: int | None
@@ -180,8 +172,8 @@ def _read_folder(path: Path) -> _FolderInfo:
             gen_eos = GenerationConfig.from_pretrained(str(path), local_files_only=True).eos_token_id
         except Exception:  # noqa: BLE001 - a broken generation config only loses its EOS
             gen_eos = None
-    eos_candidates = _int_ids(gen_eos) + _int_ids(getattr(text_cfg, "eos_token_id", None))
-    max_pos = next(iter(_int_ids(getattr(text_cfg, "max_position_embeddings", None),
+    eos_candidates = int_values(gen_eos) + int_values(getattr(text_cfg, "eos_token_id", None))
+    max_pos = next(iter(int_values(getattr(text_cfg, "max_position_embeddings", None),
                                  getattr(text_cfg, "n_positions", None),
                                  getattr(text_cfg, "n_ctx", None))), None)
     if max_pos is None:

@@ -66,7 +66,7 @@ import copy
 import statistics
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from ralmspec.config import OS3Config
 
@@ -360,18 +360,32 @@ def _line(points: dict[int, float]) -> Callable[[int], float] | None:
     return _fit(pts)
 
 
+def fit_line(pts: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """``(intercept, slope)`` of the least-squares line through ``pts`` (x, y), the slope never
+    below 0 (a cost never falls with more work); None when fewer than two distinct x were seen.
+    The one fit behind OS^3's search line (``_fit``) and the load governor's knowledge-base
+    batch cost (``engine/governor.py`` ``BatchCostFit``)."""
+    n = len(pts)
+    if n < 2:
+        return None
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx == 0:
+        return None
+    slope = max(sum((x - mx) * (y - my) for x, y in pts) / sxx, 0.0)
+    return my - slope * mx, slope
+
+
 def _fit(pts: list[tuple[int, float]]) -> Callable[[int], float]:
     """The least-squares line through ``pts`` (sorted by size, at least one): constant for one
     point, never falling with ``s``, never below half the cheapest point, and flat beyond the
     largest size measured (optimism until measured: a size never tried is never measured, so
     the decision may pick a larger stride once; its search then joins the fit)."""
-    if len(pts) == 1:
+    line = fit_line(pts)
+    if line is None:
         return lambda s: pts[0][1]
-    n = len(pts)
-    mx = sum(x for x, _ in pts) / n
-    my = sum(y for _, y in pts) / n
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    slope = max(sum((x - mx) * (y - my) for x, y in pts) / sxx, 0.0)  # never cheaper with more queries
+    intercept, slope = line
     floor = min(y for _, y in pts) * 0.5
     hi = pts[-1][0]
-    return lambda s: max(my + slope * (min(s, hi) - mx), floor)
+    return lambda s: max(intercept + slope * min(s, hi), floor)

@@ -65,14 +65,16 @@ def test_requests_for_each_endpoint():
 
 
 def test_load_drives_the_chat_endpoint(tmp_path, smollm2_lm):
-    """A short run against the chat endpoint of the real instruct model (the one with a chat template)."""
+    """A short run against the chat endpoint of the real instruct model (the one with a chat template);
+    one mode is enough here (both modes' cells: test_load_json_schema)."""
     out = tmp_path / "chat.json"
-    rc = load.main(["--model", "smollm2", "--endpoint", "chat", "--concurrency", "1", "--rounds", "1",
+    rc = load.main(["--model", "smollm2", "--endpoint", "chat", "--modes", "speculative", "--concurrency", "1",
+                    "--rounds", "1",
                     "--duration", "4", "--warmup", "6", "--max-tokens", "4", "--n-questions", "8",
                     "--json", str(out), "--", "--stride", "2"])
     assert rc == 0
     doc = json.loads(out.read_text())
-    assert doc["settings"]["endpoint"] == "chat"
+    assert doc["settings"]["endpoint"] == "chat" and [c["mode"] for c in doc["cells"]] == ["speculative"]
     for c in doc["cells"]:
         assert c["endpoint"] == "chat" and c["errors"] == 0 and c["warmup_errors"] == 0
         assert c["requests"] + c["warmup_requests"] >= 1  # answered (a loaded machine may need the warm-up)

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from ralmspec.speculation.stride import (
-    OVERLAP_REFRESH_ROUNDS, SAMPLES, StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, median,
-    round_time, seconds_per_step,
+    OVERLAP_REFRESH_ROUNDS, SAMPLES, StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, fit_line,
+    median, round_time, seconds_per_step,
 )
 
 
@@ -422,3 +422,9 @@ def test_needs_estimates_and_the_regeneration_charge():
         # regenerated chunk charged (stride 2: 2.13 s), kNN-LM's ~1.85 s without it
         assert (s.decide().stride == 0) == regen
     assert not StrideScheduler(os3=True, naive_fallback=False).needs_estimates()
+
+
+def test_fit_line_is_least_squares_with_a_slope_never_below_zero():
+    assert fit_line([(1, 3.0), (3, 7.0)]) == pytest.approx((1.0, 2.0))
+    assert fit_line([(1, 5.0), (2, 4.0), (3, 3.0)]) == pytest.approx((4.0, 0.0))  # falling: flat at the mean
+    assert fit_line([(2, 1.0)]) is None and fit_line([(2, 1.0), (2, 3.0)]) is None  # no two distinct sizes
