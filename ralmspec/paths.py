@@ -3,9 +3,12 @@ the file operations its builders share."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def ralmspec_home() -> Path:
@@ -26,3 +29,19 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, prefix: str) -> Iterator[Path]:
+    """A fresh folder beside ``out`` (named ``prefix...``) to build into: when the block ends it
+    replaces ``out`` in one rename, so a reader never opens a half-written build; on any error,
+    the block's or the rename's, it is removed and ``out`` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=str(out.parent)))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -241,6 +241,17 @@ def client_gone(request: web.Request) -> bool:
     return t is None or t.is_closing()
 
 
+async def cancel_and_wait(task: asyncio.Task) -> None:
+    """Cancel ``task`` unless it is done, and wait until it has unwound (its own cleanup, such
+    as a generation's session release, runs before the handler returns); its outcome is dropped."""
+    if not task.done():
+        task.cancel()
+        try:
+            await task
+        except BaseException:  # noqa: BLE001 - the cancelled request's outcome is nobody's now
+            pass
+
+
 async def run_watching(request: web.Request, coro: Awaitable[Any]) -> Any:
     """Await ``coro`` as a task; cancel it (and raise CancelledError) as soon as the client is gone."""
     task = asyncio.ensure_future(coro)
@@ -253,12 +264,7 @@ async def run_watching(request: web.Request, coro: Awaitable[Any]) -> Any:
                 task.cancel()
                 raise asyncio.CancelledError("client disconnected")
     finally:
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except BaseException:  # noqa: BLE001
-                pass
+        await cancel_and_wait(task)
 
 
 # --------------------------------------------------------------------------- completions
@@ -449,12 +455,7 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
         task.cancel()
         raise asyncio.CancelledError("client disconnected") from None
     finally:
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except BaseException:  # noqa: BLE001
-                pass
+        await cancel_and_wait(task)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -57,8 +57,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +65,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ralmspec.errors import ConfigError, IndexNotFoundError
+from ralmspec.paths import link_or_copy, staged_folder
 
 FORMAT_VERSION = 1
 KEY_LAYER = "lm_head_input"
@@ -507,9 +506,7 @@ def build_datastore(lm: Any, documents: Sequence[str] | Sequence[Any], out_dir: 
         for w0, b0, b1 in window_plan(e, cfg.window, cfg.stride):
             items.setdefault(b1 - w0, []).append((di, w0, b0, b1))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".knnlm-build-", dir=str(out.parent)))
-    try:
+    with staged_folder(out, ".knnlm-build-") as tmp:
         keys = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=np.dtype(cfg.key_dtype),
                                          shape=(total, d))
         values = np.empty(total, dtype=np.int32)
@@ -569,12 +566,6 @@ def build_datastore(lm: Any, documents: Sequence[str] | Sequence[Any], out_dir: 
                       "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_datastore(out)
 
 
@@ -591,16 +582,11 @@ def reindex_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, config
     s = load_datastore(src)
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     n = s.n if config.max_tokens is None else min(s.n, config.max_tokens)
-    tmp = Path(tempfile.mkdtemp(prefix=".knnlm-reindex-", dir=str(out.parent)))
-    try:
+    with staged_folder(out, ".knnlm-reindex-") as tmp:
         if n == s.n:
             for name in ("keys.npy", "values.npy", "doc_offsets.npy"):
-                try:
-                    os.link(s.path / name, tmp / name)
-                except OSError:
-                    shutil.copy2(s.path / name, tmp / name)
+                link_or_copy(s.path / name, tmp / name)
         else:
             keys = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=s.keys.dtype, shape=(n, s.dim))
             for st in range(0, n, 65536):
@@ -626,12 +612,6 @@ def reindex_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, config
                                                  ef_search=config.hnsw_ef_search))
         manifest["reindexed_from"] = {"path": str(s.path), "count": s.n, "index_s": round(time.perf_counter() - t0, 3)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_datastore(out)
 
 

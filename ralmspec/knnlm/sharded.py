@@ -43,14 +43,11 @@ it (never a partial merge); Ray restarts it and the next call waits for it (``ra
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -61,7 +58,7 @@ from ralmspec.knnlm.datastore import (
     MANIFEST, Datastore, DatastoreBuildConfig, DatastoreLayout, SearchParams, check_queries, is_sharded_datastore,
     load_datastore, make_faiss_index, prepare_out_dir, rank_entries, read_datastore_manifest, search_params,
 )
-from ralmspec.paths import link_or_copy
+from ralmspec.paths import link_or_copy, staged_folder
 from ralmspec.retrieval.shard_index import ivf_list_of_ids
 from ralmspec.retrieval.sharded import ShardRange, check_ranges, contiguous_ranges, route_ids
 
@@ -70,20 +67,6 @@ _COPY_ROWS = 65536
 
 
 # ---------------------------------------------------------------------------------- split
-
-
-@contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A temporary sibling of ``out`` that replaces it when the block succeeds (removed otherwise)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.shard-", dir=str(out.parent)))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _shard_index(kind: str, part32: np.ndarray, r: ShardRange, whole_ivf: Any, lists: np.ndarray | None,
@@ -127,7 +110,7 @@ def shard_datastore(src: str | os.PathLike, out_dir: str | os.PathLike, shards: 
         lists = ivf_list_of_ids(faiss.extract_index_ivf(whole_ivf), str(src_p))
         whole_ivf.reset()  # keep the trained quantizer (and PQ codebooks), drop the entries
     t0 = time.perf_counter()
-    with _staged(out) as tmp:
+    with staged_folder(out, f".{out.name}.shard-") as tmp:
         for name in ROUTER_FILES:
             link_or_copy(str(src_p / name), str(tmp / name))
         entries = []

@@ -65,6 +65,8 @@ class LanguageModel(abc.ABC):
     tokenizer: Tokenizer
     eos_token_id: int | None
     max_context: int  # prompt + generated tokens must fit
+    vocab_size: int  # token ids are in [0, vocab_size)
+    name: str
     supports_sampling: bool = False  # implements the draw rule of ralmspec.lm.sampling exactly
     no_sampling_reason: str = "sampling needs the hf backend"  # the refusal's explanation
     supports_logprobs: bool = False  # implements token_logprobs
@@ -92,6 +94,26 @@ class LanguageModel(abc.ABC):
         """The refusal of ``logprobs`` by a backend without ``supports_logprobs`` (HTTP 400)."""
         return ConfigError(f"logprobs: the {type(self).__name__} backend cannot score tokens "
                            "(logprobs need the hf backend)")
+
+    def prompt_ids(self, i: int, prompt: Sequence[int], extra: int) -> list[int]:
+        """Prompt ``i`` of a call as a list of token ids, or a ``ConfigError`` naming it: a string,
+        not token ids, empty, an id outside ``[0, vocab_size)``, or more than ``max_context`` with
+        the ``extra`` tokens the call adds. The one check every backend's prompts pass."""
+        if isinstance(prompt, (str, bytes)):
+            raise ConfigError(f"prompt {i} is a string; pass token ids")
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"prompt {i} is not a sequence of token ids: {exc}") from None
+        if not ids:
+            raise ConfigError(f"prompt {i} is empty; a prompt needs at least one token")
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= self.vocab_size:
+            raise ConfigError(f"prompt {i} has token id {lo if lo < 0 else hi} outside [0, {self.vocab_size})")
+        if len(ids) + extra > self.max_context:
+            raise ConfigError(f"prompt {i} has {len(ids)} tokens + {extra} new tokens > max_context "
+                              f"{self.max_context} of model {self.name!r}; truncate the context")
+        return ids
 
     def release(self, session: Hashable) -> None:  # noqa: B027 - optional hook
         """Forget the KV state of ``session``."""

@@ -302,26 +302,7 @@ class VLLMLanguageModel(LanguageModel):
         prompts = list(prompts)
         if sessions is not None and len(list(sessions)) != len(prompts):
             raise ConfigError(f"got {len(prompts)} prompts but {len(list(sessions))} sessions")
-        checked = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, (str, bytes)):
-                raise ConfigError(f"prompt {i} is a string; pass token ids")
-            try:
-                ids = [int(t) for t in p]
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"prompt {i} is not a sequence of token ids: {exc}") from None
-            if not ids:
-                raise ConfigError(f"prompt {i} is empty; a prompt needs at least one token")
-            lo, hi = min(ids), max(ids)
-            if lo < 0 or hi >= self.vocab_size:
-                raise ConfigError(f"prompt {i} has token id {lo if lo < 0 else hi} outside "
-                                  f"[0, {self.vocab_size})")
-            if len(ids) + extra > self.max_context:
-                raise ConfigError(
-                    f"prompt {i} has {len(ids)} tokens + {extra} new tokens > max_context "
-                    f"{self.max_context} of model {self.name!r}; truncate the context")
-            checked.append(ids)
-        return checked
+        return [self.prompt_ids(i, p, extra) for i, p in enumerate(prompts)]
 
 
 def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
