@@ -242,16 +242,23 @@ class RalmMode:
     async def verified_step(self) -> float:
         """A naive step that also measures what OS^3 needs: the cache lookup first (it encodes
         the query, as a speculative step would), then the real search (reusing that encoding);
-        together they cost one naive retrieval. Returns the lookup's seconds."""
+        together they cost one naive retrieval. The acceptance sample is whether the guesser's
+        OWN guess (``would_guess``) was the true passage. Returns the lookup's seconds."""
         drv, tr = self.drv, self.tr
         t = tr.now()
         q = self.ctx.query(drv.tokens)
+        last = drv.book.current.guess  # the passage of the chunk just produced
         probe = await to_thread(self.exact_guess, q)
         lookup_s = tr.record("probe", t, doc_id=probe)
         probe_event = tr.events[-1]
+        # what THIS guesser would have guessed (``last`` keeps the passage, a cheap ranker ranks):
+        # scoring the exact lookup instead made OS^3 resume `last` at exact's acceptance (~0.8)
+        # where its own was ~0.3, so `last` ran slower than naive (measured 2026-12-05)
+        own = self.guesser.would_guess(q, last, probe, self)
         search_s = await self.retrieved_step(q, StepKind.FALLBACK, fallback=True)
-        hit = probe == drv.book.current.guess  # the step just added holds the true passage
+        hit = own == drv.book.current.guess  # the step just added holds the true passage
         probe_event["hit"] = hit
+        probe_event["guess"] = own
         self.stats["cache_s"] += lookup_s
         drv.sched.observe_retrieval(lookup_s + search_s)
         drv.sched.observe_search(1, search_s)

@@ -119,6 +119,12 @@ class Guesser(Protocol):
     async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
         """The next step's passage for ``query``; ``last`` is the current step's passage."""
 
+    def would_guess(self, query: str, last: int, exact: int | None, kit: GuessKit) -> int | None:
+        """The passage this guesser would have guessed for ``query`` at a verified (fallback)
+        step, given ``exact``, the cache's exact top-1 the step's probe already computed. Cheap
+        and without side effects: it is how OS^3 measures THIS guesser's acceptance while it
+        takes verified steps (a probe that scored the exact lookup measured another guesser)."""
+
 
 class ExactGuesser:
     """``exact``: rank the cache with the retriever's metric now (a worker thread, awaited)."""
@@ -127,6 +133,9 @@ class ExactGuesser:
 
     async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
         return Guess(await to_thread(kit.exact_guess, query))
+
+    def would_guess(self, query: str, last: int, exact: int | None, kit: GuessKit) -> int | None:
+        return exact
 
 
 class LastGuesser:
@@ -142,6 +151,9 @@ class LastGuesser:
             kit.beside(kit.timed_encode, query)
         return Guess(last)
 
+    def would_guess(self, query: str, last: int, exact: int | None, kit: GuessKit) -> int | None:
+        return last
+
 
 class RefineGuesser:
     """``refine``: the current step's passage now, the exact cache ranking beside, to be checked
@@ -151,6 +163,9 @@ class RefineGuesser:
 
     async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
         return Guess(last, refine=kit.beside(kit.rank_top1, query, kit.cache.doc_ids()))
+
+    def would_guess(self, query: str, last: int, exact: int | None, kit: GuessKit) -> int | None:
+        return exact if exact is not None else last  # its chunk is redone with the exact guess (refined_doc)
 
 
 class CheapGuesser:
@@ -170,6 +185,10 @@ class CheapGuesser:
         if self.encode_beside:
             kit.beside(kit.timed_encode, query)
         return Guess(doc)
+
+    def would_guess(self, query: str, last: int, exact: int | None, kit: GuessKit) -> int | None:
+        doc = self.ranker.top1(query, kit.cache.doc_ids())
+        return last if doc is None else doc
 
 
 def make_guesser(guesser: str, dense: bool, rankers: CheapRankers) -> Guesser:

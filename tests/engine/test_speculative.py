@@ -231,3 +231,30 @@ def test_a_fallback_step_charges_the_guessers_own_price(engine):
         assert mode.guess_price(0.05) == (0.05 if encodes else 0.0)
         mode.stats["guess_s"], mode.stats["guesses"] = 0.002, 4
         assert mode.guess_price(0.05) == pytest.approx(0.05 if encodes else 0.0005)
+
+
+def test_a_fallback_step_scores_the_guessers_own_guess(engine):
+    """While OS^3 takes verified steps, each probe scores the guess the request's guesser would
+    have made: for `last`, the passage of the chunk just produced, not the exact cache lookup
+    (scored as exact's, `last` resumed at ~0.8 acceptance where its own was ~0.3 and ran slower
+    than naive: tiny, EMULATED 1M, 2026-12-05). Tokens stay the naive ones."""
+    spec = SpeculationConfig(async_verify=False, os3=True, prefetch=20, guesser="last")
+    check = SpeculationCheck()
+    probes = 0
+    for q in QUESTIONS:
+        naive = engine.generate_sync(q, gen=GEN, speculate=False)
+        res = engine.generate_sync(q, gen=GEN, spec=spec)
+        check.same(res.token_ids, naive.token_ids, res.stats)
+        ev = res.trace
+        for i, e in enumerate(ev):
+            if e["kind"] != "probe":
+                continue
+            probes += 1
+            chunk = next(x for x in reversed(ev[:i]) if x["kind"] == "lm")
+            truth = next(x for x in ev[i + 1:] if x["kind"] == "retrieve")
+            assert e["guess"] == chunk["doc_id"]  # `last`: the passage of the chunk just produced
+            assert e["hit"] == (chunk["doc_id"] == truth["doc_id"])
+        assert res.stats["probe_hits"] == sum(e["hit"] for e in ev if e["kind"] == "probe")
+    assert probes > 0, "no fallback step probed: the case no longer exercises the probe"
+    check.ran(min_speculated=0, why="checks what a fallback step's probe scores; test_naive_fallback_when_"
+              "retrieval_is_cheap_keeps_tokens forces speculation on the same engine")

@@ -84,3 +84,30 @@ def test_static_ranker_on_the_real_encoder(encoder):
     r = StaticEmbeddingRanker(tokenize, table, texts.__getitem__)
     assert r.top1("a cat on a mat", [0, 1]) == 0
     assert r.top1("markets and stocks", [0, 1]) == 1
+
+
+def test_would_guess_is_each_guessers_own_guess_at_a_fallback_step():
+    """A verified (fallback) step scores the guess the request's own guesser would have made
+    (OS^3's acceptance for THAT guesser), given the exact cache top-1 its probe computed: `last`
+    keeps the current passage, a cheap ranker ranks the cache (no answer: the current passage),
+    `exact` is the probe, `refine` ends on the probe's answer when there is one."""
+    from ralmspec.speculation.guess import CheapRankers, make_guesser
+
+    class Cache:
+        def doc_ids(self):
+            return [3, 5, 8]
+
+    class Kit:
+        cache = Cache()
+
+    class Retriever:
+        corpus = {3: None, 5: None, 8: None}
+
+    rankers = CheapRankers(Retriever())
+    rankers.get("oracle").learn("q taught", 8)
+    kit, last, exact = Kit(), 5, 3
+    own = {g: make_guesser(g, dense=True, rankers=rankers).would_guess("q taught", last, exact, kit)
+           for g in ("exact", "last", "refine", "oracle")}
+    assert own == {"exact": 3, "last": 5, "refine": 3, "oracle": 8}
+    assert make_guesser("oracle", dense=True, rankers=rankers).would_guess("q unknown", last, exact, kit) == last
+    assert make_guesser("refine", dense=True, rankers=rankers).would_guess("q", last, None, kit) == last
