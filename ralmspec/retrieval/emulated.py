@@ -107,18 +107,22 @@ class PaddedCostRetriever(Retriever):
         return hits
 
     def calibrate(self, sizes: Sequence[int] | None = None) -> None:
-        """Time the pad scan's two batch paths (``FlatScan.calibrate``) for ``sizes`` (default
-        ``CALIBRATED_BATCHES``) before any request: OS^3 then prices each verification batch
-        from the path the scan keeps, at the engine's default top-k (``prefetch``) + the
-        re-scoring margin, as ``search_sync`` asks. Takes a few seconds at 1M vectors, one thread."""
-        kk = min(SpeculationConfig().prefetch + self._margin, self.pad)
-        self._scan.calibrate(CALIBRATED_BATCHES if sizes is None else sizes, kk)
+        """Time the pad scan's two batch paths before any request (``calibrate_pad_scan``)."""
+        calibrate_pad_scan(self._scan, self._margin, self.pad, sizes)
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         return self.inner.score(query, doc_ids)
 
     def close(self) -> None:
         self.inner.close()
+
+
+def calibrate_pad_scan(scan: FlatScan, margin: int, pad: int, sizes: Sequence[int] | None = None) -> None:
+    """Time a pad scan's two batch paths (``FlatScan.calibrate``) for ``sizes`` (default
+    ``CALIBRATED_BATCHES``) before any request: OS^3 then prices each verification batch from
+    the path the scan keeps, at the engine's default top-k (``prefetch``) + the re-scoring
+    ``margin``, as a padded search asks. Takes a few seconds at 1M vectors, one thread."""
+    scan.calibrate(CALIBRATED_BATCHES if sizes is None else sizes, min(SpeculationConfig().prefetch + margin, pad))
 
 
 def emulate_larger_knowledge_base(retriever: Retriever, pad: int, seed: int = 0, log=None) -> Retriever:
@@ -163,6 +167,12 @@ class PaddedShard:
         self.pad = int(pad_index.ntotal)
         self._margin = int(margin)
         self._scan = FlatScan(pad_index)
+
+    def calibrate(self, sizes: Sequence[int] | None = None) -> None:
+        """Time the shard pad's two batch paths before any search (``calibrate_pad_scan``), as the
+        in-process EMULATED knowledge base does: a shard's first searches of a new batch size are
+        then not the slower path's trials."""
+        calibrate_pad_scan(self._scan, self._margin, self.pad, sizes)
 
     def search(self, payloads: np.ndarray, k: int) -> list[list[Hit]]:
         hits = self.inner.search(payloads, k)

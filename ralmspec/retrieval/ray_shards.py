@@ -58,6 +58,7 @@ class ShardActor(ShardActorBase):
         if pad:  # EMULATED larger shard (emulated.PaddedShard): the pad is made here, never sent
             self.shard = PaddedShard(self.shard, build_pad_index(pad, self.shard.dim, seed=pad_seed),
                                      config.rescore_margin)
+            self.shard.calibrate()
 
 
 class RayShards(RayShardGroup):

@@ -85,3 +85,23 @@ def test_calibrate_times_both_paths_before_any_search(flat_index):
     assert kept == min(times[3], key=times[3].get)
     scan.search(np.random.default_rng(1).standard_normal((3, 48)).astype(np.float32), 5)
     assert scan.timings() == times and scan.path_for(3) == kept  # no further trial
+
+
+def test_padded_shard_calibrates_its_pad_scan_and_answers_as_its_shard(flat_index):
+    """A Ray shard's EMULATED pad (``PaddedShard``, built in each shard actor) times its scan paths
+    before any search, as the in-process EMULATED knowledge base does; answers stay the shard's."""
+    from ralmspec.config import RetrievalConfig
+    from ralmspec.retrieval.emulated import CALIBRATED_BATCHES, PaddedShard, build_pad_index
+    from ralmspec.retrieval.shard_index import DenseShard
+    from ralmspec.retrieval.sharded import ShardRange
+
+    vectors = flat_ip_view(flat_index)
+    shard = DenseShard(ShardRange(0, len(vectors)), vectors, flat_index, "exact", RetrievalConfig(kind="exact"))
+    padded = PaddedShard(shard, build_pad_index(3000, 48, seed=1), margin=4)
+    padded.calibrate()
+    times = padded._scan.timings()
+    assert sorted(times) == sorted({batch_class(b) for b in CALIBRATED_BATCHES})
+    assert all(set(t) == set(SCAN_PATHS) for t in times.values())
+    qs = np.random.default_rng(2).standard_normal((3, 48)).astype(np.float32)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    assert padded.search(qs, 5) == shard.search(qs, 5)
