@@ -192,6 +192,14 @@ def test_ray_shards_equal_the_whole_embedded_index(kind, ray_cluster, embedded_i
                 assert sharded.rank(q, ids, k=5) == whole.rank(q, ids, k=5)
         finally:
             sharded.close()
+    if kind == "exact":  # an EMULATED pad split over the shard actors (each calibrates its scan): same answers
+        padded = open_ray_sharded(embedded_split[("exact", 2)], RetrievalConfig(kind="exact", emulate_pad=4000),
+                                  RayShardConfig(), encoder, shards=2)
+        try:
+            assert [i["pad"] for i in padded.backend.infos] == [2000, 2000]
+            assert padded.search_sync(many_queries[:60], 20) == want[20][:60]
+        finally:
+            padded.close()
 
 
 @needs_ray
