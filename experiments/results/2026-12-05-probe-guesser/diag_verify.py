@@ -1,6 +1,6 @@
 """run_at-style: python diag_verify.py SRC bench ...; logs every round's verification: size, overlapped,
 the encode wait (t_search - t), the search, and what OS^3's model priced for it."""
-import sys, time, collections
+import sys, collections
 src = sys.argv.pop(1)
 sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "") and "editable" not in repr(f)]
 sys.path.insert(0, src)
@@ -11,7 +11,6 @@ real_verify = SP.RalmMode.verify_round
 async def verify_round(self, queries, overlapped):
     sched = self.drv.sched
     e = S.median(sched._encode); line = sched.verification_line(overlapped); sl = sched.search_line(overlapped)
-    t0 = time.perf_counter()
     enc_before = self.stats["encode_s"]
     hits, t, took = await real_verify(self, queries, overlapped)
     wait = self.stats["encode_s"] - enc_before
