@@ -34,8 +34,9 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def staged_folder(out: Path, prefix: str) -> Iterator[Path]:
     """A fresh folder beside ``out`` (named ``prefix...``) to build into: when the block ends it
-    replaces ``out`` in one rename, so a reader never opens a half-written build; on any error,
-    the block's or the rename's, it is removed and ``out`` is left as it was."""
+    replaces ``out`` (an earlier build there is removed first, then one rename), so a reader
+    never opens a half-written build; it is removed whatever happens, and on an error inside
+    the block ``out`` is left as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=str(out.parent)))
     try:
