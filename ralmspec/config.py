@@ -40,6 +40,12 @@ def int_values(*values: Any) -> list[int]:
     return out
 
 
+def first_int(*values: Any) -> int | None:
+    """The first of ``int_values(*values)``, or None: a config field read from whichever of
+    several places holds it (``max_position_embeddings``, else ``n_positions``, ...)."""
+    return next(iter(int_values(*values)), None)
+
+
 def check_sampling_args(temperature: Any, top_p: Any, seed: Any) -> None:
     """``ConfigError`` naming the first invalid value (temperature in [0, 2], top_p in (0, 1],
     seed ``None`` or an integer in [0, 2**63))."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ralmspec.config import EngineConfig, GenerationConfig, RetrievalConfig, int_values, is_int
+from ralmspec.config import EngineConfig, GenerationConfig, RetrievalConfig, first_int, int_values, is_int
 from ralmspec.errors import ConfigError
 
 
@@ -22,6 +22,7 @@ def test_int_values_flattens_lists_in_order_and_skips_non_integers():
     # a model config's eos_token_id is an int, a list of ints or None (lm/models.py, lm/vllm.py)
     assert int_values(2, None, [7, True, "x", 3], (5,), 2.0, False) == [2, 7, 3, 5]
     assert int_values() == [] and int_values(None, []) == []
+    assert first_int(None, [True, 9], 4) == 9 and first_int(None, "x") is None
 
 
 @pytest.mark.parametrize("bad", [True, -1, 2.0, "8"])

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ralmspec.config import int_values
+from ralmspec.config import first_int, int_values
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.hf import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_BYTES, DTYPES, HFLanguageModel, HFTokenizer
 from ralmspec.lm.pretrained import PRETRAINED_MODELS, pretrained_folder, pretrained_names
@@ -174,11 +174,6 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _first_int(*values: Any) -> int | None:
-    ints = int_values(*values)
-    return ints[0] if ints else None
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "tokenizer.model", "spiece.model", "merges.txt")
 
@@ -218,10 +213,10 @@ def _load_folder(path: Path) -> tuple[torch.nn.Module, Any, int | None, set[int]
         raise ModelLoadError(f"the tokenizer of {str(path)!r} is empty ({len(tok)} tokens)")
     gen = getattr(model, "generation_config", None)
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    eos = _first_int(getattr(gen, "eos_token_id", None), getattr(text_cfg, "eos_token_id", None),
+    eos = first_int(getattr(gen, "eos_token_id", None), getattr(text_cfg, "eos_token_id", None),
                      getattr(tok, "eos_token_id", None))
     stops = set(int_values(getattr(gen, "eos_token_id", None), getattr(text_cfg, "eos_token_id", None)))
-    max_pos = _first_int(getattr(text_cfg, "max_position_embeddings", None),
+    max_pos = first_int(getattr(text_cfg, "max_position_embeddings", None),
                          getattr(text_cfg, "n_positions", None), getattr(text_cfg, "n_ctx", None))
     if max_pos is None:
         mml = getattr(tok, "model_max_length", None)

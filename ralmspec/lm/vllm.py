@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterator, Mapping, Sequence
 
-from ralmspec.config import int_values, is_int
+from ralmspec.config import first_int, int_values, is_int
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.hf import load_folder_tokenizer
@@ -172,10 +172,9 @@ def _read_folder(path: Path) -> _FolderInfo:
             gen_eos = GenerationConfig.from_pretrained(str(path), local_files_only=True).eos_token_id
         except Exception:  # noqa: BLE001 - a broken generation config only loses its EOS
             gen_eos = None
-    eos_candidates = int_values(gen_eos) + int_values(getattr(text_cfg, "eos_token_id", None))
-    max_pos = next(iter(int_values(getattr(text_cfg, "max_position_embeddings", None),
-                                 getattr(text_cfg, "n_positions", None),
-                                 getattr(text_cfg, "n_ctx", None))), None)
+    eos_candidates = int_values(gen_eos, getattr(text_cfg, "eos_token_id", None))
+    max_pos = first_int(getattr(text_cfg, "max_position_embeddings", None), getattr(text_cfg, "n_positions", None),
+                        getattr(text_cfg, "n_ctx", None))
     if max_pos is None:
         raise ModelLoadError(f"cannot tell the context length of {str(path)!r}: its config has no "
                              "max_position_embeddings / n_positions; pass max_context=")
