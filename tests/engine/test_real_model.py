@@ -1,7 +1,8 @@
 """The real default LM (SmolLM2-135M-Instruct) on the grounded workload: chat-format oracle
 semantics and speculative == naive, token for token, on 12 grounded questions (6 per retriever,
-disjoint; 128-token passages and 20-token answers keep the sweep inside CI's time budget: the
-tiny-model sweeps in test_equivalence.py cover the wide grid of prompts and settings).
+disjoint; 64-token passages and 20-token answers keep the sweep inside CI's time budget: every
+step prefills its passage again on one CPU thread, and the tiny-model sweeps in test_equivalence.py
+cover the wide grid of prompts and settings).
 
 Speculation is forced in most settings (fixed stride or no naive fallback): on the small real
 knowledge base OS^3 would otherwise take verified steps and never exercise a rollback.
@@ -19,6 +20,7 @@ from ralmspec.engine.prompt import PromptFormat
 from tests.identity import SpeculationCheck, engine_trace, forces_speculation
 
 N_QUESTIONS = 20
+PASSAGE_TOKENS = 64  # what a step prefills (with the question) on one thread: CI's time
 PER_RETRIEVER = 6  # sweep questions per retriever (disjoint halves of the grounded sample)
 TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "SmolLM", "assistant")
 
@@ -51,7 +53,7 @@ def test_auto_format_is_chat_for_smollm2_and_plain_for_tiny(smollm2_lm, tiny_lm)
 
 def test_chat_layout_and_queries_never_hold_template_tokens(engines, grounded):
     engine = engines["exact"]
-    gen = GenerationConfig(stride=4, query_len=12, max_new_tokens=24)
+    gen = GenerationConfig(stride=4, query_len=12, max_new_tokens=24, passage_tokens=PASSAGE_TOKENS)
     q = grounded[0].question
     res = engine.generate_sync(q, gen=gen, speculate=False)
     ctx = engine.context(gen)
@@ -76,7 +78,7 @@ def test_chat_layout_and_queries_never_hold_template_tokens(engines, grounded):
 def test_generation_stops_at_end_of_turn(engines, grounded):
     engine = engines["exact"]
     eot = engine.lm.eos_token_id
-    gen = GenerationConfig(stride=4, max_new_tokens=96)
+    gen = GenerationConfig(stride=4, max_new_tokens=96, passage_tokens=PASSAGE_TOKENS)
     res = engine.generate_sync(grounded[1].question, gen=gen, speculate=False)
     assert res.finish_reason == "eos" and res.token_ids[-1] == eot
     assert eot not in res.token_ids[:-1] and len(res.token_ids) < 96
@@ -95,7 +97,7 @@ def test_closed_book_has_no_passage(engines, grounded):
 
 def settings(i: int) -> tuple[GenerationConfig, SpeculationConfig]:
     gen = GenerationConfig(stride=(4, 2, 3, 4)[i % 4], query_len=(32, 16)[i % 2], max_new_tokens=20,
-                           passage_tokens=128)
+                           passage_tokens=PASSAGE_TOKENS)
     spec = SpeculationConfig(prefetch=(20, 1, 5)[i % 3], os3=i % 5 == 4, fixed_stride=(3, 2, 4)[i % 3],
                              async_verify=bool(i % 2), max_inflight=(1, 2, 3)[i % 3],
                              cache_capacity=(1024, 4, 16)[i % 3], naive_fallback=False,

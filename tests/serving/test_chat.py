@@ -81,7 +81,7 @@ def test_chat_equals_with_and_without_speculation_and_equals_completions(chat_cl
 def test_multi_turn_keeps_earlier_turns_and_queries_the_last_question(chat_client, chat_engine):
     messages = HISTORY + user(QUESTION)
     spec = ask(chat_client, messages, speculate=True)
-    naive = ask(chat_client, messages, speculate=False)
+    naive = ask(chat_client, messages, speculate=False, logprobs=True)
     assert_speculated(spec)
     answer = spec.choices[0].message.content
     assert answer == naive.choices[0].message.content
@@ -98,14 +98,13 @@ def test_multi_turn_keeps_earlier_turns_and_queries_the_last_question(chat_clien
     single = ask(chat_client, user(QUESTION), speculate=False, logprobs=True)
     assert spec.model_extra["ralm"]["passages"][0]["doc_id"] == single.model_extra["ralm"]["passages"][0]["doc_id"]
     # the model may well give the same words; under another context it gives them other probabilities
-    turns = ask(chat_client, messages, speculate=False, logprobs=True)
-    assert turns.choices[0].message.content == answer
-    assert [e.logprob for e in turns.choices[0].logprobs.content] != \
+    assert [e.logprob for e in naive.choices[0].logprobs.content] != \
         [e.logprob for e in single.choices[0].logprobs.content]
     # content as a list of text parts is the same message
     parts = [{"type": "text", "text": "Which city is the American rock band"}, {"type": "text", "text": "Hed PE from?"}]
-    as_parts = ask(chat_client, HISTORY + [{"role": "user", "content": parts}], speculate=False)
-    as_text = ask(chat_client, HISTORY + user("Which city is the American rock band\nHed PE from?"), speculate=False)
+    short = {"speculate": False, "max_tokens": 4}  # the same prompt gives the same first tokens
+    as_parts = ask(chat_client, HISTORY + [{"role": "user", "content": parts}], **short)
+    as_text = ask(chat_client, HISTORY + user("Which city is the American rock band\nHed PE from?"), **short)
     assert as_parts.choices[0].message.content == as_text.choices[0].message.content
 
 
@@ -169,9 +168,10 @@ def test_logprobs_equal_with_and_without_speculation(chat_client):
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     assert [comp.choices[0].text[a:b] for a, b in zip(lp.text_offset, lp.text_offset[1:])] == lp.tokens[:-1]
     # sampled with a seed: still identical
-    kw = {"logprobs": True, "top_logprobs": 1, "temperature": 0.9, "seed": 3}
+    kw = {"logprobs": True, "top_logprobs": 1, "temperature": 0.9, "seed": 3, "max_tokens": 8}
     s_on, s_off = ask(chat_client, user(QUESTION), speculate=True, **kw), ask(chat_client, user(QUESTION),
                                                                              speculate=False, **kw)
+    assert_speculated(s_on)
     assert s_on.choices[0].message.content == s_off.choices[0].message.content
     assert [e.model_dump() for e in s_on.choices[0].logprobs.content] == \
         [e.model_dump() for e in s_off.choices[0].logprobs.content]
