@@ -273,6 +273,7 @@ class SpeculativeStats:
     verified_steps: int = 0  # tokens decided from a real search (the first, OS^3's fallback)
     naive_steps: int = 0  # OS^3's fallback steps among them
     paused_steps: int = 0  # always 0: no load governor pauses kNN-LM
+    held_steps: int = 0  # naive steps taken while OS^3's realized guard held speculation off
     probes: int = 0  # fallback steps that also asked the cache
     probe_hits: int = 0
     verify_wait_s: float = 0.0  # main thread blocked on verification

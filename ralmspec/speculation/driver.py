@@ -37,6 +37,7 @@ The figures (``SpeculationStats``), one definition each for every mode:
   end of the output, the rejected step's own tokens included);
 - ``verified_steps``: steps retrieved for real before their output (the first step, OS^3's
   fallback steps, governor-paused steps); ``naive_steps``: OS^3's fallback steps among them;
+  ``held_steps``: those taken while OS^3's realized guard held speculation off (stride.py);
   ``paused_steps``: the governor's; ``probes`` / ``probe_hits``: fallback steps that also asked
   the cache, and how many of those guesses were right;
 - ``verify_wait_s``: seconds the loop waited for verifications.
@@ -89,6 +90,7 @@ class SpeculationStats:
 
     probes: int = 0
     probe_hits: int = 0
+    held_steps: int = 0
     wasted_tokens: int = 0
     verify_wait_s: float = 0.0
 
@@ -149,6 +151,9 @@ class Driver:
         self.emitted = 0  # generated tokens already passed to on_tokens
         self.book: RoundBook | None = None
         self.plan = Plan(0)
+        # (clock, verified steps) where the current stretch of speculation was last judged: the
+        # realized seconds OS^3's guard compares with a naive step (``StrideScheduler``)
+        self.since: tuple[float, int] | None = None
 
     # ------------------------------------------------------------------ the loop
     async def run(self, prompt_ids: Sequence[int]) -> list[int]:
@@ -175,8 +180,7 @@ class Driver:
                 elif action is Action.FINISH:
                     break
                 else:
-                    await mode.advance(self, plan)
-                    self.emit_verified()
+                    await self.step(plan)
         finally:
             if self.book is not None:
                 self.book.abort()
@@ -203,6 +207,20 @@ class Driver:
         return self.plan
 
     # ------------------------------------------------------------------ the phases
+    async def step(self, plan: Plan) -> None:
+        """STEP: the mode's ``advance``, timed for OS^3's realized guard: a fallback step end to
+        end is the naive step as realized; a guessed step opens a stretch of speculation."""
+        t = self.clock()
+        if not plan.stride:
+            self.since = None
+        elif self.since is None:
+            self.since = (t, self.book.n_verified)
+        await self.mode.advance(self, plan)
+        if not plan.stride and not plan.paused:
+            self.stats.held_steps += self.sched.holding()
+            self.sched.observe_verified_step(self.clock() - t)
+        self.emit_verified()
+
     def add(self, step: Step, tokens: Sequence[int] = (), kind: StepKind = StepKind.GUESSED) -> None:
         """Append the next step and the tokens it produced so far (more via ``extend``)."""
         if (kind is StepKind.GUESSED) == step.verified:
@@ -245,6 +263,11 @@ class Driver:
         if bad is not None:
             self.rollback(bad, verdict.correction)
         self.mode.settled(self, rnd, verdict, bad is not None)
+        if self.since is not None:  # the stretch of speculation so far, as realized
+            now, verified = self.clock(), self.book.n_verified
+            if verified > self.since[1]:
+                self.sched.observe_realized(now - self.since[0], verified - self.since[1])
+                self.since = (now, verified)
         self.emit_verified()
 
     def rollback(self, bad: Step, truth: Any) -> None:
@@ -277,7 +300,7 @@ class Driver:
                 "verify_batch_sizes": list(rs.batch_sizes), "strides": list(rs.strides),
                 "acceptance_histogram": histogram_dict(rs.histogram),
                 "verified_steps": s.verified_steps, "naive_steps": s.steps[StepKind.FALLBACK],
-                "paused_steps": s.steps[StepKind.PAUSED],
+                "paused_steps": s.steps[StepKind.PAUSED], "held_steps": s.held_steps,
                 "probes": s.probes, "probe_hits": s.probe_hits, "wasted_tokens": s.wasted_tokens,
                 "verify_wait_s": s.verify_wait_s}
 

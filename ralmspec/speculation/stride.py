@@ -51,6 +51,27 @@ synchronous for good; after ``OVERLAP_REFRESH_ROUNDS`` rounds in a row without a
 one they are forgotten, and the next decision predicts an overlapped round with the alone costs
 (it then wins: with equal costs overlapping is never slower), which measures them again.
 
+The realized guard (docs/design.md §4): the cost model can be wrong by a few percent (an
+encoder that partly overlaps the chunks, overheads it does not price), and where speculating
+and a naive step are predicted close, that is enough to keep OS^3 in rounds that lose (``last``
+on 2 CPU cores, 2026-12-05: 0.85-0.95x of the naive loop). So the fallback also looks at what
+HAPPENED, whatever the model says: the driver reports the wall seconds of speculation between
+two judged rounds and the steps verified meanwhile (``observe_realized``), and each fallback
+step's wall seconds, end to end (``observe_verified_step``: the naive step as realized). The
+guard judges the latest intervals that cover the time of ``GUARD_STEPS`` naive steps (two
+intervals at least): if they verified fewer steps than naive steps would have in that time,
+speculation is losing. A window of time, not of steps: a guesser whose long rounds fail verifies
+one step per round, so a window of 8 verified steps let ``last`` waste 6 rounds of 8 chunks at
+``--gamma-max 0.98`` (0.79x), and one of 4 steps judged ``exact`` (1.3x) on a single rollback.
+When it is losing ``decide`` returns 0 for the next ``hold``
+fallback steps (probing as ever), and the intervals are forgotten so that speculation, tried
+again after the hold, is judged afresh. The hold doubles each time the guard trips again
+(``GUARD_HOLD``: from its first to its last value; a judgement that speculation wins resets it),
+so a guesser that keeps losing spends ever fewer steps trying, and one that wins after a noisy
+stretch loses only a few steps. The hold left and the next hold's length travel to the engine's
+next request with the costs (this guesser lost on this machine: a request of 16 steps would
+otherwise spend its first rounds finding that out again); the intervals do not.
+
 Estimates: every latency is the median of its last ``SAMPLES`` measurements (one noisy LM chunk
 or search does not swing the stride): ``a``, the LM chunk, the naive retrieval ``r``, ``e`` (one
 query encoding) and, per batch size, ``search``; ``search(s)`` = a least-squares line through
@@ -71,6 +92,8 @@ from typing import Callable, Sequence
 from ralmspec.config import OS3Config
 
 SAMPLES = 5  # latencies: the median of the last SAMPLES measurements
+GUARD_STEPS = 8  # the realized guard judges the latest speculation covering this many naive steps' time
+GUARD_HOLD = (4, 64)  # fallback steps after the guard trips: the first hold, doubling up to the last
 OVERLAP_REFRESH_ROUNDS = 8  # forget the overlapped costs after this many rounds without one
 
 
@@ -172,6 +195,12 @@ class StrideScheduler:
         # received the previous round's prefetch yet, so their acceptance is estimated apart
         self._rounds_ov: deque[tuple[int, bool]] = deque(maxlen=window)
         self._gamma_prior: float | None = None  # the engine's earlier requests' γ (seed_costs)
+        # the realized guard (module doc): (wall seconds, steps verified) of speculation between
+        # judged rounds, the fallback steps' wall seconds, the steps left to hold, the next hold
+        self._realized: deque[tuple[float, int]] = deque(maxlen=64)
+        self._verified_wall: list[float] = []
+        self._hold = 0
+        self._next_hold = GUARD_HOLD[0]
 
     @classmethod
     def of(cls, cfg: OS3Config, verify_encodes: bool = False, regenerates: bool = True) -> StrideScheduler:
@@ -205,6 +234,39 @@ class StrideScheduler:
         """One query encoding (wherever it ran: guess, probe or verification)."""
         push(self._encode, seconds)
 
+    def observe_realized(self, seconds: float, verified: int) -> None:
+        """Speculation took ``seconds`` (wall) between two judged rounds and ``verified`` steps were
+        verified meanwhile; the guard judges the last such intervals (module doc)."""
+        if verified < 1 or seconds < 0.0:
+            return
+        realized = self._realized
+        realized.append((float(seconds), int(verified)))
+        naive = self.naive_reference()
+        if not self.naive_fallback or naive is None:
+            return
+        span = GUARD_STEPS * naive  # the window: this many naive steps' time
+        while len(realized) > 2 and sum(sec for sec, _ in realized) - realized[0][0] >= span:
+            realized.popleft()
+        seconds_in = sum(sec for sec, _ in realized)
+        if len(realized) < 2 or seconds_in < span:
+            return
+        if sum(n for _, n in realized) * naive <= seconds_in:  # losing: hold, then judge afresh
+            self._hold = self._next_hold
+            self._next_hold = min(GUARD_HOLD[1], 2 * self._next_hold)
+            realized.clear()
+        else:  # winning
+            self._next_hold = GUARD_HOLD[0]
+
+    def observe_verified_step(self, seconds: float) -> None:
+        """One fallback step, end to end (real retrieval, cache probe, LM chunk): the naive step
+        as realized; it also counts down the guard's hold."""
+        push(self._verified_wall, seconds)
+        self._hold = max(0, self._hold - 1)
+
+    def holding(self) -> bool:
+        """The realized guard holds speculation off (module doc)."""
+        return self._hold > 0
+
     def observe_round(self, speculated: int, matched: int, overlapped: bool = False) -> None:
         (self._rounds_ov if overlapped else self._rounds).append((matched, matched < speculated))
         self._rounds_alone = 0 if overlapped else self._rounds_alone + 1
@@ -229,9 +291,15 @@ class StrideScheduler:
             not self._a or self.verification_cost(1) is None or self.gamma() is None)
 
     def naive_step_cost(self) -> float | None:
+        """The model's naive step: an LM chunk + one real retrieval (medians)."""
         if not self._r or not (self._lm or self._a):
             return None
         return median(self._lm if self._lm else self._a) + median(self._r)
+
+    def naive_reference(self) -> float | None:
+        """The realized guard's yardstick: the median fallback step as realized (wall), the
+        model's naive step until one was measured."""
+        return median(self._verified_wall) if self._verified_wall else self.naive_step_cost()
 
     def gamma(self, overlapped: bool = False, capped: bool = True) -> float | None:
         """γ of synchronous rounds (or of rounds verified beside decoding); each falls back to
@@ -294,6 +362,8 @@ class StrideScheduler:
             # without it, a synchronous stride-1 round measures the costs alone (an overlapped
             # one would only measure them under contention, and the alone ones never)
             return StrideDecision(0 if self.naive_fallback else 1, a, b1, g, False)
+        if self.naive_fallback and self.holding():  # speculation lost as realized (module doc)
+            return StrideDecision(0, a, b1, g, False)
         # the best synchronous round (alone costs) and, if allowed, the best asynchronous one
         # (costs under contention); the one with fewer seconds per verified step wins
         plans = [(a, b_alone, g, False)]
@@ -317,7 +387,8 @@ class StrideScheduler:
 
     # the measured costs, carried from one request to the next on the same engine by costs() /
     # seed_costs(); acceptance belongs to one request's text, so it travels only as a prior
-    _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_b_by_size", "_b_ov_by_size", "_rounds_alone")
+    _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_b_by_size", "_b_ov_by_size", "_rounds_alone",
+              "_verified_wall", "_hold", "_next_hold")
 
     def costs(self) -> dict:
         """The measured costs, and the γ this request ended with (``gamma_prior``), to seed

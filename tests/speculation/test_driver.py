@@ -30,8 +30,8 @@ KNN_SPECS = [SpeculativeKNNConfig(os3=False, fixed_stride=3, cache_capacity=3),
              SpeculativeKNNConfig(os3=False, fixed_stride=4, cache_capacity=3, async_verify=True)]
 # the driver's figures: every mode reports each of them under this name
 FIGURES = {"rounds", "speculated", "accepted", "rollbacks", "cancelled", "verify_batch_sizes", "strides",
-           "acceptance_histogram", "verified_steps", "naive_steps", "paused_steps", "probes", "probe_hits",
-           "wasted_tokens", "verify_wait_s"}
+           "acceptance_histogram", "verified_steps", "naive_steps", "paused_steps", "held_steps", "probes",
+           "probe_hits", "wasted_tokens", "verify_wait_s"}
 
 
 @pytest.fixture(scope="module")

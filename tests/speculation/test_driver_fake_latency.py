@@ -11,7 +11,7 @@ import time
 from ralmspec.config import OS3Config
 from ralmspec.speculation.driver import Driver, Plan, StepKind
 from ralmspec.speculation.rounds import Round, Step, Verdict, judge
-from ralmspec.speculation.stride import OVERLAP_REFRESH_ROUNDS
+from ralmspec.speculation.stride import OVERLAP_REFRESH_ROUNDS, StrideScheduler
 
 
 class FakeLatencyMode:
@@ -129,3 +129,37 @@ def test_fake_latency_stale_contention_estimate_does_not_keep_a_request_synchron
     first_overlap = rounds.index(True)
     assert first_overlap <= OVERLAP_REFRESH_ROUNDS + 1, rounds
     assert all(rounds[first_overlap:]), rounds  # measured again: overlapping pays, it stays
+
+
+class UnpricedGuessMode(FakeLatencyMode):
+    """A FAKE-latency mode whose guess costs ``unpriced_s`` more than OS^3 is told (its
+    ``observe_step`` reports the chunk only): on paper speculation wins, on the clock each guessed
+    step costs more than a verified one."""
+
+    def __init__(self, steps: int, step_s: float, verify_s: float, unpriced_s: float):
+        super().__init__(steps, step_s, verify_s)
+        self.unpriced_s = unpriced_s
+
+    async def advance(self, drv: Driver, plan: Plan) -> None:
+        if plan.stride:
+            await asyncio.sleep(self.unpriced_s)
+        await super().advance(drv, plan)
+
+
+def test_fake_latency_realized_guard_falls_back_when_speculation_loses_on_the_clock(monkeypatch):
+    """OS^3's model says speculate (a guessed step is priced at the chunk, 3 ms, against a naive
+    step of 15 ms); each guessed step really takes 53 ms. The realized guard (stride.py's module
+    doc) holds speculation off for ever longer stretches of verified steps; without it (its
+    observation a no-op), OS^3 speculates to the end and the request takes longer."""
+    def run() -> tuple[float, dict]:
+        t = time.perf_counter()
+        drv = _run(UnpricedGuessMode(steps=64, step_s=0.003, verify_s=0.012, unpriced_s=0.05))
+        return time.perf_counter() - t, drv.figures()
+
+    guarded_s, guarded = run()
+    monkeypatch.setattr(StrideScheduler, "observe_realized", lambda self, seconds, verified: None)
+    unguarded_s, unguarded = run()
+    assert unguarded["naive_steps"] <= 2 and unguarded["speculated"] > 56
+    assert guarded["speculated"] > 0 and unguarded["held_steps"] == 0
+    assert 0 < guarded["held_steps"] <= guarded["naive_steps"]
+    assert guarded_s < 0.75 * unguarded_s  # measured on the 2-core VM: 0.57

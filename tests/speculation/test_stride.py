@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ralmspec.speculation.stride import (
-    OVERLAP_REFRESH_ROUNDS, SAMPLES, StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, fit_line,
+    GUARD_HOLD, GUARD_STEPS, OVERLAP_REFRESH_ROUNDS, SAMPLES, StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, fit_line,
     median, round_time, seconds_per_step,
 )
 
@@ -422,6 +422,104 @@ def test_needs_estimates_and_the_regeneration_charge():
         # regenerated chunk charged (stride 2: 2.13 s), kNN-LM's ~1.85 s without it
         assert (s.decide().stride == 0) == regen
     assert not StrideScheduler(os3=True, naive_fallback=False).needs_estimates()
+
+
+def _winning_on_paper() -> StrideScheduler:
+    """The model says stride > 0 beats a naive step by ~25% (seconds of the tiny model, one
+    thread, ``last``'s acceptance): what the realized guard must be able to overrule."""
+    sch = StrideScheduler(os3=True, async_verify=False, gamma_max=0.9, naive_fallback=True)
+    sch.observe_lm(0.03)
+    sch.observe_step(0.03)
+    sch.observe_retrieval(0.2)
+    sch.observe_search(1, 0.2)
+    sch.observe_search(2, 0.21)
+    for _ in range(3):
+        sch.observe_round(2, 1)
+    return sch
+
+
+def test_realized_guard_holds_off_speculation_that_loses_on_the_clock():
+    """The model predicts speculation wins; the latest stretches of it (GUARD_STEPS naive steps'
+    time) verified fewer steps than fallback steps would have (wall seconds): OS^3 takes verified
+    steps for the hold, then tries again and judges afresh; tripping again doubles the hold
+    (module doc)."""
+    sch = _winning_on_paper()
+    assert sch.decide().stride > 0 and not sch.holding()
+    sch.observe_verified_step(0.25)  # the naive step as realized
+    assert sch.naive_reference() == 0.25 and sch.naive_step_cost() == pytest.approx(0.23)
+    sch.observe_realized(0.3 * GUARD_STEPS, GUARD_STEPS)  # 0.30 s per step: one interval is not judged
+    assert sch.decide().stride > 0
+    sch.observe_realized(0.3, 1)
+    assert sch.holding() and sch.decide().stride == 0
+    for _ in range(GUARD_HOLD[0] - 1):
+        sch.observe_verified_step(0.25)
+        assert sch.decide().stride == 0
+    sch.observe_verified_step(0.25)
+    assert not sch.holding() and sch.decide().stride > 0  # tried again
+    rounds = 0  # the old intervals are forgotten: judged again once new ones cover 8 naive steps' time
+    while not sch.holding():
+        assert sch.decide().stride > 0
+        sch.observe_realized(0.3, 1)
+        rounds += 1
+    assert rounds == math.ceil(GUARD_STEPS * 0.25 / 0.3) and sch.decide().stride == 0
+    held = 0
+    while sch.holding():
+        sch.observe_verified_step(0.25)
+        held += 1
+    assert held == 2 * GUARD_HOLD[0]
+
+
+def test_realized_guard_judges_the_latest_steps_and_a_win_resets_the_hold():
+    sch = _winning_on_paper()
+    sch.observe_verified_step(0.25)
+    half = GUARD_STEPS // 2
+    sch.observe_realized(0.25 * half, half)
+    sch.observe_realized(0.25 * half, half)  # the naive step's pace: not faster, so losing
+    assert sch.holding()
+    while sch.holding():
+        sch.observe_verified_step(0.25)
+    for _ in range(4):  # tried again: stretches at 0.15 s per step, over 8 naive steps' time, win
+        sch.observe_realized(0.15 * half, half)
+    assert not sch.holding() and sch.decide().stride > 0
+    assert sch.costs()["_next_hold"] == GUARD_HOLD[0]  # a win resets the doubled hold
+    sch.observe_realized(0.5, 1)  # one rollback among winners: the latest window still wins
+    assert not sch.holding()
+    sch.observe_realized(10.0, 1)  # a disaster: the window is its time, judged at once
+    assert sch.holding()
+
+
+def test_realized_guard_is_off_without_the_fallback_and_its_hold_travels_with_the_costs():
+    forced = StrideScheduler(os3=True, async_verify=False, naive_fallback=False)
+    forced.observe_verified_step(0.1)
+    for _ in range(4):
+        forced.observe_realized(5.0, GUARD_STEPS)
+    assert not forced.holding()  # speculation forced: nothing held
+    first = _winning_on_paper()
+    first.observe_verified_step(0.25)
+    first.observe_realized(0.4 * GUARD_STEPS, GUARD_STEPS)
+    first.observe_realized(0.4, 1)
+    assert first.holding()
+    first.observe_verified_step(0.25)  # one step of the hold taken: the rest travels
+    nxt = StrideScheduler(os3=True, async_verify=False, gamma_max=0.9, naive_fallback=True)
+    nxt.seed_costs(first.costs())
+    assert nxt.naive_reference() == 0.25 and nxt.decide().stride == 0
+    for _ in range(GUARD_HOLD[0] - 1):
+        assert nxt.holding()
+        nxt.observe_verified_step(0.25)
+    assert not nxt.holding() and nxt.decide().stride > 0  # then judged afresh: no interval travelled
+    nxt.observe_realized(0.4, 1)
+    nxt.observe_realized(0.4 * GUARD_STEPS, GUARD_STEPS)
+    held = 0
+    while nxt.holding():
+        nxt.observe_verified_step(0.25)
+        held += 1
+    assert held == 2 * GUARD_HOLD[0]
+    last = StrideScheduler(os3=True, naive_fallback=True)
+    for _ in range(10):
+        last.observe_verified_step(0.25)
+        last.observe_realized(10.0, GUARD_STEPS)
+        last.observe_realized(10.0, 1)
+    assert last.costs()["_next_hold"] == GUARD_HOLD[1]  # the hold stops doubling at its last value
 
 
 def test_fit_line_is_least_squares_with_a_slope_never_below_zero():
