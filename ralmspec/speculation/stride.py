@@ -63,9 +63,9 @@ intervals at least): if they verified fewer steps than naive steps would have in
 speculation is losing. A window of time, not of steps: a guesser whose long rounds fail verifies
 one step per round, so a window of 8 verified steps let ``last`` waste 6 rounds of 8 chunks at
 ``--gamma-max 0.98`` (0.79x), and one of 4 steps judged ``exact`` (1.3x) on a single rollback.
-When it is losing ``decide`` returns 0 for the next ``hold``
-fallback steps (probing as ever), and the intervals are forgotten so that speculation, tried
-again after the hold, is judged afresh. The hold doubles each time the guard trips again
+When it is losing ``decide`` returns 0 for the next ``hold`` fallback steps (probing as ever),
+and the intervals are forgotten so that speculation, tried again after the hold, is judged
+afresh. The guard only moves the fallback, so without ``naive_fallback`` it is off. The hold doubles each time the guard trips again
 (``GUARD_HOLD``: from its first to its last value; a judgement that speculation wins resets it),
 so a guesser that keeps losing spends ever fewer steps trying, and one that wins after a noisy
 stretch loses only a few steps. The hold left and the next hold's length travel to the engine's
@@ -237,17 +237,17 @@ class StrideScheduler:
     def observe_realized(self, seconds: float, verified: int) -> None:
         """Speculation took ``seconds`` (wall) between two judged rounds and ``verified`` steps were
         verified meanwhile; the guard judges the last such intervals (module doc)."""
-        if verified < 1 or seconds < 0.0:
+        if not self.naive_fallback or verified < 1 or seconds < 0.0:
             return
         realized = self._realized
         realized.append((float(seconds), int(verified)))
         naive = self.naive_reference()
-        if not self.naive_fallback or naive is None:
+        if naive is None:
             return
         span = GUARD_STEPS * naive  # the window: this many naive steps' time
-        while len(realized) > 2 and sum(sec for sec, _ in realized) - realized[0][0] >= span:
-            realized.popleft()
         seconds_in = sum(sec for sec, _ in realized)
+        while len(realized) > 2 and seconds_in - realized[0][0] >= span:
+            seconds_in -= realized.popleft()[0]
         if len(realized) < 2 or seconds_in < span:
             return
         if sum(n for _, n in realized) * naive <= seconds_in:  # losing: hold, then judge afresh
@@ -386,7 +386,8 @@ class StrideScheduler:
         return StrideDecision(s, a, b1, g, overlap)
 
     # the measured costs, carried from one request to the next on the same engine by costs() /
-    # seed_costs(); acceptance belongs to one request's text, so it travels only as a prior
+    # seed_costs(), with the realized guard's hold (module doc); acceptance belongs to one
+    # request's text, so it travels only as a prior
     _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_b_by_size", "_b_ov_by_size", "_rounds_alone",
               "_verified_wall", "_hold", "_next_hold")
 
