@@ -55,6 +55,11 @@ class BenchSummary:
     # 0, identical_fraction compared the naive loop with itself
     speculated_steps: int
     verified_steps: int
+    # among verified_steps: OS^3's fallback steps (stride 0), and those of them taken while the
+    # realized guard held speculation off (speculation/stride.py); the rest of the fallback steps
+    # are the cost model's own choice
+    fallback_steps: int
+    held_steps: int
     accepted: int
     rollbacks: int
     rollbacks_per_request: float
@@ -101,6 +106,7 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
         limit=t_naive / max(1e-12, t_naive - t_ret),
         acceptance_rate=accepted / speculated if speculated else None,
         speculated_steps=speculated, verified_steps=sum(r.stats["verified_steps"] for r in specs),
+        fallback_steps=probes, held_steps=sum(r.stats.get("held_steps", 0) for r in specs),
         accepted=accepted, rollbacks=rollbacks, rollbacks_per_request=rollbacks / len(specs) if specs else 0.0,
         naive_retrieval_share=t_ret / t_naive if t_naive else 0.0,
         mean_stride=statistics.fmean(strides) if strides else None,
@@ -197,8 +203,8 @@ def ablation_variants(base: SpeculationConfig) -> dict[str, SpeculationConfig]:
 
 def format_table(summaries: Sequence[BenchSummary]) -> str:
     head = ("| retriever | variant | n | identical | answer match | naive s | spec s | speed-up | limit | accept "
-            "| speculated steps | verified steps | accepted | rollbacks | mean stride |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| speculated steps | verified steps | fallback (held) | accepted | rollbacks | mean stride |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for s in summaries:
         acc = "-" if s.acceptance_rate is None else f"{s.acceptance_rate:.2f}"
@@ -206,7 +212,8 @@ def format_table(summaries: Sequence[BenchSummary]) -> str:
         match = "-" if s.answer_match is None else f"{100 * s.answer_match:.0f}%"
         rows.append(f"| {s.retriever} | {s.variant} | {s.n} | {100 * s.identical_fraction:.0f}% | {match} | "
                     f"{s.naive_latency_s:.3f} | {s.speculative_latency_s:.3f} | {s.speedup:.2f}x | "
-                    f"{s.limit:.2f}x | {acc} | {s.speculated_steps} | {s.verified_steps} | {s.accepted} | "
+                    f"{s.limit:.2f}x | {acc} | {s.speculated_steps} | {s.verified_steps} | "
+                    f"{s.fallback_steps} ({s.held_steps}) | {s.accepted} | "
                     f"{s.rollbacks} | {stride} |")
     return "\n".join([head, *rows])
 

@@ -42,7 +42,9 @@ def test_bench_counts_what_the_identity_check_covered(small_indexes, tmp_path, c
     assert rb > 0, f"no rollback in {k} speculated steps: the case was built to make guesses miss"
     assert acc + rb <= k and v >= r["n"]  # a rollback rejects one step at least; one real first step per request
     assert r["acceptance_rate"] == acc / k and r["rollbacks_per_request"] == rb / r["n"]
-    assert f"| {k} | {v} | {acc} | {rb} |" in printed
+    fb, held = r["fallback_steps"], r["held_steps"]
+    assert fb == held == 0  # no OS^3: every verified step is a request's first
+    assert f"| {k} | {v} | {fb} ({held}) | {acc} | {rb} |" in printed
     want = f"2/2 requests identical to the naive loop over {k} speculated steps (accepted {acc}, rollbacks {rb};"
     assert want in printed
 

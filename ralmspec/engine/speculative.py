@@ -81,7 +81,8 @@ class RalmMode:
         self.encoder = encoder if encoder is not None and hasattr(encoder, "encode_queries") else None
         self.guesser = make_guesser(spec.guesser, dense=self.encoder is not None,
                                     rankers=ctx.rankers or CheapRankers(ctx.retriever))
-        self.verify_encodes = self.encoder is not None and not self.guesser.encodes_query
+        # every guesser but ``exact`` has the worker encode each step's query beside its chunk
+        self.encodes_beside = self.encoder is not None and not self.guesser.encodes_query
         self.max_inflight = spec.max_inflight if spec.async_verify else 1
         self.eager = spec.async_verify and spec.eager_verify
         # costs are kept per guesser: a = LM chunk + guess, and the guess's price is the guesser's
@@ -262,7 +263,6 @@ class RalmMode:
         self.stats["cache_s"] += lookup_s
         drv.sched.observe_retrieval(lookup_s + search_s)
         drv.sched.observe_search(1, search_s)
-        drv.sched.observe_round(1, int(hit))
         drv.probed(hit)
         return lookup_s
 
@@ -273,10 +273,11 @@ class RalmMode:
 
     async def verify_round(self, queries: list[str], overlapped: bool) -> tuple[list[list[Hit]], float, float]:
         """A round's verification: the queries' encodings on the verification worker (one at a
-        time, batch-invariant; free when the guess already encoded them), then ONE batched
-        search. Records b(s) = encodings + search(s) for OS^3. Returns (hits, start, seconds)."""
+        time, batch-invariant; the guesses queued them there beside the chunks, so this waits for
+        any still running and finds the rest cached), then ONE batched search, whose seconds are
+        OS^3's b(s). Returns (hits, start, seconds)."""
         t = self.tr.now()
-        if self.encoder is not None and self.verify_encodes:
+        if self.encoder is not None and self.encodes_beside:
             await asyncio.get_running_loop().run_in_executor(self.ctx.worker, self.encoder.encode_queries, queries)
         t_search = self.tr.now()
         hits = await self.search(queries)
@@ -291,14 +292,18 @@ class RalmMode:
             self.timed_encode(q)
         return self.cache.top1(q)
 
-    def timed_encode(self, q: str) -> None:
+    def timed_encode(self, q: str, beside: bool = False) -> None:
         """Encode ``q`` (cached for the cache ranking and the verification) and tell OS^3 what a
-        fresh encoding costs."""
+        fresh encoding costs, ``beside`` the LM (on the worker) or on the critical path."""
         t = time.perf_counter()
         misses = self.encoder.misses
         self.encoder.encode_queries([q])
         if self.encoder.misses > misses:
-            self.drv.sched.observe_encode(time.perf_counter() - t)
+            self.drv.sched.observe_encode(time.perf_counter() - t, beside)
+
+    def encode_beside(self, q: str) -> None:
+        """Encode ``q`` on the verification worker while the LM produces the step's chunk."""
+        self.beside(self.timed_encode, q, True)
 
     def rank_top1(self, query: str, ids: list[int]) -> int | None:
         return self.ctx.retriever.rank(query, ids, k=1)[0].doc_id if ids else None

@@ -330,7 +330,7 @@ class KNNMode:
 
     redecides_each_step = False  # OS^3 decides once per round (a step is one token)
     regenerates = False  # a rejected token's correction comes from the verification itself
-    verify_encodes = False
+    encodes_beside = False
     max_inflight = 1
     eager = False
 
@@ -486,7 +486,6 @@ class KNNMode:
         tok = base.decide(state, ids[0], d[0])
         if probe:
             ok = spec_tok == tok and (not scfg.strict or np.array_equal(sid, ids[0]))
-            sched.observe_round(1, int(ok))
             sched.observe_step(t_probe + (self.lm_step_s or state.seconds))
             drv.probed(ok)
         # Feed the cache on the first step, on a probe (speculation may start next) and right

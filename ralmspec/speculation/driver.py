@@ -101,13 +101,13 @@ class Mode(Protocol):
     Attributes: ``max_inflight`` rounds may run at once; ``eager``: an overlapped round leaves as
     soon as no verification runs (``next_action``); ``redecides_each_step``: OS^3 is asked before
     every step (RaLM: a chunk's cost updates its estimates) rather than once per round (kNN-LM,
-    whose steps are tokens); ``verify_encodes`` / ``regenerates``: OS^3's cost model
+    whose steps are tokens); ``encodes_beside`` / ``regenerates``: OS^3's cost model
     (``StrideScheduler``)."""
 
     max_inflight: int
     eager: bool
     redecides_each_step: bool
-    verify_encodes: bool
+    encodes_beside: bool
     regenerates: bool
 
     async def start(self, drv: Driver) -> None:
@@ -144,7 +144,7 @@ class Driver:
     def __init__(self, mode: Mode, os3: OS3Config, on_tokens: Callable[[list[int]], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         self.mode, self.on_tokens, self.clock = mode, on_tokens, clock
-        self.sched = StrideScheduler.of(os3, verify_encodes=mode.verify_encodes, regenerates=mode.regenerates)
+        self.sched = StrideScheduler.of(os3, encodes_beside=mode.encodes_beside, regenerates=mode.regenerates)
         self.stats = SpeculationStats()
         self.tokens: list[int] = []  # prompt ids, then generated ids: verified, then speculated
         self.n0 = 0  # prompt length
@@ -215,8 +215,9 @@ class Driver:
             self.since = None
         elif self.since is None:
             self.since = (t, self.book.n_verified)
+        fallbacks = self.stats.steps[StepKind.FALLBACK]
         await self.mode.advance(self, plan)
-        if not plan.stride and not plan.paused:
+        if self.stats.steps[StepKind.FALLBACK] > fallbacks:  # not the first step (it prefills the prompt)
             self.stats.held_steps += self.sched.holding()
             self.sched.observe_verified_step(self.clock() - t)
         self.emit_verified()
@@ -237,9 +238,11 @@ class Driver:
         self.tokens += tokens
 
     def probed(self, hit: bool) -> None:
-        """A fallback step also asked the cache; ``hit``: its guess was the truth."""
+        """A fallback step also asked the cache; ``hit``: its guess was the truth (OS^3's
+        acceptance sample, ``observe_probe``)."""
         self.stats.probes += 1
         self.stats.probe_hits += int(hit)
+        self.sched.observe_probe(hit)
 
     def submit(self, steps: list[Step], plan: Plan) -> Round:
         handle = self.mode.verify(self, steps, plan)

@@ -100,8 +100,9 @@ class GuessKit(Protocol):
     def exact_guess(self, query: str) -> int | None:
         """The cache's top-1 with the retriever's own metric (encodes ``query`` first)."""
 
-    def timed_encode(self, query: str) -> None:
-        """Encode ``query`` (cached for verification), telling OS^3 what it cost."""
+    def encode_beside(self, query: str) -> None:
+        """Encode ``query`` on the verification worker beside the LM (cached for verification),
+        telling OS^3 what it cost."""
 
     def rank_top1(self, query: str, doc_ids: list[int]) -> int | None:
         """The top-1 of ``doc_ids`` with the retriever's own metric."""
@@ -112,7 +113,7 @@ class GuessKit(Protocol):
 
 class Guesser(Protocol):
     """A guess policy (module doc). ``encodes_query``: the guess encodes the query on the critical
-    path, so verification finds it encoded (OS^3's ``verify_encodes`` is off)."""
+    path, so verification finds it encoded (OS^3's ``encodes_beside`` is off)."""
 
     encodes_query: bool
 
@@ -148,7 +149,7 @@ class LastGuesser:
 
     async def guess(self, query: str, last: int, kit: GuessKit) -> Guess:
         if self.encode_beside:
-            kit.beside(kit.timed_encode, query)
+            kit.encode_beside(query)
         return Guess(last)
 
     def would_guess(self, query: str, last: int, exact: int | None, kit: GuessKit) -> int | None:
@@ -183,7 +184,7 @@ class CheapGuesser:
             doc = last
         kit.cache.use(doc)
         if self.encode_beside:
-            kit.beside(kit.timed_encode, query)
+            kit.encode_beside(query)
         return Guess(doc)
 
     def would_guess(self, query: str, last: int, exact: int | None, kit: GuessKit) -> int | None:

@@ -1,15 +1,18 @@
 """OS^3: the optimal speculation stride scheduler (docs/design.md §4). Pure policy, no I/O.
 
-Symbols: ``a`` = seconds of one speculative step (cache lookup + query + LM chunk),
-``b(s)`` = seconds of one batched verification of ``s`` queries, ``γ`` = probability that one
+Symbols: ``a`` = seconds of one speculative step (guess + LM chunk, on the critical path),
+``b(s)`` = seconds of one batched knowledge-base search of ``s`` encoded queries, ``e`` = seconds
+of one query encoding that the verification worker runs BESIDE a step's chunk (0 for a guesser
+that encodes on the critical path, where it is part of ``a``), ``γ`` = probability that one
 speculated passage is right. Per round of stride ``s`` the expected number of verified chunks is
-``(1-γ^s)/(1-γ)``; the round costs ``s·a + b`` synchronously and
-``γ^s·max(s·a, b) + (1-γ^s)·(s·a + b)`` with asynchronous verification: the driver keeps
-producing the next round's ``s`` steps while a round is verified (``rounds.next_action`` waits
-only when the next round is full), so a round that is kept costs whichever of the two is longer;
-a rejection discards the steps produced beside it, and that round costs ``s·a + b``. The scheduler
-picks the ``s`` in ``[1, s_max]`` that maximises verified chunks per second, searching upward
-from 1 while the objective does not fall.
+``(1-γ^s)/(1-γ)``. The round's steps are produced in ``p = s·max(a, e)`` (the worker encodes
+each step's query while the LM produces the chunk: the later of the two pipelines ends the
+round); the round costs ``p + b`` synchronously and ``γ^s·max(p, b) + (1-γ^s)·(p + b)`` with
+asynchronous verification: the driver keeps producing the next round's ``s`` steps while a
+round is searched (``rounds.next_action`` waits only when the next round is full), so a round
+that is kept costs whichever is longer; a rejection discards the steps produced beside it, and
+that round costs ``p + b``. The scheduler picks the ``s`` in ``[1, s_max]`` that maximises
+verified chunks per second (every stride is evaluated, ties go to the smaller).
 
 Falling back (docs/design.md §4: never slower than the naive loop): speculation is worth it only if its
 expected seconds per verified step beat a naive step, ``lm + r`` (LM chunk + one real
@@ -27,15 +30,23 @@ one thread, 2026-12-05: the oracle took naive steps where its rounds cost half a
 With the fallback on, the scheduler also returns 0 until ``a``, ``b`` and ``γ`` are known
 (those verified steps measure them), instead of speculating blind at stride 1. On an engine
 that already served requests they are known from the start: the costs are carried over
-(``seed_costs``), and so is the acceptance the previous request ended with, as a PRIOR used only
+(``seed_costs``), and so is the acceptance the previous request ended with, as a PRIOR: alone
 until this request's first round is judged (so a request does not spend its first steps, one
-full knowledge-base round trip each, re-measuring what the engine already knows).
+full knowledge-base round trip each, re-measuring what the engine already knows), then as
+``PRIOR_ROUNDS`` pseudo-rounds beside the request's own (so one early probe that hit does not
+read as γ = 1: ``last`` then ran rounds of 9 that failed, 2026-12-05). The γ a request ends with,
+prior included, is the next one's prior: the engine's acceptance, remembered across requests.
 
 Decoupled costs (docs/design.md §4): ``a`` = LM chunk + guess, as measured on the critical path (the
-``exact`` guess encodes the query there; ``last`` / ``refine`` do not). ``b(s) = s·e + search(s)``:
-``search(s)`` is the knowledge-base search of ``s`` already-encoded queries, ``e`` one query
-encoding, paid inside verification only when the guesser did not already pay it on the critical
-path (``verify_encodes``). Either way every encoding is counted exactly once.
+``exact`` guess encodes the query there; the others do not). Every other guesser on a dense
+knowledge base has the worker encode the step's query beside the chunk (``encodes_beside``), on
+its own thread, while the searches run on the knowledge base's thread: three pipelines, so the
+encodings cost ``e`` per step in ``max(a, e)``, not inside ``b``. Every encoding is counted
+exactly once. (Until 2026-12-05 ``b(s) = s·e + search(s)`` put the encodings in series with the
+search: for the ``oracle`` bound on 2 CPU cores, EMULATED 1M, it priced a kept round of 4 at
+276 ms where 170 ms were measured, and OS^3 ran strides of 1-2 and naive steps at 1.1-1.4x
+where a fixed stride of 4 gave 2.0x.) ``e`` is the median of the encodings measured beside the
+LM (contended), a fallback step's probe encoding until one was.
 
 Contention (asynchronous mode): a step that runs while a verification is in flight, and a
 verification that runs beside decoding, are slower than alone when both compete for the same
@@ -78,7 +89,9 @@ query encoding) and, per batch size, ``search``; ``search(s)`` = a least-squares
 the per-size medians (constant when only one size was seen; once two batch sizes were seen, fitted
 on the batches, one query being its own point), flat beyond the largest size measured
 (``_line``: optimism until measured); ``γ`` = Σ matched / (Σ matched +
-rounds with a mismatch) over the last ``window`` rounds, capped at ``gamma_max``.
+rounds with a mismatch) over the last ``window`` rounds (a fallback step's probe is a round of
+one, counted for rounds beside decoding too: ``observe_probe``), with the seeded prior's
+pseudo-rounds, capped at ``gamma_max``.
 """
 
 from __future__ import annotations
@@ -94,6 +107,7 @@ from ralmspec.config import OS3Config
 SAMPLES = 5  # latencies: the median of the last SAMPLES measurements
 GUARD_STEPS = 8  # the realized guard judges the latest speculation covering this many naive steps' time
 GUARD_HOLD = (4, 64)  # fallback steps after the guard trips: the first hold, doubling up to the last
+PRIOR_ROUNDS = 2.0  # the seeded acceptance weighs as this many rounds beside the request's own
 OVERLAP_REFRESH_ROUNDS = 8  # forget the overlapped costs after this many rounds without one
 
 
@@ -104,13 +118,16 @@ def expected_verified_chunks(gamma: float, s: int) -> float:
     return (1.0 - gamma**s) / (1.0 - gamma)
 
 
-def round_time(a: float, b: float, gamma: float, s: int, async_verify: bool) -> float:
-    """Expected seconds of one round of stride ``s``: ``s·a + b`` synchronously; asynchronously
-    a kept round runs beside the next round's steps (``max(s·a, b)``) and a rejected one does not."""
+def round_time(a: float, b: float, gamma: float, s: int, async_verify: bool, e: float = 0.0) -> float:
+    """Expected seconds of one round of stride ``s``: ``max(s·a, s·e) + b`` synchronously (``e``:
+    seconds per step of the query encodings the worker runs beside the chunks, ``b`` the search);
+    asynchronously a kept round runs beside the next round's steps (``max(s·a, s·e, b)``: the LM,
+    the worker and the knowledge base in a pipeline) and a rejected one does not."""
+    produced = s * max(a, e)  # the round's chunks, and its queries encoded beside them
     if not async_verify:
-        return s * a + b
+        return produced + b
     g = gamma**s
-    return g * max(s * a, b) + (1.0 - g) * (s * a + b)
+    return g * max(produced, b) + (1.0 - g) * (produced + b)
 
 
 def median(xs: list[float]) -> float | None:
@@ -126,28 +143,25 @@ def push(samples: list[float], x: float) -> None:
 
 
 def seconds_per_step(a: float, b: float, gamma: float, s: int, async_verify: bool,
-                     regen: bool = True) -> float:
-    """Expected seconds per verified step of a round of stride ``s``; ``regen``: a mismatch
-    costs one more step ``a`` (the corrected step's chunk is generated again)."""
-    t = round_time(a, b, gamma, s, async_verify)
+                     regen: bool = True, e: float = 0.0) -> float:
+    """Expected seconds per verified step of a round of stride ``s`` (``round_time``); ``regen``:
+    a mismatch costs one more step ``a`` (the corrected step's chunk is generated again)."""
+    t = round_time(a, b, gamma, s, async_verify, e)
     if regen:
         t += (1.0 - gamma**s) * a
     return t / expected_verified_chunks(gamma, s)
 
 
-def best_stride(a: float, b_of_s, gamma: float, async_verify: bool, s_max: int) -> int:
-    """Smallest-first hill climb on verified chunks per second; ``b_of_s(s)`` gives b."""
+def best_stride(a: float, b_of_s, gamma: float, async_verify: bool, s_max: int, e: float = 0.0) -> int:
+    """The stride in ``[1, s_max]`` with the most verified chunks per second (ties: the smaller);
+    ``b_of_s(s)`` gives b. Every stride is evaluated: with a measured search line the objective
+    need not be unimodal (a 1-query search takes its own path, so stride 2 can look worse than
+    both 1 and 4; a hill climb from 1 stopped there, 2026-12-05)."""
     def objective(s: int) -> float:
-        t = round_time(a, b_of_s(s), gamma, s, async_verify)
+        t = round_time(a, b_of_s(s), gamma, s, async_verify, e)
         return expected_verified_chunks(gamma, s) / t if t > 0 else float("inf")
 
-    s, best = 1, objective(1)
-    while s < s_max:
-        nxt = objective(s + 1)
-        if nxt < best:
-            break
-        s, best = s + 1, nxt
-    return s
+    return max(range(1, max(1, s_max) + 1), key=lambda s: (objective(s), -s))
 
 
 @dataclass
@@ -172,10 +186,10 @@ class StrideScheduler:
 
     def __init__(self, os3: bool = True, fixed_stride: int = 3, async_verify: bool = False,
                  s_max: int = 16, window: int = 5, gamma_max: float = 0.9, naive_fallback: bool = False,
-                 verify_encodes: bool = False, regenerates: bool = True):
+                 encodes_beside: bool = False, regenerates: bool = True):
         self.os3 = os3
         self.regenerates = regenerates  # a rejected step's output is generated again (RaLM's chunk)
-        self.verify_encodes = verify_encodes  # b(s) pays s query encodings (module doc)
+        self.encodes_beside = encodes_beside  # the worker encodes each step's query beside its chunk (module doc)
         self.naive_fallback = naive_fallback
         self.fixed_stride = fixed_stride
         self.async_verify = async_verify
@@ -186,7 +200,8 @@ class StrideScheduler:
         self._a_ov: list[float] = []  # a step while a verification ran beside it
         self._lm: list[float] = []  # an LM chunk
         self._r: list[float] = []  # a naive retrieval (encoding + search of one query)
-        self._encode: list[float] = []  # one query encoding
+        self._encode: list[float] = []  # one query encoding on the worker, beside the LM
+        self._encode_alone: list[float] = []  # one on the critical path (a fallback step's probe)
         self._b_by_size: dict[int, list[float]] = {}  # searches alone, by batch size
         self._b_ov_by_size: dict[int, list[float]] = {}  # searches that ran beside decoding
         self._rounds_alone = 0  # rounds in a row without an overlapped one (OVERLAP_REFRESH_ROUNDS)
@@ -203,12 +218,12 @@ class StrideScheduler:
         self._next_hold = GUARD_HOLD[0]
 
     @classmethod
-    def of(cls, cfg: OS3Config, verify_encodes: bool = False, regenerates: bool = True) -> StrideScheduler:
-        """The scheduler for a mode's ``OS3Config`` (``verify_encodes`` / ``regenerates``: the
+    def of(cls, cfg: OS3Config, encodes_beside: bool = False, regenerates: bool = True) -> StrideScheduler:
+        """The scheduler for a mode's ``OS3Config`` (``encodes_beside`` / ``regenerates``: the
         mode's cost model, above)."""
         return cls(os3=cfg.os3, fixed_stride=cfg.fixed_stride, async_verify=cfg.async_verify, s_max=cfg.s_max,
                    window=cfg.window, gamma_max=cfg.gamma_max, naive_fallback=cfg.naive_fallback,
-                   verify_encodes=verify_encodes, regenerates=regenerates)
+                   encodes_beside=encodes_beside, regenerates=regenerates)
 
     # ------------------------------------------------------------------ measurements
     def observe_step(self, seconds: float, overlapped: bool = False) -> None:
@@ -230,9 +245,9 @@ class StrideScheduler:
 
     observe_verification = observe_search  # modes whose verification encodes nothing (kNN-LM)
 
-    def observe_encode(self, seconds: float) -> None:
-        """One query encoding (wherever it ran: guess, probe or verification)."""
-        push(self._encode, seconds)
+    def observe_encode(self, seconds: float, beside: bool = False) -> None:
+        """One query encoding: on the worker beside the LM (``beside``), or on the critical path."""
+        push(self._encode if beside else self._encode_alone, seconds)
 
     def observe_realized(self, seconds: float, verified: int) -> None:
         """Speculation took ``seconds`` (wall) between two judged rounds and ``verified`` steps were
@@ -267,6 +282,15 @@ class StrideScheduler:
         """The realized guard holds speculation off (module doc)."""
         return self._hold > 0
 
+    def observe_probe(self, hit: bool) -> None:
+        """A fallback step's probe: whether the guesser's own guess was the true passage. One
+        sample of acceptance for synchronous AND overlapped rounds: it is the freshest one either
+        has while no round runs, so γ beside decoding does not stay at a stale stretch's value
+        (``last``, 2 CPU cores, 2026-12-05: 0.67 beside decoding after a hold whose probes
+        measured 0.20, so OS^3 resumed rounds that lost)."""
+        self.observe_round(1, int(hit))
+        self._rounds_ov.append((int(hit), not hit))
+
     def observe_round(self, speculated: int, matched: int, overlapped: bool = False) -> None:
         (self._rounds_ov if overlapped else self._rounds).append((matched, matched < speculated))
         self._rounds_alone = 0 if overlapped else self._rounds_alone + 1
@@ -288,7 +312,7 @@ class StrideScheduler:
         """OS^3 with the fallback cannot compare yet: ``a``, ``b(1)`` or ``γ`` is unknown (the
         fallback's verified steps must measure them, a cache probe included)."""
         return self.os3 and self.naive_fallback and (
-            not self._a or self.verification_cost(1) is None or self.gamma() is None)
+            not self._a or self.search_cost(1) is None or self.gamma() is None)
 
     def naive_step_cost(self) -> float | None:
         """The model's naive step: an LM chunk + one real retrieval (medians)."""
@@ -308,54 +332,57 @@ class StrideScheduler:
         rounds = self._rounds_ov if overlapped else self._rounds
         if not rounds:
             rounds = self._rounds if overlapped else self._rounds_ov
+        prior = self._gamma_prior
         if not rounds:
-            return self._gamma_prior
-        matched = sum(m for m, _ in rounds)
-        mismatched_rounds = sum(1 for _, bad in rounds if bad)
+            return prior if prior is None or not capped else min(self.gamma_max, prior)
+        matched = float(sum(m for m, _ in rounds))
+        mismatched_rounds = float(sum(1 for _, bad in rounds if bad))
+        if prior is not None:  # the engine's earlier acceptance, as PRIOR_ROUNDS pseudo-rounds
+            matched += PRIOR_ROUNDS * prior
+            mismatched_rounds += PRIOR_ROUNDS * (1.0 - prior)
         if matched + mismatched_rounds == 0:
             return None
         seen = matched / (matched + mismatched_rounds)
         return min(self.gamma_max, seen) if capped else seen
-
-    def verification_cost(self, s: int, overlapped: bool = False) -> float | None:
-        """b(s) = s·e (when verification encodes) + search(s)."""
-        line = self.verification_line(overlapped)
-        return None if line is None else line(s)
 
     def search_cost(self, s: int, overlapped: bool = False) -> float | None:
         """search(s) (``search_line``)."""
         line = self.search_line(overlapped)
         return None if line is None else line(s)
 
-    def verification_line(self, overlapped: bool = False) -> Callable[[int], float] | None:
-        """``s -> b(s)``, built once per decision (``decide`` evaluates it for many ``s``)."""
-        search = self.search_line(overlapped)
-        if search is None or not self.verify_encodes or not self._encode:
-            return search
-        e = median(self._encode)
-        return lambda s: s * e + search(s)
+    def encode_cost(self) -> float:
+        """``e``: one query encoding on the worker beside the LM (median; a probe's encoding on
+        the critical path until one was measured there); 0 when the worker encodes nothing."""
+        if not self.encodes_beside:
+            return 0.0
+        return median(self._encode) or median(self._encode_alone) or 0.0
 
     def search_line(self, overlapped: bool = False) -> Callable[[int], float] | None:
         """``s -> search(s)``: a least-squares line through the per-size medians of the searches
         alone (constant if one size was seen); beside decoding, that line times the contention
         factor ``κ`` (module doc), or the overlapped searches' own line while none ran alone.
         None before any search."""
+        return self._search_lines(overlapped)[overlapped]
+
+    def _search_lines(self, overlapped: bool) -> tuple[Callable[[int], float] | None, Callable[[int], float] | None]:
+        """(alone, beside decoding) search lines (``search_line``), the second only if asked
+        (else None); the alone line is built once for both."""
         alone = _line({k: median(v) for k, v in self._b_by_size.items()})
         if not overlapped or not self._b_ov_by_size:
-            return alone
+            return alone, alone if overlapped else None
         ov = {k: median(v) for k, v in self._b_ov_by_size.items()}
         ratios = [] if alone is None else [sec / alone(k) for k, sec in ov.items() if alone(k) > 0]
         if not ratios:
-            return _line(ov)
+            return alone, _line(ov)
         kappa = median(ratios)
-        return lambda s: kappa * alone(s)
+        return alone, lambda s: kappa * alone(s)
 
     # ------------------------------------------------------------------ the decision
     def decide(self) -> StrideDecision:
         a, g = self.step_cost(), self.gamma()
         if not self.os3:
             return StrideDecision(self.fixed_stride, a, None, g, self.async_verify)
-        b_alone = self.verification_line()
+        b_alone, b_ov = self._search_lines(self.async_verify)
         b1 = None if b_alone is None else b_alone(1)
         if a is None or b1 is None or g is None:
             # nothing to compare yet: with the fallback, verified steps collect the estimates;
@@ -368,11 +395,12 @@ class StrideScheduler:
         # (costs under contention); the one with fewer seconds per verified step wins
         plans = [(a, b_alone, g, False)]
         if self.async_verify:
-            plans.append((self.overlapped_step_cost(), self.verification_line(overlapped=True), self.gamma(True), True))
+            plans.append((self.overlapped_step_cost(), b_ov, self.gamma(True), True))
+        e = self.encode_cost()
         best = None
         for a_plan, b_of, gam, overlap in plans:
-            s = best_stride(a_plan, b_of, gam, overlap, self.s_max)
-            cost = seconds_per_step(a_plan, b_of(s), gam, s, overlap, regen=self.regenerates)
+            s = best_stride(a_plan, b_of, gam, overlap, self.s_max, e)
+            cost = seconds_per_step(a_plan, b_of(s), gam, s, overlap, self.regenerates, e)
             if best is None or cost < best[0]:
                 best = (cost, s, overlap, a_plan, b_of)
         _, s, overlap, a_plan, b_of = best
@@ -381,28 +409,28 @@ class StrideScheduler:
             # gamma_max hedges how long a stride is; whether to speculate at all is judged at
             # the γ measured (module doc "Falling back")
             g_seen = self.gamma(overlap, capped=False)
-            if seconds_per_step(a_plan, b_of(s), g_seen, s, overlap, regen=self.regenerates) >= naive:
+            if seconds_per_step(a_plan, b_of(s), g_seen, s, overlap, self.regenerates, e) >= naive:
                 return StrideDecision(0, a, b1, g, overlap)
         return StrideDecision(s, a, b1, g, overlap)
 
     # the measured costs, carried from one request to the next on the same engine by costs() /
     # seed_costs(), with the realized guard's hold (module doc); acceptance belongs to one
-    # request's text, so it travels only as a prior
-    _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_b_by_size", "_b_ov_by_size", "_rounds_alone",
-              "_verified_wall", "_hold", "_next_hold")
+    # request's text, so it travels only as a prior (``gamma``)
+    _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_encode_alone", "_b_by_size", "_b_ov_by_size",
+              "_rounds_alone", "_verified_wall", "_hold", "_next_hold")
 
     def costs(self) -> dict:
         """The measured costs, and the γ this request ended with (``gamma_prior``), to seed
         the scheduler of the engine's next request."""
         out = {k: copy.deepcopy(getattr(self, k)) for k in self._COSTS}
-        out["gamma_prior"] = self.gamma()
+        out["gamma_prior"] = self.gamma(capped=False)
         return out
 
     def seed_costs(self, costs: dict | None) -> None:
         """Start from costs measured by earlier requests (machine properties: LM step, search,
         encoding and their contention; a ``costs()`` dict); this request's own measurements
         join them. Their ``gamma_prior`` stands in for γ until this request's first round
-        is judged; from then on only this request's own rounds count."""
+        is judged, then weighs as ``PRIOR_ROUNDS`` rounds beside this request's own."""
         if not costs:
             return
         for k in self._COSTS:

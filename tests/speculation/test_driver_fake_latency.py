@@ -21,7 +21,7 @@ class FakeLatencyMode:
     max_inflight = 1
     eager = False
     redecides_each_step = True
-    verify_encodes = False
+    encodes_beside = False
     regenerates = True
 
     def __init__(self, steps: int, step_s: float, verify_s: float):
@@ -58,7 +58,7 @@ class FakeLatencyMode:
             await asyncio.sleep(self.verify_s)
             drv.sched.observe_retrieval(time.perf_counter() - t_r)
             drv.sched.observe_search(1, time.perf_counter() - t_r)
-            drv.sched.observe_round(1, 1)
+            drv.probed(True)
             drv.add(Step(len(drv.tokens), "q", 0, verified=True), kind=StepKind.FALLBACK)
             drv.sched.observe_step(lm_s)  # a speculative step's cost: the chunk (the guess is free)
             return

@@ -2,7 +2,7 @@ import pytest
 
 from ralmspec.speculation.rounds import (Action, RoundBook, Status, Step, Verdict, histogram_dict, judge,
                                          judge_each, next_action)
-from ralmspec.speculation.stride import StrideScheduler
+from ralmspec.speculation.stride import StrideScheduler, round_time, seconds_per_step
 
 
 class Handle:
@@ -113,24 +113,46 @@ def test_next_action(pending, inflight, stride, complete, max_inflight, eager, e
     assert next_action(pending, inflight, stride, complete, max_inflight, eager) is expected
 
 
-def test_verification_cost_counts_encodings_once():
-    """b(s) = s*e + search(s) when verification encodes (cheap guessers); search(s) alone when
-    the guess already encoded on the critical path."""
-    pays = StrideScheduler(verify_encodes=True)
-    free = StrideScheduler(verify_encodes=False)
-    for sch in (pays, free):
+def test_beside_encodings_pipeline_with_the_chunks_not_the_search():
+    """Guessers that encode beside (``encodes_beside``): the worker encodes each step's query while
+    the LM produces its chunk, and the searches run on the knowledge base's thread. An encoding
+    faster than a chunk costs nothing; a slower one sets the round's pace; it is never added to
+    the search (b(s) = search(s) either way)."""
+    beside = StrideScheduler(encodes_beside=True)
+    critical = StrideScheduler(encodes_beside=False)  # ``exact``: the encoding is part of a
+    for sch in (beside, critical):
         sch.observe_search(1, 0.10)
         sch.observe_search(8, 0.24)
-        sch.observe_encode(0.015)
-    assert free.verification_cost(4) == pytest.approx(0.10 + 0.02 * 3)
-    assert pays.verification_cost(4) == pytest.approx(4 * 0.015 + 0.10 + 0.02 * 3)
-    assert pays.search_cost(4) == free.verification_cost(4)
-    pays.observe_encode(0.5)  # verification dominated by encodings: b(s) grows fast with s
-    for sch in (pays, free):
+        sch.observe_encode(0.015, beside=True)
         sch.observe_step(0.03)
         for _ in range(5):
             sch.observe_round(4, 4)
-    assert pays.next_stride() < free.next_stride()
+    assert critical.encode_cost() == 0.0 and beside.encode_cost() == pytest.approx(0.015)
+    assert beside.search_cost(4) == critical.search_cost(4) == pytest.approx(0.10 + 0.02 * 3)
+    assert beside.next_stride() == critical.next_stride()  # 15 ms of encoding hides behind 30 ms chunks
+    assert round_time(0.03, 0.16, 1.0, 4, async_verify=False, e=0.015) == pytest.approx(4 * 0.03 + 0.16)
+    assert round_time(0.03, 0.16, 1.0, 4, async_verify=False, e=0.05) == pytest.approx(4 * 0.05 + 0.16)
+    # asynchronous, every round kept: the slowest of the three pipelines sets the pace
+    assert round_time(0.03, 0.16, 1.0, 4, async_verify=True, e=0.05) == pytest.approx(0.20)
+    assert round_time(0.03, 0.16, 1.0, 4, async_verify=True, e=0.02) == pytest.approx(0.16)
+    for _ in range(5):
+        beside.observe_encode(0.5, beside=True)  # the worker is the bottleneck now
+    assert beside.encode_cost() == pytest.approx(0.5)
+    sched_cost = seconds_per_step(0.03, beside.search_cost(4), 0.9, 4, False, e=beside.encode_cost())
+    assert sched_cost > seconds_per_step(0.03, critical.search_cost(4), 0.9, 4, False)
+
+
+def test_encode_cost_is_a_probe_encoding_until_one_was_measured_beside():
+    sch = StrideScheduler(encodes_beside=True)
+    assert sch.encode_cost() == 0.0
+    sch.observe_encode(0.015)  # a fallback step's probe, on the critical path
+    assert sch.encode_cost() == pytest.approx(0.015)
+    sch.observe_encode(0.028, beside=True)  # beside the LM: contended, and what a round pays
+    assert sch.encode_cost() == pytest.approx(0.028)
+    costs = sch.costs()
+    fresh = StrideScheduler(encodes_beside=True)
+    fresh.seed_costs(costs)
+    assert fresh.encode_cost() == pytest.approx(0.028)
 
 
 def test_verified_prefix_is_tracked_through_commits_and_rollbacks():

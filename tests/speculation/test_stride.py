@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ralmspec.speculation.stride import (
-    GUARD_HOLD, GUARD_STEPS, OVERLAP_REFRESH_ROUNDS, SAMPLES, StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, fit_line,
+    GUARD_HOLD, GUARD_STEPS, OVERLAP_REFRESH_ROUNDS, PRIOR_ROUNDS, SAMPLES, StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, fit_line,
     median, round_time, seconds_per_step,
 )
 
@@ -70,14 +70,14 @@ def test_fixed_mode_ignores_measurements():
     assert sch.next_stride() == 3
 
 
-def test_verification_cost_model_is_linear_in_batch_size():
+def test_search_cost_model_is_linear_in_batch_size():
     sch = StrideScheduler()
     sch.observe_verification(1, 11.0)
     sch.observe_verification(8, 46.0)
-    assert sch.verification_cost(1) == pytest.approx(11.0)
-    assert sch.verification_cost(8) == pytest.approx(46.0)
-    assert sch.verification_cost(4) == pytest.approx(11.0 + 5.0 * 3)
-    assert not math.isnan(sch.verification_cost(16))
+    assert sch.search_cost(1) == pytest.approx(11.0)
+    assert sch.search_cost(8) == pytest.approx(46.0)
+    assert sch.search_cost(4) == pytest.approx(11.0 + 5.0 * 3)
+    assert not math.isnan(sch.search_cost(16))
 
 
 def test_one_query_is_its_own_point_once_two_batch_sizes_were_measured():
@@ -104,11 +104,11 @@ def test_whether_to_speculate_is_judged_at_the_measured_gamma():
     (seconds of the tiny model + EMULATED 1M scale, one thread)."""
     def scheduler(gamma_max: float) -> StrideScheduler:
         sch = StrideScheduler(os3=True, async_verify=True, gamma_max=gamma_max, naive_fallback=True,
-                              verify_encodes=True)
+                              encodes_beside=True)
         sch.observe_step(0.051)
         sch.observe_lm(0.031)
         sch.observe_encode(0.082)
-        sch.observe_retrieval(0.082 + 0.11)
+        sch.observe_retrieval(0.09)  # a naive step: 0.031 + 0.09
         for size, sec in ((1, 0.11), (2, 0.191), (4, 0.239)):
             sch.observe_search(size, sec)
         sch.observe_search(2, 0.317, overlapped=True)
@@ -121,11 +121,11 @@ def test_whether_to_speculate_is_judged_at_the_measured_gamma():
     assert sch.gamma() == 0.9 and sch.gamma(capped=False) == 1.0
     d = sch.decide()
     assert d.stride > 0
-    b_of = sch.verification_line(d.overlap)
+    b, e = sch.search_cost(d.stride, d.overlap), sch.encode_cost()
     a = sch.overlapped_step_cost() if d.overlap else sch.step_cost()
     naive = sch.naive_step_cost()
-    assert seconds_per_step(a, b_of(d.stride), 1.0, d.stride, d.overlap) < naive
-    assert seconds_per_step(a, b_of(d.stride), 0.9, d.stride, d.overlap) >= naive  # the cap would fall back
+    assert seconds_per_step(a, b, 1.0, d.stride, d.overlap, e=e) < naive
+    assert seconds_per_step(a, b, 0.9, d.stride, d.overlap, e=e) >= naive  # the cap would fall back
     for _ in range(5):  # the guesses turn bad: the measured γ falls and naive steps win
         sch.observe_round(3, 0)
         sch.observe_round(3, 0, overlapped=True)
@@ -137,7 +137,7 @@ def test_a_batch_larger_than_any_measured_is_priced_at_the_largest_until_measure
     (a 1-query FAISS scan vs a batch sharing one pass over the index). Extrapolated, 8 queries
     cost ~0.6 s and OS^3 stayed at stride 2-3; priced at the largest measured size, a larger
     stride is tried, measured, and then fitted."""
-    sch = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, verify_encodes=True)
+    sch = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, encodes_beside=True)
     sch.observe_step(0.025)
     sch.observe_encode(0.02)
     for size, sec in ((1, 0.128), (2, 0.204), (3, 0.271)):
@@ -240,12 +240,12 @@ def test_async_waits_when_contention_makes_overlap_slower():
     sch.observe_round(4, 4, overlapped=True)
     d = sch.decide()
     g = sch.gamma()
-    sync_cost = seconds_per_step(1.0, sch.verification_cost(d.stride), g, d.stride, False, regen=True)
+    sync_cost = seconds_per_step(1.0, sch.search_cost(d.stride), g, d.stride, False, regen=True)
     assert d.overlap is False
     # the synchronous plan it chose is the best synchronous stride
-    assert d.stride == best_stride(1.0, lambda k: sch.verification_cost(k), g, False, sch.s_max)
-    ov_s = best_stride(2.5, lambda k: sch.verification_cost(k, overlapped=True), sch.gamma(True), True, sch.s_max)
-    ov_cost = seconds_per_step(2.5, sch.verification_cost(ov_s, overlapped=True), sch.gamma(True), ov_s,
+    assert d.stride == best_stride(1.0, lambda k: sch.search_cost(k), g, False, sch.s_max)
+    ov_s = best_stride(2.5, lambda k: sch.search_cost(k, overlapped=True), sch.gamma(True), True, sch.s_max)
+    ov_cost = seconds_per_step(2.5, sch.search_cost(ov_s, overlapped=True), sch.gamma(True), ov_s,
                                True, regen=True)
     assert sync_cost < ov_cost
 
@@ -318,7 +318,7 @@ def test_one_overlapped_search_scales_every_batch_size():
     """The case measured on the 2-core VM (2026-12-05, tiny, EMULATED 1M, oracle guesses): the
     only search seen beside decoding was one of 5 queries, at about the alone cost; read as a
     constant it priced every overlapped round like a 5-query search and kept OS^3 synchronous."""
-    sch = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, verify_encodes=True)
+    sch = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, encodes_beside=True)
     sch.observe_step(0.04)
     sch.observe_encode(0.09)
     for size, sec in ((1, 0.24), (2, 0.30), (3, 0.35), (4, 0.40), (5, 0.64)):
@@ -358,17 +358,34 @@ def test_costs_seed_the_next_scheduler_and_acceptance_only_as_a_prior():
     first.observe_encode(0.3)
     first.observe_lm(0.8)
     costs = first.costs()
-    assert costs["gamma_prior"] == first.gamma()
+    assert costs["gamma_prior"] == first.gamma(capped=False) == 1.0
     nxt = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, naive_fallback=False)
     nxt.seed_costs(costs)
     assert nxt.costs() == costs
-    assert nxt.gamma() == first.gamma()  # the prior, before its own first round
+    assert nxt.gamma() == first.gamma() == 0.9  # the prior (capped), before its own first round
     assert nxt.decide() == first.decide()  # same costs, same γ: same plan, no blind stride 1
-    nxt.observe_round(4, 0)  # its own text: the prior no longer counts
-    assert nxt.gamma() == 0.0
+    nxt.observe_round(4, 0)  # its own text: the prior weighs as PRIOR_ROUNDS rounds beside it
+    assert nxt.gamma() == pytest.approx(PRIOR_ROUNDS / (PRIOR_ROUNDS + 1))
     assert nxt.decide().stride < first.decide().stride
+    for _ in range(4):
+        nxt.observe_round(4, 0)
+    assert nxt.gamma() == pytest.approx(PRIOR_ROUNDS / (PRIOR_ROUNDS + 5))  # its own rounds outweigh it
     nxt.seed_costs(None)  # no memory: unchanged
-    assert nxt.gamma() == 0.0
+    assert nxt.gamma() == pytest.approx(PRIOR_ROUNDS / (PRIOR_ROUNDS + 5))
+
+
+def test_a_request_starts_from_the_engines_acceptance_not_from_one_probe():
+    """``last`` on 2 CPU cores (2026-12-05): each request's first probe hit (the text starts on
+    the question's passage), so γ read 1.0 from one sample and OS^3 ran rounds of 9 that failed;
+    the engine's earlier requests said ~0.4."""
+    sch = StrideScheduler(os3=True, window=5)
+    sch.seed_costs({**StrideScheduler().costs(), "gamma_prior": 0.4})
+    sch.observe_probe(True)
+    assert sch.gamma(capped=False) == pytest.approx((1 + 2 * 0.4) / 3)
+    for _ in range(4):
+        sch.observe_probe(True)
+    assert sch.gamma(capped=False) == pytest.approx((5 + 2 * 0.4) / 7)
+    assert sch.costs()["gamma_prior"] == sch.gamma(capped=False)  # carried on, uncapped
 
 
 def test_fallback_scheduler_speculates_at_once_when_seeded():
@@ -522,3 +539,18 @@ def test_fit_line_is_least_squares_with_a_slope_never_below_zero():
     assert fit_line([(1, 3.0), (3, 7.0)]) == pytest.approx((1.0, 2.0))
     assert fit_line([(1, 5.0), (2, 4.0), (3, 3.0)]) == pytest.approx((4.0, 0.0))  # falling: flat at the mean
     assert fit_line([(2, 1.0)]) is None and fit_line([(2, 1.0), (2, 3.0)]) is None  # no two distinct sizes
+
+
+def test_a_probe_is_an_acceptance_sample_beside_decoding_too():
+    """After a stretch of overlapped rounds that went well, fallback probes that miss must lower
+    γ beside decoding as well (it stayed at the stretch's value and OS^3 resumed losing rounds)."""
+    sch = StrideScheduler(os3=True, async_verify=True, window=5)
+    for _ in range(3):
+        sch.observe_round(2, 2, overlapped=True)
+    assert sch.gamma(overlapped=True, capped=False) == 1.0
+    for _ in range(5):
+        sch.observe_probe(False)
+    assert sch.gamma(overlapped=True, capped=False) == 0.0
+    assert sch.gamma(capped=False) == 0.0
+    sch.observe_probe(True)
+    assert sch.gamma(overlapped=True, capped=False) == pytest.approx(1 / 5)
