@@ -217,7 +217,9 @@ class Driver:
             self.since = (t, self.book.n_verified)
         fallbacks = self.stats.steps[StepKind.FALLBACK]
         await self.mode.advance(self, plan)
-        if self.stats.steps[StepKind.FALLBACK] > fallbacks:  # not the first step (it prefills the prompt)
+        # a fallback step was taken: not the output's last chunk (it retrieves nothing) nor a
+        # guessed step while rounds were still in flight (the stride was 0 all the same)
+        if self.stats.steps[StepKind.FALLBACK] > fallbacks:
             self.stats.held_steps += self.sched.holding()
             self.sched.observe_verified_step(self.clock() - t)
         self.emit_verified()
