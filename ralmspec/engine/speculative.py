@@ -277,7 +277,7 @@ class RalmMode:
         any still running and finds the rest cached), then ONE batched search, whose seconds are
         OS^3's b(s). Returns (hits, start, seconds)."""
         t = self.tr.now()
-        if self.encoder is not None and self.encodes_beside:
+        if self.encodes_beside:  # implies an encoder
             await asyncio.get_running_loop().run_in_executor(self.ctx.worker, self.encoder.encode_queries, queries)
         t_search = self.tr.now()
         hits = await self.search(queries)

@@ -362,14 +362,14 @@ class StrideScheduler:
         alone (constant if one size was seen); beside decoding, that line times the contention
         factor ``κ`` (module doc), or the overlapped searches' own line while none ran alone.
         None before any search."""
-        return self._search_lines(overlapped)[overlapped]
+        return self._search_lines()[overlapped]
 
-    def _search_lines(self, overlapped: bool) -> tuple[Callable[[int], float] | None, Callable[[int], float] | None]:
-        """(alone, beside decoding) search lines (``search_line``), the second only if asked
-        (else None); the alone line is built once for both."""
+    def _search_lines(self) -> tuple[Callable[[int], float] | None, Callable[[int], float] | None]:
+        """The (alone, beside decoding) search lines of ``search_line``, the alone line built
+        once for both."""
         alone = _line({k: median(v) for k, v in self._b_by_size.items()})
-        if not overlapped or not self._b_ov_by_size:
-            return alone, alone if overlapped else None
+        if not self._b_ov_by_size:
+            return alone, alone
         ov = {k: median(v) for k, v in self._b_ov_by_size.items()}
         ratios = [] if alone is None else [sec / alone(k) for k, sec in ov.items() if alone(k) > 0]
         if not ratios:
@@ -382,7 +382,7 @@ class StrideScheduler:
         a, g = self.step_cost(), self.gamma()
         if not self.os3:
             return StrideDecision(self.fixed_stride, a, None, g, self.async_verify)
-        b_alone, b_ov = self._search_lines(self.async_verify)
+        b_alone, b_ov = self._search_lines()
         b1 = None if b_alone is None else b_alone(1)
         if a is None or b1 is None or g is None:
             # nothing to compare yet: with the fallback, verified steps collect the estimates;
