@@ -73,9 +73,9 @@ from ralmspec.lm.static import StaticRunner, supports_static
 
 DEFAULT_BLOCK_SIZE = 64  # canonical prefill block (see the trade-offs above)
 DEFAULT_PREFIX_CACHE_BYTES = 512 << 20  # shared prefix blocks (lm/prefix_cache.py); 0: off
-# static runner: KV slots (each allocated on first use) and positions per slot, per device type.
+# static runner: KV slots (each allocated on first use; the batched runner's all at its first session)
 # A slot holds 2 x layers x kv_heads x length x head_dim values: SmolLM2 in float32 on the CPU,
-# 2048 positions = 94 MiB; in bfloat16 on CUDA, 4096 positions = 94 MiB.
+# 2048 positions = 90 MiB; in bfloat16 on CUDA, 4096 positions = 90 MiB.
 STATIC_SLOTS = {"cuda": 64, "cpu": 16}
 STATIC_SLOT_LENGTH = {"cuda": 4096, "cpu": 2048}
 # the "batched" runner's fixed decode shape: rows per forward (docs/lm-runner.md, batch invariance)

@@ -23,7 +23,9 @@ In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
   several sessions run as ONE forward per token over ``batch_rows`` rows, each row at its own
   position in its own slot; a lone session's steps run in that same shape (padding rows), and
   attention runs per row over the row's own span, so a row's arithmetic does not depend on its
-  neighbours (the canonical numerics above extend across the batch; docs/lm-runner.md).
+  neighbours (the canonical numerics above extend across the batch; docs/lm-runner.md). The
+  slots are rows of one pooled buffer addressed by device-side indices, so on CUDA a step is a
+  graph per set of spans (``step_order``), whichever sessions fill it.
 
 The forward reuses the HF model's own modules (embeddings, norms, MLPs, projections, rotary
 table) and replaces only the attention's KV handling, so it runs exactly the model the eager
@@ -73,6 +75,21 @@ class Slot:
     length: int = 0  # positions whose KV is valid
 
 
+@dataclass
+class KVPool:
+    """The batch-invariant mode's KV: per layer one key and one value buffer
+    ``[capacity + 1, kv_heads, max_len, hd]`` (every slot's buffers are views of one row of it;
+    the last row is the padding rows' spare), and ``rows``: the slot index of each row of the
+    current step, on the device, so a captured step serves any slots."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    rows: torch.Tensor
+    # read a row's keys by its device-side index (a copy; what a captured step needs), or, with no
+    # graphs to capture, through its slot's view (no copy); the same values either way
+    gather: bool = True
+
+
 class _Decoder:
     """The model's layer stack over slot buffers (Llama-style or GPT-2), no HF cache object."""
 
@@ -113,22 +130,25 @@ class _Decoder:
         return idx
 
     def forward(self, slots: Sequence[Slot | None], ids: torch.Tensor, pos: torch.Tensor,
-                spans: Sequence[int]) -> torch.Tensor:
+                spans: Sequence[int | None], pool: KVPool | None = None) -> torch.Tensor:
         """Final hidden states ``[b, t, d]`` (after the last norm) of ``ids [b, t]`` at positions
         ``pos [b, t]``: row ``r`` writes its KV into ``slots[r]`` and attends to that slot's first
-        ``spans[r]`` keys only (``None``: a padding row, no KV, no attention). The projections and
-        MLPs run over all ``b`` rows at once; attention runs row by row, so a row's attention has
-        the same shapes whatever its neighbours. Shapes depend on ``(b, t, spans)`` only, so a
-        1-row step can be captured as a CUDA graph."""
-        masks = [None if slot is None else self.key_index(span)[None, :] <= pos[r][:, None]  # causal by position
-                 for r, (slot, span) in enumerate(zip(slots, spans))]
+        ``spans[r]`` keys only (``None``: a padding row, no attention). The projections and MLPs
+        run over all ``b`` rows at once; attention runs row by row, so a row's attention has the
+        same shapes whatever its neighbours. Without ``pool`` (one row) the KV is read and written
+        through the slot's own buffers; with it (a ``b``-row step, ``t`` = 1) through the pooled
+        buffers at the device-side slot indices ``pool.rows``, so the slots are data, not
+        addresses. Shapes depend on ``(b, t, spans)`` only: a 1-row step per (slot, span) and a
+        pooled step per ``spans`` can be captured as CUDA graphs."""
+        masks = [None if span is None else self.key_index(span)[None, :] <= pos[r][:, None]  # causal by position
+                 for r, span in enumerate(spans)]
         h = self.embed(ids)
         if self.kind == "gpt2":
             h = h + self.model.transformer.wpe(pos)
             for i, blk in enumerate(self.layers):
                 q, k, v = blk.attn.c_attn(blk.ln_1(h)).split(blk.attn.split_size, dim=2)
                 a = self._attend(slots, i, self._heads(q, self.n_heads), self._heads(k, self.n_kv),
-                                 self._heads(v, self.n_kv), pos, spans, masks)
+                                 self._heads(v, self.n_kv), pos, spans, masks, pool)
                 h = h + blk.attn.c_proj(a)
                 h = h + blk.mlp(blk.ln_2(h))
         else:
@@ -139,7 +159,7 @@ class _Decoder:
                 q = _rotate(self._heads(at.q_proj(x), self.n_heads), cos, sin)
                 k = _rotate(self._heads(at.k_proj(x), self.n_kv), cos, sin)
                 v = self._heads(at.v_proj(x), self.n_kv)
-                h = h + at.o_proj(self._attend(slots, i, q, k, v, pos, spans, masks))
+                h = h + at.o_proj(self._attend(slots, i, q, k, v, pos, spans, masks, pool))
                 h = h + blk.mlp(blk.post_attention_layernorm(h))
         return self.norm(h)
 
@@ -151,24 +171,35 @@ class _Decoder:
         return x.view(b, t, n, self.head_dim).transpose(1, 2)
 
     def _attend(self, slots: Sequence[Slot | None], layer: int, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, pos: torch.Tensor, spans: Sequence[int],
-                masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+                v: torch.Tensor, pos: torch.Tensor, spans: Sequence[int | None],
+                masks: Sequence[torch.Tensor | None], pool: KVPool | None) -> torch.Tensor:
         b, _, t, _ = q.shape
-        out = q.new_zeros(q.shape) if b > 1 else None
-        for r, slot in enumerate(slots):
-            if slot is None:
-                continue
-            kc, vc = slot.keys[layer], slot.values[layer]
-            kc.index_copy_(2, pos[r], k[r:r + 1])
-            vc.index_copy_(2, pos[r], v[r:r + 1])
-            span = spans[r]
-            o = F.scaled_dot_product_attention(q[r:r + 1], kc[:, :, :span], vc[:, :, :span], attn_mask=masks[r],
-                                               scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
-            if out is None:
-                out = o
-            else:
-                out[r:r + 1] = o
-        assert out is not None, "a forward without any slot"
+        if pool is None:  # one row, through its slot's own buffers
+            assert b == 1 and slots[0] is not None and spans[0] is not None, "an unpooled forward is one row"
+            kc, vc = slots[0].keys[layer], slots[0].values[layer]
+            kc.index_copy_(2, pos[0], k)
+            vc.index_copy_(2, pos[0], v)
+            span = spans[0]
+            out = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=masks[0],
+                                                 scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+        else:  # b rows of one position each: one write for all rows, then each row reads its own slot
+            assert t == 1, "a pooled forward is a decode step"
+            kp, vp = pool.keys[layer], pool.values[layer]
+            kp[pool.rows, :, pos[:, 0]] = k[:, :, 0]  # padding rows write into the spare slot
+            vp[pool.rows, :, pos[:, 0]] = v[:, :, 0]
+            out = q.new_zeros(q.shape)
+            for r, span in enumerate(spans):
+                if span is None:
+                    continue
+                if pool.gather:  # [1, kv, span, hd] gathered by device index: no host sync
+                    row = pool.rows[r:r + 1]
+                    kr, vr = kp[row, :, :span], vp[row, :, :span]
+                else:
+                    slot = slots[r]
+                    assert slot is not None
+                    kr, vr = slot.keys[layer][:, :, :span], slot.values[layer][:, :, :span]
+                out[r:r + 1] = F.scaled_dot_product_attention(q[r:r + 1], kr, vr, attn_mask=masks[r], scale=self.scale,
+                                                              enable_gqa=self.n_kv != self.n_heads)
         return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
 
 
@@ -181,18 +212,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class StaticRunner(KVRunner):
     """KV slots + device-side decode (module doc). ``capacity`` slots of ``max_len`` positions.
 
-    ``batch_rows`` 1: every decode step is a 1-row forward (a CUDA graph on CUDA). ``batch_rows``
-    k > 1, the **batch-invariant mode**: every decode step, a lone session's included, is ONE
-    forward of exactly k rows (sessions stepped together, the rest padding rows), so a row's GEMMs
-    always run in the same shape and its tokens do not depend on which sessions share its step
-    (docs/lm-runner.md has the measurements that make the fixed shape necessary). No CUDA graphs
-    in that mode yet.
+    ``batch_rows`` 1: every decode step is a 1-row forward (on CUDA a graph per slot and span).
+    ``batch_rows`` k > 1, the **batch-invariant mode**: every decode step, a lone session's
+    included, is ONE forward of exactly k rows (sessions stepped together, the rest padding rows),
+    so a row's GEMMs always run in the same shape and its tokens do not depend on which sessions
+    share its step (docs/lm-runner.md has the measurements that make the fixed shape necessary).
+    Its slots are rows of one pooled buffer (``KVPool``, allocated at the first ``open``), so on
+    CUDA a step is a graph per *span pattern*: the live rows sorted by span (ties: call order),
+    padding last; at most ``row_graphs`` of them are kept (least recently used dropped).
     """
 
     name = "static"
 
     def __init__(self, model: torch.nn.Module, *, max_len: int, capacity: int,
-                 cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1) -> None:
+                 cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1,
+                 row_graphs: int = 64) -> None:
         if not supports_static(model):
             raise ConfigError(f"the static LM runner supports {', '.join(STATIC_TYPES)} models, not "
                               f"{getattr(model.config, 'model_type', '?')!r}; use --lm-runner eager")
@@ -207,21 +241,31 @@ class StaticRunner(KVRunner):
         if batch_rows > 1:
             self.name = "batched"
         dev = self.decoder.device
-        self.cuda_graphs = batch_rows == 1 and (
-            dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and dev.type == "cuda"))
+        self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and dev.type == "cuda")
         self.decode_sync_every = max(1, decode_sync_every)
+        self.row_graphs = max(1, row_graphs)
         # batch-invariant mode: number of ``batch_rows``-row forwards by how many sessions they stepped
         self.live_rows: collections.Counter[int] = collections.Counter()
         self._free = list(range(capacity - 1, -1, -1))
         self._buffers: dict[int, Slot] = {}
-        # 1-row step inputs, fixed addresses for the CUDA graphs
+        self._kv_pool: KVPool | None = None  # batch-invariant mode, from the first ``open``
+        # step inputs at fixed addresses for the CUDA graphs: 1-row, and ``batch_rows``-row
         self._tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self._pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self._rows_tok = torch.zeros(batch_rows, 1, dtype=torch.long, device=dev)
+        self._rows_pos = torch.zeros(batch_rows, 1, dtype=torch.long, device=dev)
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._step_graphs: collections.OrderedDict[tuple[int | None, ...], tuple[Any, torch.Tensor]] = \
+            collections.OrderedDict()
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         cfg = self.decoder
         self.slot_bytes = (2 * len(cfg.layers) * cfg.n_kv * max_len * cfg.head_dim
                            * torch.empty(0, dtype=cfg.dtype).element_size())
+
+    @property
+    def captured_graphs(self) -> int:
+        """CUDA graphs held now: 1-row steps plus batch-invariant steps."""
+        return len(self._graphs) + len(self._step_graphs)
 
     # ------------------------------------------------------------------ slots
 
@@ -232,12 +276,28 @@ class StaticRunner(KVRunner):
         slot = self._buffers.get(i)
         if slot is None:
             d = self.decoder
-            shape = (1, d.n_kv, self.max_len, d.head_dim)
-            slot = Slot(i, [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers],
-                        [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers])
+            if self.batch_rows > 1:
+                pool = self._pooled()
+                slot = Slot(i, [k[i:i + 1] for k in pool.keys], [v[i:i + 1] for v in pool.values])
+            else:
+                shape = (1, d.n_kv, self.max_len, d.head_dim)
+                slot = Slot(i, [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers],
+                            [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers])
             self._buffers[i] = slot
         slot.length = 0
         return slot
+
+    def _pooled(self) -> KVPool:
+        """The batch-invariant mode's pooled KV (class doc), allocated once: zeros, so a key past a
+        slot's length (masked) never carries a NaN into the attention."""
+        if self._kv_pool is None:
+            d = self.decoder
+            shape = (self.capacity + 1, d.n_kv, self.max_len, d.head_dim)
+            self._kv_pool = KVPool([torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers],
+                                   [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers],
+                                   torch.full((self.batch_rows,), self.capacity, dtype=torch.long, device=d.device),
+                                   gather=self.cuda_graphs)
+        return self._kv_pool
 
     def crop(self, kv: Slot, keep: int) -> Slot:
         if keep > kv.length:
@@ -363,26 +423,62 @@ class StaticRunner(KVRunner):
         ``batch_rows``-row forward that ``decode`` runs, so they are decoding's logits bit for bit."""
         tok = torch.tensor([int(token)], device=self.decoder.device)
         if self.batch_rows > 1:
-            return kv, self._step_rows([kv], tok)[0].clone()
+            return kv, self._step_rows([kv], tok)[0]
         return kv, self._step_logits(kv, tok[0]).clone()
 
     def _step_rows(self, kvs: Sequence[Slot | None], toks: torch.Tensor) -> torch.Tensor:
         """One ``batch_rows``-row forward: ``toks[r]`` fed at position ``kvs[r].length`` for each
-        slot (``None`` and the rows past ``len(kvs)`` are padding); logits ``[batch_rows, vocab]``."""
-        d, b = self.decoder, self.batch_rows
-        ids = torch.zeros(b, 1, dtype=torch.long, device=d.device)
-        ids[:len(kvs), 0] = toks[:len(kvs)]
-        lengths = [0 if kv is None else kv.length for kv in kvs] + [0] * (b - len(kvs))
-        if max(lengths) + 1 > self.max_len:
-            raise ConfigError(f"{max(lengths) + 1} positions exceed the static runner's slot length {self.max_len}")
-        slots = list(kvs) + [None] * (b - len(kvs))
-        spans = [attention_span(n + 1, self.max_len) for n in lengths]
-        h = d.forward(slots, ids, torch.tensor(lengths, device=d.device)[:, None], spans)
-        self.live_rows[sum(kv is not None for kv in kvs)] += 1
-        for kv in kvs:
-            if kv is not None:
-                kv.length += 1
-        return d.logits(h[:, -1])
+        slot (``None`` and the rows past ``len(kvs)`` are padding); logits ``[len(kvs), vocab]``
+        in the order of ``kvs`` (a copy: a graph's output is overwritten by its next replay)."""
+        d, b, n = self.decoder, self.batch_rows, len(kvs)
+        live = [kv for kv in kvs if kv is not None]
+        if live and max(kv.length for kv in live) + 1 > self.max_len:
+            raise ConfigError(f"{max(kv.length for kv in live) + 1} positions exceed the static runner's "
+                              f"slot length {self.max_len}")
+        spans = [None if kv is None else attention_span(kv.length + 1, self.max_len) for kv in kvs]
+        order = step_order(spans + [None] * (b - n))
+        slots = [kvs[r] if r < n else None for r in order]
+        place = [0] * b  # row r of ``kvs`` runs at place[r] of the step
+        for j, r in enumerate(order):
+            place[r] = j
+        meta = torch.tensor([[self.capacity if s is None else s.index for s in slots],  # the spare slot
+                             [j % self.max_len if s is None else s.length for j, s in enumerate(slots)],
+                             [r if r < n else 0 for r in order], place],
+                            dtype=torch.long).to(d.device)  # one host-to-device copy per step
+        pool = self._pooled()
+        pool.rows.copy_(meta[0])
+        self._rows_pos[:, 0].copy_(meta[1])
+        self._rows_tok[:, 0].copy_(toks[:n].index_select(0, meta[2]))
+        logits = self._rows_logits(slots, tuple(spans[r] if r < n else None for r in order), pool)
+        self.live_rows[len(live)] += 1
+        for kv in live:
+            kv.length += 1
+        return logits.index_select(0, meta[3, :n])
+
+    def _rows_logits(self, slots: list[Slot | None], spans: tuple[int | None, ...], pool: KVPool) -> torch.Tensor:
+        """The step's logits ``[batch_rows, vocab]`` in step order: the graph of ``spans``, replayed
+        (captured on its first use), or the forward itself without graphs."""
+        def step() -> torch.Tensor:
+            h = self.decoder.forward(slots, self._rows_tok, self._rows_pos, spans, pool)
+            return self.decoder.logits(h[:, -1])
+
+        if not self.cuda_graphs:
+            return step()
+        entry = self._step_graphs.get(spans)
+        if entry is None:
+            try:
+                entry = self._capture(step)
+            except RuntimeError as exc:
+                self._without_graphs(exc)
+                return step()
+            self._step_graphs[spans] = entry
+            if len(self._step_graphs) > self.row_graphs:
+                self._step_graphs.popitem(last=False)
+        else:
+            self._step_graphs.move_to_end(spans)
+        graph, logits = entry
+        graph.replay()
+        return logits
 
     def _step(self, kv: Slot, tok: torch.Tensor) -> torch.Tensor:
         """Feed ``tok`` (a 0-d device tensor) at position ``kv.length``; the argmax next token."""
@@ -401,12 +497,9 @@ class StaticRunner(KVRunner):
         entry = self._graphs.get((kv.index, span))
         if entry is None:
             try:
-                entry = self._graphs[(kv.index, span)] = self._capture(kv, span)
-            except RuntimeError as exc:  # keep serving, uncaptured, and say so once
-                warnings.warn(f"CUDA graph capture failed ({exc}); the static runner continues "
-                              "without graphs", RuntimeWarning, stacklevel=2)
-                self.cuda_graphs = False
-                self._graphs.clear()
+                entry = self._graphs[(kv.index, span)] = self._capture(lambda: self._one_row(kv, span))
+            except RuntimeError as exc:
+                self._without_graphs(exc)
                 return self._one_row(kv, span)
         graph, logits = entry
         graph.replay()
@@ -417,24 +510,43 @@ class StaticRunner(KVRunner):
         h = d.forward([kv], self._tok, self._pos, [span])
         return d.logits(h[0, -1][None])[0]
 
-    def _capture(self, kv: Slot, span: int) -> tuple[Any, torch.Tensor]:
-        """A CUDA graph of one 1-row step of ``kv`` at attention span ``span``. The warm-up runs
-        write the very KV the step writes (same inputs), so they change nothing."""
+    def _capture(self, step: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """A CUDA graph of ``step`` (one decode step over the fixed-address inputs) and its output
+        buffer. The warm-up runs write the very KV the step writes (same inputs), so they change
+        nothing."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._one_row(kv, span)
+                step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._one_row(kv, span)
-        return graph, logits
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = step()
+        return graph, out
+
+    def _without_graphs(self, exc: BaseException) -> None:
+        """Keep serving, uncaptured, and say so once."""
+        warnings.warn(f"CUDA graph capture failed ({exc}); the static runner continues without graphs",
+                      RuntimeWarning, stacklevel=3)
+        self.cuda_graphs = False
+        self._graphs.clear()
+        self._step_graphs.clear()
 
     def close(self) -> None:
         self._graphs.clear()
+        self._step_graphs.clear()
         self._buffers.clear()
+        self._kv_pool = None
         self._free = list(range(self.capacity - 1, -1, -1))
+
+
+def step_order(spans: Sequence[int | None]) -> list[int]:
+    """The rows of a batch-invariant step in the order they run: live rows by attention span,
+    longest first (ties: call order), then the padding rows (``None``). Their spans in this order
+    are the step's graph key, so the key is the step's *set* of spans and a handful of graphs
+    serve every mix of sessions (a row's bits do not depend on its place in the fixed shape)."""
+    return sorted(range(len(spans)), key=lambda r: (spans[r] is None, -(spans[r] or 0)))
 
 
 def _until_stop(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:

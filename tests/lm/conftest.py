@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from ralmspec.lm.hf import HFLanguageModel
+from ralmspec.lm.static import StaticRunner
 
 
 def make_view(lm: HFLanguageModel, **overrides) -> HFLanguageModel:
@@ -16,6 +18,29 @@ def make_view(lm: HFLanguageModel, **overrides) -> HFLanguageModel:
               block_size=lm.block_size, name=lm.name)
     kw.update(overrides)
     return HFLanguageModel(lm.model, lm.tokenizer, **kw)
+
+
+def step_mixes(runner: StaticRunner, prompts: list[list[int]], mixes: list[list[int | None]],
+               toks: list[int]) -> list[torch.Tensor]:
+    """Prefill one slot per prompt, then for each mix (slot numbers, None = a padding row) one
+    batch-invariant step fed ``toks``, rolled back after it; every live row's logits, in order."""
+    slots = []
+    for prompt in prompts:
+        slot = runner.open()
+        runner.prefill_block(slot, prompt, last=True, want_hidden=False)
+        slots.append(slot)
+    out = []
+    for mix in mixes:
+        kvs = [None if i is None else slots[i] for i in mix]
+        keep = [None if kv is None else kv.length for kv in kvs]
+        logits = runner._step_rows(kvs, torch.tensor(toks[:len(mix)], device=runner.decoder.device))
+        out += [logits[r] for r, kv in enumerate(kvs) if kv is not None]
+        for kv, n in zip(kvs, keep):
+            if kv is not None:
+                runner.crop(kv, n)
+    for slot in slots:
+        runner.free(slot)
+    return out
 
 
 def random_tokens(rng: random.Random, n: int) -> list[int]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.hf import BATCH_ROWS, HFLanguageModel
 from ralmspec.lm.sampling import Sampling
-from ralmspec.lm.static import StaticRunner
-from tests.lm.conftest import make_view, random_tokens
+from ralmspec.lm.static import StaticRunner, step_order
+from tests.lm.conftest import make_view, random_tokens, step_mixes
 
 
 def _mode(rng: random.Random) -> Sampling | None:
@@ -110,3 +111,36 @@ def test_smollm2_batched_equals_alone_and_eager(smollm2_lm):
         assert out == lm.generate([prompt], 4, None, [mode])[0]
         assert out == smollm2_lm.generate([prompt], 4, None, [mode])[0]
     assert lm.runner.live_rows[3] > 0  # the three did share their steps
+
+
+def test_step_order_sorts_live_rows_by_span_and_pads_last():
+    """The order a batch-invariant step runs its rows in: its spans are the CUDA graph's key."""
+    assert step_order([64, None, 128, 64]) == [2, 0, 3, 1]
+    assert step_order([None, None, 64]) == [2, 0, 1]
+    keys = {tuple(s[r] for r in step_order(s)) for s in ([64, 128, None, 64], [128, 64, 64, None],
+                                                         [None, 64, 64, 128])}
+    assert keys == {(128, 64, 64, None)}  # one graph for every arrangement of one set of spans
+
+
+def test_a_rows_logits_are_the_same_bits_in_any_mix_and_read_either_way(tiny_lm):
+    """Bit for bit: a session's step logits alone == among other sessions at any place, with
+    padding rows between them; and reading the keys by device index (what a captured CUDA step
+    does, ``KVPool.gather``) == reading them through the slots' views (the uncaptured step)."""
+    rng = random.Random(11)
+    prompts = [random_tokens(rng, n) for n in (5, 63, 64, 100, 130, 20)]  # spans 64, 64, 128, 128, 256, 64
+    mixes = [[0, 1, 2, 3, 4, 5], [5, None, 3, 0], [4, 2], [None, 1, 0, None, 3]]
+    toks = [rng.randrange(1000, 30000) for _ in range(BATCH_ROWS)]
+    runs = []
+    for gather in (False, True):
+        runner = StaticRunner(tiny_lm.model, max_len=256, capacity=BATCH_ROWS, batch_rows=BATCH_ROWS)
+        runner._pooled().gather = gather
+        with torch.inference_mode():
+            together = step_mixes(runner, prompts, mixes, toks)
+            alone = [step_mixes(runner, prompts, [[i]], [toks[r]])[0]
+                     for mix in mixes for r, i in enumerate(mix) if i is not None]
+        assert len(together) == len(alone) == 14
+        for a, b in zip(together, alone):
+            assert torch.equal(a, b)
+        runs.append(together)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -1,0 +1,88 @@
+"""The static runner's CUDA graphs: replays compute what the uncaptured steps compute.
+
+Skipped without CUDA (conftest). The tiny built-in model (no download) on CUDA, float32 and
+bfloat16: the 1-row step captured per (slot, span) and the batch-invariant step captured per set
+of spans (``step_order``) give the same logits, bit for bit, as the same runner without graphs;
+in the batched runner a session's logits are the same bits alone and among any neighbours (the
+invariance of docs/lm-runner.md, on the GPU's kernels), and a handful of graphs serve every mix.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ralmspec.lm.hf import BATCH_ROWS
+from ralmspec.lm.models import load_lm
+from ralmspec.lm.static import StaticRunner
+from tests.lm.conftest import make_view, random_tokens, step_mixes
+
+PROMPT_LENGTHS = (5, 63, 64, 100, 130, 20, 300, 41)
+MIXES = [[0, 1, 2, 3, 4, 5, 6, 7], [5, None, 3, 0], [4, 2], [None, 1, 0, None, 3], [7, 6, 5, 4, 3, 2, 1, 0]]
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def cuda_tiny(request):
+    return load_lm("tiny", device="cuda", dtype=request.param)
+
+
+def test_batched_step_graphs_replay_the_uncaptured_bits(cuda_tiny):
+    rng = random.Random(3)
+    prompts = [random_tokens(rng, n) for n in PROMPT_LENGTHS]
+    toks = [rng.randrange(1000, 30000) for _ in range(BATCH_ROWS)]
+    runs = {}
+    for graphs in (True, False):
+        runner = StaticRunner(cuda_tiny.model, max_len=512, capacity=BATCH_ROWS, batch_rows=BATCH_ROWS,
+                              cuda_graphs=graphs)
+        runner._pooled().gather = True  # read keys by device index in both: the captured step's reads
+        with torch.inference_mode():
+            together = step_mixes(runner, prompts, MIXES, toks)
+            again = step_mixes(runner, prompts, MIXES, toks)  # replays of graphs captured above
+            alone = [step_mixes(runner, prompts, [[i]], [toks[r]])[0]
+                     for mix in MIXES for r, i in enumerate(mix) if i is not None]
+        for a, b, c in zip(together, again, alone):
+            assert torch.equal(a, b) and torch.equal(a, c)
+        if graphs:
+            assert runner.cuda_graphs, "capture failed (a RuntimeWarning says why)"
+            assert 0 < len(runner._step_graphs) <= len(MIXES) + 1
+            print(f"\n{cuda_tiny.model.dtype}: {len(runner._step_graphs)} step graphs for "
+                  f"{sum(1 for m in MIXES for i in m if i is not None)} rows in {len(MIXES)} mixes")
+        runs[graphs] = together
+    for a, b in zip(runs[True], runs[False]):
+        assert torch.equal(a, b)
+
+
+def test_one_row_graphs_replay_the_uncaptured_bits(cuda_tiny):
+    rng = random.Random(5)
+    prompts = [random_tokens(rng, n) for n in PROMPT_LENGTHS]
+    outs = {}
+    for graphs in (True, False):
+        runner = StaticRunner(cuda_tiny.model, max_len=512, capacity=4, cuda_graphs=graphs)
+        rows = []
+        with torch.inference_mode():
+            for prompt in prompts:
+                slot = runner.open()
+                _, logits, _ = runner.prefill_block(slot, prompt, last=True, want_hidden=False)
+                chunk = runner.decode(slot, logits, 12, None, frozenset())
+                runner.crop(slot, len(prompt) + 3)  # a rollback, then the same steps again
+                again = runner.decode(slot, runner.step_logits(slot, chunk.tokens[3])[1], 8, None, frozenset())
+                assert again.tokens == chunk.tokens[4:], (len(prompt), graphs)
+                rows.append(chunk.tokens)
+                runner.free(slot)
+        if graphs:
+            assert runner.cuda_graphs and runner.captured_graphs > 0
+        outs[graphs] = rows
+    assert outs[True] == outs[False]
+
+
+def test_batched_generate_on_cuda_equals_each_alone(cuda_tiny):
+    """Through the LM contract: mixed greedy rows on the batched runner (graphs on) == each alone."""
+    lm = make_view(cuda_tiny, block_size=16, runner="batched")
+    rng = random.Random(8)
+    prompts = [random_tokens(rng, rng.randrange(3, 200)) for _ in range(BATCH_ROWS + 2)]
+    together = lm.generate(prompts, 12, [f"s{i}" for i in range(len(prompts))])
+    for prompt, out in zip(prompts, together):
+        assert out == lm.generate([prompt], 12)[0]
+    assert lm.runner.cuda_graphs and lm.runner.captured_graphs > 0
