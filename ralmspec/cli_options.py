@@ -24,11 +24,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "studies and tests only), or a local HF causal-LM folder")
     g.add_argument("--lm-backend", default="hf", choices=("hf", "vllm"))
     g.add_argument("--lm-device", default="cpu", help="cpu or cuda")
-    g.add_argument("--lm-runner", default="auto", choices=("auto", "eager", "static", "batched"),
+    g.add_argument("--lm-runner", default="auto", choices=("auto", "eager", "static", "batched", "compiled"),
                    help="hf backend: eager (DynamicCache, a forward per token), static (preallocated KV "
                         "slots, on-device decode, CUDA graphs on a GPU), batched (static, every decode step "
-                        "one fixed-shape forward shared by concurrent requests), auto (static on cuda, "
-                        "eager on cpu)")
+                        "one fixed-shape forward shared by concurrent requests), compiled (static with its "
+                        "decode step torch.compile'd: fused kernels, ~25 s of compiling per attention "
+                        "span on first use), auto (static on cuda, eager on cpu)")
     g.add_argument("--lm-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="LM weights' dtype (auto: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--lm-prefix-cache-mib", type=int, default=EngineConfig.lm_prefix_cache_mib, metavar="MIB",

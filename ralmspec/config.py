@@ -255,8 +255,8 @@ class EngineConfig:
     lm_device: str = "cpu"
     # how the hf backend runs the model (ralmspec/lm/runner.py): "eager" (DynamicCache, one
     # forward per token), "static" (KV slots, on-device decode, CUDA graphs on a GPU), "batched"
-    # (static, every decode step one fixed-shape forward shared by concurrent requests) or "auto"
-    # (static on CUDA, eager on the CPU)
+    # (static, every decode step one fixed-shape forward shared by concurrent requests),
+    # "compiled" (static, its decode step torch.compile'd) or "auto" (static on CUDA, eager on the CPU)
     lm_runner: str = "auto"
     # "auto": bfloat16 on CUDA, float32 on the CPU
     lm_dtype: str = "auto"

@@ -590,6 +590,8 @@ def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: to
     otherwise (on the 2-core CPU target it measured no faster: docs/lm-runner.md). "batched" is
     the static runner in its batch-invariant mode: every decode step is one forward of
     ``BATCH_ROWS`` rows, which concurrent sessions share (cross-request batching in serving).
+    "compiled" is the static runner with its 1-row step ``torch.compile``d (one graph per
+    attention span, compiled on first use; the first span at construction).
     """
     if runner not in RUNNERS:
         raise ConfigError(f"LM runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
@@ -599,4 +601,4 @@ def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: to
         return EagerRunner(model)
     kind = "cuda" if device.type == "cuda" else "cpu"
     return StaticRunner(model, max_len=min(max_len, STATIC_SLOT_LENGTH[kind]), capacity=STATIC_SLOTS[kind],
-                        batch_rows=BATCH_ROWS if runner == "batched" else 1)
+                        batch_rows=BATCH_ROWS if runner == "batched" else 1, compile_step=runner == "compiled")

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-RUNNERS = ("auto", "eager", "static", "batched")
+RUNNERS = ("auto", "eager", "static", "batched", "compiled")
 
 
 @dataclass

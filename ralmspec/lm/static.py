@@ -49,6 +49,7 @@ from ralmspec.lm.runner import DecodeChunk, KVRunner
 LLAMA_TYPES = ("llama", "qwen2")
 STATIC_TYPES = LLAMA_TYPES + ("gpt2",)
 MIN_SPAN = 64
+COMPILE_LIMIT = 64  # graphs of the compiled step in one process: one per (model, attention span); spans <= 7
 
 
 def supports_static(model: torch.nn.Module) -> bool:
@@ -226,7 +227,7 @@ class StaticRunner(KVRunner):
 
     def __init__(self, model: torch.nn.Module, *, max_len: int, capacity: int,
                  cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1,
-                 row_graphs: int = 64) -> None:
+                 row_graphs: int = 64, compile_step: bool = False) -> None:
         if not supports_static(model):
             raise ConfigError(f"the static LM runner supports {', '.join(STATIC_TYPES)} models, not "
                               f"{getattr(model.config, 'model_type', '?')!r}; use --lm-runner eager")
@@ -234,6 +235,8 @@ class StaticRunner(KVRunner):
             raise ConfigError(f"static runner needs capacity >= 1 and max_len >= 2, got {capacity}, {max_len}")
         if not 1 <= batch_rows <= capacity:
             raise ConfigError(f"static runner needs 1 <= batch_rows <= capacity ({capacity}), got {batch_rows}")
+        if compile_step and batch_rows > 1:
+            raise ConfigError("the compiled step is the 1-row step: compile_step needs batch_rows 1")
         self.decoder = _Decoder(model, max_len)
         self.max_len = max_len
         self.capacity = capacity
@@ -261,6 +264,12 @@ class StaticRunner(KVRunner):
         cfg = self.decoder
         self.slot_bytes = (2 * len(cfg.layers) * cfg.n_kv * max_len * cfg.head_dim
                            * torch.empty(0, dtype=cfg.dtype).element_size())
+        self._compiled: Callable[[Slot, int], torch.Tensor] | None = None
+        self.compiled_spans: set[int] = set()  # attention spans the compiled step has run at
+        if compile_step:
+            self.name = "compiled"
+            self._compiled = torch.compile(self._row_forward, fullgraph=True, dynamic=False)
+            self._compile_now()
 
     @property
     def captured_graphs(self) -> int:
@@ -506,9 +515,34 @@ class StaticRunner(KVRunner):
         return logits
 
     def _one_row(self, kv: Slot, span: int) -> torch.Tensor:
+        """The 1-row step's logits: the forward itself, or its ``torch.compile``d form (``compile_step``)."""
+        if self._compiled is None:
+            return self._row_forward(kv, span)
+        # one compiled graph per span (<= 7: 64 .. 4096), whatever else the process compiles
+        self.compiled_spans.add(span)
+        with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT):
+            return self._compiled(kv, span)
+
+    def _row_forward(self, kv: Slot, span: int) -> torch.Tensor:
         d = self.decoder
         h = d.forward([kv], self._tok, self._pos, [span])
         return d.logits(h[0, -1][None])[0]
+
+    def _compile_now(self) -> None:
+        """Compile the 1-row step for the first span now (and capture it on CUDA), so that a
+        failing compiler is a ``ConfigError`` at start-up, not an error inside a request."""
+        slot = self.open()
+        assert slot is not None
+        try:
+            with torch.inference_mode():
+                self.prefill_block(slot, [0], last=True, want_hidden=False)
+                self._step_logits(slot, torch.zeros((), dtype=torch.long, device=self.decoder.device))
+        except Exception as exc:
+            raise ConfigError(f"--lm-runner compiled: torch.compile of the decode step failed here "
+                              f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}); "
+                              "use --lm-runner static") from exc
+        finally:
+            self.free(slot)
 
     def _capture(self, step: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
         """A CUDA graph of ``step`` (one decode step over the fixed-address inputs) and its output
