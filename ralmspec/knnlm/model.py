@@ -170,8 +170,9 @@ class IncrementalDecoder:
     The KV state is a handle of the LM's own runner (``ralmspec.lm.runner``: the eager
     ``DynamicCache`` runner on the CPU, the static KV-slot runner on CUDA), so kNN-LM decodes
     through the same seam as document-level RaLM: ``start`` = one ``prefill_block`` of the
-    prompt, ``step`` = a one-token ``prefill_block`` (which returns the final hidden state the
-    datastore is searched with, and the logits), ``truncate`` = ``crop`` (a static runner only
+    prompt, ``step`` = the runner's ``step_hidden`` (a one-token ``prefill_block``'s bits; on the
+    static runner a captured CUDA graph on CUDA; it returns the final hidden state the datastore
+    is searched with, and the logits), ``truncate`` = ``crop`` (a static runner only
     moves a length). ``close`` gives the handle back (a static runner's slot). Not thread-safe:
     one decoder per request, used from one thread, and no other user of the same LM at once.
     """
@@ -192,7 +193,11 @@ class IncrementalDecoder:
 
         t0 = time.perf_counter()
         with torch.inference_mode():
-            self._kv, logits, hidden = self.runner.prefill_block(self._kv, ids, last=True, want_hidden=True)
+            if self._len == 0:  # the prompt, one prefill
+                self._kv, logits, hidden = self.runner.prefill_block(self._kv, ids, last=True, want_hidden=True)
+            else:  # one token: the runner's step (a captured / compiled step where it has one)
+                (token,) = ids
+                self._kv, logits, hidden = self.runner.step_hidden(self._kv, token)
             h = hidden.float().cpu().numpy().copy()
             lg = logits.float().cpu().numpy().copy()
         self._len += len(ids)

@@ -81,6 +81,15 @@ class KVRunner(abc.ABC):
     @abc.abstractmethod
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]: ...
 
+    def step_hidden(self, kv: Any, token: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Feed ``token`` at the next position: ``(kv, logits, final hidden state)`` after it (kNN-LM's
+        step: the hidden state is its datastore query). The contract is the bits of
+        ``prefill_block(kv, [token], last=True, want_hidden=True)``; a runner may override it with a
+        faster path that keeps those bits (or, compiled, its own bits in every call alike)."""
+        kv, logits, hidden = self.prefill_block(kv, [int(token)], last=True, want_hidden=True)
+        assert logits is not None and hidden is not None
+        return kv, logits, hidden
+
     def export_block(self, kv: Any, start: int, end: int) -> tuple[Any, int] | None:
         """A detached copy of the KV of positions ``[start, end)`` of ``kv`` and its bytes, for the
         shared prefix table (``ralmspec.lm.prefix_cache``); ``None``: this handle cannot share."""

@@ -257,14 +257,14 @@ class StaticRunner(KVRunner):
         self._pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self._rows_tok = torch.zeros(batch_rows, 1, dtype=torch.long, device=dev)
         self._rows_pos = torch.zeros(batch_rows, 1, dtype=torch.long, device=dev)
-        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[Any, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._step_graphs: collections.OrderedDict[tuple[int | None, ...], tuple[Any, torch.Tensor]] = \
             collections.OrderedDict()
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         cfg = self.decoder
         self.slot_bytes = (2 * len(cfg.layers) * cfg.n_kv * max_len * cfg.head_dim
                            * torch.empty(0, dtype=cfg.dtype).element_size())
-        self._compiled: Callable[[Slot, int], torch.Tensor] | None = None
+        self._compiled: Callable[[Slot, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.compiled_spans: set[int] = set()  # attention spans the compiled step has run at
         if compile_step:
             self.name = "compiled"
@@ -435,6 +435,15 @@ class StaticRunner(KVRunner):
             return kv, self._step_rows([kv], tok)[0]
         return kv, self._step_logits(kv, tok[0]).clone()
 
+    def step_hidden(self, kv: Slot, token: int) -> tuple[Slot, torch.Tensor, torch.Tensor]:
+        """The 1-row step (a CUDA graph on CUDA, compiled with ``compile_step``) with its final
+        hidden state; uncompiled, the bits of a one-token ``prefill_block`` (the base contract).
+        The batch-invariant mode keeps the base's one-token prefill."""
+        if self.batch_rows > 1:
+            return super().step_hidden(kv, token)
+        logits, hidden = self._step_state(kv, torch.tensor(int(token), device=self.decoder.device))
+        return kv, logits.clone(), hidden.clone()
+
     def _step_rows(self, kvs: Sequence[Slot | None], toks: torch.Tensor) -> torch.Tensor:
         """One ``batch_rows``-row forward: ``toks[r]`` fed at position ``kvs[r].length`` for each
         slot (``None`` and the rows past ``len(kvs)`` are padding); logits ``[len(kvs), vocab]``
@@ -494,6 +503,11 @@ class StaticRunner(KVRunner):
         return torch.argmax(self._step_logits(kv, tok))
 
     def _step_logits(self, kv: Slot, tok: torch.Tensor) -> torch.Tensor:
+        return self._step_state(kv, tok)[0]
+
+    def _step_state(self, kv: Slot, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``tok`` at position ``kv.length``: the logits and the final hidden state after it
+        (a graph's output buffers on CUDA: copy before the slot's next step)."""
         pos = kv.length
         if pos + 1 > self.max_len:
             raise ConfigError(f"{pos + 1} positions exceed the static runner's slot length {self.max_len}")
@@ -510,12 +524,12 @@ class StaticRunner(KVRunner):
             except RuntimeError as exc:
                 self._without_graphs(exc)
                 return self._one_row(kv, span)
-        graph, logits = entry
+        graph, out = entry
         graph.replay()
-        return logits
+        return out
 
-    def _one_row(self, kv: Slot, span: int) -> torch.Tensor:
-        """The 1-row step's logits: the forward itself, or its ``torch.compile``d form (``compile_step``)."""
+    def _one_row(self, kv: Slot, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 1-row step: the forward itself, or its ``torch.compile``d form (``compile_step``)."""
         if self._compiled is None:
             return self._row_forward(kv, span)
         # one compiled graph per span (<= 7: 64 .. 4096), whatever else the process compiles
@@ -523,10 +537,11 @@ class StaticRunner(KVRunner):
         with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT):
             return self._compiled(kv, span)
 
-    def _row_forward(self, kv: Slot, span: int) -> torch.Tensor:
+    def _row_forward(self, kv: Slot, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and final hidden state of the 1-row step: the ops of a one-token ``prefill_block``."""
         d = self.decoder
-        h = d.forward([kv], self._tok, self._pos, [span])
-        return d.logits(h[0, -1][None])[0]
+        row = d.forward([kv], self._tok, self._pos, [span])[0, -1]
+        return d.logits(row[None])[0], row
 
     def _compile_now(self) -> None:
         """Compile the 1-row step for the first span now (and capture it on CUDA), so that a
@@ -544,9 +559,9 @@ class StaticRunner(KVRunner):
         finally:
             self.free(slot)
 
-    def _capture(self, step: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    def _capture(self, step: Callable[[], Any]) -> tuple[Any, Any]:
         """A CUDA graph of ``step`` (one decode step over the fixed-address inputs) and its output
-        buffer. The warm-up runs write the very KV the step writes (same inputs), so they change
+        buffers. The warm-up runs write the very KV the step writes (same inputs), so they change
         nothing."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -227,14 +227,16 @@ def test_async_verification_searches_with_the_callers_faiss_threads(naive_result
     assert overlapped and set(overlapped) == {n}, seen
 
 
-def test_speculative_equals_naive_on_the_static_runner(tiny_lm, knn_datastores, knn_prompts):
+@pytest.mark.parametrize("runner", ["static", "compiled"])
+def test_speculative_equals_naive_on_the_static_runner(runner, tiny_lm, knn_datastores, knn_prompts):
     """kNN-LM decodes through the LM runner seam: on the static KV-slot runner (rollback = a
-    length) speculative == naive, the speculation rolls back, and every slot is given back."""
+    length; each token one ``step_hidden``, compiled on the ``compiled`` runner) speculative ==
+    naive, the speculation rolls back, and every slot is given back."""
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
     from ralmspec.lm.models import load_lm
 
-    static_lm = load_lm("tiny", runner="static")
-    assert static_lm.runner.name == "static"
+    static_lm = load_lm("tiny", runner=runner)
+    assert static_lm.runner.name == runner
     knn = KNNLM(static_lm, knn_datastores["flat"], KNNLMConfig(k=8, max_new_tokens=MAX_NEW_TOKENS))
     spec = SpeculativeKNNLM(knn, C(os3=False, fixed_stride=3, cache_capacity=3))
     check = SpeculationCheck()
@@ -244,3 +246,4 @@ def test_speculative_equals_naive_on_the_static_runner(tiny_lm, knn_datastores, 
     check.ran(min_speculated=len(knn_prompts[::4]), min_rollbacks=1)
     runner = static_lm.runner
     assert len(runner._free) == runner.capacity  # noqa: SLF001 - no slot leaked by kNN-LM requests
+    assert bool(runner.compiled_spans) == (runner.name == "compiled")  # the compiled step did run

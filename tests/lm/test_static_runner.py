@@ -183,3 +183,22 @@ def test_engine_speculative_equals_naive_on_the_static_runner(tiny_lm, small_ind
 
     asyncio.run(go())
     assert seen["speculated"] > 0 and seen["rollbacks"] > 0, seen
+
+
+def test_step_hidden_is_a_one_token_prefill_bit_for_bit(tiny_lm):
+    """kNN-LM's step (``step_hidden``): on the static runner it runs the 1-row decode step (a
+    CUDA graph on CUDA) and gives, bit for bit, the logits and final hidden state of a one-token
+    ``prefill_block``, the base contract, at every span; and the slot ends where it would."""
+    a = StaticRunner(tiny_lm.model, max_len=256, capacity=1)
+    b = StaticRunner(tiny_lm.model, max_len=256, capacity=1)
+    rng = random.Random(12)
+    prompt = random_tokens(rng, 60)
+    with torch.inference_mode():
+        sa, sb = a.open(), b.open()
+        a.prefill_block(sa, prompt, last=True, want_hidden=True)
+        b.prefill_block(sb, prompt, last=True, want_hidden=True)
+        for tok in random_tokens(rng, 80):  # positions 60..139: spans 64, 128, 256
+            _, la, ha = a.step_hidden(sa, tok)
+            _, lb, hb = b.prefill_block(sb, [tok], last=True, want_hidden=True)
+            assert torch.equal(la, lb) and torch.equal(ha, hb)
+        assert sa.length == sb.length == 140
