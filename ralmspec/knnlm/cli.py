@@ -68,6 +68,10 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--strict", action="store_true", help="accept only identical top-k neighbour sets")
     p.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: library defaults)")
     p.add_argument("--device", default="cpu", help="LM device (cpu, cuda)")
+    p.add_argument("--lm-runner", default="auto", choices=("auto", "eager", "static", "batched", "compiled"),
+                   help="how the LM runs (docs/lm-runner.md): auto (static on cuda, eager on cpu), eager, "
+                        "static (KV slots; each token a captured CUDA graph on cuda), batched, compiled "
+                        "(static with its step torch.compile'd)")
 
 
 def _speculative_config(args: argparse.Namespace):
@@ -121,7 +125,7 @@ def _open(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
 
     ds = _open_datastore(args)
     try:
-        lm = load_lm(args.model or ds.model_name, device=args.device)
+        lm = load_lm(args.model or ds.model_name, device=args.device, runner=args.lm_runner)
         cfg = KNNLMConfig(k=args.k, lam=args.lam, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
         yield KNNLM(lm, ds, cfg), ds
     finally:
@@ -376,6 +380,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = run_bench(knn, spec_cfg, prompts, warmup=args.warmup)
         result["settings"] = {"datastore": ds.describe(), "knnlm": asdict(knn.config),
+                              "lm": {"device": str(knn.lm.device), "runner": getattr(knn.lm.runner, "name", None)},
                               "speculation": asdict(spec_cfg), "prompts": args.prompts,
                               "prompt_tokens": args.prompt_tokens,
                               "machine": machine_info() | {"loadavg_1m_before": load0},

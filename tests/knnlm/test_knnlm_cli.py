@@ -35,7 +35,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--datastore", str(tmp_path / "hnsw"), "--n", "3", "--max-new-tokens", "6", "--json",
-                 str(out), "--prompts", "questions", "--warmup", "0", "--stride", "2"]) == 0
+                 str(out), "--prompts", "questions", "--warmup", "0", "--stride", "2", "--lm-runner", "static"]) == 0
     b = json.loads(out.read_text())
     s = b["summary"]
     bench = SpeculationCheck()  # the bench compared the tokens; a fixed stride speculates in each prompt
@@ -45,6 +45,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert s["all_identical"] and s["prompts"] == 3 and s["limit"] > 1.0 and s["speedup"] > 0
     assert len(b["records"]) == 3 and b["settings"]["datastore"]["entries"] == 3000
     assert b["settings"]["datastore"]["index"] == "hnsw"
+    assert b["settings"]["lm"] == {"device": "cpu", "runner": "static"}  # --lm-runner reached the LM
 
 
 def test_cli_errors_are_typed(tmp_path, capsys):
