@@ -16,9 +16,11 @@ In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
 - **Decode on the device.** Greedy tokens are chosen on the device (``argmax``, ties -> lowest
   id) and fed back without a host round trip; the chunk's tokens are read once, after the last
   step (``decode_sync_every`` bounds the wasted steps after a stop token in long chunks). On
-  CUDA every 1-row step is a captured CUDA graph, one per (slot, attention span), replayed.
-  Sampled decoding needs the logits on the host (the draw rule of ``ralmspec.lm.sampling`` runs
-  there), so it syncs once per token.
+  CUDA every 1-row step is a captured CUDA graph, one per (slot, attention span), replayed;
+  with ``compile_step`` (``--lm-runner compiled``) the step captured is ``torch.compile``d, one
+  compiled graph per span. Sampled decoding needs the logits on the host (the draw rule of
+  ``ralmspec.lm.sampling`` runs there), so it syncs once per token. kNN-LM's per-token step
+  (``step_hidden``, logits and final hidden state) is the same 1-row step.
 - **Cross-request batching** (``batch_rows`` > 1, ``--lm-runner batched``): the decode steps of
   several sessions run as ONE forward per token over ``batch_rows`` rows, each row at its own
   position in its own slot; a lone session's steps run in that same shape (padding rows), and
@@ -221,6 +223,8 @@ class StaticRunner(KVRunner):
     Its slots are rows of one pooled buffer (``KVPool``, allocated at the first ``open``), so on
     CUDA a step is a graph per *span pattern*: the live rows sorted by span (ties: call order),
     padding last; at most ``row_graphs`` of them are kept (least recently used dropped).
+    ``compile_step`` (``batch_rows`` 1 only): the 1-row step ``torch.compile``d, its first span
+    compiled here so that a broken compiler is a ``ConfigError`` now, not inside a request.
     """
 
     name = "static"
