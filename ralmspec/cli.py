@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from typing import Any
 
 from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, apply_threads, engine_config_from_args
 from ralmspec.config import BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, RetrievalConfig
@@ -125,6 +126,18 @@ def _encoder_settings(retriever) -> dict:
     return {"encoder_device": enc.device, "encoder_batching": enc.batching}
 
 
+def _runner_state(lm: Any) -> dict:
+    """What the LM runner did during the run (CUDA graphs held, spans the compiled step ran at):
+    how a GPU run shows that its decode steps were captured."""
+    runner = getattr(lm, "runner", None)
+    out = {}
+    if hasattr(runner, "captured_graphs"):
+        out["lm_cuda_graphs"] = runner.captured_graphs
+    if getattr(runner, "compiled_spans", None):
+        out["lm_compiled_spans"] = sorted(runner.compiled_spans)
+    return out
+
+
 def _write_json(path: str | None, obj: dict) -> None:
     if not path:
         return
@@ -205,7 +218,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     for s in summaries:
         print(identity_line(s))
     out = summaries[0].to_dict() if len(summaries) == 1 else {"variants": [s.to_dict() for s in summaries]}
-    _write_json(a.json, {**out, "settings": settings})
+    _write_json(a.json, {**out, "settings": settings | _runner_state(engine.lm)})
     _write_outputs(a.outputs, questions, answers, runs)
     bad = [s for s in summaries if s.identical_fraction < 1.0]
     for s in bad:

@@ -11,7 +11,8 @@ def test_bench_json_and_emulated_pad(small_indexes, tmp_path, capsys):
     index = small_indexes["exact"].index_dir
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", "tiny", "--retriever", "exact", "--index", index, "--n", "2",
-               "--max-new-tokens", "8", "--emulate-pad", "5000", "--threads", "1", "--json", str(out)])
+               "--max-new-tokens", "8", "--emulate-pad", "5000", "--threads", "1", "--json", str(out),
+               "--lm-runner", "compiled"])
     assert rc == 0
     table = capsys.readouterr().out
     assert "EMULATED" in table
@@ -21,6 +22,9 @@ def test_bench_json_and_emulated_pad(small_indexes, tmp_path, capsys):
         assert key in r
     assert r["n"] == 2 and r["identical_fraction"] == 1.0 and r["settings"]["emulate_pad"] == 5000
     assert r["limit"] >= 1.0 and r["speedup"] > 0
+    # what the runner did: the compiled step ran (at least its first span); no graphs on the CPU
+    s = r["settings"]
+    assert s["lm_runner"] == "compiled" and s["lm_compiled_spans"] and s["lm_cuda_graphs"] == 0
 
 
 def test_bench_counts_what_the_identity_check_covered(small_indexes, tmp_path, capsys):
