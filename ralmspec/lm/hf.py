@@ -242,7 +242,7 @@ class HFLanguageModel(LanguageModel):
         self.name = name
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.dtype = next(model.parameters()).dtype
-        self.runner = make_runner(model, runner, max_len=max_context, device=self.device)
+        self.runner = make_runner(model, runner, max_len=max_context, device=self.device, block_size=block_size)
         self.max_context = min(max_context, getattr(self.runner, "max_len", max_context))
         self._lock = threading.Lock()
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
@@ -583,15 +583,18 @@ def _scored(logits: torch.Tensor, token: int, top_k: int) -> TokenLogprob:
     return TokenLogprob(token, float(lp[token]), tuple((i, float(lp[i])) for i in order))
 
 
-def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: torch.device) -> KVRunner:
-    """The ``KVRunner`` named ``runner`` ("eager", "static", "batched" or "auto") for ``model``.
+def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: torch.device,
+                block_size: int | None = None) -> KVRunner:
+    """The ``KVRunner`` named ``runner`` ("eager", "static", "batched", "compiled" or "auto") for ``model``.
 
     "auto" picks the static runner on CUDA for the families it implements and the eager runner
     otherwise (on the 2-core CPU target it measured no faster: docs/lm-runner.md). "batched" is
     the static runner in its batch-invariant mode: every decode step is one forward of
     ``BATCH_ROWS`` rows, which concurrent sessions share (cross-request batching in serving).
     "compiled" is the static runner with its 1-row step ``torch.compile``d (one graph per
-    attention span, compiled on first use; the first span at construction).
+    attention span, compiled on first use; the first span at construction). On CUDA the static
+    runners also pad every aligned prompt block to ``block_size`` rows, so that each block is a
+    captured graph (``StaticRunner.prefill_rows``); on the CPU a block is as long as it is.
     """
     if runner not in RUNNERS:
         raise ConfigError(f"LM runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
@@ -600,5 +603,8 @@ def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: to
     if runner == "eager":
         return EagerRunner(model)
     kind = "cuda" if device.type == "cuda" else "cpu"
-    return StaticRunner(model, max_len=min(max_len, STATIC_SLOT_LENGTH[kind]), capacity=STATIC_SLOTS[kind],
-                        batch_rows=BATCH_ROWS if runner == "batched" else 1, compile_step=runner == "compiled")
+    slot_len = min(max_len, STATIC_SLOT_LENGTH[kind])
+    padded = kind == "cuda" and block_size is not None and block_size <= slot_len
+    return StaticRunner(model, max_len=slot_len, capacity=STATIC_SLOTS[kind],
+                        batch_rows=BATCH_ROWS if runner == "batched" else 1, compile_step=runner == "compiled",
+                        prefill_rows=block_size if padded else None)

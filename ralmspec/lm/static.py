@@ -12,7 +12,9 @@ In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
   position ``e`` reads the first ``attention_span(e)`` keys of the slot (the next power of two,
   at least 64, at most ``max_len``), a function of the position alone, so every position's
   arithmetic is the same whatever the history: reuse equals no reuse bit for bit, as in the
-  eager runner.
+  eager runner. With ``prefill_rows`` B (CUDA), an aligned block of at most B prompt tokens runs
+  as ONE forward of exactly B rows (padding rows after it): its rows' bits are those of the full
+  block (tested), and the forward is a captured graph per (slot, span).
 - **Decode on the device.** Greedy tokens are chosen on the device (``argmax``, ties -> lowest
   id) and fed back without a host round trip; the chunk's tokens are read once, after the last
   step (``decode_sync_every`` bounds the wasted steps after a stop token in long chunks). On
@@ -231,7 +233,7 @@ class StaticRunner(KVRunner):
 
     def __init__(self, model: torch.nn.Module, *, max_len: int, capacity: int,
                  cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1,
-                 row_graphs: int = 64, compile_step: bool = False) -> None:
+                 row_graphs: int = 64, compile_step: bool = False, prefill_rows: int | None = None) -> None:
         if not supports_static(model):
             raise ConfigError(f"the static LM runner supports {', '.join(STATIC_TYPES)} models, not "
                               f"{getattr(model.config, 'model_type', '?')!r}; use --lm-runner eager")
@@ -241,6 +243,8 @@ class StaticRunner(KVRunner):
             raise ConfigError(f"static runner needs 1 <= batch_rows <= capacity ({capacity}), got {batch_rows}")
         if compile_step and batch_rows > 1:
             raise ConfigError("the compiled step is the 1-row step: compile_step needs batch_rows 1")
+        if prefill_rows is not None and not 1 <= prefill_rows <= max_len:
+            raise ConfigError(f"static runner needs 1 <= prefill_rows <= max_len ({max_len}), got {prefill_rows}")
         self.decoder = _Decoder(model, max_len)
         self.max_len = max_len
         self.capacity = capacity
@@ -265,6 +269,12 @@ class StaticRunner(KVRunner):
         self._step_graphs: collections.OrderedDict[tuple[int | None, ...], tuple[Any, torch.Tensor]] = \
             collections.OrderedDict()
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        # padded prompt blocks (``prefill_block``): token ids and positions at a fixed address
+        self.prefill_rows = prefill_rows
+        self.prefill_graphs = self.cuda_graphs
+        self._block_in = torch.zeros(2, prefill_rows or 1, dtype=torch.long, device=dev)
+        self._block_graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self.padded_blocks = 0  # prompt blocks run padded to ``prefill_rows`` rows
         cfg = self.decoder
         self.slot_bytes = (2 * len(cfg.layers) * cfg.n_kv * max_len * cfg.head_dim
                            * torch.empty(0, dtype=cfg.dtype).element_size())
@@ -277,8 +287,8 @@ class StaticRunner(KVRunner):
 
     @property
     def captured_graphs(self) -> int:
-        """CUDA graphs held now: 1-row steps plus batch-invariant steps."""
-        return len(self._graphs) + len(self._step_graphs)
+        """CUDA graphs held now: 1-row steps, batch-invariant steps and padded prompt blocks."""
+        return len(self._graphs) + len(self._step_graphs) + len(self._block_graphs)
 
     # ------------------------------------------------------------------ slots
 
@@ -347,15 +357,51 @@ class StaticRunner(KVRunner):
         start, end = kv.length, kv.length + len(ids)
         if end > self.max_len:
             raise ConfigError(f"{end} positions exceed the static runner's slot length {self.max_len}")
-        d = self.decoder
-        x = torch.tensor([list(ids)], dtype=torch.long, device=d.device)
-        pos = torch.arange(start, end, device=d.device)[None]
-        h = d.forward([kv], x, pos, [attention_span(end, self.max_len)])
+        d, span, B = self.decoder, attention_span(end, self.max_len), self.prefill_rows
+        if B is not None and start % B == 0 and len(ids) <= B and start + B <= self.max_len:
+            row = self._padded_block(kv, ids, span)
+        else:
+            x = torch.tensor([list(ids)], dtype=torch.long, device=d.device)
+            pos = torch.arange(start, end, device=d.device)[None]
+            row = d.forward([kv], x, pos, [span])[0, -1]
         kv.length = end
         if not last:
             return kv, None, None
-        row = h[0, -1]
         return kv, d.logits(row[None])[0], (row if want_hidden else None)
+
+    def _padded_block(self, kv: Slot, ids: Sequence[int], span: int) -> torch.Tensor:
+        """An aligned prompt block of at most ``prefill_rows`` tokens as ONE forward of exactly
+        ``prefill_rows`` rows (token 0 in the rows after ``ids``, at the next positions, whose KV
+        lies past the slot's length: never read); the final hidden state of its last real row.
+        A real row's bits are then those it has in the full block (tested), and on CUDA the forward
+        is a graph per (slot, span), whatever the number of real rows."""
+        d, t, B = self.decoder, len(ids), self.prefill_rows
+        assert B is not None
+        start = kv.length
+        self.padded_blocks += 1
+        host = torch.zeros(2, B, dtype=torch.long)
+        host[0, :t] = torch.tensor(list(ids), dtype=torch.long)
+        host[1] = torch.arange(start, start + B)
+        self._block_in.copy_(host.to(d.device))  # one host-to-device copy
+        if not self.prefill_graphs:
+            return self._block_forward(kv, span)[t - 1]
+        entry = self._block_graphs.get((kv.index, span))
+        if entry is None:
+            try:
+                entry = self._block_graphs[(kv.index, span)] = self._capture(lambda: self._block_forward(kv, span))
+            except RuntimeError as exc:  # keep the decode graphs: only prefill goes uncaptured
+                warnings.warn(f"CUDA graph capture of a prefill block failed ({exc}); prefill continues "
+                              "without graphs", RuntimeWarning, stacklevel=3)
+                self.prefill_graphs = False
+                self._block_graphs.clear()
+                return self._block_forward(kv, span)[t - 1]
+        graph, hidden = entry
+        graph.replay()
+        return hidden[t - 1].clone()  # the graph's buffer is overwritten by its next replay
+
+    def _block_forward(self, kv: Slot, span: int) -> torch.Tensor:
+        """Final hidden states ``[prefill_rows, d]`` of the padded block in ``_block_in``."""
+        return self.decoder.forward([kv], self._block_in[0:1], self._block_in[1:2], [span])[0]
 
     def decode(self, kv: Slot, first_logits: torch.Tensor, n: int,
                pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk:
@@ -582,13 +628,15 @@ class StaticRunner(KVRunner):
         """Keep serving, uncaptured, and say so once."""
         warnings.warn(f"CUDA graph capture failed ({exc}); the static runner continues without graphs",
                       RuntimeWarning, stacklevel=3)
-        self.cuda_graphs = False
+        self.cuda_graphs = self.prefill_graphs = False
         self._graphs.clear()
         self._step_graphs.clear()
+        self._block_graphs.clear()
 
     def close(self) -> None:
         self._graphs.clear()
         self._step_graphs.clear()
+        self._block_graphs.clear()
         self._buffers.clear()
         self._kv_pool = None
         self._free = list(range(self.capacity - 1, -1, -1))

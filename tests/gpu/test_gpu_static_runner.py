@@ -5,7 +5,7 @@ bfloat16: the 1-row step captured per (slot, span) and the batch-invariant step 
 of spans (``step_order``) give the same logits, bit for bit, as the same runner without graphs;
 in the batched runner a session's logits are the same bits alone and among any neighbours (the
 invariance of docs/lm-runner.md, on the GPU's kernels), and a handful of graphs serve every mix;
-the compiled step (``--lm-runner compiled``) captured == uncaptured.
+the compiled step (``--lm-runner compiled``) and the padded prompt blocks captured == uncaptured.
 """
 
 from __future__ import annotations
@@ -110,3 +110,42 @@ def test_compiled_step_graphs_replay_the_compiled_bits(cuda_tiny):
     assert outs["compiled+graphs"] == outs["compiled"]
     same = sum(a == b for a, b in zip(outs["compiled"], outs["static"]))
     print(f"\n{cuda_tiny.model.dtype}: compiled == static for {same}/{len(prompts)} prompts of 16 tokens")
+
+
+def test_prefill_block_graphs_replay_the_uncaptured_bits(cuda_tiny):
+    """Padded prompt blocks (``prefill_rows``, CUDA's layout) captured per (slot, span) give the
+    uncaptured padded forward's logits, hidden state and KV, bit for bit, for blocks of 1..B
+    tokens; whether a tail's rows equal the full block's on the GPU's kernels is printed."""
+    B, rng = 64, random.Random(13)
+    prompts = [random_tokens(rng, n) for n in (5, 64, 100, 130, 200, 255)]
+    states, kvs = {}, {}
+    for graphs in (True, False):
+        runner = StaticRunner(cuda_tiny.model, max_len=512, capacity=2, cuda_graphs=graphs, prefill_rows=B)
+        got, held = [], []
+        with torch.inference_mode():
+            for prompt in prompts + prompts:  # the second pass replays the graphs of the first
+                slot = runner.open()
+                for start in range(0, len(prompt), B):
+                    end = min(start + B, len(prompt))
+                    _, logits, hidden = runner.prefill_block(slot, prompt[start:end], last=end == len(prompt),
+                                                             want_hidden=True)
+                got.append((logits, hidden))
+                held.append([k[:, :, :len(prompt)].clone() for k in slot.keys])
+                runner.free(slot)
+        if graphs:
+            assert runner.prefill_graphs, "capture failed (a RuntimeWarning says why)"
+            assert 0 < len(runner._block_graphs) <= 2 * 4
+        states[graphs], kvs[graphs] = got, held
+    for (la, ha), (lb, hb) in zip(states[True], states[False]):
+        assert torch.equal(la, lb) and torch.equal(ha, hb)
+    for a, b in zip(kvs[True], kvs[False]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    full = StaticRunner(cuda_tiny.model, max_len=512, capacity=2, cuda_graphs=False)
+    part = StaticRunner(cuda_tiny.model, max_len=512, capacity=2, cuda_graphs=False, prefill_rows=B)
+    block = random_tokens(rng, B)
+    with torch.inference_mode():
+        a, b = full.open(), part.open()
+        full.prefill_block(a, block, last=True, want_hidden=False)
+        part.prefill_block(b, block[:37], last=True, want_hidden=False)
+        same = all(torch.equal(x[:, :, :37], y[:, :, :37]) for x, y in zip(a.keys, b.keys))
+    print(f"\n{cuda_tiny.model.dtype}: a padded 37-token block's KV == the full block's: {same}")

@@ -22,10 +22,20 @@ from ralmspec.lm.static import MIN_SPAN, StaticRunner, attention_span
 from tests.lm.conftest import make_view, random_tokens
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_lm):
-    """(eager, static) backends over the same tiny weights, block size 16."""
-    return make_view(tiny_lm, block_size=16, runner="eager"), make_view(tiny_lm, block_size=16, runner="static")
+def padded(lm: HFLanguageModel) -> HFLanguageModel:
+    """``lm`` (a static-runner backend) with every aligned prompt block padded to ``block_size``
+    rows, as on CUDA (where each block is then a captured graph): forced here on the CPU."""
+    lm.runner = StaticRunner(lm.runner.decoder.model, max_len=lm.runner.max_len, capacity=lm.runner.capacity,
+                             prefill_rows=lm.block_size)
+    return lm
+
+
+@pytest.fixture(scope="module", params=["static", "static, padded prompt blocks"])
+def pair(tiny_lm, request):
+    """(eager, static) backends over the same tiny weights, block size 16; the static one also
+    with its prompt blocks padded (``prefill_rows``, CUDA's layout)."""
+    static = make_view(tiny_lm, block_size=16, runner="static")
+    return make_view(tiny_lm, block_size=16, runner="eager"), padded(static) if "padded" in request.param else static
 
 
 def test_attention_span_is_a_function_of_the_position():
@@ -59,12 +69,15 @@ def test_static_equals_eager_greedy_with_rollbacks_and_reuse(pair):
             reused += static.last_call_stats.reused_tokens
             answer += b
     assert reused > 0, "the static runner never reused a slot: the reuse path is untested"
+    assert static.runner.prefill_rows is None or static.runner.padded_blocks > 0
 
 
-def test_static_reuse_equals_no_reuse_bitwise(tiny_lm):
+@pytest.mark.parametrize("pad", [False, True])
+def test_static_reuse_equals_no_reuse_bitwise(tiny_lm, pad):
     """Logits and hidden state at a prompt's last position are the same bits whatever the
-    slot held before (the canonical-block argument, ralmspec/lm/hf.py)."""
+    slot held before (the canonical-block argument, ralmspec/lm/hf.py); prompt blocks padded too."""
     lm = make_view(tiny_lm, block_size=16, runner="static")
+    lm = padded(lm) if pad else lm
     rng = random.Random(3)
     base = random_tokens(rng, 90)
     target = base + random_tokens(rng, 9)
@@ -159,13 +172,16 @@ def test_smollm2_static_equals_eager(smollm2_lm):
         assert smollm2_lm.greedy([cont], 6)[0] == static.greedy([cont], 6, [f"s{i}"])[0]
 
 
-def test_engine_speculative_equals_naive_on_the_static_runner(tiny_lm, small_indexes):
-    """The RaLM loop on the static runner: speculative == naive, speculation and rollbacks ran."""
+@pytest.mark.parametrize("pad", [False, True])
+def test_engine_speculative_equals_naive_on_the_static_runner(tiny_lm, small_indexes, pad):
+    """The RaLM loop on the static runner (prompt blocks padded too): speculative == naive,
+    speculation and rollbacks ran."""
     from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
     from ralmspec.data.loaders import default_questions
     from ralmspec.engine.core import RalmEngine
 
     lm = make_view(tiny_lm, runner="static")
+    lm = padded(lm) if pad else lm
     engine = RalmEngine(lm, small_indexes["exact"], EngineConfig())
     gen = GenerationConfig(stride=2, query_len=16, max_new_tokens=16, passage_tokens=64)
     questions = [q.question for q in default_questions()[:8]]
@@ -183,6 +199,7 @@ def test_engine_speculative_equals_naive_on_the_static_runner(tiny_lm, small_ind
 
     asyncio.run(go())
     assert seen["speculated"] > 0 and seen["rollbacks"] > 0, seen
+    assert (lm.runner.padded_blocks > 0) == pad
 
 
 def test_step_hidden_is_a_one_token_prefill_bit_for_bit(tiny_lm):
@@ -202,3 +219,30 @@ def test_step_hidden_is_a_one_token_prefill_bit_for_bit(tiny_lm):
             _, lb, hb = b.prefill_block(sb, [tok], last=True, want_hidden=True)
             assert torch.equal(la, lb) and torch.equal(ha, hb)
         assert sa.length == sb.length == 140
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_a_padded_blocks_rows_are_the_full_blocks_rows(model, tiny_lm, smollm2_lm):
+    """Why padding a prompt block is sound (and capturable): a block of t < B tokens run as a
+    B-row forward (padding rows after it) gives its t rows exactly the KV and final hidden
+    states they get when the whole block is run, bit for bit; so a block's bits do not depend
+    on how many of its tokens a call holds."""
+    lm = {"tiny": tiny_lm, "smollm2": smollm2_lm}[model]
+    B = 64
+    runner = StaticRunner(lm.model, max_len=256, capacity=2, prefill_rows=B)
+    d, rng = runner.decoder, random.Random(4)
+    prefix, block = random_tokens(rng, B), random_tokens(rng, B)
+    with torch.inference_mode():
+        for t in (1, 7, 33, 63):
+            full, part = runner.open(), runner.open()
+            for slot in (full, part):
+                runner.prefill_block(slot, prefix, last=False, want_hidden=False)
+            whole = d.forward([full], torch.tensor([block]), torch.arange(B, 2 * B)[None], [attention_span(2 * B, 256)])
+            _, _, hidden = runner.prefill_block(part, block[:t], last=True, want_hidden=True)
+            assert torch.equal(hidden, whole[0, t - 1]), t
+            for layer in range(len(full.keys)):
+                assert torch.equal(full.keys[layer][:, :, B:B + t], part.keys[layer][:, :, B:B + t]), (t, layer)
+                assert torch.equal(full.values[layer][:, :, B:B + t], part.values[layer][:, :, B:B + t]), (t, layer)
+            runner.free(full)
+            runner.free(part)
+    assert runner.padded_blocks == 2 * 4 + 4  # the prefixes (full blocks) and the tails, all padded
