@@ -43,6 +43,34 @@ def step_mixes(runner: StaticRunner, prompts: list[list[int]], mixes: list[list[
     return out
 
 
+def speculative_equals_naive(lm: HFLanguageModel, retriever, n_questions: int) -> dict[str, int]:
+    """The RaLM loop on ``lm``: for each of the first ``n_questions`` default questions, the
+    speculative answer (fixed stride 3, no OS^3, async on every other question, prefetch 1 / 20)
+    must be the naive answer token for token; returns the speculated steps and rollbacks seen."""
+    import asyncio
+
+    from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+    from ralmspec.data.loaders import default_questions
+    from ralmspec.engine.core import RalmEngine
+
+    engine = RalmEngine(lm, retriever, EngineConfig())
+    gen = GenerationConfig(stride=2, query_len=16, max_new_tokens=16, passage_tokens=64)
+    seen = {"speculated": 0, "rollbacks": 0}
+
+    async def go():
+        for i, q in enumerate(q.question for q in default_questions()[:n_questions]):
+            naive = await engine.generate(q, gen=gen, speculate=False)
+            spec = SpeculationConfig(os3=False, fixed_stride=3, naive_fallback=False, cache_capacity=4,
+                                     async_verify=bool(i % 2), prefetch=(1, 20)[i % 2])
+            res = await engine.generate(q, gen=gen, spec=spec, speculate=True)
+            assert res.token_ids == naive.token_ids, q
+            seen["speculated"] += res.stats["speculated"]
+            seen["rollbacks"] += res.stats["rollbacks"]
+
+    asyncio.run(go())
+    return seen
+
+
 def random_tokens(rng: random.Random, n: int) -> list[int]:
     """Ordinary WordPiece ids (no special tokens, no [unused*])."""
     return [rng.randrange(1000, 30000) for _ in range(n)]

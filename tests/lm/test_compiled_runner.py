@@ -10,7 +10,6 @@ fails is a ``ConfigError`` when the runner is made, not an error inside a reques
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from ralmspec.errors import ConfigError
 from ralmspec.lm.sampling import Sampling
 from ralmspec.lm.static import StaticRunner
-from tests.lm.conftest import make_view, random_tokens
+from tests.lm.conftest import make_view, random_tokens, speculative_equals_naive
 
 
 @pytest.fixture(scope="module")
@@ -66,25 +65,7 @@ def test_compiled_seeded_sampling_and_logprobs(compiled):
 
 
 def test_engine_speculative_equals_naive_on_the_compiled_runner(compiled, small_indexes):
-    from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
-    from ralmspec.data.loaders import default_questions
-    from ralmspec.engine.core import RalmEngine
-
-    engine = RalmEngine(compiled, small_indexes["exact"], EngineConfig())
-    gen = GenerationConfig(stride=2, query_len=16, max_new_tokens=16, passage_tokens=64)
-    seen = {"speculated": 0, "rollbacks": 0}
-
-    async def go():
-        for i, q in enumerate(q.question for q in default_questions()[:6]):
-            naive = await engine.generate(q, gen=gen, speculate=False)
-            spec = SpeculationConfig(os3=False, fixed_stride=3, naive_fallback=False, cache_capacity=4,
-                                     async_verify=bool(i % 2))
-            res = await engine.generate(q, gen=gen, spec=spec, speculate=True)
-            assert res.token_ids == naive.token_ids, q
-            seen["speculated"] += res.stats["speculated"]
-            seen["rollbacks"] += res.stats["rollbacks"]
-
-    asyncio.run(go())
+    seen = speculative_equals_naive(compiled, small_indexes["exact"], 6)
     assert seen["speculated"] > 0 and seen["rollbacks"] > 0, seen
 
 

@@ -9,7 +9,6 @@ and rollbacks asserted to have happened.
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
@@ -19,7 +18,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.lm.hf import HFLanguageModel, make_runner
 from ralmspec.lm.sampling import Sampling
 from ralmspec.lm.static import MIN_SPAN, StaticRunner, attention_span
-from tests.lm.conftest import make_view, random_tokens
+from tests.lm.conftest import make_view, random_tokens, speculative_equals_naive
 
 
 def padded(lm: HFLanguageModel) -> HFLanguageModel:
@@ -176,28 +175,9 @@ def test_smollm2_static_equals_eager(smollm2_lm):
 def test_engine_speculative_equals_naive_on_the_static_runner(tiny_lm, small_indexes, pad):
     """The RaLM loop on the static runner (prompt blocks padded too): speculative == naive,
     speculation and rollbacks ran."""
-    from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
-    from ralmspec.data.loaders import default_questions
-    from ralmspec.engine.core import RalmEngine
-
     lm = make_view(tiny_lm, runner="static")
     lm = padded(lm) if pad else lm
-    engine = RalmEngine(lm, small_indexes["exact"], EngineConfig())
-    gen = GenerationConfig(stride=2, query_len=16, max_new_tokens=16, passage_tokens=64)
-    questions = [q.question for q in default_questions()[:8]]
-    seen = {"speculated": 0, "rollbacks": 0}
-
-    async def go():
-        for i, q in enumerate(questions):
-            naive = await engine.generate(q, gen=gen, speculate=False)
-            spec = SpeculationConfig(os3=False, fixed_stride=3, naive_fallback=False, cache_capacity=4,
-                                     async_verify=bool(i % 2), prefetch=(1, 20)[i % 2])
-            res = await engine.generate(q, gen=gen, spec=spec, speculate=True)
-            assert res.token_ids == naive.token_ids, q
-            seen["speculated"] += res.stats["speculated"]
-            seen["rollbacks"] += res.stats["rollbacks"]
-
-    asyncio.run(go())
+    seen = speculative_equals_naive(lm, small_indexes["exact"], 8)
     assert seen["speculated"] > 0 and seen["rollbacks"] > 0, seen
     assert (lm.runner.padded_blocks > 0) == pad
 
