@@ -79,6 +79,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(f"  speculated {s['speculated']} · accepted {s['accepted']} "
               f"({'-' if acc is None else f'{acc:.0%}'}) · rollbacks {s['rollbacks']} · "
               f"wasted tokens {s['wasted_tokens']} · strides {s['strides']}")
+    runner = getattr(engine.lm, "runner", None)
+    if runner is not None:
+        state = _runner_state(engine.lm)
+        extra = "".join(f" · {k[3:].replace('_', ' ')} {v}" for k, v in state.items())
+        print(f"  LM runner {runner.name} on {getattr(engine.lm, 'device', '?')}{extra}")
     return 0
 
 
