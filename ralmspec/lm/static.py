@@ -382,7 +382,7 @@ class StaticRunner(KVRunner):
         host = torch.zeros(2, B, dtype=torch.long)
         host[0, :t] = torch.tensor(list(ids), dtype=torch.long)
         host[1] = torch.arange(start, start + B)
-        self._block_in.copy_(host.to(d.device))  # one host-to-device copy
+        self._block_in.copy_(host)  # one host-to-device copy
         if not self.prefill_graphs:
             return self._block_forward(kv, span)[t - 1]
         entry = self._block_graphs.get((kv.index, span))
