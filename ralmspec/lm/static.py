@@ -375,7 +375,7 @@ class StaticRunner(KVRunner):
         lies past the slot's length: never read); the final hidden state of its last real row.
         A real row's bits are then those it has in the full block (tested), and on CUDA the forward
         is a graph per (slot, span), whatever the number of real rows."""
-        d, t, B = self.decoder, len(ids), self.prefill_rows
+        t, B = len(ids), self.prefill_rows
         assert B is not None
         start = kv.length
         self.padded_blocks += 1
