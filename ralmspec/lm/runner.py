@@ -83,9 +83,9 @@ class KVRunner(abc.ABC):
 
     def step_hidden(self, kv: Any, token: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Feed ``token`` at the next position: ``(kv, logits, final hidden state)`` after it (kNN-LM's
-        step: the hidden state is its datastore query). The contract is the bits of
-        ``prefill_block(kv, [token], last=True, want_hidden=True)``; a runner may override it with a
-        faster path that keeps those bits (or, compiled, its own bits in every call alike)."""
+        step: the hidden state is its datastore query), a function of the handle's history and
+        ``token`` alone, computed the same way at every call. Here: a one-token ``prefill_block``;
+        a runner may override it with its own decode step (the static runner does)."""
         kv, logits, hidden = self.prefill_block(kv, [int(token)], last=True, want_hidden=True)
         assert logits is not None and hidden is not None
         return kv, logits, hidden

@@ -487,8 +487,8 @@ class StaticRunner(KVRunner):
 
     def step_hidden(self, kv: Slot, token: int) -> tuple[Slot, torch.Tensor, torch.Tensor]:
         """The 1-row step (a CUDA graph on CUDA, compiled with ``compile_step``) with its final
-        hidden state; uncompiled, the bits of a one-token ``prefill_block`` (the base contract).
-        The batch-invariant mode keeps the base's one-token prefill."""
+        hidden state; uncompiled and without ``prefill_rows`` these are the bits of a one-token
+        ``prefill_block`` (tested). The batch-invariant mode keeps the base's one-token prefill."""
         if self.batch_rows > 1:
             return super().step_hidden(kv, token)
         logits, hidden = self._step_state(kv, torch.tensor(int(token), device=self.decoder.device))
