@@ -284,6 +284,7 @@ async def run_cell(url: str, model: str, questions: list[str], mode: str, client
         "rss_start_mib": _mib(before["rss"]), "rss_end_mib": _mib(after["rss"]),
         "loadavg_start": before["loadavg"], "loadavg_end": after["loadavg"],
         "knowledge_base": sa.get("knowledge_base"), "retriever_kind": sa.get("retriever"),
+        "lm_runner": sa.get("lm_runner"),  # at the window's end: name, CUDA graphs held, ...
     }
     if "emulation" in sa and "emulation" in sb:
         cell["pad_scan_s"] = round(sa["emulation"]["pad_seconds"] - sb["emulation"]["pad_seconds"], 4)

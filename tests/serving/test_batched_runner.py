@@ -62,4 +62,9 @@ def test_concurrent_requests_on_the_batched_runner_equal_each_alone(batched_serv
             assert alone.text == eager.text, b["prompt"]
     check.ran(min_speculated=sum(b["ralm"]["speculate"] for b in bodies))
     assert shared > 0, "no decode forward stepped two requests: the batched path did not run"
-    assert request("GET", f"{batched_server.url}/v1/stats")[1]["lm_batch_sizes"]["max"] > 1
+    stats = request("GET", f"{batched_server.url}/v1/stats")[1]
+    assert stats["lm_batch_sizes"]["max"] > 1
+    # the server says how its LM ran: steps that held more than one live row, no graphs on the CPU
+    runner = stats["lm_runner"]
+    assert runner["name"] == "batched" and runner["cuda_graphs"] == 0
+    assert any(int(rows) > 1 for rows in runner["batched_steps_by_live_rows"])
