@@ -224,7 +224,8 @@ class StaticRunner(KVRunner):
     share its step (docs/lm-runner.md has the measurements that make the fixed shape necessary).
     Its slots are rows of one pooled buffer (``KVPool``, allocated at the first ``open``), so on
     CUDA a step is a graph per *span pattern*: the live rows sorted by span (ties: call order),
-    padding last; at most ``row_graphs`` of them are kept (least recently used dropped).
+    padding last. Of each kind of graph (1-row steps, batch-invariant steps, prompt blocks) at
+    most ``max_graphs`` are kept, the least recently used dropped.
     ``compile_step`` (``batch_rows`` 1 only): the 1-row step ``torch.compile``d, its first span
     compiled here so that a broken compiler is a ``ConfigError`` now, not inside a request.
     """
@@ -233,7 +234,7 @@ class StaticRunner(KVRunner):
 
     def __init__(self, model: torch.nn.Module, *, max_len: int, capacity: int,
                  cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1,
-                 row_graphs: int = 64, compile_step: bool = False, prefill_rows: int | None = None) -> None:
+                 max_graphs: int = 256, compile_step: bool = False, prefill_rows: int | None = None) -> None:
         if not supports_static(model):
             raise ConfigError(f"the static LM runner supports {', '.join(STATIC_TYPES)} models, not "
                               f"{getattr(model.config, 'model_type', '?')!r}; use --lm-runner eager")
@@ -254,7 +255,7 @@ class StaticRunner(KVRunner):
         dev = self.decoder.device
         self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and dev.type == "cuda")
         self.decode_sync_every = max(1, decode_sync_every)
-        self.row_graphs = max(1, row_graphs)
+        self.max_graphs = max(1, max_graphs)
         # batch-invariant mode: number of ``batch_rows``-row forwards by how many sessions they stepped
         self.live_rows: collections.Counter[int] = collections.Counter()
         self._free = list(range(capacity - 1, -1, -1))
@@ -265,15 +266,16 @@ class StaticRunner(KVRunner):
         self._pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self._rows_tok = torch.zeros(batch_rows, 1, dtype=torch.long, device=dev)
         self._rows_pos = torch.zeros(batch_rows, 1, dtype=torch.long, device=dev)
-        self._graphs: dict[tuple[int, int], tuple[Any, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._step_graphs: collections.OrderedDict[tuple[int | None, ...], tuple[Any, torch.Tensor]] = \
-            collections.OrderedDict()
+        # captured graphs, least recently used first: 1-row steps by (slot, span), batch-invariant
+        # steps by their spans, padded prompt blocks by (slot, span)
+        self._graphs: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
+        self._step_graphs: collections.OrderedDict[tuple[int | None, ...], Any] = collections.OrderedDict()
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         # padded prompt blocks (``prefill_block``): token ids and positions at a fixed address
         self.prefill_rows = prefill_rows
         self.prefill_graphs = self.cuda_graphs
         self._block_in = torch.zeros(2, prefill_rows or 1, dtype=torch.long, device=dev)
-        self._block_graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._block_graphs: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
         self.padded_blocks = 0  # prompt blocks run padded to ``prefill_rows`` rows
         cfg = self.decoder
         self.slot_bytes = (2 * len(cfg.layers) * cfg.n_kv * max_len * cfg.head_dim
@@ -383,21 +385,16 @@ class StaticRunner(KVRunner):
         host[0, :t] = torch.tensor(list(ids), dtype=torch.long)
         host[1] = torch.arange(start, start + B)
         self._block_in.copy_(host)  # one host-to-device copy
-        if not self.prefill_graphs:
-            return self._block_forward(kv, span)[t - 1]
-        entry = self._block_graphs.get((kv.index, span))
-        if entry is None:
+        if self.prefill_graphs:
             try:
-                entry = self._block_graphs[(kv.index, span)] = self._capture(lambda: self._block_forward(kv, span))
+                hidden = self._replayed(self._block_graphs, (kv.index, span), lambda: self._block_forward(kv, span))
+                return hidden[t - 1].clone()  # the graph's buffer is overwritten by its next replay
             except RuntimeError as exc:  # keep the decode graphs: only prefill goes uncaptured
                 warnings.warn(f"CUDA graph capture of a prefill block failed ({exc}); prefill continues "
-                              "without graphs", RuntimeWarning, stacklevel=3)
+                              "without graphs", RuntimeWarning, stacklevel=2)
                 self.prefill_graphs = False
                 self._block_graphs.clear()
-                return self._block_forward(kv, span)[t - 1]
-        graph, hidden = entry
-        graph.replay()
-        return hidden[t - 1].clone()  # the graph's buffer is overwritten by its next replay
+        return self._block_forward(kv, span)[t - 1]
 
     def _block_forward(self, kv: Slot, span: int) -> torch.Tensor:
         """Final hidden states ``[prefill_rows, d]`` of the padded block in ``_block_in``."""
@@ -530,23 +527,12 @@ class StaticRunner(KVRunner):
             h = self.decoder.forward(slots, self._rows_tok, self._rows_pos, spans, pool)
             return self.decoder.logits(h[:, -1])
 
-        if not self.cuda_graphs:
-            return step()
-        entry = self._step_graphs.get(spans)
-        if entry is None:
+        if self.cuda_graphs:
             try:
-                entry = self._capture(step)
+                return self._replayed(self._step_graphs, spans, step)
             except RuntimeError as exc:
                 self._without_graphs(exc)
-                return step()
-            self._step_graphs[spans] = entry
-            if len(self._step_graphs) > self.row_graphs:
-                self._step_graphs.popitem(last=False)
-        else:
-            self._step_graphs.move_to_end(spans)
-        graph, logits = entry
-        graph.replay()
-        return logits
+        return step()
 
     def _step(self, kv: Slot, tok: torch.Tensor) -> torch.Tensor:
         """Feed ``tok`` (a 0-d device tensor) at position ``kv.length``; the argmax next token."""
@@ -565,18 +551,12 @@ class StaticRunner(KVRunner):
         self._tok.view(-1).copy_(tok.view(-1))
         self._pos.fill_(pos)
         kv.length = pos + 1
-        if not self.cuda_graphs:
-            return self._one_row(kv, span)
-        entry = self._graphs.get((kv.index, span))
-        if entry is None:
+        if self.cuda_graphs:
             try:
-                entry = self._graphs[(kv.index, span)] = self._capture(lambda: self._one_row(kv, span))
+                return self._replayed(self._graphs, (kv.index, span), lambda: self._one_row(kv, span))
             except RuntimeError as exc:
                 self._without_graphs(exc)
-                return self._one_row(kv, span)
-        graph, out = entry
-        graph.replay()
-        return out
+        return self._one_row(kv, span)
 
     def _one_row(self, kv: Slot, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The 1-row step: the forward itself, or its ``torch.compile``d form (``compile_step``)."""
@@ -608,6 +588,21 @@ class StaticRunner(KVRunner):
                               "use --lm-runner static") from exc
         finally:
             self.free(slot)
+
+    def _replayed(self, graphs: collections.OrderedDict, key: Any, step: Callable[[], Any]) -> Any:
+        """``step``'s outputs by replaying the graph of ``key`` in ``graphs``, captured on first use
+        (``RuntimeError`` if it cannot be); at most ``max_graphs`` per kind are kept, the least
+        recently used dropped (re-captured if it comes back)."""
+        entry = graphs.get(key)
+        if entry is None:
+            entry = graphs[key] = self._capture(step)
+            if len(graphs) > self.max_graphs:
+                graphs.popitem(last=False)
+        else:
+            graphs.move_to_end(key)
+        graph, out = entry
+        graph.replay()
+        return out
 
     def _capture(self, step: Callable[[], Any]) -> tuple[Any, Any]:
         """A CUDA graph of ``step`` (one decode step over the fixed-address inputs) and its output
