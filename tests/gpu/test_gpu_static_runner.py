@@ -56,11 +56,12 @@ def test_batched_step_graphs_replay_the_uncaptured_bits(cuda_tiny):
 
 
 def test_one_row_graphs_replay_the_uncaptured_bits(cuda_tiny):
+    """Decode with graphs (all kept, or at most 2 per kind: evicted and captured again) == without."""
     rng = random.Random(5)
     prompts = [random_tokens(rng, n) for n in PROMPT_LENGTHS]
     outs = {}
-    for graphs in (True, False):
-        runner = StaticRunner(cuda_tiny.model, max_len=512, capacity=4, cuda_graphs=graphs)
+    for graphs, keep in ((True, 256), (True, 2), (False, 256)):
+        runner = StaticRunner(cuda_tiny.model, max_len=512, capacity=4, cuda_graphs=graphs, max_graphs=keep)
         rows = []
         with torch.inference_mode():
             for prompt in prompts:
@@ -73,9 +74,9 @@ def test_one_row_graphs_replay_the_uncaptured_bits(cuda_tiny):
                 rows.append(chunk.tokens)
                 runner.free(slot)
         if graphs:
-            assert runner.cuda_graphs and runner.captured_graphs > 0
-        outs[graphs] = rows
-    assert outs[True] == outs[False]
+            assert runner.cuda_graphs and 0 < len(runner._graphs) <= keep
+        outs[graphs, keep] = rows
+    assert outs[True, 256] == outs[True, 2] == outs[False, 256]
 
 
 def test_batched_generate_on_cuda_equals_each_alone(cuda_tiny):
