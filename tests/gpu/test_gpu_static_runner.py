@@ -93,7 +93,10 @@ def test_batched_generate_on_cuda_equals_each_alone(cuda_tiny):
 def test_compiled_step_graphs_replay_the_compiled_bits(cuda_tiny):
     """``--lm-runner compiled`` on CUDA: the compiled step captured as the static runner's graphs
     gives the compiled step's own tokens (uncaptured); its agreement with the uncompiled static
-    runner (fused kernels may round differently) is printed, not asserted."""
+    runner (fused kernels may round differently) is printed, not asserted. bfloat16 only (CUDA's
+    default dtype): every dtype compiles anew, and a GPU session's minutes are few."""
+    if cuda_tiny.model.dtype != torch.bfloat16:
+        pytest.skip("the compiled step is checked in bfloat16 only (one compile per dtype)")
     rng = random.Random(9)
     prompts = [random_tokens(rng, n) for n in PROMPT_LENGTHS]
     outs = {}
