@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 from ralmspec.config import (
-    ENCODER_BATCHINGS, GUESSERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig,
+    ENCODER_BATCHINGS, GUESSERS, LM_RUNNERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig,
+    SpeculationConfig,
 )
 from ralmspec.errors import ConfigError
 from ralmspec.threads import set_threads
@@ -24,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "studies and tests only), or a local HF causal-LM folder")
     g.add_argument("--lm-backend", default="hf", choices=("hf", "vllm"))
     g.add_argument("--lm-device", default="cpu", help="cpu or cuda")
-    g.add_argument("--lm-runner", default="auto", choices=("auto", "eager", "static", "batched", "compiled"),
+    g.add_argument("--lm-runner", default="auto", choices=LM_RUNNERS,
                    help="hf backend: eager (DynamicCache, a forward per token), static (preallocated KV "
                         "slots, on-device decode, CUDA graphs on a GPU), batched (static, every decode step "
                         "one fixed-shape forward shared by concurrent requests), compiled (static with its "

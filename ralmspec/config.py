@@ -13,6 +13,7 @@ RETRIEVER_KINDS = ("exact", "hnsw", "ivf", "bm25")
 PROMPT_FORMATS = ("auto", "chat", "plain")
 GUESSERS = ("exact", "last", "refine", "static", "bm25")  # speculation/guess.py
 ENCODER_BATCHINGS = ("single", "pinned")  # retrieval/encoder.py: how queries share forwards
+LM_RUNNERS = ("auto", "eager", "static", "batched", "compiled")  # lm/hf.py make_runner, docs/lm-runner.md
 # measurement bounds, ``ralmspec bench --guessers`` only: "oracle" guesses the passage the naive
 # run of the same question retrieved (acceptance 1 at no guessing cost: the ceiling of any guesser)
 BOUND_GUESSERS = ("oracle",)

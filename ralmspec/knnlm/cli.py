@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ralmspec.config import LM_RUNNERS
 from ralmspec.errors import ConfigError, RalmSpecError
 from ralmspec.threads import set_threads
 
@@ -68,7 +69,7 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--strict", action="store_true", help="accept only identical top-k neighbour sets")
     p.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: library defaults)")
     p.add_argument("--device", default="cpu", help="LM device (cpu, cuda)")
-    p.add_argument("--lm-runner", default="auto", choices=("auto", "eager", "static", "batched", "compiled"),
+    p.add_argument("--lm-runner", default="auto", choices=LM_RUNNERS,
                    help="how the LM runs (docs/lm-runner.md): auto (static on cuda, eager on cpu), eager, "
                         "static (KV slots; each token a captured CUDA graph on cuda), batched, compiled "
                         "(static with its step torch.compile'd)")

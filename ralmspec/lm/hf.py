@@ -63,11 +63,11 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 
-from ralmspec.config import is_int
+from ralmspec.config import LM_RUNNERS, is_int
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel, TokenLogprob
 from ralmspec.lm.prefix_cache import PrefixBlocks
-from ralmspec.lm.runner import RUNNERS, EagerRunner, KVRunner
+from ralmspec.lm.runner import EagerRunner, KVRunner
 from ralmspec.lm.sampling import Sampling, draw
 from ralmspec.lm.static import StaticRunner, supports_static
 
@@ -596,8 +596,8 @@ def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: to
     runners also pad every aligned prompt block to ``block_size`` rows, so that each block is a
     captured graph (``StaticRunner.prefill_rows``); on the CPU a block is as long as it is.
     """
-    if runner not in RUNNERS:
-        raise ConfigError(f"LM runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if runner not in LM_RUNNERS:
+        raise ConfigError(f"LM runner must be one of {', '.join(LM_RUNNERS)}, got {runner!r}")
     if runner == "auto":
         runner = "static" if device.type == "cuda" and supports_static(model) else "eager"
     if runner == "eager":

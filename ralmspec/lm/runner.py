@@ -38,8 +38,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-RUNNERS = ("auto", "eager", "static", "batched", "compiled")
-
 
 @dataclass
 class DecodeChunk:
