@@ -132,15 +132,11 @@ def _encoder_settings(retriever) -> dict:
 
 
 def _runner_state(lm: Any) -> dict:
-    """What the LM runner did during the run (CUDA graphs held, spans the compiled step ran at):
-    how a GPU run shows that its decode steps were captured."""
+    """What the LM runner did during the run (``KVRunner.state``: CUDA graphs held, spans the
+    compiled step ran at), as ``lm_*`` keys: how a GPU run shows that its steps were captured."""
     runner = getattr(lm, "runner", None)
-    out = {}
-    if hasattr(runner, "captured_graphs"):
-        out["lm_cuda_graphs"] = runner.captured_graphs
-    if getattr(runner, "compiled_spans", None):
-        out["lm_compiled_spans"] = sorted(runner.compiled_spans)
-    return out
+    state = runner.state() if runner is not None else {}
+    return {f"lm_{k}": state[k] for k in ("cuda_graphs", "compiled_spans") if k in state}
 
 
 def _write_json(path: str | None, obj: dict) -> None:

@@ -549,10 +549,9 @@ def _stats(state: ServerState) -> dict[str, Any]:
         out["emulation"] = {"pad_searches": r.pad_searches, "pad_queries": r.pad_queries,
                             "pad_seconds": r.pad_seconds}
     runner = getattr(getattr(state.engine, "lm", None), "runner", None)
-    if runner is not None:  # how the LM ran: which runner, CUDA graphs held, batched steps' live rows
-        out["lm_runner"] = {"name": runner.name, "cuda_graphs": getattr(runner, "captured_graphs", 0),
-                            "compiled_spans": sorted(getattr(runner, "compiled_spans", ())),
-                            "batched_steps_by_live_rows": dict(sorted(getattr(runner, "live_rows", {}).items()))}
+    if runner is not None:  # how the LM ran (``KVRunner.state``), every field present for every runner
+        out["lm_runner"] = {"cuda_graphs": 0, "compiled_spans": [], "batched_steps_by_live_rows": {},
+                            **runner.state()}
     if state.scheduler is not None:
         return {**state.scheduler.stats(), "speculation": state.metrics.speculation(), **out}
     sc = state.search_client

@@ -79,6 +79,11 @@ class KVRunner(abc.ABC):
     @abc.abstractmethod
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]: ...
 
+    def state(self) -> dict[str, Any]:
+        """What the runner did so far, for reports (``generate``, the bench JSON, ``/v1/stats``):
+        its name; runners that capture graphs or compile their step add those."""
+        return {"name": self.name}
+
     def step_hidden(self, kv: Any, token: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Feed ``token`` at the next position: ``(kv, logits, final hidden state)`` after it (kNN-LM's
         step: the hidden state is its datastore query), a function of the handle's history and

@@ -292,6 +292,16 @@ class StaticRunner(KVRunner):
         """CUDA graphs held now: 1-row steps, batch-invariant steps and padded prompt blocks."""
         return len(self._graphs) + len(self._step_graphs) + len(self._block_graphs)
 
+    def state(self) -> dict[str, Any]:
+        """``KVRunner.state`` with the CUDA graphs held, the spans the compiled step ran at
+        (``compile_step``) and the batch-invariant steps counted by live rows (``batch_rows`` > 1)."""
+        out: dict[str, Any] = {"name": self.name, "cuda_graphs": self.captured_graphs}
+        if self._compiled is not None:
+            out["compiled_spans"] = sorted(self.compiled_spans)
+        if self.batch_rows > 1:
+            out["batched_steps_by_live_rows"] = dict(sorted(self.live_rows.items()))
+        return out
+
     # ------------------------------------------------------------------ slots
 
     def open(self) -> Slot | None:
