@@ -468,7 +468,7 @@ class StaticRunner(KVRunner):
         i = 1
         while i < n and any(live):
             logits = self._step_rows([kv if on else None for kv, on in zip(kvs, live)], toks[:, i - 1])
-            toks[:, i] = torch.argmax(logits[:rows], dim=-1)
+            toks[:, i] = torch.argmax(logits, dim=-1)  # [rows, vocab]: one row per slot of ``kvs``
             for r in range(rows):
                 if not live[r]:
                     continue
@@ -634,14 +634,14 @@ class StaticRunner(KVRunner):
         warnings.warn(f"CUDA graph capture failed ({exc}); the static runner continues without graphs",
                       RuntimeWarning, stacklevel=3)
         self.cuda_graphs = self.prefill_graphs = False
-        self._graphs.clear()
-        self._step_graphs.clear()
-        self._block_graphs.clear()
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        for graphs in (self._graphs, self._step_graphs, self._block_graphs):
+            graphs.clear()
 
     def close(self) -> None:
-        self._graphs.clear()
-        self._step_graphs.clear()
-        self._block_graphs.clear()
+        self._drop_graphs()
         self._buffers.clear()
         self._kv_pool = None
         self._free = list(range(self.capacity - 1, -1, -1))
