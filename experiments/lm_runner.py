@@ -18,6 +18,10 @@ scheduler makes for B concurrent requests), ``--new`` tokens each, the runners o
 model taking turns call by call (ratios survive a loaded machine); reported per batch size:
 decode ms per step (the time to advance every row by one token: the eager and static runners
 run the rows one by one, the batched runner steps them in one forward) and per row-token.
+With ``--temperature T [--top-p P --seed S]`` every call draws its tokens with the seeded rule
+(``ralmspec.lm.sampling``) instead of greedy: on CUDA the static runners draw on the device
+(one sync per chunk) and on the CPU on the host; ``--draws host|device`` forces either (host:
+one sync per token), the comparison that says what drawing on the device saves.
 Tokens of every runner are compared with the first runner's (equal in practice, not promised
 bit for bit: ralmspec/lm/runner.py). Timings are the median over ``--repeats`` prompts.
 """
@@ -39,14 +43,22 @@ def _sync(lm) -> None:
         torch.cuda.synchronize()
 
 
-def measure(lm, prompts: list[list[int]], new: int, stride: int) -> dict:
+def decoded(lm, prompts: list[list[int]], n: int, sessions: list, sampling=None, start: int = 0) -> list[list[int]]:
+    """``n`` tokens after each prompt: greedy, or drawn with ``sampling`` (a ``Sampling``) from
+    answer position ``start`` on."""
+    if sampling is None:
+        return lm.greedy(prompts, n, sessions)
+    return lm.generate(prompts, n, sessions, [sampling.at(start)] * len(prompts))
+
+
+def measure(lm, prompts: list[list[int]], new: int, stride: int, sampling=None) -> dict:
     chunk_ms, engine_ms, outs = [], [], []
-    lm.greedy([prompts[0]], new, ["warm"])  # first-use costs (allocation, graph capture) not timed
-    lm.greedy([prompts[0] + [1]], stride, ["warm"])
+    decoded(lm, [prompts[0]], new, ["warm"], sampling)  # first-use costs (allocation, graph capture) not timed
+    decoded(lm, [prompts[0] + [1]], stride, ["warm"], sampling)
     for i, p in enumerate(prompts):
         _sync(lm)
         t = time.perf_counter()
-        out = lm.greedy([p], new, [f"c{i}"])[0]
+        out = decoded(lm, [p], new, [f"c{i}"], sampling)[0]
         _sync(lm)
         chunk_ms.append((time.perf_counter() - t) * 1e3 / max(1, len(out)))
         gen: list[int] = []
@@ -54,7 +66,7 @@ def measure(lm, prompts: list[list[int]], new: int, stride: int) -> dict:
         _sync(lm)
         t = time.perf_counter()
         while len(gen) < new:
-            step = lm.greedy([p + gen], min(stride, new - len(gen)), [f"e{i}"])[0]
+            step = decoded(lm, [p + gen], min(stride, new - len(gen)), [f"e{i}"], sampling, len(gen))[0]
             gen += step
             if step and step[-1] in lm.stop_token_ids:
                 break
@@ -65,7 +77,8 @@ def measure(lm, prompts: list[list[int]], new: int, stride: int) -> dict:
             "engine_ms_per_token": statistics.median(engine_ms), "outputs": outs}
 
 
-def measure_batch(lms: dict, prompts: list[list[int]], new: int, sizes: list[int], repeats: int) -> dict:
+def measure_batch(lms: dict, prompts: list[list[int]], new: int, sizes: list[int], repeats: int,
+                  sampling=None) -> dict:
     """Decode time of one ``generate`` call of B prompts, per runner (``lms``: name -> backend
     over the same weights) and per B in ``sizes``: the runners take turns call by call, so
     machine load hits them alike; median of ``repeats`` calls with fresh sessions after one
@@ -76,7 +89,7 @@ def measure_batch(lms: dict, prompts: list[list[int]], new: int, sizes: list[int
         for rep in range(repeats + 1):
             for name, lm in lms.items():
                 _sync(lm)
-                got = lm.greedy(prompts[:b], new, [f"b{b}-{rep}-{i}" for i in range(b)])
+                got = decoded(lm, prompts[:b], new, [f"b{b}-{rep}-{i}" for i in range(b)], sampling)
                 _sync(lm)
                 steps = max(1, max(len(g) for g in got) - 1)  # the first token comes from the prefill
                 if rep:
@@ -100,7 +113,9 @@ def run_batch(a, dtype: str) -> list[dict]:
     sizes = [int(b) for b in a.batch.split(",")]
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, base.vocab_size) for _ in range(a.prompt)] for _ in range(max(sizes))]
-    m = measure_batch(lms, prompts, a.new, sizes, a.repeats)
+    for lm in lms.values():
+        set_draws(lm, a.draws)
+    m = measure_batch(lms, prompts, a.new, sizes, a.repeats, sampling_of(a))
     first = next(iter(lms))
     rows = []
     for name, per in m["batch"].items():
@@ -111,6 +126,21 @@ def run_batch(a, dtype: str) -> list[dict]:
         print(f"{name:>7}: same tokens as {first}: {same:.0%}", flush=True)
         rows.append({"runner": name, "batch": per, "tokens_equal_to_first_runner": same})
     return rows
+
+
+def sampling_of(a):
+    """The ``Sampling`` of ``--temperature/--top-p/--seed``, or None (greedy)."""
+    if not a.temperature:
+        return None
+    from ralmspec.lm.sampling import Sampling
+
+    return Sampling(temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+
+
+def set_draws(lm, where: str) -> None:
+    """``--draws``: where a static runner draws its seeded tokens (``auto``: the runner's default)."""
+    if where != "auto" and hasattr(lm.runner, "device_sampling"):
+        lm.runner.device_sampling = where == "device"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", default=None, help="batch sizes, e.g. 1,8: measure one generate call of B "
                     "prompts instead of the chunk / engine patterns")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: seeded sampling instead of greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draws", choices=("auto", "host", "device"), default="auto",
+                    help="where static runners draw sampled tokens (auto: on the device on CUDA, the host on the CPU)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import torch
@@ -140,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             lm = load_language_model(a.model, device=a.device, dtype=dtype, runner=name)
+            set_draws(lm, a.draws)
             load_s = time.perf_counter() - t
             rng = random.Random(0)
             prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(a.prompt)] for _ in range(a.repeats)]
-            m = measure(lm, prompts, a.new, a.stride)
+            m = measure(lm, prompts, a.new, a.stride, sampling_of(a))
         except Exception as exc:  # noqa: BLE001 - report the failure, measure the other runners
             print(f"{name:>7}: FAILED {type(exc).__name__}: {exc}", flush=True)
             rows.append({"runner": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -151,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         outs = m.pop("outputs")
         same = None if ref is None else sum(x == y for x, y in zip(outs, ref)) / len(outs)
         ref = ref or outs
-        row = {"runner": lm.runner.name, "load_s": round(load_s, 2), **{k: round(v, 3) for k, v in m.items()},
+        row = {"runner": lm.runner.name, "device_sampling": getattr(lm.runner, "device_sampling", None),
+               "load_s": round(load_s, 2), **{k: round(v, 3) for k, v in m.items()},
                "tokens_equal_to_first_runner": same}
         rows.append(row)
         print(f"{row['runner']:>7}: chunk {row['chunk_ms_per_token']:.2f} ms/token, engine pattern "
@@ -161,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         del lm
     summary = {"model": a.model, "device": a.device, "dtype": dtype, "threads": torch.get_num_threads(),
                "prompt_tokens": a.prompt, "new_tokens": a.new, "stride": a.stride, "repeats": a.repeats,
-               "batch": a.batch,
+               "batch": a.batch, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
+               "draws": a.draws,
                "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None, "runners": rows}
     if a.json:

@@ -59,7 +59,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
 
 import torch
 
@@ -68,7 +68,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel, TokenLogprob
 from ralmspec.lm.prefix_cache import PrefixBlocks
 from ralmspec.lm.runner import EagerRunner, KVRunner
-from ralmspec.lm.sampling import Sampling, draw
+from ralmspec.lm.sampling import Sampling, SeededPick
 from ralmspec.lm.static import StaticRunner, supports_static
 
 DEFAULT_BLOCK_SIZE = 64  # canonical prefill block (see the trade-offs above)
@@ -333,18 +333,16 @@ class HFLanguageModel(LanguageModel):
         with self._lock, torch.inference_mode():
             stats = CallStats(prompts=1)
             logits, _, kv = self._prefill(ids, session, stats)
-            rows = [logits.double().cpu()]
             try:
-                for tok in toks[:-1]:
-                    kv, row = self.runner.step_logits(kv, tok)
-                    stats.decode_steps += 1
-                    rows.append(row.double().cpu())
+                kv, rest = self.runner.step_logits_each(kv, toks[:-1])
+                stats.decode_steps += len(toks) - 1
             except BaseException:
                 self.runner.free(kv)
                 raise
             self._store(session, ids, kv)
             self._account(stats)
-        return [_scored(row, tok, top_k) for row, tok in zip(rows, toks)]
+            rows = torch.cat([logits[None], rest.to(logits.dtype)]) if len(toks) > 1 else logits[None]
+            return _scored(rows, toks, top_k)
 
     def forward_hidden(self, ids: Sequence[int]) -> torch.Tensor:
         """Final hidden states ``[len(ids), d_model]`` (float32, CPU) of ONE plain forward.
@@ -569,18 +567,26 @@ class HFLanguageModel(LanguageModel):
         return [chunk.tokens for chunk in chunks]
 
 
-def _picker(sampling: Sampling | None) -> Callable[[torch.Tensor, int], int] | None:
-    """The runner's ``pick`` for ``sampling``: None (greedy on the runner) or the seeded host draw."""
+def _picker(sampling: Sampling | None) -> SeededPick | None:
+    """The runner's ``pick`` for ``sampling``: None (greedy on the runner) or the seeded draw
+    (evaluated where the logits are: ``ralmspec.lm.sampling``)."""
     if sampling is None or sampling.greedy:
         return None
-    return lambda row, i: draw(row, sampling, sampling.start + i)
+    return SeededPick(sampling)
 
 
-def _scored(logits: torch.Tensor, token: int, top_k: int) -> TokenLogprob:
-    """``token``'s log-probability under ``log_softmax(logits)`` and the ``top_k`` best (ties -> lower id)."""
-    lp = torch.log_softmax(logits, -1)
-    order = torch.sort(lp, descending=True, stable=True).indices[:top_k].tolist() if top_k > 0 else []
-    return TokenLogprob(token, float(lp[token]), tuple((i, float(lp[i])) for i in order))
+def _scored(logits: torch.Tensor, tokens: list[int], top_k: int) -> list[TokenLogprob]:
+    """Row ``i``'s ``tokens[i]`` log-probability under ``log_softmax`` (float64) and its ``top_k``
+    best (ties -> lower id), computed where the logits are; one read of ``(1 + top_k)`` numbers
+    per row back to the host."""
+    lp = torch.log_softmax(logits.double(), -1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    if top_k > 0:
+        top = torch.sort(lp, dim=-1, descending=True, stable=True)
+        ids, vals = top.indices[:, :top_k].tolist(), top.values[:, :top_k].tolist()
+    else:
+        ids = vals = [[] for _ in tokens]
+    return [TokenLogprob(t, v, tuple(zip(i, x))) for t, v, i, x in zip(tokens, chosen, ids, vals)]
 
 
 def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: torch.device,

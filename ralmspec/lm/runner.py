@@ -79,6 +79,17 @@ class KVRunner(abc.ABC):
     @abc.abstractmethod
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]: ...
 
+    def step_logits_each(self, kv: Any, tokens: Sequence[int]) -> tuple[Any, torch.Tensor]:
+        """``step_logits`` fed each of ``tokens`` in turn: ``(kv, logits [len(tokens), vocab])``, row
+        ``i`` the logits after ``tokens[i]`` (logprobs replay decoding with it). Here: one
+        ``step_logits`` per token; a runner that decodes on the device may keep the tokens and the
+        rows there (the static runner does: no host read per token)."""
+        rows = []
+        for tok in tokens:
+            kv, row = self.step_logits(kv, int(tok))
+            rows.append(row)
+        return kv, torch.stack(rows) if rows else torch.empty(0)
+
     def state(self) -> dict[str, Any]:
         """What the runner did so far, for reports (``generate``, the bench JSON, ``/v1/stats``):
         its name; runners that capture graphs or compile their step add those."""

@@ -20,9 +20,11 @@ In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
   step (``decode_sync_every`` bounds the wasted steps after a stop token in long chunks). On
   CUDA every 1-row step is a captured CUDA graph, one per (slot, attention span), replayed;
   with ``compile_step`` (``--lm-runner compiled``) the step captured is ``torch.compile``d, one
-  compiled graph per span. Sampled decoding needs the logits on the host (the draw rule of
-  ``ralmspec.lm.sampling`` runs there), so it syncs once per token. kNN-LM's per-token step
-  (``step_hidden``, logits and final hidden state) is the same 1-row step.
+  compiled graph per span. Seeded sampling draws on the device too where the logits are on
+  CUDA (``device_sampling``: the draw rule of ``ralmspec.lm.sampling`` evaluated with torch, its
+  noise made on the host beside the steps), so a sampled chunk also syncs once; on the CPU the
+  rule runs on the host (numpy's is faster there, and a host read costs nothing). kNN-LM's
+  per-token step (``step_hidden``, logits and final hidden state) is the same 1-row step.
 - **Cross-request batching** (``batch_rows`` > 1, ``--lm-runner batched``): the decode steps of
   several sessions run as ONE forward per token over ``batch_rows`` rows, each row at its own
   position in its own slot; a lone session's steps run in that same shape (padding rows), and
@@ -49,6 +51,7 @@ import torch.nn.functional as F
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.runner import DecodeChunk, KVRunner
+from ralmspec.lm.sampling import SeededPick
 
 LLAMA_TYPES = ("llama", "qwen2")
 STATIC_TYPES = LLAMA_TYPES + ("gpt2",)
@@ -228,13 +231,17 @@ class StaticRunner(KVRunner):
     most ``max_graphs`` are kept, the least recently used dropped.
     ``compile_step`` (``batch_rows`` 1 only): the 1-row step ``torch.compile``d, its first span
     compiled here so that a broken compiler is a ``ConfigError`` now, not inside a request.
+    ``device_sampling`` (default: on CUDA): seeded draws (``SeededPick``) run on the device and
+    their tokens are read with the greedy ones, once per ``decode_sync_every`` steps; off, a
+    sampled token is drawn on the host (one read per token).
     """
 
     name = "static"
 
     def __init__(self, model: torch.nn.Module, *, max_len: int, capacity: int,
                  cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1,
-                 max_graphs: int = 256, compile_step: bool = False, prefill_rows: int | None = None) -> None:
+                 max_graphs: int = 256, compile_step: bool = False, prefill_rows: int | None = None,
+                 device_sampling: bool | None = None) -> None:
         if not supports_static(model):
             raise ConfigError(f"the static LM runner supports {', '.join(STATIC_TYPES)} models, not "
                               f"{getattr(model.config, 'model_type', '?')!r}; use --lm-runner eager")
@@ -255,6 +262,7 @@ class StaticRunner(KVRunner):
         dev = self.decoder.device
         self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and dev.type == "cuda")
         self.decode_sync_every = max(1, decode_sync_every)
+        self.device_sampling = dev.type == "cuda" if device_sampling is None else bool(device_sampling)
         self.max_graphs = max(1, max_graphs)
         # batch-invariant mode: number of ``batch_rows``-row forwards by how many sessions they stepped
         self.live_rows: collections.Counter[int] = collections.Counter()
@@ -413,20 +421,24 @@ class StaticRunner(KVRunner):
     def decode(self, kv: Slot, first_logits: torch.Tensor, n: int,
                pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk:
         """Tokens ``0..n-1`` after the prompt whose last logits are ``first_logits``; ``pick``
-        None means greedy on the device, else a host draw per token (one sync each)."""
+        None means greedy on the device; a seeded draw runs on the device with
+        ``device_sampling``; any other pick is a host draw per token (one sync each)."""
         if self.batch_rows > 1:
             return self.decode_batch([kv], [first_logits], n, [pick], stop_ids)[0]
-        if pick is not None:
+        choose = self._chooser(pick)
+        if choose is None:
+            assert pick is not None
             return self.decode_on_host(kv, first_logits, n, pick, stop_ids)
         d = self.decoder
         out = torch.empty(n, dtype=torch.long, device=d.device)
-        nxt = torch.argmax(first_logits)
+        nxt = choose(first_logits, 0)
         out[0] = nxt
         steps, i = 0, 1
         while True:
             stop_at = min(n, i + self.decode_sync_every)
             while i < stop_at:
-                nxt = self._step(kv, nxt)
+                # the draw reads the step's output buffer before the next replay overwrites it
+                nxt = choose(self._step_logits(kv, nxt), i)
                 out[i] = nxt
                 steps += 1
                 i += 1
@@ -434,6 +446,17 @@ class StaticRunner(KVRunner):
             if i >= n or any(t in stop_ids for t in got):
                 break
         return DecodeChunk(tokens=_until_stop(got, stop_ids), steps=steps)
+
+    def _chooser(self, pick: Callable[[torch.Tensor, int], int] | None
+                 ) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+        """How ``pick`` chooses a token without leaving the device (a 0-d tensor from the logits
+        and the token's index in the chunk): greedy's argmax, a seeded draw with
+        ``device_sampling``; None where only the host can run ``pick``."""
+        if pick is None:
+            return lambda logits, _i: torch.argmax(logits)
+        if self.device_sampling and isinstance(pick, SeededPick):
+            return pick.on_device
+        return None
 
     def decode_batch(self, kvs: Sequence[Slot], first_logits: Sequence[torch.Tensor], n: int,
                      picks: Sequence[Callable[[torch.Tensor, int], int] | None],
@@ -451,17 +474,21 @@ class StaticRunner(KVRunner):
     def _decode_rows(self, kvs: list[Slot], first_logits: list[torch.Tensor], n: int,
                      picks: list[Callable[[torch.Tensor, int], int] | None],
                      stop_ids: frozenset[int]) -> list[DecodeChunk]:
-        """One group of the batch-invariant mode. Greedy rows: argmax on the device, tokens read
-        once per ``decode_sync_every`` steps. Sampled rows: the host draw of ``picks[r]`` per
-        token (one sync per step while such a row is running). A row that has stopped (a stop
-        token seen) becomes a padding row: the forward keeps its shape, the others' bits with it."""
+        """One group of the batch-invariant mode. Rows chosen on the device (greedy; seeded draws
+        with ``device_sampling``): tokens read once per ``decode_sync_every`` steps. Other rows:
+        the host draw of ``picks[r]`` per token (one sync per step while such a row is running).
+        A row that has stopped (a stop token seen) becomes a padding row: the forward keeps its
+        shape, the others' bits with it."""
         d, rows = self.decoder, len(kvs)
         toks = torch.zeros(rows, n, dtype=torch.long, device=d.device)
-        live = [True] * rows  # still stepped (a greedy row's stop is only seen at a sync)
+        live = [True] * rows  # still stepped (a device row's stop is only seen at a sync)
         steps = [0] * rows
-        for r, (first, pick) in enumerate(zip(first_logits, picks)):
+        chooses = [None if pick is None else self._chooser(pick) for pick in picks]  # None: argmax / host
+        for r, (first, pick, choose) in enumerate(zip(first_logits, picks, chooses)):
             if pick is None:
                 toks[r, 0] = torch.argmax(first)
+            elif choose is not None:
+                toks[r, 0] = choose(first, 0)
             else:
                 toks[r, 0] = tok = pick(first, 0)
                 live[r] = tok not in stop_ids
@@ -473,7 +500,9 @@ class StaticRunner(KVRunner):
                 if not live[r]:
                     continue
                 steps[r] += 1
-                if picks[r] is not None:
+                if chooses[r] is not None:
+                    toks[r, i] = chooses[r](logits[r], i)
+                elif picks[r] is not None:
                     toks[r, i] = tok = picks[r](logits[r], i)
                     live[r] = tok not in stop_ids
             i += 1
@@ -491,6 +520,18 @@ class StaticRunner(KVRunner):
         if self.batch_rows > 1:
             return kv, self._step_rows([kv], tok)[0]
         return kv, self._step_logits(kv, tok[0]).clone()
+
+    def step_logits_each(self, kv: Slot, tokens: Sequence[int]) -> tuple[Slot, torch.Tensor]:
+        """``step_logits`` per token with the tokens uploaded once and the rows kept on the
+        device: nothing is read back to the host (the caller reads what it needs)."""
+        toks = torch.tensor([int(t) for t in tokens], dtype=torch.long).to(self.decoder.device)
+        rows = []
+        for i in range(len(tokens)):
+            if self.batch_rows > 1:
+                rows.append(self._step_rows([kv], toks[i:i + 1])[0])
+            else:
+                rows.append(self._step_logits(kv, toks[i]).clone())  # before the next replay overwrites it
+        return kv, torch.stack(rows) if rows else torch.empty(0, device=self.decoder.device)
 
     def step_hidden(self, kv: Slot, token: int) -> tuple[Slot, torch.Tensor, torch.Tensor]:
         """The 1-row step (a CUDA graph on CUDA, compiled with ``compile_step``) with its final
@@ -543,10 +584,6 @@ class StaticRunner(KVRunner):
             except RuntimeError as exc:
                 self._without_graphs(exc)
         return step()
-
-    def _step(self, kv: Slot, tok: torch.Tensor) -> torch.Tensor:
-        """Feed ``tok`` (a 0-d device tensor) at position ``kv.length``; the argmax next token."""
-        return torch.argmax(self._step_logits(kv, tok))
 
     def _step_logits(self, kv: Slot, tok: torch.Tensor) -> torch.Tensor:
         return self._step_state(kv, tok)[0]

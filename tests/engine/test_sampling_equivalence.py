@@ -25,6 +25,7 @@ from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
 from ralmspec.errors import ConfigError
 from tests.identity import SpeculationCheck, engine_trace, forces_speculation
+from tests.lm.conftest import make_view
 
 N_CASES = 16  # per knowledge base; each: one naive run and two speculative runs
 TEMPERATURES = (0.3, 0.8, 1.0, 1.7)
@@ -54,9 +55,15 @@ def case(rng: random.Random, i: int) -> tuple[GenerationConfig, list[Speculation
     return gen, specs
 
 
-@pytest.mark.parametrize("kind", ["exact", "bm25"])
-def test_sampled_speculative_identical_to_sampled_naive(kind, small_indexes, tiny_lm, questions):
-    engine = RalmEngine(tiny_lm, small_indexes[kind], EngineConfig())
+@pytest.mark.parametrize("kind, runner", [("exact", "eager"), ("bm25", "eager"), ("exact", "static, draws on the device")])
+def test_sampled_speculative_identical_to_sampled_naive(kind, runner, small_indexes, tiny_lm, questions):
+    """On the default (eager) runner, and on the static runner with its seeded draws on the
+    device (CUDA's layout, forced here on the CPU): tokens fed back without a host read."""
+    lm = tiny_lm
+    if runner != "eager":
+        lm = make_view(tiny_lm, runner="static")
+        lm.runner.device_sampling = True
+    engine = RalmEngine(lm, small_indexes[kind], EngineConfig())
     rng = random.Random(99)
     check = SpeculationCheck()
     seen = {"forced": 0, "async": set(), "differs_from_greedy": 0, "seed_matters": 0}

@@ -5,18 +5,22 @@ bfloat16: the 1-row step captured per (slot, span) and the batch-invariant step 
 of spans (``step_order``) give the same logits, bit for bit, as the same runner without graphs;
 in the batched runner a session's logits are the same bits alone and among any neighbours (the
 invariance of docs/lm-runner.md, on the GPU's kernels), and a handful of graphs serve every mix;
-the compiled step (``--lm-runner compiled``) and the padded prompt blocks captured == uncaptured.
+the compiled step (``--lm-runner compiled``) and the padded prompt blocks captured == uncaptured;
+seeded draws evaluated on CUDA == on the host, and the static runner's sampled chunks (drawn on
+the device) == the eager runner's.
 """
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from ralmspec.lm.hf import BATCH_ROWS
+from ralmspec.lm.hf import BATCH_ROWS, CallStats
 from ralmspec.lm.models import load_lm
+from ralmspec.lm.sampling import Sampling, SeededPick, draw, draw_on_device
 from ralmspec.lm.static import StaticRunner
 from tests.lm.conftest import make_view, random_tokens, step_mixes
 
@@ -88,6 +92,76 @@ def test_batched_generate_on_cuda_equals_each_alone(cuda_tiny):
     for prompt, out in zip(prompts, together):
         assert out == lm.generate([prompt], 12)[0]
     assert lm.runner.cuda_graphs and lm.runner.captured_graphs > 0
+
+
+def test_device_draws_are_the_host_rules_tokens_on_cuda():
+    """The draw rule evaluated on CUDA (torch) vs on the host (numpy) for the same logits: the
+    same token with ``top_p`` 1 (bit-identical steps), and at most a rare nucleus-edge
+    difference below 1 (the exps and sums round on the device); the count is printed."""
+    rng = np.random.default_rng(3)
+    differ = cases = 0
+    for _ in range(200):
+        z = (rng.normal(size=49152) * rng.choice([0.5, 3.0, 8.0])).astype(np.float32)
+        s = Sampling(float(rng.choice([0.3, 0.8, 1.5])), float(rng.choice([0.5, 0.9, 0.95, 1.0])),
+                     int(rng.integers(0, 2 ** 62)))
+        for p in range(3):
+            on_gpu = int(draw_on_device(torch.from_numpy(z).cuda(), s, p))
+            host = draw(z, s, p)
+            assert on_gpu == host or s.top_p < 1.0, (s, p)
+            differ += on_gpu != host
+            cases += 1
+    print(f"\ndevice vs host draws: {differ} of {cases} differ (top_p < 1 nucleus edges only)")
+    assert differ <= cases // 100
+
+
+def test_sampled_chunks_drawn_on_cuda_equal_host_draws_of_the_same_logits(cuda_tiny):
+    """Seeded sampling on CUDA: a chunk the static runner draws on the device (graphs on, tokens
+    fed back without a host read, the pick's host call never made) == the same chunk from the
+    same slot state drawn per token on the host by numpy (``draw``): same logits, the rule
+    evaluated in both places. ``generate`` agrees with both."""
+    lm = make_view(cuda_tiny, block_size=16, runner="static")
+    assert lm.runner.device_sampling and lm.runner.cuda_graphs
+
+    class HostDrawForbidden(SeededPick):
+        def __call__(self, logits, i):
+            raise AssertionError("a seeded token was drawn on the host")
+
+    rng = random.Random(12)
+    for i in range(6):
+        prompt = random_tokens(rng, rng.randrange(10, 200))
+        s = Sampling(temperature=0.9, top_p=(1.0, 0.9)[i % 2], seed=300 + i, start=i)
+        with torch.inference_mode():
+            first, _, kv = lm._prefill(prompt, None, CallStats())
+            keep = kv.length
+            on_device = lm.runner.decode(kv, first, 24, HostDrawForbidden(s), frozenset()).tokens
+            lm.runner.crop(kv, keep)
+            on_host = lm.runner.decode(kv, first, 24, lambda row, j: draw(row, s, s.start + j), frozenset()).tokens
+            lm.runner.free(kv)
+        assert on_device == on_host, (i, s)
+        assert lm.generate([prompt], 24, [f"s{i}"], [s])[0] == on_device
+
+
+@pytest.mark.parametrize("runner", ["static", "batched"])
+def test_logprob_replay_on_cuda_is_decodings_logits(cuda_tiny, runner):
+    """``step_logits_each`` (graphs on, rows kept on the device: each copied before the next
+    replay overwrites the graph's output) == ``step_logits`` token by token, bit for bit; and a
+    greedy answer's logprobs have each token as their top alternative."""
+    lm = make_view(cuda_tiny, block_size=16, runner=runner)
+    rng = random.Random(18)
+    prompt, toks = random_tokens(rng, 90), random_tokens(rng, 12)
+    with torch.inference_mode():
+        _, _, kv = lm._prefill(prompt, None, CallStats())
+        kv, each = lm.runner.step_logits_each(kv, toks)
+        lm.runner.free(kv)
+        _, _, kv = lm._prefill(prompt, None, CallStats())
+        one = []
+        for t in toks:
+            kv, row = lm.runner.step_logits(kv, t)
+            one.append(row)
+        lm.runner.free(kv)
+    assert all(torch.equal(each[i], one[i]) for i in range(len(toks)))
+    out = lm.greedy([prompt], 12)[0]
+    assert all(lp.top[0] == (lp.token, lp.logprob) for lp in lm.token_logprobs(prompt, out, 2))
 
 
 def test_compiled_step_graphs_replay_the_compiled_bits(cuda_tiny):

@@ -26,14 +26,17 @@ def _mode(rng: random.Random) -> Sampling | None:
                                                     seed=rng.randrange(1 << 20), start=rng.randrange(4))
 
 
-def test_session_in_a_mixed_batch_equals_alone_and_eager(tiny_lm):
+@pytest.mark.parametrize("device_sampling", [False, True], ids=["draws on the host", "draws on the device"])
+def test_session_in_a_mixed_batch_equals_alone_and_eager(tiny_lm, device_sampling):
     """Random mixes: 3 to BATCH_ROWS+1 rows (one call spans two buckets), prompts of 3..60
     tokens, greedy and seeded sampled rows, rows whose session holds a longer / shorter / rolled
-    back history, and stop tokens chosen so that rows stop at different steps of the chunk."""
+    back history, and stop tokens chosen so that rows stop at different steps of the chunk.
+    Sampled rows draw on the host (the CPU's default) or on the device (CUDA's, forced here)."""
     rng = random.Random(21)
     probe = make_view(tiny_lm, block_size=16, runner="eager")
     eager = make_view(tiny_lm, block_size=16, runner="eager")
     batched = make_view(tiny_lm, block_size=16, runner="batched")  # its sessions persist across trials
+    batched.runner.device_sampling = device_sampling
     history: dict[str, list[int]] = {}
     early_stops = full_rows = reused = 0
     for trial, rows in enumerate((4, BATCH_ROWS + 1, 3, 6)):

@@ -13,7 +13,7 @@ import pytest
 from ralmspec.config import GenerationConfig
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
-from ralmspec.lm.sampling import Sampling, draw, gumbel_noise, nucleus
+from ralmspec.lm.sampling import Sampling, SeededPick, draw, draw_on_device, gumbel_noise, nucleus
 
 
 def reference_nucleus(z: np.ndarray, top_p: float) -> np.ndarray:
@@ -88,6 +88,28 @@ def test_nucleus_equals_full_sort_with_ties(top_p):
     for size, scale in ((7, 1.0), (300, 3.0), (5000, 0.5), (20_000, 8.0)):
         z = np.round(rng.normal(size=size) * scale, 1)  # many exact ties
         assert np.array_equal(nucleus(z, top_p), reference_nucleus(z, top_p)), (size, top_p)
+
+
+def test_the_device_evaluation_draws_the_host_rules_tokens():
+    """``draw_on_device`` (torch, run here on CPU tensors) == ``draw`` (numpy) over random
+    vocabularies with many exact ties, temperatures, nucleus sizes, seeds and positions; and
+    ``SeededPick`` keeps CPU logits on the host rule."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    cases = 0
+    for _ in range(120):
+        size = int(rng.choice([5, 300, 5000, 49152]))
+        z = np.round(rng.normal(size=size) * rng.choice([0.5, 3.0, 8.0]), int(rng.choice([1, 3]))).astype(np.float32)
+        s = Sampling(float(rng.choice([0.3, 0.7, 1.0, 1.9])), float(rng.choice([1e-9, 0.1, 0.5, 0.9, 1.0])),
+                     int(rng.integers(0, 2 ** 62)), int(rng.integers(0, 9)))
+        for i in range(2):
+            got = draw_on_device(torch.from_numpy(z), s, s.start + i)
+            assert got.dim() == 0 and int(got) == draw(z, s, s.start + i) == SeededPick(s)(torch.from_numpy(z), i)
+            assert int(SeededPick(s).on_device(torch.from_numpy(z), i)) == int(got)
+            cases += 1
+    assert cases == 240
+    z = torch.tensor([0.5, 2.0, -1.0, 2.0, 1.9])
+    assert int(draw_on_device(z, Sampling(0.0, 0.3, 99, 0), 4)) == 1  # temperature 0: argmax, lowest id
 
 
 def test_tiny_top_p_is_greedy():

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ralmspec.errors import ConfigError
-from ralmspec.lm.hf import HFLanguageModel, make_runner
-from ralmspec.lm.sampling import Sampling
+from ralmspec.lm.hf import CallStats, HFLanguageModel, make_runner
+from ralmspec.lm.sampling import Sampling, SeededPick
 from ralmspec.lm.static import MIN_SPAN, StaticRunner, attention_span
 from tests.lm.conftest import make_view, random_tokens, speculative_equals_naive
 
@@ -29,11 +29,13 @@ def padded(lm: HFLanguageModel) -> HFLanguageModel:
     return lm
 
 
-@pytest.fixture(scope="module", params=["static", "static, padded prompt blocks"])
+@pytest.fixture(scope="module", params=["static", "static, padded prompt blocks", "static, draws on the device"])
 def pair(tiny_lm, request):
     """(eager, static) backends over the same tiny weights, block size 16; the static one also
-    with its prompt blocks padded (``prefill_rows``, CUDA's layout)."""
+    with its prompt blocks padded (``prefill_rows``, CUDA's layout), and with its seeded draws
+    on the device (``device_sampling``, CUDA's default), both forced here on the CPU."""
     static = make_view(tiny_lm, block_size=16, runner="static")
+    static.runner.device_sampling = "device" in request.param
     return make_view(tiny_lm, block_size=16, runner="eager"), padded(static) if "padded" in request.param else static
 
 
@@ -102,6 +104,53 @@ def test_static_equals_eager_seeded_sampling(pair):
         assert a == b
         # and the draw is reproducible from a reused slot
         assert static.generate([prompt], 12, [f"s{i}"], [s])[0] == b
+
+
+class HostDrawForbidden(SeededPick):
+    def __call__(self, logits, i):
+        raise AssertionError("a seeded token was drawn on the host")
+
+
+@pytest.mark.parametrize("runner", ["static", "batched"])
+def test_device_sampling_never_draws_on_the_host(tiny_lm, runner):
+    """With ``device_sampling`` a sampled chunk is chosen like a greedy one (tokens fed back on
+    the device, read once per ``decode_sync_every`` steps): the pick's host draw is never called,
+    and the tokens are the host draw's (the eager runner's), a stop token included."""
+    lm = make_view(tiny_lm, block_size=16, runner=runner)
+    lm.runner.device_sampling = True
+    eager = make_view(tiny_lm, block_size=16, runner="eager")
+    rng = random.Random(13)
+    for i in range(3):
+        prompt = random_tokens(rng, rng.randrange(10, 60))
+        s = Sampling(temperature=1.0, top_p=(1.0, 0.9, 0.5)[i], seed=77 + i, start=i)
+        want = eager.generate([prompt], 20, None, [s])[0]
+        stop = frozenset({want[7]})
+        with torch.inference_mode():
+            first, _, kv = lm._prefill(prompt, None, CallStats())  # the backend's aligned blocks
+            got = lm.runner.decode(kv, first, 20, HostDrawForbidden(s), stop)
+        lm.runner.free(kv)
+        assert got.tokens == want[:want.index(want[7]) + 1], i
+
+
+@pytest.mark.parametrize("runner", ["eager", "static", "batched"])
+def test_step_logits_each_is_step_logits_token_by_token(tiny_lm, runner):
+    """Logprobs replay decoding with ``step_logits_each`` (the static runners keep its tokens and
+    rows on the device): its rows are, bit for bit, ``step_logits`` fed the tokens one by one."""
+    lm = make_view(tiny_lm, block_size=16, runner=runner)
+    rng = random.Random(17)
+    prompt, toks = random_tokens(rng, 40), random_tokens(rng, 9)
+    with torch.inference_mode():
+        _, _, kv = lm._prefill(prompt, None, CallStats())
+        kv, each = lm.runner.step_logits_each(kv, toks)
+        lm.runner.free(kv)
+        _, _, kv = lm._prefill(prompt, None, CallStats())
+        one = []
+        for t in toks:
+            kv, row = lm.runner.step_logits(kv, t)
+            one.append(row)
+        lm.runner.free(kv)
+    assert each.shape == (len(toks), one[0].shape[0])
+    assert all(torch.equal(each[i], one[i]) for i in range(len(toks)))
 
 
 def test_slot_pool_evicts_least_recently_used_without_changing_outputs(tiny_lm):
