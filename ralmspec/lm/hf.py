@@ -451,6 +451,71 @@ class HFLanguageModel(LanguageModel):
         is taken out of the table; the caller puts it back with ``_store`` once done.
         """
         t0 = time.perf_counter()
+        kv, start = self._prefill_begin(prompt, session, stats)
+        logits = hidden = None
+        try:
+            while start < len(prompt):
+                end = self._block_end(start, len(prompt))
+                kv, logits, hidden = self.runner.prefill_block(kv, prompt[start:end], last=end == len(prompt),
+                                                               want_hidden=want_hidden)
+                self._block_done(prompt, end, kv, stats, end - start)
+                start = end
+        except BaseException:
+            self.runner.free(kv)
+            raise
+        assert logits is not None  # reuse <= (L-1)//B*B < L
+        stats.prefill_s += time.perf_counter() - t0
+        return logits, hidden, kv
+
+    def _prefill_together(self, rows: list[tuple[list[int], Hashable | None]],
+                          stats: CallStats) -> tuple[list[torch.Tensor], list[Any]]:
+        """``_prefill`` of every prompt of ``rows`` at once, for a runner that ``prefills_together``:
+        in waves, each wave ONE ``prefill_blocks`` call with the next block of every prompt that
+        still needs one (a block's bits do not depend on its neighbours there). Returns the last
+        logits and the KV handles, in order; on an error every handle is freed."""
+        t0 = time.perf_counter()
+        kvs: list[Any] = []
+        starts: list[int] = []
+        logits: list[Any] = [None] * len(rows)
+        try:
+            for prompt, session in rows:
+                kv, start = self._prefill_begin(prompt, session, stats)
+                kvs.append(kv)
+                starts.append(start)
+            while True:
+                todo = [i for i, (prompt, _) in enumerate(rows) if starts[i] < len(prompt)]
+                if not todo:
+                    break
+                ends = {i: self._block_end(starts[i], len(rows[i][0])) for i in todo}
+                outs = self.runner.prefill_blocks([kvs[i] for i in todo], [rows[i][0][starts[i]:ends[i]] for i in todo],
+                                                  [ends[i] == len(rows[i][0]) for i in todo], want_hidden=False)
+                for i, (kv, last_logits, _) in zip(todo, outs):
+                    kvs[i], logits[i] = kv, last_logits if last_logits is not None else logits[i]
+                    self._block_done(rows[i][0], ends[i], kv, stats, ends[i] - starts[i])
+                    starts[i] = ends[i]
+        except BaseException:
+            for kv in kvs:
+                self.runner.free(kv)
+            raise
+        assert all(x is not None for x in logits)
+        stats.prefill_s += time.perf_counter() - t0
+        return logits, kvs
+
+    def _block_end(self, start: int, length: int) -> int:
+        """The end of the canonical block that starts at ``start`` (a prompt of ``length``)."""
+        return min(start - start % self.block_size + self.block_size, length)
+
+    def _block_done(self, prompt: list[int], end: int, kv: Any, stats: CallStats, computed: int) -> None:
+        """Account a computed block ending at ``end`` and share it if it is full."""
+        stats.prefill_forwards += 1
+        stats.prefill_tokens_computed += computed
+        if end % self.block_size == 0:
+            self._share(prompt[:end], kv)
+
+    def _prefill_begin(self, prompt: list[int], session: Hashable | None, stats: CallStats) -> tuple[Any, int]:
+        """The KV handle for ``prompt`` holding what can be reused (the session's blocks, then the
+        shared prefix blocks), and the position where computing starts (a block boundary, before
+        the block holding the last position). The session's entry is taken out of the table."""
         B, L = self.block_size, len(prompt)
         entry = self._sessions.pop(session, None) if session is not None else None
         if entry is not None:
@@ -469,28 +534,15 @@ class HFLanguageModel(LanguageModel):
             if entry is not None:
                 self.runner.free(entry.kv)
             kv = self._open_kv()
-        start = reuse
-        logits = hidden = None
         try:
-            kv, start = self._import_shared(kv, prompt, start)
-            stats.shared_tokens += start - reuse
-            while start < L:
-                end = min(start - start % B + B, L)
-                kv, logits, hidden = self.runner.prefill_block(kv, prompt[start:end], last=end == L,
-                                                               want_hidden=want_hidden)
-                stats.prefill_forwards += 1
-                stats.prefill_tokens_computed += end - start
-                if end % B == 0:
-                    self._share(prompt[:end], kv)
-                start = end
+            kv, start = self._import_shared(kv, prompt, reuse)
         except BaseException:
             self.runner.free(kv)
             raise
-        assert logits is not None  # reuse <= (L-1)//B*B < L
+        stats.shared_tokens += start - reuse
         stats.prompt_tokens += L
         stats.reused_tokens += reuse
-        stats.prefill_s += time.perf_counter() - t0
-        return logits, hidden, kv
+        return kv, start
 
     def _import_shared(self, kv: Any, prompt: list[int], start: int) -> tuple[Any, int]:
         """Extend ``kv`` (holding ``prompt[:start]``, ``start`` a multiple of B) with the shared
@@ -549,10 +601,13 @@ class HFLanguageModel(LanguageModel):
         kvs: list[Any] = []
         firsts: list[torch.Tensor] = []
         try:
-            for prompt, session in rows:
-                logits, _, kv = self._prefill(prompt, session, stats)
-                kvs.append(kv)
-                firsts.append(logits)
+            if self.runner.prefills_together and len(rows) > 1:
+                firsts, kvs = self._prefill_together(rows, stats)
+            else:
+                for prompt, session in rows:
+                    logits, _, kv = self._prefill(prompt, session, stats)
+                    kvs.append(kv)
+                    firsts.append(logits)
             t0 = time.perf_counter()
             chunks = self.runner.decode_batch(kvs, firsts, n, [_picker(m) for m in modes], self.stop_token_ids)
         except BaseException:

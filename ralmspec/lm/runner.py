@@ -79,6 +79,15 @@ class KVRunner(abc.ABC):
     @abc.abstractmethod
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]: ...
 
+    prefills_together = False  # prefill_blocks shares forwards between sessions (the static runner's)
+
+    def prefill_blocks(self, kvs: Sequence[Any], blocks: Sequence[Sequence[int]], lasts: Sequence[bool],
+                       want_hidden: bool) -> list[tuple[Any, torch.Tensor | None, torch.Tensor | None]]:
+        """``prefill_block`` of several handles (one block each), each exactly what
+        ``prefill_block`` alone gives it. This default: one by one."""
+        return [self.prefill_block(kv, ids, last=last, want_hidden=want_hidden)
+                for kv, ids, last in zip(kvs, blocks, lasts)]
+
     def step_logits_each(self, kv: Any, tokens: Sequence[int]) -> tuple[Any, torch.Tensor]:
         """``step_logits`` fed each of ``tokens`` in turn: ``(kv, logits [len(tokens), vocab])``, row
         ``i`` the logits after ``tokens[i]`` (logprobs replay decoding with it). Here: one

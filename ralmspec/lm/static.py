@@ -144,10 +144,11 @@ class _Decoder:
         ``spans[r]`` keys only (``None``: a padding row, no attention). The projections and MLPs
         run over all ``b`` rows at once; attention runs row by row, so a row's attention has the
         same shapes whatever its neighbours. Without ``pool`` (one row) the KV is read and written
-        through the slot's own buffers; with it (a ``b``-row step, ``t`` = 1) through the pooled
-        buffers at the device-side slot indices ``pool.rows``, so the slots are data, not
-        addresses. Shapes depend on ``(b, t, spans)`` only: a 1-row step per (slot, span) and a
-        pooled step per ``spans`` can be captured as CUDA graphs."""
+        through the slot's own buffers; with it (``b`` rows: a decode step, ``t`` = 1, or prompt
+        blocks, ``t`` = ``prefill_rows``) through the pooled buffers at the device-side slot
+        indices ``pool.rows``, so the slots are data, not addresses. Shapes depend on
+        ``(b, t, spans)`` only: a 1-row forward per (slot, span) and a pooled one per ``spans``
+        can be captured as CUDA graphs."""
         masks = [None if span is None else self.key_index(span)[None, :] <= pos[r][:, None]  # causal by position
                  for r, span in enumerate(spans)]
         h = self.embed(ids)
@@ -190,11 +191,11 @@ class _Decoder:
             span = spans[0]
             out = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=masks[0],
                                                  scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
-        else:  # b rows of one position each: one write for all rows, then each row reads its own slot
-            assert t == 1, "a pooled forward is a decode step"
+        else:  # b rows of t positions each: one write for all rows, then each row reads its own slot
             kp, vp = pool.keys[layer], pool.values[layer]
-            kp[pool.rows, :, pos[:, 0]] = k[:, :, 0]  # padding rows write into the spare slot
-            vp[pool.rows, :, pos[:, 0]] = v[:, :, 0]
+            at = (pool.rows[:, None], slice(None), pos)  # -> [b, t, kv, hd]; padding rows: the spare slot
+            kp[at] = k.transpose(1, 2)
+            vp[at] = v.transpose(1, 2)
             out = q.new_zeros(q.shape)
             for r, span in enumerate(spans):
                 if span is None:
@@ -283,8 +284,11 @@ class StaticRunner(KVRunner):
         self.prefill_rows = prefill_rows
         self.prefill_graphs = self.cuda_graphs
         self._block_in = torch.zeros(2, prefill_rows or 1, dtype=torch.long, device=dev)
-        self._block_graphs: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
+        self._block_graphs: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
         self.padded_blocks = 0  # prompt blocks run padded to ``prefill_rows`` rows
+        # ``prefills_together``: the pooled blocks' inputs, and its forwards counted by live rows
+        self._rows_block_in = torch.zeros(2, batch_rows, prefill_rows or 1, dtype=torch.long, device=dev)
+        self.block_rows: collections.Counter[int] = collections.Counter()
         cfg = self.decoder
         self.slot_bytes = (2 * len(cfg.layers) * cfg.n_kv * max_len * cfg.head_dim
                            * torch.empty(0, dtype=cfg.dtype).element_size())
@@ -302,12 +306,15 @@ class StaticRunner(KVRunner):
 
     def state(self) -> dict[str, Any]:
         """``KVRunner.state`` with the CUDA graphs held, the spans the compiled step ran at
-        (``compile_step``) and the batch-invariant steps counted by live rows (``batch_rows`` > 1)."""
+        (``compile_step``), the batch-invariant steps counted by live rows (``batch_rows`` > 1) and
+        the shared prompt-block forwards counted by live rows (``prefills_together``)."""
         out: dict[str, Any] = {"name": self.name, "cuda_graphs": self.captured_graphs}
         if self._compiled is not None:
             out["compiled_spans"] = sorted(self.compiled_spans)
         if self.batch_rows > 1:
             out["batched_steps_by_live_rows"] = dict(sorted(self.live_rows.items()))
+        if self.prefills_together:
+            out["prefill_forwards_by_live_rows"] = dict(sorted(self.block_rows.items()))
         return out
 
     # ------------------------------------------------------------------ slots
@@ -372,22 +379,105 @@ class StaticRunner(KVRunner):
 
     # ------------------------------------------------------------------ forwards
 
+    @property
+    def prefills_together(self) -> bool:
+        """The batch-invariant mode with padded prompt blocks (CUDA): every padded block is a row
+        of ONE ``batch_rows`` x ``prefill_rows`` forward, which the blocks of several sessions
+        share (``prefill_blocks``), a lone block's included (the fixed shape keeps its bits)."""
+        return self.batch_rows > 1 and self.prefill_rows is not None
+
+    def _paddable(self, kv: Slot, n: int) -> bool:
+        """A block of ``n`` tokens at ``kv.length`` runs padded to ``prefill_rows`` rows: it starts on
+        a block boundary, fits a block, and its padding rows fit the slot."""
+        B = self.prefill_rows
+        return B is not None and kv.length % B == 0 and n <= B and kv.length + B <= self.max_len
+
+    def prefill_blocks(self, kvs: Sequence[Slot], blocks: Sequence[Sequence[int]], lasts: Sequence[bool],
+                       want_hidden: bool) -> list[tuple[Slot, torch.Tensor | None, torch.Tensor | None]]:
+        """``prefill_block`` of several slots; with ``prefills_together``, their padded blocks run
+        ``batch_rows`` at a time as one forward (the rest, one by one, unpadded)."""
+        if not self.prefills_together:
+            return super().prefill_blocks(kvs, blocks, lasts, want_hidden)
+        out: list[Any] = [None] * len(kvs)
+        padded = [i for i, (kv, ids) in enumerate(zip(kvs, blocks)) if self._paddable(kv, len(ids))]
+        for i in sorted(set(range(len(kvs))) - set(padded)):
+            out[i] = self.prefill_block(kvs[i], blocks[i], last=lasts[i], want_hidden=want_hidden)
+        for g in range(0, len(padded), self.batch_rows):
+            part = padded[g:g + self.batch_rows]
+            rows = self._pooled_blocks([kvs[i] for i in part], [blocks[i] for i in part])
+            for i, row in zip(part, rows):
+                out[i] = self._block_out(kvs[i], row, lasts[i], want_hidden)
+        return out
+
+    def _block_out(self, kv: Slot, row: torch.Tensor, last: bool,
+                   want_hidden: bool) -> tuple[Slot, torch.Tensor | None, torch.Tensor | None]:
+        if not last:
+            return kv, None, None
+        return kv, self.decoder.logits(row[None])[0], (row if want_hidden else None)
+
     def prefill_block(self, kv: Slot, ids: Sequence[int], *, last: bool,
                       want_hidden: bool) -> tuple[Slot, torch.Tensor | None, torch.Tensor | None]:
         start, end = kv.length, kv.length + len(ids)
         if end > self.max_len:
             raise ConfigError(f"{end} positions exceed the static runner's slot length {self.max_len}")
-        d, span, B = self.decoder, attention_span(end, self.max_len), self.prefill_rows
-        if B is not None and start % B == 0 and len(ids) <= B and start + B <= self.max_len:
+        d, span = self.decoder, attention_span(end, self.max_len)
+        if self.prefills_together and self._paddable(kv, len(ids)):
+            return self._block_out(kv, self._pooled_blocks([kv], [ids])[0], last, want_hidden)
+        if self._paddable(kv, len(ids)):
             row = self._padded_block(kv, ids, span)
         else:
             x = torch.tensor([list(ids)], dtype=torch.long, device=d.device)
             pos = torch.arange(start, end, device=d.device)[None]
             row = d.forward([kv], x, pos, [span])[0, -1]
         kv.length = end
-        if not last:
-            return kv, None, None
-        return kv, d.logits(row[None])[0], (row if want_hidden else None)
+        return self._block_out(kv, row, last, want_hidden)
+
+    def _pooled_blocks(self, kvs: list[Slot], blocks: list[Sequence[int]]) -> list[torch.Tensor]:
+        """Aligned prompt blocks of up to ``batch_rows`` slots as ONE pooled forward of
+        ``batch_rows`` x ``prefill_rows`` rows (``prefills_together``): each slot's block padded as
+        in ``_padded_block``, the rows ordered by span (``step_order``), padding rows on the spare
+        slot; on CUDA a graph per set of spans. Returns each block's last real row's final hidden
+        state, in the order of ``kvs``, and advances the slots' lengths."""
+        d, b, B, n = self.decoder, self.batch_rows, self.prefill_rows, len(kvs)
+        assert B is not None and 1 <= n <= b
+        spans = [attention_span(kv.length + len(ids), self.max_len) for kv, ids in zip(kvs, blocks)]
+        order = step_order(spans + [None] * (b - n))
+        host = torch.zeros(2, b, B + 1, dtype=torch.long)  # ids, positions; column B: slot index
+        for j, r in enumerate(order):
+            if r < n:
+                host[0, j, :len(blocks[r])] = torch.tensor(list(blocks[r]), dtype=torch.long)
+                host[1, j, :B] = torch.arange(kvs[r].length, kvs[r].length + B)
+                host[0, j, B] = kvs[r].index
+            else:  # a padding row: distinct positions of the spare slot
+                host[1, j, :B] = torch.arange(j * B, (j + 1) * B) % self.max_len
+                host[0, j, B] = self.capacity
+        self._rows_block_in.copy_(host[:, :, :B])  # one host-to-device copy (two, with the slots)
+        pool = self._pooled()
+        pool.rows.copy_(host[0, :, B])
+        key = tuple(spans[r] if r < n else None for r in order)
+        slots = [kvs[r] if r < n else None for r in order]
+
+        def forward() -> torch.Tensor:  # [b, B, d]
+            return d.forward(slots, self._rows_block_in[0], self._rows_block_in[1], key, pool)
+
+        hidden = None
+        if self.prefill_graphs:
+            try:
+                hidden = self._replayed(self._block_graphs, ("rows",) + key, forward)
+            except RuntimeError as exc:  # keep the decode graphs: only prefill goes uncaptured
+                warnings.warn(f"CUDA graph capture of a prefill block failed ({exc}); prefill continues "
+                              "without graphs", RuntimeWarning, stacklevel=2)
+                self.prefill_graphs = False
+                self._block_graphs.clear()
+        if hidden is None:
+            hidden = forward()
+        place = {r: j for j, r in enumerate(order)}
+        rows = [hidden[place[r], len(blocks[r]) - 1].clone() for r in range(n)]  # before the next replay
+        for kv, ids in zip(kvs, blocks):
+            kv.length += len(ids)
+        self.padded_blocks += n
+        self.block_rows[n] += 1
+        return rows
 
     def _padded_block(self, kv: Slot, ids: Sequence[int], span: int) -> torch.Tensor:
         """An aligned prompt block of at most ``prefill_rows`` tokens as ONE forward of exactly

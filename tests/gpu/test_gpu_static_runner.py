@@ -22,7 +22,7 @@ from ralmspec.lm.hf import BATCH_ROWS, CallStats
 from ralmspec.lm.models import load_lm
 from ralmspec.lm.sampling import Sampling, SeededPick, draw, draw_on_device
 from ralmspec.lm.static import StaticRunner
-from tests.lm.conftest import make_view, random_tokens, step_mixes
+from tests.lm.conftest import make_view, prefill_waves, random_tokens, step_mixes
 
 PROMPT_LENGTHS = (5, 63, 64, 100, 130, 20, 300, 41)
 MIXES = [[0, 1, 2, 3, 4, 5, 6, 7], [5, None, 3, 0], [4, 2], [None, 1, 0, None, 3], [7, 6, 5, 4, 3, 2, 1, 0]]
@@ -188,6 +188,34 @@ def test_compiled_step_graphs_replay_the_compiled_bits(cuda_tiny):
     assert outs["compiled+graphs"] == outs["compiled"]
     same = sum(a == b for a, b in zip(outs["compiled"], outs["static"]))
     print(f"\n{cuda_tiny.model.dtype}: compiled == static for {same}/{len(prompts)} prompts of 16 tokens")
+
+
+def test_pooled_prompt_block_graphs_replay_the_uncaptured_bits(cuda_tiny):
+    """The batched runner's prompt blocks on CUDA (``prefills_together``: sessions' blocks share
+    one ``BATCH_ROWS`` x B forward, a graph per set of spans): captured == uncaptured, bit for
+    bit (last logits and KV), and a prompt alone == among others at other positions."""
+    B, rng = 64, random.Random(14)
+    prompts = [random_tokens(rng, n) for n in (5, 64, 100, 130, 200, 255, 300, 20, 70, 140)]
+    held = [0, 0, 1, 0, 2, 3, 1, 0, 1, 2]
+    runs = {}
+    for graphs in (True, False):
+        runner = StaticRunner(cuda_tiny.model, max_len=512, capacity=2 * len(prompts), batch_rows=BATCH_ROWS,
+                              cuda_graphs=graphs, prefill_rows=B)
+        assert runner.prefills_together
+        runner._pooled().gather = True
+        with torch.inference_mode():
+            together = prefill_waves(runner, prompts, held)
+            alone = [prefill_waves(runner, [p], [0])[0] for p in prompts]
+            again = prefill_waves(runner, prompts, held)  # replays the first pass's graphs
+        for (a, ka), (b, kb), (c, kc) in zip(together, alone, again):
+            assert torch.equal(a, b) and torch.equal(a, c)
+            assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(ka, kb, kc))
+        if graphs:
+            assert runner.prefill_graphs, "capture failed (a RuntimeWarning says why)"
+            assert any(key[0] == "rows" for key in runner._block_graphs)
+        runs[graphs] = together
+    for (a, ka), (b, kb) in zip(runs[True], runs[False]):
+        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ka, kb))
 
 
 def test_prefill_block_graphs_replay_the_uncaptured_bits(cuda_tiny):

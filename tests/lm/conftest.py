@@ -20,6 +20,34 @@ def make_view(lm: HFLanguageModel, **overrides) -> HFLanguageModel:
     return HFLanguageModel(lm.model, lm.tokenizer, **kw)
 
 
+def prefill_waves(runner: StaticRunner, group: list[list[int]],
+                  heads: list[int]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Prefill each prompt of ``group`` into a fresh slot: its first ``heads[i]`` blocks alone, one
+    ``prefill_block`` each (a session's history), then the rest in waves of ``prefill_blocks``
+    (the next block of every prompt that still needs one, as ``HFLanguageModel`` does for a
+    runner that ``prefills_together``). Returns each prompt's last logits and its KV (keys then
+    values per layer, ``[kv_heads, length, hd]``); the slots are freed."""
+    B = runner.prefill_rows
+    assert B is not None
+    slots = [runner.open() for _ in group]
+    for slot, p, h in zip(slots, group, heads):
+        for j in range(h):
+            runner.prefill_block(slot, p[j * B:(j + 1) * B], last=False, want_hidden=False)
+    starts = [h * B for h in heads]
+    last: list = [None] * len(group)
+    while any(st < len(p) for st, p in zip(starts, group)):
+        todo = [i for i, p in enumerate(group) if starts[i] < len(p)]
+        ends = [min(starts[i] + B, len(group[i])) for i in todo]
+        outs = runner.prefill_blocks([slots[i] for i in todo], [group[i][starts[i]:e] for i, e in zip(todo, ends)],
+                                     [e == len(group[i]) for i, e in zip(todo, ends)], want_hidden=False)
+        for i, e, (_, logits, _) in zip(todo, ends, outs):
+            starts[i], last[i] = e, logits if logits is not None else last[i]
+    got = [(last[i], [k[0, :, :len(p)].clone() for k in slots[i].keys + slots[i].values]) for i, p in enumerate(group)]
+    for slot in slots:
+        runner.free(slot)
+    return got
+
+
 def step_mixes(runner: StaticRunner, prompts: list[list[int]], mixes: list[list[int | None]],
                toks: list[int]) -> list[torch.Tensor]:
     """Prefill one slot per prompt, then for each mix (slot numbers, None = a padding row) one

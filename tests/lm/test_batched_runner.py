@@ -18,7 +18,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.lm.hf import BATCH_ROWS, HFLanguageModel
 from ralmspec.lm.sampling import Sampling
 from ralmspec.lm.static import StaticRunner, step_order
-from tests.lm.conftest import make_view, random_tokens, step_mixes
+from tests.lm.conftest import make_view, prefill_waves, random_tokens, step_mixes
 
 
 def _mode(rng: random.Random) -> Sampling | None:
@@ -26,17 +26,31 @@ def _mode(rng: random.Random) -> Sampling | None:
                                                     seed=rng.randrange(1 << 20), start=rng.randrange(4))
 
 
-@pytest.mark.parametrize("device_sampling", [False, True], ids=["draws on the host", "draws on the device"])
-def test_session_in_a_mixed_batch_equals_alone_and_eager(tiny_lm, device_sampling):
+def blocks_together(lm: HFLanguageModel) -> HFLanguageModel:
+    """``lm`` (a batched-runner backend) with CUDA's prompt-block layout forced on the CPU: every
+    aligned block padded to ``block_size`` rows, the blocks of one call's sessions sharing ONE
+    ``BATCH_ROWS`` x ``block_size`` forward (``StaticRunner.prefills_together``)."""
+    r = lm.runner
+    lm.runner = StaticRunner(r.decoder.model, max_len=r.max_len, capacity=r.capacity, batch_rows=r.batch_rows,
+                             prefill_rows=lm.block_size)
+    assert lm.runner.prefills_together
+    return lm
+
+
+@pytest.mark.parametrize("mode", ["draws on the host", "draws on the device", "prompt blocks together"])
+def test_session_in_a_mixed_batch_equals_alone_and_eager(tiny_lm, mode):
     """Random mixes: 3 to BATCH_ROWS+1 rows (one call spans two buckets), prompts of 3..60
     tokens, greedy and seeded sampled rows, rows whose session holds a longer / shorter / rolled
     back history, and stop tokens chosen so that rows stop at different steps of the chunk.
-    Sampled rows draw on the host (the CPU's default) or on the device (CUDA's, forced here)."""
+    Sampled rows draw on the host (the CPU's default) or on the device (CUDA's, forced here);
+    and with CUDA's prompt blocks (forced here), the sessions' blocks share their forwards."""
     rng = random.Random(21)
     probe = make_view(tiny_lm, block_size=16, runner="eager")
     eager = make_view(tiny_lm, block_size=16, runner="eager")
     batched = make_view(tiny_lm, block_size=16, runner="batched")  # its sessions persist across trials
-    batched.runner.device_sampling = device_sampling
+    batched.runner.device_sampling = mode == "draws on the device"
+    if mode == "prompt blocks together":
+        batched = blocks_together(batched)
     history: dict[str, list[int]] = {}
     early_stops = full_rows = reused = 0
     for trial, rows in enumerate((4, BATCH_ROWS + 1, 3, 6)):
@@ -69,7 +83,42 @@ def test_session_in_a_mixed_batch_equals_alone_and_eager(tiny_lm, device_samplin
     assert reused > 0, "no session reused its slot: the rollback / reuse path is untested"
     live = batched.runner.live_rows
     assert max(live) > 1 and 1 in live, live  # shared steps, and lone steps in the same shape
+    if mode == "prompt blocks together":
+        blocks = batched.runner.block_rows
+        assert max(blocks) > 1 and 1 in blocks, blocks  # shared block forwards, and lone ones
 
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["slot views", "device-index reads"])
+def test_prompt_blocks_are_the_same_bits_alone_and_together(tiny_lm, gather):
+    """``prefills_together``: bit for bit, a prompt prefilled alone (each block a pooled forward
+    with padding rows) == prefilled with other prompts' blocks in the same forwards (waves of
+    ``prefill_blocks``, the sessions at different positions: some had blocks already, so a
+    forward mixes spans 64, 128 and 256), for the last logits and every KV entry; the padded
+    tail's real rows == those of the full block; reads by device index (a captured forward) ==
+    through slot views."""
+    B = 16
+    rng = random.Random(12)
+    prompts = [random_tokens(rng, n) for n in (5, 16, 17, 40, 63, 64, 100, 130, 150, 200, 33)]  # two groups
+    held = [0, 0, 1, 2, 0, 3, 6, 0, 8, 4, 1]  # blocks a session holds before the call (prefilled alone)
+    runner = StaticRunner(tiny_lm.model, max_len=256, capacity=2 * len(prompts), batch_rows=BATCH_ROWS, prefill_rows=B)
+    runner._pooled().gather = gather
+    seen: list[tuple] = []  # the spans of every pooled forward
+    forward = runner.decoder.forward
+    runner.decoder.forward = lambda slots, ids, pos, spans, pool=None: seen.append(tuple(spans)) or forward(
+        slots, ids, pos, spans, pool)
+
+    with torch.inference_mode():
+        together = prefill_waves(runner, prompts, held)
+        alone = [prefill_waves(runner, [p], [0])[0] for p in prompts]
+        tails = [p + random_tokens(rng, B - len(p) % B) for p in prompts if len(p) % B]  # tails completed
+        longer = prefill_waves(runner, tails, [0] * len(tails))
+    for (a, ka), (b, kb) in zip(together, alone):
+        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ka, kb))
+    for (_, kt), (_, kf) in zip([kv for p, kv in zip(prompts, alone) if len(p) % B], longer):
+        assert all(torch.equal(x, y[:, :x.shape[1]]) for x, y in zip(kt, kf))
+    assert max(runner.block_rows) == BATCH_ROWS and runner.block_rows[1] > 0
+    assert any(len({s for s in spans if s is not None}) == 3 for spans in seen), seen  # 64, 128, 256 in one forward
 
 
 def test_logprobs_replay_the_batched_decode(tiny_lm):

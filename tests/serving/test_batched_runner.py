@@ -17,13 +17,17 @@ QUESTIONS = ["who wrote the song hey jude", "when did the roman empire fall",
              "who was the first president of the united states", "what is the capital of australia"]
 
 
-@pytest.fixture(scope="module")
-def batched_engine(small_indexes, tiny_lm):
+@pytest.fixture(scope="module", params=["batched", "batched, prompt blocks together"])
+def batched_engine(small_indexes, tiny_lm, request):
+    """The batched runner; also with CUDA's prompt blocks forced on the CPU (the requests' blocks
+    share padded forwards: ``StaticRunner.prefills_together``)."""
     from ralmspec.engine.core import RalmEngine
     from tests.lm.conftest import make_view
+    from tests.lm.test_batched_runner import blocks_together
 
     config = replace(TEST_ENGINE_CONFIG, lm_runner="batched")
-    return RalmEngine(make_view(tiny_lm, runner="batched"), small_indexes["exact"], config)
+    lm = make_view(tiny_lm, runner="batched")
+    return RalmEngine(blocks_together(lm) if "together" in request.param else lm, small_indexes["exact"], config)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,7 @@ def test_concurrent_requests_on_the_batched_runner_equal_each_alone(batched_serv
               | ({"temperature": 0.8, "seed": 5} if i == 3 else {}) for i, q in enumerate(qs)]
     runner = batched_engine.lm.runner
     shared_before = sum(v for k, v in runner.live_rows.items() if k > 1)
+    blocks_before = sum(v for k, v in runner.block_rows.items() if k > 1)
 
     async def go():
         return await asyncio.gather(*(http("POST", f"{batched_server.url}/v1/completions", b) for b in bodies))
@@ -62,6 +67,8 @@ def test_concurrent_requests_on_the_batched_runner_equal_each_alone(batched_serv
             assert alone.text == eager.text, b["prompt"]
     check.ran(min_speculated=sum(b["ralm"]["speculate"] for b in bodies))
     assert shared > 0, "no decode forward stepped two requests: the batched path did not run"
+    if runner.prefills_together:
+        assert sum(v for k, v in runner.block_rows.items() if k > 1) > blocks_before, "no shared block forward"
     stats = request("GET", f"{batched_server.url}/v1/stats")[1]
     assert stats["lm_batch_sizes"]["max"] > 1
     # the server says how its LM ran: steps that held more than one live row, no graphs on the CPU
