@@ -635,13 +635,13 @@ def _scored(logits: torch.Tensor, tokens: list[int], top_k: int) -> list[TokenLo
     best (ties -> lower id), computed where the logits are; one read of ``(1 + top_k)`` numbers
     per row back to the host."""
     lp = torch.log_softmax(logits.double(), -1)
-    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    cols = [lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None].to(lp.device))]
     if top_k > 0:
         top = torch.sort(lp, dim=-1, descending=True, stable=True)
-        ids, vals = top.indices[:, :top_k].tolist(), top.values[:, :top_k].tolist()
-    else:
-        ids = vals = [[] for _ in tokens]
-    return [TokenLogprob(t, v, tuple(zip(i, x))) for t, v, i, x in zip(tokens, chosen, ids, vals)]
+        cols += [top.values[:, :top_k], top.indices[:, :top_k].double()]  # ids < 2**53: exact as doubles
+    rows = torch.cat(cols, 1).tolist()  # the one read
+    return [TokenLogprob(t, row[0], tuple(zip((int(i) for i in row[1 + top_k:]), row[1:1 + top_k])))
+            for t, row in zip(tokens, rows)]
 
 
 def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: torch.device,

@@ -426,7 +426,7 @@ class StaticRunner(KVRunner):
         if self._paddable(kv, len(ids)):
             row = self._padded_block(kv, ids, span)
         else:
-            x = torch.tensor([list(ids)], dtype=torch.long, device=d.device)
+            x = _host_to(torch.tensor([list(ids)], dtype=torch.long), d.device)
             pos = torch.arange(start, end, device=d.device)[None]
             row = d.forward([kv], x, pos, [span])[0, -1]
         kv.length = end
@@ -451,7 +451,8 @@ class StaticRunner(KVRunner):
             else:  # a padding row: distinct positions of the spare slot
                 host[1, j, :B] = torch.arange(j * B, (j + 1) * B) % self.max_len
                 host[0, j, B] = self.capacity
-        self._rows_block_in.copy_(host[:, :, :B])  # one host-to-device copy (two, with the slots)
+        host = _host_to(host, d.device)  # one host-to-device copy
+        self._rows_block_in.copy_(host[:, :, :B])
         pool = self._pooled()
         pool.rows.copy_(host[0, :, B])
         key = tuple(spans[r] if r < n else None for r in order)
@@ -492,7 +493,7 @@ class StaticRunner(KVRunner):
         host = torch.zeros(2, B, dtype=torch.long)
         host[0, :t] = torch.tensor(list(ids), dtype=torch.long)
         host[1] = torch.arange(start, start + B)
-        self._block_in.copy_(host)  # one host-to-device copy
+        self._block_in.copy_(_host_to(host, self.decoder.device))  # one host-to-device copy
         if self.prefill_graphs:
             try:
                 hidden = self._replayed(self._block_graphs, (kv.index, span), lambda: self._block_forward(kv, span))
@@ -614,7 +615,7 @@ class StaticRunner(KVRunner):
     def step_logits_each(self, kv: Slot, tokens: Sequence[int]) -> tuple[Slot, torch.Tensor]:
         """``step_logits`` per token with the tokens uploaded once and the rows kept on the
         device: nothing is read back to the host (the caller reads what it needs)."""
-        toks = torch.tensor([int(t) for t in tokens], dtype=torch.long).to(self.decoder.device)
+        toks = _host_to(torch.tensor([int(t) for t in tokens], dtype=torch.long), self.decoder.device)
         rows = []
         for i in range(len(tokens)):
             if self.batch_rows > 1:
@@ -650,7 +651,8 @@ class StaticRunner(KVRunner):
         meta = torch.tensor([[self.capacity if s is None else s.index for s in slots],  # the spare slot
                              [j % self.max_len if s is None else s.length for j, s in enumerate(slots)],
                              [r if r < n else 0 for r in order], place],
-                            dtype=torch.long).to(d.device)  # one host-to-device copy per step
+                            dtype=torch.long)
+        meta = _host_to(meta, d.device)  # one host-to-device copy per step
         pool = self._pooled()
         pool.rows.copy_(meta[0])
         self._rows_pos[:, 0].copy_(meta[1])
@@ -772,6 +774,17 @@ class StaticRunner(KVRunner):
         self._buffers.clear()
         self._kv_pool = None
         self._free = list(range(self.capacity - 1, -1, -1))
+
+
+def _host_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` (a CPU tensor) on ``device``. On CUDA through pinned memory, queued behind the
+    kernels already launched (the caching host allocator keeps the pinned copy until the copy is
+    done): a step's inputs go up without the host waiting for the previous step, so the host
+    prepares step ``i + 1`` while the GPU runs step ``i`` (a plain copy from pageable memory
+    would wait for the stream)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def step_order(spans: Sequence[int | None]) -> list[int]:

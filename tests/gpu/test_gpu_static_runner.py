@@ -164,6 +164,34 @@ def test_logprob_replay_on_cuda_is_decodings_logits(cuda_tiny, runner):
     assert all(lp.top[0] == (lp.token, lp.logprob) for lp in lm.token_logprobs(prompt, out, 2))
 
 
+@pytest.mark.parametrize("runner", ["static", "batched"])
+def test_a_chunk_reads_the_gpu_once(cuda_tiny, runner):
+    """A ``generate`` call of 12 tokens (prefill of the prompt's blocks, graphs captured, decode
+    greedy and sampled on the device) synchronises with the GPU only for its one read of the
+    tokens: torch's sync debug mode counts every synchronising operation (a plain copy from
+    pageable memory, ``.item()``, ``.tolist()``...); the places are printed."""
+    import warnings
+
+    lm = make_view(cuda_tiny, block_size=16, runner=runner)
+    rng = random.Random(19)
+    prompts = [random_tokens(rng, n) for n in (40, 70)]
+    modes = [None, Sampling(temperature=0.8, top_p=0.9, seed=4)]
+    lm.generate(prompts, 12, ["a", "b"], modes)  # graphs captured, allocations made, outside the count
+    for i, (prompt, mode) in enumerate(zip(prompts, modes)):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                lm.generate([prompt + random_tokens(rng, 4)], 12, ["a" if i == 0 else "b"], [mode])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in seen if "synchroniz" in str(w.message)]
+        print(f"\n{runner} {'greedy' if mode is None else 'sampled'}: {len(syncs)} syncs: "
+              + "; ".join(f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in syncs))
+        assert len(syncs) <= 1, [str(w.message) for w in syncs]
+
+
 def test_compiled_step_graphs_replay_the_compiled_bits(cuda_tiny):
     """``--lm-runner compiled`` on CUDA: the compiled step captured as the static runner's graphs
     gives the compiled step's own tokens (uncaptured); its agreement with the uncompiled static
