@@ -6,8 +6,10 @@ of spans (``step_order``) give the same logits, bit for bit, as the same runner 
 in the batched runner a session's logits are the same bits alone and among any neighbours (the
 invariance of docs/lm-runner.md, on the GPU's kernels), and a handful of graphs serve every mix;
 the compiled step (``--lm-runner compiled``) and the padded prompt blocks captured == uncaptured;
-seeded draws evaluated on CUDA == on the host, and the static runner's sampled chunks (drawn on
-the device) == the eager runner's.
+seeded draws evaluated on CUDA == on the host, and a chunk drawn on the device == the same chunk
+drawn on the host; the logprob replay kept on the device == decoding's logits; the batched
+runner's shared prompt-block forwards captured == uncaptured and alone == together; and a
+``generate`` call synchronises with the GPU once.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 
 from ralmspec.lm.hf import BATCH_ROWS, CallStats
 from ralmspec.lm.models import load_lm
-from ralmspec.lm.sampling import Sampling, SeededPick, draw, draw_on_device
+from ralmspec.lm.sampling import Sampling, draw, draw_on_device
 from ralmspec.lm.static import StaticRunner
-from tests.lm.conftest import make_view, prefill_waves, random_tokens, step_mixes
+from tests.lm.conftest import (HostDrawForbidden, logits_each_and_one_by_one, make_view, prefill_waves,
+                               random_tokens, step_mixes)
 
 PROMPT_LENGTHS = (5, 63, 64, 100, 130, 20, 300, 41)
 MIXES = [[0, 1, 2, 3, 4, 5, 6, 7], [5, None, 3, 0], [4, 2], [None, 1, 0, None, 3], [7, 6, 5, 4, 3, 2, 1, 0]]
@@ -121,11 +124,6 @@ def test_sampled_chunks_drawn_on_cuda_equal_host_draws_of_the_same_logits(cuda_t
     evaluated in both places. ``generate`` agrees with both."""
     lm = make_view(cuda_tiny, block_size=16, runner="static")
     assert lm.runner.device_sampling and lm.runner.cuda_graphs
-
-    class HostDrawForbidden(SeededPick):
-        def __call__(self, logits, i):
-            raise AssertionError("a seeded token was drawn on the host")
-
     rng = random.Random(12)
     for i in range(6):
         prompt = random_tokens(rng, rng.randrange(10, 200))
@@ -149,16 +147,7 @@ def test_logprob_replay_on_cuda_is_decodings_logits(cuda_tiny, runner):
     lm = make_view(cuda_tiny, block_size=16, runner=runner)
     rng = random.Random(18)
     prompt, toks = random_tokens(rng, 90), random_tokens(rng, 12)
-    with torch.inference_mode():
-        _, _, kv = lm._prefill(prompt, None, CallStats())
-        kv, each = lm.runner.step_logits_each(kv, toks)
-        lm.runner.free(kv)
-        _, _, kv = lm._prefill(prompt, None, CallStats())
-        one = []
-        for t in toks:
-            kv, row = lm.runner.step_logits(kv, t)
-            one.append(row)
-        lm.runner.free(kv)
+    each, one = logits_each_and_one_by_one(lm, prompt, toks)
     assert all(torch.equal(each[i], one[i]) for i in range(len(toks)))
     out = lm.greedy([prompt], 12)[0]
     assert all(lp.top[0] == (lp.token, lp.logprob) for lp in lm.token_logprobs(prompt, out, 2))

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from ralmspec.lm.hf import HFLanguageModel
+from ralmspec.lm.hf import CallStats, HFLanguageModel
+from ralmspec.lm.sampling import SeededPick
 from ralmspec.lm.static import StaticRunner
 
 
@@ -18,6 +19,30 @@ def make_view(lm: HFLanguageModel, **overrides) -> HFLanguageModel:
               block_size=lm.block_size, name=lm.name)
     kw.update(overrides)
     return HFLanguageModel(lm.model, lm.tokenizer, **kw)
+
+
+class HostDrawForbidden(SeededPick):
+    """A seeded pick whose host draw fails the test: a runner that draws on the device never calls it."""
+
+    def __call__(self, logits, i):
+        raise AssertionError("a seeded token was drawn on the host")
+
+
+def logits_each_and_one_by_one(lm: HFLanguageModel, prompt: list[int],
+                               toks: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """After ``prompt``'s canonical prefill (twice, each into a fresh handle): the rows of
+    ``runner.step_logits_each(toks)`` and those of ``step_logits`` fed ``toks`` one by one."""
+    with torch.inference_mode():
+        _, _, kv = lm._prefill(prompt, None, CallStats())
+        kv, each = lm.runner.step_logits_each(kv, toks)
+        lm.runner.free(kv)
+        _, _, kv = lm._prefill(prompt, None, CallStats())
+        one = []
+        for t in toks:
+            kv, row = lm.runner.step_logits(kv, t)
+            one.append(row)
+        lm.runner.free(kv)
+    return each, one
 
 
 def prefill_waves(runner: StaticRunner, group: list[list[int]],

@@ -16,9 +16,10 @@ import torch
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.hf import CallStats, HFLanguageModel, make_runner
-from ralmspec.lm.sampling import Sampling, SeededPick
+from ralmspec.lm.sampling import Sampling
 from ralmspec.lm.static import MIN_SPAN, StaticRunner, attention_span
-from tests.lm.conftest import make_view, random_tokens, speculative_equals_naive
+from tests.lm.conftest import (HostDrawForbidden, logits_each_and_one_by_one, make_view, random_tokens,
+                               speculative_equals_naive)
 
 
 def padded(lm: HFLanguageModel) -> HFLanguageModel:
@@ -106,11 +107,6 @@ def test_static_equals_eager_seeded_sampling(pair):
         assert static.generate([prompt], 12, [f"s{i}"], [s])[0] == b
 
 
-class HostDrawForbidden(SeededPick):
-    def __call__(self, logits, i):
-        raise AssertionError("a seeded token was drawn on the host")
-
-
 @pytest.mark.parametrize("runner", ["static", "batched"])
 def test_device_sampling_never_draws_on_the_host(tiny_lm, runner):
     """With ``device_sampling`` a sampled chunk is chosen like a greedy one (tokens fed back on
@@ -138,17 +134,8 @@ def test_step_logits_each_is_step_logits_token_by_token(tiny_lm, runner):
     rows on the device): its rows are, bit for bit, ``step_logits`` fed the tokens one by one."""
     lm = make_view(tiny_lm, block_size=16, runner=runner)
     rng = random.Random(17)
-    prompt, toks = random_tokens(rng, 40), random_tokens(rng, 9)
-    with torch.inference_mode():
-        _, _, kv = lm._prefill(prompt, None, CallStats())
-        kv, each = lm.runner.step_logits_each(kv, toks)
-        lm.runner.free(kv)
-        _, _, kv = lm._prefill(prompt, None, CallStats())
-        one = []
-        for t in toks:
-            kv, row = lm.runner.step_logits(kv, t)
-            one.append(row)
-        lm.runner.free(kv)
+    toks = random_tokens(rng, 9)
+    each, one = logits_each_and_one_by_one(lm, random_tokens(rng, 40), toks)
     assert each.shape == (len(toks), one[0].shape[0])
     assert all(torch.equal(each[i], one[i]) for i in range(len(toks)))
 
