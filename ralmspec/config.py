@@ -65,17 +65,23 @@ def check_sampling_args(temperature: Any, top_p: Any, seed: Any) -> None:
 class Sampling:
     """How one prompt's continuation is decoded (the draw rule: ``ralmspec.lm.sampling``): its
     parameters and the absolute position (index in the generated answer) of the first new token; token ``i`` of the
-    continuation is drawn at position ``start + i``."""
+    continuation is drawn at position ``start + i``. ``logprobs`` k (the answer asks for its
+    tokens' log-probabilities with k alternatives): a backend may score the continuation from
+    the logits it decodes with and answer ``token_logprobs`` of it without a replay (the same
+    values: ``ralmspec.lm.base``); never changes a token."""
 
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int = 0
     start: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         check_sampling_args(self.temperature, self.top_p, self.seed)
         if not is_int(self.start, 0):
             raise ConfigError(f"sampling start position must be an integer >= 0, got {self.start!r}")
+        if self.logprobs is not None and not is_int(self.logprobs, 0, MAX_TOP_LOGPROBS):
+            raise ConfigError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -168,14 +174,15 @@ class GenerationConfig:
                 raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
 
     def sampling_at(self, position: int) -> Sampling | None:
-        """How the LM continues from generated-answer ``position``: ``None`` for greedy, else the
-        draw rule's settings starting there (``ConfigError`` if temperature > 0 has no seed)."""
+        """How the LM continues from generated-answer ``position``: ``None`` for greedy without
+        logprobs, else the draw rule's settings starting there, with ``logprobs`` (``ConfigError``
+        if temperature > 0 has no seed)."""
         if self.temperature == 0:
-            return None
+            return None if self.logprobs is None else Sampling(start=position, logprobs=self.logprobs)
         if self.seed is None:
             raise ConfigError("temperature > 0 needs a seed: set GenerationConfig.seed "
                               "(the server and the CLI draw one when it is absent)")
-        return Sampling(self.temperature, self.top_p, self.seed, position)
+        return Sampling(self.temperature, self.top_p, self.seed, position, self.logprobs)
 
 
 # OS^3's per-mode defaults, the one place they are stated (``OS3Config`` holds the shared ones).

@@ -7,7 +7,12 @@ prompt format, and the LM's ``token_logprobs`` replays the step's decoding
 (``ralmspec/lm/base.py``). So a token's log-probability is the one the model computed when the
 kept step produced it, and it depends only on the final answer and its passages: identical with
 speculation on and off (speculated steps that were rolled back are never scored), at any
-concurrency. The decoding loops are untouched; the cost is one replay of the answer's steps.
+concurrency. The decoding loops are untouched. The cost: none on the ``hf`` backend in
+practice, since every chunk of such a request is decoded with ``Sampling.logprobs`` set
+(``GenerationConfig.sampling_at``), so the backend scores it from the logits it was decoded
+with and answers ``token_logprobs`` of a kept step from those scores (a chunk later rolled back
+is simply never asked for); a step it no longer holds (its bounded memo) is replayed: the same
+values, bit for bit (tests/engine/test_logprobs.py).
 
 Values are ``log_softmax`` of the model's logits (temperature 1, no top-p cut), also for sampled
 answers, as OpenAI and vLLM report them.

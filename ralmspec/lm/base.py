@@ -26,6 +26,9 @@ Contract:
   ``log_softmax`` of the logits the backend computes at that position when it generates from
   ``prompt`` (temperature 1, no nucleus cut), and the ``top_k`` most likely ids there. It is a
   deterministic function of ``(prompt, tokens, top_k)``, like ``generate``; it never decodes.
+  ``sampling[i].logprobs`` (k) tells ``generate`` that the continuation will be scored so: a
+  backend may keep its scores from the logits it decoded with and answer ``token_logprobs``
+  from them, which must give the same values (the HF backend does).
 """
 
 from __future__ import annotations

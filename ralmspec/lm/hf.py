@@ -254,6 +254,13 @@ class HFLanguageModel(LanguageModel):
         self.decode_steps = 0
         self.prefill_forwards = 0
         self.last_call_stats = CallStats()
+        # chunks decoded for a request that asks for logprobs (``Sampling.logprobs``), scored from
+        # their decoding's own logits: prompt -> (tokens, top k, scores), least recently used first;
+        # ``token_logprobs`` answers from here instead of replaying (module doc of engine/logprobs.py)
+        self._scored: OrderedDict[tuple[int, ...], tuple[tuple[int, ...], int, list[TokenLogprob]]] = OrderedDict()
+        self.max_scored_chunks = 1024
+        self.scored_from_decode = 0  # tokens token_logprobs answered from decoding's scores
+        self.scored_by_replay = 0  # tokens it replayed
 
     # ------------------------------------------------------------------ public API
 
@@ -331,6 +338,12 @@ class HFLanguageModel(LanguageModel):
         if not toks:
             return []
         with self._lock, torch.inference_mode():
+            hit = self._scored.get(tuple(ids))
+            if hit is not None and hit[1] >= top_k and list(hit[0][:len(toks)]) == toks:
+                self._scored.move_to_end(tuple(ids))
+                self.scored_from_decode += len(toks)
+                return [TokenLogprob(lp.token, lp.logprob, lp.top[:top_k]) for lp in hit[2][:len(toks)]]
+            self.scored_by_replay += len(toks)
             stats = CallStats(prompts=1)
             logits, _, kv = self._prefill(ids, session, stats)
             try:
@@ -372,12 +385,15 @@ class HFLanguageModel(LanguageModel):
             self._sessions.clear()
             self._cached_bytes = 0
             self.prefix_blocks.clear()
+            self._scored.clear()
             self.runner.close()
 
     def clear_prefix_cache(self) -> None:
-        """Forget the shared prefix blocks (a benchmark's cold start); outputs never change."""
+        """Forget the shared prefix blocks and the decoded chunks' scores (a benchmark's cold
+        start); outputs never change."""
         with self._lock:
             self.prefix_blocks.clear()
+            self._scored.clear()
 
     @property
     def cached_sessions(self) -> int:
@@ -609,17 +625,30 @@ class HFLanguageModel(LanguageModel):
                     kvs.append(kv)
                     firsts.append(logits)
             t0 = time.perf_counter()
-            chunks = self.runner.decode_batch(kvs, firsts, n, [_picker(m) for m in modes], self.stop_token_ids)
+            keep = [m is not None and m.logprobs is not None and self.max_scored_chunks > 0 for m in modes]
+            chunks = self.runner.decode_batch(kvs, firsts, n, [_picker(m) for m in modes], self.stop_token_ids,
+                                              keep)
         except BaseException:
             for kv in kvs:
                 self.runner.free(kv)
             raise
         stats.decode_s += time.perf_counter() - t0
-        for (prompt, session), kv, chunk in zip(rows, kvs, chunks):
+        for (prompt, session), kv, chunk, mode in zip(rows, kvs, chunks, modes):
             stats.decode_steps += chunk.steps
             stats.generated_tokens += len(chunk.tokens)
             self._store(session, prompt, kv)
+            if chunk.logits is not None and mode is not None and mode.logprobs is not None:
+                self._remember_scores(prompt, chunk.tokens, mode.logprobs, chunk.logits)
         return [chunk.tokens for chunk in chunks]
+
+    def _remember_scores(self, prompt: list[int], tokens: list[int], top_k: int, logits: torch.Tensor) -> None:
+        """Score a decoded chunk from the logits its tokens were chosen from (the values
+        ``token_logprobs`` replays: the same bits) and keep them for ``prompt`` (LRU)."""
+        key = tuple(prompt)
+        self._scored.pop(key, None)
+        self._scored[key] = (tuple(tokens), top_k, _scored(logits, tokens, top_k))
+        while len(self._scored) > self.max_scored_chunks:
+            self._scored.popitem(last=False)
 
 
 def _picker(sampling: Sampling | None) -> SeededPick | None:

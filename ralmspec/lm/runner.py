@@ -43,6 +43,9 @@ import torch
 class DecodeChunk:
     tokens: list[int]  # generated ids, a stop token included and last
     steps: int  # 1-row forwards run (the static runner may run a few past a stop token)
+    # ``keep_logits``: the logits each token was chosen from, ``[len(tokens), vocab]`` on the
+    # runner's device (what ``step_logits_each`` replays, bit for bit); else None
+    logits: torch.Tensor | None = None
 
 
 class KVRunner(abc.ABC):
@@ -74,7 +77,8 @@ class KVRunner(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, kv: Any, first_logits: torch.Tensor, n: int,
-               pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk: ...
+               pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int], *,
+               keep_logits: bool = False) -> DecodeChunk: ...
 
     @abc.abstractmethod
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]: ...
@@ -125,22 +129,27 @@ class KVRunner(abc.ABC):
 
     def decode_batch(self, kvs: Sequence[Any], first_logits: Sequence[torch.Tensor], n: int,
                      picks: Sequence[Callable[[torch.Tensor, int], int] | None],
-                     stop_ids: frozenset[int]) -> list[DecodeChunk]:
-        """``decode`` of every handle (same ``n``, own ``pick``); this default: one by one."""
-        return [self.decode(kv, first, n, pick, stop_ids) for kv, first, pick in zip(kvs, first_logits, picks)]
+                     stop_ids: frozenset[int], keep_logits: Sequence[bool] | None = None) -> list[DecodeChunk]:
+        """``decode`` of every handle (same ``n``, own ``pick`` and ``keep_logits``); this default:
+        one by one."""
+        keep = keep_logits or [False] * len(kvs)
+        return [self.decode(kv, first, n, pick, stop_ids, keep_logits=k)
+                for kv, first, pick, k in zip(kvs, first_logits, picks, keep)]
 
     def decode_on_host(self, kv: Any, first_logits: torch.Tensor, n: int,
-                       pick: Callable[[torch.Tensor, int], int], stop_ids: frozenset[int]) -> DecodeChunk:
+                       pick: Callable[[torch.Tensor, int], int], stop_ids: frozenset[int], *,
+                       keep_logits: bool = False) -> DecodeChunk:
         """``decode`` with every token chosen on the host by ``pick(logits, i)``: one
         ``step_logits`` (and one host sync) per token, stopping right after a stop token."""
         tok = pick(first_logits, 0)
-        new, steps = [tok], 0
+        new, steps, kept = [tok], 0, [first_logits]
         while len(new) < n and tok not in stop_ids:
             kv, logits = self.step_logits(kv, tok)
             steps += 1
+            kept.append(logits)
             tok = pick(logits, len(new))
             new.append(tok)
-        return DecodeChunk(tokens=new, steps=steps)
+        return DecodeChunk(tokens=new, steps=steps, logits=torch.stack(kept) if keep_logits else None)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Drop every buffer."""
@@ -202,11 +211,12 @@ class EagerRunner(KVRunner):
         return _out_cache(out), out.logits[0, -1], hidden
 
     def decode(self, kv: Any, first_logits: torch.Tensor, n: int,
-               pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk:
+               pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int], *,
+               keep_logits: bool = False) -> DecodeChunk:
         if pick is None:  # the greedy path, unchanged bit for bit
             def pick(row: torch.Tensor, _i: int) -> int:
                 return int(torch.argmax(row).item())
-        return self.decode_on_host(kv, first_logits, n, pick, stop_ids)
+        return self.decode_on_host(kv, first_logits, n, pick, stop_ids, keep_logits=keep_logits)
 
     def step_logits(self, kv: Any, token: int) -> tuple[Any, torch.Tensor]:
         x = torch.tensor([[int(token)]], dtype=torch.long, device=self.device)

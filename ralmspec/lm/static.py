@@ -510,33 +510,40 @@ class StaticRunner(KVRunner):
         return self.decoder.forward([kv], self._block_in[0:1], self._block_in[1:2], [span])[0]
 
     def decode(self, kv: Slot, first_logits: torch.Tensor, n: int,
-               pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int]) -> DecodeChunk:
+               pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int], *,
+               keep_logits: bool = False) -> DecodeChunk:
         """Tokens ``0..n-1`` after the prompt whose last logits are ``first_logits``; ``pick``
         None means greedy on the device; a seeded draw runs on the device with
         ``device_sampling``; any other pick is a host draw per token (one sync each)."""
         if self.batch_rows > 1:
-            return self.decode_batch([kv], [first_logits], n, [pick], stop_ids)[0]
+            return self.decode_batch([kv], [first_logits], n, [pick], stop_ids, [keep_logits])[0]
         choose = self._chooser(pick)
         if choose is None:
             assert pick is not None
-            return self.decode_on_host(kv, first_logits, n, pick, stop_ids)
+            return self.decode_on_host(kv, first_logits, n, pick, stop_ids, keep_logits=keep_logits)
         d = self.decoder
         out = torch.empty(n, dtype=torch.long, device=d.device)
+        kept = [first_logits]
         nxt = choose(first_logits, 0)
         out[0] = nxt
         steps, i = 0, 1
         while True:
             stop_at = min(n, i + self.decode_sync_every)
             while i < stop_at:
+                logits = self._step_logits(kv, nxt)
+                if keep_logits:
+                    kept.append(logits.clone())  # a graph's output buffer: copied before the next replay
                 # the draw reads the step's output buffer before the next replay overwrites it
-                nxt = choose(self._step_logits(kv, nxt), i)
+                nxt = choose(logits, i)
                 out[i] = nxt
                 steps += 1
                 i += 1
             got = out[:i].tolist()  # the one host sync of this stretch
             if i >= n or any(t in stop_ids for t in got):
                 break
-        return DecodeChunk(tokens=_until_stop(got, stop_ids), steps=steps)
+        tokens = _until_stop(got, stop_ids)
+        return DecodeChunk(tokens=tokens, steps=steps,
+                           logits=torch.stack(kept[:len(tokens)]) if keep_logits else None)
 
     def _chooser(self, pick: Callable[[torch.Tensor, int], int] | None
                  ) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
@@ -551,20 +558,22 @@ class StaticRunner(KVRunner):
 
     def decode_batch(self, kvs: Sequence[Slot], first_logits: Sequence[torch.Tensor], n: int,
                      picks: Sequence[Callable[[torch.Tensor, int], int] | None],
-                     stop_ids: frozenset[int]) -> list[DecodeChunk]:
+                     stop_ids: frozenset[int], keep_logits: Sequence[bool] | None = None) -> list[DecodeChunk]:
         """``decode`` of several slots; with ``batch_rows`` > 1, groups of up to ``batch_rows``
         slots step together, one ``batch_rows``-row forward per token (class doc)."""
         if self.batch_rows == 1:
-            return super().decode_batch(kvs, first_logits, n, picks, stop_ids)
+            return super().decode_batch(kvs, first_logits, n, picks, stop_ids, keep_logits)
+        keep = list(keep_logits or [False] * len(kvs))
         out: list[DecodeChunk] = []
         for g in range(0, len(kvs), self.batch_rows):
             part = slice(g, g + self.batch_rows)
-            out += self._decode_rows(list(kvs[part]), list(first_logits[part]), n, list(picks[part]), stop_ids)
+            out += self._decode_rows(list(kvs[part]), list(first_logits[part]), n, list(picks[part]), stop_ids,
+                                     keep[part])
         return out
 
     def _decode_rows(self, kvs: list[Slot], first_logits: list[torch.Tensor], n: int,
                      picks: list[Callable[[torch.Tensor, int], int] | None],
-                     stop_ids: frozenset[int]) -> list[DecodeChunk]:
+                     stop_ids: frozenset[int], keep: list[bool]) -> list[DecodeChunk]:
         """One group of the batch-invariant mode. Rows chosen on the device (greedy; seeded draws
         with ``device_sampling``): tokens read once per ``decode_sync_every`` steps. Other rows:
         the host draw of ``picks[r]`` per token (one sync per step while such a row is running).
@@ -575,6 +584,7 @@ class StaticRunner(KVRunner):
         live = [True] * rows  # still stepped (a device row's stop is only seen at a sync)
         steps = [0] * rows
         chooses = [None if pick is None else self._chooser(pick) for pick in picks]  # None: argmax / host
+        kept: list[list[torch.Tensor] | None] = [[first] if k else None for first, k in zip(first_logits, keep)]
         for r, (first, pick, choose) in enumerate(zip(first_logits, picks, chooses)):
             if pick is None:
                 toks[r, 0] = torch.argmax(first)
@@ -591,6 +601,9 @@ class StaticRunner(KVRunner):
                 if not live[r]:
                     continue
                 steps[r] += 1
+                rows_kept = kept[r]
+                if rows_kept is not None:
+                    rows_kept.append(logits[r])
                 if chooses[r] is not None:
                     toks[r, i] = chooses[r](logits[r], i)
                 elif picks[r] is not None:
@@ -600,8 +613,12 @@ class StaticRunner(KVRunner):
             if i % self.decode_sync_every == 0 and i < n:  # the greedy rows' periodic sync
                 for r, got in enumerate(toks[:, :i].tolist()):
                     live[r] = live[r] and not any(t in stop_ids for t in got)
-        return [DecodeChunk(tokens=_until_stop(got[:i], stop_ids), steps=steps[r])
-                for r, got in enumerate(toks.tolist())]
+        chunks = [DecodeChunk(tokens=_until_stop(got[:i], stop_ids), steps=steps[r])
+                  for r, got in enumerate(toks.tolist())]
+        for chunk, rows_kept in zip(chunks, kept):
+            if rows_kept is not None:
+                chunk.logits = torch.stack(rows_kept[:len(chunk.tokens)])
+        return chunks
 
     def step_logits(self, kv: Slot, token: int) -> tuple[Slot, torch.Tensor]:
         """The logits after feeding ``token`` at position ``kv.length`` (a copy: a graph's output

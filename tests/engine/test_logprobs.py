@@ -48,6 +48,39 @@ def test_logprobs_are_identical_with_and_without_speculation(engine, sampled):
     assert speculated > 0 and rolled_back > 0 and switched > 0
 
 
+@pytest.mark.parametrize("runner", ["eager", "static", "batched"])
+def test_logprobs_are_taken_from_decoding_and_equal_the_replay(tiny_lm, small_indexes, runner):
+    """A request that asks for logprobs has its chunks scored from the logits they were decoded
+    with (``Sampling.logprobs``), so the answer is scored without replaying it; the values are
+    the replay's, bit for bit (the backend's memo turned off), greedy and sampled, naive and
+    speculative (rolled-back chunks are never looked up)."""
+    from tests.lm.conftest import make_view
+
+    lm = make_view(tiny_lm, runner=runner)
+    gen = GenerationConfig(stride=2, query_len=8, max_new_tokens=16, passage_tokens=64, logprobs=3)
+    engine = RalmEngine(lm, small_indexes["exact"], EngineConfig(model="tiny", generation=gen))
+    runs = {}
+    for memo in (True, False):
+        lm.max_scored_chunks = 1024 if memo else 0
+        lm.clear_prefix_cache()
+        before = (lm.scored_from_decode, lm.scored_by_replay)
+        out = []
+        for i, q in enumerate(QUESTIONS):
+            g = replace(gen, temperature=0.9, top_p=0.9, seed=5 + i) if i % 2 else gen
+            out.append(engine.generate_sync(q, gen=g, speculate=False))
+            out.append(engine.generate_sync(q, gen=g, spec=FORCED, speculate=True))
+        tokens = sum(len(r.token_ids) for r in out)
+        from_decode, by_replay = lm.scored_from_decode - before[0], lm.scored_by_replay - before[1]
+        if memo:
+            assert from_decode == tokens and by_replay == 0, (from_decode, by_replay, tokens)
+            assert sum(r.stats["rollbacks"] for r in out[1::2]) > 0  # rolled-back chunks were scored too
+        else:
+            assert from_decode == 0 and by_replay == tokens
+        runs[memo] = out
+    for a, b in zip(runs[True], runs[False]):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs  # floats compared exactly
+
+
 def test_each_step_is_scored_under_its_own_passage(engine):
     """The first token of every step scores with the logits of that step's LM input (its own
     passage), bit for bit; another step's passage gives other numbers."""

@@ -121,6 +121,28 @@ def test_prompt_blocks_are_the_same_bits_alone_and_together(tiny_lm, gather):
     assert any(len({s for s in spans if s is not None}) == 3 for spans in seen), seen  # 64, 128, 256 in one forward
 
 
+def test_scores_kept_from_a_shared_decode_are_each_rows_own(tiny_lm):
+    """Prompts decoded together with ``Sampling.logprobs`` (greedy and sampled rows, stopping
+    apart) keep each row's own decode logits: ``token_logprobs`` answered from them == its
+    replay (memo off), bit for bit, for every row."""
+    lm = make_view(tiny_lm, block_size=16, runner="batched")
+    rng = random.Random(23)
+    prompts = [random_tokens(rng, rng.randrange(5, 60)) for _ in range(5)]
+    modes = [Sampling(logprobs=2, start=1) if i % 2 else Sampling(0.8, 0.9, 40 + i, 0, logprobs=2) for i in range(5)]
+    free = lm.generate(prompts, 7, None, modes)
+    lm.stop_token_ids = frozenset({free[0][3], free[3][1]}) | lm.stop_token_ids  # rows stop apart
+    lm.clear_prefix_cache()
+    lm.scored_from_decode = 0
+    outs = lm.generate(prompts, 7, [f"p{i}" for i in range(5)], modes)
+    assert max(lm.runner.live_rows) > 1 and len({len(o) for o in outs}) > 1, outs
+    kept = [lm.token_logprobs(p, o, 2) for p, o in zip(prompts, outs)]
+    assert lm.scored_from_decode == sum(map(len, outs)) and lm.scored_by_replay == 0
+    lm.max_scored_chunks = 0
+    lm.clear_prefix_cache()
+    assert kept == [lm.token_logprobs(p, o, 2) for p, o in zip(prompts, outs)]
+    assert lm.scored_by_replay == sum(map(len, outs))
+
+
 def test_logprobs_replay_the_batched_decode(tiny_lm):
     """``token_logprobs`` steps one row in the bucket shape, so its logits are the batched
     decode's own: the greedy tokens are their argmax, whatever shared the decode's steps."""

@@ -16,7 +16,7 @@ import torch
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.hf import CallStats, HFLanguageModel, make_runner
-from ralmspec.lm.sampling import Sampling
+from ralmspec.lm.sampling import Sampling, SeededPick
 from ralmspec.lm.static import MIN_SPAN, StaticRunner, attention_span
 from tests.lm.conftest import (HostDrawForbidden, logits_each_and_one_by_one, make_view, random_tokens,
                                speculative_equals_naive)
@@ -138,6 +138,28 @@ def test_step_logits_each_is_step_logits_token_by_token(tiny_lm, runner):
     each, one = logits_each_and_one_by_one(lm, random_tokens(rng, 40), toks)
     assert each.shape == (len(toks), one[0].shape[0])
     assert all(torch.equal(each[i], one[i]) for i in range(len(toks)))
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("runner", ["eager", "static", "batched"])
+def test_decode_keeps_the_logits_it_chose_from(tiny_lm, runner, sampled):
+    """``keep_logits``: a chunk returns, per token, the logits it was chosen from (the first from
+    the prefill), up to and including a stop token: bit for bit what ``step_logits`` replays."""
+    lm = make_view(tiny_lm, block_size=16, runner=runner)
+    rng = random.Random(29)
+    prompt = random_tokens(rng, 50)
+    s = Sampling(0.9, 0.9, 3, logprobs=1) if sampled else Sampling(logprobs=1)
+    free = lm.generate([prompt], 12, None, [s])[0]
+    with torch.inference_mode():
+        first, _, kv = lm._prefill(prompt, None, CallStats())
+        chunk = lm.runner.decode(kv, first, 12, SeededPick(s) if sampled else None, frozenset({free[6]}),
+                                 keep_logits=True)
+        lm.runner.free(kv)
+    assert chunk.tokens == free[:free.index(free[6]) + 1]
+    _, one = logits_each_and_one_by_one(lm, prompt, chunk.tokens[:-1])
+    assert chunk.logits is not None and chunk.logits.shape[0] == len(chunk.tokens)
+    assert torch.equal(chunk.logits[0], first)
+    assert all(torch.equal(chunk.logits[i + 1], row) for i, row in enumerate(one))
 
 
 def test_slot_pool_evicts_least_recently_used_without_changing_outputs(tiny_lm):
