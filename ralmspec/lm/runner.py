@@ -142,11 +142,13 @@ class KVRunner(abc.ABC):
         """``decode`` with every token chosen on the host by ``pick(logits, i)``: one
         ``step_logits`` (and one host sync) per token, stopping right after a stop token."""
         tok = pick(first_logits, 0)
-        new, steps, kept = [tok], 0, [first_logits]
+        new, steps = [tok], 0
+        kept = [first_logits] if keep_logits else []
         while len(new) < n and tok not in stop_ids:
             kv, logits = self.step_logits(kv, tok)
             steps += 1
-            kept.append(logits)
+            if keep_logits:
+                kept.append(logits)
             tok = pick(logits, len(new))
             new.append(tok)
         return DecodeChunk(tokens=new, steps=steps, logits=torch.stack(kept) if keep_logits else None)

@@ -8,8 +8,8 @@ invariance of docs/lm-runner.md, on the GPU's kernels), and a handful of graphs 
 the compiled step (``--lm-runner compiled``) and the padded prompt blocks captured == uncaptured;
 seeded draws evaluated on CUDA == on the host, and a chunk drawn on the device == the same chunk
 drawn on the host; the logprob replay kept on the device == decoding's logits; the batched
-runner's shared prompt-block forwards captured == uncaptured and alone == together; and a
-``generate`` call synchronises with the GPU once.
+runner's shared prompt-block forwards captured == uncaptured and alone == together; logprobs
+taken from decoding == the replay; and a ``generate`` call synchronises with the GPU once.
 """
 
 from __future__ import annotations
@@ -151,6 +151,23 @@ def test_logprob_replay_on_cuda_is_decodings_logits(cuda_tiny, runner):
     assert all(torch.equal(each[i], one[i]) for i in range(len(toks)))
     out = lm.greedy([prompt], 12)[0]
     assert all(lp.top[0] == (lp.token, lp.logprob) for lp in lm.token_logprobs(prompt, out, 2))
+
+
+@pytest.mark.parametrize("runner", ["static", "batched"])
+def test_logprobs_from_decoding_equal_the_replay_on_cuda(cuda_tiny, runner):
+    """Chunks decoded with ``Sampling.logprobs`` (graphs on; greedy and device-sampled rows, two
+    of them decoded together on the batched runner) are scored from their decoding's logits:
+    ``token_logprobs`` answered from those == its replay (memo off), bit for bit."""
+    lm = make_view(cuda_tiny, block_size=16, runner=runner)
+    rng = random.Random(21)
+    prompts = [random_tokens(rng, n) for n in (30, 90, 150)]
+    modes = [Sampling(logprobs=2), Sampling(0.8, 0.9, 6, 0, logprobs=2), Sampling(logprobs=2, start=3)]
+    outs = lm.generate(prompts, 10, ["a", "b", "c"], modes)
+    kept = [lm.token_logprobs(p, o, 2) for p, o in zip(prompts, outs)]
+    assert lm.scored_from_decode == sum(map(len, outs)) and lm.scored_by_replay == 0
+    lm.max_scored_chunks = 0
+    lm.clear_prefix_cache()
+    assert kept == [lm.token_logprobs(p, o, 2) for p, o in zip(prompts, outs)]
 
 
 @pytest.mark.parametrize("runner", ["static", "batched"])
