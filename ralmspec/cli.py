@@ -38,6 +38,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not a.question or not a.question.strip():
         raise RalmSpecError("the question is empty")
     cfg = with_drawn_seed(engine_config_from_args(a))
+    if a.logprobs is not None:
+        cfg = replace(cfg, generation=replace(cfg.generation, logprobs=a.logprobs))
     apply_threads(a)
     from ralmspec.engine.core import build_engine
 
@@ -52,6 +54,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     print(f"question: {a.question}")
     print(f"answer:   {res.text.strip()}")
     print(f"\n{res.mode} · {len(res.token_ids)} tokens · {res.latency_s:.2f}s · finish={res.finish_reason}")
+    if res.logprobs is not None:
+        _print_logprobs(res.logprobs, engine.lm.tokenizer)
     if res.mode == "closed-book":
         print("\nno retrieval: the model answered from its weights alone")
         return 0
@@ -85,6 +89,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
         extra = "".join(f" · {k[3:].replace('_', ' ')} {v}" for k, v in state.items())
         print(f"  LM runner {runner.name} on {getattr(engine.lm, 'device', '?')}{extra}")
     return 0
+
+
+def _print_logprobs(logprobs: list, tokenizer) -> None:
+    """One line per answer token: its text, log-probability and the alternatives (``--logprobs``)."""
+    def piece(token: int) -> str:
+        return repr(tokenizer.decode([token]))
+
+    print("\ntoken logprobs (token, log-probability | the most likely tokens there):")
+    for i, lp in enumerate(logprobs):
+        top = ", ".join(f"{piece(t)} {v:.3f}" for t, v in lp.top)
+        print(f"  {i:3d}  {piece(lp.token):<16} {lp.logprob:8.3f}" + (f"  | {top}" if top else ""))
 
 
 def cmd_index_build(a: argparse.Namespace) -> int:
@@ -236,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the full result with its trace as JSON")
     g.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=True,
                    help="closed book: the same prompt format with no passage and no retrieval")
+    g.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="also print every answer token's log-probability and its K most likely "
+                        "alternatives (0-20; taken from decoding, identical with speculation on or off)")
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -3,6 +3,7 @@ with the LM's ms per token (naive and speculative), `--threads`, and clear error
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -43,3 +44,27 @@ def test_generate_bad_flags_are_clear_errors(small_indexes, capsys, bad, message
 def test_generate_empty_question_is_an_error(capsys):
     assert main(["generate", "  ", "--model", "tiny"]) == 2
     assert "the question is empty" in capsys.readouterr().err
+
+
+def test_generate_prints_token_logprobs(small_indexes, capsys):
+    """``--logprobs K``: one line per answer token with its log-probability and K alternatives;
+    in JSON the ``logprobs`` of every token, the same numbers with speculation on and off."""
+    assert main(run(small_indexes, "--no-os3", "--logprobs", "2")) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if re.match(r"\s+\d+\s+'", ln)]
+    assert "token logprobs" in out and len(lines) == 8, out
+    assert all(len(re.findall(r"-?\d+\.\d{3}", ln.split("|")[1])) == 2 for ln in lines), lines
+    runs = []
+    for mode in ("--no-speculate", "--speculate"):
+        assert main(run(small_indexes, mode, "--no-os3", "--logprobs", "2", "--json")) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert len(d["logprobs"]) == len(d["token_ids"]) == 8
+        assert [lp["token"] for lp in d["logprobs"]] == d["token_ids"]
+        runs.append(d)
+    assert runs[1]["stats"]["speculated"] > 0
+    assert runs[0]["logprobs"] == runs[1]["logprobs"]
+
+
+def test_generate_logprobs_out_of_range_is_a_clear_error(small_indexes, capsys):
+    assert main(run(small_indexes, "--logprobs", "21")) == 2
+    assert "logprobs must be" in capsys.readouterr().err
