@@ -422,7 +422,8 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
             await resp.write(chunk(role))
         while True:
             try:
-                item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S * 4)
+                async with asyncio.timeout(DISCONNECT_POLL_S * 4):  # not wait_for: it can swallow a cancel
+                    item = await queue.get()
             except TimeoutError:
                 if client_gone(request):
                     raise ConnectionResetError("client disconnected") from None

@@ -27,12 +27,17 @@ def first_mismatch(speculated: Sequence[int], truth_top1: Sequence[int]) -> int 
 
 async def verify_batch(search: SearchFn, queries: Sequence[str], k: int, retries: int = 2,
                        timeout_s: float | None = 30.0) -> list[list[Hit]]:
-    """Top-k of every query in ONE batched search, with retries; RetrievalError on failure."""
+    """Top-k of every query in ONE batched search, with retries; RetrievalError on failure.
+
+    A cancellation of the caller (a request's deadline, a client gone) always propagates, even
+    when the search completes in the same loop turn: ``asyncio.timeout``, not ``wait_for``, which
+    on Python 3.11 returns the result then and swallows the cancellation (the request would run
+    on past its deadline; tests/speculation/test_verify.py reproduces it)."""
     last: BaseException | None = None
     for _attempt in range(retries + 1):
         try:
-            coro = search(list(queries), k)
-            hits = await (asyncio.wait_for(coro, timeout_s) if timeout_s else coro)
+            async with asyncio.timeout(timeout_s or None):
+                hits = await search(list(queries), k)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure is retried, then typed

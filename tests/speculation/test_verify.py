@@ -52,3 +52,25 @@ def test_verify_batch_timeout_is_an_error():
 
     with pytest.raises(RetrievalError):
         asyncio.run(verify_batch(slow, ["a"], 1, retries=0, timeout_s=0.05))
+
+
+def test_a_cancelled_verification_stays_cancelled_when_its_search_completes_in_the_same_turn():
+    """A request's deadline (or a client gone) cancels the verification while the search result
+    arrives in the same loop turn: the cancellation must propagate, not the result (on Python
+    3.11 ``asyncio.wait_for`` returned the result and swallowed it, so a request ran on past its
+    deadline and answered 200: the flaky ``test_request_deadline_is_504``)."""
+    async def main():
+        fut = asyncio.get_running_loop().create_future()
+
+        async def search(queries, k):
+            return await fut
+
+        task = asyncio.ensure_future(verify_batch(search, ["q"], 1, retries=0, timeout_s=30))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the verification is now waiting for the search
+        fut.set_result([[Hit(1, 1.0)]])
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
