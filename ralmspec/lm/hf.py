@@ -466,33 +466,21 @@ class HFLanguageModel(LanguageModel):
         The returned handle covers all ``len(prompt)`` positions. The session's entry (if any)
         is taken out of the table; the caller puts it back with ``_store`` once done.
         """
-        t0 = time.perf_counter()
-        kv, start = self._prefill_begin(prompt, session, stats)
-        logits = hidden = None
-        try:
-            while start < len(prompt):
-                end = self._block_end(start, len(prompt))
-                kv, logits, hidden = self.runner.prefill_block(kv, prompt[start:end], last=end == len(prompt),
-                                                               want_hidden=want_hidden)
-                self._block_done(prompt, end, kv, stats, end - start)
-                start = end
-        except BaseException:
-            self.runner.free(kv)
-            raise
-        assert logits is not None  # reuse <= (L-1)//B*B < L
-        stats.prefill_s += time.perf_counter() - t0
+        (logits,), (hidden,), (kv,) = self._prefill_rows([(prompt, session)], stats, want_hidden)
         return logits, hidden, kv
 
-    def _prefill_together(self, rows: list[tuple[list[int], Hashable | None]],
-                          stats: CallStats) -> tuple[list[torch.Tensor], list[Any]]:
-        """``_prefill`` of every prompt of ``rows`` at once, for a runner that ``prefills_together``:
-        in waves, each wave ONE ``prefill_blocks`` call with the next block of every prompt that
-        still needs one (a block's bits do not depend on its neighbours there). Returns the last
-        logits and the KV handles, in order; on an error every handle is freed."""
-        t0 = time.perf_counter()
+    def _prefill_rows(self, rows: list[tuple[list[int], Hashable | None]], stats: CallStats,
+                      want_hidden: bool = False) -> tuple[list[torch.Tensor], list[Any], list[Any]]:
+        """``_prefill`` of every prompt of ``rows`` at once: in waves, each wave ONE
+        ``prefill_blocks`` call with the next block of every prompt that still needs one (on a
+        runner that ``prefills_together`` they share forwards: a block's bits do not depend on its
+        neighbours there). Returns the last logits, last hidden states and KV handles, in order;
+        on an error every handle is freed."""
+        t0, B = time.perf_counter(), self.block_size
         kvs: list[Any] = []
         starts: list[int] = []
         logits: list[Any] = [None] * len(rows)
+        hidden: list[Any] = [None] * len(rows)
         try:
             for prompt, session in rows:
                 kv, start = self._prefill_begin(prompt, session, stats)
@@ -502,31 +490,25 @@ class HFLanguageModel(LanguageModel):
                 todo = [i for i, (prompt, _) in enumerate(rows) if starts[i] < len(prompt)]
                 if not todo:
                     break
-                ends = {i: self._block_end(starts[i], len(rows[i][0])) for i in todo}
+                ends = {i: min(starts[i] - starts[i] % B + B, len(rows[i][0])) for i in todo}  # canonical blocks
                 outs = self.runner.prefill_blocks([kvs[i] for i in todo], [rows[i][0][starts[i]:ends[i]] for i in todo],
-                                                  [ends[i] == len(rows[i][0]) for i in todo], want_hidden=False)
-                for i, (kv, last_logits, _) in zip(todo, outs):
-                    kvs[i], logits[i] = kv, last_logits if last_logits is not None else logits[i]
-                    self._block_done(rows[i][0], ends[i], kv, stats, ends[i] - starts[i])
+                                                  [ends[i] == len(rows[i][0]) for i in todo], want_hidden)
+                for i, (kv, last_logits, last_hidden) in zip(todo, outs):
+                    kvs[i] = kv
+                    if ends[i] == len(rows[i][0]):
+                        logits[i], hidden[i] = last_logits, last_hidden
+                    stats.prefill_forwards += 1
+                    stats.prefill_tokens_computed += ends[i] - starts[i]
+                    if ends[i] % B == 0:
+                        self._share(rows[i][0][:ends[i]], kv)
                     starts[i] = ends[i]
         except BaseException:
             for kv in kvs:
                 self.runner.free(kv)
             raise
-        assert all(x is not None for x in logits)
+        assert all(x is not None for x in logits)  # reuse <= (L-1)//B*B < L: the last block is computed
         stats.prefill_s += time.perf_counter() - t0
-        return logits, kvs
-
-    def _block_end(self, start: int, length: int) -> int:
-        """The end of the canonical block that starts at ``start`` (a prompt of ``length``)."""
-        return min(start - start % self.block_size + self.block_size, length)
-
-    def _block_done(self, prompt: list[int], end: int, kv: Any, stats: CallStats, computed: int) -> None:
-        """Account a computed block ending at ``end`` and share it if it is full."""
-        stats.prefill_forwards += 1
-        stats.prefill_tokens_computed += computed
-        if end % self.block_size == 0:
-            self._share(prompt[:end], kv)
+        return logits, hidden, kvs
 
     def _prefill_begin(self, prompt: list[int], session: Hashable | None, stats: CallStats) -> tuple[Any, int]:
         """The KV handle for ``prompt`` holding what can be reused (the session's blocks, then the
@@ -617,9 +599,9 @@ class HFLanguageModel(LanguageModel):
         kvs: list[Any] = []
         firsts: list[torch.Tensor] = []
         try:
-            if self.runner.prefills_together and len(rows) > 1:
-                firsts, kvs = self._prefill_together(rows, stats)
-            else:
+            if self.runner.prefills_together:
+                firsts, _, kvs = self._prefill_rows(rows, stats)
+            else:  # one prompt at a time: a later prompt may import the shared blocks of an earlier one
                 for prompt, session in rows:
                     logits, _, kv = self._prefill(prompt, session, stats)
                     kvs.append(kv)

@@ -399,8 +399,9 @@ class StaticRunner(KVRunner):
         if not self.prefills_together:
             return super().prefill_blocks(kvs, blocks, lasts, want_hidden)
         out: list[Any] = [None] * len(kvs)
-        padded = [i for i, (kv, ids) in enumerate(zip(kvs, blocks)) if self._paddable(kv, len(ids))]
-        for i in sorted(set(range(len(kvs))) - set(padded)):
+        fits = [self._paddable(kv, len(ids)) for kv, ids in zip(kvs, blocks)]
+        padded = [i for i, f in enumerate(fits) if f]
+        for i in (i for i, f in enumerate(fits) if not f):
             out[i] = self.prefill_block(kvs[i], blocks[i], last=lasts[i], want_hidden=want_hidden)
         for g in range(0, len(padded), self.batch_rows):
             part = padded[g:g + self.batch_rows]
@@ -458,20 +459,8 @@ class StaticRunner(KVRunner):
         key = tuple(spans[r] if r < n else None for r in order)
         slots = [kvs[r] if r < n else None for r in order]
 
-        def forward() -> torch.Tensor:  # [b, B, d]
-            return d.forward(slots, self._rows_block_in[0], self._rows_block_in[1], key, pool)
-
-        hidden = None
-        if self.prefill_graphs:
-            try:
-                hidden = self._replayed(self._block_graphs, ("rows",) + key, forward)
-            except RuntimeError as exc:  # keep the decode graphs: only prefill goes uncaptured
-                warnings.warn(f"CUDA graph capture of a prefill block failed ({exc}); prefill continues "
-                              "without graphs", RuntimeWarning, stacklevel=2)
-                self.prefill_graphs = False
-                self._block_graphs.clear()
-        if hidden is None:
-            hidden = forward()
+        hidden = self._block_hidden(("rows",) + key, lambda: d.forward(  # [b, B, d]
+            slots, self._rows_block_in[0], self._rows_block_in[1], key, pool))
         place = {r: j for j, r in enumerate(order)}
         rows = [hidden[place[r], len(blocks[r]) - 1].clone() for r in range(n)]  # before the next replay
         for kv, ids in zip(kvs, blocks):
@@ -494,20 +483,23 @@ class StaticRunner(KVRunner):
         host[0, :t] = torch.tensor(list(ids), dtype=torch.long)
         host[1] = torch.arange(start, start + B)
         self._block_in.copy_(_host_to(host, self.decoder.device))  # one host-to-device copy
+        hidden = self._block_hidden((kv.index, span), lambda: self.decoder.forward(  # [B, d]
+            [kv], self._block_in[0:1], self._block_in[1:2], [span])[0])
+        return hidden[t - 1].clone()  # a graph's buffer is overwritten by its next replay
+
+    def _block_hidden(self, key: Any, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A padded prompt-block forward's final hidden states: the graph of ``key`` replayed
+        (captured on first use), or ``forward()`` itself without graphs. A capture failure warns
+        and turns off the prompt-block graphs only: the decode graphs stay."""
         if self.prefill_graphs:
             try:
-                hidden = self._replayed(self._block_graphs, (kv.index, span), lambda: self._block_forward(kv, span))
-                return hidden[t - 1].clone()  # the graph's buffer is overwritten by its next replay
-            except RuntimeError as exc:  # keep the decode graphs: only prefill goes uncaptured
+                return self._replayed(self._block_graphs, key, forward)
+            except RuntimeError as exc:
                 warnings.warn(f"CUDA graph capture of a prefill block failed ({exc}); prefill continues "
-                              "without graphs", RuntimeWarning, stacklevel=2)
+                              "without graphs", RuntimeWarning, stacklevel=3)
                 self.prefill_graphs = False
                 self._block_graphs.clear()
-        return self._block_forward(kv, span)[t - 1]
-
-    def _block_forward(self, kv: Slot, span: int) -> torch.Tensor:
-        """Final hidden states ``[prefill_rows, d]`` of the padded block in ``_block_in``."""
-        return self.decoder.forward([kv], self._block_in[0:1], self._block_in[1:2], [span])[0]
+        return forward()
 
     def decode(self, kv: Slot, first_logits: torch.Tensor, n: int,
                pick: Callable[[torch.Tensor, int], int] | None, stop_ids: frozenset[int], *,
