@@ -46,7 +46,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from ralmspec.engine.prompt import Conversation
-from ralmspec.engine.result import GenerationResult
+from ralmspec.engine.result import GenerationResult, VerifiedChunk
 from ralmspec.engine.scheduler import (
     BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
 )
@@ -61,6 +61,7 @@ from serving.protocol import (
     APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
 )
 from serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, usage
+from serving.stream import IncrementalDetokenizer, LogprobRelease
 
 log = logging.getLogger("ralmspec.serving")
 
@@ -347,48 +348,21 @@ async def respond(request: web.Request, state: ServerState, req: CompletionReque
                                     ralm_fields(state, req, result)))
 
 
-class IncrementalDetokenizer:
-    """Text deltas of a growing token list whose concatenation is ``decode(all tokens)``.
-
-    A delta is sent only when the decoded text extends what was sent (trailing U+FFFD of an
-    incomplete multi-byte character is held back); ``finish`` flushes the rest.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def push(self, ids: list[int]) -> str:
-        self.ids += ids
-        text = self.tok.decode(self.ids).rstrip("\ufffd")
-        if text.startswith(self.sent) and len(text) > len(self.sent):
-            delta, self.sent = text[len(self.sent):], text
-            return delta
-        return ""
-
-    def finish(self) -> str:
-        text = self.tok.decode(self.ids)
-        if text.startswith(self.sent):
-            delta, self.sent = text[len(self.sent):], text
-            return delta
-        return ""  # cannot happen for prefix-stable tokenizers (WordPiece, byte-level BPE)
-
-
 async def _stream(request: web.Request, state: ServerState, req: CompletionRequest,
                   shape: Shape) -> web.StreamResponse:
-    """SSE of verified text (stop strings cut, partial matches held back: engine/stop.py), then
-    the finish chunk with ``ralm`` (and the logprobs of the whole answer), usage, ``[DONE]``."""
+    """SSE of verified text (stop strings cut, partial matches held back: engine/stop.py), each
+    chunk with the logprobs of the tokens its text completes (serving/stream.py), then the finish
+    chunk with ``ralm`` (and the logprobs not sent yet), usage, ``[DONE]``."""
     assert state.scheduler is not None
     cid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
-    queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+    queue: asyncio.Queue[VerifiedChunk | None] = asyncio.Queue()
     t0 = time.perf_counter()
     ttft: list[float] = []
 
     def on_tokens(toks: Any) -> None:  # verified tokens only (engine contract)
         if not ttft:
             ttft.append(time.perf_counter() - t0)
-        queue.put_nowait(list(toks))
+        queue.put_nowait(toks)
 
     task = asyncio.ensure_future(generate(state, req, shape, on_tokens))
     task.add_done_callback(lambda _t: queue.put_nowait(None))
@@ -410,6 +384,17 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
     tokenizer = state.engine.lm.tokenizer
     detok = IncrementalDetokenizer(tokenizer)
     stops = StopStream(req.gen.stop)
+    scored = LogprobRelease(tokenizer) if req.gen.logprobs is not None else None
+    sent = 0  # characters of answer text sent
+
+    def logprobs(final: GenerationResult | None = None) -> dict[str, Any] | None:
+        """The logprobs of the tokens whose text is sent (all of ``final``'s, at the end)."""
+        if scored is None:
+            return None
+        entries, offsets = scored.release(sent) if final is None else scored.finish(final.logprobs or [],
+                                                                                     len(final.text))
+        return shape.logprobs(entries, tokenizer, offsets)
+
     model = state.config.model_name
 
     def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
@@ -430,9 +415,12 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
                 continue
             if item is None:
                 break
+            if scored is not None:
+                scored.push(item.logprobs)
             delta = stops.push(detok.push(item))
             if delta:
-                await resp.write(chunk(shape.delta(delta)))
+                sent += len(delta)
+                await resp.write(chunk(shape.delta(delta, logprobs=logprobs())))
         exc = task.exception()
         if exc is not None:
             err = error_for(exc)
@@ -443,9 +431,8 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
             return resp
         result = task.result()
         state.metrics.record_completion(result, ttft[0] if ttft else None)
-        logprobs = shape.logprobs(result, tokenizer) if result.logprobs is not None else None
         rest = stops.push(detok.finish()) + stops.finish()
-        await resp.write(chunk(shape.delta(rest, finish_reason(result), logprobs),
+        await resp.write(chunk(shape.delta(rest, finish_reason(result), logprobs(result)),
                                ralm=ralm_fields(state, req, result)))
         if req.include_usage:
             await resp.write(event(shape, cid, created, model, [], usage=usage(result)))

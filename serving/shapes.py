@@ -17,10 +17,11 @@ Token names are the tokenizer's text of each token (``HFTokenizer.piece``: speci
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from ralmspec.engine.result import GenerationResult
-from ralmspec.engine.stop import stable_text
+from ralmspec.lm.base import TokenLogprob
+from serving.stream import TokenOffsets
 
 
 def finish_reason(result: GenerationResult) -> str:
@@ -38,16 +39,9 @@ def token_piece(tokenizer: Any, token_id: int) -> str:
     return piece(token_id) if piece is not None else tokenizer.decode([token_id])
 
 
-def text_offsets(tokenizer: Any, ids: list[int], window: int = 8) -> list[int]:
-    """Where each token's text starts in the decoded text of ``ids``: the length each token adds,
-    decoded with its ``window`` left neighbours (linear in ``len(ids)``, not quadratic); a token
-    ending inside a multi-byte character adds nothing, the one completing it adds the character."""
-    out, at = [], 0
-    for i in range(len(ids)):
-        out.append(at)
-        lo = max(0, i - window)
-        at += len(stable_text(tokenizer, ids[lo: i + 1])) - len(stable_text(tokenizer, ids[lo:i]))
-    return out
+def text_offsets(tokenizer: Any, ids: list[int]) -> list[int]:
+    """Where each token's text starts in the decoded text of ``ids`` (serving/stream.py ``TokenOffsets``)."""
+    return TokenOffsets(tokenizer).push(ids).starts
 
 
 class CompletionShape:
@@ -67,10 +61,9 @@ class CompletionShape:
     def delta(self, text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         return self.choice(text, finish, logprobs)
 
-    def logprobs(self, result: GenerationResult, tokenizer: Any) -> dict[str, Any]:
-        scored = result.logprobs or []
-        ids = [lp.token for lp in scored]
-        names = [token_piece(tokenizer, t) for t in ids]
+    def logprobs(self, scored: Sequence[TokenLogprob], tokenizer: Any, offsets: Sequence[int]) -> dict[str, Any]:
+        """``scored`` tokens' logprobs; ``offsets``: where each token's text starts in the answer."""
+        names = [token_piece(tokenizer, lp.token) for lp in scored]
         top = []
         for lp, name in zip(scored, names):
             alts: dict[str, float] = {}
@@ -78,9 +71,8 @@ class CompletionShape:
                 alts.setdefault(token_piece(tokenizer, i), v)
             alts.setdefault(name, lp.logprob)  # OpenAI: the chosen token is always there
             top.append(alts)
-        offsets = [min(at, len(result.text)) for at in text_offsets(tokenizer, ids)]
         return {"tokens": names, "token_logprobs": [lp.logprob for lp in scored], "top_logprobs": top,
-                "text_offset": offsets}
+                "text_offset": list(offsets)}
 
 
 class ChatShape:
@@ -101,13 +93,14 @@ class ChatShape:
     def delta(self, text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs, "finish_reason": finish}
 
-    def logprobs(self, result: GenerationResult, tokenizer: Any) -> dict[str, Any]:
+    def logprobs(self, scored: Sequence[TokenLogprob], tokenizer: Any, offsets: Sequence[int]) -> dict[str, Any]:
+        """``scored`` tokens' logprobs (``offsets``: unused, chat reports bytes instead)."""
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
             name = token_piece(tokenizer, token_id)
             return {"token": name, "logprob": logprob, "bytes": list(name.encode("utf-8"))}
 
         return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
-                            for lp in result.logprobs or []], "refusal": None}
+                            for lp in scored], "refusal": None}
 
 
 COMPLETION = CompletionShape()
@@ -118,7 +111,11 @@ Shape = CompletionShape | ChatShape
 def answer(shape: Shape, cid: str, created: int, model: str, result: GenerationResult, tokenizer: Any,
            ralm: dict[str, Any]) -> dict[str, Any]:
     """The non-streamed response body."""
-    logprobs = shape.logprobs(result, tokenizer) if result.logprobs is not None else None
+    logprobs = None
+    if result.logprobs is not None:
+        ids = [lp.token for lp in result.logprobs]
+        offsets = [min(at, len(result.text)) for at in text_offsets(tokenizer, ids)]
+        logprobs = shape.logprobs(result.logprobs, tokenizer, offsets)
     return {"id": cid, "object": shape.object, "created": created, "model": model,
             "choices": [shape.choice(result.text, finish_reason(result), logprobs)], "usage": usage(result),
             "ralm": ralm}

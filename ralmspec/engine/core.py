@@ -13,9 +13,9 @@ from typing import Callable, Hashable
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient, new_session_id
 from ralmspec.engine.naive import TokenCallback, generate_closed_book, generate_naive
-from ralmspec.engine.logprobs import score_answer
+from ralmspec.engine.logprobs import AnswerScorer
 from ralmspec.engine.prompt import Conversation, PromptFormat
-from ralmspec.engine.result import GenerationResult
+from ralmspec.engine.result import GenerationResult, VerifiedChunk
 from ralmspec.engine.speculative import generate_speculative
 from ralmspec.engine.stop import cut_result
 from ralmspec.errors import ConfigError
@@ -80,8 +80,10 @@ class RalmEngine:
         the question). ``speculate=None`` follows ``spec.enabled``;
         ``retrieval=False`` answers closed-book (no passage, no knowledge-base search);
         ``may_speculate``: a server's load governor, asked before every round (engine/governor.py).
-        The answer ends at ``gen.stop`` (engine/stop.py; ``on_tokens`` still gets the whole
-        chunk that completed it) and carries ``gen.logprobs`` (engine/logprobs.py)."""
+        ``on_tokens`` gets each verified chunk as it is verified (a ``VerifiedChunk``: with its
+        logprobs when ``gen.logprobs`` is set). The answer ends at ``gen.stop`` (engine/stop.py;
+        ``on_tokens`` still gets the whole chunk that completed it) and carries ``gen.logprobs``
+        (engine/logprobs.py)."""
         spec = spec or self.config.speculation
         conversation = prompt if isinstance(prompt, Conversation) else None
         question = conversation.question if conversation is not None else prompt
@@ -90,15 +92,28 @@ class RalmEngine:
             raise self.lm.no_logprobs_error()
         if speculate is None:
             speculate = spec.enabled
-        if not retrieval:
-            result = await generate_closed_book(ctx, question, session, on_tokens)
-        elif speculate:
-            result = await generate_speculative(ctx, question, spec, session, on_tokens, retries, timeout_s)
-        else:
-            result = await generate_naive(ctx, question, session, on_tokens, retries, timeout_s)
-        result = cut_result(result, ctx.gen.stop, self.lm.tokenizer)
+        scorer = None
         if ctx.gen.logprobs is not None:
-            result.logprobs = await score_answer(ctx, result, ctx.gen.logprobs, new_session_id("logprobs"))
+            scorer = AnswerScorer(ctx, question, ctx.gen.logprobs, new_session_id("logprobs"), on_tokens,
+                                  closed_book=not retrieval)
+        on_verified = scorer if scorer is not None else (
+            None if on_tokens is None else lambda toks, _steps: on_tokens(VerifiedChunk(toks)))
+        try:
+            if not retrieval:
+                result = await generate_closed_book(ctx, question, session, on_verified)
+            elif speculate:
+                result = await generate_speculative(ctx, question, spec, session, on_verified, retries, timeout_s)
+            else:
+                result = await generate_naive(ctx, question, session, on_verified, retries, timeout_s)
+            logprobs = await scorer.scores() if scorer is not None else None
+        finally:
+            if scorer is not None:
+                scorer.close()
+        if logprobs is not None and [lp.token for lp in logprobs] != result.token_ids:
+            raise AssertionError("the scored tokens are not the answer's")
+        result = cut_result(result, ctx.gen.stop, self.lm.tokenizer)
+        if logprobs is not None:
+            result.logprobs = logprobs[:len(result.token_ids)]
         return result
 
     def reset_caches(self) -> None:

@@ -8,19 +8,22 @@
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable
 
 from ralmspec.engine.context import RalmContext, new_session_id
-from ralmspec.engine.result import GenerationResult, StepRecord, Tracer
+from ralmspec.engine.result import GenerationResult, StepRecord, Tracer, VerifiedChunk
 from ralmspec.speculation.verify import verify_batch
 
-TokenCallback = Callable[[Sequence[int]], None]
+TokenCallback = Callable[[VerifiedChunk], None]  # an engine caller's: each verified chunk, in order
+# the loops': the verified tokens and the steps they complete (none for a closed-book answer)
+VerifiedCallback = Callable[[list[int], list[StepRecord]], None]
 
 
 async def generate_naive(ctx: RalmContext, prompt: str, session: Hashable | None = None,
-                         on_tokens: TokenCallback | None = None, retries: int = 2,
+                         on_verified: VerifiedCallback | None = None, retries: int = 2,
                          timeout_s: float | None = 30.0) -> GenerationResult:
-    """Run the oracle loop for one request. ``on_tokens`` receives each new chunk (all verified)."""
+    """Run the oracle loop for one request. ``on_verified`` receives each new chunk (all
+    verified) and its step."""
     session = session if session is not None else new_session_id("naive")
     prompt_ids = ctx.encode_prompt(prompt)
     tokens = list(prompt_ids)
@@ -42,8 +45,8 @@ async def generate_naive(ctx: RalmContext, prompt: str, session: Hashable | None
             start = len(tokens) - n0
             tokens += chunk
             steps.append(StepRecord(start, len(tokens) - n0, doc_id, ctx.retriever.corpus[doc_id].title))
-            if on_tokens is not None and chunk:
-                on_tokens(chunk)
+            if on_verified is not None and chunk:
+                on_verified(chunk, steps[-1:])
             if not chunk:  # a backend that returns nothing would loop forever
                 break
     finally:
@@ -67,7 +70,7 @@ async def generate_naive(ctx: RalmContext, prompt: str, session: Hashable | None
 
 
 async def generate_closed_book(ctx: RalmContext, prompt: str, session: Hashable | None = None,
-                               on_tokens: TokenCallback | None = None) -> GenerationResult:
+                               on_verified: VerifiedCallback | None = None) -> GenerationResult:
     """The same prompt format with no passage and no retrieval (``--no-retrieval``): the
     closed-book answer that shows what retrieval adds. One greedy call of ``max_new_tokens``."""
     session = session if session is not None else new_session_id("closed")
@@ -80,8 +83,8 @@ async def generate_closed_book(ctx: RalmContext, prompt: str, session: Hashable 
         lm_s = tr.record("lm", t, n=len(gen))
     finally:
         ctx.lm_client.release(session)
-    if on_tokens is not None and gen:
-        on_tokens(gen)
+    if on_verified is not None and gen:
+        on_verified(list(gen), [])
     eos = ctx.lm.eos_token_id
     return GenerationResult(
         prompt=prompt, mode="closed-book", prompt_ids=prompt_ids, token_ids=list(gen),

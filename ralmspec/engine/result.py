@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from ralmspec.lm.base import TokenLogprob
 
@@ -17,6 +17,17 @@ class StepRecord:
     end: int
     doc_id: int
     title: str
+
+
+class VerifiedChunk(list):
+    """The tokens an engine's ``on_tokens`` receives: a list of verified token ids (as before),
+    and ``logprobs``: one ``TokenLogprob`` per token when the request asks for logprobs
+    (``GenerationConfig.logprobs``), else ``None``. The chunks' logprobs, concatenated and cut
+    where the answer ends, are the result's ``logprobs`` (engine/logprobs.py)."""
+
+    def __init__(self, tokens: Sequence[int], logprobs: list[TokenLogprob] | None = None):
+        super().__init__(tokens)
+        self.logprobs = logprobs
 
 
 @dataclass

@@ -45,7 +45,7 @@ from typing import Any, Hashable
 
 from ralmspec.config import SpeculationConfig
 from ralmspec.engine.context import RalmContext, new_session_id
-from ralmspec.engine.naive import TokenCallback
+from ralmspec.engine.naive import VerifiedCallback
 from ralmspec.engine.result import GenerationResult, StepRecord, Tracer
 from ralmspec.retrieval.base import Hit
 from ralmspec.speculation.cache import SpeculationCache
@@ -57,10 +57,10 @@ from ralmspec.threads import to_thread
 
 
 async def generate_speculative(ctx: RalmContext, prompt: str, spec: SpeculationConfig,
-                               session: Hashable | None = None, on_tokens: TokenCallback | None = None,
+                               session: Hashable | None = None, on_verified: VerifiedCallback | None = None,
                                retries: int = 2, timeout_s: float | None = 30.0) -> GenerationResult:
     mode = RalmMode(ctx, spec, session if session is not None else new_session_id("spec"), retries, timeout_s)
-    return await mode.generate(prompt, on_tokens)
+    return await mode.generate(prompt, on_verified)
 
 
 class RalmMode:
@@ -92,10 +92,12 @@ class RalmMode:
                       "guesses": 0, "guess_s": 0.0}  # guesses: the guesser's critical-path cost
         self.drv: Driver | None = None
 
-    async def generate(self, prompt: str, on_tokens: TokenCallback | None) -> GenerationResult:
+    async def generate(self, prompt: str, on_verified: VerifiedCallback | None) -> GenerationResult:
         ctx = self.ctx
         prompt_ids = ctx.encode_prompt(prompt)
-        self.drv = drv = Driver(self, self.spec, on_tokens, clock=self.tr.now)
+        emit = None if on_verified is None else (
+            lambda toks, steps: on_verified(toks, [self.record(st) for st in steps]))
+        self.drv = drv = Driver(self, self.spec, emit, clock=self.tr.now)
         drv.sched.seed_costs(ctx.costs.get(self.cost_key) if ctx.costs is not None else None)
         try:
             await drv.run(prompt_ids)
@@ -322,13 +324,17 @@ class RalmMode:
         return fut
 
     # ------------------------------------------------------------------ output
+    def record(self, st: Step) -> StepRecord:
+        """A produced step as the result reports it (positions in the generated tokens)."""
+        assert self.drv is not None and st.end is not None
+        n0 = self.drv.n0
+        return StepRecord(st.start - n0, st.end - n0, st.guess, self.ctx.retriever.corpus[st.guess].title)
+
     def result(self, prompt: str, prompt_ids: list[int]) -> GenerationResult:
         ctx, drv, tr = self.ctx, self.drv, self.tr
         gen = drv.tokens[drv.n0:]
         eos = ctx.lm.eos_token_id
-        n0 = drv.n0
-        records = [StepRecord(st.start - n0, (st.end or len(drv.tokens)) - n0, st.guess,
-                              ctx.retriever.corpus[st.guess].title) for st in drv.book.steps if st.end is not None]
+        records = [self.record(st) for st in drv.book.steps if st.end is not None]
         stats = dict(self.stats, **drv.figures())
         # busy / (2 workers x wall): the LM thread (chunks) beside verification + the worker thread
         wall = max(tr.now(), 1e-12)

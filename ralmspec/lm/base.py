@@ -28,7 +28,10 @@ Contract:
   deterministic function of ``(prompt, tokens, top_k)``, like ``generate``; it never decodes.
   ``sampling[i].logprobs`` (k) tells ``generate`` that the continuation will be scored so: a
   backend may keep its scores from the logits it decoded with and answer ``token_logprobs``
-  from them, which must give the same values (the HF backend does).
+  from them, which must give the same values (the HF backend does). Such a backend may also
+  answer ``decoded_logprobs(prompt, tokens, top_k)``: the same list when the scores it kept hold
+  it, else ``None``, at once (it never computes, nor waits for a call in progress), so a stream
+  can send a chunk's logprobs with its text.
 """
 
 from __future__ import annotations
@@ -92,6 +95,12 @@ class LanguageModel(abc.ABC):
                        session: Hashable | None = None) -> list[TokenLogprob]:
         """Score ``tokens`` generated after ``prompt`` (module contract); this default refuses."""
         raise self.no_logprobs_error()
+
+    def decoded_logprobs(self, prompt: Sequence[int], tokens: Sequence[int],
+                         top_k: int) -> list[TokenLogprob] | None:
+        """``token_logprobs`` from scores kept from decoding, or ``None`` (module contract); this
+        default keeps none."""
+        return None
 
     def no_logprobs_error(self) -> ConfigError:
         """The refusal of ``logprobs`` by a backend without ``supports_logprobs`` (HTTP 400)."""

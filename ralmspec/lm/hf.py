@@ -258,6 +258,7 @@ class HFLanguageModel(LanguageModel):
         # their decoding's own logits: prompt -> (tokens, top k, scores), least recently used first;
         # ``token_logprobs`` answers from here instead of replaying (module doc of engine/logprobs.py)
         self._scored: OrderedDict[tuple[int, ...], tuple[tuple[int, ...], int, list[TokenLogprob]]] = OrderedDict()
+        self._scored_lock = threading.Lock()  # the memo's own: a lookup never waits for the LM
         self.max_scored_chunks = 1024
         self.scored_from_decode = 0  # tokens token_logprobs answered from decoding's scores
         self.scored_by_replay = 0  # tokens it replayed
@@ -338,11 +339,9 @@ class HFLanguageModel(LanguageModel):
         if not toks:
             return []
         with self._lock, torch.inference_mode():
-            hit = self._scored.get(tuple(ids))
-            if hit is not None and hit[1] >= top_k and list(hit[0][:len(toks)]) == toks:
-                self._scored.move_to_end(tuple(ids))
-                self.scored_from_decode += len(toks)
-                return [TokenLogprob(lp.token, lp.logprob, lp.top[:top_k]) for lp in hit[2][:len(toks)]]
+            kept = self._kept_scores(ids, toks, top_k)
+            if kept is not None:
+                return kept
             self.scored_by_replay += len(toks)
             stats = CallStats(prompts=1)
             logits, _, kv = self._prefill(ids, session, stats)
@@ -356,6 +355,22 @@ class HFLanguageModel(LanguageModel):
             self._account(stats)
             rows = torch.cat([logits[None], rest.to(logits.dtype)]) if len(toks) > 1 else logits[None]
             return _scored(rows, toks, top_k)
+
+    def decoded_logprobs(self, prompt: Sequence[int], tokens: Sequence[int],
+                         top_k: int) -> list[TokenLogprob] | None:
+        """``token_logprobs(prompt, tokens, top_k)`` when the scores kept from decoding hold it,
+        else ``None``; never computes and never waits for the model (LM contract)."""
+        (ids, _), = self._check([prompt], None, extra=len(tokens))
+        return self._kept_scores(ids, [int(t) for t in tokens], top_k) if len(tokens) else []
+
+    def _kept_scores(self, ids: list[int], toks: list[int], top_k: int) -> list[TokenLogprob] | None:
+        with self._scored_lock:
+            hit = self._scored.get(tuple(ids))
+            if hit is None or hit[1] < top_k or list(hit[0][:len(toks)]) != toks:
+                return None
+            self._scored.move_to_end(tuple(ids))
+            self.scored_from_decode += len(toks)
+            return [TokenLogprob(lp.token, lp.logprob, lp.top[:top_k]) for lp in hit[2][:len(toks)]]
 
     def forward_hidden(self, ids: Sequence[int]) -> torch.Tensor:
         """Final hidden states ``[len(ids), d_model]`` (float32, CPU) of ONE plain forward.
@@ -385,7 +400,8 @@ class HFLanguageModel(LanguageModel):
             self._sessions.clear()
             self._cached_bytes = 0
             self.prefix_blocks.clear()
-            self._scored.clear()
+            with self._scored_lock:
+                self._scored.clear()
             self.runner.close()
 
     def clear_prefix_cache(self) -> None:
@@ -393,7 +409,8 @@ class HFLanguageModel(LanguageModel):
         start); outputs never change."""
         with self._lock:
             self.prefix_blocks.clear()
-            self._scored.clear()
+            with self._scored_lock:
+                self._scored.clear()
 
     @property
     def cached_sessions(self) -> int:
@@ -626,11 +643,12 @@ class HFLanguageModel(LanguageModel):
     def _remember_scores(self, prompt: list[int], tokens: list[int], top_k: int, logits: torch.Tensor) -> None:
         """Score a decoded chunk from the logits its tokens were chosen from (the values
         ``token_logprobs`` replays: the same bits) and keep them for ``prompt`` (LRU)."""
-        key = tuple(prompt)
-        self._scored.pop(key, None)
-        self._scored[key] = (tuple(tokens), top_k, _scored(logits, tokens, top_k))
-        while len(self._scored) > self.max_scored_chunks:
-            self._scored.popitem(last=False)
+        key, scores = tuple(prompt), _scored(logits, tokens, top_k)
+        with self._scored_lock:
+            self._scored.pop(key, None)
+            self._scored[key] = (tuple(tokens), top_k, scores)
+            while len(self._scored) > self.max_scored_chunks:
+                self._scored.popitem(last=False)
 
 
 def _picker(sampling: Sampling | None) -> SeededPick | None:

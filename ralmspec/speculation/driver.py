@@ -23,7 +23,7 @@ call, accept up to the first rejection; vLLM V1's schedule -> execute -> update,
    the mode's correction;
 5. FINISH: the output is complete and every step verified; the tokens are returned.
 
-Only verified tokens leave (``on_tokens``, the result). Identity with the naive loop is the
+Only verified tokens leave (``on_verified``, the result). Identity with the naive loop is the
 modes' argument (their module docs): a kept step is exactly the naive loop's step there.
 
 The figures (``SpeculationStats``), one definition each for every mode:
@@ -141,14 +141,15 @@ class Mode(Protocol):
 class Driver:
     """One request's speculation loop over a ``Mode`` (module doc). Use once."""
 
-    def __init__(self, mode: Mode, os3: OS3Config, on_tokens: Callable[[list[int]], None] | None = None,
+    def __init__(self, mode: Mode, os3: OS3Config,
+                 on_verified: Callable[[list[int], list[Step]], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter):
-        self.mode, self.on_tokens, self.clock = mode, on_tokens, clock
+        self.mode, self.on_verified, self.clock = mode, on_verified, clock
         self.sched = StrideScheduler.of(os3, encodes_beside=mode.encodes_beside, regenerates=mode.regenerates)
         self.stats = SpeculationStats()
         self.tokens: list[int] = []  # prompt ids, then generated ids: verified, then speculated
         self.n0 = 0  # prompt length
-        self.emitted = 0  # generated tokens already passed to on_tokens
+        self.emitted = 0  # generated tokens already passed to on_verified
         self.book: RoundBook | None = None
         self.plan = Plan(0)
         # (clock, verified steps) where the current stretch of speculation was last judged: the
@@ -288,12 +289,15 @@ class Driver:
 
     # ------------------------------------------------------------------ output
     def emit_verified(self) -> None:
-        """Pass the newly verified tokens (and only those) to ``on_tokens``."""
-        if self.on_tokens is None:
+        """Pass the newly verified tokens (and only those) to ``on_verified``, with the steps
+        that produced them (whole steps: the verified prefix ends at a step's end)."""
+        if self.on_verified is None:
             return
         upto = self.book.verified_end(self.n0)
         if upto - self.n0 > self.emitted:
-            self.on_tokens(self.tokens[self.n0 + self.emitted: upto])
+            start = self.n0 + self.emitted
+            steps = [st for st in self.book.steps if st.end is not None and start <= st.start < upto]
+            self.on_verified(self.tokens[start: upto], steps)
             self.emitted = upto - self.n0
 
     def figures(self) -> dict[str, Any]:

@@ -12,7 +12,9 @@ import torch
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.logprobs import step_inputs
+from ralmspec.engine.result import VerifiedChunk
 from ralmspec.errors import ConfigError
+from tests.identity import SpeculationCheck
 
 QUESTIONS = ["who wrote the song hey jude", "what is the capital of australia", "when did the war end",
              "how many moons does mars have"]
@@ -124,3 +126,50 @@ def test_logprobs_out_of_range_is_a_config_error():
         GenerationConfig(logprobs=21)
     with pytest.raises(ConfigError, match="stop"):
         GenerationConfig(stop=("",))
+
+
+@pytest.mark.parametrize("memo", [True, False], ids=["from-decoding", "replayed"])
+def test_each_verified_chunk_carries_its_logprobs(tiny_lm, small_indexes, memo):
+    """``on_tokens`` gets every verified chunk with its tokens' logprobs (``VerifiedChunk``), in
+    order, before ``generate`` returns: concatenated, they are the result's logprobs exactly, naive
+    and speculative (with rollbacks), greedy and sampled, and with a stop string the result's are
+    their prefix. From decoding, each chunk is passed on at once; replayed (the memo off), the
+    chunks wait for their replays in a thread and still arrive in order."""
+    from tests.lm.conftest import make_view
+
+    lm = make_view(tiny_lm)
+    lm.max_scored_chunks = 1024 if memo else 0
+    gen = GenerationConfig(stride=2, query_len=8, max_new_tokens=16, passage_tokens=64, logprobs=2)
+    engine = RalmEngine(lm, small_indexes["exact"], EngineConfig(model="tiny", generation=gen))
+    check = SpeculationCheck()
+    for i, q in enumerate(QUESTIONS):
+        g = replace(gen, temperature=0.9, top_p=0.9, seed=11 + i) if i % 2 else gen
+        runs = []
+        for speculate in (False, True):
+            chunks: list = []
+            res = engine.generate_sync(q, gen=g, spec=FORCED, speculate=speculate, on_tokens=chunks.append)
+            assert all(isinstance(c, VerifiedChunk) and len(c.logprobs) == len(c) for c in chunks)
+            assert [t for c in chunks for t in c] == res.token_ids
+            assert [lp for c in chunks for lp in c.logprobs] == res.logprobs
+            assert len(chunks) > 1
+            runs.append(res)
+        check.same(runs[1].token_ids, runs[0].token_ids, runs[1].stats, where=q)
+        assert runs[1].logprobs == runs[0].logprobs
+    check.ran(min_speculated=4, min_rollbacks=1)
+    assert (lm.scored_by_replay == 0) if memo else (lm.scored_from_decode == 0 and lm.scored_by_replay > 0)
+    # a stop string: every chunk is still passed on, the result's logprobs are a prefix of theirs
+    full = engine.generate_sync(QUESTIONS[0], speculate=False)
+    stop = engine.lm.tokenizer.decode(full.token_ids[5:7]).strip()
+    chunks = []
+    res = engine.generate_sync(QUESTIONS[0], gen=replace(gen, stop=(stop,)), spec=FORCED, speculate=True,
+                               on_tokens=chunks.append)
+    streamed = [lp for c in chunks for lp in c.logprobs]
+    assert res.finish_reason == "stop" and res.logprobs == streamed[:len(res.token_ids)] == full.logprobs[:len(res.token_ids)]
+
+
+def test_chunks_without_logprobs_carry_none(engine):
+    chunks: list = []
+    res = engine.generate_sync(QUESTIONS[1], gen=replace(engine.config.generation, logprobs=None),
+                               on_tokens=chunks.append)
+    assert res.logprobs is None and chunks and all(isinstance(c, VerifiedChunk) and c.logprobs is None for c in chunks)
+    assert [t for c in chunks for t in c] == res.token_ids

@@ -139,6 +139,73 @@ def test_stop_spanning_stream_chunks_on_both_endpoints(chat_client, chat_engine)
     assert "".join(texts) == want and finish == "stop"
 
 
+def streamed_logprobs(stream) -> list[tuple[str, list, list[int] | None]]:
+    """Each content chunk's ``(text, logprob entries, text offsets)`` (chat: entries of
+    ``logprobs.content``, offsets None; completions: ``(token, logprob)`` pairs and ``text_offset``)."""
+    out = []
+    for c in stream:
+        if not c.choices or c.choices[0].logprobs is None:
+            continue
+        ch = c.choices[0]
+        if hasattr(ch, "delta"):
+            out.append((ch.delta.content or "", [e.model_dump() for e in ch.logprobs.content], None))
+        else:
+            lp = ch.logprobs
+            out.append((ch.text, list(zip(lp.tokens, lp.token_logprobs)), lp.text_offset))
+    return out
+
+
+def assert_sent_with_their_text(parts, tokens_of) -> None:
+    """After every chunk, the text of the tokens whose logprobs were sent is a prefix of the text
+    sent: no entry runs ahead of its text. Entries come with the text, not all at the end."""
+    text = toks = ""
+    for delta, entries, _ in parts:
+        text += delta
+        toks += "".join(tokens_of(e) for e in entries)
+        assert text.startswith(toks), (text, toks)
+    assert sum(1 for _, entries, _ in parts[:-1] if entries) >= 3, parts
+
+
+def test_streamed_logprobs_go_with_their_text(chat_client, chat_engine):
+    """A streamed answer's logprobs arrive chunk by chunk, each with the text delta that completes
+    its tokens, and concatenated they are the non-streamed answer's (text offsets included), on
+    both endpoints, speculative and naive, also when a stop string cuts the answer."""
+    for speculate in (True, False):
+        want = ask(chat_client, user(QUESTION), speculate=speculate, logprobs=True, top_logprobs=2)
+        parts = streamed_logprobs(ask(chat_client, user(QUESTION), speculate=speculate, stream=True, logprobs=True,
+                                      top_logprobs=2))
+        assert [e for _, entries, _ in parts for e in entries] == [e.model_dump() for e in want.choices[0].logprobs.content]
+        assert "".join(t for t, _, _ in parts) == want.choices[0].message.content
+        assert_sent_with_their_text(parts, lambda e: e["token"])
+    n = CHAT_ENGINE_CONFIG.generation.max_new_tokens
+    body = {"model": CHAT_MODEL, "prompt": QUESTION, "max_tokens": n, "logprobs": 1,
+            "extra_body": {"ralm": FORCED | {"speculate": True}}}
+    whole = chat_client.completions.create(**body).choices[0]
+    parts = streamed_logprobs(chat_client.completions.create(**body, stream=True))
+    assert [e for _, entries, _ in parts for e in entries] == list(zip(whole.logprobs.tokens, whole.logprobs.token_logprobs))
+    assert [o for _, _, offs in parts for o in offs] == whole.logprobs.text_offset
+    assert_sent_with_their_text(parts, lambda e: e[0])
+    sent = 0
+    for delta, _, offs in parts:  # a token's text starts within the text sent with it
+        sent += len(delta)
+        assert all(o <= sent for o in offs)
+    # a stop string that ends inside a verified chunk: the entries sent are the stopped answer's
+    # (not its chunk's last token), the rest comes with the finish chunk
+    tok = chat_engine.lm.tokenizer
+    ids = chat_engine.generate_sync(Conversation((), QUESTION), gen=CHAT_ENGINE_CONFIG.generation,
+                                    speculate=False).token_ids
+    head = stable_text(tok, ids[:4])
+    stop = stable_text(tok, ids[:5])[len(head):]  # token 4: the first of the chunk [4, 6) (stride 2)
+    assert find_stop(stable_text(tok, ids), [stop])[0] == len(head), stop
+    for speculate in (True, False):
+        cut = ask(chat_client, user(QUESTION), speculate=speculate, logprobs=True, stop=[stop])
+        parts = streamed_logprobs(ask(chat_client, user(QUESTION), speculate=speculate, logprobs=True,
+                                      stop=[stop], stream=True))
+        assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == 5
+        assert [e for _, entries, _ in parts for e in entries] == [e.model_dump() for e in cut.choices[0].logprobs.content]
+        assert "".join(t for t, _, _ in parts) == cut.choices[0].message.content == head
+
+
 def test_logprobs_equal_with_and_without_speculation(chat_client):
     spec = ask(chat_client, user(QUESTION), speculate=True, logprobs=True, top_logprobs=3)
     naive = ask(chat_client, user(QUESTION), speculate=False, logprobs=True, top_logprobs=3)
@@ -152,7 +219,7 @@ def test_logprobs_equal_with_and_without_speculation(chat_client):
         assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0.0
         assert (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)  # greedy: the argmax
         assert e.bytes == list(e.token.encode("utf-8"))
-    # streamed: the same numbers, in the finish chunk (scored once the answer is verified)
+    # streamed: the same numbers, sent with their text (test_streamed_logprobs_go_with_their_text)
     chunks, _, _, _, _ = stream_parts(ask(chat_client, user(QUESTION), speculate=True, stream=True, logprobs=True,
                                           top_logprobs=3))
     streamed = [e.model_dump() for c in chunks if c.choices and c.choices[0].logprobs
