@@ -32,7 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "decode step torch.compile'd: fused kernels, ~25 s of compiling per attention "
                         "span on first use), auto (static on cuda, eager on cpu)")
     g.add_argument("--lm-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="LM weights' dtype (auto: bfloat16 on cuda, float32 on cpu)")
+                   help="LM weights' dtype (auto: bfloat16 on cuda and, hf backend, on a CPU with bfloat16 "
+                        "instructions (AVX512-BF16/AMX); float32 elsewhere)")
     g.add_argument("--lm-prefix-cache-mib", type=int, default=EngineConfig.lm_prefix_cache_mib, metavar="MIB",
                    help="hf backend: prompt KV blocks shared across requests, so a passage another request "
                         "(or an earlier step) prefilled is not computed again; same tokens either way "

@@ -266,7 +266,7 @@ class EngineConfig:
     # (static, every decode step one fixed-shape forward shared by concurrent requests),
     # "compiled" (static, its decode step torch.compile'd) or "auto" (static on CUDA, eager on the CPU)
     lm_runner: str = "auto"
-    # "auto": bfloat16 on CUDA, float32 on the CPU
+    # "auto": bfloat16 on CUDA and on a CPU with bfloat16 instructions (hf), else float32 (lm/loader.py)
     lm_dtype: str = "auto"
     # hf backend: MiB of prompt KV blocks shared across requests (ralmspec/lm/prefix_cache.py); 0: off
     lm_prefix_cache_mib: int = 512

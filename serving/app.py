@@ -536,7 +536,10 @@ def _stats(state: ServerState) -> dict[str, Any]:
         r = state.retriever
         out["emulation"] = {"pad_searches": r.pad_searches, "pad_queries": r.pad_queries,
                             "pad_seconds": r.pad_seconds}
-    runner = getattr(getattr(state.engine, "lm", None), "runner", None)
+    lm = getattr(state.engine, "lm", None)
+    if getattr(lm, "dtype", None) is not None:  # which numbers it computes in (--lm-dtype auto: lm/loader.py)
+        out["lm_dtype"] = str(lm.dtype).removeprefix("torch.")
+    runner = getattr(lm, "runner", None)
     if runner is not None:  # how the LM ran (``KVRunner.state``), every field present for every runner
         out["lm_runner"] = {"cuda_graphs": 0, "compiled_spans": [], "batched_steps_by_live_rows": {},
                             **runner.state()}

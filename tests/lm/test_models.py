@@ -131,3 +131,27 @@ def test_model_load_errors(tmp_path, saved_tiny):
         load_lm(str(no_tok))
     with pytest.raises(ModelLoadError):
         load_lm("")
+
+
+FLAGS = "processor\t: 0\nflags\t\t: fpu sse sse2 avx2 avx512f {}\n"
+
+
+@pytest.mark.parametrize("extra, native", [("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512vl", False)])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(tmp_path, monkeypatch, extra, native):
+    """``--lm-dtype auto``: bfloat16 on CUDA; on the CPU only with bfloat16 instructions and
+    the hf backend (vLLM keeps float32); an explicit dtype is never changed."""
+    from ralmspec.lm import loader
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(FLAGS.format(extra))
+    assert loader.cpu_has_native_bf16(str(info)) is native
+    assert loader.cpu_has_native_bf16(str(tmp_path / "missing")) is False
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native)
+    assert loader.resolve_lm_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert loader.resolve_lm_dtype("auto", "cpu", backend="vllm") == "float32"
+    assert loader.resolve_lm_dtype("auto", "cuda:0") == "bfloat16"
+    assert loader.resolve_lm_dtype("float32", "cpu") == "float32"
+    with pytest.raises(ConfigError, match="LM dtype"):
+        loader.resolve_lm_dtype("int8", "cpu")
+    lm = loader.load_language_model("tiny", dtype="auto")
+    assert lm.dtype == (torch.bfloat16 if native else torch.float32)

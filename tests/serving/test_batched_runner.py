@@ -74,4 +74,5 @@ def test_concurrent_requests_on_the_batched_runner_equal_each_alone(batched_serv
     # the server says how its LM ran: steps that held more than one live row, no graphs on the CPU
     runner = stats["lm_runner"]
     assert runner["name"] == "batched" and runner["cuda_graphs"] == 0
+    assert stats["lm_dtype"] == str(batched_engine.lm.dtype).removeprefix("torch.")
     assert any(int(rows) > 1 for rows in runner["batched_steps_by_live_rows"])
