@@ -37,9 +37,14 @@ def with_drawn_seed(cfg: EngineConfig) -> EngineConfig:
 def cmd_generate(a: argparse.Namespace) -> int:
     if not a.question or not a.question.strip():
         raise RalmSpecError("the question is empty")
+    if a.stream and a.json:
+        raise RalmSpecError("--stream prints the answer as it is verified and --json the whole result "
+                            "at the end; pass one of them")
     cfg = with_drawn_seed(engine_config_from_args(a))
     if a.logprobs is not None:
         cfg = replace(cfg, generation=replace(cfg.generation, logprobs=a.logprobs))
+    if a.stop:
+        cfg = replace(cfg, generation=replace(cfg.generation, stop=tuple(a.stop)))
     apply_threads(a)
     from ralmspec.engine.core import build_engine
 
@@ -47,12 +52,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
     engine = build_engine(cfg, corpus_path=a.corpus)
     _log(f"loaded model {cfg.model!r} and {cfg.retrieval.kind} knowledge base "
          f"({len(engine.retriever.corpus)} passages) in {time.perf_counter() - t:.1f}s")
-    res = engine.generate_sync(a.question, retrieval=a.retrieval)
+    if a.stream:
+        print(f"question: {a.question}")
+        print("answer:   ", end="", flush=True)
+        printer = _AnswerPrinter(engine.lm.tokenizer, cfg.generation.stop)
+        res = engine.generate_sync(a.question, retrieval=a.retrieval, on_tokens=printer)
+        printer.finish()
+    else:
+        res = engine.generate_sync(a.question, retrieval=a.retrieval)
     if a.json:
         print(json.dumps(res.to_dict(with_trace=True), indent=1))
         return 0
-    print(f"question: {a.question}")
-    print(f"answer:   {res.text.strip()}")
+    if not a.stream:
+        print(f"question: {a.question}")
+        print(f"answer:   {res.text.strip()}")
     print(f"\n{res.mode} · {len(res.token_ids)} tokens · {res.latency_s:.2f}s · finish={res.finish_reason}")
     if res.logprobs is not None:
         _print_logprobs(res.logprobs, engine.lm.tokenizer)
@@ -89,6 +102,30 @@ def cmd_generate(a: argparse.Namespace) -> int:
         extra = "".join(f" · {k[3:].replace('_', ' ')} {v}" for k, v in state.items())
         print(f"  LM runner {runner.name} on {getattr(engine.lm, 'device', '?')}{extra}")
     return 0
+
+
+class _AnswerPrinter:
+    """``on_tokens`` for ``--stream``: prints the answer's text as its chunks are verified (stop
+    strings applied: ``ralmspec.engine.stream.VerifiedText``; leading blanks dropped); ``finish``
+    prints the rest and a newline (the engine passes every chunk before ``generate`` returns)."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]):
+        from ralmspec.engine.stream import VerifiedText
+
+        self.text, self.started = VerifiedText(tokenizer, stops), False
+
+    def __call__(self, chunk: list[int]) -> None:
+        self._show(self.text.push(chunk))
+
+    def finish(self) -> None:
+        self._show(self.text.finish())
+        print(flush=True)
+
+    def _show(self, delta: str) -> None:
+        if not self.started:
+            delta = delta.lstrip()
+            self.started = bool(delta)
+        print(delta, end="", flush=True)
 
 
 def _print_logprobs(logprobs: list, tokenizer) -> None:
@@ -251,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the full result with its trace as JSON")
     g.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=True,
                    help="closed book: the same prompt format with no passage and no retrieval")
+    g.add_argument("--stream", action="store_true",
+                   help="print the answer as it is verified, chunk by chunk (never a speculated token)")
+    g.add_argument("--stop", action="append", default=None, metavar="S",
+                   help="end the answer before the first occurrence of S (repeatable: the first one the text completes)")
     g.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="also print every answer token's log-probability and its K most likely "
                         "alternatives (0-20; taken from decoding, identical with speculation on or off)")

@@ -50,7 +50,6 @@ from ralmspec.engine.result import GenerationResult, VerifiedChunk
 from ralmspec.engine.scheduler import (
     BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
 )
-from ralmspec.engine.stop import StopStream
 from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.lm.sampling import draw_seed
 from ralmspec.retrieval.base import Retriever
@@ -61,7 +60,7 @@ from serving.protocol import (
     APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
 )
 from serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, usage
-from serving.stream import IncrementalDetokenizer, LogprobRelease
+from ralmspec.engine.stream import LogprobRelease, VerifiedText
 
 log = logging.getLogger("ralmspec.serving")
 
@@ -351,7 +350,7 @@ async def respond(request: web.Request, state: ServerState, req: CompletionReque
 async def _stream(request: web.Request, state: ServerState, req: CompletionRequest,
                   shape: Shape) -> web.StreamResponse:
     """SSE of verified text (stop strings cut, partial matches held back: engine/stop.py), each
-    chunk with the logprobs of the tokens its text completes (serving/stream.py), then the finish
+    chunk with the logprobs of the tokens its text completes (ralmspec/engine/stream.py), then the finish
     chunk with ``ralm`` (and the logprobs not sent yet), usage, ``[DONE]``."""
     assert state.scheduler is not None
     cid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -382,17 +381,15 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     tokenizer = state.engine.lm.tokenizer
-    detok = IncrementalDetokenizer(tokenizer)
-    stops = StopStream(req.gen.stop)
+    text = VerifiedText(tokenizer, req.gen.stop)
     scored = LogprobRelease(tokenizer) if req.gen.logprobs is not None else None
-    sent = 0  # characters of answer text sent
 
     def logprobs(final: GenerationResult | None = None) -> dict[str, Any] | None:
         """The logprobs of the tokens whose text is sent (all of ``final``'s, at the end)."""
         if scored is None:
             return None
-        entries, offsets = scored.release(sent) if final is None else scored.finish(final.logprobs or [],
-                                                                                     len(final.text))
+        entries, offsets = scored.release(text.sent) if final is None else scored.finish(final.logprobs or [],
+                                                                                          len(final.text))
         return shape.logprobs(entries, tokenizer, offsets)
 
     model = state.config.model_name
@@ -417,9 +414,8 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
                 break
             if scored is not None:
                 scored.push(item.logprobs)
-            delta = stops.push(detok.push(item))
+            delta = text.push(item)
             if delta:
-                sent += len(delta)
                 await resp.write(chunk(shape.delta(delta, logprobs=logprobs())))
         exc = task.exception()
         if exc is not None:
@@ -431,7 +427,7 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
             return resp
         result = task.result()
         state.metrics.record_completion(result, ttft[0] if ttft else None)
-        rest = stops.push(detok.finish()) + stops.finish()
+        rest = text.finish()
         await resp.write(chunk(shape.delta(rest, finish_reason(result), logprobs(result)),
                                ralm=ralm_fields(state, req, result)))
         if req.include_usage:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from ralmspec.engine.result import GenerationResult
 from ralmspec.lm.base import TokenLogprob
-from serving.stream import TokenOffsets
+from ralmspec.engine.stream import TokenOffsets
 
 
 def finish_reason(result: GenerationResult) -> str:
@@ -40,7 +40,7 @@ def token_piece(tokenizer: Any, token_id: int) -> str:
 
 
 def text_offsets(tokenizer: Any, ids: list[int]) -> list[int]:
-    """Where each token's text starts in the decoded text of ``ids`` (serving/stream.py ``TokenOffsets``)."""
+    """Where each token's text starts in the decoded text of ``ids`` (ralmspec/engine/stream.py ``TokenOffsets``)."""
     return TokenOffsets(tokenizer).push(ids).starts
 
 

@@ -68,3 +68,28 @@ def test_generate_prints_token_logprobs(small_indexes, capsys):
 def test_generate_logprobs_out_of_range_is_a_clear_error(small_indexes, capsys):
     assert main(run(small_indexes, "--logprobs", "21")) == 2
     assert "logprobs must be" in capsys.readouterr().err
+
+
+def test_generate_streams_the_verified_answer(small_indexes, capsys):
+    """``--stream`` prints the answer chunk by chunk as it is verified: the same answer line as
+    without it, with speculation on (and run) and off, and with ``--stop``; ``--json`` with it is a
+    clear error."""
+    answers = {}
+    for mode in ("--no-speculate", "--speculate"):
+        for stream in ((), ("--stream",)):
+            assert main(run(small_indexes, mode, "--no-os3", "--max-new-tokens", "12", *stream)) == 0
+            out = capsys.readouterr().out
+            answers[mode, bool(stream)] = next(ln for ln in out.splitlines() if ln.startswith("answer:"))
+            if mode == "--speculate":
+                assert re.search(r"speculated [1-9]", out), out
+    assert len(set(answers.values())) == 1, answers
+    full = answers["--no-speculate", False].removeprefix("answer:").strip()
+    stop = full.split()[2]
+    for stream in ((), ("--stream",)):
+        assert main(run(small_indexes, "--speculate", "--no-os3", "--max-new-tokens", "12", "--stop", stop,
+                        "--stop", "\u2603never", *stream)) == 0
+        out = capsys.readouterr().out
+        line = next(ln for ln in out.splitlines() if ln.startswith("answer:"))
+        assert line.removeprefix("answer:").strip() == full[:full.index(stop)].strip() and "finish=stop" in out
+    assert main(run(small_indexes, "--stream", "--json")) == 2
+    assert "--stream" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The pure parts of a streamed answer (no I/O): its text deltas and the logprobs that go with them.
 
-A stream (serving/app.py ``_stream``) receives verified chunks (``VerifiedChunk``: token ids, and
-their logprobs when the request asks for them) and sends text as it becomes final:
+A stream (serving/app.py ``_stream``, ``ralmspec generate --stream``) receives verified chunks
+(``VerifiedChunk``: token ids, and their logprobs when the request asks for them) and sends text
+as it becomes final (``VerifiedText``):
 
 - ``IncrementalDetokenizer`` turns the growing token list into text deltas whose concatenation is
   the decoded answer (an incomplete multi-byte character is held back);
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ralmspec.engine.stop import PARTIAL_CHAR, stable_text
+from ralmspec.engine.stop import PARTIAL_CHAR, StopStream, stable_text
 from ralmspec.lm.base import TokenLogprob
 
 
@@ -48,6 +49,26 @@ class IncrementalDetokenizer:
             delta, self.sent = text[len(self.sent):], text
             return delta
         return ""  # cannot happen for prefix-stable tokenizers (WordPiece, byte-level BPE)
+
+
+class VerifiedText:
+    """The text to send of a stream of verified chunks: their deltas, cut at the first stop
+    string and held back while one may still start (module doc). The concatenation of
+    ``push``es and ``finish`` is the answer's text as ``cut_result`` returns it."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()):
+        self.detok, self.stops = IncrementalDetokenizer(tokenizer), StopStream(stops)
+        self.sent = 0  # characters sent
+
+    def push(self, ids: Sequence[int]) -> str:
+        return self._sending(self.stops.push(self.detok.push(ids)))
+
+    def finish(self) -> str:
+        return self._sending(self.stops.push(self.detok.finish()) + self.stops.finish())
+
+    def _sending(self, text: str) -> str:
+        self.sent += len(text)
+        return text
 
 
 class TokenOffsets:

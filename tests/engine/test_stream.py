@@ -1,4 +1,4 @@
-"""The pure parts of a stream (serving/stream.py) with the real SmolLM2 tokenizer (byte-level
+"""The pure parts of a stream (ralmspec/engine/stream.py) with the real SmolLM2 tokenizer (byte-level
 BPE: a multi-byte character can span tokens): text deltas, token text offsets, and which tokens'
 logprobs go with the text sent so far (stop strings holding text back included)."""
 
@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from ralmspec.engine.stop import StopStream, cut_result, stable_text
+from ralmspec.engine.stop import cut_result, stable_text
 from ralmspec.engine.result import GenerationResult
 from ralmspec.lm.base import TokenLogprob
 from serving.shapes import text_offsets
-from serving.stream import IncrementalDetokenizer, LogprobRelease, TokenOffsets
+from ralmspec.engine.stream import LogprobRelease, TokenOffsets, VerifiedText
 
 TEXT = "Hed PE is from Huntington Beach, Zürich – 東京 🎸🎸 naïve café. The end."
 
@@ -55,19 +55,20 @@ def test_logprobs_go_with_the_text_that_completes_them(tok, stop, sizes):
     ids = tok.encode(TEXT)
     scored = [TokenLogprob(t, -float(i), ()) for i, t in enumerate(ids)]
     ends = [len(stable_text(tok, ids[: i + 1])) for i in range(len(ids))]
-    detok, stops, release = IncrementalDetokenizer(tok), StopStream([stop] if stop else []), LogprobRelease(tok)
+    stream, release = VerifiedText(tok, [stop] if stop else []), LogprobRelease(tok)
     text, sent_entries, sent_offsets, at = "", [], [], 0
     for part in chunks_of(ids, sizes):
         release.push(scored[at: at + len(part)])
         at += len(part)
-        delta = stops.push(detok.push(part))
+        delta = stream.push(part)
         text += delta
+        assert stream.sent == len(text)
         if delta:
             entries, offsets = release.release(len(text))
             sent_entries += entries
             sent_offsets += offsets
             assert len(sent_entries) == sum(1 for e in ends[:at] if e <= len(text))  # all covered, none ahead
-    text += stops.push(detok.finish()) + stops.finish()
+    text += stream.finish()
     result = GenerationResult(prompt="q", mode="naive", prompt_ids=[1], token_ids=list(ids), text=TEXT, steps=[],
                               finish_reason="length", latency_s=0.0, stats={})
     final = cut_result(result, [stop] if stop else [], tok)
