@@ -30,7 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "slots, on-device decode, CUDA graphs on a GPU), batched (static, every decode step "
                         "one fixed-shape forward shared by concurrent requests), compiled (static with its "
                         "decode step torch.compile'd: fused kernels, ~25 s of compiling per attention "
-                        "span on first use), auto (static on cuda, eager on cpu)")
+                        "span on first use), auto (static on cuda; on cpu eager, and batched in `serve`)")
     g.add_argument("--lm-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="LM weights' dtype (auto: bfloat16 on cuda and, hf backend, on a CPU with bfloat16 "
                         "instructions (AVX512-BF16/AMX); float32 elsewhere)")

@@ -161,7 +161,8 @@ def _load_lm(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
 
         return load_language_model(cfg.model, backend=cfg.lm_backend, device=cfg.lm_device,
                                    dtype=cfg.lm_dtype, runner=cfg.lm_runner,
-                                   prefix_cache_mib=cfg.lm_prefix_cache_mib), ""
+                                   prefix_cache_mib=cfg.lm_prefix_cache_mib,
+                                   concurrent=a.max_concurrent > 1), ""
     from ralmspec.lm.ray_replicas import RayLMConfig, RayLMReplicas
 
     lm_cfg = RayLMConfig(replicas=a.lm_replicas, threads=a.lm_replica_threads, actor_gpus=a.lm_replica_gpus,

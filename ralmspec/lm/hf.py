@@ -222,7 +222,7 @@ class HFLanguageModel(LanguageModel):
                  block_size: int = DEFAULT_BLOCK_SIZE,
                  max_sessions: int = 256, max_cache_bytes: int | None = 2 << 30,
                  stop_token_ids: Iterable[int] = (), name: str = "hf", runner: str = "eager",
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, concurrent: bool = False) -> None:
         if not is_int(block_size, 1):
             raise ConfigError(f"block_size must be an integer >= 1, got {block_size!r}")
         if not isinstance(max_context, int) or max_context < 2:
@@ -242,7 +242,8 @@ class HFLanguageModel(LanguageModel):
         self.name = name
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.dtype = next(model.parameters()).dtype
-        self.runner = make_runner(model, runner, max_len=max_context, device=self.device, block_size=block_size)
+        self.runner = make_runner(model, runner, max_len=max_context, device=self.device, block_size=block_size,
+                                  concurrent=concurrent)
         self.max_context = min(max_context, getattr(self.runner, "max_len", max_context))
         self._lock = threading.Lock()
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
@@ -674,11 +675,14 @@ def _scored(logits: torch.Tensor, tokens: list[int], top_k: int) -> list[TokenLo
 
 
 def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: torch.device,
-                block_size: int | None = None) -> KVRunner:
+                block_size: int | None = None, concurrent: bool = False) -> KVRunner:
     """The ``KVRunner`` named ``runner`` ("eager", "static", "batched", "compiled" or "auto") for ``model``.
 
-    "auto" picks the static runner on CUDA for the families it implements and the eager runner
-    otherwise (on the 2-core CPU target it measured no faster: docs/lm-runner.md). "batched" is
+    "auto" picks the static runner on CUDA for the families it implements; on the CPU the eager
+    runner for one request at a time (the static one measured no faster there), and for a
+    backend that serves ``concurrent`` requests (``ralmspec serve``) the batched runner, whose
+    8-row step costs about 1.2-2x one row on the CPU (docs/lm-runner.md, "Measured"); any other
+    family keeps the eager runner. "batched" is
     the static runner in its batch-invariant mode: every decode step is one forward of
     ``BATCH_ROWS`` rows, which concurrent sessions share (cross-request batching in serving).
     "compiled" is the static runner with its 1-row step ``torch.compile``d (one graph per
@@ -689,7 +693,12 @@ def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: to
     if runner not in LM_RUNNERS:
         raise ConfigError(f"LM runner must be one of {', '.join(LM_RUNNERS)}, got {runner!r}")
     if runner == "auto":
-        runner = "static" if device.type == "cuda" and supports_static(model) else "eager"
+        if not supports_static(model):
+            runner = "eager"
+        elif device.type == "cuda":
+            runner = "static"
+        else:
+            runner = "batched" if concurrent else "eager"
     if runner == "eager":
         return EagerRunner(model)
     kind = "cuda" if device.type == "cuda" else "cpu"

@@ -41,8 +41,10 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def load_language_model(name_or_path: str, backend: str = "hf", device: str = "cpu",
-                        dtype: str = "auto", runner: str = "auto", prefix_cache_mib: int = 512) -> LanguageModel:
-    """``prefix_cache_mib``: the hf backend's shared prefix blocks (vLLM has its own prefix caching)."""
+                        dtype: str = "auto", runner: str = "auto", prefix_cache_mib: int = 512,
+                        concurrent: bool = False) -> LanguageModel:
+    """``prefix_cache_mib``: the hf backend's shared prefix blocks (vLLM has its own prefix caching);
+    ``concurrent``: a server's LM (the hf backend's ``auto`` runner: ``lm.hf.make_runner``)."""
     dtype = resolve_lm_dtype(dtype, device, backend)
     if not is_int(prefix_cache_mib, 0):
         raise ConfigError(f"the LM prefix cache must be an integer >= 0 MiB, got {prefix_cache_mib!r}")
@@ -50,7 +52,7 @@ def load_language_model(name_or_path: str, backend: str = "hf", device: str = "c
         from ralmspec.lm.models import load_lm
 
         return load_lm(name_or_path, device=device, dtype=dtype, runner=runner,
-                       prefix_cache_bytes=prefix_cache_mib << 20)
+                       prefix_cache_bytes=prefix_cache_mib << 20, concurrent=concurrent)
     if backend == "vllm":
         from ralmspec.lm.vllm import load_vllm
 

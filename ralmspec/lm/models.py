@@ -231,13 +231,14 @@ def load_lm(name_or_path: str, device: str = "cpu", dtype: str = "float32",
             block_size: int = DEFAULT_BLOCK_SIZE,
             *, max_context: int | None = None, max_sessions: int = 256,
             max_cache_bytes: int | None = 2 << 30, runner: str = "eager",
-            prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> HFLanguageModel:
+            prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, concurrent: bool = False) -> HFLanguageModel:
     """Load a pretrained model ("smollm2"), a built-in random model ("tiny", "random-small",
     "random-medium") or a local HF causal-LM folder.
 
     ``max_context`` (optional) lowers the model's context length (prompt + new tokens); it
     defaults to the model's position limit (1024 for the built-ins, 8192 for smollm2);
-    ``prefix_cache_bytes`` bounds the prompt KV blocks shared across sessions (0: none). Raises ``ModelLoadError``
+    ``prefix_cache_bytes`` bounds the prompt KV blocks shared across sessions (0: none);
+    ``concurrent``: the model will serve concurrent requests (``runner`` "auto": ``make_runner``). Raises ``ModelLoadError``
     when the model cannot be loaded and ``ConfigError`` for bad device / dtype / sizes.
     """
     dev = _resolve_device(device)
@@ -258,7 +259,7 @@ def load_lm(name_or_path: str, device: str = "cpu", dtype: str = "float32",
     return HFLanguageModel(model, HFTokenizer(tok), eos_token_id=eos, stop_token_ids=stops,
                            max_context=max_pos, device=dev, block_size=block_size,
                            max_sessions=max_sessions, max_cache_bytes=max_cache_bytes, name=name,
-                           runner=runner, prefix_cache_bytes=prefix_cache_bytes)
+                           runner=runner, prefix_cache_bytes=prefix_cache_bytes, concurrent=concurrent)
 
 
 def save_builtin(name: str, folder: str | os.PathLike) -> Path:

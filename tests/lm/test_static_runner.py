@@ -196,6 +196,9 @@ def test_runner_names_are_checked(tiny_lm):
     with pytest.raises(ConfigError, match="runner"):
         make_runner(tiny_lm.model, "fast", max_len=64, device=torch.device("cpu"))
     assert make_runner(tiny_lm.model, "auto", max_len=64, device=torch.device("cpu")).name == "eager"
+    # a server's LM (concurrent requests): the batched runner on the CPU
+    served = make_runner(tiny_lm.model, "auto", max_len=64, device=torch.device("cpu"), concurrent=True)
+    assert served.name == "batched" and served.batch_rows > 1
 
 
 def test_unsupported_family_is_refused_with_the_way_out(tiny_lm):
@@ -210,6 +213,7 @@ def test_unsupported_family_is_refused_with_the_way_out(tiny_lm):
         StaticRunner(Other(), max_len=64, capacity=1)
     # "auto" keeps such a model on the eager runner
     assert make_runner(Other(), "auto", max_len=64, device=torch.device("cuda")).name == "eager"
+    assert make_runner(Other(), "auto", max_len=64, device=torch.device("cpu"), concurrent=True).name == "eager"
 
 
 def test_smollm2_static_equals_eager(smollm2_lm):

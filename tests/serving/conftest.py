@@ -30,9 +30,12 @@ def openai_client(server: ServerThread, timeout_s: float):
 
 @pytest.fixture(scope="session")
 def serving_engine(small_indexes, tiny_lm):
+    """On the batched runner, which ``ralmspec serve`` runs on the CPU (``--lm-runner auto``);
+    the chat server below runs the eager one."""
     from ralmspec.engine.core import RalmEngine
+    from tests.lm.conftest import make_view
 
-    return RalmEngine(tiny_lm, small_indexes["exact"], TEST_ENGINE_CONFIG)
+    return RalmEngine(make_view(tiny_lm, runner="batched"), small_indexes["exact"], TEST_ENGINE_CONFIG)
 
 
 @pytest.fixture(scope="session")

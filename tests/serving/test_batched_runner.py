@@ -38,7 +38,14 @@ def batched_server(batched_engine):
     srv.stop()
 
 
-def test_concurrent_requests_on_the_batched_runner_equal_each_alone(batched_server, batched_engine, serving_engine):
+@pytest.fixture(scope="module")
+def eager_engine(small_indexes, tiny_lm):
+    from ralmspec.engine.core import RalmEngine
+
+    return RalmEngine(tiny_lm, small_indexes["exact"], TEST_ENGINE_CONFIG)
+
+
+def test_concurrent_requests_on_the_batched_runner_equal_each_alone(batched_server, batched_engine, eager_engine):
     """8 concurrent clients (speculative with a fixed stride, naive, one seeded sample) == the
     naive loop run alone on the same engine, and the greedy ones == the eager runner's engine;
     the LM runner stepped several requests in one forward."""
@@ -63,7 +70,7 @@ def test_concurrent_requests_on_the_batched_runner_equal_each_alone(batched_serv
         alone = batched_engine.generate_sync(b["prompt"], gen=gen, speculate=False)
         check.same(body["choices"][0]["text"], alone.text, body["ralm"]["stats"], where=b["prompt"])
         if "seed" not in b:
-            eager = serving_engine.generate_sync(b["prompt"], gen=gen, speculate=False)
+            eager = eager_engine.generate_sync(b["prompt"], gen=gen, speculate=False)
             assert alone.text == eager.text, b["prompt"]
     check.ran(min_speculated=sum(b["ralm"]["speculate"] for b in bodies))
     assert shared > 0, "no decode forward stepped two requests: the batched path did not run"

@@ -54,3 +54,19 @@ def test_serve_passes_the_lm_flags_to_the_model_it_loads():
         assert where == "" and lm.runner.name == "static" and lm.prefix_blocks.capacity_bytes == 3 << 20
     finally:
         lm.close()
+
+
+@pytest.mark.parametrize("concurrent, runner", [("16", "batched"), ("1", "eager")])
+def test_serve_auto_runner_on_the_cpu_batches_concurrent_requests(concurrent, runner):
+    """``--lm-runner auto`` on the CPU: a server of concurrent requests steps them together
+    (batched runner); one request at a time, the eager runner (docs/lm-runner.md, "Measured")."""
+    from ralmspec.cli_options import engine_config_from_args
+    from serving.cli import _load_lm
+
+    a = build_parser().parse_args(["serve", "--model", "tiny", "--max-concurrent", concurrent])
+    assert a.lm_runner == "auto"
+    lm, _ = _load_lm(a, engine_config_from_args(a))
+    try:
+        assert lm.runner.name == runner
+    finally:
+        lm.close()
