@@ -93,13 +93,12 @@ class AnswerScorer:
         return self.scored
 
     def close(self) -> None:
-        """Stop scoring (the request ended or failed) and release the replay's LM session."""
+        """Stop scoring (the request ended or failed)."""
         if self.pending is not None:
             if not self.pending.done():
                 self.pending.cancel()
             elif not self.pending.cancelled():
                 self.pending.exception()  # retrieved: the request's own error is what is raised
-        self.ctx.lm.release(self.session)
 
     # ------------------------------------------------------------------ internals
     def _inputs(self, start: int, steps: list[StepRecord]) -> list[tuple[list[int], list[int]]]:
@@ -119,9 +118,14 @@ class AnswerScorer:
         return out
 
     def _replay(self, spans: list[tuple[list[int], list[int]]]) -> list[TokenLogprob]:
+        """In a thread (the LM's lock is never waited for on the loop; nor is the release of
+        the replay's session, so each replay releases it here)."""
         out: list[TokenLogprob] = []
-        for prompt, toks in spans:  # memo hits answered as such, the rest replayed
-            out += self.ctx.lm.token_logprobs(prompt, toks, self.top_k, self.session)
+        try:
+            for prompt, toks in spans:  # memo hits answered as such, the rest replayed
+                out += self.ctx.lm.token_logprobs(prompt, toks, self.top_k, self.session)
+        finally:
+            self.ctx.lm.release(self.session)
         return out
 
     async def _score_after(self, before: asyncio.Future | None, chunk: list[int],
@@ -130,7 +134,7 @@ class AnswerScorer:
             await before  # in order: a chunk is passed on after the ones before it
         kept = self._kept(spans)
         if kept is None:
-            kept = await to_thread(self._replay, spans)  # in a thread: the LM's lock is never waited for on the loop
+            kept = await to_thread(self._replay, spans)
         self._pass_on(chunk, kept)
 
     def _pass_on(self, chunk: list[int], scored: list[TokenLogprob]) -> None:
