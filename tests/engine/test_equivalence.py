@@ -15,6 +15,7 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from ralmspec.config import GUESSERS, EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
@@ -108,3 +109,30 @@ def test_concurrent_requests_identical_to_sequential_naive(naive_fallback, small
         check.ran(min_speculated=0, why="OS^3 falls back to verified steps on the cheap small knowledge base")
     else:
         check.ran(min_speculated=len(qs), min_rollbacks=1)
+
+
+@pytest.mark.parametrize("runner", ["eager", "batched"])
+def test_speculative_identical_to_naive_in_bfloat16(runner, small_indexes, questions):
+    """The defaults of a CPU with bfloat16 instructions (``--lm-dtype auto``; ``ralmspec serve``
+    runs the batched runner): the same sweep, shorter, on a bfloat16 model."""
+    from ralmspec.lm.models import load_lm
+
+    lm = load_lm("tiny", dtype="bfloat16", runner=runner)
+    engine = RalmEngine(lm, small_indexes["exact"], EngineConfig())
+    rng = random.Random(99)
+    check = SpeculationCheck()
+    forced = 0
+
+    async def go():
+        nonlocal forced
+        for i, q in enumerate(questions[:16]):
+            gen = GenerationConfig(stride=STRIDES[i % 4], query_len=16, max_new_tokens=16, passage_tokens=64)
+            naive = await engine.generate(q, gen=gen, speculate=False)
+            for spec in spec_settings(rng, i):
+                res = await engine.generate(q, gen=gen, spec=spec, speculate=True)
+                check.same(engine_trace(res), engine_trace(naive), res.stats, where=(runner, i, gen, spec))
+                forced += forces_speculation(spec)
+
+    asyncio.run(go())
+    assert lm.dtype == torch.bfloat16 and lm.runner.name == runner
+    assert check.ran(min_speculated=forced, min_rollbacks=1).accepted > 0

@@ -44,12 +44,21 @@ GOVERNORS = {"off": GovernorConfig(enabled=False),
                                        kb_bottleneck_at=None)}
 
 
-@pytest.mark.parametrize("kind,governor", [("exact", "off"), ("bm25", "off"), ("exact", "pausing")])
-def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kind, governor, small_indexes, tiny_lm,
+@pytest.mark.parametrize("kind,governor,lm", [("exact", "off", "tiny"), ("bm25", "off", "tiny"),
+                                              ("exact", "pausing", "tiny"), ("exact", "off", "tiny bf16 batched")])
+def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kind, governor, lm, small_indexes, tiny_lm,
                                                                              questions):
-    engine = RalmEngine(tiny_lm, small_indexes[kind], EngineConfig())
+    """``tiny bf16 batched``: what ``ralmspec serve`` runs on a CPU with bfloat16 instructions
+    (the requests' decode steps also share forwards there)."""
+    if lm == "tiny":
+        lm = tiny_lm
+    else:
+        from ralmspec.lm.models import load_lm
+
+        lm = load_lm("tiny", dtype="bfloat16", runner="batched")
+    engine = RalmEngine(lm, small_indexes[kind], EngineConfig())
     plans = [_request_plan(i) for i in range(len(questions))]
-    sessions_before = tiny_lm.cached_sessions
+    sessions_before = lm.cached_sessions
 
     async def go():
         oracle = [await engine.generate(q, gen=g, speculate=False) for q, (g, _, _) in zip(questions, plans)]
@@ -82,7 +91,9 @@ def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kin
         assert paused > 0 and stats["governor"]["pauses"] > 0, "the governor never paused: the test proves nothing"
         assert rounds > 0, "no speculative round at all: requests never resumed speculating"
         assert stats["governor"]["kb_fixed_share"] is not None, "the KB rule's cost fit was never fed"
-    assert tiny_lm.cached_sessions == sessions_before, "finished requests left KV sessions behind"
+    assert lm.cached_sessions == sessions_before, "finished requests left KV sessions behind"
+    if lm.runner.name == "batched":
+        assert max(lm.runner.live_rows) > 1, "no decode forward stepped two requests"
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw", "ivf", "bm25"])
