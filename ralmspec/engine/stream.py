@@ -27,24 +27,32 @@ class IncrementalDetokenizer:
     """Text deltas of a growing token list whose concatenation is ``decode(all tokens)``.
 
     A delta is sent only when the decoded text extends what was sent (trailing U+FFFD of an
-    incomplete multi-byte character is held back); ``finish`` flushes the rest.
+    incomplete multi-byte character is held back); ``finish`` flushes the rest. Each push decodes
+    only a window: the tokens since the last fully sent point, with ``context`` tokens before it
+    (a decoder's output for a token depends only on its close left neighbours: a byte-level
+    BPE's bytes, a WordPiece's "##" join), so a long answer costs linear, not quadratic, time.
     """
 
-    def __init__(self, tokenizer: Any):
-        self.tok = tokenizer
+    def __init__(self, tokenizer: Any, context: int = 8):
+        self.tok, self.context = tokenizer, context
         self.ids: list[int] = []
-        self.sent = ""
+        self.start = 0  # the window: ids[start:]
+        self.sent = ""  # the window's text already sent
 
     def push(self, ids: Sequence[int]) -> str:
         self.ids += ids
-        text = self.tok.decode(self.ids).rstrip(PARTIAL_CHAR)
-        if text.startswith(self.sent) and len(text) > len(self.sent):
-            delta, self.sent = text[len(self.sent):], text
-            return delta
-        return ""
+        full = self.tok.decode(self.ids[self.start:])
+        text = full.rstrip(PARTIAL_CHAR)
+        if not (text.startswith(self.sent) and len(text) > len(self.sent)):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        if text == full and len(self.ids) - self.start > 2 * self.context:  # all sent: slide the window
+            self.start = len(self.ids) - self.context
+            self.sent = self.tok.decode(self.ids[self.start:])
+        return delta
 
     def finish(self) -> str:
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids[self.start:])
         if text.startswith(self.sent):
             delta, self.sent = text[len(self.sent):], text
             return delta

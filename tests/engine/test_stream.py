@@ -10,7 +10,7 @@ from ralmspec.engine.stop import cut_result, stable_text
 from ralmspec.engine.result import GenerationResult
 from ralmspec.lm.base import TokenLogprob
 from serving.shapes import text_offsets
-from ralmspec.engine.stream import LogprobRelease, TokenOffsets, VerifiedText
+from ralmspec.engine.stream import IncrementalDetokenizer, LogprobRelease, TokenOffsets, VerifiedText
 
 TEXT = "Hed PE is from Huntington Beach, Zürich – 東京 🎸🎸 naïve café. The end."
 
@@ -87,3 +87,20 @@ def test_finish_refuses_a_stream_that_ran_ahead(tok):
     release.release(len(TEXT))
     with pytest.raises(AssertionError, match="not the answer's"):
         release.finish([TokenLogprob(t, 0.0, ()) for t in ids[:3]], 5)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "tiny"])
+def test_deltas_of_a_long_answer_are_its_text(model, tok, tiny_lm):
+    """The detokenizer decodes a sliding window, not the whole answer at every push: over a long
+    text full of multi-byte characters split across tokens (byte-level BPE) or "##" pieces
+    (WordPiece), in chunks of 1 to 7 tokens, its deltas still add up to ``decode(all)``, and none
+    ends in half a character."""
+    tokenizer = tok if model == "smollm2" else tiny_lm.tokenizer
+    ids = tokenizer.encode((TEXT + " unbelievably tokenization ") * 40)
+    assert len(ids) > 600
+    for size in (1, 3, 4, 7):
+        detok = IncrementalDetokenizer(tokenizer)
+        deltas = [detok.push(part) for part in chunks_of(ids, (size,))]
+        assert "".join(deltas) + detok.finish() == tokenizer.decode(ids), size
+        assert not any(d.endswith("\ufffd") for d in deltas)
+        assert detok.start > len(ids) // 2  # the window did slide
