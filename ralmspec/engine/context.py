@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Protocol, Sequence
 
 from ralmspec.config import GenerationConfig
 from ralmspec.engine.prompt import PromptFormat
-from ralmspec.engine.stop import find_stop, stable_text
+from ralmspec.engine.stop import StopWatch
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.sampling import Sampling
@@ -110,7 +110,7 @@ class RalmContext:
     # a shared server's load governor (engine/governor.py): False pauses speculation, and the
     # request takes verified (naive) steps; None: always allowed
     may_speculate: Callable[[], bool] | None = None
-    _stop_memo: tuple[tuple[int, ...], bool] | None = field(default=None, repr=False)
+    _stops: StopWatch | None = field(default=None, repr=False)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -165,7 +165,6 @@ class RalmContext:
         return generated > 0 and bool(self.gen.stop) and self.stop_completed(tokens[n_prompt:])
 
     def stop_completed(self, generated: Sequence[int]) -> bool:
-        key = tuple(generated)
-        if self._stop_memo is None or self._stop_memo[0] != key:  # the loops ask repeatedly
-            self._stop_memo = (key, find_stop(stable_text(self.lm.tokenizer, key), self.gen.stop) is not None)
-        return self._stop_memo[1]
+        if self._stops is None:
+            self._stops = StopWatch(self.lm.tokenizer, self.gen.stop)
+        return self._stops.completed(generated)

@@ -69,6 +69,67 @@ def cut_result(result: GenerationResult, stops: Sequence[str], tokenizer: Tokeni
     return replace(result, token_ids=list(ids[:k]), text=text[:start], steps=steps, finish_reason="stop")
 
 
+class StopWatch:
+    """``completed(generated)``: does the text of a request's generated tokens complete a stop
+    string (the module rule, ``find_stop``)? The loops ask after every chunk, verified or
+    speculated; decoding the whole answer each time would be quadratic in its length. So it
+    keeps the longest answer prefix known to hold none (``clean``: a prefix of a stop-free text
+    is stop-free, decoding being prefix-stable) and decodes only a window: an occurrence in the
+    new text starts at most ``longest - 1`` characters before the clean text's end, so the window
+    covers those and ``MARGIN`` more (where a decoder may render a window's first token
+    differently: a dropped leading space, half a character), starting from the longest common
+    prefix of ``clean`` and the new tokens (a rollback replaces the tail, it does not extend
+    it). The answers are those of the full check (tested)."""
+
+    MARGIN = 8
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
+        self.tok, self.stops = tokenizer, tuple(stops)
+        self.longest = max((len(s) for s in self.stops), default=1)
+        self.clean: tuple[int, ...] = ()
+        self.last: tuple[tuple[int, ...], bool] | None = None
+
+    def completed(self, generated: Sequence[int]) -> bool:
+        ids = tuple(generated)
+        if self.last is not None and self.last[0] == ids:  # the loops ask repeatedly
+            return self.last[1]
+        hit = bool(self.stops) and self._holds_stop(ids, _common_prefix(self.clean, ids))
+        if not hit:
+            self.clean = ids
+        self.last = (ids, hit)
+        return hit
+
+    def _holds_stop(self, ids: tuple[int, ...], k: int) -> bool:
+        need = self.longest - 1 + self.MARGIN  # characters of the clean text to look back on
+        lo = k
+        while lo > 0:
+            lo = max(0, lo - need)
+            if len(stable_text(self.tok, ids[lo:k])) >= need:
+                break
+        window = stable_text(self.tok, ids[lo:])
+        if lo == 0:
+            return find_stop(window, self.stops) is not None
+        head = stable_text(self.tok, ids[lo:k])
+        if not window.startswith(head):  # a decoder that is not prefix-stable here: the full check
+            return find_stop(stable_text(self.tok, ids), self.stops) is not None
+        return find_stop(window[len(head) - (self.longest - 1):], self.stops) is not None
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Length of the longest common prefix of ``a`` and ``b`` (slices compared in C, bisected)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class StopStream:
     """Filters streamed text deltas: passes on what can no longer be part of a stop string,
     holds back the longest tail that is a prefix of one, and cuts at the first stop (module

@@ -96,3 +96,40 @@ def test_a_stop_string_absent_from_the_answer_changes_nothing(engines):
     gen = replace(engine.config.generation, stop=("\x00absent",))
     res = engine.generate_sync(q, gen=gen, spec=FORCED, speculate=True)
     assert res.token_ids == plain.token_ids and res.text == plain.text and res.finish_reason == plain.finish_reason
+
+
+@pytest.mark.parametrize("model", ["smollm2", "tiny"])
+def test_stop_watch_answers_as_the_full_check_under_growth_and_rollbacks(model, tiny_lm, request):
+    """``StopWatch`` (what the loops ask after every chunk) decodes a window, not the whole
+    answer: over answers that grow by chunks and are rolled back to random points and regrown
+    with other tokens (as speculation does), with stop strings taken from the text (multi-byte
+    characters, leading spaces, one-character and long ones), it answers exactly as
+    ``find_stop`` over the whole decoded text."""
+    import random
+
+    from ralmspec.engine.stop import StopWatch
+
+    tok = (request.getfixturevalue("smollm2_lm") if model == "smollm2" else tiny_lm).tokenizer
+    base = tok.encode("Zürich – 東京 🎸🎸 naïve café. The end of the war came in 1945, " * 30)
+    rng = random.Random(3)
+    checked = hits = rollbacks = 0
+    for trial in range(24):
+        text = stable_text(tok, base[: rng.randrange(50, len(base))])
+        n = rng.choice((1, 2, 4, 12, 30))
+        at = rng.randrange(len(text) // 2, len(text) - n)
+        stops = [text[at: at + n], "\u2603never"] if trial % 4 else ["\u2603never"]
+        watch = StopWatch(tok, stops)
+        ids: list[int] = []
+        for _ in range(120):
+            if ids and rng.random() < 0.2:  # a rollback of a few chunks, regrown with another token
+                ids = ids[: max(0, len(ids) - rng.randrange(1, 12))] + [base[rng.randrange(len(base))]]
+                rollbacks += 1
+            else:
+                ids = ids + base[len(ids): len(ids) + rng.randrange(1, 6)]
+            want = find_stop(stable_text(tok, ids), stops) is not None
+            assert watch.completed(ids) == want, (trial, stops, len(ids))
+            checked += 1
+            hits += want
+            if want and rng.random() < 0.5:
+                break
+    assert hits > 10 and rollbacks > 10 and checked > 500, (hits, rollbacks, checked)
