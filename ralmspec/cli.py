@@ -100,7 +100,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if runner is not None:
         state = _runner_state(engine.lm)
         extra = "".join(f" · {k[3:].replace('_', ' ')} {v}" for k, v in state.items())
-        print(f"  LM runner {runner.name} on {getattr(engine.lm, 'device', '?')}{extra}")
+        dtype = str(getattr(engine.lm, "dtype", "?")).removeprefix("torch.")
+        print(f"  LM runner {runner.name} on {getattr(engine.lm, 'device', '?')} in {dtype}{extra}")
     return 0
 
 

@@ -51,7 +51,8 @@ def test_serve_passes_the_lm_flags_to_the_model_it_loads():
     a = build_parser().parse_args(["serve", "--model", "tiny", "--lm-runner", "static", "--lm-prefix-cache-mib", "3"])
     lm, where = _load_lm(a, engine_config_from_args(a))
     try:
-        assert where == "" and lm.runner.name == "static" and lm.prefix_blocks.capacity_bytes == 3 << 20
+        assert lm.runner.name == "static" and lm.prefix_blocks.capacity_bytes == 3 << 20
+        assert where == f" ({str(lm.dtype).removeprefix('torch.')}, static runner)"  # the start-up line says it
     finally:
         lm.close()
 
