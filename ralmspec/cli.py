@@ -100,8 +100,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if runner is not None:
         state = _runner_state(engine.lm)
         extra = "".join(f" · {k[3:].replace('_', ' ')} {v}" for k, v in state.items())
-        dtype = str(getattr(engine.lm, "dtype", "?")).removeprefix("torch.")
-        print(f"  LM runner {runner.name} on {getattr(engine.lm, 'device', '?')} in {dtype}{extra}")
+        from ralmspec.lm.loader import dtype_name
+
+        print(f"  LM runner {runner.name} on {getattr(engine.lm, 'device', '?')} in {dtype_name(engine.lm) or '?'}{extra}")
     return 0
 
 

@@ -50,7 +50,9 @@ from ralmspec.engine.result import GenerationResult, VerifiedChunk
 from ralmspec.engine.scheduler import (
     BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
 )
+from ralmspec.engine.stream import LogprobRelease, VerifiedText
 from ralmspec.errors import ConfigError, LMError, RetrievalError
+from ralmspec.lm.loader import dtype_name
 from ralmspec.lm.sampling import draw_seed
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
@@ -60,7 +62,6 @@ from serving.protocol import (
     APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
 )
 from serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, usage
-from ralmspec.engine.stream import LogprobRelease, VerifiedText
 
 log = logging.getLogger("ralmspec.serving")
 
@@ -533,8 +534,8 @@ def _stats(state: ServerState) -> dict[str, Any]:
         out["emulation"] = {"pad_searches": r.pad_searches, "pad_queries": r.pad_queries,
                             "pad_seconds": r.pad_seconds}
     lm = getattr(state.engine, "lm", None)
-    if getattr(lm, "dtype", None) is not None:  # which numbers it computes in (--lm-dtype auto: lm/loader.py)
-        out["lm_dtype"] = str(lm.dtype).removeprefix("torch.")
+    if dtype_name(lm) is not None:  # which numbers it computes in (--lm-dtype auto: lm/loader.py)
+        out["lm_dtype"] = dtype_name(lm)
     runner = getattr(lm, "runner", None)
     if runner is not None:  # how the LM ran (``KVRunner.state``), every field present for every runner
         out["lm_runner"] = {"cuda_graphs": 0, "compiled_spans": [], "batched_steps_by_live_rows": {},

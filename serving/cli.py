@@ -157,17 +157,16 @@ def _build_app(a: argparse.Namespace):
 def _load_lm(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
     """The LM in this process, or (with --lm-replicas N) N Ray actors running it."""
     if not a.lm_replicas:
-        from ralmspec.lm.loader import load_language_model
+        from ralmspec.lm.loader import dtype_name, load_language_model
 
         lm = load_language_model(cfg.model, backend=cfg.lm_backend, device=cfg.lm_device,
                                  dtype=cfg.lm_dtype, runner=cfg.lm_runner,
                                  prefix_cache_mib=cfg.lm_prefix_cache_mib,
                                  concurrent=a.max_concurrent > 1)
-        runner, dtype = getattr(getattr(lm, "runner", None), "name", None), getattr(lm, "dtype", None)
-        # what --lm-runner / --lm-dtype auto resolved to, in the start-up line
-        how = ", ".join(x for x in (str(dtype).removeprefix("torch.") if dtype is not None else "",
-                                    f"{runner} runner" if runner else "") if x)
-        return lm, f" ({how})" if how else ""
+        # what --lm-dtype / --lm-runner auto resolved to, in the start-up line
+        runner = getattr(lm, "runner", None)
+        how = [x for x in (dtype_name(lm), runner and f"{runner.name} runner") if x]
+        return lm, f" ({', '.join(how)})" if how else ""
     from ralmspec.lm.ray_replicas import RayLMConfig, RayLMReplicas
 
     lm_cfg = RayLMConfig(replicas=a.lm_replicas, threads=a.lm_replica_threads, actor_gpus=a.lm_replica_gpus,

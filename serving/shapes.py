@@ -20,8 +20,8 @@ import json
 from typing import Any, Sequence
 
 from ralmspec.engine.result import GenerationResult
-from ralmspec.lm.base import TokenLogprob
 from ralmspec.engine.stream import TokenOffsets
+from ralmspec.lm.base import TokenLogprob
 
 
 def finish_reason(result: GenerationResult) -> str:
@@ -51,6 +51,7 @@ class CompletionShape:
     chunk_object = "text_completion"
     id_prefix = "cmpl"
     prompt_param = "prompt"  # the field an error about the prompt names
+    reports_offsets = True  # its logprobs carry each token's text offset
 
     def choice(self, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
         return {"text": text, "index": 0, "finish_reason": finish, "logprobs": logprobs}
@@ -82,6 +83,7 @@ class ChatShape:
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
     prompt_param = "messages"
+    reports_offsets = False
 
     def choice(self, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
@@ -113,8 +115,10 @@ def answer(shape: Shape, cid: str, created: int, model: str, result: GenerationR
     """The non-streamed response body."""
     logprobs = None
     if result.logprobs is not None:
-        ids = [lp.token for lp in result.logprobs]
-        offsets = [min(at, len(result.text)) for at in text_offsets(tokenizer, ids)]
+        offsets: list[int] = []
+        if shape.reports_offsets:
+            ids = [lp.token for lp in result.logprobs]
+            offsets = [min(at, len(result.text)) for at in text_offsets(tokenizer, ids)]
         logprobs = shape.logprobs(result.logprobs, tokenizer, offsets)
     return {"id": cid, "object": shape.object, "created": created, "model": model,
             "choices": [shape.choice(result.text, finish_reason(result), logprobs)], "usage": usage(result),

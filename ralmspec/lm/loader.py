@@ -26,6 +26,13 @@ def resolve_lm_dtype(dtype: str, device: str, backend: str = "hf") -> str:
     return "bfloat16" if backend == "hf" and cpu_has_native_bf16() else "float32"
 
 
+def dtype_name(lm: object) -> str | None:
+    """The dtype ``lm`` computes in as ``--lm-dtype`` names it ("bfloat16"), or None for a
+    backend that does not say (what ``auto`` resolved to, for reports)."""
+    dtype = getattr(lm, "dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when this CPU has bfloat16 instructions (the ``avx512_bf16`` or ``amx_bf16`` flag of
     Linux's ``/proc/cpuinfo``); False when it has not, or where that file cannot be read."""
