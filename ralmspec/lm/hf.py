@@ -637,7 +637,7 @@ class HFLanguageModel(LanguageModel):
             stats.decode_steps += chunk.steps
             stats.generated_tokens += len(chunk.tokens)
             self._store(session, prompt, kv)
-            if chunk.logits is not None and mode is not None and mode.logprobs is not None:
+            if chunk.logits is not None:  # kept for a mode with logprobs (``keep`` above)
                 self._remember_scores(prompt, chunk.tokens, mode.logprobs, chunk.logits)
         return [chunk.tokens for chunk in chunks]
 
