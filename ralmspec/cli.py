@@ -16,6 +16,7 @@ from typing import Any
 from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, apply_threads, engine_config_from_args
 from ralmspec.config import BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, RetrievalConfig
 from ralmspec.errors import ConfigError, RalmSpecError
+from ralmspec.lm.loader import dtype_name
 
 
 def _log(msg: str) -> None:
@@ -100,8 +101,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if runner is not None:
         state = _runner_state(engine.lm)
         extra = "".join(f" · {k[3:].replace('_', ' ')} {v}" for k, v in state.items())
-        from ralmspec.lm.loader import dtype_name
-
         print(f"  LM runner {runner.name} on {getattr(engine.lm, 'device', '?')} in {dtype_name(engine.lm) or '?'}{extra}")
     return 0
 
@@ -243,7 +242,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         label = f"exact EMULATED {len(engine.retriever.corpus) + a.emulate_pad:,}"
     lm_runner = getattr(getattr(engine.lm, "runner", None), "name", None)
     settings = {"model": cfg.model, "lm_backend": cfg.lm_backend, "lm_runner": lm_runner,
-                "lm_device": cfg.lm_device, "lm_dtype": str(getattr(engine.lm, "dtype", cfg.lm_dtype)),
+                "lm_device": cfg.lm_device, "lm_dtype": dtype_name(engine.lm) or cfg.lm_dtype,
                 "retriever": cfg.retrieval.kind, **_encoder_settings(engine.retriever),
                 "index": cfg.retrieval.index_dir, "corpus": a.corpus, "emulate_pad": a.emulate_pad,
                 "threads": a.threads, "questions": a.questions or "grounded",

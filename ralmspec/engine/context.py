@@ -111,8 +111,14 @@ class RalmContext:
     # request takes verified (naive) steps; None: always allowed
     may_speculate: Callable[[], bool] | None = None
     _stops: StopWatch | None = field(default=None, repr=False)
+    _encoded: tuple[str, tuple[int, ...]] | None = field(default=None, repr=False)
 
     def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's token ids, checked against the context budget (a ``ConfigError`` for an
+        empty prompt or one that leaves no room); tokenized once per request (the loop and the
+        logprob scorer both ask)."""
+        if self._encoded is not None and self._encoded[0] == prompt:
+            return list(self._encoded[1])
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("prompt must be a non-empty string")
         ids = self.lm.tokenizer.encode(prompt)
@@ -126,6 +132,7 @@ class RalmContext:
             raise ConfigError(f"the prompt has {len(ids)} tokens; with the chat template and "
                               f"max_new_tokens={self.gen.max_new_tokens} at most "
                               f"{budget - self.fmt.overhead()} fit the model's context of {self.lm.max_context}")
+        self._encoded = (prompt, tuple(ids))
         return ids
 
     def query(self, tokens: Sequence[int]) -> str:

@@ -68,7 +68,7 @@ class AnswerScorer:
                  on_tokens: TokenCallback | None, closed_book: bool):
         self.ctx, self.top_k, self.session, self.on_tokens = ctx, top_k, session, on_tokens
         self.closed_book = closed_book
-        self.prompt_ids = ctx.encode_prompt(question)  # the loops' own first step, repeated
+        self.prompt_ids = ctx.encode_prompt(question)  # the loops' own first step (tokenized once: ctx)
         self.answer: list[int] = []  # verified tokens received
         self.scored: list[TokenLogprob] = []  # their logprobs, as far as passed on
         self.pending: asyncio.Future | None = None  # the latest chunk still being scored

@@ -296,8 +296,7 @@ class Driver:
         upto = self.book.verified_end(self.n0)
         if upto - self.n0 > self.emitted:
             start = self.n0 + self.emitted
-            steps = [st for st in self.book.steps if st.end is not None and start <= st.start < upto]
-            self.on_verified(self.tokens[start: upto], steps)
+            self.on_verified(self.tokens[start: upto], self.book.verified_from(start))
             self.emitted = upto - self.n0
 
     def figures(self) -> dict[str, Any]:

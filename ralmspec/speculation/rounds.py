@@ -111,13 +111,15 @@ class RoundStats:
 class RoundBook:
     """The steps and in-flight rounds of one request, and the only code that changes them.
 
-    Invariants (checked by ``check``): steps are in output order and contiguous; verified steps
+    Invariants (checked by ``check``): steps are in output order and contiguous, and only the
+    last one (the step being produced) can be unfinished (``end`` None); verified steps
     form a prefix of the list, ``n_verified`` long; every step of an in-flight round is
     submitted and unverified; rounds in flight are in submission order and cover disjoint steps.
 
     Cost: reading and applying touch only the unverified tail (``n_verified`` marks where it
     begins), so a mode with many small steps (kNN-LM: one per token) pays per round for the
-    steps in play, not for the whole output. ``check`` and ``verified_end`` scan every step.
+    steps in play, not for the whole output; so do ``verified_end`` and ``verified_from`` (the
+    verified output a stream is sent). ``check`` scans every step.
     """
 
     def __init__(self, first: Step):
@@ -142,13 +144,25 @@ class RoundBook:
         return self.n_verified == len(self.steps)
 
     def verified_end(self, default: int) -> int:
-        """End of the verified prefix of finished steps (``default`` if there is none)."""
-        end = default
-        for st in self.steps:
-            if not st.verified or st.end is None:
-                break
-            end = st.end
-        return end
+        """End of the verified prefix of finished steps (``default`` if there is none). Only the
+        last step can be unfinished (``check``), so this reads at most two steps."""
+        nv = self.n_verified
+        if nv and self.steps[nv - 1].end is None:
+            nv -= 1
+        end = self.steps[nv - 1].end if nv else None
+        return default if end is None else end
+
+    def verified_from(self, start: int) -> list[Step]:
+        """The finished verified steps that start at or after ``start``, in order (read back
+        from the end of the verified prefix: linear in what it returns, not in the output)."""
+        out: list[Step] = []
+        i = self.n_verified - 1
+        while i >= 0 and self.steps[i].start >= start:
+            if self.steps[i].end is not None:
+                out.append(self.steps[i])
+            i -= 1
+        out.reverse()
+        return out
 
     def status(self, complete: bool) -> Status:
         if not complete:
@@ -216,7 +230,9 @@ class RoundBook:
         with one step per token, once per request)."""
         seen_unverified = False
         for a, b in zip(self.steps, self.steps[1:]):
-            if a.end is not None and a.end != b.start:
+            if a.end is None:
+                raise AssertionError("only the last step may be unfinished")
+            if a.end != b.start:
                 raise AssertionError("steps are not contiguous")
         prefix = 0
         for st in self.steps:

@@ -179,3 +179,36 @@ def test_verified_prefix_is_tracked_through_commits_and_rollbacks():
     book.n_verified = 2
     with pytest.raises(AssertionError):
         book.check()
+
+
+def test_verified_end_and_verified_from_read_only_the_tail():
+    """What a stream is sent: the verified steps from a position on, and where the verified
+    output ends, with the step being produced (verified, unfinished) left out; both agree with
+    a scan of every step, through commits and a rollback."""
+    def scan(book, start):
+        end, steps = 0, []
+        for st in book.steps:
+            if not st.verified or st.end is None:
+                break
+            end = st.end
+            if st.start >= start:
+                steps.append(st)
+        return end, steps
+
+    book = RoundBook(Step(0, None, 1, verified=True))  # the first step, being produced
+    assert book.verified_end(-1) == -1 and book.verified_from(0) == []
+    book.steps[0].end = 4
+    for i in range(1, 6):
+        book.add(Step(4 * i, None, 1, verified=False, end=4 * i + 4))
+    rnd = book.submit(book.pending()[:4], Handle(), 4, 0.0)
+    for start in (0, 4, 5, 8, 24):
+        assert (book.verified_end(0), book.verified_from(start)) == scan(book, start)
+    bad = book.commit(rnd, Verdict(2, 7))
+    book.add(Step(bad.start, None, 7, verified=True))  # the correction, being produced
+    book.check()
+    for start in (0, 4, 8, 12, 13):
+        assert (book.verified_end(0), book.verified_from(start)) == scan(book, start)
+    assert [st.start for st in book.verified_from(4)] == [4, 8]
+    book.steps[1].end = None  # an unfinished step before the last one
+    with pytest.raises(AssertionError, match="only the last step"):
+        book.check()
