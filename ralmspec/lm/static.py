@@ -33,10 +33,12 @@ In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
   slots are rows of one pooled buffer addressed by device-side indices, so on CUDA a step is a
   graph per set of spans (``step_order``), whichever sessions fill it.
 
-The forward reuses the HF model's own modules (embeddings, norms, MLPs, projections, rotary
-table) and replaces only the attention's KV handling, so it runs exactly the model the eager
-runner runs. Supported families: Llama-style (``llama``, ``qwen2``; SmolLM2 is a Llama) and
-``gpt2``. Any other model keeps the eager runner (``supports_static``).
+The forward reuses the HF model's own modules (embeddings, MLPs, projections, rotary table,
+the norms' weights) and replaces the attention's KV handling, so it runs exactly the model the
+eager runner runs; a Llama norm's statistics run as one ``F.rms_norm`` and a rotation as one
+roll (``_rms_norm``, ``_rotate``: fewer kernels per step, the modules' bits on the CPU).
+Supported families: Llama-style (``llama``, ``qwen2``; SmolLM2 is a Llama) and ``gpt2``. Any
+other model keeps the eager runner (``supports_static``).
 """
 
 from __future__ import annotations
@@ -121,11 +123,16 @@ class _Decoder:
             self.n_heads = cfg.num_attention_heads
             self.n_kv = cfg.num_key_value_heads
             self.scale = attn.scaling
-            # the model's own rotary module, evaluated once for every position
+            # the model's own rotary module, evaluated once for every position; the sine's first
+            # half negated, so that a rotation is a roll (``_rotate``)
             probe = torch.zeros(1, dtype=next(model.parameters()).dtype, device=dev)
             pos = torch.arange(max_len, device=dev)[None]
             cos, sin = t.rotary_emb(probe, pos)
-            self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+            half = self.head_dim // 2
+            self.cos = cos[0]  # [max_len, head_dim]
+            self.sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+            self.norms = [(_rms_norm(b.input_layernorm), _rms_norm(b.post_attention_layernorm)) for b in self.layers]
+            self.final_norm = _rms_norm(self.norm)
         self.lm_head = model.get_output_embeddings()
         self.dtype = next(model.parameters()).dtype
         self.device = dev
@@ -163,13 +170,14 @@ class _Decoder:
         else:
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
             for i, blk in enumerate(self.layers):
-                at = blk.self_attn
-                x = blk.input_layernorm(h)
+                at, (norm_in, norm_post) = blk.self_attn, self.norms[i]
+                x = norm_in(h)
                 q = _rotate(self._heads(at.q_proj(x), self.n_heads), cos, sin)
                 k = _rotate(self._heads(at.k_proj(x), self.n_kv), cos, sin)
                 v = self._heads(at.v_proj(x), self.n_kv)
                 h = h + at.o_proj(self._attend(slots, i, q, k, v, pos, spans, masks, pool))
-                h = h + blk.mlp(blk.post_attention_layernorm(h))
+                h = h + blk.mlp(norm_post(h))
+            return self.final_norm(h)
         return self.norm(h)
 
     def logits(self, hidden_row: torch.Tensor) -> torch.Tensor:
@@ -212,10 +220,29 @@ class _Decoder:
         return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding, ``x * cos + cat(-x2, x1) * sin`` with ``x = cat(x1, x2)``, as
+    ``x * cos + roll(x) * signed_sin`` (``signed_sin`` = ``cat(-sin1, sin2)``): the same bits,
+    since ``(-a) * b == a * (-b)`` exactly, in four kernels instead of five (neg and cat become
+    one roll)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _rms_norm(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A Llama / Qwen2 RMSNorm module's function with its rounding kept (the statistics in
+    float32, the result cast back, then times the weight in the model's dtype), with the
+    statistics in ONE ``F.rms_norm`` call instead of five ops (pow, mean, add, rsqrt, mul): a
+    fused kernel on CUDA (where its reduction may round unlike ``mean``: the static runner's own
+    numerics, docs/lm-runner.md), the same ops as the module's on the CPU, so the same bits there
+    (tested). A module that does not carry HF's ``weight`` and ``variance_epsilon`` runs as is."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(eps, float) or not hasattr(F, "rms_norm"):
+        return norm
+    shape = (weight.shape[-1],)
+
+    def rms_norm(x: torch.Tensor) -> torch.Tensor:
+        return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+    return rms_norm
 
 
 class StaticRunner(KVRunner):

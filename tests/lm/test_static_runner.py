@@ -288,3 +288,34 @@ def test_a_padded_blocks_rows_are_the_full_blocks_rows(model, tiny_lm, smollm2_l
             runner.free(full)
             runner.free(part)
     assert runner.padded_blocks == 2 * 4 + 4  # the prefixes (full blocks) and the tails, all padded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_steps_norm_and_rotation_are_the_models_bit_for_bit(smollm2_lm, dtype):
+    """The static forward's RMSNorm (``F.rms_norm`` for the statistics: one kernel on CUDA) and
+    its rotation (a roll by a sign-folded sine table) give the HF modules' and the textbook
+    rotation's bits on the CPU, with SmolLM2's own norm weights and rotary table."""
+    import copy
+
+    from ralmspec.lm.static import _Decoder, _rms_norm, _rotate
+
+    model = copy.deepcopy(smollm2_lm.model).to(dtype)
+    dec = _Decoder(model, max_len=256)
+    gen = torch.Generator().manual_seed(0)
+    norms = [model.model.norm] + [n for blk in model.model.layers[:4]
+                                  for n in (blk.input_layernorm, blk.post_attention_layernorm)]
+    for norm in norms:
+        for scale in (0.01, 1.0, 30.0):
+            x = (torch.randn(3, 5, dec.embed.embedding_dim, generator=gen) * scale).to(dtype)
+            assert torch.equal(_rms_norm(norm)(x), norm(x))
+    plain = torch.nn.Linear(4, 4)
+    assert _rms_norm(plain) is plain  # not an HF RMSNorm: run as is
+    half = dec.head_dim // 2
+    pos = torch.tensor([[0, 1, 63, 200]])
+    cos, sin = dec.cos[pos][:, None], dec.sin[pos][:, None]
+    plain_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # the model's own sine
+    x = torch.randn(1, dec.n_heads, 4, dec.head_dim, generator=gen).to(dtype)
+    textbook = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * plain_sin
+    assert torch.equal(_rotate(x, cos, sin), textbook)
+    _, ref_sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype), pos)
+    assert torch.equal(plain_sin[0, 0], ref_sin[0])

@@ -1,0 +1,184 @@
+"""What one decode step of the static runner launches: ops (CPU) or kernels (CUDA) per token.
+
+    python experiments/step_ops.py --model smollm2 --threads 2
+    python experiments/step_ops.py --model smollm2 --device cuda --json out.json
+
+On a GPU the captured 1-row step is bound by its kernels, not by its FLOPs (SmolLM2 on an H200:
+~1,200 kernels, 7.0 ms/token, where the weights' bytes take well under 0.1 ms): fewer kernels
+per step is what makes it faster. This counts them: the 1-row step (``step_logits``, the step
+``decode`` runs, uncaptured so the profiler sees each op) at a 300-token position, ``--steps``
+times under ``torch.profiler``, per step:
+- ``cuda_kernels``: kernels launched on the GPU (CUDA only): what a captured graph replays;
+- ``ops``: the ATen ops the step's Python code dispatches (outermost ops; views, allocations and
+  other metadata-only ops, ``VIEW_OPS``, left out): on the CPU the closest count to "kernels"
+  there is (a composite such as ``mean`` counts once), each a dispatch of a few microseconds;
+and the top ``--top`` by name, and the step's wall time uncaptured (the median, after
+``--warmup`` steps). Not a benchmark of the runner (``experiments/lm_runner.py`` is).
+
+``--compare``: the same for the step as written until session 13 (``legacy_forward``: the HF
+norm modules, eight ops each, and the rotation by ``neg`` + ``cat``), its logits compared bit for
+bit with today's, and both timed in ``--rounds`` alternated rounds over one loaded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+
+VIEW_OPS = frozenset({
+    "aten::view", "aten::as_strided", "aten::transpose", "aten::slice", "aten::select", "aten::unsqueeze",
+    "aten::squeeze", "aten::expand", "aten::t", "aten::permute", "aten::_reshape_alias", "aten::alias",
+    "aten::detach", "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resolve_conj",
+    "aten::resolve_neg", "aten::lift_fresh", "aten::result_type", "aten::_unsafe_view", "aten::unflatten",
+    "aten::reshape", "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::narrow",
+    "aten::contiguous", "aten::_has_compatible_shallow_copy_type", "aten::is_nonzero",
+})
+
+
+def count_step(runner, slot, token: int, steps: int, device) -> dict:
+    """Profile ``steps`` 1-row steps; ops and kernels per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = slot.length
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            slot.length = start  # the same position every time: the same shapes
+            runner.step_logits(slot, token)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    ops: collections.Counter[str] = collections.Counter()
+    kernels = 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+        elif (ev.name.startswith("aten::") and ev.name not in VIEW_OPS
+              and (ev.cpu_parent is None or not ev.cpu_parent.name.startswith("aten::"))):
+            ops[ev.name] += 1
+    return {"ops_per_step": sum(ops.values()) / steps,
+            "cuda_kernels_per_step": kernels / steps if device.type == "cuda" else None,
+            "ops_by_name": {k: v / steps for k, v in ops.most_common()}}
+
+
+def time_step(runner, slot, token: int, steps: int, warmup: int, device) -> float:
+    import torch
+
+    start, times = slot.length, []
+    for i in range(warmup + steps):
+        slot.length = start
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        runner.step_logits(slot, token)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def legacy_forward(runner):
+    """Switch ``runner``'s decoder to the forward of session 12 (``--compare``); returns the undo."""
+    import torch
+
+    from ralmspec.lm import static
+
+    d = runner.decoder
+    saved = (d.norms, d.final_norm, d.sin, static._rotate)
+    half = d.head_dim // 2
+    plain_sin = torch.cat((-d.sin[:, :half], d.sin[:, half:]), dim=-1)
+
+    def old_rotate(x, cos, sin):
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    d.norms = [(b.input_layernorm, b.post_attention_layernorm) for b in d.layers]
+    d.final_norm, d.sin, static._rotate = d.norm, plain_sin, old_rotate
+
+    def undo() -> None:
+        d.norms, d.final_norm, d.sin, static._rotate = saved
+    return undo
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: library default)")
+    ap.add_argument("--position", type=int, default=300, help="prompt tokens before the step")
+    ap.add_argument("--steps", type=int, default=5, help="profiled steps")
+    ap.add_argument("--timed", type=int, default=30, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--compare", action="store_true", help="also the step of session 12 (module doc)")
+    ap.add_argument("--rounds", type=int, default=6, help="--compare: alternated timing rounds")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    import torch
+
+    from ralmspec.lm.loader import resolve_lm_dtype
+    from ralmspec.lm.models import load_lm
+    from ralmspec.lm.static import StaticRunner
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = resolve_lm_dtype(a.dtype, a.device)
+    lm = load_lm(a.model, device=a.device, dtype=dtype, runner="eager")
+    runner = StaticRunner(lm.model, max_len=a.position + 64, capacity=1, cuda_graphs=False)
+    slot = runner.open()
+    ids = [1000 + (7 * i) % 5000 for i in range(a.position)]
+    with torch.inference_mode():
+        for s in range(0, len(ids), 64):
+            runner.prefill_block(slot, ids[s:s + 64], last=s + 64 >= len(ids), want_hidden=False)
+        counted = count_step(runner, slot, 42, a.steps, lm.device)
+        ms = time_step(runner, slot, 42, a.timed, a.warmup, lm.device)
+        compare = None
+        if a.compare and runner.decoder.kind != "llama":
+            print(f"--compare: {a.model} is not a Llama-style model (its step did not change)", file=sys.stderr)
+        elif a.compare:
+            start = slot.length
+            now_logits = runner.step_logits(slot, 42)[1].clone()
+            undo = legacy_forward(runner)
+            slot.length = start
+            old_logits = runner.step_logits(slot, 42)[1].clone()
+            old_count = count_step(runner, slot, 42, a.steps, lm.device)
+            undo()
+            times: dict[str, list[float]] = {"today": [], "session 12": []}
+            for _ in range(a.rounds):
+                times["today"].append(time_step(runner, slot, 42, a.timed, a.warmup, lm.device))
+                undo = legacy_forward(runner)
+                times["session 12"].append(time_step(runner, slot, 42, a.timed, a.warmup, lm.device))
+                undo()
+            compare = {"same_logits_bits": bool(torch.equal(now_logits, old_logits)),
+                       "session12_ops_per_step": old_count["ops_per_step"],
+                       "session12_cuda_kernels_per_step": old_count["cuda_kernels_per_step"],
+                       "step_ms_by_round": {k: [round(x, 3) for x in v] for k, v in times.items()},
+                       "step_ms_median": {k: round(statistics.median(v), 3) for k, v in times.items()}}
+    out = {"model": a.model, "device": str(lm.device), "dtype": dtype, "threads": torch.get_num_threads(),
+           "position": a.position, "torch": torch.__version__, "step_ms_uncaptured": round(ms, 3), **counted}
+    kern = out["cuda_kernels_per_step"]
+    print(f"{a.model} on {lm.device} ({dtype}): {out['ops_per_step']:.0f} ops per step"
+          + ("" if kern is None else f", {kern:.0f} CUDA kernels") + f", {ms:.2f} ms per step uncaptured")
+    for name, n in list(out["ops_by_name"].items())[:a.top]:
+        print(f"  {n:7.1f}  {name}")
+    if compare is not None:
+        out["compare"] = compare
+        old_k = compare["session12_cuda_kernels_per_step"]
+        med = compare["step_ms_median"]
+        print(f"session 12's step: {compare['session12_ops_per_step']:.0f} ops"
+              + ("" if old_k is None else f", {old_k:.0f} CUDA kernels")
+              + f"; same logits bit for bit: {compare['same_logits_bits']}; uncaptured ms per step over "
+              f"{a.rounds} alternated rounds (median): today {med['today']:.2f}, session 12 {med['session 12']:.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""experiments/step_ops.py: it counts a step's ops, and today's SmolLM2 step dispatches fewer
+than session 12's with the same logits bit for bit (the CPU: fused norm statistics, rotation by
+a roll; ralmspec/lm/static.py)."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import step_ops
+
+
+def test_counts_the_ops_of_a_tiny_step(tmp_path):
+    out = tmp_path / "ops.json"
+    assert step_ops.main(["--model", "tiny", "--dtype", "float32", "--position", "70", "--steps", "2",
+                          "--timed", "2", "--warmup", "1", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["cuda_kernels_per_step"] is None and got["step_ms_uncaptured"] > 0
+    assert got["ops_per_step"] == sum(got["ops_by_name"].values()) > 10
+    assert "aten::scaled_dot_product_attention" in got["ops_by_name"]
+
+
+def test_smollm2_step_has_fewer_ops_and_the_same_bits_as_session_12(smollm2_lm, tmp_path):
+    out = tmp_path / "ops.json"
+    assert step_ops.main(["--model", "smollm2", "--dtype", "bfloat16", "--position", "100", "--steps", "1",
+                          "--timed", "2", "--warmup", "1", "--compare", "--rounds", "1",
+                          "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    cmp = got["compare"]
+    assert cmp["same_logits_bits"] is True
+    layers, norms = 30, 61
+    # per norm 8 ops -> 4 (cast, rms_norm, cast, weight); per rotation neg + cat -> roll
+    assert cmp["session12_ops_per_step"] - got["ops_per_step"] == 4 * norms + 2 * layers
+    assert got["ops_by_name"]["aten::rms_norm"] == norms and "aten::neg" not in got["ops_by_name"]
