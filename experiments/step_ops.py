@@ -16,8 +16,9 @@ and the top ``--top`` by name, and the step's wall time uncaptured (the median, 
 ``--warmup`` steps). Not a benchmark of the runner (``experiments/lm_runner.py`` is).
 
 ``--compare``: the same for the step as written until session 13 (``legacy_forward``: the HF
-norm modules, eight ops each, and the rotation by ``neg`` + ``cat``), its logits compared bit for
-bit with today's, and both timed in ``--rounds`` alternated rounds over one loaded model.
+norm modules, eight ops each, queries and keys rotated apart by ``neg`` + ``cat``), its logits
+compared bit for bit with today's, both timed in ``--rounds`` alternated rounds over one loaded
+model.
 """
 
 from __future__ import annotations
@@ -83,24 +84,35 @@ def time_step(runner, slot, token: int, steps: int, warmup: int, device) -> floa
 
 
 def legacy_forward(runner):
-    """Switch ``runner``'s decoder to the forward of session 12 (``--compare``); returns the undo."""
+    """Switch ``runner``'s decoder to session 12's Llama forward (``--compare``): HF's norm
+    modules (eight ops each), queries and keys rotated apart by ``neg`` + ``cat``. Returns the undo."""
     import torch
 
-    from ralmspec.lm import static
-
     d = runner.decoder
-    saved = (d.norms, d.final_norm, d.sin, static._rotate)
     half = d.head_dim // 2
-    plain_sin = torch.cat((-d.sin[:, :half], d.sin[:, half:]), dim=-1)
+    plain_sin = torch.cat((-d.sin[:, :half], d.sin[:, half:]), dim=-1)  # the model's own table
 
-    def old_rotate(x, cos, sin):
+    def rotate(x, cos, sin):
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    d.norms = [(b.input_layernorm, b.post_attention_layernorm) for b in d.layers]
-    d.final_norm, d.sin, static._rotate = d.norm, plain_sin, old_rotate
+    def forward(slots, ids, pos, spans, pool=None):
+        masks = [None if span is None else d.key_index(span)[None, :] <= pos[r][:, None]
+                 for r, span in enumerate(spans)]
+        cos, sin, h = d.cos[pos][:, None], plain_sin[pos][:, None], d.embed(ids)
+        for i, blk in enumerate(d.layers):
+            x = blk.input_layernorm(h)
+            proj = blk.self_attn
+            q = rotate(d._heads(proj.q_proj(x), d.n_heads), cos, sin)
+            k = rotate(d._heads(proj.k_proj(x), d.n_kv), cos, sin)
+            attn = d._attend(slots, i, q, k, d._heads(proj.v_proj(x), d.n_kv), pos, spans, masks, pool)
+            h = h + proj.o_proj(attn)
+            h = h + blk.mlp(blk.post_attention_layernorm(h))
+        return d.norm(h)
+
+    d.forward = forward
 
     def undo() -> None:
-        d.norms, d.final_norm, d.sin, static._rotate = saved
+        del d.forward
     return undo
 
 

@@ -168,12 +168,16 @@ class _Decoder:
                 h = h + blk.attn.c_proj(a)
                 h = h + blk.mlp(blk.ln_2(h))
         else:
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
+            b, t = ids.shape
+            nq = self.n_heads
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [b, t, 1, head_dim]
             for i, blk in enumerate(self.layers):
                 at, (norm_in, norm_post) = blk.self_attn, self.norms[i]
                 x = norm_in(h)
-                q = _rotate(self._heads(at.q_proj(x), self.n_heads), cos, sin)
-                k = _rotate(self._heads(at.k_proj(x), self.n_kv), cos, sin)
+                # queries and keys rotated together: one rotation's kernels, not two
+                qk = torch.cat((at.q_proj(x), at.k_proj(x)), dim=-1).view(b, t, nq + self.n_kv, self.head_dim)
+                qk = _rotate(qk, cos, sin)
+                q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
                 v = self._heads(at.v_proj(x), self.n_kv)
                 h = h + at.o_proj(self._attend(slots, i, q, k, v, pos, spans, masks, pool))
                 h = h + blk.mlp(norm_post(h))
@@ -230,18 +234,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 def _rms_norm(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """A Llama / Qwen2 RMSNorm module's function with its rounding kept (the statistics in
-    float32, the result cast back, then times the weight in the model's dtype), with the
-    statistics in ONE ``F.rms_norm`` call instead of five ops (pow, mean, add, rsqrt, mul): a
-    fused kernel on CUDA (where its reduction may round unlike ``mean``: the static runner's own
-    numerics, docs/lm-runner.md), the same ops as the module's on the CPU, so the same bits there
-    (tested). A module that does not carry HF's ``weight`` and ``variance_epsilon`` runs as is."""
+    float32, the normalized input rounded to the model's dtype, then times the weight in that
+    dtype), in two kernels instead of eight: ``F.rms_norm`` without a weight computes in float32
+    and returns the input's dtype (one fused kernel on CUDA, where its reduction may round
+    unlike ``mean``: the static runner's own numerics, docs/lm-runner.md; on the CPU the
+    module's own ops, so its bits, tested in float32, bfloat16 and float16), then the weight's
+    multiply. A module that does not carry HF's ``weight`` and ``variance_epsilon`` runs as is."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
     if not isinstance(weight, torch.Tensor) or not isinstance(eps, float) or not hasattr(F, "rms_norm"):
         return norm
     shape = (weight.shape[-1],)
 
     def rms_norm(x: torch.Tensor) -> torch.Tensor:
-        return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+        return weight * F.rms_norm(x, shape, None, eps)
     return rms_norm
 
 
