@@ -290,7 +290,7 @@ def test_a_padded_blocks_rows_are_the_full_blocks_rows(model, tiny_lm, smollm2_l
     assert runner.padded_blocks == 2 * 4 + 4  # the prefixes (full blocks) and the tails, all padded
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_steps_norm_and_rotation_are_the_models_bit_for_bit(smollm2_lm, dtype):
     """The static forward's RMSNorm (``F.rms_norm`` for the statistics: one kernel on CUDA) and
     its rotation (a roll by a sign-folded sine table) give the HF modules' and the textbook
