@@ -8,7 +8,9 @@ On a GPU the captured 1-row step is bound by its kernels, not by its FLOPs (Smol
 per step is what makes it faster. This counts them: the 1-row step (``step_logits``, the step
 ``decode`` runs, uncaptured so the profiler sees each op) at a 300-token position, ``--steps``
 times under ``torch.profiler``, per step:
-- ``cuda_kernels``: kernels launched on the GPU (CUDA only): what a captured graph replays;
+- ``cuda_kernels``: kernels launched on the GPU (CUDA only): what a captured graph replays
+  (and by name: which attention kernel ``scaled_dot_product_attention`` picked for the masked,
+  grouped-query row is among them);
 - ``ops``: the ATen ops the step's Python code dispatches (outermost ops; views, allocations and
   other metadata-only ops, ``VIEW_OPS``, left out): on the CPU the closest count to "kernels"
   there is (a composite such as ``mean`` counts once), each a dispatch of a few microseconds;
@@ -54,16 +56,17 @@ def count_step(runner, slot, token: int, steps: int, device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
     ops: collections.Counter[str] = collections.Counter()
-    kernels = 0
+    kernels: collections.Counter[str] = collections.Counter()
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            kernels += 1
+            kernels[ev.name[:120]] += 1
         elif (ev.name.startswith("aten::") and ev.name not in VIEW_OPS
               and (ev.cpu_parent is None or not ev.cpu_parent.name.startswith("aten::"))):
             ops[ev.name] += 1
     return {"ops_per_step": sum(ops.values()) / steps,
-            "cuda_kernels_per_step": kernels / steps if device.type == "cuda" else None,
-            "ops_by_name": {k: v / steps for k, v in ops.most_common()}}
+            "cuda_kernels_per_step": sum(kernels.values()) / steps if device.type == "cuda" else None,
+            "ops_by_name": {k: v / steps for k, v in ops.most_common()},
+            "cuda_kernels_by_name": {k: v / steps for k, v in kernels.most_common()}}
 
 
 def time_step(runner, slot, token: int, steps: int, warmup: int, device) -> float:
@@ -178,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if kern is None else f", {kern:.0f} CUDA kernels") + f", {ms:.2f} ms per step uncaptured")
     for name, n in list(out["ops_by_name"].items())[:a.top]:
         print(f"  {n:7.1f}  {name}")
+    if out["cuda_kernels_by_name"]:
+        print("CUDA kernels per step (which attention kernel ran is among them):")
+        for name, n in list(out["cuda_kernels_by_name"].items())[:a.top]:
+            print(f"  {n:7.1f}  {name}")
     if compare is not None:
         out["compare"] = compare
         old_k = compare["session12_cuda_kernels_per_step"]
