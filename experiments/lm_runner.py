@@ -114,7 +114,7 @@ def run_batch(a, dtype: str) -> list[dict]:
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, base.vocab_size) for _ in range(a.prompt)] for _ in range(max(sizes))]
     for lm in lms.values():
-        set_draws(lm, a.draws)
+        set_draws(lm, a.draws, a.attention)
     m = measure_batch(lms, prompts, a.new, sizes, a.repeats, sampling_of(a))
     first = next(iter(lms))
     rows = []
@@ -137,10 +137,14 @@ def sampling_of(a):
     return Sampling(temperature=a.temperature, top_p=a.top_p, seed=a.seed)
 
 
-def set_draws(lm, where: str) -> None:
-    """``--draws``: where a static runner draws its seeded tokens (``auto``: the runner's default)."""
+def set_draws(lm, where: str, attention: str = "auto") -> None:
+    """``--draws``: where a static runner draws its seeded tokens (``auto``: the runner's default);
+    ``--attention``: its grouped-query attention layout (``cuda``: packed / repeated for the fused
+    masked kernel, CUDA's default; ``gqa``: SDPA's ``enable_gqa``, the CPU's)."""
     if where != "auto" and hasattr(lm.runner, "device_sampling"):
         lm.runner.device_sampling = where == "device"
+    if attention != "auto" and hasattr(lm.runner, "decoder"):
+        lm.runner.decoder.cuda_attention = attention == "cuda"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--draws", choices=("auto", "host", "device"), default="auto",
                     help="where static runners draw sampled tokens (auto: on the device on CUDA, the host on the CPU)")
+    ap.add_argument("--attention", choices=("auto", "cuda", "gqa"), default="auto",
+                    help="static runners' grouped-query attention layout (auto: cuda on CUDA, gqa on the CPU)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import torch
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             lm = load_language_model(a.model, device=a.device, dtype=dtype, runner=name)
-            set_draws(lm, a.draws)
+            set_draws(lm, a.draws, a.attention)
             load_s = time.perf_counter() - t
             rng = random.Random(0)
             prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(a.prompt)] for _ in range(a.repeats)]
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         same = None if ref is None else sum(x == y for x, y in zip(outs, ref)) / len(outs)
         ref = ref or outs
         row = {"runner": lm.runner.name, "device_sampling": getattr(lm.runner, "device_sampling", None),
+               "cuda_attention": getattr(getattr(lm.runner, "decoder", None), "cuda_attention", None),
                "load_s": round(load_s, 2), **{k: round(v, 3) for k, v in m.items()},
                "tokens_equal_to_first_runner": same}
         rows.append(row)
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": a.model, "device": a.device, "dtype": dtype, "threads": torch.get_num_threads(),
                "prompt_tokens": a.prompt, "new_tokens": a.new, "stride": a.stride, "repeats": a.repeats,
                "batch": a.batch, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
-               "draws": a.draws,
+               "draws": a.draws, "attention": a.attention,
                "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None, "runners": rows}
     if a.json:

@@ -88,7 +88,8 @@ def time_step(runner, slot, token: int, steps: int, warmup: int, device) -> floa
 
 def legacy_forward(runner):
     """Switch ``runner``'s decoder to session 12's Llama forward (``--compare``): HF's norm
-    modules (eight ops each), queries and keys rotated apart by ``neg`` + ``cat``. Returns the undo."""
+    modules (eight ops each), queries and keys rotated apart by ``neg`` + ``cat``, grouped-query
+    attention by SDPA's ``enable_gqa`` (no ``cuda_attention`` layout). Returns the undo."""
     import torch
 
     d = runner.decoder
@@ -112,10 +113,11 @@ def legacy_forward(runner):
             h = h + blk.mlp(blk.post_attention_layernorm(h))
         return d.norm(h)
 
-    d.forward = forward
+    d.forward, layout, d.cuda_attention = forward, d.cuda_attention, False
 
     def undo() -> None:
         del d.forward
+        d.cuda_attention = layout
     return undo
 
 
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timed", type=int, default=30, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--attention", choices=("auto", "cuda", "gqa"), default="auto",
+                    help="grouped-query attention layout (auto: cuda on CUDA, gqa on the CPU; StaticRunner.cuda_attention)")
     ap.add_argument("--compare", action="store_true", help="also the step of session 12 (module doc)")
     ap.add_argument("--rounds", type=int, default=6, help="--compare: alternated timing rounds")
     ap.add_argument("--json", default=None)
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     dtype = resolve_lm_dtype(a.dtype, a.device)
     lm = load_lm(a.model, device=a.device, dtype=dtype, runner="eager")
-    runner = StaticRunner(lm.model, max_len=a.position + 64, capacity=1, cuda_graphs=False)
+    layout = None if a.attention == "auto" else a.attention == "cuda"
+    runner = StaticRunner(lm.model, max_len=a.position + 64, capacity=1, cuda_graphs=False, cuda_attention=layout)
     slot = runner.open()
     ids = [1000 + (7 * i) % 5000 for i in range(a.position)]
     with torch.inference_mode():
@@ -175,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                        "step_ms_by_round": {k: [round(x, 3) for x in v] for k, v in times.items()},
                        "step_ms_median": {k: round(statistics.median(v), 3) for k, v in times.items()}}
     out = {"model": a.model, "device": str(lm.device), "dtype": dtype, "threads": torch.get_num_threads(),
+           "cuda_attention": runner.decoder.cuda_attention,
            "position": a.position, "torch": torch.__version__, "step_ms_uncaptured": round(ms, 3), **counted}
     kern = out["cuda_kernels_per_step"]
     print(f"{a.model} on {lm.device} ({dtype}): {out['ops_per_step']:.0f} ops per step"

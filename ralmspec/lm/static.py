@@ -15,6 +15,9 @@ In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
   eager runner. With ``prefill_rows`` B (CUDA), an aligned block of at most B prompt tokens runs
   as ONE forward of exactly B rows (padding rows after it): its rows' bits are those of the full
   block (tested), and the forward is a captured graph per (slot, span).
+- **Grouped-query attention on CUDA** (``cuda_attention``): a masked GQA call has no fused
+  kernel there, so a single query row's heads are packed as rows of their KV head and a prompt
+  block's K and V heads are repeated (``_Decoder._sdpa``); on the CPU SDPA's ``enable_gqa``.
 - **Decode on the device.** Greedy tokens are chosen on the device (``argmax``, ties -> lowest
   id) and fed back without a host round trip; the chunk's tokens are read once, after the last
   step (``decode_sync_every`` bounds the wasted steps after a stop token in long chunks). On
@@ -103,8 +106,9 @@ class KVPool:
 class _Decoder:
     """The model's layer stack over slot buffers (Llama-style or GPT-2), no HF cache object."""
 
-    def __init__(self, model: torch.nn.Module, max_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, max_len: int, cuda_attention: bool = False) -> None:
         cfg = model.config
+        self.cuda_attention = cuda_attention  # grouped-query attention laid out for CUDA (``_sdpa``)
         self.model = model
         self.kind = "gpt2" if cfg.model_type == "gpt2" else "llama"
         dev = next(model.parameters()).device
@@ -201,8 +205,7 @@ class _Decoder:
             kc.index_copy_(2, pos[0], k)
             vc.index_copy_(2, pos[0], v)
             span = spans[0]
-            out = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=masks[0],
-                                                 scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+            out = self._sdpa(q, kc[:, :, :span], vc[:, :, :span], masks[0])
         else:  # b rows of t positions each: one write for all rows, then each row reads its own slot
             kp, vp = pool.keys[layer], pool.values[layer]
             at = (pool.rows[:, None], slice(None), pos)  # -> [b, t, kv, hd]; padding rows: the spare slot
@@ -219,9 +222,32 @@ class _Decoder:
                     slot = slots[r]
                     assert slot is not None
                     kr, vr = slot.keys[layer][:, :, :span], slot.values[layer][:, :, :span]
-                out[r:r + 1] = F.scaled_dot_product_attention(q[r:r + 1], kr, vr, attn_mask=masks[r], scale=self.scale,
-                                                              enable_gqa=self.n_kv != self.n_heads)
+                out[r:r + 1] = self._sdpa(q[r:r + 1], kr, vr, masks[r])
         return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One row's attention: ``q [1, heads, t, d]`` over ``k, v [1, kv_heads, span, d]`` with
+        the causal-by-position ``mask [t, span]``. Grouped-query (kv_heads < heads) with a mask has
+        no fused kernel on CUDA: SDPA falls back to its math kernel (about ten kernels, the K and
+        V heads repeated); so with ``cuda_attention`` (on CUDA) a single query row has its heads
+        packed as rows of their KV head (``[1, kv_heads, heads / kv_heads, d]``: every packed
+        row sits at the same position, so the one mask row serves all), and several query rows
+        get the K and V heads repeated first, so that SDPA takes its fused masked kernel
+        (transformers' ``pack_gqa`` / ``repeat_kv`` for the same reason). Each row of the
+        result is a function of that row's inputs in both layouts, so the canonical numerics
+        hold; the layouts are not the same bits as ``enable_gqa`` (on this CPU: the same in
+        bfloat16, not in float32), so one runner keeps one layout."""
+        groups = self.n_heads // self.n_kv
+        if groups == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if not self.cuda_attention:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        b, h, t, d = q.shape
+        if t == 1:
+            packed = q.reshape(b, self.n_kv, groups, d)
+            return F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=self.scale).reshape(b, h, 1, d)
+        k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -267,6 +293,8 @@ class StaticRunner(KVRunner):
     ``device_sampling`` (default: on CUDA): seeded draws (``SeededPick``) run on the device and
     their tokens are read with the greedy ones, once per ``decode_sync_every`` steps; off, a
     sampled token is drawn on the host (one read per token).
+    ``cuda_attention`` (default: on CUDA): grouped-query attention laid out for CUDA's fused
+    masked kernel (``_Decoder._sdpa``); off, SDPA's ``enable_gqa``.
     """
 
     name = "static"
@@ -274,7 +302,7 @@ class StaticRunner(KVRunner):
     def __init__(self, model: torch.nn.Module, *, max_len: int, capacity: int,
                  cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1,
                  max_graphs: int = 256, compile_step: bool = False, prefill_rows: int | None = None,
-                 device_sampling: bool | None = None) -> None:
+                 device_sampling: bool | None = None, cuda_attention: bool | None = None) -> None:
         if not supports_static(model):
             raise ConfigError(f"the static LM runner supports {', '.join(STATIC_TYPES)} models, not "
                               f"{getattr(model.config, 'model_type', '?')!r}; use --lm-runner eager")
@@ -286,13 +314,13 @@ class StaticRunner(KVRunner):
             raise ConfigError("the compiled step is the 1-row step: compile_step needs batch_rows 1")
         if prefill_rows is not None and not 1 <= prefill_rows <= max_len:
             raise ConfigError(f"static runner needs 1 <= prefill_rows <= max_len ({max_len}), got {prefill_rows}")
-        self.decoder = _Decoder(model, max_len)
+        dev = next(model.parameters()).device
+        self.decoder = _Decoder(model, max_len, dev.type == "cuda" if cuda_attention is None else bool(cuda_attention))
         self.max_len = max_len
         self.capacity = capacity
         self.batch_rows = batch_rows
         if batch_rows > 1:
             self.name = "batched"
-        dev = self.decoder.device
         self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and dev.type == "cuda")
         self.decode_sync_every = max(1, decode_sync_every)
         self.device_sampling = dev.type == "cuda" if device_sampling is None else bool(device_sampling)

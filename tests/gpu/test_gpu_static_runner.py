@@ -292,3 +292,44 @@ def test_prefill_block_graphs_replay_the_uncaptured_bits(cuda_tiny):
         part.prefill_block(b, block[:37], last=True, want_hidden=False)
         same = all(torch.equal(x[:, :, :37], y[:, :, :37]) for x, y in zip(a.keys, b.keys))
     print(f"\n{cuda_tiny.model.dtype}: a padded 37-token block's KV == the full block's: {same}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_query_attention_layout_on_cuda(dtype):
+    """SmolLM2 (9 query heads over 3 KV heads) on CUDA, where the static runner lays grouped-query
+    attention out for the fused masked kernel (``StaticRunner.cuda_attention``, on by default
+    there): graphs replay its uncaptured steps bit for bit, prompt blocks and decode steps, with
+    rollbacks; in float32 its greedy tokens are those of SDPA's ``enable_gqa`` layout (bfloat16:
+    printed, as two layouts round apart)."""
+    from ralmspec.errors import ModelLoadError
+
+    try:
+        lm = load_lm("smollm2", device="cuda", dtype=dtype)
+    except ModelLoadError as exc:
+        pytest.skip(f"SmolLM2 cannot be had here: {exc}")
+    rng = random.Random(11)
+    prompts = [[rng.randrange(1000, lm.vocab_size) for _ in range(n)] for n in (5, 64, 100, 300)]
+    outs = {}
+    for graphs, layout in ((True, True), (False, True), (False, False)):
+        runner = StaticRunner(lm.model, max_len=512, capacity=2, cuda_graphs=graphs, cuda_attention=layout)
+        assert runner.decoder.cuda_attention == layout
+        rows = []
+        with torch.inference_mode():
+            for prompt in prompts:
+                slot = runner.open()
+                for s in range(0, len(prompt), 64):
+                    _, logits, _ = runner.prefill_block(slot, prompt[s:s + 64], last=s + 64 >= len(prompt),
+                                                        want_hidden=False)
+                chunk = runner.decode(slot, logits, 12, None, frozenset(), keep_logits=True)
+                runner.crop(slot, len(prompt) + 3)
+                again = runner.decode(slot, runner.step_logits(slot, chunk.tokens[3])[1], 8, None, frozenset())
+                assert again.tokens == chunk.tokens[4:]
+                rows.append((chunk.tokens, chunk.logits.float().cpu()))
+                runner.free(slot)
+        outs[graphs, layout] = rows
+    for (ta, la), (tb, lb) in zip(outs[True, True], outs[False, True]):
+        assert ta == tb and torch.equal(la, lb)
+    same = sum(a[0] == b[0] for a, b in zip(outs[False, True], outs[False, False]))
+    print(f"\n{dtype}: packed/repeated layout vs enable_gqa: {same}/{len(prompts)} chunks the same tokens")
+    if dtype == "float32":
+        assert same == len(prompts)

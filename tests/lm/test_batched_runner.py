@@ -170,12 +170,18 @@ def test_bucket_size_is_checked(tiny_lm):
     assert StaticRunner(tiny_lm.model, max_len=64, capacity=4, batch_rows=4).name == "batched"
 
 
-def test_smollm2_batched_equals_alone_and_eager(smollm2_lm):
+@pytest.mark.parametrize("cuda_attention", [False, True])
+def test_smollm2_batched_equals_alone_and_eager(smollm2_lm, cuda_attention):
     """The real default model (a Llama, GQA): three requests decoded together, greedy and seeded,
-    each equal to itself alone on the batched runner and to the eager runner."""
+    each equal to itself alone on the batched runner and to the eager runner; also with the
+    attention laid out as on CUDA (``StaticRunner.cuda_attention``, forced)."""
     lm = HFLanguageModel(smollm2_lm.model, smollm2_lm.tokenizer, eos_token_id=smollm2_lm.eos_token_id,
                          stop_token_ids=smollm2_lm.stop_token_ids, max_context=smollm2_lm.max_context,
                          runner="batched")
+    if cuda_attention:
+        r = lm.runner
+        lm.runner = StaticRunner(r.decoder.model, max_len=r.max_len, capacity=r.capacity, batch_rows=r.batch_rows,
+                                 cuda_attention=True)
     tok = smollm2_lm.tokenizer
     prompts = [tok.encode(t) for t in ("The capital of France is", "Photosynthesis converts light energy into",
                                        "Hed PE is an American rock band from")]

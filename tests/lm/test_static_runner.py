@@ -216,11 +216,45 @@ def test_unsupported_family_is_refused_with_the_way_out(tiny_lm):
     assert make_runner(Other(), "auto", max_len=64, device=torch.device("cpu"), concurrent=True).name == "eager"
 
 
-def test_smollm2_static_equals_eager(smollm2_lm):
-    """The real default model (a Llama): the static runner gives the eager runner's tokens."""
+def cuda_attention(lm: HFLanguageModel) -> HFLanguageModel:
+    """``lm`` (a static-runner backend) with grouped-query attention laid out as on CUDA
+    (``StaticRunner.cuda_attention``: heads packed for a single query row, K and V repeated for
+    several), forced here on the CPU."""
+    r = lm.runner
+    lm.runner = StaticRunner(r.decoder.model, max_len=r.max_len, capacity=r.capacity, batch_rows=r.batch_rows,
+                             cuda_attention=True)
+    return lm
+
+
+class AttentionLayouts:
+    """Counts the query shapes SDPA is called with (``monkeypatch``: the packed single row of a
+    SmolLM2 step is ``[1, 3, 3, 64]``, its repeated-KV prompt block ``[1, 9, t, 64]`` with 9 K heads)."""
+
+    def __init__(self, monkeypatch):
+        import torch.nn.functional as F
+
+        self.packed = self.repeated = self.grouped = 0
+        real = F.scaled_dot_product_attention
+
+        def spy(q, k, v, *args, enable_gqa=False, **kw):
+            self.packed += q.shape[1] == k.shape[1] == 3 and q.shape[2] == 3
+            self.repeated += q.shape[1] == k.shape[1] == 9
+            self.grouped += bool(enable_gqa)
+            return real(q, k, v, *args, enable_gqa=enable_gqa, **kw)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+
+
+@pytest.mark.parametrize("layout", ["cpu", "cuda attention"])
+def test_smollm2_static_equals_eager(smollm2_lm, layout, monkeypatch):
+    """The real default model (a Llama, grouped-query attention): the static runner gives the
+    eager runner's tokens; also with the attention laid out as on CUDA (packed heads for a
+    decode row, repeated K and V for a prompt block), asserted to have run."""
     static = HFLanguageModel(smollm2_lm.model, smollm2_lm.tokenizer, eos_token_id=smollm2_lm.eos_token_id,
                              stop_token_ids=smollm2_lm.stop_token_ids, max_context=smollm2_lm.max_context,
                              runner="static")
+    if layout == "cuda attention":
+        static = cuda_attention(static)
+    calls = AttentionLayouts(monkeypatch)
     tok = smollm2_lm.tokenizer
     texts = ["The capital of France is", "Hed PE is an American rock band from",
              "Photosynthesis converts light energy into"]
@@ -231,6 +265,20 @@ def test_smollm2_static_equals_eager(smollm2_lm):
         assert a == b, text
         cont = ids + b[:5]  # a rollback into the generated part, on the same slot
         assert smollm2_lm.greedy([cont], 6)[0] == static.greedy([cont], 6, [f"s{i}"])[0]
+    if layout == "cuda attention":
+        assert calls.packed > 0 and calls.repeated > 0, vars(calls)
+    else:
+        assert calls.packed == calls.repeated == 0 and calls.grouped > 0
+
+
+def test_engine_speculative_equals_naive_with_cuda_attention(smollm2_lm, small_indexes, monkeypatch):
+    """The RaLM loop on SmolLM2's static runner with the attention laid out as on CUDA:
+    speculative == naive, speculation, rollbacks and the packed layout ran."""
+    lm = cuda_attention(make_view(smollm2_lm, runner="static"))
+    calls = AttentionLayouts(monkeypatch)
+    seen = speculative_equals_naive(lm, small_indexes["exact"], 3)
+    assert seen["speculated"] > 0 and seen["rollbacks"] > 0, seen
+    assert calls.packed > 0 and calls.grouped == 0
 
 
 @pytest.mark.parametrize("pad", [False, True])
