@@ -31,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 VIEW_OPS = frozenset({
     "aten::view", "aten::as_strided", "aten::transpose", "aten::slice", "aten::select", "aten::unsqueeze",
@@ -200,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
               + f"; same logits bit for bit: {compare['same_logits_bits']}; uncaptured ms per step over "
               f"{a.rounds} alternated rounds (median): today {med['today']:.2f}, session 12 {med['session 12']:.2f}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+        Path(a.json).write_text(json.dumps(out, indent=2))
     return 0
 
 
