@@ -160,7 +160,10 @@ class _Decoder:
         indices ``pool.rows``, so the slots are data, not addresses. Shapes depend on
         ``(b, t, spans)`` only: a 1-row forward per (slot, span) and a pooled one per ``spans``
         can be captured as CUDA graphs."""
-        masks = [None if span is None else self.key_index(span)[None, :] <= pos[r][:, None]  # causal by position
+        # causal by position, additive (0 / -inf in the model's dtype), made once per forward: a
+        # boolean mask would be converted by SDPA in every layer (the same bits: tested)
+        masks = [None if span is None else torch.zeros(pos.shape[1], span, dtype=self.dtype, device=self.device)
+                 .masked_fill_(self.key_index(span)[None, :] > pos[r][:, None], float("-inf"))
                  for r, span in enumerate(spans)]
         h = self.embed(ids)
         if self.kind == "gpt2":
