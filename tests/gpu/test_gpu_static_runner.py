@@ -9,7 +9,9 @@ the compiled step (``--lm-runner compiled``) and the padded prompt blocks captur
 seeded draws evaluated on CUDA == on the host, and a chunk drawn on the device == the same chunk
 drawn on the host; the logprob replay kept on the device == decoding's logits; the batched
 runner's shared prompt-block forwards captured == uncaptured and alone == together; logprobs
-taken from decoding == the replay; and a ``generate`` call synchronises with the GPU once.
+taken from decoding == the replay; a ``generate`` call synchronises with the GPU once; and
+SmolLM2's grouped-query attention laid out for CUDA's fused kernel (``cuda_attention``):
+captured == uncaptured, float32 tokens == ``enable_gqa``'s.
 """
 
 from __future__ import annotations
