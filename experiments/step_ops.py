@@ -6,8 +6,9 @@
 On a GPU the captured 1-row step is bound by its kernels, not by its FLOPs (SmolLM2 on an H200:
 ~1,200 kernels, 7.0 ms/token, where the weights' bytes take well under 0.1 ms): fewer kernels
 per step is what makes it faster. This counts them: the 1-row step (``step_logits``, the step
-``decode`` runs, uncaptured so the profiler sees each op) at a 300-token position, ``--steps``
-times under ``torch.profiler``, per step:
+``decode`` runs, uncaptured so the profiler sees each op) at a 300-token position, or with
+``--rows N`` the batched runner's 8-row step with N live sessions, ``--steps`` times under
+``torch.profiler``, per step:
 - ``cuda_kernels``: kernels launched on the GPU (CUDA only): what a captured graph replays
   (and by name: which attention kernel ``scaled_dot_product_attention`` picked for the masked,
   grouped-query row is among them);
@@ -43,17 +44,30 @@ VIEW_OPS = frozenset({
 })
 
 
-def count_step(runner, slot, token: int, steps: int, device) -> dict:
-    """Profile ``steps`` 1-row steps; ops and kernels per step."""
+def one_step(runner, slots: list, token: int) -> None:
+    """One decode step at the slots' positions, which it leaves where they were (so every step
+    has the same shapes): ``step_logits`` for one slot; for several, the batched runner's
+    ``batch_rows``-row step over all of them (``_step_rows``, what ``decode_batch`` runs)."""
+    import torch
+
+    start = [s.length for s in slots]
+    if len(slots) == 1:
+        runner.step_logits(slots[0], token)
+    else:
+        runner._step_rows(slots, torch.full((len(slots),), token, device=runner.decoder.device))
+    for s, n in zip(slots, start):
+        s.length = n
+
+
+def count_step(runner, slots: list, token: int, steps: int, device) -> dict:
+    """Profile ``steps`` steps (``one_step``); ops and kernels per step."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    start = slot.length
     with profile(activities=acts) as prof:
         for _ in range(steps):
-            slot.length = start  # the same position every time: the same shapes
-            runner.step_logits(slot, token)
+            one_step(runner, slots, token)
         if device.type == "cuda":
             torch.cuda.synchronize()
     ops: collections.Counter[str] = collections.Counter()
@@ -70,16 +84,15 @@ def count_step(runner, slot, token: int, steps: int, device) -> dict:
             "cuda_kernels_by_name": {k: v / steps for k, v in kernels.most_common()}}
 
 
-def time_step(runner, slot, token: int, steps: int, warmup: int, device) -> float:
+def time_step(runner, slots: list, token: int, steps: int, warmup: int, device) -> float:
     import torch
 
-    start, times = slot.length, []
+    times = []
     for i in range(warmup + steps):
-        slot.length = start
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        runner.step_logits(slot, token)
+        one_step(runner, slots, token)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -135,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--attention", choices=("auto", "cuda", "gqa"), default="auto",
                     help="grouped-query attention layout (auto: cuda on CUDA, gqa on the CPU; StaticRunner.cuda_attention)")
+    ap.add_argument("--rows", type=int, default=1, help="live rows: 1 = the 1-row step; 2..8 = the batched "
+                    "runner's 8-row step with that many sessions (--lm-runner batched)")
     ap.add_argument("--compare", action="store_true", help="also the step of session 12 (module doc)")
     ap.add_argument("--rounds", type=int, default=6, help="--compare: alternated timing rounds")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import torch
 
+    from ralmspec.lm.hf import BATCH_ROWS
     from ralmspec.lm.loader import resolve_lm_dtype
     from ralmspec.lm.models import load_lm
     from ralmspec.lm.static import StaticRunner
@@ -150,30 +166,39 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_lm_dtype(a.dtype, a.device)
     lm = load_lm(a.model, device=a.device, dtype=dtype, runner="eager")
     layout = None if a.attention == "auto" else a.attention == "cuda"
-    runner = StaticRunner(lm.model, max_len=a.position + 64, capacity=1, cuda_graphs=False, cuda_attention=layout)
-    slot = runner.open()
+    if not 1 <= a.rows <= BATCH_ROWS:
+        ap.error(f"--rows must be in [1, {BATCH_ROWS}]")
+    batched = a.rows > 1
+    runner = StaticRunner(lm.model, max_len=a.position + 64, capacity=BATCH_ROWS if batched else 1,
+                          batch_rows=BATCH_ROWS if batched else 1, cuda_graphs=False, cuda_attention=layout)
+    if batched:
+        runner._pooled().gather = lm.device.type == "cuda"  # read keys as CUDA's captured step does
+    slots = [runner.open() for _ in range(a.rows)]
     ids = [1000 + (7 * i) % 5000 for i in range(a.position)]
     with torch.inference_mode():
-        for s in range(0, len(ids), 64):
-            runner.prefill_block(slot, ids[s:s + 64], last=s + 64 >= len(ids), want_hidden=False)
-        counted = count_step(runner, slot, 42, a.steps, lm.device)
-        ms = time_step(runner, slot, 42, a.timed, a.warmup, lm.device)
+        for slot in slots:
+            for s in range(0, len(ids), 64):
+                runner.prefill_block(slot, ids[s:s + 64], last=s + 64 >= len(ids), want_hidden=False)
+        counted = count_step(runner, slots, 42, a.steps, lm.device)
+        ms = time_step(runner, slots, 42, a.timed, a.warmup, lm.device)
         compare = None
         if a.compare and runner.decoder.kind != "llama":
             print(f"--compare: {a.model} is not a Llama-style model (its step did not change)", file=sys.stderr)
         elif a.compare:
+            slot = slots[0]
             start = slot.length
             now_logits = runner.step_logits(slot, 42)[1].clone()
             undo = legacy_forward(runner)
             slot.length = start
             old_logits = runner.step_logits(slot, 42)[1].clone()
-            old_count = count_step(runner, slot, 42, a.steps, lm.device)
+            slot.length = start
+            old_count = count_step(runner, slots, 42, a.steps, lm.device)
             undo()
             times: dict[str, list[float]] = {"today": [], "session 12": []}
             for _ in range(a.rounds):
-                times["today"].append(time_step(runner, slot, 42, a.timed, a.warmup, lm.device))
+                times["today"].append(time_step(runner, slots, 42, a.timed, a.warmup, lm.device))
                 undo = legacy_forward(runner)
-                times["session 12"].append(time_step(runner, slot, 42, a.timed, a.warmup, lm.device))
+                times["session 12"].append(time_step(runner, slots, 42, a.timed, a.warmup, lm.device))
                 undo()
             compare = {"same_logits_bits": bool(torch.equal(now_logits, old_logits)),
                        "session12_ops_per_step": old_count["ops_per_step"],
@@ -181,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                        "step_ms_by_round": {k: [round(x, 3) for x in v] for k, v in times.items()},
                        "step_ms_median": {k: round(statistics.median(v), 3) for k, v in times.items()}}
     out = {"model": a.model, "device": str(lm.device), "dtype": dtype, "threads": torch.get_num_threads(),
-           "cuda_attention": runner.decoder.cuda_attention,
+           "cuda_attention": runner.decoder.cuda_attention, "live_rows": a.rows, "runner": runner.name,
            "position": a.position, "torch": torch.__version__, "step_ms_uncaptured": round(ms, 3), **counted}
     kern = out["cuda_kernels_per_step"]
     print(f"{a.model} on {lm.device} ({dtype}): {out['ops_per_step']:.0f} ops per step"

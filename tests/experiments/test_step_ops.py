@@ -35,3 +35,13 @@ def test_smollm2_step_has_fewer_ops_and_the_same_bits_as_session_12(smollm2_lm, 
     assert cmp["session12_ops_per_step"] - got["ops_per_step"] == 6 * norms + 5 * layers - 2
     assert got["ops_by_name"]["aten::masked_fill_"] == 1
     assert got["ops_by_name"]["aten::rms_norm"] == norms and "aten::neg" not in got["ops_by_name"]
+
+
+def test_counts_a_batched_step_with_its_live_rows(tmp_path):
+    """``--rows N``: the batched runner's 8-row step with N sessions attends once per live row."""
+    out = tmp_path / "ops.json"
+    assert step_ops.main(["--model", "tiny", "--dtype", "float32", "--position", "70", "--steps", "2",
+                          "--timed", "2", "--warmup", "1", "--rows", "3", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["runner"] == "batched" and got["live_rows"] == 3
+    assert got["ops_by_name"]["aten::scaled_dot_product_attention"] == 3 * 2  # 3 rows x tiny's 2 layers
