@@ -15,9 +15,11 @@ In the spirit of gpt-fast's ``model.py`` / ``generate.py``:
   eager runner. With ``prefill_rows`` B (CUDA), an aligned block of at most B prompt tokens runs
   as ONE forward of exactly B rows (padding rows after it): its rows' bits are those of the full
   block (tested), and the forward is a captured graph per (slot, span).
-- **Grouped-query attention on CUDA** (``cuda_attention``): a masked GQA call has no fused
-  kernel there, so a single query row's heads are packed as rows of their KV head and a prompt
-  block's K and V heads are repeated (``_Decoder._sdpa``); on the CPU SDPA's ``enable_gqa``.
+- **Attention on CUDA** (``cuda_attention``): a masked GQA call has no fused kernel there, so
+  a single query row's heads are packed as rows of their KV head and a prompt block's K and V
+  heads are repeated (``_Decoder._sdpa``), and a batched decode step attends once per run of
+  equal spans in a fixed ``batch_rows``-row call (``_SpanGroup``), not once per row; on the CPU
+  SDPA's ``enable_gqa``, row by row.
 - **Decode on the device.** Greedy tokens are chosen on the device (``argmax``, ties -> lowest
   id) and fed back without a host round trip; the chunk's tokens are read once, after the last
   step (``decode_sync_every`` bounds the wasted steps after a stop token in long chunks). On
@@ -98,9 +100,24 @@ class KVPool:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     rows: torch.Tensor
+    spare: torch.Tensor  # ``[batch_rows]``, every entry the spare slot's index: padding for a span group
     # read a row's keys by its device-side index (a copy; what a captured step needs), or, with no
     # graphs to capture, through its slot's view (no copy); the same values either way
     gather: bool = True
+
+
+@dataclass
+class _SpanGroup:
+    """Rows ``[start, end)`` of a pooled decode step that attend over the same ``span`` (the rows
+    run sorted by span, ``step_order``), attended in ONE call of the step's fixed row count
+    (``cuda_attention``): ``rows`` = their slots' indices, then the spare slot's as padding;
+    ``mask`` ``[rows, 1, 1, span]``, additive, zeros on the padding."""
+
+    start: int
+    end: int
+    span: int
+    rows: torch.Tensor
+    mask: torch.Tensor
 
 
 class _Decoder:
@@ -165,13 +182,15 @@ class _Decoder:
         masks = [None if span is None else torch.zeros(pos.shape[1], span, dtype=self.dtype, device=self.device)
                  .masked_fill_(self.key_index(span)[None, :] > pos[r][:, None], float("-inf"))
                  for r, span in enumerate(spans)]
+        groups = (self._span_groups(spans, masks, pool)
+                  if pool is not None and self.cuda_attention and ids.shape[1] == 1 else None)
         h = self.embed(ids)
         if self.kind == "gpt2":
             h = h + self.model.transformer.wpe(pos)
             for i, blk in enumerate(self.layers):
                 q, k, v = blk.attn.c_attn(blk.ln_1(h)).split(blk.attn.split_size, dim=2)
                 a = self._attend(slots, i, self._heads(q, self.n_heads), self._heads(k, self.n_kv),
-                                 self._heads(v, self.n_kv), pos, spans, masks, pool)
+                                 self._heads(v, self.n_kv), pos, spans, masks, pool, groups)
                 h = h + blk.attn.c_proj(a)
                 h = h + blk.mlp(blk.ln_2(h))
         else:
@@ -186,7 +205,7 @@ class _Decoder:
                 qk = _rotate(qk, cos, sin)
                 q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
                 v = self._heads(at.v_proj(x), self.n_kv)
-                h = h + at.o_proj(self._attend(slots, i, q, k, v, pos, spans, masks, pool))
+                h = h + at.o_proj(self._attend(slots, i, q, k, v, pos, spans, masks, pool, groups))
                 h = h + blk.mlp(norm_post(h))
             return self.final_norm(h)
         return self.norm(h)
@@ -198,9 +217,29 @@ class _Decoder:
         b, t, _ = x.shape
         return x.view(b, t, n, self.head_dim).transpose(1, 2)
 
+    def _span_groups(self, spans: Sequence[int | None], masks: Sequence[torch.Tensor | None],
+                     pool: KVPool) -> list[_SpanGroup]:
+        """The runs of equal spans of a pooled decode step (``_SpanGroup``), made once per forward."""
+        b, out, r = len(spans), [], 0
+        while r < b:
+            span, end = spans[r], r + 1
+            if span is None:
+                r += 1
+                continue
+            while end < b and spans[end] == span:
+                end += 1
+            pad = b - (end - r)
+            mask = torch.cat([m for m in masks[r:end] if m is not None]
+                             + [torch.zeros(pad, span, dtype=self.dtype, device=self.device)])
+            out.append(_SpanGroup(r, end, span, torch.cat((pool.rows[r:end], pool.spare[:pad])),
+                                  mask[:, None, None, :]))
+            r = end
+        return out
+
     def _attend(self, slots: Sequence[Slot | None], layer: int, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, pos: torch.Tensor, spans: Sequence[int | None],
-                masks: Sequence[torch.Tensor | None], pool: KVPool | None) -> torch.Tensor:
+                masks: Sequence[torch.Tensor | None], pool: KVPool | None,
+                groups: list[_SpanGroup] | None = None) -> torch.Tensor:
         b, _, t, _ = q.shape
         if pool is None:  # one row, through its slot's own buffers
             assert b == 1 and slots[0] is not None and spans[0] is not None, "an unpooled forward is one row"
@@ -215,8 +254,14 @@ class _Decoder:
             kp[at] = k.transpose(1, 2)
             vp[at] = v.transpose(1, 2)
             out = q.new_zeros(q.shape)
+            for g in groups or ():  # a decode step with ``cuda_attention``: one call per span
+                n = g.end - g.start
+                kr, vr = (_group_rows(p, g, pool.gather, [getattr(slots[r], name)[layer] for r in range(g.start, g.end)])
+                          for p, name in ((kp, "keys"), (vp, "values")))
+                qg = torch.cat((q[g.start:g.end], q.new_zeros((b - n,) + tuple(q.shape[1:]))))
+                out[g.start:g.end] = self._sdpa(qg, kr, vr, g.mask)[:n]
             for r, span in enumerate(spans):
-                if span is None:
+                if span is None or groups is not None:
                     continue
                 if pool.gather:  # [1, kv, span, hd] gathered by device index: no host sync
                     row = pool.rows[r:r + 1]
@@ -229,8 +274,9 @@ class _Decoder:
         return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One row's attention: ``q [1, heads, t, d]`` over ``k, v [1, kv_heads, span, d]`` with
-        the causal-by-position ``mask [t, span]``. Grouped-query (kv_heads < heads) with a mask has
+        """Attention of ``q [b, heads, t, d]`` over ``k, v [b, kv_heads, span, d]`` with the
+        additive causal-by-position ``mask`` (``[t, span]``, or ``[b, 1, t, span]`` for a span
+        group: ``b`` rows, each over its own keys). Grouped-query (kv_heads < heads) with a mask has
         no fused kernel on CUDA: SDPA falls back to its math kernel (about ten kernels, the K and
         V heads repeated); so with ``cuda_attention`` (on CUDA) a single query row has its heads
         packed as rows of their KV head (``[1, kv_heads, heads / kv_heads, d]``: every packed
@@ -247,11 +293,21 @@ class _Decoder:
         if not self.cuda_attention:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         b, h, t, d = q.shape
-        if t == 1:
+        if t == 1:  # (a mask of [t, span] or [b, 1, 1, span] serves every packed row)
             packed = q.reshape(b, self.n_kv, groups, d)
             return F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=self.scale).reshape(b, h, 1, d)
         k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+
+def _group_rows(pooled: torch.Tensor, g: _SpanGroup, gather: bool, views: list[torch.Tensor]) -> torch.Tensor:
+    """A span group's keys (or values), ``[len(g.rows), kv, span, hd]``: gathered from the pooled
+    buffer by the device-side indices (what a captured step does), or concatenated from the
+    slots' views and the spare slot's row (the same values)."""
+    if gather:
+        return pooled[g.rows, :, :g.span]
+    pad = len(g.rows) - len(views)
+    return torch.cat([v[:, :, :g.span] for v in views] + [pooled[-1:, :, :g.span]] * pad)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -298,7 +354,8 @@ class StaticRunner(KVRunner):
     their tokens are read with the greedy ones, once per ``decode_sync_every`` steps; off, a
     sampled token is drawn on the host (one read per token).
     ``cuda_attention`` (default: on CUDA): grouped-query attention laid out for CUDA's fused
-    masked kernel (``_Decoder._sdpa``); off, SDPA's ``enable_gqa``.
+    masked kernel (``_Decoder._sdpa``) and, in the batch-invariant mode, one attention call per
+    span group (``_SpanGroup``); off, SDPA's ``enable_gqa``, row by row.
     """
 
     name = "static"
@@ -409,6 +466,7 @@ class StaticRunner(KVRunner):
             shape = (self.capacity + 1, d.n_kv, self.max_len, d.head_dim)
             self._kv_pool = KVPool([torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers],
                                    [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers],
+                                   torch.full((self.batch_rows,), self.capacity, dtype=torch.long, device=d.device),
                                    torch.full((self.batch_rows,), self.capacity, dtype=torch.long, device=d.device),
                                    gather=self.cuda_graphs)
         return self._kv_pool

@@ -37,13 +37,25 @@ def blocks_together(lm: HFLanguageModel) -> HFLanguageModel:
     return lm
 
 
-@pytest.mark.parametrize("mode", ["draws on the host", "draws on the device", "prompt blocks together"])
+def span_groups(lm: HFLanguageModel) -> HFLanguageModel:
+    """``lm`` (a batched-runner backend) with CUDA's attention layout forced on the CPU
+    (``cuda_attention``): a decode step attends once per run of equal spans, in the step's fixed
+    row count, instead of once per row."""
+    r = lm.runner
+    lm.runner = StaticRunner(r.decoder.model, max_len=r.max_len, capacity=r.capacity, batch_rows=r.batch_rows,
+                             cuda_attention=True)
+    return lm
+
+
+@pytest.mark.parametrize("mode", ["draws on the host", "draws on the device", "prompt blocks together",
+                                  "span groups"])
 def test_session_in_a_mixed_batch_equals_alone_and_eager(tiny_lm, mode):
     """Random mixes: 3 to BATCH_ROWS+1 rows (one call spans two buckets), prompts of 3..60
     tokens, greedy and seeded sampled rows, rows whose session holds a longer / shorter / rolled
     back history, and stop tokens chosen so that rows stop at different steps of the chunk.
     Sampled rows draw on the host (the CPU's default) or on the device (CUDA's, forced here);
-    and with CUDA's prompt blocks (forced here), the sessions' blocks share their forwards."""
+    with CUDA's prompt blocks (forced here), the sessions' blocks share their forwards; with
+    CUDA's attention layout (forced here), a step attends once per span group."""
     rng = random.Random(21)
     probe = make_view(tiny_lm, block_size=16, runner="eager")
     eager = make_view(tiny_lm, block_size=16, runner="eager")
@@ -51,6 +63,8 @@ def test_session_in_a_mixed_batch_equals_alone_and_eager(tiny_lm, mode):
     batched.runner.device_sampling = mode == "draws on the device"
     if mode == "prompt blocks together":
         batched = blocks_together(batched)
+    if mode == "span groups":
+        batched = span_groups(batched)
     history: dict[str, list[int]] = {}
     early_stops = full_rows = reused = 0
     for trial, rows in enumerate((4, BATCH_ROWS + 1, 3, 6)):
@@ -209,12 +223,15 @@ def tiny_bf16():
     return load_lm("tiny", dtype="bfloat16")
 
 
+@pytest.mark.parametrize("layout", ["per row", "span groups"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_rows_logits_are_the_same_bits_in_any_mix_and_read_either_way(tiny_lm, tiny_bf16, dtype):
+def test_a_rows_logits_are_the_same_bits_in_any_mix_and_read_either_way(tiny_lm, tiny_bf16, dtype, layout):
     """Bit for bit: a session's step logits alone == among other sessions at any place, with
     padding rows between them; and reading the keys by device index (what a captured CUDA step
     does, ``KVPool.gather``) == reading them through the slots' views (the uncaptured step). In
-    float32 and in bfloat16 (``--lm-dtype auto`` on a CPU with bfloat16 instructions)."""
+    float32 and in bfloat16 (``--lm-dtype auto`` on a CPU with bfloat16 instructions); with
+    attention per row (the CPU's) and per span group (CUDA's ``cuda_attention``, forced: a
+    group of 1, 2 or 3 rows and its padding in one fixed 8-row call, asserted to have run)."""
     if dtype == "bfloat16":
         tiny_lm = tiny_bf16
     rng = random.Random(11)
@@ -223,8 +240,17 @@ def test_a_rows_logits_are_the_same_bits_in_any_mix_and_read_either_way(tiny_lm,
     toks = [rng.randrange(1000, 30000) for _ in range(BATCH_ROWS)]
     runs = []
     for gather in (False, True):
-        runner = StaticRunner(tiny_lm.model, max_len=256, capacity=BATCH_ROWS, batch_rows=BATCH_ROWS)
+        runner = StaticRunner(tiny_lm.model, max_len=256, capacity=BATCH_ROWS, batch_rows=BATCH_ROWS,
+                              cuda_attention=layout == "span groups")
         runner._pooled().gather = gather
+        calls = []  # rows per attention call of the decode steps (one query position each)
+        sdpa = runner.decoder._sdpa
+
+        def spy(q, *args, sdpa=sdpa, calls=calls):
+            if q.shape[2] == 1:
+                calls.append(q.shape[0])
+            return sdpa(q, *args)
+        runner.decoder._sdpa = spy
         with torch.inference_mode():
             together = step_mixes(runner, prompts, mixes, toks)
             alone = [step_mixes(runner, prompts, [[i]], [toks[r]])[0]
@@ -232,6 +258,10 @@ def test_a_rows_logits_are_the_same_bits_in_any_mix_and_read_either_way(tiny_lm,
         assert len(together) == len(alone) == 14
         for a, b in zip(together, alone):
             assert torch.equal(a, b)
+        assert set(calls) == ({BATCH_ROWS} if layout == "span groups" else {1}), set(calls)
+        # per layer: a call per live row (14 in the mixes + 14 alone), or per run of equal spans:
+        # 256 | 128 128 | 64 64 64, then 128 | 64 64, 256 | 64, 128 | 64 64 (9) + 14 alone
+        assert len(calls) == (9 + 14 if layout == "span groups" else 28) * len(runner.decoder.layers)
         runs.append(together)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
