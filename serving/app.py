@@ -534,8 +534,9 @@ def _stats(state: ServerState) -> dict[str, Any]:
         out["emulation"] = {"pad_searches": r.pad_searches, "pad_queries": r.pad_queries,
                             "pad_seconds": r.pad_seconds}
     lm = getattr(state.engine, "lm", None)
-    if dtype_name(lm) is not None:  # which numbers it computes in (--lm-dtype auto: lm/loader.py)
-        out["lm_dtype"] = dtype_name(lm)
+    dtype = dtype_name(lm)
+    if dtype is not None:  # which numbers it computes in (--lm-dtype auto: lm/loader.py)
+        out["lm_dtype"] = dtype
     runner = getattr(lm, "runner", None)
     if runner is not None:  # how the LM ran (``KVRunner.state``), every field present for every runner
         out["lm_runner"] = {"cuda_graphs": 0, "compiled_spans": [], "batched_steps_by_live_rows": {},

@@ -254,23 +254,26 @@ class _Decoder:
             kp[at] = k.transpose(1, 2)
             vp[at] = v.transpose(1, 2)
             out = q.new_zeros(q.shape)
-            for g in groups or ():  # a decode step with ``cuda_attention``: one call per span
-                n = g.end - g.start
-                kr, vr = (_group_rows(p, g, pool.gather, [getattr(slots[r], name)[layer] for r in range(g.start, g.end)])
-                          for p, name in ((kp, "keys"), (vp, "values")))
-                qg = torch.cat((q[g.start:g.end], q.new_zeros((b - n,) + tuple(q.shape[1:]))))
-                out[g.start:g.end] = self._sdpa(qg, kr, vr, g.mask)[:n]
-            for r, span in enumerate(spans):
-                if span is None or groups is not None:
-                    continue
-                if pool.gather:  # [1, kv, span, hd] gathered by device index: no host sync
-                    row = pool.rows[r:r + 1]
-                    kr, vr = kp[row, :, :span], vp[row, :, :span]
-                else:
-                    slot = slots[r]
-                    assert slot is not None
-                    kr, vr = slot.keys[layer][:, :, :span], slot.values[layer][:, :, :span]
-                out[r:r + 1] = self._sdpa(q[r:r + 1], kr, vr, masks[r])
+            if groups is not None:  # a decode step with ``cuda_attention``: one call per span group
+                for g in groups:
+                    n = g.end - g.start
+                    kr, vr = (_group_rows(p, g, pool.gather,
+                                          [getattr(slots[r], name)[layer] for r in range(g.start, g.end)])
+                              for p, name in ((kp, "keys"), (vp, "values")))
+                    qg = torch.cat((q[g.start:g.end], q.new_zeros((b - n,) + tuple(q.shape[1:]))))
+                    out[g.start:g.end] = self._sdpa(qg, kr, vr, g.mask)[:n]
+            else:  # one call per row
+                for r, span in enumerate(spans):
+                    if span is None:
+                        continue
+                    if pool.gather:  # [1, kv, span, hd] gathered by device index: no host sync
+                        row = pool.rows[r:r + 1]
+                        kr, vr = kp[row, :, :span], vp[row, :, :span]
+                    else:
+                        slot = slots[r]
+                        assert slot is not None
+                        kr, vr = slot.keys[layer][:, :, :span], slot.values[layer][:, :, :span]
+                    out[r:r + 1] = self._sdpa(q[r:r + 1], kr, vr, masks[r])
         return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,16 @@ def make_view(lm: HFLanguageModel, **overrides) -> HFLanguageModel:
     return HFLanguageModel(lm.model, lm.tokenizer, **kw)
 
 
+def with_layout(lm: HFLanguageModel, **layout) -> HFLanguageModel:
+    """``lm`` (a static-runner backend) with its runner rebuilt over the same model, slot length,
+    slots and step rows, and CUDA's layout choices (``StaticRunner`` keywords: ``prefill_rows``,
+    ``cuda_attention``) forced here on the CPU."""
+    r = lm.runner
+    lm.runner = StaticRunner(r.decoder.model, max_len=r.max_len, capacity=r.capacity, batch_rows=r.batch_rows,
+                             **layout)
+    return lm
+
+
 class HostDrawForbidden(SeededPick):
     """A seeded pick whose host draw fails the test: a runner that draws on the device never calls it."""
 

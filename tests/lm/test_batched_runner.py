@@ -18,7 +18,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.lm.hf import BATCH_ROWS, HFLanguageModel
 from ralmspec.lm.sampling import Sampling
 from ralmspec.lm.static import StaticRunner, step_order
-from tests.lm.conftest import make_view, prefill_waves, random_tokens, step_mixes
+from tests.lm.conftest import make_view, prefill_waves, random_tokens, step_mixes, with_layout
 
 
 def _mode(rng: random.Random) -> Sampling | None:
@@ -30,20 +30,8 @@ def blocks_together(lm: HFLanguageModel) -> HFLanguageModel:
     """``lm`` (a batched-runner backend) with CUDA's prompt-block layout forced on the CPU: every
     aligned block padded to ``block_size`` rows, the blocks of one call's sessions sharing ONE
     ``BATCH_ROWS`` x ``block_size`` forward (``StaticRunner.prefills_together``)."""
-    r = lm.runner
-    lm.runner = StaticRunner(r.decoder.model, max_len=r.max_len, capacity=r.capacity, batch_rows=r.batch_rows,
-                             prefill_rows=lm.block_size)
+    lm = with_layout(lm, prefill_rows=lm.block_size)
     assert lm.runner.prefills_together
-    return lm
-
-
-def span_groups(lm: HFLanguageModel) -> HFLanguageModel:
-    """``lm`` (a batched-runner backend) with CUDA's attention layout forced on the CPU
-    (``cuda_attention``): a decode step attends once per run of equal spans, in the step's fixed
-    row count, instead of once per row."""
-    r = lm.runner
-    lm.runner = StaticRunner(r.decoder.model, max_len=r.max_len, capacity=r.capacity, batch_rows=r.batch_rows,
-                             cuda_attention=True)
     return lm
 
 
@@ -63,8 +51,8 @@ def test_session_in_a_mixed_batch_equals_alone_and_eager(tiny_lm, mode):
     batched.runner.device_sampling = mode == "draws on the device"
     if mode == "prompt blocks together":
         batched = blocks_together(batched)
-    if mode == "span groups":
-        batched = span_groups(batched)
+    if mode == "span groups":  # a decode step attends once per run of equal spans
+        batched = with_layout(batched, cuda_attention=True)
     history: dict[str, list[int]] = {}
     early_stops = full_rows = reused = 0
     for trial, rows in enumerate((4, BATCH_ROWS + 1, 3, 6)):
@@ -193,9 +181,7 @@ def test_smollm2_batched_equals_alone_and_eager(smollm2_lm, cuda_attention):
                          stop_token_ids=smollm2_lm.stop_token_ids, max_context=smollm2_lm.max_context,
                          runner="batched")
     if cuda_attention:
-        r = lm.runner
-        lm.runner = StaticRunner(r.decoder.model, max_len=r.max_len, capacity=r.capacity, batch_rows=r.batch_rows,
-                                 cuda_attention=True)
+        lm = with_layout(lm, cuda_attention=True)
     tok = smollm2_lm.tokenizer
     prompts = [tok.encode(t) for t in ("The capital of France is", "Photosynthesis converts light energy into",
                                        "Hed PE is an American rock band from")]

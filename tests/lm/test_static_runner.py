@@ -19,15 +19,13 @@ from ralmspec.lm.hf import CallStats, HFLanguageModel, make_runner
 from ralmspec.lm.sampling import Sampling, SeededPick
 from ralmspec.lm.static import MIN_SPAN, StaticRunner, attention_span
 from tests.lm.conftest import (HostDrawForbidden, logits_each_and_one_by_one, make_view, random_tokens,
-                               speculative_equals_naive)
+                               speculative_equals_naive, with_layout)
 
 
 def padded(lm: HFLanguageModel) -> HFLanguageModel:
     """``lm`` (a static-runner backend) with every aligned prompt block padded to ``block_size``
     rows, as on CUDA (where each block is then a captured graph): forced here on the CPU."""
-    lm.runner = StaticRunner(lm.runner.decoder.model, max_len=lm.runner.max_len, capacity=lm.runner.capacity,
-                             prefill_rows=lm.block_size)
-    return lm
+    return with_layout(lm, prefill_rows=lm.block_size)
 
 
 @pytest.fixture(scope="module", params=["static", "static, padded prompt blocks", "static, draws on the device"])
@@ -216,16 +214,6 @@ def test_unsupported_family_is_refused_with_the_way_out(tiny_lm):
     assert make_runner(Other(), "auto", max_len=64, device=torch.device("cpu"), concurrent=True).name == "eager"
 
 
-def cuda_attention(lm: HFLanguageModel) -> HFLanguageModel:
-    """``lm`` (a static-runner backend) with grouped-query attention laid out as on CUDA
-    (``StaticRunner.cuda_attention``: heads packed for a single query row, K and V repeated for
-    several), forced here on the CPU."""
-    r = lm.runner
-    lm.runner = StaticRunner(r.decoder.model, max_len=r.max_len, capacity=r.capacity, batch_rows=r.batch_rows,
-                             cuda_attention=True)
-    return lm
-
-
 class AttentionLayouts:
     """Counts the query shapes SDPA is called with (``monkeypatch``: the packed single row of a
     SmolLM2 step is ``[1, 3, 3, 64]``, its repeated-KV prompt block ``[1, 9, t, 64]`` with 9 K heads)."""
@@ -253,7 +241,7 @@ def test_smollm2_static_equals_eager(smollm2_lm, layout, monkeypatch):
                              stop_token_ids=smollm2_lm.stop_token_ids, max_context=smollm2_lm.max_context,
                              runner="static")
     if layout == "cuda attention":
-        static = cuda_attention(static)
+        static = with_layout(static, cuda_attention=True)  # packed heads, repeated K and V
     calls = AttentionLayouts(monkeypatch)
     tok = smollm2_lm.tokenizer
     texts = ["The capital of France is", "Hed PE is an American rock band from",
@@ -274,7 +262,7 @@ def test_smollm2_static_equals_eager(smollm2_lm, layout, monkeypatch):
 def test_engine_speculative_equals_naive_with_cuda_attention(smollm2_lm, small_indexes, monkeypatch):
     """The RaLM loop on SmolLM2's static runner with the attention laid out as on CUDA:
     speculative == naive, speculation, rollbacks and the packed layout ran."""
-    lm = cuda_attention(make_view(smollm2_lm, runner="static"))
+    lm = with_layout(make_view(smollm2_lm, runner="static"), cuda_attention=True)
     calls = AttentionLayouts(monkeypatch)
     seen = speculative_equals_naive(lm, small_indexes["exact"], 3)
     assert seen["speculated"] > 0 and seen["rollbacks"] > 0, seen
