@@ -110,7 +110,10 @@ def test_speculative_equals_naive_with_the_pinned_encoder(tiny_lm, kb_index_dirs
         for i, q in enumerate(kb_queries[:4]):
             gen = GenerationConfig(stride=(2, 3)[i % 2], query_len=16, max_new_tokens=10, passage_tokens=48)
             naive = await engine.generate(q, gen=gen, speculate=False)
-            spec = SpeculationConfig(fixed_stride=4, guesser="last", async_verify=bool(i % 2), naive_fallback=False)
+            # os3=False: OS^3 picks strides from measured timings; on a slow machine (CI, stop 38)
+            # they left every verification one query and the batching assertion below failed
+            spec = SpeculationConfig(os3=False, fixed_stride=4, guesser="last", async_verify=bool(i % 2),
+                                     naive_fallback=False)
             res = await engine.generate(q, gen=gen, spec=spec, speculate=True)
             check.same(engine_trace(res), engine_trace(naive), res.stats, where=(i, q))
 
