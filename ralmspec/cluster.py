@@ -66,7 +66,7 @@ class RayShardConfig:
     max_concurrency: int = 2  # calls one shard actor serves at once (threads)
     max_restarts: int = 16  # times Ray restarts a dead shard actor (-1: forever)
     call_timeout_s: float = 30.0  # one fan-out (all shards) must answer within this
-    start_timeout_s: float = 180.0  # every actor must have loaded its shard within this
+    start_timeout_s: float = 180.0  # every actor must have loaded its shard within this (at start and restart)
     emulated_latency_s: float = 0.0  # EMULATED extra latency of every shard search (experiments, fault tests)
 
     def __post_init__(self) -> None:
@@ -265,9 +265,11 @@ class RayShardGroup:
                            self._restarting, self._lock, RetrievalError, self.what)
 
     def _wait_restarted(self, shards: Sequence[int]) -> None:
-        """Wait for the shards last seen dead to be answering again (RetrievalError past the call timeout)."""
+        """Wait for the shards last seen dead to be answering again (RetrievalError past
+        ``start_timeout_s``: a restarted actor reloads its shard, the work of a start, as the LM
+        replicas' restarts are timed too; a loaded 2-core machine took over the 30 s call timeout)."""
         wait_restarted(self.ray, self.actors, shards, self._restarting, self._lock,
-                       self.config.call_timeout_s, RetrievalError, self.what)
+                       self.config.start_timeout_s, RetrievalError, self.what)
 
     def _fan_out(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every shard at once; the answers in shard order (all or an error)."""

@@ -15,8 +15,8 @@ actor; ``ralmspec.cluster`` starts or joins Ray and turns every Ray failure into
   which the engine warms on its worker, serves every shard. BM25 shards receive token strings.
 - **Faults**: a shard actor that dies (killed, OOM, host lost) fails the calls it had in flight
   with ``RetrievalError`` naming the shard; Ray restarts it (``max_restarts``; it reloads its
-  folder), and the next call to that shard first waits (within its timeout) until the new actor
-  answers, so the requests after a failure succeed. No retry of a failed call here: the engine
+  folder), and the next call to that shard first waits (within ``start_timeout_s``) until the
+  new actor answers, so the requests after a failure succeed. No retry of a failed call here: the engine
   already retries a failed verification (``retrieval_retries``) and, when it keeps failing,
   answers HTTP 503 without releasing an unverified token. A call that takes longer than
   ``call_timeout_s`` is a ``RetrievalError`` too.

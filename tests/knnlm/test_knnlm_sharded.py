@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -224,7 +223,6 @@ def test_a_failing_shard_fails_the_whole_search(split, queries):
 @needs_ray
 def test_ray_shards_search_and_generate_like_the_whole_datastore(ray_cluster, tiny_lm, whole, split, queries,
                                                                   prompts, oracle):
-    t0 = time.perf_counter()
     sharded = open_ray_sharded_datastore(split[("flat", 2)], RayShardConfig(), shards=2)
     try:
         assert sharded.describe()["backend"] == "ray"
@@ -243,7 +241,6 @@ def test_ray_shards_search_and_generate_like_the_whole_datastore(ray_cluster, ti
             check.ran(min_speculated=len(prompts))  # both configs force speculation
     finally:
         sharded.close()
-    assert time.perf_counter() - t0 < 60
 
 
 @needs_ray
