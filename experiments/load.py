@@ -318,6 +318,16 @@ def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def empty_cells(cells: list[dict[str, Any]], duration: float) -> str | None:
+    """A warning when some cells completed no request in their measured window (their req/s and
+    latencies are then no measurement: every request outlived the window), else None."""
+    empty = [f"round {c['round']} {c['mode']} x{c['clients']}" for c in cells if c["requests"] == 0]
+    if not empty:
+        return None
+    return (f"warning: {len(empty)} of {len(cells)} cells completed no request in their {duration:g} s window "
+            f"({', '.join(empty)}): no figure for them; lengthen --duration (and --warmup) or lower --max-tokens")
+
+
 def _f(v: Any, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if v is None else f"{format(v, spec):>{width}}"
 
@@ -445,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
           f"loadavg before={settings['loadavg_before']} after={settings['loadavg_after']}")
     print_cells(sorted(cells, key=lambda c: (c["clients"], c["mode"], c["round"])))
     print_ratios(rows)
+    settings["warning"] = empty_cells(cells, a.duration)
+    if settings["warning"]:
+        print(settings["warning"], file=sys.stderr)
     if a.json:
         _write(a.json, {"settings": settings, "cells": cells, "ratios": rows})
         print(f"wrote {a.json}", file=sys.stderr)

@@ -36,7 +36,7 @@ def test_load_json_schema(tmp_path, capsys):
     flags = ["--stride", "2", "--no-os3"]
     assert s["model"] == "tiny" and s["fresh_server_per_cell"] and s["extra_server_flags"] == flags
     assert s["server_flags"][-3:] == flags and s["machine"]["cpu_count"] >= 1
-    assert s["knowledge_base"].startswith("real ")
+    assert s["knowledge_base"].startswith("real ") and s["warning"] is None
     cells = doc["cells"]
     assert sorted(c["mode"] for c in cells) == ["naive", "speculative"]
     for c in cells:
@@ -54,6 +54,13 @@ def test_load_json_schema(tmp_path, capsys):
     assert spec["accepted"] + spec["rollbacks"] <= spec["speculated_steps"]
     assert spec["acceptance"] == spec["accepted"] / spec["speculated_steps"]
     assert doc["ratios"][0]["clients"] == 1 and doc["ratios"][0]["req_per_s_ratio"] > 0
+
+
+def test_cells_without_a_completed_request_are_warned_of():
+    cells = [{"round": 0, "mode": m, "clients": 8, "requests": n} for m, n in (("naive", 0), ("speculative", 3))]
+    warning = load.empty_cells(cells, 3.0)
+    assert warning.startswith("warning: 1 of 2 cells") and "round 0 naive x8" in warning and "--duration" in warning
+    assert load.empty_cells(cells[1:], 3.0) is None
 
 
 def test_requests_for_each_endpoint():
