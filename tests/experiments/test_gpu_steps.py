@@ -1,0 +1,80 @@
+"""docs/lm-runner.md "The next GPU session": every step written there parses with today's flags.
+
+A GPU session has 15 minutes of device time; a step that dies on a renamed flag wastes its slot.
+Each ``python3 experiments/X.py ...`` and ``rs ...`` (ralmspec) step, and the server flags that
+``load.py`` passes after ``--``, goes through its own entry point with ``parse_args`` stopped
+right after parsing: an unknown flag or bad value is argparse's exit 2, a good line reaches the
+stop. Nothing runs. (Session 14 also ran every step on the CPU with small sizes: all exit 0.)"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import shlex
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the kit's workload flags (../shared/device/gpu/run.sh) and results folder
+KIT_VARS = {"$W": "--questions /q.jsonl --corpus /c.jsonl --retriever exact", "$RES": "/res"}
+
+
+class Parsed(Exception):
+    """Raised by the patched ``parse_args`` once the arguments parsed."""
+
+
+def documented_steps() -> list[str]:
+    doc = open(os.path.join(ROOT, "docs", "lm-runner.md"), encoding="utf-8").read()
+    block = doc.split("## The next GPU session", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    steps = re.findall(r"^\s*'(.*)'\s*\\?$", block, re.M)
+    assert len(steps) >= 10, "the GPU steps block lost its shape (one quoted step per line)"
+    return steps
+
+
+def commands(step: str) -> list[tuple[str, list[str]]]:
+    """(entry point, argv) of each command of a step: ``a && b``; output pipes and ``2>&1`` cut."""
+    for name, value in KIT_VARS.items():
+        step = step.replace(name, value)
+    out = []
+    for part in step.split("&&"):
+        words = shlex.split(part.split("|")[0])
+        words = [w for w in words if w != "2>&1"]
+        if words[:1] == ["rs"]:
+            out.append(("ralmspec.cli", words[1:]))
+        elif words[:1] == ["python3"] and words[1].startswith("experiments/"):
+            args = words[2:]
+            module = "experiments." + os.path.basename(words[1])[:-3]
+            if "--" in args:  # load.py: the flags after -- go to every `ralmspec serve`
+                cut = args.index("--")
+                out.append(("ralmspec.cli", ["serve", *args[cut + 1:]]))
+                args = args[:cut + 1]
+            out.append((module, args))
+        elif words[:3] != ["python3", "-m", "pytest"]:
+            raise AssertionError(f"a GPU step this test does not know how to check: {part!r}")
+    return out
+
+
+STEPS = documented_steps()
+
+
+@pytest.mark.parametrize("step", STEPS, ids=[f"step{i}" for i in range(len(STEPS))])
+def test_a_documented_gpu_step_parses(step, monkeypatch):
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for module, argv in commands(step):
+        with pytest.raises(Parsed):
+            importlib.import_module(module).main(argv)
+
+
+def test_a_bad_flag_fails_the_check(monkeypatch):
+    """The check can fail: a renamed flag is argparse's exit 2, not the stop."""
+    step = next(s for s in STEPS if s.startswith("python3 experiments/step_ops.py"))
+    with pytest.raises(SystemExit, match="2"):
+        test_a_documented_gpu_step_parses(step.replace("--top", "--topmost"), monkeypatch)
