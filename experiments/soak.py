@@ -164,7 +164,8 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
                     async with s.get(f"{url}/v1/stats") as r:
                         st = await r.json()
                     stats_samples.append({"t": round(time.perf_counter() - t0, 1), "active": st.get("active"),
-                                          "queued": st.get("queued"), "governor": st.get("governor")})
+                                          "queued": st.get("queued"), "governor": st.get("governor"),
+                                          "memory": st.get("memory")})
                 except Exception:  # noqa: BLE001 - a missed sample is not a failure
                     pass
                 el = time.perf_counter() - t0
@@ -235,6 +236,8 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
             "rss_after_warmup_mib": round(rss_warm / MIB, 1) if rss_warm else None,
             "rss_end_mib": round(rss_end / MIB, 1) if rss_end else None,
             "rss_growth_after_warmup": (rss_end - rss_warm) / rss_warm if rss_warm and rss_end else None,
+            # the server's own accounting at the end (/v1/stats memory: LM caches, encoder cache)
+            "memory_end": stats_samples[-1].get("memory") if stats_samples else None,
         },
         "minutes": rows, "rss": [(round(t, 1), b) for t, b in rss], "errors": errors,
         "mismatches": mismatches[:20], "prefix_violations": prefix_violations[:20], "server_stats": stats_samples,

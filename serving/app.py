@@ -57,7 +57,7 @@ from ralmspec.lm.sampling import draw_seed
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool
-from serving.metrics import ServerMetrics
+from serving.metrics import ServerMetrics, process_rss_bytes
 from serving.protocol import (
     APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
 )
@@ -526,6 +526,19 @@ def knowledge_base_info(retriever: Retriever) -> dict[str, Any]:
     return {"label": label, "kind": kind, "passages": n, "emulated_pad": int(pad or 0)}
 
 
+def _memory(lm: Any, retriever: Any) -> dict[str, Any]:
+    """Where a long-running server's memory goes: the process's RSS, the LM's caches
+    (``HFLanguageModel.memory``: sessions, KV, prefix blocks; absent for other backends) and the
+    query encoder's LRU cache (a local dense knowledge base's)."""
+    out: dict[str, Any] = {"rss_bytes": process_rss_bytes()}
+    if hasattr(lm, "memory"):
+        out["lm"] = lm.memory()
+    encoder = getattr(retriever, "encoder", None)
+    if hasattr(encoder, "cache_info"):
+        out["encoder_cache"] = encoder.cache_info()
+    return out
+
+
 def _stats(state: ServerState) -> dict[str, Any]:
     kb = knowledge_base_info(state.retriever)
     out: dict[str, Any] = {"knowledge_base": kb["label"], "retriever": kb["kind"], "emulated_pad": kb["emulated_pad"]}
@@ -541,6 +554,7 @@ def _stats(state: ServerState) -> dict[str, Any]:
     if runner is not None:  # how the LM ran (``KVRunner.state``), every field present for every runner
         out["lm_runner"] = {"cuda_graphs": 0, "compiled_spans": [], "batched_steps_by_live_rows": {},
                             **runner.state()}
+    out["memory"] = _memory(lm, state.retriever)
     if state.scheduler is not None:
         return {**state.scheduler.stats(), "speculation": state.metrics.speculation(), **out}
     sc = state.search_client

@@ -413,6 +413,18 @@ class HFLanguageModel(LanguageModel):
             with self._scored_lock:
                 self._scored.clear()
 
+    def memory(self) -> dict[str, int]:
+        """What this LM's caches hold now (``/v1/stats`` ``memory``: a long-running server's memory
+        accounted for): cached sessions and their KV bytes (the eager runner's; a static
+        runner's KV is its preallocated slots, ``runner_kv_bytes``), the shared prefix blocks
+        against their capacity, and the logprob chunks memoized. Each is bounded (class doc).
+        Read without the LM's lock (it is held for a whole generate call): plain counters and
+        lengths, each current, together a snapshot within one call of the LM."""
+        return {"sessions": len(self._sessions), "session_kv_bytes": self._cached_bytes,
+                "runner_kv_bytes": self.runner.kv_bytes(), "prefix_blocks": len(self.prefix_blocks),
+                "prefix_bytes": self.prefix_blocks.nbytes, "prefix_capacity_bytes": self.prefix_blocks.capacity_bytes,
+                "scored_chunks": len(self._scored)}
+
     @property
     def cached_sessions(self) -> int:
         return len(self._sessions)

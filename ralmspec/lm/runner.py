@@ -103,6 +103,11 @@ class KVRunner(abc.ABC):
             rows.append(row)
         return kv, torch.stack(rows) if rows else torch.empty(0)
 
+    def kv_bytes(self) -> int:
+        """Bytes of KV the runner itself holds (preallocated slots or a pool). Here 0: the eager
+        runner's KV lives in the sessions' caches, which the LM backend counts."""
+        return 0
+
     def state(self) -> dict[str, Any]:
         """What the runner did so far, for reports (``generate``, the bench JSON, ``/v1/stats``):
         its name; runners that capture graphs or compile their step add those."""

@@ -166,6 +166,21 @@ def test_a_session_twice_in_one_batch_keeps_one_slot(tiny_lm):
     assert len(lm.runner._free) == lm.runner.capacity - 1
 
 
+def test_the_pool_is_counted_once_as_the_runners_kv(tiny_lm):
+    """``kv_bytes`` (``/v1/stats`` memory): the batched runner allocates every slot and the spare
+    at its first session, and opening more slots allocates nothing more."""
+    lm = make_view(tiny_lm, block_size=8, runner="batched")
+    assert lm.memory()["runner_kv_bytes"] == 0
+    rng = random.Random(3)
+    lm.greedy([random_tokens(rng, 20)], 2, ["a"])
+    pool = lm.runner._kv_pool
+    allocated = sum(t.numel() * t.element_size() for t in pool.keys + pool.values)
+    assert allocated == lm.memory()["runner_kv_bytes"] > 0
+    assert pool.keys[0].shape[0] == lm.runner.capacity + 1  # the slots and the spare
+    lm.greedy([random_tokens(rng, 20), random_tokens(rng, 30)], 2, ["b", "c"])
+    assert lm.memory()["runner_kv_bytes"] == allocated and lm.memory()["sessions"] == 3
+
+
 def test_bucket_size_is_checked(tiny_lm):
     with pytest.raises(ConfigError, match="batch_rows"):
         StaticRunner(tiny_lm.model, max_len=64, capacity=2, batch_rows=4)

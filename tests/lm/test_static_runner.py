@@ -169,6 +169,12 @@ def test_slot_pool_evicts_least_recently_used_without_changing_outputs(tiny_lm):
     for name in "abcab":
         assert lm.greedy([prompts[name]], 3, [name]) == ref.greedy([prompts[name]], 3)
     assert lm.cached_sessions == 2 and lm.cached_length("c") == 0  # "c" was the oldest
+    d = lm.runner.decoder  # /v1/stats memory: both slots allocated once, K and V of every layer
+    slot_bytes = 2 * len(d.layers) * d.n_kv * 256 * d.head_dim * torch.empty(0, dtype=d.dtype).element_size()
+    mem = lm.memory()
+    assert mem["runner_kv_bytes"] == 2 * slot_bytes and mem["sessions"] == 2
+    assert mem["prefix_bytes"] <= mem["prefix_capacity_bytes"] and mem["scored_chunks"] == 0
+    assert make_view(tiny_lm, runner="eager").memory()["runner_kv_bytes"] == 0  # eager: in the sessions
     lm.release("a")
     assert lm.cached_sessions == 1 and len(lm.runner._free) == 1
     lm.close()

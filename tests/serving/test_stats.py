@@ -38,3 +38,21 @@ def test_v1_stats_counts_the_speculation_of_finished_requests(server):
         "accepted": spec["accepted"], "rollbacks": spec["rollbacks"]}
     _complete(server.url, "the history of the roman empire", {"speculate": False})
     assert _speculation(server.url) == mid  # a naive request speculates nothing
+
+
+def test_v1_stats_accounts_for_the_servers_memory(server):
+    """``memory``: the process's RSS, the LM's caches (each within its bound) and the query
+    encoder's LRU cache, read without waiting for the LM."""
+    _complete(server.url, "the history of the roman empire", {"speculate": False})
+    status, body = request("GET", f"{server.url}/v1/stats")
+    assert status == 200
+    mem = body["memory"]
+    assert mem["rss_bytes"] > 50 << 20
+    lm = mem["lm"]
+    assert set(lm) == {"sessions", "session_kv_bytes", "runner_kv_bytes", "prefix_blocks", "prefix_bytes",
+                       "prefix_capacity_bytes", "scored_chunks"}
+    assert all(isinstance(v, int) and v >= 0 for v in lm.values())
+    assert 0 < lm["prefix_bytes"] <= lm["prefix_capacity_bytes"] and lm["prefix_blocks"] >= 1
+    assert lm["session_kv_bytes"] + lm["runner_kv_bytes"] > 0  # the KV the request ran in
+    enc = mem["encoder_cache"]
+    assert enc["size"] <= enc["capacity"] and enc["misses"] >= 1
