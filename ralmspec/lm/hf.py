@@ -417,8 +417,8 @@ class HFLanguageModel(LanguageModel):
         """What this LM's caches hold now (``/v1/stats`` ``memory``: a long-running server's memory
         accounted for): cached sessions and their KV bytes (the eager runner's own caches; on a
         static or batched runner these are slots of ``runner_kv_bytes``, the KV it allocated, so
-        not memory on top of it), the shared prefix blocks
-        against their capacity, and the logprob chunks memoized. Each is bounded (class doc).
+        not memory on top of it), the shared prefix blocks against their capacity, and the
+        logprob chunks memoized. Each is bounded (class doc).
         Read without the LM's lock (it is held for a whole generate call): plain counters and
         lengths, each current, together a snapshot within one call of the LM."""
         return {"sessions": len(self._sessions), "session_kv_bytes": self._cached_bytes,
