@@ -421,7 +421,7 @@ class HFLanguageModel(LanguageModel):
         logprob chunks memoized. Each is bounded (class doc).
         Read without the LM's lock (it is held for a whole generate call): plain counters and
         lengths, each current, together a snapshot within one call of the LM."""
-        return {"sessions": len(self._sessions), "session_kv_bytes": self._cached_bytes,
+        return {"sessions": self.cached_sessions, "session_kv_bytes": self.cached_bytes,
                 "runner_kv_bytes": self.runner.kv_bytes(), "prefix_blocks": len(self.prefix_blocks),
                 "prefix_bytes": self.prefix_blocks.nbytes, "prefix_capacity_bytes": self.prefix_blocks.capacity_bytes,
                 "scored_chunks": len(self._scored)}

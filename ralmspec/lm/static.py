@@ -120,10 +120,6 @@ class _SpanGroup:
     mask: torch.Tensor
 
 
-def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 class _Decoder:
     """The model's layer stack over slot buffers (Llama-style or GPT-2), no HF cache object."""
 
@@ -398,7 +394,6 @@ class StaticRunner(KVRunner):
         self._free = list(range(capacity - 1, -1, -1))
         self._buffers: dict[int, Slot] = {}
         self._kv_pool: KVPool | None = None  # batch-invariant mode, from the first ``open``
-        self._kv_allocated = 0  # bytes of the slots' buffers and the pool (``kv_bytes``)
         # step inputs at fixed addresses for the CUDA graphs: 1-row, and ``batch_rows``-row
         self._tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self._pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -447,10 +442,13 @@ class StaticRunner(KVRunner):
         return out
 
     def kv_bytes(self) -> int:
-        """The KV allocated so far: the pool (batch-invariant mode, all slots at once), else the
-        slots opened at least once (each keeps its buffers for reuse). A counter kept where they
-        are allocated, so a reader on another thread (``/v1/stats``) needs no lock."""
-        return self._kv_allocated
+        """The KV allocated so far: the pool (batch-invariant mode: every slot and the spare at
+        once), else the slots opened at least once (each keeps its buffers for reuse). Derived
+        from an attribute and a dict's length, so a reader on another thread (``/v1/stats``)
+        needs no lock."""
+        if self._kv_pool is not None:
+            return (self.capacity + 1) * self.slot_bytes
+        return len(self._buffers) * self.slot_bytes
 
     # ------------------------------------------------------------------ slots
 
@@ -468,7 +466,6 @@ class StaticRunner(KVRunner):
                 shape = (1, d.n_kv, self.max_len, d.head_dim)
                 slot = Slot(i, [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers],
                             [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers])
-                self._kv_allocated += _nbytes(slot.keys + slot.values)
             self._buffers[i] = slot
         slot.length = 0
         return slot
@@ -484,7 +481,6 @@ class StaticRunner(KVRunner):
                                    torch.full((self.batch_rows,), self.capacity, dtype=torch.long, device=d.device),
                                    torch.full((self.batch_rows,), self.capacity, dtype=torch.long, device=d.device),
                                    gather=self.cuda_graphs)
-            self._kv_allocated += _nbytes(self._kv_pool.keys + self._kv_pool.values)
         return self._kv_pool
 
     def crop(self, kv: Slot, keep: int) -> Slot:
