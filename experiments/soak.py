@@ -8,7 +8,10 @@ What it checks (issue 13, "holding load"):
   those questions, streamed or not, must equal it; a question answered several times during the
   soak must get the same text each time (greedy decoding);
 - memory: the server's RSS every ``--sample`` seconds; growth is reported from the end of the
-  warm-up to the end (goal < 10%);
+  warm-up to the end (goal < 10%); and its C heap as glibc sees it (``/v1/stats`` memory.heap:
+  in use vs freed-but-kept, after the warm-up and at the end), which says whether RSS growth is
+  live memory or fragmentation (run it again with ``MALLOC_ARENA_MAX=2`` etc. in the environment:
+  the spawned server inherits it, and ``settings.allocator_env`` records it);
 - latency per minute: p50 / p95 / p99 of the requests that completed in that minute, plotted
   with the RSS (``--plot``).
 
@@ -79,16 +82,22 @@ def speculation_counters(metrics_text: str) -> dict[str, float]:
 
 
 def minute_table(done: list[dict], errors: list[tuple[float, str]], rss: list[tuple[float, int]],
-                 total_s: float, bucket_s: float = 60.0) -> list[dict[str, Any]]:
-    """Per-minute (``bucket_s``) rows: completions, errors, latency percentiles, RSS at the end."""
+                 total_s: float, bucket_s: float = 60.0,
+                 heap: list[tuple[float, dict[str, int]]] = ()) -> list[dict[str, Any]]:
+    """Per-minute (``bucket_s``) rows: completions, errors, latency percentiles, RSS at the end
+    and the C heap's in-use / freed-but-kept bytes at the end (``heap``: ``(t, /v1/stats
+    memory.heap)`` samples; None where the server's libc gives none)."""
     rows = []
     for m in range(max(1, math.ceil(total_s / bucket_s - 1e-9))):
         lo, hi = bucket_s * m, bucket_s * (m + 1)
         lat = [d["latency_s"] for d in done if lo <= d["t"] < hi]
         r = [b for t, b in rss if t < hi]
+        h = [x for t, x in heap if t < hi]
         rows.append({"minute": m + 1, "requests": len(lat), "errors": sum(1 for t, _ in errors if lo <= t < hi),
                      "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "p99_s": percentile(lat, 99),
-                     "rss_mib": round(r[-1] / MIB, 1) if r else None})
+                     "rss_mib": round(r[-1] / MIB, 1) if r else None,
+                     "heap_in_use_mib": round(h[-1]["in_use_bytes"] / MIB, 1) if h else None,
+                     "heap_free_mib": round(h[-1]["free_bytes"] / MIB, 1) if h else None})
     return rows
 
 
@@ -106,9 +115,14 @@ def plot(rows: list[dict], rss: list[tuple[float, int]], warmup_min: float, path
     ax.set_ylabel("latency (s), requests completed\nin the minute ending here")
     ax.legend()
     ax.set_title(title, fontsize=9)
-    bx.plot([t / 60.0 for t, _ in rss], [b / MIB for _, b in rss], "-")
+    bx.plot([t / 60.0 for t, _ in rss], [b / MIB for _, b in rss], "-", label="RSS")
+    hx = [(r["minute"] * bucket_s / 60.0, r["heap_in_use_mib"], r["heap_free_mib"]) for r in rows
+          if r["heap_in_use_mib"] is not None]
+    if hx:
+        bx.plot([x for x, _, _ in hx], [u for _, u, _ in hx], ".--", label="C heap in use")
+        bx.plot([x for x, _, _ in hx], [f for _, _, f in hx], ".:", label="C heap freed, kept")
     bx.axvline(warmup_min, color="grey", linestyle=":", label="end of warm-up")
-    bx.set_ylabel("server RSS (MiB)")
+    bx.set_ylabel("server memory (MiB)")
     bx.set_xlabel("minute")
     bx.legend()
     fig.tight_layout()
@@ -214,10 +228,19 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
     warm_rss = [bt for t, bt in rss if t <= 60.0 * a.warmup_minutes]
     rss_warm = warm_rss[-1] if warm_rss else (rss[0][1] if rss else None)
     rss_end = rss[-1][1] if rss else None
+    # the C heap (glibc): in use vs freed-but-kept, after the warm-up and at the end
+    heaps = [(x["t"], (x.get("memory") or {}).get("heap")) for x in stats_samples]
+    heaps = [(t, h) for t, h in heaps if h]
+    heap_warm = ([h for t, h in heaps if t <= 60.0 * a.warmup_minutes] or [h for _, h in heaps[:1]] or [None])[-1]
+    heap_end = heaps[-1][1] if heaps else None
+
+    def heap_mib(h: dict[str, int] | None) -> dict[str, float] | None:
+        return {k.removesuffix("_bytes") + "_mib": round(v / MIB, 1) for k, v in h.items()} if h else None
+
     measured = [d for d in done if d["t"] >= 60.0 * a.warmup_minutes]
     lat = [d["latency_s"] for d in measured]
     # requests still running at the end finish after it: the table runs to the last completion
-    rows = minute_table(done, errors, rss, max([60.0 * a.minutes] + [d["t"] for d in done]), a.bucket)
+    rows = minute_table(done, errors, rss, max([60.0 * a.minutes] + [d["t"] for d in done]), a.bucket, heaps)
     return {
         "summary": {
             "requests": len(done), "errors": len(errors), "error_kinds": sorted({k for _, k in errors}),
@@ -236,6 +259,7 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
             "rss_after_warmup_mib": round(rss_warm / MIB, 1) if rss_warm else None,
             "rss_end_mib": round(rss_end / MIB, 1) if rss_end else None,
             "rss_growth_after_warmup": (rss_end - rss_warm) / rss_warm if rss_warm and rss_end else None,
+            "heap_after_warmup": heap_mib(heap_warm), "heap_end": heap_mib(heap_end),
             # the server's own accounting at the end (/v1/stats memory: LM caches, encoder cache)
             "memory_end": stats_samples[-1].get("memory") if stats_samples else None,
         },
@@ -280,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": a.model, "retriever": a.retriever, "clients": a.clients, "minutes": a.minutes,
                 "warmup_minutes": a.warmup_minutes, "max_tokens": a.max_tokens, "questions": a.questions,
                 "n_questions": len(questions), "server_flags": flags,
+                "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))},
                 "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                             "python": platform.python_version()},
                 "loadavg_before": loadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -293,11 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"settings": settings, **out}
     s = out["summary"]
     print(json.dumps(s, indent=1))
-    print(f"{'minute':>6} {'req':>5} {'err':>4} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'RSS MiB':>8}")
+    print(f"{'minute':>6} {'req':>5} {'err':>4} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'RSS MiB':>8} "
+          f"{'heap used':>9} {'heap free':>9}")
     for r in out["minutes"]:
         f = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
+        g = lambda v, w: f"{v if v is not None else '-':>{w}}"  # noqa: E731
         print(f"{r['minute']:>6} {r['requests']:>5} {r['errors']:>4} {f(r['p50_s'])} {f(r['p95_s'])} "
-              f"{f(r['p99_s'])} {r['rss_mib'] if r['rss_mib'] is not None else '-':>8}")
+              f"{f(r['p99_s'])} {g(r['rss_mib'], 8)} {g(r['heap_in_use_mib'], 9)} {g(r['heap_free_mib'], 9)}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(doc, indent=1))

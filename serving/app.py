@@ -57,7 +57,8 @@ from ralmspec.lm.sampling import draw_seed
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool
-from serving.metrics import ServerMetrics, process_rss_bytes
+from serving.memory import HeapTrimmer, process_heap, process_rss_bytes
+from serving.metrics import ServerMetrics
 from serving.protocol import (
     APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
 )
@@ -79,10 +80,13 @@ class ServerConfig:
     max_ids: int = 10_000  # doc ids per /v1/score or /v1/passages call
     max_tokens_limit: int = 4096  # further capped by the model's context
     io_threads: int = 4  # threads for /v1/score and passage reads
+    malloc_trim_s: float = 60.0  # seconds between C heap trims (serving/memory.py); 0: never
 
     def __post_init__(self) -> None:
         if not self.model_name:
             raise ConfigError("model_name must be non-empty")
+        if not self.malloc_trim_s >= 0:
+            raise ConfigError("malloc_trim_s must be >= 0 (0: never trim)")
         for name in ("client_max_size", "max_retrieve_queries", "max_retrieve_k", "max_ids", "max_tokens_limit",
                      "io_threads"):
             if getattr(self, name) < 1:
@@ -99,6 +103,7 @@ class ServerState:
     scheduler: Scheduler | None = None
     search_client: BatchingSearchClient | None = None
     executor: WorkerPool | None = None
+    trimmer: HeapTrimmer | None = None
     started: float = 0.0
 
     @property
@@ -130,6 +135,8 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
     async def on_startup(app: web.Application) -> None:
         state.started = time.time()
         state.executor = WorkerPool(cfg.io_threads, thread_name_prefix="ralm-io")
+        state.trimmer = HeapTrimmer(cfg.malloc_trim_s)
+        state.trimmer.start()
         if engine is not None:
             state.scheduler = Scheduler(engine, state.scheduler_config, search_concurrency)
             state.search_client = state.scheduler.search_client
@@ -139,6 +146,8 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
                                                        sc.merge_k, search_concurrency)
 
     async def on_cleanup(app: web.Application) -> None:
+        if state.trimmer is not None:
+            await state.trimmer.aclose()
         if state.scheduler is not None:
             await state.scheduler.aclose()
         elif state.search_client is not None:
@@ -526,11 +535,13 @@ def knowledge_base_info(retriever: Retriever) -> dict[str, Any]:
     return {"label": label, "kind": kind, "passages": n, "emulated_pad": int(pad or 0)}
 
 
-def _memory(lm: Any, retriever: Any) -> dict[str, Any]:
-    """Where a long-running server's memory goes: the process's RSS, the LM's caches
+def _memory(lm: Any, retriever: Any, trimmer: HeapTrimmer | None) -> dict[str, Any]:
+    """Where a long-running server's memory goes: the process's RSS and C heap (glibc's view:
+    in use vs freed-but-kept; None off glibc) and what the heap trims gave back, the LM's caches
     (``HFLanguageModel.memory``: sessions, KV, prefix blocks; absent for other backends) and the
     query encoder's LRU cache (a local dense knowledge base's)."""
-    out: dict[str, Any] = {"rss_bytes": process_rss_bytes()}
+    out: dict[str, Any] = {"rss_bytes": process_rss_bytes(), "heap": process_heap(),
+                           "heap_trim": trimmer.stats() if trimmer is not None else None}
     if hasattr(lm, "memory"):
         out["lm"] = lm.memory()
     encoder = getattr(retriever, "encoder", None)
@@ -554,7 +565,7 @@ def _stats(state: ServerState) -> dict[str, Any]:
     if runner is not None:  # how the LM ran (``KVRunner.state``), every field present for every runner
         out["lm_runner"] = {"cuda_graphs": 0, "compiled_spans": [], "batched_steps_by_live_rows": {},
                             **runner.state()}
-    out["memory"] = _memory(lm, state.retriever)
+    out["memory"] = _memory(lm, state.retriever, state.trimmer)
     if state.scheduler is not None:
         return {**state.scheduler.stats(), "speculation": state.metrics.speculation(), **out}
     sc = state.search_client
@@ -585,6 +596,6 @@ async def metrics(request: web.Request) -> web.Response:
     st = _stats(state)
     text = state.metrics.render(st if state.scheduler is not None else None,
                                 st if state.scheduler is None and state.search_client is not None else None,
-                                knowledge_base=knowledge_base_info(state.retriever))
+                                knowledge_base=knowledge_base_info(state.retriever), memory=st["memory"])
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})

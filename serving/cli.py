@@ -60,6 +60,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "this share of a mean call, i.e. more queries per call make each cheaper")
     h.add_argument("--governor-window", type=float, default=3.0, metavar="S", help="seconds of LM busy time looked at")
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
+    h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
+                   help="seconds between trims of the C heap (glibc malloc_trim: freed memory back to the OS, "
+                        "so RSS does not creep; /v1/stats memory.heap_trim); 0: never")
     h.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
     h.add_argument("--access-log", action="store_true", help="log every request")
     add_emulate_pad_arg(h, "GET /v1/stats (knowledge_base) and /metrics (ralmspec_knowledge_base_info) "
@@ -109,6 +112,8 @@ def _build_app(a: argparse.Namespace):
                                                     kb_fixed_share_at=a.governor_kb_fixed_share_at))
     if a.search_concurrency < 1:
         raise ConfigError("--search-concurrency must be >= 1")
+    if not a.malloc_trim_s >= 0:
+        raise ConfigError(f"--malloc-trim-s must be >= 0 (0: never trim), got {a.malloc_trim_s}")
     t = time.perf_counter()
     if a.lm_replicas is not None and a.lm_replicas < 1:
         raise ConfigError("--lm-replicas must be >= 1")
@@ -126,7 +131,8 @@ def _build_app(a: argparse.Namespace):
         if a.retriever_url:
             raise ConfigError("--retrieval-only serves a local index; it cannot be combined with --retriever-url")
         retriever, where = _open_local_knowledge_base(a, cfg, sharded)
-        server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes)
+        server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes,
+                          malloc_trim_s=a.malloc_trim_s)
         app = create_app(None, sched, retriever=retriever, server_config=server,
                          search_concurrency=a.search_concurrency)
         _log(f"ralmspec: {where} {retriever.kind} knowledge base of {len(retriever.corpus)} passages loaded in "
@@ -148,7 +154,8 @@ def _build_app(a: argparse.Namespace):
         lm.close()
         raise
     engine = RalmEngine(lm, retriever, cfg)
-    server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes)
+    server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes,
+                          malloc_trim_s=a.malloc_trim_s)
     _log(f"ralmspec: model {cfg.model!r}{lm_where} + {where} {retriever.kind} knowledge base "
          f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s{_emulated_note(retriever)}")
     return create_app(engine, sched, server_config=server, search_concurrency=a.search_concurrency)

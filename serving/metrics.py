@@ -9,10 +9,11 @@ No global registry: one ``ServerMetrics`` per application.
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
+
+from serving.memory import process_heap, process_rss_bytes
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -121,18 +122,6 @@ def info(name: str, help_: str, labels: Mapping[str, Any]) -> list[str]:
     return [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name}{_labels(key)} 1"]
 
 
-def process_rss_bytes(pid: int | None = None) -> int | None:
-    """Resident set size from /proc/<pid>/status (Linux); None where unavailable."""
-    try:
-        with open(f"/proc/{pid or os.getpid()}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 class ServerMetrics:
     """All metrics of one server application (thread-safe updates, rendered on /metrics)."""
 
@@ -194,7 +183,9 @@ class ServerMetrics:
 
     def render(self, scheduler_stats: Mapping[str, Any] | None = None,
                search_stats: Mapping[str, Any] | None = None,
-               knowledge_base: Mapping[str, Any] | None = None) -> str:
+               knowledge_base: Mapping[str, Any] | None = None, memory: Mapping[str, Any] | None = None) -> str:
+        """The exposition text; ``memory`` is the ``/v1/stats`` memory the caller already read
+        (its RSS and heap are shown, not read again), else the gauges read their own."""
         with self._lock:
             lines: list[str] = []
             if knowledge_base:
@@ -240,6 +231,15 @@ class ServerMetrics:
             lines += size_histogram("ralmspec_kb_batch_callers",
                                     "Verification rounds / retrievals merged into one knowledge-base call.",
                                     kb["kb_batch_callers"]["counts"])
+        memory = memory or {}
         lines += gauge("ralmspec_process_resident_memory_bytes", "Resident memory of the server process.",
-                       process_rss_bytes())
+                       memory["rss_bytes"] if "rss_bytes" in memory else process_rss_bytes())
+        heap = memory["heap"] if "heap" in memory else process_heap()
+        if heap:
+            lines += gauge("ralmspec_process_heap_in_use_bytes",
+                           "C heap allocated and not freed (glibc malloc: Python objects, CPU tensors).",
+                           heap["in_use_bytes"])
+            lines += gauge("ralmspec_process_heap_free_bytes",
+                           "C heap freed but kept by glibc malloc, not returned to the OS (fragmentation).",
+                           heap["free_bytes"])
         return "\n".join(lines) + "\n"

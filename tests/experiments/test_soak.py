@@ -6,6 +6,7 @@ of speculative answers."""
 from __future__ import annotations
 
 import json
+import platform
 
 from experiments import soak
 
@@ -16,6 +17,11 @@ def test_minute_table_buckets_by_completion_time():
     assert [r["requests"] for r in rows] == [2, 1] and [r["errors"] for r in rows] == [0, 1]
     assert rows[0]["p50_s"] in (1.0, 3.0) and rows[1]["p99_s"] == 2.0
     assert [r["rss_mib"] for r in rows] == [100.0, 110.0]
+    assert [r["heap_free_mib"] for r in rows] == [None, None]  # no heap samples given
+    heap = [(4.0, {"in_use_bytes": 50 * soak.MIB, "free_bytes": 2 * soak.MIB}),
+            (6.0, {"in_use_bytes": 60 * soak.MIB, "free_bytes": 3 * soak.MIB})]
+    rows = soak.minute_table(done, [], [], 10.0, 5.0, heap)
+    assert [(r["heap_in_use_mib"], r["heap_free_mib"]) for r in rows] == [(50.0, 2.0), (60.0, 3.0)]
 
 
 def test_speculation_counters_read_from_metrics():
@@ -37,6 +43,9 @@ def test_soak_short_run(tmp_path):
     assert s["speculated_steps"] >= s["requests"], s  # every answer speculated (fixed stride, 8 tokens)
     assert s["accepted_steps"] + s["rollbacks"] <= s["speculated_steps"]  # a rollback rejects one of them
     assert s["rss_start_mib"] > 0 and s["rss_growth_after_warmup"] is not None
+    if platform.libc_ver()[0] == "glibc":  # the server's C heap, sampled from /v1/stats
+        assert s["heap_end"]["in_use_mib"] > 10 and s["heap_after_warmup"]["free_mib"] >= 0
+        assert any(r["heap_in_use_mib"] for r in doc["minutes"])
     assert len(doc["minutes"]) >= 3 and sum(r["requests"] for r in doc["minutes"]) == s["requests"]
     assert doc["settings"]["clients"] == 2 and doc["settings"]["loadavg_before"] is not None
     assert png.stat().st_size > 1000

@@ -36,6 +36,8 @@ def _dead_port() -> int:
     (["--retriever", "bm25", "--emulate-pad", "100"], "--retriever exact"),
     (["--emulate-pad", "100", "--retriever-url", "http://127.0.0.1:9"], "cannot be combined"),
     (["--lm-prefix-cache-mib", "-1"], "--lm-prefix-cache-mib must be"),
+    (["--malloc-trim-s", "-1"], "--malloc-trim-s must be >= 0"),
+    (["--malloc-trim-s", "nan"], "--malloc-trim-s must be >= 0"),
 ])
 def test_bad_serve_settings_exit_2(capsys, argv, msg):
     argv = [x.replace("DEAD", f"http://127.0.0.1:{_dead_port()}") for x in argv]

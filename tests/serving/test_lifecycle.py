@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import platform
 import re
 import time
 
@@ -75,6 +76,9 @@ def test_metrics_prometheus_text(server):
     assert _metric(text, "ralmspec_kb_batch_queries_count") >= 2
     assert _metric(text, "ralmspec_lm_batch_size_count") >= 2
     assert _metric(text, "ralmspec_process_resident_memory_bytes") > 1e6
+    if platform.libc_ver()[0] == "glibc":
+        assert _metric(text, "ralmspec_process_heap_in_use_bytes") > 1e6
+        assert _metric(text, "ralmspec_process_heap_free_bytes") >= 0
     kb = f"real {SMALL_CORPUS_SIZE:,} passages"  # the knowledge base is named (EMULATED with --emulate-pad)
     assert _metric(text, "ralmspec_knowledge_base_info", emulated_pad="0", kind="exact", label=kb,
                    passages=str(SMALL_CORPUS_SIZE)) == 1

@@ -4,6 +4,8 @@ nothing to them."""
 
 from __future__ import annotations
 
+import platform
+
 from tests.serving.support import MODEL, request
 
 # forced speculation that misses: fixed stride 3 (no OS^3 fallback), synchronous rounds, one
@@ -48,6 +50,12 @@ def test_v1_stats_accounts_for_the_servers_memory(server):
     assert status == 200
     mem = body["memory"]
     assert mem["rss_bytes"] > 50 << 20
+    heap = mem["heap"]  # glibc's view of the C heap (None off glibc)
+    if platform.libc_ver()[0] == "glibc":
+        assert set(heap) == {"in_use_bytes", "free_bytes", "mmapped_bytes", "arena_bytes", "releasable_bytes"}
+        assert 10 << 20 < heap["in_use_bytes"] < mem["rss_bytes"] + heap["mmapped_bytes"]
+        trim = mem["heap_trim"]  # the periodic malloc_trim (serving/memory.py), on by default
+        assert trim["interval_s"] == 60.0 and trim["calls"] >= 0 and trim["released_bytes"] >= 0
     lm = mem["lm"]
     assert set(lm) == {"sessions", "session_kv_bytes", "runner_kv_bytes", "prefix_blocks", "prefix_bytes",
                        "prefix_capacity_bytes", "scored_chunks"}
