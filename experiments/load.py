@@ -62,7 +62,7 @@ def rss_bytes(pid: int) -> int | None:
     except Exception:  # noqa: BLE001 - process gone
         return None
     sys.path.insert(0, str(REPO))
-    from serving.memory import process_rss_bytes
+    from ralmspec.memory import process_rss_bytes
 
     return process_rss_bytes(pid)
 

@@ -57,7 +57,7 @@ from ralmspec.lm.sampling import draw_seed
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool
-from serving.memory import HeapTrimmer, process_heap, process_rss_bytes
+from ralmspec.memory import HeapTrimmer, process_heap, process_rss_bytes
 from serving.metrics import ServerMetrics
 from serving.protocol import (
     APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
@@ -80,7 +80,7 @@ class ServerConfig:
     max_ids: int = 10_000  # doc ids per /v1/score or /v1/passages call
     max_tokens_limit: int = 4096  # further capped by the model's context
     io_threads: int = 4  # threads for /v1/score and passage reads
-    malloc_trim_s: float = 60.0  # seconds between C heap trims (serving/memory.py); 0: never
+    malloc_trim_s: float = 60.0  # seconds between C heap trims (ralmspec/memory.py); 0: never
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -135,8 +135,7 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
     async def on_startup(app: web.Application) -> None:
         state.started = time.time()
         state.executor = WorkerPool(cfg.io_threads, thread_name_prefix="ralm-io")
-        state.trimmer = HeapTrimmer(cfg.malloc_trim_s)
-        state.trimmer.start()
+        state.trimmer = HeapTrimmer(cfg.malloc_trim_s).start()
         if engine is not None:
             state.scheduler = Scheduler(engine, state.scheduler_config, search_concurrency)
             state.search_client = state.scheduler.search_client
@@ -147,7 +146,7 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
 
     async def on_cleanup(app: web.Application) -> None:
         if state.trimmer is not None:
-            await state.trimmer.aclose()
+            await asyncio.to_thread(state.trimmer.close)
         if state.scheduler is not None:
             await state.scheduler.aclose()
         elif state.search_client is not None:

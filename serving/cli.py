@@ -62,7 +62,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
     h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
                    help="seconds between trims of the C heap (glibc malloc_trim: freed memory back to the OS, "
-                        "so RSS does not creep; /v1/stats memory.heap_trim); 0: never")
+                        "so RSS does not creep; /v1/stats memory.heap_trim), here and in each LM replica; 0: never")
     h.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
     h.add_argument("--access-log", action="store_true", help="log every request")
     add_emulate_pad_arg(h, "GET /v1/stats (knowledge_base) and /metrics (ralmspec_knowledge_base_info) "
@@ -177,7 +177,8 @@ def _load_lm(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
     from ralmspec.lm.ray_replicas import RayLMConfig, RayLMReplicas
 
     lm_cfg = RayLMConfig(replicas=a.lm_replicas, threads=a.lm_replica_threads, actor_gpus=a.lm_replica_gpus,
-                         call_timeout_s=a.request_timeout if a.request_timeout > 0 else RayLMConfig.call_timeout_s)
+                         call_timeout_s=a.request_timeout if a.request_timeout > 0 else RayLMConfig.call_timeout_s,
+                         malloc_trim_s=a.malloc_trim_s)
     lm = RayLMReplicas(cfg.model, cfg.lm_backend, cfg.lm_device, config=lm_cfg, ray_address=a.ray_address,
                        ray_cpus=a.ray_cpus)
     return lm, f" in {a.lm_replicas} Ray LM replicas ({'joined ' + a.ray_address if a.ray_address else 'local'})"

@@ -13,7 +13,7 @@ import threading
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
-from serving.memory import process_heap, process_rss_bytes
+from ralmspec.memory import process_heap, process_rss_bytes
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

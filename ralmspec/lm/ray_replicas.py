@@ -47,6 +47,7 @@ from ralmspec.cluster import RAY_INSTALL_HINT, RayCluster, RayShardConfig, get_r
 from ralmspec.errors import ConfigError, LMError, ModelLoadError, RalmSpecError
 from ralmspec.lm.base import LanguageModel, sampled
 from ralmspec.lm.sampling import Sampling
+from ralmspec.memory import HeapTrimmer
 
 
 
@@ -62,10 +63,13 @@ class RayLMConfig:
     call_timeout_s: float = 300.0  # one greedy call (all replicas) must answer within this
     start_timeout_s: float = 300.0  # every replica must have loaded its model within this
     max_pins: int = 65536  # sessions remembered (LRU)
+    malloc_trim_s: float = 60.0  # seconds between C heap trims inside each replica (ralmspec/memory.py); 0: never
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.threads < 1 or self.max_pins < 1:
             raise ConfigError("replicas, threads and max_pins must be >= 1")
+        if not self.malloc_trim_s >= 0:
+            raise ConfigError(f"malloc_trim_s must be >= 0 (0: never trim), got {self.malloc_trim_s}")
         if self.actor_cpus < 0 or (self.actor_gpus is not None and self.actor_gpus < 0) or self.max_restarts < -1:
             raise ConfigError("actor_cpus and actor_gpus must be >= 0, max_restarts >= -1")
         if self.call_timeout_s <= 0 or self.start_timeout_s <= 0:
@@ -75,13 +79,19 @@ class RayLMConfig:
 class LMActor:
     """The body of one replica (wrapped with ``ray.remote`` by ``RayLMReplicas``)."""
 
-    def __init__(self, name: str, backend: str, device: str, dtype: str, threads: int):
+    def __init__(self, name: str, backend: str, device: str, dtype: str, threads: int, malloc_trim_s: float = 0.0):
         import torch
 
         torch.set_num_threads(threads)  # before the first forward: the KV numerics depend on it
         from ralmspec.lm.loader import load_language_model
 
         self.lm = load_language_model(name, backend=backend, device=device, dtype=dtype)
+        # a replica decodes for as long as the server runs: its heap fragments like the server's would
+        self.trimmer = HeapTrimmer(malloc_trim_s).start()
+
+    def heap_trim(self) -> dict[str, Any]:
+        """This replica's heap trims (``HeapTrimmer.stats``)."""
+        return self.trimmer.stats()
 
     def info(self) -> dict[str, Any]:
         import socket
@@ -147,7 +157,8 @@ class RayLMReplicas(LanguageModel):
                                     num_gpus=gpus, max_concurrency=1, scheduling_strategy="SPREAD")
         remote_cls = self.ray.remote(LMActor)
         try:
-            self.actors = [remote_cls.options(**opts).remote(self.name, backend, device, dtype, c.threads)
+            self.actors = [remote_cls.options(**opts).remote(self.name, backend, device, dtype, c.threads,
+                                                             c.malloc_trim_s)
                            for _ in range(c.replicas)]
             infos = self._get_all([a.info.remote() for a in self.actors], range(c.replicas), "start",
                                   c.start_timeout_s)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import platform
 import signal
 import sys
 import threading
@@ -36,6 +37,7 @@ from ralmspec.cluster import ray_available
 from tests.identity import SpeculationCheck
 
 REPLICA_THREADS = 1
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 needs_ray = pytest.mark.skipif(not ray_available(), reason='ray is not installed (pip install -e ".[ray]")')
 GENS = [GenerationConfig(stride=s, query_len=16, max_new_tokens=10, passage_tokens=64) for s in (1, 2, 4)]
 
@@ -69,7 +71,8 @@ def test_lm_error_is_503():
 def replicas(ray_cluster):
     from ralmspec.lm.ray_replicas import RayLMConfig, RayLMReplicas
 
-    lm = RayLMReplicas("tiny", config=RayLMConfig(replicas=2, threads=REPLICA_THREADS), cluster=ray_cluster)
+    lm = RayLMReplicas("tiny", config=RayLMConfig(replicas=2, threads=REPLICA_THREADS, malloc_trim_s=0.2),
+                       cluster=ray_cluster)
     yield lm
     lm.close()
     assert ray_cluster.ray.is_initialized()  # a cluster it did not start is left alone
@@ -106,6 +109,31 @@ def test_replicas_agree_on_the_model(replicas, tiny_lm):
     assert len({i["pid"] for i in replicas.infos}) == 2 and all(i["threads"] == REPLICA_THREADS for i in replicas.infos)
     text = "who wrote the song hey jude"
     assert replicas.tokenizer.encode(text) == tiny_lm.tokenizer.encode(text)
+
+
+@needs_ray
+def test_each_replica_trims_its_own_heap(replicas, ralm_prompts):
+    """A replica decodes for as long as the server runs, so it trims its C heap like the server
+    (``RayLMConfig.malloc_trim_s``, from ``--malloc-trim-s``), in its own process."""
+    replicas.generate(ralm_prompts[:4], 4)
+    ray = replicas.ray
+    deadline = time.monotonic() + 30
+    while True:
+        stats = ray.get([a.heap_trim.remote() for a in replicas.actors], timeout=30)
+        if all(s["calls"] >= 2 for s in stats) or time.monotonic() > deadline or not GLIBC:
+            break
+        time.sleep(0.1)
+    if GLIBC:
+        assert all(s["interval_s"] == 0.2 and s["calls"] >= 2 and s["max_seconds"] > 0 for s in stats), stats
+    else:
+        assert all(s["interval_s"] == 0.0 and s["calls"] == 0 for s in stats), stats
+
+
+def test_replica_trim_interval_is_checked():
+    from ralmspec.lm.ray_replicas import RayLMConfig
+
+    with pytest.raises(ConfigError, match="malloc_trim_s must be >= 0"):
+        RayLMConfig(malloc_trim_s=-1)
 
 
 @needs_ray

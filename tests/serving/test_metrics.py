@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 
-from serving.memory import process_rss_bytes
+from ralmspec.memory import process_rss_bytes
 from serving.metrics import ServerMetrics
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"

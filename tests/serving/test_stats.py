@@ -54,7 +54,7 @@ def test_v1_stats_accounts_for_the_servers_memory(server):
     if platform.libc_ver()[0] == "glibc":
         assert set(heap) == {"in_use_bytes", "free_bytes", "mmapped_bytes", "arena_bytes", "releasable_bytes"}
         assert 10 << 20 < heap["in_use_bytes"] < mem["rss_bytes"] + heap["mmapped_bytes"]
-        trim = mem["heap_trim"]  # the periodic malloc_trim (serving/memory.py), on by default
+        trim = mem["heap_trim"]  # the periodic malloc_trim (ralmspec/memory.py), on by default
         assert trim["interval_s"] == 60.0 and trim["calls"] >= 0 and trim["released_bytes"] >= 0
     lm = mem["lm"]
     assert set(lm) == {"sessions", "session_kv_bytes", "runner_kv_bytes", "prefix_blocks", "prefix_bytes",

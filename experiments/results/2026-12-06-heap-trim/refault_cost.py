@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from serving.memory import trim_heap  # noqa: E402
+from ralmspec.memory import trim_heap  # noqa: E402
 
 BLOCK, N = 96 * 1024, 4400
 

@@ -3,18 +3,21 @@
 A long-running server frees and reallocates CPU tensors and Python objects of varying sizes
 from several threads; glibc's malloc keeps what is freed inside its arenas, so RSS creeps up
 while the memory in use stays flat (measured: ``experiments/results/2026-12-06-heap-trim/``).
-``HeapTrimmer`` hands the free pages back every ``interval_s`` with ``malloc_trim(0)``, off the
-event loop. Everything here is a no-op (None) where glibc is not the allocator.
+``HeapTrimmer`` hands the free pages back every ``interval_s`` with ``malloc_trim(0)`` from its
+own thread (the server and each LM replica run one). Everything here is a no-op (None) where
+glibc is not the allocator.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import functools
 import os
+import threading
 import time
 from typing import Any
+
+from ralmspec.errors import ConfigError
 
 
 def process_rss_bytes(pid: int | None = None) -> int | None:
@@ -74,22 +77,24 @@ def trim_heap() -> bool | None:
 
 
 class HeapTrimmer:
-    """Trims the C heap every ``interval_s`` seconds in a worker thread while the server runs;
-    ``stats()`` says what it did and what it cost. ``interval_s`` 0 (or no glibc): never runs."""
+    """Trims the C heap every ``interval_s`` seconds in its own daemon thread until ``close()``;
+    ``stats()`` says what it did and what it cost. ``interval_s`` 0 (or no glibc): never runs.
+    One per long-running process that decodes: the server, each LM replica."""
 
     def __init__(self, interval_s: float):
-        if interval_s < 0:
-            raise ValueError("interval_s must be >= 0 (0: off)")
-        self.interval_s = interval_s
+        if not interval_s >= 0:
+            raise ConfigError(f"malloc_trim_s must be >= 0 (0: never trim), got {interval_s}")
+        self.interval_s = float(interval_s)
         self.enabled = interval_s > 0 and _libc("mallinfo2") is not None and _libc("malloc_trim") is not None
         self.calls = 0
         self.seconds = 0.0
         self.max_seconds = 0.0
         self.released_bytes = 0  # RSS before minus after, summed (what the trims gave back)
-        self._task: asyncio.Task | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def trim(self) -> None:
-        """One trim, measured (blocking: run it in a thread)."""
+        """One trim, measured (blocking for as long as it takes: milliseconds)."""
         before, t = process_rss_bytes(), time.perf_counter()
         trim_heap()
         dt, after = time.perf_counter() - t, process_rss_bytes()
@@ -99,23 +104,22 @@ class HeapTrimmer:
         if before is not None and after is not None:
             self.released_bytes += max(0, before - after)
 
-    def start(self) -> None:
-        if self.enabled and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="ralmspec-heap-trim")
+    def start(self) -> "HeapTrimmer":
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ralmspec-heap-trim", daemon=True)
+            self._thread.start()
+        return self
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await asyncio.to_thread(self.trim)
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.trim()
 
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+    def close(self) -> None:
+        """Stop trimming (waits for a trim under way: milliseconds)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def stats(self) -> dict[str, Any]:
         return {"interval_s": self.interval_s if self.enabled else 0.0, "calls": self.calls,
