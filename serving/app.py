@@ -56,7 +56,7 @@ from ralmspec.lm.loader import dtype_name
 from ralmspec.lm.sampling import draw_seed
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
-from ralmspec.threads import WorkerPool
+from ralmspec.threads import WorkerPool, to_thread
 from ralmspec.memory import HeapTrimmer, process_heap, process_rss_bytes
 from serving.metrics import ServerMetrics
 from serving.protocol import (
@@ -146,7 +146,7 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
 
     async def on_cleanup(app: web.Application) -> None:
         if state.trimmer is not None:
-            await asyncio.to_thread(state.trimmer.close)
+            await to_thread(state.trimmer.close)
         if state.scheduler is not None:
             await state.scheduler.aclose()
         elif state.search_client is not None:
