@@ -1,4 +1,4 @@
-"""The server process's memory: readings (RSS, glibc's C heap) and the periodic heap trim.
+"""A process's memory: readings (RSS, glibc's C heap) and the periodic heap trim.
 
 A long-running server frees and reallocates CPU tensors and Python objects of varying sizes
 from several threads; glibc's malloc keeps what is freed inside its arenas, so RSS creeps up

@@ -54,10 +54,10 @@ from ralmspec.engine.stream import LogprobRelease, VerifiedText
 from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.lm.loader import dtype_name
 from ralmspec.lm.sampling import draw_seed
+from ralmspec.memory import HeapTrimmer, process_heap, process_rss_bytes
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool, to_thread
-from ralmspec.memory import HeapTrimmer, process_heap, process_rss_bytes
 from serving.metrics import ServerMetrics
 from serving.protocol import (
     APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
