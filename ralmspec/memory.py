@@ -65,13 +65,26 @@ def process_heap() -> dict[str, int] | None:
             "arena_bytes": m.arena, "releasable_bytes": m.keepcost}
 
 
+def _can_trim() -> bool:
+    """glibc's ``malloc_trim`` (told from another libc's by glibc's ``mallinfo2`` beside it)."""
+    return _libc("malloc_trim") is not None and _libc("mallinfo2") is not None
+
+
+def check_trim_interval(seconds: float, name: str = "malloc_trim_s") -> float:
+    """The seconds between heap trims, checked (>= 0, 0: never; NaN refused); ``name`` is the
+    setting's name in the message (a config field, or the command line's flag)."""
+    if not seconds >= 0:
+        raise ConfigError(f"{name} must be >= 0 (0: never trim), got {seconds}")
+    return float(seconds)
+
+
 def trim_heap() -> bool | None:
     """``malloc_trim(0)``: give every arena's free pages back to the OS. True if some memory was
     released, False if none, None where glibc is not the allocator. It locks each arena in turn
     (a thread allocating then waits); call it off the event loop."""
-    fn = _libc("malloc_trim")
-    if fn is None or _libc("mallinfo2") is None:  # only glibc's (others' malloc_trim may mean otherwise)
+    if not _can_trim():
         return None
+    fn = _libc("malloc_trim")
     fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_size_t]
     return bool(fn(0))
 
@@ -82,10 +95,8 @@ class HeapTrimmer:
     One per long-running process that decodes: the server, each LM replica."""
 
     def __init__(self, interval_s: float):
-        if not interval_s >= 0:
-            raise ConfigError(f"malloc_trim_s must be >= 0 (0: never trim), got {interval_s}")
-        self.interval_s = float(interval_s)
-        self.enabled = interval_s > 0 and _libc("mallinfo2") is not None and _libc("malloc_trim") is not None
+        self.interval_s = check_trim_interval(interval_s)
+        self.enabled = self.interval_s > 0 and _can_trim()
         self.calls = 0
         self.seconds = 0.0
         self.max_seconds = 0.0

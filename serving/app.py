@@ -54,7 +54,7 @@ from ralmspec.engine.stream import LogprobRelease, VerifiedText
 from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.lm.loader import dtype_name
 from ralmspec.lm.sampling import draw_seed
-from ralmspec.memory import HeapTrimmer, process_heap, process_rss_bytes
+from ralmspec.memory import HeapTrimmer, check_trim_interval, process_heap, process_rss_bytes
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool, to_thread
@@ -85,8 +85,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.model_name:
             raise ConfigError("model_name must be non-empty")
-        if not self.malloc_trim_s >= 0:
-            raise ConfigError("malloc_trim_s must be >= 0 (0: never trim)")
+        check_trim_interval(self.malloc_trim_s)
         for name in ("client_max_size", "max_retrieve_queries", "max_retrieve_k", "max_ids", "max_tokens_limit",
                      "io_threads"):
             if getattr(self, name) < 1:

@@ -95,6 +95,7 @@ def _build_app(a: argparse.Namespace):
     from ralmspec.cli_options import apply_threads, engine_config_from_args
     from ralmspec.engine.governor import GovernorConfig
     from ralmspec.engine.scheduler import SchedulerConfig
+    from ralmspec.memory import check_trim_interval
     from serving.app import ServerConfig, create_app
 
     cfg = engine_config_from_args(a)  # checks --emulate-pad (>= 0, exact only)
@@ -112,8 +113,7 @@ def _build_app(a: argparse.Namespace):
                                                     kb_fixed_share_at=a.governor_kb_fixed_share_at))
     if a.search_concurrency < 1:
         raise ConfigError("--search-concurrency must be >= 1")
-    if not a.malloc_trim_s >= 0:
-        raise ConfigError(f"--malloc-trim-s must be >= 0 (0: never trim), got {a.malloc_trim_s}")
+    check_trim_interval(a.malloc_trim_s, "--malloc-trim-s")  # before anything loads
     t = time.perf_counter()
     if a.lm_replicas is not None and a.lm_replicas < 1:
         raise ConfigError("--lm-replicas must be >= 1")

@@ -47,7 +47,7 @@ from ralmspec.cluster import RAY_INSTALL_HINT, RayCluster, RayShardConfig, get_r
 from ralmspec.errors import ConfigError, LMError, ModelLoadError, RalmSpecError
 from ralmspec.lm.base import LanguageModel, sampled
 from ralmspec.lm.sampling import Sampling
-from ralmspec.memory import HeapTrimmer
+from ralmspec.memory import HeapTrimmer, check_trim_interval
 
 
 
@@ -68,8 +68,7 @@ class RayLMConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.threads < 1 or self.max_pins < 1:
             raise ConfigError("replicas, threads and max_pins must be >= 1")
-        if not self.malloc_trim_s >= 0:
-            raise ConfigError(f"malloc_trim_s must be >= 0 (0: never trim), got {self.malloc_trim_s}")
+        check_trim_interval(self.malloc_trim_s)
         if self.actor_cpus < 0 or (self.actor_gpus is not None and self.actor_gpus < 0) or self.max_restarts < -1:
             raise ConfigError("actor_cpus and actor_gpus must be >= 0, max_restarts >= -1")
         if self.call_timeout_s <= 0 or self.start_timeout_s <= 0:
