@@ -15,6 +15,9 @@ of them.
   in flight; Ray restarts it (``max_restarts``), and the next call to it first waits (within its
   timeout) until the new actor answers. No retry of a failed call here: the engine retries a
   failed verification itself.
+- **Memory** (``actors_memory``): every actor trims its own C heap (``malloc_trim_s``,
+  ``memory.HeapTrimmer``) and reports ``memory.process_memory`` from a concurrency group of its
+  own (``STATS_GROUP``), so a server's ``/v1/stats`` reads it while the actor decodes or searches.
 
 Ray is an optional dependency (``pip install -e ".[ray]"``): nothing here imports it at module
 import time, and without it every entry point raises ``ConfigError`` saying how to install it.
@@ -29,10 +32,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ralmspec.errors import ConfigError, RetrievalError
+from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.threads import set_threads
 
 RAY_INSTALL_HINT = 'pip install -e ".[ray]"'
 RESTART_POLL_S = 0.05
+STATS_GROUP = "stats"  # every actor's concurrency group for ``memory()``: one thread beside its calls
 
 
 def import_ray() -> Any:
@@ -68,10 +73,12 @@ class RayShardConfig:
     call_timeout_s: float = 30.0  # one fan-out (all shards) must answer within this
     start_timeout_s: float = 180.0  # every actor must have loaded its shard within this (at start and restart)
     emulated_latency_s: float = 0.0  # EMULATED extra latency of every shard search (experiments, fault tests)
+    malloc_trim_s: float = 60.0  # seconds between C heap trims inside each shard actor (ralmspec/memory.py); 0: never
 
     def __post_init__(self) -> None:
         if self.num_cpus < 1 or self.threads < 1 or self.max_concurrency < 1 or self.object_store_mb < 80:
             raise ConfigError("num_cpus, threads and max_concurrency must be >= 1 and object_store_mb >= 80")
+        check_trim_interval(self.malloc_trim_s)
         if self.actor_cpus < 0 or self.emulated_latency_s < 0 or self.max_restarts < -1:
             raise ConfigError("actor_cpus and emulated_latency_s must be >= 0, max_restarts >= -1")
         if self.call_timeout_s <= 0 or self.start_timeout_s <= 0:
@@ -124,19 +131,25 @@ def _loopback_only() -> None:
 
 class ShardActorBase:
     """What every shard actor does besides loading its shard (``self.shard``, set by the
-    subclass): its threads, the EMULATED extra latency of each search, ``info`` / ``search`` /
-    ``score``. Subclassed by the knowledge-base shard actor (``retrieval.ray_shards.ShardActor``)
+    subclass): its threads, the EMULATED extra latency of each search, its heap trims, ``info`` /
+    ``search`` / ``score`` / ``memory``. Subclassed by the knowledge-base shard actor (``retrieval.ray_shards.ShardActor``)
     and the kNN-LM datastore shard actor (``knnlm.sharded.DatastoreShardActor``)."""
 
     shard: Any
 
-    def _setup(self, threads: int, latency_s: float) -> None:
-        """Threads of this actor's searches (0: leave the libraries' defaults) and the EMULATED
-        extra latency of each search."""
+    def _setup(self, threads: int, latency_s: float, malloc_trim_s: float = 0.0) -> None:
+        """Threads of this actor's searches (0: leave the libraries' defaults), the EMULATED
+        extra latency of each search, and the seconds between its heap trims (0: never)."""
         self.threads = threads
         if threads:
             set_threads(threads, blas=False)
         self.latency_s = latency_s
+        # a shard actor lives as long as the server: its heap fragments like the server's would
+        self.trimmer = HeapTrimmer(malloc_trim_s).start()
+
+    def memory(self) -> dict[str, Any]:
+        """This actor's process memory (``memory.process_memory``; call it in ``STATS_GROUP``)."""
+        return process_memory(self.trimmer)
 
     def info(self) -> dict[str, Any]:
         import socket
@@ -214,6 +227,39 @@ def wait_restarted(ray: Any, actors: Sequence[Any], which: Sequence[int], restar
             restarting.discard(i)
 
 
+def remote_class(ray: Any, cls: type) -> Any:
+    """``cls`` as a Ray actor class with the ``STATS_GROUP`` concurrency group (one thread), so
+    ``memory()`` answers beside the calls under way (Ray takes the groups only here, not in
+    ``.options()``)."""
+    return ray.remote(concurrency_groups={STATS_GROUP: 1})(cls)
+
+
+def actors_memory(ray: Any, actors: Sequence[Any], role: str, timeout_s: float) -> list[dict[str, Any]]:
+    """Each actor's ``memory()`` as ``{"role", "index", **process_memory}``, asked in its stats
+    group, all within ``timeout_s``. Never raises: an actor that is down or does not answer in
+    time is a row with ``error`` (a report must not fail because one worker is restarting)."""
+    refs: list[Any] = []
+    for a in actors:
+        try:
+            refs.append(a.memory.options(concurrency_group=STATS_GROUP).remote())
+        except Exception as e:  # noqa: BLE001 - a killed actor's handle, Ray shut down
+            refs.append(e)
+    deadline = time.monotonic() + timeout_s
+    out: list[dict[str, Any]] = []
+    for i, ref in enumerate(refs):
+        row: dict[str, Any] = {"role": role, "index": i}
+        try:
+            if isinstance(ref, Exception):
+                raise ref
+            row.update(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+        except ray.exceptions.GetTimeoutError:
+            row["error"] = f"no answer within {timeout_s:g} s"
+        except Exception as e:  # noqa: BLE001 - reported in the row, see the docstring
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        out.append(row)
+    return out
+
+
 class RayShardGroup:
     """One Ray actor per contiguous id range (``ranges``: objects with ``start`` / ``stop``, e.g.
     ``retrieval.sharded.ShardRange``): start them, call them, and turn every Ray failure into
@@ -222,6 +268,7 @@ class RayShardGroup:
     ``close()`` kills the actors and disconnects from Ray if ``cluster`` started the connection."""
 
     what = "shard"  # how errors name one actor (subclasses say which kind)
+    role = "shard"  # how memory reports name one actor (``worker_memory``)
 
     def _start(self, actor_cls: type, actor_args: Sequence[tuple], ranges: Sequence[Any],
                ray_config: RayShardConfig, cluster: RayCluster) -> None:
@@ -239,7 +286,7 @@ class RayShardGroup:
                                     scheduling_strategy="SPREAD")
         self._lock = threading.Lock()
         self._restarting: set[int] = set()  # shards whose actor was seen dead (Ray restarts it)
-        remote_cls = ray.remote(actor_cls)
+        remote_cls = remote_class(ray, actor_cls)
         self.actors = [remote_cls.options(**opts).remote(*args) for args in actor_args]
         try:
             infos = self._get([a.info.remote() for a in self.actors], range(len(self.actors)), "start",
@@ -283,6 +330,10 @@ class RayShardGroup:
         shards = [c[0] for c in calls]
         self._wait_restarted(shards)
         return self._get([getattr(self.actors[c[0]], method).remote(*c[1:]) for c in calls], shards, method)
+
+    def worker_memory(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Every shard actor's process memory (``actors_memory``: rows, never an exception)."""
+        return actors_memory(self.ray, self.actors, self.role, timeout_s)
 
     def pids(self) -> list[int]:
         """Process id of every shard actor now (for fault tests and diagnostics)."""

@@ -4,8 +4,9 @@ A long-running server frees and reallocates CPU tensors and Python objects of va
 from several threads; glibc's malloc keeps what is freed inside its arenas, so RSS creeps up
 while the memory in use stays flat (measured: ``experiments/results/2026-12-06-heap-trim/``).
 ``HeapTrimmer`` hands the free pages back every ``interval_s`` with ``malloc_trim(0)`` from its
-own thread (the server and each LM replica run one). Everything here is a no-op (None) where
-glibc is not the allocator.
+own thread (the server, each LM replica and each shard actor run one); ``process_memory`` is
+what each of them reports (the server's ``/v1/stats`` ``memory``, and ``memory.workers`` for its
+Ray actors). Everything here is a no-op (None) where glibc is not the allocator.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def trim_heap() -> bool | None:
 class HeapTrimmer:
     """Trims the C heap every ``interval_s`` seconds in its own daemon thread until ``close()``;
     ``stats()`` says what it did and what it cost. ``interval_s`` 0 (or no glibc): never runs.
-    One per long-running process that decodes: the server, each LM replica."""
+    One per long-running process: the server, each LM replica, each shard actor."""
 
     def __init__(self, interval_s: float):
         self.interval_s = check_trim_interval(interval_s)
@@ -135,3 +136,11 @@ class HeapTrimmer:
     def stats(self) -> dict[str, Any]:
         return {"interval_s": self.interval_s if self.enabled else 0.0, "calls": self.calls,
                 "seconds": self.seconds, "max_seconds": self.max_seconds, "released_bytes": self.released_bytes}
+
+
+def process_memory(trimmer: HeapTrimmer | None = None) -> dict[str, Any]:
+    """This process's memory as one report: ``pid``, ``rss_bytes``, ``heap`` (``process_heap``)
+    and ``heap_trim`` (``trimmer.stats()``; None without a trimmer). Thread-safe: a Ray actor
+    answers it from its own thread while another thread decodes or searches."""
+    return {"pid": os.getpid(), "rss_bytes": process_rss_bytes(), "heap": process_heap(),
+            "heap_trim": trimmer.stats() if trimmer is not None else None}

@@ -54,7 +54,7 @@ from ralmspec.engine.stream import LogprobRelease, VerifiedText
 from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.lm.loader import dtype_name
 from ralmspec.lm.sampling import draw_seed
-from ralmspec.memory import HeapTrimmer, check_trim_interval, process_heap, process_rss_bytes
+from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool, to_thread
@@ -81,11 +81,14 @@ class ServerConfig:
     max_tokens_limit: int = 4096  # further capped by the model's context
     io_threads: int = 4  # threads for /v1/score and passage reads
     malloc_trim_s: float = 60.0  # seconds between C heap trims (ralmspec/memory.py); 0: never
+    worker_stats_timeout_s: float = 2.0  # /v1/stats and /metrics wait this long for Ray workers' memory
 
     def __post_init__(self) -> None:
         if not self.model_name:
             raise ConfigError("model_name must be non-empty")
         check_trim_interval(self.malloc_trim_s)
+        if not self.worker_stats_timeout_s > 0:
+            raise ConfigError(f"worker_stats_timeout_s must be > 0, got {self.worker_stats_timeout_s}")
         for name in ("client_max_size", "max_retrieve_queries", "max_retrieve_k", "max_ids", "max_tokens_limit",
                      "io_threads"):
             if getattr(self, name) < 1:
@@ -537,9 +540,10 @@ def _memory(lm: Any, retriever: Any, trimmer: HeapTrimmer | None) -> dict[str, A
     """Where a long-running server's memory goes: the process's RSS and C heap (glibc's view:
     in use vs freed-but-kept; None off glibc) and what the heap trims gave back, the LM's caches
     (``HFLanguageModel.memory``: sessions, KV, prefix blocks; absent for other backends) and the
-    query encoder's LRU cache (a local dense knowledge base's)."""
-    out: dict[str, Any] = {"rss_bytes": process_rss_bytes(), "heap": process_heap(),
-                           "heap_trim": trimmer.stats() if trimmer is not None else None}
+    query encoder's LRU cache (a local dense knowledge base's). ``workers`` (the Ray actors'
+    processes) is filled in by ``_stats_with_workers``."""
+    out: dict[str, Any] = process_memory(trimmer)
+    out["workers"] = []
     if hasattr(lm, "memory"):
         out["lm"] = lm.memory()
     encoder = getattr(retriever, "encoder", None)
@@ -585,13 +589,34 @@ async def health(request: web.Request) -> web.Response:
     })
 
 
+def _workers(state: ServerState) -> list[Callable[[float], list[dict[str, Any]]]]:
+    """The ``worker_memory`` readers of the processes this server drives: its LM replicas
+    (``--lm-replicas``) and knowledge-base shard actors (``--shards``); none in one process."""
+    owners = (getattr(state.engine, "lm", None), state.retriever)
+    return [fn for fn in (getattr(o, "worker_memory", None) for o in owners) if fn is not None]
+
+
+async def _stats_with_workers(state: ServerState) -> dict[str, Any]:
+    """``_stats`` plus ``memory.workers``: each Ray actor's ``process_memory`` row (role, index,
+    pid, RSS, heap, heap trims; or ``error`` when it did not answer within
+    ``worker_stats_timeout_s``). Ray calls block, so they run on the I/O pool."""
+    st = _stats(state)
+    readers = _workers(state)
+    if readers:
+        timeout_s = state.config.worker_stats_timeout_s
+        loop = asyncio.get_running_loop()
+        st["memory"]["workers"] = await loop.run_in_executor(
+            state.executor, lambda: [row for fn in readers for row in fn(timeout_s)])
+    return st
+
+
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(_stats(request.app[STATE]))
+    return web.json_response(await _stats_with_workers(request.app[STATE]))
 
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    st = _stats(state)
+    st = await _stats_with_workers(state)
     text = state.metrics.render(st if state.scheduler is not None else None,
                                 st if state.scheduler is None and state.search_client is not None else None,
                                 knowledge_base=knowledge_base_info(state.retriever), memory=st["memory"])

@@ -62,7 +62,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
     h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
                    help="seconds between trims of the C heap (glibc malloc_trim: freed memory back to the OS, "
-                        "so RSS does not creep; /v1/stats memory.heap_trim), here and in each LM replica; 0: never")
+                        "so RSS does not creep; /v1/stats memory.heap_trim), here and in each LM replica and shard actor "
+                        "(memory.workers); 0: never")
     h.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
     h.add_argument("--access-log", action="store_true", help="log every request")
     add_emulate_pad_arg(h, "GET /v1/stats (knowledge_base) and /metrics (ralmspec_knowledge_base_info) "
@@ -194,7 +195,8 @@ def _open_local_knowledge_base(a: argparse.Namespace, cfg: Any, sharded: bool) -
     if not sharded:
         return open_knowledge_base(cfg.retrieval, a.corpus, show_progress=True, log=_log), "local"
     ray_cfg = RayShardConfig(address=a.ray_address, num_cpus=a.ray_cpus, threads=a.shard_threads,
-                             actor_cpus=a.shard_cpus, call_timeout_s=a.retrieval_timeout)
+                             actor_cpus=a.shard_cpus, call_timeout_s=a.retrieval_timeout,
+                             malloc_trim_s=a.malloc_trim_s)
     retriever = open_knowledge_base(cfg.retrieval, a.corpus, ray=ray_cfg, shards=a.shards)
     return retriever, f"{retriever.n_shards}-shard Ray ({'joined ' + a.ray_address if a.ray_address else 'local'})"
 

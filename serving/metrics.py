@@ -116,6 +116,15 @@ def gauge(name: str, help_: str, value: float | None) -> list[str]:
     return [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {_num(float('nan') if value is None else value)}"]
 
 
+def labelled_gauge(name: str, help_: str, rows: Iterable[tuple[Mapping[str, Any], float | None]]) -> list[str]:
+    """One gauge with a sample per label set (``rows``: ``(labels, value)``; None is NaN)."""
+    lines = [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
+    for labels, value in rows:
+        key = tuple((k, str(v)) for k, v in labels.items())
+        lines.append(f"{name}{_labels(key)} {_num(float('nan') if value is None else value)}")
+    return lines
+
+
 def info(name: str, help_: str, labels: Mapping[str, Any]) -> list[str]:
     """An info metric: constant 1, the facts in its labels (Prometheus convention ``*_info``)."""
     key = tuple(sorted((k, str(v)) for k, v in labels.items()))
@@ -242,4 +251,26 @@ class ServerMetrics:
             lines += gauge("ralmspec_process_heap_free_bytes",
                            "C heap freed but kept by glibc malloc, not returned to the OS (fragmentation).",
                            heap["free_bytes"])
+        lines += _worker_gauges(memory.get("workers") or [])
         return "\n".join(lines) + "\n"
+
+
+def _worker_gauges(workers: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The Ray workers' memory (``/v1/stats`` ``memory.workers``), labelled by role and index;
+    ``ralmspec_worker_up`` 0 for a worker that did not answer (its other gauges are left out)."""
+    if not workers:
+        return []
+    key = [({"role": w["role"], "index": w["index"]}, w) for w in workers]
+    up = [(k, w) for k, w in key if "error" not in w]
+    lines = labelled_gauge("ralmspec_worker_up", "1 if the Ray worker (LM replica, shard actor) answered "
+                           "the memory read of this scrape, else 0.", [(k, int("error" not in w)) for k, w in key])
+    lines += labelled_gauge("ralmspec_worker_resident_memory_bytes", "Resident memory of each Ray worker process.",
+                            [(k, w["rss_bytes"]) for k, w in up])
+    heaps = [(k, w["heap"]) for k, w in up if w.get("heap")]
+    if heaps:
+        lines += labelled_gauge("ralmspec_worker_heap_in_use_bytes", "C heap allocated and not freed, per Ray worker.",
+                                [(k, h["in_use_bytes"]) for k, h in heaps])
+        lines += labelled_gauge("ralmspec_worker_heap_free_bytes",
+                                "C heap freed but kept by glibc malloc, per Ray worker (fragmentation).",
+                                [(k, h["free_bytes"]) for k, h in heaps])
+    return lines

@@ -3,13 +3,14 @@ process's real glibc heap."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 
 import pytest
 
 from ralmspec.errors import ConfigError
-from ralmspec.memory import HeapTrimmer, process_heap, process_rss_bytes, trim_heap
+from ralmspec.memory import HeapTrimmer, process_heap, process_memory, process_rss_bytes, trim_heap
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 needs_glibc = pytest.mark.skipif(not GLIBC, reason="mallinfo2 / malloc_trim are glibc's")
@@ -73,3 +74,13 @@ def test_trimmer_runs_every_interval_in_its_thread_and_stops_on_close():
     time.sleep(0.15)
     assert t.stats()["calls"] == s["calls"]  # closed: no more trims
     assert thread is not None and thread.name == "ralmspec-heap-trim" and not thread.is_alive()
+
+
+def test_process_memory_is_one_report_of_this_process():
+    t = HeapTrimmer(0)
+    m = process_memory(t)
+    assert set(m) == {"pid", "rss_bytes", "heap", "heap_trim"} and m["pid"] == os.getpid()
+    assert m["heap_trim"] == t.stats() and process_memory()["heap_trim"] is None
+    if process_rss_bytes() is not None:
+        assert m["rss_bytes"] > 1 << 20
+    assert (m["heap"] is not None) == GLIBC

@@ -218,8 +218,8 @@ class DatastoreShardActor(ShardActorBase):
     (threads, EMULATED latency) over a :class:`DatastoreShard`, plus the per-entry lookups."""
 
     def __init__(self, shard_dir: str, threads: int, latency_s: float = 0.0,
-                 overrides: dict[str, Any] | None = None):
-        self._setup(threads, latency_s)
+                 overrides: dict[str, Any] | None = None, malloc_trim_s: float = 0.0):
+        self._setup(threads, latency_s, malloc_trim_s)
         self.shard = load_datastore_shard(shard_dir, overrides)
 
     def key_vectors(self, ids: np.ndarray) -> np.ndarray:
@@ -234,10 +234,12 @@ class RayDatastoreShards(RayShardGroup):
     """One Ray actor per datastore shard (``cluster.RayShardGroup``: start, restart, errors)."""
 
     what = "kNN-LM datastore shard"
+    role = "datastore_shard"
 
     def __init__(self, shard_dirs: Sequence[str], ranges: Sequence[ShardRange], ray_config: RayShardConfig,
                  cluster: RayCluster, overrides: dict[str, Any] | None = None):
-        self._start(DatastoreShardActor, [(d, ray_config.threads, ray_config.emulated_latency_s, overrides)
+        self._start(DatastoreShardActor, [(d, ray_config.threads, ray_config.emulated_latency_s, overrides,
+                                           ray_config.malloc_trim_s)
                                           for d in shard_dirs], ranges, ray_config, cluster)
 
     def search(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:

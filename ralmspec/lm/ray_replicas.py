@@ -28,6 +28,9 @@ prompt. Placement only decides speed:
   WHOLE call with ``LMError`` (the server answers HTTP 503), and Ray restarts it
   (``max_restarts``; the next call to it waits, within ``start_timeout_s``, until it answers). A
   ``ConfigError`` raised by the backend for a bad prompt is re-raised as such (HTTP 400).
+- **Memory.** Each replica trims its own C heap (``malloc_trim_s``) and answers ``memory()`` in a
+  concurrency group of its own (``cluster.STATS_GROUP``), so ``worker_memory`` (the server's
+  ``/v1/stats`` ``memory.workers``) reads it while the replica decodes.
 
 Ray is optional: nothing here imports it at module import time; without it ``RayLMReplicas``
 raises ``ConfigError`` saying how to install it. ``close()`` kills the actors and disconnects
@@ -43,11 +46,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
-from ralmspec.cluster import RAY_INSTALL_HINT, RayCluster, RayShardConfig, get_results, ray_available, wait_restarted
+from ralmspec.cluster import (
+    RAY_INSTALL_HINT, RayCluster, RayShardConfig, actors_memory, get_results, ray_available, remote_class, wait_restarted,
+)
 from ralmspec.errors import ConfigError, LMError, ModelLoadError, RalmSpecError
 from ralmspec.lm.base import LanguageModel, sampled
 from ralmspec.lm.sampling import Sampling
-from ralmspec.memory import HeapTrimmer, check_trim_interval
+from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 
 
 
@@ -91,6 +96,11 @@ class LMActor:
     def heap_trim(self) -> dict[str, Any]:
         """This replica's heap trims (``HeapTrimmer.stats``)."""
         return self.trimmer.stats()
+
+    def memory(self) -> dict[str, Any]:
+        """This replica's process memory (``memory.process_memory``; called in the stats
+        concurrency group, it answers while ``generate`` runs)."""
+        return process_memory(self.trimmer)
 
     def info(self) -> dict[str, Any]:
         import socket
@@ -154,7 +164,7 @@ class RayLMReplicas(LanguageModel):
         gpus = c.actor_gpus if c.actor_gpus is not None else (1.0 if device.startswith("cuda") else 0.0)
         opts: dict[str, Any] = dict(max_restarts=c.max_restarts, max_task_retries=0, num_cpus=c.actor_cpus,
                                     num_gpus=gpus, max_concurrency=1, scheduling_strategy="SPREAD")
-        remote_cls = self.ray.remote(LMActor)
+        remote_cls = remote_class(self.ray, LMActor)
         try:
             self.actors = [remote_cls.options(**opts).remote(self.name, backend, device, dtype, c.threads,
                                                              c.malloc_trim_s)
@@ -250,6 +260,11 @@ class RayLMReplicas(LanguageModel):
             return 0
         return self._get_all([self.actors[r].cached_length.remote(session)], [r], "cached_length",
                              self.config.call_timeout_s)[0]
+
+    def worker_memory(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Every replica's process memory (``cluster.actors_memory`` rows, role ``lm_replica``;
+        never an exception: a replica down is a row with ``error``)."""
+        return actors_memory(self.ray, self.actors, "lm_replica", timeout_s)
 
     # ------------------------------------------------------------------ placement
 

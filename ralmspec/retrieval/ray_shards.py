@@ -52,8 +52,8 @@ class ShardActor(ShardActorBase):
     """The body of one knowledge-base shard actor (wrapped with ``ray.remote`` by ``RayShards``)."""
 
     def __init__(self, shard_dir: str, config: RetrievalConfig, threads: int, latency_s: float = 0.0,
-                 pad: int = 0, pad_seed: int = 0):
-        self._setup(threads if config.kind != "bm25" else 0, latency_s)
+                 pad: int = 0, pad_seed: int = 0, malloc_trim_s: float = 0.0):
+        self._setup(threads if config.kind != "bm25" else 0, latency_s, malloc_trim_s)
         self.shard = load_shard(shard_dir, config)
         if pad:  # EMULATED larger shard (emulated.PaddedShard): the pad is made here, never sent
             self.shard = PaddedShard(self.shard, build_pad_index(pad, self.shard.dim, seed=pad_seed),
@@ -65,12 +65,14 @@ class RayShards(RayShardGroup):
     """``ShardBackend`` over one Ray actor per knowledge-base shard (module doc)."""
 
     what = "knowledge-base shard"
+    role = "kb_shard"
 
     def __init__(self, shard_dirs: Sequence[str], ranges: Sequence[ShardRange], config: RetrievalConfig,
                  ray_config: RayShardConfig, cluster: RayCluster):
         n, pad = len(shard_dirs), config.emulate_pad
         pads = [pad // n + (1 if i < pad % n else 0) for i in range(n)]
-        self._start(ShardActor, [(d, config, ray_config.threads, ray_config.emulated_latency_s, pads[i], i)
+        self._start(ShardActor, [(d, config, ray_config.threads, ray_config.emulated_latency_s, pads[i], i,
+                                  ray_config.malloc_trim_s)
                                  for i, d in enumerate(shard_dirs)], ranges, ray_config, cluster)
 
     def search(self, payloads: Any, k: int) -> list[list[list[Hit]]]:

@@ -236,5 +236,11 @@ class ShardedRetriever(Retriever):
             out[pos] = scores
         return out.tolist()
 
+    def worker_memory(self, timeout_s: float) -> list[dict[str, Any]]:
+        """The shard processes' memory (``cluster.actors_memory`` rows) where the backend runs
+        them apart (Ray actors); empty for shards in this process."""
+        fn = getattr(self.backend, "worker_memory", None)
+        return fn(timeout_s) if fn is not None else []
+
     def close(self) -> None:
         self.backend.close()

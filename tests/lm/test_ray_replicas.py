@@ -129,6 +129,17 @@ def test_each_replica_trims_its_own_heap(replicas, ralm_prompts):
         assert all(s["interval_s"] == 0.0 and s["calls"] == 0 for s in stats), stats
 
 
+@needs_ray
+def test_replicas_report_their_own_process_memory(replicas):
+    """``worker_memory``: one row per replica, read in the replica's process (the server's
+    ``/v1/stats`` ``memory.workers``), its heap trims included."""
+    rows = replicas.worker_memory(10.0)
+    assert [(r["role"], r["index"], r["pid"]) for r in rows] == \
+           [("lm_replica", i, info["pid"]) for i, info in enumerate(replicas.infos)]
+    assert all(r["rss_bytes"] > 50 << 20 and (r["heap"] is not None) == GLIBC for r in rows), rows
+    assert all(r["heap_trim"]["interval_s"] == (0.2 if GLIBC else 0.0) for r in rows), rows
+
+
 def test_replica_trim_interval_is_checked():
     from ralmspec.lm.ray_replicas import RayLMConfig
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from ralmspec.retrieval.shard_index import load_shard, shard_index
 from ralmspec.retrieval.sharded import ShardRange, contiguous_ranges, merge_topk, route_ids
 from tests.retrieval.conftest import KINDS, kb_config
 
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 needs_ray = pytest.mark.skipif(not ray_available(), reason='ray is not installed (pip install -e ".[ray]")')
 
 
@@ -250,6 +252,44 @@ def test_ray_shard_killed_mid_search_fails_cleanly_then_recovers(ray_cluster, em
         assert waits and set(waits) == {config.start_timeout_s}
         ids = [5, 2000, 3000]
         assert sharded.score(qs[0], ids) == whole.score(qs[0], ids)
+    finally:
+        sharded.close()
+
+
+@needs_ray
+def test_shard_actors_report_their_memory_while_busy_and_trim_their_heaps(ray_cluster, embedded_indexes,
+                                                                          embedded_split, many_queries, encoder):
+    """Each shard actor trims its own C heap (``malloc_trim_s``) and answers ``memory()`` from
+    its stats concurrency group: with ONE call slot per actor, busy in a search that sleeps 4 s
+    (EMULATED latency), the memory read still comes back while the search is in flight. An actor
+    gone for good is a row with ``error``, never an exception."""
+    config = RayShardConfig(emulated_latency_s=4.0, max_concurrency=1, malloc_trim_s=0.2, call_timeout_s=60.0)
+    sharded = open_ray_sharded(embedded_split[("exact", 2)], RetrievalConfig(kind="exact"), config, encoder)
+    try:
+        pids = [i["pid"] for i in sharded.backend.infos]
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.setdefault("hits", sharded.search_sync(many_queries[:8], 5)))
+        t.start()
+        time.sleep(0.5)  # the search holds each actor's only call slot for 4 s
+        rows = sharded.worker_memory(3.0)
+        assert t.is_alive(), "the memory read waited for the search"
+        assert [(r["role"], r["index"], r["pid"]) for r in rows] == [("kb_shard", 0, pids[0]), ("kb_shard", 1, pids[1])]
+        assert all("error" not in r and r["rss_bytes"] > 1 << 20 for r in rows), rows
+        t.join(60)
+        assert out["hits"] == embedded_indexes["exact"].search_sync(many_queries[:8], 5)
+        deadline = time.monotonic() + 30
+        while GLIBC and time.monotonic() < deadline:
+            rows = sharded.worker_memory(10.0)
+            if all(r["heap_trim"]["calls"] >= 2 for r in rows):
+                break
+            time.sleep(0.1)
+        for r in rows:
+            trim = r["heap_trim"]
+            assert (trim["interval_s"], trim["calls"] >= 2, r["heap"] is not None) == ((0.2, True, True) if GLIBC
+                                                                                        else (0.0, False, False))
+        sharded.backend.ray.kill(sharded.backend.actors[1], no_restart=True)
+        rows = sharded.worker_memory(5.0)
+        assert "error" not in rows[0] and rows[1]["error"] and set(rows[1]) == {"role", "index", "error"}, rows
     finally:
         sharded.close()
 

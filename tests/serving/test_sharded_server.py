@@ -137,6 +137,24 @@ def test_streaming_and_retrieve_over_ray_shards(sharded_server, server):
 
 
 @needs_ray
+def test_stats_and_metrics_read_each_shard_actors_memory(sharded_server):
+    """``/v1/stats`` ``memory.workers``: one row per shard actor, read in its own process (its
+    pid, RSS, heap, heap trims); ``/metrics`` labels the same rows by role and index."""
+    srv, engine = sharded_server
+    pids = [i["pid"] for i in engine.retriever.backend.infos]
+    status, body = request("GET", f"{srv.url}/v1/stats")
+    assert status == 200
+    workers = body["memory"]["workers"]
+    assert [(w["role"], w["index"], w["pid"]) for w in workers] == [("kb_shard", 0, pids[0]), ("kb_shard", 1, pids[1])]
+    assert all(w["rss_bytes"] > 1 << 20 and w["heap_trim"]["interval_s"] in (0.0, 60.0) for w in workers), workers
+    assert os.getpid() not in pids and body["memory"]["pid"] == os.getpid()
+    text = request("GET", f"{srv.url}/metrics")[1]
+    for i in (0, 1):
+        assert f'ralmspec_worker_up{{role="kb_shard",index="{i}"}} 1' in text.splitlines()
+        assert f'ralmspec_worker_resident_memory_bytes{{role="kb_shard",index="{i}"}}' in text
+
+
+@needs_ray
 def test_shard_killed_mid_request_is_503_then_service_recovers(ray_cluster, shard_dir, tiny_lm, encoder,
                                                                serving_engine):
     """Every shard search takes an EMULATED 0.25 s, so a naive request is searching nearly all

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import platform
 
+import pytest
+
+from ralmspec.errors import ConfigError
+from serving.app import ServerConfig
 from tests.serving.support import MODEL, request
 
 # forced speculation that misses: fixed stride 3 (no OS^3 fallback), synchronous rounds, one
@@ -56,6 +60,7 @@ def test_v1_stats_accounts_for_the_servers_memory(server):
         assert 10 << 20 < heap["in_use_bytes"] < mem["rss_bytes"] + heap["mmapped_bytes"]
         trim = mem["heap_trim"]  # the periodic malloc_trim (ralmspec/memory.py), on by default
         assert trim["interval_s"] == 60.0 and trim["calls"] >= 0 and trim["released_bytes"] >= 0
+    assert mem["pid"] > 0 and mem["workers"] == []  # one process: no Ray workers to read
     lm = mem["lm"]
     assert set(lm) == {"sessions", "session_kv_bytes", "runner_kv_bytes", "prefix_blocks", "prefix_bytes",
                        "prefix_capacity_bytes", "scored_chunks"}
@@ -64,3 +69,11 @@ def test_v1_stats_accounts_for_the_servers_memory(server):
     assert lm["session_kv_bytes"] + lm["runner_kv_bytes"] > 0  # the KV the request ran in
     enc = mem["encoder_cache"]
     assert enc["size"] <= enc["capacity"] and enc["misses"] >= 1
+
+
+def test_server_config_refuses_bad_memory_settings():
+    for kw, msg in (({"malloc_trim_s": -1}, "malloc_trim_s must be >= 0"),
+                    ({"worker_stats_timeout_s": 0}, "worker_stats_timeout_s must be > 0"),
+                    ({"worker_stats_timeout_s": float("nan")}, "worker_stats_timeout_s must be > 0")):
+        with pytest.raises(ConfigError, match=msg):
+            ServerConfig(**kw)
