@@ -260,18 +260,18 @@ def test_ray_shard_killed_mid_search_fails_cleanly_then_recovers(ray_cluster, em
 def test_shard_actors_report_their_memory_while_busy_and_trim_their_heaps(ray_cluster, embedded_indexes,
                                                                           embedded_split, many_queries, encoder):
     """Each shard actor trims its own C heap (``malloc_trim_s``) and answers ``memory()`` from
-    its stats concurrency group: with ONE call slot per actor, busy in a search that sleeps 4 s
+    its stats concurrency group: with ONE call slot per actor, busy in a search that sleeps 6 s
     (EMULATED latency), the memory read still comes back while the search is in flight. An actor
     gone for good is a row with ``error``, never an exception."""
-    config = RayShardConfig(emulated_latency_s=4.0, max_concurrency=1, malloc_trim_s=0.2, call_timeout_s=60.0)
+    config = RayShardConfig(emulated_latency_s=6.0, max_concurrency=1, malloc_trim_s=0.2, call_timeout_s=60.0)
     sharded = open_ray_sharded(embedded_split[("exact", 2)], RetrievalConfig(kind="exact"), config, encoder)
     try:
         pids = [i["pid"] for i in sharded.backend.infos]
         out: dict = {}
         t = threading.Thread(target=lambda: out.setdefault("hits", sharded.search_sync(many_queries[:8], 5)))
         t.start()
-        time.sleep(0.5)  # the search holds each actor's only call slot for 4 s
-        rows = sharded.worker_memory(3.0)
+        time.sleep(0.5)  # the search holds each actor's only call slot for 6 s
+        rows = sharded.worker_memory(4.5)
         assert t.is_alive(), "the memory read waited for the search"
         assert [(r["role"], r["index"], r["pid"]) for r in rows] == [("kb_shard", 0, pids[0]), ("kb_shard", 1, pids[1])]
         assert all("error" not in r and r["rss_bytes"] > 1 << 20 for r in rows), rows
