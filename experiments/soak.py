@@ -11,7 +11,9 @@ What it checks (issue 13, "holding load"):
   warm-up to the end (goal < 10%); and its C heap as glibc sees it (``/v1/stats`` memory.heap:
   in use vs freed-but-kept, after the warm-up and at the end), which says whether RSS growth is
   live memory or fragmentation (run it again with ``MALLOC_ARENA_MAX=2`` etc. in the environment:
-  the spawned server inherits it, and ``settings.allocator_env`` records it);
+  the spawned server inherits it, and ``settings.allocator_env`` records it); with
+  ``-- --lm-replicas N`` or ``-- --shards N`` also the Ray workers' RSS (``/v1/stats``
+  memory.workers: a column, a line in the plot, ``workers_rss_*`` in the summary);
 - latency per minute: p50 / p95 / p99 of the requests that completed in that minute, plotted
   with the RSS (``--plot``).
 
@@ -83,22 +85,35 @@ def speculation_counters(metrics_text: str) -> dict[str, float]:
 
 def minute_table(done: list[dict], errors: list[tuple[float, str]], rss: list[tuple[float, int]],
                  total_s: float, bucket_s: float = 60.0,
-                 heap: list[tuple[float, dict[str, int]]] = ()) -> list[dict[str, Any]]:
+                 heap: list[tuple[float, dict[str, int]]] = (),
+                 workers: list[tuple[float, list[dict[str, Any]]]] = ()) -> list[dict[str, Any]]:
     """Per-minute (``bucket_s``) rows: completions, errors, latency percentiles, RSS at the end
     and the C heap's in-use / freed-but-kept bytes at the end (``heap``: ``(t, /v1/stats
-    memory.heap)`` samples; None where the server's libc gives none)."""
+    memory.heap)`` samples; None where the server's libc gives none), and the RSS of the
+    server's Ray workers summed (``workers``: ``(t, memory.workers)`` samples; None without
+    workers, or where one did not answer)."""
     rows = []
     for m in range(max(1, math.ceil(total_s / bucket_s - 1e-9))):
         lo, hi = bucket_s * m, bucket_s * (m + 1)
         lat = [d["latency_s"] for d in done if lo <= d["t"] < hi]
         r = [b for t, b in rss if t < hi]
         h = [x for t, x in heap if t < hi]
+        w = [x for t, x in workers if t < hi]
         rows.append({"minute": m + 1, "requests": len(lat), "errors": sum(1 for t, _ in errors if lo <= t < hi),
                      "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "p99_s": percentile(lat, 99),
                      "rss_mib": round(r[-1] / MIB, 1) if r else None,
                      "heap_in_use_mib": round(h[-1]["in_use_bytes"] / MIB, 1) if h else None,
-                     "heap_free_mib": round(h[-1]["free_bytes"] / MIB, 1) if h else None})
+                     "heap_free_mib": round(h[-1]["free_bytes"] / MIB, 1) if h else None,
+                     "workers_rss_mib": workers_rss_mib(w[-1]) if w else None})
     return rows
+
+
+def workers_rss_mib(rows: list[dict[str, Any]]) -> float | None:
+    """The RSS of a server's Ray workers (``/v1/stats`` memory.workers) summed; None if there
+    are none or one did not answer (a sum without it would look like a drop)."""
+    if not rows or any("error" in r for r in rows):
+        return None
+    return round(sum(r["rss_bytes"] for r in rows) / MIB, 1)
 
 
 def plot(rows: list[dict], rss: list[tuple[float, int]], warmup_min: float, path: str, title: str,
@@ -121,8 +136,11 @@ def plot(rows: list[dict], rss: list[tuple[float, int]], warmup_min: float, path
     if hx:
         bx.plot([x for x, _, _ in hx], [u for _, u, _ in hx], ".--", label="C heap in use")
         bx.plot([x for x, _, _ in hx], [f for _, _, f in hx], ".:", label="C heap freed, kept")
+    wx = [(r["minute"] * bucket_s / 60.0, r["workers_rss_mib"]) for r in rows if r.get("workers_rss_mib") is not None]
+    if wx:
+        bx.plot([x for x, _ in wx], [w for _, w in wx], ".-", label="Ray workers' RSS (sum)")
     bx.axvline(warmup_min, color="grey", linestyle=":", label="end of warm-up")
-    bx.set_ylabel("server memory (MiB)")
+    bx.set_ylabel("memory (MiB)")
     bx.set_xlabel("minute")
     bx.legend()
     fig.tight_layout()
@@ -233,6 +251,10 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
     heaps = [(t, h) for t, h in heaps if h]
     heap_warm = ([h for t, h in heaps if t <= 60.0 * a.warmup_minutes] or [h for _, h in heaps[:1]] or [None])[-1]
     heap_end = heaps[-1][1] if heaps else None
+    # the server's Ray workers (LM replicas, shard actors; ``-- --lm-replicas N`` / ``--shards N``)
+    workers = [(x["t"], (x.get("memory") or {}).get("workers")) for x in stats_samples]
+    workers = [(t, w) for t, w in workers if w]
+    workers_warm = ([w for t, w in workers if t <= 60.0 * a.warmup_minutes] or [w for _, w in workers[:1]] or [None])[-1]
 
     def heap_mib(h: dict[str, int] | None) -> dict[str, float] | None:
         return {k.removesuffix("_bytes") + "_mib": round(v / MIB, 1) for k, v in h.items()} if h else None
@@ -240,7 +262,8 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
     measured = [d for d in done if d["t"] >= 60.0 * a.warmup_minutes]
     lat = [d["latency_s"] for d in measured]
     # requests still running at the end finish after it: the table runs to the last completion
-    rows = minute_table(done, errors, rss, max([60.0 * a.minutes] + [d["t"] for d in done]), a.bucket, heaps)
+    rows = minute_table(done, errors, rss, max([60.0 * a.minutes] + [d["t"] for d in done]), a.bucket, heaps,
+                        workers)
     return {
         "summary": {
             "requests": len(done), "errors": len(errors), "error_kinds": sorted({k for _, k in errors}),
@@ -260,6 +283,9 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
             "rss_end_mib": round(rss_end / MIB, 1) if rss_end else None,
             "rss_growth_after_warmup": (rss_end - rss_warm) / rss_warm if rss_warm and rss_end else None,
             "heap_after_warmup": heap_mib(heap_warm), "heap_end": heap_mib(heap_end),
+            "workers": len(workers[-1][1]) if workers else 0,
+            "workers_rss_after_warmup_mib": workers_rss_mib(workers_warm),
+            "workers_rss_end_mib": workers_rss_mib(workers[-1][1]) if workers else None,
             # the server's own accounting at the end (/v1/stats memory: LM caches, encoder cache)
             "memory_end": stats_samples[-1].get("memory") if stats_samples else None,
         },
@@ -318,13 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"settings": settings, **out}
     s = out["summary"]
     print(json.dumps(s, indent=1))
+    has_workers = bool(s["workers"])
     print(f"{'minute':>6} {'req':>5} {'err':>4} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'RSS MiB':>8} "
-          f"{'heap used':>9} {'heap free':>9}")
+          f"{'heap used':>9} {'heap free':>9}" + (f" {'workers RSS':>11}" if has_workers else ""))
     for r in out["minutes"]:
         f = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
         g = lambda v, w: f"{v if v is not None else '-':>{w}}"  # noqa: E731
         print(f"{r['minute']:>6} {r['requests']:>5} {r['errors']:>4} {f(r['p50_s'])} {f(r['p95_s'])} "
-              f"{f(r['p99_s'])} {g(r['rss_mib'], 8)} {g(r['heap_in_use_mib'], 9)} {g(r['heap_free_mib'], 9)}")
+              f"{f(r['p99_s'])} {g(r['rss_mib'], 8)} {g(r['heap_in_use_mib'], 9)} {g(r['heap_free_mib'], 9)}"
+              + (f" {g(r['workers_rss_mib'], 11)}" if has_workers else ""))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(doc, indent=1))

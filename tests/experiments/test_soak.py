@@ -22,6 +22,12 @@ def test_minute_table_buckets_by_completion_time():
             (6.0, {"in_use_bytes": 60 * soak.MIB, "free_bytes": 3 * soak.MIB})]
     rows = soak.minute_table(done, [], [], 10.0, 5.0, heap)
     assert [(r["heap_in_use_mib"], r["heap_free_mib"]) for r in rows] == [(50.0, 2.0), (60.0, 3.0)]
+    assert [r["workers_rss_mib"] for r in rows] == [None, None]  # one process: no workers
+    w = {"role": "lm_replica", "pid": 1, "heap": None, "heap_trim": None}
+    workers = [(4.0, [{**w, "index": 0, "rss_bytes": 10 * soak.MIB}, {**w, "index": 1, "rss_bytes": 12 * soak.MIB}]),
+               (6.0, [{**w, "index": 0, "rss_bytes": 11 * soak.MIB}, {"role": "lm_replica", "index": 1, "error": "x"}])]
+    rows = soak.minute_table(done, [], [], 10.0, 5.0, heap, workers)
+    assert [r["workers_rss_mib"] for r in rows] == [22.0, None]  # a silent worker: no sum that looks like a drop
 
 
 def test_speculation_counters_read_from_metrics():
@@ -46,6 +52,7 @@ def test_soak_short_run(tmp_path):
     if platform.libc_ver()[0] == "glibc":  # the server's C heap, sampled from /v1/stats
         assert s["heap_end"]["in_use_mib"] > 10 and s["heap_after_warmup"]["free_mib"] >= 0
         assert any(r["heap_in_use_mib"] for r in doc["minutes"])
+    assert s["workers"] == 0 and s["workers_rss_end_mib"] is None  # one process
     assert len(doc["minutes"]) >= 3 and sum(r["requests"] for r in doc["minutes"]) == s["requests"]
     assert doc["settings"]["clients"] == 2 and doc["settings"]["loadavg_before"] is not None
     assert png.stat().st_size > 1000
