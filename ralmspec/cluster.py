@@ -132,8 +132,9 @@ def _loopback_only() -> None:
 class ShardActorBase:
     """What every shard actor does besides loading its shard (``self.shard``, set by the
     subclass): its threads, the EMULATED extra latency of each search, its heap trims, ``info`` /
-    ``search`` / ``score`` / ``memory``. Subclassed by the knowledge-base shard actor (``retrieval.ray_shards.ShardActor``)
-    and the kNN-LM datastore shard actor (``knnlm.sharded.DatastoreShardActor``)."""
+    ``search`` / ``score`` / ``memory``. Subclassed by the knowledge-base shard actor
+    (``retrieval.ray_shards.ShardActor``) and the kNN-LM datastore shard actor
+    (``knnlm.sharded.DatastoreShardActor``)."""
 
     shard: Any
 
