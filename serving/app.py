@@ -106,6 +106,7 @@ class ServerState:
     search_client: BatchingSearchClient | None = None
     executor: WorkerPool | None = None
     trimmer: HeapTrimmer | None = None
+    workers_read: asyncio.Future | None = None  # the Ray workers' memory read under way (shared)
     started: float = 0.0
 
     @property
@@ -599,14 +600,17 @@ def _workers(state: ServerState) -> list[Callable[[float], list[dict[str, Any]]]
 async def _stats_with_workers(state: ServerState) -> dict[str, Any]:
     """``_stats`` plus ``memory.workers``: each Ray actor's ``process_memory`` row (role, index,
     pid, RSS, heap, heap trims; or ``error`` when it did not answer within
-    ``worker_stats_timeout_s``). Ray calls block, so they run on the I/O pool."""
+    ``worker_stats_timeout_s``). Ray calls block, so they run on the I/O pool, one read at a
+    time: callers arriving while a read is under way share its rows, so scrapes during a
+    worker's outage cannot fill the pool that ``/v1/score`` and passage reads need."""
     st = _stats(state)
     readers = _workers(state)
     if readers:
-        timeout_s = state.config.worker_stats_timeout_s
-        loop = asyncio.get_running_loop()
-        st["memory"]["workers"] = await loop.run_in_executor(
-            state.executor, lambda: [row for fn in readers for row in fn(timeout_s)])
+        if state.workers_read is None or state.workers_read.done():
+            timeout_s = state.config.worker_stats_timeout_s
+            state.workers_read = asyncio.get_running_loop().run_in_executor(
+                state.executor, lambda: [row for fn in readers for row in fn(timeout_s)])
+        st["memory"]["workers"] = await asyncio.shield(state.workers_read)
     return st
 
 

@@ -33,7 +33,7 @@ from ralmspec.retrieval.ray_shards import open_ray_sharded
 from ralmspec.retrieval.shard_index import shard_index
 from serving.app import ServerConfig, create_app
 from tests.identity import SpeculationCheck
-from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, request
+from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, http, request
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTIONS = ["who wrote the song hey jude", "when did the roman empire fall",
@@ -152,6 +152,36 @@ def test_stats_and_metrics_read_each_shard_actors_memory(sharded_server):
     for i in (0, 1):
         assert f'ralmspec_worker_up{{role="kb_shard",index="{i}"}} 1' in text.splitlines()
         assert f'ralmspec_worker_resident_memory_bytes{{role="kb_shard",index="{i}"}}' in text
+
+
+@needs_ray
+def test_concurrent_stats_share_one_read_of_the_workers(sharded_server, monkeypatch):
+    """Scrapes that arrive while the workers' memory is being read wait for that read instead
+    of starting their own (they would fill the I/O pool while a worker is down). The read here
+    is the real one, made slow (EMULATED latency: 2 s) so that the six requests overlap it."""
+    import asyncio
+
+    srv, engine = sharded_server
+    real, calls = engine.retriever.worker_memory, []
+
+    def slow_read(timeout_s: float) -> list:
+        calls.append(timeout_s)
+        time.sleep(2.0)
+        return real(timeout_s)
+
+    monkeypatch.setattr(engine.retriever, "worker_memory", slow_read)
+
+    async def six() -> list:
+        return await asyncio.gather(*(http("GET", f"{srv.url}/v1/stats") for _ in range(5)),
+                                    http("GET", f"{srv.url}/metrics"))
+
+    got = asyncio.run(six())
+    assert calls == [2.0], calls  # ServerConfig.worker_stats_timeout_s, one read for all six
+    assert all(status == 200 for status, _ in got)
+    assert len({str(body["memory"]["workers"]) for _, body in got[:5]}) == 1
+    assert 'ralmspec_worker_up{role="kb_shard",index="1"} 1' in got[5][1].splitlines()
+    request("GET", f"{srv.url}/v1/stats")
+    assert len(calls) == 2  # the next scrape reads again
 
 
 @needs_ray
