@@ -116,6 +116,12 @@ def workers_rss_mib(rows: list[dict[str, Any]]) -> float | None:
     return round(sum(r["rss_bytes"] for r in rows) / MIB, 1)
 
 
+def at_warmup(samples: list[tuple[float, Any]], warmup_s: float) -> Any:
+    """The last ``(t, value)`` sample's value at the end of the warm-up (the first sample's if
+    none came that early; None without samples)."""
+    return ([v for t, v in samples if t <= warmup_s] or [v for _, v in samples[:1]] or [None])[-1]
+
+
 def plot(rows: list[dict], rss: list[tuple[float, int]], warmup_min: float, path: str, title: str,
          bucket_s: float = 60.0) -> None:
     import matplotlib
@@ -249,12 +255,12 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
     # the C heap (glibc): in use vs freed-but-kept, after the warm-up and at the end
     heaps = [(x["t"], (x.get("memory") or {}).get("heap")) for x in stats_samples]
     heaps = [(t, h) for t, h in heaps if h]
-    heap_warm = ([h for t, h in heaps if t <= 60.0 * a.warmup_minutes] or [h for _, h in heaps[:1]] or [None])[-1]
+    heap_warm = at_warmup(heaps, 60.0 * a.warmup_minutes)
     heap_end = heaps[-1][1] if heaps else None
     # the server's Ray workers (LM replicas, shard actors; ``-- --lm-replicas N`` / ``--shards N``)
     workers = [(x["t"], (x.get("memory") or {}).get("workers")) for x in stats_samples]
     workers = [(t, w) for t, w in workers if w]
-    workers_warm = ([w for t, w in workers if t <= 60.0 * a.warmup_minutes] or [w for _, w in workers[:1]] or [None])[-1]
+    workers_warm = at_warmup(workers, 60.0 * a.warmup_minutes)
 
     def heap_mib(h: dict[str, int] | None) -> dict[str, float] | None:
         return {k.removesuffix("_bytes") + "_mib": round(v / MIB, 1) for k, v in h.items()} if h else None

@@ -113,7 +113,8 @@ def size_histogram(name: str, help_: str, exact: Mapping[int, int]) -> list[str]
 
 
 def gauge(name: str, help_: str, value: float | None) -> list[str]:
-    return [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {_num(float('nan') if value is None else value)}"]
+    """One gauge without labels (None is NaN)."""
+    return labelled_gauge(name, help_, [({}, value)])
 
 
 def labelled_gauge(name: str, help_: str, rows: Iterable[tuple[Mapping[str, Any], float | None]]) -> list[str]:

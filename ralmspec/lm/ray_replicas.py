@@ -93,10 +93,6 @@ class LMActor:
         # a replica decodes for as long as the server runs: its heap fragments like the server's would
         self.trimmer = HeapTrimmer(malloc_trim_s).start()
 
-    def heap_trim(self) -> dict[str, Any]:
-        """This replica's heap trims (``HeapTrimmer.stats``)."""
-        return self.trimmer.stats()
-
     def memory(self) -> dict[str, Any]:
         """This replica's process memory (``memory.process_memory``; called in the stats
         concurrency group, it answers while ``generate`` runs)."""

@@ -116,10 +116,9 @@ def test_each_replica_trims_its_own_heap(replicas, ralm_prompts):
     """A replica decodes for as long as the server runs, so it trims its C heap like the server
     (``RayLMConfig.malloc_trim_s``, from ``--malloc-trim-s``), in its own process."""
     replicas.generate(ralm_prompts[:4], 4)
-    ray = replicas.ray
     deadline = time.monotonic() + 30
     while True:
-        stats = ray.get([a.heap_trim.remote() for a in replicas.actors], timeout=30)
+        stats = [r["heap_trim"] for r in replicas.worker_memory(30.0)]
         if all(s["calls"] >= 2 for s in stats) or time.monotonic() > deadline or not GLIBC:
             break
         time.sleep(0.1)
