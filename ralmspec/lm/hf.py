@@ -69,7 +69,8 @@ from ralmspec.lm.base import LanguageModel, TokenLogprob
 from ralmspec.lm.prefix_cache import PrefixBlocks
 from ralmspec.lm.runner import EagerRunner, KVRunner
 from ralmspec.lm.sampling import Sampling, SeededPick
-from ralmspec.lm.static import StaticRunner, supports_static
+from ralmspec.lm.slot_decoder import supports_static
+from ralmspec.lm.static import StaticRunner
 
 DEFAULT_BLOCK_SIZE = 64  # canonical prefill block (see the trade-offs above)
 DEFAULT_PREFIX_CACHE_BYTES = 512 << 20  # shared prefix blocks (lm/prefix_cache.py); 0: off

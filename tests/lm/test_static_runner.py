@@ -17,7 +17,8 @@ import torch
 from ralmspec.errors import ConfigError
 from ralmspec.lm.hf import CallStats, HFLanguageModel, make_runner
 from ralmspec.lm.sampling import Sampling, SeededPick
-from ralmspec.lm.static import MIN_SPAN, StaticRunner, attention_span
+from ralmspec.lm.slot_decoder import attention_span
+from ralmspec.lm.static import StaticRunner
 from tests.lm.conftest import (HostDrawForbidden, logits_each_and_one_by_one, make_view, random_tokens,
                                speculative_equals_naive, with_layout)
 
@@ -36,14 +37,6 @@ def pair(tiny_lm, request):
     static = make_view(tiny_lm, block_size=16, runner="static")
     static.runner.device_sampling = "device" in request.param
     return make_view(tiny_lm, block_size=16, runner="eager"), padded(static) if "padded" in request.param else static
-
-
-def test_attention_span_is_a_function_of_the_position():
-    assert attention_span(1, 1024) == MIN_SPAN
-    assert attention_span(MIN_SPAN, 1024) == MIN_SPAN
-    assert attention_span(MIN_SPAN + 1, 1024) == 2 * MIN_SPAN
-    assert attention_span(1000, 1024) == 1024
-    assert attention_span(700, 800) == 800  # capped at the slot length
 
 
 def test_static_equals_eager_greedy_with_rollbacks_and_reuse(pair):
@@ -330,34 +323,3 @@ def test_a_padded_blocks_rows_are_the_full_blocks_rows(model, tiny_lm, smollm2_l
             runner.free(full)
             runner.free(part)
     assert runner.padded_blocks == 2 * 4 + 4  # the prefixes (full blocks) and the tails, all padded
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_steps_norm_and_rotation_are_the_models_bit_for_bit(smollm2_lm, dtype):
-    """The static forward's RMSNorm (``F.rms_norm`` for the statistics: one kernel on CUDA) and
-    its rotation (a roll by a sign-folded sine table) give the HF modules' and the textbook
-    rotation's bits on the CPU, with SmolLM2's own norm weights and rotary table."""
-    import copy
-
-    from ralmspec.lm.static import _Decoder, _rms_norm, _rotate
-
-    model = copy.deepcopy(smollm2_lm.model).to(dtype)
-    dec = _Decoder(model, max_len=256)
-    gen = torch.Generator().manual_seed(0)
-    norms = [model.model.norm] + [n for blk in model.model.layers[:4]
-                                  for n in (blk.input_layernorm, blk.post_attention_layernorm)]
-    for norm in norms:
-        for scale in (0.01, 1.0, 30.0):
-            x = (torch.randn(3, 5, dec.embed.embedding_dim, generator=gen) * scale).to(dtype)
-            assert torch.equal(_rms_norm(norm)(x), norm(x))
-    plain = torch.nn.Linear(4, 4)
-    assert _rms_norm(plain) is plain  # not an HF RMSNorm: run as is
-    half = dec.head_dim // 2
-    pos = torch.tensor([[0, 1, 63, 200]])
-    cos, sin = dec.cos[pos][:, None], dec.sin[pos][:, None]
-    plain_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # the model's own sine
-    x = torch.randn(1, dec.n_heads, 4, dec.head_dim, generator=gen).to(dtype)
-    textbook = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * plain_sin
-    assert torch.equal(_rotate(x, cos, sin), textbook)
-    _, ref_sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype), pos)
-    assert torch.equal(plain_sin[0, 0], ref_sin[0])
