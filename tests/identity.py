@@ -27,6 +27,7 @@ id; ``tests/conftest.py`` prints them as a table at the end of the session.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -79,6 +80,25 @@ def tally_of(stats: Any) -> SpeculationTally:
     return SpeculationTally(runs=1, speculative_runs=1, silent_runs=int(speculated == 0), speculated=speculated,
                             accepted=_counter(stats, "accepted") or 0, rollbacks=_counter(stats, "rollbacks") or 0,
                             verified_steps=verified)
+
+
+def naive_then_scheduled(engine: Any, config: Any, requests: list[tuple[Any, Any, Any, bool]]
+                         ) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Each request ``(question, gen, spec, speculate)`` first alone through ``engine`` with
+    speculation off (its naive oracle, one at a time), then all of them at once through one
+    ``Scheduler(engine, config)`` (closed afterwards). Returns (oracle results, scheduled results,
+    the scheduler's stats), in request order, for ``SpeculationCheck.same``."""
+    from ralmspec.engine.scheduler import Scheduler
+
+    async def go() -> tuple[list[Any], list[Any], dict[str, Any]]:
+        oracle = [await engine.generate(q, gen=g, speculate=False) for q, g, _, _ in requests]
+        sched = Scheduler(engine, config)
+        try:
+            got = await asyncio.gather(*(sched.generate(q, gen=g, spec=s, speculate=sp) for q, g, s, sp in requests))
+        finally:
+            await sched.aclose()
+        return oracle, list(got), sched.stats()
+    return asyncio.run(go())
 
 
 # test id -> the totals of its checks (filled only when COUNT_ENV is set)

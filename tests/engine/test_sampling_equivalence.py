@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.core import RalmEngine
-from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
+from ralmspec.engine.scheduler import SchedulerConfig
 from ralmspec.errors import ConfigError
-from tests.identity import SpeculationCheck, engine_trace, forces_speculation
+from tests.identity import SpeculationCheck, engine_trace, forces_speculation, naive_then_scheduled
 from tests.lm.conftest import make_view
 
 N_CASES = 16  # per knowledge base; each: one naive run and two speculative runs
@@ -135,18 +135,8 @@ def test_sampled_and_greedy_requests_batched_together_equal_the_oracle(small_ind
              for i in range(len(qs))]
     speculative = [i % 3 != 0 for i in range(len(qs))]
 
-    async def go():
-        oracle = [await engine.generate(q, gen=g, speculate=False) for q, g in zip(qs, gens)]
-        no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
-        sched = Scheduler(engine, no_governor)
-        try:
-            got = await asyncio.gather(*(sched.generate(q, gen=g, spec=s, speculate=speculative[i])
-                                         for i, (q, g, s) in enumerate(zip(qs, gens, specs))))
-        finally:
-            await sched.aclose()
-        return oracle, got, sched.stats()
-
-    oracle, got, stats = asyncio.run(go())
+    no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
+    oracle, got, stats = naive_then_scheduled(engine, no_governor, list(zip(qs, gens, specs, speculative)))
     check = SpeculationCheck()
     for i, (a, b) in enumerate(zip(oracle, got)):
         check.same(engine_trace(b), engine_trace(a), b.stats, where=(i, gens[i]))

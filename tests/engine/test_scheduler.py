@@ -14,7 +14,7 @@ from ralmspec.engine.scheduler import (
     BatchingLMClient, BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerConfig,
 )
 from ralmspec.errors import ConfigError
-from tests.identity import SpeculationCheck, engine_trace, forces_speculation
+from tests.identity import SpeculationCheck, engine_trace, forces_speculation, naive_then_scheduled
 
 N_CONCURRENT = 16
 GENS = [GenerationConfig(stride=s, query_len=16, max_new_tokens=10, passage_tokens=64) for s in (1, 2, 4)]
@@ -60,18 +60,8 @@ def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kin
     plans = [_request_plan(i) for i in range(len(questions))]
     sessions_before = lm.cached_sessions
 
-    async def go():
-        oracle = [await engine.generate(q, gen=g, speculate=False) for q, (g, _, _) in zip(questions, plans)]
-        sched = Scheduler(engine, SchedulerConfig(max_concurrent=N_CONCURRENT, max_queue=0,
-                                                  governor=GOVERNORS[governor]))
-        try:
-            results = await asyncio.gather(*(sched.generate(q, gen=g, spec=s, speculate=sp)
-                                             for q, (g, s, sp) in zip(questions, plans)))
-        finally:
-            await sched.aclose()
-        return oracle, results, sched.stats()
-
-    oracle, results, stats = asyncio.run(go())
+    config = SchedulerConfig(max_concurrent=N_CONCURRENT, max_queue=0, governor=GOVERNORS[governor])
+    oracle, results, stats = naive_then_scheduled(engine, config, [(q, *plan) for q, plan in zip(questions, plans)])
     check = SpeculationCheck()
     for i, (a, b) in enumerate(zip(oracle, results)):
         check.same(engine_trace(b), engine_trace(a), b.stats, where=(kind, i, plans[i]))

@@ -15,7 +15,6 @@ Ray (skipped only when ray is not importable): a local loopback cluster for this
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import platform
@@ -31,10 +30,10 @@ from ralmspec.cli import main
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.core import RalmEngine
-from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
+from ralmspec.engine.scheduler import SchedulerConfig
 from ralmspec.errors import ConfigError, LMError
 from ralmspec.cluster import ray_available
-from tests.identity import SpeculationCheck
+from tests.identity import SpeculationCheck, naive_then_scheduled
 
 REPLICA_THREADS = 1
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -204,18 +203,9 @@ def test_concurrent_requests_through_scheduler_equal_sequential_naive(replicas, 
     speculative = [bool(i % 4) for i in range(len(qs))]
     forced = SpeculationConfig(naive_fallback=False)
 
-    async def go():
-        oracle = [await engine.generate(q, gen=GENS[i % 3], speculate=False) for i, q in enumerate(qs)]
-        no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
-        sched = Scheduler(engine, no_governor)
-        try:
-            results = await asyncio.gather(*(sched.generate(q, gen=GENS[i % 3], spec=forced, speculate=speculative[i])
-                                             for i, q in enumerate(qs)))
-        finally:
-            await sched.aclose()
-        return oracle, results, sched.stats()
-
-    oracle, results, stats = asyncio.run(go())
+    no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
+    oracle, results, stats = naive_then_scheduled(engine, no_governor, [(q, GENS[i % 3], forced, speculative[i])
+                                                                        for i, q in enumerate(qs)])
     check = SpeculationCheck()
     for i, (a, b) in enumerate(zip(oracle, results)):
         check.same(b.token_ids, a.token_ids, b.stats, where=(i, qs[i]))
