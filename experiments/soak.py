@@ -13,7 +13,9 @@ What it checks (issue 13, "holding load"):
   live memory or fragmentation (run it again with ``MALLOC_ARENA_MAX=2`` etc. in the environment:
   the spawned server inherits it, and ``settings.allocator_env`` records it); with
   ``-- --lm-replicas N`` or ``-- --shards N`` also the Ray workers' RSS (``/v1/stats``
-  memory.workers: a column, a line in the plot, ``workers_rss_*`` in the summary);
+  memory.workers: two columns and lines in the plot, the sum at each minute's end and the sum of
+  each worker's low in the minute, what its heap trims leave; ``workers_rss_*`` in the summary;
+  every worker's own samples are in the JSON's ``server_stats``);
 - latency per minute: p50 / p95 / p99 of the requests that completed in that minute, plotted
   with the RSS (``--plot``).
 
@@ -91,7 +93,9 @@ def minute_table(done: list[dict], errors: list[tuple[float, str]], rss: list[tu
     and the C heap's in-use / freed-but-kept bytes at the end (``heap``: ``(t, /v1/stats
     memory.heap)`` samples; None where the server's libc gives none), and the RSS of the
     server's Ray workers summed (``workers``: ``(t, memory.workers)`` samples; None without
-    workers, or where one did not answer)."""
+    workers, or where one did not answer): at the minute's end (``workers_rss_mib``) and each
+    worker's lowest in the minute, summed (``workers_rss_low_mib``: what their heap trims leave;
+    each worker trims on its own clock, so the end reads a sawtooth at whatever phase it is)."""
     rows = []
     for m in range(max(1, math.ceil(total_s / bucket_s - 1e-9))):
         lo, hi = bucket_s * m, bucket_s * (m + 1)
@@ -99,13 +103,31 @@ def minute_table(done: list[dict], errors: list[tuple[float, str]], rss: list[tu
         r = [b for t, b in rss if t < hi]
         h = [x for t, x in heap if t < hi]
         w = [x for t, x in workers if t < hi]
+        w_minute = [x for t, x in workers if lo <= t < hi]
         rows.append({"minute": m + 1, "requests": len(lat), "errors": sum(1 for t, _ in errors if lo <= t < hi),
                      "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "p99_s": percentile(lat, 99),
                      "rss_mib": round(r[-1] / MIB, 1) if r else None,
                      "heap_in_use_mib": round(h[-1]["in_use_bytes"] / MIB, 1) if h else None,
                      "heap_free_mib": round(h[-1]["free_bytes"] / MIB, 1) if h else None,
-                     "workers_rss_mib": workers_rss_mib(w[-1]) if w else None})
+                     "workers_rss_mib": workers_rss_mib(w[-1]) if w else None,
+                     "workers_rss_low_mib": workers_rss_low_mib(w_minute)})
     return rows
+
+
+def workers_rss_low_mib(samples: list[list[dict[str, Any]]]) -> float | None:
+    """Each Ray worker's lowest RSS over ``samples`` (``memory.workers`` lists), summed; None
+    without samples, or when a worker answered none of them."""
+    lows: dict[tuple[str, int], int] = {}
+    names: set[tuple[str, int]] = set()
+    for rows in samples:
+        for r in rows:
+            key = (r["role"], r["index"])
+            names.add(key)
+            if "rss_bytes" in r:
+                lows[key] = min(lows.get(key, r["rss_bytes"]), r["rss_bytes"])
+    if not names or set(lows) != names:
+        return None
+    return round(sum(lows.values()) / MIB, 1)
 
 
 def workers_rss_mib(rows: list[dict[str, Any]]) -> float | None:
@@ -142,9 +164,11 @@ def plot(rows: list[dict], rss: list[tuple[float, int]], warmup_min: float, path
     if hx:
         bx.plot([x for x, _, _ in hx], [u for _, u, _ in hx], ".--", label="C heap in use")
         bx.plot([x for x, _, _ in hx], [f for _, _, f in hx], ".:", label="C heap freed, kept")
-    wx = [(r["minute"] * bucket_s / 60.0, r["workers_rss_mib"]) for r in rows if r.get("workers_rss_mib") is not None]
-    if wx:
-        bx.plot([x for x, _ in wx], [w for _, w in wx], ".-", label="Ray workers' RSS (sum)")
+    for key, style, label in (("workers_rss_mib", ".-", "Ray workers' RSS (sum, minute's end)"),
+                              ("workers_rss_low_mib", "x-", "Ray workers' RSS after their trims (sum)")):
+        wx = [(r["minute"] * bucket_s / 60.0, r[key]) for r in rows if r.get(key) is not None]
+        if wx:
+            bx.plot([x for x, _ in wx], [w for _, w in wx], style, label=label)
     bx.axvline(warmup_min, color="grey", linestyle=":", label="end of warm-up")
     bx.set_ylabel("memory (MiB)")
     bx.set_xlabel("minute")
@@ -352,13 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(s, indent=1))
     has_workers = bool(s["workers"])
     print(f"{'minute':>6} {'req':>5} {'err':>4} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'RSS MiB':>8} "
-          f"{'heap used':>9} {'heap free':>9}" + (f" {'workers RSS':>11}" if has_workers else ""))
+          f"{'heap used':>9} {'heap free':>9}" + (f" {'workers RSS':>11} {'workers low':>11}" if has_workers else ""))
     for r in out["minutes"]:
         f = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
         g = lambda v, w: f"{v if v is not None else '-':>{w}}"  # noqa: E731
         print(f"{r['minute']:>6} {r['requests']:>5} {r['errors']:>4} {f(r['p50_s'])} {f(r['p95_s'])} "
               f"{f(r['p99_s'])} {g(r['rss_mib'], 8)} {g(r['heap_in_use_mib'], 9)} {g(r['heap_free_mib'], 9)}"
-              + (f" {g(r['workers_rss_mib'], 11)}" if has_workers else ""))
+              + (f" {g(r['workers_rss_mib'], 11)} {g(r['workers_rss_low_mib'], 11)}" if has_workers else ""))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(doc, indent=1))

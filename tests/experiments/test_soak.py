@@ -28,6 +28,16 @@ def test_minute_table_buckets_by_completion_time():
                (6.0, [{**w, "index": 0, "rss_bytes": 11 * soak.MIB}, {"role": "lm_replica", "index": 1, "error": "x"}])]
     rows = soak.minute_table(done, [], [], 10.0, 5.0, heap, workers)
     assert [r["workers_rss_mib"] for r in rows] == [22.0, None]  # a silent worker: no sum that looks like a drop
+    assert [r["workers_rss_low_mib"] for r in rows] == [22.0, None]
+    # each worker's own low in the minute, summed: the trims of two workers need not coincide
+    workers = [(1.0, [{**w, "index": 0, "rss_bytes": 10 * soak.MIB}, {**w, "index": 1, "rss_bytes": 15 * soak.MIB}]),
+               (3.0, [{**w, "index": 0, "rss_bytes": 14 * soak.MIB}, {**w, "index": 1, "rss_bytes": 12 * soak.MIB}]),
+               (6.0, [{**w, "index": 0, "rss_bytes": 9 * soak.MIB}, {"role": "lm_replica", "index": 1, "error": "x"}]),
+               (8.0, [{**w, "index": 0, "rss_bytes": 8 * soak.MIB}, {**w, "index": 1, "rss_bytes": 13 * soak.MIB}])]
+    rows = soak.minute_table(done, [], [], 10.0, 5.0, heap, workers)
+    assert [r["workers_rss_low_mib"] for r in rows] == [22.0, 21.0]  # min(10, 14) + min(15, 12); 8 + 13
+    assert [r["workers_rss_mib"] for r in rows] == [26.0, 21.0]
+    assert soak.workers_rss_low_mib([[{**w, "index": 0, "error": "x"}]]) is None  # it never answered
 
 
 def test_speculation_counters_read_from_metrics():

@@ -7,6 +7,7 @@ encoder cache, and what the periodic heap trims gave back.
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 
@@ -14,7 +15,8 @@ MIB = 1 << 20
 
 
 def table(path: str) -> None:
-    doc = json.load(open(path))
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:  # the repo keeps the long ones gzipped
+        doc = json.load(f)
     last: dict[int, dict] = {}
     for x in doc["server_stats"]:
         if x.get("memory"):

@@ -7,15 +7,22 @@ back. Printed every ``--every`` minutes with the heap in use (``/v1/stats`` memo
 residue's growth over the previous block, in MiB per minute; then a least-squares slope of the
 residue over each third of the run after the warm-up.
 
-    python residue.py soak-trim-110min.json ../2026-12-06-heap-trim/soak-trim-60min.json
+    python residue.py soak-trim-110min.json.gz ../2026-12-06-heap-trim/soak-trim-60min.json.gz
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 
 MIB = 1 << 20
+
+
+def load_soak(path: str) -> dict:
+    """A soak's JSON (``soak.py --json``), plain or gzipped (``.gz``: how the repo keeps them)."""
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        return json.load(f)
 
 
 def per_minute(doc: dict) -> dict[int, dict]:
@@ -39,7 +46,7 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 
 def report(path: str, every: int) -> None:
-    doc = json.load(open(path))
+    doc = load_soak(path)
     s, cfg = doc["summary"], doc["settings"]
     rows = per_minute(doc)
     last = max(m for m in rows if m <= cfg["minutes"])  # whole minutes of load (the tail is the naive check)
