@@ -78,3 +78,31 @@ def test_a_bad_flag_fails_the_check(monkeypatch):
     step = next(s for s in STEPS if s.startswith("python3 experiments/step_ops.py"))
     with pytest.raises(SystemExit, match="2"):
         test_a_documented_gpu_step_parses(step.replace("--top", "--topmost"), monkeypatch)
+
+
+# The kit's first two device calls each carry half of the SmolLM2 GGUF (50 MiB,
+# ../shared/device/prepare.sh) plus every tracked file of the repo, and a call carries at most
+# 64 MiB: tracked files past ~13 MiB would make the GPU session's first call fail.
+TRACKED_LIMIT_BYTES = 13 << 20
+
+
+def tracked_bytes(root: str) -> int | None:
+    """The bytes of the files git tracks under ``root`` (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        names = subprocess.run(["git", "-C", root, "ls-files", "-z"], capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    paths = [os.path.join(root, p) for p in names.decode().split("\0") if p]
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+
+
+def test_the_repo_fits_beside_half_of_the_model_in_one_device_call():
+    total = tracked_bytes(ROOT)
+    if total is None:
+        pytest.skip("not a git checkout")
+    assert total > 1 << 20  # it did count the repo
+    assert total < TRACKED_LIMIT_BYTES, (
+        f"the tracked files take {total / 2**20:.1f} MiB: with half of the GGUF (50 MiB) the GPU kit's "
+        f"first call would pass its 64 MiB carry limit; keep large results gzipped or out of git")
