@@ -82,13 +82,18 @@ def tally_of(stats: Any) -> SpeculationTally:
                             verified_steps=verified)
 
 
-def naive_then_scheduled(engine: Any, config: Any, requests: list[tuple[Any, Any, Any, bool]]
+def naive_then_scheduled(engine: Any, requests: list[tuple[Any, Any, Any, bool]], config: Any = None
                          ) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Each request ``(question, gen, spec, speculate)`` first alone through ``engine`` with
     speculation off (its naive oracle, one at a time), then all of them at once through one
-    ``Scheduler(engine, config)`` (closed afterwards). Returns (oracle results, scheduled results,
-    the scheduler's stats), in request order, for ``SpeculationCheck.same``."""
-    from ralmspec.engine.scheduler import Scheduler
+    ``Scheduler(engine, config)`` (closed afterwards). ``config`` None: every request admitted at
+    once and no load governor, so no speculative request is paused. Returns (oracle results,
+    scheduled results, the scheduler's stats), in request order, for ``SpeculationCheck.same``."""
+    from ralmspec.engine.governor import GovernorConfig
+    from ralmspec.engine.scheduler import Scheduler, SchedulerConfig
+
+    if config is None:
+        config = SchedulerConfig(max_concurrent=len(requests), max_queue=0, governor=GovernorConfig(enabled=False))
 
     async def go() -> tuple[list[Any], list[Any], dict[str, Any]]:
         oracle = [await engine.generate(q, gen=g, speculate=False) for q, g, _, _ in requests]

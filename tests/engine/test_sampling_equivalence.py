@@ -20,9 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
-from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.core import RalmEngine
-from ralmspec.engine.scheduler import SchedulerConfig
 from ralmspec.errors import ConfigError
 from tests.identity import SpeculationCheck, engine_trace, forces_speculation, naive_then_scheduled
 from tests.lm.conftest import make_view
@@ -135,8 +133,7 @@ def test_sampled_and_greedy_requests_batched_together_equal_the_oracle(small_ind
              for i in range(len(qs))]
     speculative = [i % 3 != 0 for i in range(len(qs))]
 
-    no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
-    oracle, got, stats = naive_then_scheduled(engine, no_governor, list(zip(qs, gens, specs, speculative)))
+    oracle, got, stats = naive_then_scheduled(engine, list(zip(qs, gens, specs, speculative)))
     check = SpeculationCheck()
     for i, (a, b) in enumerate(zip(oracle, got)):
         check.same(engine_trace(b), engine_trace(a), b.stats, where=(i, gens[i]))

@@ -61,7 +61,7 @@ def test_concurrent_requests_identical_to_oracle_and_batched_across_requests(kin
     sessions_before = lm.cached_sessions
 
     config = SchedulerConfig(max_concurrent=N_CONCURRENT, max_queue=0, governor=GOVERNORS[governor])
-    oracle, results, stats = naive_then_scheduled(engine, config, [(q, *plan) for q, plan in zip(questions, plans)])
+    oracle, results, stats = naive_then_scheduled(engine, [(q, *plan) for q, plan in zip(questions, plans)], config)
     check = SpeculationCheck()
     for i, (a, b) in enumerate(zip(oracle, results)):
         check.same(engine_trace(b), engine_trace(a), b.stats, where=(kind, i, plans[i]))

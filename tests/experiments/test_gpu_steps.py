@@ -13,6 +13,7 @@ import importlib
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -88,8 +89,6 @@ TRACKED_LIMIT_BYTES = 13 << 20
 
 def tracked_bytes(root: str) -> int | None:
     """The bytes of the files git tracks under ``root`` (None outside a git checkout)."""
-    import subprocess
-
     try:
         names = subprocess.run(["git", "-C", root, "ls-files", "-z"], capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):

@@ -28,9 +28,7 @@ import torch
 
 from ralmspec.cli import main
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
-from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.core import RalmEngine
-from ralmspec.engine.scheduler import SchedulerConfig
 from ralmspec.errors import ConfigError, LMError
 from ralmspec.cluster import ray_available
 from tests.identity import SpeculationCheck, naive_then_scheduled
@@ -203,9 +201,8 @@ def test_concurrent_requests_through_scheduler_equal_sequential_naive(replicas, 
     speculative = [bool(i % 4) for i in range(len(qs))]
     forced = SpeculationConfig(naive_fallback=False)
 
-    no_governor = SchedulerConfig(max_concurrent=len(qs), max_queue=0, governor=GovernorConfig(enabled=False))
-    oracle, results, stats = naive_then_scheduled(engine, no_governor, [(q, GENS[i % 3], forced, speculative[i])
-                                                                        for i, q in enumerate(qs)])
+    oracle, results, stats = naive_then_scheduled(engine, [(q, GENS[i % 3], forced, speculative[i])
+                                                           for i, q in enumerate(qs)])
     check = SpeculationCheck()
     for i, (a, b) in enumerate(zip(oracle, results)):
         check.same(b.token_ids, a.token_ids, b.stats, where=(i, qs[i]))

@@ -7,16 +7,15 @@ encoder cache, and what the periodic heap trims gave back.
 
 from __future__ import annotations
 
-import gzip
-import json
 import sys
+from pathlib import Path
 
-MIB = 1 << 20
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "2026-12-06-long-soak"))
+from residue import MIB, load_soak  # noqa: E402  (plain or gzipped, as the repo keeps them)
 
 
 def table(path: str) -> None:
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:  # the repo keeps the long ones gzipped
-        doc = json.load(f)
+    doc = load_soak(path)
     last: dict[int, dict] = {}
     for x in doc["server_stats"]:
         if x.get("memory"):
