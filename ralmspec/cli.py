@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, apply_threads, engine_config_from_args
-from ralmspec.config import BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, RetrievalConfig
+from ralmspec.config import BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, RetrievalConfig, check_text
 from ralmspec.errors import ConfigError, RalmSpecError
 from ralmspec.lm.loader import dtype_name
 
@@ -38,6 +38,7 @@ def with_drawn_seed(cfg: EngineConfig) -> EngineConfig:
 def cmd_generate(a: argparse.Namespace) -> int:
     if not a.question or not a.question.strip():
         raise RalmSpecError("the question is empty")
+    check_text(a.question, "the question")  # before the model loads
     if a.stream and a.json:
         raise RalmSpecError("--stream prints the answer as it is verified and --json the whole result "
                             "at the end; pass one of them")

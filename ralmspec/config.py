@@ -47,6 +47,49 @@ def first_int(*values: Any) -> int | None:
     return next(iter(int_values(*values)), None)
 
 
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first character of ``text`` that UTF-8 cannot encode (a lone UTF-16
+    surrogate, U+D800-U+DFFF: JSON's ``"\\ud800"``, or an undecodable byte that Python carried
+    in from argv or a file as ``surrogateescape``), or None when ``text`` is valid Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_text(text: str, what: str) -> None:
+    """``ConfigError`` when ``text`` is not valid Unicode (``lone_surrogate``): tokenizers and
+    encoders cannot take it, so it is refused at the door, naming ``what`` and the character."""
+    at = lone_surrogate(text)
+    if at is not None:
+        raise ConfigError(f"{what} is not valid Unicode: a lone surrogate U+{ord(text[at]):04X} at character "
+                          f"{at} (UTF-8 text only: an unpaired \\uD800-\\uDFFF escape in JSON, or bytes that are not UTF-8, "
+                          f"cannot be tokenized)")
+
+
+def invalid_text_field(value: Any, path: str = "") -> str | None:
+    """The field (``"prompt"``, ``"messages[1].content"``, ``"queries[0]"``) of the first string
+    in decoded JSON (depth first, an object's keys before its values) that is not valid Unicode (``lone_surrogate``: JSON lets
+    ``"\\ud800"`` through), ``""`` for a string at the top, or None. Iterative, so any depth the
+    decoder took is walked."""
+    todo = [(path, value)]
+    while todo:
+        at, v = todo.pop()
+        if isinstance(v, str):
+            if lone_surrogate(v) is not None:
+                return at
+        elif isinstance(v, dict):
+            for k in v:  # an object's keys before any of its values
+                if lone_surrogate(k) is not None:  # named with the surrogate escaped
+                    k = k.encode("utf-8", "backslashreplace").decode("utf-8")
+                    return f"{at}.{k}" if at else k
+            todo.extend((f"{at}.{k}" if at else k, item) for k, item in reversed(list(v.items())))
+        elif isinstance(v, list):
+            todo.extend((f"{at}[{i}]", item) for i, item in reversed(list(enumerate(v))))
+    return None
+
+
 def check_sampling_args(temperature: Any, top_p: Any, seed: Any) -> None:
     """``ConfigError`` naming the first invalid value (temperature in [0, 2], top_p in (0, 1],
     seed ``None`` or an integer in [0, 2**63))."""

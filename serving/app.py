@@ -60,7 +60,7 @@ from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool, to_thread
 from serving.metrics import ServerMetrics
 from serving.protocol import (
-    APIError, CompletionRequest, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
+    APIError, CompletionRequest, decode_body, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
 )
 from serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, usage
 
@@ -239,13 +239,7 @@ async def _error_middleware(request: web.Request, handler: Callable[[web.Request
 
 
 async def read_json(request: web.Request) -> Any:
-    raw = await request.read()  # HTTPRequestEntityTooLarge past client_max_size
-    if not raw:
-        raise APIError(400, "the request body is empty; send a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    return decode_body(await request.read())  # HTTPRequestEntityTooLarge past client_max_size
 
 
 def client_gone(request: web.Request) -> bool:

@@ -7,11 +7,14 @@ Every invalid input raises ``APIError`` with an HTTP status and an OpenAI-style 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from ralmspec.config import MAX_TEMPERATURE, SEED_LIMIT, EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.config import (
+    MAX_TEMPERATURE, SEED_LIMIT, EngineConfig, GenerationConfig, SpeculationConfig, invalid_text_field,
+)
 from ralmspec.engine.prompt import Conversation
 from ralmspec.errors import ConfigError
 
@@ -30,6 +33,30 @@ class APIError(Exception):
 
 def bad(message: str, param: str | None = None, status: int = 400, code: str | None = None) -> APIError:
     return APIError(status, message, "invalid_request_error", param, code)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def decode_body(raw: bytes) -> Any:
+    """A request body decoded as strict JSON: UTF-8, no ``NaN``/``Infinity``, nested at most as
+    deep as the decoder allows, every string valid Unicode; else a 400 ``APIError`` (the field
+    named where one is at fault)."""
+    if not raw:
+        raise bad("the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad("the request body is nested too deeply") from None
+    param = invalid_text_field(body)
+    if param is not None:
+        what = f"'{param}'" if param else "the request body"
+        raise bad(f"{what} is not valid Unicode: it holds a lone surrogate (an unpaired \\uD800-\\uDFFF escape); "
+                  "send UTF-8 text", param or None)
+    return body
 
 
 def _is_int(v: Any) -> bool:

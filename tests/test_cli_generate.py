@@ -46,6 +46,12 @@ def test_generate_empty_question_is_an_error(capsys):
     assert "the question is empty" in capsys.readouterr().err
 
 
+def test_generate_question_that_is_not_utf8_is_an_error(capsys):
+    # argv's byte 0xff arrives as U+DCFF (surrogateescape); refused before the model loads
+    assert main(["generate", "who \udcff wrote hamlet", "--model", "tiny"]) == 2
+    assert "the question is not valid Unicode: a lone surrogate U+DCFF at character 4" in capsys.readouterr().err
+
+
 def test_generate_prints_token_logprobs(small_indexes, capsys):
     """``--logprobs K``: one line per answer token with its log-probability and K alternatives;
     in JSON the ``logprobs`` of every token, the same numbers with speculation on and off."""

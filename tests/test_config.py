@@ -1,11 +1,16 @@
-"""ralmspec/config.py: the one integer check behind the "must be an integer" errors."""
+"""ralmspec/config.py: the one integer check behind the "must be an integer" errors, and the text check."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
-from ralmspec.config import EngineConfig, GenerationConfig, RetrievalConfig, first_int, int_values, is_int
+from ralmspec.config import (
+    EngineConfig, GenerationConfig, RetrievalConfig, check_text, first_int, int_values, invalid_text_field, is_int,
+    lone_surrogate,
+)
 from ralmspec.errors import ConfigError
 
 
@@ -33,3 +38,24 @@ def test_configs_reject_non_integers_with_a_message(bad):
         EngineConfig(lm_prefix_cache_mib=bad)
     with pytest.raises(ConfigError, match="stride must be an integer in"):
         GenerationConfig(stride=bad if bad != -1 else 0)
+
+
+def test_lone_surrogates_are_found_and_refused_by_name():
+    assert lone_surrogate("") is None and lone_surrogate("caf\u00e9 \U0001f642") is None
+    assert lone_surrogate("ab\ud800") == 2 and lone_surrogate("\udcff") == 0  # argv's surrogateescape
+    assert lone_surrogate(json.loads('"\\ud83d\\ude42"')) is None  # JSON joins an escaped pair: one character
+    assert lone_surrogate("\ud83d\ude42") == 0  # a Python string keeps the two halves apart
+    check_text("fine", "the prompt")
+    with pytest.raises(ConfigError, match="the prompt is not valid Unicode: a lone surrogate U[+]DFFF at character 1"):
+        check_text("x\udfff", "the prompt")
+
+
+def test_the_first_field_that_is_not_unicode_is_named_as_the_api_names_fields():
+    assert invalid_text_field({"prompt": "ok", "stop": ["\n", 3, None], "ralm": {"stride": 2}}) is None
+    assert invalid_text_field({"a": [1, "x", {"b": "\ud800"}], "c": "\udc00"}) == "a[2].b"  # depth first, in order
+    assert invalid_text_field({"a": {"ok": 1, "\udc00": 2}}) == "a.\\udc00"  # a key: named with its escape
+    assert invalid_text_field(["\udfff"]) == "[0]" and invalid_text_field("\ud800") == ""  # "": the whole value
+    deep: list = ["\ud800"]
+    for _ in range(5000):  # deeper than Python's recursion limit: the walk is iterative
+        deep = [deep]
+    assert invalid_text_field(deep) == "[0]" * 5001

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import IO, Iterator
 
+from ralmspec.config import invalid_text_field
 from ralmspec.data.corpus import Corpus, Passage
 from ralmspec.errors import ConfigError
 
@@ -86,6 +87,10 @@ def _iter_json_objects(path: str) -> Iterator[tuple[int, dict]]:
             raise ConfigError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
         if not isinstance(obj, dict):
             raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        field = invalid_text_field(obj)  # the file decoded as UTF-8, but JSON lets "\ud800" through
+        if field is not None:
+            raise ConfigError(f"{path}:{lineno}: '{field}' is not valid Unicode: it holds a lone surrogate "
+                              "(an unpaired \\uD800-\\uDFFF escape)")
         yield lineno, obj
 
 

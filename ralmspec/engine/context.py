@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol, Sequence
 
-from ralmspec.config import GenerationConfig
+from ralmspec.config import GenerationConfig, check_text
 from ralmspec.engine.prompt import PromptFormat
 from ralmspec.engine.stop import StopWatch
 from ralmspec.errors import ConfigError
@@ -121,6 +121,7 @@ class RalmContext:
             return list(self._encoded[1])
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("prompt must be a non-empty string")
+        check_text(prompt, "prompt")
         ids = self.lm.tokenizer.encode(prompt)
         if not ids:
             raise ConfigError("prompt has no tokens after tokenization")

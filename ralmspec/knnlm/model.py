@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ralmspec.config import is_int
+from ralmspec.config import check_text, is_int
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, hidden_size
 
@@ -300,6 +300,7 @@ def check_compatible(lm: Any, datastore: Any) -> int:
 
 def encode_prompt(lm: Any, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
+        check_text(prompt, "the prompt")
         ids = lm.tokenizer.encode(prompt)
     else:
         try:

@@ -65,7 +65,7 @@ from typing import Any, Hashable, Iterable, Sequence
 
 import torch
 
-from ralmspec.config import LM_RUNNERS, is_int
+from ralmspec.config import LM_RUNNERS, check_text, is_int
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel, TokenLogprob
 from ralmspec.lm.prefix_cache import PrefixBlocks
@@ -112,6 +112,7 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise ConfigError(f"encode() expects a str, got {type(text).__name__}")
+        check_text(text, "the text to tokenize")
         with self._lock:
             return list(self.hf.encode(text, add_special_tokens=False, truncation=False, verbose=False))
 

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ralmspec.config import ENCODER_BATCHINGS, RetrievalConfig
+from ralmspec.config import ENCODER_BATCHINGS, RetrievalConfig, check_text
 from ralmspec.errors import ConfigError, ModelLoadError
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -156,9 +156,10 @@ class QueryEncoder:
         cached (verification) does not wait behind an encoding on another thread (a guess).
         Two threads missing on the same text both encode it: the same bits, one cache entry.
         """
-        for t in texts:
+        for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ConfigError(f"queries must be strings, got {type(t).__name__}")
+            check_text(t, f"query {i}")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}  # text -> its rows (a repeated text is encoded once)
         with self._lock:

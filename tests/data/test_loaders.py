@@ -59,6 +59,7 @@ def test_save_and_hash_round_trip(tmp_path):
     ("notext.jsonl", '{"text": "ok"}\n\n{"title": "x"}\n', r"notext\.jsonl:3: .*'text'"),
     ("list.jsonl", '["a", "b"]\n', r"list\.jsonl:1: expected a JSON object"),
     ("title.jsonl", '{"text": "a", "title": 3}\n', r"title\.jsonl:1: 'title' must be a string"),
+    ("surrogate.jsonl", '{"text": "ok"}\n{"text": "caf\\udce9"}\n', r"surrogate\.jsonl:2: 'text' is not valid Unicode"),
     ("empty.jsonl", "\n\n", r"empty\.jsonl: the corpus is empty"),
     ("cols.tsv", "id\ttext\ttitle\nd1\ttext\tT\nd2\tonly-one-col-and\tT\textra\n", r"cols\.tsv:3: expected"),
     ("hdr.tsv", "id\ttext\tbody\n1\ta\tb\n", r"hdr\.tsv:1: header"),
@@ -95,6 +96,7 @@ def test_questions_answers_or_answer(tmp_path):
 @pytest.mark.parametrize("name,content,match", [
     ("q.jsonl", '{"question": "a?"}\n{"q": "b?"}\n', r"q\.jsonl:2: .*'question'"),
     ("a.jsonl", '{"question": "a?", "answers": [1]}\n', r"a\.jsonl:1: 'answers'"),
+    ("s.jsonl", '{"question": "a?", "answers": ["x", "\\ud800"]}\n', r"s\.jsonl:1: 'answers\[1\]' is not valid Unicode"),
     ("e.jsonl", "", r"e\.jsonl: no questions"),
     ("q.csv", "a\n", "unsupported question file type"),
 ])

@@ -193,6 +193,8 @@ def test_naive_loop_step_structure(engine):
 def test_bad_prompt_is_a_typed_error(engine):
     with pytest.raises(ConfigError):
         asyncio.run(engine.generate("   ", gen=GEN))
+    with pytest.raises(ConfigError, match="prompt is not valid Unicode: a lone surrogate U[+]DCFF at character 4"):
+        asyncio.run(engine.generate("who \udcff wrote hamlet", gen=GEN))  # a non-UTF-8 byte from argv
 
 
 def test_verification_really_overlaps_decoding(small_indexes, tiny_lm):

@@ -136,6 +136,8 @@ def test_bad_prompts_and_mismatched_model(tiny_lm, knn_datastores):
     knn = KNNLM(tiny_lm, knn_datastores["flat"], KNNLMConfig(max_new_tokens=8))
     with pytest.raises(ConfigError, match="empty"):
         knn.generate("")
+    with pytest.raises(ConfigError, match="not valid Unicode"):
+        knn.generate("the \ud800 river")
     with pytest.raises(ConfigError, match="context"):
         knn.generate([1000] * 1020)
     with pytest.raises(ConfigError, match="outside"):

@@ -68,6 +68,12 @@ def test_bad_requests_raise_config_error(tiny, prompts, n, sessions, match):
         tiny.greedy(prompts, n, sessions)
 
 
+def test_text_that_is_not_unicode_is_refused_before_the_rust_tokenizer(tiny):
+    with pytest.raises(ConfigError, match="not valid Unicode: a lone surrogate U[+]D800 at character 2"):
+        tiny.tokenizer.encode("a \ud800 b")  # HF's tokenizer raised a bare TypeError
+    assert tiny.tokenizer.encode("caf\u00e9 \U0001f642")  # a surrogate PAIR (JSON's emoji) is fine
+
+
 def test_zero_new_tokens_and_empty_batch(tiny):
     assert tiny.greedy([[5, 6, 7]], 0) == [[]]
     assert tiny.greedy([], 4) == []

@@ -48,3 +48,5 @@ def test_corpus_encoding_gives_duplicates_identical_vectors(encoder):
         encoder.encode_corpus(texts, batch_size=0)
     with pytest.raises(ConfigError):
         encoder.encode_queries([3])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="query 1 is not valid Unicode"):
+        encoder.encode_queries(["fine", "caf\udce9"])

@@ -30,6 +30,9 @@ COMPLETION_CASES = [
     ("blank-prompt", with_(prompt="   \n"), 400, "prompt"),
     ("prompt-int", with_(prompt=42), 400, "prompt"),
     ("prompt-no-tokens", with_(prompt="\u0000\u0001"), 400, "prompt"),  # tokenizer drops control chars
+    ("prompt-lone-surrogate", with_(prompt="who wrote \ud800"), 400, "prompt"),  # JSON's "\ud800" escape
+    ("stop-lone-surrogate", with_(stop=["\n", "\udfff"]), 400, "stop[1]"),
+    ("key-lone-surrogate", with_(ralm={"\ud800": 1}), 400, "ralm.\\ud800"),
     ("prompt-two-strings", with_(prompt=["a", "b"]), 400, "prompt"),
     ("prompt-token-ids", with_(prompt=[1, 2, 3]), 400, "prompt"),
     ("max-tokens-negative", with_(max_tokens=-1), 400, "max_tokens"),
@@ -88,6 +91,18 @@ def test_malformed_json(server):
     assert "not valid JSON" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("raw,message", [
+    (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),  # json.loads: RecursionError (40 KB < the 64 KiB limit)
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', "NaN is not a JSON value"),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": Infinity}', "Infinity is not a JSON value"),
+    (b'"\\ud800"', "the request body is not valid Unicode"),
+])
+def test_bodies_json_itself_refuses_are_400(server, raw, message):
+    status, body = request("POST", f"{server.url}/v1/completions", raw=raw, headers={"Content-Type": "application/json"})
+    _check_error(status, body, 400, None)
+    assert message in body["error"]["message"]
+
+
 def test_empty_body(server):
     _check_error(*request("POST", f"{server.url}/v1/completions", raw=b""), 400, None)
 
@@ -114,6 +129,7 @@ RETRIEVE_CASES = [
     ("k-huge", {"queries": ["x"], "k": 10 ** 7}, 400, "k"),
     ("k-string", {"queries": ["x"], "k": "3"}, 400, "k"),
     ("include-text-int", {"queries": ["x"], "include_text": 1}, 400, "include_text"),
+    ("query-lone-surrogate", {"queries": ["x", "caf\udce9"]}, 400, "queries[1]"),
     ("unknown-field", {"queries": ["x"], "top_k": 3}, 400, "top_k"),
 ]
 
@@ -129,6 +145,7 @@ def test_retrieve_bad_input(server, case):
     ("/v1/score", {"query": "x", "doc_ids": [0, 10 ** 6]}, "doc_ids[1]"),
     ("/v1/score", {"query": "x", "doc_ids": [-1]}, "doc_ids[0]"),
     ("/v1/score", {"query": "x", "doc_ids": "1,2"}, "doc_ids"),
+    ("/v1/score", {"query": "\ud83d", "doc_ids": [1]}, "query"),
     ("/v1/passages", {"doc_ids": [1.5]}, "doc_ids[0]"),
     ("/v1/passages", {}, "doc_ids"),
 ])

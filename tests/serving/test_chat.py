@@ -262,6 +262,9 @@ CHAT_CASES = [
     ("tool-role", with_(messages=[{"role": "tool", "content": "42", "tool_call_id": "x"}]), "messages[0].role"),
     ("last-not-user", with_(messages=user("hi") + [{"role": "assistant", "content": "yo"}]), "messages[1].role"),
     ("empty-question", with_(messages=user("  ")), "messages[0].content"),
+    ("lone-surrogate", with_(messages=user("who wrote \udc00 hamlet")), "messages[0].content"),
+    ("lone-surrogate-in-part", with_(messages=[{"role": "user", "content": [{"type": "text", "text": "x\ud800"}]}]),
+     "messages[0].content[0].text"),
     ("content-null", with_(messages=[{"role": "user", "content": None}]), "messages[0].content"),
     ("image-part", with_(messages=[{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
