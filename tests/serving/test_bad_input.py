@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.serving.support import MODEL, request
 
@@ -156,3 +160,76 @@ def test_score_and_passages_bad_input(server, path, body, param):
 def test_bad_passage_id_is_404(server):
     _check_error(*request("GET", f"{server.url}/v1/passages/99999999"), 404, "doc_id")
     _check_error(*request("GET", f"{server.url}/v1/passages/abc"), 404, "doc_id")
+
+
+# --------------------------------------------------------------------------- any body: never a 5xx
+
+VALID_BODIES = {
+    "/v1/completions": {"model": MODEL, "prompt": "who wrote hamlet", "max_tokens": 3, "temperature": 0, "top_p": 1,
+                        "stop": ["\n"], "logprobs": 1, "seed": 1, "stream": False, "user": "u",
+                        "ralm": {"stride": 2, "speculate": True, "prefetch": 2, "cache_capacity": 8}},
+    "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "who wrote hamlet"}],
+                             "max_tokens": 3},
+    "/v1/retrieve": {"queries": ["hamlet", "paris"], "k": 2, "include_text": True},
+    "/v1/score": {"query": "hamlet", "doc_ids": [0, 1, 2]},
+    "/v1/passages": {"doc_ids": [0, 5]},
+}
+ODD_TEXT = st.sampled_from(["", " ", "\n", "\u0000", "\ud800", "a\udfffb", "\U0001f642" * 20, "x" * 3000, "NaN"])
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8) | ODD_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6) | ODD_TEXT, inner, max_size=3),
+    max_leaves=6)
+
+
+@st.composite
+def mutated_bodies(draw):
+    """A valid body of some endpoint with 1-3 fields replaced by any JSON, deleted, or added;
+    half of the completions streamed."""
+    path = draw(st.sampled_from(sorted(VALID_BODIES)))
+    body = json.loads(json.dumps(VALID_BODIES[path]))
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(body) + ["ralm", "n", "logit_bias", "stream_options", "extra"]))
+        target = body
+        if isinstance(body.get(key), dict) and body[key] and draw(st.booleans()):  # one level down
+            target, key = body[key], draw(st.sampled_from(sorted(body[key])))
+        if draw(st.integers(0, 4)) == 0:
+            target.pop(key, None)
+        else:
+            target[key] = draw(ANY_JSON)
+    leaves = _string_leaves(body)
+    if leaves and draw(st.booleans()):  # a text field (prompt, content, query, stop) gets odd text
+        holder, key = draw(st.sampled_from(leaves))
+        holder[key] = draw(ODD_TEXT | st.text(max_size=20))
+    if "completions" in path and draw(st.booleans()):
+        body["stream"] = True
+    return path, body
+
+
+def _string_leaves(value) -> list:
+    """(container, key or index) of every string value inside ``value``."""
+    out, todo = [], [value]
+    while todo:
+        v = todo.pop()
+        for k, item in (v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()):
+            if isinstance(item, str):
+                out.append((v, k))
+            else:
+                todo.append(item)
+    return out
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=mutated_bodies())
+def test_any_mutated_body_is_answered_without_a_server_error(server, case):
+    """Property: whatever the body, the answer is a 2xx, or a 4xx JSON error naming what is wrong;
+    never a 5xx (the lone surrogate, NaN and deep nesting of 76da85f were 500s)."""
+    path, body = case
+    status, resp = request("POST", f"{server.url}{path}", raw=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json"})
+    assert status < 500, (path, body, resp)
+    if status >= 400:
+        assert isinstance(resp, dict) and set(resp) == {"error"} and resp["error"]["message"], (path, body, resp)
+    elif body.get("stream") is True:
+        assert isinstance(resp, str) and resp.rstrip().endswith("data: [DONE]") and '"error"' not in resp, resp
