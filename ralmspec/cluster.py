@@ -79,9 +79,10 @@ class RayShardConfig:
         if self.num_cpus < 1 or self.threads < 1 or self.max_concurrency < 1 or self.object_store_mb < 80:
             raise ConfigError("num_cpus, threads and max_concurrency must be >= 1 and object_store_mb >= 80")
         check_trim_interval(self.malloc_trim_s)
-        if self.actor_cpus < 0 or self.emulated_latency_s < 0 or self.max_restarts < -1:
+        # written "not x >= 0" so that NaN (from a flag such as --shard-cpus nan) fails too
+        if not (self.actor_cpus >= 0 and self.emulated_latency_s >= 0) or self.max_restarts < -1:
             raise ConfigError("actor_cpus and emulated_latency_s must be >= 0, max_restarts >= -1")
-        if self.call_timeout_s <= 0 or self.start_timeout_s <= 0:
+        if not (self.call_timeout_s > 0 and self.start_timeout_s > 0):
             raise ConfigError("timeouts must be > 0")
 
 

@@ -38,7 +38,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--retrieval-only", action="store_true", help="serve only the knowledge base (/v1/retrieve ...)")
     h.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once")
     h.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429")
-    h.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (queueing included)")
+    h.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (queueing included; 0: no limit)")
     h.add_argument("--retrieval-timeout", type=float, default=30.0,
                    help="seconds per knowledge-base call (local or remote), per attempt")
     h.add_argument("--retrieval-retries", type=int, default=2, help="extra attempts of a failed knowledge-base call")
@@ -101,6 +101,8 @@ def _build_app(a: argparse.Namespace):
 
     cfg = engine_config_from_args(a)  # checks --emulate-pad (>= 0, exact only)
     apply_threads(a)
+    if not a.request_timeout >= 0:  # NaN too
+        raise ConfigError(f"--request-timeout must be >= 0 seconds (0: no limit), got {a.request_timeout}")
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
     sched = SchedulerConfig(max_concurrent=a.max_concurrent, max_queue=a.max_queue,

@@ -74,9 +74,10 @@ class RayLMConfig:
         if self.replicas < 1 or self.threads < 1 or self.max_pins < 1:
             raise ConfigError("replicas, threads and max_pins must be >= 1")
         check_trim_interval(self.malloc_trim_s)
-        if self.actor_cpus < 0 or (self.actor_gpus is not None and self.actor_gpus < 0) or self.max_restarts < -1:
+        # written "not x >= 0" so that NaN (from a flag such as --lm-replica-gpus nan) fails too
+        if not (self.actor_cpus >= 0 and (self.actor_gpus is None or self.actor_gpus >= 0)) or self.max_restarts < -1:
             raise ConfigError("actor_cpus and actor_gpus must be >= 0, max_restarts >= -1")
-        if self.call_timeout_s <= 0 or self.start_timeout_s <= 0:
+        if not (self.call_timeout_s > 0 and self.start_timeout_s > 0):
             raise ConfigError("timeouts must be > 0")
 
 

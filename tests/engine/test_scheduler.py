@@ -251,7 +251,8 @@ def test_deadline_raises_typed_timeout_and_frees_everything(small_indexes, tiny_
 
 @pytest.mark.parametrize("field,value", [("max_concurrent", 0), ("max_queue", -1), ("request_timeout_s", 0),
                                          ("retrieval_timeout_s", -2.0), ("max_lm_batch", True),
-                                         ("batch_window_s", 5.0)])
+                                         ("batch_window_s", 5.0), ("retrieval_timeout_s", float("nan")),
+                                         ("request_timeout_s", float("nan"))])
 def test_scheduler_config_rejects_bad_values(field, value):
     with pytest.raises(ConfigError, match=field):
         SchedulerConfig(**{field: value})

@@ -141,6 +141,9 @@ def test_replica_trim_interval_is_checked():
 
     with pytest.raises(ConfigError, match="malloc_trim_s must be >= 0"):
         RayLMConfig(malloc_trim_s=-1)
+    for bad in ({"actor_gpus": float("nan")}, {"actor_cpus": float("nan")}, {"call_timeout_s": float("nan")}):
+        with pytest.raises(ConfigError):  # NaN passed "< 0" checks (--lm-replica-gpus nan)
+            RayLMConfig(**bad)
 
 
 @needs_ray

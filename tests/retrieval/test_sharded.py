@@ -298,3 +298,13 @@ def test_shard_actors_report_their_memory_while_busy_and_trim_their_heaps(ray_cl
 def test_wrong_shard_count_is_a_config_error(ray_cluster, embedded_split, encoder):
     with pytest.raises(ConfigError, match="--shards 3 but the index"):
         open_ray_sharded(embedded_split[("bm25", 2)], RetrievalConfig(kind="bm25"), shards=3)
+
+
+def test_ray_shard_config_refuses_nan_and_negatives():
+    from ralmspec.cluster import RayShardConfig
+
+    RayShardConfig(actor_cpus=0.5)
+    for bad in ({"actor_cpus": float("nan")}, {"actor_cpus": -1.0}, {"emulated_latency_s": float("nan")},
+                {"call_timeout_s": float("nan")}, {"start_timeout_s": 0}):
+        with pytest.raises(ConfigError):  # NaN passed "< 0" checks (--shard-cpus nan)
+            RayShardConfig(**bad)

@@ -28,6 +28,9 @@ def _dead_port() -> int:
     (["--max-queue", "-1"], "max_queue"),
     (["--port", "70000"], "--port"),
     (["--retrieval-timeout", "0"], "retrieval_timeout_s"),
+    (["--retrieval-timeout", "nan"], "retrieval_timeout_s"),  # was accepted: NaN <= 0 is False
+    (["--request-timeout", "-1"], "--request-timeout must be >= 0 seconds (0: no limit)"),
+    (["--request-timeout", "nan"], "--request-timeout must be >= 0"),
     (["--retrieval-only", "--retriever-url", "http://127.0.0.1:9"], "cannot be combined"),
     (["--retriever", "faiss-magic"], "unknown retriever"),
     (["--retriever-url", "ftp://nowhere"], "http://host:port"),
