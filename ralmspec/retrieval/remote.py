@@ -25,7 +25,10 @@ Design of the two call paths:
   kept in a bounded LRU.
 
 Every connection failure, timeout, non-200 answer or malformed body raises ``RetrievalError``
-(the engine retries, then turns it into a clean error; HTTP 503 in the server).
+(the engine retries, then turns it into a clean error; HTTP 503 in the server). Malformed is
+checked strictly, since a wrong hit would be taken as verified: doc ids are integers inside the
+corpus, scores finite numbers, texts strings, at most ``k`` hits per query in rank order (score
+descending, then doc id ascending, no repeats), one answer per query and per scored id.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import math
 import threading
 import urllib.parse
 from collections import OrderedDict
@@ -101,8 +105,38 @@ class RemoteCorpus(Corpus):
         return [p.content for p in self]
 
 
-def _passage(d: Any) -> Passage:
-    return Passage(int(d["doc_id"]), str(d.get("title", "")), str(d["text"]), str(d.get("source_id", "")))
+def _doc_id(v: Any, size: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < size:
+        raise ValueError(f"doc_id {v!r} is not an id of the corpus of {size} passages")
+    return v
+
+
+def _score(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"score {v!r} is not a finite number")
+    return float(v)
+
+
+def _string(d: dict, key: str, default: str | None = None) -> str:
+    v = d.get(key, default)
+    if not isinstance(v, str):
+        raise ValueError(f"{key} {v!r} is not a string")
+    return v
+
+
+def _passage(d: Any, size: int) -> Passage:
+    if not isinstance(d, dict):
+        raise TypeError(f"a passage is an object, got {type(d).__name__}")
+    return Passage(_doc_id(d.get("doc_id"), size), _string(d, "title", ""), _string(d, "text"),
+                   str(d.get("source_id", "")))
+
+
+def _ranked(hits: list[Hit]) -> None:
+    """ValueError unless ``hits`` are in the canonical rank order (``rank_hits``): score
+    descending, then doc id ascending; a repeated hit breaks it too."""
+    for a, b in zip(hits, hits[1:]):
+        if not (a.score > b.score or (a.score == b.score and a.doc_id < b.doc_id)):
+            raise ValueError(f"hits out of rank order: {a} before {b}")
 
 
 class RemoteRetriever(Retriever):
@@ -127,8 +161,10 @@ class RemoteRetriever(Retriever):
         self.requests = 0  # HTTP calls made (all paths)
         info = self._post_or_get("GET", "/v1/retriever", None)
         try:
-            self.kind = str(info["kind"])
-            size = int(info["corpus_size"])
+            self.kind = _string(info, "kind")
+            size = info["corpus_size"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(f"corpus_size {size!r}")
         except (KeyError, TypeError, ValueError) as exc:
             raise RetrievalError(f"{self.url} is not a ralmspec retrieval service: bad /v1/retriever answer") from exc
         self.corpus = RemoteCorpus(self, size, passage_cache)
@@ -177,24 +213,29 @@ class RemoteRetriever(Retriever):
         except ValueError:
             doc = None
         if status != 200:
-            msg = doc.get("error", {}).get("message") if isinstance(doc, dict) else raw[:200]
+            err = doc.get("error") if isinstance(doc, dict) else None
+            msg = err.get("message") if isinstance(err, dict) else raw[:200]
             raise RetrievalError(f"retrieval service {self.url}{path} answered HTTP {status}: {msg}")
         if doc is None:
             raise RetrievalError(f"retrieval service {self.url}{path} sent a malformed body")
         return doc
 
-    def _parse_results(self, doc: Any, n: int) -> list[list[Hit]]:
+    def _parse_results(self, doc: Any, n: int, k: int) -> list[list[Hit]]:
+        size = len(self.corpus)
         try:
             results = doc["results"]
-            if len(results) != n:
-                raise ValueError(f"{len(results)} answers for {n} queries")
+            if not isinstance(results, list) or len(results) != n:
+                raise ValueError(f"{len(results) if isinstance(results, list) else results!r} answers for {n} queries")
             out, passages = [], []
             for hits in results:
+                if not isinstance(hits, list) or len(hits) > k:
+                    raise ValueError(f"a query's hits must be a list of at most k={k}")
                 row = []
                 for h in hits:
-                    row.append(Hit(int(h["doc_id"]), float(h["score"])))
+                    row.append(Hit(_doc_id(h["doc_id"], size), _score(h["score"])))
                     if "text" in h:
-                        passages.append(_passage(h))
+                        passages.append(_passage(h, size))
+                _ranked(row)
                 out.append(row)
         except (KeyError, TypeError, ValueError) as exc:
             raise RetrievalError(f"retrieval service {self.url} sent a malformed /v1/retrieve answer: {exc}") from exc
@@ -204,7 +245,7 @@ class RemoteRetriever(Retriever):
     def search_sync(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         queries = list(queries)
         doc = self._post_or_get("POST", "/v1/retrieve", {"queries": queries, "k": int(k), "include_text": True})
-        return self._parse_results(doc, len(queries))
+        return self._parse_results(doc, len(queries), int(k))
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         ids = [int(i) for i in doc_ids]
@@ -212,9 +253,9 @@ class RemoteRetriever(Retriever):
             return []
         doc = self._post_or_get("POST", "/v1/score", {"query": query, "doc_ids": ids})
         try:
-            scores = [float(s) for s in doc["scores"]]
+            scores = [_score(s) for s in doc["scores"]]
         except (KeyError, TypeError, ValueError) as exc:
-            raise RetrievalError(f"retrieval service {self.url} sent a malformed /v1/score answer") from exc
+            raise RetrievalError(f"retrieval service {self.url} sent a malformed /v1/score answer: {exc}") from exc
         if len(scores) != len(ids):
             raise RetrievalError(f"retrieval service {self.url} scored {len(scores)} of {len(ids)} docs")
         return scores
@@ -222,9 +263,9 @@ class RemoteRetriever(Retriever):
     def fetch_passages(self, doc_ids: Sequence[int]) -> list[Passage]:
         doc = self._post_or_get("POST", "/v1/passages", {"doc_ids": [int(i) for i in doc_ids]})
         try:
-            got = [_passage(p) for p in doc["passages"]]
+            got = [_passage(p, len(self.corpus)) for p in doc["passages"]]
         except (KeyError, TypeError, ValueError) as exc:
-            raise RetrievalError(f"retrieval service {self.url} sent a malformed /v1/passages answer") from exc
+            raise RetrievalError(f"retrieval service {self.url} sent a malformed /v1/passages answer: {exc}") from exc
         if [p.doc_id for p in got] != [int(i) for i in doc_ids]:
             raise RetrievalError(f"retrieval service {self.url} returned the wrong passages")
         return got
@@ -256,7 +297,7 @@ class RemoteRetriever(Retriever):
             self.requests += 1
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise RetrievalError(f"retrieval service {self.url} unreachable (POST /v1/retrieve): {exc!r}") from exc
-        return self._parse_results(self._decode(status, raw, "/v1/retrieve"), len(queries))
+        return self._parse_results(self._decode(status, raw, "/v1/retrieve"), len(queries), int(k))
 
     async def aclose(self) -> None:
         """Close the aiohttp session of the running loop (call before the loop ends)."""

@@ -78,6 +78,70 @@ def test_remote_retriever_is_the_same_retriever(server, serving_engine):
         remote.close()
 
 
+def _corrupt(doc, how):
+    """A copy of a real answer with one fault a broken or foreign service could send."""
+    doc = json.loads(json.dumps(doc))
+    hits = doc.get("results", [[]])[0]
+    faults = {
+        "id-float": lambda: hits[0].update(doc_id=float(hits[0]["doc_id"])),
+        "id-bool": lambda: hits[0].update(doc_id=True),
+        "id-outside": lambda: hits[0].update(doc_id=SMALL_CORPUS_SIZE),
+        "id-negative": lambda: hits[0].update(doc_id=-1),
+        "score-string": lambda: hits[0].update(score=str(hits[0]["score"])),
+        "score-nan": lambda: hits[0].update(score=float("nan")),
+        "reversed": lambda: hits.reverse(),
+        "repeated": lambda: hits.__setitem__(1, dict(hits[0])),
+        "more-than-k": lambda: hits.append(dict(hits[-1], doc_id=hits[-1]["doc_id"] + 1)),
+        "one-answer-short": lambda: doc["results"].pop(),
+        "results-object": lambda: doc.update(results={"0": hits}),
+        "text-null": lambda: hits[0].update(text=None),
+        "title-number": lambda: hits[0].update(title=7),
+        "scores-strings": lambda: doc.update(scores=[str(x) for x in doc["scores"]]),
+        "scores-short": lambda: doc["scores"].pop(),
+        "scores-inf": lambda: doc["scores"].__setitem__(0, float("inf")),
+        "passage-text-int": lambda: doc["passages"][0].update(text=5),
+        "passage-other-id": lambda: doc["passages"][0].update(doc_id=doc["passages"][0]["doc_id"] + 1),
+    }
+    faults[how]()
+    return doc
+
+
+RETRIEVE_FAULTS = ["id-float", "id-bool", "id-outside", "id-negative", "score-string", "score-nan", "reversed",
+                   "repeated", "more-than-k", "one-answer-short", "results-object", "text-null", "title-number"]
+
+
+def test_a_malformed_answer_is_a_retrieval_error_never_a_hit(server):
+    """Answers of the real service with one fault each: every one is a RetrievalError (a wrong
+    hit would be taken as verified), and the untouched answers parse to the retriever's hits."""
+    remote = RemoteRetriever(server.url, timeout_s=30)
+    try:
+        k = 4
+        retrieved = request("POST", f"{server.url}/v1/retrieve", {"queries": QUERIES[:2], "k": k,
+                                                                 "include_text": True})[1]
+        assert remote._parse_results(retrieved, 2, k) == remote.search_sync(QUERIES[:2], k)
+        for how in RETRIEVE_FAULTS:
+            with pytest.raises(RetrievalError, match="malformed /v1/retrieve answer"):
+                remote._parse_results(_corrupt(retrieved, how), 2, k)
+        with pytest.raises(RetrievalError, match="at most k=3"):
+            remote._parse_results(retrieved, 2, 3)
+        ids = [0, 5, 9]
+        scored = request("POST", f"{server.url}/v1/score", {"query": QUERIES[0], "doc_ids": ids})[1]
+        for how in ("scores-strings", "scores-short", "scores-inf"):
+            remote._decode = lambda status, raw, path, how=how: _corrupt(scored, how)  # the sync path's parser
+            with pytest.raises(RetrievalError, match="malformed /v1/score answer|scored 2 of 3"):
+                remote.score(QUERIES[0], ids)
+        fetched = request("POST", f"{server.url}/v1/passages", {"doc_ids": [3, 4]})[1]
+        for how in ("passage-text-int", "passage-other-id"):
+            remote._decode = lambda status, raw, path, how=how: _corrupt(fetched, how)
+            with pytest.raises(RetrievalError, match="malformed /v1/passages answer|wrong passages"):
+                remote.fetch_passages([3, 4])
+        del remote._decode
+        with pytest.raises(RetrievalError, match="answered HTTP 500: b'{\"error\": \"down\"}'"):
+            remote._decode(500, b'{"error": "down"}', "/v1/retrieve")  # was an AttributeError
+    finally:
+        remote.close()
+
+
 def test_unreachable_service_is_a_retrieval_error():
     import socket
 
