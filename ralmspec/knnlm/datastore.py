@@ -64,6 +64,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ralmspec.config import is_int
 from ralmspec.errors import ConfigError, IndexNotFoundError
 from ralmspec.paths import link_or_copy, staged_folder
 
@@ -679,6 +680,20 @@ def exact_twin(datastore: Datastore) -> Datastore:
                      _flat_index(datastore.keys), datastore.params)
 
 
+def load_entries_array(path: Path, kinds: str, mmap: bool = False) -> np.ndarray:
+    """One ``.npy`` array of a datastore whose dtype kind is one of ``kinds`` (``"f"`` float keys,
+    ``"iu"`` integer values and offsets); ``ConfigError`` naming the file when it is truncated,
+    not an array (no pickles are loaded) or of another dtype."""
+    try:
+        a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"cannot read {str(path)!r} ({exc}); rebuild the datastore") from exc
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in kinds:
+        raise ConfigError(f"{str(path)!r} holds {getattr(a, 'dtype', type(a).__name__)} entries, expected "
+                          f"{'floats' if kinds == 'f' else 'integers'}; rebuild the datastore")
+    return a
+
+
 def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_search: int | None = None,
                    rescore_margin: int | None = None, gemm_min_batch: int | None = None,
                    with_index: bool = True) -> Datastore:
@@ -708,17 +723,19 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
         raise ConfigError(f"datastore {str(p)!r} has format version "
                           f"{manifest.get('format_version') if isinstance(manifest, dict) else None!r}, "
                           f"expected {FORMAT_VERSION}; rebuild it")
-    kind = manifest.get("index", {}).get("kind")
+    index_info = manifest.get("index")
+    kind = index_info.get("kind") if isinstance(index_info, dict) else None
     if kind not in INDEX_KINDS:
         raise ConfigError(f"datastore {str(p)!r} has unknown index kind {kind!r}")
-    keys = np.load(p / "keys.npy", mmap_mode="r")
-    values = np.load(p / "values.npy")
-    doc_offsets = np.load(p / "doc_offsets.npy")
-    n = int(manifest.get("count", -1))
-    if keys.ndim != 2 or keys.shape != (n, manifest.get("dim")) or values.shape != (n,) \
-            or doc_offsets[0] != 0 or doc_offsets[-1] != n:
+    keys = load_entries_array(p / "keys.npy", "f", mmap=True)
+    values = load_entries_array(p / "values.npy", "iu")
+    doc_offsets = load_entries_array(p / "doc_offsets.npy", "iu")
+    n = manifest.get("count")
+    if not is_int(n, 0) or keys.ndim != 2 or keys.shape != (n, manifest.get("dim")) or values.shape != (n,) \
+            or doc_offsets.ndim != 1 or doc_offsets.size < 1 or doc_offsets[0] != 0 or doc_offsets[-1] != n:
         raise ConfigError(f"datastore {str(p)!r} is inconsistent: keys {keys.shape}, values {values.shape}, "
-                          f"manifest count {n}, dim {manifest.get('dim')}; rebuild it")
+                          f"doc offsets {doc_offsets.shape}, manifest count {n!r}, dim {manifest.get('dim')!r}; "
+                          "rebuild it")
     params = search_params(manifest, nprobe=nprobe, ef_search=ef_search, rescore_margin=rescore_margin,
                            gemm_min_batch=gemm_min_batch)
     if not with_index:
@@ -741,6 +758,7 @@ def load_datastore(path: str | os.PathLike, *, nprobe: int | None = None, ef_sea
 
 
 __all__ = ["Datastore", "DatastoreLayout", "DatastoreBuildConfig", "SearchParams", "build_datastore", "load_datastore",
+           "load_entries_array",
            "read_datastore_manifest", "is_sharded_datastore", "make_faiss_index", "prepare_out_dir", "lm_trunk",
            "reindex_datastore", "check_queries", "search_params", "window_plan", "exact_twin",
            "corpus_documents", "squared_l2", "rank_entries", "hidden_size", "KEY_LAYER", "INDEX_KINDS",

@@ -291,10 +291,10 @@ def check_compatible(lm: Any, datastore: Any) -> int:
                           f"{d}; build the datastore with the same model ({datastore.model_name!r})")
     vocab = int(lm.model.get_output_embeddings().weight.shape[0])
     ds_vocab = datastore.manifest.get("vocab_size")
-    if ds_vocab is not None and int(ds_vocab) != vocab:
+    if ds_vocab is not None and ds_vocab != vocab:
         raise ConfigError(f"datastore vocabulary ({ds_vocab}) differs from the model's ({vocab})")
-    if int(datastore.values.max()) >= vocab:
-        raise ConfigError("datastore values exceed the model's vocabulary")
+    if len(datastore.values) and not 0 <= int(datastore.values.min()) <= int(datastore.values.max()) < vocab:
+        raise ConfigError(f"datastore values fall outside the model's vocabulary [0, {vocab}); rebuild the datastore")
     return vocab
 
 

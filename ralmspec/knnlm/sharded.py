@@ -56,7 +56,8 @@ from ralmspec.config import is_int
 from ralmspec.errors import ConfigError, IndexNotFoundError
 from ralmspec.knnlm.datastore import (
     MANIFEST, Datastore, DatastoreBuildConfig, DatastoreLayout, SearchParams, check_queries, is_sharded_datastore,
-    load_datastore, make_faiss_index, prepare_out_dir, rank_entries, read_datastore_manifest, search_params,
+    load_datastore, load_entries_array, make_faiss_index, prepare_out_dir, rank_entries, read_datastore_manifest,
+    search_params,
 )
 from ralmspec.paths import link_or_copy, staged_folder
 from ralmspec.retrieval.shard_index import ivf_list_of_ids
@@ -340,9 +341,10 @@ def _open_manifest(path: str | os.PathLike, shards: int | None) -> tuple[Path, d
 def _assemble(p: Path, m: dict[str, Any], backend: DatastoreShardBackend,
               overrides: dict[str, Any]) -> ShardedDatastore:
     try:
-        values = np.load(p / "values.npy", mmap_mode="r")
-        doc_offsets = np.load(p / "doc_offsets.npy")
-        if values.shape != (int(m.get("count", -1)),) or doc_offsets[0] != 0 or doc_offsets[-1] != values.shape[0]:
+        values = load_entries_array(p / "values.npy", "iu", mmap=True)
+        doc_offsets = load_entries_array(p / "doc_offsets.npy", "iu")
+        if values.shape != (m.get("count"),) or doc_offsets.ndim != 1 or doc_offsets.size < 1 \
+                or doc_offsets[0] != 0 or doc_offsets[-1] != values.shape[0]:
             raise ConfigError(f"sharded datastore {str(p)!r} is inconsistent (values {values.shape}, manifest "
                               f"count {m.get('count')}); re-shard it")
         return ShardedDatastore(p, m, values, doc_offsets, backend, search_params(m, **overrides))

@@ -178,6 +178,40 @@ def test_missing_and_broken_datastores(tmp_path, knn_datastores):
         load_datastore(bad)
 
 
+def _corrupt_copy(src, dst, fault):
+    import shutil
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    keys, values = np.load(dst / "keys.npy"), np.load(dst / "values.npy")
+    {
+        "keys-truncated": lambda: (dst / "keys.npy").write_bytes((src / "keys.npy").read_bytes()[:5000]),
+        "keys-not-npy": lambda: (dst / "keys.npy").write_bytes(b"hello"),
+        "keys-integers": lambda: np.save(dst / "keys.npy", keys.astype(np.int32)),
+        "values-floats": lambda: np.save(dst / "values.npy", values.astype(np.float32)),
+        "values-pickled": lambda: np.save(dst / "values.npy", np.array([object()] * len(values)), allow_pickle=True),
+        "offsets-empty": lambda: np.save(dst / "doc_offsets.npy", np.zeros(0, dtype=np.int64)),
+        "index-a-string": lambda: (dst / "manifest.json").write_text(json.dumps(dict(m, index="flat"))),
+        "count-a-string": lambda: (dst / "manifest.json").write_text(json.dumps(dict(m, count=str(m["count"])))),
+    }[fault]()
+    return dst
+
+
+@pytest.mark.parametrize("fault,match", [
+    ("keys-truncated", "cannot read .*keys.npy"), ("keys-not-npy", "cannot read .*keys.npy"),
+    ("keys-integers", "keys.npy' holds int32 entries, expected floats"),
+    ("values-floats", "values.npy' holds float32 entries, expected integers"),
+    ("values-pickled", "cannot read .*values.npy"), ("offsets-empty", "inconsistent"),
+    ("index-a-string", "unknown index kind"), ("count-a-string", "inconsistent"),
+])
+def test_a_corrupt_datastore_is_a_config_error_naming_the_file(tmp_path, knn_datastores, fault, match):
+    """Each was a bare numpy error, an AttributeError or a ValueError, or (floats as values)
+    accepted."""
+    bad = _corrupt_copy(knn_datastores["flat"].path, tmp_path / fault, fault)
+    with pytest.raises(ConfigError, match=match):
+        load_datastore(bad)
+
+
 def test_bad_build_inputs(tmp_path, tiny_lm, knn_datastores):
     with pytest.raises(ConfigError):
         DatastoreBuildConfig(index="annoy")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -142,6 +143,13 @@ def test_bad_prompts_and_mismatched_model(tiny_lm, knn_datastores):
         knn.generate([1000] * 1020)
     with pytest.raises(ConfigError, match="outside"):
         knn.generate([10 ** 6])
+    store = knn_datastores["flat"]
+    for bad in (-1, 30522):  # a corrupt datastore's value: refused when the model meets the datastore
+        corrupt = copy.copy(store)
+        corrupt.values = store.values.copy()
+        corrupt.values[3] = bad
+        with pytest.raises(ConfigError, match=r"values fall outside the model's vocabulary \[0, 30522\)"):
+            KNNLM(tiny_lm, corrupt)
 
     class Other:  # a real (untrained) GPT-2 of another width, same tokenizer
         model = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=64, n_layer=1, n_head=2))
