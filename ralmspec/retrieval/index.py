@@ -140,7 +140,10 @@ def _find_reusable_embeddings(parent: str, corpus_hash: str, encoder: QueryEncod
         emb = os.path.join(d, EMBEDDINGS)
         if (m.get("corpus_sha256") == corpus_hash and enc.get("name") == encoder.model_name
                 and enc.get("dim") == encoder.dim and os.path.isfile(emb)):
-            arr = np.load(emb, mmap_mode="r")
+            try:
+                arr = np.load(emb, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError):
+                continue  # a damaged index is not reused
             if arr.shape == (n, encoder.dim) and arr.dtype == np.float32:
                 return emb
     return None
@@ -302,7 +305,7 @@ def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncode
     corpus = load_corpus(os.path.join(index_dir, PASSAGES))
     if len(corpus) != m.get("n"):
         raise IndexNotFoundError(f"index {index_dir} is inconsistent ({len(corpus)} passages, manifest says "
-                                 f"{m.get('n')}); rebuild it with: {build_command(m['kind'], index_dir, m.get('corpus_source'))}")
+                                 f"{m.get('n')!r}); rebuild it with: {build_command(m['kind'], index_dir, m.get('corpus_source'))}")
     r: DenseRetriever | BM25Retriever
     if m["kind"] == "bm25":
         r = BM25Retriever(corpus, os.path.join(index_dir, BM25_DIR), stemmer=(m.get("params") or {}).get("stemmer"))
@@ -313,7 +316,8 @@ def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncode
             raise ConfigError(f"index {index_dir} was built with encoder {enc.get('name')} (dim {enc.get('dim')}), "
                               f"not {encoder.model_name} (dim {encoder.dim})")
         import faiss
-        vectors = np.load(os.path.join(index_dir, EMBEDDINGS), mmap_mode="r")
+        vectors = read_vectors(os.path.join(index_dir, EMBEDDINGS),
+                               f"rebuild it with: {build_command(m['kind'], index_dir, m.get('corpus_source'))}")
         try:
             index = faiss.read_index(os.path.join(index_dir, FAISS_FILE))
         except RuntimeError as e:
@@ -322,6 +326,15 @@ def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncode
         r = DenseRetriever(corpus, vectors, index, m["kind"], encoder, config)
     r.index_dir = index_dir
     return r
+
+
+def read_vectors(path: str, fix: str) -> np.ndarray:
+    """An index's passage vectors (memory-mapped); ``IndexNotFoundError`` naming the file and
+    ``fix`` (how to rebuild) when it is truncated or not an array (no pickles are loaded)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise IndexNotFoundError(f"cannot read {path} ({e}); {fix}") from e
 
 
 def _is_complete(index_dir: str) -> bool:

@@ -59,7 +59,7 @@ from ralmspec.retrieval.dense import DENSE_KINDS, DenseRetriever, build_faiss_in
 from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
 from ralmspec.retrieval.index import (
     BM25_DIR, EMBEDDINGS, FAISS_FILE, MANIFEST, PASSAGES, build_index, default_index_root, ensure_index,
-    index_dir_name, is_sharded, publish_index, read_manifest,
+    index_dir_name, is_sharded, publish_index, read_manifest, read_vectors,
 )
 from ralmspec.retrieval.sharded import (
     DenseCodec, LocalShards, QueryCodec, ShardedRetriever, ShardRange, TokenCodec, check_ranges, contiguous_ranges,
@@ -98,7 +98,7 @@ def ivf_list_of_ids(ivf: Any, where: str) -> np.ndarray:
 def _split_dense(src: str, m: dict[str, Any], ranges: tuple[ShardRange, ...], dirs: list[str]) -> None:
     import faiss
 
-    vectors = np.load(os.path.join(src, EMBEDDINGS), mmap_mode="r")
+    vectors = read_vectors(os.path.join(src, EMBEDDINGS), "rebuild the index")
     kind = m["kind"]
     assign = None
     if kind == "ivf":
@@ -302,16 +302,19 @@ def load_shard(shard_dir: str, config: RetrievalConfig) -> DenseShard | BM25Shar
     if missing:
         raise IndexNotFoundError(f"shard {shard_dir} is incomplete (missing {', '.join(missing)}); re-shard the index")
     if kind == "bm25":
-        with np.load(os.path.join(shard_dir, BM25_NPZ)) as z:
-            data, indices, indptr = z["data"], z["indices"], z["indptr"]
-        with open(os.path.join(shard_dir, BM25_VOCAB), encoding="utf-8") as f:
-            vocab = json.load(f)
+        try:
+            with np.load(os.path.join(shard_dir, BM25_NPZ), allow_pickle=False) as z:
+                data, indices, indptr = z["data"], z["indices"], z["indptr"]
+            with open(os.path.join(shard_dir, BM25_VOCAB), encoding="utf-8") as f:
+                vocab = json.load(f)
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise IndexNotFoundError(f"shard {shard_dir}'s BM25 arrays are unreadable ({e}); re-shard the index") from e
         return BM25Shard(rng, data, indices, indptr, vocab)
     if kind not in DENSE_KINDS:
         raise ConfigError(f"shard {shard_dir} has unknown kind {kind!r}")
     import faiss
 
-    vectors = np.load(os.path.join(shard_dir, EMBEDDINGS), mmap_mode="r")
+    vectors = read_vectors(os.path.join(shard_dir, EMBEDDINGS), "re-shard the index")
     try:
         index = faiss.read_index(os.path.join(shard_dir, FAISS_FILE))
     except RuntimeError as e:

@@ -69,6 +69,17 @@ def test_incomplete_index_names_the_rebuild_command(kb_index_dirs, tmp_path):
     assert f"ralmspec index build --corpus kb-test-corpus.jsonl --retriever ivf --out {broken}" in str(ei.value)
 
 
+def test_truncated_vectors_name_the_file_and_the_rebuild_command(kb_index_dirs, tmp_path, encoder):
+    broken = str(tmp_path / "truncated")
+    shutil.copytree(kb_index_dirs["exact"], broken)
+    emb = os.path.join(broken, "embeddings.npy")
+    with open(emb, "r+b") as f:
+        f.truncate(3000)
+    with pytest.raises(IndexNotFoundError) as ei:  # was numpy's bare "mmap length is greater than file size"
+        load_retriever(broken, kb_config("exact"), encoder)
+    assert f"cannot read {emb}" in str(ei.value) and "ralmspec index build" in str(ei.value)
+
+
 def test_kind_mismatch_is_a_config_error(kb_index_dirs, encoder):
     with pytest.raises(ConfigError, match="'hnsw' index but the retriever is 'exact'"):
         load_retriever(kb_index_dirs["hnsw"], kb_config("exact"), encoder)
