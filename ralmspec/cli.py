@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from ralmspec import __version__
 from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, apply_threads, engine_config_from_args
 from ralmspec.config import BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, RetrievalConfig, check_text
 from ralmspec.errors import ConfigError, RalmSpecError
@@ -283,6 +284,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ralmspec", description=__doc__)
+    p.add_argument("--version", action="version", version=f"ralmspec {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer one question with iterative retrieval")

@@ -45,6 +45,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from ralmspec import __version__
 from ralmspec.engine.prompt import Conversation
 from ralmspec.engine.result import GenerationResult, VerifiedChunk
 from ralmspec.engine.scheduler import (
@@ -580,7 +581,7 @@ async def health(request: web.Request) -> web.Response:
         "model": state.config.model_name if state.engine is not None else None,
         "retriever": state.retriever.kind, "corpus_size": len(state.retriever.corpus),
         "active": s.active if s else 0, "queued": s.queued if s else 0,
-        "uptime_s": time.time() - state.started,
+        "uptime_s": time.time() - state.started, "version": __version__,
     })
 
 

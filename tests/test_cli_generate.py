@@ -41,6 +41,14 @@ def test_generate_bad_flags_are_clear_errors(small_indexes, capsys, bad, message
     assert message in capsys.readouterr().err
 
 
+def test_version(capsys):
+    import ralmspec
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"ralmspec {ralmspec.__version__}\n"
+
+
 def test_generate_empty_question_is_an_error(capsys):
     assert main(["generate", "  ", "--model", "tiny"]) == 2
     assert "the question is empty" in capsys.readouterr().err

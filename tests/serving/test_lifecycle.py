@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import ralmspec
 from ralmspec.engine.scheduler import SchedulerConfig
 from serving.app import ServerConfig, create_app
 from tests.serving.support import MODEL, ServerThread, request
@@ -32,6 +33,7 @@ def test_health(server):
     assert body["status"] == "ok" and body["mode"] == "full" and body["model"] == MODEL
     assert body["retriever"] == "exact" and body["corpus_size"] == SMALL_CORPUS_SIZE
     assert body["active"] == 0 and body["queued"] == 0
+    assert body["version"] == ralmspec.__version__
 
 
 def _count(text: str, name: str) -> float:
