@@ -13,6 +13,7 @@ import threading
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
+from ralmspec import __version__
 from ralmspec.memory import process_heap, process_rss_bytes
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -197,7 +198,7 @@ class ServerMetrics:
         """The exposition text; ``memory`` is the ``/v1/stats`` memory the caller already read
         (its RSS and heap are shown, not read again), else the gauges read their own."""
         with self._lock:
-            lines: list[str] = []
+            lines = info("ralmspec_build_info", "The ralmspec version serving.", {"version": __version__})
             if knowledge_base:
                 lines += info("ralmspec_knowledge_base_info",
                               "The knowledge base served: label (EMULATED for --emulate-pad), kind, real passages, "

@@ -85,6 +85,7 @@ def test_metrics_prometheus_text(server):
     assert _metric(text, "ralmspec_knowledge_base_info", emulated_pad="0", kind="exact", label=kb,
                    passages=str(SMALL_CORPUS_SIZE)) == 1
     assert request("GET", f"{server.url}/v1/stats")[1]["knowledge_base"] == kb
+    assert _metric(text, "ralmspec_build_info", version=ralmspec.__version__) == 1
     # format sanity: every sample line is `name{labels} value`, every family has HELP and TYPE
     for line in text.splitlines():
         assert line.startswith("# ") or re.match(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? \S+$', line), line
