@@ -4,7 +4,8 @@ A GPU session has 15 minutes of device time; a step that dies on a renamed flag 
 Each ``python3 experiments/X.py ...`` and ``rs ...`` (ralmspec) step, and the server flags that
 ``load.py`` passes after ``--``, goes through its own entry point with ``parse_args`` stopped
 right after parsing: an unknown flag or bad value is argparse's exit 2, a good line reaches the
-stop. Nothing runs. (Session 14 also ran every step on the CPU with small sizes: all exit 0.)"""
+stop. Nothing runs here; ``python experiments/gpu_steps.py`` runs them all on the CPU with small
+sizes (minutes: not a CI test)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import subprocess
 
 import pytest
 
+from experiments.gpu_steps import cpu_rehearsal, documented_steps
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the kit's workload flags (../shared/device/gpu/run.sh) and results folder
 KIT_VARS = {"$W": "--questions /q.jsonl --corpus /c.jsonl --retriever exact", "$RES": "/res"}
@@ -24,14 +27,6 @@ KIT_VARS = {"$W": "--questions /q.jsonl --corpus /c.jsonl --retriever exact", "$
 
 class Parsed(Exception):
     """Raised by the patched ``parse_args`` once the arguments parsed."""
-
-
-def documented_steps() -> list[str]:
-    doc = open(os.path.join(ROOT, "docs", "lm-runner.md"), encoding="utf-8").read()
-    block = doc.split("## The next GPU session", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    steps = re.findall(r"^\s*'(.*)'\s*\\?$", block, re.M)
-    assert len(steps) >= 10, "the GPU steps block lost its shape (one quoted step per line)"
-    return steps
 
 
 def commands(step: str) -> list[tuple[str, list[str]]]:
@@ -72,6 +67,20 @@ def test_a_documented_gpu_step_parses(step, monkeypatch):
     for module, argv in commands(step):
         with pytest.raises(Parsed):
             importlib.import_module(module).main(argv)
+
+
+def test_the_cpu_rehearsal_of_every_step_is_small_and_off_the_gpu():
+    for step in STEPS:
+        cmd = cpu_rehearsal(step)
+        if cmd is None:
+            assert "pytest" in step
+            continue
+        assert not re.search(r"device cuda", cmd) and "--threads 16" not in cmd and not re.search(r"(^|&& )rs ", cmd), cmd
+        for flag, most in (("--n", 1), ("--max-new-tokens", 4), ("--repeats", 1), ("--new", 4), ("--duration", 3),
+                           ("--emulate-pad", 2000), ("--max-tokens", 3000), ("--concurrency", 2), ("--rounds", 2)):
+            assert all(int(v) <= most for v in re.findall(rf"{flag} (\d+)", cmd)), (flag, cmd)
+    assert cpu_rehearsal("rs bench --guessers exact && rs knnlm bench --n 30").endswith(
+        "ralmspec bench --guessers exact && ralmspec knnlm bench --n 1")  # "rs" only as the command
 
 
 def test_a_bad_flag_fails_the_check(monkeypatch):
