@@ -191,11 +191,14 @@ def _shipped_embeddings(corpus_hash: str, encoder: QueryEncoder, n: int) -> np.n
 
 def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig,
                 encoder: QueryEncoder | None = None, show_progress: bool = True,
-                corpus_source: str | None = None) -> str:
+                corpus_source: str | None = None, keep_existing: bool = False) -> str:
     """Build a ``kind`` index of ``corpus`` into ``out_dir`` (atomically) and return ``out_dir``.
 
     ``config`` supplies the build parameters (HNSW M / efConstruction, IVF nlist). An existing
-    index at ``out_dir`` is replaced; a non-empty directory that is not an index is refused.
+    index at ``out_dir`` is replaced, unless ``keep_existing`` (a cache whose folder name fixes its
+    content: a complete index published there meanwhile by a concurrent builder is kept, and this
+    build dropped, so no reader of it ever sees the folder swapped away); a non-empty directory
+    that is not an index is refused.
     ``encoder`` is needed for dense kinds (created on the CPU when None).
     """
     if kind not in RETRIEVER_KINDS:
@@ -254,20 +257,23 @@ def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig
                               "total": round(total, 3)},
             "files": _files_for(kind),
         })
-        publish_index(tmp, out_dir, manifest)
+        publish_index(tmp, out_dir, manifest, keep_existing)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def publish_index(tmp: str, out_dir: str, manifest: dict[str, Any]) -> None:
+def publish_index(tmp: str, out_dir: str, manifest: dict[str, Any], keep_existing: bool = False) -> None:
     """Stamp ``manifest`` (creation time, library versions), write it LAST into the finished
     temporary directory ``tmp`` and rename ``tmp`` to ``out_dir``: a directory with a manifest is
-    a complete index."""
+    a complete index. ``keep_existing``: leave a complete index already at ``out_dir`` in place
+    (``tmp`` is then the caller's to remove)."""
     manifest.update({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions()})
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
+    if keep_existing and os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        return
     _move_into_place(tmp, out_dir)
 
 
@@ -355,7 +361,8 @@ def ensure_index(corpus: Corpus, kind: str, config: RetrievalConfig, encoder: Qu
             print(f"ralmspec: building the {kind} index of {len(corpus)} passages in {d} (first use)",
                   file=sys.stderr)
         try:
-            build_index(corpus, kind, d, config, encoder, show_progress=show_progress, corpus_source=corpus_source)
+            build_index(corpus, kind, d, config, encoder, show_progress=show_progress, corpus_source=corpus_source,
+                        keep_existing=True)  # a concurrent first use may publish it first: keep that one
         except OSError:
             if not _is_complete(d):  # a concurrent builder may have won the rename race
                 raise

@@ -13,8 +13,8 @@ from ralmspec.data.corpus import Corpus, Passage
 from ralmspec.data.loaders import corpus_sha256, default_corpus, save_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
 from ralmspec.retrieval.dense import faiss_gpu_available
-from ralmspec.retrieval.index import (build_index, default_index_root, ensure_default_index, index_build_main,
-                                      load_retriever)
+from ralmspec.retrieval.index import (build_index, default_index_root, ensure_default_index, ensure_index,
+                                      index_build_main, load_retriever)
 from ralmspec.retrieval.open import open_knowledge_base
 
 from .conftest import KINDS, N_PASSAGES, kb_config
@@ -157,3 +157,23 @@ def test_gpu_search_equals_cpu_search(kind, kb_index_dirs, kb_retrievers, kb_que
             assert got == cpu
         for q, hits in zip(kb_queries, got):
             assert r.score(q, [h.doc_id for h in hits]) == [h.score for h in hits]
+
+
+def test_a_first_use_that_loses_the_race_keeps_the_published_index(tmp_path, monkeypatch):
+    """Two processes' first use of a cached index both build it; the one that publishes second
+    used to swap the first one's folder away (renamed aside, then deleted) under any process
+    already reading it: a server starting beside it could find the folder gone. Now the second
+    build is dropped and the published folder stays, untouched."""
+    from ralmspec.retrieval import index as index_module
+
+    corpus = Corpus([Passage(i, "T", t, str(i)) for i, t in enumerate(["alpha beta", "gamma delta", "beta gamma"])])
+    cfg = RetrievalConfig(kind="bm25")
+    root = str(tmp_path / "cache")
+    d = ensure_index(corpus, "bm25", cfg, show_progress=False, root=root)  # the winner's build
+    before = (os.stat(d).st_ino, open(os.path.join(d, "manifest.json")).read())
+    monkeypatch.setattr(index_module, "_is_complete", lambda _d: False)  # checked before the winner published
+    assert ensure_index(corpus, "bm25", cfg, show_progress=False, root=root) == d
+    assert (os.stat(d).st_ino, open(os.path.join(d, "manifest.json")).read()) == before
+    assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(d)]  # the loser's build is gone
+    build_index(corpus, "bm25", d, cfg, show_progress=False)  # `ralmspec index build --out` still replaces
+    assert os.stat(d).st_ino != before[0]
