@@ -129,6 +129,11 @@ class RalmContext:
         if budget < 1:
             raise ConfigError(f"max_new_tokens={self.gen.max_new_tokens} leaves no room in the model's "
                               f"context of {self.lm.max_context} tokens")
+        if self.fmt.name == "chat" and budget - self.fmt.overhead() < 1:  # the conversation around the question
+            raise ConfigError(f"the prompt's chat template with its system message and earlier turns takes "
+                              f"{self.fmt.overhead()} tokens; with max_new_tokens={self.gen.max_new_tokens} at "
+                              f"most {budget - 1} fit the model's context of {self.lm.max_context} beside the "
+                              f"question: shorten them")
         if self.fmt.name == "chat" and len(ids) > budget - self.fmt.overhead():
             raise ConfigError(f"the prompt has {len(ids)} tokens; with the chat template and "
                               f"max_new_tokens={self.gen.max_new_tokens} at most "

@@ -297,6 +297,18 @@ def test_chat_bad_input(chat_server, case):
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"], err
 
 
+def test_a_conversation_too_long_for_the_context_says_which_part(chat_server):
+    long = "the history of the roman empire " * 1500  # ~9,000 tokens: past any runner's context
+    for messages, want in (
+            (user(long), "the prompt has "),  # the question itself
+            ([{"role": "system", "content": long}] + user("hi"), "system message and earlier turns takes"),
+            (user("a") + [{"role": "assistant", "content": long}] + user("hi"), "system message and earlier turns")):
+        status, resp = request("POST", f"{chat_server.url}/v1/chat/completions",
+                               with_(messages=messages, max_tokens=4))
+        assert status == 400 and resp["error"]["param"] == "messages", resp
+        assert want in resp["error"]["message"] and "-" not in resp["error"]["message"].split("at most")[1], resp
+
+
 def test_model_without_chat_template_is_400(server):
     status, resp = request("POST", f"{server.url}/v1/chat/completions",
                            {"model": MODEL, "messages": user("who wrote hamlet")})
