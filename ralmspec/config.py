@@ -64,15 +64,15 @@ def check_text(text: str, what: str) -> None:
     at = lone_surrogate(text)
     if at is not None:
         raise ConfigError(f"{what} is not valid Unicode: a lone surrogate U+{ord(text[at]):04X} at character "
-                          f"{at} (UTF-8 text only: an unpaired \\uD800-\\uDFFF escape in JSON, or bytes that are not UTF-8, "
-                          f"cannot be tokenized)")
+                          f"{at} (UTF-8 text only: an unpaired \\uD800-\\uDFFF escape in JSON, or bytes that are "
+                          "not UTF-8, cannot be tokenized)")
 
 
 def invalid_text_field(value: Any, path: str = "") -> str | None:
     """The field (``"prompt"``, ``"messages[1].content"``, ``"queries[0]"``) of the first string
-    in decoded JSON (depth first, an object's keys before its values) that is not valid Unicode (``lone_surrogate``: JSON lets
-    ``"\\ud800"`` through), ``""`` for a string at the top, or None. Iterative, so any depth the
-    decoder took is walked."""
+    in decoded JSON (depth first, an object's keys before its values) that is not valid Unicode
+    (``lone_surrogate``: JSON lets ``"\\ud800"`` through), ``""`` for a string at the top, or
+    None. Iterative, so any depth the decoder took is walked."""
     todo = [(path, value)]
     while todo:
         at, v = todo.pop()

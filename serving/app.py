@@ -61,7 +61,8 @@ from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool, to_thread
 from serving.metrics import ServerMetrics
 from serving.protocol import (
-    APIError, CompletionRequest, decode_body, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score, with_seed,
+    APIError, CompletionRequest, decode_body, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score,
+    with_seed,
 )
 from serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, usage
 

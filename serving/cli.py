@@ -38,7 +38,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--retrieval-only", action="store_true", help="serve only the knowledge base (/v1/retrieve ...)")
     h.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once")
     h.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429")
-    h.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (queueing included; 0: no limit)")
+    h.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds per request (queueing included; 0: no limit)")
     h.add_argument("--retrieval-timeout", type=float, default=30.0,
                    help="seconds per knowledge-base call (local or remote), per attempt")
     h.add_argument("--retrieval-retries", type=int, default=2, help="extra attempts of a failed knowledge-base call")

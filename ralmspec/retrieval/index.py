@@ -311,7 +311,8 @@ def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncode
     corpus = load_corpus(os.path.join(index_dir, PASSAGES))
     if len(corpus) != m.get("n"):
         raise IndexNotFoundError(f"index {index_dir} is inconsistent ({len(corpus)} passages, manifest says "
-                                 f"{m.get('n')!r}); rebuild it with: {build_command(m['kind'], index_dir, m.get('corpus_source'))}")
+                                 f"{m.get('n')!r}); rebuild it with: "
+                                 f"{build_command(m['kind'], index_dir, m.get('corpus_source'))}")
     r: DenseRetriever | BM25Retriever
     if m["kind"] == "bm25":
         r = BM25Retriever(corpus, os.path.join(index_dir, BM25_DIR), stemmer=(m.get("params") or {}).get("stemmer"))
