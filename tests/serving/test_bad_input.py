@@ -233,3 +233,15 @@ def test_any_mutated_body_is_answered_without_a_server_error(server, case):
         assert isinstance(resp, dict) and set(resp) == {"error"} and resp["error"]["message"], (path, body, resp)
     elif body.get("stream") is True:
         assert isinstance(resp, str) and resp.rstrip().endswith("data: [DONE]") and '"error"' not in resp, resp
+
+
+def test_the_static_guesser_on_a_bm25_server_is_refused_by_name():
+    """Found only mid-request before (a 400 with no field); parsed pure, no server needed."""
+    from ralmspec.config import EngineConfig
+    from serving.protocol import APIError, parse_completion
+
+    body = dict(OK, ralm={"guesser": "static"})
+    assert parse_completion(body, EngineConfig(model="tiny"), MODEL, "exact", 512).spec.guesser == "static"
+    with pytest.raises(APIError) as e:
+        parse_completion(body, EngineConfig(model="tiny"), MODEL, "bm25", 512)
+    assert e.value.status == 400 and e.value.param == "ralm.guesser" and "dense" in e.value.message

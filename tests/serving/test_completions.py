@@ -171,3 +171,41 @@ def test_concurrent_http_requests_identical_to_oracle(forced, server, governor_o
 
 def test_models_endpoint(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+RALM_CHOICES = {
+    "stride": [1, 2, 3, 5], "query_len": [1, 4, 16], "passage_tokens": [1, 8, 64], "prefetch": [1, 2, 20, 256],
+    "fixed_stride": [1, 2, 5, 16], "async_verify": [True, False], "max_inflight": [1, 2, 4],
+    "eager_verify": [True, False], "cache_capacity": [1, 2, 8, 1000], "s_max": [1, 4, 16], "window": [1, 5, 50],
+    "gamma_max": [0.1, 0.5, 0.98], "guesser": ["exact", "last", "refine", "static", "bm25"],
+}
+
+
+def test_any_ralm_settings_over_http_equal_the_naive_answer(governor_off_server):
+    """Property over the HTTP mapping of the ``ralm`` extension: for 24 random combinations of
+    its settings (half of them each; greedy or seeded sampling, logprobs, stop strings), the
+    answer with ``speculate: true`` equals ``speculate: false`` in text, finish reason and
+    logprobs, and the sweep speculated (OS^3 off in half of them, so it must)."""
+    import random
+
+    rng = random.Random(20261206)
+    check = SpeculationCheck()
+    for i in range(24):
+        ralm = {k: rng.choice(v) for k, v in RALM_CHOICES.items() if rng.random() < 0.5}
+        ralm["os3"] = i % 2 == 1
+        body = {"model": MODEL, "prompt": QUESTIONS[i % len(QUESTIONS)], "max_tokens": rng.choice([6, 14]),
+                "logprobs": rng.choice([None, 2])}
+        if i % 3 == 0:
+            body.update(temperature=0.9, top_p=0.9, seed=i)
+        if i % 4 == 0:
+            body["stop"] = [rng.choice([".", " the", "a"])]
+        body = {k: v for k, v in body.items() if v is not None}
+        status, spec = request("POST", f"{governor_off_server.url}/v1/completions", {**body, "ralm": {**ralm}})
+        assert status == 200, (ralm, spec)
+        status, naive = request("POST", f"{governor_off_server.url}/v1/completions",
+                                {**body, "ralm": {**ralm, "speculate": False}})
+        assert status == 200 and naive["ralm"]["mode"] == "naive", naive
+        (a,), (b,) = spec["choices"], naive["choices"]
+        check.same((a["text"], a["finish_reason"], a["logprobs"]), (b["text"], b["finish_reason"], b["logprobs"]),
+                   spec["ralm"]["stats"], where=ralm)
+    check.ran(min_speculated=20)
