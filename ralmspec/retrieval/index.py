@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import replace
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -257,23 +257,29 @@ def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig
                               "total": round(total, 3)},
             "files": _files_for(kind),
         })
-        publish_index(tmp, out_dir, manifest, keep_existing)
+        publish_index(tmp, out_dir, manifest, (lambda _m: True) if keep_existing else None)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def publish_index(tmp: str, out_dir: str, manifest: dict[str, Any], keep_existing: bool = False) -> None:
+def publish_index(tmp: str, out_dir: str, manifest: dict[str, Any],
+                  keep: Callable[[dict[str, Any]], bool] | None = None) -> None:
     """Stamp ``manifest`` (creation time, library versions), write it LAST into the finished
     temporary directory ``tmp`` and rename ``tmp`` to ``out_dir``: a directory with a manifest is
-    a complete index. ``keep_existing``: leave a complete index already at ``out_dir`` in place
-    (``tmp`` is then the caller's to remove)."""
+    a complete index. ``keep``: given the manifest of a complete index already at ``out_dir``,
+    True leaves that one in place (a cache a concurrent builder filled meanwhile; ``tmp`` is then
+    the caller's to remove), so no reader of it sees its folder swapped away."""
     manifest.update({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions()})
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
-    if keep_existing and os.path.isfile(os.path.join(out_dir, MANIFEST)):
-        return
+    if keep is not None:
+        try:
+            if keep(read_manifest(out_dir)):
+                return
+        except IndexNotFoundError:
+            pass
     _move_into_place(tmp, out_dir)
 
 

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -148,9 +148,11 @@ def _split_bm25(src: str, ranges: tuple[ShardRange, ...], dirs: list[str]) -> di
     return {"num_docs": mat.n, "vocab": len(vocab), "weights": "bm25s, whole-collection idf and avgdl"}
 
 
-def shard_index(src_dir: str, out_dir: str, shards: int) -> str:
+def shard_index(src_dir: str, out_dir: str, shards: int,
+                keep: Callable[[dict[str, Any]], bool] | None = None) -> str:
     """Split the unsharded index at ``src_dir`` into ``shards`` contiguous doc-id shards at
-    ``out_dir`` (atomically; an existing sharded index there is replaced). Returns ``out_dir``."""
+    ``out_dir`` (atomically; an existing sharded index there is replaced unless ``keep`` says
+    its manifest is to be kept: ``publish_index``). Returns ``out_dir``."""
     src_dir = os.path.abspath(os.fspath(src_dir))
     out_dir = os.path.abspath(os.fspath(out_dir))
     m = read_manifest(src_dir)
@@ -194,7 +196,7 @@ def shard_index(src_dir: str, out_dir: str, shards: int) -> str:
             "files": [PASSAGES, *names],
             **extra,
         })
-        publish_index(tmp, out_dir, manifest)
+        publish_index(tmp, out_dir, manifest, keep)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -225,17 +227,21 @@ def ensure_sharded_index(corpus: Corpus, kind: str, shards: int, config: Retriev
     root = root or default_index_root()
     whole = ensure_index(corpus, kind, config, encoder, show_progress, root, corpus_source)
     d = os.path.join(root, f"{index_dir_name(kind, config, corpus_sha256(corpus))}-shards{shards}")
-    try:
-        m, src = read_manifest(d), read_manifest(whole)
+    created = read_manifest(whole).get("created")
+
+    def current(m: dict[str, Any]) -> bool:  # a split of this very whole index
         made_from = m.get("sharded_from") or {}
-        if (len(m.get("shards") or []) == shards and made_from.get("dir") == whole
-                and made_from.get("created") == src.get("created")):
+        return len(m.get("shards") or []) == shards and made_from.get("dir") == whole \
+            and made_from.get("created") == created
+
+    try:
+        if current(read_manifest(d)):
             return d
     except IndexNotFoundError:
         pass
     if show_progress:
         print(f"ralmspec: splitting {whole} into {shards} shards in {d} (first use)", file=sys.stderr)
-    return shard_index(whole, d, shards)
+    return shard_index(whole, d, shards, keep=current)  # a concurrent first use's split is kept
 
 
 # --------------------------------------------------------------------------- shards

@@ -177,3 +177,33 @@ def test_a_first_use_that_loses_the_race_keeps_the_published_index(tmp_path, mon
     assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(d)]  # the loser's build is gone
     build_index(corpus, "bm25", d, cfg, show_progress=False)  # `ralmspec index build --out` still replaces
     assert os.stat(d).st_ino != before[0]
+
+
+def test_a_first_split_that_loses_the_race_keeps_the_published_split(tmp_path, monkeypatch):
+    """The same for the cached shard split (``ensure_sharded_index``); a stale split (of an
+    older whole index) is still replaced."""
+    from ralmspec.retrieval import shard_index as shard_module
+
+    corpus = Corpus([Passage(i, "T", t, str(i)) for i, t in enumerate(["alpha beta", "gamma delta", "beta gamma",
+                                                                        "delta alpha"])])
+    cfg = RetrievalConfig(kind="bm25")
+    root = str(tmp_path / "cache")
+    d = shard_module.ensure_sharded_index(corpus, "bm25", 2, cfg, show_progress=False, root=root)
+    before = os.stat(d).st_ino
+    real, missed = shard_module.read_manifest, []
+
+    def read_before_the_winner_published(index_dir, *a):
+        if index_dir == d and not missed:
+            missed.append(index_dir)
+            raise IndexNotFoundError("not there yet")
+        return real(index_dir, *a)
+
+    monkeypatch.setattr(shard_module, "read_manifest", read_before_the_winner_published)
+    assert shard_module.ensure_sharded_index(corpus, "bm25", 2, cfg, show_progress=False, root=root) == d
+    assert missed and os.stat(d).st_ino == before
+    monkeypatch.undo()
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    m["sharded_from"]["created"] = "an older whole index"
+    json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
+    assert shard_module.ensure_sharded_index(corpus, "bm25", 2, cfg, show_progress=False, root=root) == d
+    assert os.stat(d).st_ino != before  # the stale split was replaced
