@@ -98,7 +98,8 @@ class Server:
                 break
         if self.url is None:
             self.stop()
-            raise RuntimeError(f"server did not start: {shlex.join(cmd[1:])}\n" + "".join(lines[-20:]))
+            raise RuntimeError(f"server did not start (exit status {self.proc.returncode}, "
+                               f"{time.perf_counter() - t:.1f} s): {shlex.join(cmd[1:])}\n" + "".join(lines[-20:]))
         self.start_s = time.perf_counter() - t
         self.pid = self.proc.pid
         print(f"  server up in {self.start_s:.1f}s at {self.url}", file=sys.stderr, flush=True)

@@ -85,3 +85,15 @@ def test_load_drives_the_chat_endpoint(tmp_path, smollm2_lm):
     for c in doc["cells"]:
         assert c["endpoint"] == "chat" and c["errors"] == 0 and c["warmup_errors"] == 0
         assert c["requests"] + c["warmup_requests"] >= 1  # answered (a loaded machine may need the warm-up)
+
+
+def test_a_server_that_exits_at_start_says_how_and_why():
+    """What a one-off 'server did not start' leaves to read: the exit status, how long it ran,
+    the command and the server's last lines."""
+    import pytest
+
+    with pytest.raises(RuntimeError) as e:
+        load.Server(["--model", "no-such-model"])
+    msg = str(e.value)
+    assert msg.startswith("server did not start (exit status 2, ") and "--model no-such-model" in msg
+    assert "error: model 'no-such-model' is neither a model name" in msg
