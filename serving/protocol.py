@@ -17,6 +17,7 @@ from ralmspec.config import (
 )
 from ralmspec.engine.prompt import Conversation
 from ralmspec.errors import ConfigError
+from ralmspec.speculation.guess import plan_guess
 
 
 class APIError(Exception):
@@ -378,9 +379,10 @@ def parse_generation(body: Mapping[str, Any], defaults: EngineConfig, model: str
         spec = replace(defaults.speculation, **spec_kw)
     except ConfigError as exc:
         raise bad(str(exc), "ralm") from None
-    if spec.guesser == "static" and retriever_kind == "bm25":  # else found mid-request, without its field
-        raise bad("the static guesser needs a dense knowledge base (it ranks with the query encoder's token "
-                  "embeddings); this server's is 'bm25': use bm25, last or exact", "ralm.guesser")
+    try:  # the guesser's own rule (the static one needs a dense knowledge base), here to name the field
+        plan_guess(spec.guesser, dense=retriever_kind != "bm25")
+    except ConfigError as exc:
+        raise bad(str(exc), "ralm.guesser") from None
     return CompletionRequest(model, prompt, stream, include_usage, gen, spec, speculate, return_trace)
 
 

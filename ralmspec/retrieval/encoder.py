@@ -156,10 +156,9 @@ class QueryEncoder:
         cached (verification) does not wait behind an encoding on another thread (a guess).
         Two threads missing on the same text both encode it: the same bits, one cache entry.
         """
-        for i, t in enumerate(texts):
+        for t in texts:
             if not isinstance(t, str):
                 raise ConfigError(f"queries must be strings, got {type(t).__name__}")
-            check_text(t, f"query {i}")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}  # text -> its rows (a repeated text is encoded once)
         with self._lock:
@@ -171,6 +170,8 @@ class QueryEncoder:
                 self._cache.move_to_end(t)
                 self.hits += 1
                 out[i] = v
+        for t, rows in missing.items():  # the texts to encode (a cached one passed when it was cached)
+            check_text(t, f"query {rows[0]}")
         if self.batching == "pinned" and missing:
             encoded = zip(missing, self._encode_pinned(list(missing)))
         else:  # lazily: each vector is cached as soon as it is encoded

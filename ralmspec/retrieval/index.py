@@ -141,8 +141,8 @@ def _find_reusable_embeddings(parent: str, corpus_hash: str, encoder: QueryEncod
         if (m.get("corpus_sha256") == corpus_hash and enc.get("name") == encoder.model_name
                 and enc.get("dim") == encoder.dim and os.path.isfile(emb)):
             try:
-                arr = np.load(emb, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError, EOFError):
+                arr = read_vectors(emb, "")
+            except IndexNotFoundError:
                 continue  # a damaged index is not reused
             if arr.shape == (n, encoder.dim) and arr.dtype == np.float32:
                 return emb
@@ -191,14 +191,14 @@ def _shipped_embeddings(corpus_hash: str, encoder: QueryEncoder, n: int) -> np.n
 
 def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig,
                 encoder: QueryEncoder | None = None, show_progress: bool = True,
-                corpus_source: str | None = None, keep_existing: bool = False) -> str:
+                corpus_source: str | None = None, keep: Callable[[dict[str, Any]], bool] | None = None) -> str:
     """Build a ``kind`` index of ``corpus`` into ``out_dir`` (atomically) and return ``out_dir``.
 
     ``config`` supplies the build parameters (HNSW M / efConstruction, IVF nlist). An existing
-    index at ``out_dir`` is replaced, unless ``keep_existing`` (a cache whose folder name fixes its
-    content: a complete index published there meanwhile by a concurrent builder is kept, and this
-    build dropped, so no reader of it ever sees the folder swapped away); a non-empty directory
-    that is not an index is refused.
+    index at ``out_dir`` is replaced, unless ``keep`` says its manifest is to be kept
+    (``publish_index``: a cache a concurrent builder filled meanwhile, and this build dropped, so no
+    reader of it ever sees the folder swapped away); a non-empty directory that is not an index is
+    refused.
     ``encoder`` is needed for dense kinds (created on the CPU when None).
     """
     if kind not in RETRIEVER_KINDS:
@@ -257,7 +257,7 @@ def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig
                               "total": round(total, 3)},
             "files": _files_for(kind),
         })
-        publish_index(tmp, out_dir, manifest, (lambda _m: True) if keep_existing else None)
+        publish_index(tmp, out_dir, manifest, keep)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -369,7 +369,7 @@ def ensure_index(corpus: Corpus, kind: str, config: RetrievalConfig, encoder: Qu
                   file=sys.stderr)
         try:
             build_index(corpus, kind, d, config, encoder, show_progress=show_progress, corpus_source=corpus_source,
-                        keep_existing=True)  # a concurrent first use may publish it first: keep that one
+                        keep=lambda _m: True)  # a concurrent first use may publish it first (same name, same index)
         except OSError:
             if not _is_complete(d):  # a concurrent builder may have won the rename race
                 raise

@@ -42,6 +42,7 @@ import urllib.parse
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
+from ralmspec.config import is_int
 from ralmspec.data.corpus import Corpus, Passage
 from ralmspec.errors import ConfigError, RetrievalError
 from ralmspec.retrieval.base import Hit, Retriever
@@ -106,7 +107,7 @@ class RemoteCorpus(Corpus):
 
 
 def _doc_id(v: Any, size: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < size:
+    if not is_int(v, 0, size - 1):
         raise ValueError(f"doc_id {v!r} is not an id of the corpus of {size} passages")
     return v
 
@@ -163,7 +164,7 @@ class RemoteRetriever(Retriever):
         try:
             self.kind = _string(info, "kind")
             size = info["corpus_size"]
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            if not is_int(size, 0):
                 raise ValueError(f"corpus_size {size!r}")
         except (KeyError, TypeError, ValueError) as exc:
             raise RetrievalError(f"{self.url} is not a ralmspec retrieval service: bad /v1/retriever answer") from exc
