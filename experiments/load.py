@@ -81,10 +81,11 @@ def loadavg() -> list[float] | None:
 
 
 class Server:
-    """``ralmspec serve`` as a child process on a free port."""
+    """``ralmspec serve`` (or another serving command, e.g. ``("knnlm", "serve")``) as a child
+    process on a free port."""
 
-    def __init__(self, args: list[str]):
-        cmd = [sys.executable, "-m", "ralmspec.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+    def __init__(self, args: list[str], command: tuple[str, ...] = ("serve",)):
+        cmd = [sys.executable, "-m", "ralmspec.cli", *command, "--host", "127.0.0.1", "--port", "0", *args]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         t = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -339,14 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
 
     try:
-        from serving.cli import add_serve_parser
-    except ImportError:  # an install without the serving package: no `serve`
-        pass
+        from serving.cli import add_knnlm_serve_parser, add_serve_parser
+    except ImportError:  # an install without the serving package: no `serve`, no `knnlm serve`
+        more = []
     else:
         add_serve_parser(sub)
+        more = [add_knnlm_serve_parser]
     from ralmspec.knnlm.cli import add_knnlm_subparsers
 
-    add_knnlm_subparsers(sub)
+    add_knnlm_subparsers(sub, more)
     return p
 
 

@@ -134,7 +134,8 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
     cfg = server_config or ServerConfig()
     state = ServerState(engine, retriever or engine.retriever, scheduler_config or SchedulerConfig(), cfg,
                         ServerMetrics())
-    app = web.Application(client_max_size=cfg.client_max_size, middlewares=[_error_middleware])
+    app = web.Application(client_max_size=cfg.client_max_size,
+                          middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
     app[STATE] = state
 
     async def on_startup(app: web.Application) -> None:
@@ -212,32 +213,38 @@ def error_for(exc: BaseException, prompt_param: str = "prompt") -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error", None, None)
 
 
-@web.middleware
-async def _error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    state = request.app[STATE]
-    route = request.match_info.route.resource
-    endpoint = route.canonical if route is not None else "unmatched"
-    try:
-        resp = await handler(request)
-    except asyncio.CancelledError:
-        state.metrics.record_request(endpoint, 499)  # client closed the connection
-        raise
-    except web.HTTPException as exc:  # 404 / 405 / 413 from aiohttp itself
-        kind = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
-        msg = exc.reason
-        if exc.status == 413:
-            msg = f"request body too large (limit {state.config.client_max_size} bytes)"
-        elif exc.status == 404:
-            msg = f"no route {request.method} {request.path}"
-        resp = _json_error(APIError(exc.status, msg, kind, None, None))
-    except Exception as exc:  # noqa: BLE001 - every error is answered as JSON
-        err = error_for(exc)
-        if err.status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
-        headers = {"Retry-After": "1"} if err.status == 429 else None
-        resp = _json_error(err, headers)
-    state.metrics.record_request(endpoint, resp.status)
-    return resp
+def error_middleware(metrics: ServerMetrics, client_max_size: int) -> Any:
+    """The middleware that answers every error as JSON (the module's error contract) and counts
+    every request by endpoint and status in ``metrics``."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        try:
+            resp = await handler(request)
+        except asyncio.CancelledError:
+            metrics.record_request(endpoint, 499)  # client closed the connection
+            raise
+        except web.HTTPException as exc:  # 404 / 405 / 413 from aiohttp itself
+            kind = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status,
+                                                                                                "http_error")
+            msg = exc.reason
+            if exc.status == 413:
+                msg = f"request body too large (limit {client_max_size} bytes)"
+            elif exc.status == 404:
+                msg = f"no route {request.method} {request.path}"
+            resp = _json_error(APIError(exc.status, msg, kind, None, None))
+        except Exception as exc:  # noqa: BLE001 - every error is answered as JSON
+            err = error_for(exc)
+            if err.status >= 500:
+                log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
+            headers = {"Retry-After": "1"} if err.status == 429 else None
+            resp = _json_error(err, headers)
+        metrics.record_request(endpoint, resp.status)
+        return resp
+
+    return middleware
 
 
 async def read_json(request: web.Request) -> Any:
@@ -273,6 +280,33 @@ async def run_watching(request: web.Request, coro: Awaitable[Any]) -> Any:
                 raise asyncio.CancelledError("client disconnected")
     finally:
         await cancel_and_wait(task)
+
+
+async def first_chunk(request: web.Request, task: asyncio.Task, queue: asyncio.Queue) -> None:
+    """Wait until ``task`` (a generation whose chunks arrive in ``queue``, then ``None``) has
+    queued its first chunk or ended; raise its error if it failed before any. The client going
+    away cancels it (CancelledError)."""
+    try:
+        while not task.done() and queue.empty():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if client_gone(request):
+                raise asyncio.CancelledError("client disconnected")
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
+
+async def next_chunk(request: web.Request, queue: asyncio.Queue) -> Any:
+    """The next item of a stream's ``queue``; ConnectionResetError once the client is gone."""
+    while True:
+        try:
+            async with asyncio.timeout(DISCONNECT_POLL_S * 4):  # not wait_for: it can swallow a cancel
+                return await queue.get()
+        except TimeoutError:
+            if client_gone(request):
+                raise ConnectionResetError("client disconnected") from None
 
 
 # --------------------------------------------------------------------------- completions
@@ -352,7 +386,7 @@ async def respond(request: web.Request, state: ServerState, req: CompletionReque
     state.metrics.record_completion(result)
     return web.json_response(answer(shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()),
                                     state.config.model_name, result, state.engine.lm.tokenizer,
-                                    ralm_fields(state, req, result)))
+                                    {"ralm": ralm_fields(state, req, result)}))
 
 
 async def _stream(request: web.Request, state: ServerState, req: CompletionRequest,
@@ -375,16 +409,7 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
     task.add_done_callback(lambda _t: queue.put_nowait(None))
     # The stream starts with the first verified chunk: errors before it (queue full, bad prompt,
     # knowledge base down at the first retrieval, deadline) are answered with their HTTP status.
-    try:
-        while not task.done() and queue.empty():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if client_gone(request):
-                raise asyncio.CancelledError("client disconnected")
-    except BaseException:
-        task.cancel()
-        raise
-    if task.done() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
+    await first_chunk(request, task, queue)
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
@@ -411,13 +436,7 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
         if role is not None:
             await resp.write(chunk(role))
         while True:
-            try:
-                async with asyncio.timeout(DISCONNECT_POLL_S * 4):  # not wait_for: it can swallow a cancel
-                    item = await queue.get()
-            except TimeoutError:
-                if client_gone(request):
-                    raise ConnectionResetError("client disconnected") from None
-                continue
+            item = await next_chunk(request, queue)
             if item is None:
                 break
             if scored is not None:

@@ -255,3 +255,69 @@ def cmd_serve(a: argparse.Namespace) -> int:
         finally:
             state.retriever.close()  # e.g. Ray shard actors (and the local Ray cluster started for them)
     return 0
+
+
+# ------------------------------------------------------------------ ralmspec knnlm serve
+
+
+def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``knnlm serve`` (called through ``ralmspec.knnlm.cli.add_knnlm_subparsers``)."""
+    from ralmspec.knnlm.cli import add_decoding_options, add_shard_options
+
+    p = knnlm_subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server of (speculative) kNN-LM decoding (/v1/completions)",
+        description="Serve kNN-LM completions over HTTP (docs/knnlm.md 'Serving over HTTP'): one request decodes "
+                    "at a time, speculative by default, token-identical to the naive decoder. The decoding and "
+                    "speculation options are the requests' defaults (a request's `knnlm` field overrides them); "
+                    "--max-new-tokens is the default `max_tokens`.")
+    p.add_argument("--datastore", required=True, help="the datastore folder (`ralmspec knnlm build`)")
+    h = p.add_argument_group("server")
+    h.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    h.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed at start)")
+    h.add_argument("--max-queue", type=int, default=16,
+                   help="requests waiting behind the one decoding; beyond: HTTP 429 (default 16)")
+    h.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds per request, queueing included (0: no limit; default 300)")
+    h.add_argument("--no-speculate", action="store_true",
+                   help="requests without `knnlm.speculate` run the naive decoder (one search per token)")
+    h.add_argument("--served-model-name", default=None,
+                   help="the `model` clients send (default: the LM's name, e.g. smollm2)")
+    h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
+    h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
+                   help="seconds between trims of the C heap (ralmspec/memory.py); 0: never")
+    h.add_argument("--access-log", action="store_true", help="log every request")
+    add_decoding_options(p)
+    add_shard_options(p)
+    p.set_defaults(func=cmd_knnlm_serve)
+    return p
+
+
+def cmd_knnlm_serve(a: argparse.Namespace) -> int:
+    from ralmspec.knnlm.cli import open_knnlm, speculative_config
+    from ralmspec.threads import set_threads
+    from serving.knnlm_app import KNNLMServerConfig, create_knnlm_app
+
+    logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not 0 <= a.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
+    if not a.request_timeout >= 0:  # NaN too
+        raise ConfigError(f"--request-timeout must be >= 0 seconds (0: no limit), got {a.request_timeout}")
+    spec = speculative_config(a)  # bad speculation options fail before anything loads
+    server = dict(client_max_size=a.max_body_bytes, max_queue=a.max_queue, request_timeout_s=a.request_timeout,
+                  speculate=not a.no_speculate, malloc_trim_s=a.malloc_trim_s)
+    KNNLMServerConfig(**server)  # likewise
+    set_threads(a.threads)
+    t = time.perf_counter()
+    with open_knnlm(a) as (knn, ds):
+        name = a.served_model_name or a.model or ds.model_name
+        app = create_knnlm_app(knn, spec, KNNLMServerConfig(model_name=name, **server))
+        d = ds.describe()
+        _log(f"ralmspec: kNN-LM {name!r} + datastore {d['path']} ({d['entries']} entries, {d['index']} index) "
+             f"loaded in {time.perf_counter() - t:.1f}s; {'speculative' if not a.no_speculate else 'naive'} "
+             "by default, one request at a time")
+        try:
+            asyncio.run(serve(app, a.host, a.port, a.access_log))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {a.host}:{a.port}: {exc}") from exc
+    return 0

@@ -160,29 +160,15 @@ class CompletionRequest:
 def parse_completion(body: Any, defaults: EngineConfig, served_model: str, retriever_kind: str,
                      max_tokens_limit: int) -> CompletionRequest:
     """Validate an OpenAI completions body (+ ``ralm`` extension) against what the server supports."""
-    body = _known_fields(body, _COMPLETION_FIELDS)
+    body = known_fields(body, _COMPLETION_FIELDS)
     model = parse_model(body, served_model)
-    if "prompt" not in body:
-        raise bad("'prompt' is required", "prompt")
-    prompt = body["prompt"]
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise bad("'prompt' must be a string or a list of exactly one string "
-                      "(batches and token-id prompts are not supported)", "prompt")
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise bad(f"'prompt' must be a string, got {type(prompt).__name__}", "prompt")
-    if not prompt.strip():
-        raise bad("'prompt' must not be empty", "prompt")
+    prompt = parse_prompt(body)
     max_tokens = _int(body, "max_tokens", 1, max_tokens_limit) if body.get("max_tokens") is not None \
         else DEFAULT_MAX_TOKENS
     logprobs = None
     if body.get("logprobs") is not None:
         logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
-    if body.get("echo") not in (None, False):
-        raise bad("'echo' is not supported (must be false or absent)", "echo")
-    if body.get("suffix") is not None:
-        raise bad("'suffix' is not supported", "suffix")
+    check_no_echo(body)
     return parse_generation(body, defaults, model, prompt, max_tokens, logprobs, retriever_kind)
 
 
@@ -190,7 +176,7 @@ def parse_chat(body: Any, defaults: EngineConfig, served_model: str, retriever_k
                max_tokens_limit: int) -> CompletionRequest:
     """Validate an OpenAI chat completions body (+ ``ralm`` extension): text messages only, the
     last one from the user (the question that retrieval answers)."""
-    body = _known_fields(body, _CHAT_FIELDS)
+    body = known_fields(body, _CHAT_FIELDS)
     model = parse_model(body, served_model)
     if "messages" not in body:
         raise bad("'messages' is required", "messages")
@@ -266,7 +252,14 @@ def message_text(content: Any, p: str) -> str:
     return "\n".join(texts)
 
 
-def _known_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
+def check_no_echo(body: Mapping[str, Any]) -> None:
+    if body.get("echo") not in (None, False):
+        raise bad("'echo' is not supported (must be false or absent)", "echo")
+    if body.get("suffix") is not None:
+        raise bad("'suffix' is not supported", "suffix")
+
+
+def known_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
     body = require_object(body)
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -299,10 +292,8 @@ def parse_stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(stops))
 
 
-def parse_generation(body: Mapping[str, Any], defaults: EngineConfig, model: str, prompt: str | Conversation,
-                     max_tokens: int, logprobs: int | None, retriever_kind: str) -> CompletionRequest:
-    """What both endpoints share: streaming, neutral OpenAI fields, sampling, stop, the ``ralm``
-    extension; -> the request with its GenerationConfig / SpeculationConfig."""
+def parse_stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage`` (both false when absent)."""
     stream = False
     if body.get("stream") is not None:
         stream = _bool(body, "stream")
@@ -315,7 +306,12 @@ def parse_generation(body: Mapping[str, Any], defaults: EngineConfig, model: str
             raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
         if "include_usage" in so:
             include_usage = _bool(so, "include_usage", "stream_options.include_usage")
+    return stream, include_usage
 
+
+def check_neutral(body: Mapping[str, Any]) -> None:
+    """OpenAI fields accepted only in their neutral values (``n`` 1, penalties 0, no
+    ``logit_bias``), and ``user`` (a string, unused)."""
     for key, (msg, ok) in _NEUTRAL.items():
         v = body.get(key)
         if v is None:
@@ -329,6 +325,30 @@ def parse_generation(body: Mapping[str, Any], defaults: EngineConfig, model: str
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("'user' must be a string", "user")
 
+
+def parse_prompt(body: Mapping[str, Any]) -> str:
+    """``prompt``: a non-empty string, or a list of exactly one."""
+    if "prompt" not in body:
+        raise bad("'prompt' is required", "prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise bad("'prompt' must be a string or a list of exactly one string "
+                      "(batches and token-id prompts are not supported)", "prompt")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad(f"'prompt' must be a string, got {type(prompt).__name__}", "prompt")
+    if not prompt.strip():
+        raise bad("'prompt' must not be empty", "prompt")
+    return prompt
+
+
+def parse_generation(body: Mapping[str, Any], defaults: EngineConfig, model: str, prompt: str | Conversation,
+                     max_tokens: int, logprobs: int | None, retriever_kind: str) -> CompletionRequest:
+    """What both endpoints share: streaming, neutral OpenAI fields, sampling, stop, the ``ralm``
+    extension; -> the request with its GenerationConfig / SpeculationConfig."""
+    stream, include_usage = parse_stream(body)
+    check_neutral(body)
     ralm = body.get("ralm")
     if ralm is None:
         ralm = {}
@@ -410,6 +430,101 @@ def parse_sampling(body: Mapping[str, Any]) -> dict[str, Any]:
 def with_seed(req: CompletionRequest, seed: int) -> CompletionRequest:
     """``req`` with ``seed`` as its sampling seed (the server draws one when a sampled request has none)."""
     return replace(req, gen=replace(req.gen, seed=seed))
+
+
+# ------------------------------------------------------------------ kNN-LM /v1/completions
+
+_KNNLM_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "stream", "stream_options", "stop", "temperature",
+                            "top_p", "seed", "user", "n", "best_of", "presence_penalty", "frequency_penalty",
+                            "logit_bias", "logprobs", "echo", "suffix", "knnlm"}
+# knnlm extension: field -> (target config, python type, lo, hi); floats: lo <= v <= hi, or
+# lo < v < hi for the fields in _KNNLM_OPEN
+_KNNLM_FIELDS: dict[str, tuple[str, type, float, float]] = {
+    "speculate": ("req", bool, 0, 0),
+    "k": ("knn", int, 1, 4096),
+    "lam": ("knn", float, 0.0, 1.0),
+    "knn_temperature": ("knn", float, 0.0, 1e9),
+    "os3": ("spec", bool, 0, 0),
+    "fixed_stride": ("spec", int, 1, 64),
+    "s_max": ("spec", int, 1, 64),
+    "gamma_max": ("spec", float, 0.0, 1.0),
+    "cache_capacity": ("spec", int, 1, 65536),
+    "successors": ("spec", int, 0, 1024),
+    "async_verify": ("spec", bool, 0, 0),
+    "strict": ("spec", bool, 0, 0),
+}
+_KNNLM_OPEN = {"knn_temperature", "gamma_max"}
+
+
+@dataclass(frozen=True)
+class KNNLMCompletionRequest:
+    """One validated kNN-LM completion: the decoding (``knn``, ``max_new_tokens`` set from
+    ``max_tokens``) and speculation settings in effect, greedy (the kNN-LM decodes the argmax)."""
+
+    model: str
+    prompt: str
+    stream: bool
+    include_usage: bool
+    stop: tuple[str, ...]
+    knn: Any  # ralmspec.knnlm.model.KNNLMConfig
+    spec: Any  # ralmspec.knnlm.speculative.SpeculativeKNNConfig
+    speculate: bool
+
+
+def parse_knnlm_completion(body: Any, knn_defaults: Any, spec_defaults: Any, speculate: bool, served_model: str,
+                           max_tokens_limit: int) -> KNNLMCompletionRequest:
+    """Validate a completions body for a kNN-LM server (``ralmspec knnlm serve``): OpenAI fields,
+    greedy only, and the ``knnlm`` extension over the server's defaults (``KNNLMConfig``,
+    ``SpeculativeKNNConfig``); ``max_tokens`` absent = the server's ``max_new_tokens``."""
+    body = known_fields(body, _KNNLM_COMPLETION_FIELDS)
+    model = parse_model(body, served_model)
+    prompt = parse_prompt(body)
+    stream, include_usage = parse_stream(body)
+    check_neutral(body)
+    check_no_echo(body)
+    if body.get("logprobs") is not None:
+        raise bad("'logprobs' is not supported by the kNN-LM server", "logprobs")
+    sampling = parse_sampling(body)
+    if sampling.get("temperature", 0.0) != 0.0 or sampling.get("top_p", 1.0) != 1.0:
+        key = "temperature" if sampling.get("temperature", 0.0) != 0.0 else "top_p"
+        raise bad(f"the kNN-LM decodes greedily (the argmax of its interpolated distribution): '{key}' must be "
+                  f"{'0' if key == 'temperature' else '1'} or absent", key)
+    max_tokens = min(knn_defaults.max_new_tokens, max_tokens_limit)
+    if body.get("max_tokens") is not None:
+        max_tokens = _int(body, "max_tokens", 1, max_tokens_limit)
+    ext = body.get("knnlm")
+    if ext is None:
+        ext = {}
+    if not isinstance(ext, dict):
+        raise bad(f"'knnlm' must be an object, got {type(ext).__name__}", "knnlm")
+    kw: dict[str, dict[str, Any]] = {"knn": {"max_new_tokens": max_tokens}, "spec": {}}
+    for key, v in ext.items():
+        p = f"knnlm.{key}"
+        if key not in _KNNLM_FIELDS:
+            raise bad(f"unknown field '{p}' (supported: {', '.join(sorted(_KNNLM_FIELDS))})", p)
+        if v is None:
+            continue
+        target, typ, lo, hi = _KNNLM_FIELDS[key]
+        if typ is int:
+            v = _int(ext, key, int(lo), int(hi), p)
+        elif typ is bool:
+            v = _bool(ext, key, p)
+        else:
+            is_open = key in _KNNLM_OPEN
+            if not _is_num(v) or not (lo < v < hi if is_open else lo <= v <= hi):
+                where = f"({lo:g}, {hi:g})" if is_open else f"[{lo:g}, {hi:g}]"
+                raise bad(f"'{p}' must be a number in {where}, got {v!r}", p)
+            v = float(v)
+        if target == "req":
+            speculate = v
+        else:
+            kw[target]["temperature" if key == "knn_temperature" else key] = v
+    try:
+        knn = replace(knn_defaults, **kw["knn"])
+        spec = replace(spec_defaults, **kw["spec"])
+    except ConfigError as exc:
+        raise bad(str(exc), "knnlm") from None
+    return KNNLMCompletionRequest(model, prompt, stream, include_usage, parse_stop(body), knn, spec, speculate)
 
 
 # ------------------------------------------------------------------ retrieval service

@@ -111,8 +111,8 @@ Shape = CompletionShape | ChatShape
 
 
 def answer(shape: Shape, cid: str, created: int, model: str, result: GenerationResult, tokenizer: Any,
-           ralm: dict[str, Any]) -> dict[str, Any]:
-    """The non-streamed response body."""
+           extension: dict[str, Any]) -> dict[str, Any]:
+    """The non-streamed response body; ``extension``: the server's own fields (``{"ralm": ...}``)."""
     logprobs = None
     if result.logprobs is not None:
         offsets: list[int] = []
@@ -122,7 +122,7 @@ def answer(shape: Shape, cid: str, created: int, model: str, result: GenerationR
         logprobs = shape.logprobs(result.logprobs, tokenizer, offsets)
     return {"id": cid, "object": shape.object, "created": created, "model": model,
             "choices": [shape.choice(result.text, finish_reason(result), logprobs)], "usage": usage(result),
-            "ralm": ralm}
+            **extension}
 
 
 def event(shape: Shape, cid: str, created: int, model: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:

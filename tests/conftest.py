@@ -122,6 +122,31 @@ def embedded_indexes(tmp_path_factory, encoder):
     return out
 
 
+KNN_DATASTORE_TOKENS = 20_000  # entries of the kNN-LM test datastores
+
+
+@pytest.fixture(scope="session")
+def knn_corpus():
+    from ralmspec.data.loaders import default_corpus
+
+    return default_corpus()
+
+
+@pytest.fixture(scope="session")
+def knn_datastores(tmp_path_factory, tiny_lm, knn_corpus):
+    """{"flat": Datastore, "ivf": Datastore, "hnsw": Datastore} over identical entries."""
+    from ralmspec.knnlm.datastore import DatastoreBuildConfig, build_datastore, reindex_datastore
+
+    root = tmp_path_factory.mktemp("knnlm")
+    flat = build_datastore(tiny_lm, knn_corpus, root / "flat",
+                           DatastoreBuildConfig(max_tokens=KNN_DATASTORE_TOKENS, window=128, stride=96, batch_size=16),
+                           progress=False)
+    ivf = reindex_datastore(flat.path, root / "ivf", DatastoreBuildConfig(index="ivf", ivf_nlist=64, ivf_nprobe=4))
+    hnsw = reindex_datastore(flat.path, root / "hnsw",
+                             DatastoreBuildConfig(index="hnsw", hnsw_m=16, hnsw_ef_construction=40, hnsw_ef_search=16))
+    return {"flat": flat, "ivf": ivf, "hnsw": hnsw}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster on 127.0.0.1 for one test module (2 CPUs, no dashboard), shut down

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ralmspec.config import LM_RUNNERS
 from ralmspec.errors import ConfigError, RalmSpecError
@@ -46,7 +46,7 @@ from ralmspec.threads import set_threads
 # ------------------------------------------------------------------ shared options
 
 
-def _add_decoding_options(p: argparse.ArgumentParser) -> None:
+def add_decoding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kNN-LM decoding")
     g.add_argument("--model", default=None, help="LM (default: the model named in the datastore manifest)")
     g.add_argument("--k", type=int, default=16, help="neighbours per token (default 16)")
@@ -75,7 +75,7 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
                         "(static with its step torch.compile'd)")
 
 
-def _speculative_config(args: argparse.Namespace):
+def speculative_config(args: argparse.Namespace):
     from ralmspec.knnlm.speculative import SpeculativeKNNConfig
 
     cap = {} if args.gamma_max is None else {"gamma_max": args.gamma_max}
@@ -84,7 +84,7 @@ def _speculative_config(args: argparse.Namespace):
                                 strict=args.strict, async_verify=args.async_verify, **cap)
 
 
-def _add_shard_options(p: argparse.ArgumentParser) -> None:
+def add_shard_options(p: argparse.ArgumentParser) -> None:
     x = p.add_argument_group("scale-out (Ray; docs/scale-out.md)")
     x.add_argument("--shards", type=int, default=None, metavar="N",
                    help="search a sharded --datastore (N shards, `knnlm build --shards N`) with one Ray actor "
@@ -118,7 +118,7 @@ def _open_datastore(args: argparse.Namespace):
 
 
 @contextlib.contextmanager
-def _open(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
+def open_knnlm(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
     """(KNNLM, datastore) from --datastore and the decoding options; a sharded datastore's shards
     (Ray actors, a local Ray cluster) are released on exit."""
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
@@ -224,11 +224,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ralmspec.knnlm.speculative import SpeculativeKNNLM
 
     set_threads(args.threads)
-    with _open(args) as (knn, _):
+    with open_knnlm(args) as (knn, _):
         if args.no_speculate:
             res = knn.generate(args.prompt)
         else:
-            res = SpeculativeKNNLM(knn, _speculative_config(args)).generate(args.prompt)
+            res = SpeculativeKNNLM(knn, speculative_config(args)).generate(args.prompt)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
@@ -240,9 +240,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def bench_prompts(lm: Any, source: str, n: int, prompt_tokens: int) -> list[list[int]]:
-    """``n`` prompts as token ids: first sentences of passages spread evenly over the embedded
-    corpus (``passages``) or the first embedded NQ questions (``questions``), each cut to
-    ``prompt_tokens`` tokens."""
+    """``n`` prompts as token ids (``bench_texts``), each cut to ``prompt_tokens`` tokens."""
+    out = []
+    for t in bench_texts(source, n):
+        ids = lm.tokenizer.encode(t)[:prompt_tokens]
+        if ids:
+            out.append(ids)
+    return out
+
+
+def bench_texts(source: str, n: int) -> list[str]:
+    """``n`` prompt texts: first sentences of passages spread evenly over the embedded corpus
+    (``passages``) or the first embedded NQ questions (``questions``)."""
     if n < 1:
         raise ConfigError("--n must be >= 1")
     texts: list[str] = []
@@ -262,12 +271,7 @@ def bench_prompts(lm: Any, source: str, n: int, prompt_tokens: int) -> list[list
         texts = [q.question for q in default_questions()[:n]]
     else:
         raise ConfigError(f"unknown prompt source {source!r}; choose passages or questions")
-    out = []
-    for t in texts:
-        ids = lm.tokenizer.encode(t)[:prompt_tokens]
-        if ids:
-            out.append(ids)
-    return out
+    return texts
 
 
 def _mean(xs: list[float]) -> float:
@@ -374,8 +378,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ralmspec.report import identity_phrase
 
     set_threads(args.threads)
-    spec_cfg = _speculative_config(args)
-    with _open(args) as (knn, ds):
+    spec_cfg = speculative_config(args)
+    with open_knnlm(args) as (knn, ds):
         prompts = bench_prompts(knn.lm, args.prompts, args.n, args.prompt_tokens)
         load0 = machine_info().get("loadavg_1m")
         t0 = time.perf_counter()
@@ -481,11 +485,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ wiring
 
 
-def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``knnlm {build,reindex,generate,bench,eval}`` to a top-level ``subparsers``; returns the knnlm parser."""
-    p = subparsers.add_parser("knnlm", help="kNN-LM datastores and (speculative) kNN-LM decoding",
+def add_knnlm_subparsers(subparsers: Any,
+                         more: Sequence[Callable[[Any], Any]] = ()) -> argparse.ArgumentParser:
+    """Add ``knnlm {build,reindex,generate,bench,eval}`` to a top-level ``subparsers``, and the
+    commands that each of ``more`` registers on the knnlm sub-parsers (the lead's CLI adds
+    ``serve`` from the serving package this way: it lives above this one); returns the knnlm parser."""
+    p = subparsers.add_parser("knnlm", help="kNN-LM datastores and (speculative) kNN-LM decoding and serving",
                               description="kNN-LM with speculative retrieval (token-identical to naive kNN-LM)")
-    sub = p.add_subparsers(dest="knnlm_command", required=True, metavar="{build,reindex,generate,bench,eval}")
+    names = ["build", "reindex", "generate", "bench", "eval"] + ["serve"] * bool(more)
+    sub = p.add_subparsers(dest="knnlm_command", required=True, metavar="{" + ",".join(names) + "}")
 
     b = sub.add_parser("build", help="build a datastore from a corpus")
     b.add_argument("--model", default="smollm2", help="LM name (smollm2, tiny, random-small, random-medium) or local HF folder (default: smollm2)")
@@ -536,8 +544,8 @@ def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--datastore", required=True)
     g.add_argument("--no-speculate", action="store_true", help="naive kNN-LM (one search per token)")
     g.add_argument("--json", action="store_true", help="print the full result as JSON")
-    _add_decoding_options(g)
-    _add_shard_options(g)
+    add_decoding_options(g)
+    add_shard_options(g)
     g.set_defaults(func=cmd_generate)
 
     n = sub.add_parser("bench", help="naive vs speculative kNN-LM on the same prompts")
@@ -547,8 +555,8 @@ def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
     n.add_argument("--prompts", choices=("passages", "questions"), default="passages")
     n.add_argument("--prompt-tokens", type=int, default=32, help="prompt length cap in tokens (default 32)")
     n.add_argument("--warmup", type=int, default=1)
-    _add_decoding_options(n)
-    _add_shard_options(n)
+    add_decoding_options(n)
+    add_shard_options(n)
     n.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", help="perplexity of the base LM and of the kNN-LM on a text (λ / k / T sweeps)",
@@ -579,6 +587,8 @@ def add_knnlm_subparsers(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+    for register in more:
+        register(sub)
     return p
 
 

@@ -34,10 +34,11 @@ round differently.) This relies on deterministic CPU kernels for a fixed shape a
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -278,6 +279,9 @@ class KNNLMResult:
 
 # ------------------------------------------------------------------ the decoder
 
+OnTokens = Callable[[list[int]], None]  # newly verified tokens, in order
+StopWhen = Callable[[Sequence[int]], bool]  # the generated tokens so far -> stop here?
+
 
 def check_compatible(lm: Any, datastore: Any) -> int:
     """The vocabulary size of ``lm`` after checking that ``datastore`` was built for it (key
@@ -325,6 +329,12 @@ class KNNLM:
         self.vocab_size = check_compatible(lm, datastore)
         self.eos = getattr(lm, "eos_token_id", None)
 
+    def with_config(self, config: KNNLMConfig) -> KNNLM:
+        """The same LM and datastore (already checked compatible) decoded with ``config``."""
+        other = copy.copy(self)
+        other.config = config
+        return other
+
     # shared helpers (used by the speculative decoder too)
     def check_prompt(self, prompt: str | Sequence[int], max_new_tokens: int) -> list[int]:
         ids = encode_prompt(self.lm, prompt)
@@ -349,8 +359,14 @@ class KNNLM:
     def decode_text(self, tokens: Sequence[int]) -> str:
         return self.lm.tokenizer.decode(list(tokens))
 
-    def generate(self, prompt: str | Sequence[int]) -> KNNLMResult:
-        """Naive kNN-LM greedy decoding: per token, one LM forward and one real k-NN search."""
+    def generate(self, prompt: str | Sequence[int], *, on_tokens: OnTokens | None = None,
+                 stop_when: StopWhen | None = None) -> KNNLMResult:
+        """Naive kNN-LM greedy decoding: per token, one LM forward and one real k-NN search.
+
+        ``on_tokens(ids)`` receives each new token as it is decided (all verified here);
+        ``stop_when(generated)``, asked after each token, ends the output like an EOS when true
+        (a stop string: it must hold for every longer output once it holds, so that the
+        speculative decoder, which asks it on speculated output too, stops at the same token)."""
         cfg = self.config
         ids = self.check_prompt(prompt, cfg.max_new_tokens)
         t_start = time.perf_counter()
@@ -367,7 +383,9 @@ class KNNLM:
                 t2 = time.perf_counter()
                 trace.append(TokenTrace(token=tok, lm_s=state.seconds, search_s=t1 - t0, combine_s=t2 - t1))
                 out.append(tok)
-                if len(out) >= cfg.max_new_tokens or self.is_stop(tok):
+                if on_tokens is not None:
+                    on_tokens([tok])
+                if len(out) >= cfg.max_new_tokens or self.is_stop(tok) or (stop_when is not None and stop_when(out)):
                     break
                 state = dec.step(tok)
         finally:
@@ -378,5 +396,5 @@ class KNNLM:
                            trace=trace, mode="naive")
 
 
-__all__ = ["KNNLMConfig", "KNNLM", "KNNLMResult", "TokenTrace", "IncrementalDecoder", "LMState", "LMScores",
+__all__ = ["KNNLMConfig", "KNNLM", "OnTokens", "StopWhen", "KNNLMResult", "TokenTrace", "IncrementalDecoder", "LMState", "LMScores",
            "knn_distribution", "lm_distribution", "interpolate", "next_token", "encode_prompt", "check_compatible"]

@@ -86,7 +86,7 @@ import numpy as np
 from ralmspec.config import OS3_MODE_DEFAULTS, OS3Config
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
-from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState
+from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState, OnTokens, StopWhen
 from ralmspec.speculation.driver import Driver, Plan, StepKind
 from ralmspec.speculation.rounds import Round, Step, Verdict, judge_each
 from ralmspec.threads import WorkerPool
@@ -308,13 +308,16 @@ class SpeculativeKNNLM:
         self.base = knnlm
         self.config = config or SpeculativeKNNConfig()
 
-    def generate(self, prompt: str | Sequence[int]) -> KNNLMResult:
-        """Decode ``prompt``: the same tokens as ``self.base.generate(prompt)`` (module doc)."""
+    def generate(self, prompt: str | Sequence[int], *, on_tokens: OnTokens | None = None,
+                 stop_when: StopWhen | None = None) -> KNNLMResult:
+        """Decode ``prompt``: the same tokens as ``self.base.generate(prompt, stop_when=...)``
+        (module doc). ``on_tokens`` receives verified tokens only, in order, as rounds settle;
+        ``stop_when`` is asked on the output verified and speculated, like an EOS."""
         prompt_ids = self.base.check_prompt(prompt, self.base.config.max_new_tokens)
         if self.config.async_verify:
             with WorkerPool(max_workers=1, thread_name_prefix="knnlm-verify") as pool:
-                return KNNMode(self, prompt_ids, pool).run()
-        return KNNMode(self, prompt_ids, None).run()
+                return KNNMode(self, prompt_ids, pool, on_tokens, stop_when).run()
+        return KNNMode(self, prompt_ids, None, on_tokens, stop_when).run()
 
 
 class KNNMode:
@@ -334,8 +337,10 @@ class KNNMode:
     max_inflight = 1
     eager = False
 
-    def __init__(self, owner: SpeculativeKNNLM, prompt_ids: list[int], pool: WorkerPool | None):
+    def __init__(self, owner: SpeculativeKNNLM, prompt_ids: list[int], pool: WorkerPool | None,
+                 on_tokens: OnTokens | None = None, stop_when: StopWhen | None = None):
         base, scfg = owner.base, owner.config
+        self.on_tokens, self.stop_when = on_tokens, stop_when
         self.base, self.scfg, self.pool = base, scfg, pool
         self.k, self.max_new = base.config.k, base.config.max_new_tokens
         self.prompt_ids = prompt_ids
@@ -352,7 +357,8 @@ class KNNMode:
         try:
             self.state = self.dec.start(self.prompt_ids)
             st.lm_s += self.state.seconds
-            self.drv = drv = Driver(self, self.scfg)
+            emit = None if self.on_tokens is None else (lambda toks, _steps: self.on_tokens(list(toks)))
+            self.drv = drv = Driver(self, self.scfg, on_verified=emit)
             tokens = asyncio.run(drv.run(self.prompt_ids))
         finally:
             self.dec.close()
@@ -368,8 +374,12 @@ class KNNMode:
 
     # ------------------------------------------------------------------ the mode's part of a round
     def complete(self, tokens: list[int], n_prompt: int) -> bool:
-        """The output (verified and speculated tokens) is complete: max length or a stop token."""
-        return len(tokens) - n_prompt >= self.max_new or (len(tokens) > n_prompt and self.base.is_stop(tokens[-1]))
+        """The output (verified and speculated tokens) is complete: max length, a stop token, or
+        ``stop_when``. Asked before every step, so the output never grows past the first point
+        where it holds: the verified output ends where the naive decoder's does."""
+        if len(tokens) - n_prompt >= self.max_new or (len(tokens) > n_prompt and self.base.is_stop(tokens[-1])):
+            return True
+        return len(tokens) > n_prompt and self.stop_when is not None and self.stop_when(tokens[n_prompt:])
 
     def may_speculate(self) -> bool:
         return True

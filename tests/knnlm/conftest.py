@@ -1,35 +1,12 @@
-"""Session fixtures for kNN-LM tests: one ~20k-token datastore over the embedded corpus with the
-"tiny" LM (flat index), plus IVF and HNSW indexes over the SAME entries (reindexed, no second
-LM pass), and >= 30 prompts (in-datastore passage openings, out-of-datastore ones, NQ questions)."""
+"""Session fixtures for kNN-LM tests: >= 30 prompts (in-datastore passage openings,
+out-of-datastore ones, NQ questions) and the naive decoder's outputs for them; the datastores
+(``knn_datastores``, ``knn_corpus``) are in tests/conftest.py (the kNN-LM server's tests use them too)."""
 
 from __future__ import annotations
 
 import pytest
 
-DATASTORE_TOKENS = 20_000
 MAX_NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="session")
-def knn_corpus():
-    from ralmspec.data.loaders import default_corpus
-
-    return default_corpus()
-
-
-@pytest.fixture(scope="session")
-def knn_datastores(tmp_path_factory, tiny_lm, knn_corpus):
-    """{"flat": Datastore, "ivf": Datastore, "hnsw": Datastore} over identical entries."""
-    from ralmspec.knnlm.datastore import DatastoreBuildConfig, build_datastore, reindex_datastore
-
-    root = tmp_path_factory.mktemp("knnlm")
-    flat = build_datastore(tiny_lm, knn_corpus, root / "flat",
-                           DatastoreBuildConfig(max_tokens=DATASTORE_TOKENS, window=128, stride=96, batch_size=16),
-                           progress=False)
-    ivf = reindex_datastore(flat.path, root / "ivf", DatastoreBuildConfig(index="ivf", ivf_nlist=64, ivf_nprobe=4))
-    hnsw = reindex_datastore(flat.path, root / "hnsw",
-                             DatastoreBuildConfig(index="hnsw", hnsw_m=16, hnsw_ef_construction=40, hnsw_ef_search=16))
-    return {"flat": flat, "ivf": ivf, "hnsw": hnsw}
 
 
 @pytest.fixture(scope="session")

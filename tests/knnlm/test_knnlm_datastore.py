@@ -18,7 +18,7 @@ from ralmspec.knnlm.datastore import (
     squared_l2,
 )
 
-from .conftest import DATASTORE_TOKENS
+from tests.conftest import KNN_DATASTORE_TOKENS as DATASTORE_TOKENS
 
 
 def _queries(ds, n, seed=0):

@@ -247,3 +247,35 @@ def test_speculative_equals_naive_on_the_static_runner(runner, tiny_lm, knn_data
     runner = static_lm.runner
     assert len(runner._free) == runner.capacity  # noqa: SLF001 - no slot leaked by kNN-LM requests
     assert bool(runner.compiled_spans) == (runner.name == "compiled")  # the compiled step did run
+
+
+@pytest.mark.parametrize("cfg", [C(os3=False, fixed_stride=4), C(os3=False, fixed_stride=3, cache_capacity=3),
+                                 C(async_verify=True, os3=False, fixed_stride=3, cache_capacity=16)],
+                         ids=["stride4", "tiny-cache", "async"])
+def test_a_stop_rule_ends_both_decoders_at_the_same_token_and_only_verified_tokens_stream(
+        naive_results, knn_prompts, cfg):
+    """``stop_when`` (here a stop string's ``StopWatch``, as the kNN-LM server uses it) ends the
+    speculative decoder where it ends the naive one, although the speculative decoder asks it on
+    speculated output too; ``on_tokens`` receives exactly the returned tokens in order, so no
+    token it was sent was ever rolled back (verified only)."""
+    from ralmspec.engine.stop import StopWatch
+
+    knn, naive = naive_results["flat"]
+    tok = knn.lm.tokenizer
+    spec = SpeculativeKNNLM(knn, cfg)
+    check, cut = SpeculationCheck(), 0
+    for p, a in zip(knn_prompts, naive):
+        mid = len(a.text) // 2
+        stop = a.text[mid:mid + 3]
+        if not stop.strip():
+            continue
+        streamed: dict[str, list[int]] = {"naive": [], "spec": []}
+        b = knn.generate(p, on_tokens=streamed["naive"].extend, stop_when=StopWatch(tok, [stop]).completed)
+        s = spec.generate(p, on_tokens=streamed["spec"].extend, stop_when=StopWatch(tok, [stop]).completed)
+        check.same(s.tokens, b.tokens, s.stats, where=(p, stop, cfg))
+        assert streamed["naive"] == b.tokens and streamed["spec"] == s.tokens, (p, stop)
+        assert stop in tok.decode(b.tokens) and b.tokens == a.tokens[:len(b.tokens)]
+        assert stop not in tok.decode(b.tokens[:-1])  # the first token where it holds
+        cut += len(b.tokens) < len(a.tokens)
+    assert cut >= 10, "the stop strings should end most outputs early"
+    check.ran(min_speculated=cut, min_rollbacks=int(cfg.cache_capacity <= 3))

@@ -1,0 +1,115 @@
+"""kNN-LM over HTTP: naive vs speculative through ``ralmspec knnlm serve``, every answer compared.
+
+Each cell ``(round, mode)`` gets a FRESH server process (no warm state crosses modes), which
+then answers the same prompts in the same order from one client, one request at a time (the
+server decodes one request at a time; more clients would only queue). The mode that goes first
+alternates by round. Per cell: completion tokens/s, mean and p50 latency, and the speculation
+counters from ``GET /v1/stats``; per round the speculative / naive ratio of tokens/s. Every
+speculative answer (text, finish reason, usage) is compared with the naive one of the same
+round: exit status 1 if any differs.
+
+    python experiments/knnlm_serve.py --datastore ds/ --n 20 --max-tokens 32 --rounds 2 --json out.json -- --k 8
+
+Flags after ``--`` go to every spawned ``ralmspec knnlm serve``. A measurement script, not a
+test: run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.load import Server, loadavg, percentile  # noqa: E402
+from ralmspec.knnlm.cli import bench_texts  # noqa: E402
+
+MODES = ("naive", "speculative")
+
+
+async def run_cell(url: str, prompts: list[str], max_tokens: int, mode: str) -> dict[str, Any]:
+    """One client sends every prompt in order; the answers and the cell's figures."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{url}/v1/models") as r:
+            model = (await r.json())["data"][0]["id"]
+        answers, latencies = [], []
+        t0 = time.perf_counter()
+        for p in prompts:
+            body = {"model": model, "prompt": p, "max_tokens": max_tokens, "knnlm": {"speculate": mode != "naive"}}
+            t = time.perf_counter()
+            async with s.post(f"{url}/v1/completions", json=body) as r:
+                out = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"{mode}: HTTP {r.status}: {out}")
+            latencies.append(time.perf_counter() - t)
+            answers.append({"text": out["choices"][0]["text"], "finish": out["choices"][0]["finish_reason"],
+                            "usage": out["usage"]})
+        wall = time.perf_counter() - t0
+        async with s.get(f"{url}/v1/stats") as r:
+            stats = await r.json()
+    tokens = sum(a["usage"]["completion_tokens"] for a in answers)
+    spec = stats["speculation"]
+    return {"mode": mode, "requests": len(prompts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "mean_latency_s": statistics.mean(latencies), "p50_latency_s": percentile(latencies, 50),
+            "speculated": spec["speculated_steps"], "accepted": spec["accepted"], "rollbacks": spec["rollbacks"],
+            "busy_s": stats["queue"]["busy_s"], "answers": answers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datastore", required=True)
+    ap.add_argument("--n", type=int, default=20, help="prompts (first sentences of embedded passages)")
+    ap.add_argument("--prompts", choices=("passages", "questions"), default="passages")
+    ap.add_argument("--max-chars", type=int, default=160, help="prompt length cap in characters")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    prompts = [t[:a.max_chars] for t in bench_texts(a.prompts, a.n)]
+    cells, rows, differ = [], [], 0
+    for rnd in range(a.rounds):
+        order = MODES if rnd % 2 == 0 else MODES[::-1]
+        got: dict[str, dict[str, Any]] = {}
+        for mode in order:
+            print(f"round {rnd + 1}/{a.rounds}: {mode}", file=sys.stderr, flush=True)
+            srv = Server(["--datastore", a.datastore, *extra], command=("knnlm", "serve"))
+            try:
+                got[mode] = asyncio.run(run_cell(srv.url, prompts, a.max_tokens, mode)) | {"round": rnd}
+            finally:
+                srv.stop()
+        n_diff = sum(x != y for x, y in zip(got["naive"]["answers"], got["speculative"]["answers"]))
+        differ += n_diff
+        rows.append({"round": rnd, "speedup": got["speculative"]["tok_s"] / got["naive"]["tok_s"],
+                     "identical": len(prompts) - n_diff, "of": len(prompts)})
+        cells += [got[m] for m in MODES]
+    print(f"{'round':>5} {'mode':>11} {'tok/s':>7} {'mean s':>7} {'p50 s':>6} {'spec':>5} {'acc':>5} {'rb':>4}")
+    for c in cells:
+        print(f"{c['round'] + 1:>5} {c['mode']:>11} {c['tok_s']:>7.1f} {c['mean_latency_s']:>7.3f} "
+              f"{c['p50_latency_s']:>6.3f} {c['speculated']:>5} {c['accepted']:>5} {c['rollbacks']:>4}")
+    for r in rows:
+        print(f"round {r['round'] + 1}: speculative / naive tokens/s = {r['speedup']:.2f}x, "
+              f"{r['identical']}/{r['of']} answers identical")
+    if a.json:
+        doc = {"args": vars(a), "server_flags": extra, "prompts": prompts, "cells": cells, "ratios": rows,
+               "machine": {"platform": platform.platform(), "loadavg": loadavg()}}
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(doc, indent=1))
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""aiohttp application of a kNN-LM server (``ralmspec knnlm serve``): OpenAI completions decoded
+by the kNN-LM (docs/knnlm.md), speculative by default, token-identical to the naive decoder.
+
+Routes (docs/knnlm.md "Serving over HTTP"):
+
+- ``POST /v1/completions``  OpenAI completions + the ``knnlm`` extension (``speculate``, ``k``,
+  ``lam``, ``knn_temperature``, OS^3 and cache knobs); greedy only (``temperature`` 0 or absent);
+  ``stop`` strings; ``stream: true`` sends Server-Sent Events of VERIFIED text only, then
+  ``data: [DONE]``. The answer's ``knnlm`` field holds the mode, times, settings and speculation
+  counters.
+- ``GET /v1/models``, ``GET /health``, ``GET /v1/stats`` (JSON), ``GET /metrics`` (Prometheus).
+
+How requests run: ONE worker thread decodes one request at a time, in arrival order (a kNN-LM
+request holds one KV session of the LM and searches the datastore at every token; requests are
+not batched across each other). ``max_queue`` requests may wait beyond the running one (then
+429); ``request_timeout_s`` bounds a request, queueing included (504). A client that disconnects,
+or a deadline that passes, halts its decoder at the next token it decides (the decoders'
+``stop_when``: a halted request finishes its round's verification and is dropped; nothing
+unverified is ever sent). Stop strings end decoding where the naive decoder ends
+(``engine/stop.py``'s ``StopWatch`` as the decoders' ``stop_when``), and the answer is cut there.
+
+Errors follow serving/app.py's contract (JSON ``{"error": {...}}``, 400 naming the field).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from aiohttp import web
+
+from ralmspec import __version__
+from ralmspec.engine.result import GenerationResult
+from ralmspec.engine.scheduler import QueueFullError, RequestTimeoutError, SchedulerClosedError
+from ralmspec.engine.stop import StopWatch, cut_result
+from ralmspec.engine.stream import VerifiedText
+from ralmspec.errors import ConfigError
+from ralmspec.knnlm.model import KNNLM, KNNLMResult
+from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
+from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
+from ralmspec.threads import WorkerPool, to_thread
+from serving.app import error_for, error_middleware, first_chunk, next_chunk, run_watching
+from serving.metrics import ServerMetrics, gauge
+from serving.protocol import KNNLMCompletionRequest, decode_body, parse_knnlm_completion
+from serving.shapes import COMPLETION, answer, event, finish_reason, usage
+
+
+@dataclass(frozen=True)
+class KNNLMServerConfig:
+    """HTTP-level settings of one kNN-LM server."""
+
+    model_name: str = "ralmspec-knnlm"  # the `model` clients must send
+    client_max_size: int = 1 << 20  # bytes of request body; larger -> 413
+    max_queue: int = 16  # requests waiting behind the running one; beyond -> 429
+    request_timeout_s: float = 300.0  # per request, queueing included; 0: no limit
+    speculate: bool = True  # a request without `knnlm.speculate` runs speculatively
+    malloc_trim_s: float = 60.0  # seconds between C heap trims (ralmspec/memory.py); 0: never
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ConfigError("model_name must be non-empty")
+        if self.client_max_size < 1:
+            raise ConfigError(f"client_max_size must be >= 1, got {self.client_max_size}")
+        if not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ConfigError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
+        if not self.request_timeout_s >= 0:
+            raise ConfigError(f"request_timeout_s must be >= 0 (0: no limit), got {self.request_timeout_s!r}")
+        check_trim_interval(self.malloc_trim_s)
+
+
+class KNNLMWorker:
+    """Runs decoding jobs one at a time in ONE thread, in arrival order, with admission control.
+
+    ``run(job, halt, timeout_s)``: a ``job()`` admitted while fewer than ``1 + max_queue`` jobs are
+    admitted (else ``QueueFullError``), awaited with the deadline; on a deadline
+    (``RequestTimeoutError``) or a cancel (the client left) ``halt`` is set, which the job's
+    decoder reads as "stop now", and a job still queued never starts. A job counts as admitted
+    until its thread is done with it, so the queue bound holds the real work."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.pool = WorkerPool(max_workers=1, thread_name_prefix="knnlm-lm")
+        self.admitted = 0
+        self.closed = False
+        self.counts = {"completed": 0, "rejected": 0, "cancelled": 0, "timed_out": 0, "failed": 0}
+        self._lock = threading.Lock()
+        self.busy_s = 0.0  # seconds the worker thread spent decoding
+
+    async def run(self, job: Callable[[], Any], halt: threading.Event, timeout_s: float) -> Any:
+        if self.closed:
+            raise SchedulerClosedError("the server is shutting down")
+        if self.admitted >= 1 + self.max_queue:
+            self.counts["rejected"] += 1
+            raise QueueFullError(f"the kNN-LM server is busy: 1 request decoding and {self.max_queue} waiting "
+                                 "(--max-queue); retry later")
+        loop = asyncio.get_running_loop()
+        self.admitted += 1
+
+        def timed() -> Any:
+            if halt.is_set():  # cancelled or past its deadline while queued
+                return None
+            t0 = time.perf_counter()
+            try:
+                return job()
+            finally:
+                with self._lock:
+                    self.busy_s += time.perf_counter() - t0
+
+        def release(_f: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(self._release)
+            except RuntimeError:  # the loop is closed: the server is gone
+                pass
+
+        fut = self.pool.submit(timed)
+        fut.add_done_callback(release)
+        try:
+            async with asyncio.timeout(timeout_s or None):
+                out = await asyncio.wrap_future(fut)
+        except TimeoutError:
+            halt.set()
+            self.counts["timed_out"] += 1
+            raise RequestTimeoutError(f"request exceeded its deadline of {timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            halt.set()
+            self.counts["cancelled"] += 1
+            raise
+        except Exception:
+            self.counts["failed"] += 1
+            raise
+        self.counts["completed"] += 1
+        return out
+
+    def _release(self) -> None:
+        self.admitted -= 1
+
+    def stats(self) -> dict[str, Any]:
+        return {"queued": max(0, self.admitted - 1), "active": min(1, self.admitted), "max_queue": self.max_queue,
+                **self.counts, "busy_s": self.busy_s}
+
+    def close(self) -> None:
+        self.closed = True
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class KNNLMServerState:
+    knn: KNNLM  # the server's LM + datastore with its default decoding settings
+    spec: SpeculativeKNNConfig  # the default speculation settings
+    config: KNNLMServerConfig
+    metrics: ServerMetrics
+    datastore: dict[str, Any]  # the datastore's description (describe())
+    worker: KNNLMWorker | None = None
+    trimmer: HeapTrimmer | None = None
+    started: float = 0.0
+
+    @property
+    def max_tokens_limit(self) -> int:
+        return max(1, min(4096, int(getattr(self.knn.lm, "max_context", 4096)) - 2))
+
+
+KNN_STATE = web.AppKey("ralmspec_knnlm_state", KNNLMServerState)
+
+
+def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
+                     config: KNNLMServerConfig | None = None) -> web.Application:
+    """The application around ``knn`` (an LM and a datastore, checked compatible; its config is
+    the requests' default, ``max_new_tokens`` the default ``max_tokens``). The worker thread
+    starts with the application and is joined at cleanup (a running request halted first)."""
+    cfg = config or KNNLMServerConfig()
+    state = KNNLMServerState(knn, spec or SpeculativeKNNConfig(), cfg, ServerMetrics(), knn.datastore.describe())
+    app = web.Application(client_max_size=cfg.client_max_size,
+                          middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
+    app[KNN_STATE] = state
+
+    async def on_startup(app: web.Application) -> None:
+        state.started = time.time()
+        state.worker = KNNLMWorker(cfg.max_queue)
+        state.trimmer = HeapTrimmer(cfg.malloc_trim_s).start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        if state.trimmer is not None:
+            await to_thread(state.trimmer.close)
+        if state.worker is not None:
+            await to_thread(state.worker.close)
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    r = app.router
+    r.add_post("/v1/completions", completions)
+    r.add_get("/v1/models", models)
+    r.add_get("/v1/stats", stats)
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    return app
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def finite(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with non-finite floats (an acceptance rate of no speculated token) as ``None``: JSON
+    has no NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
+
+
+def as_generation_result(req: KNNLMCompletionRequest, knn: KNNLM, res: KNNLMResult) -> GenerationResult:
+    """The decoder's result in the engine's result shape (the response shapes and metrics read
+    it): finish "eos" after a stop token, else "length"; then cut at the first stop string."""
+    eos = bool(res.tokens) and knn.is_stop(res.tokens[-1])
+    stats = finite(res.stats.to_dict()) if res.stats is not None else {}
+    gr = GenerationResult(prompt=req.prompt, mode=res.mode, prompt_ids=list(res.prompt_ids),
+                          token_ids=list(res.tokens), text=res.text, steps=[],
+                          finish_reason="eos" if eos else "length", latency_s=res.wall_s,
+                          stats={**stats, "lm_s": res.lm_s, "search_s": res.search_s})
+    return cut_result(gr, req.stop, knn.lm.tokenizer)
+
+
+def knnlm_fields(req: KNNLMCompletionRequest, result: GenerationResult) -> dict[str, Any]:
+    """The answer's ``knnlm`` field: the mode, the settings in effect, times and counters."""
+    spec = {k: getattr(req.spec, k) for k in ("os3", "fixed_stride", "s_max", "gamma_max", "cache_capacity",
+                                              "successors", "async_verify", "strict")}
+    return {"mode": result.mode, "latency_s": result.latency_s,
+            "settings": {"k": req.knn.k, "lam": req.knn.lam, "knn_temperature": req.knn.temperature,
+                         "max_new_tokens": req.knn.max_new_tokens, "speculate": req.speculate,
+                         **(spec if req.speculate else {})},
+            "stats": result.stats}
+
+
+async def decode(state: KNNLMServerState, req: KNNLMCompletionRequest,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    """Run ``req`` on the worker thread: the naive or speculative decoder with the request's
+    settings, stopped by its stop strings or by ``halt`` (deadline, client gone)."""
+    assert state.worker is not None
+    knn = state.knn.with_config(req.knn)
+    try:  # tokenize and check the prompt here: a bad one is a 400 before it queues
+        prompt_ids = knn.check_prompt(req.prompt, req.knn.max_new_tokens)
+    except ConfigError as exc:
+        raise error_for(exc) from None
+    halt = threading.Event()
+    watch = StopWatch(knn.lm.tokenizer, req.stop)
+
+    def stop_when(generated: Any) -> bool:
+        return halt.is_set() or watch.completed(generated)
+
+    def job() -> KNNLMResult:
+        if req.speculate:
+            return SpeculativeKNNLM(knn, req.spec).generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
+        return knn.generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
+
+    res = await state.worker.run(job, halt, state.config.request_timeout_s)
+    return as_generation_result(req, knn, res)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[KNN_STATE]
+    body = decode_body(await request.read())
+    req = parse_knnlm_completion(body, state.knn.config, state.spec, state.config.speculate,
+                                 state.config.model_name, state.max_tokens_limit)
+    if req.stream:
+        return await _stream(request, state, req)
+    result = await run_watching(request, decode(state, req))
+    state.metrics.record_completion(result)
+    return web.json_response(answer(COMPLETION, f"cmpl-{uuid.uuid4().hex}", int(time.time()),
+                                    state.config.model_name, result, state.knn.lm.tokenizer,
+                                    {"knnlm": knnlm_fields(req, result)}))
+
+
+async def _stream(request: web.Request, state: KNNLMServerState, req: KNNLMCompletionRequest) -> web.StreamResponse:
+    """SSE of verified text (stop strings cut, a partial match held back), then the finish chunk
+    with ``knnlm``, usage if asked, ``[DONE]``. An error after the first chunk ends the stream
+    with an ``error`` event and no ``[DONE]``."""
+    cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
+    queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    ttft: list[float] = []
+
+    def on_tokens(toks: list[int]) -> None:  # in the worker thread; verified tokens only
+        if not ttft:
+            ttft.append(time.perf_counter() - t0)
+        loop.call_soon_threadsafe(queue.put_nowait, toks)
+
+    task = asyncio.ensure_future(decode(state, req, on_tokens))
+    # after the worker's last on_tokens (its callbacks were scheduled before the task finished)
+    task.add_done_callback(lambda _t: queue.put_nowait(None))
+    await first_chunk(request, task, queue)
+
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    text = VerifiedText(state.knn.lm.tokenizer, req.stop)
+    try:
+        await resp.prepare(request)
+        while True:
+            item = await next_chunk(request, queue)
+            if item is None:
+                break
+            delta = text.push(item)
+            if delta:
+                await resp.write(event(COMPLETION, cid, created, model, [COMPLETION.delta(delta)]))
+        exc = task.exception()
+        if exc is not None:
+            err = error_for(exc)
+            state.metrics.record_request(f"{request.path}:stream_error", err.status)
+            await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+            await resp.write_eof()
+            return resp
+        result = task.result()
+        state.metrics.record_completion(result, ttft[0] if ttft else None)
+        await resp.write(event(COMPLETION, cid, created, model,
+                               [COMPLETION.delta(text.finish(), finish_reason(result))],
+                               knnlm=knnlm_fields(req, result)))
+        if req.include_usage:
+            await resp.write(event(COMPLETION, cid, created, model, [], usage=usage(result)))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+    except (ConnectionError, asyncio.CancelledError):
+        task.cancel()
+        raise asyncio.CancelledError("client disconnected") from None
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - the cancelled request's outcome is nobody's now
+                pass
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[KNN_STATE]
+    return web.json_response({"object": "list", "data": [
+        {"id": state.config.model_name, "object": "model", "created": int(state.started), "owned_by": "ralmspec"}]})
+
+
+def _stats(state: KNNLMServerState) -> dict[str, Any]:
+    assert state.worker is not None
+    knn = state.knn
+    return {"version": __version__, "model": state.config.model_name, "lm": getattr(knn.lm, "name", None),
+            "uptime_s": time.time() - state.started, "datastore": state.datastore,
+            "defaults": {"k": knn.config.k, "lam": knn.config.lam, "knn_temperature": knn.config.temperature,
+                         "max_new_tokens": knn.config.max_new_tokens, "speculate": state.config.speculate,
+                         "speculation": asdict(state.spec)},
+            "queue": state.worker.stats(), "speculation": state.metrics.speculation(),
+            "memory": process_memory(state.trimmer)}
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(_stats(request.app[KNN_STATE]))
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[KNN_STATE]
+    ok = state.worker is not None and not state.worker.closed
+    return web.json_response({"status": "ok" if ok else "shutting_down", "version": __version__,
+                              "model": state.config.model_name, "datastore": state.datastore["path"]},
+                             status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[KNN_STATE]
+    assert state.worker is not None
+    ds = state.datastore
+    text = state.metrics.render(knowledge_base={"label": f"knnlm datastore {ds['entries']} entries",
+                                                "kind": f"knnlm-{ds['index']}", "passages": ds["entries"]})
+    q = state.worker.stats()
+    extra = gauge("ralmspec_queue_depth", "Requests waiting behind the one decoding.", q["queued"])
+    extra += gauge("ralmspec_active_requests", "Requests decoding now (at most 1).", q["active"])
+    for key, help_ in (("rejected", "Requests refused because the queue was full (429)."),
+                       ("cancelled", "Requests whose client went away."),
+                       ("timed_out", "Requests past their deadline (504)."),
+                       ("failed", "Requests that ended in an error.")):
+        extra += [f"# HELP ralmspec_knnlm_{key}_total {help_}", f"# TYPE ralmspec_knnlm_{key}_total counter",
+                  f"ralmspec_knnlm_{key}_total {q[key]}"]
+    return web.Response(text=text + "\n".join(extra) + "\n", content_type="text/plain")

@@ -1,0 +1,332 @@
+"""The kNN-LM server (serving/knnlm_app.py, ``ralmspec knnlm serve``) over real sockets: speculative
+answers == naive answers == the in-process naive decoder (text, finish, usage, streamed or not,
+stop strings), with proof that speculation ran; bad input is a 4xx naming the field; the queue
+bound (429), deadlines (504) and disconnects halt and free the one decoding thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.identity import SpeculationCheck
+from tests.serving.support import ServerThread, http, request
+from tests.serving.test_bad_input import ANY_JSON, ODD_TEXT, _string_leaves
+
+MODEL = "tiny-knn"
+MAX_NEW = 12
+
+
+def knn_server(tiny_lm, datastore, **cfg) -> ServerThread:
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+    from ralmspec.knnlm.speculative import SpeculativeKNNConfig
+    from serving.knnlm_app import KNNLMServerConfig, create_knnlm_app
+
+    knn = KNNLM(tiny_lm, datastore, KNNLMConfig(k=8, max_new_tokens=MAX_NEW))
+    cfg.setdefault("model_name", MODEL)
+    return ServerThread(create_knnlm_app(knn, SpeculativeKNNConfig(), KNNLMServerConfig(**cfg))).start()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm, knn_datastores):
+    srv = knn_server(tiny_lm, knn_datastores["flat"], max_queue=4)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def prompts(knn_corpus):
+    """Passage openings inside the datastore (speculation is accepted there) and from elsewhere."""
+    texts = [knn_corpus[i].text.split(". ")[0][:120] for i in range(0, 30, 3)]
+    texts += [knn_corpus[i].text.split(". ")[0][:120] for i in range(700, 3800, 620)]
+    return [t for t in texts if t.strip()]
+
+
+def complete(server, **body):
+    return request("POST", f"{server.url}/v1/completions", {"model": MODEL, **body})
+
+
+async def sse(url: str, body: dict, close_after: int | None = None) -> tuple[int, list]:
+    """A streamed request: (status, the parsed events, "[DONE]" kept as a string); with
+    ``close_after`` the connection is dropped after that many events."""
+    import aiohttp
+
+    events: list = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json=body) as r:
+            if r.status != 200:
+                return r.status, [await r.json()]
+            async for line in r.content:
+                line = line.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                events.append(data if data == "[DONE]" else json.loads(data))
+                if close_after is not None and len(events) >= close_after:
+                    return r.status, events  # leaving the block closes the connection
+    return r.status, events
+
+
+def stream(server, **body) -> tuple[str, dict, list]:
+    """(streamed text, the finish chunk, all events) of a streamed request."""
+    status, events = asyncio.run(sse(f"{server.url}/v1/completions", {"model": MODEL, "stream": True, **body}))
+    assert status == 200 and events[-1] == "[DONE]", events[-2:]
+    chunks = [e for e in events[:-1] if e["choices"]]
+    return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1], events
+
+
+def wait_idle(server, timeout_s: float = 10.0) -> dict:
+    """The /v1/stats queue once nothing is decoding or waiting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        q = request("GET", f"{server.url}/v1/stats")[1]["queue"]
+        if q["active"] == 0 and q["queued"] == 0 or time.monotonic() > deadline:
+            return q
+        time.sleep(0.05)
+
+
+SPEC_SETTINGS = [  # the `knnlm` extension: forced speculation (fixed strides), a tiny cache, async, OS^3
+    {"os3": False, "fixed_stride": 4},
+    {"os3": False, "fixed_stride": 3, "cache_capacity": 3},
+    {"os3": False, "fixed_stride": 2, "async_verify": True, "successors": 0},
+    {"k": 4, "lam": 0.5, "knn_temperature": 2.0, "os3": False, "fixed_stride": 5},
+]
+
+
+def test_speculative_answers_equal_naive_ones_and_the_decoder_over_http(server, prompts, tiny_lm, knn_datastores):
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+
+    check = SpeculationCheck()
+    rollbacks_expected = 0
+    for i, p in enumerate(prompts):
+        ext = SPEC_SETTINGS[i % len(SPEC_SETTINGS)]
+        naive_ext = {k: v for k, v in ext.items() if k in ("k", "lam", "knn_temperature")}
+        st, a = complete(server, prompt=p, max_tokens=MAX_NEW, knnlm={**naive_ext, "speculate": False})
+        st2, b = complete(server, prompt=p, max_tokens=MAX_NEW, knnlm=ext)
+        assert st == st2 == 200, (a, b)
+        assert a["knnlm"]["mode"] == "naive" and b["knnlm"]["mode"] == "speculative"
+        check.same((b["choices"][0], b["usage"]), (a["choices"][0], a["usage"]), b["knnlm"]["stats"], where=(p, ext))
+        rollbacks_expected += ext.get("cache_capacity", 99) <= 3
+        # the server's naive answer is the in-process decoder's
+        cfg = KNNLMConfig(k=naive_ext.get("k", 8), lam=naive_ext.get("lam", 0.25),
+                          temperature=naive_ext.get("knn_temperature", 1.0), max_new_tokens=MAX_NEW)
+        ref = KNNLM(tiny_lm, knn_datastores["flat"], cfg).generate(p)
+        assert a["choices"][0]["text"] == ref.text and a["usage"]["completion_tokens"] == len(ref.tokens)
+    check.ran(min_speculated=len(prompts), min_rollbacks=1 if rollbacks_expected else 0)
+    spec = request("GET", f"{server.url}/v1/stats")[1]["speculation"]
+    assert spec["requests"] >= len(prompts) and spec["speculated_steps"] >= len(prompts)
+
+
+def test_stop_strings_and_streams_give_the_same_answer(server, prompts):
+    """A stop string ends naive and speculative decoding at the same point; the streamed text
+    (verified only, a partial stop held back) is the non-streamed answer."""
+    check, stopped = SpeculationCheck(), 0
+    for p in prompts[:8]:
+        full = complete(server, prompt=p, max_tokens=MAX_NEW, knnlm={"speculate": False})[1]["choices"][0]["text"]
+        mid = len(full) // 2
+        stop = full[mid:mid + 2]
+        if not stop.strip():
+            continue
+        body = dict(prompt=p, max_tokens=MAX_NEW, stop=[stop, "\u00a7never"])
+        a = complete(server, **body, knnlm={"speculate": False})[1]
+        b = complete(server, **body, knnlm={"os3": False, "fixed_stride": 3})[1]
+        check.same((b["choices"][0], b["usage"]), (a["choices"][0], a["usage"]), b["knnlm"]["stats"], where=(p, stop))
+        text = a["choices"][0]["text"]
+        assert a["choices"][0]["finish_reason"] == "stop" and stop not in text and full.startswith(text)
+        stopped += 1
+        streamed, last, events = stream(server, **body, knnlm={"os3": False, "fixed_stride": 3},
+                                        stream_options={"include_usage": True})
+        assert streamed == text and last["choices"][0]["finish_reason"] == "stop"
+        assert last["knnlm"]["mode"] == "speculative" and events[-2]["usage"] == a["usage"]
+    assert stopped >= 4
+    check.ran(min_speculated=stopped)
+
+
+def test_the_openai_client_completes_and_streams(server, prompts):
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+    try:
+        r = c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=8, temperature=0)
+        parts = [ch.choices[0].text for ch in c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=8,
+                                                                  stream=True) if ch.choices]
+        assert r.choices[0].text == "".join(parts) and r.usage.completion_tokens <= 8
+        assert [m.id for m in c.models.list().data] == [MODEL]
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("body,param,status", [
+    ({"prompt": "a", "temperature": 0.7}, "temperature", 400),
+    ({"prompt": "a", "top_p": 0.5}, "top_p", 400),
+    ({"prompt": "a", "logprobs": 1}, "logprobs", 400),
+    ({"prompt": "a", "n": 2}, "n", 400),
+    ({"prompt": "a", "echo": True}, "echo", 400),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", 400),
+    ({"prompt": "a", "max_tokens": 90000}, "max_tokens", 400),
+    ({"prompt": ""}, "prompt", 400),
+    ({"prompt": ["a", "b"]}, "prompt", 400),
+    ({"prompt": "\ud800"}, "prompt", 400),
+    ({"prompt": "a " * 2000, "max_tokens": 8}, "prompt", 400),  # past the model's context
+    ({"prompt": "a", "stop": [1]}, "stop", 400),
+    ({"prompt": "a", "ralm": {}}, "ralm", 400),
+    ({"prompt": "a", "knnlm": []}, "knnlm", 400),
+    ({"prompt": "a", "knnlm": {"k": 0}}, "knnlm.k", 400),
+    ({"prompt": "a", "knnlm": {"lam": 1.5}}, "knnlm.lam", 400),
+    ({"prompt": "a", "knnlm": {"knn_temperature": 0}}, "knnlm.knn_temperature", 400),
+    ({"prompt": "a", "knnlm": {"gamma_max": 1}}, "knnlm.gamma_max", 400),
+    ({"prompt": "a", "knnlm": {"fixed_stride": 65}}, "knnlm.fixed_stride", 400),
+    ({"prompt": "a", "knnlm": {"speculate": "yes"}}, "knnlm.speculate", 400),
+    ({"prompt": "a", "knnlm": {"guesser": "exact"}}, "knnlm.guesser", 400),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options", 400),
+    ({"prompt": "a", "model": "other"}, "model", 404),
+])
+def test_bad_requests_are_answered_with_the_field_named(server, body, param, status):
+    st, out = request("POST", f"{server.url}/v1/completions", {"model": MODEL, **body})
+    assert st == status and out["error"]["param"] == param, out
+
+
+def test_bad_bodies_and_routes(server):
+    assert request("POST", f"{server.url}/v1/completions", raw=b"{nope")[0] == 400
+    assert request("POST", f"{server.url}/v1/completions", raw=b"[1]")[0] == 400
+    st, out = request("POST", f"{server.url}/v1/chat/completions", {"model": MODEL, "messages": []})
+    assert st == 404 and "no route" in out["error"]["message"]
+    st, out = request("GET", f"{server.url}/v1/completions")
+    assert st == 405
+
+
+def test_health_stats_and_metrics(server):
+    st, h = request("GET", f"{server.url}/health")
+    assert st == 200 and h["status"] == "ok" and h["model"] == MODEL
+    st, s = request("GET", f"{server.url}/v1/stats")
+    assert st == 200 and s["datastore"]["entries"] > 0 and s["datastore"]["index"] == "flat"
+    assert s["defaults"]["k"] == 8 and s["defaults"]["speculate"] is True and "rss_bytes" in s["memory"]
+    st, m = request("GET", f"{server.url}/metrics")
+    assert st == 200 and 'ralmspec_knowledge_base_info{kind="knnlm-flat"' in m
+    assert re.search(r'^ralmspec_http_requests_total\{endpoint="/v1/completions",status="200"\} \d', m, re.M)
+    assert "ralmspec_queue_depth 0" in m and "ralmspec_knnlm_rejected_total" in m
+
+
+def test_a_full_queue_is_429_and_every_admitted_request_is_answered(tiny_lm, knn_datastores, prompts):
+    srv = knn_server(tiny_lm, knn_datastores["flat"], max_queue=1)
+    try:
+        body = {"model": MODEL, "prompt": prompts[0], "max_tokens": 400, "knnlm": {"speculate": False}}
+
+        async def burst():
+            return await asyncio.gather(*(http("POST", f"{srv.url}/v1/completions", body) for _ in range(4)))
+
+        statuses = sorted(st for st, _ in asyncio.run(burst()))
+        assert statuses == [200, 200, 429, 429], statuses
+        q = wait_idle(srv)
+        assert q["rejected"] == 2 and q["completed"] == 2
+    finally:
+        srv.stop()
+
+
+def test_a_deadline_is_504_and_halts_the_decoder(tiny_lm, knn_datastores, prompts):
+    srv = knn_server(tiny_lm, knn_datastores["flat"], request_timeout_s=0.3)
+    try:
+        t = time.monotonic()
+        st, out = complete(srv, prompt=prompts[0], max_tokens=900, knnlm={"speculate": False})
+        assert st == 504 and out["error"]["code"] == "request_timeout"
+        q = wait_idle(srv)
+        assert q["active"] == 0 and q["timed_out"] == 1
+        assert time.monotonic() - t < 5, "the decoder ran on after its deadline"  # 900 tokens take ~9 s
+        assert complete(srv, prompt=prompts[0], max_tokens=4)[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_a_client_that_leaves_a_stream_halts_its_decoder(server, prompts):
+    t = time.monotonic()
+    status, events = asyncio.run(sse(f"{server.url}/v1/completions",
+                                     {"model": MODEL, "prompt": prompts[1], "max_tokens": 900, "stream": True,
+                                      "knnlm": {"speculate": False}}, close_after=1))
+    assert status == 200 and len(events) == 1
+    q = wait_idle(server)
+    assert q["active"] == 0 and q["cancelled"] >= 1
+    assert time.monotonic() - t < 5, "the decoder ran on after its client left"
+    assert complete(server, prompt=prompts[0], max_tokens=4)[0] == 200
+
+
+def test_knnlm_serve_runs_as_a_process(knn_datastores, prompts):
+    """``ralmspec knnlm serve`` end to end: starts, prints its address, answers, exits on SIGTERM."""
+    proc = subprocess.Popen([sys.executable, "-m", "ralmspec.cli", "knnlm", "serve", "--datastore",
+                             str(knn_datastores["flat"].path), "--port", "0", "--k", "8", "--max-new-tokens", "6",
+                             "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"serving on (http://\S+)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        st, out = request("POST", f"{m.group(1)}/v1/completions", {"model": "tiny", "prompt": prompts[0]})
+        assert st == 200 and out["usage"]["completion_tokens"] <= 6 and out["knnlm"]["mode"] == "speculative"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--request-timeout", "nan"], "--request-timeout must be >= 0"),
+    (["--port", "70000"], "--port"),
+    (["--max-queue", "-1"], "max_queue"),
+    (["--gamma-max", "1.5"], "gamma_max"),
+    (["--datastore", "/nonexistent/ds"], "/nonexistent/ds"),
+])
+def test_bad_knnlm_serve_settings_exit_2(capsys, knn_datastores, argv, msg):
+    from ralmspec.cli import main
+
+    base = ["knnlm", "serve", "--datastore", str(knn_datastores["flat"].path), "--port", "0"]
+    assert main(base + argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+KNN_VALID = {"model": MODEL, "prompt": "The Battle of", "max_tokens": 3, "temperature": 0, "top_p": 1, "stop": ["\n"],
+             "seed": 1, "stream": False, "user": "u",
+             "knnlm": {"k": 4, "lam": 0.3, "knn_temperature": 2.0, "speculate": True, "os3": False, "fixed_stride": 2}}
+
+
+@st.composite
+def mutated_knnlm_bodies(draw):
+    """The valid body with 1-3 fields (or ``knnlm`` fields) replaced by any JSON, deleted or
+    added, a text field perhaps odd text; half of them streamed."""
+    body = json.loads(json.dumps(KNN_VALID))
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(body) + ["n", "logprobs", "logit_bias", "stream_options", "extra"]))
+        target = body
+        if isinstance(body.get(key), dict) and body[key] and draw(st.booleans()):
+            target, key = body[key], draw(st.sampled_from(sorted(body[key]) + ["cache_capacity", "gamma_max"]))
+        if draw(st.integers(0, 4)) == 0:
+            target.pop(key, None)
+        else:
+            target[key] = draw(ANY_JSON)
+    leaves = _string_leaves(body)
+    if leaves and draw(st.booleans()):
+        holder, key = draw(st.sampled_from(leaves))
+        holder[key] = draw(ODD_TEXT | st.text(max_size=20))
+    if draw(st.booleans()):
+        body["stream"] = True
+    return body
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=mutated_knnlm_bodies())
+def test_any_mutated_body_is_answered_without_a_server_error(server, body):
+    """Property (as for ``ralmspec serve``, test_bad_input.py): a 2xx, or a 4xx JSON error; never a 5xx."""
+    status, resp = request("POST", f"{server.url}/v1/completions", raw=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json"})
+    assert status < 500, (body, resp)
+    if status >= 400:
+        assert isinstance(resp, dict) and set(resp) == {"error"} and resp["error"]["message"], (body, resp)
+    elif body.get("stream") is True:
+        assert isinstance(resp, str) and resp.rstrip().endswith("data: [DONE]") and '"error"' not in resp, resp
