@@ -38,10 +38,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -391,21 +392,42 @@ async def respond(request: web.Request, state: ServerState, req: CompletionReque
 
 async def _stream(request: web.Request, state: ServerState, req: CompletionRequest,
                   shape: Shape) -> web.StreamResponse:
-    """SSE of verified text (stop strings cut, partial matches held back: engine/stop.py), each
-    chunk with the logprobs of the tokens its text completes (ralmspec/engine/stream.py), then the finish
-    chunk with ``ralm`` (and the logprobs not sent yet), usage, ``[DONE]``."""
+    """The request's answer streamed (``stream_verified``), ``ralm`` in the finish chunk."""
     assert state.scheduler is not None
+    return await stream_verified(
+        request, lambda on_tokens: generate(state, req, shape, on_tokens), shape=shape,
+        model=state.config.model_name, tokenizer=state.engine.lm.tokenizer, stops=req.gen.stop,
+        logprobs=req.gen.logprobs is not None, include_usage=req.include_usage, metrics=state.metrics,
+        extension=lambda result: {"ralm": ralm_fields(state, req, result)})
+
+
+async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], None]], Awaitable[GenerationResult]],
+                          *, shape: Shape, model: str, tokenizer: Any, stops: Sequence[str], logprobs: bool,
+                          include_usage: bool, metrics: ServerMetrics,
+                          extension: Callable[[GenerationResult], dict[str, Any]]) -> web.StreamResponse:
+    """SSE of a generation's verified text: ``run(on_tokens)`` generates, passing each verified
+    chunk (token ids; a ``VerifiedChunk`` with logprobs when ``logprobs``) to ``on_tokens``, from
+    the serving loop or any other thread. Stop strings cut, partial matches held back
+    (engine/stop.py); each chunk carries the logprobs of the tokens its text completes
+    (ralmspec/engine/stream.py); then the finish chunk with ``extension(result)`` (and the
+    logprobs not sent yet), usage if asked, ``[DONE]``. An error before the first chunk is
+    answered with its HTTP status; after it, the stream ends with an ``error`` event and no
+    ``[DONE]``."""
     cid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
     queue: asyncio.Queue[VerifiedChunk | None] = asyncio.Queue()
+    loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
     t0 = time.perf_counter()
     ttft: list[float] = []
 
     def on_tokens(toks: Any) -> None:  # verified tokens only (engine contract)
         if not ttft:
             ttft.append(time.perf_counter() - t0)
-        queue.put_nowait(toks)
+        if threading.get_ident() == loop_thread:
+            queue.put_nowait(toks)
+        else:  # queued before the task's end: its done callback is scheduled after these
+            loop.call_soon_threadsafe(queue.put_nowait, toks)
 
-    task = asyncio.ensure_future(generate(state, req, shape, on_tokens))
+    task = asyncio.ensure_future(run(on_tokens))
     task.add_done_callback(lambda _t: queue.put_nowait(None))
     # The stream starts with the first verified chunk: errors before it (queue full, bad prompt,
     # knowledge base down at the first retrieval, deadline) are answered with their HTTP status.
@@ -413,19 +435,16 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
-    tokenizer = state.engine.lm.tokenizer
-    text = VerifiedText(tokenizer, req.gen.stop)
-    scored = LogprobRelease(tokenizer) if req.gen.logprobs is not None else None
+    text = VerifiedText(tokenizer, stops)
+    scored = LogprobRelease(tokenizer) if logprobs else None
 
-    def logprobs(final: GenerationResult | None = None) -> dict[str, Any] | None:
+    def logprobs_of(final: GenerationResult | None = None) -> dict[str, Any] | None:
         """The logprobs of the tokens whose text is sent (all of ``final``'s, at the end)."""
         if scored is None:
             return None
         entries, offsets = scored.release(text.sent) if final is None else scored.finish(final.logprobs or [],
                                                                                           len(final.text))
         return shape.logprobs(entries, tokenizer, offsets)
-
-    model = state.config.model_name
 
     def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
         return event(shape, cid, created, model, [choice], **extra)
@@ -443,21 +462,20 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
                 scored.push(item.logprobs)
             delta = text.push(item)
             if delta:
-                await resp.write(chunk(shape.delta(delta, logprobs=logprobs())))
+                await resp.write(chunk(shape.delta(delta, logprobs=logprobs_of())))
         exc = task.exception()
         if exc is not None:
             err = error_for(exc)
             log.warning("stream %s ended with %d: %s", cid, err.status, err.message)
-            state.metrics.record_request(f"{request.path}:stream_error", err.status)
+            metrics.record_request(f"{request.path}:stream_error", err.status)
             await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
             await resp.write_eof()
             return resp
         result = task.result()
-        state.metrics.record_completion(result, ttft[0] if ttft else None)
+        metrics.record_completion(result, ttft[0] if ttft else None)
         rest = text.finish()
-        await resp.write(chunk(shape.delta(rest, finish_reason(result), logprobs(result)),
-                               ralm=ralm_fields(state, req, result)))
-        if req.include_usage:
+        await resp.write(chunk(shape.delta(rest, finish_reason(result), logprobs_of(result)), **extension(result)))
+        if include_usage:
             await resp.write(event(shape, cid, created, model, [], usage=usage(result)))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

@@ -25,7 +25,6 @@ Errors follow serving/app.py's contract (JSON ``{"error": {...}}``, 400 naming t
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import threading
 import time
@@ -39,16 +38,15 @@ from ralmspec import __version__
 from ralmspec.engine.result import GenerationResult
 from ralmspec.engine.scheduler import QueueFullError, RequestTimeoutError, SchedulerClosedError
 from ralmspec.engine.stop import StopWatch, cut_result
-from ralmspec.engine.stream import VerifiedText
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.model import KNNLM, KNNLMResult
 from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.threads import WorkerPool, to_thread
-from serving.app import error_for, error_middleware, first_chunk, next_chunk, run_watching
+from serving.app import error_for, error_middleware, run_watching, stream_verified
 from serving.metrics import ServerMetrics, gauge
 from serving.protocol import KNNLMCompletionRequest, decode_body, parse_knnlm_completion
-from serving.shapes import COMPLETION, answer, event, finish_reason, usage
+from serving.shapes import COMPLETION, answer
 
 
 @dataclass(frozen=True)
@@ -273,64 +271,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, state: KNNLMServerState, req: KNNLMCompletionRequest) -> web.StreamResponse:
-    """SSE of verified text (stop strings cut, a partial match held back), then the finish chunk
-    with ``knnlm``, usage if asked, ``[DONE]``. An error after the first chunk ends the stream
-    with an ``error`` event and no ``[DONE]``."""
-    cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
-    queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    t0 = time.perf_counter()
-    ttft: list[float] = []
-
-    def on_tokens(toks: list[int]) -> None:  # in the worker thread; verified tokens only
-        if not ttft:
-            ttft.append(time.perf_counter() - t0)
-        loop.call_soon_threadsafe(queue.put_nowait, toks)
-
-    task = asyncio.ensure_future(decode(state, req, on_tokens))
-    # after the worker's last on_tokens (its callbacks were scheduled before the task finished)
-    task.add_done_callback(lambda _t: queue.put_nowait(None))
-    await first_chunk(request, task, queue)
-
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                       "X-Accel-Buffering": "no"})
-    text = VerifiedText(state.knn.lm.tokenizer, req.stop)
-    try:
-        await resp.prepare(request)
-        while True:
-            item = await next_chunk(request, queue)
-            if item is None:
-                break
-            delta = text.push(item)
-            if delta:
-                await resp.write(event(COMPLETION, cid, created, model, [COMPLETION.delta(delta)]))
-        exc = task.exception()
-        if exc is not None:
-            err = error_for(exc)
-            state.metrics.record_request(f"{request.path}:stream_error", err.status)
-            await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
-            await resp.write_eof()
-            return resp
-        result = task.result()
-        state.metrics.record_completion(result, ttft[0] if ttft else None)
-        await resp.write(event(COMPLETION, cid, created, model,
-                               [COMPLETION.delta(text.finish(), finish_reason(result))],
-                               knnlm=knnlm_fields(req, result)))
-        if req.include_usage:
-            await resp.write(event(COMPLETION, cid, created, model, [], usage=usage(result)))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-    except (ConnectionError, asyncio.CancelledError):
-        task.cancel()
-        raise asyncio.CancelledError("client disconnected") from None
-    finally:
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except BaseException:  # noqa: BLE001 - the cancelled request's outcome is nobody's now
-                pass
+    """The answer streamed as ``ralmspec serve`` streams (serving/app.py ``stream_verified``:
+    verified text only, a stop string's possible start held back), ``knnlm`` in the finish chunk."""
+    return await stream_verified(
+        request, lambda on_tokens: decode(state, req, on_tokens), shape=COMPLETION, model=state.config.model_name,
+        tokenizer=state.knn.lm.tokenizer, stops=req.stop, logprobs=False, include_usage=req.include_usage,
+        metrics=state.metrics, extension=lambda result: {"knnlm": knnlm_fields(req, result)})
 
 
 # --------------------------------------------------------------------------- the rest

@@ -349,36 +349,15 @@ def parse_generation(body: Mapping[str, Any], defaults: EngineConfig, model: str
     extension; -> the request with its GenerationConfig / SpeculationConfig."""
     stream, include_usage = parse_stream(body)
     check_neutral(body)
-    ralm = body.get("ralm")
-    if ralm is None:
-        ralm = {}
-    if not isinstance(ralm, dict):
-        raise bad(f"'ralm' must be an object, got {type(ralm).__name__}", "ralm")
     gen_kw: dict[str, Any] = {"max_new_tokens": max_tokens, "stop": parse_stop(body), "logprobs": logprobs,
                               **parse_sampling(body)}
     spec_kw: dict[str, Any] = {}
     speculate = defaults.speculation.enabled
     return_trace = False
-    for key, v in ralm.items():
-        p = f"ralm.{key}"
-        if key not in _RALM_FIELDS:
-            raise bad(f"unknown field '{p}' (supported: {', '.join(sorted(_RALM_FIELDS))})", p)
-        if v is None:
-            continue
-        target, typ, lo, hi = _RALM_FIELDS[key]
-        if typ is int:
-            v = _int(ralm, key, int(lo), int(hi), p)
-        elif typ is bool:
-            v = _bool(ralm, key, p)
-        elif typ is float:
-            if not _is_num(v) or not lo < v < hi:
-                raise bad(f"'{p}' must be a number in ({lo}, {hi}), got {v!r}", p)
-            v = float(v)
-        elif typ is str and not isinstance(v, str):
-            raise bad(f"'{p}' must be a string", p)
+    for key, target, v in extension_fields(body, "ralm", _RALM_FIELDS):
         if key == "retriever":
             if v != retriever_kind:
-                raise bad(f"unknown retriever '{v}': this server's knowledge base is '{retriever_kind}'", p)
+                raise bad(f"unknown retriever '{v}': this server's knowledge base is '{retriever_kind}'", f"ralm.{key}")
         elif key == "speculate":
             speculate = v
         elif key == "return_trace":
@@ -404,6 +383,41 @@ def parse_generation(body: Mapping[str, Any], defaults: EngineConfig, model: str
     except ConfigError as exc:
         raise bad(str(exc), "ralm.guesser") from None
     return CompletionRequest(model, prompt, stream, include_usage, gen, spec, speculate, return_trace)
+
+
+def extension_fields(body: Mapping[str, Any], name: str, fields: Mapping[str, tuple[str, type, float, float]],
+                     closed: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str, Any]]:
+    """The fields of the extension object ``body[name]`` (absent or null: none), each checked
+    against ``fields`` (key -> (target, type, lo, hi): integers in [lo, hi], numbers in (lo, hi),
+    or [lo, hi] for the keys in ``closed``; booleans; strings): ``(key, target, value)`` of the
+    non-null ones, in order; a 400 naming ``name.key`` otherwise."""
+    ext = body.get(name)
+    if ext is None:
+        return []
+    if not isinstance(ext, dict):
+        raise bad(f"'{name}' must be an object, got {type(ext).__name__}", name)
+    out = []
+    for key, v in ext.items():
+        p = f"{name}.{key}"
+        if key not in fields:
+            raise bad(f"unknown field '{p}' (supported: {', '.join(sorted(fields))})", p)
+        if v is None:
+            continue
+        target, typ, lo, hi = fields[key]
+        if typ is int:
+            v = _int(ext, key, int(lo), int(hi), p)
+        elif typ is bool:
+            v = _bool(ext, key, p)
+        elif typ is float:
+            shut = key in closed
+            if not _is_num(v) or not (lo <= v <= hi if shut else lo < v < hi):
+                raise bad(f"'{p}' must be a number in {'[' if shut else '('}{lo:g}, {hi:g}{']' if shut else ')'}, "
+                          f"got {v!r}", p)
+            v = float(v)
+        elif typ is str and not isinstance(v, str):
+            raise bad(f"'{p}' must be a string", p)
+        out.append((key, target, v))
+    return out
 
 
 def parse_sampling(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -437,8 +451,7 @@ def with_seed(req: CompletionRequest, seed: int) -> CompletionRequest:
 _KNNLM_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "stream", "stream_options", "stop", "temperature",
                             "top_p", "seed", "user", "n", "best_of", "presence_penalty", "frequency_penalty",
                             "logit_bias", "logprobs", "echo", "suffix", "knnlm"}
-# knnlm extension: field -> (target config, python type, lo, hi); floats: lo <= v <= hi, or
-# lo < v < hi for the fields in _KNNLM_OPEN
+# knnlm extension: field -> (target config, python type, lo, hi) (extension_fields; lam's range is closed)
 _KNNLM_FIELDS: dict[str, tuple[str, type, float, float]] = {
     "speculate": ("req", bool, 0, 0),
     "k": ("knn", int, 1, 4096),
@@ -453,7 +466,6 @@ _KNNLM_FIELDS: dict[str, tuple[str, type, float, float]] = {
     "async_verify": ("spec", bool, 0, 0),
     "strict": ("spec", bool, 0, 0),
 }
-_KNNLM_OPEN = {"knn_temperature", "gamma_max"}
 
 
 @dataclass(frozen=True)
@@ -492,29 +504,8 @@ def parse_knnlm_completion(body: Any, knn_defaults: Any, spec_defaults: Any, spe
     max_tokens = min(knn_defaults.max_new_tokens, max_tokens_limit)
     if body.get("max_tokens") is not None:
         max_tokens = _int(body, "max_tokens", 1, max_tokens_limit)
-    ext = body.get("knnlm")
-    if ext is None:
-        ext = {}
-    if not isinstance(ext, dict):
-        raise bad(f"'knnlm' must be an object, got {type(ext).__name__}", "knnlm")
     kw: dict[str, dict[str, Any]] = {"knn": {"max_new_tokens": max_tokens}, "spec": {}}
-    for key, v in ext.items():
-        p = f"knnlm.{key}"
-        if key not in _KNNLM_FIELDS:
-            raise bad(f"unknown field '{p}' (supported: {', '.join(sorted(_KNNLM_FIELDS))})", p)
-        if v is None:
-            continue
-        target, typ, lo, hi = _KNNLM_FIELDS[key]
-        if typ is int:
-            v = _int(ext, key, int(lo), int(hi), p)
-        elif typ is bool:
-            v = _bool(ext, key, p)
-        else:
-            is_open = key in _KNNLM_OPEN
-            if not _is_num(v) or not (lo < v < hi if is_open else lo <= v <= hi):
-                where = f"({lo:g}, {hi:g})" if is_open else f"[{lo:g}, {hi:g}]"
-                raise bad(f"'{p}' must be a number in {where}, got {v!r}", p)
-            v = float(v)
+    for key, target, v in extension_fields(body, "knnlm", _KNNLM_FIELDS, closed={"lam"}):
         if target == "req":
             speculate = v
         else:
