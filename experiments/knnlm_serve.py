@@ -1,14 +1,15 @@
 """kNN-LM over HTTP: naive vs speculative through ``ralmspec knnlm serve``, every answer compared.
 
-Each cell ``(round, mode)`` gets a FRESH server process (no warm state crosses modes), which
-then answers the same prompts in the same order from one client, one request at a time (the
-server decodes one request at a time; more clients would only queue). The mode that goes first
-alternates by round. Per cell: completion tokens/s, mean and p50 latency, and the speculation
-counters from ``GET /v1/stats``; per round the speculative / naive ratio of tokens/s. Every
-speculative answer (text, finish reason, usage) is compared with the naive one of the same
-round: exit status 1 if any differs.
+Each cell ``(round, concurrency C, mode)`` gets a FRESH server process (no warm state crosses
+cells) started with ``--max-concurrent C``; C closed-loop clients then send the same prompts
+(client c sends prompts c, c+C, ...). Within a round and concurrency the mode that goes first
+alternates. Per cell: completion tokens/s, mean and p50 latency, the peak of requests decoding
+at once and the speculation counters from ``GET /v1/stats``; per round and concurrency the
+speculative / naive ratio of tokens/s. Every answer (text, finish reason, usage) is compared
+with the naive answer of the first concurrency in the same round: exit status 1 if any differs.
 
     python experiments/knnlm_serve.py --datastore ds/ --n 20 --max-tokens 32 --rounds 2 --json out.json -- --k 8
+    python experiments/knnlm_serve.py --datastore ds/ --concurrency 1 2 -- --threads 1
 
 Flags after ``--`` go to every spawned ``ralmspec knnlm serve``. A measurement script, not a
 test: run it on a quiet machine.
@@ -34,32 +35,39 @@ from ralmspec.knnlm.cli import bench_texts  # noqa: E402
 MODES = ("naive", "speculative")
 
 
-async def run_cell(url: str, prompts: list[str], max_tokens: int, mode: str) -> dict[str, Any]:
-    """One client sends every prompt in order; the answers and the cell's figures."""
+async def run_cell(url: str, prompts: list[str], max_tokens: int, mode: str, clients: int) -> dict[str, Any]:
+    """``clients`` closed-loop clients send the prompts; the answers (in prompt order) and the figures."""
     import aiohttp
 
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{url}/v1/models") as r:
             model = (await r.json())["data"][0]["id"]
-        answers, latencies = [], []
+        answers: list[Any] = [None] * len(prompts)
+        latencies: list[float] = []
+
+        async def client(c: int) -> None:
+            for i in range(c, len(prompts), clients):
+                body = {"model": model, "prompt": prompts[i], "max_tokens": max_tokens,
+                        "knnlm": {"speculate": mode != "naive"}}
+                t = time.perf_counter()
+                async with s.post(f"{url}/v1/completions", json=body) as r:
+                    out = await r.json()
+                    if r.status != 200:
+                        raise RuntimeError(f"{mode}: HTTP {r.status}: {out}")
+                latencies.append(time.perf_counter() - t)
+                answers[i] = {"text": out["choices"][0]["text"], "finish": out["choices"][0]["finish_reason"],
+                              "usage": out["usage"]}
+
         t0 = time.perf_counter()
-        for p in prompts:
-            body = {"model": model, "prompt": p, "max_tokens": max_tokens, "knnlm": {"speculate": mode != "naive"}}
-            t = time.perf_counter()
-            async with s.post(f"{url}/v1/completions", json=body) as r:
-                out = await r.json()
-                if r.status != 200:
-                    raise RuntimeError(f"{mode}: HTTP {r.status}: {out}")
-            latencies.append(time.perf_counter() - t)
-            answers.append({"text": out["choices"][0]["text"], "finish": out["choices"][0]["finish_reason"],
-                            "usage": out["usage"]})
+        await asyncio.gather(*(client(c) for c in range(clients)))
         wall = time.perf_counter() - t0
         async with s.get(f"{url}/v1/stats") as r:
             stats = await r.json()
     tokens = sum(a["usage"]["completion_tokens"] for a in answers)
     spec = stats["speculation"]
-    return {"mode": mode, "requests": len(prompts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "mean_latency_s": statistics.mean(latencies), "p50_latency_s": percentile(latencies, 50),
+    return {"mode": mode, "clients": clients, "requests": len(prompts), "tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall, "mean_latency_s": statistics.mean(latencies),
+            "p50_latency_s": percentile(latencies, 50), "peak_active": stats["queue"]["peak_active"],
             "speculated": spec["speculated_steps"], "accepted": spec["accepted"], "rollbacks": spec["rollbacks"],
             "busy_s": stats["queue"]["busy_s"], "answers": answers}
 
@@ -77,32 +85,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-chars", type=int, default=160, help="prompt length cap in characters")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1],
+                    help="clients, and the server's --max-concurrent, per cell (default 1)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     prompts = [t[:a.max_chars] for t in bench_texts(a.prompts, a.n)]
     cells, rows, differ = [], [], 0
     for rnd in range(a.rounds):
-        order = MODES if rnd % 2 == 0 else MODES[::-1]
-        got: dict[str, dict[str, Any]] = {}
-        for mode in order:
-            print(f"round {rnd + 1}/{a.rounds}: {mode}", file=sys.stderr, flush=True)
-            srv = Server(["--datastore", a.datastore, *extra], command=("knnlm", "serve"))
-            try:
-                got[mode] = asyncio.run(run_cell(srv.url, prompts, a.max_tokens, mode)) | {"round": rnd}
-            finally:
-                srv.stop()
-        n_diff = sum(x != y for x, y in zip(got["naive"]["answers"], got["speculative"]["answers"]))
-        differ += n_diff
-        rows.append({"round": rnd, "speedup": got["speculative"]["tok_s"] / got["naive"]["tok_s"],
-                     "identical": len(prompts) - n_diff, "of": len(prompts)})
-        cells += [got[m] for m in MODES]
-    print(f"{'round':>5} {'mode':>11} {'tok/s':>7} {'mean s':>7} {'p50 s':>6} {'spec':>5} {'acc':>5} {'rb':>4}")
+        reference = None  # the round's first naive answers
+        for j, conc in enumerate(a.concurrency):
+            order = MODES if (rnd + j) % 2 == 0 else MODES[::-1]
+            got: dict[str, dict[str, Any]] = {}
+            for mode in order:
+                print(f"round {rnd + 1}/{a.rounds}, {conc} client(s): {mode}", file=sys.stderr, flush=True)
+                srv = Server(["--datastore", a.datastore, "--max-concurrent", str(conc), *extra],
+                             command=("knnlm", "serve"))
+                try:
+                    got[mode] = asyncio.run(run_cell(srv.url, prompts, a.max_tokens, mode, conc)) | {"round": rnd}
+                finally:
+                    srv.stop()
+            reference = reference or got["naive"]["answers"]
+            n_diff = sum(x != y for m in MODES for x, y in zip(got[m]["answers"], reference))
+            differ += n_diff
+            rows.append({"round": rnd, "clients": conc, "speedup": got["speculative"]["tok_s"] / got["naive"]["tok_s"],
+                         "identical": 2 * len(prompts) - n_diff, "of": 2 * len(prompts)})
+            cells += [got[m] for m in MODES]
+    print(f"{'round':>5} {'clients':>7} {'mode':>11} {'tok/s':>7} {'mean s':>7} {'p50 s':>6} {'peak':>4} "
+          f"{'spec':>5} {'acc':>5} {'rb':>4}")
     for c in cells:
-        print(f"{c['round'] + 1:>5} {c['mode']:>11} {c['tok_s']:>7.1f} {c['mean_latency_s']:>7.3f} "
-              f"{c['p50_latency_s']:>6.3f} {c['speculated']:>5} {c['accepted']:>5} {c['rollbacks']:>4}")
+        print(f"{c['round'] + 1:>5} {c['clients']:>7} {c['mode']:>11} {c['tok_s']:>7.1f} {c['mean_latency_s']:>7.3f} "
+              f"{c['p50_latency_s']:>6.3f} {c['peak_active']:>4} {c['speculated']:>5} {c['accepted']:>5} "
+              f"{c['rollbacks']:>4}")
     for r in rows:
-        print(f"round {r['round'] + 1}: speculative / naive tokens/s = {r['speedup']:.2f}x, "
-              f"{r['identical']}/{r['of']} answers identical")
+        print(f"round {r['round'] + 1}, {r['clients']} client(s): speculative / naive tokens/s = {r['speedup']:.2f}x, "
+              f"{r['identical']}/{r['of']} answers identical to the round's first naive answers")
     if a.json:
         doc = {"args": vars(a), "server_flags": extra, "prompts": prompts, "cells": cells, "ratios": rows,
                "machine": {"platform": platform.platform(), "loadavg": loadavg()}}

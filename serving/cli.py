@@ -266,16 +266,20 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
 
     p = knnlm_subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server of (speculative) kNN-LM decoding (/v1/completions)",
-        description="Serve kNN-LM completions over HTTP (docs/knnlm.md 'Serving over HTTP'): one request decodes "
-                    "at a time, speculative by default, token-identical to the naive decoder. The decoding and "
+        description="Serve kNN-LM completions over HTTP (docs/knnlm.md 'Serving over HTTP'): speculative by "
+                    "default, token-identical to the naive decoder, --max-concurrent requests decoding at once. "
+                    "The decoding and "
                     "speculation options are the requests' defaults (a request's `knnlm` field overrides them); "
                     "--max-new-tokens is the default `max_tokens`.")
     p.add_argument("--datastore", required=True, help="the datastore folder (`ralmspec knnlm build`)")
     h = p.add_argument_group("server")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     h.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed at start)")
+    h.add_argument("--max-concurrent", type=int, default=1,
+                   help="requests decoding at once, each in its own thread with its own view of the LM (same "
+                        "weights, own KV runner); the answers are the same at any value (default 1)")
     h.add_argument("--max-queue", type=int, default=16,
-                   help="requests waiting behind the one decoding; beyond: HTTP 429 (default 16)")
+                   help="requests waiting for a decoding thread; beyond: HTTP 429 (default 16)")
     h.add_argument("--request-timeout", type=float, default=300.0,
                    help="seconds per request, queueing included (0: no limit; default 300)")
     h.add_argument("--no-speculate", action="store_true",
@@ -304,7 +308,8 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
     if not a.request_timeout >= 0:  # NaN too
         raise ConfigError(f"--request-timeout must be >= 0 seconds (0: no limit), got {a.request_timeout}")
     spec = speculative_config(a)  # bad speculation options fail before anything loads
-    server = dict(client_max_size=a.max_body_bytes, max_queue=a.max_queue, request_timeout_s=a.request_timeout,
+    server = dict(client_max_size=a.max_body_bytes, max_concurrent=a.max_concurrent, max_queue=a.max_queue,
+                  request_timeout_s=a.request_timeout,
                   speculate=not a.no_speculate, malloc_trim_s=a.malloc_trim_s)
     KNNLMServerConfig(**server)  # likewise
     set_threads(a.threads)
@@ -315,7 +320,7 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
         d = ds.describe()
         _log(f"ralmspec: kNN-LM {name!r} + datastore {d['path']} ({d['entries']} entries, {d['index']} index) "
              f"loaded in {time.perf_counter() - t:.1f}s; {'speculative' if not a.no_speculate else 'naive'} "
-             "by default, one request at a time")
+             f"by default, {a.max_concurrent} request(s) decoding at once")
         try:
             asyncio.run(serve(app, a.host, a.port, a.access_log))
         except OSError as exc:

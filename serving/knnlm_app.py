@@ -10,10 +10,11 @@ Routes (docs/knnlm.md "Serving over HTTP"):
   counters.
 - ``GET /v1/models``, ``GET /health``, ``GET /v1/stats`` (JSON), ``GET /metrics`` (Prometheus).
 
-How requests run: ONE worker thread decodes one request at a time, in arrival order (a kNN-LM
-request holds one KV session of the LM and searches the datastore at every token; requests are
-not batched across each other). ``max_queue`` requests may wait beyond the running one (then
-429); ``request_timeout_s`` bounds a request, queueing included (504). A client that disconnects,
+How requests run: ``max_concurrent`` worker threads (default 1) each decode one request at a
+time, in arrival order, each with its own view of the LM (same weights, own runner), so a
+request's tokens never depend on its neighbours (a kNN-LM request holds one KV session and
+searches the datastore at every token; requests are not batched with each other, they overlap:
+one's search beside another's LM step). ``max_queue`` requests may wait for a thread (then 429); ``request_timeout_s`` bounds a request, queueing included (504). A client that disconnects,
 or a deadline that passes, halts its decoder at the next token it decides (the decoders'
 ``stop_when``: a halted request finishes its round's verification and is dropped; nothing
 unverified is ever sent). Stop strings end decoding where the naive decoder ends
@@ -26,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import queue
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from aiohttp import web
 
@@ -55,7 +57,8 @@ class KNNLMServerConfig:
 
     model_name: str = "ralmspec-knnlm"  # the `model` clients must send
     client_max_size: int = 1 << 20  # bytes of request body; larger -> 413
-    max_queue: int = 16  # requests waiting behind the running one; beyond -> 429
+    max_concurrent: int = 1  # requests decoding at once, each in its own thread with its own LM runner
+    max_queue: int = 16  # requests waiting for a thread; beyond -> 429
     request_timeout_s: float = 300.0  # per request, queueing included; 0: no limit
     speculate: bool = True  # a request without `knnlm.speculate` runs speculatively
     malloc_trim_s: float = 60.0  # seconds between C heap trims (ralmspec/memory.py); 0: never
@@ -65,6 +68,8 @@ class KNNLMServerConfig:
             raise ConfigError("model_name must be non-empty")
         if self.client_max_size < 1:
             raise ConfigError(f"client_max_size must be >= 1, got {self.client_max_size}")
+        if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
+            raise ConfigError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ConfigError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
         if not self.request_timeout_s >= 0:
@@ -73,41 +78,55 @@ class KNNLMServerConfig:
 
 
 class KNNLMWorker:
-    """Runs decoding jobs one at a time in ONE thread, in arrival order, with admission control.
+    """Runs decoding jobs in ``len(views)`` threads, in arrival order, with admission control.
 
-    ``run(job, halt, timeout_s)``: a ``job()`` admitted while fewer than ``1 + max_queue`` jobs are
-    admitted (else ``QueueFullError``), awaited with the deadline; on a deadline
+    Each thread decodes with a view of its own (``views``: ``KNNLM``s over the same weights and
+    datastore, each with its own LM runner: a runner serves one thread at a time), so a
+    request's tokens never depend on which others run beside it.
+    ``run(job, halt, timeout_s)``: ``job(view)`` admitted while fewer than ``threads + max_queue``
+    jobs are admitted (else ``QueueFullError``), awaited with the deadline; on a deadline
     (``RequestTimeoutError``) or a cancel (the client left) ``halt`` is set, which the job's
     decoder reads as "stop now", and a job still queued never starts. A job counts as admitted
-    until its thread is done with it, so the queue bound holds the real work."""
+    until its thread is done with it, so the bounds hold the real work."""
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.pool = WorkerPool(max_workers=1, thread_name_prefix="knnlm-lm")
+    def __init__(self, views: Sequence[KNNLM], max_queue: int):
+        self.threads, self.max_queue = len(views), max_queue
+        self.free: queue.SimpleQueue[KNNLM] = queue.SimpleQueue()  # a thread's job takes one, gives it back
+        for v in views:
+            self.free.put(v)
+        self.pool = WorkerPool(max_workers=self.threads, thread_name_prefix="knnlm-lm")
         self.admitted = 0
         self.closed = False
         self.counts = {"completed": 0, "rejected": 0, "cancelled": 0, "timed_out": 0, "failed": 0}
         self._lock = threading.Lock()
-        self.busy_s = 0.0  # seconds the worker thread spent decoding
+        self.running = 0  # jobs decoding now (under the lock)
+        self.peak_running = 0
+        self.busy_s = 0.0  # thread-seconds spent decoding
 
-    async def run(self, job: Callable[[], Any], halt: threading.Event, timeout_s: float) -> Any:
+    async def run(self, job: Callable[[KNNLM], Any], halt: threading.Event, timeout_s: float) -> Any:
         if self.closed:
             raise SchedulerClosedError("the server is shutting down")
-        if self.admitted >= 1 + self.max_queue:
+        if self.admitted >= self.threads + self.max_queue:
             self.counts["rejected"] += 1
-            raise QueueFullError(f"the kNN-LM server is busy: 1 request decoding and {self.max_queue} waiting "
-                                 "(--max-queue); retry later")
+            raise QueueFullError(f"the kNN-LM server is busy: {self.threads} request(s) decoding "
+                                 f"(--max-concurrent) and {self.max_queue} waiting (--max-queue); retry later")
         loop = asyncio.get_running_loop()
         self.admitted += 1
 
         def timed() -> Any:
             if halt.is_set():  # cancelled or past its deadline while queued
                 return None
+            view = self.free.get_nowait()  # never empty: as many views as threads
             t0 = time.perf_counter()
+            with self._lock:
+                self.running += 1
+                self.peak_running = max(self.peak_running, self.running)
             try:
-                return job()
+                return job(view)
             finally:
+                self.free.put(view)
                 with self._lock:
+                    self.running -= 1
                     self.busy_s += time.perf_counter() - t0
 
         def release(_f: Any) -> None:
@@ -139,8 +158,10 @@ class KNNLMWorker:
         self.admitted -= 1
 
     def stats(self) -> dict[str, Any]:
-        return {"queued": max(0, self.admitted - 1), "active": min(1, self.admitted), "max_queue": self.max_queue,
-                **self.counts, "busy_s": self.busy_s}
+        with self._lock:
+            running, peak, busy = self.running, self.peak_running, self.busy_s
+        return {"queued": max(0, self.admitted - running), "active": running, "peak_active": peak,
+                "max_concurrent": self.threads, "max_queue": self.max_queue, **self.counts, "busy_s": busy}
 
     def close(self) -> None:
         self.closed = True
@@ -166,20 +187,33 @@ class KNNLMServerState:
 KNN_STATE = web.AppKey("ralmspec_knnlm_state", KNNLMServerState)
 
 
+def decoding_view(knn: KNNLM) -> KNNLM:
+    """``knn`` over a fresh view of its LM (same weights, own runner: ``HFLanguageModel.view``),
+    for another decoding thread."""
+    view = getattr(knn.lm, "view", None)
+    if view is None:
+        raise ConfigError(f"more than one concurrent kNN-LM request needs an LM backend with views (the transformers "
+                          f"backend), got {type(knn.lm).__name__}")
+    return KNNLM(view(), knn.datastore, knn.config)
+
+
 def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
                      config: KNNLMServerConfig | None = None) -> web.Application:
     """The application around ``knn`` (an LM and a datastore, checked compatible; its config is
-    the requests' default, ``max_new_tokens`` the default ``max_tokens``). The worker thread
-    starts with the application and is joined at cleanup (a running request halted first)."""
+    the requests' default, ``max_new_tokens`` the default ``max_tokens``), and, for
+    ``max_concurrent`` > 1, as many views of it (``decoding_view``). The worker threads start with
+    the application and are joined at cleanup (running requests halted first)."""
     cfg = config or KNNLMServerConfig()
     state = KNNLMServerState(knn, spec or SpeculativeKNNConfig(), cfg, ServerMetrics(), knn.datastore.describe())
     app = web.Application(client_max_size=cfg.client_max_size,
                           middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
     app[KNN_STATE] = state
 
+    views = [knn] + [decoding_view(knn) for _ in range(cfg.max_concurrent - 1)]
+
     async def on_startup(app: web.Application) -> None:
         state.started = time.time()
-        state.worker = KNNLMWorker(cfg.max_queue)
+        state.worker = KNNLMWorker(views, cfg.max_queue)
         state.trimmer = HeapTrimmer(cfg.malloc_trim_s).start()
 
     async def on_cleanup(app: web.Application) -> None:
@@ -247,10 +281,11 @@ async def decode(state: KNNLMServerState, req: KNNLMCompletionRequest,
     def stop_when(generated: Any) -> bool:
         return halt.is_set() or watch.completed(generated)
 
-    def job() -> KNNLMResult:
+    def job(view: KNNLM) -> KNNLMResult:
+        mine = view.with_config(req.knn)
         if req.speculate:
-            return SpeculativeKNNLM(knn, req.spec).generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
-        return knn.generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
+            return SpeculativeKNNLM(mine, req.spec).generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
+        return mine.generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
 
     res = await state.worker.run(job, halt, state.config.request_timeout_s)
     return as_generation_result(req, knn, res)
@@ -319,8 +354,9 @@ async def metrics(request: web.Request) -> web.Response:
     text = state.metrics.render(knowledge_base={"label": f"knnlm datastore {ds['entries']} entries",
                                                 "kind": f"knnlm-{ds['index']}", "passages": ds["entries"]})
     q = state.worker.stats()
-    extra = gauge("ralmspec_queue_depth", "Requests waiting behind the one decoding.", q["queued"])
-    extra += gauge("ralmspec_active_requests", "Requests decoding now (at most 1).", q["active"])
+    extra = gauge("ralmspec_queue_depth", "Requests waiting for a decoding thread.", q["queued"])
+    extra += gauge("ralmspec_active_requests", "Requests decoding now.", q["active"])
+    extra += gauge("ralmspec_max_concurrent", "Decoding threads (--max-concurrent).", q["max_concurrent"])
     for key, help_ in (("rejected", "Requests refused because the queue was full (429)."),
                        ("cancelled", "Requests whose client went away."),
                        ("timed_out", "Requests past their deadline (504)."),

@@ -270,8 +270,9 @@ class DatastoreLayout:
 class Datastore(DatastoreLayout):
     """A loaded datastore: memory-mapped keys, values, document boundaries and a FAISS index.
 
-    Thread safety: ``search`` may run concurrently with any read-only method (FAISS searches
-    are re-entrant; keys are a read-only memmap).
+    Thread safety: ``search`` may run concurrently with any read-only method and with other
+    searches (FAISS searches are re-entrant; keys are a read-only memmap; what a search builds
+    on first use is published whole: the kNN-LM server's decoding threads search at once).
     """
 
     def __init__(self, path: Path, manifest: dict, keys: np.ndarray, values: np.ndarray,
@@ -282,8 +283,9 @@ class Datastore(DatastoreLayout):
         self.dim = int(keys.shape[1])
         self.widened_searches = 0  # flat searches whose candidate list had to be enlarged
         self._max_norm2: float | None = None
-        self._xb: Any = None  # flat: torch view of the index's float32 vectors (GEMM path)
-        self._xb_norm2: Any = None
+        # flat: (torch view of the index's float32 vectors, their squared norms) for the GEMM path;
+        # built on first use and published as ONE tuple, so a concurrent search sees both or none
+        self._gemm_keys: tuple[Any, Any] | None = None
 
     # ---------------------------------------------------------------- entries
 
@@ -326,13 +328,14 @@ class Datastore(DatastoreLayout):
         import faiss
         import torch
 
-        if self._xb is None:
+        if self._gemm_keys is None:
             xb = faiss.rev_swig_ptr(self.index.get_xb(), self.n * self.dim)
-            self._xb = torch.from_numpy(np.asarray(xb).reshape(self.n, self.dim))  # no copy
-            self._xb_norm2 = (self._xb * self._xb).sum(1, keepdim=True)  # [n, 1]
+            xb = torch.from_numpy(np.asarray(xb).reshape(self.n, self.dim))  # no copy
+            self._gemm_keys = (xb, (xb * xb).sum(1, keepdim=True))  # [n, d], [n, 1]
+        xb, xb_norm2 = self._gemm_keys
         with torch.inference_mode():
             q = torch.from_numpy(q32)
-            dist = torch.addmm(self._xb_norm2, self._xb, q.T, beta=1.0, alpha=-2.0)  # [n, b], one pass
+            dist = torch.addmm(xb_norm2, xb, q.T, beta=1.0, alpha=-2.0)  # [n, b], one pass
             vals, idx = torch.topk(dist, kc, dim=0, largest=False, sorted=True)  # [kc, b]
             vals = vals.T + (q * q).sum(1, keepdim=True)
         return vals.numpy(), np.ascontiguousarray(idx.T.numpy(), dtype=np.int64)

@@ -268,6 +268,20 @@ class HFLanguageModel(LanguageModel):
         self.scored_from_decode = 0  # tokens token_logprobs answered from decoding's scores
         self.scored_by_replay = 0  # tokens it replayed
 
+    def view(self, **overrides: Any) -> HFLanguageModel:
+        """A fresh backend around the same weights: its own runner (sessions, KV slots, captured
+        graphs), caches and counters; the same tokenizer, stop tokens, context, device, block size
+        and runner kind unless ``overrides`` (constructor keywords) say otherwise. For concurrent
+        users of one model (the kNN-LM server's decoding threads): a runner serves one thread at a
+        time, the weights any number (inference reads them only)."""
+        kw: dict[str, Any] = dict(eos_token_id=self.eos_token_id, max_context=self.max_context, device=self.device,
+                                  block_size=self.block_size, max_sessions=self.max_sessions,
+                                  max_cache_bytes=self.max_cache_bytes, stop_token_ids=self.stop_token_ids,
+                                  name=self.name, runner=self.runner.name,
+                                  prefix_cache_bytes=self.prefix_blocks.capacity_bytes)
+        kw.update(overrides)
+        return HFLanguageModel(self.model, self.tokenizer, **kw)
+
     # ------------------------------------------------------------------ public API
 
     def greedy(self, prompts: Sequence[Sequence[int]], n: int,

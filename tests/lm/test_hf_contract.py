@@ -112,3 +112,15 @@ def test_generation_config_sampling_is_ignored(fresh, tiny):
         assert fresh().greedy([p], 6) == want
     finally:
         gc.do_sample, gc.temperature = old
+
+
+def test_a_view_shares_the_weights_and_decodes_alike_with_a_runner_of_its_own(tiny):
+    """``HFLanguageModel.view``: same weights, tokenizer, stop tokens, context and runner kind;
+    its own runner (sessions) and counters; the same greedy tokens."""
+    v = tiny.view()
+    assert v.model is tiny.model and v.tokenizer is tiny.tokenizer and v.runner is not tiny.runner
+    assert (v.runner.name, v.max_context, v.block_size, v.stop_token_ids, v.eos_token_id) == \
+        (tiny.runner.name, tiny.max_context, tiny.block_size, tiny.stop_token_ids, tiny.eos_token_id)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    assert v.greedy(prompts, 6) == tiny.greedy(prompts, 6)
+    assert v.decode_steps > 0 and v.view(block_size=2).block_size == 2

@@ -126,6 +126,44 @@ def test_speculative_answers_equal_naive_ones_and_the_decoder_over_http(server, 
     assert spec["requests"] >= len(prompts) and spec["speculated_steps"] >= len(prompts)
 
 
+def test_concurrent_requests_answer_as_each_would_alone(tiny_lm, knn_datastores, prompts):
+    """``max_concurrent=3``: every prompt sent at once, naive and speculative (mixed settings),
+    each decoding thread on its own LM view; every answer is the in-process naive decoder's,
+    and requests did decode side by side."""
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+
+    srv = knn_server(tiny_lm, knn_datastores["flat"], max_concurrent=3, max_queue=64)
+    try:
+        cases = [(p, SPEC_SETTINGS[i % len(SPEC_SETTINGS)], spec) for i, p in enumerate(prompts)
+                 for spec in (False, True)]
+
+        def body(p, ext, spec):
+            return {"model": MODEL, "prompt": p, "max_tokens": MAX_NEW,
+                    "knnlm": {**ext, "speculate": spec} if spec else
+                    {k: v for k, v in ext.items() if k in ("k", "lam", "knn_temperature")} | {"speculate": False}}
+
+        async def burst():
+            return await asyncio.gather(*(http("POST", f"{srv.url}/v1/completions", body(*c)) for c in cases))
+
+        answers = asyncio.run(burst())
+        q = wait_idle(srv)
+    finally:
+        srv.stop()
+    assert q["peak_active"] >= 2 and q["completed"] == len(cases), q
+    check = SpeculationCheck()
+    for (p, ext, spec), (st, out) in zip(cases, answers):
+        assert st == 200, out
+        cfg = KNNLMConfig(k=ext.get("k", 8), lam=ext.get("lam", 0.25), temperature=ext.get("knn_temperature", 1.0),
+                          max_new_tokens=MAX_NEW)
+        ref = KNNLM(tiny_lm, knn_datastores["flat"], cfg).generate(p)
+        got = (out["choices"][0]["text"], out["usage"]["completion_tokens"])
+        if spec:
+            check.same(got, (ref.text, len(ref.tokens)), out["knnlm"]["stats"], where=(p, ext))
+        else:
+            assert got == (ref.text, len(ref.tokens)), (p, ext)
+    check.ran(min_speculated=len(prompts))
+
+
 def test_stop_strings_and_streams_give_the_same_answer(server, prompts):
     """A stop string ends naive and speculative decoding at the same point; the streamed text
     (verified only, a partial stop held back) is the non-streamed answer."""
@@ -279,6 +317,7 @@ def test_knnlm_serve_runs_as_a_process(knn_datastores, prompts):
     (["--request-timeout", "nan"], "--request-timeout must be >= 0"),
     (["--port", "70000"], "--port"),
     (["--max-queue", "-1"], "max_queue"),
+    (["--max-concurrent", "0"], "max_concurrent"),
     (["--gamma-max", "1.5"], "gamma_max"),
     (["--datastore", "/nonexistent/ds"], "/nonexistent/ds"),
 ])
