@@ -265,7 +265,7 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
     from ralmspec.knnlm.cli import add_decoding_options, add_shard_options
 
     p = knnlm_subparsers.add_parser(
-        "serve", help="OpenAI-compatible HTTP server of (speculative) kNN-LM decoding (/v1/completions)",
+        "serve", help="OpenAI-compatible HTTP server of (speculative) kNN-LM decoding (/v1/completions, /v1/chat/completions)",
         description="Serve kNN-LM completions over HTTP (docs/knnlm.md 'Serving over HTTP'): speculative by "
                     "default, token-identical to the naive decoder, --max-concurrent requests decoding at once. "
                     "The decoding and "

@@ -8,16 +8,20 @@ Routes (docs/knnlm.md "Serving over HTTP"):
   ``stop`` strings; ``stream: true`` sends Server-Sent Events of VERIFIED text only, then
   ``data: [DONE]``. The answer's ``knnlm`` field holds the mode, times, settings and speculation
   counters.
+- ``POST /v1/chat/completions``  the same for messages, rendered by the model's chat template
+  (the prompt is the template before the last user message, the message, and the assistant's
+  header); EOS (the end of the assistant's turn) stops it.
 - ``GET /v1/models``, ``GET /health``, ``GET /v1/stats`` (JSON), ``GET /metrics`` (Prometheus).
 
 How requests run: ``max_concurrent`` worker threads (default 1) each decode one request at a
 time, in arrival order, each with its own view of the LM (same weights, own runner), so a
 request's tokens never depend on its neighbours (a kNN-LM request holds one KV session and
 searches the datastore at every token; requests are not batched with each other, they overlap:
-one's search beside another's LM step). ``max_queue`` requests may wait for a thread (then 429); ``request_timeout_s`` bounds a request, queueing included (504). A client that disconnects,
-or a deadline that passes, halts its decoder at the next token it decides (the decoders'
-``stop_when``: a halted request finishes its round's verification and is dropped; nothing
-unverified is ever sent). Stop strings end decoding where the naive decoder ends
+one's search beside another's LM step). ``max_queue`` requests may wait for a thread (then
+429); ``request_timeout_s`` bounds a request, queueing included (504). A client that
+disconnects, or a deadline that passes, halts its decoder at the next token it decides (the
+decoders' ``stop_when``: a halted request finishes its round's verification and is dropped;
+nothing unverified is ever sent). Stop strings end decoding where the naive decoder ends
 (``engine/stop.py``'s ``StopWatch`` as the decoders' ``stop_when``), and the answer is cut there.
 
 Errors follow serving/app.py's contract (JSON ``{"error": {...}}``, 400 naming the field).
@@ -37,6 +41,7 @@ from typing import Any, Callable, Sequence
 from aiohttp import web
 
 from ralmspec import __version__
+from ralmspec.engine.prompt import Conversation, PromptFormat
 from ralmspec.engine.result import GenerationResult
 from ralmspec.engine.scheduler import QueueFullError, RequestTimeoutError, SchedulerClosedError
 from ralmspec.engine.stop import StopWatch, cut_result
@@ -47,8 +52,8 @@ from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.threads import WorkerPool, to_thread
 from serving.app import error_for, error_middleware, run_watching, stream_verified
 from serving.metrics import ServerMetrics, gauge
-from serving.protocol import KNNLMCompletionRequest, decode_body, parse_knnlm_completion
-from serving.shapes import COMPLETION, answer
+from serving.protocol import APIError, KNNLMCompletionRequest, decode_body, parse_knnlm_completion
+from serving.shapes import CHAT, COMPLETION, Shape, answer
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,7 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
     app.on_cleanup.append(on_cleanup)
     r = app.router
     r.add_post("/v1/completions", completions)
+    r.add_post("/v1/chat/completions", chat_completions)
     r.add_get("/v1/models", models)
     r.add_get("/v1/stats", stats)
     r.add_get("/health", health)
@@ -247,7 +253,8 @@ def as_generation_result(req: KNNLMCompletionRequest, knn: KNNLM, res: KNNLMResu
     it): finish "eos" after a stop token, else "length"; then cut at the first stop string."""
     eos = bool(res.tokens) and knn.is_stop(res.tokens[-1])
     stats = finite(res.stats.to_dict()) if res.stats is not None else {}
-    gr = GenerationResult(prompt=req.prompt, mode=res.mode, prompt_ids=list(res.prompt_ids),
+    prompt = req.prompt.question if isinstance(req.prompt, Conversation) else req.prompt
+    gr = GenerationResult(prompt=prompt, mode=res.mode, prompt_ids=list(res.prompt_ids),
                           token_ids=list(res.tokens), text=res.text, steps=[],
                           finish_reason="eos" if eos else "length", latency_s=res.wall_s,
                           stats={**stats, "lm_s": res.lm_s, "search_s": res.search_s})
@@ -265,16 +272,33 @@ def knnlm_fields(req: KNNLMCompletionRequest, result: GenerationResult) -> dict[
             "stats": result.stats}
 
 
+def encode_request(knn: KNNLM, req: KNNLMCompletionRequest) -> list[int]:
+    """The request's prompt ids, checked: the text, or the messages rendered by the model's chat
+    template (``engine/prompt.py``'s chat layout without a passage: the template before the last
+    user message, the message, the template after it, i.e. the assistant's header); else a 400
+    naming ``prompt`` / ``messages``."""
+    if not isinstance(req.prompt, Conversation):
+        try:
+            return knn.check_prompt(req.prompt, req.knn.max_new_tokens)
+        except ConfigError as exc:
+            raise error_for(exc) from None
+    tokenizer = knn.lm.tokenizer
+    try:
+        question = tokenizer.encode(req.prompt.question)
+        ids = PromptFormat.chat(tokenizer, req.prompt.history).build(None, question, len(question),
+                                                                     knn.lm.max_context)
+        return knn.check_prompt(ids, req.knn.max_new_tokens)
+    except ConfigError as exc:
+        raise APIError(400, str(exc), "invalid_request_error", "messages") from None
+
+
 async def decode(state: KNNLMServerState, req: KNNLMCompletionRequest,
                  on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
     """Run ``req`` on the worker thread: the naive or speculative decoder with the request's
     settings, stopped by its stop strings or by ``halt`` (deadline, client gone)."""
     assert state.worker is not None
     knn = state.knn.with_config(req.knn)
-    try:  # tokenize and check the prompt here: a bad one is a 400 before it queues
-        prompt_ids = knn.check_prompt(req.prompt, req.knn.max_new_tokens)
-    except ConfigError as exc:
-        raise error_for(exc) from None
+    prompt_ids = encode_request(knn, req)  # a bad prompt is a 400 before it queues
     halt = threading.Event()
     watch = StopWatch(knn.lm.tokenizer, req.stop)
 
@@ -292,26 +316,30 @@ async def decode(state: KNNLMServerState, req: KNNLMCompletionRequest,
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    return await respond(request, COMPLETION)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await respond(request, CHAT)
+
+
+async def respond(request: web.Request, shape: Shape) -> web.StreamResponse:
+    """Parse, decode, answer in ``shape`` (streamed as ``ralmspec serve`` streams: serving/app.py
+    ``stream_verified``, verified text only, ``knnlm`` in the finish chunk)."""
     state = request.app[KNN_STATE]
     body = decode_body(await request.read())
     req = parse_knnlm_completion(body, state.knn.config, state.spec, state.config.speculate,
-                                 state.config.model_name, state.max_tokens_limit)
+                                 state.config.model_name, state.max_tokens_limit, chat=shape is CHAT)
+    tokenizer = state.knn.lm.tokenizer
     if req.stream:
-        return await _stream(request, state, req)
+        return await stream_verified(
+            request, lambda on_tokens: decode(state, req, on_tokens), shape=shape, model=state.config.model_name,
+            tokenizer=tokenizer, stops=req.stop, logprobs=False, include_usage=req.include_usage,
+            metrics=state.metrics, extension=lambda result: {"knnlm": knnlm_fields(req, result)})
     result = await run_watching(request, decode(state, req))
     state.metrics.record_completion(result)
-    return web.json_response(answer(COMPLETION, f"cmpl-{uuid.uuid4().hex}", int(time.time()),
-                                    state.config.model_name, result, state.knn.lm.tokenizer,
-                                    {"knnlm": knnlm_fields(req, result)}))
-
-
-async def _stream(request: web.Request, state: KNNLMServerState, req: KNNLMCompletionRequest) -> web.StreamResponse:
-    """The answer streamed as ``ralmspec serve`` streams (serving/app.py ``stream_verified``:
-    verified text only, a stop string's possible start held back), ``knnlm`` in the finish chunk."""
-    return await stream_verified(
-        request, lambda on_tokens: decode(state, req, on_tokens), shape=COMPLETION, model=state.config.model_name,
-        tokenizer=state.knn.lm.tokenizer, stops=req.stop, logprobs=False, include_usage=req.include_usage,
-        metrics=state.metrics, extension=lambda result: {"knnlm": knnlm_fields(req, result)})
+    return web.json_response(answer(shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()),
+                                    state.config.model_name, result, tokenizer, {"knnlm": knnlm_fields(req, result)}))
 
 
 # --------------------------------------------------------------------------- the rest

@@ -178,15 +178,24 @@ def parse_chat(body: Any, defaults: EngineConfig, served_model: str, retriever_k
     last one from the user (the question that retrieval answers)."""
     body = known_fields(body, _CHAT_FIELDS)
     model = parse_model(body, served_model)
+    conversation, max_tokens, logprobs = parse_chat_fields(body, min(defaults.generation.max_new_tokens,
+                                                                     max_tokens_limit), max_tokens_limit)
+    return parse_generation(body, defaults, model, conversation, max_tokens, logprobs, retriever_kind)
+
+
+def parse_chat_fields(body: Mapping[str, Any], default_max_tokens: int,
+                      max_tokens_limit: int) -> tuple[Conversation, int, int | None]:
+    """What every chat endpoint reads alike: ``messages``, ``max_tokens`` / ``max_completion_tokens``
+    (default ``default_max_tokens``), ``logprobs`` + ``top_logprobs`` (-> the number of top
+    alternatives, None when not asked), and the tool / format fields in their neutral values."""
     if "messages" not in body:
         raise bad("'messages' is required", "messages")
     conversation = parse_messages(body["messages"])
-    max_tokens = min(defaults.generation.max_new_tokens, max_tokens_limit)
     given = {k: _int(body, k, 1, max_tokens_limit) for k in ("max_completion_tokens", "max_tokens")
              if body.get(k) is not None}
     if len(set(given.values())) > 1:
         raise bad("'max_tokens' and 'max_completion_tokens' differ; send one of them", "max_tokens")
-    max_tokens = next(iter(given.values()), max_tokens)
+    max_tokens = next(iter(given.values()), default_max_tokens)
     want = body.get("logprobs")
     if want is not None and not isinstance(want, bool):
         raise bad(f"'logprobs' must be a boolean (true/false), got {type(want).__name__}", "logprobs")
@@ -200,8 +209,7 @@ def parse_chat(body: Any, defaults: EngineConfig, served_model: str, retriever_k
         raise bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     if body.get("response_format") not in (None, {"type": "text"}):
         raise bad("'response_format' must be {\"type\": \"text\"} or absent", "response_format")
-    return parse_generation(body, defaults, model, conversation, max_tokens, (top or 0) if want else None,
-                            retriever_kind)
+    return conversation, max_tokens, (top or 0) if want else None
 
 
 def parse_messages(messages: Any) -> Conversation:
@@ -448,9 +456,8 @@ def with_seed(req: CompletionRequest, seed: int) -> CompletionRequest:
 
 # ------------------------------------------------------------------ kNN-LM /v1/completions
 
-_KNNLM_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "stream", "stream_options", "stop", "temperature",
-                            "top_p", "seed", "user", "n", "best_of", "presence_penalty", "frequency_penalty",
-                            "logit_bias", "logprobs", "echo", "suffix", "knnlm"}
+_KNNLM_COMPLETION_FIELDS = _COMPLETION_FIELDS - {"ralm"} | {"knnlm"}
+_KNNLM_CHAT_FIELDS = _CHAT_FIELDS - {"ralm"} | {"knnlm"}
 # knnlm extension: field -> (target config, python type, lo, hi) (extension_fields; lam's range is closed)
 _KNNLM_FIELDS: dict[str, tuple[str, type, float, float]] = {
     "speculate": ("req", bool, 0, 0),
@@ -474,7 +481,7 @@ class KNNLMCompletionRequest:
     ``max_tokens``) and speculation settings in effect, greedy (the kNN-LM decodes the argmax)."""
 
     model: str
-    prompt: str
+    prompt: str | Conversation  # /v1/completions: the text; /v1/chat/completions: the messages
     stream: bool
     include_usage: bool
     stop: tuple[str, ...]
@@ -484,26 +491,31 @@ class KNNLMCompletionRequest:
 
 
 def parse_knnlm_completion(body: Any, knn_defaults: Any, spec_defaults: Any, speculate: bool, served_model: str,
-                           max_tokens_limit: int) -> KNNLMCompletionRequest:
-    """Validate a completions body for a kNN-LM server (``ralmspec knnlm serve``): OpenAI fields,
-    greedy only, and the ``knnlm`` extension over the server's defaults (``KNNLMConfig``,
-    ``SpeculativeKNNConfig``); ``max_tokens`` absent = the server's ``max_new_tokens``."""
-    body = known_fields(body, _KNNLM_COMPLETION_FIELDS)
+                           max_tokens_limit: int, chat: bool = False) -> KNNLMCompletionRequest:
+    """Validate a completions (``chat``: chat completions) body for a kNN-LM server (``ralmspec
+    knnlm serve``): OpenAI fields, greedy only, no logprobs, and the ``knnlm`` extension over the
+    server's defaults (``KNNLMConfig``, ``SpeculativeKNNConfig``); ``max_tokens`` absent = the
+    server's ``max_new_tokens``."""
+    body = known_fields(body, _KNNLM_CHAT_FIELDS if chat else _KNNLM_COMPLETION_FIELDS)
     model = parse_model(body, served_model)
-    prompt = parse_prompt(body)
+    max_tokens = min(knn_defaults.max_new_tokens, max_tokens_limit)
+    prompt: str | Conversation
+    if chat:
+        prompt, max_tokens, logprobs = parse_chat_fields(body, max_tokens, max_tokens_limit)
+    else:
+        prompt, logprobs = parse_prompt(body), body.get("logprobs")
+        check_no_echo(body)
+        if body.get("max_tokens") is not None:
+            max_tokens = _int(body, "max_tokens", 1, max_tokens_limit)
     stream, include_usage = parse_stream(body)
     check_neutral(body)
-    check_no_echo(body)
-    if body.get("logprobs") is not None:
+    if logprobs is not None:
         raise bad("'logprobs' is not supported by the kNN-LM server", "logprobs")
     sampling = parse_sampling(body)
     if sampling.get("temperature", 0.0) != 0.0 or sampling.get("top_p", 1.0) != 1.0:
         key = "temperature" if sampling.get("temperature", 0.0) != 0.0 else "top_p"
         raise bad(f"the kNN-LM decodes greedily (the argmax of its interpolated distribution): '{key}' must be "
                   f"{'0' if key == 'temperature' else '1'} or absent", key)
-    max_tokens = min(knn_defaults.max_new_tokens, max_tokens_limit)
-    if body.get("max_tokens") is not None:
-        max_tokens = _int(body, "max_tokens", 1, max_tokens_limit)
     kw: dict[str, dict[str, Any]] = {"knn": {"max_new_tokens": max_tokens}, "spec": {}}
     for key, target, v in extension_fields(body, "knnlm", _KNNLM_FIELDS, closed={"lam"}):
         if target == "req":

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import strategies as hst
 
 from tests.identity import SpeculationCheck
 from tests.serving.support import ServerThread, http, request
@@ -202,6 +202,74 @@ def test_the_openai_client_completes_and_streams(server, prompts):
         c.close()
 
 
+def test_chat_without_a_chat_template_is_400_naming_messages(server):
+    st, out = request("POST", f"{server.url}/v1/chat/completions",
+                      {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]})
+    assert st == 400 and out["error"]["param"] == "messages" and "chat template" in out["error"]["message"], out
+
+
+@pytest.fixture(scope="module")
+def smol_server(smollm2_lm, knn_corpus, tmp_path_factory):
+    """The real instruct model (it has a chat template) over a small datastore of its own."""
+    from ralmspec.knnlm.datastore import DatastoreBuildConfig, build_datastore
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+    from ralmspec.knnlm.speculative import SpeculativeKNNConfig
+    from serving.knnlm_app import KNNLMServerConfig, create_knnlm_app
+
+    ds = build_datastore(smollm2_lm, knn_corpus[:40], tmp_path_factory.mktemp("knn-smol") / "ds",
+                         DatastoreBuildConfig(max_tokens=3000, window=128, stride=96, batch_size=16), progress=False)
+    knn = KNNLM(smollm2_lm, ds, KNNLMConfig(k=8, lam=0.5, max_new_tokens=8))
+    srv = ServerThread(create_knnlm_app(knn, SpeculativeKNNConfig(), KNNLMServerConfig(model_name="smol"))).start()
+    yield srv, knn
+    srv.stop()
+
+
+def test_chat_answers_are_the_decoders_answers_of_the_rendered_conversation(smol_server):
+    """``/v1/chat/completions``: the messages rendered by the chat template (engine/prompt.py's
+    layout without a passage), decoded naive == speculative == the in-process decoder on
+    those ids; streamed == not streamed."""
+    from ralmspec.engine.prompt import PromptFormat
+
+    srv, knn = smol_server
+    tok = knn.lm.tokenizer
+    chats = [
+        [{"role": "user", "content": "Tell me about the Ise-class battleships."}],
+        [{"role": "system", "content": "You answer in one sentence."},
+         {"role": "user", "content": "Who was Du Fu?"}],
+        [{"role": "user", "content": "Name a storm."}, {"role": "assistant", "content": "Tropical Storm Arlene."},
+         {"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "more."}]}],
+    ]
+    check = SpeculationCheck()
+    for messages in chats:
+        body = {"model": "smol", "messages": messages, "max_completion_tokens": 8}
+        st, a = request("POST", f"{srv.url}/v1/chat/completions", {**body, "knnlm": {"speculate": False}})
+        st2, b = request("POST", f"{srv.url}/v1/chat/completions",
+                         {**body, "knnlm": {"os3": False, "fixed_stride": 3}})
+        assert st == st2 == 200, (a, b)
+        assert a["object"] == "chat.completion" and a["choices"][0]["message"]["role"] == "assistant"
+        check.same((b["choices"][0], b["usage"]), (a["choices"][0], a["usage"]), b["knnlm"]["stats"], where=messages)
+        history = [(m["role"], m["content"] if isinstance(m["content"], str) else "\n".join(x["text"] for x in m["content"]))
+                   for m in messages]
+        question = tok.encode(history[-1][1])
+        ids = PromptFormat.chat(tok, history[:-1]).build(None, question, len(question), knn.lm.max_context)
+        ref = knn.generate(ids)
+        assert a["choices"][0]["message"]["content"] == ref.text and a["usage"]["prompt_tokens"] == len(ids)
+        status, events = asyncio.run(sse(f"{srv.url}/v1/chat/completions", {**body, "stream": True}))
+        assert status == 200 and events[-1] == "[DONE]"
+        assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1] if e["choices"])
+        assert streamed == ref.text and events[-2]["knnlm"]["mode"] == "speculative"
+    check.ran(min_speculated=len(chats))
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=120)
+    try:
+        r = c.chat.completions.create(model="smol", messages=chats[0], max_tokens=8)
+        assert r.choices[0].message.content == request("POST", f"{srv.url}/v1/chat/completions", {
+            "model": "smol", "messages": chats[0], "max_tokens": 8})[1]["choices"][0]["message"]["content"]
+    finally:
+        c.close()
+
+
 @pytest.mark.parametrize("body,param,status", [
     ({"prompt": "a", "temperature": 0.7}, "temperature", 400),
     ({"prompt": "a", "top_p": 0.5}, "top_p", 400),
@@ -235,8 +303,10 @@ def test_bad_requests_are_answered_with_the_field_named(server, body, param, sta
 def test_bad_bodies_and_routes(server):
     assert request("POST", f"{server.url}/v1/completions", raw=b"{nope")[0] == 400
     assert request("POST", f"{server.url}/v1/completions", raw=b"[1]")[0] == 400
-    st, out = request("POST", f"{server.url}/v1/chat/completions", {"model": MODEL, "messages": []})
+    st, out = request("POST", f"{server.url}/v1/retrieve", {"queries": ["a"]})  # a ralmspec serve route
     assert st == 404 and "no route" in out["error"]["message"]
+    st, out = request("POST", f"{server.url}/v1/chat/completions", {"model": MODEL, "messages": []})
+    assert st == 400 and out["error"]["param"] == "messages"
     st, out = request("GET", f"{server.url}/v1/completions")
     assert st == 405
 
@@ -334,35 +404,42 @@ KNN_VALID = {"model": MODEL, "prompt": "The Battle of", "max_tokens": 3, "temper
              "knnlm": {"k": 4, "lam": 0.3, "knn_temperature": 2.0, "speculate": True, "os3": False, "fixed_stride": 2}}
 
 
-@st.composite
+KNN_VALID_CHAT = {"model": MODEL, "messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "The Battle of"}],
+                  "max_completion_tokens": 3, "temperature": 0, "stop": "\n", "knnlm": {"k": 4, "speculate": True}}
+
+
+@hst.composite
 def mutated_knnlm_bodies(draw):
-    """The valid body with 1-3 fields (or ``knnlm`` fields) replaced by any JSON, deleted or
-    added, a text field perhaps odd text; half of them streamed."""
-    body = json.loads(json.dumps(KNN_VALID))
-    for _ in range(draw(st.integers(1, 3))):
-        key = draw(st.sampled_from(sorted(body) + ["n", "logprobs", "logit_bias", "stream_options", "extra"]))
+    """A valid completions or chat body with 1-3 fields (or ``knnlm`` fields) replaced by any
+    JSON, deleted or added, a text field perhaps odd text; half of them streamed."""
+    path, valid = draw(hst.sampled_from([("/v1/completions", KNN_VALID), ("/v1/chat/completions", KNN_VALID_CHAT)]))
+    body = json.loads(json.dumps(valid))
+    for _ in range(draw(hst.integers(1, 3))):
+        key = draw(hst.sampled_from(sorted(body) + ["n", "logprobs", "logit_bias", "stream_options", "extra"]))
         target = body
-        if isinstance(body.get(key), dict) and body[key] and draw(st.booleans()):
-            target, key = body[key], draw(st.sampled_from(sorted(body[key]) + ["cache_capacity", "gamma_max"]))
-        if draw(st.integers(0, 4)) == 0:
+        if isinstance(body.get(key), dict) and body[key] and draw(hst.booleans()):
+            target, key = body[key], draw(hst.sampled_from(sorted(body[key]) + ["cache_capacity", "gamma_max"]))
+        if draw(hst.integers(0, 4)) == 0:
             target.pop(key, None)
         else:
             target[key] = draw(ANY_JSON)
     leaves = _string_leaves(body)
-    if leaves and draw(st.booleans()):
-        holder, key = draw(st.sampled_from(leaves))
-        holder[key] = draw(ODD_TEXT | st.text(max_size=20))
-    if draw(st.booleans()):
+    if leaves and draw(hst.booleans()):
+        holder, key = draw(hst.sampled_from(leaves))
+        holder[key] = draw(ODD_TEXT | hst.text(max_size=20))
+    if draw(hst.booleans()):
         body["stream"] = True
-    return body
+    return path, body
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(body=mutated_knnlm_bodies())
-def test_any_mutated_body_is_answered_without_a_server_error(server, body):
+@given(case=mutated_knnlm_bodies())
+def test_any_mutated_body_is_answered_without_a_server_error(server, case):
     """Property (as for ``ralmspec serve``, test_bad_input.py): a 2xx, or a 4xx JSON error; never a 5xx."""
-    status, resp = request("POST", f"{server.url}/v1/completions", raw=json.dumps(body).encode(),
+    path, body = case
+    status, resp = request("POST", f"{server.url}{path}", raw=json.dumps(body).encode(),
                            headers={"Content-Type": "application/json"})
     assert status < 500, (body, resp)
     if status >= 400:
