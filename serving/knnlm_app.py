@@ -47,6 +47,7 @@ from ralmspec.engine.scheduler import QueueFullError, RequestTimeoutError, Sched
 from ralmspec.engine.stop import StopWatch, cut_result
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.model import KNNLM, KNNLMResult
+from ralmspec.knnlm.open import warm_datastore
 from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.threads import WorkerPool, to_thread
@@ -206,10 +207,13 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
                      config: KNNLMServerConfig | None = None) -> web.Application:
     """The application around ``knn`` (an LM and a datastore, checked compatible; its config is
     the requests' default, ``max_new_tokens`` the default ``max_tokens``), and, for
-    ``max_concurrent`` > 1, as many views of it (``decoding_view``). The worker threads start with
+    ``max_concurrent`` > 1, as many views of it (``decoding_view``); the datastore is warmed
+    first (``warm_datastore``). The worker threads start with
     the application and are joined at cleanup (running requests halted first)."""
     cfg = config or KNNLMServerConfig()
-    state = KNNLMServerState(knn, spec or SpeculativeKNNConfig(), cfg, ServerMetrics(), knn.datastore.describe())
+    warm_s = warm_datastore(knn.datastore, knn.config.k)  # first-use costs now, not in a request's OS^3
+    state = KNNLMServerState(knn, spec or SpeculativeKNNConfig(), cfg, ServerMetrics(),
+                             knn.datastore.describe() | {"warm_s": warm_s})
     app = web.Application(client_max_size=cfg.client_max_size,
                           middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
     app[KNN_STATE] = state

@@ -82,3 +82,16 @@ def test_ray_shards_answer_as_the_whole_datastore(ray_cluster, knn_datastores, f
         assert np.array_equal(si, wi) and np.array_equal(sd, wd)
     finally:
         sharded.close()
+
+
+def test_warming_builds_what_the_first_searches_would(knn_datastores, flat2):
+    """``warm_datastore``: a freshly loaded flat datastore has its GEMM keys and key norms built
+    (the first verification no longer pays them); it works on every kind, sharded too."""
+    from ralmspec.knnlm.open import warm_datastore
+
+    fresh = load_datastore(knn_datastores["flat"].path)
+    assert fresh._gemm_keys is None and fresh._max_norm2 is None
+    assert warm_datastore(fresh, 8) > 0
+    assert fresh._gemm_keys is not None and fresh._max_norm2 is not None
+    for ds in (open_datastore(knn_datastores["hnsw"].path), open_datastore(flat2)):
+        assert warm_datastore(ds, 8) > 0
