@@ -65,7 +65,7 @@ from serving.protocol import (
     APIError, CompletionRequest, decode_body, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score,
     with_seed,
 )
-from serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, usage
+from serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, model_list, usage
 
 log = logging.getLogger("ralmspec.serving")
 
@@ -489,8 +489,7 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
 
 async def models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"object": "list", "data": [
-        {"id": state.config.model_name, "object": "model", "created": int(state.started), "owned_by": "ralmspec"}]})
+    return web.json_response(model_list(state.config.model_name, state.started))
 
 
 # --------------------------------------------------------------------------- retrieval service

@@ -102,10 +102,7 @@ def _build_app(a: argparse.Namespace):
 
     cfg = engine_config_from_args(a)  # checks --emulate-pad (>= 0, exact only)
     apply_threads(a)
-    if not a.request_timeout >= 0:  # NaN too
-        raise ConfigError(f"--request-timeout must be >= 0 seconds (0: no limit), got {a.request_timeout}")
-    if not 0 <= a.port <= 65535:
-        raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
+    _check_listen_flags(a)
     sched = SchedulerConfig(max_concurrent=a.max_concurrent, max_queue=a.max_queue,
                             request_timeout_s=a.request_timeout if a.request_timeout > 0 else None,
                             retrieval_timeout_s=a.retrieval_timeout, retrieval_retries=a.retrieval_retries,
@@ -237,14 +234,32 @@ async def serve(app: Any, host: str, port: int, access_log: bool = False) -> Non
         await runner.cleanup()
 
 
-def cmd_serve(a: argparse.Namespace) -> int:
+def _check_listen_flags(a: argparse.Namespace) -> None:
+    """``--port`` and ``--request-timeout`` of either server, checked before anything loads."""
+    if not a.request_timeout >= 0:  # NaN too
+        raise ConfigError(f"--request-timeout must be >= 0 seconds (0: no limit), got {a.request_timeout}")
+    if not 0 <= a.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
+
+
+def _configure_logging(a: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = _build_app(a)
+
+
+def _serve_until_stopped(app: Any, a: argparse.Namespace) -> None:
+    """``serve`` on ``--host`` / ``--port``; a socket that cannot be bound is a ConfigError."""
     try:
         asyncio.run(serve(app, a.host, a.port, a.access_log))
     except OSError as exc:  # address in use, cannot bind, ...
         raise ConfigError(f"cannot listen on {a.host}:{a.port}: {exc}") from exc
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    _configure_logging(a)
+    app = _build_app(a)
+    try:
+        _serve_until_stopped(app, a)
     finally:
         from serving.app import STATE
 
@@ -301,12 +316,8 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
     from ralmspec.threads import set_threads
     from serving.knnlm_app import KNNLMServerConfig, create_knnlm_app
 
-    logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not 0 <= a.port <= 65535:
-        raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
-    if not a.request_timeout >= 0:  # NaN too
-        raise ConfigError(f"--request-timeout must be >= 0 seconds (0: no limit), got {a.request_timeout}")
+    _configure_logging(a)
+    _check_listen_flags(a)
     spec = speculative_config(a)  # bad speculation options fail before anything loads
     server = dict(client_max_size=a.max_body_bytes, max_concurrent=a.max_concurrent, max_queue=a.max_queue,
                   request_timeout_s=a.request_timeout,
@@ -321,8 +332,5 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
         _log(f"ralmspec: kNN-LM {name!r} + datastore {d['path']} ({d['entries']} entries, {d['index']} index) "
              f"loaded in {time.perf_counter() - t:.1f}s; {'speculative' if not a.no_speculate else 'naive'} "
              f"by default, {a.max_concurrent} request(s) decoding at once")
-        try:
-            asyncio.run(serve(app, a.host, a.port, a.access_log))
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {a.host}:{a.port}: {exc}") from exc
+        _serve_until_stopped(app, a)
     return 0

@@ -30,7 +30,6 @@ Errors follow serving/app.py's contract (JSON ``{"error": {...}}``, 400 naming t
 from __future__ import annotations
 
 import asyncio
-import math
 import queue
 import threading
 import time
@@ -52,9 +51,9 @@ from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.threads import WorkerPool, to_thread
 from serving.app import error_for, error_middleware, run_watching, stream_verified
-from serving.metrics import ServerMetrics, gauge
+from serving.metrics import ServerMetrics, counter_total, gauge
 from serving.protocol import APIError, KNNLMCompletionRequest, decode_body, parse_knnlm_completion
-from serving.shapes import CHAT, COMPLETION, Shape, answer
+from serving.shapes import CHAT, COMPLETION, Shape, answer, model_list
 
 
 @dataclass(frozen=True)
@@ -246,17 +245,11 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
 # --------------------------------------------------------------------------- completions
 
 
-def finite(d: dict[str, Any]) -> dict[str, Any]:
-    """``d`` with non-finite floats (an acceptance rate of no speculated token) as ``None``: JSON
-    has no NaN."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
-
-
 def as_generation_result(req: KNNLMCompletionRequest, knn: KNNLM, res: KNNLMResult) -> GenerationResult:
     """The decoder's result in the engine's result shape (the response shapes and metrics read
     it): finish "eos" after a stop token, else "length"; then cut at the first stop string."""
     eos = bool(res.tokens) and knn.is_stop(res.tokens[-1])
-    stats = finite(res.stats.to_dict()) if res.stats is not None else {}
+    stats = res.stats.to_dict() if res.stats is not None else {}
     prompt = req.prompt.question if isinstance(req.prompt, Conversation) else req.prompt
     gr = GenerationResult(prompt=prompt, mode=res.mode, prompt_ids=list(res.prompt_ids),
                           token_ids=list(res.tokens), text=res.text, steps=[],
@@ -351,8 +344,7 @@ async def respond(request: web.Request, shape: Shape) -> web.StreamResponse:
 
 async def models(request: web.Request) -> web.Response:
     state = request.app[KNN_STATE]
-    return web.json_response({"object": "list", "data": [
-        {"id": state.config.model_name, "object": "model", "created": int(state.started), "owned_by": "ralmspec"}]})
+    return web.json_response(model_list(state.config.model_name, state.started))
 
 
 def _stats(state: KNNLMServerState) -> dict[str, Any]:
@@ -393,6 +385,5 @@ async def metrics(request: web.Request) -> web.Response:
                        ("cancelled", "Requests whose client went away."),
                        ("timed_out", "Requests past their deadline (504)."),
                        ("failed", "Requests that ended in an error.")):
-        extra += [f"# HELP ralmspec_knnlm_{key}_total {help_}", f"# TYPE ralmspec_knnlm_{key}_total counter",
-                  f"ralmspec_knnlm_{key}_total {q[key]}"]
+        extra += counter_total(f"ralmspec_knnlm_{key}_total", help_, q[key])
     return web.Response(text=text + "\n".join(extra) + "\n", content_type="text/plain")

@@ -113,6 +113,11 @@ def size_histogram(name: str, help_: str, exact: Mapping[int, int]) -> list[str]
             *render_histogram_lines(name, (), SIZE_BUCKETS, counts, float(total))]
 
 
+def counter_total(name: str, help_: str, value: float) -> list[str]:
+    """One counter without labels, its value as given (a count kept elsewhere)."""
+    return [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
+
+
 def gauge(name: str, help_: str, value: float | None) -> list[str]:
     """One gauge without labels (None is NaN)."""
     return labelled_gauge(name, help_, [({}, value)])
@@ -219,8 +224,7 @@ class ServerMetrics:
                                ("cancelled", "Requests cancelled (client went away)."),
                                ("timed_out", "Requests past their deadline."),
                                ("failed", "Requests that ended in an error.")):
-                lines += [f"# HELP ralmspec_scheduler_{key}_total {help_}",
-                          f"# TYPE ralmspec_scheduler_{key}_total counter", f"ralmspec_scheduler_{key}_total {st[key]}"]
+                lines += counter_total(f"ralmspec_scheduler_{key}_total", help_, st[key])
             lines += size_histogram("ralmspec_lm_batch_size", "Prompts per LM backend call (across requests).",
                                     st["lm_batch_sizes"]["counts"])
             gov = st.get("governor")
@@ -230,9 +234,8 @@ class ServerMetrics:
                 lines += gauge("ralmspec_governor_lm_busy_fraction",
                                "LM worker busy fraction over the governor's window, as last evaluated.",
                                gov["lm_busy_fraction"])
-                lines += ["# HELP ralmspec_governor_paused_seconds_total Seconds speculation was paused by load.",
-                          "# TYPE ralmspec_governor_paused_seconds_total counter",
-                          f"ralmspec_governor_paused_seconds_total {gov['paused_s']}"]
+                lines += counter_total("ralmspec_governor_paused_seconds_total",
+                                       "Seconds speculation was paused by load.", gov["paused_s"])
         kb = search_stats or (st and {"kb_batch_queries": st["kb_batch_queries"],
                                       "kb_batch_callers": st["kb_batch_callers"]}) or {}
         if kb:

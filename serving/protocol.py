@@ -512,10 +512,10 @@ def parse_knnlm_completion(body: Any, knn_defaults: Any, spec_defaults: Any, spe
     if logprobs is not None:
         raise bad("'logprobs' is not supported by the kNN-LM server", "logprobs")
     sampling = parse_sampling(body)
-    if sampling.get("temperature", 0.0) != 0.0 or sampling.get("top_p", 1.0) != 1.0:
-        key = "temperature" if sampling.get("temperature", 0.0) != 0.0 else "top_p"
-        raise bad(f"the kNN-LM decodes greedily (the argmax of its interpolated distribution): '{key}' must be "
-                  f"{'0' if key == 'temperature' else '1'} or absent", key)
+    for key, greedy in (("temperature", 0.0), ("top_p", 1.0)):
+        if sampling.get(key, greedy) != greedy:
+            raise bad(f"the kNN-LM decodes greedily (the argmax of its interpolated distribution): '{key}' must be "
+                      f"{greedy:g} or absent", key)
     kw: dict[str, dict[str, Any]] = {"knn": {"max_new_tokens": max_tokens}, "spec": {}}
     for key, target, v in extension_fields(body, "knnlm", _KNNLM_FIELDS, closed={"lam"}):
         if target == "req":

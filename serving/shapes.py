@@ -129,3 +129,9 @@ def event(shape: Shape, cid: str, created: int, model: str, choices: list[dict[s
     """One Server-Sent Event holding a stream chunk."""
     d = {"id": cid, "object": shape.chunk_object, "created": created, "model": model, "choices": choices, **extra}
     return b"data: " + json.dumps(d).encode() + b"\n\n"
+
+
+def model_list(model: str, created: float) -> dict[str, Any]:
+    """``GET /v1/models``: the one model a server serves."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": int(created),
+                                        "owned_by": "ralmspec"}]}

@@ -293,8 +293,10 @@ class SpeculativeStats:
         return self.accepted / self.speculated if self.speculated else float("nan")
 
     def to_dict(self) -> dict:
+        """The counters as JSON-safe values: ``acceptance_rate`` is None, not NaN, when no token
+        was speculated (as in the driver's figures)."""
         d = asdict(self)
-        d["acceptance_rate"] = self.acceptance_rate
+        d["acceptance_rate"] = self.acceptance_rate if self.speculated else None
         return d
 
 

@@ -279,3 +279,14 @@ def test_a_stop_rule_ends_both_decoders_at_the_same_token_and_only_verified_toke
         cut += len(b.tokens) < len(a.tokens)
     assert cut >= 10, "the stop strings should end most outputs early"
     check.ran(min_speculated=cut, min_rollbacks=int(cfg.cache_capacity <= 3))
+
+
+def test_stats_of_a_request_that_speculated_nothing_are_valid_json():
+    """``acceptance_rate`` is None, not NaN (``knnlm generate --json`` and the server's ``knnlm.stats``)."""
+    import json
+
+    from ralmspec.knnlm.speculative import SpeculativeStats
+
+    assert SpeculativeStats().to_dict()["acceptance_rate"] is None
+    json.dumps(SpeculativeStats().to_dict(), allow_nan=False)
+    assert SpeculativeStats(speculated=4, accepted=3).to_dict()["acceptance_rate"] == 0.75
