@@ -51,7 +51,7 @@ from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.threads import WorkerPool, to_thread
 from serving.app import error_for, error_middleware, run_watching, stream_verified
-from serving.metrics import ServerMetrics, counter_total, gauge
+from serving.metrics import ServerMetrics, admission_lines
 from serving.protocol import APIError, KNNLMCompletionRequest, decode_body, parse_knnlm_completion
 from serving.shapes import CHAT, COMPLETION, Shape, answer, model_list
 
@@ -377,13 +377,6 @@ async def metrics(request: web.Request) -> web.Response:
     ds = state.datastore
     text = state.metrics.render(knowledge_base={"label": f"knnlm datastore {ds['entries']} entries",
                                                 "kind": f"knnlm-{ds['index']}", "passages": ds["entries"]})
-    q = state.worker.stats()
-    extra = gauge("ralmspec_queue_depth", "Requests waiting for a decoding thread.", q["queued"])
-    extra += gauge("ralmspec_active_requests", "Requests decoding now.", q["active"])
-    extra += gauge("ralmspec_max_concurrent", "Decoding threads (--max-concurrent).", q["max_concurrent"])
-    for key, help_ in (("rejected", "Requests refused because the queue was full (429)."),
-                       ("cancelled", "Requests whose client went away."),
-                       ("timed_out", "Requests past their deadline (504)."),
-                       ("failed", "Requests that ended in an error.")):
-        extra += counter_total(f"ralmspec_knnlm_{key}_total", help_, q[key])
+    extra = admission_lines("ralmspec_knnlm", state.worker.stats(), "Requests waiting for a decoding thread.",
+                            "Requests decoding now.", "Decoding threads (--max-concurrent).")
     return web.Response(text=text + "\n".join(extra) + "\n", content_type="text/plain")

@@ -118,6 +118,22 @@ def counter_total(name: str, help_: str, value: float) -> list[str]:
     return [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
 
 
+def admission_lines(prefix: str, st: Mapping[str, Any], queued_help: str, active_help: str,
+                    limit_help: str) -> list[str]:
+    """A server's admission figures (``st``: ``queued``, ``active``, ``max_concurrent`` and the
+    counts of ``rejected``, ``cancelled``, ``timed_out``, ``failed`` requests): three gauges and
+    the four ``{prefix}_{outcome}_total`` counters."""
+    lines = gauge("ralmspec_queue_depth", queued_help, st["queued"])
+    lines += gauge("ralmspec_active_requests", active_help, st["active"])
+    lines += gauge("ralmspec_max_concurrent", limit_help, st["max_concurrent"])
+    for key, help_ in (("rejected", "Requests refused because the queue was full (429)."),
+                       ("cancelled", "Requests cancelled (client went away)."),
+                       ("timed_out", "Requests past their deadline."),
+                       ("failed", "Requests that ended in an error.")):
+        lines += counter_total(f"{prefix}_{key}_total", help_, st[key])
+    return lines
+
+
 def gauge(name: str, help_: str, value: float | None) -> list[str]:
     """One gauge without labels (None is NaN)."""
     return labelled_gauge(name, help_, [({}, value)])
@@ -217,14 +233,8 @@ class ServerMetrics:
                            acc / spec if spec else None)
         st = scheduler_stats or {}
         if st:
-            lines += gauge("ralmspec_queue_depth", "Requests waiting for a slot.", st["queued"])
-            lines += gauge("ralmspec_active_requests", "Requests generating now.", st["active"])
-            lines += gauge("ralmspec_max_concurrent", "Admission limit of running requests.", st["max_concurrent"])
-            for key, help_ in (("rejected", "Requests refused because the queue was full (429)."),
-                               ("cancelled", "Requests cancelled (client went away)."),
-                               ("timed_out", "Requests past their deadline."),
-                               ("failed", "Requests that ended in an error.")):
-                lines += counter_total(f"ralmspec_scheduler_{key}_total", help_, st[key])
+            lines += admission_lines("ralmspec_scheduler", st, "Requests waiting for a slot.",
+                                     "Requests generating now.", "Admission limit of running requests.")
             lines += size_histogram("ralmspec_lm_batch_size", "Prompts per LM backend call (across requests).",
                                     st["lm_batch_sizes"]["counts"])
             gov = st.get("governor")
