@@ -7,9 +7,14 @@ alternates. Per cell: completion tokens/s, mean and p50 latency, the peak of req
 at once and the speculation counters from ``GET /v1/stats``; per round and concurrency the
 speculative / naive ratio of tokens/s. Every answer (text, finish reason, usage) is compared
 with the naive answer of the first concurrency in the same round: exit status 1 if any differs.
+With ``--runners`` each LM runner (``--lm-runner``) gets its own cells and its own reference
+answers (two runners round differently), and the table adds each runner's tokens/s over the
+first runner's at the same concurrency and mode (``batched`` shares forwards between requests,
+``eager`` gives each decoding thread its own runner: docs/knnlm.md).
 
     python experiments/knnlm_serve.py --datastore ds/ --n 20 --max-tokens 32 --rounds 2 --json out.json -- --k 8
     python experiments/knnlm_serve.py --datastore ds/ --concurrency 1 2 -- --threads 1
+    python experiments/knnlm_serve.py --datastore ds/ --concurrency 1 4 --runners eager batched -- --threads 2
 
 Flags after ``--`` go to every spawned ``ralmspec knnlm serve``. A measurement script, not a
 test: run it on a quiet machine.
@@ -69,7 +74,8 @@ async def run_cell(url: str, prompts: list[str], max_tokens: int, mode: str, cli
             "tok_s": tokens / wall, "mean_latency_s": statistics.mean(latencies),
             "p50_latency_s": percentile(latencies, 50), "peak_active": stats["queue"]["peak_active"],
             "speculated": spec["speculated_steps"], "accepted": spec["accepted"], "rollbacks": spec["rollbacks"],
-            "busy_s": stats["queue"]["busy_s"], "answers": answers}
+            "busy_s": stats["queue"]["busy_s"], "lm_runner": stats.get("lm_runner"),
+            "lm_batching": stats.get("lm_batching"), "answers": answers}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,38 +93,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1],
                     help="clients, and the server's --max-concurrent, per cell (default 1)")
+    ap.add_argument("--runners", nargs="+", default=[None], metavar="RUNNER",
+                    help="LM runners to compare (--lm-runner of each server; default: the flags after --)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     prompts = [t[:a.max_chars] for t in bench_texts(a.prompts, a.n)]
     cells, rows, differ = [], [], 0
     for rnd in range(a.rounds):
-        reference = None  # the round's first naive answers
-        for j, conc in enumerate(a.concurrency):
-            order = MODES if (rnd + j) % 2 == 0 else MODES[::-1]
-            got: dict[str, dict[str, Any]] = {}
-            for mode in order:
-                print(f"round {rnd + 1}/{a.rounds}, {conc} client(s): {mode}", file=sys.stderr, flush=True)
-                srv = Server(["--datastore", a.datastore, "--max-concurrent", str(conc), *extra],
-                             command=("knnlm", "serve"))
-                try:
-                    got[mode] = asyncio.run(run_cell(srv.url, prompts, a.max_tokens, mode, conc)) | {"round": rnd}
-                finally:
-                    srv.stop()
-            reference = reference or got["naive"]["answers"]
-            n_diff = sum(x != y for m in MODES for x, y in zip(got[m]["answers"], reference))
-            differ += n_diff
-            rows.append({"round": rnd, "clients": conc, "speedup": got["speculative"]["tok_s"] / got["naive"]["tok_s"],
-                         "identical": 2 * len(prompts) - n_diff, "of": 2 * len(prompts)})
-            cells += [got[m] for m in MODES]
-    print(f"{'round':>5} {'clients':>7} {'mode':>11} {'tok/s':>7} {'mean s':>7} {'p50 s':>6} {'peak':>4} "
-          f"{'spec':>5} {'acc':>5} {'rb':>4}")
+        for k, runner in enumerate(a.runners):
+            reference = None  # the round's first naive answers on this runner
+            flags = [*extra, *([] if runner is None else ["--lm-runner", runner])]
+            for j, conc in enumerate(a.concurrency):
+                order = MODES if (rnd + j + k) % 2 == 0 else MODES[::-1]
+                got: dict[str, dict[str, Any]] = {}
+                for mode in order:
+                    print(f"round {rnd + 1}/{a.rounds}, {runner or 'default'} runner, {conc} client(s): {mode}",
+                          file=sys.stderr, flush=True)
+                    srv = Server(["--datastore", a.datastore, "--max-concurrent", str(conc), *flags],
+                                 command=("knnlm", "serve"))
+                    try:
+                        got[mode] = asyncio.run(run_cell(srv.url, prompts, a.max_tokens, mode, conc)) | {
+                            "round": rnd, "runner": runner}
+                    finally:
+                        srv.stop()
+                reference = reference or got["naive"]["answers"]
+                n_diff = sum(x != y for m in MODES for x, y in zip(got[m]["answers"], reference))
+                differ += n_diff
+                rows.append({"round": rnd, "runner": runner, "clients": conc,
+                             "speedup": got["speculative"]["tok_s"] / got["naive"]["tok_s"],
+                             "identical": 2 * len(prompts) - n_diff, "of": 2 * len(prompts)})
+                cells += [got[m] for m in MODES]
+    print(f"{'round':>5} {'runner':>8} {'clients':>7} {'mode':>11} {'tok/s':>7} {'vs 1st':>6} {'mean s':>7} "
+          f"{'p50 s':>6} {'peak':>4} {'rows/fw':>7} {'spec':>5} {'acc':>5} {'rb':>4}")
+    first = {(c["round"], c["clients"], c["mode"]): c["tok_s"] for c in cells if c["runner"] == a.runners[0]}
     for c in cells:
-        print(f"{c['round'] + 1:>5} {c['clients']:>7} {c['mode']:>11} {c['tok_s']:>7.1f} {c['mean_latency_s']:>7.3f} "
-              f"{c['p50_latency_s']:>6.3f} {c['peak_active']:>4} {c['speculated']:>5} {c['accepted']:>5} "
-              f"{c['rollbacks']:>4}")
+        c["vs_first_runner"] = c["tok_s"] / first[(c["round"], c["clients"], c["mode"])]
+        batching = c.get("lm_batching") or {}
+        per_fw = batching.get("mean_sessions_per_forward")
+        print(f"{c['round'] + 1:>5} {c['lm_runner'] or '?':>8} {c['clients']:>7} {c['mode']:>11} {c['tok_s']:>7.1f} "
+              f"{c['vs_first_runner']:>6.2f} {c['mean_latency_s']:>7.3f} {c['p50_latency_s']:>6.3f} "
+              f"{c['peak_active']:>4} {'-' if per_fw is None else f'{per_fw:.2f}':>7} {c['speculated']:>5} "
+              f"{c['accepted']:>5} {c['rollbacks']:>4}")
     for r in rows:
-        print(f"round {r['round'] + 1}, {r['clients']} client(s): speculative / naive tokens/s = {r['speedup']:.2f}x, "
-              f"{r['identical']}/{r['of']} answers identical to the round's first naive answers")
+        print(f"round {r['round'] + 1}, {r['runner'] or 'default'} runner, {r['clients']} client(s): speculative / "
+              f"naive tokens/s = {r['speedup']:.2f}x, {r['identical']}/{r['of']} answers identical to the round's "
+              f"first naive answers on that runner")
     if a.json:
         doc = {"args": vars(a), "server_flags": extra, "prompts": prompts, "cells": cells, "ratios": rows,
                "machine": {"platform": platform.platform(), "loadavg": loadavg()}}

@@ -291,8 +291,12 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     h.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed at start)")
     h.add_argument("--max-concurrent", type=int, default=1,
-                   help="requests decoding at once, each in its own thread with its own view of the LM (same "
+                   help="requests decoding at once, each in its own thread; with --lm-runner batched their "
+                        "one-token steps share forwards, otherwise each thread has its own view of the LM (same "
                         "weights, own KV runner); the answers are the same at any value (default 1)")
+    h.add_argument("--gather-ms", type=float, default=None, metavar="MS",
+                   help="--lm-runner batched: longest wait for other requests' LM steps (searches) to share "
+                        "a forward (a search) with (default: the mean forward (search) time; docs/knnlm.md)")
     h.add_argument("--max-queue", type=int, default=16,
                    help="requests waiting for a decoding thread; beyond: HTTP 429 (default 16)")
     h.add_argument("--request-timeout", type=float, default=300.0,
@@ -314,13 +318,13 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
 def cmd_knnlm_serve(a: argparse.Namespace) -> int:
     from ralmspec.knnlm.cli import open_knnlm, speculative_config
     from ralmspec.threads import set_threads
-    from serving.knnlm_app import KNNLMServerConfig, create_knnlm_app
+    from serving.knnlm_app import KNN_STATE, KNNLMServerConfig, create_knnlm_app
 
     _configure_logging(a)
     _check_listen_flags(a)
     spec = speculative_config(a)  # bad speculation options fail before anything loads
     server = dict(client_max_size=a.max_body_bytes, max_concurrent=a.max_concurrent, max_queue=a.max_queue,
-                  request_timeout_s=a.request_timeout,
+                  request_timeout_s=a.request_timeout, gather_s=None if a.gather_ms is None else a.gather_ms / 1000,
                   speculate=not a.no_speculate, malloc_trim_s=a.malloc_trim_s)
     KNNLMServerConfig(**server)  # likewise
     set_threads(a.threads)
@@ -331,6 +335,8 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
         d = ds.describe()
         _log(f"ralmspec: kNN-LM {name!r} + datastore {d['path']} ({d['entries']} entries, {d['index']} index) "
              f"loaded in {time.perf_counter() - t:.1f}s; {'speculative' if not a.no_speculate else 'naive'} "
-             f"by default, {a.max_concurrent} request(s) decoding at once")
+             f"by default, {a.max_concurrent} request(s) decoding at once"
+             f"{' sharing forwards and searches' if app[KNN_STATE].sharing is not None else ''} "
+             f"({getattr(knn.lm.runner, 'name', '?')} LM runner)")
         _serve_until_stopped(app, a)
     return 0

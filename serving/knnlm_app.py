@@ -14,10 +14,15 @@ Routes (docs/knnlm.md "Serving over HTTP"):
 - ``GET /v1/models``, ``GET /health``, ``GET /v1/stats`` (JSON), ``GET /metrics`` (Prometheus).
 
 How requests run: ``max_concurrent`` worker threads (default 1) each decode one request at a
-time, in arrival order, each with its own view of the LM (same weights, own runner), so a
-request's tokens never depend on its neighbours (a kNN-LM request holds one KV session and
-searches the datastore at every token; requests are not batched with each other, they overlap:
-one's search beside another's LM step). ``max_queue`` requests may wait for a thread (then
+time, in arrival order (a kNN-LM request holds one KV session and searches the datastore at
+every token). On the ``batched`` LM runner (``--lm-runner batched``) the threads share it
+through a ``SharedRunner`` (``ralmspec/lm/shared_runner.py``) and a ``SharedSearch``
+(``ralmspec/knnlm/shared_search.py``): the one-token steps of the requests decoding at once run
+as one batch-invariant forward, and their datastore searches as one search (when: the rule of
+``ralmspec/rendezvous.py``). On any other runner each thread
+has its own view of the LM (same weights, own runner): requests overlap (one's search beside
+another's LM step) but do not share forwards. Either way a request's tokens never depend on its
+neighbours. ``max_queue`` requests may wait for a thread (then
 429); ``request_timeout_s`` bounds a request, queueing included (504). A client that
 disconnects, or a deadline that passes, halts its decoder at the next token it decides (the
 decoders' ``stop_when``: a halted request finishes its round's verification and is dropped;
@@ -30,6 +35,7 @@ Errors follow serving/app.py's contract (JSON ``{"error": {...}}``, 400 naming t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -48,7 +54,10 @@ from ralmspec.errors import ConfigError
 from ralmspec.knnlm.model import KNNLM, KNNLMResult
 from ralmspec.knnlm.open import warm_datastore
 from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
+from ralmspec.knnlm.shared_search import SharedSearch
+from ralmspec.lm.shared_runner import SharedRunner
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
+from ralmspec.rendezvous import Rendezvous
 from ralmspec.threads import WorkerPool, to_thread
 from serving.app import error_for, error_middleware, run_watching, stream_verified
 from serving.metrics import ServerMetrics, admission_lines
@@ -62,7 +71,8 @@ class KNNLMServerConfig:
 
     model_name: str = "ralmspec-knnlm"  # the `model` clients must send
     client_max_size: int = 1 << 20  # bytes of request body; larger -> 413
-    max_concurrent: int = 1  # requests decoding at once, each in its own thread with its own LM runner
+    max_concurrent: int = 1  # requests decoding at once, each in its own thread (module doc)
+    gather_s: float | None = None  # batched runner: longest wait for more steps (SharedRunner; None: auto)
     max_queue: int = 16  # requests waiting for a thread; beyond -> 429
     request_timeout_s: float = 300.0  # per request, queueing included; 0: no limit
     speculate: bool = True  # a request without `knnlm.speculate` runs speculatively
@@ -80,6 +90,9 @@ class KNNLMServerConfig:
         if not self.request_timeout_s >= 0:
             raise ConfigError(f"request_timeout_s must be >= 0 (0: no limit), got {self.request_timeout_s!r}")
         check_trim_interval(self.malloc_trim_s)
+        if self.gather_s is not None and not 0 <= self.gather_s <= 10:
+            raise ConfigError(f"gather_s (--gather-ms / 1000) must be in [0, 10] seconds (None: auto), "
+                              f"got {self.gather_s!r}")
 
 
 class KNNLMWorker:
@@ -181,6 +194,7 @@ class KNNLMServerState:
     metrics: ServerMetrics
     datastore: dict[str, Any]  # the datastore's description (describe())
     worker: KNNLMWorker | None = None
+    sharing: Sharing | None = None  # the decoding threads' shared runner and search (batched runner)
     trimmer: HeapTrimmer | None = None
     started: float = 0.0
 
@@ -192,21 +206,45 @@ class KNNLMServerState:
 KNN_STATE = web.AppKey("ralmspec_knnlm_state", KNNLMServerState)
 
 
-def decoding_view(knn: KNNLM) -> KNNLM:
-    """``knn`` over a fresh view of its LM (same weights, own runner: ``HFLanguageModel.view``),
-    for another decoding thread."""
+@dataclass
+class Sharing:
+    """The decoding threads' shared batched runner and datastore search (module doc); each job
+    runs as a member of ``rendezvous``."""
+
+    rendezvous: Rendezvous
+    runner: SharedRunner
+    search: SharedSearch
+
+    def stats(self) -> dict[str, Any]:
+        return {"lm_steps": self.runner.stats(), "searches": self.search.stats()}
+
+
+def decoding_views(knn: KNNLM, threads: int, gather_s: float | None = None) -> tuple[list[KNNLM], Sharing | None]:
+    """The ``KNNLM`` of each decoding thread (module doc). On a batch-invariant runner (``batched``)
+    and several threads, ``knn`` over ONE ``SharedRunner`` of its runner and ONE ``SharedSearch``
+    of its datastore for all of them, and those (``Sharing``); otherwise ``knn`` and ``threads - 1``
+    views of its LM (``HFLanguageModel.view``: same weights, own runner), and None."""
+    runner = knn.lm.runner
+    if threads > 1 and getattr(runner, "batch_rows", 1) > 1:
+        if runner.capacity is not None and runner.capacity < threads:
+            raise ConfigError(f"--max-concurrent {threads} needs as many KV slots, but the {runner.name} runner "
+                              f"has {runner.capacity}; lower --max-concurrent")
+        rv = Rendezvous()
+        sharing = Sharing(rv, SharedRunner(runner, rv, gather_s), SharedSearch(knn.datastore, rv, gather_s))
+        shared = KNNLM(knn.lm, knn.datastore, knn.config, runner=sharing.runner, search=sharing.search.search)
+        return [shared] * threads, sharing
     view = getattr(knn.lm, "view", None)
-    if view is None:
+    if threads > 1 and view is None:
         raise ConfigError(f"more than one concurrent kNN-LM request needs an LM backend with views (the transformers "
                           f"backend), got {type(knn.lm).__name__}")
-    return KNNLM(view(), knn.datastore, knn.config)
+    return [knn] + [KNNLM(view(), knn.datastore, knn.config) for _ in range(threads - 1)], None
 
 
 def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
                      config: KNNLMServerConfig | None = None) -> web.Application:
     """The application around ``knn`` (an LM and a datastore, checked compatible; its config is
     the requests' default, ``max_new_tokens`` the default ``max_tokens``), and, for
-    ``max_concurrent`` > 1, as many views of it (``decoding_view``); the datastore is warmed
+    ``max_concurrent`` > 1, what the threads decode with (``decoding_views``); the datastore is warmed
     first (``warm_datastore``). The worker threads start with
     the application and are joined at cleanup (running requests halted first)."""
     cfg = config or KNNLMServerConfig()
@@ -217,7 +255,7 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
                           middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
     app[KNN_STATE] = state
 
-    views = [knn] + [decoding_view(knn) for _ in range(cfg.max_concurrent - 1)]
+    views, state.sharing = decoding_views(knn, cfg.max_concurrent, cfg.gather_s)
 
     async def on_startup(app: web.Application) -> None:
         state.started = time.time()
@@ -304,9 +342,11 @@ async def decode(state: KNNLMServerState, req: KNNLMCompletionRequest,
 
     def job(view: KNNLM) -> KNNLMResult:
         mine = view.with_config(req.knn)
-        if req.speculate:
-            return SpeculativeKNNLM(mine, req.spec).generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
-        return mine.generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
+        with state.sharing.rendezvous.member() if state.sharing is not None else contextlib.nullcontext():
+            if req.speculate:
+                return SpeculativeKNNLM(mine, req.spec).generate(prompt_ids, on_tokens=on_tokens,
+                                                                 stop_when=stop_when)
+            return mine.generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
 
     res = await state.worker.run(job, halt, state.config.request_timeout_s)
     return as_generation_result(req, knn, res)
@@ -355,6 +395,8 @@ def _stats(state: KNNLMServerState) -> dict[str, Any]:
             "defaults": {"k": knn.config.k, "lam": knn.config.lam, "knn_temperature": knn.config.temperature,
                          "max_new_tokens": knn.config.max_new_tokens, "speculate": state.config.speculate,
                          "speculation": asdict(state.spec)},
+            "lm_runner": getattr(knn.lm.runner, "name", None),
+            "lm_batching": state.sharing.stats() if state.sharing is not None else None,
             "queue": state.worker.stats(), "speculation": state.metrics.speculation(),
             "memory": process_memory(state.trimmer)}
 

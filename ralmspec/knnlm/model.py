@@ -174,12 +174,14 @@ class IncrementalDecoder:
     prompt, ``step`` = the runner's ``step_hidden`` (a one-token ``prefill_block``'s bits; on the
     static runner a captured CUDA graph on CUDA; it returns the final hidden state the datastore
     is searched with, and the logits), ``truncate`` = ``crop`` (a static runner only
-    moves a length). ``close`` gives the handle back (a static runner's slot). Not thread-safe:
-    one decoder per request, used from one thread, and no other user of the same LM at once.
+    moves a length). ``close`` gives the handle back (a static runner's slot). ``runner``
+    (default: the LM's) may be a ``SharedRunner`` (``ralmspec.lm.shared_runner``: decoding
+    threads whose steps share forwards). Not thread-safe: one decoder per request, used from one
+    thread, and no other user of the same runner at once unless it is a ``SharedRunner``.
     """
 
-    def __init__(self, lm: Any):
-        self.runner = lm.runner
+    def __init__(self, lm: Any, runner: Any = None):
+        self.runner = lm.runner if runner is None else runner
         self._kv: Any = None
         self._len = 0
         self._open = False
@@ -319,11 +321,17 @@ def encode_prompt(lm: Any, prompt: str | Sequence[int]) -> list[int]:
 class KNNLM:
     """A language model + a datastore, decoded greedily with kNN-LM interpolation.
 
-    ``generate`` is the naive decoder: one real search per generated token.
+    ``generate`` is the naive decoder: one real search per generated token. ``runner`` (default:
+    the LM's) is what its decoders step through and ``search`` (default: the datastore's) what
+    they search with: for decoding threads that share forwards and searches, a ``SharedRunner``
+    and a ``SharedSearch.search`` (the same results, batch-invariant).
     """
 
-    def __init__(self, lm: Any, datastore: Datastore, config: KNNLMConfig | None = None):
+    def __init__(self, lm: Any, datastore: Datastore, config: KNNLMConfig | None = None, runner: Any = None,
+                 search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None):
         self.lm = lm
+        self.runner = lm.runner if runner is None else runner  # what the decoders step (IncrementalDecoder)
+        self._search = search  # None: the datastore's own, looked up at each call
         self.datastore = datastore
         self.config = config or KNNLMConfig()
         self.vocab_size = check_compatible(lm, datastore)
@@ -346,6 +354,10 @@ class KNNLM:
             raise ConfigError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's "
                               f"context of {max_ctx}; shorten the prompt")
         return ids
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The datastore's canonical k-NN of ``queries`` (``Datastore.search``), through ``search``."""
+        return self.datastore.search(queries, k) if self._search is None else self._search(queries, k)
 
     def is_stop(self, token: int) -> bool:
         return self.config.stop_at_eos and self.eos is not None and token == self.eos
@@ -370,14 +382,14 @@ class KNNLM:
         cfg = self.config
         ids = self.check_prompt(prompt, cfg.max_new_tokens)
         t_start = time.perf_counter()
-        dec = IncrementalDecoder(self.lm)
+        dec = IncrementalDecoder(self.lm, self.runner)
         out: list[int] = []
         trace: list[TokenTrace] = []
         try:
             state = dec.start(ids)
             while True:
                 t0 = time.perf_counter()
-                nb_ids, nb_d = self.datastore.search(state.hidden[None, :], cfg.k)
+                nb_ids, nb_d = self.search(state.hidden[None, :], cfg.k)
                 t1 = time.perf_counter()
                 tok = self.decide(state, nb_ids[0], nb_d[0])
                 t2 = time.perf_counter()

@@ -348,7 +348,7 @@ class KNNMode:
         self.prompt_ids = prompt_ids
         self.stats = SpeculativeStats()
         self.cache = NeighbourCache(base.datastore, scfg.cache_capacity, prefilter=scfg.prefilter)
-        self.dec = IncrementalDecoder(base.lm)
+        self.dec = IncrementalDecoder(base.lm, base.runner)
         self.state: LMState | None = None
         self.drv: Driver | None = None
         self.lm_step_s: float | None = None  # latest 1-row LM forward
@@ -472,7 +472,7 @@ class KNNMode:
     def search(self, hidden: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
         """The real search of the queries, in one batch: (ids, distances, seconds)."""
         t0 = time.perf_counter()
-        ids, d = self.base.datastore.search(np.stack(hidden), self.k)
+        ids, d = self.base.search(np.stack(hidden), self.k)
         return ids, d, time.perf_counter() - t0
 
     def verified_step(self, kind: StepKind) -> None:

@@ -483,18 +483,38 @@ class StaticRunner(KVRunner):
         return kv, torch.stack(rows) if rows else torch.empty(0, device=self.decoder.device)
 
     def step_hidden(self, kv: Slot, token: int) -> tuple[Slot, torch.Tensor, torch.Tensor]:
-        """The 1-row step (a CUDA graph on CUDA, compiled with ``compile_step``) with its final
-        hidden state; uncompiled and without ``prefill_rows`` these are the bits of a one-token
-        ``prefill_block`` (tested). The batch-invariant mode keeps the base's one-token prefill."""
+        """The decode step with its final hidden state. 1-row mode: the 1-row step (a CUDA graph
+        on CUDA, compiled with ``compile_step``); uncompiled and without ``prefill_rows`` these
+        are the bits of a one-token ``prefill_block`` (tested). Batch-invariant mode: the
+        ``batch_rows``-row step (``step_hidden_rows`` of this slot alone), so a kNN-LM session's
+        bits are the same alone and stepped among other sessions (``lm/shared_runner.py``)."""
         if self.batch_rows > 1:
-            return super().step_hidden(kv, token)
+            logits, hidden = self.step_hidden_rows([kv], [token])
+            return kv, logits[0], hidden[0]
         logits, hidden = self._step_state(kv, torch.tensor(int(token), device=self.decoder.device))
         return kv, logits.clone(), hidden.clone()
+
+    def step_hidden_rows(self, kvs: Sequence[Slot], tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-invariant mode: ``tokens[r]`` fed to ``kvs[r]``, up to ``batch_rows`` slots per
+        ``batch_rows``-row forward; ``(logits [n, vocab], final hidden states [n, d])`` in the order
+        of ``kvs``, each row the bits of that slot stepped alone (class doc)."""
+        if self.batch_rows == 1:
+            raise ConfigError("step_hidden_rows needs the batch-invariant mode (batch_rows > 1)")
+        if len(kvs) != len(tokens) or not kvs:
+            raise ValueError(f"need one token per slot, got {len(kvs)} slots and {len(tokens)} tokens")
+        toks = _host_to(torch.tensor([int(t) for t in tokens], dtype=torch.long), self.decoder.device)
+        parts = [self._step_rows_state(list(kvs[g:g + self.batch_rows]), toks[g:g + self.batch_rows])
+                 for g in range(0, len(kvs), self.batch_rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _step_rows(self, kvs: Sequence[Slot | None], toks: torch.Tensor) -> torch.Tensor:
         """One ``batch_rows``-row forward: ``toks[r]`` fed at position ``kvs[r].length`` for each
         slot (``None`` and the rows past ``len(kvs)`` are padding); logits ``[len(kvs), vocab]``
         in the order of ``kvs`` (a copy: a graph's output is overwritten by its next replay)."""
+        return self._step_rows_state(kvs, toks)[0]
+
+    def _step_rows_state(self, kvs: Sequence[Slot | None], toks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_step_rows`` with the rows' final hidden states: ``(logits, hidden)``, copies."""
         d, b, n = self.decoder, self.batch_rows, len(kvs)
         live = [kv for kv in kvs if kv is not None]
         if live and max(kv.length for kv in live) + 1 > self.max_len:
@@ -515,18 +535,21 @@ class StaticRunner(KVRunner):
         pool.rows.copy_(meta[0])
         self._rows_pos[:, 0].copy_(meta[1])
         self._rows_tok[:, 0].copy_(toks[:n].index_select(0, meta[2]))
-        logits = self._rows_logits(slots, tuple(spans[r] if r < n else None for r in order), pool)
+        logits, hidden = self._rows_state(slots, tuple(spans[r] if r < n else None for r in order), pool)
         self.live_rows[len(live)] += 1
         for kv in live:
             kv.length += 1
-        return logits.index_select(0, meta[3, :n])
+        back = meta[3, :n]
+        return logits.index_select(0, back), hidden.index_select(0, back)
 
-    def _rows_logits(self, slots: list[Slot | None], spans: tuple[int | None, ...], pool: KVPool) -> torch.Tensor:
-        """The step's logits ``[batch_rows, vocab]`` in step order: the graph of ``spans``, replayed
-        (captured on its first use), or the forward itself without graphs."""
-        def step() -> torch.Tensor:
-            h = self.decoder.forward(slots, self._rows_tok, self._rows_pos, spans, pool)
-            return self.decoder.logits(h[:, -1])
+    def _rows_state(self, slots: list[Slot | None], spans: tuple[int | None, ...],
+                    pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits ``[batch_rows, vocab]`` and final hidden states ``[batch_rows, d]`` in
+        step order: the graph of ``spans``, replayed (captured on its first use), or the forward
+        itself without graphs."""
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.decoder.forward(slots, self._rows_tok, self._rows_pos, spans, pool)[:, -1]
+            return self.decoder.logits(h), h
 
         if self.cuda_graphs:
             try:

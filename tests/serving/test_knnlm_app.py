@@ -164,6 +164,53 @@ def test_concurrent_requests_answer_as_each_would_alone(tiny_lm, knn_datastores,
     check.ran(min_speculated=len(prompts))
 
 
+def test_concurrent_requests_on_the_batched_runner_share_forwards_and_searches_and_answer_as_alone(
+        tiny_lm, knn_datastores, prompts):
+    """``--lm-runner batched`` and ``max_concurrent=4``: the decoding threads step through one
+    SharedRunner and search through one SharedSearch; every answer (naive and speculative, mixed
+    settings) is the in-process naive decoder's on the batched runner alone, steps and searches of
+    several requests did share forwards and searches, and speculation ran."""
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+
+    lm = tiny_lm.view(runner="batched")
+    srv = knn_server(lm, knn_datastores["flat"], max_concurrent=4, max_queue=64)
+    try:
+        cases = [(p, SPEC_SETTINGS[i % len(SPEC_SETTINGS)], spec) for i, p in enumerate(prompts)
+                 for spec in (False, True)]
+
+        def body(p, ext, spec):
+            return {"model": MODEL, "prompt": p, "max_tokens": MAX_NEW,
+                    "knnlm": {**ext, "speculate": spec} if spec else
+                    {k: v for k, v in ext.items() if k in ("k", "lam", "knn_temperature")} | {"speculate": False}}
+
+        async def burst():
+            return await asyncio.gather(*(http("POST", f"{srv.url}/v1/completions", body(*c)) for c in cases))
+
+        answers = asyncio.run(burst())
+        q = wait_idle(srv)
+        stats = request("GET", f"{srv.url}/v1/stats")[1]
+    finally:
+        srv.stop()
+    assert q["peak_active"] >= 2 and q["completed"] == len(cases), q
+    assert stats["lm_runner"] == "batched"
+    shared = stats["lm_batching"]
+    for lane in ("lm_steps", "searches"):
+        assert max(int(k) for k in shared[lane]["batches_by_size"]) >= 2, shared  # requests met
+    alone = tiny_lm.view(runner="batched")  # the same 8-row steps, one request at a time
+    check = SpeculationCheck()
+    for (p, ext, spec), (st, out) in zip(cases, answers):
+        assert st == 200, out
+        cfg = KNNLMConfig(k=ext.get("k", 8), lam=ext.get("lam", 0.25), temperature=ext.get("knn_temperature", 1.0),
+                          max_new_tokens=MAX_NEW)
+        ref = KNNLM(alone, knn_datastores["flat"], cfg).generate(p)
+        got = (out["choices"][0]["text"], out["usage"]["completion_tokens"])
+        if spec:
+            check.same(got, (ref.text, len(ref.tokens)), out["knnlm"]["stats"], where=(p, ext))
+        else:
+            assert got == (ref.text, len(ref.tokens)), (p, ext)
+    check.ran(min_speculated=len(prompts))
+
+
 def test_stop_strings_and_streams_give_the_same_answer(server, prompts):
     """A stop string ends naive and speculative decoding at the same point; the streamed text
     (verified only, a partial stop held back) is the non-streamed answer."""
@@ -389,6 +436,8 @@ def test_knnlm_serve_runs_as_a_process(knn_datastores, prompts):
     (["--max-queue", "-1"], "max_queue"),
     (["--max-concurrent", "0"], "max_concurrent"),
     (["--gamma-max", "1.5"], "gamma_max"),
+    (["--gather-ms", "-1"], "--gather-ms"),
+    (["--lm-runner", "batched", "--max-concurrent", "17"], "needs as many KV slots"),
     (["--datastore", "/nonexistent/ds"], "/nonexistent/ds"),
 ])
 def test_bad_knnlm_serve_settings_exit_2(capsys, knn_datastores, argv, msg):

@@ -1,0 +1,71 @@
+"""SharedSearch: decoding threads' datastore searches that meet run as one search, and each gets
+what the datastore answers it alone (ralmspec/knnlm/shared_search.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ralmspec.errors import ConfigError
+from ralmspec.knnlm.shared_search import SharedSearch
+from ralmspec.rendezvous import Rendezvous
+
+
+def test_searches_of_threads_share_calls_and_equal_each_search_alone(knn_datastores):
+    ds = knn_datastores["flat"]
+    rng = np.random.default_rng(5)
+    keys = ds.key_vectors(rng.choice(ds.n, 40, replace=False)).astype(np.float32)
+    # per thread: a list of (queries, k) calls: single queries (naive tokens), blocks (verifications)
+    plans = [[(keys[(t * 7 + j) % 40][None, :] + rng.normal(0, 0.05, (1, ds.dim)).astype(np.float32), 8)
+              if j % 3 else (keys[j:j + 1 + t % 4] * 1.01, 4 + t % 2) for j in range(12)] for t in range(5)]
+    expected = [[ds.search(q, k) for q, k in plan] for plan in plans]
+    rv = Rendezvous()
+    shared = SharedSearch(ds, rv, gather_s=0.05)
+    got: list = [None] * len(plans)
+    start = threading.Barrier(len(plans))
+
+    def worker(t: int) -> None:
+        start.wait()
+        with rv.member():
+            got[t] = [shared.search(q, k) for q, k in plans[t]]
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(plans))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    for exp, out in zip(expected, got):
+        assert out is not None and len(out) == len(exp)
+        for (ei, ed), (oi, od) in zip(exp, out):
+            assert np.array_equal(ei, oi) and np.array_equal(ed, od)
+    sizes = shared.stats()["batches_by_size"]
+    assert sum(int(k) * v for k, v in sizes.items()) == sum(len(p) for p in plans)
+    assert max(int(k) for k in sizes) >= 2, sizes  # searches really met
+
+
+def test_a_bad_call_fails_alone(knn_datastores):
+    ds = knn_datastores["flat"]
+    rv = Rendezvous()
+    shared = SharedSearch(ds, rv, gather_s=5.0)
+    good = ds.key_vectors(np.array([3])).astype(np.float32)
+    out: dict = {}
+    start = threading.Barrier(2)
+
+    def call(name: str, q) -> None:
+        start.wait()
+        with rv.member():
+            try:
+                out[name] = shared.search(q, 4)
+            except ConfigError as exc:
+                out[name] = exc
+
+    threads = [threading.Thread(target=call, args=a) for a in (("good", good), ("bad", np.zeros((1, ds.dim + 1))))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert isinstance(out["bad"], ConfigError)
+    ids, d = out["good"]
+    exp_ids, exp_d = ds.search(good, 4)
+    assert np.array_equal(ids, exp_ids) and np.array_equal(d, exp_d)
