@@ -90,6 +90,48 @@ def test_a_straggler_holds_the_others_up_for_gather_s_only():
     assert 0.15 <= waited < 5.0
 
 
+def test_one_batch_runs_at_a_time_and_a_late_member_falls_into_step():
+    """Members alternate between two lanes (a token: step, then search); a member that joins
+    late first meets the others at the lane they come to next, after which every batch holds all
+    members: no two batches ever overlap (so the groups cannot stay out of phase)."""
+    rv = Rendezvous()
+    running, overlaps = [0], [0]
+    sizes: dict[str, list[int]] = {"a": [], "b": []}
+
+    def runner(name: str):
+        def run(items):
+            running[0] += 1
+            overlaps[0] += running[0] > 1
+            time.sleep(0.002)
+            sizes[name].append(len(items))
+            running[0] -= 1
+            return list(items)
+        return run
+
+    lane_a, lane_b = rv.lane(runner("a"), max_items=8, gather_s=1.0), rv.lane(runner("b"), max_items=8, gather_s=1.0)
+    early = threading.Barrier(3)
+
+    def body(i: int) -> int:
+        if i == 3:
+            time.sleep(0.03)  # joins while the others are a few tokens in
+        else:
+            early.wait()
+        with rv.member():
+            for t in range(25 if i == 3 else 40):
+                assert lane_a.call(t) == t and lane_b.call(t) == t
+        return i
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert overlaps[0] == 0
+    assert sum(sizes["a"]) == sum(sizes["b"]) == 3 * 40 + 25
+    # the late member fell into step with the others: most of its 25 tokens shared every batch
+    assert sizes["a"].count(4) >= 20 and sizes["b"].count(4) >= 20, sizes
+
+
 def test_an_error_item_fails_alone_and_a_raising_batch_fails_every_call():
     rv = Rendezvous()
     lane = rv.lane(lambda items: [ValueError(f"bad {x}") if x < 0 else x for x in items], max_items=8, gather_s=30.0)
