@@ -9,8 +9,11 @@ speculative / naive ratio of tokens/s. Every answer (text, finish reason, usage)
 with the naive answer of the first concurrency in the same round: exit status 1 if any differs.
 With ``--runners`` each LM runner (``--lm-runner``) gets its own cells and its own reference
 answers (two runners round differently), and the table adds each runner's tokens/s over the
-first runner's at the same concurrency and mode (``batched`` shares forwards between requests,
-``eager`` gives each decoding thread its own runner: docs/knnlm.md).
+first runner's at the same concurrency and mode (``batched`` shares forwards and searches between
+requests, ``eager`` gives each decoding thread its own runner: docs/knnlm.md); ``rows/fw`` is
+the mean number of requests per shared forward, ``verif`` the speculative requests' verified
+steps (first tokens, OS^3's fallback and, on ``batched``, steps paused while several requests
+decode: ``--speculate-max-active``).
 
     python experiments/knnlm_serve.py --datastore ds/ --n 20 --max-tokens 32 --rounds 2 --json out.json -- --k 8
     python experiments/knnlm_serve.py --datastore ds/ --concurrency 1 2 -- --threads 1
@@ -73,7 +76,8 @@ async def run_cell(url: str, prompts: list[str], max_tokens: int, mode: str, cli
     return {"mode": mode, "clients": clients, "requests": len(prompts), "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "mean_latency_s": statistics.mean(latencies),
             "p50_latency_s": percentile(latencies, 50), "peak_active": stats["queue"]["peak_active"],
-            "speculated": spec["speculated_steps"], "accepted": spec["accepted"], "rollbacks": spec["rollbacks"],
+            "speculated": spec["speculated_steps"], "verified": spec["verified_steps"], "accepted": spec["accepted"],
+            "rollbacks": spec["rollbacks"],
             "busy_s": stats["queue"]["busy_s"], "lm_runner": stats.get("lm_runner"),
             "lm_batching": stats.get("lm_batching"), "answers": answers}
 
@@ -124,16 +128,15 @@ def main(argv: list[str] | None = None) -> int:
                              "identical": 2 * len(prompts) - n_diff, "of": 2 * len(prompts)})
                 cells += [got[m] for m in MODES]
     print(f"{'round':>5} {'runner':>8} {'clients':>7} {'mode':>11} {'tok/s':>7} {'vs 1st':>6} {'mean s':>7} "
-          f"{'p50 s':>6} {'peak':>4} {'rows/fw':>7} {'spec':>5} {'acc':>5} {'rb':>4}")
+          f"{'p50 s':>6} {'peak':>4} {'rows/fw':>7} {'spec':>5} {'acc':>5} {'rb':>4} {'verif':>5}")
     first = {(c["round"], c["clients"], c["mode"]): c["tok_s"] for c in cells if c["runner"] == a.runners[0]}
     for c in cells:
         c["vs_first_runner"] = c["tok_s"] / first[(c["round"], c["clients"], c["mode"])]
-        batching = c.get("lm_batching") or {}
-        per_fw = batching.get("mean_sessions_per_forward")
+        per_fw = ((c.get("lm_batching") or {}).get("lm_steps") or {}).get("mean_batch_size")
         print(f"{c['round'] + 1:>5} {c['lm_runner'] or '?':>8} {c['clients']:>7} {c['mode']:>11} {c['tok_s']:>7.1f} "
               f"{c['vs_first_runner']:>6.2f} {c['mean_latency_s']:>7.3f} {c['p50_latency_s']:>6.3f} "
               f"{c['peak_active']:>4} {'-' if per_fw is None else f'{per_fw:.2f}':>7} {c['speculated']:>5} "
-              f"{c['accepted']:>5} {c['rollbacks']:>4}")
+              f"{c['accepted']:>5} {c['rollbacks']:>4} {c['verified']:>5}")
     for r in rows:
         print(f"round {r['round'] + 1}, {r['runner'] or 'default'} runner, {r['clients']} client(s): speculative / "
               f"naive tokens/s = {r['speedup']:.2f}x, {r['identical']}/{r['of']} answers identical to the round's "

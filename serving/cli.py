@@ -297,6 +297,9 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--gather-ms", type=float, default=None, metavar="MS",
                    help="--lm-runner batched: longest wait for other requests' LM steps (searches) to share "
                         "a forward (a search) with (default: the mean forward (search) time; docs/knnlm.md)")
+    h.add_argument("--speculate-max-active", type=int, default=1, metavar="N",
+                   help="--lm-runner batched: requests speculate only while at most N decode; with more, "
+                        "they take naive steps in shared forwards and searches (measured faster; default 1)")
     h.add_argument("--max-queue", type=int, default=16,
                    help="requests waiting for a decoding thread; beyond: HTTP 429 (default 16)")
     h.add_argument("--request-timeout", type=float, default=300.0,
@@ -325,6 +328,7 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
     spec = speculative_config(a)  # bad speculation options fail before anything loads
     server = dict(client_max_size=a.max_body_bytes, max_concurrent=a.max_concurrent, max_queue=a.max_queue,
                   request_timeout_s=a.request_timeout, gather_s=None if a.gather_ms is None else a.gather_ms / 1000,
+                  speculate_max_active=a.speculate_max_active,
                   speculate=not a.no_speculate, malloc_trim_s=a.malloc_trim_s)
     KNNLMServerConfig(**server)  # likewise
     set_threads(a.threads)

@@ -19,7 +19,10 @@ every token). On the ``batched`` LM runner (``--lm-runner batched``) the threads
 through a ``SharedRunner`` (``ralmspec/lm/shared_runner.py``) and a ``SharedSearch``
 (``ralmspec/knnlm/shared_search.py``): the one-token steps of the requests decoding at once run
 as one batch-invariant forward, and their datastore searches as one search (when: the rule of
-``ralmspec/rendezvous.py``). On any other runner each thread
+``ralmspec/rendezvous.py``); while more than ``speculate_max_active`` (default 1) requests
+decode, speculation is paused (verified steps: a speculating request leaves the lock-step of the
+shared batches, measured slower than all of them stepping naively together; docs/knnlm.md). On
+any other runner each thread
 has its own view of the LM (same weights, own runner): requests overlap (one's search beside
 another's LM step) but do not share forwards. Either way a request's tokens never depend on its
 neighbours. ``max_queue`` requests may wait for a thread (then
@@ -60,7 +63,7 @@ from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.rendezvous import Rendezvous
 from ralmspec.threads import WorkerPool, to_thread
 from serving.app import error_for, error_middleware, run_watching, stream_verified
-from serving.metrics import ServerMetrics, admission_lines
+from serving.metrics import ServerMetrics, admission_lines, counter_total
 from serving.protocol import APIError, KNNLMCompletionRequest, decode_body, parse_knnlm_completion
 from serving.shapes import CHAT, COMPLETION, Shape, answer, model_list
 
@@ -73,6 +76,7 @@ class KNNLMServerConfig:
     client_max_size: int = 1 << 20  # bytes of request body; larger -> 413
     max_concurrent: int = 1  # requests decoding at once, each in its own thread (module doc)
     gather_s: float | None = None  # batched runner: longest wait for more steps (SharedRunner; None: auto)
+    speculate_max_active: int = 1  # batched runner: requests speculate only while at most this many decode
     max_queue: int = 16  # requests waiting for a thread; beyond -> 429
     request_timeout_s: float = 300.0  # per request, queueing included; 0: no limit
     speculate: bool = True  # a request without `knnlm.speculate` runs speculatively
@@ -90,6 +94,8 @@ class KNNLMServerConfig:
         if not self.request_timeout_s >= 0:
             raise ConfigError(f"request_timeout_s must be >= 0 (0: no limit), got {self.request_timeout_s!r}")
         check_trim_interval(self.malloc_trim_s)
+        if not isinstance(self.speculate_max_active, int) or self.speculate_max_active < 1:
+            raise ConfigError(f"speculate_max_active must be an integer >= 1, got {self.speculate_max_active!r}")
         if self.gather_s is not None and not 0 <= self.gather_s <= 10:
             raise ConfigError(f"gather_s (--gather-ms / 1000) must be in [0, 10] seconds (None: auto), "
                               f"got {self.gather_s!r}")
@@ -209,17 +215,24 @@ KNN_STATE = web.AppKey("ralmspec_knnlm_state", KNNLMServerState)
 @dataclass
 class Sharing:
     """The decoding threads' shared batched runner and datastore search (module doc); each job
-    runs as a member of ``rendezvous``."""
+    runs as a member of ``rendezvous``. ``may_speculate``: speculation only while at most
+    ``max_active`` requests decode (module doc: above that, sharing beats speculating)."""
 
     rendezvous: Rendezvous
     runner: SharedRunner
     search: SharedSearch
+    max_active: int = 1
+
+    def may_speculate(self) -> bool:
+        return self.rendezvous.members <= self.max_active
 
     def stats(self) -> dict[str, Any]:
-        return {"lm_steps": self.runner.stats(), "searches": self.search.stats()}
+        return {"lm_steps": self.runner.stats(), "searches": self.search.stats(),
+                "speculate_max_active": self.max_active}
 
 
-def decoding_views(knn: KNNLM, threads: int, gather_s: float | None = None) -> tuple[list[KNNLM], Sharing | None]:
+def decoding_views(knn: KNNLM, threads: int, gather_s: float | None = None,
+                   speculate_max_active: int = 1) -> tuple[list[KNNLM], Sharing | None]:
     """The ``KNNLM`` of each decoding thread (module doc). On a batch-invariant runner (``batched``)
     and several threads, ``knn`` over ONE ``SharedRunner`` of its runner and ONE ``SharedSearch``
     of its datastore for all of them, and those (``Sharing``); otherwise ``knn`` and ``threads - 1``
@@ -230,7 +243,8 @@ def decoding_views(knn: KNNLM, threads: int, gather_s: float | None = None) -> t
             raise ConfigError(f"--max-concurrent {threads} needs as many KV slots, but the {runner.name} runner "
                               f"has {runner.capacity}; lower --max-concurrent")
         rv = Rendezvous()
-        sharing = Sharing(rv, SharedRunner(runner, rv, gather_s), SharedSearch(knn.datastore, rv, gather_s))
+        sharing = Sharing(rv, SharedRunner(runner, rv, gather_s), SharedSearch(knn.datastore, rv, gather_s),
+                          speculate_max_active)
         shared = KNNLM(knn.lm, knn.datastore, knn.config, runner=sharing.runner, search=sharing.search.search)
         return [shared] * threads, sharing
     view = getattr(knn.lm, "view", None)
@@ -255,7 +269,7 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
                           middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
     app[KNN_STATE] = state
 
-    views, state.sharing = decoding_views(knn, cfg.max_concurrent, cfg.gather_s)
+    views, state.sharing = decoding_views(knn, cfg.max_concurrent, cfg.gather_s, cfg.speculate_max_active)
 
     async def on_startup(app: web.Application) -> None:
         state.started = time.time()
@@ -342,10 +356,12 @@ async def decode(state: KNNLMServerState, req: KNNLMCompletionRequest,
 
     def job(view: KNNLM) -> KNNLMResult:
         mine = view.with_config(req.knn)
-        with state.sharing.rendezvous.member() if state.sharing is not None else contextlib.nullcontext():
+        sharing = state.sharing
+        with sharing.rendezvous.member() if sharing is not None else contextlib.nullcontext():
             if req.speculate:
-                return SpeculativeKNNLM(mine, req.spec).generate(prompt_ids, on_tokens=on_tokens,
-                                                                 stop_when=stop_when)
+                return SpeculativeKNNLM(mine, req.spec).generate(
+                    prompt_ids, on_tokens=on_tokens, stop_when=stop_when,
+                    may_speculate=None if sharing is None else sharing.may_speculate)
             return mine.generate(prompt_ids, on_tokens=on_tokens, stop_when=stop_when)
 
     res = await state.worker.run(job, halt, state.config.request_timeout_s)
@@ -421,4 +437,12 @@ async def metrics(request: web.Request) -> web.Response:
                                                 "kind": f"knnlm-{ds['index']}", "passages": ds["entries"]})
     extra = admission_lines("ralmspec_knnlm", state.worker.stats(), "Requests waiting for a decoding thread.",
                             "Requests decoding now.", "Decoding threads (--max-concurrent).")
+    if state.sharing is not None:
+        for lane, what in (("lm_steps", "LM forwards"), ("searches", "datastore searches")):
+            st = state.sharing.stats()[lane]
+            calls = sum(int(k) * v for k, v in st["batches_by_size"].items())
+            extra += counter_total(f"ralmspec_knnlm_shared_{lane}_batches_total",
+                                   f"{what} run for the decoding threads (--lm-runner batched).", st["batches"])
+            extra += counter_total(f"ralmspec_knnlm_shared_{lane}_calls_total",
+                                   f"Requests' calls served by those {what} (calls / batches: sharing).", calls)
     return web.Response(text=text + "\n".join(extra) + "\n", content_type="text/plain")

@@ -172,8 +172,8 @@ class IncrementalDecoder:
     ``DynamicCache`` runner on the CPU, the static KV-slot runner on CUDA), so kNN-LM decodes
     through the same seam as document-level RaLM: ``start`` = one ``prefill_block`` of the
     prompt, ``step`` = the runner's ``step_hidden`` (a one-token ``prefill_block``'s bits; on the
-    static runner a captured CUDA graph on CUDA; it returns the final hidden state the datastore
-    is searched with, and the logits), ``truncate`` = ``crop`` (a static runner only
+    static runner a captured CUDA graph on CUDA; on the batched runner its 8-row step; it returns
+    the final hidden state the datastore is searched with, and the logits), ``truncate`` = ``crop`` (a static runner only
     moves a length). ``close`` gives the handle back (a static runner's slot). ``runner``
     (default: the LM's) may be a ``SharedRunner`` (``ralmspec.lm.shared_runner``: decoding
     threads whose steps share forwards). Not thread-safe: one decoder per request, used from one

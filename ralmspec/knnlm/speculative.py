@@ -59,6 +59,10 @@ round r+1's steps are cut with the rollback. As in RaLM, OS^3 keeps the step and
 measured alone and beside each other and chooses per round whether overlapping pays under that
 contention (``StrideDecision.overlap``); a round it does not overlap is verified synchronously.
 
+A server's policy (``may_speculate``, asked before every round) may pause speculation: the
+decoder then takes verified steps, the naive decoder's (the kNN-LM server pauses it while several
+requests share the batched runner's forwards and searches: docs/knnlm.md).
+
 OS^3 and the naive fallback
 ---------------------------
 Stride and fallback are the shared :class:`StrideScheduler`'s, the same rule as RaLM's (``a`` =
@@ -79,7 +83,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -272,7 +276,7 @@ class SpeculativeStats:
     acceptance_histogram: dict[str, int] = field(default_factory=dict)  # kept tokens -> rounds
     verified_steps: int = 0  # tokens decided from a real search (the first, OS^3's fallback)
     naive_steps: int = 0  # OS^3's fallback steps among them
-    paused_steps: int = 0  # always 0: no load governor pauses kNN-LM
+    paused_steps: int = 0  # verified steps taken while a server's policy paused speculation
     held_steps: int = 0  # naive steps taken while OS^3's realized guard held speculation off
     probes: int = 0  # fallback steps that also asked the cache
     probe_hits: int = 0
@@ -311,15 +315,18 @@ class SpeculativeKNNLM:
         self.config = config or SpeculativeKNNConfig()
 
     def generate(self, prompt: str | Sequence[int], *, on_tokens: OnTokens | None = None,
-                 stop_when: StopWhen | None = None) -> KNNLMResult:
+                 stop_when: StopWhen | None = None,
+                 may_speculate: Callable[[], bool] | None = None) -> KNNLMResult:
         """Decode ``prompt``: the same tokens as ``self.base.generate(prompt, stop_when=...)``
         (module doc). ``on_tokens`` receives verified tokens only, in order, as rounds settle;
-        ``stop_when`` is asked on the output verified and speculated, like an EOS."""
+        ``stop_when`` is asked on the output verified and speculated, like an EOS;
+        ``may_speculate`` (a server's policy) is asked before every round: while it says no, the
+        decoder takes verified steps, exactly the naive decoder's (``paused_steps``)."""
         prompt_ids = self.base.check_prompt(prompt, self.base.config.max_new_tokens)
         if self.config.async_verify:
             with WorkerPool(max_workers=1, thread_name_prefix="knnlm-verify") as pool:
-                return KNNMode(self, prompt_ids, pool, on_tokens, stop_when).run()
-        return KNNMode(self, prompt_ids, None, on_tokens, stop_when).run()
+                return KNNMode(self, prompt_ids, pool, on_tokens, stop_when, may_speculate).run()
+        return KNNMode(self, prompt_ids, None, on_tokens, stop_when, may_speculate).run()
 
 
 class KNNMode:
@@ -340,9 +347,10 @@ class KNNMode:
     eager = False
 
     def __init__(self, owner: SpeculativeKNNLM, prompt_ids: list[int], pool: WorkerPool | None,
-                 on_tokens: OnTokens | None = None, stop_when: StopWhen | None = None):
+                 on_tokens: OnTokens | None = None, stop_when: StopWhen | None = None,
+                 may_speculate: Callable[[], bool] | None = None):
         base, scfg = owner.base, owner.config
-        self.on_tokens, self.stop_when = on_tokens, stop_when
+        self.on_tokens, self.stop_when, self.policy = on_tokens, stop_when, may_speculate
         self.base, self.scfg, self.pool = base, scfg, pool
         self.k, self.max_new = base.config.k, base.config.max_new_tokens
         self.prompt_ids = prompt_ids
@@ -384,7 +392,7 @@ class KNNMode:
         return len(tokens) > n_prompt and self.stop_when is not None and self.stop_when(tokens[n_prompt:])
 
     def may_speculate(self) -> bool:
-        return True
+        return self.policy is None or self.policy()
 
     def steps_left(self, tokens: list[int], n_prompt: int) -> int:
         return self.max_new - (len(tokens) - n_prompt)
@@ -395,8 +403,8 @@ class KNNMode:
     async def advance(self, drv: Driver, plan: Plan) -> None:
         """One token: guessed from the cache and fed to the LM (except a synchronous round's last
         token: ``settled`` feeds it once verified), or at stride 0 decided from a real search."""
-        if plan.stride == 0:  # naive fallback: nothing in flight, everything verified (next_action)
-            self.verified_step(StepKind.FALLBACK)
+        if plan.stride == 0:  # naive fallback or a paused step: nothing in flight, everything verified
+            self.verified_step(StepKind.PAUSED if plan.paused else StepKind.FALLBACK)
             return
         base, cache, sched, state, book = self.base, self.cache, drv.sched, self.state, drv.book
         beside = bool(book.inflight)  # a verification runs beside this step (contention)
@@ -476,13 +484,14 @@ class KNNMode:
         return ids, d, time.perf_counter() - t0
 
     def verified_step(self, kind: StepKind) -> None:
-        """One token from a real search (the first token, and the OS^3 fallback), fed to the LM.
-        While OS^3 lacks estimates, and then every ``probe_every``-th fallback step, it also
-        asks the cache first (fed by the step before): a speculative step's cost ``a`` and a
-        1-step round for ``γ``, so speculation can start, or resume when it pays again."""
+        """One token from a real search (the first token, the OS^3 fallback, a paused step), fed
+        to the LM. While OS^3 lacks estimates, and then every ``probe_every``-th fallback step, it
+        also asks the cache first (fed by the step before): a speculative step's cost ``a`` and a
+        1-step round for ``γ``, so speculation can start, or resume when it pays again. A paused
+        step never asks the cache: it is the naive decoder's step."""
         drv, base, cache, scfg, st, state = self.drv, self.base, self.cache, self.scfg, self.stats, self.state
         sched, done = drv.sched, drv.stats.verified_steps  # verified steps so far
-        probe = done > 0 and self.probes_now(done)
+        probe = done > 0 and kind is not StepKind.PAUSED and self.probes_now(done)  # paused: the naive step
         if probe:
             t0 = time.perf_counter()
             sid, sd = cache.topk(state.hidden, self.k)

@@ -169,11 +169,12 @@ def test_concurrent_requests_on_the_batched_runner_share_forwards_and_searches_a
     """``--lm-runner batched`` and ``max_concurrent=4``: the decoding threads step through one
     SharedRunner and search through one SharedSearch; every answer (naive and speculative, mixed
     settings) is the in-process naive decoder's on the batched runner alone, steps and searches of
-    several requests did share forwards and searches, and speculation ran."""
+    several requests did share forwards and searches, and speculation ran (not paused here:
+    ``speculate_max_active`` above the concurrency; the pause has its own test below)."""
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
 
     lm = tiny_lm.view(runner="batched")
-    srv = knn_server(lm, knn_datastores["flat"], max_concurrent=4, max_queue=64)
+    srv = knn_server(lm, knn_datastores["flat"], max_concurrent=4, max_queue=64, speculate_max_active=4)
     try:
         cases = [(p, SPEC_SETTINGS[i % len(SPEC_SETTINGS)], spec) for i, p in enumerate(prompts)
                  for spec in (False, True)]
@@ -189,6 +190,7 @@ def test_concurrent_requests_on_the_batched_runner_share_forwards_and_searches_a
         answers = asyncio.run(burst())
         q = wait_idle(srv)
         stats = request("GET", f"{srv.url}/v1/stats")[1]
+        st, prom = request("GET", f"{srv.url}/metrics")
     finally:
         srv.stop()
     assert q["peak_active"] >= 2 and q["completed"] == len(cases), q
@@ -196,6 +198,7 @@ def test_concurrent_requests_on_the_batched_runner_share_forwards_and_searches_a
     shared = stats["lm_batching"]
     for lane in ("lm_steps", "searches"):
         assert max(int(k) for k in shared[lane]["batches_by_size"]) >= 2, shared  # requests met
+        assert f"ralmspec_knnlm_shared_{lane}_batches_total {shared[lane]['batches']}" in prom
     alone = tiny_lm.view(runner="batched")  # the same 8-row steps, one request at a time
     check = SpeculationCheck()
     for (p, ext, spec), (st, out) in zip(cases, answers):
@@ -209,6 +212,40 @@ def test_concurrent_requests_on_the_batched_runner_share_forwards_and_searches_a
         else:
             assert got == (ref.text, len(ref.tokens)), (p, ext)
     check.ran(min_speculated=len(prompts))
+
+
+def test_sharing_requests_pause_speculation_and_a_lone_one_speculates(tiny_lm, knn_datastores, prompts):
+    """The default ``speculate_max_active=1`` on the batched runner: speculative requests sent 4 at
+    a time take paused (naive) steps while others decode beside them, a request alone speculates,
+    and every answer is the naive decoder's on the batched runner."""
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+
+    lm = tiny_lm.view(runner="batched")
+    srv = knn_server(lm, knn_datastores["flat"], max_concurrent=4, max_queue=64)
+    ext = {"os3": False, "fixed_stride": 3}
+    try:
+        async def burst():
+            return await asyncio.gather(*(http("POST", f"{srv.url}/v1/completions",
+                                               {"model": MODEL, "prompt": p, "max_tokens": MAX_NEW, "knnlm": ext})
+                                          for p in prompts[:4]))
+
+        together = asyncio.run(burst())
+        wait_idle(srv)
+        alone = [complete(srv, prompt=p, max_tokens=MAX_NEW, knnlm=ext) for p in prompts[:2]]
+    finally:
+        srv.stop()
+    ref_lm = tiny_lm.view(runner="batched")
+    for p, (st, out) in zip(prompts[:4] + prompts[:2], together + alone):
+        assert st == 200, out
+        ref = KNNLM(ref_lm, knn_datastores["flat"], KNNLMConfig(k=8, max_new_tokens=MAX_NEW)).generate(p)
+        assert (out["choices"][0]["text"], out["usage"]["completion_tokens"]) == (ref.text, len(ref.tokens))
+    assert sum(out["knnlm"]["stats"]["paused_steps"] for _, out in together) > 0
+    check = SpeculationCheck()
+    for p, (_, out) in zip(prompts, alone):
+        assert out["knnlm"]["stats"]["paused_steps"] == 0
+        ref = KNNLM(ref_lm, knn_datastores["flat"], KNNLMConfig(k=8, max_new_tokens=MAX_NEW)).generate(p)
+        check.same(out["choices"][0]["text"], ref.text, out["knnlm"]["stats"], where=p)
+    check.ran(min_speculated=2)
 
 
 def test_stop_strings_and_streams_give_the_same_answer(server, prompts):
@@ -437,6 +474,7 @@ def test_knnlm_serve_runs_as_a_process(knn_datastores, prompts):
     (["--max-concurrent", "0"], "max_concurrent"),
     (["--gamma-max", "1.5"], "gamma_max"),
     (["--gather-ms", "-1"], "--gather-ms"),
+    (["--speculate-max-active", "0"], "speculate_max_active"),
     (["--lm-runner", "batched", "--max-concurrent", "17"], "needs as many KV slots"),
     (["--datastore", "/nonexistent/ds"], "/nonexistent/ds"),
 ])
