@@ -70,7 +70,8 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: library defaults)")
     p.add_argument("--device", default="cpu", help="LM device (cpu, cuda)")
     p.add_argument("--lm-runner", default="auto", choices=LM_RUNNERS,
-                   help="how the LM runs (docs/lm-runner.md): auto (static on cuda, eager on cpu), eager, "
+                   help="how the LM runs (docs/lm-runner.md): auto (static on cuda, eager on cpu; knnlm serve "
+                        "with --max-concurrent > 1 on cpu: batched, its requests sharing forwards), eager, "
                         "static (KV slots; each token a captured CUDA graph on cuda), batched, compiled "
                         "(static with its step torch.compile'd)")
 
@@ -126,7 +127,9 @@ def open_knnlm(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
 
     ds = _open_datastore(args)
     try:
-        lm = load_lm(args.model or ds.model_name, device=args.device, runner=args.lm_runner)
+        # a server of several concurrent requests: "auto" may pick the batched runner (make_runner)
+        lm = load_lm(args.model or ds.model_name, device=args.device, runner=args.lm_runner,
+                     concurrent=getattr(args, "max_concurrent", 1) > 1)
         cfg = KNNLMConfig(k=args.k, lam=args.lam, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
         yield KNNLM(lm, ds, cfg), ds
     finally:

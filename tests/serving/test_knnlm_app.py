@@ -450,10 +450,11 @@ def test_a_client_that_leaves_a_stream_halts_its_decoder(server, prompts):
 
 
 def test_knnlm_serve_runs_as_a_process(knn_datastores, prompts):
-    """``ralmspec knnlm serve`` end to end: starts, prints its address, answers, exits on SIGTERM."""
+    """``ralmspec knnlm serve`` end to end: starts, prints its address, answers, exits on SIGTERM;
+    with ``--max-concurrent 2`` on the CPU, ``--lm-runner auto`` is the batched runner, shared."""
     proc = subprocess.Popen([sys.executable, "-m", "ralmspec.cli", "knnlm", "serve", "--datastore",
                              str(knn_datastores["flat"].path), "--port", "0", "--k", "8", "--max-new-tokens", "6",
-                             "--threads", "1"],
+                             "--threads", "1", "--max-concurrent", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -462,6 +463,8 @@ def test_knnlm_serve_runs_as_a_process(knn_datastores, prompts):
         assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
         st, out = request("POST", f"{m.group(1)}/v1/completions", {"model": "tiny", "prompt": prompts[0]})
         assert st == 200 and out["usage"]["completion_tokens"] <= 6 and out["knnlm"]["mode"] == "speculative"
+        stats = request("GET", f"{m.group(1)}/v1/stats")[1]
+        assert stats["lm_runner"] == "batched" and stats["lm_batching"]["lm_steps"]["batches"] >= 1
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
