@@ -18,6 +18,12 @@ decode: ``--speculate-max-active``).
     python experiments/knnlm_serve.py --datastore ds/ --n 20 --max-tokens 32 --rounds 2 --json out.json -- --k 8
     python experiments/knnlm_serve.py --datastore ds/ --concurrency 1 2 -- --threads 1
     python experiments/knnlm_serve.py --datastore ds/ --concurrency 1 4 --runners eager batched -- --threads 2
+    python experiments/knnlm_serve.py --datastore ds/ --concurrency 4 8 \
+        --variants 'paused:--lm-runner batched' 'unpaused:--lm-runner batched --speculate-max-active 8' \
+        -- --threads 2
+
+(``--variants``, like ``--runners``, gives each labelled set of server flags its own cells and
+reference answers.)
 
 Flags after ``--`` go to every spawned ``ralmspec knnlm serve``. A measurement script, not a
 test: run it on a quiet machine.
@@ -97,16 +103,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1],
                     help="clients, and the server's --max-concurrent, per cell (default 1)")
-    ap.add_argument("--runners", nargs="+", default=[None], metavar="RUNNER",
+    ap.add_argument("--runners", nargs="+", default=None, metavar="RUNNER",
                     help="LM runners to compare (--lm-runner of each server; default: the flags after --)")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="LABEL:FLAGS",
+                    help="server variants to compare instead, each a label and its extra server flags, e.g. "
+                         "'paused:--lm-runner batched' 'unpaused:--lm-runner batched --speculate-max-active 8'")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.runners and a.variants:
+        ap.error("give --runners or --variants, not both")
+    if a.variants:
+        variants = [(v.split(":", 1)[0], v.split(":", 1)[1].split() if ":" in v else []) for v in a.variants]
+    else:
+        variants = [(r, ["--lm-runner", r]) for r in a.runners] if a.runners else [(None, [])]
+    labels = [label for label, _ in variants]
     prompts = [t[:a.max_chars] for t in bench_texts(a.prompts, a.n)]
     cells, rows, differ = [], [], 0
     for rnd in range(a.rounds):
-        for k, runner in enumerate(a.runners):
-            reference = None  # the round's first naive answers on this runner
-            flags = [*extra, *([] if runner is None else ["--lm-runner", runner])]
+        for k, (runner, own) in enumerate(variants):
+            reference = None  # the round's first naive answers of this variant
+            flags = [*extra, *own]
             for j, conc in enumerate(a.concurrency):
                 order = MODES if (rnd + j + k) % 2 == 0 else MODES[::-1]
                 got: dict[str, dict[str, Any]] = {}
@@ -129,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                 cells += [got[m] for m in MODES]
     print(f"{'round':>5} {'runner':>8} {'clients':>7} {'mode':>11} {'tok/s':>7} {'vs 1st':>6} {'mean s':>7} "
           f"{'p50 s':>6} {'peak':>4} {'rows/fw':>7} {'spec':>5} {'acc':>5} {'rb':>4} {'verif':>5}")
-    first = {(c["round"], c["clients"], c["mode"]): c["tok_s"] for c in cells if c["runner"] == a.runners[0]}
+    first = {(c["round"], c["clients"], c["mode"]): c["tok_s"] for c in cells if c["runner"] == labels[0]}
     for c in cells:
         c["vs_first_runner"] = c["tok_s"] / first[(c["round"], c["clients"], c["mode"])]
         per_fw = ((c.get("lm_batching") or {}).get("lm_steps") or {}).get("mean_batch_size")
-        print(f"{c['round'] + 1:>5} {c['lm_runner'] or '?':>8} {c['clients']:>7} {c['mode']:>11} {c['tok_s']:>7.1f} "
+        print(f"{c['round'] + 1:>5} {(c['runner'] or c['lm_runner'] or '?')[:8]:>8} {c['clients']:>7} {c['mode']:>11} {c['tok_s']:>7.1f} "
               f"{c['vs_first_runner']:>6.2f} {c['mean_latency_s']:>7.3f} {c['p50_latency_s']:>6.3f} "
               f"{c['peak_active']:>4} {'-' if per_fw is None else f'{per_fw:.2f}':>7} {c['speculated']:>5} "
               f"{c['accepted']:>5} {c['rollbacks']:>4} {c['verified']:>5}")

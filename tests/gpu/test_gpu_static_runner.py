@@ -9,7 +9,9 @@ the compiled step (``--lm-runner compiled``) and the padded prompt blocks captur
 seeded draws evaluated on CUDA == on the host, and a chunk drawn on the device == the same chunk
 drawn on the host; the logprob replay kept on the device == decoding's logits; the batched
 runner's shared prompt-block forwards captured == uncaptured and alone == together; logprobs
-taken from decoding == the replay; a ``generate`` call synchronises with the GPU once; and
+taken from decoding == the replay; a ``generate`` call synchronises with the GPU once; the
+kNN-LM server's shared runner (threads whose steps meet, with hidden states, captured) == each
+session alone; and
 SmolLM2's grouped-query attention laid out for CUDA's fused kernel (``cuda_attention``):
 captured == uncaptured, float32 tokens == ``enable_gqa``'s, and the batched step's span groups
 (fixed 8-row calls) the same bits alone and in any mix.
@@ -63,6 +65,45 @@ def test_batched_step_graphs_replay_the_uncaptured_bits(cuda_tiny):
         runs[graphs] = together
     for a, b in zip(runs[True], runs[False]):
         assert torch.equal(a, b)
+
+
+def test_shared_runner_threads_on_cuda_equal_each_session_alone(cuda_tiny):
+    """``lm/shared_runner.py`` on CUDA: threads' steps (with rollbacks) meet in the batched runner's
+    captured steps, which now return hidden states too; every step's logits and hidden state ==
+    the same session stepped alone, bit for bit, and steps did meet."""
+    import threading
+
+    from ralmspec.lm.shared_runner import SharedRunner
+    from ralmspec.rendezvous import Rendezvous
+    from tests.lm.test_shared_runner import play, session_script
+
+    def runner() -> StaticRunner:
+        return StaticRunner(cuda_tiny.model, max_len=512, capacity=BATCH_ROWS, batch_rows=BATCH_ROWS)
+
+    scripts = [session_script(seed) for seed in range(6)]
+    alone = runner()
+    expected = [play(alone, p, a) for p, a in scripts]
+    rv = Rendezvous()
+    shared = SharedRunner(runner(), rv)
+    got: list = [None] * len(scripts)
+    start = threading.Barrier(len(scripts))
+
+    def worker(i: int) -> None:
+        start.wait()
+        with rv.member():
+            got[i] = play(shared, *scripts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(scripts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert shared.runner.cuda_graphs and alone.cuda_graphs, "capture failed (a RuntimeWarning says why)"
+    for exp, out in zip(expected, got):
+        assert out is not None and len(out) == len(exp)
+        for (el, eh), (ol, oh) in zip(exp, out):
+            assert torch.equal(el, ol) and torch.equal(eh, oh)
+    assert max(int(k) for k in shared.stats()["batches_by_size"]) >= 2
 
 
 def test_one_row_graphs_replay_the_uncaptured_bits(cuda_tiny):
