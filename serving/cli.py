@@ -291,9 +291,10 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     h.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed at start)")
     h.add_argument("--max-concurrent", type=int, default=1,
-                   help="requests decoding at once, each in its own thread; with --lm-runner batched their "
-                        "one-token steps share forwards, otherwise each thread has its own view of the LM (same "
-                        "weights, own KV runner); the answers are the same at any value (default 1)")
+                   help="requests decoding at once, each in its own thread; on the batched runner (--lm-runner "
+                        "batched; auto from 4 on the cpu) their LM steps share forwards and their searches share "
+                        "searches, otherwise each thread has its own view of the LM (same weights, own KV runner); "
+                        "the answers are the same at any value (default 1)")
     h.add_argument("--gather-ms", type=float, default=None, metavar="MS",
                    help="--lm-runner batched: longest wait for other requests' LM steps (searches) to share "
                         "a forward (a search) with (default: the mean forward (search) time; docs/knnlm.md)")

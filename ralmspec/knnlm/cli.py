@@ -43,6 +43,11 @@ from ralmspec.config import LM_RUNNERS
 from ralmspec.errors import ConfigError, RalmSpecError
 from ralmspec.threads import set_threads
 
+# `knnlm serve --lm-runner auto` shares the batched runner from this many decoding threads (on
+# the CPU; make_runner's "concurrent"): measured on the 2-core VM (docs/knnlm.md), 2 clients
+# decoded faster on the eager runner with speculation, 4 and 8 on the shared batched runner
+SHARED_FROM = 4
+
 # ------------------------------------------------------------------ shared options
 
 
@@ -71,7 +76,8 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="LM device (cpu, cuda)")
     p.add_argument("--lm-runner", default="auto", choices=LM_RUNNERS,
                    help="how the LM runs (docs/lm-runner.md): auto (static on cuda, eager on cpu; knnlm serve "
-                        "with --max-concurrent > 1 on cpu: batched, its requests sharing forwards), eager, "
+                        f"with --max-concurrent >= {SHARED_FROM} on cpu: batched, its requests sharing forwards), "
+                        "eager, "
                         "static (KV slots; each token a captured CUDA graph on cuda), batched, compiled "
                         "(static with its step torch.compile'd)")
 
@@ -129,7 +135,7 @@ def open_knnlm(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
     try:
         # a server of several concurrent requests: "auto" may pick the batched runner (make_runner)
         lm = load_lm(args.model or ds.model_name, device=args.device, runner=args.lm_runner,
-                     concurrent=getattr(args, "max_concurrent", 1) > 1)
+                     concurrent=getattr(args, "max_concurrent", 1) >= SHARED_FROM)
         cfg = KNNLMConfig(k=args.k, lam=args.lam, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
         yield KNNLM(lm, ds, cfg), ds
     finally:

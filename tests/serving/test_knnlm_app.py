@@ -451,10 +451,10 @@ def test_a_client_that_leaves_a_stream_halts_its_decoder(server, prompts):
 
 def test_knnlm_serve_runs_as_a_process(knn_datastores, prompts):
     """``ralmspec knnlm serve`` end to end: starts, prints its address, answers, exits on SIGTERM;
-    with ``--max-concurrent 2`` on the CPU, ``--lm-runner auto`` is the batched runner, shared."""
+    with ``--max-concurrent 4`` on the CPU, ``--lm-runner auto`` is the batched runner, shared."""
     proc = subprocess.Popen([sys.executable, "-m", "ralmspec.cli", "knnlm", "serve", "--datastore",
                              str(knn_datastores["flat"].path), "--port", "0", "--k", "8", "--max-new-tokens", "6",
-                             "--threads", "1", "--max-concurrent", "2"],
+                             "--threads", "1", "--max-concurrent", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
