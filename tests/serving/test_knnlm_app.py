@@ -395,7 +395,8 @@ def test_bad_bodies_and_routes(server):
     assert st == 405
 
 
-def test_health_stats_and_metrics(server):
+def test_health_stats_and_metrics(server, prompts):
+    assert complete(server, prompt=prompts[0], max_tokens=2)[0] == 200  # a counted request, whatever ran before
     st, h = request("GET", f"{server.url}/health")
     assert st == 200 and h["status"] == "ok" and h["model"] == MODEL
     st, s = request("GET", f"{server.url}/v1/stats")
