@@ -126,55 +126,13 @@ def test_speculative_answers_equal_naive_ones_and_the_decoder_over_http(server, 
     assert spec["requests"] >= len(prompts) and spec["speculated_steps"] >= len(prompts)
 
 
-def test_concurrent_requests_answer_as_each_would_alone(tiny_lm, knn_datastores, prompts):
-    """``max_concurrent=3``: every prompt sent at once, naive and speculative (mixed settings),
-    each decoding thread on its own LM view; every answer is the in-process naive decoder's,
-    and requests did decode side by side."""
+def mixed_burst(lm, ref_lm, datastore, prompts, **cfg) -> tuple[dict, dict, str]:
+    """Every prompt sent at once to a kNN-LM server over ``lm`` (``cfg``: its KNNLMServerConfig),
+    naive and speculative with mixed settings; each answer checked against the in-process naive
+    decoder over ``ref_lm``, and speculation asserted. The queue, /v1/stats and /metrics after."""
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
 
-    srv = knn_server(tiny_lm, knn_datastores["flat"], max_concurrent=3, max_queue=64)
-    try:
-        cases = [(p, SPEC_SETTINGS[i % len(SPEC_SETTINGS)], spec) for i, p in enumerate(prompts)
-                 for spec in (False, True)]
-
-        def body(p, ext, spec):
-            return {"model": MODEL, "prompt": p, "max_tokens": MAX_NEW,
-                    "knnlm": {**ext, "speculate": spec} if spec else
-                    {k: v for k, v in ext.items() if k in ("k", "lam", "knn_temperature")} | {"speculate": False}}
-
-        async def burst():
-            return await asyncio.gather(*(http("POST", f"{srv.url}/v1/completions", body(*c)) for c in cases))
-
-        answers = asyncio.run(burst())
-        q = wait_idle(srv)
-    finally:
-        srv.stop()
-    assert q["peak_active"] >= 2 and q["completed"] == len(cases), q
-    check = SpeculationCheck()
-    for (p, ext, spec), (st, out) in zip(cases, answers):
-        assert st == 200, out
-        cfg = KNNLMConfig(k=ext.get("k", 8), lam=ext.get("lam", 0.25), temperature=ext.get("knn_temperature", 1.0),
-                          max_new_tokens=MAX_NEW)
-        ref = KNNLM(tiny_lm, knn_datastores["flat"], cfg).generate(p)
-        got = (out["choices"][0]["text"], out["usage"]["completion_tokens"])
-        if spec:
-            check.same(got, (ref.text, len(ref.tokens)), out["knnlm"]["stats"], where=(p, ext))
-        else:
-            assert got == (ref.text, len(ref.tokens)), (p, ext)
-    check.ran(min_speculated=len(prompts))
-
-
-def test_concurrent_requests_on_the_batched_runner_share_forwards_and_searches_and_answer_as_alone(
-        tiny_lm, knn_datastores, prompts):
-    """``--lm-runner batched`` and ``max_concurrent=4``: the decoding threads step through one
-    SharedRunner and search through one SharedSearch; every answer (naive and speculative, mixed
-    settings) is the in-process naive decoder's on the batched runner alone, steps and searches of
-    several requests did share forwards and searches, and speculation ran (not paused here:
-    ``speculate_max_active`` above the concurrency; the pause has its own test below)."""
-    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
-
-    lm = tiny_lm.view(runner="batched")
-    srv = knn_server(lm, knn_datastores["flat"], max_concurrent=4, max_queue=64, speculate_max_active=4)
+    srv = knn_server(lm, datastore, **cfg)
     try:
         cases = [(p, SPEC_SETTINGS[i % len(SPEC_SETTINGS)], spec) for i, p in enumerate(prompts)
                  for spec in (False, True)]
@@ -190,28 +148,48 @@ def test_concurrent_requests_on_the_batched_runner_share_forwards_and_searches_a
         answers = asyncio.run(burst())
         q = wait_idle(srv)
         stats = request("GET", f"{srv.url}/v1/stats")[1]
-        st, prom = request("GET", f"{srv.url}/metrics")
+        prom = request("GET", f"{srv.url}/metrics")[1]
     finally:
         srv.stop()
     assert q["peak_active"] >= 2 and q["completed"] == len(cases), q
-    assert stats["lm_runner"] == "batched"
-    shared = stats["lm_batching"]
-    for lane in ("lm_steps", "searches"):
-        assert max(int(k) for k in shared[lane]["batches_by_size"]) >= 2, shared  # requests met
-        assert f"ralmspec_knnlm_shared_{lane}_batches_total {shared[lane]['batches']}" in prom
-    alone = tiny_lm.view(runner="batched")  # the same 8-row steps, one request at a time
     check = SpeculationCheck()
     for (p, ext, spec), (st, out) in zip(cases, answers):
         assert st == 200, out
         cfg = KNNLMConfig(k=ext.get("k", 8), lam=ext.get("lam", 0.25), temperature=ext.get("knn_temperature", 1.0),
                           max_new_tokens=MAX_NEW)
-        ref = KNNLM(alone, knn_datastores["flat"], cfg).generate(p)
+        ref = KNNLM(ref_lm, datastore, cfg).generate(p)
         got = (out["choices"][0]["text"], out["usage"]["completion_tokens"])
         if spec:
             check.same(got, (ref.text, len(ref.tokens)), out["knnlm"]["stats"], where=(p, ext))
         else:
             assert got == (ref.text, len(ref.tokens)), (p, ext)
     check.ran(min_speculated=len(prompts))
+    return q, stats, prom
+
+
+def test_concurrent_requests_answer_as_each_would_alone(tiny_lm, knn_datastores, prompts):
+    """``max_concurrent=3`` (eager runner): every prompt sent at once, naive and speculative (mixed
+    settings), each decoding thread on its own LM view; every answer is the in-process naive
+    decoder's, and requests did decode side by side."""
+    _, stats, _ = mixed_burst(tiny_lm, tiny_lm, knn_datastores["flat"], prompts, max_concurrent=3, max_queue=64)
+    assert stats["lm_batching"] is None
+
+
+def test_concurrent_requests_on_the_batched_runner_share_forwards_and_searches_and_answer_as_alone(
+        tiny_lm, knn_datastores, prompts):
+    """``--lm-runner batched`` and ``max_concurrent=4``: the decoding threads step through one
+    SharedRunner and search through one SharedSearch; every answer (naive and speculative, mixed
+    settings) is the in-process naive decoder's on the batched runner alone, steps and searches of
+    several requests did share forwards and searches, and speculation ran (not paused here:
+    ``speculate_max_active`` above the concurrency; the pause has its own test below)."""
+    _, stats, prom = mixed_burst(tiny_lm.view(runner="batched"), tiny_lm.view(runner="batched"),
+                                 knn_datastores["flat"], prompts, max_concurrent=4, max_queue=64,
+                                 speculate_max_active=4)
+    assert stats["lm_runner"] == "batched"
+    shared = stats["lm_batching"]
+    for lane in ("lm_steps", "searches"):
+        assert max(int(k) for k in shared[lane]["batches_by_size"]) >= 2, shared  # requests met
+        assert f"ralmspec_knnlm_shared_{lane}_batches_total {shared[lane]['batches']}" in prom
 
 
 def test_sharing_requests_pause_speculation_and_a_lone_one_speculates(tiny_lm, knn_datastores, prompts):
