@@ -8,26 +8,7 @@ import time
 import pytest
 
 from ralmspec.rendezvous import Rendezvous
-
-
-def run_members(n: int, body) -> list:
-    """``body(i)`` in ``n`` member threads started together; their results (or errors)."""
-    rv_out: list = [None] * n
-    start = threading.Barrier(n)
-
-    def worker(i: int) -> None:
-        start.wait()
-        try:
-            rv_out[i] = body(i)
-        except BaseException as exc:
-            rv_out[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    return rv_out
+from tests.concurrent import run_together
 
 
 def test_members_that_all_wait_run_as_one_batch_at_once():
@@ -42,7 +23,7 @@ def test_members_that_all_wait_run_as_one_batch_at_once():
             return lane.call(i)
 
     t0 = time.perf_counter()
-    out = run_members(4, body)
+    out = run_together(4, body)
     assert out == [0, 10, 20, 30]
     assert time.perf_counter() - t0 < 10  # nobody waited for gather_s: all members were there
     assert [sorted(b) for b in batches] == [[0, 1, 2, 3]]
@@ -61,7 +42,7 @@ def test_a_full_batch_runs_without_waiting_and_the_rest_follows():
             entered.wait()
             return lane.call(i)
 
-    assert run_members(5, body) == [0, 1, 2, 3, 4]
+    assert run_together(5, body) == [0, 1, 2, 3, 4]
     assert sum(sizes) == 5 and max(sizes) <= 2
 
 
@@ -109,23 +90,16 @@ def test_one_batch_runs_at_a_time_and_a_late_member_falls_into_step():
         return run
 
     lane_a, lane_b = rv.lane(runner("a"), max_items=8, gather_s=1.0), rv.lane(runner("b"), max_items=8, gather_s=1.0)
-    early = threading.Barrier(3)
 
     def body(i: int) -> int:
         if i == 3:
             time.sleep(0.03)  # joins while the others are a few tokens in
-        else:
-            early.wait()
         with rv.member():
             for t in range(25 if i == 3 else 40):
                 assert lane_a.call(t) == t and lane_b.call(t) == t
         return i
 
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    assert run_together(4, body) == [0, 1, 2, 3]
     assert overlaps[0] == 0
     assert sum(sizes["a"]) == sum(sizes["b"]) == 3 * 40 + 25
     # the late member fell into step with the others: most of its 25 tokens shared every batch
@@ -142,7 +116,7 @@ def test_an_error_item_fails_alone_and_a_raising_batch_fails_every_call():
             entered.wait()
             return lane.call(-1 if i == 1 else i)
 
-    out = run_members(3, body)
+    out = run_together(3, body)
     assert out[0] == 0 and out[2] == 2 and isinstance(out[1], ValueError)
 
     def broken(items):

@@ -71,10 +71,9 @@ def test_shared_runner_threads_on_cuda_equal_each_session_alone(cuda_tiny):
     """``lm/shared_runner.py`` on CUDA: threads' steps (with rollbacks) meet in the batched runner's
     captured steps, which now return hidden states too; every step's logits and hidden state ==
     the same session stepped alone, bit for bit, and steps did meet."""
-    import threading
-
     from ralmspec.lm.shared_runner import SharedRunner
     from ralmspec.rendezvous import Rendezvous
+    from tests.concurrent import raised, run_together
     from tests.lm.test_shared_runner import play, session_script
 
     def runner() -> StaticRunner:
@@ -85,22 +84,16 @@ def test_shared_runner_threads_on_cuda_equal_each_session_alone(cuda_tiny):
     expected = [play(alone, p, a) for p, a in scripts]
     rv = Rendezvous()
     shared = SharedRunner(runner(), rv)
-    got: list = [None] * len(scripts)
-    start = threading.Barrier(len(scripts))
 
-    def worker(i: int) -> None:
-        start.wait()
+    def worker(i: int) -> list:
         with rv.member():
-            got[i] = play(shared, *scripts[i])
+            return play(shared, *scripts[i])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(scripts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    got = run_together(len(scripts), worker, timeout_s=300)
+    assert not raised(got), raised(got)
     assert shared.runner.cuda_graphs and alone.cuda_graphs, "capture failed (a RuntimeWarning says why)"
     for exp, out in zip(expected, got):
-        assert out is not None and len(out) == len(exp)
+        assert len(out) == len(exp)
         for (el, eh), (ol, oh) in zip(exp, out):
             assert torch.equal(el, ol) and torch.equal(eh, oh)
     assert max(int(k) for k in shared.stats()["batches_by_size"]) >= 2

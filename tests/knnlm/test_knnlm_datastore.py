@@ -18,6 +18,7 @@ from ralmspec.knnlm.datastore import (
     squared_l2,
 )
 
+from tests.concurrent import raised, run_together
 from tests.conftest import KNN_DATASTORE_TOKENS as DATASTORE_TOKENS
 
 
@@ -127,27 +128,12 @@ def test_concurrent_searches_from_a_fresh_load_answer_as_one_at_a_time(knn_datas
     """Threads searching one freshly loaded datastore at once (the kNN-LM server's decoding
     threads) get the answers of searches one at a time, first use included: the flat GEMM path's
     keys are built on first use (once a race that gave a search half of them: a TypeError)."""
-    import threading
-
     whole = knn_datastores[kind]
     expected = [whole.search(_queries(whole, 8, seed=s), 8) for s in range(6)]
     for _attempt in range(3):
         fresh = load_datastore(whole.path)
-        barrier, got, errors = threading.Barrier(6), [None] * 6, []
-
-        def search(i: int) -> None:
-            try:
-                barrier.wait()
-                got[i] = fresh.search(_queries(whole, 8, seed=i), 8)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=search, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors
+        got = run_together(6, lambda i: fresh.search(_queries(whole, 8, seed=i), 8))
+        assert not raised(got), raised(got)
         for (ids, d), (eids, ed) in zip(got, expected):
             np.testing.assert_array_equal(ids, eids)
             np.testing.assert_array_equal(d, ed)

@@ -3,13 +3,12 @@ what the datastore answers it alone (ralmspec/knnlm/shared_search.py)."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.shared_search import SharedSearch
 from ralmspec.rendezvous import Rendezvous
+from tests.concurrent import raised, run_together
 
 
 def test_searches_of_threads_share_calls_and_equal_each_search_alone(knn_datastores):
@@ -22,21 +21,15 @@ def test_searches_of_threads_share_calls_and_equal_each_search_alone(knn_datasto
     expected = [[ds.search(q, k) for q, k in plan] for plan in plans]
     rv = Rendezvous()
     shared = SharedSearch(ds, rv, gather_s=0.05)
-    got: list = [None] * len(plans)
-    start = threading.Barrier(len(plans))
 
-    def worker(t: int) -> None:
-        start.wait()
+    def worker(t: int) -> list:
         with rv.member():
-            got[t] = [shared.search(q, k) for q, k in plans[t]]
+            return [shared.search(q, k) for q, k in plans[t]]
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(plans))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
+    got = run_together(len(plans), worker)
+    assert not raised(got), raised(got)
     for exp, out in zip(expected, got):
-        assert out is not None and len(out) == len(exp)
+        assert len(out) == len(exp)
         for (ei, ed), (oi, od) in zip(exp, out):
             assert np.array_equal(ei, oi) and np.array_equal(ed, od)
     sizes = shared.stats()["batches_by_size"]
@@ -49,23 +42,13 @@ def test_a_bad_call_fails_alone(knn_datastores):
     rv = Rendezvous()
     shared = SharedSearch(ds, rv, gather_s=5.0)
     good = ds.key_vectors(np.array([3])).astype(np.float32)
-    out: dict = {}
-    start = threading.Barrier(2)
 
-    def call(name: str, q) -> None:
-        start.wait()
+    def call(i: int):
         with rv.member():
-            try:
-                out[name] = shared.search(q, 4)
-            except ConfigError as exc:
-                out[name] = exc
+            return shared.search((good, np.zeros((1, ds.dim + 1)))[i], 4)
 
-    threads = [threading.Thread(target=call, args=a) for a in (("good", good), ("bad", np.zeros((1, ds.dim + 1))))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert isinstance(out["bad"], ConfigError)
-    ids, d = out["good"]
+    out_good, out_bad = run_together(2, call)
+    assert isinstance(out_bad, ConfigError)
+    ids, d = out_good
     exp_ids, exp_d = ds.search(good, 4)
     assert np.array_equal(ids, exp_ids) and np.array_equal(d, exp_d)

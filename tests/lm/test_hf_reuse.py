@@ -10,11 +10,11 @@ reuse actually happened, so the equalities are not trivially true.
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
 
+from tests.concurrent import raised, run_together
 from tests.lm.conftest import random_tokens
 
 STRIDE = 4
@@ -204,22 +204,13 @@ def test_concurrent_threads_get_deterministic_outputs(fresh):
     rng = random.Random(12)
     prompts = [random_tokens(rng, rng.randrange(20, 120)) for _ in range(4)]
     want = [lm.greedy([p], 6)[0] for p in prompts]
-    got: dict[int, list[list[int]]] = {}
-    errors: list[BaseException] = []
 
-    def worker(i: int) -> None:
-        try:
-            p = prompts[i]
-            got[i] = [lm.greedy([p[:k]], 6, sessions=[i])[0] for k in (len(p) // 2, len(p))]
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+    def worker(i: int) -> list[list[int]]:
+        p = prompts[i]
+        return [lm.greedy([p[:k]], 6, sessions=[i])[0] for k in (len(p) // 2, len(p))]
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    got = run_together(4, worker)
+    assert not raised(got)
     for i, p in enumerate(prompts):
         assert got[i][1] == want[i]
         assert got[i][0] == lm.greedy([p[: len(p) // 2]], 6)[0]

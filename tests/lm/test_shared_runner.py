@@ -4,7 +4,6 @@ gives the bits of the same step alone (ralmspec/lm/shared_runner.py)."""
 from __future__ import annotations
 
 import random
-import threading
 import time
 
 import pytest
@@ -14,6 +13,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.lm.shared_runner import SharedRunner
 from ralmspec.lm.static import StaticRunner
 from ralmspec.rendezvous import Rendezvous
+from tests.concurrent import raised, run_together
 
 
 def batched_runner(tiny_lm, max_len: int = 256, rows: int = 4) -> StaticRunner:
@@ -59,24 +59,13 @@ def test_threads_sharing_forwards_get_the_bits_of_each_session_alone(tiny_lm, ga
     expected = [play(alone, p, a) for p, a in scripts]
     rv = Rendezvous()
     shared = SharedRunner(batched_runner(tiny_lm), rv, gather_s=gather_s)
-    got: list = [None] * len(scripts)
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(scripts))
 
-    def worker(i: int) -> None:
-        try:
-            start.wait()
-            with rv.member():
-                got[i] = play(shared, *scripts[i])
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    def worker(i: int) -> list:
+        with rv.member():
+            return play(shared, *scripts[i])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(scripts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    got = run_together(len(scripts), worker)
+    assert not raised(got), raised(got)
     for exp, out in zip(expected, got):
         assert len(exp) == len(out)
         for (el, eh), (ol, oh) in zip(exp, out):
@@ -110,22 +99,14 @@ def test_a_step_past_its_slot_fails_alone_and_the_others_go_on(tiny_lm):
     with torch.inference_mode():
         shared.prefill_block(full, list(range(10, 74)), last=True)  # 64 positions: full
         shared.prefill_block(fine, list(range(10, 20)), last=True)
-    out: dict = {}
 
-    def step(name: str, kv) -> None:
-        try:
-            with rv.member(), torch.inference_mode():
-                out[name] = shared.step_hidden(kv, 7)
-        except ConfigError as exc:
-            out[name] = exc
+    def step(i: int):
+        with rv.member(), torch.inference_mode():
+            return shared.step_hidden((full, fine)[i], 7)
 
-    threads = [threading.Thread(target=step, args=(n, kv)) for n, kv in (("full", full), ("fine", fine))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert isinstance(out["full"], ConfigError) and "slot length 64" in str(out["full"])
-    assert isinstance(out["fine"], tuple) and fine.length == 11
+    out_full, out_fine = run_together(2, step)
+    assert isinstance(out_full, ConfigError) and "slot length 64" in str(out_full)
+    assert isinstance(out_fine, tuple) and fine.length == 11
     shared.free(full)
     shared.free(fine)
 
