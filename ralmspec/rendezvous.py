@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from ralmspec.errors import ConfigError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -81,15 +83,16 @@ class Rendezvous:
 
 class Lane(Generic[T, R]):
     """One kind of call. ``run(items)`` returns one result per item (an exception instance fails
-    that call alone) or raises (every call of the batch fails). Counters: ``batches`` (by size),
+    that call alone) or raises (every call of the batch fails). Bad settings: ``ConfigError``.
+    Counters: ``batches`` (by size),
     ``waited_s`` (thread-seconds from arrival to result), ``mean_s`` (batch time, EMA)."""
 
     def __init__(self, rv: Rendezvous, run: Callable[[list[T]], list[R | BaseException]], max_items: int,
                  gather_s: float | None = None):
         if max_items < 1:
-            raise ValueError(f"max_items must be >= 1, got {max_items}")
+            raise ConfigError(f"max_items must be >= 1, got {max_items}")
         if gather_s is not None and not gather_s >= 0:
-            raise ValueError(f"gather_s must be >= 0 seconds, got {gather_s!r}")
+            raise ConfigError(f"gather_s must be >= 0 seconds, got {gather_s!r}")
         self.rv, self.run, self.max_items, self.gather_s = rv, run, max_items, gather_s
         self._waiting: collections.deque[_Call[T]] = collections.deque()
         self.mean_s: float | None = None
@@ -176,8 +179,9 @@ class Lane(Generic[T, R]):
         with self.rv.cond:
             sizes = dict(sorted(self.batches.items()))
             n = sum(sizes.values())
-            return {"batches": n, "batches_by_size": {str(k): v for k, v in sizes.items()},
-                    "mean_batch_size": (sum(k * v for k, v in sizes.items()) / n) if n else None,
+            calls = sum(k * v for k, v in sizes.items())
+            return {"batches": n, "calls": calls, "batches_by_size": {str(k): v for k, v in sizes.items()},
+                    "mean_batch_size": calls / n if n else None,
                     "mean_batch_s": self.mean_s, "waited_s": self.waited_s}
 
 

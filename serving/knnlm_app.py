@@ -438,11 +438,12 @@ async def metrics(request: web.Request) -> web.Response:
     extra = admission_lines("ralmspec_knnlm", state.worker.stats(), "Requests waiting for a decoding thread.",
                             "Requests decoding now.", "Decoding threads (--max-concurrent).")
     if state.sharing is not None:
+        shared = state.sharing.stats()
         for lane, what in (("lm_steps", "LM forwards"), ("searches", "datastore searches")):
-            st = state.sharing.stats()[lane]
-            calls = sum(int(k) * v for k, v in st["batches_by_size"].items())
             extra += counter_total(f"ralmspec_knnlm_shared_{lane}_batches_total",
-                                   f"{what} run for the decoding threads (--lm-runner batched).", st["batches"])
+                                   f"{what} run for the decoding threads (--lm-runner batched).",
+                                   shared[lane]["batches"])
             extra += counter_total(f"ralmspec_knnlm_shared_{lane}_calls_total",
-                                   f"Requests' calls served by those {what} (calls / batches: sharing).", calls)
+                                   f"Requests' calls served by those {what} (calls / batches: sharing).",
+                                   shared[lane]["calls"])
     return web.Response(text=text + "\n".join(extra) + "\n", content_type="text/plain")

@@ -38,8 +38,6 @@ class SharedRunner:
         if rows < 2 or not hasattr(runner, "step_hidden_rows"):
             raise ConfigError(f"sharing an LM runner between decoding threads needs the batched runner "
                               f"(--lm-runner batched), got {getattr(runner, 'name', type(runner).__name__)!r}")
-        if gather_s is not None and not gather_s >= 0:
-            raise ConfigError(f"gather_s must be >= 0 seconds, got {gather_s!r}")
         self.runner = runner
         self.name = runner.name
         self.capacity = runner.capacity
@@ -72,14 +70,14 @@ class SharedRunner:
 
     def _step_rows(self, items: list[tuple[Any, int]]) -> list[Any]:
         """One forward of the steps ``items``; a step past its slot's length fails alone."""
-        max_len = getattr(self.runner, "max_len", None)
         out: list[Any] = [None] * len(items)
         ok = []
         for i, (kv, _) in enumerate(items):
-            if max_len is not None and kv.length + 1 > max_len:
-                out[i] = ConfigError(f"{kv.length + 1} positions exceed the static runner's slot length {max_len}")
-            else:
+            try:
+                self.runner.check_fits(kv.length + 1)
                 ok.append(i)
+            except ConfigError as exc:
+                out[i] = exc
         if ok:
             with self._lock, torch.inference_mode():
                 logits, hidden = self.runner.step_hidden_rows([items[i][0] for i in ok], [items[i][1] for i in ok])

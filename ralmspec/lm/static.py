@@ -212,14 +212,18 @@ class StaticRunner(KVRunner):
     def nbytes(self, kv: Slot | None) -> int:
         return 0 if kv is None else self.slot_bytes
 
+    def check_fits(self, end: int) -> None:
+        """ConfigError unless a slot holds ``end`` positions."""
+        if end > self.max_len:
+            raise ConfigError(f"{end} positions exceed the static runner's slot length {self.max_len}")
+
     def export_block(self, kv: Slot, start: int, end: int) -> tuple[Any, int] | None:
         block = [(k[:, :, start:end].clone(), v[:, :, start:end].clone()) for k, v in zip(kv.keys, kv.values)]
         return block, sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in block)
 
     def import_block(self, kv: Slot, block: Any) -> Slot:
         start, n = kv.length, int(block[0][0].shape[2])
-        if start + n > self.max_len:
-            raise ConfigError(f"{start + n} positions exceed the static runner's slot length {self.max_len}")
+        self.check_fits(start + n)
         for (k, v), keys, values in zip(block, kv.keys, kv.values):
             keys[:, :, start:start + n].copy_(k)  # in place: captured graphs keep reading these buffers
             values[:, :, start:start + n].copy_(v)
@@ -268,8 +272,7 @@ class StaticRunner(KVRunner):
     def prefill_block(self, kv: Slot, ids: Sequence[int], *, last: bool,
                       want_hidden: bool) -> tuple[Slot, torch.Tensor | None, torch.Tensor | None]:
         start, end = kv.length, kv.length + len(ids)
-        if end > self.max_len:
-            raise ConfigError(f"{end} positions exceed the static runner's slot length {self.max_len}")
+        self.check_fits(end)
         d, span = self.decoder, attention_span(end, self.max_len)
         if self.prefills_together and self._paddable(kv, len(ids)):
             return self._block_out(kv, self._pooled_blocks([kv], [ids])[0], last, want_hidden)
@@ -517,9 +520,8 @@ class StaticRunner(KVRunner):
         """``_step_rows`` with the rows' final hidden states: ``(logits, hidden)``, copies."""
         d, b, n = self.decoder, self.batch_rows, len(kvs)
         live = [kv for kv in kvs if kv is not None]
-        if live and max(kv.length for kv in live) + 1 > self.max_len:
-            raise ConfigError(f"{max(kv.length for kv in live) + 1} positions exceed the static runner's "
-                              f"slot length {self.max_len}")
+        if live:
+            self.check_fits(max(kv.length for kv in live) + 1)
         spans = [None if kv is None else attention_span(kv.length + 1, self.max_len) for kv in kvs]
         order = step_order(spans + [None] * (b - n))
         slots = [kvs[r] if r < n else None for r in order]
@@ -565,8 +567,7 @@ class StaticRunner(KVRunner):
         """Feed ``tok`` at position ``kv.length``: the logits and the final hidden state after it
         (a graph's output buffers on CUDA: copy before the slot's next step)."""
         pos = kv.length
-        if pos + 1 > self.max_len:
-            raise ConfigError(f"{pos + 1} positions exceed the static runner's slot length {self.max_len}")
+        self.check_fits(pos + 1)
         span = attention_span(pos + 1, self.max_len)
         self._tok.view(-1).copy_(tok.view(-1))
         self._pos.fill_(pos)
