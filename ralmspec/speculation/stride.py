@@ -62,6 +62,19 @@ synchronous for good; after ``OVERLAP_REFRESH_ROUNDS`` rounds in a row without a
 one they are forgotten, and the next decision predicts an overlapped round with the alone costs
 (it then wins: with equal costs overlapping is never slower), which measures them again.
 
+Stale batch sizes: ``search(s)`` for ``s > 1`` is measured only by rounds of that size, so while
+OS^3 falls back (a fallback step searches one query) or runs rounds of one, nothing refreshes it.
+One bad sample (a first-use outlier: a fresh flat datastore's first batched search took 68-98 ms
+instead of ~10 ms, 2026-12-06; on a GPU, a kernel's first call at a new shape) then predicts that
+longer rounds lose, for the rest of the request and, with the costs carried over, for every later
+request of the engine. So after ``SEARCH_REFRESH_STEPS[0]`` fallback steps and rounds in a row
+without a search of more than one query, those searches are forgotten (one query's stay): the
+line is then flat at ``search(1)``, optimism until measured, and if γ says longer rounds pay, the
+next decision runs one and measures its size again. If that measurement confirms the forgotten
+cost (not under half of it), batches really are that dear: each refresh costs one losing round, so
+the interval doubles (up to ``SEARCH_REFRESH_STEPS[1]``); if it was an outlier, the interval goes
+back to the first value.
+
 The realized guard (docs/design.md §4): the cost model can be wrong by a few percent (an
 encoder that partly overlaps the chunks, overheads it does not price), and where speculating
 and a naive step are predicted close, that is enough to keep OS^3 in rounds that lose (``last``
@@ -109,6 +122,7 @@ GUARD_STEPS = 8  # the realized guard judges the latest speculation covering thi
 GUARD_HOLD = (4, 64)  # fallback steps after the guard trips: the first hold, doubling up to the last
 PRIOR_ROUNDS = 2.0  # the seeded acceptance weighs as this many rounds beside the request's own
 OVERLAP_REFRESH_ROUNDS = 8  # forget the overlapped costs after this many rounds without one
+SEARCH_REFRESH_STEPS = (16, 256)  # steps and rounds without a batch search before batch sizes are forgotten: first, last
 
 
 def expected_verified_chunks(gamma: float, s: int) -> float:
@@ -216,6 +230,11 @@ class StrideScheduler:
         self._verified_wall: list[float] = []
         self._hold = 0
         self._next_hold = GUARD_HOLD[0]
+        # stale batch sizes (module doc): fallback steps and rounds since the last search of more
+        # than one query, the refresh interval, and the medians forgotten at the last refresh
+        self._since_batch = 0
+        self._next_refresh = SEARCH_REFRESH_STEPS[0]
+        self._forgotten: dict[int, float] | None = None
 
     @classmethod
     def of(cls, cfg: OS3Config, encodes_beside: bool = False, regenerates: bool = True) -> StrideScheduler:
@@ -242,6 +261,13 @@ class StrideScheduler:
         """One knowledge-base search of ``batch_size`` already-encoded queries (``overlapped``:
         while the LM decoded)."""
         push((self._b_ov_by_size if overlapped else self._b_by_size).setdefault(batch_size, []), seconds)
+        if batch_size > 1:
+            self._since_batch = 0
+            if self._forgotten is not None:  # the first batch since a refresh: was the old cost an outlier?
+                forgotten = _line(self._forgotten)
+                if forgotten is not None and seconds < 0.5 * forgotten(batch_size):
+                    self._next_refresh = SEARCH_REFRESH_STEPS[0]
+                self._forgotten = None
 
     observe_verification = observe_search  # modes whose verification encodes nothing (kNN-LM)
 
@@ -277,6 +303,20 @@ class StrideScheduler:
         as realized; it also counts down the guard's hold."""
         push(self._verified_wall, seconds)
         self._hold = max(0, self._hold - 1)
+        self._count_without_batch()
+
+    def _count_without_batch(self) -> None:
+        """A fallback step or a round: after ``_next_refresh`` of them in a row without a search
+        of more than one query, forget those searches (module doc "Stale batch sizes")."""
+        self._since_batch += 1
+        batches = {k: v for k, v in self._b_by_size.items() if k > 1}
+        if self._since_batch < self._next_refresh or not batches or 1 not in self._b_by_size:
+            return
+        self._forgotten = {k: median(v) for k, v in batches.items()}
+        self._b_by_size = {1: self._b_by_size[1]}
+        self._b_ov_by_size = {k: v for k, v in self._b_ov_by_size.items() if k == 1}
+        self._since_batch = 0
+        self._next_refresh = min(SEARCH_REFRESH_STEPS[1], 2 * self._next_refresh)
 
     def holding(self) -> bool:
         """The realized guard holds speculation off (module doc)."""
@@ -288,10 +328,16 @@ class StrideScheduler:
         has while no round runs, so γ beside decoding does not stay at a stale stretch's value
         (``last``, 2 CPU cores, 2026-12-05: 0.67 beside decoding after a hold whose probes
         measured 0.20, so OS^3 resumed rounds that lost)."""
-        self.observe_round(1, int(hit))
+        self._count_round(1, int(hit))
         self._rounds_ov.append((int(hit), not hit))
 
     def observe_round(self, speculated: int, matched: int, overlapped: bool = False) -> None:
+        """A judged round of ``speculated`` steps, ``matched`` of them accepted."""
+        self._count_round(speculated, matched, overlapped)
+        self._count_without_batch()
+
+    def _count_round(self, speculated: int, matched: int, overlapped: bool = False) -> None:
+        """A round or a probe: an acceptance sample, and the overlapped costs' refresh count."""
         (self._rounds_ov if overlapped else self._rounds).append((matched, matched < speculated))
         self._rounds_alone = 0 if overlapped else self._rounds_alone + 1
         if self._rounds_alone >= OVERLAP_REFRESH_ROUNDS and (self._a_ov or self._b_ov_by_size):
@@ -414,10 +460,12 @@ class StrideScheduler:
         return StrideDecision(s, a, b1, g, overlap)
 
     # the measured costs, carried from one request to the next on the same engine by costs() /
-    # seed_costs(), with the realized guard's hold (module doc); acceptance belongs to one
+    # seed_costs(), with the realized guard's hold and the stale-batch-size count (module doc:
+    # a request may be shorter than the refresh interval); acceptance belongs to one
     # request's text, so it travels only as a prior (``gamma``)
     _COSTS = ("_a", "_a_ov", "_lm", "_r", "_encode", "_encode_alone", "_b_by_size", "_b_ov_by_size",
-              "_rounds_alone", "_verified_wall", "_hold", "_next_hold")
+              "_rounds_alone", "_verified_wall", "_hold", "_next_hold", "_since_batch", "_next_refresh",
+              "_forgotten")
 
     def costs(self) -> dict:
         """The measured costs, and the γ this request ended with (``gamma_prior``), to seed

@@ -11,7 +11,7 @@ import time
 from ralmspec.config import OS3Config
 from ralmspec.speculation.driver import Driver, Plan, StepKind
 from ralmspec.speculation.rounds import Round, Step, Verdict, judge
-from ralmspec.speculation.stride import OVERLAP_REFRESH_ROUNDS, StrideScheduler
+from ralmspec.speculation.stride import OVERLAP_REFRESH_ROUNDS, SEARCH_REFRESH_STEPS, StrideScheduler
 
 
 class FakeLatencyMode:
@@ -129,6 +129,30 @@ def test_fake_latency_stale_contention_estimate_does_not_keep_a_request_synchron
     first_overlap = rounds.index(True)
     assert first_overlap <= OVERLAP_REFRESH_ROUNDS + 1, rounds
     assert all(rounds[first_overlap:]), rounds  # measured again: overlapping pays, it stays
+
+
+def test_fake_latency_stale_batch_search_outlier_does_not_pin_the_engine_to_rounds_of_one():
+    """The engine's cost memory holds one outlier for a batch of 4 (400 ms where a search takes
+    ~20 ms whatever its size: a first-use cost). OS^3 believes it: longer rounds lose on paper,
+    rounds of one overlapped with decoding pay, so it never measures a batch again. After
+    SEARCH_REFRESH_STEPS[0] rounds without a batch the batch sizes are forgotten, a longer round
+    measures them and the rest of the request runs longer rounds; without the refresh it stays
+    at rounds of one and takes longer."""
+    warm = _run(FakeLatencyMode(steps=12, step_s=0.005, verify_s=0.02)).sched.costs()
+    warm["_b_by_size"] = {1: warm["_b_by_size"][1], 4: [0.4]}
+    warm["_b_ov_by_size"], warm["_a_ov"] = {}, []
+
+    def run(costs: dict) -> tuple[float, dict]:
+        t = time.perf_counter()
+        fig = _run(FakeLatencyMode(steps=120, step_s=0.005, verify_s=0.02), costs).figures()
+        return time.perf_counter() - t, fig
+
+    refreshed_s, refreshed = run(warm)
+    assert refreshed["strides"][:SEARCH_REFRESH_STEPS[0] - 2] == [1] * (SEARCH_REFRESH_STEPS[0] - 2)  # believed at first
+    assert max(refreshed["strides"]) > 1, refreshed["strides"]
+    stale_s, stale = run(warm | {"_next_refresh": 10 ** 9})  # no refresh
+    assert set(stale["strides"]) == {1}, stale["strides"]
+    assert refreshed_s < 0.8 * stale_s, (refreshed_s, stale_s)
 
 
 class UnpricedGuessMode(FakeLatencyMode):

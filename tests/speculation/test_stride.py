@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ralmspec.speculation.stride import (
-    GUARD_HOLD, GUARD_STEPS, OVERLAP_REFRESH_ROUNDS, PRIOR_ROUNDS, SAMPLES, StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, fit_line,
+    GUARD_HOLD, GUARD_STEPS, OVERLAP_REFRESH_ROUNDS, PRIOR_ROUNDS, SAMPLES, SEARCH_REFRESH_STEPS, StrideDecision, StrideScheduler, best_stride, expected_verified_chunks, fit_line,
     median, round_time, seconds_per_step,
 )
 
@@ -533,6 +533,97 @@ def test_realized_guard_is_off_without_the_fallback_and_its_hold_travels_with_th
         last.observe_realized(10.0, GUARD_STEPS)
         last.observe_realized(10.0, 1)
     assert last.costs()["_next_hold"] == GUARD_HOLD[1]  # the hold stops doubling at its last value
+
+
+def _fallen_back_on_an_outlier() -> StrideScheduler:
+    """kNN-LM-like costs (seconds): an LM step 10 ms (11 with the cache lookup), a one-query search
+    10 ms, acceptance 1.0, and
+    ONE round of 7 whose search was a first-use outlier (89 ms, session 19's carried ``b(7)``):
+    the model now says every round loses, so OS^3 falls back."""
+    sch = StrideScheduler(os3=True, async_verify=False, gamma_max=0.9, naive_fallback=True)
+    sch.observe_lm(0.010)
+    sch.observe_step(0.011)
+    sch.observe_retrieval(0.010)
+    sch.observe_search(1, 0.010)
+    sch.observe_search(7, 0.089)
+    sch.observe_round(7, 7)
+    return sch
+
+
+def _fallback_steps(sch: StrideScheduler, n: int) -> None:
+    """``n`` fallback steps as a mode takes them: a one-query search, a probe that hits, the step."""
+    for _ in range(n):
+        sch.observe_search(1, 0.010)
+        sch.observe_probe(True)
+        sch.observe_verified_step(0.020)
+
+
+def test_a_batch_size_measured_once_and_badly_is_measured_again():
+    """Searches of more than one query are refreshed only by rounds of that size, so while OS^3
+    falls back an outlier would stand for good; after SEARCH_REFRESH_STEPS[0] fallback steps and
+    rounds in a row without one they are forgotten (one query's stay) and the next decision
+    speculates, measuring them again; an outlier confirmed as such keeps the first interval."""
+    sch = _fallen_back_on_an_outlier()  # its round of 7 counts as the first
+    assert sch.decide().stride == 0
+    _fallback_steps(sch, SEARCH_REFRESH_STEPS[0] - 2)
+    assert sch.decide().stride == 0 and sch.search_cost(7) == pytest.approx(0.089)
+    _fallback_steps(sch, 1)
+    assert sch.search_cost(7) == sch.search_cost(1) == pytest.approx(0.010)  # flat at one query's
+    s = sch.decide().stride
+    assert s > 1
+    sch.observe_search(s, 0.012)  # measured again, as it really is: the old one was an outlier
+    sch.observe_round(s, s)
+    assert sch.decide().stride > 1
+    assert sch.costs()["_next_refresh"] == SEARCH_REFRESH_STEPS[0]
+
+
+def test_a_batch_size_that_really_is_dear_is_retried_ever_less_often():
+    """Where batches really cost that much (the refreshed round confirms it), each refresh costs
+    one losing round, so the interval doubles up to SEARCH_REFRESH_STEPS[1]; the count and the
+    interval travel with the costs (a request may be shorter than the interval)."""
+    sch = _fallen_back_on_an_outlier()
+    intervals = []
+    for _ in range(6):
+        n = 0
+        while sch.decide().stride == 0:
+            _fallback_steps(sch, 1)
+            n += 1
+        intervals.append(n)
+        s = sch.decide().stride
+        sch.observe_search(s, 0.089)  # dear again
+        sch.observe_round(s, s)  # (counts as the first of the next interval)
+        assert sch.decide().stride == 0
+    first, last = SEARCH_REFRESH_STEPS
+    assert intervals == [min(last, first * 2 ** i) - 1 for i in range(6)]
+    nxt = StrideScheduler(os3=True, async_verify=False, gamma_max=0.9, naive_fallback=True)
+    _fallback_steps(sch, last - 4)  # 3 fallback steps to go
+    nxt.seed_costs(sch.costs())  # the next request
+    _fallback_steps(nxt, 2)
+    assert nxt.decide().stride == 0
+    _fallback_steps(nxt, 1)
+    assert nxt.decide().stride > 1
+
+
+def test_rounds_of_one_do_not_refresh_a_dear_batch_size_either():
+    """Asynchronous verification: an outlier at 4 queries makes longer rounds lose, rounds of
+    one overlapped with decoding pay, so OS^3 speculates at stride 1 and would never measure a
+    batch again; the rounds count towards the refresh like fallback steps."""
+    sch = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, naive_fallback=True)
+    sch.observe_lm(0.010)
+    sch.observe_step(0.011)
+    sch.observe_retrieval(0.020)
+    sch.observe_search(1, 0.020)
+    sch.observe_search(4, 0.400)  # the outlier
+    sch.observe_round(4, 4)
+    for _ in range(SEARCH_REFRESH_STEPS[0] - 2):
+        d = sch.decide()
+        assert d.stride == 1 and d.overlap
+        sch.observe_search(1, 0.020, overlapped=True)
+        sch.observe_round(1, 1, overlapped=True)
+    assert sch.decide().stride == 1
+    sch.observe_search(1, 0.020, overlapped=True)
+    sch.observe_round(1, 1, overlapped=True)
+    assert sch.decide().stride > 1
 
 
 def test_fit_line_is_least_squares_with_a_slope_never_below_zero():
