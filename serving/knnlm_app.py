@@ -221,7 +221,7 @@ class Sharing:
     rendezvous: Rendezvous
     runner: SharedRunner
     search: SharedSearch
-    max_active: int = 1
+    max_active: int  # KNNLMServerConfig.speculate_max_active
 
     def may_speculate(self) -> bool:
         return self.rendezvous.members <= self.max_active
@@ -231,8 +231,8 @@ class Sharing:
                 "speculate_max_active": self.max_active}
 
 
-def decoding_views(knn: KNNLM, threads: int, gather_s: float | None = None,
-                   speculate_max_active: int = 1) -> tuple[list[KNNLM], Sharing | None]:
+def decoding_views(knn: KNNLM, threads: int, gather_s: float | None,
+                   speculate_max_active: int) -> tuple[list[KNNLM], Sharing | None]:
     """The ``KNNLM`` of each decoding thread (module doc). On a batch-invariant runner (``batched``)
     and several threads, ``knn`` over ONE ``SharedRunner`` of its runner and ONE ``SharedSearch``
     of its datastore for all of them, and those (``Sharing``); otherwise ``knn`` and ``threads - 1``

@@ -196,10 +196,10 @@ class Driver:
         off) once per round, when nothing is pending; the governor may pause speculation."""
         if not self.mode.redecides_each_step and (n_pending or complete):
             return self.plan
-        decision = self.sched.decide()
-        if not self.mode.may_speculate():
+        if not self.mode.may_speculate():  # paused: no decision to price (a naive step's cost)
             self.plan = Plan(0, overlap=False, paused=True)
             return self.plan
+        decision = self.sched.decide()
         stride = decision.stride
         left = self.mode.steps_left(self.tokens, self.n0)
         if stride and left is not None:
