@@ -32,7 +32,7 @@ CPU_REHEARSAL = (
     (r"--duration \d+", "--duration 3"), (r"--warmup \d+", "--warmup 1"), (r"--new \d+", "--new 4"),
     (r"--prompt \d+", "--prompt 40"), (r"--max-tokens 100000", "--max-tokens 3000"),
     (r"--max-tokens \d\d\b", "--max-tokens 4"), (r"--rounds 20", "--rounds 2"),
-    (r"--emulate-pad \d+", "--emulate-pad 2000"), (r"--concurrency \d+", "--concurrency 2"),
+    (r"--emulate-pad \d+", "--emulate-pad 2000"), (r"--concurrency \d+( \d+)*", "--concurrency 2"),
     (r"/tmp/ds\b", "$RES/ds"),  # the device machine's scratch folder, here under the temporary $RES
 )
 

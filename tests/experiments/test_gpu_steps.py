@@ -42,9 +42,12 @@ def commands(step: str) -> list[tuple[str, list[str]]]:
         elif words[:1] == ["python3"] and words[1].startswith("experiments/"):
             args = words[2:]
             module = "experiments." + os.path.basename(words[1])[:-3]
-            if "--" in args:  # load.py: the flags after -- go to every `ralmspec serve`
+            if "--" in args:  # load.py / knnlm_serve.py: the flags after -- go to every server they start
                 cut = args.index("--")
-                out.append(("ralmspec.cli", ["serve", *args[cut + 1:]]))
+                server = ["serve"]
+                if module.endswith("knnlm_serve"):
+                    server = ["knnlm", "serve", "--datastore", args[args.index("--datastore") + 1]]
+                out.append(("ralmspec.cli", [*server, *args[cut + 1:]]))
                 args = args[:cut + 1]
             out.append((module, args))
         elif words[:3] != ["python3", "-m", "pytest"]:
