@@ -24,6 +24,10 @@ threads decoded 125-167 tokens/s; one batch at a time, the groups merge at the n
 first group's batch ends before the other's starts) and 119-124 of 128 forwards held all 4:
 210-230 tokens/s.
 
+Calls come from members only: a call from another thread (a request's verification worker)
+would count as a blocked member and start batches early, and wait its turn among them; such a
+thread uses the underlying call directly (``knnlm/speculative.py`` ``KNNMode.search``).
+
 Batching changes no result only if ``run`` is batch-invariant (each item's result the same alone
 and in any batch): the users say why theirs is (``lm/shared_runner.py``, ``knnlm/shared_search.py``).
 """

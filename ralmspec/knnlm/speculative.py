@@ -428,8 +428,8 @@ class KNNMode:
         """ONE batched real search of the steps' queries: now (synchronous; the driver applies it
         at once) or in the worker thread beside the next steps (``plan.overlap``)."""
         queries = [s.query.hidden for s in steps]
-        if plan.overlap:
-            handle = asyncio.wrap_future(self.pool.submit(self.search, queries))
+        if plan.overlap:  # the datastore's own search: the worker thread is no decoding thread (search)
+            handle = asyncio.wrap_future(self.pool.submit(self.search, queries, True))
         else:
             handle = asyncio.get_running_loop().create_future()
             handle.set_result(self.search(queries))
@@ -477,10 +477,14 @@ class KNNMode:
         true_tok = self.base.decide(step.query, ids, d)
         return true_tok == step.guess and not scfg.strict, true_tok
 
-    def search(self, hidden: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
-        """The real search of the queries, in one batch: (ids, distances, seconds)."""
+    def search(self, hidden: list[np.ndarray], worker: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+        """The real search of the queries, in one batch: (ids, distances, seconds). From the
+        verification ``worker`` thread it is the datastore's own search, not the decoding threads'
+        shared one (``KNNLM.search``): that thread is no member of their rendezvous, and a call
+        from it would wait its turn among their batches (one at a time) instead of running beside
+        this request's LM steps. Same results either way (the search is batch-invariant)."""
         t0 = time.perf_counter()
-        ids, d = self.base.search(np.stack(hidden), self.k)
+        ids, d = (self.base.datastore.search if worker else self.base.search)(np.stack(hidden), self.k)
         return ids, d, time.perf_counter() - t0
 
     def verified_step(self, kind: StepKind) -> None:

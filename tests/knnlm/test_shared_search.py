@@ -52,3 +52,29 @@ def test_a_bad_call_fails_alone(knn_datastores):
     ids, d = out_good
     exp_ids, exp_d = ds.search(good, 4)
     assert np.array_equal(ids, exp_ids) and np.array_equal(d, exp_d)
+
+
+def test_an_asynchronous_verification_searches_beside_the_decoding_threads(tiny_lm, knn_datastores, knn_prompts):
+    """With asynchronous verification a round's search runs in the request's worker thread, no
+    member of the decoding threads' rendezvous: it searches the datastore itself (a call at the
+    shared lane would wait its turn among the members' batches, one at a time, instead of running
+    beside the request's LM steps). The tokens are the naive ones; the lane served only the
+    request's own searches (here its first token's: every round is overlapped)."""
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+    from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
+    from ralmspec.lm.shared_runner import SharedRunner
+    from ralmspec.lm.static import StaticRunner
+
+    ds = knn_datastores["flat"]
+    rv = Rendezvous()
+    shared = SharedSearch(ds, rv)
+    runner = SharedRunner(StaticRunner(tiny_lm.model, max_len=256, capacity=4, batch_rows=4), rv)
+    knn = KNNLM(tiny_lm, ds, KNNLMConfig(max_new_tokens=24), runner=runner, search=shared.search)
+    spec = SpeculativeKNNLM(knn, SpeculativeKNNConfig(async_verify=True, os3=False, fixed_stride=4))
+    with rv.member():
+        naive = knn.generate(knn_prompts[0])
+        calls = shared.stats()["calls"]
+        out = spec.generate(knn_prompts[0])
+    assert out.tokens == naive.tokens
+    assert out.stats.real_searches > 2 and out.stats.speculated > 0
+    assert shared.stats()["calls"] - calls == out.stats.verified_steps == 1
