@@ -628,7 +628,16 @@ class StaticRunner(KVRunner):
     def _capture(self, step: Callable[[], Any]) -> tuple[Any, Any]:
         """A CUDA graph of ``step`` (one decode step over the fixed-address inputs) and its output
         buffers. The warm-up runs write the very KV the step writes (same inputs), so they change
-        nothing."""
+        nothing.
+
+        Captured in ``thread_local`` error mode: graphs are captured on first use, while other
+        threads may be working on the same GPU (the verification worker encoding queries, the
+        kNN-LM server's other decoding threads stepping or capturing their own runners), and in
+        torch's default ``global`` mode any other thread's unsafe CUDA call during the capture
+        invalidates it, which would leave this runner without graphs for good
+        (``_without_graphs``). Only this thread's own unsafe calls now fail the capture; the
+        other threads' kernels run on their own streams and are not captured (capture follows the
+        stream). vLLM and torch's inductor capture the same way."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -636,7 +645,7 @@ class StaticRunner(KVRunner):
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             out = step()
         return graph, out
 

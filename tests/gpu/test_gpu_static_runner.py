@@ -11,7 +11,8 @@ drawn on the host; the logprob replay kept on the device == decoding's logits; t
 runner's shared prompt-block forwards captured == uncaptured and alone == together; logprobs
 taken from decoding == the replay; a ``generate`` call synchronises with the GPU once; the
 kNN-LM server's shared runner (threads whose steps meet, with hidden states, captured) == each
-session alone; and
+session alone; graphs captured while other threads work on the GPU (runners of their own, an
+encoder) are kept and replay the uncaptured tokens; and
 SmolLM2's grouped-query attention laid out for CUDA's fused kernel (``cuda_attention``):
 captured == uncaptured, float32 tokens == ``enable_gqa``'s, and the batched step's span groups
 (fixed 8-row calls) the same bits alone and in any mix.
@@ -97,6 +98,55 @@ def test_shared_runner_threads_on_cuda_equal_each_session_alone(cuda_tiny):
         for (el, eh), (ol, oh) in zip(exp, out):
             assert torch.equal(el, ol) and torch.equal(eh, oh)
     assert max(int(k) for k in shared.stats()["batches_by_size"]) >= 2
+
+
+def test_graphs_are_captured_while_other_threads_work_on_the_gpu(cuda_tiny):
+    """Graphs are captured on first use, and in a server other threads use the GPU meanwhile: the
+    verification worker's query encoder, the kNN-LM server's other decoding threads with runners
+    of their own (capturing too). In torch's default ``global`` capture mode any of their calls
+    invalidated the capture and left the runner without graphs for good; captured
+    ``thread_local`` (``StaticRunner._capture``), every thread's runner keeps its graphs and
+    decodes the tokens of a runner without graphs, while an encoder-like thread runs throughout."""
+    import threading
+
+    from tests.concurrent import raised, run_together
+
+    rng = random.Random(11)
+    prompts = [random_tokens(rng, n) for n in (5, 63, 130, 300)]
+
+    def decode(runner: StaticRunner, prompt: list[int]) -> list[int]:
+        with torch.inference_mode():
+            slot = runner.open()
+            _, logits, _ = runner.prefill_block(slot, prompt, last=True, want_hidden=False)
+            tokens = runner.decode(slot, logits, 40, None, frozenset()).tokens
+            runner.free(slot)
+        return tokens
+
+    plain = StaticRunner(cuda_tiny.model, max_len=512, capacity=1, cuda_graphs=False)
+    expected = [decode(plain, p) for p in prompts]
+    runners = [StaticRunner(cuda_tiny.model, max_len=512, capacity=1) for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def body(i: int):
+        if i < len(prompts):
+            try:
+                return decode(runners[i], prompts[i])
+            finally:
+                done.release()
+        a = torch.randn(256, 384, device="cuda")  # a query encoder's work: matmuls, a read back each
+        w = torch.randn(384, 384, device="cuda")
+        calls = finished = 0
+        while finished < len(prompts):
+            float((a @ w).sum().item())
+            calls += 1
+            finished += done.acquire(blocking=False)
+        return calls
+
+    got = run_together(len(prompts) + 1, body, timeout_s=300)
+    assert not raised(got), raised(got)
+    assert got[:-1] == expected and got[-1] > 0
+    for runner in runners:
+        assert runner.cuda_graphs and runner.captured_graphs > 0, "capture failed (a RuntimeWarning says why)"
 
 
 def test_one_row_graphs_replay_the_uncaptured_bits(cuda_tiny):
