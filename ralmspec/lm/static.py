@@ -40,6 +40,7 @@ the CUDA attention layout); this module is the loop around it.
 from __future__ import annotations
 
 import collections
+import threading
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -51,6 +52,10 @@ from ralmspec.lm.sampling import SeededPick
 from ralmspec.lm.slot_decoder import (STATIC_TYPES, KVPool, Slot, SlotDecoder, attention_span,
                                       supports_static)
 
+# One CUDA graph capture at a time in the process: torch does not intend two stream captures at
+# once (torch.cuda.graph's docs), and a capture's entry synchronises the device and empties the
+# allocator's cache, which must not happen inside another thread's capture (``_capture``).
+_CAPTURE_LOCK = threading.Lock()
 COMPILE_LIMIT = 64  # graphs of the compiled step in one process: one per (model, attention span); spans <= 7
 
 
@@ -637,7 +642,9 @@ class StaticRunner(KVRunner):
         invalidates it, which would leave this runner without graphs for good
         (``_without_graphs``). Only this thread's own unsafe calls now fail the capture; the
         other threads' kernels run on their own streams and are not captured (capture follows the
-        stream). vLLM and torch's inductor capture the same way."""
+        stream). vLLM and torch's inductor capture the same way. Captures of all runners in
+        the process take turns (``_CAPTURE_LOCK``): the kNN-LM server's threads each capture
+        their own runner's graphs."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -645,7 +652,7 @@ class StaticRunner(KVRunner):
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             out = step()
         return graph, out
 
