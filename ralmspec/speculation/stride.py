@@ -68,12 +68,19 @@ One bad sample (a first-use outlier: a fresh flat datastore's first batched sear
 instead of ~10 ms, 2026-12-06; on a GPU, a kernel's first call at a new shape) then predicts that
 longer rounds lose, for the rest of the request and, with the costs carried over, for every later
 request of the engine. So after ``SEARCH_REFRESH_STEPS[0]`` fallback steps and rounds in a row
-without a search of more than one query, those searches are forgotten (one query's stay): the
-line is then flat at ``search(1)``, optimism until measured, and if γ says longer rounds pay, the
-next decision runs one and measures its size again. If that measurement confirms the forgotten
-cost (not under half of it), batches really are that dear: each refresh costs one losing round, so
-the interval doubles (up to ``SEARCH_REFRESH_STEPS[1]``); if it was an outlier, the interval goes
-back to the first value.
+without a search of more than one query, those searches are forgotten (one query's, refreshed by
+every fallback step, stay): the line is flat at ``search(1)``, optimism until measured, and if γ
+says longer rounds pay, the next decision runs one and measures its size again. If that
+measurement confirms the forgotten cost (not under half of it), batches really are that dear
+here: each refresh costs one losing round, so the interval doubles (up to
+``SEARCH_REFRESH_STEPS[1]``: at most one such round per 256 steps once it has doubled four
+times); if it was an outlier, the interval goes back to the first value. (Forgetting only the
+sizes dearer than their queries one by one would cost nothing where costs are sane, but misses
+outliers under that bound: session 19's 89 ms for 7 queries is one where one query takes over
+12.7 ms, as the naive search of that 100k-entry datastore does on 2 threads, 14.2 ms.) The rule
+acts across requests (an engine's carried costs) and in long ones: a ``bench`` request of 64
+tokens at stride 4 has 16 steps, and it forgot nothing in the tiny benches (embedded and
+EMULATED 1M) or kNN-LM's.
 
 The realized guard (docs/design.md §4): the cost model can be wrong by a few percent (an
 encoder that partly overlaps the chunks, overheads it does not price), and where speculating
@@ -309,12 +316,12 @@ class StrideScheduler:
         """A fallback step or a round: after ``_next_refresh`` of them in a row without a search
         of more than one query, forget those searches (module doc "Stale batch sizes")."""
         self._since_batch += 1
-        batches = {k: v for k, v in self._b_by_size.items() if k > 1}
-        if self._since_batch < self._next_refresh or not batches or 1 not in self._b_by_size:
+        stale = {k: median(v) for k, v in self._b_by_size.items() if k > 1}
+        if self._since_batch < self._next_refresh or not stale or 1 not in self._b_by_size:
             return
-        self._forgotten = {k: median(v) for k, v in batches.items()}
         self._b_by_size = {1: self._b_by_size[1]}
         self._b_ov_by_size = {k: v for k, v in self._b_ov_by_size.items() if k == 1}
+        self._forgotten = stale
         self._since_batch = 0
         self._next_refresh = min(SEARCH_REFRESH_STEPS[1], 2 * self._next_refresh)
 

@@ -537,9 +537,8 @@ def test_realized_guard_is_off_without_the_fallback_and_its_hold_travels_with_th
 
 def _fallen_back_on_an_outlier() -> StrideScheduler:
     """kNN-LM-like costs (seconds): an LM step 10 ms (11 with the cache lookup), a one-query search
-    10 ms, acceptance 1.0, and
-    ONE round of 7 whose search was a first-use outlier (89 ms, session 19's carried ``b(7)``):
-    the model now says every round loses, so OS^3 falls back."""
+    10 ms, acceptance 1.0, and ONE round of 7 whose search was a first-use outlier (89 ms, session
+    19's carried ``b(7)``): the model now says every round loses, so OS^3 falls back."""
     sch = StrideScheduler(os3=True, async_verify=False, gamma_max=0.9, naive_fallback=True)
     sch.observe_lm(0.010)
     sch.observe_step(0.011)
