@@ -23,16 +23,22 @@ Contract:
   vectors (their scores tie exactly and the lower doc id wins).
 - Thread-safe: the engine encodes from worker threads. A lock guards the cache and another the
   model (HF fast tokenizers are not safe to share between threads).
+- On CUDA the encoder runs on a CUDA stream of its own. On the default stream its forwards and
+  copies would queue behind the LM's: the static runner enqueues a whole chunk of decode steps
+  before it reads the GPU once, so a verification's encoding beside decoding waited for the
+  chunk in flight. On its own stream it runs beside it (same kernels, so the same bits), and
+  reading its vectors back waits for its own work only.
 
 One instance is meant to be shared explicitly by every retriever that needs it; nothing global.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -101,7 +107,21 @@ class QueryEncoder:
         except Exception as e:  # noqa: BLE001 - any load failure is a ModelLoadError
             raise ModelLoadError(f"cannot load the sentence-transformer at {self.model_path}: {e}") from e
         self._model.eval()
+        self._stream: Any = None  # CUDA: the encoder's own stream (module doc)
+        if device.startswith("cuda"):
+            import torch
+
+            self._stream = torch.cuda.Stream(device=device)
         self.dim = int(self._encode([""], batch_size=1).shape[1])
+
+    def _on_own_stream(self) -> contextlib.AbstractContextManager:
+        """Where the encoder's CUDA work goes: its own stream on CUDA (module doc), nothing to
+        do on the CPU."""
+        if self._stream is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.cuda.stream(self._stream)
 
     def with_cache(self, cache_size: int) -> "QueryEncoder":
         """A sibling encoder sharing this one's loaded model (and model lock), with its own cache."""
@@ -116,7 +136,7 @@ class QueryEncoder:
         return other
 
     def _encode(self, texts: list[str], batch_size: int, show_progress: bool = False) -> np.ndarray:
-        with self._model_lock:
+        with self._model_lock, self._on_own_stream():
             emb = self._model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
                                      convert_to_numpy=True, show_progress_bar=show_progress)
         return np.ascontiguousarray(emb, dtype=np.float32)
@@ -128,7 +148,7 @@ class QueryEncoder:
         module = self._model[0]
         limit = int(self._model.max_seq_length)
         out: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(texts)
-        with self._model_lock:
+        with self._model_lock, self._on_own_stream():
             tok = module.tokenizer
             enc = tok([*texts, ""], truncation=True, max_length=limit)  # each text tokenized once
             rows_of = [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts) + 1)]  # [-1]: padding row
