@@ -167,8 +167,9 @@ def test_seconds_per_step_charges_the_regenerated_chunk():
     assert seconds_per_step(1.0, 0.5, 0.5, 2, async_verify=False, regen=False) == pytest.approx(2.5 / 1.5)
 
 
-def _observed(naive_fallback: bool, lm: float, lookup: float, r: float, b1: float, matched: int):
-    sch = StrideScheduler(os3=True, async_verify=False, naive_fallback=naive_fallback)
+def _observed(naive_fallback: bool, lm: float, lookup: float, r: float, b1: float, matched: int,
+              async_verify: bool = False):
+    sch = StrideScheduler(os3=True, async_verify=async_verify, naive_fallback=naive_fallback)
     sch.observe_lm(lm)
     sch.observe_step(lm + lookup)
     sch.observe_retrieval(r)
@@ -539,11 +540,7 @@ def _fallen_back_on_an_outlier() -> StrideScheduler:
     """kNN-LM-like costs (seconds): an LM step 10 ms (11 with the cache lookup), a one-query search
     10 ms, acceptance 1.0, and ONE round of 7 whose search was a first-use outlier (89 ms, session
     19's carried ``b(7)``): the model now says every round loses, so OS^3 falls back."""
-    sch = StrideScheduler(os3=True, async_verify=False, gamma_max=0.9, naive_fallback=True)
-    sch.observe_lm(0.010)
-    sch.observe_step(0.011)
-    sch.observe_retrieval(0.010)
-    sch.observe_search(1, 0.010)
+    sch = _observed(True, lm=0.010, lookup=0.001, r=0.010, b1=0.010, matched=1)
     sch.observe_search(7, 0.089)
     sch.observe_round(7, 7)
     return sch
@@ -607,11 +604,7 @@ def test_rounds_of_one_do_not_refresh_a_dear_batch_size_either():
     """Asynchronous verification: an outlier at 4 queries makes longer rounds lose, rounds of
     one overlapped with decoding pay, so OS^3 speculates at stride 1 and would never measure a
     batch again; the rounds count towards the refresh like fallback steps."""
-    sch = StrideScheduler(os3=True, async_verify=True, gamma_max=0.9, naive_fallback=True)
-    sch.observe_lm(0.010)
-    sch.observe_step(0.011)
-    sch.observe_retrieval(0.020)
-    sch.observe_search(1, 0.020)
+    sch = _observed(True, lm=0.010, lookup=0.001, r=0.020, b1=0.020, matched=1, async_verify=True)
     sch.observe_search(4, 0.400)  # the outlier
     sch.observe_round(4, 4)
     for _ in range(SEARCH_REFRESH_STEPS[0] - 2):
