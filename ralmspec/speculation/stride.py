@@ -316,8 +316,10 @@ class StrideScheduler:
         """A fallback step or a round: after ``_next_refresh`` of them in a row without a search
         of more than one query, forget those searches (module doc "Stale batch sizes")."""
         self._since_batch += 1
+        if self._since_batch < self._next_refresh or 1 not in self._b_by_size:
+            return
         stale = {k: median(v) for k, v in self._b_by_size.items() if k > 1}
-        if self._since_batch < self._next_refresh or not stale or 1 not in self._b_by_size:
+        if not stale:
             return
         self._b_by_size = {1: self._b_by_size[1]}
         self._b_ov_by_size = {k: v for k, v in self._b_ov_by_size.items() if k == 1}
