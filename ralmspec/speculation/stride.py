@@ -77,10 +77,10 @@ here: each refresh costs one losing round, so the interval doubles (up to
 times); if it was an outlier, the interval goes back to the first value. (Forgetting only the
 sizes dearer than their queries one by one would cost nothing where costs are sane, but misses
 outliers under that bound: session 19's 89 ms for 7 queries is one where one query takes over
-12.7 ms, as the naive search of that 100k-entry datastore does on 2 threads, 14.2 ms.) The rule
-acts across requests (an engine's carried costs) and in long ones: a ``bench`` request of 64
-tokens at stride 4 has 16 steps, and it forgot nothing in the tiny benches (embedded and
-EMULATED 1M) or kNN-LM's.
+12.7 ms, as the naive search of that 100k-entry datastore does on 2 threads, 14.2 ms.) The count
+runs across requests with the carried costs; it forgot nothing in the tiny ``bench`` runs
+(embedded and EMULATED 1M, the engine's costs carried through each run's questions), in
+kNN-LM's bench or in a tiny server: there rounds of several queries come well within 16 steps.
 
 The realized guard (docs/design.md §4): the cost model can be wrong by a few percent (an
 encoder that partly overlaps the chunks, overheads it does not price), and where speculating
