@@ -642,7 +642,9 @@ class StaticRunner(KVRunner):
         invalidates it, which would leave this runner without graphs for good
         (``_without_graphs``). Only this thread's own unsafe calls now fail the capture; the
         other threads' kernels run on their own streams and are not captured (capture follows the
-        stream). vLLM and torch's inductor capture the same way. Captures of all runners in
+        stream); torch's inductor (cudagraph trees) captures the same way. The price: CUDA no
+        longer flags another thread's unsafe call during a capture, so the GPU test checks both
+        sides, the graphs' tokens and a bystander encoder's vectors. Captures of all runners in
         the process take turns (``_CAPTURE_LOCK``): the kNN-LM server's threads each capture
         their own runner's graphs."""
         side = torch.cuda.Stream()
