@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.load import Server, load_workload, loadavg  # noqa: E402
+from experiments.load import Server, load_workload, loadavg, split_server_args  # noqa: E402
 
 # Per-request ``ralm`` settings drawn from (each field sent with probability 1/2). Small caches,
 # fixed strides and several rounds in flight make speculation roll back and evict.
@@ -377,11 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    server_args: list[str] = []
-    if "--" in argv:
-        k = argv.index("--")
-        argv, server_args = argv[:k], argv[k + 1:]
+    argv, server_args = split_server_args(argv)
     a = build_parser().parse_args(argv)
     if a.clients < 1 or a.minutes <= 0 or not 0 <= a.abandon <= 1:
         print("error: --clients must be >= 1, --minutes > 0 and --abandon in [0, 1]", file=sys.stderr)

@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.load import Server, loadavg, percentile  # noqa: E402
+from experiments.load import Server, loadavg, percentile, split_server_args  # noqa: E402
 from ralmspec.knnlm.cli import bench_texts  # noqa: E402
 
 MODES = ("naive", "speculative")
@@ -89,11 +89,7 @@ async def run_cell(url: str, prompts: list[str], max_tokens: int, mode: str, cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_server_args(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datastore", required=True)
     ap.add_argument("--n", type=int, default=20, help="prompts (first sentences of embedded passages)")

@@ -80,6 +80,16 @@ def loadavg() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+def split_server_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """``(the script's own arguments, the flags after "--" for the spawned server)``; ``argv``
+    None: the command line's."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    k = argv.index("--")
+    return argv[:k], argv[k + 1:]
+
+
 class Server:
     """``ralmspec serve`` (or another serving command, e.g. ``("knnlm", "serve")``) as a child
     process on a free port."""
@@ -398,9 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    a = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    argv, extra = split_server_args(argv)
+    a = build_parser().parse_args(argv)
     if a.rounds < 1 or a.duration <= 0 or a.warmup < 0 or min(a.concurrency) < 1 or a.max_tokens < 1:
         print("error: --rounds, --concurrency, --max-tokens must be >= 1, --duration > 0, --warmup >= 0",
               file=sys.stderr)

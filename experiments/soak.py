@@ -41,7 +41,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.load import MIB, Server, load_workload, loadavg, percentile, rss_bytes  # noqa: E402
+from experiments.load import (  # noqa: E402
+    MIB, Server, load_workload, loadavg, percentile, rss_bytes, split_server_args,
+)
 
 
 async def _one(s: Any, url: str, body: dict, stream: bool) -> tuple[str, dict, list[str]]:
@@ -344,11 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        k = argv.index("--")
-        argv, extra = argv[:k], argv[k + 1:]
+    argv, extra = split_server_args(argv)
     a = build_parser().parse_args(argv)
     if a.clients < 1 or a.minutes <= 0 or not 0 <= a.warmup_minutes < a.minutes or a.bucket <= 0 or a.sample <= 0:
         raise SystemExit("need --clients >= 1, --minutes > 0, 0 <= --warmup-minutes < --minutes, --bucket > 0, "

@@ -12,6 +12,12 @@ CELL_FIELDS = ("round", "mode", "clients", "req_per_s", "tok_per_s", "p50_s", "p
                "speculated_steps", "verified_steps", "accepted", "rollbacks")
 
 
+def test_flags_after_the_first_double_dash_go_to_the_server():
+    assert load.split_server_args(["--n", "2", "--", "--stride", "2", "--", "x"]) == (["--n", "2"], ["--stride", "2", "--", "x"])
+    assert load.split_server_args(["--n", "2"]) == (["--n", "2"], [])
+    assert load.split_server_args(["--"]) == ([], [])
+
+
 def test_plan_alternates_which_mode_goes_first():
     plan = load.plan_cells(2, [1, 8], ["naive", "speculative"])
     assert plan == [(0, 1, "naive"), (0, 1, "speculative"), (0, 8, "speculative"), (0, 8, "naive"),
