@@ -48,7 +48,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.load import Server, load_workload, loadavg, split_server_args  # noqa: E402
+from experiments.load import (  # noqa: E402
+    ENDPOINTS, Server, load_workload, loadavg, split_server_args, sse_chunks,
+)
 
 # Per-request ``ralm`` settings drawn from (each field sent with probability 1/2). Small caches,
 # fixed strides and several rounds in flight make speculation roll back and evict.
@@ -150,7 +152,7 @@ def differences(spec: dict[str, Any], naive: dict[str, Any]) -> list[str]:
 async def post(session: Any, url: str, endpoint: str, body: dict[str, Any], stream: bool) -> dict[str, Any]:
     """Send one request; the answer as ``{text, finish_reason, logprobs, usage, ralm, streamed}``.
     Raises RuntimeError on a non-200 status or an error event in the stream."""
-    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    path = ENDPOINTS[endpoint]
     if stream:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     async with session.post(url + path, json=body) as r:
@@ -164,25 +166,19 @@ async def post(session: Any, url: str, endpoint: str, body: dict[str, Any], stre
             return {"text": text, "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs"),
                     "usage": d.get("usage"), name: d.get(name), "streamed": False}
         name = extension(body)
-        texts, lps, out, buf = [], [], {"finish_reason": None, "usage": None, name: None}, ""
-        async for raw in r.content:
-            buf += raw.decode()
-            while "\n\n" in buf:
-                ev, buf = buf.split("\n\n", 1)
-                if not ev.startswith("data: ") or ev == "data: [DONE]":
-                    continue
-                chunk = json.loads(ev[len("data: "):])
-                if "error" in chunk:
-                    raise RuntimeError(f"stream error: {chunk['error']}")
-                for c in chunk.get("choices") or []:
-                    piece = (c.get("delta") or {}).get("content") if endpoint == "chat" else c.get("text")
-                    texts.append(piece or "")
-                    lps.append(c.get("logprobs"))
-                    out["finish_reason"] = c.get("finish_reason") or out["finish_reason"]
-                if chunk.get("usage"):
-                    out["usage"] = chunk["usage"]
-                if chunk.get(name):
-                    out[name] = chunk[name]
+        texts, lps, out = [], [], {"finish_reason": None, "usage": None, name: None}
+        async for chunk in sse_chunks(r):
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            for c in chunk.get("choices") or []:
+                piece = (c.get("delta") or {}).get("content") if endpoint == "chat" else c.get("text")
+                texts.append(piece or "")
+                lps.append(c.get("logprobs"))
+                out["finish_reason"] = c.get("finish_reason") or out["finish_reason"]
+            if chunk.get("usage"):
+                out["usage"] = chunk["usage"]
+            if chunk.get(name):
+                out[name] = chunk[name]
         return {**out, "text": "".join(texts), "logprobs": merge_logprobs(endpoint, lps), "streamed": True}
 
 
@@ -243,9 +239,8 @@ async def abandon(s: Any, url: str, endpoint: str, body: dict[str, Any], stream:
     """A request its client leaves: a stream after its first event, a plain request after
     ``after_s`` seconds. Returns how it ended (``left`` or ``answered``: it finished first);
     raises on an error answer."""
-    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     if stream:
-        async with s.post(url + path, json={**body, "stream": True}) as r:
+        async with s.post(url + ENDPOINTS[endpoint], json={**body, "stream": True}) as r:
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
             await r.content.readline()
@@ -310,14 +305,14 @@ async def probe(url: str, model: str, knnlm: bool) -> tuple[bool, bool]:
             async with s.get(url + "/v1/retriever") as r:
                 info = await r.json(content_type=None)
         body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
-        async with s.post(url + "/v1/chat/completions", json=body) as r:
+        async with s.post(url + ENDPOINTS["chat"], json=body) as r:
             chat = r.status == 200
     return chat, str(info.get("kind", "")) != "bm25"
 
 
 async def soak(a: argparse.Namespace, url: str, questions: list[str]) -> dict[str, Any]:
     knnlm = a.knnlm is not None
-    chat, dense = await probe(url, a.served_model, knnlm)
+    chat, dense = await probe(url, a.model, knnlm)
     print(f"  chat endpoint: {'yes' if chat else 'no (the model has no chat template)'}; "
           f"{'kNN-LM server' if knnlm else f'dense knowledge base: {dense}'}", file=sys.stderr, flush=True)
     tally = Tally()
@@ -334,7 +329,7 @@ async def soak(a: argparse.Namespace, url: str, questions: list[str]) -> dict[st
 
     ticker = asyncio.create_task(progress())
     try:
-        await asyncio.gather(*(client(i, url, questions, a.served_model, deadline, a.seed, chat, dense, knnlm,
+        await asyncio.gather(*(client(i, url, questions, a.model, deadline, a.seed, chat, dense, knnlm,
                                       a.abandon, tally) for i in range(a.clients)))
     finally:
         ticker.cancel()
@@ -393,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         url = server.url
     else:
         url = a.url.rstrip("/")
-    a.served_model = a.model
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     load_before = loadavg()
     try:

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("naive", "speculative")
@@ -88,6 +88,18 @@ def split_server_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
         return argv, []
     k = argv.index("--")
     return argv[:k], argv[k + 1:]
+
+
+async def sse_chunks(response: Any) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a streamed answer (an aiohttp response of Server-Sent Events), in
+    order, the closing ``[DONE]`` left out."""
+    buf = ""
+    async for raw in response.content:
+        buf += raw.decode()
+        while "\n\n" in buf:
+            event, buf = buf.split("\n\n", 1)
+            if event.startswith("data: ") and event != "data: [DONE]":
+                yield json.loads(event[len("data: "):])
 
 
 class Server:

@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.load import (  # noqa: E402
-    MIB, Server, load_workload, loadavg, percentile, rss_bytes, split_server_args,
+    MIB, Server, load_workload, loadavg, percentile, rss_bytes, split_server_args, sse_chunks,
 )
 
 
@@ -57,21 +57,12 @@ async def _one(s: Any, url: str, body: dict, stream: bool) -> tuple[str, dict, l
         if not stream:
             data = await r.json(content_type=None)
             return data["choices"][0]["text"], data.get("usage") or {}, []
-        pieces, usage, buf = [], {}, ""
-        async for raw in r.content:
-            buf += raw.decode()
-            while "\n\n" in buf:
-                event, buf = buf.split("\n\n", 1)
-                if not event.startswith("data: "):
-                    continue
-                payload = event[len("data: "):]
-                if payload == "[DONE]":
-                    continue
-                chunk = json.loads(payload)
-                if chunk.get("choices"):
-                    pieces.append(chunk["choices"][0].get("text") or "")
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
+        pieces, usage = [], {}
+        async for chunk in sse_chunks(r):
+            if chunk.get("choices"):
+                pieces.append(chunk["choices"][0].get("text") or "")
+            if chunk.get("usage"):
+                usage = chunk["usage"]
         return "".join(pieces), usage, pieces
 
 
