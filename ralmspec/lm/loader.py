@@ -51,7 +51,8 @@ def load_language_model(name_or_path: str, backend: str = "hf", device: str = "c
                         dtype: str = "auto", runner: str = "auto", prefix_cache_mib: int = 512,
                         concurrent: bool = False) -> LanguageModel:
     """``prefix_cache_mib``: the hf backend's shared prefix blocks (vLLM has its own prefix caching);
-    ``concurrent``: a server's LM (the hf backend's ``auto`` runner: ``lm.hf.make_runner``)."""
+    ``runner``: the hf backend's (``auto`` only with vllm: ConfigError otherwise); ``concurrent``: a
+    server's LM (the hf backend's ``auto`` runner: ``lm.hf.make_runner``)."""
     dtype = resolve_lm_dtype(dtype, device, backend)
     if not is_int(prefix_cache_mib, 0):
         raise ConfigError(f"the LM prefix cache must be an integer >= 0 MiB, got {prefix_cache_mib!r}")
@@ -61,6 +62,9 @@ def load_language_model(name_or_path: str, backend: str = "hf", device: str = "c
         return load_lm(name_or_path, device=device, dtype=dtype, runner=runner,
                        prefix_cache_bytes=prefix_cache_mib << 20, concurrent=concurrent)
     if backend == "vllm":
+        if runner != "auto":  # before vLLM's import and engine start (~30 s on a CPU)
+            raise ConfigError(f"--lm-runner {runner} is a runner of the hf backend; the vllm backend "
+                              "runs vLLM's own engine (leave --lm-runner auto, or use --lm-backend hf)")
         from ralmspec.lm.vllm import load_vllm
 
         return load_vllm(name_or_path, device=device, dtype=dtype)

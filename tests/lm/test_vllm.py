@@ -407,6 +407,22 @@ def test_bad_settings_fail_before_the_engine(kwargs, exc, match):
         load_vllm("tiny", **kwargs)
 
 
+@pytest.mark.parametrize("runner", ["eager", "static", "batched", "compiled"])
+def test_an_hf_runner_with_the_vllm_backend_is_refused_before_vllm_starts(runner, monkeypatch):
+    """``--lm-runner`` names the hf backend's runners: with ``--lm-backend vllm`` it used to be
+    ignored without a word (a study of the batched runner would have measured vLLM). It is a
+    ConfigError now, raised before vLLM is imported."""
+    from ralmspec.lm import vllm as vllm_backend
+    from ralmspec.lm.loader import load_language_model
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("vLLM was started")
+
+    monkeypatch.setattr(vllm_backend, "load_vllm", no_engine)
+    with pytest.raises(ConfigError, match=f"--lm-runner {runner} is a runner of the hf backend"):
+        load_language_model("tiny", backend="vllm", runner=runner)
+
+
 @pytest.mark.vllm
 @needs_vllm
 def test_bad_model_folder_is_model_load_error(tmp_path):
