@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
 
     try:
-        from serving.cli import add_knnlm_serve_parser, add_serve_parser
+        from ralmspec.serving.cli import add_knnlm_serve_parser, add_serve_parser
     except ImportError:  # an install without the serving package: no `serve`, no `knnlm serve`
         more = []
     else:

@@ -1,6 +1,6 @@
 """The flags shared by ``ralmspec generate / bench / serve`` and the EngineConfig they make.
 
-Below both command modules (``ralmspec.cli`` and ``serving.cli``), which register their own
+Below both command modules (``ralmspec.cli`` and ``ralmspec.serving.cli``), which register their own
 sub-commands with these flags; nothing here loads a model or an index.
 """
 

@@ -1,6 +1,6 @@
 """The pure parts of a streamed answer (no I/O): its text deltas and the logprobs that go with them.
 
-A stream (serving/app.py ``_stream``, ``ralmspec generate --stream``) receives verified chunks
+A stream (ralmspec/serving/app.py ``_stream``, ``ralmspec generate --stream``) receives verified chunks
 (``VerifiedChunk``: token ids, and their logprobs when the request asks for them) and sends text
 as it becomes final (``VerifiedText``):
 

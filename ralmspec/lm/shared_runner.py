@@ -1,6 +1,6 @@
 """One batch-invariant runner shared by decoding threads: their one-token steps run as ONE forward.
 
-The kNN-LM server (``serving/knnlm_app.py``) decodes each request in a thread of its own, one
+The kNN-LM server (``ralmspec/serving/knnlm_app.py``) decodes each request in a thread of its own, one
 token at a time (``IncrementalDecoder``: a step, a k-NN search, a decision, the next step). With
 a runner per thread every step is its own forward. :class:`SharedRunner` lets the threads share
 the ``batched`` runner (``StaticRunner`` with ``batch_rows`` > 1, docs/lm-runner.md): a thread's

@@ -1,6 +1,6 @@
 """HTTP client of a retrieval service (``ralmspec serve --retrieval-only``): a ``Retriever``.
 
-Protocol (served by ``serving.app``; see docs/serving.md):
+Protocol (served by ``ralmspec.serving.app``; see docs/serving.md):
 
 - ``GET  /v1/retriever``  -> ``{"kind", "corpus_size"}``
 - ``POST /v1/retrieve``   ``{"queries": [str], "k": int, "include_text": bool}`` ->

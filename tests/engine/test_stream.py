@@ -9,7 +9,7 @@ import pytest
 from ralmspec.engine.stop import cut_result, stable_text
 from ralmspec.engine.result import GenerationResult
 from ralmspec.lm.base import TokenLogprob
-from serving.shapes import text_offsets
+from ralmspec.serving.shapes import text_offsets
 from ralmspec.engine.stream import IncrementalDetokenizer, LogprobRelease, TokenOffsets, VerifiedText
 
 TEXT = "Hed PE is from Huntington Beach, Zürich – 東京 🎸🎸 naïve café. The end."

@@ -13,7 +13,7 @@ import pytest
 
 from experiments import identity_soak as soak
 from ralmspec.config import EngineConfig
-from serving.protocol import parse_chat, parse_completion
+from ralmspec.serving.protocol import parse_chat, parse_completion
 
 QUESTIONS = ["Who wrote Hamlet?", "Where is the Eiffel tower?", "What is a comet?"]
 
@@ -40,7 +40,7 @@ def test_every_drawn_request_is_valid_and_the_draws_cover_the_settings(kind):
 def test_every_drawn_knnlm_request_is_valid():
     from ralmspec.knnlm.model import KNNLMConfig
     from ralmspec.knnlm.speculative import SpeculativeKNNConfig
-    from serving.protocol import parse_knnlm_completion
+    from ralmspec.serving.protocol import parse_knnlm_completion
 
     rng = random.Random(3)
     seen = set()

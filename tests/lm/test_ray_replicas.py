@@ -58,7 +58,7 @@ def test_lm_replicas_without_ray_say_how_to_install(monkeypatch, capsys):
 
 
 def test_lm_error_is_503():
-    from serving.app import error_for
+    from ralmspec.serving.app import error_for
 
     err = error_for(LMError("LM replica 1 is down"))
     assert err.status == 503 and err.code == "language_model_unavailable"

@@ -14,7 +14,7 @@ def serve(engine, model_name: str, max_concurrent: int, timeout_s: float, govern
     so a request that forces speculation (``os3: false``) speculates however busy the LM is."""
     from ralmspec.engine.governor import GovernorConfig
     from ralmspec.engine.scheduler import SchedulerConfig
-    from serving.app import ServerConfig, create_app
+    from ralmspec.serving.app import ServerConfig, create_app
 
     app = create_app(engine, SchedulerConfig(max_concurrent=max_concurrent, max_queue=16, request_timeout_s=timeout_s,
                                              governor=GovernorConfig(enabled=governor)),

@@ -238,7 +238,7 @@ def test_any_mutated_body_is_answered_without_a_server_error(server, case):
 def test_the_static_guesser_on_a_bm25_server_is_refused_by_name():
     """Found only mid-request before (a 400 with no field); parsed pure, no server needed."""
     from ralmspec.config import EngineConfig
-    from serving.protocol import APIError, parse_completion
+    from ralmspec.serving.protocol import APIError, parse_completion
 
     body = dict(OK, ralm={"guesser": "static"})
     assert parse_completion(body, EngineConfig(model="tiny"), MODEL, "exact", 512).spec.guesser == "static"

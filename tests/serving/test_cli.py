@@ -51,7 +51,7 @@ def test_bad_serve_settings_exit_2(capsys, argv, msg):
 
 def test_serve_passes_the_lm_flags_to_the_model_it_loads():
     from ralmspec.cli_options import engine_config_from_args
-    from serving.cli import _load_lm
+    from ralmspec.serving.cli import _load_lm
 
     a = build_parser().parse_args(["serve", "--model", "tiny", "--lm-runner", "static", "--lm-prefix-cache-mib", "3"])
     lm, where = _load_lm(a, engine_config_from_args(a))
@@ -67,7 +67,7 @@ def test_serve_auto_runner_on_the_cpu_batches_concurrent_requests(concurrent, ru
     """``--lm-runner auto`` on the CPU: a server of concurrent requests steps them together
     (batched runner); one request at a time, the eager runner (docs/lm-runner.md, "Measured")."""
     from ralmspec.cli_options import engine_config_from_args
-    from serving.cli import _load_lm
+    from ralmspec.serving.cli import _load_lm
 
     a = build_parser().parse_args(["serve", "--model", "tiny", "--max-concurrent", concurrent])
     assert a.lm_runner == "auto"

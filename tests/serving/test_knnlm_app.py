@@ -1,4 +1,4 @@
-"""The kNN-LM server (serving/knnlm_app.py, ``ralmspec knnlm serve``) over real sockets: speculative
+"""The kNN-LM server (ralmspec/serving/knnlm_app.py, ``ralmspec knnlm serve``) over real sockets: speculative
 answers == naive answers == the in-process naive decoder (text, finish, usage, streamed or not,
 stop strings), with proof that speculation ran; bad input is a 4xx naming the field; the queue
 bound (429), deadlines (504) and disconnects halt and free the one decoding thread."""
@@ -29,7 +29,7 @@ MAX_NEW = 12
 def knn_server(tiny_lm, datastore, **cfg) -> ServerThread:
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
     from ralmspec.knnlm.speculative import SpeculativeKNNConfig
-    from serving.knnlm_app import KNNLMServerConfig, create_knnlm_app
+    from ralmspec.serving.knnlm_app import KNNLMServerConfig, create_knnlm_app
 
     knn = KNNLM(tiny_lm, datastore, KNNLMConfig(k=8, max_new_tokens=MAX_NEW))
     cfg.setdefault("model_name", MODEL)
@@ -276,7 +276,7 @@ def smol_server(smollm2_lm, knn_corpus, tmp_path_factory):
     from ralmspec.knnlm.datastore import DatastoreBuildConfig, build_datastore
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
     from ralmspec.knnlm.speculative import SpeculativeKNNConfig
-    from serving.knnlm_app import KNNLMServerConfig, create_knnlm_app
+    from ralmspec.serving.knnlm_app import KNNLMServerConfig, create_knnlm_app
 
     ds = build_datastore(smollm2_lm, knn_corpus[:40], tmp_path_factory.mktemp("knn-smol") / "ds",
                          DatastoreBuildConfig(max_tokens=3000, window=128, stride=96, batch_size=16), progress=False)

@@ -11,7 +11,7 @@ import pytest
 
 import ralmspec
 from ralmspec.engine.scheduler import SchedulerConfig
-from serving.app import ServerConfig, create_app
+from ralmspec.serving.app import ServerConfig, create_app
 from tests.serving.support import MODEL, ServerThread, request
 from tests.conftest import SMALL_CORPUS_SIZE
 

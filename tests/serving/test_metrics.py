@@ -1,11 +1,11 @@
-"""serving/metrics.py on its own: how a scrape renders the process's memory."""
+"""ralmspec/serving/metrics.py on its own: how a scrape renders the process's memory."""
 
 from __future__ import annotations
 
 import platform
 
 from ralmspec.memory import process_rss_bytes
-from serving.metrics import ServerMetrics
+from ralmspec.serving.metrics import ServerMetrics
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 

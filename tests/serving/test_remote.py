@@ -25,7 +25,7 @@ from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import SchedulerConfig
 from ralmspec.errors import RetrievalError
 from ralmspec.retrieval.remote import RemoteRetriever
-from serving.app import ServerConfig, create_app
+from ralmspec.serving.app import ServerConfig, create_app
 from tests.conftest import SMALL_CORPUS_SIZE
 from tests.identity import SpeculationCheck
 from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, request

@@ -31,7 +31,7 @@ from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.scheduler import SchedulerConfig
 from ralmspec.retrieval.ray_shards import open_ray_sharded
 from ralmspec.retrieval.shard_index import shard_index
-from serving.app import ServerConfig, create_app
+from ralmspec.serving.app import ServerConfig, create_app
 from tests.identity import SpeculationCheck
 from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, ServerThread, http, request
 

@@ -9,7 +9,7 @@ import platform
 import pytest
 
 from ralmspec.errors import ConfigError
-from serving.app import ServerConfig
+from ralmspec.serving.app import ServerConfig
 from tests.serving.support import MODEL, request
 
 # forced speculation that misses: fixed stride 3 (no OS^3 fallback), synchronous rounds, one

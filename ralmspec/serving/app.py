@@ -10,7 +10,7 @@ Routes (docs/serving.md has the full reference with curl examples):
 - ``POST /v1/chat/completions``  OpenAI chat completions: the messages rendered with the model's
   chat template, the passage in the last user message (engine/prompt.py ``Conversation``); same
   engine, streaming, sampling, ``stop``, ``logprobs`` and ``ralm`` extension as completions
-  (the response shapes: serving/shapes.py).
+  (the response shapes: ralmspec/serving/shapes.py).
 - ``GET  /v1/models``
 - ``POST /v1/retrieve``     ``{"queries", "k", "include_text"}`` -> ranked hits (batched across callers)
 - ``POST /v1/score``        ``{"query", "doc_ids"}`` -> scores with the retriever's own metric
@@ -60,12 +60,12 @@ from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool, to_thread
-from serving.metrics import ServerMetrics
-from serving.protocol import (
+from ralmspec.serving.metrics import ServerMetrics
+from ralmspec.serving.protocol import (
     APIError, CompletionRequest, decode_body, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score,
     with_seed,
 )
-from serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, model_list, usage
+from ralmspec.serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, model_list, usage
 
 log = logging.getLogger("ralmspec.serving")
 

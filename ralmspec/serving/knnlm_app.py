@@ -32,7 +32,7 @@ decoders' ``stop_when``: a halted request finishes its round's verification and 
 nothing unverified is ever sent). Stop strings end decoding where the naive decoder ends
 (``engine/stop.py``'s ``StopWatch`` as the decoders' ``stop_when``), and the answer is cut there.
 
-Errors follow serving/app.py's contract (JSON ``{"error": {...}}``, 400 naming the field).
+Errors follow ralmspec/serving/app.py's contract (JSON ``{"error": {...}}``, 400 naming the field).
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ from ralmspec.lm.shared_runner import SharedRunner
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.rendezvous import Rendezvous
 from ralmspec.threads import WorkerPool, to_thread
-from serving.app import error_for, error_middleware, run_watching, stream_verified
-from serving.metrics import ServerMetrics, admission_lines, counter_total
-from serving.protocol import APIError, KNNLMCompletionRequest, decode_body, parse_knnlm_completion
-from serving.shapes import CHAT, COMPLETION, Shape, answer, model_list
+from ralmspec.serving.app import error_for, error_middleware, run_watching, stream_verified
+from ralmspec.serving.metrics import ServerMetrics, admission_lines, counter_total
+from ralmspec.serving.protocol import APIError, KNNLMCompletionRequest, decode_body, parse_knnlm_completion
+from ralmspec.serving.shapes import CHAT, COMPLETION, Shape, answer, model_list
 
 
 @dataclass(frozen=True)
@@ -377,7 +377,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def respond(request: web.Request, shape: Shape) -> web.StreamResponse:
-    """Parse, decode, answer in ``shape`` (streamed as ``ralmspec serve`` streams: serving/app.py
+    """Parse, decode, answer in ``shape`` (streamed as ``ralmspec serve`` streams: ralmspec/serving/app.py
     ``stream_verified``, verified text only, ``knnlm`` in the finish chunk)."""
     state = request.app[KNN_STATE]
     body = decode_body(await request.read())

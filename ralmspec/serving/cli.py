@@ -98,7 +98,7 @@ def _build_app(a: argparse.Namespace):
     from ralmspec.engine.governor import GovernorConfig
     from ralmspec.engine.scheduler import SchedulerConfig
     from ralmspec.memory import check_trim_interval
-    from serving.app import ServerConfig, create_app
+    from ralmspec.serving.app import ServerConfig, create_app
 
     cfg = engine_config_from_args(a)  # checks --emulate-pad (>= 0, exact only)
     apply_threads(a)
@@ -261,7 +261,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     try:
         _serve_until_stopped(app, a)
     finally:
-        from serving.app import STATE
+        from ralmspec.serving.app import STATE
 
         state = app[STATE]
         try:
@@ -322,7 +322,7 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
 def cmd_knnlm_serve(a: argparse.Namespace) -> int:
     from ralmspec.knnlm.cli import open_knnlm, speculative_config
     from ralmspec.threads import set_threads
-    from serving.knnlm_app import KNN_STATE, KNNLMServerConfig, create_knnlm_app
+    from ralmspec.serving.knnlm_app import KNN_STATE, KNNLMServerConfig, create_knnlm_app
 
     _configure_logging(a)
     _check_listen_flags(a)

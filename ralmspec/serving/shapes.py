@@ -1,6 +1,6 @@
 """The OpenAI response shapes of ``/v1/completions`` and ``/v1/chat/completions`` (pure: no I/O).
 
-Both endpoints run the same request the same way (serving/app.py); a shape only says how its
+Both endpoints run the same request the same way (ralmspec/serving/app.py); a shape only says how its
 answer, its stream chunks and its logprobs are written:
 
 - completions: ``text_completion`` objects, ``choices[0].text``; logprobs as

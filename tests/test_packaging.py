@@ -1,0 +1,42 @@
+"""What `pip install .` puts in site-packages: the `ralmspec` package, all of it, and nothing else.
+
+Until 2026-12-07 the wheel also installed two top-level packages named `serving` (the HTTP server)
+and `experiments` (the study scripts): generic names that shadow, or are overwritten by, any other
+distribution's package of the same name. The server now lives in `ralmspec/serving/`; `experiments/`
+and `tests/` run from a checkout. setuptools finds a subpackage only by its `__init__.py`, so a
+folder of modules without one would be left out of the wheel (an editable install still imports
+it, which is how such a slip goes unseen).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _setuptools_config() -> dict:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["setuptools"]
+
+
+def test_only_the_ralmspec_package_is_installed():
+    assert _setuptools_config()["packages"]["find"]["include"] == ["ralmspec*"]
+    # the code that `ralmspec` runs, the server included, is inside the package
+    assert (REPO / "ralmspec" / "serving" / "app.py").is_file()
+    assert not (REPO / "serving").exists()
+
+
+def test_every_folder_of_modules_in_the_package_is_a_package():
+    folders = {p.parent for p in (REPO / "ralmspec").rglob("*.py") if "__pycache__" not in p.parts}
+    missing = sorted(str(d.relative_to(REPO)) for d in folders if not (d / "__init__.py").is_file())
+    assert not missing, f"left out of the wheel (no __init__.py): {missing}"
+
+
+def test_the_embedded_data_ships_as_package_data():
+    patterns = _setuptools_config()["package-data"]["ralmspec.data"]
+    embedded = REPO / "ralmspec" / "data" / "embedded"
+    files = sorted(p.name for p in embedded.iterdir() if p.is_file())
+    assert files and patterns == ["embedded/*"]  # every file of the folder, whatever its name
+    assert not [p for p in embedded.iterdir() if p.is_dir()], "embedded/* does not take subfolders"
