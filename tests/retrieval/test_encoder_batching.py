@@ -47,7 +47,8 @@ def texts(kb_queries, kb_corpus) -> list[str]:
 def _forwards(enc: QueryEncoder) -> list[tuple[int, ...]]:
     """The input shapes of the encoder's forwards, recorded from now on."""
     shapes: list[tuple[int, ...]] = []
-    enc._model.register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0]["input_ids"].shape)))
+    # on the Transformer module: sentence-transformers 5.2 runs its modules without the outer forward
+    enc._model[0].register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0]["input_ids"].shape)))
     return shapes
 
 
