@@ -10,7 +10,7 @@ import argparse
 
 from ralmspec.config import (
     ENCODER_BATCHINGS, GUESSERS, LM_RUNNERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig,
-    SpeculationConfig,
+    SpeculationConfig, check_lm_device,
 )
 from ralmspec.errors import ConfigError
 from ralmspec.threads import set_threads
@@ -111,6 +111,7 @@ def apply_threads(a: argparse.Namespace) -> None:
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     """The EngineConfig of the flags of ``add_engine_args`` (and ``--emulate-pad`` where the command has it)."""
+    check_lm_device(a.lm_device)  # before the encoder's device, which defaults to it, is checked
     return EngineConfig(
         model=a.model, lm_backend=a.lm_backend, lm_device=a.lm_device, lm_runner=a.lm_runner,
         lm_dtype=a.lm_dtype, lm_prefix_cache_mib=a.lm_prefix_cache_mib,

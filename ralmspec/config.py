@@ -297,6 +297,13 @@ class SpeculationConfig(OS3Config):
             raise ConfigError("cache_capacity must be >= 1")
 
 
+def check_lm_device(device: object) -> None:
+    """ConfigError unless ``device`` names a device the LM can be put on: 'cpu', 'cuda', 'cuda:N'
+    (whether CUDA is there is checked where the model or the encoder is loaded)."""
+    if not isinstance(device, str) or not (device in ("cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError(f"--lm-device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine instance needs; built once by the CLI or the server."""
@@ -318,6 +325,7 @@ class EngineConfig:
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
+        check_lm_device(self.lm_device)
         n = self.lm_prefix_cache_mib
         if not is_int(n, 0):
             raise ConfigError(f"--lm-prefix-cache-mib must be an integer >= 0, got {n!r}")

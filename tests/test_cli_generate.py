@@ -35,10 +35,25 @@ def test_generate_prints_the_lm_ms_per_token_and_takes_threads(small_indexes, ca
 
 
 @pytest.mark.parametrize("bad, message", [(["--threads", "-1"], "--threads must be >= 0"),
-                                          (["--lm-prefix-cache-mib", "-1"], "--lm-prefix-cache-mib must be")])
+                                          (["--lm-prefix-cache-mib", "-1"], "--lm-prefix-cache-mib must be"),
+                                          (["--lm-device", "mps"], "--lm-device must be 'cpu', 'cuda' or 'cuda:N'")])
 def test_generate_bad_flags_are_clear_errors(small_indexes, capsys, bad, message):
     assert main(run(small_indexes, *bad)) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+@pytest.mark.parametrize("flags, message", [
+    (["--lm-device", "cuda"], "query encoder device 'cuda' requested but CUDA is not available here"),
+    (["--lm-device", "cuda", "--encoder-device", "cpu"], "device 'cuda' requested but CUDA is not available"),
+    (["--encoder-device", "cuda:1"], "query encoder device 'cuda:1' requested but CUDA is not available here"),
+])
+def test_a_cuda_device_without_cuda_is_named_in_the_error(small_indexes, capsys, flags, message):
+    """Until 2026-12-07 ``--lm-device cuda`` on a CPU-only torch ended in "cannot load the
+    sentence-transformer at ...: Torch not compiled with CUDA enabled" (the encoder follows the LM)."""
+    assert main(run(small_indexes, *flags)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "sentence-transformer at" not in err
 
 
 def test_version(capsys):

@@ -102,6 +102,13 @@ class QueryEncoder:
             raise ModelLoadError("the query encoder needs `sentence-transformers` (pip install 'ralmspec[cpu]')") from e
         if not os.path.isdir(self.model_path):
             raise ModelLoadError(f"encoder model folder not found: {self.model_path}")
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():  # say so, before sentence-transformers says it its way
+                raise ConfigError(f"query encoder device {device!r} requested but CUDA is not available here "
+                                  f"(torch {torch.__version__}); the encoder runs on --lm-device unless "
+                                  "--encoder-device says otherwise")
         try:
             self._model = SentenceTransformer(self.model_path, device=device)
         except Exception as e:  # noqa: BLE001 - any load failure is a ModelLoadError
