@@ -40,3 +40,19 @@ def test_the_embedded_data_ships_as_package_data():
     files = sorted(p.name for p in embedded.iterdir() if p.is_file())
     assert files and patterns == ["embedded/*"]  # every file of the folder, whatever its name
     assert not [p for p in embedded.iterdir() if p.is_dir()], "embedded/* does not take subfolders"
+
+
+def test_every_dependency_the_floor_check_pins_declares_a_floor():
+    """``scripts/check_floors.sh`` pins each dependency it checks at its ``name>=X`` floor."""
+    import re
+
+    script = (REPO / "scripts" / "check_floors.sh").read_text(encoding="utf-8")
+    checked = re.search(r'^CHECKED="([^"]+)"$', script, re.M).group(1).split()
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    floors = {}
+    for req in project["dependencies"] + project["optional-dependencies"]["cpu"]:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)\s*", req)
+        if m:
+            floors[m.group(1).lower()] = m.group(2)
+    assert checked and [name for name in checked if name not in floors] == []
