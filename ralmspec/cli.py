@@ -338,16 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(be)
     be.set_defaults(func=cmd_bench)
 
-    try:
-        from ralmspec.serving.cli import add_knnlm_serve_parser, add_serve_parser
-    except ImportError:  # an install without the serving package: no `serve`, no `knnlm serve`
-        more = []
-    else:
-        add_serve_parser(sub)
-        more = [add_knnlm_serve_parser]
     from ralmspec.knnlm.cli import add_knnlm_subparsers
+    from ralmspec.serving.cli import add_knnlm_serve_parser, add_serve_parser
 
-    add_knnlm_subparsers(sub, more)
+    add_serve_parser(sub)
+    add_knnlm_subparsers(sub, [add_knnlm_serve_parser])
     return p
 
 
