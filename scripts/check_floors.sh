@@ -21,21 +21,8 @@ fi
 start=$(date +%s)
 rm -rf "$VENV" && python3 -m venv "$VENV"
 CONSTRAINTS="$VENV/floors.txt"
-CHECKED="$CHECKED" python3 - > "$CONSTRAINTS" <<'EOF'
-import os, re, sys, tomllib
-
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-floors = {}
-for req in project["dependencies"] + project["optional-dependencies"]["cpu"]:
-    m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)\s*", req)
-    if m:
-        floors[m.group(1).lower()] = m.group(2)
-missing = [n for n in os.environ["CHECKED"].split() if n not in floors]
-if missing:
-    sys.exit(f"check_floors.sh: no `name>=X` floor in pyproject.toml for {missing}")
-for name in os.environ["CHECKED"].split():
-    print(f"{name}=={floors[name]}")
-EOF
+# shellcheck disable=SC2086 - one argument per name
+python3 scripts/floor_constraints.py $CHECKED > "$CONSTRAINTS"
 echo "floors: $(tr '\n' ' ' < "$CONSTRAINTS")"
 source "$VENV/bin/activate"
 python -m pip install -q --upgrade pip

@@ -43,16 +43,21 @@ def test_the_embedded_data_ships_as_package_data():
 
 
 def test_every_dependency_the_floor_check_pins_declares_a_floor():
-    """``scripts/check_floors.sh`` pins each dependency it checks at its ``name>=X`` floor."""
+    """``scripts/check_floors.sh`` pins each dependency it checks at its ``name>=X`` floor
+    (``scripts/floor_constraints.py`` writes the pins; a name without a floor is refused)."""
     import re
+    import subprocess
+    import sys
 
     script = (REPO / "scripts" / "check_floors.sh").read_text(encoding="utf-8")
     checked = re.search(r'^CHECKED="([^"]+)"$', script, re.M).group(1).split()
-    with open(REPO / "pyproject.toml", "rb") as f:
-        project = tomllib.load(f)["project"]
-    floors = {}
-    for req in project["dependencies"] + project["optional-dependencies"]["cpu"]:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)\s*", req)
-        if m:
-            floors[m.group(1).lower()] = m.group(2)
-    assert checked and [name for name in checked if name not in floors] == []
+
+    def pins(*names: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "floor_constraints.py"), *names],
+                              capture_output=True, text=True)
+
+    done = pins(*checked)
+    assert checked and done.returncode == 0, done.stderr
+    assert [line.split("==")[0] for line in done.stdout.splitlines()] == checked
+    refused = pins("numpy", "torch")  # torch is pinned with ==, not floored
+    assert refused.returncode == 1 and "['torch']" in refused.stderr
