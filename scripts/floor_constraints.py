@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Print ``name==X`` for each named dependency whose pyproject.toml requirement is ``name>=X``
-(``[project] dependencies`` and the ``cpu`` extra): the constraints of ``scripts/check_floors.sh``.
+"""Print ``name==X`` for each dependency whose pyproject.toml requirement is ``name>=X``
+(``[project] dependencies`` and the ``cpu`` and ``dev`` extras, the set `.ci/run` installs): the
+constraints of ``scripts/check_floors.sh``.
 
-    python3 scripts/floor_constraints.py numpy transformers ... > floors.txt
+    python3 scripts/floor_constraints.py > floors.txt                   # every floor
+    python3 scripts/floor_constraints.py numpy transformers > floors.txt  # these only
 
 Exit status 1, naming them, when a named dependency declares no such floor.
 """
@@ -22,7 +24,8 @@ def floors(pyproject: Path = PYPROJECT) -> dict[str, str]:
     with open(pyproject, "rb") as f:
         project = tomllib.load(f)["project"]
     out = {}
-    for req in project["dependencies"] + project["optional-dependencies"]["cpu"]:
+    extras = project["optional-dependencies"]
+    for req in project["dependencies"] + extras["cpu"] + extras["dev"]:
         m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)\s*", req)
         if m:
             out[m.group(1).lower()] = m.group(2)
@@ -31,6 +34,7 @@ def floors(pyproject: Path = PYPROJECT) -> dict[str, str]:
 
 def main(names: list[str]) -> int:
     found = floors()
+    names = names or list(found)
     missing = [n for n in names if n.lower() not in found]
     if missing:
         print(f"floor_constraints.py: no `name>=X` floor in pyproject.toml for {missing}", file=sys.stderr)

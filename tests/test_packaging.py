@@ -42,22 +42,27 @@ def test_the_embedded_data_ships_as_package_data():
     assert not [p for p in embedded.iterdir() if p.is_dir()], "embedded/* does not take subfolders"
 
 
-def test_every_dependency_the_floor_check_pins_declares_a_floor():
-    """``scripts/check_floors.sh`` pins each dependency it checks at its ``name>=X`` floor
-    (``scripts/floor_constraints.py`` writes the pins; a name without a floor is refused)."""
+def test_the_floor_check_pins_every_declared_floor():
+    """``scripts/check_floors.sh`` pins every ``name>=X`` dependency the CI install takes
+    (``[project] dependencies``, the cpu and dev extras) at X (``scripts/floor_constraints.py``);
+    a name without a floor is refused."""
     import re
     import subprocess
     import sys
-
-    script = (REPO / "scripts" / "check_floors.sh").read_text(encoding="utf-8")
-    checked = re.search(r'^CHECKED="([^"]+)"$', script, re.M).group(1).split()
+    import tomllib
 
     def pins(*names: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(REPO / "scripts" / "floor_constraints.py"), *names],
                               capture_output=True, text=True)
 
-    done = pins(*checked)
-    assert checked and done.returncode == 0, done.stderr
-    assert [line.split("==")[0] for line in done.stdout.splitlines()] == checked
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    reqs = project["dependencies"] + project["optional-dependencies"]["cpu"] + project["optional-dependencies"]["dev"]
+    floored = {m.group(1): m.group(2) for m in (re.fullmatch(r"([\w.\-]+)>=(\S+)", r.replace(" ", "")) for r in reqs) if m}
+    done = pins()
+    assert done.returncode == 0, done.stderr
+    assert dict(line.split("==") for line in done.stdout.splitlines()) == floored and len(floored) >= 10
+    assert pins("numpy", "transformers").stdout.splitlines() == [f"numpy=={floored['numpy']}",
+                                                                 f"transformers=={floored['transformers']}"]
     refused = pins("numpy", "torch")  # torch is pinned with ==, not floored
     assert refused.returncode == 1 and "['torch']" in refused.stderr
+    assert "floor_constraints.py > " in (REPO / "scripts" / "check_floors.sh").read_text(encoding="utf-8")
