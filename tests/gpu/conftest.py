@@ -2,7 +2,7 @@
 
 Run them on a machine with a CUDA GPU (see docs/vllm.md):
 
-    pip install -e '.[cpu,dev]' 'vllm' 'faiss-gpu-cu12'
+    pip install -e '.[gpu,dev]'      # not with [cpu]: its faiss-cpu would shadow faiss-gpu-cu12
     python -m pytest -m gpu tests/gpu -v -s
 """
 

