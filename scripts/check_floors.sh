@@ -7,9 +7,9 @@
 #
 #   bash scripts/check_floors.sh [VENV_DIR]          (default: /tmp/ralmspec-floors)
 #
-# On 2026-12-07 the declared floors transformers>=4.46, bm25s>=0.2, gguf>=0.10,
-# sentence-transformers>=3.0 and safetensors>=0.4 were all false (pyproject.toml says why); this
-# is how they were found.
+# On 2026-12-07 nine declared floors were false (pyproject.toml says why): transformers>=4.46,
+# sentence-transformers>=3.0, bm25s>=0.2, gguf>=0.10, safetensors>=0.4, accelerate>=1.0,
+# aiohttp>=3.9, pytest-asyncio>=0.23 and openai>=1.40; this is how they were found.
 set -euo pipefail
 
 VENV="${1:-/tmp/ralmspec-floors}"
