@@ -54,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,16 +193,18 @@ def unscannable_globals() -> list[tuple[Any, str, Any]]:
     """(module, name, value) of every module attribute whose ``vars()`` is not a mapping: the
     values that vLLM 0.32's kernel-override scan cannot read (``_module_attributes_hidden``)."""
     found = []
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        for name, value in list(namespace.items()):
-            try:
-                if hasattr(value, "__dict__") and not isinstance(vars(value), Mapping):
+    with warnings.catch_warnings():  # a deprecated attribute warns when read (torch.distributed.reduce_op)
+        warnings.simplefilter("ignore")
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for name, value in list(namespace.items()):
+                try:
+                    if hasattr(value, "__dict__") and not isinstance(vars(value), Mapping):
+                        found.append((module, name, value))
+                except Exception:  # noqa: BLE001 - vars() itself failed: the scan would fail too
                     found.append((module, name, value))
-            except Exception:  # noqa: BLE001 - vars() itself failed: the scan would fail too
-                found.append((module, name, value))
     return found
 
 

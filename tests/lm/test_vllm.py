@@ -317,6 +317,7 @@ def _read_like_vllm(modules) -> None:
                 vars(value).get("kernel")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning")  # vLLM's own scan reads it
 def test_unscannable_module_attributes_are_hidden_while_an_engine_starts():
     """``load_vllm``'s guard without vLLM: an attribute shaped like llvmlite's ``ffi.lib``
     (``__slots__``, a ``__getattr__`` that answers every name, ``__dict__`` included, with an
