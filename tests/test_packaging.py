@@ -6,6 +6,9 @@ distribution's package of the same name. The server now lives in `ralmspec/servi
 and `tests/` run from a checkout. setuptools finds a subpackage only by its `__init__.py`, so a
 folder of modules without one would be left out of the wheel (an editable install still imports
 it, which is how such a slip goes unseen).
+
+Also the dependency sets (read by ``scripts/pyproject_deps.py``): every floor is the floor check's,
+and ``cpu`` / ``gpu`` never put two FAISS builds in one install.
 """
 
 from __future__ import annotations
