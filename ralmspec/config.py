@@ -167,8 +167,7 @@ class RetrievalConfig:
             raise ConfigError("--emulate-pad emulates an exact flat index: use it with --retriever exact")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.encoder_device is not None and self.encoder_device not in ("cpu", "cuda") \
-                and not str(self.encoder_device).startswith("cuda:"):
+        if self.encoder_device is not None and not is_device_name(self.encoder_device):
             raise ConfigError(f"encoder device must be 'cpu' or 'cuda', got {self.encoder_device!r}")
         if self.encoder_batching is not None and self.encoder_batching not in ENCODER_BATCHINGS:
             raise ConfigError(f"--encoder-batching must be one of {', '.join(ENCODER_BATCHINGS)}, "
@@ -297,10 +296,15 @@ class SpeculationConfig(OS3Config):
             raise ConfigError("cache_capacity must be >= 1")
 
 
+def is_device_name(device: object) -> bool:
+    """``device`` reads as 'cpu', 'cuda' or 'cuda:N': the device names the LM and the query encoder
+    take (whether CUDA is there is checked where the model or the encoder is loaded)."""
+    return device in ("cpu", "cuda") or str(device).startswith("cuda:")
+
+
 def check_lm_device(device: object) -> None:
-    """ConfigError unless ``device`` names a device the LM can be put on: 'cpu', 'cuda', 'cuda:N'
-    (whether CUDA is there is checked where the model or the encoder is loaded)."""
-    if not isinstance(device, str) or not (device in ("cpu", "cuda") or device.startswith("cuda:")):
+    """ConfigError unless ``device`` is a string naming a device the LM can be put on (``is_device_name``)."""
+    if not isinstance(device, str) or not is_device_name(device):
         raise ConfigError(f"--lm-device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 

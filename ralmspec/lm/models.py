@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ralmspec.config import first_int, int_values
+from ralmspec.config import first_int, int_values, is_device_name
 from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.hf import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_BYTES, DTYPES, HFLanguageModel, HFTokenizer
 from ralmspec.lm.pretrained import PRETRAINED_MODELS, pretrained_folder, pretrained_names
@@ -157,13 +157,11 @@ def build_builtin(name: str) -> tuple[torch.nn.Module, Any]:
 def _resolve_device(device: str) -> torch.device:
     if not isinstance(device, str):
         raise ConfigError(f"device must be a string like 'cpu' or 'cuda', got {device!r}")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
-        return torch.device(device)
-    raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if not is_device_name(device):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    return torch.device(device)
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
