@@ -23,10 +23,11 @@ from pathlib import Path
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 CI_EXTRAS = ("cpu", "dev")  # .ci/run installs .[cpu,dev]
+NAME = r"\s*([A-Za-z0-9_.\-]+)"  # a requirement's distribution name
 
 
 def _name(req: str) -> str:
-    return re.match(r"\s*([A-Za-z0-9_.\-]+)", req).group(1).lower()
+    return re.match(NAME, req).group(1).lower()
 
 
 def requirements(extras: list[str], pyproject: Path = PYPROJECT) -> list[str]:
@@ -38,7 +39,7 @@ def requirements(extras: list[str], pyproject: Path = PYPROJECT) -> list[str]:
 
     def add(reqs: list[str]) -> None:
         for req in reqs:
-            m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\[([^\]]+)\]\s*", req)
+            m = re.fullmatch(NAME + r"\[([^\]]+)\]\s*", req)
             if m and m.group(1).lower() == own:
                 for extra in m.group(2).split(","):
                     add(table[extra.strip()])
@@ -57,7 +58,7 @@ def floors(pyproject: Path = PYPROJECT) -> dict[str, str]:
     """Lower-cased name -> X for every requirement of the CI install written ``name>=X``."""
     out = {}
     for req in requirements(list(CI_EXTRAS), pyproject):
-        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)\s*", req)
+        m = re.fullmatch(NAME + r"\s*>=\s*([0-9][^,;\s]*)\s*", req)
         if m:
             out[m.group(1).lower()] = m.group(2)
     return out
