@@ -56,6 +56,20 @@ from ralmspec.lm.slot_decoder import (STATIC_TYPES, KVPool, Slot, SlotDecoder, a
 # once (torch.cuda.graph's docs), and a capture's entry synchronises the device and empties the
 # allocator's cache, which must not happen inside another thread's capture (``_capture``).
 _CAPTURE_LOCK = threading.Lock()
+_CAPTURE_STREAMS: dict[torch.device, Any] = {}  # guarded by _CAPTURE_LOCK
+
+
+def _capture_stream(device: torch.device) -> Any:
+    """The stream every warm-up and capture on ``device`` runs on (call with ``_CAPTURE_LOCK``
+    held). Its own, not ``torch.cuda.Stream()``'s per-capture pick nor ``torch.cuda.graph``'s
+    default: both hand out the 32 streams of the low-priority pool in turn, so every 32nd of them
+    is another's (the query encoder's stream, another thread's warm-up), whose kernels would land
+    in a capture running on it. The high-priority pool's first stream; nothing else here draws
+    from that pool."""
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device, priority=-1)
+    return stream
 COMPILE_LIMIT = 64  # graphs of the compiled step in one process: one per (model, attention span); spans <= 7
 
 
@@ -646,16 +660,18 @@ class StaticRunner(KVRunner):
         longer flags another thread's unsafe call during a capture, so the GPU test checks both
         sides, the graphs' tokens and a bystander encoder's vectors. Captures of all runners in
         the process take turns (``_CAPTURE_LOCK``): the kNN-LM server's threads each capture
-        their own runner's graphs."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            out = step()
+        their own runner's graphs, and their warm-ups too, on one stream of their own
+        (``_capture_stream``): a warm-up on the capturing stream would be captured."""
+        with _CAPTURE_LOCK:
+            stream = _capture_stream(self.decoder.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"):
+                out = step()
         return graph, out
 
     def _without_graphs(self, exc: BaseException) -> None:

@@ -72,6 +72,13 @@ def test_a_documented_gpu_step_parses(step, monkeypatch):
             importlib.import_module(module).main(argv)
 
 
+def test_no_step_pipes_its_status_away():
+    """The kit runs a step as ``bash -c`` without ``pipefail``: ``cmd | tail`` exits with tail's
+    0 whatever ``cmd`` did, and a failing pytest would read as a pass."""
+    for step in STEPS:
+        assert not re.search(r"\|(?!\|)", step.replace("||", "")), step
+
+
 def test_the_cpu_rehearsal_of_every_step_is_small_and_off_the_gpu():
     for step in STEPS:
         cmd = cpu_rehearsal(step)

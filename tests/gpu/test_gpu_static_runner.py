@@ -29,6 +29,7 @@ import torch
 from ralmspec.lm.hf import BATCH_ROWS, CallStats
 from ralmspec.lm.models import load_lm
 from ralmspec.lm.sampling import Sampling, draw, draw_on_device
+from ralmspec.lm.slot_decoder import attention_span
 from ralmspec.lm.static import StaticRunner
 from tests.lm.conftest import (HostDrawForbidden, logits_each_and_one_by_one, make_view, prefill_waves,
                                random_tokens, step_mixes)
@@ -40,6 +41,16 @@ MIXES = [[0, 1, 2, 3, 4, 5, 6, 7], [5, None, 3, 0], [4, 2], [None, 1, 0, None, 3
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def cuda_tiny(request):
     return load_lm("tiny", device="cuda", dtype=request.param)
+
+
+def expected_step_keys(max_len: int, batch_rows: int) -> set[tuple[int | None, ...]]:
+    """The graph keys ``step_mixes`` over ``MIXES`` and then each row alone must capture: a step's
+    spans longest first, padded with ``None`` to ``batch_rows`` (``StaticRunner._step_rows``)."""
+    def key(rows: list[int]) -> tuple[int | None, ...]:
+        spans = sorted((attention_span(PROMPT_LENGTHS[i] + 1, max_len) for i in rows), reverse=True)
+        return tuple(spans) + (None,) * (batch_rows - len(spans))
+
+    return {key([i for i in mix if i is not None]) for mix in MIXES} | {key([i]) for i in range(len(PROMPT_LENGTHS))}
 
 
 def test_batched_step_graphs_replay_the_uncaptured_bits(cuda_tiny):
@@ -60,7 +71,9 @@ def test_batched_step_graphs_replay_the_uncaptured_bits(cuda_tiny):
             assert torch.equal(a, b) and torch.equal(a, c)
         if graphs:
             assert runner.cuda_graphs, "capture failed (a RuntimeWarning says why)"
-            assert 0 < len(runner._step_graphs) <= len(MIXES) + 1
+            # one graph per step's set of spans (``step_order``): the mixes' sets, then each
+            # prompt's own span for the steps alone
+            assert set(runner._step_graphs) == expected_step_keys(512, runner.batch_rows)
             print(f"\n{cuda_tiny.model.dtype}: {len(runner._step_graphs)} step graphs for "
                   f"{sum(1 for m in MIXES for i in m if i is not None)} rows in {len(MIXES)} mixes")
         runs[graphs] = together
