@@ -19,6 +19,10 @@ LM_RUNNERS = ("auto", "eager", "static", "batched", "compiled")  # lm/hf.py make
 BOUND_GUESSERS = ("oracle",)
 MAX_TOP_LOGPROBS = 20  # alternatives per token the engine reports (the HTTP API allows 5, as OpenAI)
 MAX_TEMPERATURE = 2.0
+# the smallest positive temperature: the draw rule divides float64 logits by it, and below ~1e-306
+# that overflows to inf (every positive logit ties, argmax takes the lowest id: a wrong answer);
+# at 1e-6 the noise is already ~1e-6 of a logit gap, the draw greedy in all but exact ties
+MIN_TEMPERATURE = 1e-6
 SEED_LIMIT = 2 ** 63  # seeds are non-negative integers below this (fits an int64)
 
 
@@ -90,14 +94,20 @@ def invalid_text_field(value: Any, path: str = "") -> str | None:
     return None
 
 
+def temperature_ok(temperature: Any) -> bool:
+    """0 (greedy) or a number in [MIN_TEMPERATURE, MAX_TEMPERATURE] (not a bool)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+        return False
+    return temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE
+
+
 def check_sampling_args(temperature: Any, top_p: Any, seed: Any) -> None:
-    """``ConfigError`` naming the first invalid value (temperature in [0, 2], top_p in (0, 1],
+    """``ConfigError`` naming the first invalid value (temperature 0 or in [1e-6, 2], top_p in (0, 1],
     seed ``None`` or an integer in [0, 2**63))."""
     num = (int, float)
-    if isinstance(temperature, bool) or not isinstance(temperature, num) or not math.isfinite(temperature) \
-            or not 0.0 <= temperature <= MAX_TEMPERATURE:
-        raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] "
-                          f"(0 = greedy), got {temperature!r}")
+    if not temperature_ok(temperature):
+        raise ConfigError(f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                          f"got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, num) or not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
         raise ConfigError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if seed is not None and not is_int(seed, 0, SEED_LIMIT - 1):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from ralmspec import __version__
 from ralmspec.engine.prompt import Conversation
@@ -62,7 +64,7 @@ from ralmspec.retrieval.emulated import emulated_label, real_label
 from ralmspec.threads import WorkerPool, to_thread
 from ralmspec.serving.metrics import ServerMetrics
 from ralmspec.serving.protocol import (
-    APIError, CompletionRequest, decode_body, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score,
+    APIError, CompletionRequest, bad, decode_body, parse_chat, parse_completion, parse_passages, parse_retrieve, parse_score,
     with_seed,
 )
 from ralmspec.serving.shapes import CHAT, COMPLETION, Shape, answer, event, finish_reason, model_list, usage
@@ -227,6 +229,9 @@ def error_middleware(metrics: ServerMetrics, client_max_size: int) -> Any:
         except asyncio.CancelledError:
             metrics.record_request(endpoint, 499)  # client closed the connection
             raise
+        except ClientGoneError:
+            metrics.record_request(endpoint, 499)
+            return web.Response(status=499)  # nobody reads it
         except web.HTTPException as exc:  # 404 / 405 / 413 from aiohttp itself
             kind = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status,
                                                                                                 "http_error")
@@ -248,8 +253,21 @@ def error_middleware(metrics: ServerMetrics, client_max_size: int) -> Any:
     return middleware
 
 
+class ClientGoneError(Exception):
+    """The client closed its connection before its request body arrived (answered 499: the
+    server did not fail)."""
+
+
 async def read_json(request: web.Request) -> Any:
-    return decode_body(await request.read())  # HTTPRequestEntityTooLarge past client_max_size
+    """The request's JSON body (``decode_body``): 413 past ``client_max_size`` (aiohttp's), 400
+    for a body its ``Content-Encoding`` cannot decode, ``ClientGoneError`` for one cut off."""
+    try:
+        raw = await request.read()
+    except RequestPayloadError as exc:
+        raise bad(f"the request body could not be read: {exc}") from None
+    except ConnectionResetError:
+        raise ClientGoneError("the client closed the connection while sending its request") from None
+    return decode_body(raw)
 
 
 def client_gone(request: web.Request) -> bool:
@@ -543,7 +561,7 @@ async def passage_one(request: web.Request) -> web.Response:
     state = request.app[STATE]
     raw = request.match_info["doc_id"]
     n = len(state.retriever.corpus)
-    if not raw.isdigit() or not 0 <= int(raw) < n:
+    if not re.fullmatch(r"[0-9]{1,18}", raw) or not 0 <= int(raw) < n:  # ASCII digits ("²".isdigit())
         raise APIError(404, f"no passage {raw!r} (doc ids are 0..{n - 1})", "not_found", "doc_id")
     loop = asyncio.get_running_loop()
     return web.json_response(await loop.run_in_executor(state.executor, _passage_json, state, int(raw)))

@@ -62,9 +62,9 @@ from ralmspec.lm.shared_runner import SharedRunner
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.rendezvous import Rendezvous
 from ralmspec.threads import WorkerPool, to_thread
-from ralmspec.serving.app import error_for, error_middleware, run_watching, stream_verified
+from ralmspec.serving.app import error_for, error_middleware, read_json, run_watching, stream_verified
 from ralmspec.serving.metrics import ServerMetrics, admission_lines, counter_total
-from ralmspec.serving.protocol import APIError, KNNLMCompletionRequest, decode_body, parse_knnlm_completion
+from ralmspec.serving.protocol import APIError, KNNLMCompletionRequest, parse_knnlm_completion
 from ralmspec.serving.shapes import CHAT, COMPLETION, Shape, answer, model_list
 
 
@@ -380,7 +380,7 @@ async def respond(request: web.Request, shape: Shape) -> web.StreamResponse:
     """Parse, decode, answer in ``shape`` (streamed as ``ralmspec serve`` streams: ralmspec/serving/app.py
     ``stream_verified``, verified text only, ``knnlm`` in the finish chunk)."""
     state = request.app[KNN_STATE]
-    body = decode_body(await request.read())
+    body = await read_json(request)
     req = parse_knnlm_completion(body, state.knn.config, state.spec, state.config.speculate,
                                  state.config.model_name, state.max_tokens_limit, chat=shape is CHAT)
     tokenizer = state.knn.lm.tokenizer

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from ralmspec.config import (
-    MAX_TEMPERATURE, SEED_LIMIT, EngineConfig, GenerationConfig, SpeculationConfig, invalid_text_field,
+    MAX_TEMPERATURE, MIN_TEMPERATURE, SEED_LIMIT, EngineConfig, GenerationConfig, SpeculationConfig, invalid_text_field,
 )
 from ralmspec.engine.prompt import Conversation
 from ralmspec.errors import ConfigError
@@ -429,9 +429,13 @@ def extension_fields(body: Mapping[str, Any], name: str, fields: Mapping[str, tu
 
 
 def parse_sampling(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``temperature`` [0, 2], ``top_p`` (0, 1] and ``seed`` [0, 2**63) present in ``body`` (null =
+    """``temperature`` 0 or [1e-6, 2], ``top_p`` (0, 1] and ``seed`` [0, 2**63) present in ``body`` (null =
     absent), as GenerationConfig fields; 400 naming the field otherwise."""
     out: dict[str, Any] = {}
+    temperature = body.get("temperature")
+    if _is_num(temperature) and 0 < temperature < MIN_TEMPERATURE:
+        raise bad(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}",
+                  "temperature")
     for key, (lo, hi, closed) in _SAMPLING_FIELDS.items():
         v = body.get(key)
         if v is None:

@@ -142,12 +142,26 @@ def test_draw_frequencies_follow_the_renormalised_nucleus():
 
 @pytest.mark.parametrize("kw", [
     {"temperature": -0.1}, {"temperature": 2.01}, {"temperature": float("nan")}, {"temperature": "1"},
-    {"temperature": True}, {"top_p": 0}, {"top_p": 1.01}, {"top_p": None}, {"seed": -1},
+    {"temperature": True}, {"temperature": 1e-307}, {"temperature": 5e-324}, {"temperature": 9.9e-7}, {"top_p": 0}, {"top_p": 1.01}, {"top_p": None}, {"seed": -1},
     {"seed": 2 ** 63}, {"seed": 1.0}, {"seed": True}, {"seed": "7"},
 ])
 def test_generation_config_rejects_bad_sampling(kw):
     with pytest.raises(ConfigError, match=next(iter(kw))):
         GenerationConfig(**kw)
+
+
+def test_the_smallest_temperature_draws_the_argmax():
+    """Below MIN_TEMPERATURE the division overflowed (1e-307: every positive logit inf, the
+    lowest id drawn); at it, logits a hundredth apart are far past the noise: the argmax."""
+    torch = pytest.importorskip("torch")
+    from ralmspec.config import MIN_TEMPERATURE
+
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        z = rng.normal(0, 5, 5000)
+        z[rng.integers(5000)] = z.max() + 0.01
+        assert draw(z, Sampling(MIN_TEMPERATURE, 1.0, seed, 0), seed) == int(np.argmax(z))
+        assert int(draw_on_device(torch.tensor(z), Sampling(MIN_TEMPERATURE, 0.9, seed, 0), seed)) == int(np.argmax(z))
 
 
 def test_generation_config_sampling_at():

@@ -47,6 +47,7 @@ COMPLETION_CASES = [
     ("max-tokens-bool", with_(max_tokens=True), 400, "max_tokens"),
     ("temperature-above-2", with_(temperature=2.5), 400, "temperature"),
     ("temperature-string", with_(temperature="0"), 400, "temperature"),
+    ("temperature-tiny", with_(temperature=1e-307), 400, "temperature"),  # overflowed the draw: a wrong answer
     ("top-p-zero", with_(top_p=0), 400, "top_p"),
     ("n-2", with_(n=2), 400, "n"),
     ("best-of", with_(best_of=3), 400, "best_of"),
@@ -160,6 +161,44 @@ def test_score_and_passages_bad_input(server, path, body, param):
 def test_bad_passage_id_is_404(server):
     _check_error(*request("GET", f"{server.url}/v1/passages/99999999"), 404, "doc_id")
     _check_error(*request("GET", f"{server.url}/v1/passages/abc"), 404, "doc_id")
+    # str.isdigit() holds for these, and int() fails on the first (a 500 before) or reads the
+    # second as 3; the third passes int()'s digit limit
+    for raw in ("%C2%B2", "%D9%A3", "9" * 5000):
+        _check_error(*request("GET", f"{server.url}/v1/passages/{raw}"), 404, "doc_id")
+
+
+def test_a_body_its_content_encoding_cannot_decode_is_400(server):
+    status, body = request("POST", f"{server.url}/v1/completions", raw=b"not gzip at all",
+                           headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    _check_error(status, body, 400, None)
+    assert "could not be read" in body["error"]["message"]
+
+
+def test_a_client_gone_before_its_body_arrived_is_499_not_a_server_error(server):
+    """Headers promising 1000 bytes, 10 sent, the connection closed: the server did not fail, so
+    /metrics counts a 499 (a 500 before: false 5xx alerts for every slow client that gave up)."""
+    import re
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    def count(status: str) -> float:
+        text = request("GET", f"{server.url}/metrics")[1]
+        m = re.search(r'^ralmspec_http_requests_total\{endpoint="/v1/completions",status="%s"\} (\S+)$' % status,
+                      text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    before = count("499"), count("500")
+    u = urlparse(server.url)
+    with socket.create_connection((u.hostname, u.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + b'{"model": ')
+        time.sleep(0.2)
+    for _ in range(50):
+        if count("499") > before[0]:
+            break
+        time.sleep(0.1)
+    assert (count("499"), count("500")) == (before[0] + 1, before[1])
 
 
 # --------------------------------------------------------------------------- any body: never a 5xx
