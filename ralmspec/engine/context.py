@@ -15,7 +15,7 @@ from typing import Callable, Hashable, Protocol, Sequence
 from ralmspec.config import GenerationConfig, check_text
 from ralmspec.engine.prompt import PromptFormat
 from ralmspec.engine.stop import StopWatch
-from ralmspec.errors import ConfigError
+from ralmspec.errors import ConfigError, LMError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.sampling import Sampling
 from ralmspec.retrieval.base import Hit, Retriever
@@ -161,19 +161,22 @@ class RalmContext:
         ``len(tokens) - n_prompt + i`` with noise keyed by (seed, that position), the same draw in
         both loops and on every replay."""
         sampling = self.gen.sampling_at(len(tokens) - n_prompt)
-        return await self.lm_client.generate(self.lm_prompt(doc_id, tokens, n_prompt, n), n, session, sampling)
+        chunk = await self.lm_client.generate(self.lm_prompt(doc_id, tokens, n_prompt, n), n, session, sampling)
+        if n > 0 and not chunk:  # the LM contract: 1..n tokens; a loop would never end on nothing
+            raise LMError(f"the LM backend returned no tokens for a chunk of {n}")
+        return chunk
 
     def chunk_size(self, generated: int) -> int:
         return min(self.gen.stride, self.gen.max_new_tokens - generated)
 
     def finished(self, tokens: Sequence[int], n_prompt: int) -> bool:
-        """Done after ``max_new_tokens``, an EOS, or (``gen.stop``) text completing a stop string
+        """Done after ``max_new_tokens``, a stop token (``lm.is_stop``: EOS or another of the
+        model's), or (``gen.stop``) text completing a stop string
         (engine/stop.py); both loops ask after every chunk, verified or not."""
         generated = len(tokens) - n_prompt
         if generated >= self.gen.max_new_tokens:
             return True
-        eos = self.lm.eos_token_id
-        if generated > 0 and eos is not None and tokens[-1] == eos:
+        if generated > 0 and self.lm.is_stop(tokens[-1]):
             return True
         return generated > 0 and bool(self.gen.stop) and self.stop_completed(tokens[n_prompt:])
 

@@ -45,19 +45,16 @@ async def generate_naive(ctx: RalmContext, prompt: str, session: Hashable | None
             start = len(tokens) - n0
             tokens += chunk
             steps.append(StepRecord(start, len(tokens) - n0, doc_id, ctx.retriever.corpus[doc_id].title))
-            if on_verified is not None and chunk:
+            if on_verified is not None:
                 on_verified(chunk, steps[-1:])
-            if not chunk:  # a backend that returns nothing would loop forever
-                break
     finally:
         ctx.lm_client.release(session)
     gen = tokens[n0:]
     latency = tr.now()
-    eos = ctx.lm.eos_token_id
     return GenerationResult(
         prompt=prompt, mode="naive", prompt_ids=prompt_ids, token_ids=gen,
         text=ctx.lm.tokenizer.decode(gen), steps=steps,
-        finish_reason="eos" if gen and eos is not None and gen[-1] == eos else "length",
+        finish_reason="eos" if gen and ctx.lm.is_stop(gen[-1]) else "length",
         latency_s=latency,
         stats={
             "steps": len(steps), "retrieval_s": retrieval_s, "lm_s": lm_s,
@@ -85,9 +82,8 @@ async def generate_closed_book(ctx: RalmContext, prompt: str, session: Hashable 
         ctx.lm_client.release(session)
     if on_verified is not None and gen:
         on_verified(list(gen), [])
-    eos = ctx.lm.eos_token_id
     return GenerationResult(
         prompt=prompt, mode="closed-book", prompt_ids=prompt_ids, token_ids=list(gen),
         text=ctx.lm.tokenizer.decode(gen), steps=[],
-        finish_reason="eos" if gen and eos is not None and gen[-1] == eos else "length",
+        finish_reason="eos" if gen and ctx.lm.is_stop(gen[-1]) else "length",
         latency_s=tr.now(), stats={"steps": 0, "retrieval_s": 0.0, "lm_s": lm_s}, trace=tr.events)

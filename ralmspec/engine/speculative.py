@@ -138,8 +138,6 @@ class RalmMode:
         self.stats["lm_steps"] += 1
         if not overlapped:  # the naive step's LM part is a chunk alone (contention is a_ov's)
             sched.observe_lm(lm_took)
-        if not chunk:
-            raise RuntimeError("LM backend returned no tokens")
         drv.extend(chunk)
         cur.end = len(drv.tokens)
         if ctx.finished(drv.tokens, drv.n0):
@@ -333,7 +331,6 @@ class RalmMode:
     def result(self, prompt: str, prompt_ids: list[int]) -> GenerationResult:
         ctx, drv, tr = self.ctx, self.drv, self.tr
         gen = drv.tokens[drv.n0:]
-        eos = ctx.lm.eos_token_id
         records = [self.record(st) for st in drv.book.steps if st.end is not None]
         stats = dict(self.stats, **drv.figures())
         # busy / (2 workers x wall): the LM thread (chunks) beside verification + the worker thread
@@ -344,6 +341,6 @@ class RalmMode:
         return GenerationResult(
             prompt=prompt, mode="speculative", prompt_ids=prompt_ids, token_ids=gen,
             text=ctx.lm.tokenizer.decode(gen), steps=records,
-            finish_reason="eos" if gen and eos is not None and gen[-1] == eos else "length",
+            finish_reason="eos" if gen and ctx.lm.is_stop(gen[-1]) else "length",
             latency_s=tr.now(), stats=stats, trace=tr.events,
         )

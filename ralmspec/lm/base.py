@@ -70,12 +70,20 @@ class TokenLogprob:
 class LanguageModel(abc.ABC):
     tokenizer: Tokenizer
     eos_token_id: int | None
+    # the tokens that end an answer besides ``eos_token_id`` (a generation config may list several,
+    # Llama 3's end of text and end of turn): a backend stops a chunk right after any of them
+    stop_token_ids: frozenset[int] = frozenset()
     max_context: int  # prompt + generated tokens must fit
     vocab_size: int  # token ids are in [0, vocab_size)
     name: str
     supports_sampling: bool = False  # implements the draw rule of ralmspec.lm.sampling exactly
     no_sampling_reason: str = "sampling needs the hf backend"  # the refusal's explanation
     supports_logprobs: bool = False  # implements token_logprobs
+
+    def is_stop(self, token: int) -> bool:
+        """Whether ``token`` ends an answer (``eos_token_id`` or one of ``stop_token_ids``): the
+        loops end a request on it as the backend ends a chunk on it."""
+        return (self.eos_token_id is not None and token == self.eos_token_id) or token in self.stop_token_ids
 
     @abc.abstractmethod
     def greedy(self, prompts: Sequence[Sequence[int]], n: int,

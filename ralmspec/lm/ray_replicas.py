@@ -104,7 +104,8 @@ class LMActor:
 
         import torch
 
-        return {"eos_token_id": self.lm.eos_token_id, "max_context": self.lm.max_context,
+        return {"eos_token_id": self.lm.eos_token_id, "stop_token_ids": sorted(self.lm.stop_token_ids),
+                "max_context": self.lm.max_context,
                 "vocab_size": getattr(self.lm, "vocab_size", None), "threads": torch.get_num_threads(),
                 "pid": os.getpid(), "host": socket.gethostname()}
 
@@ -180,6 +181,7 @@ class RayLMReplicas(LanguageModel):
             raise ModelLoadError(f"LM replicas of {self.name!r} disagree on (eos, max_context, vocab, threads): {keys}")
         self.infos = infos
         self.eos_token_id = infos[0]["eos_token_id"]
+        self.stop_token_ids = frozenset(infos[0]["stop_token_ids"])  # one model: the same on every replica
         self.max_context = infos[0]["max_context"]
         self.vocab_size = infos[0]["vocab_size"]
 

@@ -174,8 +174,9 @@ class Driver:
                                      mode.max_inflight, mode.eager and plan.overlap)
                 if action is Action.SUBMIT:
                     self.submit(pending, plan)
-                    if not plan.overlap:  # synchronous round: apply it now
-                        await self.apply()
+                    if not plan.overlap:  # synchronous round: apply it now, and any overlapped
+                        while book.inflight:  # round still ahead of it (OS^3 switched), so no step
+                            await self.apply()  # runs beside a round priced as uncontended
                 elif action is Action.WAIT:
                     await self.apply()
                 elif action is Action.FINISH:

@@ -260,3 +260,59 @@ def test_a_fallback_step_scores_the_guessers_own_guess(engine):
     assert probes > 0, "no fallback step probed: the case no longer exercises the probe"
     check.ran(min_speculated=0, why="checks what a fallback step's probe scores; test_naive_fallback_when_"
               "retrieval_is_cheap_keeps_tokens forces speculation on the same engine")
+
+
+def test_a_stop_token_besides_eos_ends_the_answer_in_every_loop(engine):
+    """A model whose generation config lists several end tokens (Llama 3: end of text, end of
+    turn) stops a chunk after any of them; the loops ended the request only on ``eos_token_id``
+    and went on generating past the end of the turn, finish "length". Now every loop (naive,
+    speculative, closed-book) ends right after the first stop token, finish "eos", and the
+    speculative answer is still the naive one (it speculated)."""
+    gen = GenerationConfig(stride=4, query_len=16, max_new_tokens=32, passage_tokens=64)
+    spec = SpeculationConfig(os3=False, fixed_stride=2, async_verify=True, prefetch=20)
+    check = SpeculationCheck()
+    for q in QUESTIONS:
+        ref = engine.generate_sync(q, gen=gen, speculate=False)
+        stop = ref.token_ids[5]  # a token the answer holds mid-way, past the first chunk
+        lm = engine.lm.view(stop_token_ids=frozenset([stop]))
+        assert lm.eos_token_id == engine.lm.eos_token_id != stop and lm.is_stop(stop)
+        e = RalmEngine(lm, engine.retriever, EngineConfig())
+        naive = e.generate_sync(q, gen=gen, speculate=False)
+        streamed: list[int] = []
+        res = e.generate_sync(q, gen=gen, spec=spec, on_tokens=streamed.extend)
+        first = ref.token_ids.index(stop)
+        assert naive.token_ids == ref.token_ids[:first + 1] and naive.finish_reason == "eos"
+        check.same(res.token_ids, naive.token_ids, res.stats)
+        assert res.finish_reason == "eos" and streamed == res.token_ids
+        closed = e.generate_sync(q, gen=gen, retrieval=False)
+        assert stop not in closed.token_ids[:-1]
+        assert (closed.finish_reason == "eos") == (closed.token_ids[-1] == stop or len(closed.token_ids) < 32)
+    check.ran(min_speculated=len(QUESTIONS))
+
+
+def test_an_lm_that_returns_no_tokens_fails_every_loop_alike(engine):
+    """A backend breaking the contract (1..n tokens per chunk) made the naive loop stop quietly
+    (finish "length", a short answer) and the speculative one raise a RuntimeError: now both
+    raise ``LMError`` at the first empty chunk, with nothing streamed past it."""
+    from ralmspec.engine.context import DirectLM
+    from ralmspec.errors import LMError
+
+    class EmptyAfter(DirectLM):
+        """The real LM for ``ok`` chunks, then empty ones."""
+
+        def __init__(self, lm, ok):
+            super().__init__(lm)
+            self.ok = ok
+
+        async def generate(self, prompt, n, session, sampling=None):
+            self.ok -= 1
+            return await super().generate(prompt, n, session, sampling) if self.ok >= 0 else []
+
+    spec = SpeculationConfig(os3=False, fixed_stride=2, async_verify=False)
+    for speculate in (False, True):
+        streamed: list[int] = []
+        with pytest.raises(LMError, match="no tokens"):
+            engine.generate_sync(QUESTIONS[0], gen=GEN, spec=spec, speculate=speculate,
+                                 lm_client=EmptyAfter(engine.lm, 2), on_tokens=streamed.extend)
+        naive = engine.generate_sync(QUESTIONS[0], gen=GEN, speculate=False)
+        assert streamed == naive.token_ids[:len(streamed)] and len(streamed) <= 2 * GEN.stride

@@ -122,6 +122,20 @@ def test_naive_decoding(tiny_lm, naive_results, knn_prompts):
     assert knn.generate(tiny_lm.tokenizer.decode(knn_prompts[0])).tokens  # str prompts work
 
 
+def test_a_stop_token_besides_eos_ends_the_answer(tiny_lm, naive_results, knn_prompts):
+    """The LM's other stop tokens (``LanguageModel.is_stop``) end a kNN-LM answer as EOS does,
+    in the naive and the speculative decoder alike (it was EOS only)."""
+    from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
+
+    knn, results = naive_results["flat"]
+    stop = results[0].tokens[3]
+    mine = KNNLM(tiny_lm.view(stop_token_ids=frozenset([stop])), knn.datastore, knn.config)
+    naive = mine.generate(knn_prompts[0])
+    assert naive.tokens == results[0].tokens[:results[0].tokens.index(stop) + 1]
+    spec = SpeculativeKNNLM(mine, SpeculativeKNNConfig(os3=False, fixed_stride=2)).generate(knn_prompts[0])
+    assert spec.tokens == naive.tokens and spec.stats.speculated > 0
+
+
 def test_knn_changes_the_output(tiny_lm, knn_datastores, knn_prompts):
     """The datastore matters: λ = 0 (plain LM) and λ = 0.25 decode differently on corpus prompts."""
     ds = knn_datastores["flat"]
