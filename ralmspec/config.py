@@ -201,7 +201,7 @@ class GenerationConfig:
     # Sampling (ralmspec/lm/sampling.py): 0 = greedy, exactly the paper's decoding. With
     # temperature > 0 the token at answer position p is drawn from the top_p nucleus with noise
     # keyed by (seed, p), so the same seed gives the same answer, speculative or naive.
-    temperature: float = 0.0  # in [0, 2]
+    temperature: float = 0.0  # 0 or in [MIN_TEMPERATURE, MAX_TEMPERATURE]
     top_p: float = 1.0  # in (0, 1]
     seed: int | None = None  # needed when temperature > 0 (the server draws one when absent)
     # stop strings (engine/stop.py): the answer ends before the first one its text completes; the

@@ -69,6 +69,15 @@ class RalmEngine:
                            search_client or self.retriever, gen, fmt,
                            self.worker, self.rankers, self.costs, may_speculate)
 
+    def check_request(self, prompt: str | Conversation, gen: GenerationConfig | None = None) -> None:
+        """The input errors ``generate`` would raise for ``prompt`` (``ConfigError``: its prompt
+        format, its tokens against the context budget), found without running it: a tokenization.
+        A server asks before it queues the request, so a bad prompt is a 400 at once, not a 429
+        or a wait for a slot."""
+        conversation = prompt if isinstance(prompt, Conversation) else None
+        ctx = self.context(gen, conversation=conversation)
+        ctx.encode_prompt(conversation.question if conversation is not None else prompt)
+
     async def generate(self, prompt: str | Conversation, gen: GenerationConfig | None = None,
                        spec: SpeculationConfig | None = None, speculate: bool | None = None,
                        on_tokens: TokenCallback | None = None, session: Hashable | None = None,

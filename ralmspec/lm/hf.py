@@ -91,6 +91,15 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: the character each byte is written as in the
+    vocabulary -> the byte. Printable Latin-1 bytes stand for themselves; the other 68 bytes (control
+    characters, space, ...) are written as the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(0x100 + i): b for i, b in enumerate(shifted)}
+
+
 class HFTokenizer:
     """Adapter of a HuggingFace tokenizer to the ``Tokenizer`` protocol of ``ralmspec.lm.base``.
 
@@ -104,6 +113,10 @@ class HFTokenizer:
     def __init__(self, hf_tokenizer: Any) -> None:
         self.hf = hf_tokenizer
         self._lock = threading.Lock()
+        decoder = getattr(getattr(hf_tokenizer, "backend_tokenizer", None), "decoder", None)
+        # a byte-level BPE vocabulary (GPT-2's, SmolLM2's) writes each byte as one character
+        self._byte_of = byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else None
+        self._added = frozenset(int(i) for i in getattr(hf_tokenizer, "added_tokens_decoder", {}))
 
     @property
     def vocab_size(self) -> int:
@@ -150,6 +163,18 @@ class HFTokenizer:
         """The text of one token, special tokens shown (``<|im_end|>``): logprobs' token names."""
         with self._lock:
             return self.hf.decode([int(token_id)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def piece_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token (chat logprobs' ``bytes``): in a byte-level vocabulary the
+        token's own bytes, a part of a multi-byte character included (``piece`` shows U+FFFD
+        there), so a client joining the bytes of consecutive tokens gets the text back; else
+        (WordPiece, added and special tokens) ``piece`` in UTF-8."""
+        if self._byte_of is not None and int(token_id) not in self._added:
+            with self._lock:
+                token = self.hf.convert_ids_to_tokens(int(token_id))
+            if isinstance(token, str) and token and all(c in self._byte_of for c in token):
+                return bytes(self._byte_of[c] for c in token)
+        return self.piece(token_id).encode("utf-8")
 
 
 def load_folder_tokenizer(path: Any) -> HFTokenizer:

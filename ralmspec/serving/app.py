@@ -210,7 +210,8 @@ def error_for(exc: BaseException, prompt_param: str = "prompt") -> APIError:
         return APIError(504, str(exc), "timeout", None, "request_timeout")
     if isinstance(exc, ConfigError):  # raised by the engine for this request's input
         msg = str(exc)
-        prefixes = {("prompt", "the prompt"): prompt_param, ("max_new_tokens",): "max_tokens", ("logprobs",): "logprobs"}
+        prefixes = {("prompt", "the prompt"): prompt_param, ("max_new_tokens",): "max_tokens", ("logprobs",): "logprobs",
+                    ("the chat prompt format",): "ralm.prompt_format"}
         param = next((p for pre, p in prefixes.items() if msg.startswith(pre)), None)
         return APIError(400, msg, "invalid_request_error", param, None)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error", None, None)
@@ -399,6 +400,10 @@ async def respond(request: web.Request, state: ServerState, req: CompletionReque
     if req.gen.logprobs is not None and not getattr(state.engine.lm, "supports_logprobs", False):
         raise APIError(400, "'logprobs' is not supported by this server's language model backend "
                             "(logprobs need the hf backend)", "invalid_request_error", "logprobs")
+    try:  # the prompt's errors before it queues (a 429 or a wait for a slot otherwise)
+        state.engine.check_request(req.prompt, req.gen)
+    except ConfigError as exc:
+        raise error_for(exc, shape.prompt_param) from None
     if req.stream:
         return await _stream(request, state, req, shape)
     result = await run_watching(request, generate(state, req, shape))

@@ -381,16 +381,26 @@ def parse_generation(body: Mapping[str, Any], defaults: EngineConfig, model: str
     try:
         gen = replace(defaults.generation, **gen_kw)
     except ConfigError as exc:
-        raise bad(str(exc), "max_tokens" if str(exc).startswith("max_new_tokens") else "ralm") from None
+        raise bad(str(exc), _ralm_param(str(exc), gen_kw)) from None
     try:
         spec = replace(defaults.speculation, **spec_kw)
     except ConfigError as exc:
-        raise bad(str(exc), "ralm") from None
+        raise bad(str(exc), _ralm_param(str(exc), spec_kw)) from None
     try:  # the guesser's own rule (the static one needs a dense knowledge base), here to name the field
         plan_guess(spec.guesser, dense=retriever_kind != "bm25")
     except ConfigError as exc:
         raise bad(str(exc), "ralm.guesser") from None
     return CompletionRequest(model, prompt, stream, include_usage, gen, spec, speculate, return_trace)
+
+
+def _ralm_param(message: str, sent: Mapping[str, Any]) -> str:
+    """The field a config's ``ConfigError`` names (its messages start with the field's name):
+    ``max_tokens`` for ``max_new_tokens``, ``ralm.<key>`` for a ``ralm`` field sent, else ``ralm``
+    (a rule between fields)."""
+    if message.startswith("max_new_tokens"):
+        return "max_tokens"
+    key = next((k for k in sorted(sent, key=len, reverse=True) if k in _RALM_FIELDS and message.startswith(k)), None)
+    return f"ralm.{key}" if key is not None else "ralm"
 
 
 def extension_fields(body: Mapping[str, Any], name: str, fields: Mapping[str, tuple[str, type, float, float]],

@@ -11,7 +11,9 @@ answer, its stream chunks and its logprobs are written:
   "bytes", "top_logprobs": [...]}], "refusal": null}``.
 
 Token names are the tokenizer's text of each token (``HFTokenizer.piece``: special tokens shown);
-``bytes`` are that text in UTF-8 (a token holding part of a multi-byte character shows U+FFFD).
+``bytes`` are the token's own bytes (``HFTokenizer.piece_bytes``: in a byte-level vocabulary a token
+holding part of a multi-byte character has those bytes, its name U+FFFD), so the bytes of an
+answer's tokens, joined, are its UTF-8 text.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class ChatShape:
         """``scored`` tokens' logprobs (``offsets``: unused, chat reports bytes instead)."""
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
             name = token_piece(tokenizer, token_id)
-            return {"token": name, "logprob": logprob, "bytes": list(name.encode("utf-8"))}
+            raw = tokenizer.piece_bytes(token_id) if hasattr(tokenizer, "piece_bytes") else name.encode("utf-8")
+            return {"token": name, "logprob": logprob, "bytes": list(raw)}
 
         return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
                             for lp in scored], "refusal": None}

@@ -71,6 +71,9 @@ COMPLETION_CASES = [
     ("ralm-unknown-retriever", with_(ralm={"retriever": "faiss-gpu-magic"}), 400, "ralm.retriever"),
     ("ralm-gamma", with_(ralm={"gamma_max": 1.5}), 400, "ralm.gamma_max"),
     ("ralm-cache-negative", with_(ralm={"cache_capacity": -3}), 400, "ralm.cache_capacity"),
+    ("ralm-guesser-unknown", with_(ralm={"guesser": "bogus"}), 400, "ralm.guesser"),
+    ("ralm-prompt-format-unknown", with_(ralm={"prompt_format": "bogus"}), 400, "ralm.prompt_format"),
+    ("ralm-chat-format-without-template", with_(ralm={"prompt_format": "chat"}), 400, "ralm.prompt_format"),
 ]
 
 

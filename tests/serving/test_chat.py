@@ -206,6 +206,23 @@ def test_streamed_logprobs_go_with_their_text(chat_client, chat_engine):
         assert "".join(t for t, _, _ in parts) == cut.choices[0].message.content == head
 
 
+def test_chat_logprob_bytes_rebuild_multibyte_text(chat_engine):
+    """OpenAI's ``bytes`` let a client rebuild characters split across tokens. SmolLM2's
+    byte-level vocabulary splits CJK and emoji so: those tokens' names are U+FFFD, their bytes
+    are the real ones (they were U+FFFD's too), and the bytes of all tokens joined are the text."""
+    from ralmspec.lm.base import TokenLogprob
+    from ralmspec.serving.shapes import CHAT
+
+    tok = chat_engine.lm.tokenizer
+    text = "Tokyo (東京) 🙂 café\n\t<|im_end|>"
+    ids = tok.encode(text)
+    content = CHAT.logprobs([TokenLogprob(i, -1.0, ((i, -1.0),)) for i in ids], tok, [])["content"]
+    assert any("\ufffd" in e["token"] for e in content), "the case must split a character"
+    assert bytes(b for e in content for b in e["bytes"]).decode("utf-8") == text
+    assert all(e["top_logprobs"][0]["bytes"] == e["bytes"] for e in content)
+    assert all(e["bytes"] == list(e["token"].encode("utf-8")) for e in content if "\ufffd" not in e["token"])
+
+
 def test_logprobs_equal_with_and_without_speculation(chat_client):
     spec = ask(chat_client, user(QUESTION), speculate=True, logprobs=True, top_logprobs=3)
     naive = ask(chat_client, user(QUESTION), speculate=False, logprobs=True, top_logprobs=3)

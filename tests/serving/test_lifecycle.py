@@ -133,11 +133,16 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot(small_server, serving_e
             async with s.post(f"{small_server.url}/v1/completions",
                               json={"model": MODEL, "prompt": "who wrote hamlet", "max_tokens": 4}) as r2:
                 body2, status2, retry = await r2.json(), r2.status, r2.headers.get("Retry-After")
+            # a prompt with no tokens is refused before it would queue: a 400 naming it, not a 429
+            async with s.post(f"{small_server.url}/v1/completions",
+                              json={"model": MODEL, "prompt": "\u200b", "max_tokens": 4}) as r3:
+                bad = r3.status, (await r3.json())["error"]
             r1.close()  # the client goes away mid-stream
-            return status2, body2, retry
+            return status2, body2, retry, bad
 
-    status2, body2, retry = asyncio.run(go())
+    status2, body2, retry, bad = asyncio.run(go())
     assert status2 == 429 and body2["error"]["code"] == "queue_full" and retry == "1"
+    assert bad[0] == 400 and bad[1]["param"] == "prompt" and "no tokens" in bad[1]["message"], bad
     t0 = time.time()
     health = _wait_idle(small_server)
     assert health["active"] == 0, "the disconnected request still holds its slot"
