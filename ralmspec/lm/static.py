@@ -70,6 +70,8 @@ def _capture_stream(device: torch.device) -> Any:
     if stream is None:
         stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device, priority=-1)
     return stream
+
+
 COMPILE_LIMIT = 64  # graphs of the compiled step in one process: one per (model, attention span); spans <= 7
 
 
