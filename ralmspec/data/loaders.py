@@ -85,6 +85,8 @@ def _iter_json_objects(path: str) -> Iterator[tuple[int, dict]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
+        except RecursionError:
+            raise ConfigError(f"{path}:{lineno}: the JSON is nested too deeply") from None
         if not isinstance(obj, dict):
             raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         field = invalid_text_field(obj)  # the file decoded as UTF-8, but JSON lets "\ud800" through
@@ -147,6 +149,8 @@ def _corpus_from_tsv(path: str) -> list[Passage]:
             raise ConfigError(f"{path}:{reader.line_num}: malformed TSV: {e}") from e
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}:{reader.line_num + 1}: cannot decode as UTF-8: {e}") from e
+        except (OSError, EOFError) as e:  # a damaged or truncated .gz
+            raise ConfigError(f"{path}:{reader.line_num + 1}: cannot read: {e}") from e
     return out
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -219,7 +219,8 @@ def faiss_gpu_available() -> bool:
 def build_faiss_index(kind: str, vectors: np.ndarray, config: RetrievalConfig) -> tuple[object, dict]:
     """Build a CPU FAISS index of ``kind`` over ``vectors`` (N, d) float32; returns (index, params).
 
-    ``params`` are the build parameters actually used (``ivf_nlist`` is capped at N).
+    ``params`` are the build parameters actually used (``ivf_nlist`` is capped at N, and lowered
+    to the lists that vectors fill: ``_ivf_without_empty_lists``).
     HNSW and IVF builds use FAISS's multi-threading, so two builds may differ slightly; the
     saved index file is the reference.
     """
@@ -236,17 +237,32 @@ def build_faiss_index(kind: str, vectors: np.ndarray, config: RetrievalConfig) -
         index.hnsw.efConstruction = config.hnsw_ef_construction
         params = {"hnsw_m": config.hnsw_m, "hnsw_ef_construction": config.hnsw_ef_construction}
     elif kind == "ivf":
-        nlist = min(config.ivf_nlist, n)
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.own_fields = True
-        quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
-        params = {"ivf_nlist": nlist}
+        index, nlist = _ivf_without_empty_lists(faiss, x, min(config.ivf_nlist, n))
+        return index, {"ivf_nlist": nlist}
     else:
         raise ConfigError(f"not a dense retriever kind: {kind!r} (choose {', '.join(DENSE_KINDS)})")
     index.add(x)
     return index, params
+
+
+def _ivf_without_empty_lists(faiss: Any, x: np.ndarray, nlist: int, tries: int = 4) -> tuple[Any, int]:
+    """An IVF index over ``x`` (trained and filled) with ``nlist`` lists, fewer where lists stay
+    empty: with more lists than distinct vectors (duplicate passages) k-means splits clusters into
+    near-copies of a centroid that no vector lands in, and a query whose ``nprobe`` best
+    centroids are those found nothing (an empty top-1 from a healthy index). So the build is
+    redone with as many lists as were filled, until every list holds a vector (or ``tries`` runs)."""
+    for _ in range(tries):
+        quantizer = faiss.IndexFlatIP(x.shape[1])
+        index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.own_fields = True
+        quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
+        index.add(x)
+        filled = sum(1 for i in range(nlist) if index.invlists.list_size(i))
+        if filled == nlist:
+            break
+        nlist = filled
+    return index, nlist
 
 
 class DenseRetriever(Retriever):
@@ -274,6 +290,10 @@ class DenseRetriever(Retriever):
             raise ConfigError(f"encoder dim {'-' if encoder is None else encoder.dim}, vectors dim {vectors.shape[1]} "
                               f"and index dim {index.d} differ")
         faiss = _faiss()
+        structure = {"exact": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf": faiss.IndexIVF}[kind]
+        if not isinstance(index, structure):  # an exact manifest over an HNSW file answered approximately
+            raise ConfigError(f"the FAISS index is an {type(index).__name__}, not an {structure.__name__} "
+                              f"(a {kind} index); rebuild the index")
         self.kind = kind
         self.corpus = corpus
         self.encoder = encoder

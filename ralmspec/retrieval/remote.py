@@ -162,9 +162,11 @@ class RemoteRetriever(Retriever):
         self.requests = 0  # HTTP calls made (all paths)
         info = self._post_or_get("GET", "/v1/retriever", None)
         try:
+            if not isinstance(info, dict):
+                raise TypeError(f"{type(info).__name__}, not an object")
             self.kind = _string(info, "kind")
             size = info["corpus_size"]
-            if not is_int(size, 0):
+            if not is_int(size, 1):
                 raise ValueError(f"corpus_size {size!r}")
         except (KeyError, TypeError, ValueError) as exc:
             raise RetrievalError(f"{self.url} is not a ralmspec retrieval service: bad /v1/retriever answer") from exc
@@ -223,6 +225,9 @@ class RemoteRetriever(Retriever):
 
     def _parse_results(self, doc: Any, n: int, k: int) -> list[list[Hit]]:
         size = len(self.corpus)
+        # an exact or BM25 knowledge base answers min(k, corpus size) hits to every query (the
+        # approximate ones may answer fewer): a shorter list is not a top-k
+        want = min(k, size) if self.kind.split("+")[0] in ("exact", "bm25") else None
         try:
             results = doc["results"]
             if not isinstance(results, list) or len(results) != n:
@@ -231,6 +236,9 @@ class RemoteRetriever(Retriever):
             for hits in results:
                 if not isinstance(hits, list) or len(hits) > k:
                     raise ValueError(f"a query's hits must be a list of at most k={k}")
+                if want is not None and len(hits) != want:
+                    raise ValueError(f"{len(hits)} hits where a {self.kind} knowledge base of {size} passages "
+                                     f"answers {want}")
                 row = []
                 for h in hits:
                     row.append(Hit(_doc_id(h["doc_id"], size), _score(h["score"])))

@@ -73,7 +73,12 @@ SHARD_FORMAT = 1
 
 
 def shard_ranges(manifest: dict[str, Any]) -> tuple[ShardRange, ...]:
-    return tuple(ShardRange(int(s["start"]), int(s["stop"])) for s in manifest["shards"])
+    """The shards' doc-id ranges of a sharded index's manifest (``IndexNotFoundError`` if malformed)."""
+    try:
+        return tuple(ShardRange(int(s["start"]), int(s["stop"])) for s in manifest["shards"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexNotFoundError(f"a sharded index's manifest has a malformed shard list ({exc!r}); "
+                                 "delete the sharded folder and split the index again") from None
 
 
 # --------------------------------------------------------------------------- split

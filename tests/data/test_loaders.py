@@ -79,6 +79,18 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ConfigError, match=r"bad\.jsonl\.gz"):
         load_corpus(str(tmp_path / "bad.jsonl.gz"))
+    import gzip
+
+    (tmp_path / "bad.tsv.gz").write_bytes(b"not gzip at all")  # BadGzipFile (an OSError) was a traceback
+    with pytest.raises(ConfigError, match=r"bad\.tsv\.gz:1: cannot read"):
+        load_corpus(str(tmp_path / "bad.tsv.gz"))
+    whole = gzip.compress(("".join(f"{i}\tpassage number {i}\n" for i in range(2000))).encode())
+    (tmp_path / "cut.tsv.gz").write_bytes(whole[:len(whole) // 2])  # EOFError
+    with pytest.raises(ConfigError, match=r"cut\.tsv\.gz:\d+: cannot read"):
+        load_corpus(str(tmp_path / "cut.tsv.gz"))
+    (tmp_path / "deep.jsonl").write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")  # RecursionError
+    with pytest.raises(ConfigError, match=r"deep\.jsonl:1: the JSON is nested too deeply"):
+        load_corpus(str(tmp_path / "deep.jsonl"))
     (tmp_path / "latin.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin\.jsonl"):
         load_corpus(str(tmp_path / "latin.jsonl"))

@@ -313,3 +313,14 @@ def test_ray_shard_config_refuses_nan_and_negatives():
                 {"call_timeout_s": float("nan")}, {"start_timeout_s": 0}):
         with pytest.raises(ConfigError):  # NaN passed "< 0" checks (--shard-cpus nan)
             RayShardConfig(**bad)
+
+
+@pytest.mark.parametrize("manifest", [{"shards": [{"dir": "x"}]}, {}, {"shards": [{"start": "a", "stop": 1}]},
+                                      {"shards": 5}])
+def test_a_malformed_shard_list_is_an_index_error(manifest):
+    """A damaged sharded manifest was a KeyError / TypeError traceback."""
+    from ralmspec.errors import IndexNotFoundError
+    from ralmspec.retrieval.shard_index import shard_ranges
+
+    with pytest.raises(IndexNotFoundError, match="malformed shard list"):
+        shard_ranges(manifest)

@@ -74,3 +74,40 @@ def test_rescore_boundary_rule_finds_float64_top_k(encoder):
         assert set(faiss_ids) != {h.doc_id for h in truth[:k]}  # float32 really picks other passages
     for k in (1, 3, 10, 50):
         assert r.search_sync([query], k)[0] == truth[:k]
+
+
+def test_an_ivf_index_over_duplicate_passages_has_no_empty_lists(encoder):
+    """10 distinct passages, 5 copies each, 40 lists asked for: k-means split clusters of copies
+    into lists no vector lands in, and queries whose best centroid was one of those found
+    nothing (an empty top-1 from a healthy index: the engine failed on it). The build keeps only
+    filled lists, so every probe finds passages, with nprobe 1 as with more."""
+    rng = np.random.default_rng(3)
+    distinct = rng.standard_normal((10, 32)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    vecs = np.ascontiguousarray(np.repeat(distinct, 5, axis=0))
+    from ralmspec.retrieval.dense import build_faiss_index
+
+    index, params = build_faiss_index("ivf", vecs, kb_config("ivf", ivf_nlist=40))
+    sizes = [index.invlists.list_size(i) for i in range(index.nlist)]
+    assert params["ivf_nlist"] == index.nlist <= 10 and min(sizes) > 0, sizes
+    corpus = Corpus([Passage(i, "", f"p{i}") for i in range(len(vecs))])
+    for nprobe in (1, 3):
+        r = DenseRetriever(corpus, vecs, index, "ivf", None, kb_config("ivf", ivf_nprobe=nprobe))
+        hits = r.search_vectors(distinct, 5)
+        assert [sorted(h.doc_id for h in row) for row in hits] == [list(range(5 * i, 5 * i + 5)) for i in range(10)]
+
+
+def test_a_faiss_index_of_another_structure_is_refused():
+    """An exact manifest over an HNSW file opened and answered approximately, labelled exact."""
+    from ralmspec.errors import ConfigError
+    from ralmspec.retrieval.dense import build_faiss_index
+
+    x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    built = {kind: build_faiss_index(kind, x, kb_config(kind, ivf_nlist=4))[0] for kind in KINDS if kind != "bm25"}
+    for kind, index in built.items():
+        for other in built:
+            if other == kind:
+                DenseRetriever(None, x, index, other, None, kb_config(other))
+            else:
+                with pytest.raises(ConfigError, match=f"not an Index.*a {other} index"):
+                    DenseRetriever(None, x, index, other, None, kb_config(other))

@@ -92,6 +92,8 @@ def _corrupt(doc, how):
         "reversed": lambda: hits.reverse(),
         "repeated": lambda: hits.__setitem__(1, dict(hits[0])),
         "more-than-k": lambda: hits.append(dict(hits[-1], doc_id=hits[-1]["doc_id"] + 1)),
+        "fewer-than-k": lambda: hits.pop(),  # an exact knowledge base always answers k
+        "no-hits": lambda: hits.clear(),
         "one-answer-short": lambda: doc["results"].pop(),
         "results-object": lambda: doc.update(results={"0": hits}),
         "text-null": lambda: hits[0].update(text=None),
@@ -107,7 +109,7 @@ def _corrupt(doc, how):
 
 
 RETRIEVE_FAULTS = ["id-float", "id-bool", "id-outside", "id-negative", "score-string", "score-nan", "reversed",
-                   "repeated", "more-than-k", "one-answer-short", "results-object", "text-null", "title-number"]
+                   "repeated", "more-than-k", "fewer-than-k", "no-hits", "one-answer-short", "results-object", "text-null", "title-number"]
 
 
 def test_a_malformed_answer_is_a_retrieval_error_never_a_hit(server):
@@ -140,6 +142,15 @@ def test_a_malformed_answer_is_a_retrieval_error_never_a_hit(server):
             remote._decode(500, b'{"error": "down"}', "/v1/retrieve")  # was an AttributeError
     finally:
         remote.close()
+
+
+@pytest.mark.parametrize("info", [[], "x", 5, {"kind": "exact", "corpus_size": 0}, {"kind": "exact"}])
+def test_a_foreign_retriever_answer_is_a_retrieval_error(monkeypatch, info):
+    """``GET /v1/retriever`` answering something else than a ralmspec service's object (a list was
+    an AttributeError; an empty corpus was taken)."""
+    monkeypatch.setattr(RemoteRetriever, "_post_or_get", lambda self, method, path, body: info)
+    with pytest.raises(RetrievalError, match="not a ralmspec retrieval service"):
+        RemoteRetriever("http://127.0.0.1:9", timeout_s=2)
 
 
 def test_unreachable_service_is_a_retrieval_error():
