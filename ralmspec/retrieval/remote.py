@@ -38,6 +38,7 @@ import http.client
 import json
 import math
 import threading
+import time
 import urllib.parse
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
@@ -188,21 +189,32 @@ class RemoteRetriever(Retriever):
             self._tls.conn = None
 
     def _post_or_get(self, method: str, path: str, body: Any) -> Any:
-        """One blocking JSON call; one reconnect on a stale keep-alive connection."""
+        """One blocking JSON call within ``timeout_s`` (the whole answer, not each read: a service
+        sending a byte a second is timed out too); one reconnect on a stale keep-alive connection,
+        none after a timeout (which would double it)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         last: BaseException | None = None
         for _attempt in range(2):
             conn = self._conn()
             try:
+                deadline = time.monotonic() + self.timeout_s
                 if conn.sock is None:
                     conn.timeout = self.connect_timeout_s
                     conn.connect()
                     conn.sock.settimeout(self.timeout_s)
                 conn.request(method, self._base + path, body=data, headers=headers)
                 resp = conn.getresponse()
-                raw = resp.read()
+                parts = []
+                while part := resp.read1(1 << 16):  # at most one socket read each
+                    parts.append(part)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the answer took longer than {self.timeout_s:g} s")
+                raw = b"".join(parts)
                 self.requests += 1
+            except TimeoutError as exc:
+                self._drop_conn()
+                raise RetrievalError(f"retrieval service {self.url} timed out ({method} {path}): {exc}") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._drop_conn()
                 last = exc

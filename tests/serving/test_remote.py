@@ -153,6 +153,49 @@ def test_a_foreign_retriever_answer_is_a_retrieval_error(monkeypatch, info):
         RemoteRetriever("http://127.0.0.1:9", timeout_s=2)
 
 
+def test_a_service_that_drips_its_answer_is_timed_out_once():
+    """``timeout_s`` bounds the whole answer of a blocking call: a service sending one byte every
+    0.2 s (each read within the socket timeout) held ``search_sync`` for a minute, and a
+    timed-out call was retried, doubling it."""
+    import http.server
+
+    class Dripping(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # /v1/retriever: a well-formed answer
+            body = json.dumps({"kind": "exact", "corpus_size": 10}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):  # /v1/retrieve: a byte at a time
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dripping)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        remote = RemoteRetriever(f"http://127.0.0.1:{srv.server_address[1]}", timeout_s=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(RetrievalError, match="timed out"):
+            remote.search_sync(["who wrote hamlet"], 1)
+        assert time.monotonic() - t0 < 1.9
+        remote.close()
+    finally:
+        srv.shutdown()
+
+
 def test_unreachable_service_is_a_retrieval_error():
     import socket
 
