@@ -87,7 +87,8 @@ def speculative_config(args: argparse.Namespace):
 
     cap = {} if args.gamma_max is None else {"gamma_max": args.gamma_max}
     return SpeculativeKNNConfig(successors=args.successors, cache_capacity=args.cache_capacity,
-                                os3=args.stride is None, fixed_stride=args.stride or 3, s_max=args.s_max,
+                                os3=args.stride is None, fixed_stride=3 if args.stride is None else args.stride,
+                                s_max=args.s_max,
                                 strict=args.strict, async_verify=args.async_verify, **cap)
 
 
@@ -388,6 +389,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     spec_cfg = speculative_config(args)
+    if args.prompt_tokens < 1 or args.warmup < 0:
+        raise ConfigError(f"--prompt-tokens must be >= 1 and --warmup >= 0, got {args.prompt_tokens} and {args.warmup}")
     with open_knnlm(args) as (knn, ds):
         prompts = bench_prompts(knn.lm, args.prompts, args.n, args.prompt_tokens)
         load0 = machine_info().get("loadavg_1m")

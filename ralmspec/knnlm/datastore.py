@@ -65,7 +65,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ralmspec.config import is_int
-from ralmspec.errors import ConfigError, IndexNotFoundError
+from ralmspec.errors import ConfigError, IndexNotFoundError, RetrievalError
 from ralmspec.paths import link_or_copy, staged_folder
 
 FORMAT_VERSION = 1
@@ -149,6 +149,8 @@ class DatastoreBuildConfig:
                      "train_points_per_list"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.hnsw_m < 2:  # FAISS's HNSW crashes the process (SIGSEGV) adding to a graph of M 1
+            raise ConfigError(f"hnsw_m must be >= 2, got {self.hnsw_m!r}")
         if self.ivf_nlist is not None and self.ivf_nlist < 1:
             raise ConfigError(f"ivf_nlist must be >= 1, got {self.ivf_nlist!r}")
         if self.pq_m < 0 or self.rescore_margin < 0:
@@ -394,9 +396,37 @@ class Datastore(DatastoreLayout):
             gemm = False
             dd, ii = self._faiss_search(q[None, :], kc)
             cand_i, cand_d32 = ii[0], dd[0]
+        if top_i.size < k and self.index_kind in ("hnsw", "ivf"):
+            top_i, top_d = self._widened(q, k, kc)
         if top_i.size < k:
-            raise ConfigError(f"the {self.index_kind} index returned only {top_i.size} candidates for "
-                              f"k={k}; raise nprobe / ef_search")
+            raise RetrievalError(f"the {self.index_kind} index returned only {top_i.size} candidates for "
+                                 f"k={k} even searched at its widest; raise nprobe / ef_search")
+        return top_i, top_d
+
+    def _widened(self, q: np.ndarray, k: int, kc: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-k of the candidates of an approximate index that came up short of ``k``
+        for ``q`` (HNSW at a large k, IVF lists too small), searched again, ``q`` alone, with
+        ``efSearch`` / ``nprobe`` doubled until ``k`` are found or it cannot widen further.
+        Asked only on a shortfall of ``q``'s own first search, so still a function of ``q``
+        alone: naive and speculative decoding see the same neighbours (they failed mid-answer)."""
+        import faiss
+
+        if self.index_kind == "hnsw":
+            width, widest = int(self.index.hnsw.efSearch), self.n
+            params = lambda w: faiss.SearchParametersHNSW(efSearch=w)  # noqa: E731
+        else:
+            ivf = faiss.extract_index_ivf(self.index)
+            width, widest = int(ivf.nprobe), int(ivf.nlist)
+            params = lambda w: faiss.SearchParametersIVF(nprobe=w)  # noqa: E731
+        top_i, top_d = np.empty(0, dtype=np.int64), np.empty(0)
+        while width < widest:
+            width = min(widest, width * 2)
+            self.widened_searches += 1
+            _, ii = self.index.search(q[None, :].astype(np.float32), kc, params=params(width))
+            ids = ii[0][ii[0] >= 0]
+            top_i, top_d = rank_entries(ids, self.distances(q, ids), k)
+            if top_i.size >= k:
+                break
         return top_i, top_d
 
 
@@ -422,6 +452,9 @@ def make_faiss_index(kind: str, keys32: np.ndarray, cfg: DatastoreBuildConfig) -
         if cfg.pq_m > 0:
             if d % cfg.pq_m:
                 raise ConfigError(f"pq_m={cfg.pq_m} must divide the key dimension {d}")
+            if n < 256:  # each sub-quantizer trains 256 centroids (8 bits)
+                raise ConfigError(f"an IVF-PQ index needs at least 256 entries to train its codebooks, got {n}; "
+                                  "use pq_m 0 (IVF-flat) or a larger datastore")
             index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, 8)
         else:
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)

@@ -53,6 +53,17 @@ def test_cli_errors_are_typed(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["build", "--model", "tiny", "--out", str(tmp_path / "x"), "--index", "flat",
                  "--max-tokens", "0", "--quiet"]) == 2
+    # each of these crashed (a SIGSEGV in FAISS, a FAISS RuntimeError) or was taken silently
+    assert main(["build", "--model", "tiny", "--out", str(tmp_path / "h"), "--index", "hnsw", "--hnsw-m", "1",
+                 "--max-tokens", "100", "--quiet"]) == 2
+    assert "hnsw_m must be >= 2" in capsys.readouterr().err
+    assert main(["build", "--model", "tiny", "--out", str(tmp_path / "p"), "--index", "ivf", "--pq-m", "8",
+                 "--max-tokens", "100", "--quiet"]) == 2
+    assert "at least 256 entries" in capsys.readouterr().err
+    for flags, says in ((["--prompt-tokens", "0"], "--prompt-tokens"), (["--warmup", "-5"], "--warmup"),
+                        (["--stride", "0"], "fixed_stride")):
+        assert main(["bench", "--datastore", str(tmp_path / "missing"), *flags]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_subparser_wiring():

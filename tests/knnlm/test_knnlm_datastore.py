@@ -123,6 +123,25 @@ def test_search_batch_invariant_and_deterministic(knn_datastores, kind):
         assert order.tolist() == list(range(8))
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_an_approximate_index_short_of_k_is_widened_per_query(knn_datastores, kind):
+    """HNSW at efSearch 16 answered fewer than k=128 candidates for most queries (and IVF can,
+    where its probed lists are small): that was an error mid-answer, in both decoding loops. The
+    query that comes up short is searched again, alone, wider: k answers, the same in any batch."""
+    ds = knn_datastores[kind]
+    qs = _queries(ds, 24, seed=5)
+    before = ds.widened_searches
+    ids, d = ds.search(qs, 128)
+    assert ids.shape == (24, 128) and (ids >= 0).all()
+    if kind == "hnsw":
+        assert ds.widened_searches > before  # the case does come up short at efSearch 16
+    for s in range(0, 24, 5):
+        part_ids, part_d = ds.search(qs[s:s + 5], 128)
+        assert np.array_equal(part_ids, ids[s:s + 5]) and np.array_equal(part_d, d[s:s + 5])
+    for i in range(3):
+        assert np.array_equal(d[i], ds.distances(qs[i], ids[i]))
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_concurrent_searches_from_a_fresh_load_answer_as_one_at_a_time(knn_datastores, kind):
     """Threads searching one freshly loaded datastore at once (the kNN-LM server's decoding
