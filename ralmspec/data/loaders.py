@@ -123,7 +123,8 @@ def _corpus_from_tsv(path: str) -> list[Passage]:
     csv.field_size_limit(1 << 30)
     out: list[Passage] = []
     with _open_text(path) as f:
-        reader = csv.reader(f, delimiter="\t", quotechar='"')
+        # strict: an unmatched quote is an error, not the rest of the file read as one passage
+        reader = csv.reader(f, delimiter="\t", quotechar='"', strict=True)
         cols = {"id": 0, "text": 1, "title": 2}
         ncols_min = 2
         try:

@@ -88,6 +88,9 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "cut.tsv.gz").write_bytes(whole[:len(whole) // 2])  # EOFError
     with pytest.raises(ConfigError, match=r"cut\.tsv\.gz:\d+: cannot read"):
         load_corpus(str(tmp_path / "cut.tsv.gz"))
+    (tmp_path / "quote.tsv").write_text('1\t"an opening quote never closed\n2\tthe next passage\n')
+    with pytest.raises(ConfigError, match=r"quote\.tsv:\d+: malformed TSV"):  # was ONE passage, silently
+        load_corpus(str(tmp_path / "quote.tsv"))
     (tmp_path / "deep.jsonl").write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")  # RecursionError
     with pytest.raises(ConfigError, match=r"deep\.jsonl:1: the JSON is nested too deeply"):
         load_corpus(str(tmp_path / "deep.jsonl"))
