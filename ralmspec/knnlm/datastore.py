@@ -422,7 +422,7 @@ class Datastore(DatastoreLayout):
         while width < widest:
             width = min(widest, width * 2)
             self.widened_searches += 1
-            _, ii = self.index.search(q[None, :].astype(np.float32), kc, params=params(width))
+            _, ii = self.index.search(q[None, :], kc, params=params(width))
             ids = ii[0][ii[0] >= 0]
             top_i, top_d = rank_entries(ids, self.distances(q, ids), k)
             if top_i.size >= k:

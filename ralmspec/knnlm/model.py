@@ -335,9 +335,6 @@ class KNNLM:
         self.datastore = datastore
         self.config = config or KNNLMConfig()
         self.vocab_size = check_compatible(lm, datastore)
-        self.eos = getattr(lm, "eos_token_id", None)
-        # the tokens that end an answer: eos and the LM's other stop tokens (``LanguageModel.is_stop``)
-        self.stops = frozenset(getattr(lm, "stop_token_ids", ())) | (frozenset() if self.eos is None else {self.eos})
 
     def with_config(self, config: KNNLMConfig) -> KNNLM:
         """The same LM and datastore (already checked compatible) decoded with ``config``."""
@@ -362,7 +359,7 @@ class KNNLM:
         return self.datastore.search(queries, k) if self._search is None else self._search(queries, k)
 
     def is_stop(self, token: int) -> bool:
-        return self.config.stop_at_eos and token in self.stops
+        return self.config.stop_at_eos and self.lm.is_stop(token)  # EOS or the LM's other stop tokens
 
     def decide(self, lm: LMState | LMScores | np.ndarray, ids: np.ndarray, dists: np.ndarray) -> int:
         """:func:`next_token` at the position of ``lm`` (a state, its scores or its logits) with this

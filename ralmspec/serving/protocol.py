@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from ralmspec.config import (
     MAX_TEMPERATURE, MIN_TEMPERATURE, SEED_LIMIT, EngineConfig, GenerationConfig, SpeculationConfig, invalid_text_field,
+    temperature_ok,
 )
 from ralmspec.engine.prompt import Conversation
 from ralmspec.errors import ConfigError
@@ -442,10 +443,6 @@ def parse_sampling(body: Mapping[str, Any]) -> dict[str, Any]:
     """``temperature`` 0 or [1e-6, 2], ``top_p`` (0, 1] and ``seed`` [0, 2**63) present in ``body`` (null =
     absent), as GenerationConfig fields; 400 naming the field otherwise."""
     out: dict[str, Any] = {}
-    temperature = body.get("temperature")
-    if _is_num(temperature) and 0 < temperature < MIN_TEMPERATURE:
-        raise bad(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}",
-                  "temperature")
     for key, (lo, hi, closed) in _SAMPLING_FIELDS.items():
         v = body.get(key)
         if v is None:
@@ -455,6 +452,9 @@ def parse_sampling(body: Mapping[str, Any]) -> dict[str, Any]:
         if not (lo <= v <= hi if closed else lo < v <= hi):
             raise bad(f"'{key}' must be in {'[' if closed else '('}{lo:g}, {hi:g}], got {v!r}", key)
         out[key] = float(v)
+    if "temperature" in out and not temperature_ok(out["temperature"]):  # in [0, 2], but below the smallest
+        raise bad(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {body['temperature']!r}",
+                  "temperature")
     seed = body.get("seed")
     if seed is not None:
         if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
