@@ -23,7 +23,8 @@ knowledge base: ``real N passages``, or ``EMULATED ...`` for ``ralmspec serve --
 ``verified_steps`` (retrieved for real), ``accepted``, ``rollbacks``.
 
 Error contract: every error is JSON ``{"error": {"message", "type", "param", "code"}}``.
-400 bad input (naming the field), 404 unknown model / route, 413 oversized body, 429 queue full,
+400 bad input (naming the field), 404 unknown model / route, 408 a request body not received
+within ``body_timeout_s`` (the connection is then closed), 413 oversized body, 429 queue full,
 503 knowledge base or language model (e.g. a Ray LM replica) unavailable, or shutting down, 504
 request deadline exceeded. A request whose knowledge base or LM fails never gets an answer with
 unverified tokens: non-streaming requests get the error instead of a body; streaming requests
@@ -38,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -80,8 +82,10 @@ class ServerConfig:
 
     model_name: str = "ralmspec"  # the `model` clients must send
     client_max_size: int = 1 << 20  # bytes of request body; larger -> 413
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this; slower -> 408; 0: no limit
     max_retrieve_queries: int = 512
     max_retrieve_k: int = 1000
+    max_retrieve_texts: int = 50_000  # passages with their text per /v1/retrieve answer (queries x k); more -> 400
     max_ids: int = 10_000  # doc ids per /v1/score or /v1/passages call
     max_tokens_limit: int = 4096  # further capped by the model's context
     io_threads: int = 4  # threads for /v1/score and passage reads
@@ -92,9 +96,11 @@ class ServerConfig:
         if not self.model_name:
             raise ConfigError("model_name must be non-empty")
         check_trim_interval(self.malloc_trim_s)
+        check_body_timeout(self.body_timeout_s)
         if not self.worker_stats_timeout_s > 0:
             raise ConfigError(f"worker_stats_timeout_s must be > 0, got {self.worker_stats_timeout_s}")
-        for name in ("client_max_size", "max_retrieve_queries", "max_retrieve_k", "max_ids", "max_tokens_limit",
+        for name in ("client_max_size", "max_retrieve_queries", "max_retrieve_k", "max_retrieve_texts", "max_ids",
+                     "max_tokens_limit",
                      "io_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
@@ -248,10 +254,22 @@ def error_middleware(metrics: ServerMetrics, client_max_size: int) -> Any:
                 log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
             headers = {"Retry-After": "1"} if err.status == 429 else None
             resp = _json_error(err, headers)
+            if err.status == 408:
+                await answer_and_close(request, resp)
         metrics.record_request(endpoint, resp.status)
         return resp
 
     return middleware
+
+
+async def answer_and_close(request: web.Request, resp: web.Response) -> None:
+    """Send ``resp`` and close the connection at once (the answer to a body that did not arrive
+    in time: the rest of it may still come, so the connection cannot serve another request, and
+    aiohttp would otherwise keep it open up to its lingering time, 10 s, reading that rest)."""
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    request.protocol.force_close()  # closes the transport once the answer is flushed
 
 
 class ClientGoneError(Exception):
@@ -259,11 +277,22 @@ class ClientGoneError(Exception):
     server did not fail)."""
 
 
-async def read_json(request: web.Request) -> Any:
+def check_body_timeout(seconds: float, name: str = "body_timeout_s") -> None:
+    if not (seconds >= 0 and math.isfinite(seconds)):  # NaN too
+        raise ConfigError(f"{name} must be a finite number of seconds >= 0 (0: no limit), got {seconds!r}")
+
+
+async def read_json(request: web.Request, timeout_s: float) -> Any:
     """The request's JSON body (``decode_body``): 413 past ``client_max_size`` (aiohttp's), 400
-    for a body its ``Content-Encoding`` cannot decode, ``ClientGoneError`` for one cut off."""
+    for a body its ``Content-Encoding`` cannot decode, ``ClientGoneError`` for one cut off, 408
+    for one not received in ``timeout_s`` (0: no limit), so a client that sends its body slowly,
+    or never, does not hold a connection and its buffers for ever."""
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s or None):
+            raw = await request.read()
+    except TimeoutError:
+        raise APIError(408, f"the request body was not received within {timeout_s:g} s", "timeout", None,
+                       "body_timeout") from None
     except RequestPayloadError as exc:
         raise bad(f"the request body could not be read: {exc}") from None
     except ConnectionResetError:
@@ -366,7 +395,7 @@ def resolve_sampling(state: ServerState, req: CompletionRequest) -> CompletionRe
 
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = await read_json(request)
+    body = await read_json(request, state.config.body_timeout_s)
     req = resolve_sampling(state, parse_completion(body, state.engine.config, state.config.model_name,
                                                    state.retriever.kind, state.max_tokens_limit))
     return await respond(request, state, req, COMPLETION)
@@ -374,7 +403,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = await read_json(request)
+    body = await read_json(request, state.config.body_timeout_s)
     req = resolve_sampling(state, parse_chat(body, state.engine.config, state.config.model_name,
                                              state.retriever.kind, state.max_tokens_limit))
     assert isinstance(req.prompt, Conversation)
@@ -525,8 +554,9 @@ def _passage_json(state: ServerState, doc_id: int) -> dict[str, Any]:
 
 async def retrieve(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    queries, k, include_text = parse_retrieve(await read_json(request), state.config.max_retrieve_queries,
-                                              state.config.max_retrieve_k)
+    cfg = state.config
+    queries, k, include_text = parse_retrieve(await read_json(request, cfg.body_timeout_s), cfg.max_retrieve_queries,
+                                              cfg.max_retrieve_k, cfg.max_retrieve_texts, len(state.retriever.corpus))
     assert state.search_client is not None
     hits = await run_watching(request, state.search_client.search(queries, k))
     state.metrics.retrieve_queries.inc(len(queries))
@@ -547,7 +577,8 @@ async def retrieve(request: web.Request) -> web.Response:
 
 async def score(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    query, ids = parse_score(await read_json(request), len(state.retriever.corpus), state.config.max_ids)
+    body = await read_json(request, state.config.body_timeout_s)
+    query, ids = parse_score(body, len(state.retriever.corpus), state.config.max_ids)
     loop = asyncio.get_running_loop()
     scores = await loop.run_in_executor(state.executor, state.retriever.score, query, ids)
     return web.json_response({"object": "scores", "retriever": state.retriever.kind, "doc_ids": ids,
@@ -556,7 +587,8 @@ async def score(request: web.Request) -> web.Response:
 
 async def passages(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    ids = parse_passages(await read_json(request), len(state.retriever.corpus), state.config.max_ids)
+    body = await read_json(request, state.config.body_timeout_s)
+    ids = parse_passages(body, len(state.retriever.corpus), state.config.max_ids)
     loop = asyncio.get_running_loop()
     out = await loop.run_in_executor(state.executor, lambda: [_passage_json(state, i) for i in ids])
     return web.json_response({"object": "passages", "passages": out})

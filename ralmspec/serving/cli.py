@@ -61,6 +61,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "this share of a mean call, i.e. more queries per call make each cheaper")
     h.add_argument("--governor-window", type=float, default=3.0, metavar="S", help="seconds of LM busy time looked at")
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
+    h.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client has to send its whole request body; slower: HTTP 408 and the connection "
+                        "is closed (0: no limit)")
     h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
                    help="seconds between trims of the C heap (glibc malloc_trim: freed memory back to the OS, "
                         "so RSS does not creep; /v1/stats memory.heap_trim), here and in each LM replica and shard actor "
@@ -133,7 +136,7 @@ def _build_app(a: argparse.Namespace):
             raise ConfigError("--retrieval-only serves a local index; it cannot be combined with --retriever-url")
         retriever, where = _open_local_knowledge_base(a, cfg, sharded)
         server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes,
-                          malloc_trim_s=a.malloc_trim_s)
+                          body_timeout_s=a.body_timeout, malloc_trim_s=a.malloc_trim_s)
         app = create_app(None, sched, retriever=retriever, server_config=server,
                          search_concurrency=a.search_concurrency)
         _log(f"ralmspec: {where} {retriever.kind} knowledge base of {len(retriever.corpus)} passages loaded in "
@@ -156,7 +159,7 @@ def _build_app(a: argparse.Namespace):
         raise
     engine = RalmEngine(lm, retriever, cfg)
     server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes,
-                          malloc_trim_s=a.malloc_trim_s)
+                          body_timeout_s=a.body_timeout, malloc_trim_s=a.malloc_trim_s)
     _log(f"ralmspec: model {cfg.model!r}{lm_where} + {where} {retriever.kind} knowledge base "
          f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s{_emulated_note(retriever)}")
     return create_app(engine, sched, server_config=server, search_concurrency=a.search_concurrency)
@@ -235,11 +238,15 @@ async def serve(app: Any, host: str, port: int, access_log: bool = False) -> Non
 
 
 def _check_listen_flags(a: argparse.Namespace) -> None:
-    """``--port`` and ``--request-timeout`` of either server, checked before anything loads."""
+    """``--port``, ``--request-timeout`` and ``--body-timeout`` of either server, checked before
+    anything loads."""
+    from ralmspec.serving.app import check_body_timeout
+
     if not a.request_timeout >= 0:  # NaN too
         raise ConfigError(f"--request-timeout must be >= 0 seconds (0: no limit), got {a.request_timeout}")
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
+    check_body_timeout(a.body_timeout, "--body-timeout")
 
 
 def _configure_logging(a: argparse.Namespace) -> None:
@@ -310,6 +317,9 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--served-model-name", default=None,
                    help="the `model` clients send (default: the LM's name, e.g. smollm2)")
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
+    h.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client has to send its whole request body; slower: HTTP 408 and the connection "
+                        "is closed (0: no limit)")
     h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
                    help="seconds between trims of the C heap (ralmspec/memory.py); 0: never")
     h.add_argument("--access-log", action="store_true", help="log every request")
@@ -327,7 +337,8 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
     _configure_logging(a)
     _check_listen_flags(a)
     spec = speculative_config(a)  # bad speculation options fail before anything loads
-    server = dict(client_max_size=a.max_body_bytes, max_concurrent=a.max_concurrent, max_queue=a.max_queue,
+    server = dict(client_max_size=a.max_body_bytes, body_timeout_s=a.body_timeout,
+                  max_concurrent=a.max_concurrent, max_queue=a.max_queue,
                   request_timeout_s=a.request_timeout, gather_s=None if a.gather_ms is None else a.gather_ms / 1000,
                   speculate_max_active=a.speculate_max_active,
                   speculate=not a.no_speculate, malloc_trim_s=a.malloc_trim_s)

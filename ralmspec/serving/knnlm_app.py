@@ -62,7 +62,9 @@ from ralmspec.lm.shared_runner import SharedRunner
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.rendezvous import Rendezvous
 from ralmspec.threads import WorkerPool, to_thread
-from ralmspec.serving.app import error_for, error_middleware, read_json, run_watching, stream_verified
+from ralmspec.serving.app import (
+    check_body_timeout, error_for, error_middleware, read_json, run_watching, stream_verified,
+)
 from ralmspec.serving.metrics import ServerMetrics, admission_lines, counter_total
 from ralmspec.serving.protocol import APIError, KNNLMCompletionRequest, parse_knnlm_completion
 from ralmspec.serving.shapes import CHAT, COMPLETION, Shape, answer, model_list
@@ -74,6 +76,7 @@ class KNNLMServerConfig:
 
     model_name: str = "ralmspec-knnlm"  # the `model` clients must send
     client_max_size: int = 1 << 20  # bytes of request body; larger -> 413
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this; slower -> 408; 0: no limit
     max_concurrent: int = 1  # requests decoding at once, each in its own thread (module doc)
     gather_s: float | None = None  # batched runner: longest wait for more steps (SharedRunner; None: auto)
     speculate_max_active: int = 1  # batched runner: requests speculate only while at most this many decode
@@ -87,6 +90,7 @@ class KNNLMServerConfig:
             raise ConfigError("model_name must be non-empty")
         if self.client_max_size < 1:
             raise ConfigError(f"client_max_size must be >= 1, got {self.client_max_size}")
+        check_body_timeout(self.body_timeout_s)
         if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
             raise ConfigError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
@@ -380,7 +384,7 @@ async def respond(request: web.Request, shape: Shape) -> web.StreamResponse:
     """Parse, decode, answer in ``shape`` (streamed as ``ralmspec serve`` streams: ralmspec/serving/app.py
     ``stream_verified``, verified text only, ``knnlm`` in the finish chunk)."""
     state = request.app[KNN_STATE]
-    body = await read_json(request)
+    body = await read_json(request, state.config.body_timeout_s)
     req = parse_knnlm_completion(body, state.knn.config, state.spec, state.config.speculate,
                                  state.config.model_name, state.max_tokens_limit, chat=shape is CHAT)
     tokenizer = state.knn.lm.tokenizer

@@ -547,8 +547,11 @@ def parse_knnlm_completion(body: Any, knn_defaults: Any, spec_defaults: Any, spe
 # ------------------------------------------------------------------ retrieval service
 
 
-def parse_retrieve(body: Any, max_queries: int, max_k: int) -> tuple[list[str], int, bool]:
-    """``{"queries": [str] | str, "k": int = 1, "include_text": bool = true}``."""
+def parse_retrieve(body: Any, max_queries: int, max_k: int, max_texts: int,
+                   corpus_size: int) -> tuple[list[str], int, bool]:
+    """``{"queries": [str] | str, "k": int = 1, "include_text": bool = true}``; with the text, at
+    most ``max_texts`` passages in the answer (queries x min(k, ``corpus_size``)): 512 queries at
+    k = 1000 made an answer of ~370 MB, built in memory."""
     body = require_object(body)
     unknown = sorted(set(body) - {"queries", "k", "include_text"})
     if unknown:
@@ -567,6 +570,11 @@ def parse_retrieve(body: Any, max_queries: int, max_k: int) -> tuple[list[str], 
             raise bad(f"'queries[{i}]' must be a string, got {type(q).__name__}", f"queries[{i}]")
     k = _int(body, "k", 1, max_k) if body.get("k") is not None else 1
     include_text = _bool(body, "include_text") if body.get("include_text") is not None else True
+    texts = len(queries) * min(k, corpus_size)
+    if include_text and texts > max_texts:
+        raise bad(f"{len(queries)} queries x k={k} ask for {texts} passages with their text, more than this server "
+                  f"answers at once ({max_texts}): send fewer queries per request, or include_text: false and "
+                  "fetch the passages needed with /v1/passages", "k")
     return queries, k, include_text
 
 

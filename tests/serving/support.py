@@ -113,3 +113,28 @@ async def http(method: str, url: str, body: Any = None, raw: bytes | None = None
 
 def request(method: str, url: str, body: Any = None, **kw) -> tuple[int, Any]:
     return asyncio.run(http(method, url, body, **kw))
+
+
+def slow_body_answer(url: str, path: str, wait_s: float) -> tuple[bytes, float, bool]:
+    """POST ``path`` with headers promising 1000 bytes and only 10 of them sent, the connection
+    kept open: (everything the server sent until it closed the connection or ``wait_s`` passed,
+    seconds until the first byte of its answer, whether the server closed the connection)."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port)) as sock:
+        t = time.perf_counter()
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                     + b"Content-Length: 1000\r\n\r\n" + b'{"model": ')
+        sock.settimeout(wait_s)
+        got, first, closed = b"", None, False
+        try:
+            while chunk := sock.recv(65536):
+                first = first if first is not None else time.perf_counter() - t
+                got += chunk
+            closed = True
+        except TimeoutError:
+            pass
+    return got, first if first is not None else float("inf"), closed

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.serving.support import MODEL, request
+from tests.serving.support import MODEL, request, slow_body_answer
 
 OK = {"model": MODEL, "prompt": "who wrote hamlet", "max_tokens": 4}
 
@@ -202,6 +202,45 @@ def test_a_client_gone_before_its_body_arrived_is_499_not_a_server_error(server)
             break
         time.sleep(0.1)
     assert (count("499"), count("500")) == (before[0] + 1, before[1])
+
+
+@pytest.fixture(scope="module")
+def strict_server(serving_engine):
+    """The shared engine behind a server that waits 0.5 s for a request body and answers at most
+    10 passages with their text per /v1/retrieve."""
+    from tests.serving.conftest import serve
+
+    srv = serve(serving_engine, MODEL, 2, 60, body_timeout_s=0.5, max_retrieve_texts=10)
+    yield srv
+    srv.stop()
+
+
+def test_retrieve_answers_at_most_max_retrieve_texts_passages_with_text(strict_server, serving_engine):
+    """queries x min(k, corpus size) passages with text are capped (512 queries at k=1000 built an
+    answer of ~370 MB in memory); without the text, or within the cap, the same call answers."""
+    url = f"{strict_server.url}/v1/retrieve"
+    status, body = request("POST", url, {"queries": ["a", "b", "c", "d"], "k": 3})
+    _check_error(status, body, 400, "k")
+    message = body["error"]["message"]
+    assert "12 passages with their text" in message and "include_text: false" in message
+    assert request("POST", url, {"queries": ["a", "b", "c", "d"], "k": 3, "include_text": False})[0] == 200
+    status, body = request("POST", url, {"queries": ["a", "b", "c"], "k": 3})
+    assert status == 200 and all(len(r) == 3 and "text" in r[0] for r in body["results"])
+    n = len(serving_engine.retriever.corpus)  # k past the corpus answers the corpus: counted so
+    assert request("POST", url, {"queries": ["a"], "k": 1000})[0] == (200 if n <= 10 else 400)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/retrieve"])
+def test_a_body_that_never_arrives_is_408_and_the_connection_closed(strict_server, path):
+    """A client that promises a body and sends part of it got no answer at all: the server waited
+    for ever, holding the connection (a slow-body client could keep every connection busy)."""
+    got, first_s, closed = slow_body_answer(strict_server.url, path, wait_s=10)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), got[:200]
+    assert b"connection: close" in head.lower()  # the rest of that body may still come: not reused
+    err = json.loads(body)["error"]
+    assert err["code"] == "body_timeout" and "within 0.5 s" in err["message"]
+    assert 0.4 < first_s < 5 and closed
 
 
 # --------------------------------------------------------------------------- any body: never a 5xx

@@ -41,6 +41,9 @@ def _dead_port() -> int:
     (["--lm-prefix-cache-mib", "-1"], "--lm-prefix-cache-mib must be"),
     (["--malloc-trim-s", "-1"], "--malloc-trim-s must be >= 0"),
     (["--malloc-trim-s", "nan"], "--malloc-trim-s must be >= 0"),
+    (["--body-timeout", "-1"], "--body-timeout must be a finite number of seconds >= 0"),
+    (["--body-timeout", "nan"], "--body-timeout must be"),
+    (["--body-timeout", "inf"], "--body-timeout must be"),
 ])
 def test_bad_serve_settings_exit_2(capsys, argv, msg):
     argv = [x.replace("DEAD", f"http://127.0.0.1:{_dead_port()}") for x in argv]

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
 from tests.identity import SpeculationCheck
-from tests.serving.support import ServerThread, http, request
+from tests.serving.support import ServerThread, http, request, slow_body_answer
 from tests.serving.test_bad_input import ANY_JSON, ODD_TEXT, _string_leaves
 
 MODEL = "tiny-knn"
@@ -41,6 +41,16 @@ def server(tiny_lm, knn_datastores):
     srv = knn_server(tiny_lm, knn_datastores["flat"], max_queue=4)
     yield srv
     srv.stop()
+
+
+def test_a_body_that_never_arrives_is_408(tiny_lm, knn_datastores):
+    """As on ``ralmspec serve`` (tests/serving/test_bad_input.py): the server stops waiting."""
+    srv = knn_server(tiny_lm, knn_datastores["flat"], body_timeout_s=0.5)
+    try:
+        got, first_s, closed = slow_body_answer(srv.url, "/v1/completions", wait_s=10)
+    finally:
+        srv.stop()
+    assert got.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in got and closed and first_s < 5
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +461,7 @@ def test_knnlm_serve_runs_as_a_process(knn_datastores, prompts):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--request-timeout", "nan"], "--request-timeout must be >= 0"),
+    (["--body-timeout", "-2"], "--body-timeout must be"),
     (["--port", "70000"], "--port"),
     (["--max-queue", "-1"], "max_queue"),
     (["--max-concurrent", "0"], "max_concurrent"),
