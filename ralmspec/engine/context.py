@@ -70,7 +70,7 @@ class PassageTokens:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        ids = self.lm.tokenizer.encode(self.retriever.corpus[doc_id].content)[:passage_tokens]
+        ids = self.lm.tokenizer.encode(self.retriever.corpus[doc_id].content, as_text=True)[:passage_tokens]
         with self._lock:
             self._cache[key] = ids
             if len(self._cache) > self.capacity:
@@ -122,7 +122,7 @@ class RalmContext:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("prompt must be a non-empty string")
         check_text(prompt, "prompt")
-        ids = self.lm.tokenizer.encode(prompt)
+        ids = self.lm.tokenizer.encode(prompt, as_text=self.fmt.name == "chat")  # a message's text (engine/prompt.py)
         if not ids:
             raise ConfigError("prompt has no tokens after tokenization")
         budget = self.lm.max_context - self.gen.max_new_tokens - 1

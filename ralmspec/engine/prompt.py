@@ -14,8 +14,13 @@ format is part of the reference semantics (docs/design.md §1): same format => s
 where ``before`` / ``after`` are the model's chat template around the LAST user message (the
 earlier turns of a conversation, or the template's default system turn, and the user header /
 end of the user turn and the assistant header), ``between`` is ``"\\n\\n"``, and each piece is
-tokenized on its own. So the last user message holds the passage, a blank line and the question;
-the assistant's tokens generated so far follow the template. A single question (the CLI,
+tokenized on its own. So the last user message holds the passage, a blank line and the
+question; the assistant's tokens generated so far follow the template. Text from outside (every
+message's text, the question, the passage) is tokenized as text: a ``<|im_end|>`` typed in a
+message or found in a passage is those eight characters, not the end of a turn
+(``encode(as_text=True)``); only the template's own text makes special tokens. (``plain`` keeps
+a raw prompt's special tokens: a completions client may lay out a template itself; a passage is
+text in both formats.) A single question (the CLI,
 ``/v1/completions``) is a conversation of one user message; ``/v1/chat/completions`` passes its
 earlier turns as ``Conversation.history`` (``PromptFormat.chat``): one layout for all three.
 
@@ -80,17 +85,19 @@ class PromptFormat:
 
     @classmethod
     def chat(cls, tokenizer: Any, history: Sequence[tuple[str, str]] = (),
-             affixes: tuple[str, str] | None = None) -> "PromptFormat":
+             affixes: tuple[Sequence[tuple[str, bool]], str] | None = None) -> "PromptFormat":
         """The chat format with ``history`` (a ``Conversation``'s earlier turns) rendered by the
-        model's template before the last user message (``affixes``: already rendered)."""
+        model's template before the last user message (``affixes``: already rendered, as
+        ``HFTokenizer.chat_affixes`` renders them). The earlier messages' text is tokenized as
+        text (``encode(as_text=True)``), as the question is (``RalmContext.encode_prompt``)."""
         if affixes is None and hasattr(tokenizer, "chat_affixes"):
             affixes = tokenizer.chat_affixes(history)
         if affixes is None:
             raise ConfigError("the chat prompt format needs a model whose tokenizer has a chat template; "
                               "this one has none (use --prompt-format plain, or /v1/completions)")
-        before, after = affixes
-        return cls("chat", tuple(tokenizer.encode(before)), tuple(tokenizer.encode(PASSAGE_SEPARATOR)),
-                   tuple(tokenizer.encode(after)))
+        pieces, after = affixes
+        before = [i for text, is_message in pieces if text for i in tokenizer.encode(text, as_text=is_message)]
+        return cls("chat", tuple(before), tuple(tokenizer.encode(PASSAGE_SEPARATOR)), tuple(tokenizer.encode(after)))
 
     def overhead(self) -> int:
         """Template tokens around the passage, prompt and generated tokens (0 for plain)."""

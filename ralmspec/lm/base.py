@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, as_text: bool = False) -> list[int]: ...  # as_text: special-token strings as text
 
     def decode(self, ids: Sequence[int]) -> str: ...
 

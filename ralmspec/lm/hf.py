@@ -100,6 +100,21 @@ def byte_level_alphabet() -> dict[str, int]:
     return {chr(b): b for b in printable} | {chr(0x100 + i): b for i, b in enumerate(shifted)}
 
 
+def _message_pieces(text: str, marks: Sequence[tuple[str, str]]) -> tuple[tuple[str, bool], ...] | None:
+    """``text`` cut at each message's ``(open, close)`` marks, in order, into ``(piece, is_message)``
+    (the marks dropped); ``None`` unless every mark is found once, in order."""
+    pieces: list[tuple[str, bool]] = []
+    for o, c in marks:
+        if text.count(o) != 1 or text.count(c) != 1:
+            return None
+        head, rest = text.split(o)
+        inside, text = rest.split(c) if c in rest else (None, "")
+        if inside is None:
+            return None
+        pieces += [(head, False), (inside, True)]
+    return (*pieces, (text, False))
+
+
 class HFTokenizer:
     """Adapter of a HuggingFace tokenizer to the ``Tokenizer`` protocol of ``ralmspec.lm.base``.
 
@@ -122,42 +137,62 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, as_text: bool = False) -> list[int]:
+        """``as_text``: the strings of special tokens in ``text`` (``<|im_end|>``) are tokenized as
+        the plain text they are, not as those tokens: for the text of a chat message or a passage,
+        which must not be able to end a turn or open another role's."""
         if not isinstance(text, str):
             raise ConfigError(f"encode() expects a str, got {type(text).__name__}")
         check_text(text, "the text to tokenize")
         with self._lock:
-            return list(self.hf.encode(text, add_special_tokens=False, truncation=False, verbose=False))
+            return list(self.hf.encode(text, add_special_tokens=False, truncation=False, verbose=False,
+                                       split_special_tokens=as_text))
 
     def decode(self, ids: Sequence[int]) -> str:
         with self._lock:
             return self.hf.decode([int(i) for i in ids], skip_special_tokens=True,
                                   clean_up_tokenization_spaces=False)
 
-    def chat_affixes(self, history: Sequence[tuple[str, str]] = ()) -> tuple[str, str] | None:
+    def chat_affixes(self, history: Sequence[tuple[str, str]] = ()) -> tuple[tuple[tuple[str, bool], ...], str] | None:
         """``(before, after)``: the model's chat template around the LAST user message, the
         ``(role, text)`` turns of ``history`` before it, with the assistant's generation prompt
         after it (``None`` if the tokenizer has no template; ``ConfigError`` if the template
-        rejects the turns, e.g. roles that do not alternate).
+        rejects the turns, e.g. roles that do not alternate). ``before`` is in pieces
+        ``(text, is_message)``: the template's own text, and the text of each earlier message
+        (``is_message``), which the engine tokenizes as text (``encode(as_text=True)``).
 
-        ``before + content + after`` is what ``apply_chat_template`` renders for those messages,
-        so the engine can tokenize the pieces apart and swap the passage inside the message.
+        The joined pieces, the user message and ``after`` are what ``apply_chat_template``
+        renders for those messages, so the engine can tokenize the pieces apart and swap the
+        passage inside the message. A template that changes a message's text as it renders it
+        (trims it, say) leaves that message inside the template's text.
         """
         if not getattr(self.hf, "chat_template", None):
             return None
-        marker = "\x00RALMSPEC-USER-MESSAGE\x00"
-        messages = [{"role": role, "content": text} for role, text in history]
-        try:
-            with self._lock:
-                text = self.hf.apply_chat_template([*messages, {"role": "user", "content": marker}],
-                                                   tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # noqa: BLE001 - a template's own refusal (jinja2 raise_exception)
-            raise ConfigError(f"the model's chat template rejects these messages: {exc}") from None
-        if not isinstance(text, str) or text.count(marker) != 1:
+        user = "\x00RALMSPEC-USER-MESSAGE\x00"
+        marks = [(f"\x00RALMSPEC-{i}<\x00", f"\x00RALMSPEC-{i}>\x00") for i in range(len(history))]
+        plain = self._render([*history, ("user", user)])
+        if plain.count(user) != 1:
             raise ConfigError("the model's chat template does not place the user message once; "
                               "use --prompt-format plain")
-        before, after = text.split(marker)
-        return before, after
+        before, after = plain.split(user)
+        if history:
+            marked = self._render([*((role, f"{o}{text}{c}") for (role, text), (o, c) in zip(history, marks)),
+                                   ("user", user)])
+            pieces = _message_pieces(marked.split(user)[0], marks)
+            if pieces is not None and "".join(text for text, _ in pieces) == before:
+                return pieces, after
+        return ((before, False),), after
+
+    def _render(self, turns: Sequence[tuple[str, str]]) -> str:
+        messages = [{"role": role, "content": text} for role, text in turns]
+        try:
+            with self._lock:
+                text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template's own refusal (jinja2 raise_exception)
+            raise ConfigError(f"the model's chat template rejects these messages: {exc}") from None
+        if not isinstance(text, str):
+            raise ConfigError("the model's chat template does not render text; use --prompt-format plain")
+        return text
 
     def piece(self, token_id: int) -> str:
         """The text of one token, special tokens shown (``<|im_end|>``): logprobs' token names."""

@@ -337,7 +337,7 @@ def encode_request(knn: KNNLM, req: KNNLMCompletionRequest) -> list[int]:
             raise error_for(exc) from None
     tokenizer = knn.lm.tokenizer
     try:
-        question = tokenizer.encode(req.prompt.question)
+        question = tokenizer.encode(req.prompt.question, as_text=True)
         ids = PromptFormat.chat(tokenizer, req.prompt.history).build(None, question, len(question),
                                                                      knn.lm.max_context)
         return knn.check_prompt(ids, req.knn.max_new_tokens)

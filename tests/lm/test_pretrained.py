@@ -61,7 +61,8 @@ def test_smollm2_folder_manifest_and_weights(smollm2_lm):
 def test_smollm2_answers_from_a_passage(smollm2_lm):
     """A real pretrained LM: with the passage in its chat prompt it copies the fact."""
     tok = smollm2_lm.tokenizer
-    before, after = tok.chat_affixes()
+    (before, _), = tok.chat_affixes()[0]  # no earlier messages: the template's text alone
+    after = tok.chat_affixes()[1]
     passage = ("High Five Interchange\nThe High Five Interchange is one of the first five-level stack "
                "interchanges built in Dallas, Texas.")
     ids = tok.encode(before) + tok.encode(f"{passage}\n\nIn which city is the High Five Interchange?") + tok.encode(after)
