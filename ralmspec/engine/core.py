@@ -8,6 +8,8 @@ The engine is a thin shell: it builds a ``RalmContext`` per request and calls th
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections import OrderedDict
 from typing import Callable, Hashable
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
@@ -24,6 +26,8 @@ from ralmspec.retrieval.base import Retriever
 from ralmspec.speculation.guess import CheapRankers
 from ralmspec.threads import WorkerPool
 
+CHAT_FORMATS_KEPT = 64  # conversation histories whose rendered template an engine keeps (each up to a context of ids)
+
 
 class RalmEngine:
     def __init__(self, lm: LanguageModel, retriever: Retriever, config: EngineConfig | None = None):
@@ -33,6 +37,10 @@ class RalmEngine:
         self.passages = PassageTokens(lm, retriever)
         self.direct_lm = DirectLM(lm)
         self._formats: dict[str, PromptFormat] = {}
+        # chat formats by conversation history (most chats share a system message): a request's
+        # check, its context and the server's own check render the template once between them
+        self._chat_formats: OrderedDict[tuple[tuple[str, str], ...], PromptFormat] = OrderedDict()
+        self._chat_formats_lock = threading.Lock()
         # one thread beside the LM's: query encodings and cache ranking of the guessers
         self.worker = WorkerPool(max_workers=1, thread_name_prefix="ralmspec-verify")
         self.rankers = CheapRankers(retriever)  # cheap guessers' passage memo, shared by requests
@@ -49,8 +57,21 @@ class RalmEngine:
 
     def chat_format(self, history: tuple[tuple[str, str], ...]) -> PromptFormat:
         """The chat format of a ``Conversation`` whose earlier turns are ``history``
-        (``ConfigError`` for a model without a chat template, or turns its template rejects)."""
-        return self.prompt_format("chat") if not history else PromptFormat.chat(self.lm.tokenizer, history)
+        (``ConfigError`` for a model without a chat template, or turns its template rejects);
+        the last ``CHAT_FORMATS_KEPT`` histories' formats are kept."""
+        if not history:
+            return self.prompt_format("chat")
+        with self._chat_formats_lock:
+            fmt = self._chat_formats.get(history)
+            if fmt is not None:
+                self._chat_formats.move_to_end(history)
+                return fmt
+        fmt = PromptFormat.chat(self.lm.tokenizer, history)
+        with self._chat_formats_lock:
+            self._chat_formats[history] = fmt
+            while len(self._chat_formats) > CHAT_FORMATS_KEPT:
+                self._chat_formats.popitem(last=False)
+        return fmt
 
     def context(self, gen: GenerationConfig | None = None, lm_client: LMClient | None = None,
                 search_client: SearchClient | None = None,
@@ -126,14 +147,16 @@ class RalmEngine:
         return result
 
     def reset_caches(self) -> None:
-        """Empty the caches shared across requests (query encodings, tokenized passages, the LM's
-        shared prefix blocks), so the next request is measured as a new question would be. Never
-        changes any output."""
+        """Empty the caches shared across requests (query encodings, tokenized passages and chat
+        histories, the LM's shared prefix blocks), so the next request is measured as a new
+        question would be. Never changes any output."""
         encoder = getattr(self.retriever, "encoder", None)
         if encoder is not None and hasattr(encoder, "clear_cache"):
             encoder.clear_cache()
         self.lm.clear_prefix_cache()
         self.passages = PassageTokens(self.lm, self.retriever)
+        with self._chat_formats_lock:
+            self._chat_formats.clear()
 
     def generate_sync(self, prompt: str, **kwargs) -> GenerationResult:
         return asyncio.run(self.generate(prompt, **kwargs))

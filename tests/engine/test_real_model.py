@@ -111,6 +111,32 @@ def test_text_from_outside_cannot_forge_the_templates_special_tokens(engines):
     assert built == list(ref["input_ids"])
 
 
+def test_a_history_is_rendered_once_for_its_requests(smollm2_lm, embedded_indexes, monkeypatch):
+    """A chat request's history was rendered three times (the server's check, the engine's check,
+    its context); now once per history, the last CHAT_FORMATS_KEPT kept, and reset_caches empties them."""
+    from ralmspec.engine import core
+    from ralmspec.engine.prompt import Conversation
+
+    engine = RalmEngine(smollm2_lm, embedded_indexes["exact"], EngineConfig())
+    renders = []
+    real = PromptFormat.chat.__func__
+    counted = classmethod(lambda cls, *a, **kw: renders.append(a) or real(cls, *a, **kw))
+    monkeypatch.setattr(PromptFormat, "chat", counted)
+    history = (("system", "Answer in one word."),)
+    first = engine.chat_format(history)
+    engine.check_request(Conversation(history, "Who wrote Hamlet?"))
+    assert engine.context(conversation=Conversation(history, "And Faust?")).fmt is first and len(renders) == 1
+    monkeypatch.setattr(core, "CHAT_FORMATS_KEPT", 2)
+    for n in range(3):
+        engine.chat_format((("system", f"Rule {n}."),))
+    engine.chat_format(history)  # pushed out by the three newer ones: rendered again
+    assert len(renders) == 5
+    engine.reset_caches()
+    engine.chat_format(history)
+    assert len(renders) == 6
+    engine.worker.shutdown(wait=False)  # not engine.close(): the model is the session's
+
+
 def test_a_passage_is_text_in_either_format(engines, monkeypatch):
     from ralmspec.engine.context import PassageTokens
 
