@@ -333,6 +333,8 @@ def load_config(path: str, quick: bool = False) -> ExperimentConfig:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    except UnicodeDecodeError as e:  # TOML is UTF-8
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
     if quick:
         overrides = raw.get("quick", GENERIC_QUICK)
         if not isinstance(overrides, dict):

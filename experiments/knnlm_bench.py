@@ -71,15 +71,50 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="where derived datastores are cached (default: SOURCE/../derived)")
     p.add_argument("--out", default="experiments/results/knnlm")
     args = p.parse_args(argv)
+    from ralmspec.errors import RalmSpecError
 
+    try:
+        return _main(args, argv)
+    except RalmSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _lists(args) -> tuple[list[int | None], list[str], list[str]]:
+    """(sizes, index kinds, variant names) of --sizes / --indexes / --variants; ConfigError naming
+    the first bad item (before anything loads)."""
+    from ralmspec.errors import ConfigError
+
+    def items(text: str) -> list[str]:
+        return [x.strip() for x in text.split(",") if x.strip()]
+
+    sizes: list[int | None] = []
+    for s in items(args.sizes):
+        if s != "all" and not (s.isascii() and s.isdigit() and int(s) > 0):
+            raise ConfigError(f"--sizes takes a comma list of entry counts >= 1 or 'all', got {s!r}")
+        sizes.append(None if s == "all" else int(s))
+    kinds, names = items(args.indexes), items(args.variants)
+    bad = [k for k in kinds if k not in ("flat", "hnsw", "ivf")] + [v for v in names if v not in VARIANTS]
+    if bad or not (sizes and kinds and names):
+        raise ConfigError(f"--sizes, --indexes (flat, hnsw, ivf) and --variants ({', '.join(VARIANTS)}) each "
+                          f"take a non-empty comma list; unknown: {', '.join(bad) or '-'}")
+    return sizes, kinds, names
+
+
+def _main(args, argv) -> int:
     from ralmspec.knnlm.cli import bench_prompts, machine_info, run_bench
     from ralmspec.threads import set_threads
     from ralmspec.knnlm.datastore import load_datastore
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
     from ralmspec.knnlm.speculative import SpeculativeKNNConfig
     from ralmspec.lm.models import load_lm
+    from ralmspec.paths import check_output_path
 
+    sizes, kinds, names = _lists(args)
     set_threads(args.threads)
+    check_output_path(args.out, "--out", folder=True)
     source = load_datastore(args.source)
     work = Path(args.work) if args.work else Path(args.source).resolve().parent / "derived"
     work.mkdir(parents=True, exist_ok=True)
@@ -87,9 +122,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     lm = load_lm(source.model_name)
     cfg = KNNLMConfig(k=args.k, lam=args.lam, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    variants = {v: SpeculativeKNNConfig(**VARIANTS[v]) for v in args.variants.split(",")}
+    variants = {v: SpeculativeKNNConfig(**VARIANTS[v]) for v in names}
     prompts = bench_prompts(lm, args.prompts, args.n, args.prompt_tokens)
-    sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
     result = {"command": " ".join(["python -m experiments.knnlm_bench", *(argv or sys.argv[1:])]),
               "source": source.describe() | {"build": source.manifest.get("build")},
               "knnlm": asdict(cfg), "variants": {k: asdict(v) for k, v in variants.items()},
@@ -100,7 +134,7 @@ def main(argv=None) -> int:
         if size is not None and size > source.n:
             print(f"skip size {size}: the source has only {source.n} entries", flush=True)
             continue
-        for kind in args.indexes.split(","):
+        for kind in kinds:
             ds = _derive(args.source, size, kind, work, args)
             knn = KNNLM(lm, ds, cfg)
             t0 = time.perf_counter()

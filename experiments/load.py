@@ -422,11 +422,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv, extra = split_server_args(argv)
     a = build_parser().parse_args(argv)
-    if a.rounds < 1 or a.duration <= 0 or a.warmup < 0 or min(a.concurrency) < 1 or a.max_tokens < 1:
-        print("error: --rounds, --concurrency, --max-tokens must be >= 1, --duration > 0, --warmup >= 0",
-              file=sys.stderr)
+    if (a.rounds < 1 or not 0 < a.duration < math.inf or not 0 <= a.warmup < math.inf
+            or min(a.concurrency) < 1 or a.max_tokens < 1 or a.n_questions < 0):
+        print("error: --rounds, --concurrency, --max-tokens must be >= 1, --n-questions >= 0, --duration a "
+              "finite number > 0, --warmup a finite number >= 0", file=sys.stderr)
         return 2
-    questions = load_workload(a.questions, a.n_questions)
+    sys.path.insert(0, str(REPO))
+    from ralmspec.errors import RalmSpecError
+    from ralmspec.paths import check_output_path
+
+    try:
+        if a.json:
+            check_output_path(a.json, "--json")
+        return _run(a, argv, extra, load_workload(a.questions, a.n_questions))
+    except RalmSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the cell's server is stopped on the way out
+        return 130
+
+
+def _run(a: argparse.Namespace, argv: list[str], extra: list[str], questions: list[str]) -> int:
+    """Every cell of the plan (``main`` checked the flags and loaded ``questions``); the exit status."""
     n_max = max(a.concurrency)
     server_flags = ["--model", a.model, "--retriever", a.retriever, "--max-concurrent", str(n_max),
                     "--max-queue", str(4 * n_max), *extra]
@@ -455,10 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        url = a.url or server.url
         try:
-            url = a.url or server.url
             cell = asyncio.run(run_cell(url, a.model, question_order(questions, a.seed, r), mode, n, a.warmup,
                                         a.duration, a.max_tokens, server.pid if server else None, a.endpoint))
+        except OSError as exc:  # aiohttp's connection errors are OSErrors: a wrong --url, a server gone
+            print(f"error: cannot reach the server at {url}: {exc}", file=sys.stderr)
+            return 2
         finally:
             if server is not None:
                 server.stop()

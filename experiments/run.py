@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from ralmspec.errors import RalmSpecError  # noqa: E402
+from ralmspec.paths import check_output_path  # noqa: E402
 
 from experiments import plots, studies  # noqa: E402
 from experiments.config import ExperimentConfig, load_config, with_cache_dir  # noqa: E402
@@ -338,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 raise RalmSpecError(f"--only: unknown studies {', '.join(bad)}; choose from {', '.join(ALL_STUDIES)}")
         out = a.out or os.path.join(HERE, "results", f"{dt.date.today().isoformat()}-{cfg.run.name}")
+        check_output_path(out, "--out", folder=True)
         command = "python -m experiments.run " + " ".join(argv)
         return run(cfg, out, only, show=not a.no_progress, command=command, quick=a.quick,
                    update_readme=a.update_readme)

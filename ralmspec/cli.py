@@ -18,6 +18,7 @@ from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, apply_thr
 from ralmspec.config import BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, RetrievalConfig, check_text
 from ralmspec.errors import ConfigError, RalmSpecError
 from ralmspec.lm.loader import dtype_name
+from ralmspec.paths import check_output_path
 
 
 def _log(msg: str) -> None:
@@ -151,6 +152,7 @@ def cmd_index_build(a: argparse.Namespace) -> int:
                           ivf_nprobe=a.nprobe, ivf_nlist=a.nlist, hnsw_m=a.hnsw_m)
     if a.shards is not None and a.shards < 1:
         raise ConfigError("--shards must be >= 1")
+    check_output_path(a.out, "--out", folder=True)
     t = time.perf_counter()
     if a.from_index:  # split an existing whole index (shard_index.py)
         from ralmspec.retrieval.index import read_manifest
@@ -230,6 +232,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     if a.n < 1:
         raise RalmSpecError("--n must be >= 1")
+    for flag, path in (("--json", a.json), ("--outputs", a.outputs)):
+        if path is not None:  # before the run: not a traceback once it is done
+            check_output_path(path, flag)
     cfg = with_drawn_seed(engine_config_from_args(a))
     qs = load_questions(resolve_questions(a.questions))
     questions = [q.question for q in qs[: a.n]]

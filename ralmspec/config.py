@@ -185,6 +185,8 @@ class RetrievalConfig:
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.hnsw_m < 2:  # FAISS's HNSW crashes the process (SIGSEGV) adding to a graph of M 1
+            raise ConfigError(f"hnsw_m must be >= 2, got {self.hnsw_m!r}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from ralmspec.errors import ConfigError
+
 
 def ralmspec_home() -> Path:
     """``$RALMSPEC_HOME`` if set (and non-empty), else ``~/.cache/ralmspec``."""
@@ -20,6 +22,31 @@ def ralmspec_home() -> Path:
 def models_cache_dir() -> Path:
     """Model folders (pretrained weights, built-in models written for vLLM): ``<home>/models``."""
     return ralmspec_home() / "models"
+
+
+def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
+    """``ConfigError`` naming ``flag`` unless ``path`` can be written as a file (``folder``: made as
+    a folder): it is not an existing folder (a file), the closest of its existing ancestors is a
+    folder, and this process may write there. Commands call it before their work, so a bad
+    ``--json`` / ``--out`` fails at once instead of with a traceback after the run."""
+    p = os.path.abspath(os.fspath(path)) if os.fspath(path) else ""
+    if not p:
+        raise ConfigError(f"{flag}: the path is empty")
+    if os.path.exists(p):
+        if folder and not os.path.isdir(p):
+            raise ConfigError(f"{flag} {path}: exists and is not a folder")
+        if not folder and os.path.isdir(p):
+            raise ConfigError(f"{flag} {path}: is a folder; give a file path")
+        if not os.access(p, os.W_OK):
+            raise ConfigError(f"{flag} {path}: not writable")
+        return
+    parent = os.path.dirname(p)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot create it in {parent} (not writable)")
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -125,3 +125,17 @@ def test_bench_bad_prompt_format_for_a_model_without_template(small_indexes, cap
                "--n", "1", "--prompt-format", "chat"])
     assert rc == 2
     assert "chat template" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_output_path_it_cannot_write_before_the_run(small_indexes, tmp_path, capsys):
+    """--json / --outputs naming a folder (or a path below a file) were an IsADirectoryError /
+    FileExistsError traceback after the whole run; now a one-line error before the model loads."""
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    base = ["bench", "--model", "tiny", "--retriever", "bm25", "--index", small_indexes["bm25"].index_dir,
+            "--n", "1", "--max-new-tokens", "2"]
+    for flags, says in ((["--json", str(tmp_path)], "--json"), (["--outputs", str(tmp_path)], "--outputs"),
+                        (["--json", str(a_file / "b.json")], "--json")):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says} ") and "[1/1]" not in err, err

@@ -56,6 +56,14 @@ def test_a_cuda_device_without_cuda_is_named_in_the_error(small_indexes, capsys,
     assert message in err and "sentence-transformer at" not in err
 
 
+def test_generate_refuses_index_and_corpus_together(small_indexes, tmp_path, capsys):
+    """With --index, --corpus was ignored in silence: the answer came from the index's passages."""
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text('{"text": "my own passage"}\n')
+    assert main(run(small_indexes, "--corpus", str(corpus))) == 2
+    assert "give --index or --corpus, not both" in capsys.readouterr().err
+
+
 def test_version(capsys):
     import ralmspec
 

@@ -59,3 +59,10 @@ def test_the_first_field_that_is_not_unicode_is_named_as_the_api_names_fields():
     for _ in range(5000):  # deeper than Python's recursion limit: the walk is iterative
         deep = [deep]
     assert invalid_text_field(deep) == "[0]" * 5001
+
+
+def test_hnsw_m_below_2_is_refused():
+    """FAISS's HNSW crashes the process (SIGSEGV) adding to a graph of M 1 (`index build --hnsw-m 1`)."""
+    RetrievalConfig(kind="hnsw", hnsw_m=2)
+    with pytest.raises(ConfigError, match="hnsw_m must be >= 2, got 1"):
+        RetrievalConfig(kind="hnsw", hnsw_m=1)

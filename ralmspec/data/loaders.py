@@ -13,6 +13,8 @@ Question files: ``.jsonl`` / ``.jsonl.gz`` with ``question`` (required) and ``an
 ``answer`` (a list of strings or one string; optional, default ``[]``), or ``.txt`` with one
 question per non-blank line.
 
+Files are UTF-8; a byte-order mark at the start is skipped.
+
 Every problem raises :class:`~ralmspec.errors.ConfigError` naming the file and, where it has
 one, the line.
 """
@@ -59,9 +61,11 @@ def _open_text(path: str) -> IO[str]:
     if os.path.isdir(path):
         raise ConfigError(f"{path}: is a directory, expected a file")
     try:
+        # utf-8-sig: a byte-order mark at the start (Windows / spreadsheet exports) is dropped, not
+        # read as text (a TSV header it prefixes was not recognised, and became a passage)
         if path.endswith(".gz"):
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-        return open(path, encoding="utf-8")
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+        return open(path, encoding="utf-8-sig")
     except OSError as e:
         raise ConfigError(f"{path}: cannot open: {e}") from e
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ralmspec.config import LM_RUNNERS
 from ralmspec.errors import ConfigError, RalmSpecError
+from ralmspec.paths import check_output_path
 from ralmspec.threads import set_threads
 
 # `knnlm serve --lm-runner auto` shares the batched runner from this many decoding threads (on
@@ -153,6 +154,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     _check_shards(args.shards)
+    check_output_path(args.out, "--out", folder=True)
     if args.from_datastore:  # split an existing whole datastore (knnlm/sharded.py)
         if args.shards is None:
             raise ConfigError("--from-datastore splits an existing datastore into shards: give --shards N")
@@ -217,6 +219,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from ralmspec.knnlm.datastore import DatastoreBuildConfig, reindex_datastore
 
     set_threads(args.threads)
+    check_output_path(args.out, "--out", folder=True)
     cfg = DatastoreBuildConfig(index=args.index, ivf_nlist=args.nlist, ivf_nprobe=args.nprobe, pq_m=args.pq_m,
                                hnsw_m=args.hnsw_m, hnsw_ef_construction=args.ef_construction,
                                hnsw_ef_search=args.ef_search, max_tokens=args.max_tokens)
@@ -391,6 +394,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec_cfg = speculative_config(args)
     if args.prompt_tokens < 1 or args.warmup < 0:
         raise ConfigError(f"--prompt-tokens must be >= 1 and --warmup >= 0, got {args.prompt_tokens} and {args.warmup}")
+    if args.json:
+        check_output_path(args.json, "--json")  # before the run: not a traceback once it is done
     with open_knnlm(args) as (knn, ds):
         prompts = bench_prompts(knn.lm, args.prompts, args.n, args.prompt_tokens)
         load0 = machine_info().get("loadavg_1m")
@@ -470,6 +475,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ralmspec.lm.models import load_lm
 
     set_threads(args.threads)
+    if args.json:
+        check_output_path(args.json, "--json")  # before the run: not a traceback once it is done
     docs = _documents(args.text, args.max_documents)
     ds = _open_datastore(args)
     try:
@@ -618,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RalmSpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # as `ralmspec knnlm ...`: no traceback
+        return 130
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def load_documents(source: str) -> list[str]:
     if not os.path.isfile(source):
         raise ConfigError(f"{source}: file not found (a text is a file or one of {', '.join(wikitext_names())})")
     try:
-        with open(source, encoding="utf-8") as f:
+        with open(source, encoding="utf-8-sig") as f:  # a leading byte-order mark is not text
             raw = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read as UTF-8 text: {exc}") from exc

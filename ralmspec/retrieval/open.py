@@ -6,9 +6,9 @@ before any engine exists:
 1. **the query encoder** of a dense index (``encoder.encoder_for``: ``config.encoder_device``,
    else cuda when the index searches on cuda and CUDA is there, else cpu), made once and shared
    by every part that encodes (the whole index, or the caller side of a sharded one);
-2. **which folder**: ``config.index_dir`` if set; else the cached index of ``corpus_path``, or of
-   the embedded knowledge base, built on first use (its cached ``shards``-way split when shards
-   are asked for);
+2. **which folder**: ``config.index_dir`` if set (with a ``corpus_path`` too: a ConfigError, the
+   corpus would go unread); else the cached index of ``corpus_path``, or of the embedded
+   knowledge base, built on first use (its cached ``shards``-way split when shards are asked for);
 3. **whole or sharded** (manifest dispatch, ``open_index``): a whole index opens as a dense or
    BM25 retriever; a sharded one (``shard_index.py``) with every shard in this process, or, with
    ``ray``, one Ray actor per shard (``ray_shards.py``);
@@ -66,6 +66,10 @@ def open_knowledge_base(config: RetrievalConfig, corpus_path: str | None = None,
     """
     if shards is not None and not is_int(shards, 1):
         raise ConfigError(f"--shards must be >= 1, got {shards!r}")
+    if config.index_dir and corpus_path:  # the index holds its own passages: the corpus would go unread
+        raise ConfigError(f"give --index or --corpus, not both: the index {config.index_dir} holds its own "
+                          f"passages, so {corpus_path} would not be used (build an index of it with "
+                          "`ralmspec index build --corpus ...`, or leave --index out)")
     if ray is not None:
         import_ray()  # without Ray: a ConfigError saying how to install it, before anything loads
     if encoder is None and config.kind in DENSE_KINDS:

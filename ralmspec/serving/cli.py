@@ -126,6 +126,12 @@ def _build_app(a: argparse.Namespace):
     if sharded and a.retriever_url:
         raise ConfigError("--shards / --ray-address serve a sharded knowledge base here; "
                           "they cannot be combined with --retriever-url")
+    if a.retriever_url:  # the remote serves its own index: these would go unused, silently
+        local = [flag for flag, given in (("--index", a.index), ("--corpus", a.corpus),
+                                          ("--retriever-device", a.retriever_device != "cpu")) if given]
+        if local:
+            raise ConfigError(f"{', '.join(local)} choose a local knowledge base; with --retriever-url the remote "
+                              "service's is used (give them to its `ralmspec serve --retrieval-only`)")
     if a.emulate_pad and (sharded or a.retriever_url):
         raise ConfigError("--emulate-pad pads a local (unsharded) index in this process; it cannot be combined "
                           "with --retriever-url, --shards or --ray-address")

@@ -45,6 +45,18 @@ def test_tsv_corpus_header_detection(tmp_path, header, row):
     assert list(c) == [Passage(0, "A Title", "some text", "d1"), Passage(1, "B", "quoted\ttab", "d2")]
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_byte_order_mark_is_not_text(tmp_path, gz):
+    """A UTF-8 BOM (Windows / spreadsheet exports): a TSV header it prefixed was not recognised
+    and became a passage ('text' titled 'title'); a JSONL file was refused; a question kept it."""
+    z = ".gz" if gz else ""
+    tsv = load_corpus(_write(tmp_path / f"c.tsv{z}", "\ufeffid\ttext\ttitle\nd1\tsome text\tT\n", gz))
+    assert list(tsv) == [Passage(0, "T", "some text", "d1")]
+    jsonl = load_corpus(_write(tmp_path / f"c.jsonl{z}", '\ufeff{"id": "a", "text": "one"}\n', gz))
+    assert list(jsonl) == [Passage(0, "", "one", "a")]
+    assert load_questions(_write(tmp_path / "q.txt", "\ufeffwho?\n")) == [Question("who?", [])]
+
+
 def test_save_and_hash_round_trip(tmp_path):
     c = Corpus([Passage(0, "T", "a", "x"), Passage(1, "", "b\nc", "y")])
     path = str(tmp_path / "s.jsonl.gz")

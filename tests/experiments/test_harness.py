@@ -62,6 +62,21 @@ def test_config_rejects_bad_input():
         parse_config(_raw(speculation={"prefetch": 0}))
 
 
+def test_run_command_line_errors_are_one_line(tmp_path, capsys):
+    """A config that is not UTF-8 was a UnicodeDecodeError traceback; an --out below a file a
+    FileExistsError traceback."""
+    from experiments import run as run_mod
+
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('[run]\nname = "caf\xe9"\n'.encode("latin-1"))
+    assert run_mod.main([str(bad)]) == 2
+    assert "latin1.toml: not UTF-8 text" in capsys.readouterr().err
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert run_mod.main(["--quick", "--out", str(a_file / "out"), "--no-progress"]) == 2
+    assert f"--out {a_file / 'out'}: {a_file} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_overrides_and_presets_parse():
     raw = apply_overrides({"workload": {"n": 9}}, {"workload.n": 2, "run.name": "x"})
     assert raw == {"workload": {"n": 2}, "run": {"name": "x"}}

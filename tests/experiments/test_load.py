@@ -27,6 +27,36 @@ def test_plan_alternates_which_mode_goes_first():
     assert sorted(load.question_order(qs, 3, 0)) == sorted(qs)
 
 
+def test_bad_flags_are_one_line_errors_before_any_server_starts(tmp_path, capsys):
+    """A question file that cannot be read was a ConfigError traceback; a NaN or infinite
+    --duration / --warmup ran (NaN: every rate NaN; inf: forever); a negative --n-questions
+    meant "all" in silence; a --json folder failed after the first cell."""
+    for flags, says in ((["--questions", str(tmp_path / "missing.jsonl")], "missing.jsonl: file not found"),
+                        (["--duration", "nan"], "--duration a finite number > 0"),
+                        (["--duration", "inf"], "--duration a finite number > 0"),
+                        (["--warmup", "nan"], "--warmup a finite number >= 0"),
+                        (["--n-questions", "-3"], "--n-questions >= 0"),
+                        (["--json", str(tmp_path)], "is a folder; give a file path")):
+        assert load.main(["--model", "tiny", *flags]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and "server up" not in err, (flags, err)
+
+
+def test_an_unreachable_url_is_a_one_line_error(capsys):
+    """--url with no server there was an aiohttp ClientConnectorError traceback."""
+    rc = load.main(["--model", "tiny", "--url", "http://127.0.0.1:1", "--concurrency", "1", "--rounds", "1",
+                    "--modes", "naive", "--warmup", "0", "--duration", "0.1"])
+    assert rc == 2 and "error: cannot reach the server at http://127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130(monkeypatch, tmp_path):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(load, "_run", interrupted)
+    assert load.main(["--model", "tiny", "--questions", "grounded"]) == 130
+
+
 def test_load_json_schema(tmp_path, capsys):
     out = tmp_path / "load.json"
     rc = load.main(["--model", "tiny", "--concurrency", "1", "--rounds", "1", "--duration", "2.5",

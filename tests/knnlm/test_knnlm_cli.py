@@ -66,6 +66,37 @@ def test_cli_errors_are_typed(tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
+def test_cli_output_paths_are_checked_before_the_work(tmp_path, capsys):
+    """An --out below a file (build, reindex) or a --json that is a folder (bench, eval) was a
+    FileExistsError / IsADirectoryError traceback, after the build or the whole run."""
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    missing = str(tmp_path / "missing")  # never opened: the path check comes first
+    for argv, says in ((["build", "--model", "tiny", "--max-tokens", "100", "--quiet", "--out", str(a_file / "ds")],
+                        f"--out {a_file / 'ds'}: {a_file} is a file, not a folder"),
+                       (["reindex", "--datastore", missing, "--index", "flat", "--out", str(a_file)],
+                        "exists and is not a folder"),
+                       (["bench", "--datastore", missing, "--json", str(tmp_path)], "is a folder; give a file path"),
+                       (["eval", "--datastore", missing, "--text", "wt103:test", "--json", str(tmp_path)],
+                        "is a folder; give a file path")):
+        assert main(argv) == 2
+        assert says in capsys.readouterr().err, argv
+
+
+def test_ctrl_c_exits_130_without_a_traceback(monkeypatch):
+    import ralmspec.knnlm.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_generate", interrupted)
+    try:
+        rc = main(["generate", "hi", "--datastore", "d"])
+    except KeyboardInterrupt:  # escaping, it would stop the whole test session
+        rc = "KeyboardInterrupt escaped main"
+    assert rc == 130
+
+
 def test_subparser_wiring():
     parser = argparse.ArgumentParser(prog="ralmspec")
     add_knnlm_subparsers(parser.add_subparsers(dest="command"))

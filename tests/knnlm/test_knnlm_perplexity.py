@@ -199,6 +199,15 @@ def test_text_sources(tmp_path):
     assert load_documents(str(tmp_path / "plain.txt")) == ["one document\n\nstill the same one"]
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """A UTF-8 BOM at the start of a text file was kept as the first document's first character
+    (a token of its own in the datastore; a WikiText file's first title was not recognised)."""
+    (tmp_path / "bom.txt").write_text("\ufeffone document", encoding="utf-8")
+    assert load_documents(str(tmp_path / "bom.txt")) == ["one document"]
+    (tmp_path / "wiki.tokens").write_text("\ufeff = First = \n \n Some words . \n", encoding="utf-8")
+    assert load_documents(str(tmp_path / "wiki.tokens")) == ["First\nSome words."]
+
+
 def test_cli_eval_table_and_json(tmp_path, capsys, stores):
     from ralmspec.knnlm.cli import main
 
