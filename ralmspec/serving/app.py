@@ -83,6 +83,9 @@ class ServerConfig:
     model_name: str = "ralmspec"  # the `model` clients must send
     client_max_size: int = 1 << 20  # bytes of request body; larger -> 413
     body_timeout_s: float = 30.0  # the whole request body must arrive within this; slower -> 408; 0: no limit
+    # a connection idle this long, or still sending its request line and headers, is closed
+    # (aiohttp's keepalive_timeout: its own default, 3630 s, let half-sent headers hold a socket an hour)
+    idle_timeout_s: float = 75.0
     max_retrieve_queries: int = 512
     max_retrieve_k: int = 1000
     max_retrieve_texts: int = 50_000  # passages with their text per /v1/retrieve answer (queries x k); more -> 400
@@ -97,6 +100,8 @@ class ServerConfig:
             raise ConfigError("model_name must be non-empty")
         check_trim_interval(self.malloc_trim_s)
         check_body_timeout(self.body_timeout_s)
+        if not (0 < self.idle_timeout_s < math.inf):
+            raise ConfigError(f"idle_timeout_s must be a finite number of seconds > 0, got {self.idle_timeout_s!r}")
         if not self.worker_stats_timeout_s > 0:
             raise ConfigError(f"worker_stats_timeout_s must be > 0, got {self.worker_stats_timeout_s}")
         for name in ("client_max_size", "max_retrieve_queries", "max_retrieve_k", "max_retrieve_texts", "max_ids",
@@ -143,7 +148,7 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
     cfg = server_config or ServerConfig()
     state = ServerState(engine, retriever or engine.retriever, scheduler_config or SchedulerConfig(), cfg,
                         ServerMetrics())
-    app = web.Application(client_max_size=cfg.client_max_size,
+    app = web.Application(client_max_size=cfg.client_max_size, handler_args={"keepalive_timeout": cfg.idle_timeout_s},
                           middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
     app[STATE] = state
 

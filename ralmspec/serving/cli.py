@@ -64,6 +64,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a client has to send its whole request body; slower: HTTP 408 and the connection "
                         "is closed (0: no limit)")
+    h.add_argument("--idle-timeout", type=float, default=75.0, metavar="S",
+                   help="seconds a connection may stay idle between requests, or take to send a request's line "
+                        "and headers, before it is closed")
     h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
                    help="seconds between trims of the C heap (glibc malloc_trim: freed memory back to the OS, "
                         "so RSS does not creep; /v1/stats memory.heap_trim), here and in each LM replica and shard actor "
@@ -142,7 +145,8 @@ def _build_app(a: argparse.Namespace):
             raise ConfigError("--retrieval-only serves a local index; it cannot be combined with --retriever-url")
         retriever, where = _open_local_knowledge_base(a, cfg, sharded)
         server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes,
-                          body_timeout_s=a.body_timeout, malloc_trim_s=a.malloc_trim_s)
+                          body_timeout_s=a.body_timeout,
+                          idle_timeout_s=a.idle_timeout, malloc_trim_s=a.malloc_trim_s)
         app = create_app(None, sched, retriever=retriever, server_config=server,
                          search_concurrency=a.search_concurrency)
         _log(f"ralmspec: {where} {retriever.kind} knowledge base of {len(retriever.corpus)} passages loaded in "
@@ -165,7 +169,8 @@ def _build_app(a: argparse.Namespace):
         raise
     engine = RalmEngine(lm, retriever, cfg)
     server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes,
-                          body_timeout_s=a.body_timeout, malloc_trim_s=a.malloc_trim_s)
+                          body_timeout_s=a.body_timeout,
+                          idle_timeout_s=a.idle_timeout, malloc_trim_s=a.malloc_trim_s)
     _log(f"ralmspec: model {cfg.model!r}{lm_where} + {where} {retriever.kind} knowledge base "
          f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s{_emulated_note(retriever)}")
     return create_app(engine, sched, server_config=server, search_concurrency=a.search_concurrency)
@@ -244,8 +249,8 @@ async def serve(app: Any, host: str, port: int, access_log: bool = False) -> Non
 
 
 def _check_listen_flags(a: argparse.Namespace) -> None:
-    """``--port``, ``--request-timeout`` and ``--body-timeout`` of either server, checked before
-    anything loads."""
+    """``--port``, ``--request-timeout``, ``--body-timeout`` and ``--idle-timeout`` of either
+    server, checked before anything loads."""
     from ralmspec.serving.app import check_body_timeout
 
     if not a.request_timeout >= 0:  # NaN too
@@ -253,6 +258,8 @@ def _check_listen_flags(a: argparse.Namespace) -> None:
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
     check_body_timeout(a.body_timeout, "--body-timeout")
+    if not 0 < a.idle_timeout < float("inf"):  # NaN too
+        raise ConfigError(f"--idle-timeout must be a finite number of seconds > 0, got {a.idle_timeout}")
 
 
 def _configure_logging(a: argparse.Namespace) -> None:
@@ -326,6 +333,9 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a client has to send its whole request body; slower: HTTP 408 and the connection "
                         "is closed (0: no limit)")
+    h.add_argument("--idle-timeout", type=float, default=75.0, metavar="S",
+                   help="seconds a connection may stay idle between requests, or take to send a request's line "
+                        "and headers, before it is closed")
     h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
                    help="seconds between trims of the C heap (ralmspec/memory.py); 0: never")
     h.add_argument("--access-log", action="store_true", help="log every request")
@@ -343,7 +353,7 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
     _configure_logging(a)
     _check_listen_flags(a)
     spec = speculative_config(a)  # bad speculation options fail before anything loads
-    server = dict(client_max_size=a.max_body_bytes, body_timeout_s=a.body_timeout,
+    server = dict(client_max_size=a.max_body_bytes, body_timeout_s=a.body_timeout, idle_timeout_s=a.idle_timeout,
                   max_concurrent=a.max_concurrent, max_queue=a.max_queue,
                   request_timeout_s=a.request_timeout, gather_s=None if a.gather_ms is None else a.gather_ms / 1000,
                   speculate_max_active=a.speculate_max_active,

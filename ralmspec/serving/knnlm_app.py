@@ -38,6 +38,7 @@ Errors follow ralmspec/serving/app.py's contract (JSON ``{"error": {...}}``, 400
 from __future__ import annotations
 
 import asyncio
+import math
 import contextlib
 import queue
 import threading
@@ -77,6 +78,9 @@ class KNNLMServerConfig:
     model_name: str = "ralmspec-knnlm"  # the `model` clients must send
     client_max_size: int = 1 << 20  # bytes of request body; larger -> 413
     body_timeout_s: float = 30.0  # the whole request body must arrive within this; slower -> 408; 0: no limit
+    # a connection idle this long, or still sending its request line and headers, is closed
+    # (aiohttp's keepalive_timeout: its own default, 3630 s, let half-sent headers hold a socket an hour)
+    idle_timeout_s: float = 75.0
     max_concurrent: int = 1  # requests decoding at once, each in its own thread (module doc)
     gather_s: float | None = None  # batched runner: longest wait for more steps (SharedRunner; None: auto)
     speculate_max_active: int = 1  # batched runner: requests speculate only while at most this many decode
@@ -91,6 +95,8 @@ class KNNLMServerConfig:
         if self.client_max_size < 1:
             raise ConfigError(f"client_max_size must be >= 1, got {self.client_max_size}")
         check_body_timeout(self.body_timeout_s)
+        if not (0 < self.idle_timeout_s < math.inf):
+            raise ConfigError(f"idle_timeout_s must be a finite number of seconds > 0, got {self.idle_timeout_s!r}")
         if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
             raise ConfigError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
@@ -269,7 +275,7 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
     warm_s = warm_datastore(knn.datastore, knn.config.k)  # first-use costs now, not in a request's OS^3
     state = KNNLMServerState(knn, spec or SpeculativeKNNConfig(), cfg, ServerMetrics(),
                              knn.datastore.describe() | {"warm_s": warm_s})
-    app = web.Application(client_max_size=cfg.client_max_size,
+    app = web.Application(client_max_size=cfg.client_max_size, handler_args={"keepalive_timeout": cfg.idle_timeout_s},
                           middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
     app[KNN_STATE] = state
 

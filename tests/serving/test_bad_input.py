@@ -206,11 +206,11 @@ def test_a_client_gone_before_its_body_arrived_is_499_not_a_server_error(server)
 
 @pytest.fixture(scope="module")
 def strict_server(serving_engine):
-    """The shared engine behind a server that waits 0.5 s for a request body and answers at most
-    10 passages with their text per /v1/retrieve."""
+    """The shared engine behind a server that waits 0.5 s for a request body, 1 s for a request's
+    headers (or the next request), and answers at most 10 passages with their text per /v1/retrieve."""
     from tests.serving.conftest import serve
 
-    srv = serve(serving_engine, MODEL, 2, 60, body_timeout_s=0.5, max_retrieve_texts=10)
+    srv = serve(serving_engine, MODEL, 2, 60, body_timeout_s=0.5, idle_timeout_s=1.0, max_retrieve_texts=10)
     yield srv
     srv.stop()
 
@@ -241,6 +241,24 @@ def test_a_body_that_never_arrives_is_408_and_the_connection_closed(strict_serve
     err = json.loads(body)["error"]
     assert err["code"] == "body_timeout" and "within 0.5 s" in err["message"]
     assert 0.4 < first_s < 5 and closed
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(strict_server):
+    """Half a header line, then nothing: aiohttp's own limit is its keepalive timeout, 3630 s
+    (measured: still open after 100 s); the server's idle timeout closes it, with no answer."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    u = urlparse(strict_server.url)
+    with socket.create_connection((u.hostname, u.port)) as sock:
+        t = time.perf_counter()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost:")
+        sock.settimeout(20)
+        assert sock.recv(100) == b""  # closed, nothing sent
+        assert time.perf_counter() - t < 10
+    # a slow but finished request on a fresh connection is answered
+    assert request("GET", f"{strict_server.url}/health")[0] == 200
 
 
 # --------------------------------------------------------------------------- any body: never a 5xx
