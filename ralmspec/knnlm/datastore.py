@@ -106,11 +106,17 @@ def check_queries(queries: np.ndarray, k: int, dim: int, n: int) -> tuple[np.nda
     return np.ascontiguousarray(q), min(int(k), n)
 
 
+def rank_order(ids: np.ndarray, dists: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the top-``k`` of ``(id, distance)`` pairs by (distance asc, id asc), best
+    first: :func:`rank_entries` is ``ids[order], dists[order]``. Ids must be unique."""
+    return np.lexsort((np.asarray(ids, dtype=np.int64), np.asarray(dists, dtype=np.float64)))[:k]
+
+
 def rank_entries(ids: np.ndarray, dists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of ``(id, distance)`` pairs by (distance asc, id asc). Ids must be unique."""
     ids = np.asarray(ids, dtype=np.int64)
     dists = np.asarray(dists, dtype=np.float64)
-    order = np.lexsort((ids, dists))[:k]
+    order = rank_order(ids, dists, k)
     return ids[order], dists[order]
 
 
@@ -446,26 +452,37 @@ def make_faiss_index(kind: str, keys32: np.ndarray, cfg: DatastoreBuildConfig) -
         index.add(keys32)
         return index, info
     if kind == "ivf":
-        nlist = cfg.ivf_nlist or max(1, int(round(np.sqrt(n))))
-        nlist = min(nlist, n)
-        quantizer = faiss.IndexFlatL2(d)
+        from ralmspec.retrieval.dense import ivf_without_empty_lists
+
         if cfg.pq_m > 0:
             if d % cfg.pq_m:
                 raise ConfigError(f"pq_m={cfg.pq_m} must divide the key dimension {d}")
             if n < 256:  # each sub-quantizer trains 256 centroids (8 bits)
                 raise ConfigError(f"an IVF-PQ index needs at least 256 entries to train its codebooks, got {n}; "
                                   "use pq_m 0 (IVF-flat) or a larger datastore")
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, 8)
-        else:
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
-        index.cp.seed = cfg.seed
-        rng = np.random.default_rng(cfg.seed)
-        n_train = min(n, max(nlist * cfg.train_points_per_list, 256 if cfg.pq_m else 1))
-        sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
-        index.train(np.ascontiguousarray(keys32[sample]))
-        index.add(keys32)
+
+        def train_points(nlist: int) -> int:
+            return min(n, max(nlist * cfg.train_points_per_list, 256 if cfg.pq_m else 1))
+
+        def build(nlist: int) -> Any:
+            quantizer = faiss.IndexFlatL2(d)
+            if cfg.pq_m > 0:
+                index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, 8)
+            else:
+                index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+            index.cp.seed = cfg.seed
+            rng = np.random.default_rng(cfg.seed)
+            n_train = train_points(nlist)
+            sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
+            index.train(np.ascontiguousarray(keys32[sample]))
+            index.add(keys32)
+            return index
+
+        # Lists k-means leaves empty (more lists than distinct keys: repeated contexts) would
+        # cost a probe each and widened searches (``Datastore._widened``): fewer lists instead.
+        index, nlist = ivf_without_empty_lists(build, min(cfg.ivf_nlist or max(1, int(round(np.sqrt(n)))), n))
         index.nprobe = cfg.ivf_nprobe
-        info.update(nlist=nlist, nprobe=cfg.ivf_nprobe, pq_m=cfg.pq_m, train_points=int(n_train))
+        info.update(nlist=nlist, nprobe=cfg.ivf_nprobe, pq_m=cfg.pq_m, train_points=int(train_points(nlist)))
         return index, info
     index = faiss.IndexHNSWFlat(d, cfg.hnsw_m)
     index.hnsw.efConstruction = cfg.hnsw_ef_construction

@@ -81,6 +81,7 @@ speculation resumes when it pays again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -89,7 +90,7 @@ import numpy as np
 
 from ralmspec.config import OS3_MODE_DEFAULTS, OS3Config
 from ralmspec.errors import ConfigError
-from ralmspec.knnlm.datastore import Datastore, rank_entries, squared_l2
+from ralmspec.knnlm.datastore import Datastore, rank_order, squared_l2
 from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState, OnTokens, StopWhen
 from ralmspec.speculation.driver import Driver, Plan, StepKind
 from ralmspec.speculation.rounds import Round, Step, Verdict, judge_each
@@ -146,7 +147,13 @@ class NeighbourCache:
         self._keys32 = np.zeros((self.capacity, d), dtype=np.float32)
         self._norm2 = np.zeros(self.capacity, dtype=np.float64)
         self._stamp = np.zeros(self.capacity, dtype=np.int64)
-        self._slot_of = np.full(datastore.n, -1, dtype=np.int32)  # entry id -> slot (-1: absent)
+        # entry id -> slot, for the cached entries only: memory and set-up grow with the capacity,
+        # not with the datastore (a dense id -> slot table took 4 bytes per datastore entry and
+        # request: 396 MiB and 84 ms of set-up at WikiText-103's 103M entries). Replaying recorded
+        # cache operations on the test datastore, a dict cost less than a sorted id view
+        # (searchsorted, re-sorted or merged on every insert): ~7 us to look up an add's ~88 ids,
+        # about +25 us per token over the dense table's ~160 us of cache work per token.
+        self._slot_of: dict[int, int] = {}
         self._size = 0
         self._clock = 0
         self.evictions = 0
@@ -158,7 +165,7 @@ class NeighbourCache:
         return self._size
 
     def __contains__(self, entry: int) -> bool:
-        return 0 <= int(entry) < self._slot_of.size and self._slot_of[int(entry)] >= 0
+        return int(entry) in self._slot_of
 
     def entry_ids(self) -> np.ndarray:
         return self._ids[:self._size].copy()
@@ -174,29 +181,32 @@ class NeighbourCache:
         if arr.size > self.capacity:
             arr = arr[-self.capacity:]
         slot_of = self._slot_of
-        present = slot_of[arr] >= 0
+        cur = self._slots(arr)  # slot of each id, -1: not cached
+        present = cur >= 0
         new = arr[~present]
+        k64 = self.ds.key_vectors(new) if new.size else None  # before any change (it may raise)
         free = self.capacity - self._size
         n_free = min(free, new.size)
         slots = np.arange(self._size, self._size + n_free, dtype=np.int64)
         need = new.size - n_free
         if need > 0:
             stamps = self._stamp[:self._size].copy()
-            stamps[slot_of[arr[present]]] = np.iinfo(np.int64).max  # protect this batch
+            stamps[cur[present]] = np.iinfo(np.int64).max  # protect this batch
             victims = np.argpartition(stamps, need - 1)[:need] if need < self._size else np.arange(self._size)
             victims = np.sort(victims)
-            slot_of[self._ids[victims]] = -1
+            for gone in self._ids[victims].tolist():
+                del slot_of[gone]
             self.evictions += need
             slots = np.concatenate([slots, victims])
         self._size += n_free
-        if new.size:
-            k64 = self.ds.key_vectors(new)
+        if k64 is not None:
             self._ids[slots] = new
             self._keys64[slots] = k64
             self._keys32[slots] = k64.astype(np.float32)
             self._norm2[slots] = np.einsum("ij,ij->i", k64, k64)
-            slot_of[new] = slots
-        self._stamp[slot_of[arr]] = self._clock + np.arange(arr.size)
+            slot_of.update(zip(new.tolist(), slots.tolist()))
+            cur[~present] = slots  # a present id is never a victim (protected): its slot stays
+        self._stamp[cur] = self._clock + np.arange(arr.size)
         self._clock += arr.size
 
     def add_search_result(self, neighbour_ids: np.ndarray, successors: int) -> None:
@@ -224,17 +234,25 @@ class NeighbourCache:
             if self.prefilter and n > c:  # not certified: rank everything exactly
                 self.prefilter_fallbacks += 1
             found = self._rank(query, np.arange(n), k)
-        ids, d = found
-        slots = self._slot_of[ids]
+        ids, d, slots = found
         self._stamp[slots] = self._clock + np.arange(ids.size)[::-1]
         self._clock += ids.size
         return ids, d
 
-    def _rank(self, query: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Canonical top-``k`` of the entries in ``slots`` (float64 distances, then entry id)."""
-        return rank_entries(self._ids[slots], squared_l2(query, self._keys64[slots]), k)
+    def _slots(self, ids: np.ndarray) -> np.ndarray:
+        """The slot of each entry id (int64), -1 where it is not cached."""
+        return np.fromiter(map(self._slot_of.get, ids.tolist(), itertools.repeat(-1, ids.size)),
+                           dtype=np.int64, count=ids.size)
 
-    def _prefiltered_topk(self, query: np.ndarray, k: int, c: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def _rank(self, query: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Canonical top-``k`` of the entries in ``slots`` (float64 distances, then entry id):
+        their ids, distances and slots."""
+        ids = self._ids[slots]
+        d = squared_l2(query, self._keys64[slots])
+        order = rank_order(ids, d, k)
+        return ids[order], d[order], slots[order]
+
+    def _prefiltered_topk(self, query: np.ndarray, k: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """The exact top-``k`` ranked among the ``c`` (< size) float32-nearest cached entries, or
         None when the float32 error bound cannot certify that no other cached entry ranks in.
 
@@ -250,10 +268,10 @@ class NeighbourCache:
         norm2 = self._norm2[:n]
         approx = norm2 + qn - 2.0 * np.einsum("ij,j->i", self._keys32[:n], q32).astype(np.float64)
         part = np.argpartition(approx, c)
-        ids, d = self._rank(query, part[:c], k)
+        ids, d, slots = self._rank(query, part[:c], k)
         m = float(norm2.max())
         lower = float(approx[part[c]]) - (2.0 * self._gamma * np.sqrt(m * qn) + 1e-9 * (m + qn + 1.0))
-        return (ids, d) if d.size == k and d[-1] < lower else None
+        return (ids, d, slots) if d.size == k and d[-1] < lower else None
 
 
 # ---------------------------------------------------------------------- stats

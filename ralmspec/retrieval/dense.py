@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -220,7 +220,7 @@ def build_faiss_index(kind: str, vectors: np.ndarray, config: RetrievalConfig) -
     """Build a CPU FAISS index of ``kind`` over ``vectors`` (N, d) float32; returns (index, params).
 
     ``params`` are the build parameters actually used (``ivf_nlist`` is capped at N, and lowered
-    to the lists that vectors fill: ``_ivf_without_empty_lists``).
+    to the lists that vectors fill: ``ivf_without_empty_lists``).
     HNSW and IVF builds use FAISS's multi-threading, so two builds may differ slightly; the
     saved index file is the reference.
     """
@@ -237,7 +237,7 @@ def build_faiss_index(kind: str, vectors: np.ndarray, config: RetrievalConfig) -
         index.hnsw.efConstruction = config.hnsw_ef_construction
         params = {"hnsw_m": config.hnsw_m, "hnsw_ef_construction": config.hnsw_ef_construction}
     elif kind == "ivf":
-        index, nlist = _ivf_without_empty_lists(faiss, x, min(config.ivf_nlist, n))
+        index, nlist = ivf_without_empty_lists(lambda nl: _ivf_ip(faiss, x, nl), min(config.ivf_nlist, n))
         return index, {"ivf_nlist": nlist}
     else:
         raise ConfigError(f"not a dense retriever kind: {kind!r} (choose {', '.join(DENSE_KINDS)})")
@@ -245,24 +245,37 @@ def build_faiss_index(kind: str, vectors: np.ndarray, config: RetrievalConfig) -
     return index, params
 
 
-def _ivf_without_empty_lists(faiss: Any, x: np.ndarray, nlist: int, tries: int = 4) -> tuple[Any, int]:
-    """An IVF index over ``x`` (trained and filled) with ``nlist`` lists, fewer where lists stay
-    empty: with more lists than distinct vectors (duplicate passages) k-means splits clusters into
-    near-copies of a centroid that no vector lands in, and a query whose ``nprobe`` best
-    centroids are those found nothing (an empty top-1 from a healthy index). So the build is
-    redone with as many lists as were filled, until every list holds a vector (or ``tries`` runs)."""
+def ivf_without_empty_lists(build: Callable[[int], Any], nlist: int, tries: int = 4) -> tuple[Any, int]:
+    """``build(nlist)``: a trained and filled FAISS IVF index (or an index wrapping one) with
+    ``nlist`` lists; returned with its number of lists, built with fewer where lists stay empty.
+
+    With more lists than distinct vectors (duplicate passages, or a kNN-LM datastore's repeated
+    contexts) k-means splits clusters into near-copies of a centroid that no vector lands in,
+    and a query whose ``nprobe`` best centroids are those finds nothing there: an empty top-1
+    from a healthy index (passages), a wasted probe and a widened search (kNN-LM datastore). So
+    the build is redone with as many lists as were filled, until every list holds a vector (or
+    ``tries`` builds: the last one is returned, its empty lists included)."""
+    faiss = _faiss()
     for _ in range(tries):
-        quantizer = faiss.IndexFlatIP(x.shape[1])
-        index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.own_fields = True
-        quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
-        index.add(x)
-        filled = sum(1 for i in range(nlist) if index.invlists.list_size(i))
+        index = build(nlist)
+        ivf = faiss.extract_index_ivf(index)
+        nlist = int(ivf.nlist)
+        filled = sum(1 for i in range(nlist) if ivf.invlists.list_size(i))
         if filled == nlist:
             break
         nlist = filled
-    return index, nlist
+    return index, int(ivf.nlist)
+
+
+def _ivf_ip(faiss: Any, x: np.ndarray, nlist: int) -> Any:
+    """An inner-product IVF-Flat index over ``x`` with ``nlist`` lists, trained and filled."""
+    quantizer = faiss.IndexFlatIP(x.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.own_fields = True
+    quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
+    index.add(x)
+    return index
 
 
 class DenseRetriever(Retriever):

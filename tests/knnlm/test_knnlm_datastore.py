@@ -193,6 +193,31 @@ def test_build_small_ivf_directly(tmp_path, tiny_lm):
     assert ids[0, 0] == 5 and d[0, 0] == 0.0
 
 
+def test_an_ivf_datastore_over_repeated_contexts_has_no_empty_lists(tmp_path, tiny_lm):
+    """More lists than distinct keys (a document repeated: 20 distinct contexts, 30 times each):
+    k-means left 44 of 64 lists empty, the nearest centroid of most queries was an empty one and
+    their searches were widened (566 widened searches for these 600 queries). The build is redone
+    with the lists the keys fill (``ivf_without_empty_lists``, as for passages)."""
+    import faiss
+
+    text = "the cat sat on the mat and then the dog came in and sat by the door of the old house"
+    ds = build_datastore(tiny_lm, [text] * 30, tmp_path / "d",
+                         DatastoreBuildConfig(index="ivf", ivf_nlist=64, ivf_nprobe=1, key_dtype="float32",
+                                              window=64, stride=48), progress=False)
+    keys = np.asarray(ds.keys)
+    distinct = np.unique(keys, axis=0).shape[0]
+    assert distinct < 64 and ds.n >= 30 * distinct  # the case: repeated contexts, more lists asked
+    ivf = faiss.extract_index_ivf(ds.index)
+    sizes = [ivf.invlists.list_size(i) for i in range(ivf.nlist)]
+    assert ds.manifest["index"]["nlist"] == ivf.nlist <= distinct and min(sizes) > 0, sizes
+    rng = np.random.default_rng(0)
+    scale = float(np.linalg.norm(keys, axis=1).mean())
+    qs = (keys + rng.normal(0, 0.05 * scale / np.sqrt(ds.dim), keys.shape)).astype(np.float32)
+    assert (ds.index.search(qs, 8)[1][:, 0] >= 0).all()  # the probed list always has candidates
+    ids, _ = ds.search(qs, 8)
+    assert ids.shape == (ds.n, 8) and ds.widened_searches == 0
+
+
 def test_missing_and_broken_datastores(tmp_path, knn_datastores):
     with pytest.raises(IndexNotFoundError, match="not found"):
         load_datastore(tmp_path / "nope")
