@@ -7,7 +7,8 @@ Corpus files (doc ids are 0..N-1 in file order; the file's own id is kept as ``s
   Blank lines are skipped.
 - ``.tsv`` / ``.tsv.gz``: tab-separated, quoted like DPR's ``psgs_w100.tsv``. A header line
   naming the columns (``id``, ``text``, ``title`` in any order; ``title`` optional) is detected
-  and used; without one the DPR order ``id<TAB>text<TAB>title`` is assumed.
+  and used; without one the DPR order ``id<TAB>text<TAB>title`` is assumed. A first line of
+  other column names (``docid<TAB>passage``, ...) is an error, not a passage.
 
 Question files: ``.jsonl`` / ``.jsonl.gz`` with ``question`` (required) and ``answers`` or
 ``answer`` (a list of strings or one string; optional, default ``[]``), or ``.txt`` with one
@@ -123,6 +124,11 @@ def _corpus_from_jsonl(path: str) -> list[Passage]:
     return out
 
 
+# first-line cells that name columns in other corpora's headers (a line of only these is not a passage)
+_HEADER_WORDS = {"id", "text", "title", "docid", "doc_id", "pid", "_id", "passage_id", "passage", "passages",
+                 "contents", "content", "body", "document", "doc", "name", "url"}
+
+
 def _corpus_from_tsv(path: str) -> list[Passage]:
     csv.field_size_limit(1 << 30)
     out: list[Passage] = []
@@ -138,6 +144,10 @@ def _corpus_from_tsv(path: str) -> list[Passage]:
                     continue
                 if lineno == 1:
                     names = [c.strip().lower() for c in row]
+                    if set(names) <= _HEADER_WORDS and not {"text", "id"} <= set(names):
+                        raise ConfigError(f"{path}:1: {row!r} looks like a header, but the columns must be named "
+                                          "id, text and optionally title (without a header the DPR order "
+                                          "id<TAB>text<TAB>title is read, and this line would be a passage)")
                     if "text" in names and "id" in names:
                         if len(set(names)) != len(names) or not set(names) <= {"id", "text", "title"}:
                             raise ConfigError(f"{path}:1: header must name the columns id, text and "

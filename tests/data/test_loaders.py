@@ -45,6 +45,20 @@ def test_tsv_corpus_header_detection(tmp_path, header, row):
     assert list(c) == [Passage(0, "A Title", "some text", "d1"), Passage(1, "B", "quoted\ttab", "d2")]
 
 
+@pytest.mark.parametrize("header", ["docid\tpassage\ttitle", "pid\tcontents", "id\tbody", "_id\ttitle\ttext"])
+def test_a_header_with_other_column_names_is_an_error_not_a_passage(tmp_path, header):
+    """It was read as the DPR order: a passage titled 'title' whose text was 'passage'."""
+    p = _write(tmp_path / "c.tsv", f"{header}\nd1\tsome text\tT\n")
+    with pytest.raises(ConfigError, match=r"c\.tsv:1: .*looks like a header.*id, text and optionally title"):
+        load_corpus(p)
+
+
+def test_a_first_passage_is_still_a_passage(tmp_path):
+    """Only a line of column names is taken for a header: a short first passage is read."""
+    c = load_corpus(_write(tmp_path / "c.tsv", "1\ttext\ttitle\n2\tbody\tname\n"))
+    assert list(c) == [Passage(0, "title", "text", "1"), Passage(1, "name", "body", "2")]
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_a_byte_order_mark_is_not_text(tmp_path, gz):
     """A UTF-8 BOM (Windows / spreadsheet exports): a TSV header it prefixed was not recognised
