@@ -27,6 +27,7 @@ Default locations: :func:`default_index_root` is ``$RALMSPEC_HOME/indexes`` or
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -48,6 +49,8 @@ from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.dense import DenseRetriever, build_faiss_index
 from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
 from ralmspec.retrieval.sparse import BM25Retriever, build_bm25
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PASSAGES = "passages.jsonl.gz"
@@ -336,9 +339,24 @@ def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncode
         except RuntimeError as e:
             raise IndexNotFoundError(f"cannot read {os.path.join(index_dir, FAISS_FILE)} ({e}); rebuild it with: "
                                      f"{build_command(m['kind'], index_dir, m.get('corpus_source'))}") from e
+        if m["kind"] == "ivf":
+            empty = empty_ivf_lists(index)
+            if empty:  # built before 2026-12-07 (ivf_without_empty_lists): outputs are right, some probes wasted
+                log.warning("the ivf index at %s has %d empty lists of %d: a query probing them gets fewer hits "
+                            "(an empty top-1 with nprobe 1); rebuild it with: %s", index_dir, empty,
+                            faiss.extract_index_ivf(index).nlist,
+                            build_command(m["kind"], index_dir, m.get("corpus_source")))
         r = DenseRetriever(corpus, vectors, index, m["kind"], encoder, config)
     r.index_dir = index_dir
     return r
+
+
+def empty_ivf_lists(index: Any) -> int:
+    """How many inverted lists of an IVF ``index`` hold no vector."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    return sum(1 for i in range(ivf.nlist) if ivf.invlists.list_size(i) == 0)
 
 
 def read_vectors(path: str, fix: str) -> np.ndarray:

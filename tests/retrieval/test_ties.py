@@ -97,6 +97,31 @@ def test_an_ivf_index_over_duplicate_passages_has_no_empty_lists(encoder):
         assert [sorted(h.doc_id for h in row) for row in hits] == [list(range(5 * i, 5 * i + 5)) for i in range(10)]
 
 
+def test_an_old_ivf_index_with_empty_lists_is_opened_with_a_warning(tie_dirs, encoder, tmp_path, caplog):
+    """An index built before the empty-list fix keeps them (and a cached one is reused): opening
+    it says so, with the command that rebuilds it; a healthy one opens silently."""
+    import logging
+    import shutil
+
+    from ralmspec.retrieval.index import FAISS_FILE, empty_ivf_lists, read_vectors
+
+    old = str(tmp_path / "old-ivf")
+    shutil.copytree(tie_dirs["ivf"], old)
+    x = np.ascontiguousarray(read_vectors(os.path.join(old, "embeddings.npy"), ""), dtype=np.float32)
+    quantizer = faiss.IndexFlatIP(x.shape[1])
+    quantizer.add(np.concatenate([x[:2], -x[:2]]))  # two centroids nothing is nearest to
+    index = faiss.IndexIVFFlat(quantizer, x.shape[1], 4, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True
+    index.add(x)
+    assert empty_ivf_lists(index) == 2
+    faiss.write_index(index, os.path.join(old, FAISS_FILE))
+    with caplog.at_level(logging.WARNING, logger="ralmspec.retrieval.index"):
+        load_retriever(tie_dirs["ivf"], kb_config("ivf", ivf_nprobe=1), encoder)
+        assert not caplog.records
+        load_retriever(old, kb_config("ivf", ivf_nprobe=1), encoder)
+    assert "has 2 empty lists of 4" in caplog.text and "ralmspec index build" in caplog.text
+
+
 def test_a_faiss_index_of_another_structure_is_refused():
     """An exact manifest over an HNSW file opened and answered approximately, labelled exact."""
     from ralmspec.errors import ConfigError
