@@ -161,8 +161,8 @@ def write_readme(out: str, cfg: ExperimentConfig, meta: dict[str, Any], tables: 
              f"max_new_tokens {cfg.workload.max_new_tokens}, stride {cfg.workload.stride}, "
              f"query_len {cfg.workload.query_len}, passage_tokens {cfg.workload.passage_tokens}",
              f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-             "- models are seeded random GPT-2-shaped transformers from ralmspec.lm.models (meaningless "
-             "text, real compute); see experiments/README.md for what each study measures.", ""]
+             f"- {studies.models_note(g.model for st in cfg.bench.values() for g in st.groups)} See "
+             "experiments/README.md for what each study measures.", ""]
     for t in tables:
         lines.append(t.markdown(heading="##"))
         for fig in figures.get(t.name, []):

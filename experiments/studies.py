@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 from ralmspec.bench import BenchSummary
 from ralmspec.config import SpeculationConfig
+from ralmspec.lm.models import builtin_names
 
 from experiments.breakdown import ALL_PARTS, breakdown
 from experiments.config import BatchCostStudy, BenchStudy, ExperimentConfig
@@ -77,6 +78,17 @@ COMMON_COLS = [
 ]
 
 
+def models_note(models: Iterable[str]) -> str:
+    """What the models of a run are: the built-ins have seeded random weights (their text is
+    meaningless, their compute real); any other (``smollm2``, a folder) is a pretrained LM."""
+    names = sorted(set(models))
+    random = [m for m in names if m in builtin_names()]
+    real = [m for m in names if m not in random]
+    parts = ([f"{', '.join(random)}: seeded random GPT-2-shaped transformers (text meaningless; the compute is "
+              f"real)"] if random else []) + ([f"{', '.join(real)}: pretrained (real text)"] if real else [])
+    return "Models: " + "; ".join(parts) + "."
+
+
 def main_table(cfg: ExperimentConfig, cells: dict[CellKey, Cell]) -> Table:
     st = cfg.bench["main"]
     rows = [_row(c, c.summary(v, cfg.speculation), v, cfg) for c in _cells_of(st, cells, cfg) for v in st.variants]
@@ -85,8 +97,7 @@ def main_table(cfg: ExperimentConfig, cells: dict[CellKey, Cell]) -> Table:
             Column("retrieval_share", "naive retrieval share", pct), *COMMON_COLS]
     notes = ["variant 'all' = RaLMSpec with prefetch 20 + OS^3 + asynchronous verification.",
              LIMIT_NOTE, IDENTITY_NOTE,
-             "Only NQ-open (dev) ships with the package, so it is the only dataset.",
-             "Models are seeded random GPT-2-shaped transformers (text meaningless; the compute is real)."]
+             models_note(r["model"] for r in rows)]
     if any(r["kb"].startswith("EMULATED") for r in rows):
         notes.append(EMULATION_NOTE)
     return Table("main", "Main table: RaLMSpec vs naive iterative RaLM", cols, rows, notes)

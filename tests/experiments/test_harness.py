@@ -13,6 +13,7 @@ from ralmspec.retrieval.base import Retriever
 
 from experiments.breakdown import breakdown, wasted_lm
 from experiments.config import apply_overrides, load_config, parse_config
+from experiments.studies import models_note
 from experiments.variants import resolve_variant
 from tests.identity import SpeculationCheck
 
@@ -34,6 +35,14 @@ def test_variant_names_resolve():
     for bad in ("fast", "s=0", "prefetch=0", "s=x"):
         with pytest.raises(ConfigError):
             resolve_variant(bad, base)
+
+
+def test_models_note_tells_random_models_from_pretrained_ones():
+    # the tables used to call every model random, SmolLM2 (in quick.toml and full.toml) included
+    assert "pretrained" not in models_note(["tiny", "tiny", "random-small"])
+    assert models_note(["tiny"]).startswith("Models: tiny: seeded random")
+    note = models_note(["tiny", "smollm2"])
+    assert "tiny: seeded random" in note and "smollm2: pretrained" in note and "smollm2: seeded" not in note
 
 
 def _raw(**extra):
