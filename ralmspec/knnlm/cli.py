@@ -539,8 +539,8 @@ def add_knnlm_subparsers(subparsers: Any,
     b.add_argument("--device", default="cpu")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("--shards", type=int, default=None, metavar="N",
-                   help="split the datastore into N contiguous entry-id shards (for --shards N of generate / "
-                        "bench, Ray); a flat datastore's shards answer exactly as the whole one (docs/scale-out.md)")
+                   help="split the datastore into N contiguous entry-id shards (for --shards N of generate, "
+                        "bench and serve, Ray); a flat datastore's shards answer exactly as the whole one (docs/scale-out.md)")
     b.add_argument("--from-datastore", default=None, metavar="DIR",
                    help="with --shards: split this existing (whole) datastore instead of building one")
     b.set_defaults(func=cmd_build)
