@@ -37,6 +37,7 @@ Contract:
 from __future__ import annotations
 
 import abc
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Hashable, Protocol, Sequence
 
@@ -65,6 +66,15 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+
+
+def token_ids(values: Sequence[int]) -> list[int]:
+    """``values`` as a list of ints, or a ``ConfigError``: each must be an integer (an int, a numpy
+    or torch integer); a float such as ``1.5`` is refused, never truncated to another token."""
+    try:
+        return [operator.index(t) for t in values]
+    except TypeError as exc:
+        raise ConfigError(f"token ids must be integers: {exc}") from None
 
 
 class LanguageModel(abc.ABC):
@@ -122,8 +132,8 @@ class LanguageModel(abc.ABC):
         if isinstance(prompt, (str, bytes)):
             raise ConfigError(f"prompt {i} is a string; pass token ids")
         try:
-            ids = [int(t) for t in prompt]
-        except (TypeError, ValueError) as exc:
+            ids = token_ids(prompt)
+        except ConfigError as exc:
             raise ConfigError(f"prompt {i} is not a sequence of token ids: {exc}") from None
         if not ids:
             raise ConfigError(f"prompt {i} is empty; a prompt needs at least one token")

@@ -67,7 +67,7 @@ import torch
 
 from ralmspec.config import LM_RUNNERS, check_text, is_int
 from ralmspec.errors import ConfigError
-from ralmspec.lm.base import LanguageModel, TokenLogprob
+from ralmspec.lm.base import LanguageModel, TokenLogprob, token_ids
 from ralmspec.lm.prefix_cache import PrefixBlocks
 from ralmspec.lm.runner import EagerRunner, KVRunner
 from ralmspec.lm.sampling import Sampling, SeededPick
@@ -362,7 +362,7 @@ class HFLanguageModel(LanguageModel):
         if not is_int(n, 0):
             raise ConfigError(f"n must be an integer >= 0, got {n!r}")
         checked = self._check(prompts, sessions, extra=n)
-        modes = [None] * len(checked) if sampling is None else list(sampling)
+        modes = [None] * len(checked) if sampling is None else _modes(sampling)
         if len(modes) != len(checked):
             raise ConfigError(f"got {len(checked)} prompts but {len(modes)} sampling settings")
         with self._lock:
@@ -411,8 +411,8 @@ class HFLanguageModel(LanguageModel):
         ``generate`` computed them: the canonical prefill of ``prompt``, then the runner's
         ``step_logits`` per token, so they are the decoding's own logits bit for bit (the greedy token is
         their argmax) and a function of ``(prompt, tokens)`` alone."""
-        (ids, session), = self._check([prompt], [session], extra=len(tokens))
-        toks = [int(t) for t in tokens]
+        toks = _scored_tokens(tokens, top_k)
+        (ids, session), = self._check([prompt], [session], extra=len(toks))
         if any(not 0 <= t < self.vocab_size for t in toks):
             raise ConfigError(f"tokens to score must be ids in [0, {self.vocab_size})")
         if not toks:
@@ -439,8 +439,9 @@ class HFLanguageModel(LanguageModel):
                          top_k: int) -> list[TokenLogprob] | None:
         """``token_logprobs(prompt, tokens, top_k)`` when the scores kept from decoding hold it,
         else ``None``; never computes and never waits for the model (LM contract)."""
-        (ids, _), = self._check([prompt], None, extra=len(tokens))
-        return self._kept_scores(ids, [int(t) for t in tokens], top_k) if len(tokens) else []
+        toks = _scored_tokens(tokens, top_k)
+        (ids, _), = self._check([prompt], None, extra=len(toks))
+        return self._kept_scores(ids, toks, top_k) if toks else []
 
     def _kept_scores(self, ids: list[int], toks: list[int], top_k: int) -> list[TokenLogprob] | None:
         with self._scored_lock:
@@ -466,6 +467,7 @@ class HFLanguageModel(LanguageModel):
 
     def release(self, session: Hashable) -> None:
         """Drop the KV state of ``session`` (no-op if unknown)."""
+        _check_session(session)
         with self._lock:
             entry = self._sessions.pop(session, None)
             if entry is not None:
@@ -514,6 +516,7 @@ class HFLanguageModel(LanguageModel):
 
     def cached_length(self, session: Hashable) -> int:
         """Number of prompt positions whose KV ``session`` holds (a multiple of block_size)."""
+        _check_session(session)
         with self._lock:
             entry = self._sessions.get(session)
             return 0 if entry is None else len(entry.ids)
@@ -524,20 +527,18 @@ class HFLanguageModel(LanguageModel):
                extra: int) -> list[tuple[list[int], Hashable | None]]:
         if isinstance(prompts, (str, bytes)):
             raise ConfigError("prompts must be a list of token-id lists, got a string")
-        prompts = list(prompts)
-        if sessions is None:
-            sess: list[Hashable | None] = [None] * len(prompts)
-        else:
-            sess = list(sessions)
+        try:
+            prompts = list(prompts)
+            sess: list[Hashable | None] = [None] * len(prompts) if sessions is None else list(sessions)
+        except TypeError as exc:
+            raise ConfigError(f"prompts and sessions must be sequences: {exc}") from None
+        if sessions is not None:
             if len(sess) != len(prompts):
                 raise ConfigError(f"got {len(prompts)} prompts but {len(sess)} sessions")
         checked = []
         for i, p in enumerate(prompts):
             ids = self.prompt_ids(i, p, extra)
-            try:
-                hash(sess[i])
-            except TypeError:
-                raise ConfigError(f"session {i} ({type(sess[i]).__name__}) is not hashable") from None
+            _check_session(sess[i], i)
             checked.append((ids, sess[i]))
         return checked
 
@@ -636,7 +637,11 @@ class HFLanguageModel(LanguageModel):
                 lcp += 1
             # round down to a block; never reuse the block holding the last position
             reuse = min(lcp // B * B, (L - 1) // B * B)
-            kv = self.runner.crop(entry.kv, reuse)
+            try:
+                kv = self.runner.crop(entry.kv, reuse)
+            except BaseException:  # the entry is out of the table: give its handle back
+                self.runner.free(entry.kv)
+                raise
         else:
             if entry is not None:
                 self.runner.free(entry.kv)
@@ -687,7 +692,11 @@ class HFLanguageModel(LanguageModel):
         if session is None or self.max_sessions == 0 or keep == 0 or not self.runner.croppable(kv):
             self.runner.free(kv)
             return
-        kv = self.runner.crop(kv, keep)
+        try:
+            kv = self.runner.crop(kv, keep)
+        except BaseException:  # not in the table yet: give the handle back
+            self.runner.free(kv)
+            raise
         stale = self._sessions.pop(session, None)  # the same session twice in one batch: keep the last
         if stale is not None:
             self._cached_bytes -= stale.nbytes
@@ -724,10 +733,17 @@ class HFLanguageModel(LanguageModel):
                 self.runner.free(kv)
             raise
         stats.decode_s += time.perf_counter() - t0
-        for (prompt, session), kv, chunk, mode in zip(rows, kvs, chunks, modes):
+        for j, ((prompt, session), kv, chunk) in enumerate(zip(rows, kvs, chunks)):
             stats.decode_steps += chunk.steps
             stats.generated_tokens += len(chunk.tokens)
-            self._store(session, prompt, kv)
+            try:
+                self._store(session, prompt, kv)
+            except BaseException:  # the rows not stored yet give their handles back
+                for rest in kvs[j + 1:]:
+                    self.runner.free(rest)
+                raise
+        # scored after every handle is back in the table: a failing score leaks no KV slot
+        for (prompt, _), chunk, mode in zip(rows, chunks, modes):
             if chunk.logits is not None:  # kept for a mode with logprobs (``keep`` above)
                 self._remember_scores(prompt, chunk.tokens, mode.logprobs, chunk.logits)
         return [chunk.tokens for chunk in chunks]
@@ -741,6 +757,36 @@ class HFLanguageModel(LanguageModel):
             self._scored[key] = (tuple(tokens), top_k, scores)
             while len(self._scored) > self.max_scored_chunks:
                 self._scored.popitem(last=False)
+
+
+def _modes(sampling: Any) -> list[Sampling | None]:
+    """A call's sampling settings as a list, each ``None`` or a ``Sampling``, or a ``ConfigError``."""
+    try:
+        modes = list(sampling)
+    except TypeError:
+        raise ConfigError(f"sampling must be a list of Sampling or None, got {type(sampling).__name__}") from None
+    for i, m in enumerate(modes):
+        if m is not None and not isinstance(m, Sampling):
+            raise ConfigError(f"sampling {i} must be a Sampling or None, got {type(m).__name__}")
+    return modes
+
+
+def _scored_tokens(tokens: Sequence[int], top_k: int) -> list[int]:
+    """The tokens of a logprobs request as ints, after checking them and ``top_k`` (ConfigError)."""
+    if not is_int(top_k, 0):
+        raise ConfigError(f"top_k must be an integer >= 0, got {top_k!r}")
+    if isinstance(tokens, (str, bytes)):
+        raise ConfigError("tokens to score must be token ids, got a string")
+    return token_ids(tokens)
+
+
+def _check_session(session: Any, i: int | None = None) -> None:
+    """ConfigError unless ``session`` can name a session (is hashable)."""
+    try:
+        hash(session)
+    except TypeError:
+        which = "session" if i is None else f"session {i}"
+        raise ConfigError(f"{which} ({type(session).__name__}) is not hashable") from None
 
 
 def _picker(sampling: Sampling | None) -> SeededPick | None:
