@@ -42,6 +42,7 @@ class SharedRunner:
         self.name = runner.name
         self.capacity = runner.capacity
         self.batch_rows = rows
+        self.vocab_size = int(runner.decoder.embed.num_embeddings)  # the rows a token id indexes
         self._lock = threading.Lock()  # the runner: one call at a time
         self.steps = rendezvous.lane(self._step_rows, max_items=rows, gather_s=gather_s)
 
@@ -69,11 +70,15 @@ class SharedRunner:
         return kv, logits, hidden
 
     def _step_rows(self, items: list[tuple[Any, int]]) -> list[Any]:
-        """One forward of the steps ``items``; a step past its slot's length fails alone."""
+        """One forward of the steps ``items``; a step past its slot's length, or of a token
+        outside the vocabulary (an IndexError in the forward, failing every step beside it),
+        fails alone."""
         out: list[Any] = [None] * len(items)
         ok = []
-        for i, (kv, _) in enumerate(items):
+        for i, (kv, token) in enumerate(items):
             try:
+                if not 0 <= token < self.vocab_size:
+                    raise ConfigError(f"token {token} is outside the vocabulary [0, {self.vocab_size})")
                 self.runner.check_fits(kv.length + 1)
                 ok.append(i)
             except ConfigError as exc:

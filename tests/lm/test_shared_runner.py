@@ -111,6 +111,26 @@ def test_a_step_past_its_slot_fails_alone_and_the_others_go_on(tiny_lm):
     shared.free(fine)
 
 
+def test_a_token_outside_the_vocabulary_fails_alone(tiny_lm):
+    """It was an IndexError inside the shared forward: every step beside it failed too."""
+    rv = Rendezvous()
+    shared = SharedRunner(batched_runner(tiny_lm), rv, gather_s=5.0)
+    bad, fine = shared.open(), shared.open()
+    with torch.inference_mode():
+        shared.prefill_block(bad, list(range(10, 20)), last=True)
+        shared.prefill_block(fine, list(range(10, 20)), last=True)
+
+    def step(i: int):
+        with rv.member(), torch.inference_mode():
+            return shared.step_hidden((bad, fine)[i], (tiny_lm.model.get_input_embeddings().num_embeddings, 7)[i])
+
+    out_bad, out_fine = run_together(2, step)
+    assert isinstance(out_bad, ConfigError) and "outside the vocabulary" in str(out_bad)
+    assert isinstance(out_fine, tuple) and fine.length == 11 and bad.length == 10
+    shared.free(bad)
+    shared.free(fine)
+
+
 def test_only_the_batched_runner_can_be_shared(tiny_lm):
     with pytest.raises(ConfigError, match="--lm-runner batched"):
         SharedRunner(StaticRunner(tiny_lm.model, max_len=64, capacity=2), Rendezvous())
