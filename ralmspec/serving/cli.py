@@ -60,13 +60,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="... provided the fixed part of a knowledge-base call (fitted over recent calls) is at least "
                         "this share of a mean call, i.e. more queries per call make each cheaper")
     h.add_argument("--governor-window", type=float, default=3.0, metavar="S", help="seconds of LM busy time looked at")
-    h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
-    h.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds a client has to send its whole request body; slower: HTTP 408 and the connection "
-                        "is closed (0: no limit)")
-    h.add_argument("--idle-timeout", type=float, default=75.0, metavar="S",
-                   help="seconds a connection may stay idle between requests, or take to send a request's line "
-                        "and headers, before it is closed")
+    add_connection_args(h)
     h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
                    help="seconds between trims of the C heap (glibc malloc_trim: freed memory back to the OS, "
                         "so RSS does not creep; /v1/stats memory.heap_trim), here and in each LM replica and shard actor "
@@ -248,6 +242,17 @@ async def serve(app: Any, host: str, port: int, access_log: bool = False) -> Non
         await runner.cleanup()
 
 
+def add_connection_args(h: Any) -> None:
+    """The request-body and connection limits of either server (``_check_listen_flags`` checks them)."""
+    h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
+    h.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client has to send its whole request body; slower: HTTP 408 and the connection "
+                        "is closed (0: no limit)")
+    h.add_argument("--idle-timeout", type=float, default=75.0, metavar="S",
+                   help="seconds a connection may stay idle between requests, or take to send a request's line "
+                        "and headers, before it is closed")
+
+
 def _check_listen_flags(a: argparse.Namespace) -> None:
     """``--port``, ``--request-timeout``, ``--body-timeout`` and ``--idle-timeout`` of either
     server, checked before anything loads."""
@@ -329,13 +334,7 @@ def add_knnlm_serve_parser(knnlm_subparsers: Any) -> argparse.ArgumentParser:
                    help="requests without `knnlm.speculate` run the naive decoder (one search per token)")
     h.add_argument("--served-model-name", default=None,
                    help="the `model` clients send (default: the LM's name, e.g. smollm2)")
-    h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (HTTP 413 beyond)")
-    h.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds a client has to send its whole request body; slower: HTTP 408 and the connection "
-                        "is closed (0: no limit)")
-    h.add_argument("--idle-timeout", type=float, default=75.0, metavar="S",
-                   help="seconds a connection may stay idle between requests, or take to send a request's line "
-                        "and headers, before it is closed")
+    add_connection_args(h)
     h.add_argument("--malloc-trim-s", type=float, default=60.0, metavar="S",
                    help="seconds between trims of the C heap (ralmspec/memory.py); 0: never")
     h.add_argument("--access-log", action="store_true", help="log every request")
