@@ -339,14 +339,15 @@ async def run_watching(request: web.Request, coro: Awaitable[Any]) -> Any:
 async def first_chunk(request: web.Request, task: asyncio.Task, queue: asyncio.Queue) -> None:
     """Wait until ``task`` (a generation whose chunks arrive in ``queue``, then ``None``) has
     queued its first chunk or ended; raise its error if it failed before any. The client going
-    away cancels it (CancelledError)."""
+    away cancels it (CancelledError) and waits until it has unwound (its slot and LM session
+    released before the handler ends, as after the first chunk)."""
     try:
         while not task.done() and queue.empty():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if client_gone(request):
                 raise asyncio.CancelledError("client disconnected")
     except BaseException:
-        task.cancel()
+        await cancel_and_wait(task)
         raise
     if task.done() and task.exception() is not None:
         raise task.exception()  # type: ignore[misc]

@@ -184,3 +184,49 @@ def test_request_deadline_is_504(serving_engine):
         assert _wait_idle(srv)["active"] == 0
     finally:
         srv.stop()
+
+
+def test_a_stream_left_before_its_first_chunk_has_unwound_when_the_handler_ends():
+    """A client gone while its stream waits for the first chunk: the generation is cancelled and
+    its cleanup (a scheduler slot, an LM session) has run before the handler returns, as after
+    the first chunk. It ran after: /metrics counted the 499 while /v1/stats still showed the
+    request, and a server shutting down could stop under a generation still unwinding."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from aiohttp import web
+
+    from ralmspec.serving.app import error_middleware, stream_verified
+    from ralmspec.serving.metrics import ServerMetrics
+    from ralmspec.serving.shapes import COMPLETION
+
+    unwound = threading.Event()
+    metrics = ServerMetrics()
+
+    async def run(on_tokens):  # a generation that never verifies a chunk and unwinds slowly
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(0.5)
+            unwound.set()
+
+    async def handler(request):
+        return await stream_verified(request, run, shape=COMPLETION, model=MODEL, tokenizer=None, stops=(),
+                                     logprobs=False, include_usage=False, metrics=metrics, extension=lambda r: {})
+
+    app = web.Application(middlewares=[error_middleware(metrics, 1 << 20)])
+    app.router.add_post("/stream", handler)
+    srv = ServerThread(app).start()
+    try:
+        u = urlparse(srv.url)
+        with socket.create_connection((u.hostname, u.port)) as sock:
+            sock.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            time.sleep(0.3)  # the handler is waiting for the first chunk
+        for _ in range(100):  # until the handler has ended: its 499 is counted
+            if 'status="499"' in metrics.render():
+                break
+            time.sleep(0.02)
+        assert 'status="499"' in metrics.render() and unwound.is_set()
+    finally:
+        srv.stop()
