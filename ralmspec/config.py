@@ -272,8 +272,12 @@ class OS3Config:
     def __post_init__(self) -> None:
         if not 1 <= self.fixed_stride <= 64:
             raise ConfigError(f"fixed_stride must be in [1, 64], got {self.fixed_stride!r}")
-        if not 1 <= self.s_max <= 64 or self.window < 1 or not 0.0 < self.gamma_max < 1.0:
-            raise ConfigError("s_max must be in [1, 64], window >= 1, 0 < gamma_max < 1")
+        if not 1 <= self.s_max <= 64:
+            raise ConfigError(f"s_max must be in [1, 64], got {self.s_max!r}")
+        if self.window < 1:
+            raise ConfigError(f"window must be >= 1, got {self.window!r}")
+        if not 0.0 < self.gamma_max < 1.0:  # NaN too
+            raise ConfigError(f"gamma_max must be in (0, 1), got {self.gamma_max!r}")
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,14 @@ def test_hnsw_m_below_2_is_refused():
     RetrievalConfig(kind="hnsw", hnsw_m=2)
     with pytest.raises(ConfigError, match="hnsw_m must be >= 2, got 1"):
         RetrievalConfig(kind="hnsw", hnsw_m=1)
+
+
+@pytest.mark.parametrize("field, value", [("s_max", 0), ("s_max", 65), ("window", 0), ("gamma_max", float("nan")),
+                                          ("gamma_max", 1.0)])
+def test_os3_knobs_are_refused_by_name_with_the_value(field, value):
+    """One combined message ("s_max must be in [1, 64], window >= 1, 0 < gamma_max < 1") named
+    neither the bad field nor its value, and a server's 400 named ralm.s_max for any of them."""
+    from ralmspec.config import SpeculationConfig
+
+    with pytest.raises(ConfigError, match=rf"^{field} must .*got {value!r}$"):
+        SpeculationConfig(**{field: value})
