@@ -144,6 +144,12 @@ class Sampling:
         return replace(self, start=start)
 
 
+def check_hnsw_m(m: int) -> None:
+    """An HNSW graph's ``M`` (passages and kNN-LM datastores alike): at least 2."""
+    if m < 2:  # FAISS's HNSW crashes the process (SIGSEGV) adding to a graph of M 1
+        raise ConfigError(f"hnsw_m must be >= 2, got {m!r}")
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
     """Which knowledge-base index to use and its search parameters."""
@@ -185,8 +191,7 @@ class RetrievalConfig:
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
-        if self.hnsw_m < 2:  # FAISS's HNSW crashes the process (SIGSEGV) adding to a graph of M 1
-            raise ConfigError(f"hnsw_m must be >= 2, got {self.hnsw_m!r}")
+        check_hnsw_m(self.hnsw_m)
 
 
 @dataclass(frozen=True)

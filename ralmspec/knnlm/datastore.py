@@ -64,7 +64,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ralmspec.config import is_int
+from ralmspec.config import check_hnsw_m, is_int
 from ralmspec.errors import ConfigError, IndexNotFoundError, RetrievalError
 from ralmspec.paths import link_or_copy, staged_folder
 
@@ -155,8 +155,7 @@ class DatastoreBuildConfig:
                      "train_points_per_list"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.hnsw_m < 2:  # FAISS's HNSW crashes the process (SIGSEGV) adding to a graph of M 1
-            raise ConfigError(f"hnsw_m must be >= 2, got {self.hnsw_m!r}")
+        check_hnsw_m(self.hnsw_m)
         if self.ivf_nlist is not None and self.ivf_nlist < 1:
             raise ConfigError(f"ivf_nlist must be >= 1, got {self.ivf_nlist!r}")
         if self.pq_m < 0 or self.rescore_margin < 0:

@@ -108,9 +108,9 @@ def _message_pieces(text: str, marks: Sequence[tuple[str, str]]) -> tuple[tuple[
         if text.count(o) != 1 or text.count(c) != 1:
             return None
         head, rest = text.split(o)
-        inside, text = rest.split(c) if c in rest else (None, "")
-        if inside is None:
+        if c not in rest:  # closed before it opened
             return None
+        inside, text = rest.split(c)
         pieces += [(head, False), (inside, True)]
     return (*pieces, (text, False))
 

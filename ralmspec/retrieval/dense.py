@@ -258,13 +258,18 @@ def ivf_without_empty_lists(build: Callable[[int], Any], nlist: int, tries: int 
     faiss = _faiss()
     for _ in range(tries):
         index = build(nlist)
-        ivf = faiss.extract_index_ivf(index)
-        nlist = int(ivf.nlist)
-        filled = sum(1 for i in range(nlist) if ivf.invlists.list_size(i))
-        if filled == nlist:
+        nlist = int(faiss.extract_index_ivf(index).nlist)
+        empty = empty_ivf_lists(index)
+        if not empty:
             break
-        nlist = filled
-    return index, int(ivf.nlist)
+        nlist -= empty
+    return index, int(faiss.extract_index_ivf(index).nlist)
+
+
+def empty_ivf_lists(index: Any) -> int:
+    """How many inverted lists of an IVF ``index`` (or an index wrapping one) hold no vector."""
+    ivf = _faiss().extract_index_ivf(index)
+    return sum(1 for i in range(ivf.nlist) if ivf.invlists.list_size(i) == 0)
 
 
 def _ivf_ip(faiss: Any, x: np.ndarray, nlist: int) -> Any:

@@ -46,7 +46,7 @@ from ralmspec.data.loaders import corpus_sha256, default_corpus, load_corpus, sa
 from ralmspec.errors import ConfigError, IndexNotFoundError
 from ralmspec.paths import link_or_copy, ralmspec_home
 from ralmspec.retrieval.base import Retriever
-from ralmspec.retrieval.dense import DenseRetriever, build_faiss_index
+from ralmspec.retrieval.dense import DenseRetriever, build_faiss_index, empty_ivf_lists
 from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
 from ralmspec.retrieval.sparse import BM25Retriever, build_bm25
 
@@ -349,14 +349,6 @@ def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncode
         r = DenseRetriever(corpus, vectors, index, m["kind"], encoder, config)
     r.index_dir = index_dir
     return r
-
-
-def empty_ivf_lists(index: Any) -> int:
-    """How many inverted lists of an IVF ``index`` hold no vector."""
-    import faiss
-
-    ivf = faiss.extract_index_ivf(index)
-    return sum(1 for i in range(ivf.nlist) if ivf.invlists.list_size(i) == 0)
 
 
 def read_vectors(path: str, fix: str) -> np.ndarray:

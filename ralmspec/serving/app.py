@@ -100,13 +100,11 @@ class ServerConfig:
             raise ConfigError("model_name must be non-empty")
         check_trim_interval(self.malloc_trim_s)
         check_body_timeout(self.body_timeout_s)
-        if not (0 < self.idle_timeout_s < math.inf):
-            raise ConfigError(f"idle_timeout_s must be a finite number of seconds > 0, got {self.idle_timeout_s!r}")
+        check_idle_timeout(self.idle_timeout_s)
         if not self.worker_stats_timeout_s > 0:
             raise ConfigError(f"worker_stats_timeout_s must be > 0, got {self.worker_stats_timeout_s}")
         for name in ("client_max_size", "max_retrieve_queries", "max_retrieve_k", "max_retrieve_texts", "max_ids",
-                     "max_tokens_limit",
-                     "io_threads"):
+                     "max_tokens_limit", "io_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
 
@@ -148,8 +146,7 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
     cfg = server_config or ServerConfig()
     state = ServerState(engine, retriever or engine.retriever, scheduler_config or SchedulerConfig(), cfg,
                         ServerMetrics())
-    app = web.Application(client_max_size=cfg.client_max_size, handler_args={"keepalive_timeout": cfg.idle_timeout_s},
-                          middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
+    app = new_application(cfg.client_max_size, cfg.idle_timeout_s, state.metrics)
     app[STATE] = state
 
     async def on_startup(app: web.Application) -> None:
@@ -285,6 +282,19 @@ class ClientGoneError(Exception):
 def check_body_timeout(seconds: float, name: str = "body_timeout_s") -> None:
     if not (seconds >= 0 and math.isfinite(seconds)):  # NaN too
         raise ConfigError(f"{name} must be a finite number of seconds >= 0 (0: no limit), got {seconds!r}")
+
+
+def check_idle_timeout(seconds: float, name: str = "idle_timeout_s") -> None:
+    if not 0 < seconds < math.inf:  # NaN too
+        raise ConfigError(f"{name} must be a finite number of seconds > 0, got {seconds!r}")
+
+
+def new_application(client_max_size: int, idle_timeout_s: float, metrics: ServerMetrics) -> web.Application:
+    """The aiohttp application of either server: its body limit, its idle timeout (aiohttp's
+    ``keepalive_timeout``, which also bounds a connection still sending its headers) and the
+    JSON-error middleware counting requests in ``metrics``."""
+    return web.Application(client_max_size=client_max_size, handler_args={"keepalive_timeout": idle_timeout_s},
+                           middlewares=[error_middleware(metrics, client_max_size)])
 
 
 async def read_json(request: web.Request, timeout_s: float) -> Any:

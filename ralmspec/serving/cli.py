@@ -256,15 +256,14 @@ def add_connection_args(h: Any) -> None:
 def _check_listen_flags(a: argparse.Namespace) -> None:
     """``--port``, ``--request-timeout``, ``--body-timeout`` and ``--idle-timeout`` of either
     server, checked before anything loads."""
-    from ralmspec.serving.app import check_body_timeout
+    from ralmspec.serving.app import check_body_timeout, check_idle_timeout
 
     if not a.request_timeout >= 0:  # NaN too
         raise ConfigError(f"--request-timeout must be >= 0 seconds (0: no limit), got {a.request_timeout}")
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
     check_body_timeout(a.body_timeout, "--body-timeout")
-    if not 0 < a.idle_timeout < float("inf"):  # NaN too
-        raise ConfigError(f"--idle-timeout must be a finite number of seconds > 0, got {a.idle_timeout}")
+    check_idle_timeout(a.idle_timeout, "--idle-timeout")
 
 
 def _configure_logging(a: argparse.Namespace) -> None:

@@ -38,7 +38,6 @@ Errors follow ralmspec/serving/app.py's contract (JSON ``{"error": {...}}``, 400
 from __future__ import annotations
 
 import asyncio
-import math
 import contextlib
 import queue
 import threading
@@ -64,7 +63,7 @@ from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.rendezvous import Rendezvous
 from ralmspec.threads import WorkerPool, to_thread
 from ralmspec.serving.app import (
-    check_body_timeout, error_for, error_middleware, read_json, run_watching, stream_verified,
+    check_body_timeout, check_idle_timeout, error_for, new_application, read_json, run_watching, stream_verified,
 )
 from ralmspec.serving.metrics import ServerMetrics, admission_lines, counter_total
 from ralmspec.serving.protocol import APIError, KNNLMCompletionRequest, parse_knnlm_completion
@@ -95,8 +94,7 @@ class KNNLMServerConfig:
         if self.client_max_size < 1:
             raise ConfigError(f"client_max_size must be >= 1, got {self.client_max_size}")
         check_body_timeout(self.body_timeout_s)
-        if not (0 < self.idle_timeout_s < math.inf):
-            raise ConfigError(f"idle_timeout_s must be a finite number of seconds > 0, got {self.idle_timeout_s!r}")
+        check_idle_timeout(self.idle_timeout_s)
         if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
             raise ConfigError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
@@ -275,8 +273,7 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
     warm_s = warm_datastore(knn.datastore, knn.config.k)  # first-use costs now, not in a request's OS^3
     state = KNNLMServerState(knn, spec or SpeculativeKNNConfig(), cfg, ServerMetrics(),
                              knn.datastore.describe() | {"warm_s": warm_s})
-    app = web.Application(client_max_size=cfg.client_max_size, handler_args={"keepalive_timeout": cfg.idle_timeout_s},
-                          middlewares=[error_middleware(state.metrics, cfg.client_max_size)])
+    app = new_application(cfg.client_max_size, cfg.idle_timeout_s, state.metrics)
     app[KNN_STATE] = state
 
     views, state.sharing = decoding_views(knn, cfg.max_concurrent, cfg.gather_s, cfg.speculate_max_active)

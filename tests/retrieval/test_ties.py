@@ -103,7 +103,8 @@ def test_an_old_ivf_index_with_empty_lists_is_opened_with_a_warning(tie_dirs, en
     import logging
     import shutil
 
-    from ralmspec.retrieval.index import FAISS_FILE, empty_ivf_lists, read_vectors
+    from ralmspec.retrieval.dense import empty_ivf_lists
+    from ralmspec.retrieval.index import FAISS_FILE, read_vectors
 
     old = str(tmp_path / "old-ivf")
     shutil.copytree(tie_dirs["ivf"], old)
