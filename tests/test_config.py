@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -77,3 +78,25 @@ def test_os3_knobs_are_refused_by_name_with_the_value(field, value):
 
     with pytest.raises(ConfigError, match=rf"^{field} must .*got {value!r}$"):
         SpeculationConfig(**{field: value})
+
+
+
+def _timeout_holders() -> list:
+    from ralmspec.cluster import RayShardConfig
+    from ralmspec.engine.scheduler import SchedulerConfig
+    from ralmspec.lm.ray_replicas import RayLMConfig
+    from ralmspec.retrieval.remote import RemoteRetriever
+
+    remote = functools.partial(RemoteRetriever, "http://127.0.0.1:9")
+    return [(RayShardConfig, "call_timeout_s"), (RayShardConfig, "start_timeout_s"), (RayLMConfig, "call_timeout_s"),
+            (SchedulerConfig, "request_timeout_s"), (SchedulerConfig, "retrieval_timeout_s"),
+            (remote, "timeout_s"), (remote, "connect_timeout_s")]
+
+
+@pytest.mark.parametrize("make,field", _timeout_holders())
+@pytest.mark.parametrize("seconds", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_timeout_is_a_finite_positive_number_of_seconds(make, field, seconds):
+    """An infinite timeout was accepted (NaN too, by the remote retriever: ``nan <= 0`` is False),
+    and failed later or meant "no limit" by accident; each names its field and value now."""
+    with pytest.raises(ConfigError, match=rf"{field} must be a finite .*got (0\.0|-1\.0|nan|inf)"):
+        make(**{field: seconds})

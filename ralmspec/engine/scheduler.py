@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,8 +95,8 @@ class SchedulerConfig:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
         for name in ("request_timeout_s", "retrieval_timeout_s"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):  # NaN too
-                raise ConfigError(f"{name} must be a positive number of seconds or None, got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+                raise ConfigError(f"{name} must be a finite positive number of seconds or None (no limit), got {v!r}")
         if not isinstance(self.batch_window_s, (int, float)) or not 0.0 <= self.batch_window_s <= 1.0:
             raise ConfigError(f"batch_window_s must be in [0, 1] seconds, got {self.batch_window_s!r}")
 

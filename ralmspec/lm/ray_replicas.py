@@ -40,6 +40,7 @@ from Ray if this object's ``RayCluster`` started the connection.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -77,8 +78,9 @@ class RayLMConfig:
         # written "not x >= 0" so that NaN (from a flag such as --lm-replica-gpus nan) fails too
         if not (self.actor_cpus >= 0 and (self.actor_gpus is None or self.actor_gpus >= 0)) or self.max_restarts < -1:
             raise ConfigError("actor_cpus and actor_gpus must be >= 0, max_restarts >= -1")
-        if not (self.call_timeout_s > 0 and self.start_timeout_s > 0):
-            raise ConfigError("timeouts must be > 0")
+        for name in ("call_timeout_s", "start_timeout_s"):
+            if not 0 < getattr(self, name) < math.inf:  # NaN too
+                raise ConfigError(f"{name} must be a finite number of seconds > 0, got {getattr(self, name)!r}")
 
 
 class LMActor:

@@ -150,8 +150,9 @@ class RemoteRetriever(Retriever):
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"retriever URL must look like http://host:port, got {url!r}")
-        if timeout_s <= 0 or connect_timeout_s <= 0:
-            raise ConfigError("retriever timeouts must be > 0")
+        for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s)):
+            if not 0 < v < math.inf:  # NaN too
+                raise ConfigError(f"retriever {name} must be a finite number of seconds > 0, got {v!r}")
         self.url = url.rstrip("/")
         self._scheme, self._host = parsed.scheme, parsed.hostname
         self._port = parsed.port or (443 if parsed.scheme == "https" else 80)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 import time
@@ -258,8 +259,9 @@ def _check_listen_flags(a: argparse.Namespace) -> None:
     server, checked before anything loads."""
     from ralmspec.serving.app import check_body_timeout, check_idle_timeout
 
-    if not a.request_timeout >= 0:  # NaN too
-        raise ConfigError(f"--request-timeout must be >= 0 seconds (0: no limit), got {a.request_timeout}")
+    if not 0 <= a.request_timeout < math.inf:  # NaN too
+        raise ConfigError(f"--request-timeout must be a finite number of seconds >= 0 (0: no limit), "
+                          f"got {a.request_timeout}")
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
     check_body_timeout(a.body_timeout, "--body-timeout")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import queue
 import threading
 import time
@@ -99,8 +100,9 @@ class KNNLMServerConfig:
             raise ConfigError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ConfigError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
-        if not self.request_timeout_s >= 0:
-            raise ConfigError(f"request_timeout_s must be >= 0 (0: no limit), got {self.request_timeout_s!r}")
+        if not 0 <= self.request_timeout_s < math.inf:  # NaN too
+            raise ConfigError(f"request_timeout_s must be a finite number of seconds >= 0 (0: no limit), "
+                              f"got {self.request_timeout_s!r}")
         check_trim_interval(self.malloc_trim_s)
         if not isinstance(self.speculate_max_active, int) or self.speculate_max_active < 1:
             raise ConfigError(f"speculate_max_active must be an integer >= 1, got {self.speculate_max_active!r}")

@@ -29,8 +29,11 @@ def _dead_port() -> int:
     (["--port", "70000"], "--port"),
     (["--retrieval-timeout", "0"], "retrieval_timeout_s"),
     (["--retrieval-timeout", "nan"], "retrieval_timeout_s"),  # was accepted: NaN <= 0 is False
-    (["--request-timeout", "-1"], "--request-timeout must be >= 0 seconds (0: no limit)"),
-    (["--request-timeout", "nan"], "--request-timeout must be >= 0"),
+    (["--retrieval-timeout", "inf"], "retrieval_timeout_s must be a finite"),  # was accepted
+    (["--retrieval-timeout", "inf", "--retriever-url", "http://127.0.0.1:9"], "timeout_s must be a finite"),
+    (["--request-timeout", "-1"], "--request-timeout must be a finite number of seconds >= 0 (0: no limit)"),
+    (["--request-timeout", "nan"], "--request-timeout must be a finite"),
+    (["--request-timeout", "inf"], "--request-timeout must be a finite"),  # was accepted: 0 is "no limit"
     (["--retrieval-only", "--retriever-url", "http://127.0.0.1:9"], "cannot be combined"),
     (["--retriever", "faiss-magic"], "unknown retriever"),
     (["--retriever-url", "ftp://nowhere"], "http://host:port"),

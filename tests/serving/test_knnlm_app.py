@@ -465,7 +465,8 @@ def test_knnlm_serve_runs_as_a_process(knn_datastores, prompts):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--request-timeout", "nan"], "--request-timeout must be >= 0"),
+    (["--request-timeout", "nan"], "--request-timeout must be a finite number of seconds >= 0"),
+    (["--request-timeout", "inf"], "--request-timeout must be a finite"),  # was accepted: 0 is "no limit"
     (["--body-timeout", "-2"], "--body-timeout must be"),
     (["--port", "70000"], "--port"),
     (["--max-queue", "-1"], "max_queue"),
