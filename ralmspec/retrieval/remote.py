@@ -2,7 +2,7 @@
 
 Protocol (served by ``ralmspec.serving.app``; see docs/serving.md):
 
-- ``GET  /v1/retriever``  -> ``{"kind", "corpus_size"}``
+- ``GET  /v1/retriever``  -> ``{"kind", "corpus_size", "limits": {"queries", "k", "texts", "ids"}}``
 - ``POST /v1/retrieve``   ``{"queries": [str], "k": int, "include_text": bool}`` ->
   ``{"results": [[{"doc_id", "score", "title", "text"}]]}``
 - ``POST /v1/score``      ``{"query": str, "doc_ids": [int]}`` -> ``{"scores": [float]}``
@@ -24,6 +24,15 @@ Design of the two call paths:
 - ``corpus[doc_id]`` is a ``RemoteCorpus``: passages are fetched by id (sync) on a miss and
   kept in a bounded LRU.
 
+A service answers at most ``limits.queries`` queries and ``limits.texts`` passages with text
+(queries x min(k, corpus size)) per ``/v1/retrieve``, hits up to ``limits.k``, and ``limits.ids``
+ids per ``/v1/score`` or ``/v1/passages`` call (400 past them). The client splits its calls to fit
+(a service that does not say has the defaults of ``ServiceLimits``): one query's hits do not
+depend on the others of its call (the retrievers' batch invariance), so the answer is the same.
+A ``k`` above the service's ``limits.k`` is asked at that limit (a warning, once): the engine's k
+is ``ralm.prefetch`` (up to 4,096), the passages put in the speculation cache besides the top-1,
+so fewer of them changes speculation's hit rate, never a token.
+
 Every connection failure, timeout, non-200 answer or malformed body raises ``RetrievalError``
 (the engine retries, then turns it into a clean error; HTTP 503 in the server). Malformed is
 checked strictly, since a wrong hit would be taken as verified: doc ids are integers inside the
@@ -36,17 +45,21 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import math
 import threading
 import time
 import urllib.parse
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from ralmspec.config import is_int
 from ralmspec.data.corpus import Corpus, Passage
 from ralmspec.errors import ConfigError, RetrievalError
 from ralmspec.retrieval.base import Hit, Retriever
+
+log = logging.getLogger(__name__)
 
 
 class RemoteCorpus(Corpus):
@@ -141,6 +154,33 @@ def _ranked(hits: list[Hit]) -> None:
             raise ValueError(f"hits out of rank order: {a} before {b}")
 
 
+@dataclass(frozen=True)
+class ServiceLimits:
+    """The most a retrieval service answers per call (``GET /v1/retriever``'s ``limits``); the
+    defaults are ``ServerConfig``'s, for a service too old to say."""
+
+    queries: int = 512
+    k: int = 1000
+    texts: int = 50_000
+    ids: int = 10_000
+
+    @classmethod
+    def from_info(cls, info: dict) -> "ServiceLimits":
+        limits = info.get("limits", {})
+        if not isinstance(limits, dict):
+            raise TypeError(f"limits {limits!r} is not an object")
+        for name, v in limits.items():
+            if name in cls.__dataclass_fields__ and not is_int(v, 1):
+                raise ValueError(f"limits.{name} {v!r}")
+        return cls(**{name: v for name, v in limits.items() if name in cls.__dataclass_fields__})
+
+    def query_groups(self, n: int, k: int) -> list[range]:
+        """The queries ``0..n-1`` split into consecutive calls of at most ``queries`` queries and
+        ``texts`` passages (``k`` hits each)."""
+        per = max(1, min(self.queries, self.texts // max(1, k)))
+        return [range(i, min(n, i + per)) for i in range(0, n, per)]
+
+
 class RemoteRetriever(Retriever):
     """A retrieval service at ``url`` as a ``Retriever`` (module doc). Raises ``RetrievalError``
     at construction when the service cannot be reached."""
@@ -162,6 +202,7 @@ class RemoteRetriever(Retriever):
         self._sessions: dict[asyncio.AbstractEventLoop, Any] = {}
         self._sessions_lock = threading.Lock()
         self.requests = 0  # HTTP calls made (all paths)
+        self._warned_k = False
         info = self._post_or_get("GET", "/v1/retriever", None)
         try:
             if not isinstance(info, dict):
@@ -170,6 +211,7 @@ class RemoteRetriever(Retriever):
             size = info["corpus_size"]
             if not is_int(size, 1):
                 raise ValueError(f"corpus_size {size!r}")
+            self.limits = ServiceLimits.from_info(info)
         except (KeyError, TypeError, ValueError) as exc:
             raise RetrievalError(f"{self.url} is not a ralmspec retrieval service: bad /v1/retriever answer") from exc
         self.corpus = RemoteCorpus(self, size, passage_cache)
@@ -264,15 +306,32 @@ class RemoteRetriever(Retriever):
         self.corpus.put(passages)
         return out
 
+    def _k_asked(self, k: int) -> int:
+        """``k``, or the service's most (module doc: only the prefetched passages are fewer)."""
+        k = int(k)
+        if k > self.limits.k and not self._warned_k:
+            self._warned_k = True
+            log.warning("retrieval service %s answers at most k=%d hits per query: k=%d is asked as %d "
+                        "(ralm.prefetch above it prefetches fewer passages; the tokens are the same)",
+                        self.url, self.limits.k, k, self.limits.k)
+        return min(k, self.limits.k)
+
     def search_sync(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        queries = list(queries)
-        doc = self._post_or_get("POST", "/v1/retrieve", {"queries": queries, "k": int(k), "include_text": True})
-        return self._parse_results(doc, len(queries), int(k))
+        queries, k = list(queries), self._k_asked(k)
+        out: list[list[Hit]] = []
+        for group in self.limits.query_groups(len(queries), min(k, len(self.corpus))):
+            doc = self._post_or_get("POST", "/v1/retrieve", {"queries": queries[group.start:group.stop], "k": k,
+                                                             "include_text": True})
+            out += self._parse_results(doc, len(group), k)
+        return out
+
+    def _id_groups(self, ids: list[int]) -> list[list[int]]:
+        return [ids[i:i + self.limits.ids] for i in range(0, len(ids), self.limits.ids)]
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
-        ids = [int(i) for i in doc_ids]
-        if not ids:
-            return []
+        return [s for group in self._id_groups([int(i) for i in doc_ids]) for s in self._score_call(query, group)]
+
+    def _score_call(self, query: str, ids: list[int]) -> list[float]:
         doc = self._post_or_get("POST", "/v1/score", {"query": query, "doc_ids": ids})
         try:
             scores = [_score(s) for s in doc["scores"]]
@@ -283,12 +342,15 @@ class RemoteRetriever(Retriever):
         return scores
 
     def fetch_passages(self, doc_ids: Sequence[int]) -> list[Passage]:
-        doc = self._post_or_get("POST", "/v1/passages", {"doc_ids": [int(i) for i in doc_ids]})
+        return [p for group in self._id_groups([int(i) for i in doc_ids]) for p in self._passages_call(group)]
+
+    def _passages_call(self, ids: list[int]) -> list[Passage]:
+        doc = self._post_or_get("POST", "/v1/passages", {"doc_ids": ids})
         try:
             got = [_passage(p, len(self.corpus)) for p in doc["passages"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise RetrievalError(f"retrieval service {self.url} sent a malformed /v1/passages answer: {exc}") from exc
-        if [p.doc_id for p in got] != [int(i) for i in doc_ids]:
+        if [p.doc_id for p in got] != ids:
             raise RetrievalError(f"retrieval service {self.url} returned the wrong passages")
         return got
 
@@ -308,10 +370,16 @@ class RemoteRetriever(Retriever):
             return s
 
     async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        """``/v1/retrieve`` calls within the service's limits, made at once (their order kept)."""
+        queries, k = list(queries), self._k_asked(k)
+        groups = self.limits.query_groups(len(queries), min(k, len(self.corpus)))
+        answers = await asyncio.gather(*(self._search_call(queries[g.start:g.stop], k) for g in groups))
+        return [hits for answer in answers for hits in answer]
+
+    async def _search_call(self, queries: list[str], k: int) -> list[list[Hit]]:
         import aiohttp
 
-        queries = list(queries)
-        body = {"queries": queries, "k": int(k), "include_text": True}
+        body = {"queries": queries, "k": k, "include_text": True}
         try:
             async with self._session().post(f"{self.url}/v1/retrieve", json=body) as resp:
                 raw = await resp.read()
@@ -319,7 +387,7 @@ class RemoteRetriever(Retriever):
             self.requests += 1
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise RetrievalError(f"retrieval service {self.url} unreachable (POST /v1/retrieve): {exc!r}") from exc
-        return self._parse_results(self._decode(status, raw, "/v1/retrieve"), len(queries), int(k))
+        return self._parse_results(self._decode(status, raw, "/v1/retrieve"), len(queries), k)
 
     async def aclose(self) -> None:
         """Close the aiohttp session of the running loop (call before the loop ends)."""

@@ -622,7 +622,10 @@ async def passage_one(request: web.Request) -> web.Response:
 
 async def retriever_info(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"kind": state.retriever.kind, "corpus_size": len(state.retriever.corpus)})
+    cfg = state.config
+    return web.json_response({"kind": state.retriever.kind, "corpus_size": len(state.retriever.corpus),
+                              "limits": {"queries": cfg.max_retrieve_queries, "k": cfg.max_retrieve_k,
+                                         "texts": cfg.max_retrieve_texts, "ids": cfg.max_ids}})
 
 
 # --------------------------------------------------------------------------- health / metrics

@@ -51,7 +51,8 @@ def test_retrieve_score_passages_match_the_retriever(server, serving_engine):
     status, body = request("POST", f"{server.url}/v1/passages", {"doc_ids": [5, 2]})
     assert [p["doc_id"] for p in body["passages"]] == [5, 2] and body["passages"][1]["text"] == r.corpus[2].text
     assert request("GET", f"{server.url}/v1/passages/7")[1]["title"] == r.corpus[7].title
-    assert request("GET", f"{server.url}/v1/retriever")[1] == {"kind": "exact", "corpus_size": len(r.corpus)}
+    assert request("GET", f"{server.url}/v1/retriever")[1] == {
+        "kind": "exact", "corpus_size": len(r.corpus), "limits": {"queries": 512, "k": 1000, "texts": 50_000, "ids": 10_000}}
 
 
 def test_remote_retriever_is_the_same_retriever(server, serving_engine):
@@ -76,6 +77,49 @@ def test_remote_retriever_is_the_same_retriever(server, serving_engine):
             remote.corpus[len(local.corpus)]
     finally:
         remote.close()
+
+
+def test_remote_retriever_splits_its_calls_to_the_services_limits(serving_engine):
+    """A service answers at most ``max_retrieve_queries`` queries, ``max_retrieve_k`` hits,
+    ``max_retrieve_texts`` passages with text and ``max_ids`` ids per call, else 400. The client
+    asked for whatever the engine's batch held (512 queries x ``ralm.prefetch`` 256 = 131,072
+    passages, a cache of 65,536 ids scored at once): every such call failed, and with it every
+    request of the batch (503). It now reads the limits from ``/v1/retriever`` and splits a call
+    into calls within them, with the same answer; a k above the service's is asked at its max."""
+    from ralmspec.retrieval.remote import ServiceLimits
+    from tests.serving.conftest import serve
+
+    defaults = ServerConfig()  # what a service too old to say its limits holds to
+    assert ServiceLimits() == ServiceLimits(defaults.max_retrieve_queries, defaults.max_retrieve_k,
+                                            defaults.max_retrieve_texts, defaults.max_ids)
+
+    srv = serve(serving_engine, MODEL, 4, 60, max_retrieve_queries=3, max_retrieve_k=4, max_retrieve_texts=5,
+                max_ids=2)
+    local = serving_engine.retriever
+    remote = RemoteRetriever(srv.url, timeout_s=30)
+    queries = QUERIES + [q + " history" for q in QUERIES]  # 8 queries
+    try:
+        assert request("GET", f"{srv.url}/v1/retriever")[1]["limits"] == {"queries": 3, "k": 4, "texts": 5, "ids": 2}
+        before = remote.requests
+        assert remote.search_sync(queries, 2) == local.search_sync(queries, 2)  # 2 queries of 2 hits per call
+        assert remote.requests - before == 4
+        assert remote.search_sync(queries, 4) == local.search_sync(queries, 4)  # 1 query per call
+
+        async def search_async(k):
+            try:
+                return await remote.search(queries, k)
+            finally:
+                await remote.aclose()
+
+        assert asyncio.run(search_async(1)) == local.search_sync(queries, 1)  # 3 + 3 + 2 queries
+        assert asyncio.run(search_async(9)) == local.search_sync(queries, 4)  # k 9 asked as 4
+        ids = list(range(0, SMALL_CORPUS_SIZE, 37))
+        assert remote.score(queries[5], ids) == local.score(queries[5], ids)
+        assert [p.doc_id for p in remote.fetch_passages(ids[:5])] == ids[:5]
+        assert remote.corpus.get_many(ids) == [local.corpus[i] for i in ids]
+    finally:
+        remote.close()
+        srv.stop()
 
 
 def _corrupt(doc, how):
@@ -144,7 +188,9 @@ def test_a_malformed_answer_is_a_retrieval_error_never_a_hit(server):
         remote.close()
 
 
-@pytest.mark.parametrize("info", [[], "x", 5, {"kind": "exact", "corpus_size": 0}, {"kind": "exact"}])
+@pytest.mark.parametrize("info", [[], "x", 5, {"kind": "exact", "corpus_size": 0}, {"kind": "exact"},
+                                  {"kind": "exact", "corpus_size": 5, "limits": {"k": 0}},
+                                  {"kind": "exact", "corpus_size": 5, "limits": [512]}])
 def test_a_foreign_retriever_answer_is_a_retrieval_error(monkeypatch, info):
     """``GET /v1/retriever`` answering something else than a ralmspec service's object (a list was
     an AttributeError; an empty corpus was taken)."""
