@@ -460,28 +460,26 @@ def make_faiss_index(kind: str, keys32: np.ndarray, cfg: DatastoreBuildConfig) -
                 raise ConfigError(f"an IVF-PQ index needs at least 256 entries to train its codebooks, got {n}; "
                                   "use pq_m 0 (IVF-flat) or a larger datastore")
 
-        def train_points(nlist: int) -> int:
-            return min(n, max(nlist * cfg.train_points_per_list, 256 if cfg.pq_m else 1))
-
-        def build(nlist: int) -> Any:
-            quantizer = faiss.IndexFlatL2(d)
-            if cfg.pq_m > 0:
-                index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, 8)
-            else:
-                index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
-            index.cp.seed = cfg.seed
-            rng = np.random.default_rng(cfg.seed)
-            n_train = train_points(nlist)
-            sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
-            index.train(np.ascontiguousarray(keys32[sample]))
-            index.add(keys32)
-            return index
-
+        asked = min(cfg.ivf_nlist or max(1, int(round(np.sqrt(n)))), n)
+        n_train = min(n, max(asked * cfg.train_points_per_list, 256 if cfg.pq_m else 1))
+        quantizer = faiss.IndexFlatL2(d)
+        if cfg.pq_m > 0:
+            index = faiss.IndexIVFPQ(quantizer, d, asked, cfg.pq_m, 8)
+        else:
+            index = faiss.IndexIVFFlat(quantizer, d, asked, faiss.METRIC_L2)
+        index.own_fields = True
+        quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
+        index.cp.seed = cfg.seed
+        rng = np.random.default_rng(cfg.seed)
+        sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
+        index.train(np.ascontiguousarray(keys32[sample]))
+        index.add(keys32)
         # Lists k-means leaves empty (more lists than distinct keys: repeated contexts) would
-        # cost a probe each and widened searches (``Datastore._widened``): fewer lists instead.
-        index, nlist = ivf_without_empty_lists(build, min(cfg.ivf_nlist or max(1, int(round(np.sqrt(n)))), n))
+        # cost a probe each and widened searches (``Datastore._widened``): they are dropped,
+        # without training again (each key stays in its list, with the same PQ code).
+        index, nlist = ivf_without_empty_lists(index, keys32)
         index.nprobe = cfg.ivf_nprobe
-        info.update(nlist=nlist, nprobe=cfg.ivf_nprobe, pq_m=cfg.pq_m, train_points=int(train_points(nlist)))
+        info.update(nlist=nlist, nprobe=cfg.ivf_nprobe, pq_m=cfg.pq_m, train_points=int(n_train))
         return index, info
     index = faiss.IndexHNSWFlat(d, cfg.hnsw_m)
     index.hnsw.efConstruction = cfg.hnsw_ef_construction

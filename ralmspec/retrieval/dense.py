@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -220,7 +220,8 @@ def build_faiss_index(kind: str, vectors: np.ndarray, config: RetrievalConfig) -
     """Build a CPU FAISS index of ``kind`` over ``vectors`` (N, d) float32; returns (index, params).
 
     ``params`` are the build parameters actually used (``ivf_nlist`` is capped at N, and lowered
-    to the lists that vectors fill: ``ivf_without_empty_lists``).
+    to the lists that vectors fill: k-means trains that many lists once, and the lists no vector
+    lands in are dropped, ``ivf_without_empty_lists``).
     HNSW and IVF builds use FAISS's multi-threading, so two builds may differ slightly; the
     saved index file is the reference.
     """
@@ -237,7 +238,7 @@ def build_faiss_index(kind: str, vectors: np.ndarray, config: RetrievalConfig) -
         index.hnsw.efConstruction = config.hnsw_ef_construction
         params = {"hnsw_m": config.hnsw_m, "hnsw_ef_construction": config.hnsw_ef_construction}
     elif kind == "ivf":
-        index, nlist = ivf_without_empty_lists(lambda nl: _ivf_ip(faiss, x, nl), min(config.ivf_nlist, n))
+        index, nlist = ivf_without_empty_lists(_ivf_ip(faiss, x, min(config.ivf_nlist, n)), x)
         return index, {"ivf_nlist": nlist}
     else:
         raise ConfigError(f"not a dense retriever kind: {kind!r} (choose {', '.join(DENSE_KINDS)})")
@@ -245,25 +246,60 @@ def build_faiss_index(kind: str, vectors: np.ndarray, config: RetrievalConfig) -
     return index, params
 
 
-def ivf_without_empty_lists(build: Callable[[int], Any], nlist: int, tries: int = 4) -> tuple[Any, int]:
-    """``build(nlist)``: a trained and filled FAISS IVF index (or an index wrapping one) with
-    ``nlist`` lists; returned with its number of lists, built with fewer where lists stay empty.
+def ivf_without_empty_lists(index: Any, vectors: np.ndarray) -> tuple[Any, int]:
+    """``index``: a trained FAISS IVF-Flat or IVF-PQ index (flat coarse quantizer) filled with
+    ``vectors`` by ``index.add(vectors)`` (ids 0..N-1); returned with its number of lists: as is
+    where every list holds a vector, else over the centroids of its filled lists only.
 
     With more lists than distinct vectors (duplicate passages, or a kNN-LM datastore's repeated
     contexts) k-means splits clusters into near-copies of a centroid that no vector lands in,
     and a query whose ``nprobe`` best centroids are those finds nothing there: an empty top-1
     from a healthy index (passages), a wasted probe and a widened search (kNN-LM datastore). So
-    the build is redone with as many lists as were filled, until every list holds a vector (or
-    ``tries`` builds: the last one is returned, its empty lists included)."""
+    the lists no vector chose are dropped, without training again: a new index whose quantizer
+    holds the filled lists' centroids, in their order, receives the vectors again. Each vector's
+    nearest centroid was a kept one, and dropping centroids no vector chose changes no vector's
+    nearest (a tie goes to the lowest index, and the order is kept), so every list keeps the same
+    vectors in the same order and, for IVF-PQ, the same residuals: the trained codebooks are
+    reused and the codes are the same bytes. Should float rounding move a vector (never seen:
+    the tests check the lists), a list left empty is dropped the same way, until none is."""
     faiss = _faiss()
-    for _ in range(tries):
-        index = build(nlist)
-        nlist = int(faiss.extract_index_ivf(index).nlist)
-        empty = empty_ivf_lists(index)
-        if not empty:
-            break
-        nlist -= empty
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if int(index.ntotal) != len(x):
+        raise ValueError(f"the IVF index holds {index.ntotal} vectors, {len(x)} given")
+    while len(x) and empty_ivf_lists(index):
+        index = _filled_lists_only(faiss, index, x)
     return index, int(faiss.extract_index_ivf(index).nlist)
+
+
+def _filled_lists_only(faiss: Any, index: Any, x: np.ndarray) -> Any:
+    """A new IVF index like ``index`` (same metric, quantizer type, PQ codebooks, ``nprobe``) whose
+    quantizer holds the centroids of ``index``'s filled lists in their order, filled with ``x``."""
+    ivf = faiss.downcast_index(index)
+    if type(ivf) not in (faiss.IndexIVFFlat, faiss.IndexIVFPQ):
+        raise TypeError(f"not an IVF-Flat or IVF-PQ index: {type(ivf).__name__}")
+    old_quantizer = faiss.downcast_index(ivf.quantizer)
+    if type(old_quantizer) not in (faiss.IndexFlatL2, faiss.IndexFlatIP):
+        raise TypeError(f"not a flat coarse quantizer: {type(old_quantizer).__name__}")
+    filled = [i for i in range(ivf.nlist) if ivf.invlists.list_size(i)]
+    quantizer = type(old_quantizer)(ivf.d)
+    quantizer.add(np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist)[filled]))
+    if type(ivf) is faiss.IndexIVFPQ:
+        new = faiss.IndexIVFPQ(quantizer, ivf.d, len(filled), ivf.pq.M, ivf.pq.nbits, ivf.metric_type)
+        new.pq = ivf.pq  # a copy of the trained codebooks
+        new.by_residual = ivf.by_residual
+        new.polysemous_ht = ivf.polysemous_ht
+        new.scan_table_threshold = ivf.scan_table_threshold
+        new.use_precomputed_table = ivf.use_precomputed_table
+        new.is_trained = True
+        new.precompute_table()  # the tables of the kept centroids (as ``train`` computes them)
+    else:
+        new = faiss.IndexIVFFlat(quantizer, ivf.d, len(filled), ivf.metric_type)
+    assert new.is_trained
+    new.own_fields = True
+    quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
+    new.nprobe = min(int(ivf.nprobe), len(filled))
+    new.add(x)
+    return new
 
 
 def empty_ivf_lists(index: Any) -> int:

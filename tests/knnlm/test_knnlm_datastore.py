@@ -196,8 +196,8 @@ def test_build_small_ivf_directly(tmp_path, tiny_lm):
 def test_an_ivf_datastore_over_repeated_contexts_has_no_empty_lists(tmp_path, tiny_lm):
     """More lists than distinct keys (a document repeated: 20 distinct contexts, 30 times each):
     k-means left 44 of 64 lists empty, the nearest centroid of most queries was an empty one and
-    their searches were widened (566 widened searches for these 600 queries). The build is redone
-    with the lists the keys fill (``ivf_without_empty_lists``, as for passages)."""
+    their searches were widened (566 widened searches for these 600 queries). The build drops the
+    lists no key fills (``ivf_without_empty_lists``, as for passages)."""
     import faiss
 
     text = "the cat sat on the mat and then the dog came in and sat by the door of the old house"
@@ -216,6 +216,61 @@ def test_an_ivf_datastore_over_repeated_contexts_has_no_empty_lists(tmp_path, ti
     assert (ds.index.search(qs, 8)[1][:, 0] >= 0).all()  # the probed list always has candidates
     ids, _ = ds.search(qs, 8)
     assert ids.shape == (ds.n, 8) and ds.widened_searches == 0
+
+
+@pytest.mark.parametrize("pq_m", [0, 4])
+def test_an_ivf_datastore_index_drops_the_lists_kmeans_left_empty_and_keeps_every_key(pq_m):
+    """300 distinct keys, 3 copies each, 290 lists asked for (IVF-Flat and IVF-PQ): the old builds,
+    redone with fewer lists up to 4 times, still kept 8 empty lists of 252. One k-means, then the
+    empty lists are dropped: no list is empty, each kept list holds the same entries in the same
+    order with byte-identical codes (IVF-PQ: the trained codebooks reused), and a search probing
+    every list finds what the trained index finds (IVF-Flat: the brute-force top-k)."""
+    import faiss
+
+    from ralmspec.knnlm.datastore import make_faiss_index
+    from ralmspec.retrieval.dense import empty_ivf_lists
+    from tests.retrieval.test_ties import ivf_lists
+
+    rng = np.random.default_rng(0)
+    distinct = rng.standard_normal((300, 16)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    keys = np.ascontiguousarray(np.repeat(distinct, 3, axis=0))
+    cfg = DatastoreBuildConfig(index="ivf", ivf_nlist=290, ivf_nprobe=4, pq_m=pq_m)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # two k-means runs over the same points agree
+    try:
+        quantizer = faiss.IndexFlatL2(16)  # what the build trains (on every key: 290 * 64 > 900) and fills first
+        trained = faiss.IndexIVFPQ(quantizer, 16, 290, pq_m, 8) if pq_m else faiss.IndexIVFFlat(quantizer, 16, 290)
+        trained.cp.seed = cfg.seed
+        trained.train(keys)
+        trained.add(keys)
+        index, info = make_faiss_index("ivf", keys, cfg)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert empty_ivf_lists(trained) > 0  # the case
+    kept = [lst for lst in ivf_lists(trained) if lst[0].size]
+
+    ivf = faiss.extract_index_ivf(index)
+    assert empty_ivf_lists(index) == 0, f"{empty_ivf_lists(index)} empty lists of {ivf.nlist}"
+    assert info["nlist"] == ivf.nlist == len(kept) and info["train_points"] == len(keys) and info["pq_m"] == pq_m
+    assert type(index) is type(trained) and index.metric_type == faiss.METRIC_L2 and index.is_trained
+    assert ivf.nprobe == 4 and index.ntotal == len(keys)
+    for i, (was, now) in enumerate(zip(kept, ivf_lists(index))):
+        np.testing.assert_array_equal(now[0], was[0], err_msg=f"ids of list {i}")
+        np.testing.assert_array_equal(now[1], was[1], err_msg=f"codes of list {i}")
+
+    queries = (distinct + rng.normal(0, 0.05, distinct.shape)).astype(np.float32)
+    k = 6  # two groups of 3 copies
+    index.nprobe, trained.nprobe = ivf.nlist, trained.nlist
+    d, ids = index.search(queries, k)
+    d0, ids0 = trained.search(queries, k)
+    np.testing.assert_array_equal(ids, ids0)
+    np.testing.assert_array_equal(d, d0)
+    if not pq_m:
+        exact = ((queries.astype(np.float64)[:, None, :] - keys.astype(np.float64)[None]) ** 2).sum(axis=2)
+        truth = np.argsort(exact, axis=1, kind="stable")[:, :k]
+        assert [set(r) for r in ids.tolist()] == [set(r) for r in truth.tolist()]
+        np.testing.assert_allclose(d, np.take_along_axis(exact, truth, axis=1), rtol=1e-4, atol=1e-5)
 
 
 def test_missing_and_broken_datastores(tmp_path, knn_datastores):

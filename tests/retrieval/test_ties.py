@@ -97,6 +97,67 @@ def test_an_ivf_index_over_duplicate_passages_has_no_empty_lists(encoder):
         assert [sorted(h.doc_id for h in row) for row in hits] == [list(range(5 * i, 5 * i + 5)) for i in range(10)]
 
 
+def ivf_lists(index) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, codes) of every inverted list of an IVF ``index``, in list order."""
+    ivf = faiss.extract_index_ivf(index)
+    out = []
+    for i in range(ivf.nlist):
+        size = ivf.invlists.list_size(i)
+        ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(i), size).copy() if size else np.zeros(0, np.int64)
+        codes = (faiss.rev_swig_ptr(ivf.invlists.get_codes(i), size * ivf.code_size).copy() if size
+                 else np.zeros(0, np.uint8))
+        out.append((ids, codes))
+    return out
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """FAISS on one thread (this one), so that two k-means runs over the same points agree."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def test_an_ivf_build_drops_the_lists_kmeans_left_empty_and_keeps_every_other(one_faiss_thread):
+    """64 distinct vectors, 3 copies each, 64 lists asked for: k-means leaves some lists empty
+    (the old builds, redone with fewer lists up to 4 times, still kept 3 of 55). One k-means, then
+    the empty lists are dropped: no list is empty, each kept list holds the same ids in the same
+    order as in the trained index (the same centroids, in order), and a search probing every list
+    finds what the trained index finds, which is the brute-force top-k."""
+    from ralmspec.retrieval.dense import _ivf_ip, build_faiss_index, empty_ivf_lists
+
+    rng = np.random.default_rng(1)
+    distinct = rng.standard_normal((64, 16)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    x = np.ascontiguousarray(np.repeat(distinct, 3, axis=0))
+    trained = _ivf_ip(faiss, x, 64)  # what the build trains (and fills) first
+    assert empty_ivf_lists(trained) > 0  # the case
+    filled = [i for i, (ids, _) in enumerate(ivf_lists(trained)) if ids.size]
+
+    index, params = build_faiss_index("ivf", x, kb_config("ivf", ivf_nlist=64))
+    assert empty_ivf_lists(index) == 0, f"{empty_ivf_lists(index)} empty lists of {index.nlist}"
+    assert params["ivf_nlist"] == index.nlist == len(filled) and index.ntotal == len(x)
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT and index.is_trained
+    np.testing.assert_array_equal(index.quantizer.reconstruct_n(0, index.nlist),
+                                  trained.quantizer.reconstruct_n(0, trained.nlist)[filled])
+    kept = [lst for lst in ivf_lists(trained) if lst[0].size]
+    for i, (was, now) in enumerate(zip(kept, ivf_lists(index))):
+        np.testing.assert_array_equal(now[0], was[0], err_msg=f"list {i}")
+
+    queries = (distinct + rng.normal(0, 0.05, distinct.shape)).astype(np.float32)
+    k = 6  # two groups of 3 copies
+    index.nprobe, trained.nprobe = index.nlist, trained.nlist
+    d, ids = index.search(queries, k)
+    d0, ids0 = trained.search(queries, k)
+    np.testing.assert_array_equal(ids, ids0)
+    np.testing.assert_array_equal(d, d0)
+    exact = queries.astype(np.float64) @ x.astype(np.float64).T
+    truth = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    assert [set(r) for r in ids.tolist()] == [set(r) for r in truth.tolist()]
+    np.testing.assert_allclose(d, np.take_along_axis(exact, truth, axis=1), rtol=1e-5, atol=1e-6)
+
+
 def test_an_old_ivf_index_with_empty_lists_is_opened_with_a_warning(tie_dirs, encoder, tmp_path, caplog):
     """An index built before the empty-list fix keeps them (and a cached one is reused): opening
     it says so, with the command that rebuilds it; a healthy one opens silently."""
