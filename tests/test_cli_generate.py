@@ -130,3 +130,33 @@ def test_generate_streams_the_verified_answer(small_indexes, capsys):
         assert line.removeprefix("answer:").strip() == full[:full.index(stop)].strip() and "finish=stop" in out
     assert main(run(small_indexes, "--stream", "--json")) == 2
     assert "--stream" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["serve", "--model", "tiny", "--port", "0"],
+                                  ["knnlm", "build", "--model", "tiny", "--max-tokens", "100", "--out", "OUT"]])
+def test_a_command_without_the_ml_stack_says_how_to_install_it(tmp_path, argv):
+    """A plain ``pip install ralmspec`` (no ``[cpu]`` / ``[gpu]``) has no torch: ``serve`` and
+    ``knnlm build`` died with a ModuleNotFoundError traceback (found by a wheel-install audit)."""
+    import subprocess
+    import sys
+
+    argv = [x.replace("OUT", str(tmp_path / "ds")) for x in argv]
+    code = ("import sys; sys.modules['torch'] = None  # `import torch` fails as if it were not installed\n"
+            f"from ralmspec.cli import main; sys.exit(main({argv!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"`ralmspec {argv[0]}` needs the ML stack" in proc.stderr and "pip install 'ralmspec[cpu]'" in proc.stderr
+
+
+def test_a_missing_module_outside_the_ml_stack_is_not_called_an_install_to_complete(monkeypatch):
+    import ralmspec.cli as cli
+
+    def broken(_a):
+        import ralmspec_no_such_module  # noqa: F401
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["generate"].set_defaults(func=broken)
+    with pytest.raises(ModuleNotFoundError, match="ralmspec_no_such_module"):
+        cli.main(["generate", "a question"])

@@ -207,7 +207,7 @@ def embedded_path(name: str) -> str:
     path = str(resources.files(EMBEDDED_PACKAGE).joinpath(name))
     if not os.path.exists(path):
         raise ConfigError(f"embedded data file {name} is missing from the installed package ({path}); "
-                          "regenerate it with `python scripts/make_embedded_data.py`")
+                          "reinstall ralmspec (from a checkout: regenerate it with `python scripts/make_embedded_data.py`)")
     return path
 
 

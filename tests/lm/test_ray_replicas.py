@@ -54,7 +54,7 @@ def test_lm_replicas_without_ray_say_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     assert main(["serve", "--model", "tiny", "--lm-replicas", "2", "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and 'pip install -e ".[ray]"' in err and "--lm-replicas" in err, err
+    assert err.startswith("error: ") and "pip install 'ralmspec[ray]'" in err and "--lm-replicas" in err, err
 
 
 def test_lm_error_is_503():

@@ -46,7 +46,7 @@ def test_shards_without_ray_say_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     assert main(["serve", "--model", "tiny", "--shards", "2", "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and 'pip install -e ".[ray]"' in err, err
+    assert err.startswith("error: ") and "pip install 'ralmspec[ray]'" in err, err
 
 
 @pytest.fixture(scope="module")
