@@ -229,7 +229,7 @@ def test_an_ivf_datastore_index_drops_the_lists_kmeans_left_empty_and_keeps_ever
 
     from ralmspec.knnlm.datastore import make_faiss_index
     from ralmspec.retrieval.dense import empty_ivf_lists
-    from tests.retrieval.test_ties import ivf_lists
+    from tests.retrieval.test_ties import assert_compacted, ivf_lists
 
     rng = np.random.default_rng(0)
     distinct = rng.standard_normal((300, 16)).astype(np.float32)
@@ -255,17 +255,9 @@ def test_an_ivf_datastore_index_drops_the_lists_kmeans_left_empty_and_keeps_ever
     assert info["nlist"] == ivf.nlist == len(kept) and info["train_points"] == len(keys) and info["pq_m"] == pq_m
     assert type(index) is type(trained) and index.metric_type == faiss.METRIC_L2 and index.is_trained
     assert ivf.nprobe == 4 and index.ntotal == len(keys)
-    for i, (was, now) in enumerate(zip(kept, ivf_lists(index))):
-        np.testing.assert_array_equal(now[0], was[0], err_msg=f"ids of list {i}")
-        np.testing.assert_array_equal(now[1], was[1], err_msg=f"codes of list {i}")
-
     queries = (distinct + rng.normal(0, 0.05, distinct.shape)).astype(np.float32)
     k = 6  # two groups of 3 copies
-    index.nprobe, trained.nprobe = ivf.nlist, trained.nlist
-    d, ids = index.search(queries, k)
-    d0, ids0 = trained.search(queries, k)
-    np.testing.assert_array_equal(ids, ids0)
-    np.testing.assert_array_equal(d, d0)
+    d, ids = assert_compacted(index, trained, queries, k)
     if not pq_m:
         exact = ((queries.astype(np.float64)[:, None, :] - keys.astype(np.float64)[None]) ** 2).sum(axis=2)
         truth = np.argsort(exact, axis=1, kind="stable")[:, :k]

@@ -110,6 +110,24 @@ def ivf_lists(index) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def assert_compacted(index, trained, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index`` holds ``trained``'s filled lists, in order, with the same ids and code bytes, and a
+    search probing every list finds the same ids at the same distances; returns (distances, ids)."""
+    kept = [lst for lst in ivf_lists(trained) if lst[0].size]
+    now = ivf_lists(index)
+    assert len(now) == len(kept)
+    for i, (was, lst) in enumerate(zip(kept, now)):
+        np.testing.assert_array_equal(lst[0], was[0], err_msg=f"ids of list {i}")
+        np.testing.assert_array_equal(lst[1], was[1], err_msg=f"codes of list {i}")
+    faiss.extract_index_ivf(index).nprobe = len(now)
+    faiss.extract_index_ivf(trained).nprobe = faiss.extract_index_ivf(trained).nlist
+    d, ids = index.search(queries, k)
+    d0, ids0 = trained.search(queries, k)
+    np.testing.assert_array_equal(ids, ids0)
+    np.testing.assert_array_equal(d, d0)
+    return d, ids
+
+
 @pytest.fixture
 def one_faiss_thread():
     """FAISS on one thread (this one), so that two k-means runs over the same points agree."""
@@ -141,17 +159,9 @@ def test_an_ivf_build_drops_the_lists_kmeans_left_empty_and_keeps_every_other(on
     assert index.metric_type == faiss.METRIC_INNER_PRODUCT and index.is_trained
     np.testing.assert_array_equal(index.quantizer.reconstruct_n(0, index.nlist),
                                   trained.quantizer.reconstruct_n(0, trained.nlist)[filled])
-    kept = [lst for lst in ivf_lists(trained) if lst[0].size]
-    for i, (was, now) in enumerate(zip(kept, ivf_lists(index))):
-        np.testing.assert_array_equal(now[0], was[0], err_msg=f"list {i}")
-
     queries = (distinct + rng.normal(0, 0.05, distinct.shape)).astype(np.float32)
     k = 6  # two groups of 3 copies
-    index.nprobe, trained.nprobe = index.nlist, trained.nlist
-    d, ids = index.search(queries, k)
-    d0, ids0 = trained.search(queries, k)
-    np.testing.assert_array_equal(ids, ids0)
-    np.testing.assert_array_equal(d, d0)
+    d, ids = assert_compacted(index, trained, queries, k)
     exact = queries.astype(np.float64) @ x.astype(np.float64).T
     truth = np.argsort(-exact, axis=1, kind="stable")[:, :k]
     assert [set(r) for r in ids.tolist()] == [set(r) for r in truth.tolist()]
