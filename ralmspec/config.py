@@ -144,6 +144,14 @@ class Sampling:
         return replace(self, start=start)
 
 
+def check_api_key(key: Any, name: str = "api_key") -> None:
+    """None (no key), or what an HTTP header carries as a bearer token: printable ASCII, no space
+    (a server's ``--api-key``, a client's key for it)."""
+    if key is not None and not (isinstance(key, str) and key and key.isascii() and key.isprintable()
+                                and " " not in key):
+        raise ConfigError(f"{name} must be a non-empty string of printable ASCII characters without spaces")
+
+
 def check_hnsw_m(m: int) -> None:
     """An HNSW graph's ``M`` (passages and kNN-LM datastores alike): at least 2."""
     if m < 2:  # FAISS's HNSW crashes the process (SIGSEGV) adding to a graph of M 1

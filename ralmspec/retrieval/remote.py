@@ -54,12 +54,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from ralmspec.config import is_int
+from ralmspec.config import check_api_key, is_int
 from ralmspec.data.corpus import Corpus, Passage
 from ralmspec.errors import ConfigError, RetrievalError
 from ralmspec.retrieval.base import Hit, Retriever
 
 log = logging.getLogger(__name__)
+
+RETRIEVER_API_KEY_ENV = "RALMSPEC_RETRIEVER_API_KEY"  # serve --retriever-api-key when the flag is absent
 
 
 class RemoteCorpus(Corpus):
@@ -186,13 +188,16 @@ class RemoteRetriever(Retriever):
     at construction when the service cannot be reached."""
 
     def __init__(self, url: str, timeout_s: float = 10.0, connect_timeout_s: float = 3.0,
-                 passage_cache: int = 200_000):
+                 passage_cache: int = 200_000, api_key: str | None = None):
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"retriever URL must look like http://host:port, got {url!r}")
         for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s)):
             if not 0 < v < math.inf:  # NaN too
                 raise ConfigError(f"retriever {name} must be a finite number of seconds > 0, got {v!r}")
+        check_api_key(api_key, "the retrieval service's API key")
+        # the service's --api-key, sent with every call (``Authorization: Bearer``, as the service checks)
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
         self._scheme, self._host = parsed.scheme, parsed.hostname
         self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -236,7 +241,7 @@ class RemoteRetriever(Retriever):
         sending a byte a second is timed out too); one reconnect on a stale keep-alive connection,
         none after a timeout (which would double it)."""
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json", **self._auth}
         last: BaseException | None = None
         for _attempt in range(2):
             conn = self._conn()
@@ -365,7 +370,7 @@ class RemoteRetriever(Retriever):
                 for old_loop in [lp for lp in self._sessions if lp.is_closed()]:
                     del self._sessions[old_loop]  # its loop is gone; the OS reclaims the sockets
                 timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s)
-                s = aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
+                s = aiohttp.ClientSession(timeout=timeout, raise_for_status=False, headers=self._auth)
                 self._sessions[loop] = s
             return s
 

@@ -37,6 +37,7 @@ without aiohttp's ``handler_cancellation``: handlers watch the transport.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -57,6 +58,7 @@ from ralmspec.engine.scheduler import (
     BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
 )
 from ralmspec.engine.stream import LogprobRelease, VerifiedText
+from ralmspec.config import check_api_key
 from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.lm.loader import dtype_name
 from ralmspec.lm.sampling import draw_seed
@@ -91,6 +93,7 @@ class ServerConfig:
     max_retrieve_texts: int = 50_000  # passages with their text per /v1/retrieve answer (queries x k); more -> 400
     max_ids: int = 10_000  # doc ids per /v1/score or /v1/passages call
     max_tokens_limit: int = 4096  # further capped by the model's context
+    api_key: str | None = None  # required as 'Authorization: Bearer <key>' on every path but OPEN_PATHS
     io_threads: int = 4  # threads for /v1/score and passage reads
     malloc_trim_s: float = 60.0  # seconds between C heap trims (ralmspec/memory.py); 0: never
     worker_stats_timeout_s: float = 2.0  # /v1/stats and /metrics wait this long for Ray workers' memory
@@ -101,6 +104,7 @@ class ServerConfig:
         check_trim_interval(self.malloc_trim_s)
         check_body_timeout(self.body_timeout_s)
         check_idle_timeout(self.idle_timeout_s)
+        check_api_key(self.api_key)
         if not self.worker_stats_timeout_s > 0:
             raise ConfigError(f"worker_stats_timeout_s must be > 0, got {self.worker_stats_timeout_s}")
         for name in ("client_max_size", "max_retrieve_queries", "max_retrieve_k", "max_retrieve_texts", "max_ids",
@@ -146,7 +150,7 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
     cfg = server_config or ServerConfig()
     state = ServerState(engine, retriever or engine.retriever, scheduler_config or SchedulerConfig(), cfg,
                         ServerMetrics())
-    app = new_application(cfg.client_max_size, cfg.idle_timeout_s, state.metrics)
+    app = new_application(cfg.client_max_size, cfg.idle_timeout_s, state.metrics, cfg.api_key)
     app[STATE] = state
 
     async def on_startup(app: web.Application) -> None:
@@ -254,7 +258,8 @@ def error_middleware(metrics: ServerMetrics, client_max_size: int) -> Any:
             err = error_for(exc)
             if err.status >= 500:
                 log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
-            headers = {"Retry-After": "1"} if err.status == 429 else None
+            headers = {"Retry-After": "1"} if err.status == 429 else {"WWW-Authenticate": "Bearer"} \
+                if err.status == 401 else None
             resp = _json_error(err, headers)
             if err.status == 408:
                 await answer_and_close(request, resp)
@@ -289,12 +294,44 @@ def check_idle_timeout(seconds: float, name: str = "idle_timeout_s") -> None:
         raise ConfigError(f"{name} must be a finite number of seconds > 0, got {seconds!r}")
 
 
-def new_application(client_max_size: int, idle_timeout_s: float, metrics: ServerMetrics) -> web.Application:
+# Answered without the API key: a load balancer's or a monitor's probes (as vLLM's /health and
+# /metrics); /metrics shows request counts and latencies, never a prompt or an answer.
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+API_KEY_ENV = "RALMSPEC_API_KEY"  # the --api-key of either server when the flag is absent
+
+
+def auth_middleware(api_key: str) -> Any:
+    """401 ``invalid_api_key`` unless a request to a path outside ``OPEN_PATHS`` sends
+    ``Authorization: Bearer <api_key>`` (as the OpenAI clients do with their ``api_key``); the
+    comparison takes the same time wherever the two differ."""
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        if request.path not in OPEN_PATHS:
+            sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(sent, expected):
+                raise APIError(401, "this server needs an API key: send the header 'Authorization: Bearer <key>' "
+                               "(the OpenAI clients' api_key) with the key the server was started with "
+                               f"(--api-key or ${API_KEY_ENV})" if not sent
+                               else "wrong API key (send 'Authorization: Bearer <key>' with the server's key)",
+                               "invalid_request_error", None, "invalid_api_key")
+        return await handler(request)
+
+    return middleware
+
+
+def new_application(client_max_size: int, idle_timeout_s: float, metrics: ServerMetrics,
+                    api_key: str | None = None) -> web.Application:
     """The aiohttp application of either server: its body limit, its idle timeout (aiohttp's
-    ``keepalive_timeout``, which also bounds a connection still sending its headers) and the
-    JSON-error middleware counting requests in ``metrics``."""
+    ``keepalive_timeout``, which also bounds a connection still sending its headers), the
+    JSON-error middleware counting requests in ``metrics`` and, with ``api_key``, the key check
+    (inside the error middleware: a 401 is answered as JSON and counted)."""
+    middlewares = [error_middleware(metrics, client_max_size)]
+    if api_key is not None:
+        middlewares.append(auth_middleware(api_key))
     return web.Application(client_max_size=client_max_size, handler_args={"keepalive_timeout": idle_timeout_s},
-                           middlewares=[error_middleware(metrics, client_max_size)])
+                           middlewares=middlewares)
 
 
 async def read_json(request: web.Request, timeout_s: float) -> Any:

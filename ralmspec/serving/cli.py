@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     h.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed at start)")
     h.add_argument("--retriever-url", default=None,
                    help="use a remote knowledge base (another `ralmspec serve --retrieval-only`) instead of a local index")
+    h.add_argument("--retriever-api-key", default=None, metavar="KEY",
+                   help="the --api-key of the --retriever-url service (default: $RALMSPEC_RETRIEVER_API_KEY)")
     h.add_argument("--retrieval-only", action="store_true", help="serve only the knowledge base (/v1/retrieve ...)")
     h.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once")
     h.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429")
@@ -99,7 +102,7 @@ def _build_app(a: argparse.Namespace):
     from ralmspec.engine.governor import GovernorConfig
     from ralmspec.engine.scheduler import SchedulerConfig
     from ralmspec.memory import check_trim_interval
-    from ralmspec.serving.app import ServerConfig, create_app
+    from ralmspec.serving.app import create_app
 
     cfg = engine_config_from_args(a)  # checks --emulate-pad (>= 0, exact only)
     apply_threads(a)
@@ -124,6 +127,8 @@ def _build_app(a: argparse.Namespace):
     if sharded and a.retriever_url:
         raise ConfigError("--shards / --ray-address serve a sharded knowledge base here; "
                           "they cannot be combined with --retriever-url")
+    if a.retriever_api_key is not None and not a.retriever_url:
+        raise ConfigError("--retriever-api-key is the key of a --retriever-url service; there is none here")
     if a.retriever_url:  # the remote serves its own index: these would go unused, silently
         local = [flag for flag, given in (("--index", a.index), ("--corpus", a.corpus),
                                           ("--retriever-device", a.retriever_device != "cpu")) if given]
@@ -139,10 +144,7 @@ def _build_app(a: argparse.Namespace):
         if a.retriever_url:
             raise ConfigError("--retrieval-only serves a local index; it cannot be combined with --retriever-url")
         retriever, where = _open_local_knowledge_base(a, cfg, sharded)
-        server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes,
-                          body_timeout_s=a.body_timeout,
-                          idle_timeout_s=a.idle_timeout, malloc_trim_s=a.malloc_trim_s)
-        app = create_app(None, sched, retriever=retriever, server_config=server,
+        app = create_app(None, sched, retriever=retriever, server_config=_server_config(a, cfg),
                          search_concurrency=a.search_concurrency)
         _log(f"ralmspec: {where} {retriever.kind} knowledge base of {len(retriever.corpus)} passages loaded in "
              f"{time.perf_counter() - t:.1f}s (retrieval-only){_emulated_note(retriever)}")
@@ -153,9 +155,10 @@ def _build_app(a: argparse.Namespace):
     lm, lm_where = _load_lm(a, cfg)
     try:
         if a.retriever_url:
-            from ralmspec.retrieval.remote import RemoteRetriever
+            from ralmspec.retrieval.remote import RETRIEVER_API_KEY_ENV, RemoteRetriever
 
-            retriever = RemoteRetriever(a.retriever_url, timeout_s=a.retrieval_timeout)
+            retriever = RemoteRetriever(a.retriever_url, timeout_s=a.retrieval_timeout,
+                                        api_key=a.retriever_api_key or os.environ.get(RETRIEVER_API_KEY_ENV) or None)
             where = f"remote {a.retriever_url}"
         else:
             retriever, where = _open_local_knowledge_base(a, cfg, sharded)
@@ -163,12 +166,17 @@ def _build_app(a: argparse.Namespace):
         lm.close()
         raise
     engine = RalmEngine(lm, retriever, cfg)
-    server = ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes,
-                          body_timeout_s=a.body_timeout,
-                          idle_timeout_s=a.idle_timeout, malloc_trim_s=a.malloc_trim_s)
     _log(f"ralmspec: model {cfg.model!r}{lm_where} + {where} {retriever.kind} knowledge base "
          f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s{_emulated_note(retriever)}")
-    return create_app(engine, sched, server_config=server, search_concurrency=a.search_concurrency)
+    return create_app(engine, sched, server_config=_server_config(a, cfg), search_concurrency=a.search_concurrency)
+
+
+def _server_config(a: argparse.Namespace, cfg: Any) -> Any:
+    from ralmspec.serving.app import ServerConfig
+
+    return ServerConfig(model_name=a.served_model_name or cfg.model, client_max_size=a.max_body_bytes,
+                        body_timeout_s=a.body_timeout, idle_timeout_s=a.idle_timeout, malloc_trim_s=a.malloc_trim_s,
+                        api_key=a.api_key)
 
 
 def _load_lm(a: argparse.Namespace, cfg: Any) -> tuple[Any, str]:
@@ -252,12 +260,17 @@ def add_connection_args(h: Any) -> None:
     h.add_argument("--idle-timeout", type=float, default=75.0, metavar="S",
                    help="seconds a connection may stay idle between requests, or take to send a request's line "
                         "and headers, before it is closed")
+    h.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (the OpenAI clients' api_key) on every path but "
+                        "/health and /metrics; else HTTP 401 (default: $RALMSPEC_API_KEY, which keeps the key "
+                        "out of the process list; unset: no key)")
 
 
 def _check_listen_flags(a: argparse.Namespace) -> None:
     """``--port``, ``--request-timeout``, ``--body-timeout`` and ``--idle-timeout`` of either
     server, checked before anything loads."""
-    from ralmspec.serving.app import check_body_timeout, check_idle_timeout
+    from ralmspec.config import check_api_key
+    from ralmspec.serving.app import API_KEY_ENV, check_body_timeout, check_idle_timeout
 
     if not 0 <= a.request_timeout < math.inf:  # NaN too
         raise ConfigError(f"--request-timeout must be a finite number of seconds >= 0 (0: no limit), "
@@ -266,6 +279,10 @@ def _check_listen_flags(a: argparse.Namespace) -> None:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
     check_body_timeout(a.body_timeout, "--body-timeout")
     check_idle_timeout(a.idle_timeout, "--idle-timeout")
+    from_env = a.api_key is None
+    if from_env:
+        a.api_key = os.environ.get(API_KEY_ENV) or None
+    check_api_key(a.api_key, f"${API_KEY_ENV}" if from_env else "--api-key")
 
 
 def _configure_logging(a: argparse.Namespace) -> None:
@@ -357,7 +374,7 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
                   max_concurrent=a.max_concurrent, max_queue=a.max_queue,
                   request_timeout_s=a.request_timeout, gather_s=None if a.gather_ms is None else a.gather_ms / 1000,
                   speculate_max_active=a.speculate_max_active,
-                  speculate=not a.no_speculate, malloc_trim_s=a.malloc_trim_s)
+                  speculate=not a.no_speculate, malloc_trim_s=a.malloc_trim_s, api_key=a.api_key)
     KNNLMServerConfig(**server)  # likewise
     set_threads(a.threads)
     t = time.perf_counter()

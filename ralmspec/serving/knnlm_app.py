@@ -54,6 +54,7 @@ from ralmspec.engine.prompt import Conversation, PromptFormat
 from ralmspec.engine.result import GenerationResult
 from ralmspec.engine.scheduler import QueueFullError, RequestTimeoutError, SchedulerClosedError
 from ralmspec.engine.stop import StopWatch, cut_result
+from ralmspec.config import check_api_key
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.model import KNNLM, KNNLMResult
 from ralmspec.knnlm.open import warm_datastore
@@ -64,7 +65,8 @@ from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.rendezvous import Rendezvous
 from ralmspec.threads import WorkerPool, to_thread
 from ralmspec.serving.app import (
-    check_body_timeout, check_idle_timeout, error_for, new_application, read_json, run_watching, stream_verified,
+    check_body_timeout, check_idle_timeout, error_for, new_application, read_json, run_watching,
+    stream_verified,
 )
 from ralmspec.serving.metrics import ServerMetrics, admission_lines, counter_total
 from ralmspec.serving.protocol import APIError, KNNLMCompletionRequest, parse_knnlm_completion
@@ -88,6 +90,7 @@ class KNNLMServerConfig:
     request_timeout_s: float = 300.0  # per request, queueing included; 0: no limit
     speculate: bool = True  # a request without `knnlm.speculate` runs speculatively
     malloc_trim_s: float = 60.0  # seconds between C heap trims (ralmspec/memory.py); 0: never
+    api_key: str | None = None  # required as 'Authorization: Bearer <key>' on every path but OPEN_PATHS
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -96,6 +99,7 @@ class KNNLMServerConfig:
             raise ConfigError(f"client_max_size must be >= 1, got {self.client_max_size}")
         check_body_timeout(self.body_timeout_s)
         check_idle_timeout(self.idle_timeout_s)
+        check_api_key(self.api_key)
         if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
             raise ConfigError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
@@ -275,7 +279,7 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
     warm_s = warm_datastore(knn.datastore, knn.config.k)  # first-use costs now, not in a request's OS^3
     state = KNNLMServerState(knn, spec or SpeculativeKNNConfig(), cfg, ServerMetrics(),
                              knn.datastore.describe() | {"warm_s": warm_s})
-    app = new_application(cfg.client_max_size, cfg.idle_timeout_s, state.metrics)
+    app = new_application(cfg.client_max_size, cfg.idle_timeout_s, state.metrics, cfg.api_key)
     app[KNN_STATE] = state
 
     views, state.sharing = decoding_views(knn, cfg.max_concurrent, cfg.gather_s, cfg.speculate_max_active)
