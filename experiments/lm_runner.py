@@ -145,6 +145,7 @@ def set_draws(lm, where: str, attention: str = "auto") -> None:
         lm.runner.device_sampling = where == "device"
     if attention != "auto" and hasattr(lm.runner, "decoder"):
         lm.runner.decoder.cuda_attention = attention == "cuda"
+        lm.runner._drop_graphs()  # graphs captured already (the compiled runner's first span) hold the old layout
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -489,7 +489,7 @@ class StaticRunner(KVRunner):
         """The logits after feeding ``token`` at position ``kv.length`` (a copy: a graph's output
         buffer is overwritten by its next replay). In the batch-invariant mode the step is the
         ``batch_rows``-row forward that ``decode`` runs, so they are decoding's logits bit for bit."""
-        tok = torch.tensor([int(token)], device=self.decoder.device)
+        tok = _host_to(torch.tensor([int(token)]), self.decoder.device)  # no host wait on CUDA
         if self.batch_rows > 1:
             return kv, self._step_rows([kv], tok)[0]
         return kv, self._step_logits(kv, tok[0]).clone()
@@ -515,7 +515,7 @@ class StaticRunner(KVRunner):
         if self.batch_rows > 1:
             logits, hidden = self.step_hidden_rows([kv], [token])
             return kv, logits[0], hidden[0]
-        logits, hidden = self._step_state(kv, torch.tensor(int(token), device=self.decoder.device))
+        logits, hidden = self._step_state(kv, _host_to(torch.tensor(int(token)), self.decoder.device))
         return kv, logits.clone(), hidden.clone()
 
     def step_hidden_rows(self, kvs: Sequence[Slot], tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -686,6 +686,8 @@ class StaticRunner(KVRunner):
     def _drop_graphs(self) -> None:
         for graphs in (self._graphs, self._step_graphs, self._block_graphs):
             graphs.clear()
+        if self._graph_pool is not None:  # graphs captured from now on go into a new pool: torch
+            self._graph_pool = torch.cuda.graph_pool_handle()  # asserts a reused pool is still in use
 
     def close(self) -> None:
         self._drop_graphs()

@@ -190,6 +190,25 @@ def test_one_row_graphs_replay_the_uncaptured_bits(cuda_tiny):
     assert outs[True, 256] == outs[True, 2] == outs[False, 256]
 
 
+def test_graphs_dropped_are_captured_again_in_a_new_pool(cuda_tiny):
+    """``_drop_graphs`` (a capture failure, ``close``, a layout change in experiments/lm_runner.py)
+    frees every graph; the next capture used the same pool handle, whose use count torch asserts
+    is still above 0 (a RuntimeError: the runner would have gone on without graphs). Session 27's
+    desk check; not run on a GPU yet."""
+    rng = random.Random(6)
+    prompt = random_tokens(rng, 40)
+    runner = StaticRunner(cuda_tiny.model, max_len=256, capacity=2, cuda_graphs=True)
+    outs = []
+    with torch.inference_mode():
+        for _ in range(3):
+            slot = runner.open()
+            _, logits, _ = runner.prefill_block(slot, prompt, last=True, want_hidden=False)
+            outs.append(runner.decode(slot, logits, 10, None, frozenset()).tokens)
+            runner.free(slot)
+            assert runner.cuda_graphs and len(runner._graphs) > 0
+            runner._drop_graphs()
+    assert outs[0] == outs[1] == outs[2]
+
 def test_batched_generate_on_cuda_equals_each_alone(cuda_tiny):
     """Through the LM contract: mixed greedy rows on the batched runner (graphs on) == each alone."""
     lm = make_view(cuda_tiny, block_size=16, runner="batched")
