@@ -49,7 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.load import (  # noqa: E402
-    ENDPOINTS, Server, load_workload, loadavg, split_server_args, sse_chunks,
+    ENDPOINTS, Server, api_headers, load_workload, loadavg, split_server_args, sse_chunks,
 )
 
 # Per-request ``ralm`` settings drawn from (each field sent with probability 1/2). Small caches,
@@ -263,7 +263,7 @@ async def client(i: int, url: str, questions: list[str], model: str, deadline: f
     def draw() -> tuple[str, dict[str, Any], bool]:
         return draw_request(rng, questions, model, chat=chat, dense=dense, knnlm=knnlm)
 
-    async with aiohttp.ClientSession(timeout=timeout) as s:
+    async with aiohttp.ClientSession(timeout=timeout, headers=api_headers()) as s:
         while time.monotonic() < deadline:
             endpoint, body, stream = draw()
             order = rng.choice(["spec_first", "naive_first", "together"])
@@ -299,7 +299,7 @@ async def probe(url: str, model: str, knnlm: bool) -> tuple[bool, bool]:
     dense knowledge base: the ``static`` guesser; a kNN-LM server has no guessers)."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=api_headers()) as s:
         info: dict[str, Any] = {}
         if not knnlm:
             async with s.get(url + "/v1/retriever") as r:
@@ -348,7 +348,7 @@ async def server_stats(url: str) -> dict[str, Any]:
     """``GET /v1/stats`` at the end: how the LM ran (runner, batched steps by live rows), caches."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=api_headers()) as s:
         async with s.get(url + "/v1/stats") as r:
             return await r.json(content_type=None)
 

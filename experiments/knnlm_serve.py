@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.load import Server, loadavg, percentile, split_server_args  # noqa: E402
+from experiments.load import Server, api_headers, loadavg, percentile, split_server_args  # noqa: E402
 from ralmspec.knnlm.cli import bench_texts  # noqa: E402
 
 MODES = ("naive", "speculative")
@@ -53,7 +53,7 @@ async def run_cell(url: str, prompts: list[str], max_tokens: int, mode: str, cli
     """``clients`` closed-loop clients send the prompts; the answers (in prompt order) and the figures."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=api_headers()) as s:
         async with s.get(f"{url}/v1/models") as r:
             model = (await r.json())["data"][0]["id"]
         answers: list[Any] = [None] * len(prompts)

@@ -76,6 +76,13 @@ async def rss_from_metrics(session: Any, url: str) -> int | None:
     return None
 
 
+def api_headers() -> dict[str, str]:
+    """The ``Authorization`` header for a server started with ``--api-key``: the key in
+    ``$RALMSPEC_API_KEY`` (which a spawned server reads too), else none."""
+    key = os.environ.get("RALMSPEC_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def loadavg() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
@@ -227,7 +234,7 @@ async def run_cell(url: str, model: str, questions: list[str], mode: str, client
     t0 = time.perf_counter()
     t_w, t_end = t0 + warmup, t0 + warmup + duration
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), headers=api_headers(),
                                      connector=aiohttp.TCPConnector(limit=clients + 4)) as s:
         async def client(c: int) -> None:
             i = c

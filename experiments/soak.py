@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.load import (  # noqa: E402
-    MIB, Server, load_workload, loadavg, percentile, rss_bytes, split_server_args, sse_chunks,
+    MIB, Server, api_headers, load_workload, loadavg, percentile, rss_bytes, split_server_args, sse_chunks,
 )
 
 
@@ -181,7 +181,7 @@ async def soak(a: argparse.Namespace, url: str, pid: int, questions: list[str]) 
     t0 = time.perf_counter()
     t_end = t0 + 60.0 * a.minutes
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=a.request_timeout),
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=a.request_timeout), headers=api_headers(),
                                      connector=aiohttp.TCPConnector(limit=a.clients + 8)) as s:
         async def client(c: int) -> None:
             i, stream = c, c % 2 == 1
