@@ -235,6 +235,7 @@ def error_middleware(metrics: ServerMetrics, client_max_size: int) -> Any:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        request[REQUEST_ID] = request_id(request.headers.get("X-Request-Id"))
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
         try:
@@ -257,7 +258,8 @@ def error_middleware(metrics: ServerMetrics, client_max_size: int) -> Any:
         except Exception as exc:  # noqa: BLE001 - every error is answered as JSON
             err = error_for(exc)
             if err.status >= 500:
-                log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
+                log.warning("%s %s -> %d: %s (X-Request-Id %s)", request.method, request.path, err.status, err.message,
+                            request[REQUEST_ID])
             headers = {"Retry-After": "1"} if err.status == 429 else {"WWW-Authenticate": "Bearer"} \
                 if err.status == 401 else None
             resp = _json_error(err, headers)
@@ -321,17 +323,38 @@ def auth_middleware(api_key: str) -> Any:
     return middleware
 
 
+REQUEST_ID = "ralmspec.request_id"  # the request's key of its X-Request-Id
+
+
+def request_id(sent: str | None) -> str:
+    """The client's ``X-Request-Id`` (1-128 printable ASCII characters, as a proxy or a client
+    library sends to follow one request through its logs), else a new one: 32 hex digits."""
+    if sent and len(sent) <= 128 and sent.isascii() and sent.isprintable():
+        return sent
+    return uuid.uuid4().hex
+
+
+async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer carries its request's ``X-Request-Id`` (a stream's too: set as it starts)."""
+    rid = request.get(REQUEST_ID)
+    if rid is not None:
+        response.headers["X-Request-Id"] = rid
+
+
 def new_application(client_max_size: int, idle_timeout_s: float, metrics: ServerMetrics,
                     api_key: str | None = None) -> web.Application:
     """The aiohttp application of either server: its body limit, its idle timeout (aiohttp's
     ``keepalive_timeout``, which also bounds a connection still sending its headers), the
-    JSON-error middleware counting requests in ``metrics`` and, with ``api_key``, the key check
-    (inside the error middleware: a 401 is answered as JSON and counted)."""
+    JSON-error middleware counting requests in ``metrics`` (it also gives each request its
+    ``X-Request-Id``, sent back on the answer and named in the server's warnings) and, with
+    ``api_key``, the key check (inside the error middleware: a 401 is answered as JSON and counted)."""
     middlewares = [error_middleware(metrics, client_max_size)]
     if api_key is not None:
         middlewares.append(auth_middleware(api_key))
-    return web.Application(client_max_size=client_max_size, handler_args={"keepalive_timeout": idle_timeout_s},
-                           middlewares=middlewares)
+    app = web.Application(client_max_size=client_max_size, handler_args={"keepalive_timeout": idle_timeout_s},
+                          middlewares=middlewares)
+    app.on_response_prepare.append(_send_request_id)
+    return app
 
 
 async def read_json(request: web.Request, timeout_s: float) -> Any:
@@ -571,7 +594,8 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
         exc = task.exception()
         if exc is not None:
             err = error_for(exc)
-            log.warning("stream %s ended with %d: %s", cid, err.status, err.message)
+            log.warning("stream %s ended with %d: %s (X-Request-Id %s)", cid, err.status, err.message,
+                        request.get(REQUEST_ID))
             metrics.record_request(f"{request.path}:stream_error", err.status)
             await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
             await resp.write_eof()
