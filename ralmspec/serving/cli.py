@@ -267,8 +267,8 @@ def add_connection_args(h: Any) -> None:
 
 
 def _check_listen_flags(a: argparse.Namespace) -> None:
-    """``--port``, ``--request-timeout``, ``--body-timeout`` and ``--idle-timeout`` of either
-    server, checked before anything loads."""
+    """``--port``, ``--request-timeout``, ``--body-timeout``, ``--idle-timeout`` and ``--api-key``
+    (resolved here: the flag, else ``$RALMSPEC_API_KEY``) of either server, checked before anything loads."""
     from ralmspec.config import check_api_key
     from ralmspec.serving.app import API_KEY_ENV, check_body_timeout, check_idle_timeout
 
