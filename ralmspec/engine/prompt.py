@@ -64,6 +64,10 @@ class Conversation:
                                   f"got {(role, type(text).__name__)!r}")
 
 
+class NoChatTemplateError(ConfigError):
+    """The chat format was asked of a model whose tokenizer has no chat template."""
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """A resolved prompt format ("chat" or "plain") with its template tokens (chat only)."""
@@ -93,8 +97,8 @@ class PromptFormat:
         if affixes is None and hasattr(tokenizer, "chat_affixes"):
             affixes = tokenizer.chat_affixes(history)
         if affixes is None:
-            raise ConfigError("the chat prompt format needs a model whose tokenizer has a chat template; "
-                              "this one has none (use --prompt-format plain, or /v1/completions)")
+            raise NoChatTemplateError("the chat prompt format needs a model whose tokenizer has a chat template; "
+                                      "this one has none (use --prompt-format plain, or /v1/completions)")
         pieces, after = affixes
         before = [i for text, is_message in pieces if text for i in tokenizer.encode(text, as_text=is_message)]
         return cls("chat", tuple(before), tuple(tokenizer.encode(PASSAGE_SEPARATOR)), tuple(tokenizer.encode(after)))

@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 from aiohttp import web
 
 from ralmspec import __version__
-from ralmspec.engine.prompt import Conversation, PromptFormat
+from ralmspec.engine.prompt import Conversation, NoChatTemplateError, PromptFormat
 from ralmspec.engine.result import GenerationResult
 from ralmspec.engine.scheduler import QueueFullError, RequestTimeoutError, SchedulerClosedError
 from ralmspec.engine.stop import StopWatch, cut_result
@@ -350,6 +350,9 @@ def encode_request(knn: KNNLM, req: KNNLMCompletionRequest) -> list[int]:
         ids = PromptFormat.chat(tokenizer, req.prompt.history).build(None, question, len(question),
                                                                      knn.lm.max_context)
         return knn.check_prompt(ids, req.knn.max_new_tokens)
+    except NoChatTemplateError:  # the engine's message names --prompt-format, a flag this server lacks
+        raise APIError(400, f"this server's model ({knn.lm.name}) has no chat template, so it cannot answer "
+                       "messages: use /v1/completions", "invalid_request_error", "messages") from None
     except ConfigError as exc:
         raise APIError(400, str(exc), "invalid_request_error", "messages") from None
 

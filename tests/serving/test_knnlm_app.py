@@ -278,6 +278,7 @@ def test_chat_without_a_chat_template_is_400_naming_messages(server):
     st, out = request("POST", f"{server.url}/v1/chat/completions",
                       {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]})
     assert st == 400 and out["error"]["param"] == "messages" and "chat template" in out["error"]["message"], out
+    assert "use /v1/completions" in out["error"]["message"] and "--prompt-format" not in out["error"]["message"]
 
 
 @pytest.fixture(scope="module")
