@@ -227,11 +227,14 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-async def serve(app: Any, host: str, port: int, access_log: bool = False) -> None:
-    """Run ``app`` on ``host:port`` until SIGINT / SIGTERM; prints the bound address."""
+async def serve(app: Any, host: str, port: int, access_log: bool = False, shutdown_timeout: float = 60.0) -> None:
+    """Run ``app`` on ``host:port`` until SIGINT / SIGTERM; prints the bound address. Then the
+    listening socket closes, the requests in flight have ``shutdown_timeout`` seconds to finish
+    (answered in full), and whatever still runs is cancelled (its connection closed)."""
     from aiohttp import web
 
-    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if access_log else None)
+    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if access_log else None,
+                           shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -260,6 +263,9 @@ def add_connection_args(h: Any) -> None:
     h.add_argument("--idle-timeout", type=float, default=75.0, metavar="S",
                    help="seconds a connection may stay idle between requests, or take to send a request's line "
                         "and headers, before it is closed")
+    h.add_argument("--shutdown-timeout", type=float, default=60.0, metavar="S",
+                   help="on SIGINT / SIGTERM: seconds the requests in flight have to finish before they are "
+                        "cancelled (new connections are refused at once; default 60)")
     h.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (the OpenAI clients' api_key) on every path but "
                         "/health and /metrics; else HTTP 401 (default: $RALMSPEC_API_KEY, which keeps the key "
@@ -267,7 +273,8 @@ def add_connection_args(h: Any) -> None:
 
 
 def _check_listen_flags(a: argparse.Namespace) -> None:
-    """``--port``, ``--request-timeout``, ``--body-timeout``, ``--idle-timeout`` and ``--api-key``
+    """``--port``, ``--request-timeout``, ``--body-timeout``, ``--idle-timeout``, ``--shutdown-timeout``
+    and ``--api-key``
     (resolved here: the flag, else ``$RALMSPEC_API_KEY``) of either server, checked before anything loads."""
     from ralmspec.config import check_api_key
     from ralmspec.serving.app import API_KEY_ENV, check_body_timeout, check_idle_timeout
@@ -279,6 +286,8 @@ def _check_listen_flags(a: argparse.Namespace) -> None:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
     check_body_timeout(a.body_timeout, "--body-timeout")
     check_idle_timeout(a.idle_timeout, "--idle-timeout")
+    if not 0 <= a.shutdown_timeout < math.inf:  # NaN too
+        raise ConfigError(f"--shutdown-timeout must be a finite number of seconds >= 0, got {a.shutdown_timeout}")
     from_env = a.api_key is None
     if from_env:
         a.api_key = os.environ.get(API_KEY_ENV) or None
@@ -293,7 +302,7 @@ def _configure_logging(a: argparse.Namespace) -> None:
 def _serve_until_stopped(app: Any, a: argparse.Namespace) -> None:
     """``serve`` on ``--host`` / ``--port``; a socket that cannot be bound is a ConfigError."""
     try:
-        asyncio.run(serve(app, a.host, a.port, a.access_log))
+        asyncio.run(serve(app, a.host, a.port, a.access_log, a.shutdown_timeout))
     except OSError as exc:  # address in use, cannot bind, ...
         raise ConfigError(f"cannot listen on {a.host}:{a.port}: {exc}") from exc
 

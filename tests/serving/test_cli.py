@@ -87,3 +87,57 @@ def test_serve_auto_runner_on_the_cpu_batches_concurrent_requests(concurrent, ru
         assert lm.runner.name == runner
     finally:
         lm.close()
+
+
+@pytest.mark.parametrize("shutdown_timeout", [None, "0.5"])
+def test_sigterm_lets_requests_in_flight_finish_within_the_shutdown_timeout(shutdown_timeout):
+    """SIGTERM closes the listening socket at once; a request in flight (here ~4+ s of decoding)
+    is answered in full within ``--shutdown-timeout`` (default 60 s), else cancelled: its
+    connection closes without an answer, and the server exits 0 either way."""
+    import json
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    extra = [] if shutdown_timeout is None else ["--shutdown-timeout", shutdown_timeout]
+    proc = subprocess.Popen([sys.executable, "-m", "ralmspec.cli", "serve", "--model", "tiny", "--port", "0",
+                             "--threads", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    got: dict = {}
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"serving on (http://\S+)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = m.group(1)
+
+        def long_request() -> None:  # greedy, no EOS on the tiny model: all 600 tokens
+            body = json.dumps({"model": "tiny", "prompt": "the history of rome", "max_tokens": 600}).encode()
+            req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    got["answer"] = (r.status, json.loads(r.read())["usage"]["completion_tokens"])
+            except (urllib.error.URLError, ConnectionError, OSError) as exc:  # cancelled: closed unanswered
+                got["answer"] = ("closed", type(exc).__name__)
+
+        client = threading.Thread(target=long_request)
+        client.start()
+        while json.loads(urllib.request.urlopen(f"{url}/health").read())["active"] == 0:
+            time.sleep(0.05)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+        waited = time.monotonic() - t
+        client.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if shutdown_timeout is None:
+        assert got["answer"] == (200, 600), got  # drained: the whole answer
+    else:
+        assert got["answer"][0] == "closed" and waited < 10, (got, waited)
