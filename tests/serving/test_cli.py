@@ -52,6 +52,8 @@ def _dead_port() -> int:
     (["--body-timeout", "inf"], "--body-timeout must be"),
     (["--idle-timeout", "0"], "--idle-timeout must be a finite number of seconds > 0"),
     (["--idle-timeout", "nan"], "--idle-timeout must be"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a finite number of seconds >= 0"),
+    (["--shutdown-timeout", "inf"], "--shutdown-timeout must be"),
 ])
 def test_bad_serve_settings_exit_2(capsys, argv, msg):
     argv = [x.replace("DEAD", f"http://127.0.0.1:{_dead_port()}") for x in argv]
