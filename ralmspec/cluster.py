@@ -25,13 +25,13 @@ import time, and without it every entry point raises ``ConfigError`` saying how 
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ralmspec.config import check_seconds
 from ralmspec.errors import ConfigError, RetrievalError
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.threads import set_threads
@@ -83,9 +83,8 @@ class RayShardConfig:
         # written "not x >= 0" so that NaN (from a flag such as --shard-cpus nan) fails too
         if not (self.actor_cpus >= 0 and self.emulated_latency_s >= 0) or self.max_restarts < -1:
             raise ConfigError("actor_cpus and emulated_latency_s must be >= 0, max_restarts >= -1")
-        for name in ("call_timeout_s", "start_timeout_s"):
-            if not 0 < getattr(self, name) < math.inf:  # NaN too
-                raise ConfigError(f"{name} must be a finite number of seconds > 0, got {getattr(self, name)!r}")
+        check_seconds(self.call_timeout_s, "call_timeout_s")
+        check_seconds(self.start_timeout_s, "start_timeout_s")
 
 
 class RayCluster:

@@ -144,6 +144,17 @@ class Sampling:
         return replace(self, start=start)
 
 
+def check_seconds(seconds: Any, name: str, zero: str | None = None) -> None:
+    """A timeout: a finite number of seconds > 0, or >= 0 where ``zero`` is given (what 0 means,
+    said in the message, e.g. "no limit"; "" to say nothing); NaN and infinity are refused.
+    ``ConfigError`` naming ``name`` and the value."""
+    if zero is None and not 0 < seconds < math.inf:  # NaN fails every comparison
+        raise ConfigError(f"{name} must be a finite number of seconds > 0, got {seconds!r}")
+    if zero is not None and not 0 <= seconds < math.inf:
+        raise ConfigError(f"{name} must be a finite number of seconds >= 0{f' (0: {zero})' if zero else ''}, "
+                          f"got {seconds!r}")
+
+
 def check_api_key(key: Any, name: str = "api_key") -> None:
     """None (no key), or what an HTTP header carries as a bearer token: printable ASCII, no space
     (a server's ``--api-key``, a client's key for it)."""

@@ -40,7 +40,6 @@ from Ray if this object's ``RayCluster`` started the connection.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -50,6 +49,7 @@ from typing import Any, Hashable, Sequence
 from ralmspec.cluster import (
     RAY_INSTALL_HINT, RayCluster, RayShardConfig, actors_memory, get_results, ray_available, remote_class, wait_restarted,
 )
+from ralmspec.config import check_seconds
 from ralmspec.errors import ConfigError, LMError, ModelLoadError, RalmSpecError
 from ralmspec.lm.base import LanguageModel, sampled
 from ralmspec.lm.sampling import Sampling
@@ -78,9 +78,8 @@ class RayLMConfig:
         # written "not x >= 0" so that NaN (from a flag such as --lm-replica-gpus nan) fails too
         if not (self.actor_cpus >= 0 and (self.actor_gpus is None or self.actor_gpus >= 0)) or self.max_restarts < -1:
             raise ConfigError("actor_cpus and actor_gpus must be >= 0, max_restarts >= -1")
-        for name in ("call_timeout_s", "start_timeout_s"):
-            if not 0 < getattr(self, name) < math.inf:  # NaN too
-                raise ConfigError(f"{name} must be a finite number of seconds > 0, got {getattr(self, name)!r}")
+        check_seconds(self.call_timeout_s, "call_timeout_s")
+        check_seconds(self.start_timeout_s, "start_timeout_s")
 
 
 class LMActor:

@@ -54,7 +54,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from ralmspec.config import check_api_key, is_int
+from ralmspec.config import check_api_key, check_seconds, is_int
 from ralmspec.data.corpus import Corpus, Passage
 from ralmspec.errors import ConfigError, RetrievalError
 from ralmspec.retrieval.base import Hit, Retriever
@@ -159,7 +159,7 @@ def _ranked(hits: list[Hit]) -> None:
 @dataclass(frozen=True)
 class ServiceLimits:
     """The most a retrieval service answers per call (``GET /v1/retriever``'s ``limits``); the
-    defaults are ``ServerConfig``'s, for a service too old to say."""
+    defaults are ``ServerConfig``'s (which takes them from here), for a service too old to say."""
 
     queries: int = 512
     k: int = 1000
@@ -192,9 +192,8 @@ class RemoteRetriever(Retriever):
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"retriever URL must look like http://host:port, got {url!r}")
-        for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s)):
-            if not 0 < v < math.inf:  # NaN too
-                raise ConfigError(f"retriever {name} must be a finite number of seconds > 0, got {v!r}")
+        check_seconds(timeout_s, "retriever timeout_s")
+        check_seconds(connect_timeout_s, "retriever connect_timeout_s")
         check_api_key(api_key, "the retrieval service's API key")
         # the service's --api-key, sent with every call (``Authorization: Bearer``, as the service checks)
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}

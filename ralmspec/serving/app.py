@@ -40,7 +40,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -58,13 +57,14 @@ from ralmspec.engine.scheduler import (
     BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
 )
 from ralmspec.engine.stream import LogprobRelease, VerifiedText
-from ralmspec.config import check_api_key
+from ralmspec.config import check_api_key, check_seconds
 from ralmspec.errors import ConfigError, LMError, RetrievalError
 from ralmspec.lm.loader import dtype_name
 from ralmspec.lm.sampling import draw_seed
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.emulated import emulated_label, real_label
+from ralmspec.retrieval.remote import ServiceLimits
 from ralmspec.threads import WorkerPool, to_thread
 from ralmspec.serving.metrics import ServerMetrics
 from ralmspec.serving.protocol import (
@@ -88,10 +88,12 @@ class ServerConfig:
     # a connection idle this long, or still sending its request line and headers, is closed
     # (aiohttp's keepalive_timeout: its own default, 3630 s, let half-sent headers hold a socket an hour)
     idle_timeout_s: float = 75.0
-    max_retrieve_queries: int = 512
-    max_retrieve_k: int = 1000
-    max_retrieve_texts: int = 50_000  # passages with their text per /v1/retrieve answer (queries x k); more -> 400
-    max_ids: int = 10_000  # doc ids per /v1/score or /v1/passages call
+    # the limits GET /v1/retriever reports; their defaults are the ones RemoteRetriever assumes of
+    # a service too old to report them
+    max_retrieve_queries: int = ServiceLimits.queries
+    max_retrieve_k: int = ServiceLimits.k
+    max_retrieve_texts: int = ServiceLimits.texts  # passages with text per /v1/retrieve answer (queries x k); more: 400
+    max_ids: int = ServiceLimits.ids  # doc ids per /v1/score or /v1/passages call
     max_tokens_limit: int = 4096  # further capped by the model's context
     api_key: str | None = None  # required as 'Authorization: Bearer <key>' on every path but OPEN_PATHS
     io_threads: int = 4  # threads for /v1/score and passage reads
@@ -102,8 +104,8 @@ class ServerConfig:
         if not self.model_name:
             raise ConfigError("model_name must be non-empty")
         check_trim_interval(self.malloc_trim_s)
-        check_body_timeout(self.body_timeout_s)
-        check_idle_timeout(self.idle_timeout_s)
+        check_seconds(self.body_timeout_s, "body_timeout_s", zero="no limit")
+        check_seconds(self.idle_timeout_s, "idle_timeout_s")
         check_api_key(self.api_key)
         if not self.worker_stats_timeout_s > 0:
             raise ConfigError(f"worker_stats_timeout_s must be > 0, got {self.worker_stats_timeout_s}")
@@ -284,16 +286,6 @@ async def answer_and_close(request: web.Request, resp: web.Response) -> None:
 class ClientGoneError(Exception):
     """The client closed its connection before its request body arrived (answered 499: the
     server did not fail)."""
-
-
-def check_body_timeout(seconds: float, name: str = "body_timeout_s") -> None:
-    if not (seconds >= 0 and math.isfinite(seconds)):  # NaN too
-        raise ConfigError(f"{name} must be a finite number of seconds >= 0 (0: no limit), got {seconds!r}")
-
-
-def check_idle_timeout(seconds: float, name: str = "idle_timeout_s") -> None:
-    if not 0 < seconds < math.inf:  # NaN too
-        raise ConfigError(f"{name} must be a finite number of seconds > 0, got {seconds!r}")
 
 
 # Answered without the API key: a load balancer's or a monitor's probes (as vLLM's /health and

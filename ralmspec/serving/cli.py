@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import os
 import signal
 import sys
@@ -276,18 +275,15 @@ def _check_listen_flags(a: argparse.Namespace) -> None:
     """``--port``, ``--request-timeout``, ``--body-timeout``, ``--idle-timeout``, ``--shutdown-timeout``
     and ``--api-key``
     (resolved here: the flag, else ``$RALMSPEC_API_KEY``) of either server, checked before anything loads."""
-    from ralmspec.config import check_api_key
-    from ralmspec.serving.app import API_KEY_ENV, check_body_timeout, check_idle_timeout
+    from ralmspec.config import check_api_key, check_seconds
+    from ralmspec.serving.app import API_KEY_ENV
 
-    if not 0 <= a.request_timeout < math.inf:  # NaN too
-        raise ConfigError(f"--request-timeout must be a finite number of seconds >= 0 (0: no limit), "
-                          f"got {a.request_timeout}")
+    check_seconds(a.request_timeout, "--request-timeout", zero="no limit")
     if not 0 <= a.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
-    check_body_timeout(a.body_timeout, "--body-timeout")
-    check_idle_timeout(a.idle_timeout, "--idle-timeout")
-    if not 0 <= a.shutdown_timeout < math.inf:  # NaN too
-        raise ConfigError(f"--shutdown-timeout must be a finite number of seconds >= 0, got {a.shutdown_timeout}")
+    check_seconds(a.body_timeout, "--body-timeout", zero="no limit")
+    check_seconds(a.idle_timeout, "--idle-timeout")
+    check_seconds(a.shutdown_timeout, "--shutdown-timeout", zero="")
     from_env = a.api_key is None
     if from_env:
         a.api_key = os.environ.get(API_KEY_ENV) or None

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import queue
 import threading
 import time
@@ -54,7 +53,7 @@ from ralmspec.engine.prompt import Conversation, NoChatTemplateError, PromptForm
 from ralmspec.engine.result import GenerationResult
 from ralmspec.engine.scheduler import QueueFullError, RequestTimeoutError, SchedulerClosedError
 from ralmspec.engine.stop import StopWatch, cut_result
-from ralmspec.config import check_api_key
+from ralmspec.config import check_api_key, check_seconds
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.model import KNNLM, KNNLMResult
 from ralmspec.knnlm.open import warm_datastore
@@ -65,7 +64,7 @@ from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
 from ralmspec.rendezvous import Rendezvous
 from ralmspec.threads import WorkerPool, to_thread
 from ralmspec.serving.app import (
-    check_body_timeout, check_idle_timeout, error_for, new_application, read_json, run_watching,
+    error_for, new_application, read_json, run_watching,
     stream_verified,
 )
 from ralmspec.serving.metrics import ServerMetrics, admission_lines, counter_total
@@ -97,16 +96,14 @@ class KNNLMServerConfig:
             raise ConfigError("model_name must be non-empty")
         if self.client_max_size < 1:
             raise ConfigError(f"client_max_size must be >= 1, got {self.client_max_size}")
-        check_body_timeout(self.body_timeout_s)
-        check_idle_timeout(self.idle_timeout_s)
+        check_seconds(self.body_timeout_s, "body_timeout_s", zero="no limit")
+        check_seconds(self.idle_timeout_s, "idle_timeout_s")
         check_api_key(self.api_key)
         if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
             raise ConfigError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ConfigError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
-        if not 0 <= self.request_timeout_s < math.inf:  # NaN too
-            raise ConfigError(f"request_timeout_s must be a finite number of seconds >= 0 (0: no limit), "
-                              f"got {self.request_timeout_s!r}")
+        check_seconds(self.request_timeout_s, "request_timeout_s", zero="no limit")
         check_trim_interval(self.malloc_trim_s)
         if not isinstance(self.speculate_max_active, int) or self.speculate_max_active < 1:
             raise ConfigError(f"speculate_max_active must be an integer >= 1, got {self.speculate_max_active!r}")
