@@ -315,7 +315,9 @@ def auth_middleware(api_key: str) -> Any:
     return middleware
 
 
-REQUEST_ID = "ralmspec.request_id"  # the request's key of its X-Request-Id
+# the request's key of its X-Request-Id: a typed key from aiohttp 3.14 (a plain string warns there,
+# NotAppKeyWarning), a string before it (the floor is 3.9.1)
+REQUEST_ID: Any = web.RequestKey("ralmspec_request_id", str) if hasattr(web, "RequestKey") else "ralmspec.request_id"
 
 
 def request_id(sent: str | None) -> str:
