@@ -71,7 +71,7 @@ from ralmspec.lm.base import LanguageModel, TokenLogprob, token_ids
 from ralmspec.lm.prefix_cache import PrefixBlocks
 from ralmspec.lm.runner import EagerRunner, KVRunner
 from ralmspec.lm.sampling import Sampling, SeededPick
-from ralmspec.lm.slot_decoder import supports_static
+from ralmspec.lm.slot_decoder import rope_types, supports_static
 from ralmspec.lm.static import StaticRunner
 
 DEFAULT_BLOCK_SIZE = 64  # canonical prefill block (see the trade-offs above)
@@ -293,6 +293,15 @@ class HFLanguageModel(LanguageModel):
             raise ConfigError(f"max_context must be an integer >= 2, got {max_context!r}")
         if max_sessions < 0:
             raise ConfigError(f"max_sessions must be >= 0, got {max_sessions!r}")
+        dynamic = sorted(t for t in rope_types(model) if "dynamic" in t)
+        if dynamic:
+            # HF rescales the rotary frequencies in place whenever a forward is longer than any
+            # before it (and back below original_max_position_embeddings): a token would depend
+            # on the lengths of earlier requests, so no answer could be reproduced
+            raise ConfigError(f"rope_type {dynamic[0]!r} (dynamic NTK scaling) is not supported: transformers "
+                              "rescales the rotary frequencies by the longest forward so far, so an answer would "
+                              "depend on earlier requests; use a model (or a config.json rope_scaling) with a "
+                              "fixed rotary table, such as 'linear', 'yarn' or 'llama3'")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_token_id = None if eos_token_id is None else int(eos_token_id)

@@ -40,9 +40,40 @@ STATIC_TYPES = LLAMA_TYPES + ("gpt2",)
 MIN_SPAN = 64
 
 
+def rope_types(model: torch.nn.Module) -> set[str]:
+    """The ``rope_type`` of every rotary module of ``model`` (``"default"``, ``"linear"``,
+    ``"llama3"``, ``"yarn"``, ``"dynamic"``, ``"longrope"``...); empty without rotary modules."""
+    found: set[str] = set()
+    for m in model.modules():
+        kind = getattr(m, "rope_type", None)
+        found.update(k for k in (kind.values() if isinstance(kind, dict) else [kind]) if isinstance(k, str))
+    return found
+
+
+def static_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the static runner cannot run ``model`` exactly as the eager runner does, or ``None``.
+
+    Only the families it implements (``STATIC_TYPES``); only attention over every earlier
+    position (a sliding-window layer, Qwen2 with ``use_sliding_window``, would be run as full
+    attention: silently another model); and only rotary tables that are a function of the
+    position (the table is evaluated once for every position, ``SlotDecoder``): ``longrope``
+    switches its factors with the length of each forward call and ``dynamic`` with the longest
+    call so far (refused for every HF runner: ``ralmspec.lm.hf``)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in STATIC_TYPES:
+        return f"it supports {', '.join(STATIC_TYPES)} models, not {model_type!r}"
+    windows = {w for m in model.modules() if (w := getattr(m, "sliding_window", None))}
+    if windows:
+        return f"it implements full attention only, and this model has sliding-window layers (window {min(windows)})"
+    by_call = sorted(t for t in rope_types(model) if "dynamic" in t or t == "longrope")
+    if by_call:
+        return f"its rotary table is one function of the position, and rope_type {by_call[0]!r} changes with the call"
+    return None
+
+
 def supports_static(model: torch.nn.Module) -> bool:
-    """True when ``model`` is a family the static runner implements."""
-    return getattr(getattr(model, "config", None), "model_type", None) in STATIC_TYPES
+    """True when the static runner runs ``model`` exactly (``static_unsupported``)."""
+    return static_unsupported(model) is None
 
 
 def attention_span(end: int, max_len: int) -> int:
@@ -108,7 +139,8 @@ class SlotDecoder:
             self.embed, self.layers, self.norm = t.wte, list(t.h), t.ln_f
             self.n_heads = self.n_kv = cfg.n_head
             self.head_dim = cfg.n_embd // cfg.n_head
-            self.scale = self.layers[0].attn.scaling
+            # per layer: ``scale_attn_by_inverse_layer_idx`` divides layer i's by i + 1
+            self.scales = [blk.attn.scaling for blk in self.layers]
             self.cos = self.sin = None
         else:
             t = model.model
@@ -117,7 +149,7 @@ class SlotDecoder:
             self.head_dim = attn.head_dim
             self.n_heads = cfg.num_attention_heads
             self.n_kv = cfg.num_key_value_heads
-            self.scale = attn.scaling
+            self.scales = [blk.self_attn.scaling for blk in self.layers]
             # the model's own rotary module, evaluated once for every position; the sine's first
             # half negated, so that a rotation is a roll (``_rotate``)
             probe = torch.zeros(1, dtype=next(model.parameters()).dtype, device=dev)
@@ -221,7 +253,7 @@ class SlotDecoder:
             kc.index_copy_(2, pos[0], k)
             vc.index_copy_(2, pos[0], v)
             span = spans[0]
-            out = self._sdpa(q, kc[:, :, :span], vc[:, :, :span], masks[0])
+            out = self._sdpa(q, kc[:, :, :span], vc[:, :, :span], masks[0], layer)
         else:  # b rows of t positions each: one write for all rows, then each row reads its own slot
             kp, vp = pool.keys[layer], pool.values[layer]
             at = (pool.rows[:, None], slice(None), pos)  # -> [b, t, kv, hd]; padding rows: the spare slot
@@ -235,7 +267,7 @@ class SlotDecoder:
                                           [getattr(slots[r], name)[layer] for r in range(g.start, g.end)])
                               for p, name in ((kp, "keys"), (vp, "values")))
                     qg = torch.cat((q[g.start:g.end], q.new_zeros((b - n,) + tuple(q.shape[1:]))))
-                    out[g.start:g.end] = self._sdpa(qg, kr, vr, g.mask)[:n]
+                    out[g.start:g.end] = self._sdpa(qg, kr, vr, g.mask, layer)[:n]
             else:  # one call per row
                 for r, span in enumerate(spans):
                     if span is None:
@@ -247,10 +279,11 @@ class SlotDecoder:
                         slot = slots[r]
                         assert slot is not None
                         kr, vr = slot.keys[layer][:, :, :span], slot.values[layer][:, :, :span]
-                    out[r:r + 1] = self._sdpa(q[r:r + 1], kr, vr, masks[r])
+                    out[r:r + 1] = self._sdpa(q[r:r + 1], kr, vr, masks[r], layer)
         return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              layer: int) -> torch.Tensor:
         """Attention of ``q [b, heads, t, d]`` over ``k, v [b, kv_heads, span, d]`` with the
         additive causal-by-position ``mask`` (``[t, span]``, or ``[b, 1, t, span]`` for a span
         group: ``b`` rows, each over its own keys). Grouped-query (kv_heads < heads) with a mask has
@@ -263,18 +296,19 @@ class SlotDecoder:
         result is a function of that row's inputs in both layouts, so the canonical numerics
         hold; the layouts are not the same bits as ``enable_gqa`` (on this CPU, SmolLM2's step:
         float32 logits within ~4e-5, bfloat16 ones by bfloat16 steps), so one runner keeps one
-        layout."""
+        layout. ``layer`` picks the layer's attention scale."""
+        scale = self.scales[layer]
         groups = self.n_heads // self.n_kv
         if groups == 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         if not self.cuda_attention:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         b, h, t, d = q.shape
         if t == 1:  # (a mask of [t, span] or [b, 1, 1, span] serves every packed row)
             packed = q.reshape(b, self.n_kv, groups, d)
-            return F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=self.scale).reshape(b, h, 1, d)
+            return F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=scale).reshape(b, h, 1, d)
         k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _group_rows(pooled: torch.Tensor, g: SpanGroup, gather: bool, views: list[torch.Tensor]) -> torch.Tensor:

@@ -49,8 +49,7 @@ import torch
 from ralmspec.errors import ConfigError
 from ralmspec.lm.runner import DecodeChunk, KVRunner
 from ralmspec.lm.sampling import SeededPick
-from ralmspec.lm.slot_decoder import (STATIC_TYPES, KVPool, Slot, SlotDecoder, attention_span,
-                                      supports_static)
+from ralmspec.lm.slot_decoder import KVPool, Slot, SlotDecoder, attention_span, static_unsupported
 
 # One CUDA graph capture at a time in the process: torch does not intend two stream captures at
 # once (torch.cuda.graph's docs), and a capture's entry synchronises the device and empties the
@@ -103,9 +102,9 @@ class StaticRunner(KVRunner):
                  cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1,
                  max_graphs: int = 256, compile_step: bool = False, prefill_rows: int | None = None,
                  device_sampling: bool | None = None, cuda_attention: bool | None = None) -> None:
-        if not supports_static(model):
-            raise ConfigError(f"the static LM runner supports {', '.join(STATIC_TYPES)} models, not "
-                              f"{getattr(model.config, 'model_type', '?')!r}; use --lm-runner eager")
+        why = static_unsupported(model)
+        if why is not None:
+            raise ConfigError(f"the static LM runner cannot run this model: {why}; use --lm-runner eager")
         if capacity < 1 or max_len < 2:
             raise ConfigError(f"static runner needs capacity >= 1 and max_len >= 2, got {capacity}, {max_len}")
         if not 1 <= batch_rows <= capacity:
