@@ -838,17 +838,17 @@ def make_runner(model: torch.nn.Module, runner: str, *, max_len: int, device: to
     """
     if runner not in LM_RUNNERS:
         raise ConfigError(f"LM runner must be one of {', '.join(LM_RUNNERS)}, got {runner!r}")
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    slot_len = min(max_len, STATIC_SLOT_LENGTH[kind])
     if runner == "auto":
-        if not supports_static(model):
+        if not supports_static(model, slot_len):
             runner = "eager"
-        elif device.type == "cuda":
+        elif kind == "cuda":
             runner = "static"
         else:
             runner = "batched" if concurrent else "eager"
     if runner == "eager":
         return EagerRunner(model)
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    slot_len = min(max_len, STATIC_SLOT_LENGTH[kind])
     padded = kind == "cuda" and block_size is not None and block_size <= slot_len
     return StaticRunner(model, max_len=slot_len, capacity=STATIC_SLOTS[kind],
                         batch_rows=BATCH_ROWS if runner == "batched" else 1, compile_step=runner == "compiled",

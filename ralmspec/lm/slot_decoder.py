@@ -11,8 +11,9 @@ indices, so a captured CUDA graph serves any slots), with no HF cache object.
   weights are the HF model's, so it runs exactly the model the eager runner runs; only the
   attention's KV handling is replaced. A Llama norm's statistics run as one ``F.rms_norm`` and
   a rotation as one roll (``_rms_norm``, ``_rotate``: fewer kernels per step, the modules' bits
-  on the CPU, tested). Supported families: Llama-style (``llama``, ``qwen2``; SmolLM2 is a
-  Llama) and ``gpt2`` (``supports_static``); any other model keeps the eager runner.
+  on the CPU, tested). Supported families: Llama-style (``llama``, ``qwen2``, ``mistral``;
+  SmolLM2 is a Llama) and ``gpt2``, with the limits ``static_unsupported`` states; any other
+  model keeps the eager runner.
 - **Attention by position.** A forward ending at position ``e`` attends over the first
   ``attention_span(e)`` keys of its slot (a function of the position alone), masked by
   position, so stale entries past a slot's length are never read and a row's shapes do not
@@ -35,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-LLAMA_TYPES = ("llama", "qwen2")
+LLAMA_TYPES = ("llama", "qwen2", "mistral")  # the same layer: a Mistral is a Llama with an optional window
 STATIC_TYPES = LLAMA_TYPES + ("gpt2",)
 MIN_SPAN = 64
 
@@ -50,30 +51,47 @@ def rope_types(model: torch.nn.Module) -> set[str]:
     return found
 
 
-def static_unsupported(model: torch.nn.Module) -> str | None:
-    """Why the static runner cannot run ``model`` exactly as the eager runner does, or ``None``.
+def sliding_windows(model: torch.nn.Module) -> set[int]:
+    """The attention windows of ``model``'s sliding-window layers (empty: full attention only),
+    from its modules (Qwen2 keeps a layer's window there) and its config (Mistral reads it from
+    the config at each call; Qwen2 sets it to None unless ``use_sliding_window``)."""
+    found = {w for m in model.modules() if isinstance(w := getattr(m, "sliding_window", None), int) and w > 0}
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and getattr(cfg, "use_sliding_window", True) is not False:
+        layer_types = getattr(cfg, "layer_types", None)
+        if not layer_types or "sliding_attention" in layer_types:
+            found.add(window)
+    return found
+
+
+def static_unsupported(model: torch.nn.Module, max_len: int | None = None) -> str | None:
+    """Why the static runner (slots of ``max_len`` positions; ``None``: any) cannot run
+    ``model`` exactly as the eager runner does, or ``None``.
 
     Only the families it implements (``STATIC_TYPES``); only attention over every earlier
-    position (a sliding-window layer, Qwen2 with ``use_sliding_window``, would be run as full
-    attention: silently another model); and only rotary tables that are a function of the
-    position (the table is evaluated once for every position, ``SlotDecoder``): ``longrope``
-    switches its factors with the length of each forward call and ``dynamic`` with the longest
-    call so far (refused for every HF runner: ``ralmspec.lm.hf``)."""
+    position: a sliding-window layer whose window is shorter than a slot would be run as full
+    attention, silently another model (a window of at least ``max_len`` positions never leaves
+    one out); and only rotary tables that are a function of the position (the table is
+    evaluated once for every position, ``SlotDecoder``): ``longrope`` switches its factors with
+    the length of each forward call and ``dynamic`` with the longest call so far (refused for
+    every HF runner: ``ralmspec.lm.hf``)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in STATIC_TYPES:
         return f"it supports {', '.join(STATIC_TYPES)} models, not {model_type!r}"
-    windows = {w for m in model.modules() if (w := getattr(m, "sliding_window", None))}
-    if windows:
-        return f"it implements full attention only, and this model has sliding-window layers (window {min(windows)})"
+    window = min(sliding_windows(model), default=None)
+    if window is not None and (max_len is None or window < max_len):
+        return (f"it implements full attention only, and this model has sliding-window layers (window {window}, "
+                f"shorter than the {max_len or 'unbounded'}-position context)")
     by_call = sorted(t for t in rope_types(model) if "dynamic" in t or t == "longrope")
     if by_call:
         return f"its rotary table is one function of the position, and rope_type {by_call[0]!r} changes with the call"
     return None
 
 
-def supports_static(model: torch.nn.Module) -> bool:
+def supports_static(model: torch.nn.Module, max_len: int | None = None) -> bool:
     """True when the static runner runs ``model`` exactly (``static_unsupported``)."""
-    return static_unsupported(model) is None
+    return static_unsupported(model, max_len) is None
 
 
 def attention_span(end: int, max_len: int) -> int:

@@ -102,7 +102,7 @@ class StaticRunner(KVRunner):
                  cuda_graphs: bool | None = None, decode_sync_every: int = 16, batch_rows: int = 1,
                  max_graphs: int = 256, compile_step: bool = False, prefill_rows: int | None = None,
                  device_sampling: bool | None = None, cuda_attention: bool | None = None) -> None:
-        why = static_unsupported(model)
+        why = static_unsupported(model, max_len)
         if why is not None:
             raise ConfigError(f"the static LM runner cannot run this model: {why}; use --lm-runner eager")
         if capacity < 1 or max_len < 2:

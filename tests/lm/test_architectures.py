@@ -8,6 +8,7 @@ Found by running user-style configs (session 28): the static runner ran a Qwen2 
 model as full attention, GPT-2's ``scale_attn_by_inverse_layer_idx`` with layer 0's scale in
 every layer, and a ``dynamic`` / ``longrope`` rotary table as one table, each silently another
 model; ``dynamic`` NTK scaling also made the eager runner's answers depend on earlier requests.
+Mistral (a Llama layer) joined the static families then, with its window checked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.hf import HFLanguageModel
@@ -34,7 +36,8 @@ def small_model(family: str, **config) -> torch.nn.Module:
                          bos_token_id=0, eos_token_id=0, **config)
         model = GPT2LMHeadModel(cfg)
     else:
-        cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[family]
+        cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config),
+                        "mistral": (MistralForCausalLM, MistralConfig)}[family]
         model = cls(cfg_cls(**{**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
                                **config}))
@@ -88,6 +91,8 @@ SUPPORTED = {
     "llama, yarn rope": ("llama", dict(max_position_embeddings=256, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
     "qwen2": ("qwen2", {}),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "mistral, window as long as the context": ("mistral", dict(sliding_window=512)),
     "gpt2, attention scaled by inverse layer index": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
     "gpt2, unscaled attention": ("gpt2", dict(scale_attn_weights=False)),
 }
@@ -97,7 +102,7 @@ SUPPORTED = {
 def test_every_runner_decodes_the_models_own_tokens(variant, tiny_lm):
     family, config = SUPPORTED[variant]
     model = small_model(family, **config)
-    assert supports_static(model), static_unsupported(model)
+    assert supports_static(model, 512), static_unsupported(model, 512)
     rng_seed = sum(map(ord, variant))
     seen = set()
     for runner in ("eager", "static", "batched"):
@@ -108,11 +113,17 @@ def test_every_runner_decodes_the_models_own_tokens(variant, tiny_lm):
     assert len(seen) > 5  # the tokens vary: the comparison can fail
 
 
-def test_sliding_window_layers_keep_the_eager_runner(tiny_lm):
-    """Qwen2 with ``use_sliding_window``: the static runners refuse it (they would attend past the
-    window), "auto" picks the eager runner, which decodes the model's tokens."""
-    model = small_model("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=1)
-    assert "sliding-window layers (window 32)" in static_unsupported(model)
+@pytest.mark.parametrize("family, config", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=1)),  # the window on the modules
+    ("mistral", dict(sliding_window=32)),  # the window in the config only
+], ids=["qwen2", "mistral"])
+def test_sliding_window_layers_keep_the_eager_runner(family, config, tiny_lm):
+    """A window shorter than the context: the static runners refuse the model (they would attend
+    past the window), "auto" picks the eager runner, which decodes the model's tokens. A window
+    of at least the slot length leaves no key out: accepted (``SUPPORTED``, Mistral)."""
+    model = small_model(family, **config)
+    assert "sliding-window layers (window 32, shorter than the 512-position context)" in static_unsupported(model, 512)
+    assert supports_static(model, 32)
     for runner in ("static", "batched"):
         with pytest.raises(ConfigError, match="sliding-window.*use --lm-runner eager"):
             backend(model, runner, tiny_lm.tokenizer)
