@@ -571,6 +571,17 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
     def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
         return event(shape, cid, created, model, [choice], **extra)
 
+    async def end_with_error(exc: BaseException) -> web.StreamResponse:
+        """The headers are sent: an error ends the stream as an error event (never a second HTTP
+        answer written into the body)."""
+        err = error_for(exc)
+        log.warning("stream %s ended with %d: %s (X-Request-Id %s)", cid, err.status, err.message,
+                    request.get(REQUEST_ID))
+        metrics.record_request(f"{request.path}:stream_error", err.status)
+        await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+        await resp.write_eof()
+        return resp
+
     try:
         await resp.prepare(request)
         role = shape.role_choice()
@@ -587,13 +598,7 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
                 await resp.write(chunk(shape.delta(delta, logprobs=logprobs_of())))
         exc = task.exception()
         if exc is not None:
-            err = error_for(exc)
-            log.warning("stream %s ended with %d: %s (X-Request-Id %s)", cid, err.status, err.message,
-                        request.get(REQUEST_ID))
-            metrics.record_request(f"{request.path}:stream_error", err.status)
-            await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
-            await resp.write_eof()
-            return resp
+            return await end_with_error(exc)
         result = task.result()
         metrics.record_completion(result, ttft[0] if ttft else None)
         rest = text.finish()
@@ -606,6 +611,14 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
     except (ConnectionError, asyncio.CancelledError):
         task.cancel()
         raise asyncio.CancelledError("client disconnected") from None
+    except Exception as exc:  # noqa: BLE001 - a fault of the stream's own code (shaping, text, logprobs)
+        if not resp.prepared:
+            raise  # no headers sent yet: the middleware answers with its status
+        log.exception("stream %s failed", cid)
+        try:
+            return await end_with_error(exc)
+        except ConnectionError:
+            raise asyncio.CancelledError("client disconnected") from None
     finally:
         await cancel_and_wait(task)
 

@@ -132,6 +132,41 @@ def test_raw_sse_format(server):
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
+def test_a_fault_after_the_stream_started_ends_it_with_an_error_event(server, monkeypatch):
+    """An exception in the stream's own code once the 200 headers are sent (here planted in its
+    text step; a byte-fallback tokenizer's logprobs once raised there) ends the stream with an
+    SSE error event; before, the middleware wrote a second HTTP answer (a 500) into the body and
+    the client read a broken chunked body."""
+    from ralmspec.engine.stream import VerifiedText
+
+    pushes = []
+    real_push = VerifiedText.push
+
+    def faulty_push(self, ids):
+        pushes.append(len(ids))
+        if len(pushes) == 2:
+            raise AssertionError("planted fault")
+        return real_push(self, ids)
+    monkeypatch.setattr(VerifiedText, "push", faulty_push)
+
+    async def go():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{server.url}/v1/completions",
+                              json={"model": MODEL, "prompt": QUESTIONS[3], "max_tokens": 24, "stream": True,
+                                    "ralm": {"stride": 2}}) as r:
+                return r.status, (await r.read()).decode()
+
+    status, raw = asyncio.run(go())
+    assert status == 200 and len(pushes) == 2
+    assert "HTTP/1.1" not in raw
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    last = json.loads(events[-1][len("data: "):])
+    assert last["error"]["code"] is None and "planted fault" in last["error"]["message"], last
+
+
 @pytest.mark.parametrize("forced", [True, False], ids=["governor-off-fixed-stride", "defaults-need-not-speculate"])
 def test_concurrent_http_requests_identical_to_oracle(forced, server, governor_off_server, serving_engine):
     """16 concurrent HTTP clients (mixed speculative / naive, async on / off) == the oracle one by one.
