@@ -15,7 +15,11 @@ occurrence, which is what lets
   (it holds back the longest tail that is a prefix of one), so a stop string that spans two
   chunks is never sent in part.
 
-A partial multi-byte character at the end of a decoded prefix (U+FFFD) is not text yet.
+A partial multi-byte character at the end of a decoded prefix (U+FFFD) is not text yet, and
+neither is a trailing run of byte-fallback tokens (SentencePiece's ``<0xE6>``: the decoder turns a
+run into text as a whole, and a run that becomes invalid UTF-8 turns into U+FFFD for every byte,
+a character it already completed included), so the text of a prefix is always a prefix of the
+text of the whole.
 """
 
 from __future__ import annotations
@@ -44,9 +48,21 @@ def find_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
     return best
 
 
+def byte_run_start(tokenizer: Tokenizer, ids: Sequence[int], end: int, lo: int = 0) -> int:
+    """``end`` moved left (not below ``lo``) to the start of the run of byte-fallback tokens that
+    ``ids[end - 1]`` ends (``tokenizer.is_byte_token``); ``end`` itself when it ends none."""
+    is_byte = getattr(tokenizer, "is_byte_token", None)
+    if is_byte is None:
+        return end
+    while end > lo and is_byte(ids[end - 1]):
+        end -= 1
+    return end
+
+
 def stable_text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
-    """The decoded text of ``ids`` without a trailing partial character."""
-    return tokenizer.decode(list(ids)).rstrip(PARTIAL_CHAR)
+    """The decoded text of ``ids`` that more tokens cannot change: without a trailing partial
+    character or a trailing run of byte-fallback tokens (module doc)."""
+    return tokenizer.decode(list(ids[:byte_run_start(tokenizer, ids, len(ids))])).rstrip(PARTIAL_CHAR)
 
 
 def cut_result(result: GenerationResult, stops: Sequence[str], tokenizer: Tokenizer) -> GenerationResult:
@@ -54,7 +70,9 @@ def cut_result(result: GenerationResult, stops: Sequence[str], tokenizer: Tokeni
     whose text completes it, text cut before it, steps clipped, ``finish_reason`` "stop".
     Unchanged when no stop string occurs."""
     ids = result.token_ids
-    if not stops or find_stop(stable_text(tokenizer, ids), stops) is None:
+    # the answer is over: a byte-fallback run at its end is final too (what ``finish`` streams)
+    whole = tokenizer.decode(list(ids)).rstrip(PARTIAL_CHAR)
+    if not stops or find_stop(whole, stops) is None:
         return result
     lo, k = 0, len(ids)  # holding a stop is monotone in the prefix length: bisect the shortest
     while k - lo > 1:
@@ -63,7 +81,7 @@ def cut_result(result: GenerationResult, stops: Sequence[str], tokenizer: Tokeni
             lo = mid
         else:
             k = mid
-    text = stable_text(tokenizer, ids[:k])
+    text = stable_text(tokenizer, ids[:k]) if k < len(ids) else whole
     start, _ = find_stop(text, stops)  # type: ignore[misc]
     steps = [replace(st, end=min(st.end, k)) for st in result.steps if st.start < k]
     return replace(result, token_ids=list(ids[:k]), text=text[:start], steps=steps, finish_reason="stop")

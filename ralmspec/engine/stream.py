@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ralmspec.engine.stop import PARTIAL_CHAR, StopStream, stable_text
+from ralmspec.engine.stop import PARTIAL_CHAR, StopStream, byte_run_start, stable_text
 from ralmspec.lm.base import TokenLogprob
 
 
@@ -41,14 +41,15 @@ class IncrementalDetokenizer:
 
     def push(self, ids: Sequence[int]) -> str:
         self.ids += ids
-        full = self.tok.decode(self.ids[self.start:])
+        end = byte_run_start(self.tok, self.ids, len(self.ids), self.start)  # a trailing byte run waits
+        full = self.tok.decode(self.ids[self.start:end])
         text = full.rstrip(PARTIAL_CHAR)
         if not (text.startswith(self.sent) and len(text) > len(self.sent)):
             return ""
         delta, self.sent = text[len(self.sent):], text
-        if text == full and len(self.ids) - self.start > 2 * self.context:  # all sent: slide the window
-            self.start = len(self.ids) - self.context
-            self.sent = self.tok.decode(self.ids[self.start:])
+        if text == full and end - self.start > 2 * self.context:  # all sent: slide the window,
+            self.start = byte_run_start(self.tok, self.ids, end - self.context, self.start)  # not into a run
+            self.sent = self.tok.decode(self.ids[self.start:end])
         return delta
 
     def finish(self) -> str:
@@ -95,9 +96,15 @@ class TokenOffsets:
         for t in ids:
             i = len(self.ids)
             self.ids.append(int(t))
-            lo = max(0, i - self.window)
+            run = byte_run_start(self.tok, self.ids, i)  # the byte-fallback run ids[run:i], if any
+            lo = min(max(0, i - self.window), run)
+            lo = byte_run_start(self.tok, self.ids, lo) if lo < run else lo  # a window never starts in a run
             at = self.ends[-1] if self.ends else 0
             added = len(stable_text(self.tok, self.ids[lo: i + 1])) - len(stable_text(self.tok, self.ids[lo:i]))
+            if run < i and added:  # t closed the run: the run's text is its last byte token's
+                closed = len(self.tok.decode(self.ids[lo:i])) - len(self.tok.decode(self.ids[lo:run]))
+                self.ends[-1] += closed
+                at, added = at + closed, added - closed
             self.starts.append(at)
             self.ends.append(at + added)
         return self

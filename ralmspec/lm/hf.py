@@ -57,6 +57,7 @@ kept in an LRU table bounded by a number of sessions and a number of cached KV b
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -115,6 +116,10 @@ def _message_pieces(text: str, marks: Sequence[tuple[str, str]]) -> tuple[tuple[
     return (*pieces, (text, False))
 
 
+METASPACE = "\u2581"  # SentencePiece's space
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token
+
+
 class HFTokenizer:
     """Adapter of a HuggingFace tokenizer to the ``Tokenizer`` protocol of ``ralmspec.lm.base``.
 
@@ -132,6 +137,13 @@ class HFTokenizer:
         # a byte-level BPE vocabulary (GPT-2's, SmolLM2's) writes each byte as one character
         self._byte_of = byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else None
         self._added = frozenset(int(i) for i in getattr(hf_tokenizer, "added_tokens_decoder", {}))
+        # a SentencePiece-style vocabulary (Llama 2's, Mistral's, Gemma's): "\u2581" writes a space,
+        # and with byte fallback the tokens <0x00>..<0xFF> write one byte each
+        model = getattr(getattr(hf_tokenizer, "backend_tokenizer", None), "model", None)
+        vocab = hf_tokenizer.get_vocab() if model is not None else {}
+        self._byte_tokens = ({int(i): int(t[3:5], 16) for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t)}
+                             if getattr(model, "byte_fallback", False) else {})
+        self._metaspace = any(t.startswith(METASPACE) for t in vocab) and self._byte_of is None
 
     @property
     def vocab_size(self) -> int:
@@ -194,16 +206,31 @@ class HFTokenizer:
             raise ConfigError("the model's chat template does not render text; use --prompt-format plain")
         return text
 
+    def is_byte_token(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a byte-fallback token (``<0xE6>``). The decoder turns a run of
+        them into text as a whole (U+FFFD for every byte of a run that is not valid UTF-8), so a
+        run's text is final only once another token follows it (``ralmspec.engine.stop``)."""
+        return int(token_id) in self._byte_tokens
+
     def piece(self, token_id: int) -> str:
-        """The text of one token, special tokens shown (``<|im_end|>``): logprobs' token names."""
+        """The text of one token, special tokens shown (``<|im_end|>``): logprobs' token names.
+        A SentencePiece token keeps its space ("\u2581the" is " the"; decoding it alone drops it)."""
+        token_id = int(token_id)
+        if self._metaspace and token_id not in self._added and token_id not in self._byte_tokens:
+            with self._lock:
+                token = self.hf.convert_ids_to_tokens(token_id)
+            if isinstance(token, str):
+                return token.replace(METASPACE, " ")
         with self._lock:
-            return self.hf.decode([int(token_id)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            return self.hf.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def piece_bytes(self, token_id: int) -> bytes:
         """The bytes of one token (chat logprobs' ``bytes``): in a byte-level vocabulary the
         token's own bytes, a part of a multi-byte character included (``piece`` shows U+FFFD
-        there), so a client joining the bytes of consecutive tokens gets the text back; else
-        (WordPiece, added and special tokens) ``piece`` in UTF-8."""
+        there), and a byte-fallback token's byte, so a client joining the bytes of consecutive
+        tokens gets the text back; else (WordPiece, added and special tokens) ``piece`` in UTF-8."""
+        if int(token_id) in self._byte_tokens:
+            return bytes([self._byte_tokens[int(token_id)]])
         if self._byte_of is not None and int(token_id) not in self._added:
             with self._lock:
                 token = self.hf.convert_ids_to_tokens(int(token_id))
