@@ -182,7 +182,7 @@ class EagerRunner(KVRunner):
         self._trunk_cache_kw = _cache_kwarg(trunk) if self._trunk is not None else self._cache_kw
 
     def open(self) -> Any:
-        return None  # a DynamicCache is made by the first forward
+        return None  # a DynamicCache is made by the first forward (``_fresh_cache``)
 
     def crop(self, kv: Any, keep: int) -> Any:
         if kv is None or keep <= 0:
@@ -207,6 +207,8 @@ class EagerRunner(KVRunner):
     def prefill_block(self, kv: Any, ids: Sequence[int], *, last: bool,
                       want_hidden: bool) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        if kv is None:
+            kv = _fresh_cache(self.model)
         if not last and self._trunk is not None:
             out = self._trunk(input_ids=x, use_cache=True, **{self._trunk_cache_kw: kv})
             return _out_cache(out), None, None
@@ -239,12 +241,32 @@ class EagerRunner(KVRunner):
 
     def import_block(self, kv: Any, block: Any) -> Any:
         if kv is None:
-            from transformers import DynamicCache
-
-            kv = DynamicCache(config=self.model.config)
+            kv = _fresh_cache(self.model)
         for i, (k, v) in enumerate(block):
             kv.update(k, v, i)  # concatenates into new tensors: the table's block is never written
         return kv
+
+
+def _fresh_cache(model: torch.nn.Module) -> Any:
+    """An empty ``DynamicCache`` for ``model``: the model's own (``DynamicCache(config=...)``),
+    except that sliding-window layers keep every position. The model's own sliding layer
+    (Mistral, Gemma 2, Qwen2 with ``use_sliding_window``) keeps only the last ``window - 1``
+    positions and cannot be cropped once the window is reached, so a rollback (the kNN-LM
+    speculative decoder's ``truncate``) raised transformers' RuntimeError, and a RaLM session was
+    never kept (``croppable``). The window stays in the model's attention mask, built from its
+    config, so the model computes the same function; the cache only holds the positions the mask
+    leaves out, which a rollback may need again. Other layer kinds (linear attention, ...) are
+    left as the model makes them (``croppable`` says whether they can be rolled back)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    layers = getattr(cache, "layers", None)
+    if layers and any(getattr(layer, "is_sliding", False) for layer in layers):
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        if all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+            cache.layers = [DynamicLayer() for _ in layers]
+    return cache
 
 
 def _cache_kwarg(module: torch.nn.Module) -> str:

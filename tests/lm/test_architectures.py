@@ -134,6 +134,39 @@ def test_sliding_window_layers_keep_the_eager_runner(family, config, tiny_lm):
     assert lm.runner.name == "eager"
     for prompt, got in session_calls(lm, random.Random(3)):
         assert got == full_forward_greedy(model, prompt, len(got))
+    # the eager runner's cache keeps every position (the window is the model's mask): sessions are
+    # kept and reused; the model's own sliding cache could not be cropped, so none was kept
+    assert lm.reused_tokens > 0
+
+
+@pytest.mark.parametrize("family, config", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=1)),
+    ("mistral", dict(sliding_window=32)),
+], ids=["qwen2", "mistral"])
+def test_a_kv_rollback_past_the_window_is_the_models_state(family, config, tiny_lm):
+    """kNN-LM's decoder steps a sliding-window model well past its window and rolls back (a
+    rejected speculation): its logits then equal a fresh decoder's. Before, the model's own sliding
+    cache refused the crop (transformers' RuntimeError: "the sliding window size was already
+    reached"), and ``knnlm bench`` on such a model died with a traceback."""
+    from ralmspec.knnlm.model import IncrementalDecoder
+
+    model = small_model(family, **config)
+    lm = backend(model, "auto", tiny_lm.tokenizer)
+    rng = random.Random(5)
+    prompt, more = [rng.randrange(4, VOCAB) for _ in range(20)], [rng.randrange(4, VOCAB) for _ in range(60)]
+    dec = IncrementalDecoder(lm)
+    dec.start(prompt)
+    for t in more:
+        dec.step(t)
+    dec.truncate(len(prompt) + 10)  # 50 positions back, past the 32-position window
+    after = [dec.step(t).logits for t in more[10:30]]
+    fresh = IncrementalDecoder(lm)
+    fresh.start(prompt)
+    for t in more[:10]:
+        fresh.step(t)
+    again = [fresh.step(t).logits for t in more[10:30]]
+    for a, b in zip(after, again):
+        assert (a == b).all()
 
 
 def test_a_rotary_table_that_changes_with_the_call_keeps_the_eager_runner(tiny_lm):
