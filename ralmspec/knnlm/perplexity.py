@@ -13,14 +13,14 @@ skipped; a document of fewer than 2 tokens contributes none and is counted in
 
 Sliding windows (the datastore's own, :func:`~ralmspec.knnlm.datastore.window_plan`): the
 targets of a document are taken in blocks of ``stride`` positions, and the block ``[b0, b1)`` is
-scored from ONE forward over tokens ``[max(0, b1 - context), b1)`` (``lm.forward_hidden``). So
+scored from ONE forward over tokens ``[max(0, b1 - context), b1)`` (``lm.forward_scores``). So
 every token is predicted from at least ``context - stride`` earlier tokens (all of them near the
 start of its document). With ``context`` / ``stride`` equal to the datastore's key window /
 stride (the CLI's default), a text inside the datastore produces queries equal to its keys up
 to float rounding (batched vs single forwards).
 
 At a position with target ``y``: the query is the final hidden state (the input of the LM head,
-the datastore's key layer); ``log p_lm(y) = log_softmax(lm_head(query))[y]`` in float64;
+the datastore's key layer); ``log p_lm(y) = log_softmax(logits)[y]`` in float64, the model's own logits (``lm.forward_scores``);
 ``p_knn(y) = Σ_{i: v_i = y} softmax(-d/T)_i`` over the ``k`` neighbours (``d`` = squared L2, the
 decoder's :func:`~ralmspec.knnlm.model.knn_distribution`); ``log p(y) = log(λ p_knn(y) + (1-λ)
 p_lm(y))`` (with λ = 0 this IS ``log p_lm(y)``). Perplexity = ``exp(-Σ log p / tokens)``.
@@ -199,7 +199,7 @@ def _scored_documents(lm: Any, documents: Sequence[str], max_tokens: int | None)
 def evaluate_perplexity(lm: Any, datastore: Any, documents: Sequence[str], config: PerplexityConfig | None = None,
                         *, progress: bool = False) -> PerplexityResult:
     """Perplexity of ``lm`` and of the kNN-LM (``lm`` + ``datastore``) on ``documents`` for every
-    (λ, k, T) of ``config`` (module doc). ``lm``: an ``HFLanguageModel`` (``forward_hidden``,
+    (λ, k, T) of ``config`` (module doc). ``lm``: an ``HFLanguageModel`` (``forward_scores``,
     ``model``, ``tokenizer``, ``max_context``); ``datastore``: a loaded (possibly sharded)
     datastore built with the same model. ConfigError if they do not match, if ``context``
     exceeds the model's, or if the text has no token to score."""
@@ -223,8 +223,6 @@ def evaluate_perplexity(lm: Any, datastore: Any, documents: Sequence[str], confi
             raise ConfigError("the search recall of a sharded approximate datastore is not measured; "
                               "pass recall=False (--no-recall) or evaluate the whole datastore")
         twin = exact_twin(datastore)
-    head = lm.model.get_output_embeddings()
-    device, dtype = head.weight.device, head.weight.dtype
     sums = _Sums(cfg)
     kmax = max(cfg.ks)
     timing = {"lm": 0.0, "search": 0.0}
@@ -253,11 +251,12 @@ def evaluate_perplexity(lm: Any, datastore: Any, documents: Sequence[str], confi
     for ids in docs:
         for w0, b0, b1 in window_plan(len(ids) - 1, cfg.context, cfg.stride):
             t0 = time.perf_counter()
-            hidden = lm.forward_hidden(ids[w0:b1])[b0 - w0:b1 - w0]
+            # the scored positions [b0, b1) are the window's last ones: the model's own logits
+            # there (not lm_head(hidden): Granite, Cohere, Gemma 2 transform them after the head)
+            hidden, logits = lm.forward_scores(ids[w0:b1], b1 - b0)
             targets = np.asarray(ids[b0 + 1:b1 + 1], dtype=np.int64)
             with torch.inference_mode():
-                logits = head(hidden.to(device=device, dtype=dtype)).double()
-                logp = torch.log_softmax(logits, dim=-1)[torch.arange(len(targets)), torch.from_numpy(targets)]
+                logp = torch.log_softmax(logits.double(), dim=-1)[torch.arange(len(targets)), torch.from_numpy(targets)]
             timing["lm"] += time.perf_counter() - t0
             pending.append((hidden.numpy().astype(np.float32, copy=False), targets, logp.cpu().numpy()))
             queued += len(targets)

@@ -501,6 +501,22 @@ class HFLanguageModel(LanguageModel):
             h = out.hidden_states[-1][0].float().cpu()
         return h.clone()  # outside inference mode: an ordinary tensor for the caller
 
+    def forward_scores(self, ids: Sequence[int], last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden [last, d_model], logits [last, vocab])`` (float32, CPU) of the last ``last``
+        positions of ONE plain forward over ``ids``: the final hidden states (as
+        ``forward_hidden``) and the model's OWN logits there, which are not ``lm_head(hidden)`` for
+        every family (Granite divides them by ``logits_scaling``, Cohere multiplies them by
+        ``logit_scale``, Gemma 2 soft-caps them): what ``knnlm eval`` scores ``p_lm`` with."""
+        (prompt, _), = self._check([ids], None, extra=0)
+        if not is_int(last, 1) or last > len(prompt):
+            raise ConfigError(f"last must be an integer in [1, {len(prompt)}], got {last!r}")
+        with self._lock, torch.inference_mode():
+            x = torch.tensor([prompt], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=last)
+            h = out.hidden_states[-1][0, -last:].float().cpu()
+            logits = out.logits[0, -last:].float().cpu()
+        return h.clone(), logits.clone()
+
     def release(self, session: Hashable) -> None:
         """Drop the KV state of ``session`` (no-op if unknown)."""
         _check_session(session)

@@ -238,3 +238,30 @@ def test_cli_eval_table_and_json(tmp_path, capsys, stores):
 def test_eval_rejects_a_datastore_of_another_model(smollm2_lm, stores):
     with pytest.raises(ConfigError, match="hidden size"):
         evaluate_perplexity(smollm2_lm, stores["flat"], ["some text here"], _cfg())
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_base_perplexity_is_the_models_own_logits_after_the_head(family, tmp_path, tiny_lm, outside_docs):
+    """Families whose logits are not lm_head(final hidden state): Granite divides them by
+    ``logits_scaling``, Cohere multiplies them by ``logit_scale`` (Gemma 2 soft-caps them). The
+    eval scores with the model's own logits; before, with lm_head(hidden) (an audit measured
+    42,938 for a Granite whose own perplexity was 30,491). Small random-weight models of the real
+    classes, the tiny model's tokenizer."""
+    import transformers
+
+    from ralmspec.lm.hf import HFLanguageModel
+
+    cls, cfg_cls, extra = {"granite": (transformers.GraniteForCausalLM, transformers.GraniteConfig,
+                                       dict(logits_scaling=4.0)),
+                           "cohere": (transformers.CohereForCausalLM, transformers.CohereConfig,
+                                      dict(logit_scale=0.5))}[family]
+    torch.manual_seed(0)
+    model = cls(cfg_cls(vocab_size=tiny_lm.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra)).eval()
+    lm = HFLanguageModel(model, tiny_lm.tokenizer, eos_token_id=102, max_context=512, name=family)
+    docs = [d[:200] for d in outside_docs]
+    ds = build_datastore(lm, docs, tmp_path / "ds", DatastoreBuildConfig(window=32, stride=24),
+                         model_name=family, progress=False)
+    res = evaluate_perplexity(lm, ds, docs, PerplexityConfig(context=16, stride=6, lams=(0.0,)))
+    ids = [lm.tokenizer.encode(d) for d in docs]
+    assert res.ppl_base == pytest.approx(_direct_ppl(model, ids, 16, 6), rel=1e-6)
