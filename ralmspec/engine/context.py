@@ -64,13 +64,17 @@ class PassageTokens:
         self._cache: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, doc_id: int, passage_tokens: int) -> list[int]:
-        key = (doc_id, passage_tokens)
+    def get(self, doc_id: int, passage_tokens: int, lead: str | None = None) -> list[int]:
+        """``lead``: ``None``, the passage tokenized by ``encode``; else as a continuation after the
+        template's text, ``lead`` (its closing spaces) before it (``PromptFormat.passage_lead``)."""
+        key = (doc_id, passage_tokens) if lead is None else (doc_id, passage_tokens, lead)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        ids = self.lm.tokenizer.encode(self.retriever.corpus[doc_id].content, as_text=True)[:passage_tokens]
+        content = self.retriever.corpus[doc_id].content
+        ids = (self.lm.tokenizer.encode(content, as_text=True) if lead is None
+               else self.lm.tokenizer.encode_after(lead + content, as_text=True))[:passage_tokens]
         with self._lock:
             self._cache[key] = ids
             if len(self._cache) > self.capacity:
@@ -110,6 +114,9 @@ class RalmContext:
     # a shared server's load governor (engine/governor.py): False pauses speculation, and the
     # request takes verified (naive) steps; None: always allowed
     may_speculate: Callable[[], bool] | None = None
+    # a closed-book request (no passage): with a SentencePiece tokenizer the question follows the
+    # chat template's text, not the passage separator (PromptFormat.encode_question)
+    closed_book: bool = False
     _stops: StopWatch | None = field(default=None, repr=False)
     _encoded: tuple[str, tuple[int, ...]] | None = field(default=None, repr=False)
 
@@ -122,7 +129,8 @@ class RalmContext:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("prompt must be a non-empty string")
         check_text(prompt, "prompt")
-        ids = self.lm.tokenizer.encode(prompt, as_text=self.fmt.name == "chat")  # a message's text (engine/prompt.py)
+        # a message's text in chat (engine/prompt.py)
+        ids = self.fmt.encode_question(self.lm.tokenizer, prompt, after_passage=not self.closed_book)
         if not ids:
             raise ConfigError("prompt has no tokens after tokenization")
         budget = self.lm.max_context - self.gen.max_new_tokens - 1
@@ -149,7 +157,7 @@ class RalmContext:
         """The LM input for the next ``n`` tokens after ``tokens`` (prompt ids + generated ids,
         the first ``n_prompt`` being the prompt) with passage ``doc_id`` (``None``: closed book),
         laid out by the prompt format, cut to leave room for ``n`` new tokens."""
-        doc = None if doc_id is None else self.passages.get(doc_id, self.gen.passage_tokens)
+        doc = None if doc_id is None else self.passages.get(doc_id, self.gen.passage_tokens, self.fmt.passage_lead)
         return self.fmt.build(doc, tokens, n_prompt, self.lm.max_context - n)
 
     async def chunk(self, doc_id: int | None, tokens: Sequence[int], n_prompt: int, n: int,

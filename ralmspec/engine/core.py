@@ -76,7 +76,7 @@ class RalmEngine:
     def context(self, gen: GenerationConfig | None = None, lm_client: LMClient | None = None,
                 search_client: SearchClient | None = None,
                 may_speculate: Callable[[], bool] | None = None,
-                conversation: Conversation | None = None) -> RalmContext:
+                conversation: Conversation | None = None, closed_book: bool = False) -> RalmContext:
         """One request's context; a ``conversation`` lays its prompts out in the chat format with
         its earlier turns (any other ``gen.prompt_format`` than "plain" allowed)."""
         gen = gen or self.config.generation
@@ -88,7 +88,7 @@ class RalmEngine:
             fmt = self.chat_format(conversation.history)
         return RalmContext(self.lm, self.retriever, self.passages, lm_client or self.direct_lm,
                            search_client or self.retriever, gen, fmt,
-                           self.worker, self.rankers, self.costs, may_speculate)
+                           self.worker, self.rankers, self.costs, may_speculate, closed_book)
 
     def check_request(self, prompt: str | Conversation, gen: GenerationConfig | None = None) -> None:
         """The input errors ``generate`` would raise for ``prompt`` (``ConfigError``: its prompt
@@ -117,7 +117,7 @@ class RalmEngine:
         spec = spec or self.config.speculation
         conversation = prompt if isinstance(prompt, Conversation) else None
         question = conversation.question if conversation is not None else prompt
-        ctx = self.context(gen, lm_client, search_client, may_speculate, conversation)
+        ctx = self.context(gen, lm_client, search_client, may_speculate, conversation, closed_book=not retrieval)
         if ctx.gen.logprobs is not None and not self.lm.supports_logprobs:  # refused before any work
             raise self.lm.no_logprobs_error()
         if speculate is None:

@@ -14,14 +14,18 @@ format is part of the reference semantics (docs/design.md §1): same format => s
 where ``before`` / ``after`` are the model's chat template around the LAST user message (the
 earlier turns of a conversation, or the template's default system turn, and the user header /
 end of the user turn and the assistant header), ``between`` is ``"\\n\\n"``, and each piece is
-tokenized on its own. So the last user message holds the passage, a blank line and the
-question; the assistant's tokens generated so far follow the template. Text from outside (every
-message's text, the question, the passage) is tokenized as text: a ``<|im_end|>`` typed in a
-message or found in a passage is those eight characters, not the end of a turn
-(``encode(as_text=True)``); only the template's own text makes special tokens. (``plain`` keeps
-a raw prompt's special tokens: a completions client may lay out a template itself; a passage is
-text in both formats.) A single question (the CLI,
-``/v1/completions``) is a conversation of one user message; ``/v1/chat/completions`` passes its
+tokenized on its own. With a tokenizer that writes a space before a text (SentencePiece: Llama
+2, Mistral, Gemma; ``HFTokenizer.prepends_space``) every piece after the first is tokenized as
+text after other text (``encode_after``), and the spaces that end the template's text before
+the message are tokenized with the passage's (closed book: the question's) first word, as in the
+whole text: the pieces make ``apply_chat_template(tokenize=True)``'s tokens (docs/prompt-formats.md).
+So the last user message holds the passage, a blank line and the question; the assistant's
+tokens generated so far follow the template. Text from outside (every message's text, the
+question, the passage) is tokenized as text: a ``<|im_end|>`` typed in a message or found in a
+passage is those eight characters, not the end of a turn (``encode(as_text=True)``); only the
+template's own text makes special tokens. (``plain`` keeps a raw prompt's special tokens: a
+completions client may lay out a template itself; a passage is text in both formats.) A single
+question (the CLI, ``/v1/completions``) is a conversation of one user message; ``/v1/chat/completions`` passes its
 earlier turns as ``Conversation.history`` (``PromptFormat.chat``): one layout for all three.
 
 In both formats the retrieval query is the last ``query_len`` tokens of ``prompt_ids +
@@ -76,6 +80,11 @@ class PromptFormat:
     before: tuple[int, ...] = ()  # chat template tokens before the user message
     between: tuple[int, ...] = ()  # separator tokens between the passage and the prompt
     after: tuple[int, ...] = ()  # end of the user message + the assistant's header
+    # chat with a tokenizer that writes a space before a text (SentencePiece: prepends_space): the
+    # pieces after the first are tokenized as continuations (encode_after), and ``lead``, the
+    # spaces that end the template's text before the user message, with the message's first word
+    follows: bool = False
+    lead: str = ""
 
     @classmethod
     def for_tokenizer(cls, fmt: str, tokenizer: Any) -> "PromptFormat":
@@ -100,8 +109,43 @@ class PromptFormat:
             raise NoChatTemplateError("the chat prompt format needs a model whose tokenizer has a chat template; "
                                       "this one has none (use --prompt-format plain, or /v1/completions)")
         pieces, after = affixes
-        before = [i for text, is_message in pieces if text for i in tokenizer.encode(text, as_text=is_message)]
-        return cls("chat", tuple(before), tuple(tokenizer.encode(PASSAGE_SEPARATOR)), tuple(tokenizer.encode(after)))
+        if not getattr(tokenizer, "prepends_space", False):  # byte-level BPE, WordPiece: pieces as they are
+            before = [i for text, is_message in pieces if text for i in tokenizer.encode(text, as_text=is_message)]
+            return cls("chat", tuple(before), tuple(tokenizer.encode(PASSAGE_SEPARATOR)),
+                       tuple(tokenizer.encode(after)))
+        # SentencePiece: a piece's trailing spaces go to the next piece (the tokenizer writes a
+        # space with the word after it: " [INST] " + "Who" is "▁[INST]", "▁Who"), and
+        # only the prompt's first text gets the tokenizer's leading space
+        before, lead = [], ""
+        for text, is_message in pieces:
+            text = lead + text
+            kept = text.rstrip(" ")
+            lead = text[len(kept):]
+            if kept:
+                encode = tokenizer.encode_after if before else tokenizer.encode
+                before += encode(kept, as_text=is_message)
+        if not before and lead:  # a template of spaces only before the message
+            before, lead = tokenizer.encode(lead), ""
+        return cls("chat", tuple(before), tuple(tokenizer.encode_after(PASSAGE_SEPARATOR)),
+                   tuple(tokenizer.encode_after(after)), follows=True, lead=lead)
+
+    def encode_question(self, tokenizer: Any, text: str, after_passage: bool = True) -> list[int]:
+        """The question's (the last user message's) token ids in this format: in ``plain`` as
+        ``encode`` tokenizes a raw prompt (special tokens kept); in ``chat`` as text
+        (``encode(as_text=True)``), and with a SentencePiece tokenizer as a continuation: after
+        the separator, or (``after_passage=False``, closed book) after the template with ``lead``."""
+        if self.name == "plain":
+            return tokenizer.encode(text)
+        if not self.follows:
+            return tokenizer.encode(text, as_text=True)
+        return tokenizer.encode_after(text if after_passage else self.lead + text, as_text=True)
+
+    @property
+    def passage_lead(self) -> str | None:
+        """How a passage is tokenized in this format (``PassageTokens.get``): ``None``, by
+        ``encode`` (it opens the input: ``plain``; any tokenizer but a SentencePiece one), or as a
+        continuation after the template's text, with the spaces that end it."""
+        return self.lead if self.follows else None
 
     def overhead(self) -> int:
         """Template tokens around the passage, prompt and generated tokens (0 for plain)."""

@@ -57,6 +57,7 @@ kept in an LRU table bounded by a number of sessions and a number of cached KV b
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -116,6 +117,73 @@ def _message_pieces(text: str, marks: Sequence[tuple[str, str]]) -> tuple[tuple[
     return (*pieces, (text, False))
 
 
+def _align_pieces(pieces: Sequence[tuple[str, bool]], rendered: str) -> tuple[tuple[str, bool], ...] | None:
+    """``pieces`` (the template's text and each message's text, cut from a render with marked
+    messages) fitted onto ``rendered``, the render without marks: a template that trims a message
+    (Llama 3's and Gemma's ``| trim``) renders it without its outer whitespace, which the marks
+    kept. A message's piece is its text as is, stripped, or stripped at one end, whichever the
+    template's next piece follows in ``rendered``; the template's pieces must be there verbatim.
+    ``None`` when the pieces do not make up ``rendered`` so."""
+    out: list[tuple[str, bool]] = []
+    at = 0
+    for k, (text, is_message) in enumerate(pieces):
+        if not is_message:
+            if not rendered.startswith(text, at):
+                return None
+            out.append((text, False))
+            at += len(text)
+            continue
+        follow = pieces[k + 1][0] if k + 1 < len(pieces) else ""
+        for cand in dict.fromkeys((text, text.strip(), text.rstrip(), text.lstrip())):
+            if rendered.startswith(cand, at) and rendered.startswith(follow, at + len(cand)):
+                out.append((cand, True))
+                at += len(cand)
+                break
+        else:
+            return None
+    return tuple(out) if at == len(rendered) else None
+
+
+def _without_prepend(backend: Any) -> Any | None:
+    """A copy of the Rust tokenizer ``backend`` that writes no space ("\u2581") before a text:
+    SentencePiece's dummy prefix, a ``Prepend("\u2581")`` normalizer (Llama 2's, Mistral's
+    ``tokenizer.json``) or a ``Metaspace`` pre-tokenizer's ``prepend_scheme`` (Gemma's, newer
+    files'); ``None`` if it writes none (byte-level BPE, WordPiece)."""
+    from tokenizers import Tokenizer
+
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot be written out (custom parts): as it is
+        return None
+    changed = False
+
+    def walk(node: Any) -> Any:
+        nonlocal changed
+        if not isinstance(node, dict):
+            return node
+        kind = node.get("type")
+        if kind == "Sequence":
+            for key in ("normalizers", "pretokenizers"):
+                if isinstance(node.get(key), list):
+                    node[key] = [n for n in map(walk, node[key]) if n is not None]
+        elif kind == "Prepend" and node.get("prepend") == METASPACE:
+            changed = True
+            return None
+        elif kind == "Metaspace":
+            if node.get("prepend_scheme", "never") != "never":
+                node["prepend_scheme"], changed = "never", True
+            if node.get("add_prefix_space"):
+                node["add_prefix_space"], changed = False, True
+        return node
+
+    spec["normalizer"] = walk(spec.get("normalizer"))
+    spec["pre_tokenizer"] = walk(spec.get("pre_tokenizer"))
+    if not changed:
+        return None
+    spec["truncation"] = spec["padding"] = None
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 METASPACE = "\u2581"  # SentencePiece's space
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token
 
@@ -144,6 +212,12 @@ class HFTokenizer:
         self._byte_tokens = ({int(i): int(t[3:5], 16) for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t)}
                              if getattr(model, "byte_fallback", False) else {})
         self._metaspace = any(t.startswith(METASPACE) for t in vocab) and self._byte_of is None
+        # the same tokenizer without SentencePiece's dummy prefix (encode_after); None: it has none
+        self._after = _without_prepend(hf_tokenizer.backend_tokenizer) if model is not None else None
+        self._special = frozenset(str(getattr(t, "content", t)) for t in
+                                  getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
+                                  if getattr(t, "special", True)) | frozenset(
+            getattr(hf_tokenizer, "all_special_tokens", None) or ())
 
     @property
     def vocab_size(self) -> int:
@@ -160,6 +234,40 @@ class HFTokenizer:
             return list(self.hf.encode(text, add_special_tokens=False, truncation=False, verbose=False,
                                        split_special_tokens=as_text))
 
+    @property
+    def prepends_space(self) -> bool:
+        """Whether ``encode`` writes a space before the text (SentencePiece's dummy prefix: Llama 2,
+        Mistral, Gemma): a text's first word is tokenized as a word after a space ("\u2581Who"),
+        so text tokenized after other text must not be ``encode``'s (``encode_after``)."""
+        return self._after is not None
+
+    def encode_after(self, text: str, as_text: bool = False) -> list[int]:
+        """``text`` tokenized as it is in the middle of a longer text (the pieces of a prompt
+        after its first): ``encode``, but without the space a SentencePiece tokenizer writes
+        before a text (``encode("\\n\\n")`` is "\u2581", "\\n", "\\n"). The parts after a
+        special token in ``text`` (``</s> [INST]``) are tokenized as ``encode`` does, as in a
+        whole text: the tokenizer opens each part between special tokens alike. Equal to
+        ``encode`` for a tokenizer that writes no such space (byte-level BPE, WordPiece)."""
+        if self._after is None:
+            return self.encode(text, as_text)
+        if not isinstance(text, str):
+            raise ConfigError(f"encode_after() expects a str, got {type(text).__name__}")
+        check_text(text, "the text to tokenize")
+        backend = self.hf.backend_tokenizer
+        with self._lock:
+            was = backend.encode_special_tokens  # the HF tokenizer's own setting: given back below
+            try:
+                backend.encode_special_tokens = as_text
+                whole = backend.encode(text, add_special_tokens=False)
+            finally:
+                backend.encode_special_tokens = was
+            # the first added token matched in the text: from it on, the text's own tokens
+            cut = next((j for j, (i, tok, (a, b)) in enumerate(zip(whole.ids, whole.tokens, whole.offsets))
+                        if i in self._added and tok and tok in text[a:b]), len(whole.ids))
+            head = text[: whole.offsets[cut][0]] if cut < len(whole.ids) else text
+            self._after.encode_special_tokens = as_text  # a private copy (``_without_prepend``)
+            return [*self._after.encode(head, add_special_tokens=False).ids, *whole.ids[cut:]]
+
     def decode(self, ids: Sequence[int]) -> str:
         with self._lock:
             return self.hf.decode([int(i) for i in ids], skip_special_tokens=True,
@@ -175,8 +283,11 @@ class HFTokenizer:
 
         The joined pieces, the user message and ``after`` are what ``apply_chat_template``
         renders for those messages, so the engine can tokenize the pieces apart and swap the
-        passage inside the message. A template that changes a message's text as it renders it
-        (trims it, say) leaves that message inside the template's text.
+        passage inside the message. A template that trims a message as it renders it (Llama 3's,
+        Gemma's ``| trim``) gives that message's piece trimmed. A template that changes the text
+        otherwise leaves every message inside one piece of template text, which is tokenized
+        with special tokens; so a ``ConfigError`` then if a message holds a special token's text
+        (``<|eot_id|>``): it would be that token, open another turn or role.
         """
         if not getattr(self.hf, "chat_template", None):
             return None
@@ -191,8 +302,16 @@ class HFTokenizer:
             marked = self._render([*((role, f"{o}{text}{c}") for (role, text), (o, c) in zip(history, marks)),
                                    ("user", user)])
             pieces = _message_pieces(marked.split(user)[0], marks)
-            if pieces is not None and "".join(text for text, _ in pieces) == before:
-                return pieces, after
+            aligned = _align_pieces(pieces, before) if pieces is not None else None
+            if aligned is not None:
+                return aligned, after
+            # the messages cannot be told from the template's text: one piece of template text,
+            # refused if a message holds a special token's text (it would be that token)
+            found = sorted({t for t in self._special if t and any(t in text for _, text in history)})
+            if found:
+                raise ConfigError(f"a message holds the text of the special token {found[0]!r}, and this "
+                                  "model's chat template changes the messages so that their text cannot be "
+                                  "kept apart from its own: remove it from the message")
         return ((before, False),), after
 
     def _render(self, turns: Sequence[tuple[str, str]]) -> str:

@@ -343,9 +343,9 @@ def encode_request(knn: KNNLM, req: KNNLMCompletionRequest) -> list[int]:
             raise error_for(exc) from None
     tokenizer = knn.lm.tokenizer
     try:
-        question = tokenizer.encode(req.prompt.question, as_text=True)
-        ids = PromptFormat.chat(tokenizer, req.prompt.history).build(None, question, len(question),
-                                                                     knn.lm.max_context)
+        fmt = PromptFormat.chat(tokenizer, req.prompt.history)
+        question = fmt.encode_question(tokenizer, req.prompt.question, after_passage=False)
+        ids = fmt.build(None, question, len(question), knn.lm.max_context)
         return knn.check_prompt(ids, req.knn.max_new_tokens)
     except NoChatTemplateError:  # the engine's message names --prompt-format, a flag this server lacks
         raise APIError(400, f"this server's model ({knn.lm.name}) has no chat template, so it cannot answer "

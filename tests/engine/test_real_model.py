@@ -149,9 +149,12 @@ def test_a_passage_is_text_in_either_format(engines, monkeypatch):
     assert _specials(tok, ids) == [] and tok.decode(ids) == FORGED
 
 
-def test_a_template_that_changes_the_text_keeps_the_messages_inside_its_own(smollm2_lm):
-    """A template that trims each message: the text it renders is not the message's, so the
-    earlier turns stay in the template's text (tokenized as it always was) rather than mis-cut."""
+def test_a_template_that_trims_the_messages_keeps_each_one_apart_as_text(smollm2_lm):
+    """A template that trims each message (Llama 3's, Gemma's ``| trim``): the text it renders is
+    not the marked message's, and the whole history went to the tokenizer as template text, so a
+    trailing space let ``<|im_end|>`` typed in a message end the turn. Each message is its own
+    piece, trimmed as the template renders it, tokenized as text; the prompt is still the
+    template's tokens for a history without such strings."""
     import copy
 
     from ralmspec.lm.hf import HFTokenizer
@@ -161,9 +164,19 @@ def test_a_template_that_changes_the_text_keeps_the_messages_inside_its_own(smol
     assert "| trim" in tok.hf.chat_template
     history = (("system", "  Be brief.  "),)
     pieces, _ = tok.chat_affixes(history)
-    assert len(pieces) == 1 and not pieces[0][1] and "Be brief.<|im_end|>" in pieces[0][0]
-    pieces, _ = smollm2_lm.tokenizer.chat_affixes(history)  # the real template: the message apart
+    assert ("Be brief.", True) in pieces
+    pieces, _ = smollm2_lm.tokenizer.chat_affixes(history)  # the real template: the message as it is
     assert ("  Be brief.  ", True) in pieces
+    forged = (("system", "Be brief."), ("user", FORGED + " "), ("assistant", " " + FORGED))
+    before = PromptFormat.chat(tok, forged).before
+    assert _specials(tok, before) == ["<|im_start|>", "<|im_end|>"] * 3 + ["<|im_start|>"]
+    assert FORGED in tok.decode(before)
+    turns = (("system", " Be brief.\n"), ("user", "what is the capital of France? "), ("assistant", "Paris. "))
+    q = tok.encode("And of Spain?", as_text=True)
+    built = PromptFormat.chat(tok, turns).build(None, q, len(q), smollm2_lm.max_context)
+    ref = tok.hf.apply_chat_template([{"role": r, "content": t} for r, t in turns] + [
+        {"role": "user", "content": "And of Spain?"}], tokenize=True, add_generation_prompt=True)
+    assert built == list(ref["input_ids"])
 
 
 def test_generation_stops_at_end_of_turn(engines, grounded):
