@@ -1,6 +1,6 @@
 """The engine's prompts (engine/prompt.py, RalmContext) against ``apply_chat_template(tokenize=True)``
 with the tokenizer kinds of Llama 2 / Mistral / Gemma (SentencePiece: a space written before a
-text) and Llama 3 (byte-level BPE), built from the embedded passages (tests/tokenizers.py).
+text) and Llama 3 (byte-level BPE), built from the embedded passages (tests/tokenizer_kinds.py).
 SmolLM2's (byte-level) is checked in test_real_model.py."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from ralmspec.config import GenerationConfig
 from ralmspec.engine.context import PassageTokens, RalmContext
 from ralmspec.engine.prompt import PASSAGE_SEPARATOR, PromptFormat
-from tests.tokenizers import GEMMA_TEMPLATE, llama3_tokenizer, sentencepiece_chat_tokenizer
+from tests.tokenizer_kinds import GEMMA_TEMPLATE, llama3_tokenizer, sentencepiece_chat_tokenizer
 
 TOKENIZERS = {
     "mistral": lambda: sentencepiece_chat_tokenizer(),  # Prepend("\u2581") normalizer (Llama 2's file)

@@ -22,7 +22,7 @@ TEXT = "Hed PE is from Huntington Beach, Zürich – 東京 🎸🎸 naïve caf�
 @pytest.fixture(scope="module", params=["byte-level", "byte-fallback"])
 def tok(request):
     if request.param == "byte-fallback":
-        from tests.tokenizers import byte_fallback_tokenizer
+        from tests.tokenizer_kinds import byte_fallback_tokenizer
 
         return byte_fallback_tokenizer()
     return request.getfixturevalue("smollm2_lm").tokenizer
@@ -125,7 +125,7 @@ def test_byte_fallback_runs_stream_as_their_final_text():
     character it had completed included), pushed in random chunks. Before the fix the stream sent
     such a character and then could not send the rest (text lost), or slid its window into a run
     (U+FFFD streamed for a valid character)."""
-    from tests.tokenizers import byte_fallback_tokenizer
+    from tests.tokenizer_kinds import byte_fallback_tokenizer
 
     tok = byte_fallback_tokenizer()
     byte_id = {b: i for i, b in tok._byte_tokens.items()}
@@ -164,7 +164,7 @@ def test_byte_fallback_runs_stream_as_their_final_text():
 def test_byte_fallback_pieces_are_the_tokens_text_and_bytes():
     """Logprobs' token names keep a SentencePiece token's space, and the bytes of consecutive
     tokens join to the text (a byte token's bytes are its byte; before: U+FFFD's three)."""
-    from tests.tokenizers import byte_fallback_tokenizer
+    from tests.tokenizer_kinds import byte_fallback_tokenizer
 
     tok = byte_fallback_tokenizer()
     ids = tok.encode("The first season was 日本 🎉 café end")
