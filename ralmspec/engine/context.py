@@ -61,13 +61,13 @@ class PassageTokens:
 
     def __init__(self, lm: LanguageModel, retriever: Retriever, capacity: int = 8192):
         self.lm, self.retriever, self.capacity = lm, retriever, capacity
-        self._cache: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int, str | None], list[int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, doc_id: int, passage_tokens: int, lead: str | None = None) -> list[int]:
         """``lead``: ``None``, the passage tokenized by ``encode``; else as a continuation after the
         template's text, ``lead`` (its closing spaces) before it (``PromptFormat.passage_lead``)."""
-        key = (doc_id, passage_tokens) if lead is None else (doc_id, passage_tokens, lead)
+        key = (doc_id, passage_tokens, lead)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)

@@ -97,8 +97,7 @@ class TokenOffsets:
             i = len(self.ids)
             self.ids.append(int(t))
             run = byte_run_start(self.tok, self.ids, i)  # the byte-fallback run ids[run:i], if any
-            lo = min(max(0, i - self.window), run)
-            lo = byte_run_start(self.tok, self.ids, lo) if lo < run else lo  # a window never starts in a run
+            lo = byte_run_start(self.tok, self.ids, min(max(0, i - self.window), run))  # never inside a run
             at = self.ends[-1] if self.ends else 0
             added = len(stable_text(self.tok, self.ids[lo: i + 1])) - len(stable_text(self.tok, self.ids[lo:i]))
             if run < i and added:  # t closed the run: the run's text is its last byte token's

@@ -204,7 +204,8 @@ class HFTokenizer:
         decoder = getattr(getattr(hf_tokenizer, "backend_tokenizer", None), "decoder", None)
         # a byte-level BPE vocabulary (GPT-2's, SmolLM2's) writes each byte as one character
         self._byte_of = byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else None
-        self._added = frozenset(int(i) for i in getattr(hf_tokenizer, "added_tokens_decoder", {}))
+        added = getattr(hf_tokenizer, "added_tokens_decoder", {})
+        self._added = frozenset(int(i) for i in added)
         # a SentencePiece-style vocabulary (Llama 2's, Mistral's, Gemma's): "\u2581" writes a space,
         # and with byte fallback the tokens <0x00>..<0xFF> write one byte each
         model = getattr(getattr(hf_tokenizer, "backend_tokenizer", None), "model", None)
@@ -214,8 +215,7 @@ class HFTokenizer:
         self._metaspace = any(t.startswith(METASPACE) for t in vocab) and self._byte_of is None
         # the same tokenizer without SentencePiece's dummy prefix (encode_after); None: it has none
         self._after = _without_prepend(hf_tokenizer.backend_tokenizer) if model is not None else None
-        self._special = frozenset(str(getattr(t, "content", t)) for t in
-                                  getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
+        self._special = frozenset(str(getattr(t, "content", t)) for t in added.values()
                                   if getattr(t, "special", True)) | frozenset(
             getattr(hf_tokenizer, "all_special_tokens", None) or ())
 

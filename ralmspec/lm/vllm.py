@@ -287,6 +287,10 @@ class VLLMLanguageModel(LanguageModel):
         self._lock = threading.Lock()
         self._closed = False
         self._failed: str | None = None
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Zero the token counters and the last call's stats (after ``load_vllm``'s trial step)."""
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.generated_tokens = 0
@@ -489,6 +493,5 @@ def load_vllm(name_or_path: str, device: str = "cpu", dtype: str = "float32", *,
         raise ModelLoadError(f"vLLM started an engine for {str(path)!r} on {device} but cannot run "
                              f"the model: {exc.__cause__ or exc}") from exc
     lm.reset_prefix_cache()
-    lm.prompt_tokens = lm.cached_tokens = lm.generated_tokens = 0
-    lm.last_call_stats = VLLMCallStats()
+    lm.reset_counters()
     return lm
