@@ -247,17 +247,11 @@ def test_base_perplexity_is_the_models_own_logits_after_the_head(family, tmp_pat
     eval scores with the model's own logits; before, with lm_head(hidden) (an audit measured
     42,938 for a Granite whose own perplexity was 30,491). Small random-weight models of the real
     classes, the tiny model's tokenizer."""
-    import transformers
-
     from ralmspec.lm.hf import HFLanguageModel
+    from tests.lm.conftest import small_model
 
-    cls, cfg_cls, extra = {"granite": (transformers.GraniteForCausalLM, transformers.GraniteConfig,
-                                       dict(logits_scaling=4.0)),
-                           "cohere": (transformers.CohereForCausalLM, transformers.CohereConfig,
-                                      dict(logit_scale=0.5))}[family]
-    torch.manual_seed(0)
-    model = cls(cfg_cls(vocab_size=tiny_lm.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra)).eval()
+    extra = {"granite": dict(logits_scaling=4.0), "cohere": dict(logit_scale=0.5)}[family]
+    model = small_model(family, vocab=tiny_lm.vocab_size, scale=1.0, **extra)
     lm = HFLanguageModel(model, tiny_lm.tokenizer, eos_token_id=102, max_context=512, name=family)
     docs = [d[:200] for d in outside_docs]
     ds = build_datastore(lm, docs, tmp_path / "ds", DatastoreBuildConfig(window=32, stride=24),

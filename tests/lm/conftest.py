@@ -13,6 +13,30 @@ from ralmspec.lm.sampling import SeededPick
 from ralmspec.lm.static import StaticRunner
 
 
+def small_model(family: str, *, vocab: int = 512, hidden: int = 64, heads: int = 4, scale: float = 8.0,
+                **config) -> torch.nn.Module:
+    """A small random-weight causal LM of the real transformers class of ``family`` (a
+    ``model_type``: "llama", "qwen2", "mistral", "granite", ...; "gpt2" in GPT-2's field names),
+    2 layers (GPT-2: 3) with 2 KV heads, its matrices scaled by ``scale`` so that greedy tokens
+    vary (a near-uniform model answers one token and proves nothing); ``config`` overrides the
+    config's fields. A user's own checkpoint, as far as the runners can tell."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        base = dict(vocab_size=vocab, n_embd=hidden, n_layer=3, n_head=heads, n_positions=512,
+                    bos_token_id=0, eos_token_id=0)
+    else:
+        base = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                    num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **(base | config)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(scale)
+    return model.eval()
+
+
 def make_view(lm: HFLanguageModel, **overrides) -> HFLanguageModel:
     """A fresh backend (own sessions and counters) around the same weights as ``lm``."""
     kw = dict(eos_token_id=lm.eos_token_id, max_context=lm.max_context, device=lm.device,

@@ -17,35 +17,15 @@ import random
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
 
 from ralmspec.errors import ConfigError
 from ralmspec.lm.hf import HFLanguageModel
 from ralmspec.lm.slot_decoder import static_unsupported, supports_static
 from ralmspec.lm.static import StaticRunner
+from tests.lm.conftest import small_model
 
 VOCAB = 512
 NEW_TOKENS = 12
-
-
-def small_model(family: str, **config) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if family == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=512,
-                         bos_token_id=0, eos_token_id=0, **config)
-        model = GPT2LMHeadModel(cfg)
-    else:
-        cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config),
-                        "mistral": (MistralForCausalLM, MistralConfig)}[family]
-        model = cls(cfg_cls(**{**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-                               **config}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(8.0)
-    return model.eval()
 
 
 def backend(model: torch.nn.Module, runner: str, tokenizer) -> HFLanguageModel:

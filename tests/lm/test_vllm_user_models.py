@@ -23,20 +23,11 @@ pytestmark = [pytest.mark.vllm,
 
 
 def _llama_folder(tmp_path, hidden: int, heads: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from ralmspec.lm.models import load_lm
+    from tests.lm.conftest import small_model
 
-    torch.manual_seed(0)
     tok = load_lm("tiny").tokenizer.hf
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
-                                         max_position_embeddings=512, eos_token_id=tok.sep_token_id))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(6.0)
+    model = small_model("llama", vocab=len(tok), hidden=hidden, heads=heads, scale=6.0, eos_token_id=tok.sep_token_id)
     folder = tmp_path / f"llama-{hidden}-{heads}"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
