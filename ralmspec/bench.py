@@ -14,7 +14,6 @@ in every ``run_bench`` call and is then shared by the requests of the run, as in
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,6 +24,7 @@ from ralmspec.config import GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.result import GenerationResult
 from ralmspec.report import identity_phrase
+from ralmspec.threads import run_sync
 
 # The paper's ablation ladder (Table 2): speculation with fixed stride 3 and no prefetch, then
 # one technique at a time, then all of them.
@@ -158,7 +158,7 @@ def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfi
                          + ("" if same else "  TOKENS DIFFER"))
         return runs
 
-    runs = asyncio.run(go())
+    runs = run_sync(go)
     summaries = [summarize(runs["naive"], runs[v], retriever, v, gen, spec, answers)
                  for v, spec in variants.items()]
     return summaries, runs
@@ -188,7 +188,7 @@ def run_closed_book(engine: RalmEngine, questions: Sequence[str], gen: Generatio
                          f"{out[-1].latency_s:.2f}s")
         return out
 
-    runs = asyncio.run(go())
+    runs = run_sync(go)
     summary = {
         "mode": "no-retrieval", "n": len(runs),
         "latency_s": statistics.fmean(r.latency_s for r in runs) if runs else 0.0,

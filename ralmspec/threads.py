@@ -20,7 +20,7 @@ import asyncio
 import functools
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from ralmspec.errors import ConfigError
 
@@ -91,3 +91,16 @@ class WorkerPool(ThreadPoolExecutor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         return super().submit(in_worker(fn), *args, **kwargs)
+
+
+def run_sync(make: Callable[[], Awaitable[T]]) -> T:
+    """``asyncio.run(make())``, also where an event loop already runs in this thread (a Jupyter
+    notebook, an async web framework), where ``asyncio.run`` cannot be called: there the
+    coroutine runs on its own loop in a helper thread (with this thread's FAISS count) while
+    this one waits. ``make`` builds the coroutine in the thread that runs it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with WorkerPool(max_workers=1, thread_name_prefix="ralmspec-run-sync") as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()

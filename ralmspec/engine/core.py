@@ -7,7 +7,6 @@ The engine is a thin shell: it builds a ``RalmContext`` per request and calls th
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import OrderedDict
 from typing import Callable, Hashable
@@ -24,7 +23,7 @@ from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.retrieval.base import Retriever
 from ralmspec.speculation.guess import CheapRankers
-from ralmspec.threads import WorkerPool
+from ralmspec.threads import WorkerPool, run_sync
 
 CHAT_FORMATS_KEPT = 64  # conversation histories whose rendered template an engine keeps (each up to a context of ids)
 
@@ -142,6 +141,7 @@ class RalmEngine:
         if logprobs is not None and [lp.token for lp in logprobs] != result.token_ids:
             raise AssertionError("the scored tokens are not the answer's")
         result = cut_result(result, ctx.gen.stop, self.lm.tokenizer)
+        result.template_tokens = ctx.fmt.template_tokens()
         if logprobs is not None:
             result.logprobs = logprobs[:len(result.token_ids)]
         return result
@@ -158,13 +158,26 @@ class RalmEngine:
         with self._chat_formats_lock:
             self._chat_formats.clear()
 
-    def generate_sync(self, prompt: str, **kwargs) -> GenerationResult:
-        return asyncio.run(self.generate(prompt, **kwargs))
+    def generate_sync(self, prompt: str | Conversation, **kwargs) -> GenerationResult:
+        """``generate`` (same arguments) run to its end, for code without an event loop.
+
+        Where an event loop already runs in this thread (a Jupyter notebook, an async web
+        framework), ``asyncio.run`` cannot be called: the request then runs on its own loop in a
+        helper thread while this one waits. ``await engine.generate(...)`` is the better call
+        there: it does not block the loop."""
+        return run_sync(lambda: self.generate(prompt, **kwargs))
 
     def close(self) -> None:
+        """Release the LM, the knowledge base and the worker thread."""
         self.worker.shutdown(wait=False, cancel_futures=True)
         self.lm.close()
         self.retriever.close()
+
+    def __enter__(self) -> RalmEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def build_engine(config: EngineConfig, corpus_path: str | None = None, show_progress: bool = True) -> RalmEngine:

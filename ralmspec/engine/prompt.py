@@ -62,10 +62,20 @@ class Conversation:
     question: str
 
     def __post_init__(self) -> None:
-        for i, (role, text) in enumerate(self.history):
+        # any sequence of pairs (lists from Python code too) is kept as tuples: a history is a key
+        if isinstance(self.history, (str, bytes)) or not isinstance(self.history, Sequence):
+            raise ConfigError(f"history must be a sequence of (role, text) pairs, got {type(self.history).__name__}")
+        turns = []
+        for i, turn in enumerate(self.history):
+            role, text = turn if isinstance(turn, Sequence) and not isinstance(turn, str) and len(turn) == 2 \
+                else (None, None)
             if role not in CHAT_ROLES or not isinstance(text, str):
                 raise ConfigError(f"history[{i}] must be (role, text) with role in {', '.join(CHAT_ROLES)}, "
-                                  f"got {(role, type(text).__name__)!r}")
+                                  f"got {turn!r}"[:300])
+            turns.append((role, text))
+        object.__setattr__(self, "history", tuple(turns))
+        if not isinstance(self.question, str):
+            raise ConfigError(f"question must be a string, got {type(self.question).__name__}")
 
 
 class NoChatTemplateError(ConfigError):
@@ -150,6 +160,11 @@ class PromptFormat:
     def overhead(self) -> int:
         """Template tokens around the passage, prompt and generated tokens (0 for plain)."""
         return len(self.before) + len(self.between) + len(self.after)
+
+    def template_tokens(self) -> int:
+        """Template tokens around the prompt without a passage: what a request's prompt costs
+        beside its own tokens (chat template, system message, earlier turns; 0 for plain)."""
+        return len(self.before) + len(self.after)
 
     def build(self, passage: Sequence[int] | None, tokens: Sequence[int], n_prompt: int,
               max_len: int) -> list[int]:

@@ -94,7 +94,7 @@ from ralmspec.knnlm.datastore import Datastore, rank_order, squared_l2
 from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState, OnTokens, StopWhen
 from ralmspec.speculation.driver import Driver, Plan, StepKind
 from ralmspec.speculation.rounds import Round, Step, Verdict, judge_each
-from ralmspec.threads import WorkerPool
+from ralmspec.threads import WorkerPool, run_sync
 
 _U32 = 2.0 ** -24  # float32 unit roundoff
 
@@ -387,7 +387,7 @@ class KNNMode:
             st.lm_s += self.state.seconds
             emit = None if self.on_tokens is None else (lambda toks, _steps: self.on_tokens(list(toks)))
             self.drv = drv = Driver(self, self.scfg, on_verified=emit)
-            tokens = asyncio.run(drv.run(self.prompt_ids))
+            tokens = run_sync(lambda: drv.run(self.prompt_ids))
         finally:
             self.dec.close()
         figures = drv.figures()

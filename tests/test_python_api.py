@@ -1,0 +1,116 @@
+"""The Python API (docs/python-api.md): its page runs as written, its names import from
+``ralmspec``, and its synchronous calls work where an event loop already runs (a notebook)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import ralmspec
+from ralmspec import Conversation, GenerationConfig
+from ralmspec.config import EngineConfig
+from ralmspec.engine.core import RalmEngine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = os.path.join(ROOT, "docs", "python-api.md")
+QUESTIONS = ["Who is Robert Boulter?", "What is Hed PE?"]
+
+
+def page_blocks() -> list[str]:
+    with open(PAGE, encoding="utf-8") as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+def test_the_page_runs_as_written_with_the_default_model(smollm2_lm, tmp_path, monkeypatch, capsys):
+    """Every ``python`` block of docs/python-api.md, in order, in one namespace (the page is one
+    session), in an empty folder: its asserts (speculative == naive, with speculation counted in
+    the printed stats) hold with the real default model."""
+    blocks = page_blocks()
+    assert len(blocks) >= 7
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{PAGE}:block{i}", "exec"), namespace)
+        except Exception as exc:  # name the block in the failure
+            raise AssertionError(f"docs/python-api.md block {i} failed:\n{block}") from exc
+    out = capsys.readouterr().out
+    speculated = [int(n) for n in re.findall(r"(\d+) speculated steps", out)]
+    assert len(speculated) == 2 and sum(speculated) > 0, out  # naive == naive would prove nothing
+    assert (tmp_path / "my-datastore").is_dir() and (tmp_path / "my_passages.jsonl").is_file()
+
+
+def test_every_public_name_imports_from_the_package_without_loading_torch():
+    for name in ralmspec.__all__:
+        assert getattr(ralmspec, name) is not None
+    assert set(ralmspec.__all__) == {"__version__", *ralmspec._EXPORTS}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ralmspec.nope  # noqa: B018
+    code = "import sys, ralmspec; ralmspec.EngineConfig(); print(sorted(m for m in ('torch', 'faiss', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_lm, small_indexes):
+    return RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
+
+
+def test_sync_calls_work_inside_a_running_event_loop(tiny_engine, knn_datastores, tiny_lm):
+    """In a notebook an event loop runs in the caller's thread, where ``asyncio.run`` raises
+    (and leaked the un-awaited coroutine). ``generate_sync``, ``run_bench`` and
+    ``SpeculativeKNNLM.generate`` run there too, with the answers they give outside one."""
+    from ralmspec.bench import run_bench
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+    from ralmspec.knnlm.speculative import SpeculativeKNNLM
+
+    gen = GenerationConfig(max_new_tokens=16)
+    knn = KNNLM(tiny_lm, knn_datastores["flat"], KNNLMConfig(max_new_tokens=12))
+    naive = [tiny_engine.generate_sync(q, gen=gen, speculate=False).token_ids for q in QUESTIONS]
+    knn_naive = knn.generate("The storm formed").tokens
+
+    async def in_a_loop():
+        spec = [tiny_engine.generate_sync(q, gen=gen) for q in QUESTIONS]
+        summaries, _ = run_bench(tiny_engine, QUESTIONS, gen, {"spec": tiny_engine.config.speculation}, "exact",
+                                 warmup=False)
+        return spec, summaries, SpeculativeKNNLM(knn).generate("The storm formed")
+
+    spec, summaries, knn_spec = asyncio.run(in_a_loop())
+    assert [r.token_ids for r in spec] == naive
+    assert sum(r.stats["speculated"] for r in spec) > 0
+    assert summaries[0].identical_fraction == 1.0 and summaries[0].speculated_steps > 0
+    assert knn_spec.tokens == knn_naive and knn_spec.stats.speculated > 0
+
+
+def test_generate_sync_takes_a_conversation_with_lists(smollm2_lm, embedded_indexes):
+    """A ``Conversation`` built from Python lists (as a caller writes it) works as tuples do;
+    a malformed turn is a ``ConfigError`` naming it."""
+    engine = RalmEngine(smollm2_lm, embedded_indexes["bm25"], EngineConfig())
+    gen = GenerationConfig(max_new_tokens=6)
+    as_lists = Conversation([["system", "Be brief."]], "Who is Robert Boulter?")
+    as_tuples = Conversation((("system", "Be brief."),), "Who is Robert Boulter?")
+    assert as_lists == as_tuples and hash(as_lists) == hash(as_tuples)
+    assert (engine.generate_sync(as_lists, gen=gen, speculate=False).token_ids
+            == engine.generate_sync(as_tuples, gen=gen, speculate=False).token_ids)
+    for bad in ([("system",)], [("robot", "hi")], "system: hi", [("user", 3)]):
+        with pytest.raises(ralmspec.ConfigError, match="history"):
+            Conversation(bad, "q")
+    with pytest.raises(ralmspec.ConfigError, match="question must be a string"):
+        Conversation([], None)
+
+
+def test_an_engine_is_a_context_manager_that_closes_it(tiny_engine):
+    closed = []
+
+    class Probe(RalmEngine):
+        def close(self):
+            closed.append(True)
+
+    with Probe(tiny_engine.lm, tiny_engine.retriever, EngineConfig()) as engine:
+        assert isinstance(engine, Probe)
+    assert closed == [True]
