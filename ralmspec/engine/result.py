@@ -43,6 +43,14 @@ class GenerationResult:
     stats: dict[str, Any]
     trace: list[dict[str, Any]] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry when gen.logprobs is set
+    # the prompt format's tokens around prompt_ids (chat template, system message, earlier turns;
+    # 0 for plain; retrieved passages not counted): a request's prompt is this + len(prompt_ids)
+    template_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt as the model reads it without a passage: ``usage.prompt_tokens``."""
+        return len(self.prompt_ids) + self.template_tokens
 
     def to_dict(self, with_trace: bool = True) -> dict[str, Any]:
         d = asdict(self)

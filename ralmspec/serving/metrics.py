@@ -192,7 +192,7 @@ class ServerMetrics:
             self.latency.observe(result.latency_s, mode=mode)
             if ttft_s is not None:
                 self.ttft.observe(ttft_s, mode=mode)
-            self.prompt_tokens.inc(len(result.prompt_ids), mode=mode)
+            self.prompt_tokens.inc(result.prompt_tokens, mode=mode)
             self.completion_tokens.inc(len(result.token_ids), mode=mode)
             if mode == "speculative":
                 self.speculative_requests.inc()

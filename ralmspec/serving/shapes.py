@@ -32,7 +32,7 @@ def finish_reason(result: GenerationResult) -> str:
 
 
 def usage(result: GenerationResult) -> dict[str, int]:
-    p, c = len(result.prompt_ids), len(result.token_ids)
+    p, c = result.prompt_tokens, len(result.token_ids)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 

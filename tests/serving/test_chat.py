@@ -339,3 +339,20 @@ def test_official_client_raises_bad_request_on_chat_errors(chat_client):
     with pytest.raises(openai.BadRequestError) as exc:
         chat_client.chat.completions.create(model=CHAT_MODEL, messages=[])
     assert exc.value.body["param"] == "messages"
+
+
+def test_usage_counts_the_prompt_as_the_model_reads_it(chat_client, chat_engine):
+    """``usage.prompt_tokens`` is the conversation as the model reads it without a passage: the
+    template, the system message and earlier turns and the question, i.e. the tokens of
+    ``apply_chat_template(messages, add_generation_prompt=True)`` (it counted the last user
+    message alone, so a long history cost nothing); completions count it the same way (the
+    kNN-LM server counts its whole prompt too)."""
+    hf = chat_engine.lm.tokenizer.hf
+    for messages in (user(QUESTION), HISTORY + user(QUESTION)):
+        want = len(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+        spec, naive = ask(chat_client, messages, speculate=True), ask(chat_client, messages, speculate=False)
+        assert spec.usage.prompt_tokens == naive.usage.prompt_tokens == want
+        assert spec.usage.total_tokens == want + spec.usage.completion_tokens
+    completion = chat_client.completions.create(model=CHAT_MODEL, prompt=QUESTION, max_tokens=4)
+    assert completion.usage.prompt_tokens == len(hf.apply_chat_template(
+        user(QUESTION), tokenize=True, add_generation_prompt=True)["input_ids"])  # "auto": the chat format

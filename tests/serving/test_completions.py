@@ -55,7 +55,7 @@ def test_openai_client_completion_equals_oracle(client, serving_engine, i, ralm)
     (choice,) = resp.choices
     assert choice.text == want.text and choice.index == 0 and choice.logprobs is None
     assert choice.finish_reason == ("stop" if want.finish_reason == "eos" else "length")
-    assert resp.usage.prompt_tokens == len(want.prompt_ids)
+    assert resp.usage.prompt_tokens == want.prompt_tokens == len(want.prompt_ids)  # plain: no template
     assert resp.usage.completion_tokens == len(want.token_ids)
     assert resp.usage.total_tokens == len(want.prompt_ids) + len(want.token_ids)
     extra = resp.model_extra["ralm"]
