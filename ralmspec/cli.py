@@ -1,4 +1,4 @@
-"""`ralmspec` command line: generate, index build, bench, serve, knnlm.
+"""`ralmspec` command line: generate, index build, bench, serve, knnlm, info.
 
 Every failure the user can cause ends with one line `error: ...` and exit status 2.
 """
@@ -287,6 +287,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_info(a: argparse.Namespace) -> int:
+    from ralmspec.info import collect_info, format_info
+
+    info = collect_info()
+    print(json.dumps(info, indent=1) if a.json else format_info(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ralmspec", description=__doc__)
     p.add_argument("--version", action="version", version=f"ralmspec {__version__}")
@@ -342,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_emulate_pad_arg(be, "the table says EMULATED")
     add_engine_args(be)
     be.set_defaults(func=cmd_bench)
+
+    inf = sub.add_parser("info", help="versions, devices and the cache (models, indexes): for a bug report")
+    inf.add_argument("--json", action="store_true", help="print it as JSON")
+    inf.set_defaults(func=cmd_info)
 
     from ralmspec.knnlm.cli import add_knnlm_subparsers
     from ralmspec.serving.cli import add_knnlm_serve_parser, add_serve_parser

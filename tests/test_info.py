@@ -1,0 +1,60 @@
+"""`ralmspec info`: versions, devices and the cache, read without loading a model."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+from ralmspec.cli import main
+
+
+def _home(tmp_path):
+    """A $RALMSPEC_HOME holding what fetches and builds leave: a fetched model (manifest), a
+    built-in's folder, an unfinished staging folder, a built index and a folder without manifest."""
+    home = tmp_path / "home"
+    fetched = home / "models" / "smollm2-abc"
+    fetched.mkdir(parents=True)
+    (fetched / "ralmspec-model.json").write_text(json.dumps({"source": {"name": "smollm2"}}))
+    (fetched / "model.safetensors").write_bytes(b"x" * 3000)
+    builtin = home / "models" / "tiny-123"
+    builtin.mkdir()
+    (builtin / "config.json").write_text("{}")
+    (builtin / "model.safetensors").write_bytes(b"x" * 10)
+    (home / "models" / ".tiny-tmp9").mkdir()
+    index = home / "indexes" / "bm25-feed"
+    index.mkdir(parents=True)
+    (index / "manifest.json").write_text(json.dumps({"kind": "bm25", "n": 7, "corpus_source": "/data/p.jsonl"}))
+    (index / "passages.jsonl.gz").write_bytes(b"y" * 500)
+    (home / "indexes" / "exact-half").mkdir()
+    return home
+
+
+def test_info_lists_versions_devices_and_the_cache(tmp_path, monkeypatch, capsys):
+    home = _home(tmp_path)
+    monkeypatch.setenv("RALMSPEC_HOME", str(home))
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["packages"]["torch"] == importlib.metadata.version("torch")
+    assert info["packages"]["vllm"] is None or isinstance(info["packages"]["vllm"], str)
+    dev = info["devices"]
+    assert dev["cpu_cores"] >= 1 and dev["torch_threads"] >= 1 and isinstance(dev["cuda_gpus"], list)
+    assert info["home"] == {"path": str(home), "from": "RALMSPEC_HOME", "models_dir": str(home / "models")}
+    models = {m["folder"].rsplit("/", 1)[1]: m for m in info["cached"]["models"]}
+    assert models["smollm2-abc"]["complete"] and models["smollm2-abc"]["model"] == "smollm2"
+    assert models["smollm2-abc"]["bytes"] == 3000 + len(json.dumps({"source": {"name": "smollm2"}}))
+    assert models["tiny-123"]["complete"] and models["tiny-123"]["model"] == "tiny"
+    assert not models[".tiny-tmp9"]["complete"]
+    indexes = {i["folder"].rsplit("/", 1)[1]: i for i in info["cached"]["indexes"]}
+    assert indexes["bm25-feed"]["complete"] and indexes["bm25-feed"]["passages"] == 7
+    assert not indexes["exact-half"]["complete"]
+
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "bm25, 7 passages, /data/p.jsonl" in text and "$RALMSPEC_HOME" in text
+    assert text.count("(unfinished: delete it)") == 2
+
+
+def test_info_on_an_empty_cache_says_what_first_use_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RALMSPEC_HOME", str(tmp_path / "nothing-yet"))
+    assert main(["info"]) == 0
+    assert "fetched and the default index built on first use" in capsys.readouterr().out
