@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -97,10 +98,28 @@ def run_sync(make: Callable[[], Awaitable[T]]) -> T:
     """``asyncio.run(make())``, also where an event loop already runs in this thread (a Jupyter
     notebook, an async web framework), where ``asyncio.run`` cannot be called: there the
     coroutine runs on its own loop in a helper thread (with this thread's FAISS count) while
-    this one waits. ``make`` builds the coroutine in the thread that runs it."""
+    this one waits. Interrupted while it waits (Ctrl-C, the notebook's interrupt), it cancels
+    the coroutine and re-raises once that has ended, instead of waiting for the whole request."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(make())
+    started: list[tuple[asyncio.AbstractEventLoop, asyncio.Task]] = []
+    abandoned = threading.Event()
+
+    async def main() -> T:
+        started.append((asyncio.get_running_loop(), asyncio.current_task()))
+        if abandoned.is_set():  # interrupted before this loop began: the except below found no task
+            raise asyncio.CancelledError
+        return await make()
+
     with WorkerPool(max_workers=1, thread_name_prefix="ralmspec-run-sync") as pool:
-        return pool.submit(lambda: asyncio.run(make())).result()
+        future = pool.submit(asyncio.run, main())
+        try:
+            return future.result()
+        except BaseException:
+            abandoned.set()
+            if not future.done() and started:
+                loop, task = started[0]
+                loop.call_soon_threadsafe(task.cancel)
+            raise

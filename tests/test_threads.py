@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
+import pytest
 
 import ralmspec
 from ralmspec.threads import WorkerPool, faiss_threads, in_worker, to_thread
@@ -104,3 +105,67 @@ def test_the_rule_sees_a_plain_hand_over(tmp_path):
         "async def f():\n    await asyncio.to_thread(len, [])\n    await to_thread(len, [])\n"
         "    cf.ThreadPoolExecutor(1)\n")
     assert thread_hand_overs(tmp_path) == ["m.py:6 to_thread", "m.py:8 ThreadPoolExecutor"]
+
+
+def test_run_sync_runs_a_coroutine_where_a_loop_already_runs(caller_faiss_threads):
+    """A notebook runs an event loop in the caller's thread: ``asyncio.run`` raises there.
+    ``run_sync`` runs the coroutine on its own loop in a helper thread, with the caller's
+    FAISS count, and returns or raises what the coroutine does."""
+    from ralmspec.threads import run_sync
+
+    async def value():
+        await asyncio.sleep(0)
+        return faiss.omp_get_max_threads()
+
+    async def fails():
+        raise ValueError("from the coroutine")
+
+    async def in_a_loop():
+        return run_sync(value)
+
+    n, _fresh = caller_faiss_threads
+    assert run_sync(value) == n  # no loop: plain asyncio.run
+    assert asyncio.run(in_a_loop()) == n
+
+    async def raising():
+        return run_sync(fails)
+
+    with pytest.raises(ValueError, match="from the coroutine"):
+        asyncio.run(raising())
+
+
+def test_an_interrupted_run_sync_cancels_its_coroutine_at_once():
+    """Ctrl-C while ``run_sync`` waits (a notebook's interrupt) cancels the request and raises
+    KeyboardInterrupt when the coroutine has ended, not after the whole request (here 30 s)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ralmspec.threads import run_sync
+
+    seen = []
+
+    async def long_request():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    async def in_a_loop():
+        return run_sync(long_request)
+
+    # a loop that leaves SIGINT to Python's handler, as a notebook kernel's does (asyncio.run's
+    # own handler would only cancel its main task at its next await)
+    loop = asyncio.new_event_loop()
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(in_a_loop())
+    finally:
+        timer.cancel()
+        loop.close()
+    assert time.perf_counter() - t0 < 5 and seen == ["cancelled"]
