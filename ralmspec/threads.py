@@ -11,7 +11,9 @@ LM with all the cores: measured on the 2-core VM, a 1-query kNN-LM search (100k 
 beside a 1-thread decode loop instead of 6 ms alone (OpenMP threads spinning against the LM),
 9 ms with one thread. Work handed to another thread therefore goes through :func:`in_worker`,
 :func:`to_thread` or a :class:`WorkerPool`, which run it with the SUBMITTING thread's FAISS
-count (read when it is handed over: no process-wide setting is kept here).
+count (read when it is handed over: no process-wide setting is kept here), and give the thread
+its own count back when the work is done (``to_thread`` runs in the event loop's default
+executor, whose threads are the host program's).
 """
 
 from __future__ import annotations
@@ -74,9 +76,16 @@ def in_worker(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> T:
         faiss = sys.modules["faiss"]
-        if faiss.omp_get_max_threads() != n:
-            faiss.omp_set_num_threads(n)
-        return fn(*args, **kwargs)
+        before = faiss.omp_get_max_threads()
+        if before == n:
+            return fn(*args, **kwargs)
+        faiss.omp_set_num_threads(n)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            # the thread may be the host's (``to_thread``: its loop's default executor): it
+            # gets its own count back
+            faiss.omp_set_num_threads(before)
 
     return run
 

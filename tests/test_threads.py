@@ -49,6 +49,25 @@ def test_the_count_is_read_at_each_hand_over(caller_faiss_threads):
         assert pool.submit(faiss.omp_get_max_threads).result() == fresh
 
 
+def test_a_hand_over_gives_the_thread_its_own_count_back(caller_faiss_threads):
+    """``to_thread`` runs in the event loop's default executor, the HOST's threads: a host that
+    set its own FAISS count there kept ralmspec's after every engine call (measured: a host
+    worker at 1 thread was left at 2 by one ``RalmEngine.generate``)."""
+    n, fresh = caller_faiss_threads
+
+    async def on_loop():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))  # the host's one worker thread
+        await loop.run_in_executor(None, faiss.omp_set_num_threads, fresh)
+        seen = [await to_thread(faiss.omp_get_max_threads)]
+        seen.append(await loop.run_in_executor(None, faiss.omp_get_max_threads))
+        seen.append(await loop.run_in_executor(None, in_worker(faiss.omp_get_max_threads)))
+        seen.append(await loop.run_in_executor(None, faiss.omp_get_max_threads))
+        return seen
+
+    assert asyncio.run(on_loop()) == [n, fresh, n, fresh]
+
+
 def test_without_faiss_nothing_is_wrapped(monkeypatch):
     """A process that never imported FAISS (the GPU image has none) is not made to import it."""
     monkeypatch.delitem(sys.modules, "faiss")

@@ -51,7 +51,10 @@ from ralmspec.errors import ConfigError, ModelLoadError
 from ralmspec.lm.hf import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_BYTES, DTYPES, HFLanguageModel, HFTokenizer
 from ralmspec.lm.pretrained import PRETRAINED_MODELS, pretrained_folder, pretrained_names
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No process-wide HF_HUB_OFFLINE here: every load below names a local folder with
+# ``local_files_only=True``, so nothing reaches the hub, and a host process that imports ralmspec
+# keeps its own hub access (tests/lm/test_models.py). The CLI sets the variable for its
+# own process (ralmspec/cli.py).
 
 
 @dataclass(frozen=True)

@@ -174,8 +174,8 @@ def convert_gguf(src: GGUFSource, gguf: Path, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     folder, fname = str(gguf.parent), gguf.name
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read the file is a load failure
         raise ModelLoadError(f"transformers could not load {gguf}: {type(exc).__name__}: {exc}") from exc
     config = model.config.to_dict()

@@ -94,8 +94,6 @@ class QueryEncoder:
         self._model_lock = threading.Lock()  # the model (shared with `with_cache` siblings)
         self.hits = 0
         self.misses = 0
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
@@ -111,7 +109,9 @@ class QueryEncoder:
                                   f"(torch {torch.__version__}); the encoder runs on --lm-device unless "
                                   "--encoder-device says otherwise")
         try:
-            self._model = SentenceTransformer(self.model_path, device=device)
+            # a local folder, read with local_files_only: no hub access, and no process-wide
+            # HF_HUB_OFFLINE set behind the caller's back (a host process keeps its own hub access)
+            self._model = SentenceTransformer(self.model_path, device=device, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any load failure is a ModelLoadError
             raise ModelLoadError(f"cannot load the sentence-transformer at {self.model_path}: {e}") from e
         self._model.eval()

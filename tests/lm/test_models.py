@@ -155,3 +155,19 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(tmp_path, monkeyp
         loader.resolve_lm_dtype("int8", "cpu")
     lm = loader.load_language_model("tiny", dtype="auto")
     assert lm.dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_loading_a_model_leaves_the_host_hub_settings_alone():
+    """A host program that loads a model through ralmspec keeps its own Hugging Face hub access:
+    ralmspec set HF_HUB_OFFLINE=1 in os.environ when ralmspec.lm.models was imported, which
+    turned the hub off for the rest of the process (a later hf_hub_download / from_pretrained
+    of the host's own model failed) and for every child it started. Every load reads a local
+    folder (local_files_only), so the hub is never contacted: checked with the network blocked."""
+    from tests.host_process import run_as_host
+
+    out = run_as_host("""
+        from ralmspec.lm.loader import load_language_model
+        load_language_model("tiny")
+    """)
+    assert out == {"env": {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None}, "network": [],
+                   "hub_offline": False}

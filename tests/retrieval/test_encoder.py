@@ -50,3 +50,18 @@ def test_corpus_encoding_gives_duplicates_identical_vectors(encoder):
         encoder.encode_queries([3])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="query 1 is not valid Unicode"):
         encoder.encode_queries(["fine", "caf\udce9"])
+
+
+def test_the_encoder_leaves_the_host_hub_settings_alone():
+    """Making a QueryEncoder in a host program neither sets HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE
+    in os.environ (process-wide, inherited by children) nor contacts the hub: the
+    sentence-transformer is read from its local folder with local_files_only (network blocked
+    here)."""
+    from tests.host_process import run_as_host
+
+    out = run_as_host("""
+        from ralmspec.retrieval.encoder import QueryEncoder
+        assert QueryEncoder().encode_queries(["a query"]).shape == (1, 384)
+    """)
+    assert out == {"env": {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None}, "network": [],
+                   "hub_offline": False}
