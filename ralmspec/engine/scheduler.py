@@ -600,3 +600,9 @@ class Scheduler:
         self._closed = True
         await self.lm_client.aclose()
         await self.search_client.aclose()
+
+    async def __aenter__(self) -> Scheduler:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

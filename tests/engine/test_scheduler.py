@@ -268,5 +268,9 @@ def test_closed_scheduler_refuses(small_indexes, tiny_lm):
         await sched.aclose()
         with pytest.raises(SchedulerClosedError):
             await sched.generate("who wrote hamlet", gen=GENS[0])
+        async with Scheduler(engine) as sched:  # closed on the way out
+            assert (await sched.generate("who wrote hamlet", gen=GENS[0])).token_ids
+        with pytest.raises(SchedulerClosedError):
+            await sched.generate("who wrote hamlet", gen=GENS[0])
 
     asyncio.run(go())
