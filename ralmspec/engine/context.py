@@ -16,7 +16,7 @@ from ralmspec.config import GenerationConfig, check_text
 from ralmspec.engine.prompt import PromptFormat
 from ralmspec.engine.stop import StopWatch
 from ralmspec.errors import ConfigError, LMError
-from ralmspec.lm.base import LanguageModel
+from ralmspec.lm.base import LanguageModel, context_limit
 from ralmspec.lm.sampling import Sampling
 from ralmspec.retrieval.base import Hit, Retriever
 from ralmspec.threads import WorkerPool, to_thread
@@ -134,18 +134,20 @@ class RalmContext:
         if not ids:
             raise ConfigError("prompt has no tokens after tokenization")
         budget = self.lm.max_context - self.gen.max_new_tokens - 1
+        limit = context_limit(self.lm)  # the model's context, or the static runner's slot length capping it
         if budget < 1:
-            raise ConfigError(f"max_new_tokens={self.gen.max_new_tokens} leaves no room in the model's "
-                              f"context of {self.lm.max_context} tokens")
-        if self.fmt.name == "chat" and budget - self.fmt.overhead() < 1:  # the conversation around the question
+            raise ConfigError(f"max_new_tokens={self.gen.max_new_tokens} leaves no room in {limit}")
+        # the template around the question: with a passage, its separator too (a closed-book
+        # request's input has none: PromptFormat.build)
+        overhead = self.fmt.template_tokens() if self.closed_book else self.fmt.overhead()
+        if self.fmt.name == "chat" and budget - overhead < 1:  # the conversation around the question
             raise ConfigError(f"the prompt's chat template with its system message and earlier turns takes "
-                              f"{self.fmt.overhead()} tokens; with max_new_tokens={self.gen.max_new_tokens} at "
-                              f"most {budget - 1} fit the model's context of {self.lm.max_context} beside the "
-                              f"question: shorten them")
-        if self.fmt.name == "chat" and len(ids) > budget - self.fmt.overhead():
+                              f"{overhead} tokens; with max_new_tokens={self.gen.max_new_tokens} at most "
+                              f"{budget - 1} of them fit {limit} beside a question: shorten them or lower "
+                              f"max_new_tokens")
+        if self.fmt.name == "chat" and len(ids) > budget - overhead:
             raise ConfigError(f"the prompt has {len(ids)} tokens; with the chat template and "
-                              f"max_new_tokens={self.gen.max_new_tokens} at most "
-                              f"{budget - self.fmt.overhead()} fit the model's context of {self.lm.max_context}")
+                              f"max_new_tokens={self.gen.max_new_tokens} at most {budget - overhead} fit {limit}")
         self._encoded = (prompt, tuple(ids))
         return ids
 

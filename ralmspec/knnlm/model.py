@@ -45,6 +45,7 @@ import numpy as np
 from ralmspec.config import check_text, is_int
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, hidden_size
+from ralmspec.lm.base import context_limit
 
 
 @dataclass(frozen=True)
@@ -350,8 +351,8 @@ class KNNLM:
             raise ConfigError(f"prompt token id {bad[0]} outside [0, {self.vocab_size})")
         max_ctx = int(getattr(self.lm, "max_context", 1 << 30))
         if len(ids) + max_new_tokens > max_ctx:
-            raise ConfigError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's "
-                              f"context of {max_ctx}; shorten the prompt")
+            raise ConfigError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds "
+                              f"{context_limit(self.lm)}; shorten the prompt")
         return ids
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

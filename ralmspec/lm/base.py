@@ -77,6 +77,14 @@ def token_ids(values: Sequence[int]) -> list[int]:
         raise ConfigError(f"token ids must be integers: {exc}") from None
 
 
+def context_limit(lm: object) -> str:
+    """The LM's context limit as a request's error names it: "the model's context of N tokens", or
+    what caps it below the model's own (``LanguageModel.context_cap``: a static runner's slot
+    length, with the way out), so a request one runner accepts and another refuses says why."""
+    cap = getattr(lm, "context_cap", None)
+    return cap if cap else f"the model's context of {getattr(lm, 'max_context', '?')} tokens"
+
+
 class LanguageModel(abc.ABC):
     tokenizer: Tokenizer
     eos_token_id: int | None
@@ -84,6 +92,9 @@ class LanguageModel(abc.ABC):
     # Llama 3's end of text and end of turn): a backend stops a chunk right after any of them
     stop_token_ids: frozenset[int] = frozenset()
     max_context: int  # prompt + generated tokens must fit
+    # why ``max_context`` is below the model's own context, as an error names the limit (the
+    # static runners' slot length, ``HFLanguageModel``); None: it is the model's context
+    context_cap: str | None = None
     vocab_size: int  # token ids are in [0, vocab_size)
     name: str
     supports_sampling: bool = False  # implements the draw rule of ralmspec.lm.sampling exactly

@@ -463,7 +463,11 @@ class HFLanguageModel(LanguageModel):
         self.dtype = next(model.parameters()).dtype
         self.runner = make_runner(model, runner, max_len=max_context, device=self.device, block_size=block_size,
                                   concurrent=concurrent)
+        self.model_context = max_context  # the context asked for (the model's, or load_lm's max_context)
         self.max_context = min(max_context, getattr(self.runner, "max_len", max_context))
+        self.context_cap = None if self.max_context == max_context else (
+            f"the {self.runner.name} LM runner's slot length of {self.max_context} tokens (the model's own context "
+            f"is {max_context}; the eager LM runner holds it)")
         self._lock = threading.Lock()
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
         self._cached_bytes = 0
@@ -485,11 +489,12 @@ class HFLanguageModel(LanguageModel):
 
     def view(self, **overrides: Any) -> HFLanguageModel:
         """A fresh backend around the same weights: its own runner (sessions, KV slots, captured
-        graphs), caches and counters; the same tokenizer, stop tokens, context, device, block size
-        and runner kind unless ``overrides`` (constructor keywords) say otherwise. For concurrent
+        graphs), caches and counters; the same tokenizer, stop tokens, context (capped by the view's
+        runner: ``model_context``), device, block size and runner kind unless ``overrides``
+        (constructor keywords) say otherwise. For concurrent
         users of one model (the kNN-LM server's decoding threads): a runner serves one thread at a
         time, the weights any number (inference reads them only)."""
-        kw: dict[str, Any] = dict(eos_token_id=self.eos_token_id, max_context=self.max_context, device=self.device,
+        kw: dict[str, Any] = dict(eos_token_id=self.eos_token_id, max_context=self.model_context, device=self.device,
                                   block_size=self.block_size, max_sessions=self.max_sessions,
                                   max_cache_bytes=self.max_cache_bytes, stop_token_ids=self.stop_token_ids,
                                   name=self.name, runner=self.runner.name,

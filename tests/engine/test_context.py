@@ -1,0 +1,83 @@
+"""RalmContext.encode_prompt at the edges of the context budget (engine/context.py): the limit a
+refusal names, and the room a closed-book chat question has."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from ralmspec.config import GenerationConfig
+from ralmspec.engine.context import PassageTokens, RalmContext
+from ralmspec.engine.prompt import PromptFormat
+from ralmspec.errors import ConfigError
+from tests.tokenizer_kinds import llama3_tokenizer
+
+PASSAGE = "Robert Boulter\nRobert Boulter is an English film , television and theatre actor ."
+
+
+def _context(lm, gen: GenerationConfig, fmt: PromptFormat, closed_book: bool = False) -> RalmContext:
+    retriever = SimpleNamespace(corpus=[SimpleNamespace(content=PASSAGE)])
+    return RalmContext(lm, retriever, PassageTokens(lm, retriever), None, None, gen, fmt, closed_book=closed_book)
+
+
+def _question(tok, fmt: PromptFormat, n: int, after_passage: bool) -> str:
+    """A question of exactly ``n`` tokens in ``fmt``."""
+    for k in range(n, 0, -1):
+        q = "x" + " y" * (k - 1)
+        if len(fmt.encode_question(tok, q, after_passage)) == n:
+            return q
+    raise AssertionError(f"no question of {n} tokens")
+
+
+def test_a_closed_book_chat_question_has_the_room_its_input_leaves():
+    """A closed-book input has no passage separator (PromptFormat.build), but the check counted it:
+    a question that fits was refused, the message naming one token less than fits."""
+    tok = llama3_tokenizer()
+    fmt = PromptFormat.chat(tok, ())
+    lm = SimpleNamespace(tokenizer=tok, max_context=256)
+    gen = GenerationConfig(max_new_tokens=8)
+    room = 256 - 8 - 1 - fmt.template_tokens()  # closed book: the template around the question only
+    assert fmt.overhead() > fmt.template_tokens()  # the separator takes room with a passage
+    q = _question(tok, fmt, room, after_passage=False)
+    ctx = _context(lm, gen, fmt, closed_book=True)
+    ids = ctx.encode_prompt(q)
+    assert len(ctx.lm_prompt(None, ids, len(ids), 8)) + 8 <= 256  # it fits
+    with pytest.raises(ConfigError, match=f"at most {room} fit"):
+        _context(lm, gen, fmt, closed_book=True).encode_prompt(_question(tok, fmt, room + 1, after_passage=False))
+    # with a passage the separator counts: the same question is one token too many
+    with pytest.raises(ConfigError, match=f"at most {256 - 8 - 1 - fmt.overhead()} fit"):
+        _context(lm, gen, fmt).encode_prompt(_question(tok, fmt, room, after_passage=True))
+    q = _question(tok, fmt, 256 - 8 - 1 - fmt.overhead(), after_passage=True)
+    ctx = _context(lm, gen, fmt)
+    ids = ctx.encode_prompt(q)
+    assert len(ctx.lm_prompt(0, ids, len(ids), 8)) + 8 <= 256
+
+
+def test_a_static_runners_slot_length_is_named_where_it_caps_the_context(monkeypatch):
+    """The static runners cap the context at their slot length (2,048 on the CPU: SmolLM2's 8,192
+    became 2,048 under `ralmspec serve`'s batched runner), and a request eager accepts was refused
+    naming "the model's context of 2048": now the slot length, the model's own context and the
+    way out. Views keep the cap; the kNN-LM's check names it too."""
+    from ralmspec.knnlm.model import KNNLM
+    from ralmspec.lm import hf
+    from ralmspec.lm.models import load_lm
+
+    monkeypatch.setitem(hf.STATIC_SLOT_LENGTH, "cpu", 256)  # tiny's 1,024 positions, capped
+    lm = load_lm("tiny", runner="static")
+    eager = load_lm("tiny", runner="eager")
+    assert (lm.max_context, lm.model_context, eager.max_context, eager.context_cap) == (256, 1024, 1024, None)
+    plain = PromptFormat.for_tokenizer("plain", lm.tokenizer)
+    gen = GenerationConfig(max_new_tokens=300, prompt_format="plain")
+    _context(eager, gen, plain).encode_prompt("the roman empire")  # fits the model's context
+    why = (r"the static LM runner's slot length of 256 tokens \(the model's own context is 1024; "
+           r"the eager LM runner holds it\)")
+    with pytest.raises(ConfigError, match=why):
+        _context(lm, gen, plain).encode_prompt("the roman empire")
+    view = lm.view()
+    assert (view.max_context, view.context_cap) == (256, lm.context_cap)
+    assert lm.view(runner="eager").max_context == 1024
+    with pytest.raises(ConfigError, match="exceeds " + why):
+        KNNLM.check_prompt(SimpleNamespace(lm=lm, vocab_size=lm.vocab_size), "the roman empire", 300)
+    with pytest.raises(ConfigError, match=r"leaves no room in the model's context of 1024 tokens$"):
+        _context(eager, GenerationConfig(max_new_tokens=1023, prompt_format="plain"), plain).encode_prompt("x")
