@@ -24,6 +24,24 @@ def models_cache_dir() -> Path:
     return ralmspec_home() / "models"
 
 
+def cache_folder(path: str | os.PathLike, what: str, instead: str = "") -> Path:
+    """``path``, a folder of the cache (``ralmspec_home()``'s), made if missing, before a fetch or
+    build writes there: a ``ConfigError`` naming ``$RALMSPEC_HOME`` when it cannot be made or
+    written (a read-only home in a container: the bare ``OSError`` named neither the cache nor the
+    way out). ``instead``: another way out, added to the message. A cache that is complete is read
+    without this check, so a read-only one filled beforehand works."""
+    p = Path(path)
+    where = "set by $RALMSPEC_HOME" if os.environ.get("RALMSPEC_HOME") else "under ~/.cache/ralmspec"
+    fix = f"set $RALMSPEC_HOME to a writable folder{instead}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the {what} cache folder {p} ({where}): {exc.strerror or exc}; {fix}") from exc
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"the {what} cache folder {p} ({where}) is not writable; {fix}")
+    return p
+
+
 def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
     """``ConfigError`` naming ``flag`` unless ``path`` can be written as a file (``folder``: made as
     a folder): it is not an existing folder (a file), the closest of its existing ancestors is a

@@ -1,11 +1,11 @@
-"""ralmspec/paths.py: the output-path check every command runs before its work."""
+"""ralmspec/paths.py: the output-path check every command runs before its work, and the cache folders."""
 
 from __future__ import annotations
 
 import pytest
 
 from ralmspec.errors import ConfigError
-from ralmspec.paths import check_output_path
+from ralmspec.paths import cache_folder, check_output_path
 
 
 def test_output_paths_that_cannot_be_written_are_refused_by_flag(tmp_path):
@@ -22,3 +22,29 @@ def test_output_paths_that_cannot_be_written_are_refused_by_flag(tmp_path):
                                ("", False, "the path is empty")):
         with pytest.raises(ConfigError, match=says):
             check_output_path(path, "--out" if folder else "--json", folder=folder)
+
+
+def test_a_cache_that_cannot_be_written_names_ralmspec_home(tmp_path, monkeypatch):
+    """A read-only or impossible $RALMSPEC_HOME (a container's) failed the first fetch or build with
+    a bare OSError ("[Errno 2] No such file or directory: '/proc/nope'"), naming neither the
+    cache nor the way out; a complete cache is still read without being written."""
+    import os
+
+    from ralmspec.config import RetrievalConfig
+    from ralmspec.data.corpus import Corpus, Passage
+    from ralmspec.lm.pretrained import pretrained_folder
+    from ralmspec.retrieval.index import ensure_index
+
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    monkeypatch.setenv("RALMSPEC_HOME", str(a_file / "home"))
+    assert cache_folder(tmp_path / "fine" / "indexes", "index").is_dir()
+    with pytest.raises(ConfigError, match=r"cannot create the index cache folder .*f/home/indexes "
+                                          r"\(set by \$RALMSPEC_HOME\): .*set \$RALMSPEC_HOME to a writable folder"):
+        ensure_index(Corpus([Passage(0, "t", "some text")]), "bm25", RetrievalConfig(kind="bm25"), show_progress=False)
+    with pytest.raises(ConfigError, match=r"cannot create the model cache folder .*f/home/models"):
+        pretrained_folder("smollm2", log=lambda _msg: None)
+    monkeypatch.delenv("RALMSPEC_HOME")
+    monkeypatch.setattr(os, "access", lambda *_a: False)  # (root writes anywhere: pretend it may not)
+    with pytest.raises(ConfigError, match=r"the model cache folder .* \(under ~/.cache/ralmspec\) is not writable"):
+        cache_folder(tmp_path / "fine", "model")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from ralmspec.errors import ML_INSTALL_HINT, ModelLoadError
-from ralmspec.paths import models_cache_dir
+from ralmspec.paths import cache_folder, models_cache_dir
 
 MANIFEST = "ralmspec-model.json"
 
@@ -209,7 +209,8 @@ def pretrained_folder(name: str, cache_dir: str | os.PathLike | None = None, log
     folder = root / f"{name}-{src.sha256[:12]}"
     if (folder / MANIFEST).is_file():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
+    cache_folder(root, "model", ", or fill this cache beforehand where it can be written (one `ralmspec generate`, "
+                 "e.g. while building a container image)")
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
     try:

@@ -44,7 +44,7 @@ from ralmspec.config import RETRIEVER_KINDS, RetrievalConfig
 from ralmspec.data.corpus import Corpus
 from ralmspec.data.loaders import corpus_sha256, default_corpus, load_corpus, save_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
-from ralmspec.paths import link_or_copy, ralmspec_home
+from ralmspec.paths import cache_folder, link_or_copy, ralmspec_home
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.dense import DenseRetriever, build_faiss_index, empty_ivf_lists
 from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
@@ -374,6 +374,8 @@ def ensure_index(corpus: Corpus, kind: str, config: RetrievalConfig, encoder: Qu
     root = root or default_index_root()
     d = os.path.join(root, index_dir_name(kind, config, corpus_sha256(corpus)))
     if not _is_complete(d):
+        cache_folder(root, "index", ", or build the index elsewhere (`ralmspec index build --out DIR`) and "
+                     "open it with --index DIR")
         if show_progress:
             print(f"ralmspec: building the {kind} index of {len(corpus)} passages in {d} (first use)",
                   file=sys.stderr)
