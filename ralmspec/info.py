@@ -78,6 +78,27 @@ def cached(home: Path) -> dict[str, list[dict[str, Any]]]:
     return {"models": models, "indexes": indexes}
 
 
+def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs this process's cgroup may use (a container's CPU limit: cgroup v2 ``cpu.max``, v1
+    ``cpu/cpu.cfs_quota_us`` / ``cfs_period_us``), or None without a limit. torch and FAISS size
+    their thread pools by the cores they see, not by this: under a limit below them, pass
+    ``--threads`` (oversubscribed threads spin against each other)."""
+    try:
+        with open(os.path.join(root, "cpu.max"), encoding="utf-8") as f:
+            quota, period = (f.read().split() + ["100000"])[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us"), encoding="utf-8") as f:
+            quota_us = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us"), encoding="utf-8") as f:
+            period_us = int(f.read())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
 def devices() -> dict[str, Any]:
     """CPU cores (all, and those this process may run on), bfloat16 instructions, torch's
     threads, and the CUDA GPUs torch sees (name, memory, compute capability); FAISS's GPU count
@@ -86,7 +107,7 @@ def devices() -> dict[str, Any]:
 
     out: dict[str, Any] = {"cpu_cores": os.cpu_count(),
                            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                           "cpu_native_bf16": cpu_has_native_bf16(), "torch_threads": None, "torch_cuda_build": None,
+                           "cpu_quota": cpu_quota(), "cpu_native_bf16": cpu_has_native_bf16(), "torch_threads": None, "torch_cuda_build": None,
                            "cuda_gpus": [], "faiss_gpus": None}
     try:
         import torch
@@ -131,9 +152,14 @@ def format_info(info: dict[str, Any]) -> str:
     lines += [f"  {name:22s} {v if v is not None else '-'}" for name, v in info["packages"].items()]
     lines += ["", "devices:",
               f"  CPU cores              {dev['cpu_cores']} ({dev['cpu_cores_usable']} usable by this process)",
+              f"  CPU limit (cgroup)     {'none' if dev['cpu_quota'] is None else format(dev['cpu_quota'], 'g') + ' CPUs'}",
               f"  CPU bfloat16           {'native (--lm-dtype auto: bfloat16)' if dev['cpu_native_bf16'] else 'emulated (--lm-dtype auto: float32)'}",
               f"  torch threads          {dev['torch_threads']}",
               f"  torch build            {'CUDA ' + dev['torch_cuda_build'] if dev['torch_cuda_build'] else 'CPU'}"]
+    quota, threads = dev["cpu_quota"], dev["torch_threads"]
+    if quota is not None and threads is not None and threads > max(1.0, quota):
+        lines.append(f"  note: torch uses {threads} threads under a limit of {quota:g} CPUs: pass --threads "
+                     f"{max(1, int(quota))} (oversubscribed threads spin against each other)")
     if dev["cuda_gpus"]:
         lines += [f"  cuda:{g['index']}                 {g['name']}, {_size(g['memory_bytes'])}, capability {g['capability']}"
                   for g in dev["cuda_gpus"]]

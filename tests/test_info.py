@@ -58,3 +58,30 @@ def test_info_on_an_empty_cache_says_what_first_use_does(tmp_path, monkeypatch, 
     monkeypatch.setenv("RALMSPEC_HOME", str(tmp_path / "nothing-yet"))
     assert main(["info"]) == 0
     assert "fetched and the default index built on first use" in capsys.readouterr().out
+
+
+def test_a_containers_cpu_limit_is_read_and_an_oversubscribed_pool_is_pointed_out(tmp_path):
+    """torch sizes its pool by the cores it sees, not by a container's CPU limit: info reads the
+    limit (cgroup v2 cpu.max, v1 cfs quota / period) and says when the pool exceeds it."""
+    from ralmspec.info import collect_info, cpu_quota, format_info
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cpu_quota(str(v2)) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(str(v2)) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(str(tmp_path / "v1")) == 2.0
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota(str(tmp_path / "v1")) is None and cpu_quota(str(tmp_path / "none")) is None
+
+    info = collect_info()
+    info["devices"].update(cpu_quota=1.5, torch_threads=16)
+    text = format_info(info)
+    assert "CPU limit (cgroup)     1.5 CPUs" in text and "torch uses 16 threads under a limit of 1.5 CPUs: pass --threads 1" in text
+    info["devices"].update(cpu_quota=None)
+    assert "none" in format_info(info) and "oversubscribed" not in format_info(info)
