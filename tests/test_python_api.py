@@ -66,19 +66,21 @@ def test_sync_calls_work_inside_a_running_event_loop(tiny_engine, knn_datastores
     (and leaked the un-awaited coroutine). ``generate_sync``, ``run_bench`` and
     ``SpeculativeKNNLM.generate`` run there too, with the answers they give outside one."""
     from ralmspec.bench import run_bench
+    from ralmspec.config import SpeculationConfig
     from ralmspec.knnlm.model import KNNLM, KNNLMConfig
-    from ralmspec.knnlm.speculative import SpeculativeKNNLM
+    from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
 
     gen = GenerationConfig(max_new_tokens=16)
+    forced = SpeculationConfig(os3=False, fixed_stride=3)  # speculate whatever the timings (a busy CI machine)
     knn = KNNLM(tiny_lm, knn_datastores["flat"], KNNLMConfig(max_new_tokens=12))
     naive = [tiny_engine.generate_sync(q, gen=gen, speculate=False).token_ids for q in QUESTIONS]
     knn_naive = knn.generate("The storm formed").tokens
 
     async def in_a_loop():
-        spec = [tiny_engine.generate_sync(q, gen=gen) for q in QUESTIONS]
-        summaries, _ = run_bench(tiny_engine, QUESTIONS, gen, {"spec": tiny_engine.config.speculation}, "exact",
-                                 warmup=False)
-        return spec, summaries, SpeculativeKNNLM(knn).generate("The storm formed")
+        spec = [tiny_engine.generate_sync(q, gen=gen, spec=forced) for q in QUESTIONS]
+        summaries, _ = run_bench(tiny_engine, QUESTIONS, gen, {"spec": forced}, "exact", warmup=False)
+        knn_spec = SpeculativeKNNLM(knn, SpeculativeKNNConfig(os3=False, fixed_stride=3)).generate("The storm formed")
+        return spec, summaries, knn_spec
 
     spec, summaries, knn_spec = asyncio.run(in_a_loop())
     assert [r.token_ids for r in spec] == naive
