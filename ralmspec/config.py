@@ -239,8 +239,10 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         check_sampling_args(self.temperature, self.top_p, self.seed)
+        if isinstance(self.stop, list):  # a Python caller's list: kept as the tuple a config holds
+            object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ConfigError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+            raise ConfigError(f"stop must be a tuple (or list) of non-empty strings, got {self.stop!r}")
         if self.logprobs is not None and not is_int(self.logprobs, 0, MAX_TOP_LOGPROBS):
             raise ConfigError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         if self.prompt_format not in PROMPT_FORMATS:

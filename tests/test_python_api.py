@@ -116,3 +116,30 @@ def test_an_engine_is_a_context_manager_that_closes_it(tiny_engine):
     with Probe(tiny_engine.lm, tiny_engine.retriever, EngineConfig()) as engine:
         assert isinstance(engine, Probe)
     assert closed == [True]
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"gen": {"max_new_tokens": 3}}, "gen must be a GenerationConfig or None, got dict"),
+    ({"spec": GenerationConfig()}, "spec must be a SpeculationConfig or None, got GenerationConfig"),
+    ({"speculate": "no"}, "speculate must be True, False or None, got 'no'"),
+    ({"retrieval": None}, "retrieval must be True or False, got None"),
+    ({"retries": -1}, r"retries must be an integer >= 0, got -1"),
+    ({"timeout_s": -1}, r"timeout_s must be a finite number of seconds >= 0 \(0: no limit\), got -1"),
+    ({"timeout_s": "30"}, "timeout_s must be a number of seconds or None, got '30'"),
+])
+def test_a_python_callers_wrong_arguments_are_config_errors(tiny_engine, kwargs, says):
+    """A dict for a config was an AttributeError; speculate="no" speculated (a truthy string);
+    retries=-1 and timeout_s=-1 were RetrievalErrors ("knowledge base unavailable after 0
+    attempts") though no search had failed. Now a ConfigError before any work."""
+    with pytest.raises(ralmspec.ConfigError, match=says):
+        tiny_engine.generate_sync("Who is Robert Boulter?", **kwargs)
+
+
+def test_configs_take_what_python_callers_write(tiny_lm, small_indexes):
+    assert GenerationConfig(stop=["\n", "."]).stop == ("\n", ".")  # a list, kept as a tuple
+    with pytest.raises(ralmspec.ConfigError, match="stop must be a tuple .or list. of non-empty strings"):
+        GenerationConfig(stop="\n")
+    with pytest.raises(ralmspec.ConfigError, match="config must be an EngineConfig, got dict"):
+        ralmspec.build_engine({"model": "tiny"})
+    with pytest.raises(ralmspec.ConfigError, match="config must be an EngineConfig or None, got dict"):
+        RalmEngine(tiny_lm, small_indexes["bm25"], {"model": "tiny"})

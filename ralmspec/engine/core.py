@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Hashable
 
-from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig, check_seconds, is_int
 from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient, new_session_id
 from ralmspec.engine.naive import TokenCallback, generate_closed_book, generate_naive
 from ralmspec.engine.logprobs import AnswerScorer
@@ -28,8 +28,30 @@ from ralmspec.threads import WorkerPool, run_sync
 CHAT_FORMATS_KEPT = 64  # conversation histories whose rendered template an engine keeps (each up to a context of ids)
 
 
+def check_call(gen: object, spec: object, speculate: object, retries: object, timeout_s: object,
+               retrieval: object) -> None:
+    """``ConfigError`` for arguments of ``RalmEngine.generate`` of the wrong kind (a Python caller's
+    dict for a config, a string for a flag, a negative retry count), which failed later as an
+    ``AttributeError`` or, for retries and timeouts, as a ``RetrievalError`` after no search."""
+    for name, value, kind in (("gen", gen, GenerationConfig), ("spec", spec, SpeculationConfig)):
+        if value is not None and not isinstance(value, kind):
+            raise ConfigError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+    if speculate is not None and not isinstance(speculate, bool):
+        raise ConfigError(f"speculate must be True, False or None, got {speculate!r}")
+    if not isinstance(retrieval, bool):
+        raise ConfigError(f"retrieval must be True or False, got {retrieval!r}")
+    if not is_int(retries, 0):
+        raise ConfigError(f"retries must be an integer >= 0, got {retries!r}")
+    if timeout_s is not None:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+            raise ConfigError(f"timeout_s must be a number of seconds or None, got {timeout_s!r}")
+        check_seconds(timeout_s, "timeout_s", zero="no limit")
+
+
 class RalmEngine:
     def __init__(self, lm: LanguageModel, retriever: Retriever, config: EngineConfig | None = None):
+        if config is not None and not isinstance(config, EngineConfig):
+            raise ConfigError(f"config must be an EngineConfig or None, got {type(config).__name__}")
         self.lm = lm
         self.retriever = retriever
         self.config = config or EngineConfig()
@@ -113,6 +135,7 @@ class RalmEngine:
         logprobs when ``gen.logprobs`` is set). The answer ends at ``gen.stop`` (engine/stop.py;
         ``on_tokens`` still gets the whole chunk that completed it) and carries ``gen.logprobs``
         (engine/logprobs.py)."""
+        check_call(gen, spec, speculate, retries, timeout_s, retrieval)
         spec = spec or self.config.speculation
         conversation = prompt if isinstance(prompt, Conversation) else None
         question = conversation.question if conversation is not None else prompt
@@ -185,6 +208,9 @@ def build_engine(config: EngineConfig, corpus_path: str | None = None, show_prog
     encoder, folder, shards and EMULATED pad are settled there; builds the default index if missing)."""
     from ralmspec.lm.loader import load_language_model
     from ralmspec.retrieval.open import open_knowledge_base
+
+    if not isinstance(config, EngineConfig):
+        raise ConfigError(f"config must be an EngineConfig, got {type(config).__name__}")
 
     retriever = open_knowledge_base(config.retrieval, corpus_path, show_progress=show_progress)
     try:
