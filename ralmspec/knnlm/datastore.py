@@ -519,6 +519,11 @@ def build_datastore(lm: Any, documents: Sequence[str] | Sequence[Any], out_dir: 
     import torch
     from tqdm.auto import tqdm
 
+    if isinstance(documents, (str, bytes)):  # its characters would be the documents
+        raise ConfigError("documents must be a sequence of strings (or a passage corpus), got one string: "
+                          "pass [text]")
+    if config is not None and not isinstance(config, DatastoreBuildConfig):
+        raise ConfigError(f"config must be a DatastoreBuildConfig or None, got {type(config).__name__}")
     cfg = config or DatastoreBuildConfig()
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)

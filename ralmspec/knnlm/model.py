@@ -35,6 +35,7 @@ round differently.) This relies on deterministic CPU kernels for a fixed shape a
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -292,6 +293,12 @@ def check_compatible(lm: Any, datastore: Any) -> int:
     through a KV runner, ``ralmspec.lm.runner``: the transformers backend); ConfigError if not."""
     if getattr(lm, "runner", None) is None:
         raise ConfigError(f"kNN-LM needs the transformers backend (an LM with a KV runner), got {type(lm).__name__}")
+    if isinstance(datastore, (str, os.PathLike)):
+        raise ConfigError(f"datastore must be an opened datastore, got the path {str(datastore)!r}: "
+                          "open it with ralmspec.knnlm.open.open_datastore(path)")
+    if not all(hasattr(datastore, a) for a in ("dim", "values", "manifest", "search")):
+        raise ConfigError(f"datastore must be a kNN-LM datastore (ralmspec.knnlm.open.open_datastore), "
+                          f"got {type(datastore).__name__}")
     d = hidden_size(lm.model)
     if d != datastore.dim:
         raise ConfigError(f"the datastore keys have dimension {datastore.dim} but the model's hidden size is "
@@ -334,6 +341,8 @@ class KNNLM:
         self.runner = lm.runner if runner is None else runner  # what the decoders step (IncrementalDecoder)
         self._search = search  # None: the datastore's own, looked up at each call
         self.datastore = datastore
+        if config is not None and not isinstance(config, KNNLMConfig):
+            raise ConfigError(f"config must be a KNNLMConfig or None, got {type(config).__name__}")
         self.config = config or KNNLMConfig()
         self.vocab_size = check_compatible(lm, datastore)
 

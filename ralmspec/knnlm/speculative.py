@@ -329,6 +329,10 @@ class SpeculativeKNNLM:
     """Speculative kNN-LM over a :class:`KNNLM` (same LM, datastore and KNNLMConfig)."""
 
     def __init__(self, knnlm: KNNLM, config: SpeculativeKNNConfig | None = None):
+        if not isinstance(knnlm, KNNLM):
+            raise ConfigError(f"SpeculativeKNNLM speculates over a KNNLM, got {type(knnlm).__name__}")
+        if config is not None and not isinstance(config, SpeculativeKNNConfig):
+            raise ConfigError(f"config must be a SpeculativeKNNConfig or None, got {type(config).__name__}")
         self.base = knnlm
         self.config = config or SpeculativeKNNConfig()
 

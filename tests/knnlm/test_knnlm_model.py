@@ -177,3 +177,28 @@ def test_bad_prompts_and_mismatched_model(tiny_lm, knn_datastores):
     Other.runner = None
     with pytest.raises(ConfigError, match="KV runner"):
         KNNLM(Other(), knn_datastores["flat"])
+
+
+def test_a_python_callers_wrong_arguments_are_config_errors(tiny_lm, knn_datastores, tmp_path):
+    """Each was an AttributeError from deep inside (a dict for a config, a datastore's path for the
+    datastore), or, for one string of documents, a datastore of its characters refused with a
+    misleading "every document has < 2 tokens"."""
+    from ralmspec.knnlm.datastore import build_datastore
+    from ralmspec.knnlm.speculative import SpeculativeKNNLM
+
+    store = knn_datastores["flat"]
+    with pytest.raises(ConfigError, match="config must be a KNNLMConfig or None, got dict"):
+        KNNLM(tiny_lm, store, {"k": 3})
+    with pytest.raises(ConfigError, match="open it with ralmspec.knnlm.open.open_datastore"):
+        KNNLM(tiny_lm, str(store.path))
+    with pytest.raises(ConfigError, match="datastore must be a kNN-LM datastore"):
+        KNNLM(tiny_lm, object())
+    knn = KNNLM(tiny_lm, store)
+    with pytest.raises(ConfigError, match="config must be a SpeculativeKNNConfig or None, got dict"):
+        SpeculativeKNNLM(knn, {"os3": False})
+    with pytest.raises(ConfigError, match="speculates over a KNNLM, got HFLanguageModel"):
+        SpeculativeKNNLM(tiny_lm)
+    with pytest.raises(ConfigError, match="got one string: pass \\[text\\]"):
+        build_datastore(tiny_lm, "one long document", tmp_path / "ds", progress=False)
+    with pytest.raises(ConfigError, match="config must be a DatastoreBuildConfig or None, got dict"):
+        build_datastore(tiny_lm, ["a document"], tmp_path / "ds", {"max_tokens": 10}, progress=False)
