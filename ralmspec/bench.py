@@ -23,6 +23,7 @@ from ralmspec.answers import answer_match
 from ralmspec.config import GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.result import GenerationResult
+from ralmspec.errors import ConfigError
 from ralmspec.report import identity_phrase
 from ralmspec.threads import run_sync
 
@@ -119,6 +120,26 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
     )
 
 
+def check_bench_args(questions: object, gen: object, variants: object) -> None:
+    """``ConfigError`` before any request for ``run_bench`` arguments of the wrong kind: one string
+    of questions (its characters became the questions), a ``gen`` that is not a
+    ``GenerationConfig`` (None ran every request, then failed as a TypeError summarizing), a
+    variant that is not a ``SpeculationConfig`` (an AttributeError) or is named "naive" (the
+    naive runs' name: the variant's results were mixed into them, a wrong summary)."""
+    if isinstance(questions, str):
+        raise ConfigError("questions must be a sequence of questions, got one string: pass [question]")
+    if not isinstance(gen, GenerationConfig):
+        raise ConfigError(f"gen must be a GenerationConfig (the engine's: engine.config.generation), "
+                          f"got {type(gen).__name__}")
+    if not isinstance(variants, dict):
+        raise ConfigError(f"variants must be a dict of name -> SpeculationConfig, got {type(variants).__name__}")
+    for name, spec in variants.items():
+        if not isinstance(spec, SpeculationConfig):
+            raise ConfigError(f"variant {name!r} must be a SpeculationConfig, got {type(spec).__name__}")
+        if name == "naive":
+            raise ConfigError("'naive' names the naive runs in run_bench's results: give the variant another name")
+
+
 def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfig,
               variants: dict[str, SpeculationConfig], retriever: str,
               progress: Callable[[str], None] | None = None, warmup: bool = True,
@@ -126,6 +147,7 @@ def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfi
               ) -> tuple[list[BenchSummary], dict[str, list[GenerationResult]]]:
     """Run naive once per question and every speculative variant, interleaved per question.
     ``answers[i]`` (gold answers of question i) adds ``answer_match`` to the summaries."""
+    check_bench_args(questions, gen, variants)
     oracle = engine.rankers.get("oracle") if any(s.guesser == "oracle" for s in variants.values()) else None
 
     async def run(q: str, spec: SpeculationConfig | None) -> GenerationResult:

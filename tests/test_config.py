@@ -100,3 +100,72 @@ def test_a_timeout_is_a_finite_positive_number_of_seconds(make, field, seconds):
     and failed later or meant "no limit" by accident; each names its field and value now."""
     with pytest.raises(ConfigError, match=rf"{field} must be a finite .*got (0\.0|-1\.0|nan|inf)"):
         make(**{field: seconds})
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda v: RetrievalConfig(kind="hnsw", hnsw_m=v), "hnsw_m"),
+    (lambda v: RetrievalConfig(hnsw_ef_search=v), "hnsw_ef_search"),
+    (lambda v: RetrievalConfig(hnsw_ef_construction=v), "hnsw_ef_construction"),
+    (lambda v: RetrievalConfig(ivf_nlist=v), "ivf_nlist"),
+    (lambda v: RetrievalConfig(ivf_nprobe=v), "ivf_nprobe"),
+    (lambda v: RetrievalConfig(rescore_margin=v), "rescore_margin"),
+])
+@pytest.mark.parametrize("bad", [2.5, "32", None, True])
+def test_retrieval_search_parameters_are_integers(make, field, bad):
+    """A float hnsw_m failed in FAISS's constructor (TypeError: 'Wrong number or type of arguments'),
+    a string or None in the ``< 1`` comparison (TypeError); now a ConfigError naming the field."""
+    with pytest.raises(ConfigError, match=rf"^{field} must be an integer >= [01], got {bad!r}$"):
+        make(bad)
+
+
+def test_retrieval_rescore_margin_below_zero_and_a_non_path_index_dir_are_refused():
+    with pytest.raises(ConfigError, match="rescore_margin must be an integer >= 0, got -5"):
+        RetrievalConfig(rescore_margin=-5)  # was clamped to 0 in silence
+    with pytest.raises(ConfigError, match="index_dir must be a folder's path"):
+        RetrievalConfig(index_dir=123)  # was a TypeError in os.path when the engine was built
+    import pathlib
+    RetrievalConfig(index_dir=pathlib.Path("some/index"))
+
+
+@pytest.mark.parametrize("field", ["enabled", "os3", "naive_fallback", "async_verify", "eager_verify"])
+@pytest.mark.parametrize("bad", ["no", "false", 0, None])
+def test_speculation_switches_are_bools(field, bad):
+    """SpeculationConfig(enabled="no") speculated (a truthy string), as did os3="false" run OS^3."""
+    from ralmspec.config import SpeculationConfig
+
+    with pytest.raises(ConfigError, match=rf"^{field} must be True or False, got {bad!r}$"):
+        SpeculationConfig(**{field: bad})
+
+
+@pytest.mark.parametrize("field", ["fixed_stride", "s_max", "window", "prefetch", "max_inflight", "cache_capacity"])
+@pytest.mark.parametrize("bad", [2.5, "3", None])
+def test_speculation_counts_are_integers(field, bad):
+    """fixed_stride=2.5 ran strides [2.5, 2.5, ...], s_max=2.5 a TypeError mid-request, prefetch=2.5
+    a RetrievalError 'knowledge base unavailable after 3 attempts', a string or None a TypeError."""
+    from ralmspec.config import SpeculationConfig
+    from ralmspec.knnlm.speculative import SpeculativeKNNConfig
+
+    with pytest.raises(ConfigError, match=rf"^{field} must be an integer .*got {bad!r}$"):
+        SpeculationConfig(**{field: bad})
+    if field in ("fixed_stride", "s_max", "window"):  # the OS^3 knobs kNN-LM shares
+        with pytest.raises(ConfigError, match=rf"^{field} must be an integer"):
+            SpeculativeKNNConfig(**{field: bad})
+
+
+@pytest.mark.parametrize("field, kind", [("retrieval", "RetrievalConfig"), ("generation", "GenerationConfig"),
+                                         ("speculation", "SpeculationConfig")])
+@pytest.mark.parametrize("bad", [{"kind": "bm25"}, None])
+def test_engine_config_parts_must_be_their_configs(field, kind, bad):
+    """EngineConfig(retrieval={"kind": "bm25"}) was made, then build_engine failed with
+    AttributeError: 'dict' object has no attribute 'index_dir'."""
+    with pytest.raises(ConfigError, match=rf"^{field} must be a {kind} "):
+        EngineConfig(**{field: bad})
+
+
+@pytest.mark.parametrize("field, bad", [("lm_backend", "vlm"), ("lm_runner", "fast"), ("lm_dtype", "fp17"),
+                                        ("lm_dtype", None)])
+def test_engine_config_lm_names_are_checked_when_made(field, bad):
+    """They were checked only when the LM loaded, after the knowledge base had been opened."""
+    with pytest.raises(ConfigError, match=rf"^{field} must be one of .*got {bad!r}$"):
+        EngineConfig(**{field: bad})
+    EngineConfig(lm_backend="vllm", lm_runner="batched", lm_dtype="bfloat16")

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from ralmspec.config import is_int
+# LM_BACKENDS, LM_DTYPES: defined in ralmspec.config (EngineConfig checks them too), used here
+from ralmspec.config import LM_BACKENDS, LM_DTYPES, is_int
 from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel
-
-LM_BACKENDS = ("hf", "vllm")
-
-
-LM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_lm_dtype(dtype: str, device: str, backend: str = "hf") -> str:
