@@ -143,3 +143,29 @@ def test_configs_take_what_python_callers_write(tiny_lm, small_indexes):
         ralmspec.build_engine({"model": "tiny"})
     with pytest.raises(ralmspec.ConfigError, match="config must be an EngineConfig or None, got dict"):
         RalmEngine(tiny_lm, small_indexes["bm25"], {"model": "tiny"})
+
+
+def test_chat_messages_and_bad_deadlines_are_named(tiny_engine):
+    """OpenAI-style messages given as the prompt said only "prompt must be a non-empty string";
+    a Scheduler deadline of -1 or 0 was a RequestTimeoutError ("exceeded its deadline of -1 s")
+    and "soon" a TypeError."""
+    from ralmspec.engine.scheduler import Scheduler
+
+    with pytest.raises(ralmspec.ConfigError, match=r"prompt must be a string or a Conversation \(chat messages"):
+        tiny_engine.generate_sync([{"role": "user", "content": "Who is Robert Boulter?"}])
+
+    async def deadlines():
+        async with Scheduler(tiny_engine) as scheduler:
+            for bad in (-1, 0, "soon", float("inf")):
+                with pytest.raises(ralmspec.ConfigError, match="timeout_s must be a finite number of seconds > 0"):
+                    await scheduler.generate("Who is Robert Boulter?", timeout_s=bad)
+            return await scheduler.generate("Who is Robert Boulter?", gen=GenerationConfig(max_new_tokens=4),
+                                            timeout_s=None)
+
+    assert len(asyncio.run(deadlines()).token_ids) == 4
+
+
+def test_a_results_dict_carries_its_prompt_tokens(tiny_engine):
+    r = tiny_engine.generate_sync("Who is Robert Boulter?", gen=GenerationConfig(max_new_tokens=4))
+    d = r.to_dict(with_trace=False)
+    assert d["prompt_tokens"] == r.prompt_tokens == len(r.prompt_ids) + r.template_tokens and "trace" not in d

@@ -28,11 +28,14 @@ from ralmspec.threads import WorkerPool, run_sync
 CHAT_FORMATS_KEPT = 64  # conversation histories whose rendered template an engine keeps (each up to a context of ids)
 
 
-def check_call(gen: object, spec: object, speculate: object, retries: object, timeout_s: object,
+def check_call(prompt: object, gen: object, spec: object, speculate: object, retries: object, timeout_s: object,
                retrieval: object) -> None:
     """``ConfigError`` for arguments of ``RalmEngine.generate`` of the wrong kind (a Python caller's
     dict for a config, a string for a flag, a negative retry count), which failed later as an
     ``AttributeError`` or, for retries and timeouts, as a ``RetrievalError`` after no search."""
+    if not isinstance(prompt, (str, Conversation)):
+        raise ConfigError(f"prompt must be a string or a Conversation (chat messages: Conversation(history, "
+                          f"question)), got {type(prompt).__name__}")
     for name, value, kind in (("gen", gen, GenerationConfig), ("spec", spec, SpeculationConfig)):
         if value is not None and not isinstance(value, kind):
             raise ConfigError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
@@ -135,7 +138,7 @@ class RalmEngine:
         logprobs when ``gen.logprobs`` is set). The answer ends at ``gen.stop`` (engine/stop.py;
         ``on_tokens`` still gets the whole chunk that completed it) and carries ``gen.logprobs``
         (engine/logprobs.py)."""
-        check_call(gen, spec, speculate, retries, timeout_s, retrieval)
+        check_call(prompt, gen, spec, speculate, retries, timeout_s, retrieval)
         spec = spec or self.config.speculation
         conversation = prompt if isinstance(prompt, Conversation) else None
         question = conversation.question if conversation is not None else prompt

@@ -54,6 +54,7 @@ class GenerationResult:
 
     def to_dict(self, with_trace: bool = True) -> dict[str, Any]:
         d = asdict(self)
+        d["prompt_tokens"] = self.prompt_tokens
         if not with_trace:
             d.pop("trace")
         return d

@@ -548,6 +548,11 @@ class Scheduler:
                        on_tokens: TokenCallback | None = None,
                        timeout_s: float | None | str = "default") -> GenerationResult:
         """Admit, run and return one request (see class doc). ``timeout_s='default'``: the config's."""
+        if timeout_s != "default" and timeout_s is not None and (
+                isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf):
+            # -1 or 0 was a RequestTimeoutError ("exceeded its deadline of -1 s"), "soon" a TypeError
+            raise ConfigError(f"timeout_s must be a finite number of seconds > 0, None (no limit) or 'default' "
+                              f"(SchedulerConfig.request_timeout_s), got {timeout_s!r}")
         if self._closed:
             raise SchedulerClosedError("the server is shutting down")
         if self._slots is None:
