@@ -150,7 +150,9 @@ class Sampling:
 def check_seconds(seconds: Any, name: str, zero: str | None = None) -> None:
     """A timeout: a finite number of seconds > 0, or >= 0 where ``zero`` is given (what 0 means,
     said in the message, e.g. "no limit"; "" to say nothing); NaN and infinity are refused.
-    ``ConfigError`` naming ``name`` and the value."""
+    ``ConfigError`` naming ``name`` and the value (a string or a bool too: not a comparison's TypeError)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise ConfigError(f"{name} must be a number of seconds, got {seconds!r}")
     if zero is None and not 0 < seconds < math.inf:  # NaN fails every comparison
         raise ConfigError(f"{name} must be a finite number of seconds > 0, got {seconds!r}")
     if zero is not None and not 0 <= seconds < math.inf:

@@ -125,7 +125,7 @@ def test_an_engine_is_a_context_manager_that_closes_it(tiny_engine):
     ({"retrieval": None}, "retrieval must be True or False, got None"),
     ({"retries": -1}, r"retries must be an integer >= 0, got -1"),
     ({"timeout_s": -1}, r"timeout_s must be a finite number of seconds >= 0 \(0: no limit\), got -1"),
-    ({"timeout_s": "30"}, "timeout_s must be a number of seconds or None, got '30'"),
+    ({"timeout_s": "30"}, "timeout_s must be a number of seconds, got '30'"),
 ])
 def test_a_python_callers_wrong_arguments_are_config_errors(tiny_engine, kwargs, says):
     """A dict for a config was an AttributeError; speculate="no" speculated (a truthy string);
@@ -157,7 +157,7 @@ def test_chat_messages_and_bad_deadlines_are_named(tiny_engine):
     async def deadlines():
         async with Scheduler(tiny_engine) as scheduler:
             for bad in (-1, 0, "soon", float("inf")):
-                with pytest.raises(ralmspec.ConfigError, match="timeout_s must be a finite number of seconds > 0"):
+                with pytest.raises(ralmspec.ConfigError, match="timeout_s must be a (finite )?number of seconds"):
                     await scheduler.generate("Who is Robert Boulter?", timeout_s=bad)
             return await scheduler.generate("Who is Robert Boulter?", gen=GenerationConfig(max_new_tokens=4),
                                             timeout_s=None)

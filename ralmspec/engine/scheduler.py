@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
 
-from ralmspec.config import GenerationConfig, SpeculationConfig, is_int
+from ralmspec.config import GenerationConfig, SpeculationConfig, check_seconds, is_int
 from ralmspec.engine.context import new_session_id
 from ralmspec.engine.governor import BatchCostFit, BusyWindow, GovernorConfig, LoadGovernor
 from ralmspec.engine.naive import TokenCallback
@@ -548,11 +548,9 @@ class Scheduler:
                        on_tokens: TokenCallback | None = None,
                        timeout_s: float | None | str = "default") -> GenerationResult:
         """Admit, run and return one request (see class doc). ``timeout_s='default'``: the config's."""
-        if timeout_s != "default" and timeout_s is not None and (
-                isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf):
+        if timeout_s is not None and not (isinstance(timeout_s, str) and timeout_s == "default"):
             # -1 or 0 was a RequestTimeoutError ("exceeded its deadline of -1 s"), "soon" a TypeError
-            raise ConfigError(f"timeout_s must be a finite number of seconds > 0, None (no limit) or 'default' "
-                              f"(SchedulerConfig.request_timeout_s), got {timeout_s!r}")
+            check_seconds(timeout_s, "timeout_s")
         if self._closed:
             raise SchedulerClosedError("the server is shutting down")
         if self._slots is None:
