@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 from ralmspec.answers import answer_match
-from ralmspec.config import GenerationConfig, SpeculationConfig
+from ralmspec.config import GenerationConfig, SpeculationConfig, check_type
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.result import GenerationResult
 from ralmspec.errors import ConfigError
@@ -128,14 +128,11 @@ def check_bench_args(questions: object, gen: object, variants: object) -> None:
     naive runs' name: the variant's results were mixed into them, a wrong summary)."""
     if isinstance(questions, str):
         raise ConfigError("questions must be a sequence of questions, got one string: pass [question]")
-    if not isinstance(gen, GenerationConfig):
-        raise ConfigError(f"gen must be a GenerationConfig (the engine's: engine.config.generation), "
-                          f"got {type(gen).__name__}")
+    check_type(gen, GenerationConfig, "gen", hint=" (the engine's: engine.config.generation)")
     if not isinstance(variants, dict):
         raise ConfigError(f"variants must be a dict of name -> SpeculationConfig, got {type(variants).__name__}")
     for name, spec in variants.items():
-        if not isinstance(spec, SpeculationConfig):
-            raise ConfigError(f"variant {name!r} must be a SpeculationConfig, got {type(spec).__name__}")
+        check_type(spec, SpeculationConfig, f"variant {name!r}")
         if name == "naive":
             raise ConfigError("'naive' names the naive runs in run_bench's results: give the variant another name")
 

@@ -168,6 +168,17 @@ def check_api_key(key: Any, name: str = "api_key") -> None:
         raise ConfigError(f"{name} must be a non-empty string of printable ASCII characters without spaces")
 
 
+def check_type(value: Any, kind: type, name: str, *, optional: bool = False, hint: str = "") -> None:
+    """``ConfigError`` unless ``value`` is a ``kind`` (or None where ``optional``): a Python
+    caller's dict for a config failed later as an ``AttributeError``, far from the call. The
+    message: "``name`` must be a ``kind````hint`` [or None], got ``type``"."""
+    if (value is None and optional) or isinstance(value, kind):
+        return
+    article = "an" if kind.__name__[0] in "AEIOU" else "a"
+    raise ConfigError(f"{name} must be {article} {kind.__name__}{hint}{' or None' if optional else ''}, "
+                      f"got {type(value).__name__}")
+
+
 def check_flags(config: Any, *names: str) -> None:
     """``ConfigError`` naming the first of ``config``'s fields ``names`` that is not a bool (a
     Python caller's ``"false"`` or ``"no"`` is truthy: it turned the switch on)."""
@@ -397,10 +408,7 @@ class EngineConfig:
         # a dict (or None) for a part failed later as an AttributeError, in build_engine or a request
         for name, kind in (("retrieval", RetrievalConfig), ("generation", GenerationConfig),
                            ("speculation", SpeculationConfig)):
-            v = getattr(self, name)
-            if not isinstance(v, kind):
-                raise ConfigError(f"{name} must be a {kind.__name__} (e.g. {kind.__name__}(...)), "
-                                  f"got {type(v).__name__}")
+            check_type(getattr(self, name), kind, name, hint=f" (e.g. {kind.__name__}(...))")
         check_lm_device(self.lm_device)
         # checked here as well as where the LM loads, so a bad name fails before the knowledge base opens
         for name, choices in (("lm_backend", LM_BACKENDS), ("lm_runner", LM_RUNNERS), ("lm_dtype", LM_DTYPES)):

@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Hashable
 
-from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig, check_seconds, is_int
+from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig, check_seconds, check_type, is_int
 from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient, new_session_id
 from ralmspec.engine.naive import TokenCallback, generate_closed_book, generate_naive
 from ralmspec.engine.logprobs import AnswerScorer
@@ -36,9 +36,8 @@ def check_call(prompt: object, gen: object, spec: object, speculate: object, ret
     if not isinstance(prompt, (str, Conversation)):
         raise ConfigError(f"prompt must be a string or a Conversation (chat messages: Conversation(history, "
                           f"question)), got {type(prompt).__name__}")
-    for name, value, kind in (("gen", gen, GenerationConfig), ("spec", spec, SpeculationConfig)):
-        if value is not None and not isinstance(value, kind):
-            raise ConfigError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+    check_type(gen, GenerationConfig, "gen", optional=True)
+    check_type(spec, SpeculationConfig, "spec", optional=True)
     if speculate is not None and not isinstance(speculate, bool):
         raise ConfigError(f"speculate must be True, False or None, got {speculate!r}")
     if not isinstance(retrieval, bool):
@@ -51,8 +50,7 @@ def check_call(prompt: object, gen: object, spec: object, speculate: object, ret
 
 class RalmEngine:
     def __init__(self, lm: LanguageModel, retriever: Retriever, config: EngineConfig | None = None):
-        if config is not None and not isinstance(config, EngineConfig):
-            raise ConfigError(f"config must be an EngineConfig or None, got {type(config).__name__}")
+        check_type(config, EngineConfig, "config", optional=True)
         self.lm = lm
         self.retriever = retriever
         self.config = config or EngineConfig()
@@ -210,8 +208,7 @@ def build_engine(config: EngineConfig, corpus_path: str | None = None, show_prog
     from ralmspec.lm.loader import load_language_model
     from ralmspec.retrieval.open import open_knowledge_base
 
-    if not isinstance(config, EngineConfig):
-        raise ConfigError(f"config must be an EngineConfig, got {type(config).__name__}")
+    check_type(config, EngineConfig, "config")
 
     retriever = open_knowledge_base(config.retrieval, corpus_path, show_progress=show_progress)
     try:

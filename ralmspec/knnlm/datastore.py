@@ -64,7 +64,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ralmspec.config import check_hnsw_m, is_int
+from ralmspec.config import check_hnsw_m, check_type, is_int
 from ralmspec.errors import ConfigError, IndexNotFoundError, RetrievalError
 from ralmspec.paths import link_or_copy, staged_folder
 
@@ -522,8 +522,7 @@ def build_datastore(lm: Any, documents: Sequence[str] | Sequence[Any], out_dir: 
     if isinstance(documents, (str, bytes)):  # its characters would be the documents
         raise ConfigError("documents must be a sequence of strings (or a passage corpus), got one string: "
                           "pass [text]")
-    if config is not None and not isinstance(config, DatastoreBuildConfig):
-        raise ConfigError(f"config must be a DatastoreBuildConfig or None, got {type(config).__name__}")
+    check_type(config, DatastoreBuildConfig, "config", optional=True)
     cfg = config or DatastoreBuildConfig()
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ralmspec.config import check_text, is_int
+from ralmspec.config import check_text, check_type, is_int
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, hidden_size
 from ralmspec.lm.base import context_limit
@@ -341,8 +341,7 @@ class KNNLM:
         self.runner = lm.runner if runner is None else runner  # what the decoders step (IncrementalDecoder)
         self._search = search  # None: the datastore's own, looked up at each call
         self.datastore = datastore
-        if config is not None and not isinstance(config, KNNLMConfig):
-            raise ConfigError(f"config must be a KNNLMConfig or None, got {type(config).__name__}")
+        check_type(config, KNNLMConfig, "config", optional=True)
         self.config = config or KNNLMConfig()
         self.vocab_size = check_compatible(lm, datastore)
 

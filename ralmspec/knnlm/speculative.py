@@ -88,7 +88,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ralmspec.config import OS3_MODE_DEFAULTS, OS3Config
+from ralmspec.config import OS3_MODE_DEFAULTS, OS3Config, check_type
 from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, rank_order, squared_l2
 from ralmspec.knnlm.model import KNNLM, IncrementalDecoder, KNNLMResult, LMState, OnTokens, StopWhen
@@ -331,8 +331,7 @@ class SpeculativeKNNLM:
     def __init__(self, knnlm: KNNLM, config: SpeculativeKNNConfig | None = None):
         if not isinstance(knnlm, KNNLM):
             raise ConfigError(f"SpeculativeKNNLM speculates over a KNNLM, got {type(knnlm).__name__}")
-        if config is not None and not isinstance(config, SpeculativeKNNConfig):
-            raise ConfigError(f"config must be a SpeculativeKNNConfig or None, got {type(config).__name__}")
+        check_type(config, SpeculativeKNNConfig, "config", optional=True)
         self.base = knnlm
         self.config = config or SpeculativeKNNConfig()
 
