@@ -222,15 +222,16 @@ class RetrievalConfig:
         if self.kind not in RETRIEVER_KINDS:
             raise ConfigError(f"unknown retriever {self.kind!r}; choose one of {', '.join(RETRIEVER_KINDS)}")
         if not is_int(self.emulate_pad, 0):
-            raise ConfigError(f"--emulate-pad must be >= 0, got {self.emulate_pad!r}")
+            raise ConfigError(f"emulate_pad (--emulate-pad) must be an integer >= 0, got {self.emulate_pad!r}")
         if self.emulate_pad and self.kind != "exact":
-            raise ConfigError("--emulate-pad emulates an exact flat index: use it with --retriever exact")
+            raise ConfigError("emulate_pad (--emulate-pad) emulates an exact flat index: use it with kind='exact' "
+                              "(--retriever exact)")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.encoder_device is not None and not is_device_name(self.encoder_device):
             raise ConfigError(f"encoder device must be 'cpu' or 'cuda', got {self.encoder_device!r}")
         if self.encoder_batching is not None and self.encoder_batching not in ENCODER_BATCHINGS:
-            raise ConfigError(f"--encoder-batching must be one of {', '.join(ENCODER_BATCHINGS)}, "
+            raise ConfigError(f"encoder_batching (--encoder-batching) must be one of {', '.join(ENCODER_BATCHINGS)}, "
                               f"got {self.encoder_batching!r}")
         if self.index_dir is not None and not isinstance(self.index_dir, (str, os.PathLike)):
             raise ConfigError(f"index_dir must be a folder's path (str or os.PathLike) or None, got {self.index_dir!r}")
@@ -381,7 +382,7 @@ def is_device_name(device: object) -> bool:
 def check_lm_device(device: object) -> None:
     """ConfigError unless ``device`` is a string naming a device the LM can be put on (``is_device_name``)."""
     if not isinstance(device, str) or not is_device_name(device):
-        raise ConfigError(f"--lm-device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise ConfigError(f"lm_device (--lm-device) must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 @dataclass(frozen=True)
@@ -417,4 +418,4 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
         n = self.lm_prefix_cache_mib
         if not is_int(n, 0):
-            raise ConfigError(f"--lm-prefix-cache-mib must be an integer >= 0, got {n!r}")
+            raise ConfigError(f"lm_prefix_cache_mib (--lm-prefix-cache-mib) must be an integer >= 0, got {n!r}")

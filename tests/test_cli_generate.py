@@ -35,8 +35,8 @@ def test_generate_prints_the_lm_ms_per_token_and_takes_threads(small_indexes, ca
 
 
 @pytest.mark.parametrize("bad, message", [(["--threads", "-1"], "--threads must be >= 0"),
-                                          (["--lm-prefix-cache-mib", "-1"], "--lm-prefix-cache-mib must be"),
-                                          (["--lm-device", "mps"], "--lm-device must be 'cpu', 'cuda' or 'cuda:N'")])
+                                          (["--lm-prefix-cache-mib", "-1"], "(--lm-prefix-cache-mib) must be"),
+                                          (["--lm-device", "mps"], "(--lm-device) must be 'cpu', 'cuda' or 'cuda:N'")])
 def test_generate_bad_flags_are_clear_errors(small_indexes, capsys, bad, message):
     assert main(run(small_indexes, *bad)) == 2
     assert message in capsys.readouterr().err
@@ -61,7 +61,7 @@ def test_generate_refuses_index_and_corpus_together(small_indexes, tmp_path, cap
     corpus = tmp_path / "mine.jsonl"
     corpus.write_text('{"text": "my own passage"}\n')
     assert main(run(small_indexes, "--corpus", str(corpus))) == 2
-    assert "give --index or --corpus, not both" in capsys.readouterr().err
+    assert "--corpus), not both" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -169,3 +169,17 @@ def test_engine_config_lm_names_are_checked_when_made(field, bad):
     with pytest.raises(ConfigError, match=rf"^{field} must be one of .*got {bad!r}$"):
         EngineConfig(**{field: bad})
     EngineConfig(lm_backend="vllm", lm_runner="batched", lm_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: RetrievalConfig(emulate_pad=-1), "emulate_pad"),
+    (lambda: RetrievalConfig(kind="bm25", emulate_pad=10), "emulate_pad"),
+    (lambda: RetrievalConfig(encoder_batching="some"), "encoder_batching"),
+    (lambda: EngineConfig(lm_device="mps"), "lm_device"),
+    (lambda: EngineConfig(lm_prefix_cache_mib=-1), "lm_prefix_cache_mib"),
+])
+def test_a_config_error_names_the_field_a_python_caller_set(make, field):
+    """They named only the CLI's flag ('--lm-device must be ...'), which a Python caller never
+    wrote; now the field first, the flag beside it."""
+    with pytest.raises(ConfigError, match=rf"^{field} \(--"):
+        make()

@@ -38,7 +38,7 @@ def open_datastore(path: str | os.PathLike, *, ray: RayShardConfig | None = None
     none). ``IndexNotFoundError`` for a missing or incomplete folder, ``ConfigError`` for a bad
     manifest, shard count or search parameter. Close a sharded one (``close()``) when done."""
     if shards is not None and not is_int(shards, 1):
-        raise ConfigError(f"--shards must be >= 1, got {shards!r}")
+        raise ConfigError(f"shards (--shards) must be an integer >= 1, got {shards!r}")
     search = dict(nprobe=nprobe, ef_search=ef_search, rescore_margin=rescore_margin, gemm_min_batch=gemm_min_batch)
     if ray is not None:
         return open_ray_sharded_datastore(path, ray, shards=shards, **search)

@@ -296,7 +296,7 @@ class HFTokenizer:
         plain = self._render([*history, ("user", user)])
         if plain.count(user) != 1:
             raise ConfigError("the model's chat template does not place the user message once; "
-                              "use --prompt-format plain")
+                              "use prompt_format='plain' (--prompt-format plain)")
         before, after = plain.split(user)
         if history:
             marked = self._render([*((role, f"{o}{text}{c}") for (role, text), (o, c) in zip(history, marks)),
@@ -322,7 +322,8 @@ class HFTokenizer:
         except Exception as exc:  # noqa: BLE001 - a template's own refusal (jinja2 raise_exception)
             raise ConfigError(f"the model's chat template rejects these messages: {exc}") from None
         if not isinstance(text, str):
-            raise ConfigError("the model's chat template does not render text; use --prompt-format plain")
+            raise ConfigError("the model's chat template does not render text; "
+                              "use prompt_format='plain' (--prompt-format plain)")
         return text
 
     def is_byte_token(self, token_id: int) -> bool:

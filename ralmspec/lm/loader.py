@@ -59,8 +59,8 @@ def load_language_model(name_or_path: str, backend: str = "hf", device: str = "c
                        prefix_cache_bytes=prefix_cache_mib << 20, concurrent=concurrent)
     if backend == "vllm":
         if runner != "auto":  # before vLLM's import and engine start (~30 s on a CPU)
-            raise ConfigError(f"--lm-runner {runner} is a runner of the hf backend; the vllm backend "
-                              "runs vLLM's own engine (leave --lm-runner auto, or use --lm-backend hf)")
+            raise ConfigError(f"lm_runner (--lm-runner) {runner!r} is a runner of the hf backend; the vllm backend "
+                              "runs vLLM's own engine (leave it 'auto', or use lm_backend 'hf', --lm-backend hf)")
         from ralmspec.lm.vllm import load_vllm
 
         return load_vllm(name_or_path, device=device, dtype=dtype)

@@ -104,7 +104,8 @@ class StaticRunner(KVRunner):
                  device_sampling: bool | None = None, cuda_attention: bool | None = None) -> None:
         why = static_unsupported(model, max_len)
         if why is not None:
-            raise ConfigError(f"the static LM runner cannot run this model: {why}; use --lm-runner eager")
+            raise ConfigError(f"the static LM runner cannot run this model: {why}; "
+                              "use lm_runner='eager' (--lm-runner eager)")
         if capacity < 1 or max_len < 2:
             raise ConfigError(f"static runner needs capacity >= 1 and max_len >= 2, got {capacity}, {max_len}")
         if not 1 <= batch_rows <= capacity:

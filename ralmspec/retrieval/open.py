@@ -65,9 +65,10 @@ def open_knowledge_base(config: RetrievalConfig, corpus_path: str | None = None,
     the EMULATED pad being built.
     """
     if shards is not None and not is_int(shards, 1):
-        raise ConfigError(f"--shards must be >= 1, got {shards!r}")
+        raise ConfigError(f"shards (--shards) must be an integer >= 1, got {shards!r}")
     if config.index_dir and corpus_path:  # the index holds its own passages: the corpus would go unread
-        raise ConfigError(f"give --index or --corpus, not both: the index {config.index_dir} holds its own "
+        raise ConfigError("give an index (RetrievalConfig.index_dir, --index) or a corpus (corpus_path, --corpus), "
+                          f"not both: the index {config.index_dir} holds its own "
                           f"passages, so {corpus_path} would not be used (build an index of it with "
                           "`ralmspec index build --corpus ...`, or leave --index out)")
     if ray is not None:
@@ -82,7 +83,7 @@ def open_knowledge_base(config: RetrievalConfig, corpus_path: str | None = None,
     try:
         _check_shards(retriever, shards, index_dir)
         if config.emulate_pad and getattr(retriever, "n_shards", None) is not None:
-            raise ConfigError("--emulate-pad pads a whole index in this process, or Ray shards "
+            raise ConfigError("emulate_pad (--emulate-pad) pads a whole index in this process, or Ray shards "
                               "(--shards N); not a sharded index searched in this process")
         if log is None and show_progress:
             log = _stderr
@@ -97,7 +98,8 @@ def _cached_index(config: RetrievalConfig, corpus_path: str | None, encoder: Que
     """The cached index folder of ``corpus_path`` (or of the embedded knowledge base), built on
     first use; its ``shards``-way split when shards are asked for."""
     if on_ray and shards is None:
-        raise ConfigError("--shards N is needed to build a sharded index (or give a sharded --index)")
+        raise ConfigError("shards (--shards N) is needed to build a sharded index on Ray "
+                          "(or give a sharded index_dir, --index)")
     corpus, source = _corpus(corpus_path)
     if shards is not None:
         return ensure_sharded_index(corpus, config.kind, shards, config, encoder, show_progress,

@@ -53,7 +53,7 @@ def test_bad_folders_and_requests_are_typed_errors(knn_datastores, flat2, tmp_pa
     with pytest.raises(ConfigError, match="not a sharded datastore"):
         open_datastore(knn_datastores["flat"].path, shards=2)
     for bad in (0, -1):
-        with pytest.raises(ConfigError, match="--shards must be >= 1"):
+        with pytest.raises(ConfigError, match=r"\(--shards\) must be an integer >= 1"):
             open_datastore(flat2, shards=bad)
     with pytest.raises(ConfigError, match="invalid search parameters"):
         open_datastore(flat2, nprobe=0)

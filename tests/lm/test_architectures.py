@@ -105,7 +105,7 @@ def test_sliding_window_layers_keep_the_eager_runner(family, config, tiny_lm):
     assert "sliding-window layers (window 32, shorter than the 512-position context)" in static_unsupported(model, 512)
     assert supports_static(model, 32)
     for runner in ("static", "batched"):
-        with pytest.raises(ConfigError, match="sliding-window.*use --lm-runner eager"):
+        with pytest.raises(ConfigError, match=r"sliding-window.*use lm_runner='eager' \(--lm-runner eager\)"):
             backend(model, runner, tiny_lm.tokenizer)
     with pytest.raises(ConfigError, match="sliding-window"):
         StaticRunner(model, max_len=256, capacity=2)

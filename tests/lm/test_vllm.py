@@ -420,7 +420,7 @@ def test_an_hf_runner_with_the_vllm_backend_is_refused_before_vllm_starts(runner
         raise AssertionError("vLLM was started")
 
     monkeypatch.setattr(vllm_backend, "load_vllm", no_engine)
-    with pytest.raises(ConfigError, match=f"--lm-runner {runner} is a runner of the hf backend"):
+    with pytest.raises(ConfigError, match=rf"\(--lm-runner\) '{runner}' is a runner of the hf backend"):
         load_language_model("tiny", backend="vllm", runner=runner)
 
 

@@ -124,13 +124,13 @@ def test_bad_requests_are_typed_errors_and_nothing_is_left_open(kb_index_dirs, s
     with pytest.raises(ConfigError, match="has no shards"):
         open_knowledge_base(kb_config("exact", index_dir=kb_index_dirs["exact"]), encoder=encoder, shards=2)
     for bad in (0, -2):
-        with pytest.raises(ConfigError, match="--shards must be >= 1"):
+        with pytest.raises(ConfigError, match=r"\(--shards\) must be an integer >= 1"):
             open_knowledge_base(kb_config("exact", index_dir=split2["exact"]), encoder=encoder, shards=bad)
     with pytest.raises(ConfigError, match="not a sharded index searched in this process"):
         open_knowledge_base(kb_config("exact", index_dir=split2["exact"], emulate_pad=PAD), encoder=encoder)
     with pytest.raises(ConfigError, match="--retriever exact"):
         kb_config("hnsw", emulate_pad=PAD)  # the config itself refuses a pad of an approximate index
-    with pytest.raises(ConfigError, match="--emulate-pad must be >= 0"):
+    with pytest.raises(ConfigError, match=r"\(--emulate-pad\) must be an integer >= 0"):
         kb_config("exact", emulate_pad=-1)
 
 
@@ -144,5 +144,5 @@ def test_ray_shards_split_the_emulated_pad(ray_cluster, split2, kb_retrievers, k
         assert [info["pad"] for info in kb.backend.infos] == [PAD // 2 + 1, PAD // 2]  # built in the actors
     finally:
         kb.close()
-    with pytest.raises(ConfigError, match="--shards N is needed"):
+    with pytest.raises(ConfigError, match=r"\(--shards N\) is needed"):
         open_knowledge_base(kb_config("exact"), encoder=encoder, ray=RayShardConfig())
