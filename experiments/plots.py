@@ -115,8 +115,9 @@ def plot_batch_cost(rows: Sequence[dict[str, Any]], path: str, footer: str) -> s
         pts = sorted(pts, key=lambda r: r["batch"])
         xs = [p["batch"] for p in pts]
         line, = ax.plot(xs, [p["search_ms"] for p in pts], "o-", label=name)
-        one = pts[0]["search_ms"] / pts[0]["batch"]
-        ax.plot(xs, [one * x for x in xs], ":", color=line.get_color(), linewidth=0.8)
+        one = next((p["search_ms"] for p in pts if p["batch"] == 1), None)  # no batch of 1: no line
+        if one is not None:
+            ax.plot(xs, [one * x for x in xs], ":", color=line.get_color(), linewidth=0.8)
         ax2.plot(xs, [p["per_query_ms"] for p in pts], "o-", label=name, color=line.get_color())
     for a in (ax, ax2):
         a.set_xscale("log", base=2)

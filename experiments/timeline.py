@@ -5,7 +5,10 @@ guesses, verification rounds and rollbacks on a shared time axis), from the requ
         --variants all,all-sync --out experiments/results/DIR/timeline.png
 
 Writes the PNG and, beside it, ``timeline.jsonl`` (every request's full result with its trace).
-Each request starts from cold cross-request caches (``RalmEngine.reset_caches``), as in bench.
+Each request starts from cold cross-request caches (``RalmEngine.reset_caches``), as in bench,
+and each variant carries OS^3's cost memory (``engine.costs``) from its own warm-up request alone
+(variants with one guesser shared it: ``all-sync`` started from the costs and acceptance ``all``
+had just measured).
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(cfg, show_progress=False)  # EMULATED with --emulate-pad (retrieval/open.py)
     q = questions[a.question].question
 
+    costs: dict[str, dict] = {v: {} for v in names}  # OS^3's cost memory per variant
+
     async def go():
         out = []
         for warm in (True, False):  # one warm-up pass (not plotted), then the measured one
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("naive", (await engine.generate(q, speculate=False)).to_dict()))
             for v in names:
                 engine.reset_caches()
+                engine.costs = costs[v]
                 spec = replace(cfg.speculation, enabled=True, **VARIANTS[v])
                 runs.append((v, (await engine.generate(q, spec=spec, speculate=True)).to_dict()))
             out = runs if not warm else out

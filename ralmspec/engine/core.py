@@ -170,12 +170,13 @@ class RalmEngine:
 
     def reset_caches(self) -> None:
         """Empty the caches shared across requests (query encodings, tokenized passages and chat
-        histories, the LM's shared prefix blocks), so the next request is measured as a new
-        question would be. Never changes any output."""
+        histories, the LM's shared prefix blocks, the cheap guessers' passage memos), so the next
+        request is measured as a new question would be. Never changes any output."""
         encoder = getattr(self.retriever, "encoder", None)
         if encoder is not None and hasattr(encoder, "clear_cache"):
             encoder.clear_cache()
         self.lm.clear_prefix_cache()
+        self.rankers.clear_memos()
         self.passages = PassageTokens(self.lm, self.retriever)
         with self._chat_formats_lock:
             self._chat_formats.clear()

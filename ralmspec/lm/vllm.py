@@ -369,6 +369,12 @@ class VLLMLanguageModel(LanguageModel):
         with self._lock:
             return bool(self._llm.reset_prefix_cache())
 
+    def clear_prefix_cache(self) -> None:
+        """The engine's cold start (``RalmEngine.reset_caches``: ``ralmspec bench`` before every
+        request) drops vLLM's prefix cache; without it a speculative request found the KV of the
+        naive run of the same question cached (the base hook did nothing here)."""
+        self.reset_prefix_cache()
+
     def close(self) -> None:
         """Shut the engine down (engine-core and worker processes, KV memory). Idempotent."""
         with self._lock:

@@ -226,6 +226,11 @@ class _PassageMemo:
                 self._memo.popitem(last=False)
         return v
 
+    def clear(self) -> None:
+        """Forget every memoised representation."""
+        with self._lock:
+            self._memo.clear()
+
 
 class StaticEmbeddingRanker:
     """Cosine of mean-pooled static token embeddings (guesser ``static``).
@@ -334,3 +339,15 @@ class CheapRankers:
                 else:
                     raise ValueError(f"no cheap ranker {name!r}")
             return self._built[name]
+
+    def clear_memos(self) -> None:
+        """Forget every memoised passage representation of the built rankers (a benchmark's cold
+        start: ``RalmEngine.reset_caches``), so a request does not find the words or static
+        vectors of the passages an earlier request ranked already computed. What the ``oracle``
+        learned is kept: it is the bound's input (taught before each request), not a cache."""
+        with self._lock:
+            built = list(self._built.values())
+        for ranker in built:
+            memo = getattr(ranker, "_passages", None)
+            if isinstance(memo, _PassageMemo):
+                memo.clear()

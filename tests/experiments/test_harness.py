@@ -243,3 +243,45 @@ def test_oracle_bound_guesses_every_step_right(small_indexes, tiny_lm):
         check.ran(min_speculated=at_least)
     assert oracle.acceptance_rate == 1.0 and oracle.rollbacks == 0
     assert exact.acceptance_rate < 1.0  # prefetch 1: the cache misses passages the oracle knows
+
+
+class _SleepyKB:
+    """A knowledge base whose search of b queries takes b x 5 ms (no encoder: BM25-like)."""
+
+    corpus = [None] * 10
+
+    def search_sync(self, texts, k):
+        import time
+
+        time.sleep(0.005 * len(texts))
+
+
+class _KBRes:
+    def spare_questions(self):
+        return [f"q{i}" for i in range(40)]
+
+    def knowledge_base(self, kind, pad):
+        return _SleepyKB(), "sleepy"
+
+
+def test_batch_cost_compares_with_single_searches_only_when_it_measured_one(tmp_path, monkeypatch):
+    """'cost vs b single searches' (and the plot's dotted "b single searches" line) took the
+    single-query time from the FIRST batch size listed: batch_sizes [4, 2] read 1.00x at 4, as if
+    4 searches of one query had been measured. Without a batch of 1 there is no ratio and no line
+    now; with one, the ratio is relative to it whatever the order of the sizes."""
+    from experiments import plots
+    from experiments.config import BatchCostStudy
+    from experiments.studies import run_batch_cost
+
+    table, _ = run_batch_cost(BatchCostStudy(retrievers=("bm25",), batch_sizes=(4, 2), repeats=1), _KBRes())
+    assert [r["vs_one_by_one"] for r in table.rows] == [None, None]
+    dotted: list[int] = []
+    monkeypatch.setattr(plots, "_finish", lambda fig, path, footer: dotted.append(
+        sum(line.get_linestyle() == ":" for ax in fig.axes for line in ax.get_lines())))
+    plots.plot_batch_cost(table.rows, str(tmp_path / "b.png"), "")
+    assert dotted == [0]
+    table, _ = run_batch_cost(BatchCostStudy(retrievers=("bm25",), batch_sizes=(4, 1), repeats=1), _KBRes())
+    ratio = {r["batch"]: r["vs_one_by_one"] for r in table.rows}
+    assert ratio[1] == 1.0 and ratio[4] > 0  # 4 x 5 ms against 4 x (1 x 5 ms): ~1 (timing)
+    plots.plot_batch_cost(table.rows, str(tmp_path / "b.png"), "")
+    assert dotted == [0, 1]

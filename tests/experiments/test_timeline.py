@@ -30,3 +30,27 @@ def test_plot_timeline_writes_a_png(tmp_path):
     trace = [{"kind": "lm", "t": 0.0, "dur": 0.1, "n": 4}, {"kind": "verify", "t": 0.05, "dur": 0.1}]
     path = plot_timeline([("naive", _result([])), ("all", _result(trace))], str(tmp_path / "t.png"), "footer")
     assert (tmp_path / "t.png").stat().st_size > 1000 and path.endswith("t.png")
+
+
+def test_each_variant_carries_its_own_os3_costs(tmp_path, monkeypatch):
+    """experiments.timeline runs a warm-up pass, then the measured one: every variant's measured
+    request must start from ITS warm-up's OS^3 costs. One engine.costs was shared, keyed by
+    guesser, so `all-sync` started from the costs and acceptance `all` had just measured."""
+    from ralmspec.engine import speculative
+    from experiments import timeline
+
+    used: list[tuple[bool, int]] = []
+    init = speculative.RalmMode.__init__
+
+    def watched(self, ctx, spec, *args):
+        used.append((spec.async_verify, id(ctx.costs)))
+        init(self, ctx, spec, *args)
+
+    monkeypatch.setattr(speculative.RalmMode, "__init__", watched)
+    monkeypatch.setattr("experiments.plots.plot_timeline", lambda titles, path, footer: path)
+    rc = timeline.main(["--model", "tiny", "--max-new-tokens", "8", "--variants", "all,all-sync",
+                        "--out", str(tmp_path / "t.png")])
+    assert rc == 0
+    (a1, x1), (s1, y1), (a2, x2), (s2, y2) = used  # warm-up all, all-sync; measured all, all-sync
+    assert (a1, s1, a2, s2) == (True, False, True, False)
+    assert x1 == x2 and y1 == y2 and x1 != y1

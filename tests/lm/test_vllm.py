@@ -435,3 +435,28 @@ def test_bad_model_folder_is_model_load_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_vllm(str(tmp_path / "empty"))
+
+
+def test_the_engines_cold_start_resets_vllms_prefix_cache(tiny_lm, small_indexes):
+    """``RalmEngine.reset_caches`` (``ralmspec bench`` before every request) calls the LM's
+    ``clear_prefix_cache``; the vLLM backend left it the base no-op, so with ``--lm-backend vllm``
+    a speculative request found the naive run's KV blocks of the same question in vLLM's prefix
+    cache. A stand-in ``LLM`` (no vLLM needed) counts the resets."""
+    import threading
+
+    from ralmspec.config import EngineConfig
+    from ralmspec.engine.core import RalmEngine
+    from ralmspec.lm.vllm import VLLMLanguageModel
+
+    class LLM:
+        resets = 0
+
+        def reset_prefix_cache(self) -> bool:
+            self.resets += 1
+            return True
+
+    lm = object.__new__(VLLMLanguageModel)  # __init__ imports vllm
+    lm._llm, lm._lock, lm.tokenizer = LLM(), threading.Lock(), tiny_lm.tokenizer
+    engine = RalmEngine(lm, small_indexes["bm25"], EngineConfig())
+    engine.reset_caches()
+    assert lm._llm.resets == 1
