@@ -99,6 +99,9 @@ class BenchSummary:
     # requests measured again (by mode: "naive" and this variant) because the LM runner compiled
     # or captured a graph during them (``runner_built``); only the last measurement counts
     remeasured: dict[str, int] = field(default_factory=dict)
+    # per-request latency quantiles, seconds, by mode ("naive" and this variant): p50, p90, max
+    # (``latency_quantiles``); the means above hide a slow tail
+    latency_quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +114,20 @@ def runner_built(engine: RalmEngine) -> tuple[tuple[int, ...], int]:
     runner = getattr(engine.lm, "runner", None)
     state = runner.state() if runner is not None else {}
     return tuple(state.get("compiled_spans", ())), int(state.get("cuda_graphs", 0))
+
+
+def latency_quantiles(results: Sequence[GenerationResult]) -> dict[str, float]:
+    """p50, p90 (nearest rank: the smallest latency with at least that share of requests at or
+    below it, so every figure is a measured request's) and max of the requests' latencies, seconds;
+    ``{}`` for none."""
+    lat = sorted(r.latency_s for r in results)
+    if not lat:
+        return {}
+
+    def rank(q: float) -> float:
+        return lat[max(0, -(-len(lat) * q // 100) - 1)]  # ceil(n q / 100), 1-based
+
+    return {"p50": rank(50), "p90": rank(90), "max": lat[-1]}
 
 
 def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResult], retriever: str, variant: str,
@@ -147,6 +164,7 @@ def summarize(naive: Sequence[GenerationResult], specs: Sequence[GenerationResul
         overlap=statistics.fmean(r.stats["overlap"] for r in specs) if specs else None,
         guess_ms=1000 * sum(r.stats.get("guess_s", 0.0) for r in specs) / guesses if guesses else None,
         remeasured=dict(remeasured or {}),
+        latency_quantiles={"naive": latency_quantiles(naive), variant: latency_quantiles(specs)},
     )
 
 

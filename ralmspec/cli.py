@@ -207,8 +207,9 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 def _write_outputs(path: str | None, questions: list[str], answers: list[list[str]],
                    runs: dict[str, list]) -> None:
-    """One JSON line per (question, mode): the generated text, whether it holds a gold answer,
-    latency and the passages used, so that a table's answer_match can be checked by eye."""
+    """One JSON line per (question, mode): the generated text and its token ids, whether it holds
+    a gold answer, latency, the passages used and the request's speculation stats, so that a
+    table's answer_match, identity and speed-up can be checked from the file."""
     if not path:
         return
     from ralmspec.answers import contains_answer
@@ -220,7 +221,8 @@ def _write_outputs(path: str | None, questions: list[str], answers: list[list[st
                 row = {"i": i, "mode": mode, "question": questions[i], "answers": answers[i], "text": r.text,
                        "match": contains_answer(r.text, answers[i]) if answers[i] else None,
                        "latency_s": round(r.latency_s, 4), "tokens": len(r.token_ids),
-                       "finish_reason": r.finish_reason, "passages": sorted({st.title for st in r.steps})}
+                       "finish_reason": r.finish_reason, "passages": sorted({st.title for st in r.steps}),
+                       "token_ids": list(r.token_ids), "stats": r.stats}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     _log(f"wrote {path}")
 

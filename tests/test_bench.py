@@ -122,3 +122,15 @@ def test_a_request_during_which_the_lm_runner_built_a_graph_is_measured_again(ti
     assert len(naive_q1) == 2 and runs["naive"][1] is naive_q1[1]
     assert summary.remeasured == {"naive": 1, "s": 0} and summary.identical_fraction == 1.0
     assert len(calls) == 2 + 2 * 2 + 1  # warm-up (never measured again), 2 questions x 2 modes, the re-run
+
+
+def test_latency_quantiles_are_measured_requests_latencies():
+    """Nearest rank: every quantile is one request's latency (no interpolation between two)."""
+    from types import SimpleNamespace
+
+    from ralmspec.bench import latency_quantiles
+
+    runs = [SimpleNamespace(latency_s=float(s)) for s in (7, 1, 10, 3, 5, 2, 9, 4, 8, 6)]
+    assert latency_quantiles(runs) == {"p50": 5.0, "p90": 9.0, "max": 10.0}
+    assert latency_quantiles(runs[:1]) == {"p50": 7.0, "p90": 7.0, "max": 7.0}
+    assert latency_quantiles([]) == {}

@@ -33,13 +33,26 @@ def test_bench_counts_what_the_identity_check_covered(small_indexes, tmp_path, c
     rollbacks, and the summary says "identical over K speculated steps" with K > 0. Requests that
     end after their first chunk never speculate: the summary says so instead of claiming identity."""
     index = small_indexes["exact"].index_dir
-    out = tmp_path / "bench.json"
+    out, rows_out = tmp_path / "bench.json", tmp_path / "rows.jsonl"
     rc = main(["bench", "--model", "tiny", "--retriever", "exact", "--index", index, "--n", "2",
                "--max-new-tokens", "24", "--stride", "2", "--query-len", "4", "--threads", "1", "--no-os3",
-               "--fixed-stride", "3", "--no-async", "--prefetch", "1", "--json", str(out)])
+               "--fixed-stride", "3", "--no-async", "--prefetch", "1", "--json", str(out), "--outputs", str(rows_out)])
     assert rc == 0
     printed = capsys.readouterr().out
     r = json.loads(out.read_text())
+    # the per-request file holds what the summary is made of: tokens (identity), stats, latencies
+    rows = [json.loads(line) for line in rows_out.read_text().splitlines()]
+    by_mode = {m: [row for row in rows if row["mode"] == m] for m in ("naive", "speculative")}
+    assert [len(v) for v in by_mode.values()] == [2, 2]
+    assert all(a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == a["tokens"]
+               for a, b in zip(*by_mode.values()))
+    assert sum(row["stats"]["speculated"] for row in by_mode["speculative"]) == r["speculated_steps"]
+    assert sum(row["stats"]["rollbacks"] for row in by_mode["speculative"]) == r["rollbacks"]
+    for mode, key in (("naive", "naive"), ("speculative", "speculative")):
+        lat = sorted(row["latency_s"] for row in by_mode[mode])
+        q = r["latency_quantiles"][key]
+        assert set(q) == {"p50", "p90", "max"}
+        assert [round(q["p50"], 4), round(q["p90"], 4), round(q["max"], 4)] == [lat[0], lat[1], lat[1]]
     k, v, acc, rb = r["speculated_steps"], r["verified_steps"], r["accepted"], r["rollbacks"]
     assert all(isinstance(x, int) for x in (k, v, acc, rb))
     assert k > 0 and r["identical_fraction"] == 1.0
