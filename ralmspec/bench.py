@@ -269,13 +269,23 @@ def teach_oracle(engine: RalmEngine, gen: GenerationConfig, naive: GenerationRes
 
 def run_closed_book(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfig,
                     answers: Sequence[Sequence[str]] | None = None,
-                    progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[GenerationResult]]:
-    """The same questions with no retrieval (no passage): the closed-book baseline of answer_match."""
+                    progress: Callable[[str], None] | None = None, warmup: bool = True,
+                    cold_start: bool = True) -> tuple[dict[str, Any], list[GenerationResult]]:
+    """The same questions with no retrieval (no passage): the closed-book baseline of answer_match,
+    measured as ``run_bench`` measures (an uncounted warm-up request on question 0, every request
+    from cold caches: the first request paid the warm-up that the others did not)."""
+    async def one(q: str) -> GenerationResult:
+        if cold_start:
+            engine.reset_caches()
+        return await engine.generate(q, gen=gen, retrieval=False)
+
     async def go() -> list[GenerationResult]:
+        if warmup and questions:
+            await one(questions[0])
         out = []
         t0 = time.perf_counter()
         for i, q in enumerate(questions):
-            out.append(await engine.generate(q, gen=gen, retrieval=False))
+            out.append(await one(q))
             if progress:
                 progress(f"[{i + 1}/{len(questions)}] {time.perf_counter() - t0:6.1f}s closed-book "
                          f"{out[-1].latency_s:.2f}s")
@@ -285,10 +295,12 @@ def run_closed_book(engine: RalmEngine, questions: Sequence[str], gen: Generatio
     summary = {
         "mode": "no-retrieval", "n": len(runs),
         "latency_s": statistics.fmean(r.latency_s for r in runs) if runs else 0.0,
+        "latency_quantiles": latency_quantiles(runs),
         "answer_match": answer_match([r.text for r in runs], answers) if answers is not None else None,
         "generation": asdict(gen),
     }
     return summary, runs
+
 
 def ablation_variants(base: SpeculationConfig) -> dict[str, SpeculationConfig]:
     return {name: replace(base, enabled=True, **kw) for name, kw in ABLATIONS.items()}
