@@ -176,6 +176,15 @@ class LoadGovernor:
             self.paused, self._since = False, None
         return not self.paused
 
+    def request_ended(self, now: float, active: int) -> None:
+        """A request ended and ``active`` still run: below ``min_active`` the server is no longer
+        loaded, so a pause ends (``allows_speculation``'s own rule) now, not at the next ask of a
+        speculative request, which may be long after: a server idle or running only naive
+        requests showed speculation paused and counted those seconds in ``paused_s``."""
+        if self.paused and active < self.config.min_active:
+            self.paused_s += now - (self._since if self._since is not None else now)
+            self.paused, self._since = False, None
+
     def kb_amortizes(self) -> bool:
         """More queries per knowledge-base call make each cheaper (module doc); unknown: no."""
         share = self.kb_fixed_share()

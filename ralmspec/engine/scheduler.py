@@ -149,7 +149,9 @@ class BatchingLMClient:
         self.lm = lm
         self.max_batch = max_batch
         self.window_s = window_s
-        self.batch_sizes = SizeHistogram()  # prompts per backend call
+        # prompts per backend call (``lm.generate``: one per distinct n of a batch, and one per
+        # prompt of a failed call retried alone); ``calls`` counts those calls
+        self.batch_sizes = SizeHistogram()
         self.calls = 0
         self.busy_s = 0.0
         self.busy_window: BusyWindow | None = None  # set by the scheduler: the governor's load signal
@@ -221,8 +223,6 @@ class BatchingLMClient:
     async def _run_batch(self, batch: list[_LMItem]) -> None:
         with self._lock:
             self._in_backend.update(it.session for it in batch)
-        self.batch_sizes.observe(len(batch))
-        self.calls += 1
         t = time.perf_counter()
         if self.busy_window is not None:
             self.busy_window.start(t)
@@ -269,8 +269,7 @@ class BatchingLMClient:
             groups[it.n].append(i)
         for n, idx in groups.items():
             try:
-                res = self.lm.generate([batch[i].prompt for i in idx], n, [batch[i].session for i in idx],
-                                       [batch[i].sampling for i in idx])
+                res = self._generate([batch[i] for i in idx], n)
                 if len(res) != len(idx):
                     raise RuntimeError(f"LM backend returned {len(res)} outputs for {len(idx)} prompts")
                 for i, r in zip(idx, res):
@@ -281,11 +280,18 @@ class BatchingLMClient:
                     continue
                 for i in idx:
                     try:
-                        out[i] = list(self.lm.generate([batch[i].prompt], n, [batch[i].session],
-                                                       [batch[i].sampling])[0])
+                        out[i] = list(self._generate([batch[i]], n)[0])
                     except Exception as one:  # noqa: BLE001
                         out[i] = one
         return out
+
+    def _generate(self, items: list[_LMItem], n: int) -> Sequence[Sequence[int]]:
+        """Worker thread: one backend call, counted in ``calls`` and ``batch_sizes`` (what
+        ``/metrics`` shows as prompts per LM backend call), whether it succeeds or not."""
+        self.batch_sizes.observe(len(items))
+        self.calls += 1
+        return self.lm.generate([it.prompt for it in items], n, [it.session for it in items],
+                                [it.sampling for it in items])
 
     async def aclose(self) -> None:
         """Stop the dispatcher; queued session releases still run (waited for off the loop)."""
@@ -594,6 +600,7 @@ class Scheduler:
                 self._sessions.discard(session)
                 self.lm_client.release(session)  # idempotent; the engine also releases it
                 self._running -= 1
+                self.governor.request_ended(time.perf_counter(), self._running)
                 self._slots.release()
         self.counters.completed += 1
         return res

@@ -233,7 +233,8 @@ def error_for(exc: BaseException, prompt_param: str = "prompt") -> APIError:
 
 def error_middleware(metrics: ServerMetrics, client_max_size: int) -> Any:
     """The middleware that answers every error as JSON (the module's error contract) and counts
-    every request by endpoint and status in ``metrics``."""
+    every request once by endpoint and status in ``metrics``: a stream that ended with an error
+    event under that error's status (``STREAM_STATUS``), not the 200 its headers carried."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
@@ -267,7 +268,8 @@ def error_middleware(metrics: ServerMetrics, client_max_size: int) -> Any:
             resp = _json_error(err, headers)
             if err.status == 408:
                 await answer_and_close(request, resp)
-        metrics.record_request(endpoint, resp.status)
+        # a stream that ended with an error event: its status line said 200, its outcome is the error's
+        metrics.record_request(endpoint, request.get(STREAM_STATUS, resp.status))
         return resp
 
     return middleware
@@ -318,6 +320,9 @@ def auth_middleware(api_key: str) -> Any:
 # the request's key of its X-Request-Id: a typed key from aiohttp 3.14 (a plain string warns there,
 # NotAppKeyWarning), a string before it (the floor is 3.9.1)
 REQUEST_ID: Any = web.RequestKey("ralmspec_request_id", str) if hasattr(web, "RequestKey") else "ralmspec.request_id"
+# the status of a stream's error event (``stream_verified``): what the middleware counts it as
+STREAM_STATUS: Any = web.RequestKey("ralmspec_stream_status", int) if hasattr(web, "RequestKey") \
+    else "ralmspec.stream_status"
 
 
 def request_id(sent: str | None) -> str:
@@ -505,8 +510,9 @@ async def respond(request: web.Request, state: ServerState, req: CompletionReque
         raise error_for(exc, shape.prompt_param) from None
     if req.stream:
         return await _stream(request, state, req, shape)
+    t0 = time.perf_counter()
     result = await run_watching(request, generate(state, req, shape))
-    state.metrics.record_completion(result)
+    state.metrics.record_completion(result, time.perf_counter() - t0)
     return web.json_response(answer(shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()),
                                     state.config.model_name, result, state.engine.lm.tokenizer,
                                     {"ralm": ralm_fields(state, req, result)}))
@@ -539,7 +545,8 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
     queue: asyncio.Queue[VerifiedChunk | None] = asyncio.Queue()
     loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
     t0 = time.perf_counter()
-    ttft: list[float] = []
+    ttft: list[float] = []  # seconds from t0 to the first verified chunk
+    ended: list[float] = []  # ... and to the generation's end (the request's latency)
 
     def on_tokens(toks: Any) -> None:  # verified tokens only (engine contract)
         if not ttft:
@@ -549,8 +556,12 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
         else:  # queued before the task's end: its done callback is scheduled after these
             loop.call_soon_threadsafe(queue.put_nowait, toks)
 
+    def on_end(_task: asyncio.Future) -> None:
+        ended.append(time.perf_counter() - t0)
+        queue.put_nowait(None)
+
     task = asyncio.ensure_future(run(on_tokens))
-    task.add_done_callback(lambda _t: queue.put_nowait(None))
+    task.add_done_callback(on_end)
     # The stream starts with the first verified chunk: errors before it (queue full, bad prompt,
     # knowledge base down at the first retrieval, deadline) are answered with their HTTP status.
     await first_chunk(request, task, queue)
@@ -577,7 +588,7 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
         err = error_for(exc)
         log.warning("stream %s ended with %d: %s (X-Request-Id %s)", cid, err.status, err.message,
                     request.get(REQUEST_ID))
-        metrics.record_request(f"{request.path}:stream_error", err.status)
+        request[STREAM_STATUS] = err.status  # counted once, as this status (error_middleware)
         await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
         await resp.write_eof()
         return resp
@@ -600,7 +611,7 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
         if exc is not None:
             return await end_with_error(exc)
         result = task.result()
-        metrics.record_completion(result, ttft[0] if ttft else None)
+        metrics.record_completion(result, ended[0], ttft[0] if ttft else None)
         rest = text.finish()
         await resp.write(chunk(shape.delta(rest, finish_reason(result), logprobs_of(result)), **extension(result)))
         if include_usage:

@@ -402,8 +402,9 @@ async def respond(request: web.Request, shape: Shape) -> web.StreamResponse:
             request, lambda on_tokens: decode(state, req, on_tokens), shape=shape, model=state.config.model_name,
             tokenizer=tokenizer, stops=req.stop, logprobs=False, include_usage=req.include_usage,
             metrics=state.metrics, extension=lambda result: {"knnlm": knnlm_fields(req, result)})
+    t0 = time.perf_counter()
     result = await run_watching(request, decode(state, req))
-    state.metrics.record_completion(result)
+    state.metrics.record_completion(result, time.perf_counter() - t0)
     return web.json_response(answer(shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()),
                                     state.config.model_name, result, tokenizer, {"knnlm": knnlm_fields(req, result)}))
 

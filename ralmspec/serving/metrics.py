@@ -161,9 +161,11 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self.requests = Counter("ralmspec_http_requests_total", "HTTP requests by endpoint and status code.")
         self.latency = Histogram("ralmspec_request_latency_seconds",
-                                 "Latency of successful completions, by mode (naive / speculative).", LATENCY_BUCKETS)
+                                 "Latency of successful completions at the server, queueing included, by mode "
+                                 "(naive / speculative).", LATENCY_BUCKETS)
         self.ttft = Histogram("ralmspec_time_to_first_token_seconds",
-                              "Time to the first verified token of streamed completions.", LATENCY_BUCKETS)
+                              "Time to the first verified token of streamed completions, queueing included.",
+                              LATENCY_BUCKETS)
         self.prompt_tokens = Counter("ralmspec_prompt_tokens_total", "Prompt tokens of finished completions.")
         self.completion_tokens = Counter("ralmspec_completion_tokens_total",
                                          "Generated (verified) tokens of finished completions, by mode.")
@@ -185,11 +187,16 @@ class ServerMetrics:
         with self._lock:
             self.requests.inc(endpoint=endpoint, status=str(status))
 
-    def record_completion(self, result: Any, ttft_s: float | None = None) -> None:
+    def record_completion(self, result: Any, latency_s: float, ttft_s: float | None = None) -> None:
+        """Count one successful completion: ``latency_s`` its latency at the server, from the
+        moment its generation was asked for (waiting for a slot included) to its end, measured
+        from the same moment as ``ttft_s`` (a stream's first verified chunk), so ``ttft_s <=
+        latency_s``; not ``result.latency_s``, the engine's own time, which starts once a slot is
+        free and leaves out the wait in the queue."""
         mode = result.mode
         s = result.stats
         with self._lock:
-            self.latency.observe(result.latency_s, mode=mode)
+            self.latency.observe(latency_s, mode=mode)
             if ttft_s is not None:
                 self.ttft.observe(ttft_s, mode=mode)
             self.prompt_tokens.inc(result.prompt_tokens, mode=mode)

@@ -55,6 +55,21 @@ def test_a_lone_request_is_never_paused_and_a_paused_server_resumes_when_load_dr
     assert g.allows_speculation(1.0, active=1) is True  # back to one request: resumes at once
 
 
+def test_a_pause_ends_when_the_requests_that_loaded_the_lm_end():
+    """The last speculative request may ask while others still run and then end: the requests
+    ending (``request_ended``) take the server below ``min_active``, which ends the pause then,
+    not at the next speculative request's ask, maybe minutes later, with ``paused`` true and the
+    idle seconds counted as paused by load meanwhile."""
+    g, w = _governor(pause_at=0.8, resume_at=0.5, min_active=2)
+    w.start(0.0)
+    w.stop(1.0)
+    assert g.allows_speculation(1.0, active=3) is False
+    g.request_ended(2.0, active=2)  # still loaded: still paused
+    assert g.stats(2.0)["paused"] is True
+    g.request_ended(3.0, active=1)
+    assert g.stats(60.0)["paused"] is False and g.stats(60.0)["paused_s"] == pytest.approx(2.0)
+
+
 def test_disabled_governor_always_allows():
     g, w = _governor(enabled=False)
     w.start(0.0)

@@ -153,8 +153,73 @@ def test_batching_lm_client_one_call_and_isolates_a_bad_prompt(tiny_lm):
     for i in (0, 1, 2, 4):
         assert out[i] == expected[i]
     assert isinstance(out[3], ConfigError)
-    assert client.batch_sizes.counts() == {5: 1}  # one backend batch (two distinct n inside it)
+    # one dispatched batch, six backend calls: the four n=3 prompts together (failed), each of
+    # them again alone, and the n=5 prompt
+    assert client.batch_sizes.counts() == {4: 1, 1: 5} and client.calls == 6
     assert tiny_lm.cached_length("bl-0") == 0
+
+
+class _CountingLM:
+    """``lm`` with every ``generate`` call's number of prompts recorded."""
+
+    def __init__(self, lm):
+        self.lm, self.calls = lm, []
+
+    def generate(self, prompts, n, sessions=None, sampling=None):
+        self.calls.append(len(prompts))
+        return self.lm.generate(prompts, n, sessions, sampling)
+
+    def release(self, session):
+        self.lm.release(session)
+
+
+def test_lm_batch_sizes_count_the_backend_calls_not_the_dispatched_batches(tiny_lm):
+    """Chunks of different lengths gathered in one batch run as one backend call per length:
+    ``batch_sizes`` (``/metrics`` ``ralmspec_lm_batch_size``, "prompts per LM backend call") and
+    ``calls`` count those calls. They counted the batch as one call of all its prompts: three
+    requests with strides 2, 2 and 3 showed one call of 3 prompts where the LM ran one of 2 and
+    one of 1, so a server whose requests used different strides looked batched when it was not."""
+    lm = _CountingLM(tiny_lm)
+    prompts = [[101, 2023, 2003, 1037], [101, 7592, 2088], [101, 2054, 2003, 1996, 3007]]
+
+    async def go():
+        client = BatchingLMClient(lm)
+        try:
+            await asyncio.gather(*(client.greedy(p, n, f"bc-{i}") for i, (p, n) in enumerate(zip(prompts, (2, 2, 3)))))
+        finally:
+            for i in range(3):
+                client.release(f"bc-{i}")
+            await client.aclose()
+        return client
+
+    client = asyncio.run(go())
+    assert sorted(lm.calls) == [1, 2]
+    assert client.batch_sizes.counts() == {1: 1, 2: 1} and client.calls == 2
+
+
+def test_a_governor_pause_ends_when_the_server_is_no_longer_loaded(small_indexes, tiny_lm, questions):
+    """Two short speculative requests paused beside a long naive one (which never asks the
+    governor) all end: speculation is not shown paused on the idle server, and its paused
+    seconds stop growing. It stayed paused until the next speculative request: ``/metrics``
+    showed ``ralmspec_governor_paused 1`` on an idle server and counted its idle seconds in
+    ``ralmspec_governor_paused_seconds_total``."""
+    engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
+    short = GenerationConfig(stride=2, query_len=16, max_new_tokens=8, passage_tokens=64)
+    long = GenerationConfig(stride=2, query_len=16, max_new_tokens=96, passage_tokens=64)
+    gov = GovernorConfig(pause_at=0.01, resume_at=0.01, kb_bottleneck_at=None)  # any LM work pauses
+
+    async def go():
+        async with Scheduler(engine, SchedulerConfig(max_concurrent=4, governor=gov)) as sched:
+            await asyncio.gather(sched.generate(questions[0], gen=long, speculate=False),
+                                 *(sched.generate(q, gen=short, spec=FORCED, speculate=True) for q in questions[1:3]))
+            first = sched.stats()["governor"]
+            await asyncio.sleep(0.3)
+            return first, sched.stats()["governor"], sched.active
+
+    first, later, active = asyncio.run(go())
+    assert active == 0 and first["pauses"] >= 1, first  # the case pauses
+    assert first["paused"] is False and later["paused"] is False
+    assert later["paused_s"] == first["paused_s"]
 
 
 def test_queue_full_is_immediate_back_pressure(small_indexes, tiny_lm, questions):

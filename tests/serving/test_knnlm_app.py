@@ -533,3 +533,36 @@ def test_any_mutated_body_is_answered_without_a_server_error(server, case):
         assert isinstance(resp, dict) and set(resp) == {"error"} and resp["error"]["message"], (body, resp)
     elif body.get("stream") is True:
         assert isinstance(resp, str) and resp.rstrip().endswith("data: [DONE]") and '"error"' not in resp, resp
+
+
+def test_request_latency_counts_the_wait_for_the_decoding_thread(tiny_lm, knn_datastores, prompts):
+    """One decoding thread: a short request sent while a long one decodes waits for it, and
+    ``ralmspec_request_latency_seconds`` counts that wait (as its client does). It showed the
+    decoder's own ``wall_s``, which starts when the thread takes the request: a queued request
+    looked as fast as one on an idle server."""
+    import threading
+
+    srv = knn_server(tiny_lm, knn_datastores["flat"], max_queue=2)
+    try:
+        long: dict = {}
+
+        def send_long() -> None:
+            long["r"] = complete(srv, prompt=prompts[0], max_tokens=300, knnlm={"speculate": False})
+            long["done"] = time.perf_counter()
+
+        t = threading.Thread(target=send_long)
+        t.start()
+        deadline = time.monotonic() + 30
+        while request("GET", f"{srv.url}/v1/stats")[1]["queue"]["active"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sent = time.perf_counter()
+        status, short = complete(srv, prompt=prompts[1], max_tokens=4, knnlm={"speculate": True})
+        t.join(60)
+        m = request("GET", f"{srv.url}/metrics")[1]
+    finally:
+        srv.stop()
+    assert status == 200 and long["r"][0] == 200
+    waited = long["done"] - sent  # the short request could not start before the long one ended
+    assert waited > 0.5, "the short request was built to wait for the thread"
+    latency = float(re.search(r'^ralmspec_request_latency_seconds_sum\{mode="speculative"\} (\S+)$', m, re.M)[1])
+    assert latency >= waited - 0.25 > short["knnlm"]["latency_s"], (latency, waited, short["knnlm"]["latency_s"])

@@ -1,11 +1,20 @@
-"""ralmspec/serving/metrics.py on its own: how a scrape renders the process's memory."""
+"""ralmspec/serving/metrics.py: how a scrape renders the process's memory; over real sockets, that
+what /metrics counts is what the clients were answered, and when."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import platform
+import re
+import time
 
+from ralmspec.errors import RetrievalError
 from ralmspec.memory import process_rss_bytes
+from ralmspec.retrieval.base import Retriever
 from ralmspec.serving.metrics import ServerMetrics
+from tests.serving.conftest import serve
+from tests.serving.support import MODEL, TEST_ENGINE_CONFIG, request
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -45,3 +54,116 @@ def test_a_scrape_labels_each_ray_worker_and_marks_the_silent_one_down():
     assert "# TYPE ralmspec_worker_up gauge" in lines
     alone = ServerMetrics().render(memory={"rss_bytes": 1, "heap": None, "workers": []})
     assert "ralmspec_worker_" not in alone  # one process: no worker gauges at all
+
+
+# --------------------------------------------------------------------------- over real sockets
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """Every sample of the family ``name`` in /metrics: ``{labels: value}`` (labels as written)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(re.escape(name) + r"(\{[^}]*\})? (\S+)$", line)
+        if m:
+            out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+class _GoneAfterFirstSearch(Retriever):
+    """The exact knowledge base, answering its first search and failing every later one (after a
+    short wait, so the answer's first chunk is streamed before the failure)."""
+
+    kind = "exact"
+
+    def __init__(self, inner: Retriever):
+        self.inner, self.corpus, self.searches = inner, inner.corpus, 0
+
+    def search_sync(self, queries, k):
+        self.searches += 1
+        if self.searches > 1:
+            time.sleep(0.3)
+            raise RetrievalError("the knowledge base went away")
+        return self.inner.search_sync(queries, k)
+
+    def score(self, query, doc_ids):
+        return self.inner.score(query, doc_ids)
+
+
+def test_a_stream_that_ends_with_an_error_is_counted_once_as_that_error(small_indexes, tiny_lm):
+    """A stream whose knowledge base fails after its first chunk ends with an error event (503);
+    ``ralmspec_http_requests_total`` counts it once, as 503. It was counted twice: as a 200 under
+    its endpoint (the status line sent with the first chunk) and as a 503 under a second
+    endpoint, ``/v1/completions:stream_error``, so success rates and request totals were wrong."""
+    from ralmspec.engine.core import RalmEngine
+    from tests.lm.conftest import make_view
+
+    engine = RalmEngine(make_view(tiny_lm, runner="batched"), _GoneAfterFirstSearch(small_indexes["exact"]),
+                        TEST_ENGINE_CONFIG)
+    srv = serve(engine, MODEL, 2, 60)
+    try:
+        events = asyncio.run(_sse(f"{srv.url}/v1/completions", {
+            "model": MODEL, "prompt": "the history of the roman empire", "max_tokens": 16, "stream": True,
+            "ralm": {"speculate": False, "stride": 2}}))
+        assert events[0]["choices"][0]["text"] is not None and "error" not in events[0]  # a chunk first
+        assert events[-1]["error"]["code"] == "knowledge_base_unavailable"  # then the error event
+        text = request("GET", f"{srv.url}/metrics")[1]
+    finally:
+        srv.stop()
+    counted = {k: v for k, v in _samples(text, "ralmspec_http_requests_total").items() if "/v1/" in k}
+    assert counted == {'{endpoint="/v1/completions",status="503"}': 1.0}, counted
+    assert _samples(text, "ralmspec_scheduler_failed_total") == {"": 1}
+
+
+async def _sse(url: str, body: dict) -> list[dict]:
+    """The events of a streamed request (``[DONE]`` left out), each timed: ``_t`` seconds from
+    the request's start."""
+    import aiohttp
+
+    events: list[dict] = []
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            async for line in r.content:
+                line = line.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append({**json.loads(line[len("data: "):]), "_t": time.perf_counter() - t0})
+    return events
+
+
+def test_request_latency_counts_the_wait_for_a_slot_as_time_to_first_token_does(serving_engine):
+    """One slot: a short stream waits behind a long request. Its time to first token (counted
+    from its arrival) is at most its request latency, and both at most what its client saw.
+    The latency histogram showed the engine's ``latency_s`` instead, which starts once the slot
+    is free: the queued stream's first token came later than its whole request had taken, and
+    a loaded server's latencies looked as fast as an idle one's."""
+    import threading
+
+    srv = serve(serving_engine, MODEL, 1, 120)
+    try:
+        long = {}
+        t = threading.Thread(target=lambda: long.update(r=request("POST", f"{srv.url}/v1/completions", {
+            "model": MODEL, "prompt": "the history of the roman empire", "max_tokens": 64,
+            "ralm": {"speculate": True}})))
+        t.start()
+        for _ in range(500):  # until the long request holds the one slot
+            holding = request("GET", f"{srv.url}/health")[1]["active"] == 1
+            if holding:
+                break
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        events = asyncio.run(_sse(f"{srv.url}/v1/completions", {
+            "model": MODEL, "prompt": "who wrote hamlet", "max_tokens": 4, "stream": True,
+            "ralm": {"speculate": False}}))
+        client_s = time.perf_counter() - t0
+        t.join(120)
+        text = request("GET", f"{srv.url}/metrics")[1]
+    finally:
+        srv.stop()
+    assert long["r"][0] == 200
+    engine_s = next(e["ralm"]["latency_s"] for e in events if "ralm" in e)
+    waited = events[0]["_t"] - engine_s  # the stream's first chunk came after its engine time: it queued
+    latency = _samples(text, "ralmspec_request_latency_seconds_sum")['{mode="naive"}']
+    ttft = _samples(text, "ralmspec_time_to_first_token_seconds_sum")['{mode="naive"}']
+    assert _samples(text, "ralmspec_request_latency_seconds_count")['{mode="naive"}'] == 1
+    assert holding and waited > 0, "the stream was built to wait for the slot"
+    assert ttft <= latency <= client_s, (ttft, latency, client_s, engine_s)
