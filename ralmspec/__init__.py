@@ -36,19 +36,20 @@ _EXPORTS = {
     "ModelLoadError": "ralmspec.errors",
     "RetrievalError": "ralmspec.errors",
     "LMError": "ralmspec.errors",
+    "ClosedError": "ralmspec.errors",
 }
 
 __all__ = ["__version__", "EngineConfig", "GenerationConfig", "RetrievalConfig", "SpeculationConfig", "build_engine",
            "RalmEngine", "Conversation", "GenerationResult", "RalmSpecError", "ConfigError", "IndexNotFoundError",
-           "ModelLoadError", "RetrievalError", "LMError"]
+           "ModelLoadError", "RetrievalError", "LMError", "ClosedError"]
 
 if TYPE_CHECKING:
     from ralmspec.config import EngineConfig, GenerationConfig, RetrievalConfig, SpeculationConfig
     from ralmspec.engine.core import RalmEngine, build_engine
     from ralmspec.engine.prompt import Conversation
     from ralmspec.engine.result import GenerationResult
-    from ralmspec.errors import (ConfigError, IndexNotFoundError, LMError, ModelLoadError, RalmSpecError,
-                                 RetrievalError)
+    from ralmspec.errors import (ClosedError, ConfigError, IndexNotFoundError, LMError, ModelLoadError,
+                                 RalmSpecError, RetrievalError)
 
 
 def __getattr__(name: str) -> Any:

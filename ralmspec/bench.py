@@ -39,7 +39,6 @@ from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.result import GenerationResult
 from ralmspec.errors import ConfigError
 from ralmspec.report import identity_phrase
-from ralmspec.threads import run_sync
 
 REMEASURE_LIMIT = 2  # re-runs of one request after the LM runner built something during it
 
@@ -248,7 +247,7 @@ def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfi
 
     engine_costs = engine.costs
     try:
-        runs = run_sync(go)
+        runs = engine.run_sync(go)
     finally:
         engine.costs = engine_costs
     summaries = [summarize(runs["naive"], runs[v], retriever, v, gen, spec, answers,
@@ -291,7 +290,7 @@ def run_closed_book(engine: RalmEngine, questions: Sequence[str], gen: Generatio
                          f"{out[-1].latency_s:.2f}s")
         return out
 
-    runs = run_sync(go)
+    runs = engine.run_sync(go)
     summary = {
         "mode": "no-retrieval", "n": len(runs),
         "latency_s": statistics.fmean(r.latency_s for r in runs) if runs else 0.0,

@@ -29,6 +29,12 @@ class RetrievalError(RalmSpecError):
     """The knowledge base failed or timed out. No unverified token may be released after this."""
 
 
+class ClosedError(RalmSpecError):
+    """An engine, language model or scheduler was used after its ``close()`` (or, for a
+    scheduler, ``aclose()`` / the end of its ``async with`` block): build a new one, and close
+    an object only after its last request."""
+
+
 class LMError(RalmSpecError):
     """The language model failed or timed out while serving (e.g. a Ray LM replica died).
     The whole call fails: no partial answer is ever returned."""

@@ -169,3 +169,87 @@ def test_a_results_dict_carries_its_prompt_tokens(tiny_engine):
     r = tiny_engine.generate_sync("Who is Robert Boulter?", gen=GenerationConfig(max_new_tokens=4))
     d = r.to_dict(with_trace=False)
     assert d["prompt_tokens"] == r.prompt_tokens == len(r.prompt_ids) + r.template_tokens and "trace" not in d
+
+
+def test_a_closed_engine_its_lm_and_a_knnlm_on_it_refuse_requests(tiny_engine, tiny_lm, small_indexes,
+                                                                   knn_datastores):
+    """After ``close()`` an engine answered on (its LM keeps its weights), and so did a Scheduler
+    built on it, the closed LM and a kNN-LM over it: each is a ``ClosedError`` now, which a
+    scheduler's own refusal after ``async with`` is too; closing twice is harmless."""
+    from ralmspec.engine.scheduler import Scheduler, SchedulerClosedError
+    from ralmspec.knnlm.model import KNNLM, KNNLMConfig
+    from ralmspec.knnlm.speculative import SpeculativeKNNLM
+
+    lm = tiny_lm.view()  # a backend of its own: closing it leaves the session's LM open
+    engine = RalmEngine(lm, small_indexes["bm25"], EngineConfig())  # BM25 has nothing to close
+    knn = KNNLM(lm, knn_datastores["flat"], KNNLMConfig(max_new_tokens=4))
+    gen = GenerationConfig(max_new_tokens=4)
+    assert len(engine.generate_sync(QUESTIONS[0], gen=gen).token_ids) == 4
+    engine.close()
+    engine.close()
+    lm.release("sched-1")  # a late release (a scheduler's) stays harmless
+    for call in (lambda: engine.generate_sync(QUESTIONS[0], gen=gen),
+                 lambda: asyncio.run(engine.generate(QUESTIONS[0], gen=gen)),
+                 lambda: engine.check_request(QUESTIONS[0]),
+                 lambda: Scheduler(engine),
+                 lambda: lm.generate([[1, 2, 3]], 2),
+                 lambda: knn.generate("The storm formed"),
+                 lambda: SpeculativeKNNLM(knn).generate("The storm formed")):
+        with pytest.raises(ralmspec.ClosedError, match="closed"):
+            call()
+    assert tiny_lm.greedy([[1, 2, 3]], 2)  # the weights still serve the session's LM
+
+    async def after_exit():
+        async with Scheduler(tiny_engine) as scheduler:
+            pass
+        await scheduler.generate(QUESTIONS[0], gen=gen)
+
+    with pytest.raises(SchedulerClosedError, match="scheduler is closed") as refused:
+        asyncio.run(after_exit())
+    assert isinstance(refused.value, ralmspec.ClosedError)
+
+
+def test_a_call_waiting_for_the_lm_while_it_closes_is_refused(tiny_lm):
+    """A call that had passed the closed check and waited for the LM's lock while ``close()``
+    ran went on to run the model on the closed backend; it is checked again under the lock."""
+    import threading
+
+    lm = tiny_lm.view()
+    out: list[object] = []
+
+    def call():
+        try:
+            out.append(lm.generate([[1, 2, 3]], 2))
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            out.append(exc)
+
+    with lm._lock:  # the call passes its checks and waits here, as behind another request's call
+        t = threading.Thread(target=call)
+        t.start()
+        t.join(0.3)
+        lm.closed = True  # what close() sets, under this lock, before it frees the buffers
+    t.join(30)
+    assert len(out) == 1 and isinstance(out[0], ralmspec.ClosedError), out
+
+
+def test_build_engine_closes_what_it_opened_when_the_engine_refuses_the_config(monkeypatch):
+    """A config the engine refuses at start-up (the chat format for a model without a chat
+    template) left the loaded LM and the opened knowledge base to the garbage collector (a vLLM
+    engine's or a Ray cluster's processes lived on); both are closed before the error is raised."""
+    from ralmspec.lm.hf import HFLanguageModel
+    from ralmspec.retrieval import open as kb_open
+
+    closed = []
+
+    class KnowledgeBase:  # stands in for the opened index
+        corpus: list = []
+
+        def close(self) -> None:
+            closed.append("knowledge base")
+
+    monkeypatch.setattr(kb_open, "open_knowledge_base", lambda *args, **kwargs: KnowledgeBase())
+    monkeypatch.setattr(HFLanguageModel, "close", lambda self: closed.append("lm"))
+    with pytest.raises(ralmspec.ConfigError, match="chat template"):
+        ralmspec.build_engine(EngineConfig(model="tiny", generation=GenerationConfig(prompt_format="chat")),
+                              show_progress=False)
+    assert sorted(closed) == ["knowledge base", "lm"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol, Sequence
 
@@ -39,21 +39,65 @@ class SearchClient(Protocol):
 
 
 class DirectLM:
-    """One request's LM calls go straight to the backend in a worker thread."""
+    """One request's LM calls go straight to the backend in a worker thread.
+
+    A cancelled request (a notebook's interrupt, a web client gone) releases its session while
+    its call may still run in the thread, which cannot be stopped: that call would store the
+    session's KV after the release, left behind (on a static runner, a KV slot) until evicted.
+    Such a session is released again by the call itself, when it ends."""
 
     def __init__(self, lm: LanguageModel):
         self.lm = lm
+        self._lock = threading.Lock()
+        self._running: Counter[Hashable] = Counter()  # session -> its calls started in a thread, not ended
+        self._late: set[Hashable] = set()  # sessions released while a call of theirs ran
 
     async def generate(self, prompt: list[int], n: int, session: Hashable,
                        sampling: Sampling | None = None) -> list[int]:
-        out = await to_thread(self.lm.generate, [prompt], n, [session], [sampling])
+        started = abandoned = False
+
+        def call() -> list[list[int]]:
+            nonlocal started
+            with self._lock:
+                if abandoned:  # its request was cancelled before it started: nothing to run
+                    return []
+                started = True
+                self._running[session] += 1
+            try:
+                return self.lm.generate([prompt], n, [session], [sampling])
+            finally:
+                self._ended(session)
+
+        try:
+            out = await to_thread(call)
+        except BaseException:
+            with self._lock:
+                abandoned = not started
+            raise
         return out[0]
 
     async def greedy(self, prompt: list[int], n: int, session: Hashable) -> list[int]:
         return await self.generate(prompt, n, session)
 
     def release(self, session: Hashable) -> None:
+        """Drop ``session``'s KV state: at once, or, while a call of it runs, when that call ends
+        (never waiting here, on the event loop, for the LM's lock that call holds)."""
+        with self._lock:
+            if self._running[session]:
+                self._late.add(session)
+                return
         self.lm.release(session)
+
+    def _ended(self, session: Hashable) -> None:
+        with self._lock:
+            self._running[session] -= 1
+            if self._running[session] > 0:
+                return
+            del self._running[session]
+            late = session in self._late
+            self._late.discard(session)
+        if late:
+            self.lm.release(session)
 
 
 class PassageTokens:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable, Hashable
+from typing import Awaitable, Callable, Hashable, TypeVar
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig, check_seconds, check_type, is_int
 from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient, new_session_id
@@ -19,11 +19,13 @@ from ralmspec.engine.prompt import Conversation, PromptFormat
 from ralmspec.engine.result import GenerationResult, VerifiedChunk
 from ralmspec.engine.speculative import generate_speculative
 from ralmspec.engine.stop import cut_result
-from ralmspec.errors import ConfigError
+from ralmspec.errors import ClosedError, ConfigError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.retrieval.base import Retriever
 from ralmspec.speculation.guess import CheapRankers
 from ralmspec.threads import WorkerPool, run_sync
+
+T = TypeVar("T")
 
 CHAT_FORMATS_KEPT = 64  # conversation histories whose rendered template an engine keeps (each up to a context of ids)
 
@@ -67,7 +69,14 @@ class RalmEngine:
         # OS^3's latest measured costs, seeding the next request (machine calibration, not a cache
         # of answers: kept by reset_caches)
         self.costs: dict = {}
+        self.closed = False  # after close(): requests are a ClosedError
         self.prompt_format(self.config.generation.prompt_format)  # a bad format fails at start-up
+
+    def check_open(self) -> None:
+        """``ClosedError`` once ``close()`` has run: its model, knowledge base and worker are gone."""
+        if self.closed:
+            raise ClosedError("this RalmEngine was closed (close() or the end of its with block); "
+                              "build a new engine (build_engine) to run more requests")
 
     def prompt_format(self, name: str) -> PromptFormat:
         """The resolved prompt format ``name`` ("auto", "chat", "plain") for this engine's LM."""
@@ -116,6 +125,7 @@ class RalmEngine:
         A server asks before it queues the request, so a bad prompt is a 400 at once, not a 429
         or a wait for a slot."""
         conversation = prompt if isinstance(prompt, Conversation) else None
+        self.check_open()
         ctx = self.context(gen, conversation=conversation)
         ctx.encode_prompt(conversation.question if conversation is not None else prompt)
 
@@ -135,6 +145,7 @@ class RalmEngine:
         ``on_tokens`` still gets the whole chunk that completed it) and carries ``gen.logprobs``
         (engine/logprobs.py)."""
         check_call(prompt, gen, spec, speculate, retries, timeout_s, retrieval)
+        self.check_open()
         spec = spec or self.config.speculation
         conversation = prompt if isinstance(prompt, Conversation) else None
         question = conversation.question if conversation is not None else prompt
@@ -188,10 +199,29 @@ class RalmEngine:
         framework), ``asyncio.run`` cannot be called: the request then runs on its own loop in a
         helper thread while this one waits. ``await engine.generate(...)`` is the better call
         there: it does not block the loop."""
-        return run_sync(lambda: self.generate(prompt, **kwargs))
+        return self.run_sync(lambda: self.generate(prompt, **kwargs))
+
+    def run_sync(self, make: Callable[[], Awaitable[T]]) -> T:
+        """``threads.run_sync(make)`` for calls of this engine: they run on an event loop of their
+        own, which ends with them, so the knowledge base's connections to that loop (a
+        ``RemoteRetriever``'s aiohttp session: its ``aclose``) are closed before it ends, not
+        left to the garbage collector with an "Unclosed client session" warning per call."""
+        async def run() -> T:
+            try:
+                return await make()
+            finally:
+                aclose = getattr(self.retriever, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        return run_sync(run)
 
     def close(self) -> None:
-        """Release the LM, the knowledge base and the worker thread."""
+        """Release the LM, the knowledge base and the worker thread. Idempotent; afterwards
+        ``generate``, ``generate_sync`` and ``check_request`` raise ``ClosedError``."""
+        if self.closed:
+            return
+        self.closed = True
         self.worker.shutdown(wait=False, cancel_futures=True)
         self.lm.close()
         self.retriever.close()
@@ -205,18 +235,22 @@ class RalmEngine:
 
 def build_engine(config: EngineConfig, corpus_path: str | None = None, show_progress: bool = True) -> RalmEngine:
     """Load the LM and the knowledge base named by ``config`` (``retrieval.open.open_knowledge_base``:
-    encoder, folder, shards and EMULATED pad are settled there; builds the default index if missing)."""
+    encoder, folder, shards and EMULATED pad are settled there; builds the default index if missing).
+    Where the engine cannot be built, what was opened for it is closed before the error is raised."""
     from ralmspec.lm.loader import load_language_model
     from ralmspec.retrieval.open import open_knowledge_base
 
     check_type(config, EngineConfig, "config")
 
     retriever = open_knowledge_base(config.retrieval, corpus_path, show_progress=show_progress)
+    lm: LanguageModel | None = None
     try:
         lm = load_language_model(config.model, backend=config.lm_backend, device=config.lm_device,
                                  dtype=config.lm_dtype, runner=config.lm_runner,
                                  prefix_cache_mib=config.lm_prefix_cache_mib)
-    except BaseException:
+        return RalmEngine(lm, retriever, config)  # refuses a prompt format the model cannot lay out
+    except BaseException:  # no engine to close: its parts are (a vLLM engine's or Ray's processes)
+        if lm is not None:
+            lm.close()
         retriever.close()
         raise
-    return RalmEngine(lm, retriever, config)

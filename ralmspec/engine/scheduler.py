@@ -52,7 +52,7 @@ from ralmspec.engine.governor import BatchCostFit, BusyWindow, GovernorConfig, L
 from ralmspec.engine.naive import TokenCallback
 from ralmspec.engine.prompt import Conversation
 from ralmspec.engine.result import GenerationResult
-from ralmspec.errors import ConfigError, RalmSpecError, RetrievalError
+from ralmspec.errors import ClosedError, ConfigError, RalmSpecError, RetrievalError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.sampling import Sampling
 from ralmspec.retrieval.base import Hit, Retriever
@@ -63,8 +63,9 @@ class QueueFullError(RalmSpecError):
     """Admission refused: ``max_concurrent`` requests running and ``max_queue`` waiting (HTTP 429)."""
 
 
-class SchedulerClosedError(RalmSpecError):
-    """The scheduler is shutting down and accepts no new requests (HTTP 503)."""
+class SchedulerClosedError(ClosedError):
+    """The scheduler is shutting down (``aclose``, the end of its ``async with`` block) and accepts
+    no new requests (HTTP 503)."""
 
 
 class RequestTimeoutError(RalmSpecError, TimeoutError):
@@ -493,6 +494,8 @@ class Scheduler:
     """
 
     def __init__(self, engine: Any, config: SchedulerConfig | None = None, search_concurrency: int = 1):
+        if getattr(engine, "closed", False):  # else its requests failed one by one, on a closed LM
+            raise ClosedError("the engine was closed; build a new engine for the Scheduler")
         self.engine = engine
         self.config = config or SchedulerConfig()
         c = self.config
@@ -558,7 +561,7 @@ class Scheduler:
             # -1 or 0 was a RequestTimeoutError ("exceeded its deadline of -1 s"), "soon" a TypeError
             check_seconds(timeout_s, "timeout_s")
         if self._closed:
-            raise SchedulerClosedError("the server is shutting down")
+            raise SchedulerClosedError("the scheduler is closed (shutting down) and accepts no new requests")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_concurrent)
         timeout = self.config.request_timeout_s if timeout_s == "default" else timeout_s

@@ -100,6 +100,7 @@ class LanguageModel(abc.ABC):
     supports_sampling: bool = False  # implements the draw rule of ralmspec.lm.sampling exactly
     no_sampling_reason: str = "sampling needs the hf backend"  # the refusal's explanation
     supports_logprobs: bool = False  # implements token_logprobs
+    closed: bool = False  # set by close() where a backend refuses calls afterwards (ClosedError)
 
     def is_stop(self, token: int) -> bool:
         """Whether ``token`` ends an answer (``eos_token_id`` or one of ``stop_token_ids``): the

@@ -57,18 +57,19 @@ kept in an LRU table bounded by a number of sessions and a number of cached KV b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 import torch
 
 from ralmspec.config import LM_RUNNERS, check_text, is_int
-from ralmspec.errors import ConfigError
+from ralmspec.errors import ClosedError, ConfigError
 from ralmspec.lm.base import LanguageModel, TokenLogprob, token_ids
 from ralmspec.lm.prefix_cache import PrefixBlocks
 from ralmspec.lm.runner import EagerRunner, KVRunner
@@ -487,6 +488,7 @@ class HFLanguageModel(LanguageModel):
         self.max_scored_chunks = 1024
         self.scored_from_decode = 0  # tokens token_logprobs answered from decoding's scores
         self.scored_by_replay = 0  # tokens it replayed
+        self.closed = False  # after close(): every call that would run the model is a ClosedError
 
     def view(self, **overrides: Any) -> HFLanguageModel:
         """A fresh backend around the same weights: its own runner (sessions, KV slots, captured
@@ -526,7 +528,7 @@ class HFLanguageModel(LanguageModel):
         modes = [None] * len(checked) if sampling is None else _modes(sampling)
         if len(modes) != len(checked):
             raise ConfigError(f"got {len(checked)} prompts but {len(modes)} sampling settings")
-        with self._lock:
+        with self._open():
             stats = CallStats(prompts=len(checked))
             t0 = time.perf_counter()
             if n == 0:
@@ -552,7 +554,7 @@ class HFLanguageModel(LanguageModel):
         the usual kNN-LM key.
         """
         checked = self._check(prompts, sessions, extra=0)
-        with self._lock:
+        with self._open():
             stats = CallStats(prompts=len(checked))
             t0 = time.perf_counter()
             out = []
@@ -578,7 +580,7 @@ class HFLanguageModel(LanguageModel):
             raise ConfigError(f"tokens to score must be ids in [0, {self.vocab_size})")
         if not toks:
             return []
-        with self._lock, torch.inference_mode():
+        with self._open(), torch.inference_mode():
             kept = self._kept_scores(ids, toks, top_k)
             if kept is not None:
                 return kept
@@ -620,7 +622,7 @@ class HFLanguageModel(LanguageModel):
         canonical computation of ``next_token_states`` (values may differ in the last bits).
         """
         (prompt, _), = self._check([ids], None, extra=0)
-        with self._lock, torch.inference_mode():
+        with self._open(), torch.inference_mode():
             x = torch.tensor([prompt], dtype=torch.long, device=self.device)
             out = self.model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=1)
             h = out.hidden_states[-1][0].float().cpu()
@@ -635,7 +637,7 @@ class HFLanguageModel(LanguageModel):
         (prompt, _), = self._check([ids], None, extra=0)
         if not is_int(last, 1) or last > len(prompt):
             raise ConfigError(f"last must be an integer in [1, {len(prompt)}], got {last!r}")
-        with self._lock, torch.inference_mode():
+        with self._open(), torch.inference_mode():
             x = torch.tensor([prompt], dtype=torch.long, device=self.device)
             out = self.model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=last)
             h = out.hidden_states[-1][0, -last:].float().cpu()
@@ -652,9 +654,11 @@ class HFLanguageModel(LanguageModel):
                 self.runner.free(entry.kv)
 
     def close(self) -> None:
-        """Drop every session's KV state and the runner's buffers (a static runner's slots and
-        CUDA graphs are allocated again on next use)."""
+        """Drop every session's KV state and the runner's buffers. Idempotent; afterwards
+        ``release`` is a no-op and every call that would run the model raises ``ClosedError``
+        (the weights stay with the caller's other views: ``view`` is a new, open backend)."""
         with self._lock:
+            self.closed = True
             self._sessions.clear()
             self._cached_bytes = 0
             self.prefix_blocks.clear()
@@ -700,8 +704,22 @@ class HFLanguageModel(LanguageModel):
 
     # ------------------------------------------------------------------ internals
 
+    def _closed_error(self) -> ClosedError:
+        return ClosedError(f"the language model {self.name!r} was closed; load it again to run more requests")
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[None]:
+        """The LM's lock, for a call that runs the model: ``ClosedError`` if ``close()`` ran
+        (also while this call waited for the lock: ``_check``'s test came before it)."""
+        with self._lock:
+            if self.closed:
+                raise self._closed_error()
+            yield
+
     def _check(self, prompts: Sequence[Sequence[int]], sessions: Sequence[Hashable] | None,
                extra: int) -> list[tuple[list[int], Hashable | None]]:
+        if self.closed:
+            raise self._closed_error()
         if isinstance(prompts, (str, bytes)):
             raise ConfigError("prompts must be a list of token-id lists, got a string")
         try:

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Hashable, Iterator, Sequence
 
 from ralmspec.config import first_int, int_values, is_int
-from ralmspec.errors import ConfigError, LMError, ModelLoadError
+from ralmspec.errors import ClosedError, ConfigError, LMError, ModelLoadError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.hf import load_folder_tokenizer
 from ralmspec.paths import cache_folder, models_cache_dir
@@ -316,7 +316,7 @@ class VLLMLanguageModel(LanguageModel):
                                     skip_special_tokens=False)
         with self._lock:
             if self._closed:
-                raise ModelLoadError(f"the vLLM engine of {self.name!r} was closed")
+                raise ClosedError(f"the vLLM engine of {self.name!r} was closed; load it again to run more requests")
             if self._failed is not None:
                 raise LMError(f"the vLLM engine of {self.name!r} failed earlier and cannot run more "
                               f"requests (restart the process): {self._failed}")
@@ -374,6 +374,11 @@ class VLLMLanguageModel(LanguageModel):
         request) drops vLLM's prefix cache; without it a speculative request found the KV of the
         naive run of the same question cached (the base hook did nothing here)."""
         self.reset_prefix_cache()
+
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        """``close()`` ran: every call is a ``ClosedError``."""
+        return getattr(self, "_closed", False)
 
     def close(self) -> None:
         """Shut the engine down (engine-core and worker processes, KV memory). Idempotent."""

@@ -164,7 +164,12 @@ def _build_app(a: argparse.Namespace):
     except BaseException:
         lm.close()
         raise
-    engine = RalmEngine(lm, retriever, cfg)
+    try:
+        engine = RalmEngine(lm, retriever, cfg)  # refuses a prompt format the model cannot lay out
+    except BaseException:  # the LM's and the knowledge base's processes (vLLM, Ray) end with the error
+        lm.close()
+        retriever.close()
+        raise
     _log(f"ralmspec: model {cfg.model!r}{lm_where} + {where} {retriever.kind} knowledge base "
          f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s{_emulated_note(retriever)}")
     return create_app(engine, sched, server_config=_server_config(a, cfg), search_concurrency=a.search_concurrency)

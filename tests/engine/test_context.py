@@ -1,8 +1,11 @@
 """RalmContext.encode_prompt at the edges of the context budget (engine/context.py): the limit a
-refusal names, and the room a closed-book chat question has."""
+refusal names, and the room a closed-book chat question has; DirectLM's session release."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -81,3 +84,79 @@ def test_a_static_runners_slot_length_is_named_where_it_caps_the_context(monkeyp
         KNNLM.check_prompt(SimpleNamespace(lm=lm, vocab_size=lm.vocab_size), "the roman empire", 300)
     with pytest.raises(ConfigError, match=r"leaves no room in the model's context of 1024 tokens$"):
         _context(eager, GenerationConfig(max_new_tokens=1023, prompt_format="plain"), plain).encode_prompt("x")
+
+
+def test_a_request_cancelled_as_its_lm_call_starts_leaves_no_session_behind(tiny_lm, small_indexes):
+    """A request cancelled while its LM call ran in a thread but had not yet taken the LM's lock
+    (a busy machine) released its session first; the call then stored the session's KV, left
+    behind: a static runner's KV slot, held until evicted (DirectLM). Now the call releases it."""
+    from ralmspec.config import EngineConfig
+    from ralmspec.engine.core import RalmEngine
+
+    lm = tiny_lm.view(runner="static")  # a backend of its own, with a slot pool to count
+    engine = RalmEngine(lm, small_indexes["bm25"], EngineConfig())
+    entered, go = threading.Event(), threading.Event()
+    generate = lm.generate
+
+    def late(*args, **kwargs):  # the thread runs, the LM's lock is not yet taken
+        entered.set()
+        go.wait(30)
+        return generate(*args, **kwargs)
+
+    lm.generate = late
+
+    async def cancel_it():
+        task = asyncio.create_task(engine.generate("Who is Robert Boulter?", speculate=False,
+                                                   gen=GenerationConfig(max_new_tokens=8)))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        go.set()
+
+    asyncio.run(cancel_it())  # returns once the thread's call has ended (the loop joins its executor)
+    try:
+        assert lm.cached_sessions == 0 and len(lm.runner._free) == lm.runner.capacity
+    finally:
+        engine.close()  # the view and the worker (BM25 has nothing to close)
+
+
+def test_cancelling_a_request_does_not_wait_on_the_loop_for_its_lm_call(tiny_lm, small_indexes):
+    """The cancelled request's release of its session took the LM's lock on the event loop, so
+    the loop (every other request of a web app, a notebook) stopped until the running LM call
+    ended; it is now left to that call (DirectLM), and the session is still released."""
+    from ralmspec.config import EngineConfig
+    from ralmspec.engine.core import RalmEngine
+
+    lm = tiny_lm.view()
+    engine = RalmEngine(lm, small_indexes["bm25"], EngineConfig())
+    entered, go = threading.Event(), threading.Event()
+    generate = lm.generate
+
+    def long_call(*args, **kwargs):  # a call holding the LM's lock for 2 s, then the real one
+        with lm._lock:
+            entered.set()
+            go.wait(2)
+        return generate(*args, **kwargs)
+
+    lm.generate = long_call
+
+    async def cancel_it() -> float:
+        task = asyncio.create_task(engine.generate("Who is Robert Boulter?", speculate=False,
+                                                   gen=GenerationConfig(max_new_tokens=8)))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        took = time.perf_counter() - t0
+        go.set()
+        return took
+
+    try:
+        assert asyncio.run(cancel_it()) < 1.0
+        assert lm.cached_sessions == 0
+    finally:
+        engine.close()

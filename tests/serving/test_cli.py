@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from ralmspec.cli import build_parser, main
+from ralmspec.errors import ConfigError
 
 
 def test_serve_is_registered_with_engine_and_server_flags():
@@ -143,3 +144,21 @@ def test_sigterm_lets_requests_in_flight_finish_within_the_shutdown_timeout(shut
         assert got["answer"] == (200, 600), got  # drained: the whole answer
     else:
         assert got["answer"][0] == "closed" and waited < 10, (got, waited)
+
+
+def test_serve_closes_what_it_opened_when_the_engine_refuses_the_config(small_indexes, monkeypatch):
+    """``--prompt-format chat`` for a model without a chat template is refused when the engine is
+    made, after the LM and the knowledge base opened: they were left to process exit (a vLLM
+    engine's or Ray's processes with them); both are closed before the error now."""
+    from ralmspec.lm.hf import HFLanguageModel
+    from ralmspec.serving import cli as serve_cli
+
+    closed: list[str] = []
+    kb = small_indexes["bm25"]
+    monkeypatch.setattr(serve_cli, "_open_local_knowledge_base", lambda *args: (kb, "local"))
+    monkeypatch.setattr(kb, "close", lambda: closed.append("knowledge base"))
+    monkeypatch.setattr(HFLanguageModel, "close", lambda self: closed.append("lm"))
+    a = build_parser().parse_args(["serve", "--model", "tiny", "--prompt-format", "chat"])
+    with pytest.raises(ConfigError, match="chat template"):
+        serve_cli._build_app(a)
+    assert sorted(closed) == ["knowledge base", "lm"]

@@ -79,6 +79,21 @@ def test_remote_retriever_is_the_same_retriever(server, serving_engine):
         remote.close()
 
 
+def test_generate_sync_closes_the_remote_session_of_its_own_loop(server, serving_engine):
+    """``generate_sync`` (and ``run_bench``) run on an event loop that ends with the call; a
+    ``RemoteRetriever``'s aiohttp session on it was left open: an "Unclosed client session"
+    warning per call, its socket held until garbage collection. The engine now closes it."""
+    remote = RemoteRetriever(server.url, timeout_s=30)
+    engine = RalmEngine(serving_engine.lm, remote, serving_engine.config)  # not closed: the LM is shared
+    try:
+        for _ in range(2):
+            assert engine.generate_sync(QUERIES[0], speculate=False).token_ids
+            assert remote._sessions == {}  # closed and dropped with its loop
+    finally:
+        engine.worker.shutdown(wait=False)
+        remote.close()
+
+
 def test_remote_retriever_splits_its_calls_to_the_services_limits(serving_engine):
     """A service answers at most ``max_retrieve_queries`` queries, ``max_retrieve_k`` hits,
     ``max_retrieve_texts`` passages with text and ``max_ids`` ids per call, else 400. The client
