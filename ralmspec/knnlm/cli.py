@@ -446,15 +446,41 @@ def _key_windows(ds: Any) -> tuple[int | None, int | None]:
     return build.get("window"), build.get("stride")
 
 
+def overlap_line(res: Any) -> str:
+    """The eval's statement of how much of the scored text the datastore holds verbatim
+    (``ralmspec.knnlm.perplexity``, "Overlap"), a WARNING from ``OVERLAP_WARN`` on."""
+    from ralmspec.knnlm.perplexity import OVERLAP_NGRAM, OVERLAP_WARN
+
+    line = (f"overlap with the datastore: {res.overlap_tokens:,} of {res.tokens:,} scored tokens "
+            f"({100 * res.overlap_fraction:.2f}%) lie in {OVERLAP_NGRAM}-token spans the datastore holds verbatim")
+    if res.overlap_fraction >= OVERLAP_WARN:
+        line = (f"WARNING: the text is (partly) inside the datastore: {line}; the kNN-LM perplexities are not "
+                "held-out (its queries find their own text)")
+    return line
+
+
+def _index_label(ds: dict) -> str:
+    """``flat`` / ``hnsw (approximate, efSearch 64)`` / ``ivf (approximate, nprobe 16)``: an
+    approximate index with the search parameter its neighbours depend on."""
+    kind, search = ds.get("index"), ds.get("search") or {}
+    if kind == "hnsw" and "ef_search" in search:
+        return f"hnsw (approximate, efSearch {search['ef_search']})"
+    if kind == "ivf" and "nprobe" in search:
+        return f"ivf (approximate, nprobe {search['nprobe']})"
+    return f"{kind}"
+
+
 def format_perplexity(res: Any, text: str) -> str:
     """The table ``knnlm eval`` prints."""
     ds = res.datastore
+    lm = getattr(res, "lm", None)
     lines = [f"text {text}: {res.tokens:,} tokens scored in {res.documents} documents "
              f"(+{res.empty_documents} with < 2 tokens); context {res.context}, stride {res.stride}: every token "
              f"sees >= {res.context - res.stride} earlier tokens of its document (all near its start), documents "
              "scored apart, their first token not predicted",
-             f"datastore {ds.get('path')}: {ds.get('entries', 0):,} entries, {ds.get('index')} index, "
-             f"model {ds.get('model')}",
+             f"datastore {ds.get('path')}: {ds.get('entries', 0):,} entries, {_index_label(ds)} index, "
+             f"model {ds.get('model')}" + (f"; evaluated LM {lm}" if lm is not None and lm != ds.get("model") else ""),
+             overlap_line(res),
              f"base LM perplexity {res.ppl_base:.3f}",
              f"{'lam':>6} {'k':>6} {'T':>8} {'ppl':>10} {'vs base':>9}"]
     for r in res.runs:
@@ -471,7 +497,7 @@ def format_perplexity(res: Any, text: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ralmspec.knnlm.perplexity import PerplexityConfig, evaluate_perplexity
+    from ralmspec.knnlm.perplexity import OVERLAP_WARN, PerplexityConfig, evaluate_perplexity
     from ralmspec.lm.models import load_lm
 
     set_threads(args.threads)
@@ -493,6 +519,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if hasattr(ds, "close"):
             ds.close()
     print(format_perplexity(res, args.text))
+    if res.overlap_fraction >= OVERLAP_WARN:  # also where a script keeps stderr only
+        print(overlap_line(res), file=sys.stderr)
     if args.json:
         out = res.to_dict() | {"text": args.text, "model": args.model or ds.model_name,
                                "machine": machine_info()}
@@ -591,7 +619,8 @@ def add_knnlm_subparsers(subparsers: Any,
     e.add_argument("--context", type=int, default=None,
                    help="tokens per LM window (default: the datastore's key window)")
     e.add_argument("--stride", type=int, default=None,
-                   help="tokens scored per window (default: the datastore's key stride)")
+                   help="tokens scored per window (default: the datastore's key stride; with --context: "
+                        "context // 2)")
     e.add_argument("--max-tokens", type=int, default=None, help="score at most N tokens")
     e.add_argument("--max-documents", type=int, default=None, help="only the first N documents (articles)")
     e.add_argument("--search-batch", type=int, default=256, help="queries per datastore search (default 256)")

@@ -9,8 +9,9 @@ A text is a list of documents (strings); each document is tokenised and windowed
   embedded passages joined by spaces, exactly what ``corpus_documents`` makes of the default
   corpus). The halves cut the body's whitespace words at ``len // 2``: the first half keeps the
   title, the second half is the remaining words alone (no title, starting mid-sentence): the
-  second halves share no text with a datastore of first halves, not even the title, and what a
-  kNN-LM can use is what an article repeats (the in-domain setting of ``docs/knnlm.md``);
+  halves are disjoint parts of the article (the title in the first only), and what a kNN-LM can
+  use is what an article repeats (the in-domain setting of ``docs/knnlm.md``), sometimes verbatim (the
+  first test article's body repeats sentences of its lead: ``knnlm eval`` reports that overlap);
 - a passage corpus (``.jsonl[.gz]`` / ``.tsv[.gz]``, ``ralmspec.data.loaders``): consecutive
   passages with the same title form one document (``corpus_documents``);
 - a raw WikiText file (``.tokens``, e.g. ``wiki.test.tokens``): one document per article, its

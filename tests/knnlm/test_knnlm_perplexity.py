@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,6 +225,7 @@ def test_cli_eval_table_and_json(tmp_path, capsys, stores):
     # the context / stride default to the datastore's key windows
     assert (d["context"], d["stride"]) == (WINDOW, STRIDE) and set(d["recall"]) == {"4", "8"}
     assert f"base LM perplexity {d['ppl_base']:.3f}" in table and "recall@8" in table
+    assert "ivf (approximate, nprobe 2) index" in table  # the approximate search's setting beside its numbers
     best = min(d["runs"], key=lambda r: r["ppl"])
     assert f"best: lam {best['lam']:g}, k {best['k']}" in table
     with pytest.raises(SystemExit) as exc:
@@ -259,3 +262,64 @@ def test_base_perplexity_is_the_models_own_logits_after_the_head(family, tmp_pat
     res = evaluate_perplexity(lm, ds, docs, PerplexityConfig(context=16, stride=6, lams=(0.0,)))
     ids = [lm.tokenizer.encode(d) for d in docs]
     assert res.ppl_base == pytest.approx(_direct_ppl(model, ids, 16, 6), rel=1e-6)
+
+
+def test_span_overlap_counts_spans_inside_one_datastore_document():
+    """The leakage measure by hand (n = 3): spans of consecutive values inside ONE datastore
+    document; a span across two documents' values is no text the datastore holds."""
+    from types import SimpleNamespace
+
+    from ralmspec.knnlm.perplexity import datastore_span_hashes, overlap_tokens
+
+    ds = SimpleNamespace(values=np.array([1, 2, 3, 4, 5, 6], dtype=np.int32), doc_offsets=np.array([0, 3, 6]))
+    stored = datastore_span_hashes(ds, 3, block=2)  # blocks smaller than the values: same answer
+    assert stored.size == 2 and np.array_equal(stored, datastore_span_hashes(ds, 3))
+    assert overlap_tokens([[9, 2, 3, 4]], stored, 3) == 0  # (2, 3, 4) crosses a document boundary
+    assert overlap_tokens([[0, 1, 2, 3, 7]], stored, 3) == 3  # targets 1 2 3 7: (1, 2, 3) is stored
+    assert overlap_tokens([[0, 4, 5, 6, 1, 2, 3], [8, 1, 2]], stored, 3) == 6  # the first token is no target
+    assert overlap_tokens([[0, 4, 5, 6]], np.zeros(0, dtype=np.uint64), 3) == 0
+
+
+def test_overlap_with_the_datastore_is_measured_and_warned(tmp_path, capsys, tiny_lm, stores, inside_docs,
+                                                           outside_docs):
+    """A text inside the datastore got a trivially low kNN-LM perplexity and nothing said so
+    (SmolLM2, a default `knnlm build --max-tokens 2000` = the first test articles, `eval --text
+    wt103:test`: -88.8% vs base, no warning). Now every eval measures the share of scored tokens
+    the datastore holds verbatim, and the CLI warns from OVERLAP_WARN on."""
+    from ralmspec.knnlm.cli import main
+    from ralmspec.knnlm.perplexity import OVERLAP_NGRAM
+
+    inside = evaluate_perplexity(tiny_lm, stores["flat"], inside_docs, _cfg())
+    assert inside.overlap_tokens == inside.tokens == EVAL_TOKENS and inside.overlap_fraction == 1.0
+    other = load_documents("wt103:valid")[:2]  # other articles: nothing in common
+    assert evaluate_perplexity(tiny_lm, stores["flat"], other, _cfg()).overlap_tokens == 0
+    # the second halves of the stored articles: what the first article's body repeats of its lead
+    # (43 of the first 300 tokens), counted, not a leak of the text itself
+    outside = evaluate_perplexity(tiny_lm, stores["flat"], outside_docs, _cfg())
+    assert 0 < outside.overlap_tokens < outside.tokens / 4
+    mixed = evaluate_perplexity(tiny_lm, stores["ivf"], [other[0], inside_docs[1]], _cfg(max_tokens=None))
+    assert 0.2 < mixed.overlap_fraction < 0.8 and mixed.to_dict()["overlap"] == {
+        "ngram": OVERLAP_NGRAM, "tokens": mixed.overlap_tokens, "fraction": mixed.overlap_fraction}
+
+    out = tmp_path / "ppl.json"
+    base = ["eval", "--datastore", str(stores["flat"].path), "--max-documents", "1", "--max-tokens", "150",
+            "--lam", "0,0.5", "--k", "4", "--quiet"]
+    assert main([*base, "--text", "wt103:test:first-half", "--json", str(out)]) == 0
+    got = capsys.readouterr()
+    assert "WARNING: the text is (partly) inside the datastore" in got.out and "150 of 150 scored tokens" in got.out
+    assert "WARNING" in got.err and json.loads(out.read_text())["overlap"]["fraction"] == 1.0
+    assert main([*base, "--text", "wt103:valid"]) == 0
+    got = capsys.readouterr()
+    assert "overlap with the datastore: " in got.out and "WARNING" not in got.out + got.err
+
+
+def test_k_above_the_datastore_size_is_refused(tmp_path, tiny_lm, outside_docs):
+    """The search clamps k to the entries, so a row labelled k = 64 over 26 entries held 26
+    neighbours and equalled every larger k (measured: k 4 -> 3.9996, k 64 -> 3.9996 on a
+    26-entry datastore): now a typed error naming the size."""
+    ds = build_datastore(tiny_lm, [outside_docs[0][:150]], tmp_path / "ds", DatastoreBuildConfig(window=16, stride=8),
+                         progress=False)
+    cfg = PerplexityConfig(context=16, stride=8, max_tokens=20)
+    assert evaluate_perplexity(tiny_lm, ds, outside_docs, replace(cfg, ks=(ds.n,))).runs[0].k == ds.n
+    with pytest.raises(ConfigError, match=f"exceeds the datastore's {ds.n} entries"):
+        evaluate_perplexity(tiny_lm, ds, outside_docs, replace(cfg, ks=(4, ds.n + 1)))
