@@ -279,7 +279,7 @@ def test_cli_build_shards_and_generate_over_ray(ray_cluster, whole, tmp_path, ca
     assert main([*args, "--datastore", str(out), "--shards", "3"]) == 2
     assert "--shards 3 but the datastore" in capsys.readouterr().err
     assert main([*args, "--datastore", str(out), "--shards", "0"]) == 2
-    assert "--shards must be >= 1" in capsys.readouterr().err
+    assert "(--shards) must be an integer >= 1" in capsys.readouterr().err
     assert main([*args, "--datastore", str(whole.path), "--shards", "2"]) == 2
     assert "not a sharded datastore" in capsys.readouterr().err
     assert main(["build", "--from-datastore", str(whole.path), "--out", str(tmp_path / "y")]) == 2
