@@ -154,3 +154,33 @@ def test_the_closed_book_baseline_is_measured_as_the_bench_measures(tiny_lm, sma
     summary, runs = run_closed_book(engine, QUESTION * 2, GenerationConfig(max_new_tokens=4))
     assert calls == ["reset", "generate"] * 3  # the warm-up, then the 2 counted requests
     assert len(runs) == summary["n"] == 2 and summary["latency_quantiles"]["max"] == max(r.latency_s for r in runs)
+
+
+def test_a_closed_book_request_during_which_the_lm_runner_built_a_graph_is_measured_again(tiny_lm, small_indexes,
+                                                                                          monkeypatch):
+    """``run_closed_book`` is documented as measured the way ``run_bench`` measures, but a
+    request during which the compiled runner compiled a new span (seconds) or the static runner
+    captured a graph counted with that one-off cost inside; run_bench measures such a request
+    again. The runner's state is faked: a new span appears during question 1's request."""
+    from ralmspec.bench import run_closed_book
+
+    engine = _engine(tiny_lm, small_indexes)
+    spans = {64}
+    monkeypatch.setattr(tiny_lm.runner, "state", lambda: {"name": "fake", "compiled_spans": sorted(spans),
+                                                          "cuda_graphs": 0})
+    questions = [QUESTION[0], "Where is Huntington Beach?"]
+    calls: list[tuple[str, object]] = []
+    generate = engine.generate
+
+    async def watched(q, **kwargs):
+        res = await generate(q, **kwargs)
+        calls.append((q, res))
+        if q == questions[1]:
+            spans.add(128)  # the first time: a span compiled during this request
+        return res
+
+    monkeypatch.setattr(engine, "generate", watched)
+    summary, runs = run_closed_book(engine, questions, GenerationConfig(max_new_tokens=4))
+    q1 = [res for q, res in calls if q == questions[1]]
+    assert len(calls) == 1 + 2 + 1 and len(q1) == 2  # warm-up, 2 questions, the re-run
+    assert runs[1] is q1[1] and summary["remeasured"] == 1

@@ -177,7 +177,8 @@ class LoadGovernor:
         return not self.paused
 
     def request_ended(self, now: float, active: int) -> None:
-        """A request ended and ``active`` still run: below ``min_active`` the server is no longer
+        """A request ended and ``active`` still run or wait for a slot (a waiting one takes the
+        ended one's slot at once): below ``min_active`` the server is no longer
         loaded, so a pause ends (``allows_speculation``'s own rule) now, not at the next ask of a
         speculative request, which may be long after: a server idle or running only naive
         requests showed speculation paused and counted those seconds in ``paused_s``."""

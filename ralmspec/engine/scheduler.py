@@ -603,7 +603,8 @@ class Scheduler:
                 self._sessions.discard(session)
                 self.lm_client.release(session)  # idempotent; the engine also releases it
                 self._running -= 1
-                self.governor.request_ended(time.perf_counter(), self._running)
+                # a request waiting for this slot takes it at once: the load has not dropped
+                self.governor.request_ended(time.perf_counter(), self._running + self._waiting)
                 self._slots.release()
         self.counters.completed += 1
         return res

@@ -367,6 +367,8 @@ class VLLMLanguageModel(LanguageModel):
     def reset_prefix_cache(self) -> bool:
         """Drop every cached KV block (for measurements); True when vLLM did it."""
         with self._lock:
+            if self.closed:  # its LLM is gone (close)
+                raise ClosedError(f"the vLLM engine of {self.name!r} was closed; load it again to run more requests")
             return bool(self._llm.reset_prefix_cache())
 
     def clear_prefix_cache(self) -> None:

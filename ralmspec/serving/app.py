@@ -54,11 +54,11 @@ from ralmspec import __version__
 from ralmspec.engine.prompt import Conversation
 from ralmspec.engine.result import GenerationResult, VerifiedChunk
 from ralmspec.engine.scheduler import (
-    BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerClosedError, SchedulerConfig,
+    BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerConfig,
 )
 from ralmspec.engine.stream import LogprobRelease, VerifiedText
 from ralmspec.config import check_api_key, check_seconds
-from ralmspec.errors import ConfigError, LMError, RetrievalError
+from ralmspec.errors import ClosedError, ConfigError, LMError, RetrievalError
 from ralmspec.lm.loader import dtype_name
 from ralmspec.lm.sampling import draw_seed
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
@@ -212,7 +212,7 @@ def error_for(exc: BaseException, prompt_param: str = "prompt") -> APIError:
         return exc
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), "rate_limit_error", None, "queue_full")
-    if isinstance(exc, SchedulerClosedError):
+    if isinstance(exc, ClosedError):  # the scheduler shutting down, or the engine / LM behind it closed
         return APIError(503, str(exc), "service_unavailable", None, "shutting_down")
     if isinstance(exc, RetrievalError):
         return APIError(503, f"knowledge base unavailable: {exc}", "service_unavailable", None,

@@ -222,6 +222,56 @@ def test_a_governor_pause_ends_when_the_server_is_no_longer_loaded(small_indexes
     assert later["paused_s"] == first["paused_s"]
 
 
+def test_a_pause_holds_while_a_queued_request_takes_the_ended_ones_slot():
+    """Two slots, three requests: when the first ends, the queued third takes its slot at once,
+    so the LM stays loaded by two requests. The ending request ended the pause anyway (it passed
+    the running count alone, 1 < min_active): with the LM 70% busy (between resume_at and
+    pause_at) speculation then stayed on under a steady queue, the hysteresis broken."""
+    import time
+    from types import SimpleNamespace
+
+    class KB:
+        search = None
+
+    class Engine:  # each request asks the governor, then waits for its gate
+        closed, lm, retriever = False, SimpleNamespace(release=lambda session: None), KB()
+
+        def __init__(self):
+            self.gates: dict[str, asyncio.Event] = {}
+
+        async def generate(self, prompt, **kwargs):
+            gate = self.gates[prompt] = asyncio.Event()
+            kwargs["may_speculate"]()
+            await gate.wait()
+            return prompt
+
+    async def go():
+        engine = Engine()
+        gov = GovernorConfig(min_active=2, kb_bottleneck_at=None)
+        sched = Scheduler(engine, SchedulerConfig(max_concurrent=2, max_queue=4, governor=gov))
+        tasks = [asyncio.create_task(sched.generate(p)) for p in "ABC"]
+        while len(engine.gates) < 2:
+            await asyncio.sleep(0)
+        g = sched.governor
+        g.paused, g._since, g.pauses = True, time.perf_counter(), 1  # the LM saturated by A and B
+        g.lm.fraction = lambda now: 0.7  # then busy between resume_at (0.6) and pause_at (0.85)
+        assert sched.active == 2 and sched.queued == 1
+        engine.gates["A"].set()
+        await tasks[0]
+        while "C" not in engine.gates:
+            await asyncio.sleep(0)
+        state = (sched.active, g.paused, g.pauses)  # C has asked the governor
+        for p in "BC":
+            engine.gates[p].set()
+        await asyncio.gather(*tasks)
+        await sched.aclose()
+        return state, g.paused
+
+    (active, paused_with_c, pauses), paused_after = asyncio.run(go())
+    assert active == 2 and paused_with_c is True and pauses == 1  # never below two requests: still paused
+    assert paused_after is False  # and the pause ends once the server is no longer loaded
+
+
 def test_queue_full_is_immediate_back_pressure(small_indexes, tiny_lm, questions):
     engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
     gen = GENS[1]

@@ -235,3 +235,25 @@ def test_replica_killed_mid_call_fails_whole_call_then_recovers(replicas, tiny_l
     assert isinstance(outcome.get("exc"), LMError), outcome
     # Ray restarts the replica (it reloads the model); the next call waits for it and is right
     assert replicas.greedy(prompts, 5) == expected
+
+
+def test_a_closed_replica_set_refuses_calls_with_a_closed_error():
+    """``close()`` kills the replicas and empties ``actors``; a later ``generate`` raised
+    ``IndexError: list index out of range`` (untyped), where the HF and vLLM backends (and the
+    docs: "a closed LM refuses requests") give ``ClosedError``. A stand-in (no Ray needed)."""
+    import itertools
+    from collections import OrderedDict
+
+    from ralmspec.errors import ClosedError
+    from ralmspec.lm.ray_replicas import RayLMConfig, RayLMReplicas
+
+    lm = object.__new__(RayLMReplicas)  # __init__ starts Ray actors
+    lm.config, lm.name, lm.supports_sampling = RayLMConfig(replicas=2), "stand-in", True
+    lm.ray = lm.cluster = None
+    lm._own_cluster, lm.actors, lm._lock = False, [], threading.Lock()
+    lm._pins, lm._pinned, lm._rr, lm._restarting = OrderedDict(), [0, 0], itertools.count(), set()
+    lm.close()
+    assert lm.closed
+    with pytest.raises(ClosedError, match="closed"):
+        lm.generate([[1, 2, 3]], 2, ["s"])
+    lm.release("s")  # a late release stays harmless

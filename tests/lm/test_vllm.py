@@ -460,3 +460,26 @@ def test_the_engines_cold_start_resets_vllms_prefix_cache(tiny_lm, small_indexes
     engine = RalmEngine(lm, small_indexes["bm25"], EngineConfig())
     engine.reset_caches()
     assert lm._llm.resets == 1
+
+
+def test_resetting_a_closed_vllm_engines_prefix_cache_is_a_closed_error():
+    """``close()`` drops the ``vllm.LLM``; ``reset_prefix_cache`` / ``clear_prefix_cache`` (an
+    engine's ``reset_caches``) then raised ``AttributeError: 'NoneType' object has no attribute
+    'reset_prefix_cache'``, though the backend documents every call after close as a
+    ``ClosedError``. A stand-in ``LLM`` (no vLLM needed)."""
+    import threading
+
+    from ralmspec.errors import ClosedError
+    from ralmspec.lm.vllm import VLLMLanguageModel
+
+    class LLM:
+        def reset_prefix_cache(self) -> bool:
+            return True
+
+    lm = object.__new__(VLLMLanguageModel)  # __init__ imports vllm
+    lm._llm, lm._lock, lm._closed, lm.name = LLM(), threading.Lock(), False, "stand-in"
+    assert lm.reset_prefix_cache() is True
+    lm.close()
+    for call in (lm.reset_prefix_cache, lm.clear_prefix_cache):
+        with pytest.raises(ClosedError, match="closed"):
+            call()

@@ -242,3 +242,15 @@ def test_a_stream_left_before_its_first_chunk_has_unwound_when_the_handler_ends(
         assert 'status="499"' in metrics.render() and unwound.is_set()
     finally:
         srv.stop()
+
+
+def test_a_closed_engine_or_lm_behind_the_server_is_a_503_not_a_500():
+    """``ClosedError`` (an engine or LM closed while a server still runs, a kNN-LM on a closed
+    LM) fell through ``error_for`` to a 500; like the scheduler's own refusal, it is a 503."""
+    from ralmspec.engine.scheduler import SchedulerClosedError
+    from ralmspec.errors import ClosedError
+    from ralmspec.serving.app import error_for
+
+    for exc in (ClosedError("the language model 'tiny' was closed"), SchedulerClosedError("shutting down")):
+        err = error_for(exc)
+        assert err.status == 503 and err.message == str(exc), (err.status, err.message)
