@@ -108,11 +108,13 @@ class BenchSummary:
 
 def runner_built(engine: RalmEngine) -> tuple[tuple[int, ...], int]:
     """What the engine's LM runner has built for later requests to reuse: the spans its compiled
-    step was compiled for and the CUDA graphs it holds (``KVRunner.state``); ``((), 0)`` for a
-    runner that builds nothing (eager) or an LM without one."""
+    step was compiled for and the CUDA graphs it captured so far (``KVRunner.state``: the count of
+    captures, which keeps growing once the held graphs reach their cap and the oldest are
+    dropped; the graphs held, where a runner does not count captures); ``((), 0)`` for a runner
+    that builds nothing (eager) or an LM without one."""
     runner = getattr(engine.lm, "runner", None)
     state = runner.state() if runner is not None else {}
-    return tuple(state.get("compiled_spans", ())), int(state.get("cuda_graphs", 0))
+    return tuple(state.get("compiled_spans", ())), int(state.get("graph_captures", state.get("cuda_graphs", 0)))
 
 
 def latency_quantiles(results: Sequence[GenerationResult]) -> dict[str, float]:

@@ -184,3 +184,31 @@ def test_a_closed_book_request_during_which_the_lm_runner_built_a_graph_is_measu
     q1 = [res for q, res in calls if q == questions[1]]
     assert len(calls) == 1 + 2 + 1 and len(q1) == 2  # warm-up, 2 questions, the re-run
     assert runs[1] is q1[1] and summary["remeasured"] == 1
+
+
+def test_graph_captures_past_the_held_cap_still_count_as_built(tiny_lm, small_indexes):
+    """The bench compared the CUDA graphs a runner HOLDS: once they reach ``max_graphs`` each new
+    capture drops the oldest, the number stays put, and a request that captured went unmeasured
+    again. The runner counts its captures now. (A CPU stand-in for a capture: no CUDA here.)"""
+    from ralmspec.bench import runner_built
+    from ralmspec.config import EngineConfig
+    from ralmspec.engine.core import RalmEngine
+    from tests.lm.conftest import make_view
+
+    lm = make_view(tiny_lm, block_size=16, runner="static")
+    runner = lm.runner
+    runner.max_graphs = 1
+
+    class Graph:
+        def replay(self) -> None:
+            pass
+
+    runner._capture = lambda step: (Graph(), None)
+    engine = RalmEngine(lm, small_indexes["bm25"], EngineConfig())
+    before = runner_built(engine)
+    runner._replayed(runner._graphs, (0, 64), lambda: None)
+    first = runner_built(engine)
+    runner._replayed(runner._graphs, (1, 64), lambda: None)  # the cap drops (0, 64): 1 held, as before
+    assert runner.captured_graphs == 1 and runner.graph_captures == 2
+    assert before != first != runner_built(engine)
+    lm.close()
