@@ -31,7 +31,7 @@ import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from ralmspec.answers import answer_match
 from ralmspec.config import GenerationConfig, SpeculationConfig, check_type
@@ -115,6 +115,25 @@ def runner_built(engine: RalmEngine) -> tuple[tuple[int, ...], int]:
     runner = getattr(engine.lm, "runner", None)
     state = runner.state() if runner is not None else {}
     return tuple(state.get("compiled_spans", ())), int(state.get("graph_captures", state.get("cuda_graphs", 0)))
+
+
+async def measured(engine: RalmEngine, once: Callable[[], Awaitable[GenerationResult]], label: str,
+                   progress: Callable[[str], None] | None = None,
+                   discard: Callable[[], None] | None = None) -> tuple[GenerationResult, int]:
+    """``once()`` (one request), run again while the engine's LM runner built something during it
+    (module doc, "One-off work"), at most ``REMEASURE_LIMIT`` times; ``discard`` undoes what a run
+    that does not count left behind. The run that counts, and how many runs were discarded."""
+    for attempt in range(REMEASURE_LIMIT + 1):
+        built = runner_built(engine)
+        res = await once()
+        if runner_built(engine) == built or attempt == REMEASURE_LIMIT:
+            return res, attempt
+        if discard is not None:
+            discard()
+        if progress:
+            progress(f"{label}: the LM runner compiled or captured a graph during this request "
+                     f"({res.latency_s:.2f}s); measuring it again")
+    raise AssertionError("unreachable")
 
 
 def latency_quantiles(results: Sequence[GenerationResult]) -> dict[str, float]:
@@ -212,21 +231,17 @@ def run_bench(engine: RalmEngine, questions: Sequence[str], gen: GenerationConfi
         return await engine.generate(q, gen=gen, spec=spec, speculate=True)
 
     async def run(q: str, spec: SpeculationConfig | None, name: str = "naive") -> GenerationResult:
-        """One measured request; run again while the LM runner built something during it (its
-        OS^3 costs, measured with that work inside, are forgotten too)."""
-        for attempt in range(REMEASURE_LIMIT + 1):
-            built = runner_built(engine)
-            seed = copy.deepcopy(costs.get(name))
-            res = await run_once(q, spec, name)
-            if runner_built(engine) == built or attempt == REMEASURE_LIMIT:
-                return res
+        """One measured request (``measured``): a discarded run's OS^3 costs, measured with the
+        runner's one-off work inside, are forgotten too."""
+        seed = copy.deepcopy(costs.get(name))
+
+        def forget_costs() -> None:
             if seed is not None:
-                costs[name] = seed
-            remeasured[name] += 1
-            if progress:
-                progress(f"{name}: the LM runner compiled or captured a graph during this request "
-                         f"({res.latency_s:.2f}s); measuring it again")
-        raise AssertionError("unreachable")
+                costs[name] = copy.deepcopy(seed)
+
+        res, discarded = await measured(engine, lambda: run_once(q, spec, name), name, progress, forget_costs)
+        remeasured[name] += discarded
+        return res
 
     async def go():
         if warmup and questions:
@@ -283,26 +298,16 @@ def run_closed_book(engine: RalmEngine, questions: Sequence[str], gen: Generatio
             engine.reset_caches()
         return await engine.generate(q, gen=gen, retrieval=False)
 
-    async def measured(q: str) -> GenerationResult:
-        nonlocal remeasured
-        for attempt in range(REMEASURE_LIMIT + 1):
-            built = runner_built(engine)
-            res = await one(q)
-            if runner_built(engine) == built or attempt == REMEASURE_LIMIT:
-                return res
-            remeasured += 1
-            if progress:
-                progress(f"closed-book: the LM runner compiled or captured a graph during this request "
-                         f"({res.latency_s:.2f}s); measuring it again")
-        raise AssertionError("unreachable")
-
     async def go() -> list[GenerationResult]:
+        nonlocal remeasured
         if warmup and questions:
             await one(questions[0])
         out = []
         t0 = time.perf_counter()
         for i, q in enumerate(questions):
-            out.append(await measured(q))
+            res, discarded = await measured(engine, lambda: one(q), "closed-book", progress)
+            remeasured += discarded
+            out.append(res)
             if progress:
                 progress(f"[{i + 1}/{len(questions)}] {time.perf_counter() - t0:6.1f}s closed-book "
                          f"{out[-1].latency_s:.2f}s")

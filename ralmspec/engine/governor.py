@@ -172,8 +172,7 @@ class LoadGovernor:
             self.paused, self._since = True, now
             self.pauses += 1
         elif self.paused and (not loaded or f < c.resume_at or kb_bound):
-            self.paused_s += now - (self._since if self._since is not None else now)
-            self.paused, self._since = False, None
+            self._resume(now)
         return not self.paused
 
     def request_ended(self, now: float, active: int) -> None:
@@ -183,8 +182,12 @@ class LoadGovernor:
         speculative request, which may be long after: a server idle or running only naive
         requests showed speculation paused and counted those seconds in ``paused_s``."""
         if self.paused and active < self.config.min_active:
-            self.paused_s += now - (self._since if self._since is not None else now)
-            self.paused, self._since = False, None
+            self._resume(now)
+
+    def _resume(self, now: float) -> None:
+        """End the pause, adding its seconds to ``paused_s``."""
+        self.paused_s += now - (self._since if self._since is not None else now)
+        self.paused, self._since = False, None
 
     def kb_amortizes(self) -> bool:
         """More queries per knowledge-base call make each cheaper (module doc); unknown: no."""

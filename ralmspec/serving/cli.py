@@ -152,6 +152,7 @@ def _build_app(a: argparse.Namespace):
 
     # the LM first: with --lm-replicas it starts (or joins) Ray, which Ray shards then share
     lm, lm_where = _load_lm(a, cfg)
+    retriever = None
     try:
         if a.retriever_url:
             from ralmspec.retrieval.remote import RETRIEVER_API_KEY_ENV, RemoteRetriever
@@ -161,14 +162,11 @@ def _build_app(a: argparse.Namespace):
             where = f"remote {a.retriever_url}"
         else:
             retriever, where = _open_local_knowledge_base(a, cfg, sharded)
-    except BaseException:
-        lm.close()
-        raise
-    try:
         engine = RalmEngine(lm, retriever, cfg)  # refuses a prompt format the model cannot lay out
     except BaseException:  # the LM's and the knowledge base's processes (vLLM, Ray) end with the error
         lm.close()
-        retriever.close()
+        if retriever is not None:
+            retriever.close()
         raise
     _log(f"ralmspec: model {cfg.model!r}{lm_where} + {where} {retriever.kind} knowledge base "
          f"({len(retriever.corpus)} passages) loaded in {time.perf_counter() - t:.1f}s{_emulated_note(retriever)}")
