@@ -494,8 +494,9 @@ class Scheduler:
     """
 
     def __init__(self, engine: Any, config: SchedulerConfig | None = None, search_concurrency: int = 1):
-        if getattr(engine, "closed", False):  # else its requests failed one by one, on a closed LM
-            raise ClosedError("the engine was closed; build a new engine for the Scheduler")
+        check_open = getattr(engine, "check_open", None)  # a RalmEngine's (a stand-in may have none)
+        if check_open is not None:  # a closed engine: else its requests failed one by one, on a closed LM
+            check_open()
         self.engine = engine
         self.config = config or SchedulerConfig()
         c = self.config

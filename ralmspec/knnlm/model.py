@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ralmspec.config import check_text, check_type, is_int
-from ralmspec.errors import ClosedError, ConfigError
+from ralmspec.errors import ConfigError
 from ralmspec.knnlm.datastore import Datastore, hidden_size
 from ralmspec.lm.base import context_limit
 
@@ -354,7 +354,7 @@ class KNNLM:
     # shared helpers (used by the speculative decoder too)
     def check_prompt(self, prompt: str | Sequence[int], max_new_tokens: int) -> list[int]:
         if getattr(self.lm, "closed", False):  # its runner's KV slots were freed under any decoder
-            raise ClosedError("the kNN-LM's language model was closed; load it again to decode more")
+            raise self.lm.closed_error()
         ids = encode_prompt(self.lm, prompt)
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:

@@ -41,7 +41,7 @@ import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Hashable, Protocol, Sequence
 
-from ralmspec.errors import ConfigError
+from ralmspec.errors import ClosedError, ConfigError
 
 if TYPE_CHECKING:
     from ralmspec.lm.sampling import Sampling
@@ -100,7 +100,12 @@ class LanguageModel(abc.ABC):
     supports_sampling: bool = False  # implements the draw rule of ralmspec.lm.sampling exactly
     no_sampling_reason: str = "sampling needs the hf backend"  # the refusal's explanation
     supports_logprobs: bool = False  # implements token_logprobs
-    closed: bool = False  # set by close() where a backend refuses calls afterwards (ClosedError)
+    closed: bool = False  # set by close() where a backend refuses calls afterwards (``closed_error``)
+
+    def closed_error(self) -> ClosedError:
+        """What a backend raises for a call after its ``close()`` (every backend and the kNN-LM
+        decoders over one: one message)."""
+        return ClosedError(f"the language model {self.name!r} was closed; load it again to run more requests")
 
     def is_stop(self, token: int) -> bool:
         """Whether ``token`` ends an answer (``eos_token_id`` or one of ``stop_token_ids``): the

@@ -69,7 +69,7 @@ from typing import Any, Hashable, Iterable, Iterator, Sequence
 import torch
 
 from ralmspec.config import LM_RUNNERS, check_text, is_int
-from ralmspec.errors import ClosedError, ConfigError
+from ralmspec.errors import ConfigError
 from ralmspec.lm.base import LanguageModel, TokenLogprob, token_ids
 from ralmspec.lm.prefix_cache import PrefixBlocks
 from ralmspec.lm.runner import EagerRunner, KVRunner
@@ -704,22 +704,19 @@ class HFLanguageModel(LanguageModel):
 
     # ------------------------------------------------------------------ internals
 
-    def _closed_error(self) -> ClosedError:
-        return ClosedError(f"the language model {self.name!r} was closed; load it again to run more requests")
-
     @contextlib.contextmanager
     def _open(self) -> Iterator[None]:
         """The LM's lock, for a call that runs the model: ``ClosedError`` if ``close()`` ran
         (also while this call waited for the lock: ``_check``'s test came before it)."""
         with self._lock:
             if self.closed:
-                raise self._closed_error()
+                raise self.closed_error()
             yield
 
     def _check(self, prompts: Sequence[Sequence[int]], sessions: Sequence[Hashable] | None,
                extra: int) -> list[tuple[list[int], Hashable | None]]:
         if self.closed:
-            raise self._closed_error()
+            raise self.closed_error()
         if isinstance(prompts, (str, bytes)):
             raise ConfigError("prompts must be a list of token-id lists, got a string")
         try:

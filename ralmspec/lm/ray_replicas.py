@@ -50,7 +50,7 @@ from ralmspec.cluster import (
     RAY_INSTALL_HINT, RayCluster, RayShardConfig, actors_memory, get_results, ray_available, remote_class, wait_restarted,
 )
 from ralmspec.config import check_seconds
-from ralmspec.errors import ClosedError, ConfigError, LMError, ModelLoadError, RalmSpecError
+from ralmspec.errors import ConfigError, LMError, ModelLoadError, RalmSpecError
 from ralmspec.lm.base import LanguageModel, sampled
 from ralmspec.lm.sampling import Sampling
 from ralmspec.memory import HeapTrimmer, check_trim_interval, process_memory
@@ -197,7 +197,7 @@ class RayLMReplicas(LanguageModel):
         """Split the batch by replica; each prompt keeps its own sampling settings (the draw
         rule is a function of (seed, position, logits), so placement cannot change a token)."""
         if self.closed:  # its actors were killed (close)
-            raise ClosedError(f"the LM replicas of {self.name!r} were closed; start them again to run more requests")
+            raise self.closed_error()
         if isinstance(prompts, (str, bytes)):
             raise ConfigError("prompts must be a list of token-id lists, got a string")
         batch = [list(p) for p in prompts]

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Hashable, Iterator, Sequence
 
 from ralmspec.config import first_int, int_values, is_int
-from ralmspec.errors import ClosedError, ConfigError, LMError, ModelLoadError
+from ralmspec.errors import ConfigError, LMError, ModelLoadError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.hf import load_folder_tokenizer
 from ralmspec.paths import cache_folder, models_cache_dir
@@ -285,7 +285,7 @@ class VLLMLanguageModel(LanguageModel):
         self.name = name
         self.device = device
         self._lock = threading.Lock()
-        self._closed = False
+        self.closed = False
         self._failed: str | None = None
         self.reset_counters()
 
@@ -315,8 +315,8 @@ class VLLMLanguageModel(LanguageModel):
                                     stop_token_ids=sorted(self.stop_token_ids), ignore_eos=False,
                                     skip_special_tokens=False)
         with self._lock:
-            if self._closed:
-                raise ClosedError(f"the vLLM engine of {self.name!r} was closed; load it again to run more requests")
+            if self.closed:
+                raise self.closed_error()
             if self._failed is not None:
                 raise LMError(f"the vLLM engine of {self.name!r} failed earlier and cannot run more "
                               f"requests (restart the process): {self._failed}")
@@ -368,7 +368,7 @@ class VLLMLanguageModel(LanguageModel):
         """Drop every cached KV block (for measurements); True when vLLM did it."""
         with self._lock:
             if self.closed:  # its LLM is gone (close)
-                raise ClosedError(f"the vLLM engine of {self.name!r} was closed; load it again to run more requests")
+                raise self.closed_error()
             return bool(self._llm.reset_prefix_cache())
 
     def clear_prefix_cache(self) -> None:
@@ -377,17 +377,12 @@ class VLLMLanguageModel(LanguageModel):
         naive run of the same question cached (the base hook did nothing here)."""
         self.reset_prefix_cache()
 
-    @property
-    def closed(self) -> bool:  # type: ignore[override]
-        """``close()`` ran: every call is a ``ClosedError``."""
-        return getattr(self, "_closed", False)
-
     def close(self) -> None:
         """Shut the engine down (engine-core and worker processes, KV memory). Idempotent."""
         with self._lock:
-            if self._closed:
+            if self.closed:
                 return
-            self._closed = True
+            self.closed = True
             engine = getattr(self._llm, "llm_engine", None)
             core = getattr(engine, "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):

@@ -477,7 +477,7 @@ def test_resetting_a_closed_vllm_engines_prefix_cache_is_a_closed_error():
             return True
 
     lm = object.__new__(VLLMLanguageModel)  # __init__ imports vllm
-    lm._llm, lm._lock, lm._closed, lm.name = LLM(), threading.Lock(), False, "stand-in"
+    lm._llm, lm._lock, lm.closed, lm.name = LLM(), threading.Lock(), False, "stand-in"
     assert lm.reset_prefix_cache() is True
     lm.close()
     for call in (lm.reset_prefix_cache, lm.clear_prefix_cache):
