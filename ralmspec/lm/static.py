@@ -128,7 +128,8 @@ class StaticRunner(KVRunner):
         # batch-invariant mode: number of ``batch_rows``-row forwards by how many sessions they stepped
         self.live_rows: collections.Counter[int] = collections.Counter()
         self._free = list(range(capacity - 1, -1, -1))
-        self._buffers: dict[int, Slot] = {}
+        self._buffers: dict[int, Slot] = {}  # slot index -> its buffers, kept for reuse
+        self._held: dict[int, Slot] = {}  # slot index -> the handle its holder got from ``open``
         self._kv_pool: KVPool | None = None  # batch-invariant mode, from the first ``open``
         # step inputs at fixed addresses for the CUDA graphs: 1-row, and ``batch_rows``-row
         self._tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -196,8 +197,8 @@ class StaticRunner(KVRunner):
         if not self._free:
             return None
         i = self._free.pop()
-        slot = self._buffers.get(i)
-        if slot is None:
+        buffers = self._buffers.get(i)
+        if buffers is None:
             d = self.decoder
             if self.batch_rows > 1:
                 pool = self._pooled()
@@ -206,8 +207,9 @@ class StaticRunner(KVRunner):
                 shape = (1, d.n_kv, self.max_len, d.head_dim)
                 slot = Slot(i, [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers],
                             [torch.zeros(shape, dtype=d.dtype, device=d.device) for _ in d.layers])
-            self._buffers[i] = slot
-        slot.length = 0
+            self._buffers[i] = buffers = slot
+        # a new handle on the slot's buffers for each holder: a stale handle is never the held one
+        slot = self._held[i] = Slot(i, buffers.keys, buffers.values)
         return slot
 
     def _pooled(self) -> KVPool:
@@ -230,9 +232,15 @@ class StaticRunner(KVRunner):
         return kv
 
     def free(self, kv: Slot | None) -> None:
-        if kv is not None:
-            kv.length = 0
-            self._free.append(kv.index)
+        """Give ``kv``'s slot back to the pool. Only the handle ``open`` last returned for that
+        slot frees it, once: a second free, or a stale handle (an earlier holder's, one from
+        before ``close``), is a no-op, where it would put the slot in the pool twice and let two
+        sessions write one slot's KV."""
+        if kv is None or self._held.get(kv.index) is not kv:
+            return
+        del self._held[kv.index]
+        kv.length = 0
+        self._free.append(kv.index)
 
     def nbytes(self, kv: Slot | None) -> int:
         return 0 if kv is None else self.slot_bytes
@@ -697,6 +705,7 @@ class StaticRunner(KVRunner):
     def close(self) -> None:
         self._drop_graphs()
         self._buffers.clear()
+        self._held.clear()
         self._kv_pool = None
         self._free = list(range(self.capacity - 1, -1, -1))
 

@@ -174,6 +174,29 @@ def test_slot_pool_evicts_least_recently_used_without_changing_outputs(tiny_lm):
     assert lm.cached_sessions == 0 and len(lm.runner._free) == 2
 
 
+@pytest.mark.parametrize("batch_rows", [1, 2], ids=["own buffers", "pooled"])
+def test_a_slot_is_freed_once_by_its_holder(tiny_lm, batch_rows):
+    """A second free of a slot, or a free through an earlier holder's handle or one from before
+    ``close``, leaves the pool as it is. A double free put the slot in the pool twice, so the
+    next two sessions were handed one slot and wrote each other's KV (wrong tokens, no error)."""
+    runner = StaticRunner(tiny_lm.model, max_len=64, capacity=3, batch_rows=batch_rows)
+    a = runner.open()
+    runner.free(a)
+    runner.free(a)  # twice
+    b, c = runner.open(), runner.open()
+    assert b.index != c.index
+    runner.free(a)  # an earlier holder's handle on the slot ``b`` or ``c`` holds now
+    assert {b.index, c.index}.isdisjoint(runner._free)
+    d = runner.open()
+    assert len({b.index, c.index, d.index}) == 3 and runner.open() is None  # three slots, three holders
+    b.length = 5
+    runner.close()
+    runner.free(b)  # from before ``close``
+    assert sorted(runner._free) == [0, 1, 2]
+    e = runner.open()
+    assert e.length == 0 and e is not b
+
+
 def test_batch_of_prompts_equals_each_alone(pair):
     _, static = pair
     rng = random.Random(9)
