@@ -44,7 +44,9 @@ class DirectLM:
     A cancelled request (a notebook's interrupt, a web client gone) releases its session while
     its call may still run in the thread, which cannot be stopped: that call would store the
     session's KV after the release, left behind (on a static runner, a KV slot) until evicted.
-    Such a session is released again by the call itself, when it ends."""
+    Such a session is released again by the call itself, when it ends. And a release while any
+    call runs (it holds the LM's lock, which the release takes) is left to the thread of the
+    next call to end, so the event loop never waits for another request's LM call."""
 
     def __init__(self, lm: LanguageModel):
         self.lm = lm
@@ -80,24 +82,25 @@ class DirectLM:
         return await self.generate(prompt, n, session)
 
     def release(self, session: Hashable) -> None:
-        """Drop ``session``'s KV state: at once, or, while a call of it runs, when that call ends
-        (never waiting here, on the event loop, for the LM's lock that call holds)."""
+        """Drop ``session``'s KV state: at once when no call runs, else by the thread of the first
+        call to end after every call of ``session`` has ended (never waiting here, on the event
+        loop, for the LM's lock a running call holds)."""
         with self._lock:
-            if self._running[session]:
+            if self._running:
                 self._late.add(session)
                 return
         self.lm.release(session)
 
     def _ended(self, session: Hashable) -> None:
+        """A call of ``session`` ended (its thread): release the sessions left to it."""
         with self._lock:
             self._running[session] -= 1
-            if self._running[session] > 0:
-                return
-            del self._running[session]
-            late = session in self._late
-            self._late.discard(session)
-        if late:
-            self.lm.release(session)
+            if self._running[session] <= 0:
+                del self._running[session]
+            late = {s for s in self._late if not self._running[s]}
+            self._late -= late
+        for s in late:
+            self.lm.release(s)
 
 
 class PassageTokens:

@@ -160,3 +160,46 @@ def test_cancelling_a_request_does_not_wait_on_the_loop_for_its_lm_call(tiny_lm,
         assert lm.cached_sessions == 0
     finally:
         engine.close()
+
+
+def test_a_release_while_another_requests_call_runs_does_not_wait_on_the_loop(tiny_lm):
+    """Request ``a`` ends while request ``b``'s LM call holds the LM's lock (two requests of one
+    engine, no Scheduler: a notebook's ``asyncio.gather``). ``a``'s release took that lock on the
+    event loop, which stopped until ``b``'s call ended (0.52 s with smollm2); it is left to the
+    thread of ``b``'s call, and ``a``'s session is still released."""
+    from ralmspec.engine.context import DirectLM
+
+    lm = tiny_lm.view()
+    direct = DirectLM(lm)
+    entered, go = threading.Event(), threading.Event()
+    generate = lm.generate
+
+    def held(prompts, n, sessions=None, sampling=None):  # ``b``'s call holds the LM's lock 2 s
+        if sessions == ["b"]:
+            with lm._lock:
+                entered.set()
+                go.wait(2)
+        return generate(prompts, n, sessions, sampling)
+
+    lm.generate = held
+
+    async def go_on() -> tuple[float, int]:
+        await direct.generate([101 + i for i in range(100)], 2, "a")  # a block of KV kept
+        b = asyncio.create_task(direct.generate([101, 7592, 2088], 2, "b"))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        held_a = lm.cached_sessions  # ``a``'s (not ``cached_length``: it takes the lock)
+        t0 = time.perf_counter()
+        direct.release("a")
+        took = time.perf_counter() - t0
+        go.set()
+        await b
+        direct.release("b")
+        return took, held_a
+
+    try:
+        took, held_a = asyncio.run(go_on())
+        assert held_a == 1 and took < 0.5, took
+        assert lm.cached_sessions == 0  # both released, ``a`` by ``b``'s call
+    finally:
+        lm.close()
