@@ -322,11 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--corpus", default="default", help="passages file, or 'default' (embedded WikiText-103 articles)")
     b.add_argument("--retriever", required=True, help=f"one of {', '.join(RETRIEVER_KINDS)}")
     b.add_argument("--out", required=True)
-    b.add_argument("--retriever-device", default="cpu")
-    b.add_argument("--ef-search", type=int, default=128)
-    b.add_argument("--nprobe", type=int, default=8)
-    b.add_argument("--nlist", type=int, default=64)
-    b.add_argument("--hnsw-m", type=int, default=32)
+    b.add_argument("--retriever-device", default="cpu", help="cpu or cuda (faiss-gpu) (default %(default)s)")
+    b.add_argument("--ef-search", type=int, default=128,
+                   help="not saved with the index: HNSW efSearch is a search setting, given to generate / bench / "
+                        "serve (their --ef-search, default 128)")
+    b.add_argument("--nprobe", type=int, default=8,
+                   help="not saved with the index: IVF nprobe is a search setting, given to generate / bench / "
+                        "serve (their --nprobe, default 8)")
+    b.add_argument("--nlist", type=int, default=64, help="IVF lists (default %(default)s)")
+    b.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M (default %(default)s)")
     b.add_argument("--shards", type=int, default=None, metavar="N",
                    help="split the index into N contiguous doc-id shards (for `ralmspec serve --shards N`, Ray); "
                         "exact, ivf and bm25 shards answer exactly as the whole index (docs/scale-out.md)")
