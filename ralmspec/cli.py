@@ -6,12 +6,15 @@ Every failure the user can cause ends with one line `error: ...` and exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 from ralmspec import __version__
 from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, apply_threads, engine_config_from_args
@@ -369,13 +372,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is (see
+    ``sigterm_as_interrupt``)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (a process manager's stop, ``kill``, ``timeout``) interrupts the
+    main thread as Ctrl-C does, so the command's ``finally`` blocks run: a build removes its
+    temporary folder (an index, a datastore, a model conversion: SIGTERM's default, an immediate
+    exit, left them in the output's or the cache's folder, hidden). Off the main thread, where
+    handlers cannot be set, a no-op. ``serve`` replaces it with its own handler while it listens."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        return a.func(a) or 0
+        with sigterm_as_interrupt():
+            return a.func(a) or 0
     except (RalmSpecError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -385,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: `ralmspec {a.command}` needs the ML stack, and the module {exc.name!r} is not installed: "
               f"{ML_INSTALL_HINT}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: no traceback
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -88,18 +89,46 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfile(src, dst)
 
 
+def staging_folder(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new empty folder in ``parent`` (named ``prefix...``) for a build renamed into place when
+    done, readable by all as an ordinary folder is (0755, as an index's): ``mkdtemp`` makes it
+    0700, which the rename kept, so a cache filled by one user (a container image's build) was
+    unreadable to another (the service's user)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=str(parent)))
+    os.chmod(tmp, 0o755)
+    return tmp
+
+
 @contextlib.contextmanager
 def staged_folder(out: Path, prefix: str) -> Iterator[Path]:
     """A fresh folder beside ``out`` (named ``prefix...``) to build into: when the block ends it
-    replaces ``out`` (an earlier build there is removed first, then one rename), so a reader
-    never opens a half-written build; it is removed whatever happens, and on an error inside
-    the block ``out`` is left as it was."""
+    replaces ``out`` (``replace_folder``), so a reader never opens a half-written build; it is
+    removed whatever happens, and on an error inside the block ``out`` is left as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=str(out.parent)))
+    tmp = staging_folder(out.parent, prefix)
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(new: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Put the folder ``new`` at ``out`` (same file system) by renames. An earlier ``out`` with
+    files in it is moved aside first (``out.old-*``) and removed only once ``new`` is in place,
+    and put back if that fails, so an interrupt never leaves neither build (the old one was
+    deleted first: a signal in between lost both); an empty one is replaced."""
+    new, out = Path(new), Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old)
+        try:
+            os.rename(new, out)
+        except BaseException:  # (an interrupt) the earlier build goes back in place
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out.is_dir():
+        out.rmdir()
+    os.rename(new, out)

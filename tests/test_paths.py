@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ralmspec.errors import ConfigError
-from ralmspec.paths import cache_folder, check_output_path
+from ralmspec.paths import cache_folder, check_output_path, staged_folder
 
 
 def test_output_paths_that_cannot_be_written_are_refused_by_flag(tmp_path):
@@ -48,3 +48,41 @@ def test_a_cache_that_cannot_be_written_names_ralmspec_home(tmp_path, monkeypatc
     monkeypatch.setattr(os, "access", lambda *_a: False)  # (root writes anywhere: pretend it may not)
     with pytest.raises(ConfigError, match=r"the model cache folder .* \(under ~/.cache/ralmspec\) is not writable"):
         cache_folder(tmp_path / "fine", "model")
+
+
+def test_a_staged_build_is_published_readable_by_all(tmp_path):
+    """A build renamed into place (a kNN-LM datastore, a converted model in the cache) kept its
+    temporary folder's mode, 0700: a cache filled by one user (a container image's build) could not
+    be read by another (the service's user). Published as 0755 now, as an index is."""
+    import stat
+
+    out = tmp_path / "ds"
+    with staged_folder(out, ".build-") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"] and (out / "manifest.json").read_text() == "{}"
+
+
+def test_an_interrupt_as_a_build_is_put_in_place_keeps_the_earlier_build(tmp_path, monkeypatch):
+    """``--overwrite`` of a datastore: the earlier build was deleted before the new one was
+    renamed into place, so an interrupt there (a signal: SIGTERM is one now) lost both. The
+    earlier build is moved aside, and back if the new one cannot be put in place."""
+    import os
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    rename = os.rename
+
+    def interrupted(src, dst):
+        if os.path.basename(src).startswith(".build-"):
+            raise KeyboardInterrupt
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(out, ".build-") as tmp:
+            (tmp / "manifest.json").write_text("new")
+    assert (out / "manifest.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from ralmspec.errors import ML_INSTALL_HINT, ModelLoadError
-from ralmspec.paths import cache_folder, models_cache_dir
+from ralmspec.paths import cache_folder, models_cache_dir, staging_folder
 
 MANIFEST = "ralmspec-model.json"
 
@@ -212,7 +212,7 @@ def pretrained_folder(name: str, cache_dir: str | os.PathLike | None = None, log
     cache_folder(root, "model", ", or fill this cache beforehand where it can be written (one `ralmspec generate`, "
                  "e.g. while building a container image)")
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
+    tmp = staging_folder(root, f".{folder.name}.tmp-")
     try:
         gguf = find_gguf(src, tmp, log)
         log(f"converting {src.title} to a float32 HF folder (once) ...")

@@ -51,7 +51,6 @@ import contextlib
 import hashlib
 import os
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -64,7 +63,7 @@ from ralmspec.config import first_int, int_values, is_int
 from ralmspec.errors import ConfigError, LMError, ModelLoadError
 from ralmspec.lm.base import LanguageModel
 from ralmspec.lm.hf import load_folder_tokenizer
-from ralmspec.paths import cache_folder, models_cache_dir
+from ralmspec.paths import cache_folder, models_cache_dir, staging_folder
 
 VLLM_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV blocks on CPU (vLLM's default asks for 92 % of RAM)
@@ -127,7 +126,7 @@ def builtin_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     cache_folder(root, "model")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    tmp = staging_folder(root, f".{name}-")
     save_builtin(name, tmp)
     try:
         tmp.rename(folder)

@@ -33,7 +33,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import replace
 from importlib import metadata
 from typing import Any, Callable
@@ -44,7 +43,7 @@ from ralmspec.config import RETRIEVER_KINDS, RetrievalConfig
 from ralmspec.data.corpus import Corpus
 from ralmspec.data.loaders import corpus_sha256, default_corpus, load_corpus, save_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
-from ralmspec.paths import cache_folder, link_or_copy, ralmspec_home
+from ralmspec.paths import cache_folder, link_or_copy, ralmspec_home, replace_folder
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.dense import DenseRetriever, build_faiss_index, empty_ivf_lists
 from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
@@ -283,19 +282,7 @@ def publish_index(tmp: str, out_dir: str, manifest: dict[str, Any],
                 return
         except IndexNotFoundError:
             pass
-    _move_into_place(tmp, out_dir)
-
-
-def _move_into_place(tmp: str, out_dir: str) -> None:
-    if os.path.isdir(out_dir) and os.listdir(out_dir):  # an old index: swap it out
-        old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.rename(tmp, out_dir)
+    replace_folder(tmp, out_dir)
 
 
 def load_retriever(index_dir: str, config: RetrievalConfig, encoder: QueryEncoder | None = None) -> Retriever:

@@ -229,14 +229,19 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# aiohttp reads a shutdown timeout of 0 as "no limit": "cancel at once" is this long instead
+_AT_ONCE_S = 0.001
+
+
 async def serve(app: Any, host: str, port: int, access_log: bool = False, shutdown_timeout: float = 60.0) -> None:
     """Run ``app`` on ``host:port`` until SIGINT / SIGTERM; prints the bound address. Then the
     listening socket closes, the requests in flight have ``shutdown_timeout`` seconds to finish
-    (answered in full), and whatever still runs is cancelled (its connection closed)."""
+    (answered in full; 0: cancelled at once), and whatever still runs is cancelled (its connection
+    closed). A second SIGINT / SIGTERM during that wait cancels them at once (a second Ctrl-C)."""
     from aiohttp import web
 
     runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if access_log else None,
-                           shutdown_timeout=shutdown_timeout)
+                           shutdown_timeout=shutdown_timeout if shutdown_timeout > 0 else _AT_ONCE_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -252,8 +257,33 @@ async def serve(app: Any, host: str, port: int, access_log: bool = False, shutdo
             pass
     try:
         await stop.wait()
+        stop.clear()
+        if shutdown_timeout > 0:
+            _log(f"ralmspec: shutting down; the requests in flight have up to {shutdown_timeout:g}s to finish "
+                 "(Ctrl-C again to cancel them now)")
     finally:
-        await runner.cleanup()
+        await _cleanup(runner, stop)
+
+
+async def _cleanup(runner: Any, again: asyncio.Event) -> None:
+    """``runner.cleanup()``: the requests in flight finish within the runner's shutdown timeout,
+    unless ``again`` is set meanwhile (a second signal): those still running are then cancelled
+    (their connections closed) and the cleanup ends at once."""
+    graceful = asyncio.ensure_future(runner.cleanup())
+    forced = asyncio.ensure_future(again.wait())
+    try:
+        await asyncio.wait({graceful, forced}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        forced.cancel()
+    if not graceful.done():
+        _log("ralmspec: cancelling the requests in flight")
+        graceful.cancel()
+        await asyncio.wait({graceful})
+        if runner.server is not None:
+            await runner.server.shutdown(_AT_ONCE_S)  # cancels their handlers, closes their connections
+        await runner.cleanup()  # the rest: the app's cleanup (scheduler, workers)
+        return
+    graceful.result()
 
 
 def add_connection_args(h: Any) -> None:

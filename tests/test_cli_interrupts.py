@@ -1,0 +1,46 @@
+"""`ralmspec` stopped mid-run by a signal, as a real process: the command's clean-up runs and it
+exits with the shell's status for that signal, without a traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _start_and_wait_for(argv: list[str], marker: bytes, timeout_s: float = 60.0) -> tuple[subprocess.Popen, bytes]:
+    """``ralmspec argv`` started, once ``marker`` appeared on its stderr (the stderr so far)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ralmspec.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    err, deadline = b"", time.monotonic() + timeout_s
+    while marker not in err:
+        chunk = os.read(proc.stderr.fileno(), 65536)
+        if not chunk or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{marker!r} never came: {err.decode(errors='replace')}")
+        err += chunk
+    return proc, err
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_build_leaves_no_temporary_folder(tmp_path, sig, status):
+    """A datastore build stopped by SIGTERM (a process manager, ``kill``, ``timeout``) left its
+    hidden temporary folder (``.knnlm-build-*``, the full-size keys file) beside ``--out``: SIGTERM's
+    default ended the process before any ``finally``. It is an interrupt now, as Ctrl-C is: the
+    folder is removed, nothing is published, and the status is 128 + the signal's number."""
+    out = tmp_path / "ds"
+    proc, _ = _start_and_wait_for(["knnlm", "build", "--model", "tiny", "--out", str(out),
+                                   "--max-documents", "400"], b"knnlm datastore")
+    try:
+        proc.send_signal(sig)
+        rc = proc.wait(30)
+        err = proc.stderr.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == status and "Traceback" not in err, (rc, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
