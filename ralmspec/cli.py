@@ -63,7 +63,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(f"question: {a.question}")
         print("answer:   ", end="", flush=True)
         printer = _AnswerPrinter(engine.lm.tokenizer, cfg.generation.stop)
-        res = engine.generate_sync(a.question, retrieval=a.retrieval, on_tokens=printer)
+        try:
+            res = engine.generate_sync(a.question, retrieval=a.retrieval, on_tokens=printer)
+        except BaseException:  # Ctrl-C, an error: the partial answer's line ends before the shell's prompt
+            print(flush=True)
+            raise
         printer.finish()
     else:
         res = engine.generate_sync(a.question, retrieval=a.retrieval)

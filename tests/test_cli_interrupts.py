@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
 
-def _start_and_wait_for(argv: list[str], marker: bytes, timeout_s: float = 60.0) -> tuple[subprocess.Popen, bytes]:
+def _start_and_wait_for(argv: list[str], marker: bytes, timeout_s: float = 60.0,
+                        stdout: Any = subprocess.DEVNULL) -> tuple[subprocess.Popen, bytes]:
     """``ralmspec argv`` started, once ``marker`` appeared on its stderr (the stderr so far)."""
-    proc = subprocess.Popen([sys.executable, "-m", "ralmspec.cli", *argv], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "ralmspec.cli", *argv], stdout=stdout,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     err, deadline = b"", time.monotonic() + timeout_s
     while marker not in err:
@@ -44,3 +46,26 @@ def test_a_signal_mid_build_leaves_no_temporary_folder(tmp_path, sig, status):
             proc.kill()
     assert rc == status and "Traceback" not in err, (rc, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_mid_stream_ends_the_answers_line(tmp_path):
+    """``generate --stream`` interrupted while it prints the answer: status 130, no traceback, and
+    the partial answer's line ends (the shell's prompt was written after it, on the same line)."""
+    out_file = open(tmp_path / "out.txt", "wb")
+    proc, _ = _start_and_wait_for(["generate", "--model", "tiny", "--stream", "--max-new-tokens", "400",
+                                   "--retriever", "bm25", "who wrote hamlet"], b"loaded model", timeout_s=120,
+                                  stdout=out_file)
+    try:
+        deadline = time.monotonic() + 60
+        while len((tmp_path / "out.txt").read_bytes()) < 60 and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the answer is being printed
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(30)
+        err = proc.stderr.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out_file.close()
+    assert rc == 130 and "Traceback" not in err, (rc, err)
+    out = (tmp_path / "out.txt").read_text()
+    assert out.startswith("question: who wrote hamlet\nanswer:   ") and out.endswith("\n"), out

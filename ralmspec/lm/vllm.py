@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import threading
 import time
@@ -127,12 +128,13 @@ def builtin_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
         return folder
     cache_folder(root, "model")
     tmp = staging_folder(root, f".{name}-")
-    save_builtin(name, tmp)
     try:
-        tmp.rename(folder)
-    except OSError:  # another process won the race: use its folder
-        import shutil
-
+        save_builtin(name, tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race: use its folder
+            pass
+    finally:  # gone once renamed; else (the race, a failed save, an interrupt) not left in the cache
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 

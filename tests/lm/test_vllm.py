@@ -483,3 +483,19 @@ def test_resetting_a_closed_vllm_engines_prefix_cache_is_a_closed_error():
     for call in (lm.reset_prefix_cache, lm.clear_prefix_cache):
         with pytest.raises(ClosedError, match="closed"):
             call()
+
+
+def test_a_built_in_model_folder_that_fails_to_save_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    """vLLM loads a built-in model (``tiny``) from a folder saved into the model cache; a save
+    that failed (a full disk, an interrupt) left its hidden staging folder there for good."""
+    import ralmspec.lm.models as models
+    from ralmspec.lm.vllm import builtin_folder
+
+    def full_disk(name, out):
+        (out / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models, "save_builtin", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        builtin_folder("tiny", tmp_path)
+    assert list(tmp_path.iterdir()) == []
