@@ -253,3 +253,36 @@ def test_build_engine_closes_what_it_opened_when_the_engine_refuses_the_config(m
         ralmspec.build_engine(EngineConfig(model="tiny", generation=GenerationConfig(prompt_format="chat")),
                               show_progress=False)
     assert sorted(closed) == ["knowledge base", "lm"]
+
+
+def test_one_engine_answers_threads_as_it_answers_one_caller(tiny_lm, small_indexes):
+    """A threaded web app's engine: 8 threads call ``generate_sync`` at once (naive and forced
+    speculation, greedy and seeded sampling, one of them from inside a running event loop) and
+    each gets the tokens it gets alone; every LM session and KV slot is released and no thread
+    is left behind."""
+    import threading
+
+    from ralmspec.config import SpeculationConfig
+    from tests.concurrent import raised, run_together
+
+    lm = tiny_lm.view(runner="static")
+    engine = RalmEngine(lm, small_indexes["hnsw"], EngineConfig())
+    forced = SpeculationConfig(os3=False, fixed_stride=3, prefetch=1, async_verify=True)
+    gens = [GenerationConfig(max_new_tokens=12), GenerationConfig(max_new_tokens=12, temperature=0.8, seed=3)]
+    calls = [dict(prompt=QUESTIONS[i % 2], gen=gens[i // 2 % 2], speculate=i % 4 != 3) for i in range(8)]
+
+    def call(i: int):
+        return engine.generate_sync(calls[i]["prompt"], gen=calls[i]["gen"], speculate=calls[i]["speculate"],
+                                    spec=forced)
+
+    async def in_a_loop(i: int):
+        return call(i)
+
+    alone = [call(i).token_ids for i in range(8)]
+    threads = threading.active_count()
+    got = run_together(8, lambda i: asyncio.run(in_a_loop(i)) if i == 5 else call(i))
+    assert raised(got) == []
+    assert [r.token_ids for r in got] == alone
+    assert all(r.stats["speculated"] > 0 for r, c in zip(got, calls) if c["speculate"])
+    assert lm.cached_sessions == 0 and len(lm.runner._free) == lm.runner.capacity
+    assert threading.active_count() <= threads

@@ -27,6 +27,8 @@ from ralmspec.threads import WorkerPool, run_sync
 
 T = TypeVar("T")
 
+CLOSED_MESSAGE = ("this RalmEngine was closed (close() or the end of its with block); "
+                  "build a new engine (build_engine) to run more requests")
 CHAT_FORMATS_KEPT = 64  # conversation histories whose rendered template an engine keeps (each up to a context of ids)
 
 
@@ -75,8 +77,7 @@ class RalmEngine:
     def check_open(self) -> None:
         """``ClosedError`` once ``close()`` has run: its model, knowledge base and worker are gone."""
         if self.closed:
-            raise ClosedError("this RalmEngine was closed (close() or the end of its with block); "
-                              "build a new engine (build_engine) to run more requests")
+            raise ClosedError(CLOSED_MESSAGE)
 
     def prompt_format(self, name: str) -> PromptFormat:
         """The resolved prompt format ``name`` ("auto", "chat", "plain") for this engine's LM."""
@@ -143,9 +144,27 @@ class RalmEngine:
         ``on_tokens`` gets each verified chunk as it is verified (a ``VerifiedChunk``: with its
         logprobs when ``gen.logprobs`` is set). The answer ends at ``gen.stop`` (engine/stop.py;
         ``on_tokens`` still gets the whole chunk that completed it) and carries ``gen.logprobs``
-        (engine/logprobs.py)."""
+        (engine/logprobs.py). Any failure of a request that ``close()`` (another thread's)
+        overtook is a ``ClosedError``."""
         check_call(prompt, gen, spec, speculate, retries, timeout_s, retrieval)
         self.check_open()
+        try:
+            return await self._generate(prompt, gen, spec, speculate, on_tokens, session, lm_client, search_client,
+                                        retries, timeout_s, retrieval, may_speculate)
+        except Exception as exc:
+            if self.closed and not isinstance(exc, ClosedError):
+                # close() ran in another thread during the request and took its parts away (the
+                # worker: "cannot schedule new futures"; an ANN index: gone, retried, then a
+                # RetrievalError): the caller is told what happened
+                raise ClosedError(CLOSED_MESSAGE) from exc
+            raise
+
+    async def _generate(self, prompt: str | Conversation, gen: GenerationConfig | None,
+                        spec: SpeculationConfig | None, speculate: bool | None, on_tokens: TokenCallback | None,
+                        session: Hashable | None, lm_client: LMClient | None, search_client: SearchClient | None,
+                        retries: int, timeout_s: float | None, retrieval: bool,
+                        may_speculate: Callable[[], bool] | None) -> GenerationResult:
+        """``generate`` after its argument checks."""
         spec = spec or self.config.speculation
         conversation = prompt if isinstance(prompt, Conversation) else None
         question = conversation.question if conversation is not None else prompt
@@ -218,11 +237,14 @@ class RalmEngine:
 
     def close(self) -> None:
         """Release the LM, the knowledge base and the worker thread. Idempotent; afterwards
-        ``generate``, ``generate_sync`` and ``check_request`` raise ``ClosedError``."""
+        ``generate``, ``generate_sync`` and ``check_request`` raise ``ClosedError``, and so do
+        the requests it overtook (other threads'), at their next LM call, search or worker job.
+        Their encodings already queued on the worker still run (milliseconds): a cancelled one
+        ended its request with a bare ``CancelledError``."""
         if self.closed:
             return
         self.closed = True
-        self.worker.shutdown(wait=False, cancel_futures=True)
+        self.worker.shutdown(wait=False)
         self.lm.close()
         self.retriever.close()
 

@@ -34,6 +34,7 @@ round differently.) This relies on deterministic CPU kernels for a fixed shape a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -44,7 +45,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ralmspec.config import check_text, check_type, is_int
-from ralmspec.errors import ConfigError
+from ralmspec.errors import ClosedError, ConfigError
 from ralmspec.knnlm.datastore import Datastore, hidden_size
 from ralmspec.lm.base import context_limit
 
@@ -178,12 +179,16 @@ class IncrementalDecoder:
     the final hidden state the datastore is searched with, and the logits), ``truncate`` = ``crop`` (a static runner only
     moves a length). ``close`` gives the handle back (a static runner's slot). ``runner``
     (default: the LM's) may be a ``SharedRunner`` (``ralmspec.lm.shared_runner``: decoding
-    threads whose steps share forwards). Not thread-safe: one decoder per request, used from one
-    thread, and no other user of the same runner at once unless it is a ``SharedRunner``.
+    threads whose steps share forwards). One decoder per request, used from one thread. Decoders
+    of several threads may share the LM's own runner: each call on it holds the LM's lock
+    (``driving_runner``), as the LM's own calls do (on a static runner, threads' steps read
+    each other's inputs: wrong tokens); a ``SharedRunner`` gathers its threads' steps itself.
     """
 
     def __init__(self, lm: Any, runner: Any = None):
         self.runner = lm.runner if runner is None else runner
+        driving = getattr(lm, "driving_runner", None)
+        self._turn = driving if driving is not None and self.runner is getattr(lm, "runner", None) else contextlib.nullcontext
         self._kv: Any = None
         self._len = 0
         self._open = False
@@ -197,7 +202,7 @@ class IncrementalDecoder:
         import torch
 
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with self._turn(), torch.inference_mode():
             if self._len == 0:  # the prompt, one prefill
                 self._kv, logits, hidden = self.runner.prefill_block(self._kv, ids, last=True, want_hidden=True)
             else:  # one token: the runner's step (a captured / compiled step where it has one)
@@ -213,7 +218,8 @@ class IncrementalDecoder:
         if len(prompt_ids) == 0:
             raise ConfigError("the prompt is empty; a kNN-LM prompt needs at least one token")
         self.close()
-        self._kv = self.runner.open()
+        with self._turn():
+            self._kv = self.runner.open()
         if self._kv is None and self.runner.capacity is not None:
             raise ConfigError(f"the LM runner ({self.runner.name}) has no free KV slot for a kNN-LM request; "
                               "release LM sessions or use a runner with more slots")
@@ -231,13 +237,19 @@ class IncrementalDecoder:
         if not 1 <= length <= self._len:
             raise ValueError(f"cannot truncate a decoder of {self._len} positions to {length}")
         if length < self._len:
-            self._kv = self.runner.crop(self._kv, length)
+            with self._turn():
+                self._kv = self.runner.crop(self._kv, length)
             self._len = length
 
     def close(self) -> None:
-        """Give the KV handle back to the runner (idempotent)."""
+        """Give the KV handle back to the runner (idempotent; a closed LM's runner has every
+        handle back already)."""
         if self._open:
-            self.runner.free(self._kv)
+            try:
+                with self._turn():
+                    self.runner.free(self._kv)
+            except ClosedError:
+                pass
         self._kv, self._len, self._open = None, 0, False
 
 

@@ -702,6 +702,13 @@ class HFLanguageModel(LanguageModel):
             entry = self._sessions.get(session)
             return 0 if entry is None else len(entry.ids)
 
+    def driving_runner(self) -> contextlib.AbstractContextManager[None]:
+        """The LM's lock, for a caller that drives ``self.runner`` itself (a kNN-LM decoder's
+        forward, crop or slot): the runner serves one call at a time (a static runner's input
+        buffers are shared by its slots) and the LM's own calls hold this lock for theirs.
+        ``ClosedError`` once ``close()`` ran."""
+        return self._open()
+
     # ------------------------------------------------------------------ internals
 
     @contextlib.contextmanager

@@ -202,3 +202,21 @@ def test_a_python_callers_wrong_arguments_are_config_errors(tiny_lm, knn_datasto
         build_datastore(tiny_lm, "one long document", tmp_path / "ds", progress=False)
     with pytest.raises(ConfigError, match="config must be a DatastoreBuildConfig or None, got dict"):
         build_datastore(tiny_lm, ["a document"], tmp_path / "ds", {"max_tokens": 10}, progress=False)
+
+
+def test_threads_decoding_on_one_static_runner_get_their_own_tokens(tiny_lm, knn_datastores):
+    """One KNNLM (and a SpeculativeKNNLM over it) called from several threads at once, on the
+    LM's static runner (the default on CUDA): its threads' steps read each other's inputs, and
+    nearly every answer had wrong tokens. Each is now the answer it gets alone."""
+    from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
+    from tests.concurrent import run_together
+
+    lm = tiny_lm.view(runner="static")
+    knn = KNNLM(lm, knn_datastores["flat"], KNNLMConfig(k=8, max_new_tokens=12))
+    spec = SpeculativeKNNLM(knn, SpeculativeKNNConfig(os3=False, fixed_stride=3))
+    prompts = ["The storm formed", "Robert Boulter is an English", "Hed PE is an American", "The song was released"]
+    alone = [knn.generate(p).tokens for p in prompts]
+    got = run_together(8, lambda i: (spec if i % 2 else knn).generate(prompts[i % 4]))
+    assert [r.tokens for r in got] == [alone[i % 4] for i in range(8)]
+    assert all(r.stats.speculated > 0 for r in got[1::2])
+    assert len(lm.runner._free) == lm.runner.capacity  # every decoder gave its KV slot back
