@@ -68,6 +68,11 @@ class SchedulerClosedError(ClosedError):
     no new requests (HTTP 503)."""
 
 
+class SchedulerLoopError(RalmSpecError, RuntimeError):
+    """A request on another event loop than the one the scheduler is serving requests on (two
+    threads' loops sharing one scheduler): its queue, slots and batching belong to one loop."""
+
+
 class RequestTimeoutError(RalmSpecError, TimeoutError):
     """A request exceeded its deadline (queueing included); nothing unverified was released (HTTP 504)."""
 
@@ -488,9 +493,12 @@ class SchedulerCounters:
 class Scheduler:
     """Runs many ``RalmEngine`` requests concurrently with admission control and cross-request batching.
 
-    Use from one event loop. ``generate`` has the engine's semantics (same tokens, same result
-    fields) plus: ``QueueFullError`` when the queue is full, ``RequestTimeoutError`` past the
-    deadline, ``SchedulerClosedError`` after ``aclose``; cancellation frees the slot at once.
+    Use from one event loop at a time: a request from another loop while requests of the first
+    run or wait is refused (``SchedulerLoopError``); once they have all ended, the next loop's
+    request moves the scheduler to that loop (successive ``asyncio.run`` calls). ``generate``
+    has the engine's semantics (same tokens, same result fields) plus: ``QueueFullError`` when
+    the queue is full, ``RequestTimeoutError`` past the deadline, ``SchedulerClosedError`` after
+    ``aclose``; cancellation frees the slot at once.
     """
 
     def __init__(self, engine: Any, config: SchedulerConfig | None = None, search_concurrency: int = 1):
@@ -514,6 +522,9 @@ class Scheduler:
         self._slots: asyncio.Semaphore | None = None
         self._sessions: set[Hashable] = set()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop its requests run on
+        self._on_loop = 0  # requests inside ``generate`` on that loop
+        self._loop_lock = threading.Lock()  # a request of another thread's loop checks under it
 
     # -- state
     @property
@@ -563,8 +574,31 @@ class Scheduler:
             check_seconds(timeout_s, "timeout_s")
         if self._closed:
             raise SchedulerClosedError("the scheduler is closed (shutting down) and accepts no new requests")
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        self._enter_loop(asyncio.get_running_loop())
+        try:
+            return await self._admit_and_run(prompt, gen, spec, speculate, on_tokens, timeout_s)
+        finally:
+            with self._loop_lock:
+                self._on_loop -= 1
+
+    def _enter_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count a request on ``loop``: the scheduler's loop, or a new one once every request of
+        the old one has ended (fresh slots: an asyncio semaphore is bound to one loop)."""
+        with self._loop_lock:
+            if loop is not self._loop:
+                if self._on_loop:
+                    raise SchedulerLoopError(
+                        f"this Scheduler is serving {self._on_loop} request(s) on another event loop (another "
+                        "thread's); a Scheduler belongs to one loop at a time: from several threads, call "
+                        "the engine (RalmEngine.generate_sync), or give each loop a Scheduler of its own")
+                self._loop, self._slots = loop, asyncio.Semaphore(self.config.max_concurrent)
+            self._on_loop += 1
+
+    async def _admit_and_run(self, prompt: str | Conversation, gen: GenerationConfig | None,
+                             spec: SpeculationConfig | None, speculate: bool | None,
+                             on_tokens: TokenCallback | None, timeout_s: float | None | str) -> GenerationResult:
+        """``generate`` once its request is counted on the scheduler's loop."""
+        assert self._slots is not None
         timeout = self.config.request_timeout_s if timeout_s == "default" else timeout_s
         if self._running + self._waiting >= self.config.max_concurrent + self.config.max_queue:
             self.counters.rejected += 1

@@ -11,6 +11,7 @@ from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.engine.governor import GovernorConfig
 from ralmspec.engine.scheduler import (
+    SchedulerLoopError,
     BatchingLMClient, BatchingSearchClient, QueueFullError, RequestTimeoutError, Scheduler, SchedulerConfig,
 )
 from ralmspec.errors import ConfigError
@@ -389,3 +390,48 @@ def test_closed_scheduler_refuses(small_indexes, tiny_lm):
             await sched.generate("who wrote hamlet", gen=GENS[0])
 
     asyncio.run(go())
+
+
+def test_a_scheduler_belongs_to_one_event_loop_at_a_time(small_indexes, tiny_lm, questions):
+    """A second thread's loop sending a request while the first loop's request runs is refused
+    with a ``SchedulerLoopError`` that says what to do (it ran on: futures of one loop resolved
+    from the other's thread, 'Task exception was never retrieved ... bound to a different event
+    loop', and a wait for a slot failed with a RuntimeError). Once the first loop's requests
+    have ended, the scheduler moves to the next loop, queueing there included: its semaphore
+    was bound to the first loop."""
+    import threading
+
+    engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
+    gen = GenerationConfig(stride=2, query_len=16, max_new_tokens=24, passage_tokens=64)
+    sched = Scheduler(engine, SchedulerConfig(max_concurrent=1, max_queue=4))
+    started, done = threading.Event(), threading.Event()
+    refused: list[BaseException] = []
+
+    async def first():
+        task = asyncio.create_task(sched.generate(questions[0], gen=gen, speculate=False))
+        while sched.active == 0:
+            await asyncio.sleep(0.001)
+        started.set()
+        await asyncio.to_thread(done.wait, 60)
+        return await task
+
+    def second():
+        assert started.wait(60)
+        try:
+            asyncio.run(sched.generate(questions[1], gen=gen, speculate=False))
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            refused.append(exc)
+        done.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    res = asyncio.run(first())
+    t.join(60)
+    assert len(refused) == 1 and isinstance(refused[0], SchedulerLoopError), refused
+    assert "another event loop" in str(refused[0]) and res.token_ids
+
+    async def queued():  # a new loop: two requests, one slot, so one waits on the slots
+        return await asyncio.gather(*(sched.generate(q, gen=gen, speculate=False) for q in questions[:2]))
+
+    again = asyncio.run(queued())
+    assert again[0].token_ids == res.token_ids and sched.counters.completed == 3
