@@ -44,7 +44,9 @@ from ralmspec.speculation.stride import fit_line
 class BusyWindow:
     """Busy intervals of one worker; ``fraction(now)`` = busy seconds in ``[now - window_s, now]``
     / the window (the time since ``t0`` while that is shorter). Busy = at least one call running
-    (calls may overlap: ``start`` / ``stop`` nest)."""
+    (calls may overlap: ``start`` / ``stop`` nest). Only the intervals of the last ``window_s``
+    seconds are kept, whether ``fraction`` is asked or not (a server whose requests never
+    speculate, or with the governor off, never asks it: one interval per call piled up)."""
 
     def __init__(self, window_s: float, t0: float):
         self.window_s = window_s
@@ -67,12 +69,17 @@ class BusyWindow:
             self._done.append((self._open, t))
             self._done_s += t - self._open
             self._open = None
+            self._forget(t - self.window_s)
 
-    def fraction(self, now: float) -> float:
-        lo = now - self.window_s
+    def _forget(self, lo: float) -> None:
+        """Drop the intervals that ended by ``lo``: outside every window from now on."""
         while self._done and self._done[0][1] <= lo:
             s, e = self._done.popleft()
             self._done_s -= e - s
+
+    def fraction(self, now: float) -> float:
+        lo = now - self.window_s
+        self._forget(lo)
         busy = self._done_s
         if self._done and self._done[0][0] < lo:  # only the oldest interval can cross the window's edge
             busy -= lo - self._done[0][0]

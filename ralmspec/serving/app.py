@@ -118,7 +118,7 @@ class ServerConfig:
 @dataclass
 class ServerState:
     engine: Any | None
-    retriever: Retriever
+    retriever: Retriever | None  # None (and engine None) once released at cleanup
     scheduler_config: SchedulerConfig
     config: ServerConfig
     metrics: ServerMetrics
@@ -134,6 +134,16 @@ class ServerState:
         if self.engine is None:
             return self.config.max_tokens_limit
         return max(1, min(self.config.max_tokens_limit, self.engine.lm.max_context - 2))
+
+    def release(self) -> None:
+        """Drop the engine, the knowledge base, the scheduler and the pools (the application's
+        cleanup, once they are closed). aiohttp keeps the applications of its latest 1024
+        middleware chains alive in a module-wide cache (``web_app._cached_build_middleware``), and
+        this state with them: a process that serves one application after another (a notebook,
+        a test harness) kept every earlier engine, its model and its index, after its server
+        ended. Only the metrics and the settings are left."""
+        self.engine = self.retriever = None
+        self.scheduler = self.search_client = self.executor = self.trimmer = self.workers_read = None
 
 
 STATE = web.AppKey("ralmspec_state", ServerState)
@@ -159,8 +169,8 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
         state.started = time.time()
         state.executor = WorkerPool(cfg.io_threads, thread_name_prefix="ralm-io")
         state.trimmer = HeapTrimmer(cfg.malloc_trim_s).start()
-        if engine is not None:
-            state.scheduler = Scheduler(engine, state.scheduler_config, search_concurrency)
+        if state.engine is not None:  # not the closure's engine: this hook outlives the server (release)
+            state.scheduler = Scheduler(state.engine, state.scheduler_config, search_concurrency)
             state.search_client = state.scheduler.search_client
         else:
             sc = state.scheduler_config
@@ -179,6 +189,7 @@ def create_app(engine: Any | None = None, scheduler_config: SchedulerConfig | No
             await aclose()
         if state.executor is not None:
             state.executor.shutdown(wait=False, cancel_futures=True)
+        state.release()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)

@@ -338,18 +338,19 @@ def _serve_until_stopped(app: Any, a: argparse.Namespace) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     _configure_logging(a)
+    from ralmspec.serving.app import STATE
+
     app = _build_app(a)
+    state = app[STATE]
+    engine, retriever = state.engine, state.retriever  # the application lets go of them at its cleanup
     try:
         _serve_until_stopped(app, a)
     finally:
-        from ralmspec.serving.app import STATE
-
-        state = app[STATE]
         try:
-            if state.engine is not None:
-                state.engine.lm.close()  # e.g. Ray LM replicas (and the local Ray cluster they started)
+            if engine is not None:
+                engine.lm.close()  # e.g. Ray LM replicas (and the local Ray cluster they started)
         finally:
-            state.retriever.close()  # e.g. Ray shard actors (and the local Ray cluster started for them)
+            retriever.close()  # e.g. Ray shard actors (and the local Ray cluster started for them)
     return 0
 
 

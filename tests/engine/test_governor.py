@@ -24,6 +24,17 @@ def test_busy_window_counts_only_the_window_and_the_running_call():
     assert w.fraction(5.0) == pytest.approx(1.0)
 
 
+def test_busy_window_keeps_only_the_window_when_fraction_is_never_asked():
+    """A server whose requests never speculate (or with the governor off) records every LM and
+    knowledge-base call but never asks ``fraction``: the intervals out of the window go anyway."""
+    w = BusyWindow(window_s=1.0, t0=0.0)
+    for i in range(10_000):  # a call every 10 ms, 5 ms long: 100 s of serving
+        w.start(i * 0.01)
+        w.stop(i * 0.01 + 0.005)
+    assert len(w._done) <= 101  # the last second's calls, not 10,000
+    assert w.fraction(100.0) == pytest.approx(0.5)
+
+
 def _governor(**kw) -> tuple[LoadGovernor, BusyWindow]:
     w = BusyWindow(window_s=1.0, t0=0.0)
     return LoadGovernor(GovernorConfig(window_s=1.0, **kw), w), w

@@ -254,3 +254,25 @@ def test_a_closed_engine_or_lm_behind_the_server_is_a_503_not_a_500():
     for exc in (ClosedError("the language model 'tiny' was closed"), SchedulerClosedError("shutting down")):
         err = error_for(exc)
         assert err.status == 503 and err.message == str(exc), (err.status, err.message)
+
+
+def test_a_server_that_ended_lets_go_of_its_engine(tiny_lm, small_indexes):
+    """aiohttp keeps the applications of its latest middleware chains in a module-wide cache: a
+    process serving one application after another (a notebook, a test harness) kept every ended
+    server's engine, its model and its index, alive (+100 MB and an open index file a cycle)."""
+    import gc
+    import weakref
+
+    from ralmspec.engine.core import RalmEngine
+    from tests.serving.support import TEST_ENGINE_CONFIG
+
+    engine = RalmEngine(tiny_lm.view(), small_indexes["exact"], TEST_ENGINE_CONFIG)
+    srv = _start(engine, max_concurrent=1, max_queue=0, request_timeout_s=60)
+    status, body = request("POST", f"{srv.url}/v1/completions", {"model": MODEL, "prompt": "who wrote hamlet",
+                                                                 "max_tokens": 2})
+    assert status == 200, body
+    srv.stop()
+    gone = weakref.ref(engine)
+    del engine, srv
+    gc.collect()
+    assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
