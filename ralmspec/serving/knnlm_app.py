@@ -219,6 +219,13 @@ class KNNLMServerState:
     def max_tokens_limit(self) -> int:
         return max(1, min(4096, int(getattr(self.knn.lm, "max_context", 4096)) - 2))
 
+    def release(self) -> None:
+        """Drop the kNN-LM (its LM and datastore), the worker and the sharing (the application's
+        cleanup, once the worker is joined): aiohttp keeps the applications of its latest 1024
+        middleware chains alive in a module-wide cache, and this state with them (as
+        ``ServerState.release``). Only the metrics and the settings are left."""
+        self.knn = self.worker = self.sharing = self.trimmer = None  # type: ignore[assignment]
+
 
 KNN_STATE = web.AppKey("ralmspec_knnlm_state", KNNLMServerState)
 
@@ -291,6 +298,10 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
             await to_thread(state.trimmer.close)
         if state.worker is not None:
             await to_thread(state.worker.close)
+        for v in {id(v.lm): v.lm for v in views if v.lm is not state.knn.lm}.values():
+            v.close()  # the decoding threads' own LM views (their KV); the caller's LM is the caller's
+        views.clear()
+        state.release()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)

@@ -566,3 +566,25 @@ def test_request_latency_counts_the_wait_for_the_decoding_thread(tiny_lm, knn_da
     assert waited > 0.5, "the short request was built to wait for the thread"
     latency = float(re.search(r'^ralmspec_request_latency_seconds_sum\{mode="speculative"\} (\S+)$', m, re.M)[1])
     assert latency >= waited - 0.25 > short["knnlm"]["latency_s"], (latency, waited, short["knnlm"]["latency_s"])
+
+
+def test_a_knnlm_server_that_ended_lets_go_of_its_model(tiny_lm, knn_datastores):
+    """As ``ralmspec serve``'s (tests/serving/test_lifecycle.py): aiohttp's module-wide cache of
+    its latest middleware chains kept every ended kNN-LM application, so a process serving one
+    after another kept each kNN-LM, and the decoding threads' LM views with their KV."""
+    import gc
+    import weakref
+
+    srv = knn_server(tiny_lm, knn_datastores["flat"], max_concurrent=2)
+    assert complete(srv, prompt="The storm formed", max_tokens=2)[0] == 200
+    from ralmspec.serving.knnlm_app import KNN_STATE
+
+    state = srv.app[KNN_STATE]
+    views = [state.worker.free.get() for _ in range(2)]  # the two threads' (idle: given back)
+    for v in views:
+        state.worker.free.put(v)
+    knn, view = weakref.ref(state.knn), weakref.ref(next(v.lm for v in views if v.lm is not state.knn.lm))
+    srv.stop()
+    del state, views, v
+    gc.collect()
+    assert knn() is None and view() is None
