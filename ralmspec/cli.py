@@ -419,8 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: `ralmspec {a.command}` needs the ML stack, and the module {exc.name!r} is not installed: "
               f"{ML_INSTALL_HINT}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: no traceback
-        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: one line, no traceback
+        sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"ralmspec {a.command}: stopped by {sig.name}", file=sys.stderr)
+        return 128 + sig
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def test_a_signal_mid_build_leaves_no_temporary_folder(tmp_path, sig, status):
         if proc.poll() is None:
             proc.kill()
     assert rc == status and "Traceback" not in err, (rc, err)
+    assert f"ralmspec knnlm: stopped by {sig.name}\n" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
