@@ -60,9 +60,20 @@ def engine_trace(res: Any) -> tuple[list[int], list[tuple[int, int, int]]]:
 
 
 def forces_speculation(spec: Any) -> bool:
-    """Whether a speculation config speculates after the first step whatever it measures: a fixed
-    stride (OS^3 off) or OS^3 without its naive fallback. Engine and kNN-LM configs alike."""
-    return getattr(spec, "enabled", True) and (not spec.os3 or not spec.naive_fallback)
+    """Whether a speculation config speculates after the first step whatever it measures.
+
+    RaLM (``SpeculationConfig``): a fixed stride (OS^3 off) of at least 2, or any fixed stride
+    verified beside decoding. A synchronous round of ONE step verifies the step about to run
+    before it produces anything (``verified_ahead``: the naive loop), and OS^3, even without its
+    naive fallback, may choose exactly that, so it forces nothing. kNN-LM (a step is a token,
+    produced before its round): a fixed stride, or OS^3 without its naive fallback."""
+    from ralmspec.config import SpeculationConfig
+
+    if not getattr(spec, "enabled", True):
+        return False
+    if isinstance(spec, SpeculationConfig):
+        return not spec.os3 and (spec.fixed_stride >= 2 or spec.async_verify)
+    return not spec.os3 or not spec.naive_fallback
 
 
 def _counter(stats: Any, name: str) -> int | None:

@@ -288,6 +288,7 @@ class SpeculativeStats:
     accepted: int = 0  # speculated tokens kept by verification
     rollbacks: int = 0  # rounds with a rejected token
     cancelled: int = 0  # rounds in flight cancelled by a rollback
+    verified_ahead: int = 0  # judged before producing anything (never here: a token is its own step's output)
     wasted_tokens: int = 0  # tokens cut by rollbacks, the rejected one included
     verify_batch_sizes: list[int] = field(default_factory=list)  # tokens per verification round
     strides: list[int] = field(default_factory=list)  # OS^3's stride when each round was submitted

@@ -174,7 +174,8 @@ class ServerMetrics:
         self.speculated = Counter("ralmspec_speculated_steps_total", "Speculated retrieval steps verified.")
         self.verified = Counter("ralmspec_verified_steps_total",
                                 "Steps of speculative requests whose passage was retrieved for real before "
-                                "generating (first step, OS^3 fallback, governor pause).")
+                                "generating (first step, OS^3 fallback, governor pause, a synchronous round's "
+                                "last step).")
         self.accepted = Counter("ralmspec_accepted_steps_total", "Speculated steps the knowledge base confirmed.")
         self.rollbacks = Counter("ralmspec_rollbacks_total", "Rollbacks at a mis-speculated step.")
         self.rounds = Counter("ralmspec_verification_rounds_total", "Verification rounds (batched searches).")
@@ -204,7 +205,8 @@ class ServerMetrics:
             if mode == "speculative":
                 self.speculative_requests.inc()
                 self.speculated.inc(s.get("speculated", 0))
-                self.verified.inc(s.get("verified_steps", 0))
+                # a synchronous round's last step was judged before producing anything: verified too
+                self.verified.inc(s.get("verified_steps", 0) + s.get("verified_ahead", 0))
                 self.accepted.inc(s.get("accepted", 0))
                 self.rollbacks.inc(s.get("rollbacks", 0))
                 self.rounds.inc(s.get("rounds", 0))

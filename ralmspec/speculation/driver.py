@@ -27,12 +27,16 @@ Only verified tokens leave (``on_verified``, the result). Identity with the naiv
 modes' argument (their module docs): a kept step is exactly the naive loop's step there.
 
 The figures (``SpeculationStats``), one definition each for every mode:
-- ``rounds``: verification rounds applied; ``speculated``: steps sent to them (kept or not);
-  ``accepted``: steps kept; ``acceptance_rate`` = accepted / speculated; ``rollbacks``: rounds
-  that ended with a rejection; ``cancelled``: later rounds in flight cancelled by a rollback;
+- ``rounds``: verification rounds applied; ``speculated``: steps sent to them (kept or not) that
+  had produced output with their guess (tokens made before the guess was verified);
+  ``accepted``: speculated steps kept; ``acceptance_rate`` = accepted / speculated;
+  ``rollbacks``: rounds whose rejection cut produced output; ``cancelled``: later rounds in
+  flight cancelled by a rollback; ``verified_ahead``: steps a round judged before they produced
+  anything (RaLM's synchronous round ends with the step about to run: the round's search is its
+  retrieval, a rejection there cuts nothing), so neither speculated nor rolled back;
 - ``verify_batch_sizes``: steps per submitted round; ``strides``: the stride OS^3 had chosen
   when each round was submitted (a round holds fewer steps when the output completes first);
-- ``acceptance_histogram``: accepted steps per applied round -> how many rounds;
+- ``acceptance_histogram``: accepted speculated steps per applied round -> how many rounds;
 - ``wasted_tokens``: generated tokens cut by rollbacks (from the rejected step's start to the
   end of the output, the rejected step's own tokens included);
 - ``verified_steps``: steps retrieved for real before their output (the first step, OS^3's
@@ -304,7 +308,7 @@ class Driver:
         """The speculation figures of this request, one vocabulary for every mode (module doc)."""
         rs, s = self.book.stats, self.stats
         return {"rounds": rs.rounds, "speculated": rs.speculated, "accepted": rs.accepted,
-                "rollbacks": rs.rollbacks, "cancelled": rs.cancelled,
+                "rollbacks": rs.rollbacks, "cancelled": rs.cancelled, "verified_ahead": rs.verified_ahead,
                 "acceptance_rate": rs.accepted / rs.speculated if rs.speculated else None,
                 "verify_batch_sizes": list(rs.batch_sizes), "strides": list(rs.strides),
                 "acceptance_histogram": histogram_dict(rs.histogram),

@@ -98,11 +98,15 @@ class RoundStats:
     """Counts of one request's speculation (the modes add their own timings)."""
 
     rounds: int = 0  # rounds applied
-    speculated: int = 0  # steps verified in rounds (kept or not)
-    accepted: int = 0  # steps kept
-    rollbacks: int = 0  # rounds that ended with a rejection
+    speculated: int = 0  # steps verified in rounds (kept or not) that had produced output with their guess
+    accepted: int = 0  # speculated steps kept
+    rollbacks: int = 0  # rounds whose rejection cut produced output
     cancelled: int = 0  # later rounds cancelled by a rollback
-    # accepted steps per applied round -> how many rounds: the acceptance histogram
+    # steps verified in rounds before producing anything (a round's last step, its output not yet
+    # started: RaLM's synchronous rounds): no output was made with their guess, so the round's
+    # search was their retrieval, and a rejection there cuts nothing; not speculated
+    verified_ahead: int = 0
+    # accepted speculated steps per applied round -> how many rounds: the acceptance histogram
     histogram: Counter = field(default_factory=Counter)
     batch_sizes: list[int] = field(default_factory=list)  # steps per submitted round
     strides: list[int] = field(default_factory=list)  # OS^3 stride when each round was submitted
@@ -206,16 +210,22 @@ class RoundBook:
         while nv < len(steps) and steps[nv].verified:
             nv += 1
         self.n_verified = nv
+        # only a step that produced output (``end`` set) was speculated: its output was made with a
+        # guess not yet verified. Only the last step can be unproduced (``check``); judged before it
+        # produced anything, it is a verified step (``RoundStats.verified_ahead``), not a speculated one
+        produced = sum(st.end is not None for st in rnd.steps)
+        kept_produced = sum(st.end is not None for st in kept)
         s = self.stats
         s.rounds += 1
-        s.speculated += len(rnd.steps)
-        s.accepted += len(kept)
-        s.histogram[len(kept)] += 1
+        s.speculated += produced
+        s.accepted += kept_produced
+        s.verified_ahead += int(produced < len(rnd.steps) and verdict.accepted >= produced)  # judged, not dropped
+        s.histogram[kept_produced] += 1
         if verdict.accepted == len(rnd.steps):
             return None
         bad = rnd.steps[verdict.accepted]
         del steps[steps.index(bad, nv):]
-        s.rollbacks += 1
+        s.rollbacks += int(bad.end is not None)  # an unproduced step's rejection cuts nothing
         self.abort()
         return bad
 

@@ -121,15 +121,17 @@ def test_property_sampled_speculative_equals_naive(small_indexes, tiny_lm, quest
 def test_sampled_and_greedy_requests_batched_together_equal_the_oracle(small_indexes, tiny_lm, questions):
     """Through the scheduler: sampled and greedy requests in flight at once share backend calls,
     each with its own sampling settings, and each equals its naive run alone. Half of the
-    speculative requests force speculation (no naive fallback) and must speculate; the others
-    run OS^3 with its fallback, which on this cheap knowledge base may take only verified steps."""
+    speculative requests force speculation (a fixed stride) and must speculate; the others run
+    OS^3 with its fallback, which on this cheap knowledge base may take only verified steps.
+    (They were OS^3 without the fallback, which may choose synchronous one-step rounds: the naive
+    loop, counted as speculation until the counters were corrected.)"""
     engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
     qs = questions[:8]
     gens = [GenerationConfig(stride=2, query_len=8, max_new_tokens=10, passage_tokens=48,
                              temperature=(0.0, 0.8, 1.2, 0.8)[i % 4], top_p=(1.0, 0.9)[i % 2], seed=1000 + i % 3)
             for i in range(len(qs))]
     specs = [SpeculationConfig(async_verify=bool(i % 2), prefetch=(1, 20)[i % 2], cache_capacity=4 + i,
-                               naive_fallback=i % 4 >= 2)
+                               os3=i % 4 >= 2, fixed_stride=2 + i % 2)
              for i in range(len(qs))]
     speculative = [i % 3 != 0 for i in range(len(qs))]
 

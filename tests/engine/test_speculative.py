@@ -86,8 +86,11 @@ def test_naive_fallback_when_retrieval_is_cheap_keeps_tokens(engine):
     assert fallback.ran(min_speculated=0, why="checks OS^3's naive fallback on a cheap KB").verified_steps > 0
     probes = [e for _, r in results for e in r.trace if e["kind"] == "probe"]
     assert probes and all(isinstance(e["hit"], bool) for e in probes)
+    # on this cheap KB OS^3 picks stride 1, whose synchronous round verifies only the step about
+    # to run (verified ahead, nothing speculated): a slow search makes longer strides pay
     off = SpeculationConfig(async_verify=False, os3=True, prefetch=20, naive_fallback=False)
-    res = asyncio.run(engine.generate(QUESTIONS[0], gen=GEN, spec=off))
+    res = asyncio.run(engine.generate(QUESTIONS[0], gen=GEN, spec=off,
+                                      search_client=FakeLatencySearch(engine.retriever, delay_s=0.1)))
     forced = SpeculationCheck()
     forced.same(res.token_ids, results[0][0].token_ids, res.stats)
     forced.ran(min_speculated=1)
