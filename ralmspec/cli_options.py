@@ -78,7 +78,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--gamma-max", type=float, default=SpeculationConfig.gamma_max,
                    help="OS^3 cap on the estimated acceptance, in (0, 1) (default %(default)s)")
     s.add_argument("--no-naive-fallback", dest="naive_fallback", action="store_false", default=True,
-                   help="keep speculating even when OS^3 predicts it is slower than the naive loop")
+                   help="keep OS^3 in rounds even when it predicts them slower than the naive loop (it may "
+                        "still choose synchronous one-step rounds, which verify each step before it runs)")
     s.add_argument("--no-async", dest="async_verify", action="store_false", default=True)
     s.add_argument("--max-inflight", type=int, default=2)
     s.add_argument("--eager-verify", dest="eager_verify", action="store_true", default=False,
