@@ -7,9 +7,10 @@ The engine is a thin shell: it builds a ``RalmContext`` per request and calls th
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
-from typing import Awaitable, Callable, Hashable, TypeVar
+from typing import Awaitable, Callable, Hashable, Iterator, TypeVar
 
 from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig, check_seconds, check_type, is_int
 from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient, new_session_id
@@ -130,6 +131,18 @@ class RalmEngine:
         ctx = self.context(gen, conversation=conversation)
         ctx.encode_prompt(conversation.question if conversation is not None else prompt)
 
+    @contextlib.contextmanager
+    def _closed_if_overtaken(self) -> Iterator[None]:
+        """A request's failure once ``close()`` ran (another thread's, during the request) is a
+        ``ClosedError``: close() took its parts away (the worker: "cannot schedule new futures";
+        an ANN index: gone, retried, then a ``RetrievalError``), and the caller is told so."""
+        try:
+            yield
+        except Exception as exc:
+            if self.closed and not isinstance(exc, ClosedError):
+                raise ClosedError(CLOSED_MESSAGE) from exc
+            raise
+
     async def generate(self, prompt: str | Conversation, gen: GenerationConfig | None = None,
                        spec: SpeculationConfig | None = None, speculate: bool | None = None,
                        on_tokens: TokenCallback | None = None, session: Hashable | None = None,
@@ -148,55 +161,39 @@ class RalmEngine:
         overtook is a ``ClosedError``."""
         check_call(prompt, gen, spec, speculate, retries, timeout_s, retrieval)
         self.check_open()
-        try:
-            return await self._generate(prompt, gen, spec, speculate, on_tokens, session, lm_client, search_client,
-                                        retries, timeout_s, retrieval, may_speculate)
-        except Exception as exc:
-            if self.closed and not isinstance(exc, ClosedError):
-                # close() ran in another thread during the request and took its parts away (the
-                # worker: "cannot schedule new futures"; an ANN index: gone, retried, then a
-                # RetrievalError): the caller is told what happened
-                raise ClosedError(CLOSED_MESSAGE) from exc
-            raise
-
-    async def _generate(self, prompt: str | Conversation, gen: GenerationConfig | None,
-                        spec: SpeculationConfig | None, speculate: bool | None, on_tokens: TokenCallback | None,
-                        session: Hashable | None, lm_client: LMClient | None, search_client: SearchClient | None,
-                        retries: int, timeout_s: float | None, retrieval: bool,
-                        may_speculate: Callable[[], bool] | None) -> GenerationResult:
-        """``generate`` after its argument checks."""
-        spec = spec or self.config.speculation
-        conversation = prompt if isinstance(prompt, Conversation) else None
-        question = conversation.question if conversation is not None else prompt
-        ctx = self.context(gen, lm_client, search_client, may_speculate, conversation, closed_book=not retrieval)
-        if ctx.gen.logprobs is not None and not self.lm.supports_logprobs:  # refused before any work
-            raise self.lm.no_logprobs_error()
-        if speculate is None:
-            speculate = spec.enabled
-        scorer = None
-        if ctx.gen.logprobs is not None:
-            scorer = AnswerScorer(ctx, question, ctx.gen.logprobs, new_session_id("logprobs"), on_tokens,
-                                  closed_book=not retrieval)
-        on_verified = scorer if scorer is not None else (
-            None if on_tokens is None else lambda toks, _steps: on_tokens(VerifiedChunk(toks)))
-        try:
-            if not retrieval:
-                result = await generate_closed_book(ctx, question, session, on_verified)
-            elif speculate:
-                result = await generate_speculative(ctx, question, spec, session, on_verified, retries, timeout_s)
-            else:
-                result = await generate_naive(ctx, question, session, on_verified, retries, timeout_s)
-            logprobs = await scorer.scores() if scorer is not None else None
-        finally:
-            if scorer is not None:
-                scorer.close()
-        if logprobs is not None and [lp.token for lp in logprobs] != result.token_ids:
-            raise AssertionError("the scored tokens are not the answer's")
-        result = cut_result(result, ctx.gen.stop, self.lm.tokenizer)
-        result.template_tokens = ctx.fmt.template_tokens()
-        if logprobs is not None:
-            result.logprobs = logprobs[:len(result.token_ids)]
-        return result
+        with self._closed_if_overtaken():
+            spec = spec or self.config.speculation
+            conversation = prompt if isinstance(prompt, Conversation) else None
+            question = conversation.question if conversation is not None else prompt
+            ctx = self.context(gen, lm_client, search_client, may_speculate, conversation, closed_book=not retrieval)
+            if ctx.gen.logprobs is not None and not self.lm.supports_logprobs:  # refused before any work
+                raise self.lm.no_logprobs_error()
+            if speculate is None:
+                speculate = spec.enabled
+            scorer = None
+            if ctx.gen.logprobs is not None:
+                scorer = AnswerScorer(ctx, question, ctx.gen.logprobs, new_session_id("logprobs"), on_tokens,
+                                      closed_book=not retrieval)
+            on_verified = scorer if scorer is not None else (
+                None if on_tokens is None else lambda toks, _steps: on_tokens(VerifiedChunk(toks)))
+            try:
+                if not retrieval:
+                    result = await generate_closed_book(ctx, question, session, on_verified)
+                elif speculate:
+                    result = await generate_speculative(ctx, question, spec, session, on_verified, retries, timeout_s)
+                else:
+                    result = await generate_naive(ctx, question, session, on_verified, retries, timeout_s)
+                logprobs = await scorer.scores() if scorer is not None else None
+            finally:
+                if scorer is not None:
+                    scorer.close()
+            if logprobs is not None and [lp.token for lp in logprobs] != result.token_ids:
+                raise AssertionError("the scored tokens are not the answer's")
+            result = cut_result(result, ctx.gen.stop, self.lm.tokenizer)
+            result.template_tokens = ctx.fmt.template_tokens()
+            if logprobs is not None:
+                result.logprobs = logprobs[:len(result.token_ids)]
+            return result
 
     def reset_caches(self) -> None:
         """Empty the caches shared across requests (query encodings, tokenized passages and chat
