@@ -187,8 +187,9 @@ class IncrementalDecoder:
 
     def __init__(self, lm: Any, runner: Any = None):
         self.runner = lm.runner if runner is None else runner
-        driving = getattr(lm, "driving_runner", None)
-        self._turn = driving if driving is not None and self.runner is getattr(lm, "runner", None) else contextlib.nullcontext
+        driving = getattr(lm, "driving_runner", None)  # the LM's lock, on the LM's own runner only
+        on_lms_runner = driving is not None and self.runner is getattr(lm, "runner", None)
+        self._turn = driving if on_lms_runner else contextlib.nullcontext
         self._kv: Any = None
         self._len = 0
         self._open = False
