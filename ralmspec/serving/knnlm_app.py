@@ -298,8 +298,9 @@ def create_knnlm_app(knn: KNNLM, spec: SpeculativeKNNConfig | None = None,
             await to_thread(state.trimmer.close)
         if state.worker is not None:
             await to_thread(state.worker.close)
-        for v in {id(v.lm): v.lm for v in views if v.lm is not state.knn.lm}.values():
-            v.close()  # the decoding threads' own LM views (their KV); the caller's LM is the caller's
+        own_views = {id(v.lm): v.lm for v in views if v.lm is not state.knn.lm}  # the caller's LM is the caller's
+        for lm in own_views.values():
+            lm.close()  # the decoding threads' own LM views (their KV)
         views.clear()
         state.release()
 
