@@ -13,9 +13,40 @@ SMALL_CORPUS_SIZE = 240
 SMALL_PASSAGE_WORDS = 60
 # set in CI (.ci/run): the real-model tests fail instead of skipping when SmolLM2 cannot be had
 REQUIRE_SMOLLM2_ENV = "RALMSPEC_REQUIRE_SMOLLM2"
+# RALMSPEC_OS3_WORST_CASE=1: OS^3 always makes its least speculative legal choice (below)
+OS3_WORST_CASE_ENV = "RALMSPEC_OS3_WORST_CASE"
 
 
 def pytest_configure(config):
+    if os.environ.get(OS3_WORST_CASE_ENV) == "1":
+        _os3_at_its_worst()
+    _share_cores()
+
+
+def _os3_at_its_worst() -> None:
+    """Every OS^3 decision becomes the least speculative one it may legally make, whatever was
+    measured: with the naive fallback a verified step (stride 0), without it a synchronous round
+    of one step (for RaLM the naive loop: the step is verified before it produces anything). An
+    identity test that passes only when OS^3 happens to speculate (its timings on this machine)
+    then fails its ``SpeculationCheck.ran``; one whose check needs speculation must force it
+    (``tests/identity.py`` ``forces_speculation``). Tests of OS^3's own choices fail too, by
+    design: they are the ones to read past. In process only (servers started as subprocesses
+    keep the real policy). Stop 55's CI failed on such a test (OS^3 without its fallback over
+    Ray shards chose one-step rounds)."""
+    from dataclasses import replace
+
+    from ralmspec.speculation.stride import StrideScheduler
+
+    real = StrideScheduler.decide
+
+    def worst(self: StrideScheduler):
+        d = real(self)
+        return replace(d, stride=0 if self.naive_fallback else 1, overlap=False) if self.os3 else d
+
+    StrideScheduler.decide = worst  # type: ignore[method-assign]
+
+
+def _share_cores() -> None:
     """Under pytest-xdist each worker process gets its share of the cores for torch, FAISS and
     BLAS (and so do the servers and Ray workers it starts, through OMP_NUM_THREADS): by default
     every worker would start one thread per core, and two workers on CI's 2 cores would run 4

@@ -38,7 +38,8 @@ COUNT_ENV = "RALMSPEC_COUNT_SPECULATION"
 @dataclass
 class SpeculationTally:
     """What the compared runs did. ``verified_steps``: steps a speculative run retrieved for real
-    without speculating (the first step, OS^3's naive fallback, the governor's paused steps)."""
+    without speculating (OS^3's naive fallback, the governor's paused steps, the last step of a
+    synchronous round: ``verified_ahead``)."""
 
     runs: int = 0  # outputs compared with their naive oracle
     speculative_runs: int = 0  # ... of which ran the speculative engine (they report `speculated`)
@@ -87,7 +88,7 @@ def tally_of(stats: Any) -> SpeculationTally:
     speculated = _counter(stats, "speculated")
     if speculated is None:
         return SpeculationTally(runs=1)
-    verified = sum(_counter(stats, k) or 0 for k in ("naive_steps", "paused_steps"))
+    verified = sum(_counter(stats, k) or 0 for k in ("naive_steps", "paused_steps", "verified_ahead"))
     return SpeculationTally(runs=1, speculative_runs=1, silent_runs=int(speculated == 0), speculated=speculated,
                             accepted=_counter(stats, "accepted") or 0, rollbacks=_counter(stats, "rollbacks") or 0,
                             verified_steps=verified)

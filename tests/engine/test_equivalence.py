@@ -80,14 +80,15 @@ def test_speculative_identical_to_naive_sweep(kind, small_indexes, tiny_lm, ques
     assert {c[2] for c in seen["configs"]} == {True, False}
 
 
-@pytest.mark.parametrize("naive_fallback", [False, True], ids=["forced", "os3-fallback-need-not-speculate"])
-def test_concurrent_requests_identical_to_sequential_naive(naive_fallback, small_indexes, tiny_lm, questions):
+@pytest.mark.parametrize("os3", [False, True], ids=["forced", "os3-fallback-need-not-speculate"])
+def test_concurrent_requests_identical_to_sequential_naive(os3, small_indexes, tiny_lm, questions):
     """16 requests in flight at once on one engine == the oracle run one by one.
 
     ``os3-fallback-need-not-speculate`` is the default OS^3 with its naive fallback: on this small
     knowledge base retrieval is cheap, OS^3 predicts speculation to be slower and takes verified
     steps (the audit of issue 24 counted 0 speculated of 144 steps), so that case checks the
-    fallback path under concurrency. ``forced`` (no naive fallback) is its sibling: every
+    fallback path under concurrency. ``forced`` (a fixed stride, OS^3 off: even without its
+    fallback OS^3 may choose one-step synchronous rounds, the naive loop) is its sibling: every
     request speculates."""
     engine = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
     gen = GenerationConfig(stride=2, query_len=16, max_new_tokens=20, passage_tokens=64)
@@ -96,7 +97,7 @@ def test_concurrent_requests_identical_to_sequential_naive(naive_fallback, small
     async def go():
         naive = [await engine.generate(q, gen=gen, speculate=False) for q in qs]
         specs = [SpeculationConfig(async_verify=bool(i % 2), cache_capacity=4 + i, prefetch=(1, 20)[i % 2],
-                                   naive_fallback=naive_fallback)
+                                   os3=os3, fixed_stride=(2, 3, 4)[i % 3])
                  for i in range(len(qs))]
         conc = await asyncio.gather(*(engine.generate(q, gen=gen, spec=s) for q, s in zip(qs, specs)))
         return naive, conc
@@ -105,7 +106,7 @@ def test_concurrent_requests_identical_to_sequential_naive(naive_fallback, small
     check = SpeculationCheck()
     for i, (a, b) in enumerate(zip(naive, conc)):
         check.same(engine_trace(b), engine_trace(a), b.stats, where=(i, qs[i]))
-    if naive_fallback:
+    if os3:
         check.ran(min_speculated=0, why="OS^3 falls back to verified steps on the cheap small knowledge base")
     else:
         check.ran(min_speculated=len(qs), min_rollbacks=1)

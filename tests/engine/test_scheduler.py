@@ -21,7 +21,9 @@ from tests.identity import SpeculationCheck, engine_trace, forces_speculation, n
 N_CONCURRENT = 16
 GENS = [GenerationConfig(stride=s, query_len=16, max_new_tokens=10, passage_tokens=64) for s in (1, 2, 4)]
 LONG = GenerationConfig(stride=1, query_len=16, max_new_tokens=400, passage_tokens=64)
-FORCED = SpeculationConfig(naive_fallback=False)  # OS^3 that speculates even on this cheap knowledge base
+# a fixed stride verified beside decoding: speculates whatever the timings (OS^3, even without its
+# naive fallback, may choose one-step synchronous rounds: the naive loop)
+FORCED = SpeculationConfig(os3=False, fixed_stride=3, async_verify=True)
 
 
 @pytest.fixture(scope="module")

@@ -152,12 +152,15 @@ def test_engine_end_to_end_on_gpu(vllm_cuda, tmp_path_factory, small_corpus):
     engine = RalmEngine(vllm_cuda, retriever, EngineConfig())
     questions = [q.question for q in default_questions()[100:116]]
     gen = GenerationConfig(stride=4, query_len=32, max_new_tokens=32, passage_tokens=256)
-    # OS^3 without its naive fallback: speculates whatever the GPU's costs say, so identity is tested
+    # one at a time: a fixed stride verified beside decoding, which speculates whatever the GPU's
+    # costs; concurrently: OS^3 without its naive fallback (it may choose one-step synchronous
+    # rounds, the naive loop, so only the first half must speculate)
+    forced = SpeculationConfig(prefetch=20, os3=False, fixed_stride=3, async_verify=True)
     spec = SpeculationConfig(prefetch=20, os3=True, async_verify=True, naive_fallback=False)
 
     async def go():
         naive = [await engine.generate(q, gen=gen, speculate=False) for q in questions]
-        one = [await engine.generate(q, gen=gen, spec=spec, speculate=True) for q in questions]
+        one = [await engine.generate(q, gen=gen, spec=forced, speculate=True) for q in questions]
         sched = Scheduler(engine, SchedulerConfig(max_concurrent=len(questions), max_queue=0))
         try:
             conc = await asyncio.gather(*(sched.generate(q, gen=gen, spec=spec) for q in questions))

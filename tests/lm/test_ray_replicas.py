@@ -31,7 +31,7 @@ from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.engine.core import RalmEngine
 from ralmspec.errors import ConfigError, LMError
 from ralmspec.cluster import ray_available
-from tests.identity import SpeculationCheck, naive_then_scheduled
+from tests.identity import SpeculationCheck, forces_speculation, naive_then_scheduled
 
 REPLICA_THREADS = 1
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -180,29 +180,32 @@ def test_bad_prompt_is_a_config_error_not_an_lm_error(replicas):
 
 @needs_ray
 def test_engine_over_replicas_speculative_equals_naive_and_in_process(replicas, tiny_lm, small_indexes, questions):
-    """OS^3 without its naive fallback, so every request speculates over the replicas."""
+    """Half the requests take a fixed stride (they speculate whatever the timings), half OS^3
+    without its naive fallback (which may choose one-step synchronous rounds, the naive loop)."""
     engine = RalmEngine(replicas, small_indexes["exact"], EngineConfig())
     local = RalmEngine(tiny_lm, small_indexes["exact"], EngineConfig())
-    check, qs = SpeculationCheck(), questions[:6]
+    check, qs, forced = SpeculationCheck(), questions[:6], 0
     for i, q in enumerate(qs):
         g = GENS[i % 3]
+        cfg = SpeculationConfig(prefetch=(1, 5)[i % 2], os3=i % 2 == 1, fixed_stride=3, naive_fallback=False)
+        forced += forces_speculation(cfg)
         naive = engine.generate_sync(q, gen=g, speculate=False)
-        spec = engine.generate_sync(q, gen=g, speculate=True,
-                                    spec=SpeculationConfig(prefetch=(1, 5)[i % 2], naive_fallback=False))
+        spec = engine.generate_sync(q, gen=g, speculate=True, spec=cfg)
         check.same(spec.token_ids, naive.token_ids, spec.stats, where=(i, q))
         if i < 2:
             with torch_threads(REPLICA_THREADS):
                 assert local.generate_sync(q, gen=g, speculate=False).token_ids == naive.token_ids, (i, q)
-    check.ran(min_speculated=len(qs))
+    check.ran(min_speculated=forced)
 
 
 @needs_ray
 def test_concurrent_requests_through_scheduler_equal_sequential_naive(replicas, small_indexes, questions):
-    """No load governor and OS^3 without its naive fallback: every speculative request speculates."""
+    """No load governor and a fixed stride verified beside decoding: every speculative request
+    speculates (OS^3, even without its naive fallback, may choose the naive loop)."""
     engine = RalmEngine(replicas, small_indexes["exact"], EngineConfig())
     qs = questions[:8]
     speculative = [bool(i % 4) for i in range(len(qs))]
-    forced = SpeculationConfig(naive_fallback=False)
+    forced = SpeculationConfig(os3=False, fixed_stride=3, async_verify=True)
 
     oracle, results, stats = naive_then_scheduled(engine, [(q, GENS[i % 3], forced, speculative[i])
                                                            for i, q in enumerate(qs)])
