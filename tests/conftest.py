@@ -13,13 +13,19 @@ SMALL_CORPUS_SIZE = 240
 SMALL_PASSAGE_WORDS = 60
 # set in CI (.ci/run): the real-model tests fail instead of skipping when SmolLM2 cannot be had
 REQUIRE_SMOLLM2_ENV = "RALMSPEC_REQUIRE_SMOLLM2"
-# RALMSPEC_OS3_WORST_CASE=1: OS^3 always makes its least speculative legal choice (below)
-OS3_WORST_CASE_ENV = "RALMSPEC_OS3_WORST_CASE"
+# RALMSPEC_WORST_CASE=os3,governor (either or both): the policies that decide from measured
+# timings always make their least speculative legal choice (_os3_at_its_worst, _governor_at_its_worst)
+WORST_CASE_ENV = "RALMSPEC_WORST_CASE"
 
 
 def pytest_configure(config):
-    if os.environ.get(OS3_WORST_CASE_ENV) == "1":
+    worst = {w.strip() for w in os.environ.get(WORST_CASE_ENV, "").split(",") if w.strip()}
+    if worst - {"os3", "governor"}:
+        raise pytest.UsageError(f"{WORST_CASE_ENV} takes os3 and/or governor, got {sorted(worst)}")
+    if "os3" in worst:
         _os3_at_its_worst()
+    if "governor" in worst:
+        _governor_at_its_worst()
     _share_cores()
 
 
@@ -44,6 +50,37 @@ def _os3_at_its_worst() -> None:
         return replace(d, stride=0 if self.naive_fallback else 1, overlap=False) if self.os3 else d
 
     StrideScheduler.decide = worst  # type: ignore[method-assign]
+
+
+def _governor_at_its_worst() -> None:
+    """The server's load governor sees the LM always busy and the knowledge base never the
+    bottleneck: it pauses speculation whenever it may (``min_active`` requests running). An
+    identity test that sends concurrent requests through a scheduler or server with the governor
+    on, and needs them to speculate, then fails: on a loaded machine (CI) the real LM can be that
+    busy. Tests of the governor's own choices fail by design. In process only."""
+    from ralmspec.engine.governor import LoadGovernor
+
+    real = LoadGovernor.allows_speculation
+
+    def worst(self: LoadGovernor, now: float, active: int) -> bool:
+        lm, kb = self.lm, self.kb
+        self.lm, self.kb = _AlwaysBusy(lm), None
+        try:
+            return real(self, now, active)
+        finally:
+            self.lm, self.kb = lm, kb
+
+    LoadGovernor.allows_speculation = worst  # type: ignore[method-assign]
+
+
+class _AlwaysBusy:
+    """A ``BusyWindow`` as the worst-case governor sees it: fully busy."""
+
+    def __init__(self, window) -> None:
+        self.window = window
+
+    def fraction(self, now: float) -> float:
+        return 1.0
 
 
 def _share_cores() -> None:
