@@ -584,6 +584,7 @@ def test_a_batch_size_that_really_is_dear_is_retried_ever_less_often():
         while sch.decide().stride == 0:
             _fallback_steps(sch, 1)
             n += 1
+            assert n <= 2 * SEARCH_REFRESH_STEPS[1], "the batch sizes were never refreshed"
         intervals.append(n)
         s = sch.decide().stride
         sch.observe_search(s, 0.089)  # dear again
