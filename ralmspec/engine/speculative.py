@@ -170,8 +170,11 @@ class RalmMode:
         return judge([st.guess for st in rnd.steps], [h[0].doc_id for h in hits])
 
     def correct(self, drv: Driver, bad: Step, truth: int, wasted: int) -> tuple[Step, list[int]]:
-        """The rejected step restarts with the true passage (its chunk comes next)."""
-        self.tr.event("rollback", at=bad.start - drv.n0, wasted=wasted, speculated=bad.guess, true=truth)
+        """The rejected step restarts with the true passage (its chunk comes next). The trace calls
+        it a ``rollback`` when tokens were cut (as ``stats["rollbacks"]`` counts), a ``correct``
+        when the step had produced nothing yet (a synchronous round's last step)."""
+        kind = "rollback" if wasted else "correct"
+        self.tr.event(kind, at=bad.start - drv.n0, wasted=wasted, speculated=bad.guess, true=truth)
         return Step(bad.start, bad.query, truth, verified=True), []
 
     def settled(self, drv: Driver, rnd: Round, verdict: Verdict, rolled_back: bool) -> None:

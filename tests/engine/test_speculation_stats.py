@@ -132,6 +132,8 @@ def test_speculation_figures_match_the_calls_they_count(engine, spec):
                     "wasted_tokens": s["wasted_tokens"], "unproduced": s["verified_steps"] + s.get("verified_ahead", 0),
                     "searches": s["rounds"] + s["verified_steps"]}
         assert reported == truth, (question, s)
+        kinds = [e["kind"] for e in res.trace]
+        assert kinds.count("rollback") == s["rollbacks"], kinds  # a 0-token correction is a "correct"
         assert sum(int(k) * n for k, n in s["acceptance_histogram"].items()) == s["accepted"]
         if spec.fixed_stride == 1 and not spec.async_verify and not spec.os3:
             assert s["speculated"] == 0 and s.get("verified_ahead") == s["rounds"] > 0
