@@ -21,7 +21,7 @@ from ralmspec.cli_options import add_emulate_pad_arg, add_engine_args, apply_thr
 from ralmspec.config import BOUND_GUESSERS, GUESSERS, RETRIEVER_KINDS, EngineConfig, RetrievalConfig, check_text
 from ralmspec.errors import ML_INSTALL_HINT, ML_MODULES, ConfigError, RalmSpecError
 from ralmspec.lm.loader import dtype_name
-from ralmspec.paths import check_output_path
+from ralmspec.paths import check_output_path, write_text_atomically
 
 
 def _log(msg: str) -> None:
@@ -206,9 +206,7 @@ def _runner_state(lm: Any) -> dict:
 def _write_json(path: str | None, obj: dict) -> None:
     if not path:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    write_text_atomically(path, json.dumps(obj, indent=1))
     _log(f"wrote {path}")
 
 
@@ -221,16 +219,16 @@ def _write_outputs(path: str | None, questions: list[str], answers: list[list[st
         return
     from ralmspec.answers import contains_answer
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for mode, results in runs.items():
-            for i, r in enumerate(results):
-                row = {"i": i, "mode": mode, "question": questions[i], "answers": answers[i], "text": r.text,
-                       "match": contains_answer(r.text, answers[i]) if answers[i] else None,
-                       "latency_s": round(r.latency_s, 4), "tokens": len(r.token_ids),
-                       "finish_reason": r.finish_reason, "passages": sorted({st.title for st in r.steps}),
-                       "token_ids": list(r.token_ids), "stats": r.stats}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    lines = []
+    for mode, results in runs.items():
+        for i, r in enumerate(results):
+            row = {"i": i, "mode": mode, "question": questions[i], "answers": answers[i], "text": r.text,
+                   "match": contains_answer(r.text, answers[i]) if answers[i] else None,
+                   "latency_s": round(r.latency_s, 4), "tokens": len(r.token_ids),
+                   "finish_reason": r.finish_reason, "passages": sorted({st.title for st in r.steps}),
+                   "token_ids": list(r.token_ids), "stats": r.stats}
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text_atomically(path, "".join(lines))
     _log(f"wrote {path}")
 
 

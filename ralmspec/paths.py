@@ -89,6 +89,24 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfile(src, dst)
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path``, creating its folder: into a temporary file beside it,
+    then renamed over it, so an interrupt or a full disk leaves the earlier file (or none), never
+    a half-written one (a results file cut mid-line reads as a corrupt run)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a results file is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def staging_folder(parent: str | os.PathLike, prefix: str) -> Path:
     """A new empty folder in ``parent`` (named ``prefix...``) for a build renamed into place when
     done, readable by all as an ordinary folder is (0755, as an index's): ``mkdtemp`` makes it

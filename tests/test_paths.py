@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ralmspec.errors import ConfigError
@@ -86,3 +88,26 @@ def test_an_interrupt_as_a_build_is_put_in_place_keeps_the_earlier_build(tmp_pat
             (tmp / "manifest.json").write_text("new")
     assert (out / "manifest.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_a_file_written_atomically_replaces_the_old_one_whole_or_not_at_all(tmp_path, monkeypatch):
+    """``bench --json / --outputs`` and the kNN-LM reports: an interrupt while writing left a
+    half-written results file (opened in place with "w"); now the earlier file stays, and no
+    temporary file is left beside it."""
+    from ralmspec.paths import write_text_atomically
+
+    out = tmp_path / "results" / "bench.json"
+    write_text_atomically(out, '{"old": 1}')  # the folder is created
+    assert out.read_text() == '{"old": 1}' and (out.stat().st_mode & 0o777) == 0o644
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomically(out, '{"new": 2}' * 1000)
+    assert out.read_text() == '{"old": 1}'
+    assert [p.name for p in out.parent.iterdir()] == ["bench.json"]
+    monkeypatch.undo()
+    write_text_atomically(out, '{"new": 2}')
+    assert out.read_text() == '{"new": 2}' and [p.name for p in out.parent.iterdir()] == ["bench.json"]

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ralmspec.config import LM_RUNNERS
 from ralmspec.errors import ConfigError, RalmSpecError
-from ralmspec.paths import check_output_path
+from ralmspec.paths import check_output_path, write_text_atomically
 from ralmspec.threads import set_threads
 
 # `knnlm serve --lm-runner auto` shares the batched runner from this many decoding threads (on
@@ -416,8 +416,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"naive LM {s['naive_lm_ms_per_token']:.1f} ms + search {s['naive_search_ms_per_token']:.1f} ms/token, "
           f"speculative {s['spec_ms_per_token']:.1f} ms/token")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text_atomically(args.json, json.dumps(result, indent=2))
     if not s["all_identical"]:
         print(f"ERROR: speculative output differs from naive for prompts {s['differing_prompts']}", file=sys.stderr)
         return 1
@@ -524,8 +523,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         out = res.to_dict() | {"text": args.text, "model": args.model or ds.model_name,
                                "machine": machine_info()}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_text_atomically(args.json, json.dumps(out, indent=2))
     return 0
 
 
