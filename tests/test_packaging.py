@@ -13,11 +13,17 @@ and ``cpu`` / ``gpu`` never put two FAISS builds in one install.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
+import zipfile
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,3 +95,86 @@ def test_cpu_and_gpu_each_take_the_ml_stack_and_one_faiss_build():
                                                   for x in left_out.stdout.splitlines()}
     assert "pyproject_deps.py requirements cpu dev --without torch,transformers" in (
         REPO / "scripts" / "install_vllm_cpu.sh").read_text(encoding="utf-8")
+
+
+# --- the distributions themselves, built (not just the configuration above) -----------------------
+
+def _source_files() -> list[str] | None:
+    """The checkout's files as a user's copy has them (tracked, plus untracked ones git does not
+    ignore: a file not yet committed counts), or None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                              cwd=REPO, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return [f for f in done.stdout.decode("utf-8").split("\0") if f and (REPO / f).is_file()]
+
+
+_BUILD = r"""
+import json, os, sys, tarfile
+from setuptools import build_meta as hooks
+src, out = sys.argv[1], sys.argv[2]
+os.chdir(src)
+sdist = hooks.build_sdist(os.path.join(out, "sdist"))
+wheel = hooks.build_wheel(os.path.join(out, "wheel"))
+# the wheel that `pip install ralmspec-*.tar.gz` builds: from the unpacked sdist
+with tarfile.open(os.path.join(out, "sdist", sdist)) as tar:
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+    tar.extractall(os.path.join(out, "unpacked"), **safe)
+os.chdir(os.path.join(out, "unpacked", sdist[: -len(".tar.gz")]))
+from_sdist = hooks.build_wheel(os.path.join(out, "wheel-from-sdist"))
+print(json.dumps([sdist, wheel, from_sdist]))
+"""
+
+
+def test_the_wheel_and_the_sdist_hold_the_whole_package_and_no_stray_files(tmp_path):
+    """Builds the sdist and the wheel from a copy of the checkout (so no ``build/`` or
+    ``*.egg-info`` is written into it, and none left there can leak into the wheel), and the wheel
+    again from the unpacked sdist, as ``pip install ralmspec-*.tar.gz`` does; offline, with the
+    setuptools this environment has (``--no-build-isolation``'s way). Every file of ``ralmspec/``,
+    the embedded data and its licence README included, must be in all three: a data file the
+    package-data patterns miss is absent only from a non-editable install (an editable one reads
+    the checkout). The sdist must hold the package and its build files only (no partial tests/)."""
+    setuptools = pytest.importorskip("setuptools", reason="the build backend (setuptools) is not installed")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} < 77 cannot build this project (pyproject.toml)")
+    files = _source_files()
+    if files is None:
+        pytest.skip("not a git checkout: the list of the checkout's files is unknown")
+
+    src = tmp_path / "src"
+    for f in files:
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, src / f)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", _BUILD, str(src), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    sdist, wheel, from_sdist = json.loads(done.stdout.strip().splitlines()[-1])
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    dist_info = f"ralmspec-{version}.dist-info"
+    package = {f for f in files if f.startswith("ralmspec/")}
+    data = {f for f in package if f.startswith("ralmspec/data/embedded/")}
+    assert "ralmspec/data/embedded/README.md" in data and "ralmspec/data/embedded/passages.jsonl.gz" in data
+
+    for name, folder in ((wheel, "wheel"), (from_sdist, "wheel-from-sdist")):
+        with zipfile.ZipFile(out / folder / name) as z:
+            names = {n for n in z.namelist() if not n.endswith("/")}
+        in_package = {n for n in names if n.startswith("ralmspec/")}
+        assert not package - in_package, f"{folder}: missing {sorted(package - in_package)}"
+        assert not in_package - package, f"{folder}: files the checkout does not have {sorted(in_package - package)}"
+        others = {n.split("/")[0] for n in names - in_package}
+        assert others == {dist_info}, f"{folder}: other top-level entries {sorted(others)}"
+        assert f"{dist_info}/licenses/LICENSE" in names
+
+    with tarfile.open(out / "sdist" / sdist) as tar:
+        members = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
+    in_package = {m for m in members if m.startswith("ralmspec/")}
+    assert not package - in_package, f"sdist: missing {sorted(package - in_package)}"
+    assert not in_package - package, f"sdist: files the checkout does not have {sorted(in_package - package)}"
+    build_files = {"PKG-INFO", "setup.cfg", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"}
+    stray = {m for m in members - in_package if m not in build_files and not m.startswith("ralmspec.egg-info/")}
+    assert not stray, f"sdist: files beyond the package and its build files {sorted(stray)}"
