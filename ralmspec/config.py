@@ -321,7 +321,8 @@ class OS3Config:
     s_max: int = 16  # OS^3's largest stride
     window: int = 5  # OS^3 acceptance window (rounds)
     # OS^3 may stop speculating (verified naive steps, cache still probed) while it predicts
-    # speculation to be slower than the naive loop (docs/design.md §4); off = always speculate
+    # speculation to be slower than the naive loop (docs/design.md §4); off = always in rounds (for
+    # RaLM OS^3 may still pick synchronous one-step rounds, the naive loop; a fixed stride forces)
     naive_fallback: bool = True
     async_verify: bool = bool(OS3_MODE_DEFAULTS["ralm"]["async_verify"])
     gamma_max: float = float(OS3_MODE_DEFAULTS["ralm"]["gamma_max"])  # cap on the estimated γ

@@ -118,6 +118,42 @@ def naive_then_scheduled(engine: Any, requests: list[tuple[Any, Any, Any, bool]]
     return asyncio.run(go())
 
 
+class AnyDecisions:
+    """``StrideScheduler.decide`` replaced by draws (``install``): OS^3 picks strides and overlap
+    from MEASURED costs, so the identity sweeps see only the decision sequences this machine's
+    timings produce, and the driver must be exact for every legal one. Each scheduler (one per
+    request) draws from its own ``random.Random``, seeded in order of first use (reproducible):
+    a stride from ``STRIDES`` (0 = a verified step), and overlap only where the request allows
+    verifying beside decoding."""
+
+    STRIDES = (0, 0, 1, 1, 2, 3, 5, 9)  # a verified step twice as likely as any one stride
+
+    def __init__(self, seed: int):
+        import weakref
+
+        self.seed = seed
+        self.rngs: Any = weakref.WeakKeyDictionary()
+        self.drawn = 0
+
+    def install(self, monkeypatch: Any) -> "AnyDecisions":
+        from ralmspec.speculation.stride import StrideScheduler
+
+        monkeypatch.setattr(StrideScheduler, "decide", lambda sched: self.decide(sched))
+        return self
+
+    def decide(self, sched: Any) -> Any:
+        import random
+
+        from ralmspec.speculation.stride import StrideDecision
+
+        rng = self.rngs.get(sched)
+        if rng is None:
+            rng = self.rngs[sched] = random.Random(self.seed * 1000 + len(self.rngs))
+        self.drawn += 1
+        overlap = sched.async_verify and rng.random() < 0.5
+        return StrideDecision(rng.choice(self.STRIDES), None, None, None, overlap)
+
+
 # test id -> the totals of its checks (filled only when COUNT_ENV is set)
 RECORDED: dict[str, SpeculationTally] = {}
 # test id -> the reason a check gave for not requiring speculation
