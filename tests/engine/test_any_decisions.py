@@ -9,7 +9,10 @@ return the naive loop's tokens and passages, with speculation and rollbacks coun
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+
+import pytest
 
 from ralmspec.config import GUESSERS, EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.data.loaders import default_questions
@@ -34,11 +37,16 @@ def request(rng: random.Random, kind: str) -> tuple[GenerationConfig, Speculatio
     return gen, spec
 
 
-def test_ralm_equals_naive_for_any_sequence_of_decisions(monkeypatch, tiny_lm, small_indexes):
-    decisions = AnyDecisions(seed=11).install(monkeypatch)
+# RALMSPEC_ANY_DECISIONS_SEEDS=1,2,3,... runs more draws (a soak); CI runs one
+SEEDS = [int(x) for x in os.environ.get("RALMSPEC_ANY_DECISIONS_SEEDS", "11").split(",")]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ralm_equals_naive_for_any_sequence_of_decisions(seed, monkeypatch, tiny_lm, small_indexes):
+    decisions = AnyDecisions(seed=seed).install(monkeypatch)
     questions = [q.question for q in default_questions()[200:240]]
     lms = {"eager": tiny_lm, "static": tiny_lm.view(runner="static")}
-    rng, check, n = random.Random(5), SpeculationCheck(), 0
+    rng, check, n = random.Random(seed - 6), SpeculationCheck(), 0
     for kind, index in small_indexes.items():
         for runner, lm in lms.items():
             engine = RalmEngine(lm, index, EngineConfig())

@@ -4,15 +4,23 @@ invariant 1): ``StrideScheduler.decide`` replaced by seeded draws (``tests/ident
 
 from __future__ import annotations
 
+import os
 import random
+
+import pytest
 
 from ralmspec.knnlm.speculative import SpeculativeKNNConfig, SpeculativeKNNLM
 from tests.identity import AnyDecisions, SpeculationCheck
 
 
-def test_knnlm_equals_naive_for_any_sequence_of_decisions(monkeypatch, naive_results, knn_prompts):
-    decisions = AnyDecisions(seed=12).install(monkeypatch)
-    rng, check = random.Random(6), SpeculationCheck()
+# RALMSPEC_ANY_DECISIONS_SEEDS=1,2,3,... runs more draws (a soak); CI runs one
+SEEDS = [int(x) for x in os.environ.get("RALMSPEC_ANY_DECISIONS_SEEDS", "12").split(",")]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_knnlm_equals_naive_for_any_sequence_of_decisions(seed, monkeypatch, naive_results, knn_prompts):
+    decisions = AnyDecisions(seed=seed).install(monkeypatch)
+    rng, check = random.Random(seed - 6), SpeculationCheck()
     for kind, (knn, naive) in naive_results.items():
         for _ in range(3):
             cfg = SpeculativeKNNConfig(async_verify=rng.random() < 0.5, strict=rng.random() < 0.3,
