@@ -249,14 +249,17 @@ def caller_faiss_threads():
 
 @pytest.fixture
 def kill_during():
-    """``kill_during(call, pid, after_s)``: run ``call()`` in a thread, SIGKILL process ``pid``
+    """``kill_during(call, pid, after_s, sent)``: run ``call()`` in a thread, SIGKILL process ``pid``
     ``after_s`` seconds later (a Ray actor, mid-call), wait for the call, and return
-    ``{"result": value}`` or ``{"error": exception}``."""
+    ``{"result": value}`` or ``{"error": exception}``. ``sent``: an event the call sets once it
+    has sent its work to the actor; the ``after_s`` count from then (a loaded machine may start
+    the thread late)."""
     import signal
     import threading
     import time
 
-    def run(call, pid: int, after_s: float = 0.4, timeout_s: float = 60.0) -> dict:
+    def run(call, pid: int, after_s: float = 0.4, timeout_s: float = 60.0,
+            sent: threading.Event | None = None) -> dict:
         out: dict = {}
 
         def target() -> None:
@@ -267,6 +270,7 @@ def kill_during():
 
         t = threading.Thread(target=target)
         t.start()
+        assert sent is None or sent.wait(timeout_s), "the call never sent its work"
         time.sleep(after_s)
         os.kill(pid, signal.SIGKILL)
         t.join(timeout_s)

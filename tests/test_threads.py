@@ -163,9 +163,15 @@ def test_an_interrupted_run_sync_cancels_its_coroutine_at_once():
 
     from ralmspec.threads import run_sync
 
-    seen = []
+    seen, started, done = [], threading.Event(), threading.Event()
+
+    def interrupt() -> None:  # Ctrl-C 0.3 s after the coroutine started (0.3 s after run_sync was
+        # called, a loaded machine's helper thread may not have begun the coroutine: nothing to cancel)
+        if started.wait(30) and not done.wait(0.3):
+            os.kill(os.getpid(), signal.SIGINT)
 
     async def long_request():
+        started.set()
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
@@ -178,13 +184,15 @@ def test_an_interrupted_run_sync_cancels_its_coroutine_at_once():
     # a loop that leaves SIGINT to Python's handler, as a notebook kernel's does (asyncio.run's
     # own handler would only cancel its main task at its next await)
     loop = asyncio.new_event_loop()
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer = threading.Thread(target=interrupt, daemon=True)
     t0 = time.perf_counter()
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             loop.run_until_complete(in_a_loop())
     finally:
-        timer.cancel()
+        done.set()  # no Ctrl-C after the test
+        started.set()
+        timer.join(30)
         loop.close()
     assert time.perf_counter() - t0 < 5 and seen == ["cancelled"]

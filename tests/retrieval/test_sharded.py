@@ -225,7 +225,7 @@ def test_ray_shard_killed_mid_search_fails_cleanly_then_recovers(ray_cluster, em
 
     whole = embedded_indexes["exact"]
     qs = many_queries[:16]
-    config = RayShardConfig(emulated_latency_s=1.0, call_timeout_s=20.0, start_timeout_s=170.0)
+    config = RayShardConfig(emulated_latency_s=2.5, call_timeout_s=20.0, start_timeout_s=170.0)
     waits: list[float] = []  # the restart waits' timeouts: a restart reloads the shard (a start)
     wait = ralmspec.cluster.wait_restarted
     monkeypatch.setattr(ralmspec.cluster, "wait_restarted", lambda *a: (waits.append(a[5]), wait(*a))[1])
@@ -233,6 +233,9 @@ def test_ray_shard_killed_mid_search_fails_cleanly_then_recovers(ray_cluster, em
     try:
         before = sharded.backend.pids()
         out: dict = {}
+        submitted = threading.Event()  # the search's calls are sent to both shards
+        get = sharded.backend._get
+        monkeypatch.setattr(sharded.backend, "_get", lambda refs, *a: (submitted.set(), get(refs, *a))[1])
 
         def search() -> None:
             try:
@@ -242,7 +245,8 @@ def test_ray_shard_killed_mid_search_fails_cleanly_then_recovers(ray_cluster, em
 
         t = threading.Thread(target=search)
         t.start()
-        time.sleep(0.4)  # the search is in flight on both shards (each sleeps 1 s first)
+        assert submitted.wait(60)  # (the queries' encoding comes first: a loaded machine takes a while)
+        time.sleep(0.4)  # the search is in flight on both shards (each sleeps 2.5 s first)
         os.kill(before[1], signal.SIGKILL)
         t.join(60)
         assert "hits" not in out and "shard 1" in str(out["error"])
@@ -268,8 +272,11 @@ def test_shard_actors_report_their_memory_while_busy_and_trim_their_heaps(ray_cl
     try:
         pids = [i["pid"] for i in sharded.backend.infos]
         out: dict = {}
+        submitted, get = threading.Event(), sharded.backend._get
+        sharded.backend._get = lambda refs, *a: (submitted.set(), get(refs, *a))[1]  # the search's calls are sent
         t = threading.Thread(target=lambda: out.setdefault("hits", sharded.search_sync(many_queries[:8], 5)))
         t.start()
+        assert submitted.wait(60)
         time.sleep(0.5)  # the search holds each actor's only call slot for 6 s
         rows = sharded.worker_memory(4.5)
         assert t.is_alive(), "the memory read waited for the search"

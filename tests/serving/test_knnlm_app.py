@@ -565,7 +565,11 @@ def test_request_latency_counts_the_wait_for_the_decoding_thread(tiny_lm, knn_da
     waited = long["done"] - sent  # the short request could not start before the long one ended
     assert waited > 0.5, "the short request was built to wait for the thread"
     latency = float(re.search(r'^ralmspec_request_latency_seconds_sum\{mode="speculative"\} (\S+)$', m, re.M)[1])
-    assert latency >= waited - 0.25 > short["knnlm"]["latency_s"], (latency, waited, short["knnlm"]["latency_s"])
+    # ``waited`` also holds the long answer's way back to its client thread (on a loaded machine
+    # that thread may run a second later), so the wait the server counted is held to half of it;
+    # the decoder's own time (the bug) holds none of it
+    own = short["knnlm"]["latency_s"]
+    assert latency - own >= 0.5 * waited and waited > own, (latency, waited, own)
 
 
 def test_a_knnlm_server_that_ended_lets_go_of_its_model(tiny_lm, knn_datastores):

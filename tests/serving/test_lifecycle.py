@@ -213,11 +213,12 @@ def test_a_stream_left_before_its_first_chunk_has_unwound_when_the_handler_ends(
     from ralmspec.serving.metrics import ServerMetrics
     from ralmspec.serving.shapes import COMPLETION
 
-    unwound = threading.Event()
+    started, unwound = threading.Event(), threading.Event()
     metrics = ServerMetrics()
 
     async def run(on_tokens):  # a generation that never verifies a chunk and unwinds slowly
         try:
+            started.set()
             await asyncio.sleep(60)
         finally:
             await asyncio.sleep(0.5)
@@ -234,8 +235,9 @@ def test_a_stream_left_before_its_first_chunk_has_unwound_when_the_handler_ends(
         u = urlparse(srv.url)
         with socket.create_connection((u.hostname, u.port)) as sock:
             sock.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-            time.sleep(0.3)  # the handler is waiting for the first chunk
-        for _ in range(100):  # until the handler has ended: its 499 is counted
+            assert started.wait(30)  # the handler is waiting for the first chunk
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the handler has ended: its 499 is counted
             if 'status="499"' in metrics.render():
                 break
             time.sleep(0.02)

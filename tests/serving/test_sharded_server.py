@@ -160,22 +160,34 @@ def test_stats_and_metrics_read_each_shard_actors_memory(sharded_server):
 def test_concurrent_stats_share_one_read_of_the_workers(sharded_server, monkeypatch):
     """Scrapes that arrive while the workers' memory is being read wait for that read instead
     of starting their own (they would fill the I/O pool while a worker is down). The read here
-    is the real one, made slow (EMULATED latency: 2 s) so that the six requests overlap it."""
+    is the real one, held until all six requests have asked for it, so that they overlap it
+    (a fixed 2 s sleep: a loaded machine could spread six requests over more than that)."""
     import asyncio
 
+    import ralmspec.serving.app as app_module
+
     srv, engine = sharded_server
-    real, calls = engine.retriever.worker_memory, []
+    real, calls, asked, release = engine.retriever.worker_memory, [], [], threading.Event()
 
     def slow_read(timeout_s: float) -> list:
         calls.append(timeout_s)
-        time.sleep(2.0)
+        release.wait(60)
         return real(timeout_s)
 
     monkeypatch.setattr(engine.retriever, "worker_memory", slow_read)
+    stats_of = app_module._stats  # every /v1/stats and /metrics request takes these first, then asks for the read
+    monkeypatch.setattr(app_module, "_stats", lambda state: (asked.append(1), stats_of(state))[1])
+
+    async def release_once_all_asked() -> None:
+        deadline = time.monotonic() + 60
+        while len(asked) < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        release.set()
 
     async def six() -> list:
-        return await asyncio.gather(*(http("GET", f"{srv.url}/v1/stats") for _ in range(5)),
-                                    http("GET", f"{srv.url}/metrics"))
+        got = await asyncio.gather(*(http("GET", f"{srv.url}/v1/stats") for _ in range(5)),
+                                   http("GET", f"{srv.url}/metrics"), release_once_all_asked())
+        return got[:6]
 
     got = asyncio.run(six())
     assert calls == [2.0], calls  # ServerConfig.worker_stats_timeout_s, one read for all six

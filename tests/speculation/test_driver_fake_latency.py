@@ -1,17 +1,55 @@
 """The driver and OS^3 together, with FAKE component latencies (asyncio sleeps stand in for the LM
 chunk and the knowledge-base search): what these tests isolate is the scheduler, i.e. which
 rounds OS^3 overlaps and how the driver pipelines them. Every guess is right, so no rollback;
-token identity is the real-engine tests' business (tests/engine, tests/knnlm)."""
+token identity is the real-engine tests' business (tests/engine, tests/knnlm).
+
+The fakes run on a VIRTUAL clock (``VirtualTimeLoop``): a sleep takes exactly its seconds of
+that clock and no real time, so what OS^3 measures, and what the tests time, is the fakes'
+latencies alone. On the real clock a loaded machine (CI: two test workers on 2 cores) stretched
+the 3-50 ms sleeps by a few ms each, unevenly: OS^3's decisions and the wall-time ratios
+asserted here then depended on the machine's load."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 from ralmspec.config import OS3Config
 from ralmspec.speculation.driver import Driver, Plan, StepKind
 from ralmspec.speculation.rounds import Round, Step, Verdict, judge
 from ralmspec.speculation.stride import OVERLAP_REFRESH_ROUNDS, SEARCH_REFRESH_STEPS, StrideScheduler
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock only moves when nothing is ready to run: it then jumps to the
+    next timer instead of waiting for it (no threads here, so nothing else can wake it)."""
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        super().__init__()
+
+    def time(self) -> float:
+        return self._now
+
+    def _run_once(self) -> None:
+        if not self._ready:
+            due = [h.when() for h in self._scheduled if not h.cancelled()]
+            if due:
+                self._now = max(self._now, min(due))
+        super()._run_once()
+
+
+def run_virtual(coro):
+    """``asyncio.run`` on a ``VirtualTimeLoop``."""
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def now() -> float:
+    """The running loop's (virtual) clock."""
+    return asyncio.get_running_loop().time()
 
 
 class FakeLatencyMode:
@@ -38,40 +76,40 @@ class FakeLatencyMode:
         return None
 
     async def start(self, drv: Driver) -> None:
-        t = time.perf_counter()
+        t = now()
         await asyncio.sleep(self.verify_s)  # the first step's real retrieval
-        drv.sched.observe_retrieval(time.perf_counter() - t)
+        drv.sched.observe_retrieval(now() - t)
         drv.add(Step(len(drv.tokens), "q", 0, verified=True), kind=StepKind.FIRST)
 
     async def advance(self, drv: Driver, plan: Plan) -> None:
-        book, t = drv.book, time.perf_counter()
+        book, t = drv.book, now()
         overlapped = bool(book.inflight)
         await asyncio.sleep(self.step_s)  # the chunk
-        lm_s = time.perf_counter() - t
+        lm_s = now() - t
         drv.sched.observe_lm(lm_s)
         drv.extend([1])
         book.current.end = len(drv.tokens)
         if self.complete(drv.tokens, drv.n0):
             return
         if plan.stride == 0:  # a verified step: retrieve for real, as a probe that guessed right
-            t_r = time.perf_counter()
+            t_r = now()
             await asyncio.sleep(self.verify_s)
-            drv.sched.observe_retrieval(time.perf_counter() - t_r)
-            drv.sched.observe_search(1, time.perf_counter() - t_r)
+            drv.sched.observe_retrieval(now() - t_r)
+            drv.sched.observe_search(1, now() - t_r)
             drv.probed(True)
             drv.add(Step(len(drv.tokens), "q", 0, verified=True), kind=StepKind.FALLBACK)
             drv.sched.observe_step(lm_s)  # a speculative step's cost: the chunk (the guess is free)
             return
         drv.add(Step(len(drv.tokens), "q", 0, verified=False))
-        drv.sched.observe_step(time.perf_counter() - t, overlapped)
+        drv.sched.observe_step(now() - t, overlapped)
 
     def verify(self, drv: Driver, steps: list[Step], plan: Plan):
         self.overlapped_rounds.append(plan.overlap)
 
         async def search():
-            t = time.perf_counter()
+            t = now()
             await asyncio.sleep(self.verify_s)
-            drv.sched.observe_search(len(steps), time.perf_counter() - t, plan.overlap)
+            drv.sched.observe_search(len(steps), now() - t, plan.overlap)
             return [0] * len(steps)
 
         return asyncio.ensure_future(search())
@@ -87,10 +125,18 @@ class FakeLatencyMode:
 
 
 def _run(mode: FakeLatencyMode, costs: dict | None = None) -> Driver:
+    """Run ``mode`` to its end on the virtual clock; ``mode.wall_s``: the virtual seconds it took."""
     cfg = OS3Config(os3=True, async_verify=True, naive_fallback=True, gamma_max=0.9)
-    drv = Driver(mode, cfg)
+
+    async def go() -> list[int]:
+        t = now()
+        out = await drv.run([7, 7])
+        mode.wall_s = now() - t
+        return out
+
+    drv = Driver(mode, cfg, clock=now)  # the realized guard times on the same clock
     drv.sched.seed_costs(costs)
-    out = asyncio.run(drv.run([7, 7]))
+    out = run_virtual(go())
     assert out == [1] * mode.steps
     return drv
 
@@ -100,9 +146,8 @@ def test_fake_latency_verification_bound_rounds_are_overlapped_and_pipelined():
     produces the next round while a round is verified, so the request takes far less than
     its steps plus one search per round."""
     mode = FakeLatencyMode(steps=40, step_s=0.01, verify_s=0.04)
-    t = time.perf_counter()
     drv = _run(mode)
-    wall = time.perf_counter() - t
+    wall = mode.wall_s
     fig = drv.figures()
     assert fig["speculated"] > 0 and fig["rollbacks"] == 0
     assert sum(mode.overlapped_rounds) >= len(mode.overlapped_rounds) - 2  # all but the first rounds
@@ -143,9 +188,9 @@ def test_fake_latency_stale_batch_search_outlier_does_not_pin_the_engine_to_roun
     warm["_b_ov_by_size"], warm["_a_ov"] = {}, []
 
     def run(costs: dict) -> tuple[float, dict]:
-        t = time.perf_counter()
-        fig = _run(FakeLatencyMode(steps=120, step_s=0.005, verify_s=0.02), costs).figures()
-        return time.perf_counter() - t, fig
+        mode = FakeLatencyMode(steps=120, step_s=0.005, verify_s=0.02)
+        fig = _run(mode, costs).figures()
+        return mode.wall_s, fig
 
     refreshed_s, refreshed = run(warm)
     assert refreshed["strides"][:SEARCH_REFRESH_STEPS[0] - 2] == [1] * (SEARCH_REFRESH_STEPS[0] - 2)  # believed at first
@@ -176,9 +221,9 @@ def test_fake_latency_realized_guard_falls_back_when_speculation_loses_on_the_cl
     doc) holds speculation off for ever longer stretches of verified steps; without it (its
     observation a no-op), OS^3 speculates to the end and the request takes longer."""
     def run() -> tuple[float, dict]:
-        t = time.perf_counter()
-        drv = _run(UnpricedGuessMode(steps=64, step_s=0.003, verify_s=0.012, unpriced_s=0.05))
-        return time.perf_counter() - t, drv.figures()
+        mode = UnpricedGuessMode(steps=64, step_s=0.003, verify_s=0.012, unpriced_s=0.05)
+        drv = _run(mode)
+        return mode.wall_s, drv.figures()
 
     guarded_s, guarded = run()
     monkeypatch.setattr(StrideScheduler, "observe_realized", lambda self, seconds, verified: None)
