@@ -92,10 +92,20 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path``, creating its folder: into a temporary file beside it,
     then renamed over it, so an interrupt or a full disk leaves the earlier file (or none), never
-    a half-written one (a results file cut mid-line reads as a corrupt run)."""
-    path = Path(path)
+    a half-written one (a results file cut mid-line reads as a corrupt run). A link is followed
+    (the file it names is replaced, the link stays); a path that is not a regular file
+    (``/dev/stdout``, a pipe) or a file in a folder this process may not write is written in
+    place, as ``open(path, "w")`` would."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        _write_in_place(path, text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    except PermissionError:  # a writable file in a read-only folder
+        _write_in_place(path, text)
+        return
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -105,6 +115,11 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _write_in_place(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def staging_folder(parent: str | os.PathLike, prefix: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -111,3 +112,27 @@ def test_a_file_written_atomically_replaces_the_old_one_whole_or_not_at_all(tmp_
     monkeypatch.undo()
     write_text_atomically(out, '{"new": 2}')
     assert out.read_text() == '{"new": 2}' and [p.name for p in out.parent.iterdir()] == ["bench.json"]
+
+
+def test_an_atomic_write_follows_links_and_writes_devices_in_place(tmp_path):
+    """``--json /dev/stdout`` (a device: renaming a file over it would replace the link in /dev,
+    as root) and a link to a results file (the link stays, its file is replaced) are written as
+    ``open(path, "w")`` would write them."""
+    from ralmspec.paths import write_text_atomically
+
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_text_atomically(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    write_text_atomically(os.devnull, "into the device")  # a character device: in place
+    assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    write_text_atomically(fifo, "through the pipe")
+    reader.join(10)
+    assert got == ["through the pipe"] and not fifo.is_file()
