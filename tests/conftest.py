@@ -64,7 +64,7 @@ def _governor_at_its_worst() -> None:
 
     def worst(self: LoadGovernor, now: float, active: int) -> bool:
         lm, kb = self.lm, self.kb
-        self.lm, self.kb = _AlwaysBusy(lm), None
+        self.lm, self.kb = _ALWAYS_BUSY, None
         try:
             return real(self, now, active)
         finally:
@@ -76,11 +76,11 @@ def _governor_at_its_worst() -> None:
 class _AlwaysBusy:
     """A ``BusyWindow`` as the worst-case governor sees it: fully busy."""
 
-    def __init__(self, window) -> None:
-        self.window = window
-
     def fraction(self, now: float) -> float:
         return 1.0
+
+
+_ALWAYS_BUSY = _AlwaysBusy()
 
 
 def _share_cores() -> None:
@@ -245,6 +245,21 @@ def caller_faiss_threads():
     faiss.omp_set_num_threads(n)
     yield n, fresh
     faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture
+def when_sent(monkeypatch):
+    """``when_sent(backend)``: an event set once a Ray shard backend (``cluster.RayShardGroup``)
+    has sent a call's work to its actors (its ``_get``, which waits for their answers), so that a
+    test acts while the call is in flight, not a guessed time after starting it."""
+    import threading
+
+    def watch(backend) -> threading.Event:
+        sent, get = threading.Event(), backend._get
+        monkeypatch.setattr(backend, "_get", lambda refs, *a: (sent.set(), get(refs, *a))[1])
+        return sent
+
+    return watch
 
 
 @pytest.fixture

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -129,8 +131,6 @@ class AnyDecisions:
     STRIDES = (0, 0, 1, 1, 2, 3, 5, 9)  # a verified step twice as likely as any one stride
 
     def __init__(self, seed: int):
-        import weakref
-
         self.seed = seed
         self.rngs: Any = weakref.WeakKeyDictionary()
         self.drawn = 0
@@ -142,8 +142,6 @@ class AnyDecisions:
         return self
 
     def decide(self, sched: Any) -> Any:
-        import random
-
         from ralmspec.speculation.stride import StrideDecision
 
         rng = self.rngs.get(sched)

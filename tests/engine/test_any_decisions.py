@@ -14,15 +14,12 @@ import random
 
 import pytest
 
-from ralmspec.config import GUESSERS, EngineConfig, GenerationConfig, SpeculationConfig
+from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig
 from ralmspec.data.loaders import default_questions
 from ralmspec.engine.core import RalmEngine
+from tests.engine.test_equivalence import guessers_for
+from tests.engine.test_identity_edges import outcome
 from tests.identity import AnyDecisions, SpeculationCheck
-
-
-def outcome(res):
-    """Everything the two loops must agree on: tokens, text, finish reason, each span's passage."""
-    return res.token_ids, res.text, res.finish_reason, [(s.start, s.end, s.doc_id) for s in res.steps]
 
 
 def request(rng: random.Random, kind: str) -> tuple[GenerationConfig, SpeculationConfig]:
@@ -30,10 +27,9 @@ def request(rng: random.Random, kind: str) -> tuple[GenerationConfig, Speculatio
     gen = GenerationConfig(stride=rng.choice((1, 2, 3, 4)), query_len=rng.choice((4, 8, 16)),
                            max_new_tokens=rng.choice((9, 16, 24)), passage_tokens=rng.choice((16, 64)),
                            **(dict(temperature=1.0, top_p=0.9, seed=rng.randrange(100)) if sampled else {}))
-    guessers = [g for g in GUESSERS if not (g == "static" and kind == "bm25")]
     spec = SpeculationConfig(async_verify=rng.random() < 0.6, prefetch=rng.choice((1, 4, 20)),
                              cache_capacity=rng.choice((1, 4, 1024)), max_inflight=rng.choice((1, 2, 4)),
-                             guesser=rng.choice(guessers))
+                             guesser=rng.choice(guessers_for(kind)))
     return gen, spec
 
 

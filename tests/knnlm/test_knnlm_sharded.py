@@ -245,14 +245,11 @@ def test_ray_shards_search_and_generate_like_the_whole_datastore(ray_cluster, ti
 
 @needs_ray
 def test_ray_shard_killed_mid_search_fails_cleanly_then_recovers(ray_cluster, whole, split, queries, kill_during,
-                                                                 monkeypatch):
-    import threading
-
+                                                                 when_sent):
     sharded = open_ray_sharded_datastore(split[("flat", 2)], RayShardConfig(emulated_latency_s=2.5))
     try:
         before = sharded.backend.pids()
-        sent, get = threading.Event(), sharded.backend._get  # the search's calls are sent to both shards
-        monkeypatch.setattr(sharded.backend, "_get", lambda refs, *a: (sent.set(), get(refs, *a))[1])
+        sent = when_sent(sharded.backend)  # the search's calls are sent to both shards
         # killed 0.4 s after the search was sent, while it is in flight on both shards (each sleeps 2.5 s first)
         out = kill_during(lambda: sharded.search(queries[:8], 8), before[1], after_s=0.4, sent=sent)
         assert "result" not in out, "a partial merge must never come back"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
 import threading
 import time
 
@@ -220,7 +219,8 @@ def test_ray_ivf_and_hnsw_shards_equal_the_in_process_merge(ray_cluster, split_d
 
 @needs_ray
 def test_ray_shard_killed_mid_search_fails_cleanly_then_recovers(ray_cluster, embedded_indexes, embedded_split,
-                                                                 many_queries, encoder, monkeypatch):
+                                                                 many_queries, encoder, monkeypatch, kill_during,
+                                                                 when_sent):
     import ralmspec.cluster
 
     whole = embedded_indexes["exact"]
@@ -232,24 +232,11 @@ def test_ray_shard_killed_mid_search_fails_cleanly_then_recovers(ray_cluster, em
     sharded = open_ray_sharded(embedded_split[("exact", 2)], RetrievalConfig(kind="exact"), config, encoder)
     try:
         before = sharded.backend.pids()
-        out: dict = {}
-        submitted = threading.Event()  # the search's calls are sent to both shards
-        get = sharded.backend._get
-        monkeypatch.setattr(sharded.backend, "_get", lambda refs, *a: (submitted.set(), get(refs, *a))[1])
-
-        def search() -> None:
-            try:
-                out["hits"] = sharded.search_sync(qs, 5)
-            except RetrievalError as exc:
-                out["error"] = exc
-
-        t = threading.Thread(target=search)
-        t.start()
-        assert submitted.wait(60)  # (the queries' encoding comes first: a loaded machine takes a while)
-        time.sleep(0.4)  # the search is in flight on both shards (each sleeps 2.5 s first)
-        os.kill(before[1], signal.SIGKILL)
-        t.join(60)
-        assert "hits" not in out and "shard 1" in str(out["error"])
+        sent = when_sent(sharded.backend)  # the search's calls are sent to both shards
+        # killed 0.4 s after the search was sent (its queries' encoding comes first), while it is in
+        # flight on both shards (each sleeps 2.5 s first)
+        out = kill_during(lambda: sharded.search_sync(qs, 5), before[1], after_s=0.4, sent=sent)
+        assert "result" not in out and isinstance(out["error"], RetrievalError) and "shard 1" in str(out["error"])
         assert sharded.search_sync(qs, 5) == whole.search_sync(qs, 5)  # waits for the restarted actor
         after = sharded.backend.pids()
         assert after[0] == before[0] and after[1] != before[1], "Ray restarted only the killed shard"
@@ -262,7 +249,8 @@ def test_ray_shard_killed_mid_search_fails_cleanly_then_recovers(ray_cluster, em
 
 @needs_ray
 def test_shard_actors_report_their_memory_while_busy_and_trim_their_heaps(ray_cluster, embedded_indexes,
-                                                                          embedded_split, many_queries, encoder):
+                                                                          embedded_split, many_queries, encoder,
+                                                                          when_sent):
     """Each shard actor trims its own C heap (``malloc_trim_s``) and answers ``memory()`` from
     its stats concurrency group: with ONE call slot per actor, busy in a search that sleeps 6 s
     (EMULATED latency), the memory read still comes back while the search is in flight. An actor
@@ -272,8 +260,7 @@ def test_shard_actors_report_their_memory_while_busy_and_trim_their_heaps(ray_cl
     try:
         pids = [i["pid"] for i in sharded.backend.infos]
         out: dict = {}
-        submitted, get = threading.Event(), sharded.backend._get
-        sharded.backend._get = lambda refs, *a: (submitted.set(), get(refs, *a))[1]  # the search's calls are sent
+        submitted = when_sent(sharded.backend)  # the search's calls are sent
         t = threading.Thread(target=lambda: out.setdefault("hits", sharded.search_sync(many_queries[:8], 5)))
         t.start()
         assert submitted.wait(60)
