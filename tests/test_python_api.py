@@ -286,3 +286,37 @@ def test_one_engine_answers_threads_as_it_answers_one_caller(tiny_lm, small_inde
     assert all(r.stats["speculated"] > 0 for r, c in zip(got, calls) if c["speculate"])
     assert lm.cached_sessions == 0 and len(lm.runner._free) == lm.runner.capacity
     assert threading.active_count() <= threads
+
+
+def test_a_closed_engine_kept_in_a_variable_lets_go_of_its_model_and_index(small_corpus, tmp_path):
+    """``close()`` drops the engine's references to its LM (the torch weights), its knowledge
+    base and what it built on them, so they are freed while the closed engine object is still
+    referenced (a notebook variable); what is left raises ``ClosedError``. They stayed alive
+    until the engine object itself went: a weakref to the model still answered after close()."""
+    import gc
+    import weakref
+
+    from ralmspec.config import RetrievalConfig
+    from ralmspec.lm.models import load_lm
+    from ralmspec.retrieval.index import build_index, load_retriever
+
+    cfg = RetrievalConfig(kind="bm25")
+    lm = load_lm("tiny")  # its own weights (the session's tiny LM stays referenced elsewhere)
+    retriever = load_retriever(build_index(small_corpus, "bm25", str(tmp_path / "bm25"), cfg, None,
+                                           show_progress=False), cfg)
+    engine = RalmEngine(lm, retriever, EngineConfig())
+    gen = GenerationConfig(max_new_tokens=4)
+    assert len(engine.generate_sync(QUESTIONS[0], gen=gen, speculate=True).token_ids) == 4
+    weights, lm_ref, kb_ref = weakref.ref(lm.model), weakref.ref(lm), weakref.ref(retriever)
+    mib = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
+    del lm, retriever
+    gc.collect()
+    assert weights() is not None, "the open engine holds its model"
+    engine.close()
+    gc.collect()
+    assert weights() is None and lm_ref() is None and kb_ref() is None, f"{mib:.1f} MiB of weights still held"
+    for use in (lambda: engine.lm.tokenizer, lambda: engine.retriever.search_sync(["x"], 1),
+                lambda: engine.generate_sync(QUESTIONS[0]), lambda: engine.check_request(QUESTIONS[0])):
+        with pytest.raises(ralmspec.ClosedError, match="closed"):
+            use()
+    engine.close()  # still harmless

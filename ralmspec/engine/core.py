@@ -33,6 +33,24 @@ CLOSED_MESSAGE = ("this RalmEngine was closed (close() or the end of its with bl
 CHAT_FORMATS_KEPT = 64  # conversation histories whose rendered template an engine keeps (each up to a context of ids)
 
 
+class Released:
+    """What a closed engine holds in place of each part it released (its LM, knowledge base and
+    the caches built on them): any use is a ``ClosedError``, not an ``AttributeError`` on None.
+    ``close()`` drops its references, so the weights and the index are freed once nothing else
+    holds them, even while the engine object itself is still referenced (a notebook's variable)."""
+
+    __slots__ = ("part",)
+
+    def __init__(self, part: str):
+        self.part = part
+
+    def __getattr__(self, name: str):
+        raise ClosedError(f"{CLOSED_MESSAGE} (its {self.part} was released)")
+
+    def __repr__(self) -> str:
+        return f"<released {self.part} of a closed RalmEngine>"
+
+
 def check_call(prompt: object, gen: object, spec: object, speculate: object, retries: object, timeout_s: object,
                retrieval: object) -> None:
     """``ConfigError`` for arguments of ``RalmEngine.generate`` of the wrong kind (a Python caller's
@@ -222,11 +240,13 @@ class RalmEngine:
         own, which ends with them, so the knowledge base's connections to that loop (a
         ``RemoteRetriever``'s aiohttp session: its ``aclose``) are closed before it ends, not
         left to the garbage collector with an "Unclosed client session" warning per call."""
+        retriever = None if self.closed else self.retriever  # a closed engine's is released
+
         async def run() -> T:
             try:
                 return await make()
             finally:
-                aclose = getattr(self.retriever, "aclose", None)
+                aclose = getattr(retriever, "aclose", None)
                 if aclose is not None:
                     await aclose()
 
@@ -237,13 +257,29 @@ class RalmEngine:
         ``generate``, ``generate_sync`` and ``check_request`` raise ``ClosedError``, and so do
         the requests it overtook (other threads'), at their next LM call, search or worker job.
         Their encodings already queued on the worker still run (milliseconds): a cancelled one
-        ended its request with a bare ``CancelledError``."""
+        ended its request with a bare ``CancelledError``.
+
+        The engine then lets go of the LM, the knowledge base and what it built on them (``lm``,
+        ``retriever``, ... become ``Released``: any use is a ``ClosedError``), so their memory
+        comes back once nothing else refers to them, though the engine object lives on. They
+        were kept until the engine itself was freed (a closed engine in a notebook variable held
+        its model's weights). Requests it overtook hold their own context until they end."""
         if self.closed:
             return
         self.closed = True
         self.worker.shutdown(wait=False)
-        self.lm.close()
-        self.retriever.close()
+        try:
+            self.lm.close()
+        finally:
+            try:
+                self.retriever.close()
+            finally:
+                self.lm, self.direct_lm = Released("language model"), Released("language model")
+                self.retriever, self.rankers = Released("knowledge base"), Released("knowledge base")
+                self.passages = Released("passage tokens")
+                self._formats.clear()
+                with self._chat_formats_lock:
+                    self._chat_formats.clear()
 
     def __enter__(self) -> RalmEngine:
         return self

@@ -288,10 +288,11 @@ class SpeculativeStats:
     accepted: int = 0  # speculated tokens kept by verification
     rollbacks: int = 0  # rounds with a rejected token
     cancelled: int = 0  # rounds in flight cancelled by a rollback
+    cancelled_steps: int = 0  # tokens those rounds held (sent to verification, never judged)
     verified_ahead: int = 0  # judged before producing anything (never here: a token is its own step's output)
     wasted_tokens: int = 0  # tokens cut by rollbacks, the rejected one included
-    verify_batch_sizes: list[int] = field(default_factory=list)  # tokens per verification round
-    strides: list[int] = field(default_factory=list)  # OS^3's stride when each round was submitted
+    verify_batch_sizes: list[int] = field(default_factory=list)  # tokens per applied round (one per ``rounds``)
+    strides: list[int] = field(default_factory=list)  # OS^3's stride for each applied round
     acceptance_histogram: dict[str, int] = field(default_factory=dict)  # kept tokens -> rounds
     verified_steps: int = 0  # tokens decided from a real search (the first, OS^3's fallback)
     naive_steps: int = 0  # OS^3's fallback steps among them

@@ -537,12 +537,13 @@ async def _stream(request: web.Request, state: ServerState, req: CompletionReque
         request, lambda on_tokens: generate(state, req, shape, on_tokens), shape=shape,
         model=state.config.model_name, tokenizer=state.engine.lm.tokenizer, stops=req.gen.stop,
         logprobs=req.gen.logprobs is not None, include_usage=req.include_usage, metrics=state.metrics,
+        mode="speculative" if req.speculate else "naive",
         extension=lambda result: {"ralm": ralm_fields(state, req, result)})
 
 
 async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], None]], Awaitable[GenerationResult]],
                           *, shape: Shape, model: str, tokenizer: Any, stops: Sequence[str], logprobs: bool,
-                          include_usage: bool, metrics: ServerMetrics,
+                          include_usage: bool, metrics: ServerMetrics, mode: str,
                           extension: Callable[[GenerationResult], dict[str, Any]]) -> web.StreamResponse:
     """SSE of a generation's verified text: ``run(on_tokens)`` generates, passing each verified
     chunk (token ids; a ``VerifiedChunk`` with logprobs when ``logprobs``) to ``on_tokens``, from
@@ -551,13 +552,17 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
     (ralmspec/engine/stream.py); then the finish chunk with ``extension(result)`` (and the
     logprobs not sent yet), usage if asked, ``[DONE]``. An error before the first chunk is
     answered with its HTTP status; after it, the stream ends with an ``error`` event and no
-    ``[DONE]``."""
+    ``[DONE]``. A stream that does not finish (client gone, error event) counts the tokens of the
+    chunks it had written in ``completion_tokens`` under ``mode`` (``record_sent_tokens``); a
+    finished one counts its answer's, as a non-streamed completion does."""
     cid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
     queue: asyncio.Queue[VerifiedChunk | None] = asyncio.Queue()
     loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
     t0 = time.perf_counter()
     ttft: list[float] = []  # seconds from t0 to the first verified chunk
     ended: list[float] = []  # ... and to the generation's end (the request's latency)
+    taken = sent = 0  # tokens taken from the queue / of them, those whose chunk was written
+    finished = False  # the answer was counted whole (record_completion)
 
     def on_tokens(toks: Any) -> None:  # verified tokens only (engine contract)
         if not ttft:
@@ -615,14 +620,17 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
                 break
             if scored is not None:
                 scored.push(item.logprobs)
+            taken += len(item)
             delta = text.push(item)
-            if delta:
+            if delta:  # a token whose text is held back (a stop string may start) goes with a later chunk
                 await resp.write(chunk(shape.delta(delta, logprobs=logprobs_of())))
+                sent = taken
         exc = task.exception()
         if exc is not None:
             return await end_with_error(exc)
         result = task.result()
         metrics.record_completion(result, ended[0], ttft[0] if ttft else None)
+        finished = True
         rest = text.finish()
         await resp.write(chunk(shape.delta(rest, finish_reason(result), logprobs_of(result)), **extension(result)))
         if include_usage:
@@ -643,6 +651,8 @@ async def stream_verified(request: web.Request, run: Callable[[Callable[[Any], N
             raise asyncio.CancelledError("client disconnected") from None
     finally:
         await cancel_and_wait(task)
+        if not finished and sent:
+            metrics.record_sent_tokens(mode, sent)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -413,7 +413,8 @@ async def respond(request: web.Request, shape: Shape) -> web.StreamResponse:
         return await stream_verified(
             request, lambda on_tokens: decode(state, req, on_tokens), shape=shape, model=state.config.model_name,
             tokenizer=tokenizer, stops=req.stop, logprobs=False, include_usage=req.include_usage,
-            metrics=state.metrics, extension=lambda result: {"knnlm": knnlm_fields(req, result)})
+            metrics=state.metrics, mode="speculative" if req.speculate else "naive",
+            extension=lambda result: {"knnlm": knnlm_fields(req, result)})
     t0 = time.perf_counter()
     result = await run_watching(request, decode(state, req))
     state.metrics.record_completion(result, time.perf_counter() - t0)

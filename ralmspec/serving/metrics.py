@@ -167,8 +167,10 @@ class ServerMetrics:
                               "Time to the first verified token of streamed completions, queueing included.",
                               LATENCY_BUCKETS)
         self.prompt_tokens = Counter("ralmspec_prompt_tokens_total", "Prompt tokens of finished completions.")
-        self.completion_tokens = Counter("ralmspec_completion_tokens_total",
-                                         "Generated (verified) tokens of finished completions, by mode.")
+        self.completion_tokens = Counter(
+            "ralmspec_completion_tokens_total",
+            "Generated (verified) tokens sent to clients, by mode: those of finished completions, and those a "
+            "stream had sent before its client left or an error ended it.")
         self.speculative_requests = Counter("ralmspec_speculative_requests_total",
                                             "Finished completions that ran in speculative mode.")
         self.speculated = Counter("ralmspec_speculated_steps_total", "Speculated retrieval steps verified.")
@@ -181,12 +183,21 @@ class ServerMetrics:
         self.rounds = Counter("ralmspec_verification_rounds_total", "Verification rounds (batched searches).")
         self.request_verify_batch = Histogram(
             "ralmspec_request_verify_batch_size",
-            "Queries per verification round of ONE request (before cross-request batching).", SIZE_BUCKETS)
+            "Queries per applied verification round of ONE request (before cross-request batching; a round "
+            "cancelled by a rollback is not counted).", SIZE_BUCKETS)
         self.retrieve_queries = Counter("ralmspec_retrieve_queries_total", "Queries served by /v1/retrieve.")
 
     def record_request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests.inc(endpoint=endpoint, status=str(status))
+
+    def record_sent_tokens(self, mode: str, tokens: int) -> None:
+        """Count the tokens a stream that did not finish (its client left, an error event ended
+        it) had sent: generated and delivered, so in ``completion_tokens`` like a finished
+        completion's. Tokens generated but never written (still queued when the client left, a
+        non-streamed request cancelled) are not counted: no client received them."""
+        with self._lock:
+            self.completion_tokens.inc(tokens, mode=mode)
 
     def record_completion(self, result: Any, latency_s: float, ttft_s: float | None = None) -> None:
         """Count one successful completion: ``latency_s`` its latency at the server, from the

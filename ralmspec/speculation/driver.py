@@ -31,11 +31,13 @@ The figures (``SpeculationStats``), one definition each for every mode:
   had produced output with their guess (tokens made before the guess was verified);
   ``accepted``: speculated steps kept; ``acceptance_rate`` = accepted / speculated;
   ``rollbacks``: rounds whose rejection cut produced output; ``cancelled``: later rounds in
-  flight cancelled by a rollback; ``verified_ahead``: steps a round judged before they produced
+  flight cancelled by a rollback, ``cancelled_steps`` the steps they held (sent to verification,
+  never judged); ``verified_ahead``: steps a round judged before they produced
   anything (RaLM's synchronous round ends with the step about to run: the round's search is its
   retrieval, a rejection there cuts nothing), so neither speculated nor rolled back;
-- ``verify_batch_sizes``: steps per submitted round; ``strides``: the stride OS^3 had chosen
-  when each round was submitted (a round holds fewer steps when the output completes first);
+- ``verify_batch_sizes``: steps per applied round (one per ``rounds``: a cancelled round is
+  in ``cancelled`` / ``cancelled_steps``, not here); ``strides``: the stride OS^3 had chosen
+  for each applied round (a round holds fewer steps when the output completes first);
 - ``acceptance_histogram``: accepted speculated steps per applied round -> how many rounds;
 - ``wasted_tokens``: generated tokens cut by rollbacks (from the rejected step's start to the
   end of the output, the rejected step's own tokens included);
@@ -308,7 +310,8 @@ class Driver:
         """The speculation figures of this request, one vocabulary for every mode (module doc)."""
         rs, s = self.book.stats, self.stats
         return {"rounds": rs.rounds, "speculated": rs.speculated, "accepted": rs.accepted,
-                "rollbacks": rs.rollbacks, "cancelled": rs.cancelled, "verified_ahead": rs.verified_ahead,
+                "rollbacks": rs.rollbacks, "cancelled": rs.cancelled, "cancelled_steps": rs.cancelled_steps,
+                "verified_ahead": rs.verified_ahead,
                 "acceptance_rate": rs.accepted / rs.speculated if rs.speculated else None,
                 "verify_batch_sizes": list(rs.batch_sizes), "strides": list(rs.strides),
                 "acceptance_histogram": histogram_dict(rs.histogram),

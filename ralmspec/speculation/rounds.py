@@ -102,14 +102,18 @@ class RoundStats:
     accepted: int = 0  # speculated steps kept
     rollbacks: int = 0  # rounds whose rejection cut produced output
     cancelled: int = 0  # later rounds cancelled by a rollback
+    cancelled_steps: int = 0  # steps those rounds held (sent to verification, never judged)
     # steps verified in rounds before producing anything (a round's last step, its output not yet
     # started: RaLM's synchronous rounds): no output was made with their guess, so the round's
     # search was their retrieval, and a rejection there cuts nothing; not speculated
     verified_ahead: int = 0
     # accepted speculated steps per applied round -> how many rounds: the acceptance histogram
     histogram: Counter = field(default_factory=Counter)
-    batch_sizes: list[int] = field(default_factory=list)  # steps per submitted round
-    strides: list[int] = field(default_factory=list)  # OS^3 stride when each round was submitted
+    # steps per APPLIED round (one entry per ``rounds``; a cancelled round is in ``cancelled`` /
+    # ``cancelled_steps`` instead: counted at submission, a pipeline's cancelled rounds made the
+    # verification batches look more numerous than the rounds whose results were used)
+    batch_sizes: list[int] = field(default_factory=list)
+    strides: list[int] = field(default_factory=list)  # OS^3 stride chosen for each applied round
 
 
 class RoundBook:
@@ -189,8 +193,6 @@ class RoundBook:
             st.submitted = True
         rnd = Round(list(steps), handle, stride, now, overlap=overlap)
         self.inflight.append(rnd)
-        self.stats.batch_sizes.append(len(steps))
-        self.stats.strides.append(stride)
         return rnd
 
     def commit(self, rnd: Round, verdict: Verdict) -> Step | None:
@@ -217,6 +219,8 @@ class RoundBook:
         kept_produced = sum(st.end is not None for st in kept)
         s = self.stats
         s.rounds += 1
+        s.batch_sizes.append(len(rnd.steps))
+        s.strides.append(rnd.stride)
         s.speculated += produced
         s.accepted += kept_produced
         s.verified_ahead += int(produced < len(rnd.steps) and verdict.accepted >= produced)  # judged, not dropped
@@ -232,8 +236,10 @@ class RoundBook:
     def abort(self) -> None:
         """Cancel every round in flight (a rollback, an error, or the end). Idempotent."""
         while self.inflight:
-            self.inflight.popleft().handle.cancel()
+            rnd = self.inflight.popleft()
+            rnd.handle.cancel()
             self.stats.cancelled += 1
+            self.stats.cancelled_steps += len(rnd.steps)
 
     def check(self) -> None:
         """Assert the invariants (linear in the steps: RaLM calls it after every round, kNN-LM,

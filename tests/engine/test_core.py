@@ -60,16 +60,18 @@ def test_a_request_that_close_overtakes_raises_closed_error(tiny_lm, index_dirs,
     """The next search of a request on a closed HNSW index was an AttributeError on the index
     close() dropped, retried, then a ``RetrievalError`` ("knowledge base unavailable")."""
     engine = own_engine(tiny_lm, index_dirs, encoder, "hnsw")
+    lm = engine.lm  # close() lets go of it (a closed engine's ``lm`` is a ``Released``)
     forced = SpeculationConfig(os3=False, fixed_stride=3)
     out = close_at_first_chunk(engine, speculate=speculate, spec=forced)
     assert isinstance(out, ClosedError), repr(out)
-    assert engine.lm.cached_sessions == 0
+    assert lm.cached_sessions == 0
 
 
 def test_close_lets_the_workers_queued_encodings_run(tiny_lm, index_dirs, encoder):
     """close() cancelled the encodings queued on the verification worker, and a request awaiting
     one ended with a bare ``CancelledError`` in its caller's thread."""
     engine = own_engine(tiny_lm, index_dirs, encoder, "exact")
+    lm = engine.lm  # close() lets go of it
     gate = threading.Event()
     engine.worker.submit(gate.wait)  # the worker is busy (another request's encodings)
     encodes_beside = SpeculationConfig(os3=False, fixed_stride=3, guesser="last")
@@ -85,4 +87,4 @@ def test_close_lets_the_workers_queued_encodings_run(tiny_lm, index_dirs, encode
 
     out = run_together(2, body, timeout_s=60)[0]
     assert isinstance(out, ClosedError) or hasattr(out, "token_ids"), repr(out)  # raised, or finished
-    assert engine.lm.cached_sessions == 0
+    assert lm.cached_sessions == 0

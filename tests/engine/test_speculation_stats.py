@@ -137,3 +137,69 @@ def test_speculation_figures_match_the_calls_they_count(engine, spec):
         assert sum(int(k) * n for k, n in s["acceptance_histogram"].items()) == s["accepted"]
         if spec.fixed_stride == 1 and not spec.async_verify and not spec.os3:
             assert s["speculated"] == 0 and s.get("verified_ahead") == s["rounds"] > 0
+
+
+class ReadHits(list):
+    """One query's hits; logs the search when the engine reads a hit (the round's judge does)."""
+
+    def __init__(self, hits, search):
+        super().__init__(hits)
+        self.search = search
+
+    def __getitem__(self, i):
+        self.search.setdefault("read", next(self.search["order"]))
+        return super().__getitem__(i)
+
+
+class SlowLoggedSearch:
+    """The real retriever behind a FAKE latency of ``delay_s`` per batched search (so rounds pile
+    up in flight and a rollback cancels some); logs every search, whether it was cancelled during
+    the latency, and whether (and in which order) the engine read its hits."""
+
+    def __init__(self, inner, delay_s: float):
+        self.inner, self.delay_s, self.log = inner, delay_s, []
+        self.reads = iter(range(10**9))
+
+    async def search(self, queries, k):
+        entry = {"queries": list(queries), "order": self.reads}
+        self.log.append(entry)
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            entry["cancelled"] = True
+            raise
+        return [ReadHits(h, entry) for h in await self.inner.search(queries, k)]
+
+
+def test_verify_batch_sizes_count_the_applied_rounds_not_the_cancelled_ones(engine):
+    """``verify_batch_sizes`` / ``strides`` (``/metrics`` ``ralmspec_request_verify_batch_size``)
+    hold one entry per APPLIED round: a round in flight that an earlier round's rollback cancelled
+    is in ``cancelled`` / ``cancelled_steps``. They were recorded at submission: with asynchronous
+    rounds 3 deep behind a slow search, a request of 9 rounds (8 cancelled) reported 17 batches."""
+    spec = SpeculationConfig(os3=False, fixed_stride=2, prefetch=1, async_verify=True, max_inflight=3, guesser="last")
+    gen = GenerationConfig(stride=2, query_len=16, max_new_tokens=24, passage_tokens=64)
+    cancelled = 0
+    for question in QUESTIONS:
+        slow = SlowLoggedSearch(engine.retriever, delay_s=0.2)
+
+        async def run():
+            naive = await engine.generate(question, gen=gen, speculate=False)
+            return naive, await engine.generate(question, gen=gen, spec=spec, search_client=slow)
+
+        naive, res = asyncio.run(run())
+        assert res.token_ids == naive.token_ids
+        s = res.stats
+        used = sorted((e for e in slow.log[1:] if "read" in e), key=lambda e: e["read"])  # [0]: the first retrieval
+        assert "read" in slow.log[0]
+        assert s["verify_batch_sizes"] == [len(e["queries"]) for e in used], s
+        rounds = s["rounds"]
+        assert len(s["strides"]) == len(s["verify_batch_sizes"]) == rounds == sum(s["acceptance_histogram"].values())
+        assert set(s["strides"]) == {2}
+        submitted = [e["size"] for e in res.trace if e["kind"] == "submit"]
+        assert len(submitted) == s["rounds"] + s["cancelled"]
+        assert sum(submitted) == sum(s["verify_batch_sizes"]) + s["cancelled_steps"]
+        unread = [e for e in slow.log[1:] if "read" not in e]  # started, never judged
+        assert s["cancelled_steps"] >= sum(len(e["queries"]) for e in unread)
+        assert s["cancelled"] >= sum(1 for e in unread if e.get("cancelled"))
+        cancelled += s["cancelled"]
+    assert cancelled > 0, "no round was cancelled: the case tests nothing"

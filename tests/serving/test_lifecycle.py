@@ -226,7 +226,8 @@ def test_a_stream_left_before_its_first_chunk_has_unwound_when_the_handler_ends(
 
     async def handler(request):
         return await stream_verified(request, run, shape=COMPLETION, model=MODEL, tokenizer=None, stops=(),
-                                     logprobs=False, include_usage=False, metrics=metrics, extension=lambda r: {})
+                                     logprobs=False, include_usage=False, metrics=metrics, mode="naive",
+                                     extension=lambda r: {})
 
     app = web.Application(middlewares=[error_middleware(metrics, 1 << 20)])
     app.router.add_post("/stream", handler)

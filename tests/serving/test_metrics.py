@@ -167,3 +167,74 @@ def test_request_latency_counts_the_wait_for_a_slot_as_time_to_first_token_does(
     assert _samples(text, "ralmspec_request_latency_seconds_count")['{mode="naive"}'] == 1
     assert holding and waited > 0, "the stream was built to wait for the slot"
     assert ttft <= latency <= client_s, (ttft, latency, client_s, engine_s)
+
+
+class _FakeLatencySearch(Retriever):
+    """The exact knowledge base behind a FAKE latency of ``delay_s`` per search (so a stream is
+    still generating when its client leaves)."""
+
+    kind = "exact"
+
+    def __init__(self, inner: Retriever, delay_s: float):
+        self.inner, self.corpus, self.delay_s = inner, inner.corpus, delay_s
+
+    def search_sync(self, queries, k):
+        time.sleep(self.delay_s)
+        return self.inner.search_sync(queries, k)
+
+    def score(self, query, doc_ids):
+        return self.inner.score(query, doc_ids)
+
+
+def test_a_stream_whose_client_leaves_counts_the_tokens_it_sent(small_indexes, tiny_lm):
+    """A streaming client reads three chunks of a long answer and disconnects: the tokens the
+    server had generated and sent are in ``ralmspec_completion_tokens_total`` (at least those
+    whose text the client read, at most the answer's, a whole number of sent chunks). They were
+    not counted at all: only finished completions were, so a server whose clients leave early
+    showed less generation than it did."""
+    from dataclasses import replace
+
+    import aiohttp
+
+    from ralmspec.engine.core import RalmEngine
+    from tests.lm.conftest import make_view
+
+    body = {"model": MODEL, "prompt": "the history of the roman empire", "max_tokens": 64, "stream": True,
+            "ralm": {"speculate": False, "stride": 2}}
+    view = make_view(tiny_lm, runner="batched")
+    full = RalmEngine(view, small_indexes["exact"], TEST_ENGINE_CONFIG).generate_sync(
+        body["prompt"], gen=replace(TEST_ENGINE_CONFIG.generation, max_new_tokens=64), speculate=False)
+    engine = RalmEngine(view, _FakeLatencySearch(small_indexes["exact"], 0.2), TEST_ENGINE_CONFIG)
+    srv = serve(engine, MODEL, 2, 60)
+
+    async def leave_after(n: int) -> str:
+        text = ""
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(f"{srv.url}/v1/completions", json=body)
+            assert r.status == 200
+            async for line in r.content:
+                if line.startswith(b"data: "):
+                    text += json.loads(line[len(b"data: "):])["choices"][0]["text"]
+                    n -= 1
+                    if not n:
+                        break
+            r.close()  # the client goes away mid-answer
+        return text
+
+    try:
+        read = asyncio.run(leave_after(3))
+        for _ in range(500):  # until the handler has ended: its 499 is counted
+            text = request("GET", f"{srv.url}/metrics")[1]
+            if _samples(text, "ralmspec_http_requests_total").get('{endpoint="/v1/completions",status="499"}'):
+                break
+            time.sleep(0.02)
+    finally:
+        srv.stop()
+    tok = tiny_lm.tokenizer
+    ids = full.token_ids
+    assert len(ids) == 64 and tok.decode(ids).startswith(read) and read
+    counted = _samples(text, "ralmspec_completion_tokens_total")
+    assert set(counted) == {'{mode="naive"}'}, counted
+    n = int(counted['{mode="naive"}'])
+    at_least = next(k for k in range(len(ids) + 1) if len(tok.decode(ids[:k])) >= len(read))
+    assert at_least <= n < len(ids) and n % 2 == 0, (n, at_least, read)
