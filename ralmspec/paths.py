@@ -4,6 +4,8 @@ the file operations its builders share."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ralmspec.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def ralmspec_home() -> Path:
@@ -122,14 +126,78 @@ def _write_in_place(path: Path, text: str) -> None:
         f.write(text)
 
 
+# the staging folders this process builds in: their locks (open descriptors), until discard_staging
+_STAGING_LOCKS: dict[str, int] = {}
+
+
 def staging_folder(parent: str | os.PathLike, prefix: str) -> Path:
     """A new empty folder in ``parent`` (named ``prefix...``) for a build renamed into place when
-    done, readable by all as an ordinary folder is (0755, as an index's): ``mkdtemp`` makes it
-    0700, which the rename kept, so a cache filled by one user (a container image's build) was
-    unreadable to another (the service's user)."""
+    done, readable by all as an ordinary folder is (0755, as an index's: ``mkdtemp`` makes it
+    0700, which the rename kept, so a cache filled by one user was unreadable to another).
+
+    It is locked (``flock`` on the folder itself, which a rename keeps) until
+    :func:`discard_staging`, or until this process ends, however it ends: the folders a build
+    killed mid-way (SIGKILL, the OOM killer) left are the unlocked ones, and they are removed here
+    first (:func:`remove_stale_staging`), never one that a live build, here or in another
+    process, is writing."""
+    remove_stale_staging(parent, prefix)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=str(parent)))
-    os.chmod(tmp, 0o755)
+    try:
+        os.chmod(tmp, 0o755)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without locks: the folder is only unjudgeable by a later build
+        pass
+    _STAGING_LOCKS[str(tmp)] = fd
     return tmp
+
+
+def discard_staging(tmp: str | os.PathLike) -> None:
+    """The end of a :func:`staging_folder`: removed if still there (not renamed into place), and
+    unlocked."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    fd = _STAGING_LOCKS.pop(str(tmp), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_stale_staging(parent: str | os.PathLike, prefix: str) -> list[Path]:
+    """Remove the folders named ``prefix...`` in ``parent`` that no process holds locked (their
+    build was killed mid-way), each logged with its path; returns them. A folder locked by a live
+    build is left, and so is one whose lock cannot be tried (a file system without locks: logged,
+    with the path to remove by hand once no build writes it)."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = Path(parent) / name
+        if path.is_symlink() or not path.is_dir() or str(path) in _STAGING_LOCKS:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # gone meanwhile (its build ended), or not ours to open
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live build's
+            except OSError as exc:
+                log.warning("ralmspec: %s may be left by a killed build (its lock cannot be tried: %s); remove it "
+                            "once no build writes it", path, exc)
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("ralmspec: removed %s, left by a build that was killed", path)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager
@@ -143,7 +211,7 @@ def staged_folder(out: Path, prefix: str) -> Iterator[Path]:
         yield tmp
         replace_folder(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_staging(tmp)
 
 
 def replace_folder(new: str | os.PathLike, out: str | os.PathLike) -> None:

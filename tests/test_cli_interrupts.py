@@ -70,3 +70,57 @@ def test_ctrl_c_mid_stream_ends_the_answers_line(tmp_path):
     assert rc == 130 and "Traceback" not in err, (rc, err)
     out = (tmp_path / "out.txt").read_text()
     assert out.startswith("question: who wrote hamlet\nanswer:   ") and out.endswith("\n"), out
+
+
+def test_the_next_build_removes_what_a_killed_build_left_but_not_a_live_builds_folder(tmp_path):
+    """SIGKILL (or the OOM killer) gives a build no ``finally``: its hidden temporary folder
+    (``.OUT.tmp-*``) stayed beside ``--out`` for good. The next build of that output removes it,
+    saying so with its path, because no process holds its lock any more; a temporary folder that
+    a live build holds (here: this test process) is left alone."""
+    from ralmspec.paths import discard_staging, staging_folder
+
+    out = tmp_path / "bm"
+    argv = ["index", "build", "--retriever", "bm25", "--out", str(out)]
+    live = staging_folder(tmp_path, ".bm.tmp-")  # a concurrent build's, this process alive
+    try:
+        proc, _ = _start_and_wait_for(argv, b"Split strings")
+        proc.kill()
+        proc.wait(30)
+        left = sorted(p.name for p in tmp_path.iterdir() if p != live)
+        assert len(left) == 1 and left[0].startswith(".bm.tmp-"), left  # what the killed build left
+        run = subprocess.run([sys.executable, "-m", "ralmspec.cli", *argv], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert f"ralmspec: removed {tmp_path / left[0]}, left by a build that was killed\n" in run.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bm", live.name])
+        assert (out / "manifest.json").is_file()
+    finally:
+        discard_staging(live)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bm"]
+
+
+def test_ctrl_c_mid_bench_stops_its_event_loop_work_at_once():
+    """``bench`` runs its requests in ``asyncio.run`` (an engine's ``run_sync``), whose Ctrl-C
+    cancels the main task only: the requests' inner tasks and their worker-thread jobs (the
+    verification pool, ``to_thread``) end with it, as ``asyncio.run`` cancels what is left and
+    a worker finishes its one job. Measured: the line comes in well under a second, status 130."""
+    proc, _ = _start_and_wait_for(["bench", "--model", "tiny", "--retriever", "exact", "--n", "30", "--threads", "1",
+                                   "--ablations"], b"[2/", timeout_s=180)
+    try:
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        err = b""
+        while b"stopped by" not in err and time.monotonic() - t < 30:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            err += chunk
+        said = time.monotonic() - t
+        rc = proc.wait(30)
+        err += proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.decode(errors="replace")
+    assert rc == 130 and text.endswith("ralmspec bench: stopped by SIGINT\n") and "Traceback" not in text, (rc, text)
+    assert said < 5, said

@@ -178,3 +178,18 @@ def test_the_wheel_and_the_sdist_hold_the_whole_package_and_no_stray_files(tmp_p
     build_files = {"PKG-INFO", "setup.cfg", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"}
     stray = {m for m in members - in_package if m not in build_files and not m.startswith("ralmspec.egg-info/")}
     assert not stray, f"sdist: files beyond the package and its build files {sorted(stray)}"
+
+
+def test_python_m_ralmspec_is_the_ralmspec_command():
+    """``python -m ralmspec`` (no scripts folder on the PATH, a venv's python called directly) runs
+    the console script's ``ralmspec.cli:main``, its exit status passed through: it was "No module
+    named ralmspec.__main__", status 1."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts == {"ralmspec": "ralmspec.cli:main"}
+    import ralmspec
+
+    run = subprocess.run([sys.executable, "-m", "ralmspec", "--version"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout == f"ralmspec {ralmspec.__version__}\n", run
+    run = subprocess.run([sys.executable, "-m", "ralmspec", "bench", "--n", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and run.stderr == "error: --n must be >= 1\n", run

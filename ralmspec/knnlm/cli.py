@@ -31,17 +31,15 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ralmspec.config import LM_RUNNERS
 from ralmspec.errors import ConfigError, RalmSpecError
-from ralmspec.paths import check_output_path, write_text_atomically
+from ralmspec.paths import check_output_path, discard_staging, staging_folder, write_text_atomically
 from ralmspec.threads import set_threads
 
 # `knnlm serve --lm-runner auto` shares the batched runner from this many decoding threads (on
@@ -167,12 +165,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     lm = load_lm(args.model, device=args.device)
     t0 = time.perf_counter()
     if args.shards is not None:  # build whole (aside), then split
-        whole = Path(tempfile.mkdtemp(prefix=f".{Path(args.out).name}.whole-", dir=_parent(args.out)))
+        whole = staging_folder(_parent(args.out), f".{Path(args.out).name}.whole-")
         try:
             build_datastore(lm, corpus, whole, cfg, model_name=args.model, overwrite=True, progress=not args.quiet)
             return _split(whole, args, t0)
         finally:
-            shutil.rmtree(whole, ignore_errors=True)
+            discard_staging(whole)
     ds = build_datastore(lm, corpus, args.out, cfg, model_name=args.model, overwrite=args.overwrite,
                          progress=not args.quiet)
     info = ds.describe() | {"build": ds.manifest["build"], "wall_s": round(time.perf_counter() - t0, 3)}

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from ralmspec.errors import ML_INSTALL_HINT, ModelLoadError
-from ralmspec.paths import cache_folder, models_cache_dir, staging_folder
+from ralmspec.paths import cache_folder, discard_staging, models_cache_dir, staging_folder
 
 MANIFEST = "ralmspec-model.json"
 
@@ -229,6 +229,5 @@ def pretrained_folder(name: str, cache_dir: str | os.PathLike | None = None, log
                 raise
         log(f"{name} ready in {time.perf_counter() - t0:.1f}s -> {folder}")
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        discard_staging(tmp)
     return folder

@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from typing import Any, Callable
@@ -53,7 +51,7 @@ from ralmspec.config import RetrievalConfig
 from ralmspec.data.corpus import Corpus
 from ralmspec.data.loaders import corpus_sha256, load_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
-from ralmspec.paths import link_or_copy
+from ralmspec.paths import discard_staging, link_or_copy, staging_folder
 from ralmspec.retrieval.base import Hit
 from ralmspec.retrieval.dense import DENSE_KINDS, DenseRetriever, build_faiss_index
 from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
@@ -173,9 +171,8 @@ def shard_index(src_dir: str, out_dir: str, shards: int,
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp = str(staging_folder(parent, f".{os.path.basename(out_dir)}.tmp-"))  # stale ones removed first
     try:
-        os.chmod(tmp, 0o755)
         link_or_copy(os.path.join(src_dir, PASSAGES), os.path.join(tmp, PASSAGES))
         names = [f"shard-{i:03d}" for i in range(len(ranges))]
         dirs = [os.path.join(tmp, name) for name in names]
@@ -203,8 +200,7 @@ def shard_index(src_dir: str, out_dir: str, shards: int,
         })
         publish_index(tmp, out_dir, manifest, keep)
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        discard_staging(tmp)
     return out_dir
 
 
@@ -217,12 +213,12 @@ def build_sharded_index(corpus: Corpus, kind: str, out_dir: str, shards: int, co
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    whole = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.whole-", dir=parent)
+    whole = str(staging_folder(parent, f".{os.path.basename(out_dir)}.whole-"))
     try:
         build_index(corpus, kind, whole, config, encoder, show_progress=show_progress, corpus_source=corpus_source)
         return shard_index(whole, out_dir, shards)
     finally:
-        shutil.rmtree(whole, ignore_errors=True)
+        discard_staging(whole)
 
 
 def ensure_sharded_index(corpus: Corpus, kind: str, shards: int, config: RetrievalConfig,

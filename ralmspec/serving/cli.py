@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from ralmspec.errors import ConfigError
 
@@ -229,61 +229,119 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# aiohttp reads a shutdown timeout of 0 as "no limit": "cancel at once" is this long instead
+# the last wait of a connection whose request is being cancelled ("at once"; aiohttp reads 0 as no limit)
 _AT_ONCE_S = 0.001
 
 
-async def serve(app: Any, host: str, port: int, access_log: bool = False, shutdown_timeout: float = 60.0) -> None:
+class Stopped(NamedTuple):
+    """How ``serve`` ended: the signal that stopped it (the last one received) and the requests
+    in flight that the stop cancelled (0: every one was answered)."""
+
+    signal: signal.Signals
+    cancelled: int
+
+
+class _InFlight:
+    """The requests whose handler runs, counted by the middleware :meth:`install` puts outermost
+    in an application (so that a stop knows what it cancels)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def install(self, app: Any) -> None:
+        from aiohttp import web
+
+        @web.middleware
+        async def count_in_flight(request: Any, handler: Any) -> Any:
+            self.count += 1
+            try:
+                return await handler(request)
+            finally:
+                self.count -= 1
+
+        app.middlewares.insert(0, count_in_flight)
+
+
+async def serve(app: Any, host: str, port: int, access_log: bool = False, shutdown_timeout: float = 60.0) -> Stopped:
     """Run ``app`` on ``host:port`` until SIGINT / SIGTERM; prints the bound address. Then the
     listening socket closes, the requests in flight have ``shutdown_timeout`` seconds to finish
     (answered in full; 0: cancelled at once), and whatever still runs is cancelled (its connection
-    closed). A second SIGINT / SIGTERM during that wait cancels them at once (a second Ctrl-C)."""
+    closed). A second SIGINT / SIGTERM during that wait cancels them at once (a second Ctrl-C).
+    Returns the last signal and the number of requests cancelled. ``app`` must not have run yet
+    (its middlewares are extended)."""
     from aiohttp import web
 
+    in_flight = _InFlight()
+    in_flight.install(app)
+    # connections are drained by _cleanup (its own deadline): the runner's wait is only for the last ones
     runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if access_log else None,
-                           shutdown_timeout=shutdown_timeout if shutdown_timeout > 0 else _AT_ONCE_S)
+                           shutdown_timeout=_AT_ONCE_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
-    addrs = runner.addresses
-    bound = addrs[0][1] if addrs else port
-    print(f"ralmspec: serving on http://{host}:{bound}", flush=True)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     stop = asyncio.Event()
+    received = [signal.SIGINT]  # the last signal received
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received[-1] = sig
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
             pass
+    addrs = runner.addresses
+    bound = addrs[0][1] if addrs else port
+    # once the signals stop it gracefully: a supervisor may stop it as soon as it reads the line
+    print(f"ralmspec: serving on http://{host}:{bound}", flush=True)
     try:
         await stop.wait()
         stop.clear()
-        if shutdown_timeout > 0:
+        if shutdown_timeout > 0 and in_flight.count:
             _log(f"ralmspec: shutting down; the requests in flight have up to {shutdown_timeout:g}s to finish "
                  "(Ctrl-C again to cancel them now)")
     finally:
-        await _cleanup(runner, stop)
+        cancelled = await _cleanup(runner, stop, shutdown_timeout, in_flight)
+    return Stopped(received[-1], cancelled)
 
 
-async def _cleanup(runner: Any, again: asyncio.Event) -> None:
-    """``runner.cleanup()``: the requests in flight finish within the runner's shutdown timeout,
-    unless ``again`` is set meanwhile (a second signal): those still running are then cancelled
-    (their connections closed) and the cleanup ends at once."""
-    graceful = asyncio.ensure_future(runner.cleanup())
+async def _cleanup(runner: Any, again: asyncio.Event, timeout_s: float, in_flight: _InFlight) -> int:
+    """Stop ``runner``: close its listening sockets, let the requests in flight finish within
+    ``timeout_s`` seconds unless ``again`` is set meanwhile (a second signal), cancel those still
+    running (their connections closed), then the application's cleanup (scheduler, workers).
+    Returns the number of requests cancelled."""
+    server = runner.server
+    for site in list(runner.sites):
+        await site.stop()  # no new connection
+    if server is None:  # pragma: no cover - setup failed
+        await runner.cleanup()
+        return 0
+    await asyncio.sleep(0)  # the requests that came before the sockets closed have started (as aiohttp's cleanup)
+    server.pre_shutdown()  # no new request on a kept-alive connection
+    drained = asyncio.ensure_future(server.shutdown(None))  # every connection, once its request is answered
     forced = asyncio.ensure_future(again.wait())
     try:
-        await asyncio.wait({graceful, forced}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({drained, forced}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         forced.cancel()
-    if not graceful.done():
-        _log("ralmspec: cancelling the requests in flight")
-        graceful.cancel()
-        await asyncio.wait({graceful})
-        if runner.server is not None:
-            await runner.server.shutdown(_AT_ONCE_S)  # cancels their handlers, closes their connections
-        await runner.cleanup()  # the rest: the app's cleanup (scheduler, workers)
-        return
-    graceful.result()
+    cancelled = 0
+    if not drained.done():
+        cancelled = in_flight.count
+        if cancelled:
+            _log(f"ralmspec: cancelling the {cancelled} request(s) in flight")
+        drained.cancel()
+        await asyncio.wait({drained})
+        await server.shutdown(_AT_ONCE_S)  # cancels their handlers, closes their connections
+    elif not drained.cancelled():
+        drained.result()
+    await runner.cleanup()  # the rest: the app's cleanup (scheduler, workers)
+    return cancelled
 
 
 def add_connection_args(h: Any) -> None:
@@ -328,12 +386,20 @@ def _configure_logging(a: argparse.Namespace) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def _serve_until_stopped(app: Any, a: argparse.Namespace) -> None:
-    """``serve`` on ``--host`` / ``--port``; a socket that cannot be bound is a ConfigError."""
+def _serve_until_stopped(app: Any, a: argparse.Namespace) -> int:
+    """``serve`` on ``--host`` / ``--port``; a socket that cannot be bound is a ConfigError. The
+    command's exit status: 0 once every request in flight was answered, else (some were cancelled:
+    the shutdown timeout expired, or a second signal) 128 + the signal's number, as a command
+    stopped by that signal (one line ``ralmspec CMD: stopped by SIG...; N request(s) ... cancelled``)."""
     try:
-        asyncio.run(serve(app, a.host, a.port, a.access_log, a.shutdown_timeout))
+        stopped = asyncio.run(serve(app, a.host, a.port, a.access_log, a.shutdown_timeout))
     except OSError as exc:  # address in use, cannot bind, ...
         raise ConfigError(f"cannot listen on {a.host}:{a.port}: {exc}") from exc
+    if not stopped.cancelled:
+        return 0
+    _log(f"ralmspec {a.command}: stopped by {stopped.signal.name}; {stopped.cancelled} request(s) in flight "
+         "cancelled")
+    return 128 + stopped.signal
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -344,14 +410,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     state = app[STATE]
     engine, retriever = state.engine, state.retriever  # the application lets go of them at its cleanup
     try:
-        _serve_until_stopped(app, a)
+        return _serve_until_stopped(app, a)
     finally:
         try:
             if engine is not None:
                 engine.lm.close()  # e.g. Ray LM replicas (and the local Ray cluster they started)
         finally:
             retriever.close()  # e.g. Ray shard actors (and the local Ray cluster started for them)
-    return 0
 
 
 # ------------------------------------------------------------------ ralmspec knnlm serve
@@ -426,5 +491,4 @@ def cmd_knnlm_serve(a: argparse.Namespace) -> int:
              f"by default, {a.max_concurrent} request(s) decoding at once"
              f"{' sharing forwards and searches' if app[KNN_STATE].sharing is not None else ''} "
              f"({getattr(knn.lm.runner, 'name', '?')} LM runner)")
-        _serve_until_stopped(app, a)
-    return 0
+        return _serve_until_stopped(app, a)
