@@ -87,10 +87,12 @@ def test_naive_fallback_when_retrieval_is_cheap_keeps_tokens(engine):
     probes = [e for _, r in results for e in r.trace if e["kind"] == "probe"]
     assert probes and all(isinstance(e["hit"], bool) for e in probes)
     # on this cheap KB OS^3 picks stride 1, whose synchronous round verifies only the step about
-    # to run (verified ahead, nothing speculated): a slow search makes longer strides pay
+    # to run (verified ahead, nothing speculated): a slow search makes longer strides pay. 0.3 s
+    # (as test_slow_retrieval_keeps_speculating), not 0.1: an LM chunk plus an exact guess (a
+    # query encoding) take ~10 ms here, but several times that on a loaded CI machine
     off = SpeculationConfig(async_verify=False, os3=True, prefetch=20, naive_fallback=False)
     res = asyncio.run(engine.generate(QUESTIONS[0], gen=GEN, spec=off,
-                                      search_client=FakeLatencySearch(engine.retriever, delay_s=0.1)))
+                                      search_client=FakeLatencySearch(engine.retriever, delay_s=0.3)))
     forced = SpeculationCheck()
     forced.same(res.token_ids, results[0][0].token_ids, res.stats)
     forced.ran(min_speculated=1)
