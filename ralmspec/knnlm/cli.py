@@ -165,12 +165,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     lm = load_lm(args.model, device=args.device)
     t0 = time.perf_counter()
     if args.shards is not None:  # build whole (aside), then split
-        whole = staging_folder(_parent(args.out), f".{Path(args.out).name}.whole-")
-        try:
-            build_datastore(lm, corpus, whole, cfg, model_name=args.model, overwrite=True, progress=not args.quiet)
-            return _split(whole, args, t0)
+        aside = staging_folder(_parent(args.out), f".{Path(args.out).name}.whole-")
+        try:  # built inside the locked staging folder (shard_index.build_sharded_index says why)
+            build_datastore(lm, corpus, aside / "datastore", cfg, model_name=args.model, overwrite=True,
+                            progress=not args.quiet)
+            return _split(aside / "datastore", args, t0)
         finally:
-            discard_staging(whole)
+            discard_staging(aside)
     ds = build_datastore(lm, corpus, args.out, cfg, model_name=args.model, overwrite=args.overwrite,
                          progress=not args.quiet)
     info = ds.describe() | {"build": ds.manifest["build"], "wall_s": round(time.perf_counter() - t0, 3)}

@@ -213,12 +213,15 @@ def build_sharded_index(corpus: Corpus, kind: str, out_dir: str, shards: int, co
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    whole = str(staging_folder(parent, f".{os.path.basename(out_dir)}.whole-"))
+    aside = str(staging_folder(parent, f".{os.path.basename(out_dir)}.whole-"))
+    # the whole index is built INSIDE the locked staging folder: built AS it, the publish would
+    # swap in an unlocked folder, which another process's build could take for a killed one's
+    whole = os.path.join(aside, "index")
     try:
         build_index(corpus, kind, whole, config, encoder, show_progress=show_progress, corpus_source=corpus_source)
         return shard_index(whole, out_dir, shards)
     finally:
-        discard_staging(whole)
+        discard_staging(aside)
 
 
 def ensure_sharded_index(corpus: Corpus, kind: str, shards: int, config: RetrievalConfig,

@@ -318,3 +318,34 @@ def test_a_malformed_shard_list_is_an_index_error(manifest):
 
     with pytest.raises(IndexNotFoundError, match="malformed shard list"):
         shard_ranges(manifest)
+
+
+def test_a_sharded_build_keeps_its_whole_index_locked_until_it_is_split(small_corpus, tmp_path, monkeypatch):
+    """``build_sharded_index`` builds the whole index aside, then splits it. Built AS its locked
+    staging folder, the whole index's publish swapped in an unlocked folder, so another process's
+    build of the same output (``remove_stale_staging``) took it for a killed build's leftover and
+    deleted it under the split. Here another process sweeps the moment the split starts: the
+    whole index must still be there, and nothing is left beside the output after."""
+    import subprocess
+    import sys
+
+    from ralmspec.retrieval import shard_index as module
+
+    out = tmp_path / "kb"
+    prefix = f".{out.name}.whole-"
+    sweeps = []
+
+    def split_after_a_sweep(src, out_dir, shards):
+        sweep = ("import sys; from ralmspec.paths import remove_stale_staging; "
+                 "print(len(remove_stale_staging(sys.argv[1], sys.argv[2])))")
+        run = subprocess.run([sys.executable, "-c", sweep, str(tmp_path), prefix], capture_output=True, text=True,
+                             timeout=120)
+        sweeps.append(run.stdout.strip() or run.stderr)
+        assert os.path.isfile(os.path.join(src, "manifest.json")), f"the whole index was swept: {sweeps}"
+        return shard_index(src, out_dir, shards)
+
+    monkeypatch.setattr(module, "shard_index", split_after_a_sweep)
+    module.build_sharded_index(small_corpus, "bm25", str(out), 2, RetrievalConfig(kind="bm25"), show_progress=False)
+    assert sweeps == ["0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kb"]
+    assert (out / "manifest.json").is_file()
