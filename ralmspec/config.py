@@ -179,13 +179,20 @@ def check_type(value: Any, kind: type, name: str, *, optional: bool = False, hin
                       f"got {type(value).__name__}")
 
 
+def check_bool(value: Any, name: str, *, optional: bool = False) -> None:
+    """``ConfigError`` unless ``value`` is a bool (or None where ``optional``): a Python caller's
+    ``"false"`` or ``"no"`` is truthy and turned the switch on. The message: "``name`` must be
+    True or False, got ``value!r``" ("True, False or None" where ``optional``)."""
+    if isinstance(value, bool) or (value is None and optional):
+        return
+    raise ConfigError(f"{name} must be {'True, False or None' if optional else 'True or False'}, got {value!r}")
+
+
 def check_flags(config: Any, *names: str) -> None:
-    """``ConfigError`` naming the first of ``config``'s fields ``names`` that is not a bool (a
-    Python caller's ``"false"`` or ``"no"`` is truthy: it turned the switch on)."""
+    """``check_bool`` on ``config``'s fields ``names``, in order: the error names the first
+    that is not a bool."""
     for name in names:
-        v = getattr(config, name)
-        if not isinstance(v, bool):
-            raise ConfigError(f"{name} must be True or False, got {v!r}")
+        check_bool(getattr(config, name), name)
 
 
 def check_hnsw_m(m: int) -> None:

@@ -99,9 +99,9 @@ def devices() -> dict[str, Any]:
     when FAISS is importable."""
     from ralmspec.lm.loader import cpu_has_native_bf16
 
-    out: dict[str, Any] = {"cpu_cores": os.cpu_count(),
-                           "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                           "cpu_quota": cpu_quota(), "cpu_native_bf16": cpu_has_native_bf16(), "torch_threads": None, "torch_cuda_build": None,
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    out: dict[str, Any] = {"cpu_cores": os.cpu_count(), "cpu_cores_usable": usable, "cpu_quota": cpu_quota(),
+                           "cpu_native_bf16": cpu_has_native_bf16(), "torch_threads": None, "torch_cuda_build": None,
                            "cuda_gpus": [], "faiss_gpus": None}
     try:
         import torch
@@ -142,31 +142,37 @@ def _size(n: int) -> str:
 
 def format_info(info: dict[str, Any]) -> str:
     dev = info["devices"]
+    limit = "none" if dev["cpu_quota"] is None else format(dev["cpu_quota"], "g") + " CPUs"
+    bf16 = "native (--lm-dtype auto: bfloat16)" if dev["cpu_native_bf16"] else "emulated (--lm-dtype auto: float32)"
+    torch_build = "CUDA " + dev["torch_cuda_build"] if dev["torch_cuda_build"] else "CPU"
     lines = [f"ralmspec {info['ralmspec']} · Python {info['python']} · {info['platform']}", "", "packages:"]
     lines += [f"  {name:22s} {v if v is not None else '-'}" for name, v in info["packages"].items()]
     lines += ["", "devices:",
               f"  CPU cores              {dev['cpu_cores']} ({dev['cpu_cores_usable']} usable by this process)",
-              f"  CPU limit (cgroup)     {'none' if dev['cpu_quota'] is None else format(dev['cpu_quota'], 'g') + ' CPUs'}",
-              f"  CPU bfloat16           {'native (--lm-dtype auto: bfloat16)' if dev['cpu_native_bf16'] else 'emulated (--lm-dtype auto: float32)'}",
+              f"  CPU limit (cgroup)     {limit}",
+              f"  CPU bfloat16           {bf16}",
               f"  torch threads          {dev['torch_threads']}",
-              f"  torch build            {'CUDA ' + dev['torch_cuda_build'] if dev['torch_cuda_build'] else 'CPU'}"]
+              f"  torch build            {torch_build}"]
     quota, threads = dev["cpu_quota"], dev["torch_threads"]
     if quota is not None and threads is not None and threads > max(1.0, quota):
         lines.append(f"  note: torch uses {threads} threads under a limit of {quota:g} CPUs: pass --threads "
                      f"{max(1, int(quota))} (oversubscribed threads spin against each other)")
     if dev["cuda_gpus"]:
-        lines += [f"  cuda:{g['index']}                 {g['name']}, {_size(g['memory_bytes'])}, capability {g['capability']}"
-                  for g in dev["cuda_gpus"]]
+        lines += [f"  cuda:{g['index']}                 {g['name']}, {_size(g['memory_bytes'])}, "
+                  f"capability {g['capability']}" for g in dev["cuda_gpus"]]
     else:
         lines.append("  CUDA GPUs              none")
-    lines.append(f"  FAISS GPUs             {dev['faiss_gpus'] if dev['faiss_gpus'] is not None else '- (FAISS not installed)'}")
+    faiss_gpus = dev["faiss_gpus"] if dev["faiss_gpus"] is not None else "- (FAISS not installed)"
+    lines.append(f"  FAISS GPUs             {faiss_gpus}")
     home = info["home"]
-    lines += ["", f"cache: {home['path']} ({'$RALMSPEC_HOME' if home['from'] == 'RALMSPEC_HOME' else 'default; $RALMSPEC_HOME moves it'})"]
+    where = "$RALMSPEC_HOME" if home["from"] == "RALMSPEC_HOME" else "default; $RALMSPEC_HOME moves it"
+    lines += ["", f"cache: {home['path']} ({where})"]
     for m in info["cached"]["models"]:
         what = m["model"] if m["complete"] else "(unfinished: delete it)"
         lines.append(f"  model  {Path(m['folder']).name:36s} {_size(m['bytes']):>10s}  {what}")
     for ix in info["cached"]["indexes"]:
-        what = f"{ix['kind']}, {ix['passages']} passages, {ix['corpus']}" if ix["complete"] else "(unfinished: delete it)"
+        what = (f"{ix['kind']}, {ix['passages']} passages, {ix['corpus']}" if ix["complete"]
+                else "(unfinished: delete it)")
         lines.append(f"  index  {Path(ix['folder']).name:36s} {_size(ix['bytes']):>10s}  {what}")
     if not info["cached"]["models"] and not info["cached"]["indexes"]:
         lines.append("  (empty: the default model is fetched and the default index built on first use)")

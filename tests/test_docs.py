@@ -6,12 +6,12 @@ Nothing is run and no model is loaded: parsing only (a good line parses, a bad o
 exit 2). docs/lm-runner.md's GPU steps (``rs ...``) are checked by
 tests/experiments/test_gpu_steps.py.
 
-How a documented line becomes an argv: ``\\`` continuations are joined, ``# comments`` dropped,
-``&&`` / ``;`` / ``|`` split it into commands, ``VAR=value`` prefixes, ``time`` and a ``$``
-prompt are skipped, redirections (``> out.json``, ``2>&1``) dropped, and ``python -m ralmspec.cli``
-counts as ``ralmspec``. The docs' usage notation is read as a user reads it: ``[--flag X]`` is
-optional (parsed with it, the longer form), ``{a,b,c}`` and ``a|b|c`` are choices (parsed with
-the first), and the placeholder ``N`` stands for a number."""
+How a documented line becomes an argv: ``\\`` continuations are joined, then
+``tests.shell.shell_commands`` splits it into commands (``# comments``, redirections, ``VAR=value``
+prefixes, ``time`` and a ``$`` prompt dropped; shared with tests/experiments/test_gpu_steps.py),
+and ``python -m ralmspec.cli`` counts as ``ralmspec``. The docs' usage notation is read as a
+user reads it: ``[--flag X]`` is optional (parsed with it, the longer form), ``{a,b,c}`` and
+``a|b|c`` are choices (parsed with the first), and the placeholder ``N`` stands for a number."""
 
 from __future__ import annotations
 
@@ -25,13 +25,12 @@ import shlex
 import pytest
 
 from ralmspec.cli import build_parser
+from tests.shell import shell_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))),
         "experiments/README.md"]
 PLACEHOLDERS = {"N": "2"}  # `--threads N`, `--max-tokens N`: a number
-SEPARATORS = {"&&", "||", ";", "|"}
-REDIRECTIONS = {">", ">>", "<", "2>", "&>"}
 
 
 def fenced_lines(text: str) -> list[tuple[int, str]]:
@@ -52,31 +51,16 @@ def fenced_lines(text: str) -> list[tuple[int, str]]:
 
 
 def argvs(line: str) -> list[list[str]]:
-    """The argv (after ``ralmspec``) of each ``ralmspec`` command on a shell line."""
+    """The argv (after ``ralmspec``) of each ``ralmspec`` command on a shell line
+    (``tests.shell.shell_commands``)."""
     try:
-        words = shlex.split(line, comments=True)
+        commands = shell_commands(line)
     except ValueError:  # not shell (an unbalanced quote in an output block), unless it names the command
         if re.search(r"(^|[\s$])ralmspec\s", line):
             raise
         return []
-    commands, current, skip = [], [], False
-    for w in words:
-        if skip:  # a redirection's file
-            skip = False
-        elif w in REDIRECTIONS:
-            skip = True
-        elif re.fullmatch(r"[0-9&]?>>?&?.+|<.+", w):  # 2>&1, >out.json
-            continue
-        elif w in SEPARATORS:
-            commands.append(current)
-            current = []
-        else:
-            current.append(w)
-    commands.append(current)
     out = []
     for cmd in commands:
-        while cmd and (cmd[0] in ("$", "time") or re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", cmd[0])):
-            cmd = cmd[1:]
         if cmd[:3] in (["python", "-m", "ralmspec.cli"], ["python3", "-m", "ralmspec.cli"]):
             cmd = cmd[2:]
         if cmd[:1] in (["ralmspec"], ["ralmspec.cli"]):

@@ -12,7 +12,8 @@ import threading
 from collections import OrderedDict
 from typing import Awaitable, Callable, Hashable, Iterator, TypeVar
 
-from ralmspec.config import EngineConfig, GenerationConfig, SpeculationConfig, check_seconds, check_type, is_int
+from ralmspec.config import (EngineConfig, GenerationConfig, SpeculationConfig, check_bool, check_seconds, check_type,
+                             is_int)
 from ralmspec.engine.context import DirectLM, LMClient, PassageTokens, RalmContext, SearchClient, new_session_id
 from ralmspec.engine.naive import TokenCallback, generate_closed_book, generate_naive
 from ralmspec.engine.logprobs import AnswerScorer
@@ -61,10 +62,8 @@ def check_call(prompt: object, gen: object, spec: object, speculate: object, ret
                           f"question)), got {type(prompt).__name__}")
     check_type(gen, GenerationConfig, "gen", optional=True)
     check_type(spec, SpeculationConfig, "spec", optional=True)
-    if speculate is not None and not isinstance(speculate, bool):
-        raise ConfigError(f"speculate must be True, False or None, got {speculate!r}")
-    if not isinstance(retrieval, bool):
-        raise ConfigError(f"retrieval must be True or False, got {retrieval!r}")
+    check_bool(speculate, "speculate", optional=True)
+    check_bool(retrieval, "retrieval")
     if not is_int(retries, 0):
         raise ConfigError(f"retries must be an integer >= 0, got {retries!r}")
     if timeout_s is not None:

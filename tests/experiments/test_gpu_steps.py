@@ -19,6 +19,7 @@ import subprocess
 import pytest
 
 from experiments.gpu_steps import cpu_rehearsal, documented_steps
+from tests.shell import shell_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the kit's workload flags (../shared/device/gpu/run.sh) and results folder
@@ -30,13 +31,13 @@ class Parsed(Exception):
 
 
 def commands(step: str) -> list[tuple[str, list[str]]]:
-    """(entry point, argv) of each command of a step: ``a && b``; output pipes and ``2>&1`` cut."""
+    """(entry point, argv) of each command of a step (``tests.shell.shell_commands``: ``a && b``,
+    redirections such as ``2>&1`` cut; a pipe's reader is a command too, and
+    ``test_no_step_pipes_its_status_away`` forbids pipes)."""
     for name, value in KIT_VARS.items():
         step = step.replace(name, value)
     out = []
-    for part in step.split("&&"):
-        words = shlex.split(part.split("|")[0])
-        words = [w for w in words if w != "2>&1"]
+    for words in shell_commands(step):
         if words[:1] == ["rs"]:
             out.append(("ralmspec.cli", words[1:]))
         elif words[:1] == ["python3"] and words[1].startswith("experiments/"):
@@ -51,7 +52,7 @@ def commands(step: str) -> list[tuple[str, list[str]]]:
                 args = args[:cut + 1]
             out.append((module, args))
         elif words[:3] != ["python3", "-m", "pytest"]:
-            raise AssertionError(f"a GPU step this test does not know how to check: {part!r}")
+            raise AssertionError(f"a GPU step this test does not know how to check: {shlex.join(words)!r}")
     return out
 
 
