@@ -126,20 +126,18 @@ def _write_in_place(path: Path, text: str) -> None:
         f.write(text)
 
 
-# the staging folders this process builds in: their locks (open descriptors), until discard_staging
-_STAGING_LOCKS: dict[str, int] = {}
-
-
-def staging_folder(parent: str | os.PathLike, prefix: str) -> Path:
+@contextlib.contextmanager
+def staging_folder(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
     """A new empty folder in ``parent`` (named ``prefix...``) for a build renamed into place when
     done, readable by all as an ordinary folder is (0755, as an index's: ``mkdtemp`` makes it
-    0700, which the rename kept, so a cache filled by one user was unreadable to another).
+    0700, which the rename kept, so a cache filled by one user was unreadable to another). When
+    the block ends it is removed if still there (not renamed into place).
 
-    It is locked (``flock`` on the folder itself, which a rename keeps) until
-    :func:`discard_staging`, or until this process ends, however it ends: the folders a build
-    killed mid-way (SIGKILL, the OOM killer) left are the unlocked ones, and they are removed here
-    first (:func:`remove_stale_staging`), never one that a live build, here or in another
-    process, is writing."""
+    It is locked (``flock`` on the folder itself, which a rename keeps) until the block ends, or
+    until this process ends, however it ends: the folders a build killed mid-way (SIGKILL, the
+    OOM killer) left are the unlocked ones, and they are removed here first
+    (:func:`remove_stale_staging`), never one that a live build, here or in another process, is
+    writing (``flock`` locks of two opens conflict within one process too)."""
     remove_stale_staging(parent, prefix)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=str(parent)))
     try:
@@ -149,19 +147,13 @@ def staging_folder(parent: str | os.PathLike, prefix: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # a file system without locks: the folder is only unjudgeable by a later build
-        pass
-    _STAGING_LOCKS[str(tmp)] = fd
-    return tmp
-
-
-def discard_staging(tmp: str | os.PathLike) -> None:
-    """The end of a :func:`staging_folder`: removed if still there (not renamed into place), and
-    unlocked."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    fd = _STAGING_LOCKS.pop(str(tmp), None)
-    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a file system without locks: the folder is only unjudgeable by a later build
+            pass
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
         os.close(fd)
 
 
@@ -177,7 +169,7 @@ def remove_stale_staging(parent: str | os.PathLike, prefix: str) -> list[Path]:
     removed = []
     for name in names:
         path = Path(parent) / name
-        if path.is_symlink() or not path.is_dir() or str(path) in _STAGING_LOCKS:
+        if path.is_symlink() or not path.is_dir():
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -206,12 +198,9 @@ def staged_folder(out: Path, prefix: str) -> Iterator[Path]:
     replaces ``out`` (``replace_folder``), so a reader never opens a half-written build; it is
     removed whatever happens, and on an error inside the block ``out`` is left as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_folder(out.parent, prefix)
-    try:
+    with staging_folder(out.parent, prefix) as tmp:
         yield tmp
         replace_folder(tmp, out)
-    finally:
-        discard_staging(tmp)
 
 
 def replace_folder(new: str | os.PathLike, out: str | os.PathLike) -> None:

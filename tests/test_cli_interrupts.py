@@ -77,12 +77,11 @@ def test_the_next_build_removes_what_a_killed_build_left_but_not_a_live_builds_f
     (``.OUT.tmp-*``) stayed beside ``--out`` for good. The next build of that output removes it,
     saying so with its path, because no process holds its lock any more; a temporary folder that
     a live build holds (here: this test process) is left alone."""
-    from ralmspec.paths import discard_staging, staging_folder
+    from ralmspec.paths import staging_folder
 
     out = tmp_path / "bm"
     argv = ["index", "build", "--retriever", "bm25", "--out", str(out)]
-    live = staging_folder(tmp_path, ".bm.tmp-")  # a concurrent build's, this process alive
-    try:
+    with staging_folder(tmp_path, ".bm.tmp-") as live:  # a concurrent build's, this process alive
         proc, _ = _start_and_wait_for(argv, b"Split strings")
         proc.kill()
         proc.wait(30)
@@ -94,8 +93,6 @@ def test_the_next_build_removes_what_a_killed_build_left_but_not_a_live_builds_f
         assert f"ralmspec: removed {tmp_path / left[0]}, left by a build that was killed\n" in run.stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bm", live.name])
         assert (out / "manifest.json").is_file()
-    finally:
-        discard_staging(live)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bm"]
 
 

@@ -136,3 +136,18 @@ def test_an_atomic_write_follows_links_and_writes_devices_in_place(tmp_path):
     write_text_atomically(fifo, "through the pipe")
     reader.join(10)
     assert got == ["through the pipe"] and not fifo.is_file()
+
+
+def test_a_staging_folder_this_process_holds_is_never_swept(tmp_path):
+    """``staging_folder`` sweeps the unlocked folders of its prefix (left by killed builds); one
+    this process still builds in is locked through another open of it, and ``flock`` locks of two
+    opens conflict within one process too: kept, also by a second build of the same prefix. Each
+    folder is gone once its block ends."""
+    from ralmspec.paths import remove_stale_staging, staging_folder
+
+    with staging_folder(tmp_path, ".x.tmp-") as live:
+        assert remove_stale_staging(tmp_path, ".x.tmp-") == [] and live.is_dir()
+        with staging_folder(tmp_path, ".x.tmp-") as second:
+            assert live.is_dir() and second.is_dir() and second != live
+        assert live.is_dir() and not second.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ralmspec.config import LM_RUNNERS
 from ralmspec.errors import ConfigError, RalmSpecError
-from ralmspec.paths import check_output_path, discard_staging, staging_folder, write_text_atomically
+from ralmspec.paths import check_output_path, staging_folder, write_text_atomically
 from ralmspec.threads import set_threads
 
 # `knnlm serve --lm-runner auto` shares the batched runner from this many decoding threads (on
@@ -165,13 +165,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     lm = load_lm(args.model, device=args.device)
     t0 = time.perf_counter()
     if args.shards is not None:  # build whole (aside), then split
-        aside = staging_folder(_parent(args.out), f".{Path(args.out).name}.whole-")
-        try:  # built inside the locked staging folder (shard_index.build_sharded_index says why)
+        # built inside the locked staging folder (shard_index.build_sharded_index says why)
+        with staging_folder(_parent(args.out), f".{Path(args.out).name}.whole-") as aside:
             build_datastore(lm, corpus, aside / "datastore", cfg, model_name=args.model, overwrite=True,
                             progress=not args.quiet)
             return _split(aside / "datastore", args, t0)
-        finally:
-            discard_staging(aside)
     ds = build_datastore(lm, corpus, args.out, cfg, model_name=args.model, overwrite=args.overwrite,
                          progress=not args.quiet)
     info = ds.describe() | {"build": ds.manifest["build"], "wall_s": round(time.perf_counter() - t0, 3)}

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from ralmspec.errors import ML_INSTALL_HINT, ModelLoadError
-from ralmspec.paths import cache_folder, discard_staging, models_cache_dir, staging_folder
+from ralmspec.paths import cache_folder, models_cache_dir, staging_folder
 
 MANIFEST = "ralmspec-model.json"
 
@@ -212,8 +212,7 @@ def pretrained_folder(name: str, cache_dir: str | os.PathLike | None = None, log
     cache_folder(root, "model", ", or fill this cache beforehand where it can be written (one `ralmspec generate`, "
                  "e.g. while building a container image)")
     t0 = time.perf_counter()
-    tmp = staging_folder(root, f".{folder.name}.tmp-")
-    try:
+    with staging_folder(root, f".{folder.name}.tmp-") as tmp:  # removed unless renamed into place
         gguf = find_gguf(src, tmp, log)
         log(f"converting {src.title} to a float32 HF folder (once) ...")
         manifest = convert_gguf(src, gguf, tmp)
@@ -228,6 +227,4 @@ def pretrained_folder(name: str, cache_dir: str | os.PathLike | None = None, log
             if not (folder / MANIFEST).is_file():  # not a concurrent writer that won the race
                 raise
         log(f"{name} ready in {time.perf_counter() - t0:.1f}s -> {folder}")
-    finally:
-        discard_staging(tmp)
     return folder

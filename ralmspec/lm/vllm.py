@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import sys
 import threading
 import time
@@ -127,15 +126,13 @@ def builtin_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     cache_folder(root, "model")
-    tmp = staging_folder(root, f".{name}-")
-    try:
+    # gone once renamed; else (the race, a failed save, an interrupt) removed as the block ends
+    with staging_folder(root, f".{name}-") as tmp:
         save_builtin(name, tmp)
         try:
             tmp.rename(folder)
         except OSError:  # another process won the race: use its folder
             pass
-    finally:  # gone once renamed; else (the race, a failed save, an interrupt) not left in the cache
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

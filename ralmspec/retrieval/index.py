@@ -41,8 +41,7 @@ from ralmspec.config import RETRIEVER_KINDS, RetrievalConfig
 from ralmspec.data.corpus import Corpus
 from ralmspec.data.loaders import corpus_sha256, default_corpus, load_corpus, save_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
-from ralmspec.paths import (cache_folder, discard_staging, link_or_copy, ralmspec_home, replace_folder,
-                            staging_folder)
+from ralmspec.paths import cache_folder, link_or_copy, ralmspec_home, replace_folder, staging_folder
 from ralmspec.retrieval.base import Retriever
 from ralmspec.retrieval.dense import DenseRetriever, build_faiss_index, empty_ivf_lists
 from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
@@ -216,8 +215,8 @@ def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig
     os.makedirs(parent, exist_ok=True)
     t0 = time.perf_counter()
     corpus_hash = corpus_sha256(corpus)
-    tmp = str(staging_folder(parent, f".{os.path.basename(out_dir)}.tmp-"))  # stale ones removed first
-    try:
+    with staging_folder(parent, f".{os.path.basename(out_dir)}.tmp-") as staged:  # stale ones removed first
+        tmp = str(staged)
         save_corpus(corpus, os.path.join(tmp, PASSAGES))
         manifest: dict[str, Any] = {
             "format": FORMAT_VERSION, "kind": kind, "n": len(corpus), "dim": None,
@@ -258,8 +257,6 @@ def build_index(corpus: Corpus, kind: str, out_dir: str, config: RetrievalConfig
             "files": _files_for(kind),
         })
         publish_index(tmp, out_dir, manifest, keep)
-    finally:
-        discard_staging(tmp)
     return out_dir
 
 

@@ -51,7 +51,7 @@ from ralmspec.config import RetrievalConfig
 from ralmspec.data.corpus import Corpus
 from ralmspec.data.loaders import corpus_sha256, load_corpus
 from ralmspec.errors import ConfigError, IndexNotFoundError
-from ralmspec.paths import discard_staging, link_or_copy, staging_folder
+from ralmspec.paths import link_or_copy, staging_folder
 from ralmspec.retrieval.base import Hit
 from ralmspec.retrieval.dense import DENSE_KINDS, DenseRetriever, build_faiss_index
 from ralmspec.retrieval.encoder import QueryEncoder, encoder_for
@@ -171,8 +171,8 @@ def shard_index(src_dir: str, out_dir: str, shards: int,
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = str(staging_folder(parent, f".{os.path.basename(out_dir)}.tmp-"))  # stale ones removed first
-    try:
+    with staging_folder(parent, f".{os.path.basename(out_dir)}.tmp-") as staged:  # stale ones removed first
+        tmp = str(staged)
         link_or_copy(os.path.join(src_dir, PASSAGES), os.path.join(tmp, PASSAGES))
         names = [f"shard-{i:03d}" for i in range(len(ranges))]
         dirs = [os.path.join(tmp, name) for name in names]
@@ -199,8 +199,6 @@ def shard_index(src_dir: str, out_dir: str, shards: int,
             **extra,
         })
         publish_index(tmp, out_dir, manifest, keep)
-    finally:
-        discard_staging(tmp)
     return out_dir
 
 
@@ -213,15 +211,12 @@ def build_sharded_index(corpus: Corpus, kind: str, out_dir: str, shards: int, co
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    aside = str(staging_folder(parent, f".{os.path.basename(out_dir)}.whole-"))
     # the whole index is built INSIDE the locked staging folder: built AS it, the publish would
     # swap in an unlocked folder, which another process's build could take for a killed one's
-    whole = os.path.join(aside, "index")
-    try:
+    with staging_folder(parent, f".{os.path.basename(out_dir)}.whole-") as aside:
+        whole = str(aside / "index")
         build_index(corpus, kind, whole, config, encoder, show_progress=show_progress, corpus_source=corpus_source)
         return shard_index(whole, out_dir, shards)
-    finally:
-        discard_staging(aside)
 
 
 def ensure_sharded_index(corpus: Corpus, kind: str, shards: int, config: RetrievalConfig,
