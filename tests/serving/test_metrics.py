@@ -68,14 +68,26 @@ def _samples(text: str, name: str) -> dict[str, float]:
     return out
 
 
-class _GoneAfterFirstSearch(Retriever):
-    """The exact knowledge base, answering its first search and failing every later one (after a
-    short wait, so the answer's first chunk is streamed before the failure)."""
+class _OverExact(Retriever):
+    """The exact knowledge base ``inner`` behind a test's own ``search_sync`` (scores and
+    passages are ``inner``'s)."""
 
     kind = "exact"
 
     def __init__(self, inner: Retriever):
-        self.inner, self.corpus, self.searches = inner, inner.corpus, 0
+        self.inner, self.corpus = inner, inner.corpus
+
+    def score(self, query, doc_ids):
+        return self.inner.score(query, doc_ids)
+
+
+class _GoneAfterFirstSearch(_OverExact):
+    """The exact knowledge base, answering its first search and failing every later one (after a
+    short wait, so the answer's first chunk is streamed before the failure)."""
+
+    def __init__(self, inner: Retriever):
+        super().__init__(inner)
+        self.searches = 0
 
     def search_sync(self, queries, k):
         self.searches += 1
@@ -83,9 +95,6 @@ class _GoneAfterFirstSearch(Retriever):
             time.sleep(0.3)
             raise RetrievalError("the knowledge base went away")
         return self.inner.search_sync(queries, k)
-
-    def score(self, query, doc_ids):
-        return self.inner.score(query, doc_ids)
 
 
 def test_a_stream_that_ends_with_an_error_is_counted_once_as_that_error(small_indexes, tiny_lm):
@@ -169,21 +178,17 @@ def test_request_latency_counts_the_wait_for_a_slot_as_time_to_first_token_does(
     assert ttft <= latency <= client_s, (ttft, latency, client_s, engine_s)
 
 
-class _FakeLatencySearch(Retriever):
+class _FakeLatencySearch(_OverExact):
     """The exact knowledge base behind a FAKE latency of ``delay_s`` per search (so a stream is
     still generating when its client leaves)."""
 
-    kind = "exact"
-
     def __init__(self, inner: Retriever, delay_s: float):
-        self.inner, self.corpus, self.delay_s = inner, inner.corpus, delay_s
+        super().__init__(inner)
+        self.delay_s = delay_s
 
     def search_sync(self, queries, k):
         time.sleep(self.delay_s)
         return self.inner.search_sync(queries, k)
-
-    def score(self, query, doc_ids):
-        return self.inner.score(query, doc_ids)
 
 
 def test_a_stream_whose_client_leaves_counts_the_tokens_it_sent(small_indexes, tiny_lm):
